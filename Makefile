@@ -1,0 +1,33 @@
+# The two commands a new user needs: `make run` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-test
+
+.PHONY: test run venv bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+# Reinstall whenever the package's sources or metadata change. A regular
+# (not editable) install, so twistd sees twisted/plugins.
+$(STAMP): $(PY) setup.py $(shell find privox twisted -name '*.py' 2>/dev/null)
+	$(PY) -m pip install --quiet '.[test]'
+	touch $@
+
+venv: $(STAMP)
+
+# Tests import the package from this checkout (PYTHONPATH) so they always run
+# the code you are looking at; the installed copy serves twistd's plugin list.
+test: $(STAMP)
+	PYTHONPATH=. $(PY) -m twisted.trial tests
+
+run: $(STAMP)
+	$(VENV)/bin/twistd --nodaemon --pidfile= privox-farm --config etc/privox-farm.toml
+
+bench: $(STAMP)
+	PYTHONPATH=. $(PY) bench/farm_relay.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info _trial_temp dropin.cache

@@ -1,0 +1,113 @@
+"""
+Settings from a TOML file and the command line, into one typed record.
+
+Each daemon describes its settings once, as a frozen dataclass whose fields
+have defaults and a C{help} in their metadata. L{optionsFor} turns that into
+a C{twisted.python.usage.Options} with one C{--long-option} per field plus
+C{--config FILE}. Precedence: defaults < file < command line.
+
+In the TOML file each key is the long option's name without the dashes
+(C{stt-listen = "tcp:1776"}).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from typing import Any, Callable, TypeVar
+
+from twisted.python import usage
+
+T = TypeVar("T")
+
+
+def setting(default: Any, help: str) -> Any:
+    """
+    A dataclass field for a setting.
+    """
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def optionName(fieldName: str) -> str:
+    return fieldName.replace("_", "-")
+
+
+def _coerce(name: str, kind: type, value: Any, where: str) -> Any:
+    if isinstance(value, kind) and not isinstance(value, bool):
+        return value
+    try:
+        if kind is str or isinstance(value, bool):
+            raise TypeError
+        if isinstance(value, str) or (kind is float and isinstance(value, int)):
+            return kind(value)
+        raise TypeError
+    except (TypeError, ValueError):
+        raise usage.UsageError(
+            f"{optionName(name)} {where}: expected {kind.__name__}, got {value!r}"
+        )
+
+
+def loadToml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as e:
+        raise usage.UsageError(f"cannot read config file {path}: {e.strerror}")
+    except tomllib.TOMLDecodeError as e:
+        raise usage.UsageError(f"config file {path} is not valid TOML: {e}")
+
+
+def resolve(
+    settingsType: Callable[..., T],
+    fromFile: dict[str, Any],
+    fromCommandLine: dict[str, Any],
+    filename: str = "the config file",
+) -> T:
+    """
+    Merge the sources over C{settingsType}'s defaults, checking names and
+    types. C{fromCommandLine} holds L{None} for options not given.
+    """
+    fields = {f.name: f for f in dataclasses.fields(settingsType)}  # type: ignore[arg-type]
+    unknown = sorted(set(fromFile) - {optionName(n) for n in fields})
+    if unknown:
+        raise usage.UsageError(
+            f"unknown setting(s) in {filename}: {', '.join(unknown)}"
+        )
+    values: dict[str, Any] = {}
+    for name, f in fields.items():
+        kind = type(f.default)
+        if fromCommandLine.get(name) is not None:
+            values[name] = _coerce(name, kind, fromCommandLine[name], "on the command line")
+        elif optionName(name) in fromFile:
+            values[name] = _coerce(name, kind, fromFile[optionName(name)], f"in {filename}")
+    return settingsType(**values)
+
+
+def optionsFor(settingsType: type[T], description: str) -> type[usage.Options]:
+    """
+    A usage.Options class for C{settingsType}; after parsing, the result is in
+    C{options.settings}.
+    """
+    parameters: list[list[Any]] = [
+        ["config", "c", None, "TOML file of settings (keys are option names)."]
+    ]
+    for f in dataclasses.fields(settingsType):  # type: ignore[arg-type]
+        parameters.append(
+            [optionName(f.name), None, None, f"{f.metadata.get('help', '')} [default: {f.default}]"]
+        )
+
+    class Options(usage.Options):
+        synopsis = f"[options]\n{description}"
+        optParameters = parameters
+        settings: T
+
+        def postOptions(self) -> None:
+            path = self["config"]
+            fromFile = loadToml(path) if path else {}
+            commandLine = {
+                f.name: self[optionName(f.name)]
+                for f in dataclasses.fields(settingsType)  # type: ignore[arg-type]
+            }
+            self.settings = resolve(settingsType, fromFile, commandLine, path or "")
+
+    return Options

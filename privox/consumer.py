@@ -1,0 +1,156 @@
+"""
+A PVX/2 consumer: sends jobs to a farm and waits for their results. Used by
+the API server, the command line, the tests and the benchmarks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import clientFromString, connectProtocol
+
+from privox.framing import Frame
+from privox.messages import ErrorCode, Hello, JobRequest, ProtocolViolation, decodeObject, resultSize
+from privox.peer import ConnectionClosed, PeerProtocol
+
+
+class JobFailed(Exception):
+    """
+    The farm answered C{FAIL} for a job.
+    """
+
+    def __init__(self, code: str, message: str, jobId: str | None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.jobId = jobId
+
+
+@dataclass(frozen=True)
+class JobResult:
+    id: str
+    fields: dict[str, Any]
+    data: bytes = b""
+
+    @property
+    def text(self) -> str | None:
+        return self.fields.get("text")
+
+
+class _Pending:
+    def __init__(self, request: JobRequest, body: bytes) -> None:
+        self.request = request
+        self.body = body
+        self.done: Deferred[JobResult] = Deferred()
+        self.id: str | None = None
+        self.result: dict[str, Any] | None = None
+        self.remaining = 0
+        self.chunks: list[bytes] = []
+
+
+class ConsumerProtocol(PeerProtocol):
+    """
+    One connection, one job at a time (L{submit} again once the previous
+    result has arrived).
+    """
+
+    def __init__(self, service: str, key: str = "") -> None:
+        super().__init__(Hello("consumer", service, key))
+        self.service = service
+        self._pending: _Pending | None = None
+
+    @property
+    def busy(self) -> bool:
+        return self._pending is not None
+
+    def submit(self, request: JobRequest, body: bytes = b"") -> Deferred[JobResult]:
+        if self._pending is not None:
+            raise RuntimeError("this connection already has a job in flight")
+        if len(body) != request.size:
+            raise ValueError("body length must equal request.size")
+        self._pending = _Pending(request, body)
+        self.sendControl(b"JOB_", request.payload())
+        return self._pending.done
+
+    def stt(self, model: str, audio: bytes, language: str | None = None,
+            format: str = "auto", timeout_s: float | None = None) -> Deferred[JobResult]:
+        return self.submit(
+            JobRequest("stt", model, language, len(audio), format, timeout_s=timeout_s),
+            audio,
+        )
+
+    def tts(self, model: str, text: str, voice: str | None = None,
+            language: str | None = None, timeout_s: float | None = None) -> Deferred[JobResult]:
+        return self.submit(
+            JobRequest("tts", model, language, 0, voice=voice, text=text, timeout_s=timeout_s)
+        )
+
+    def frameReceived(self, frame: Frame) -> None:
+        pending = self._pending
+        if pending is None and frame.verb == b"FAIL":
+            # The farm is closing this connection (shutting down, say).
+            fields = decodeObject(frame)
+            self._handshakeFailure = JobFailed(
+                str(fields.get("error")), str(fields.get("message")), None
+            )
+            return
+        if pending is None:
+            raise ProtocolViolation(f"{frame.verb.decode()} with no job in flight")
+        if frame.verb == b"DATA":
+            if pending.result is None or len(frame.payload) > pending.remaining:
+                raise ProtocolViolation("DATA the consumer did not expect")
+            pending.chunks.append(frame.payload)
+            pending.remaining -= len(frame.payload)
+            if pending.remaining == 0:
+                self._finish(JobResult(pending.id or "", pending.result, b"".join(pending.chunks)))
+            return
+        fields = decodeObject(frame)
+        if frame.verb == b"ASGN":
+            pending.id = fields.get("id")
+            # The whole upload goes now; the farm discards it if the job fails.
+            if pending.body:
+                self.sendData(pending.body)
+        elif frame.verb == b"RSLT":
+            pending.result = fields
+            pending.remaining = resultSize(fields)
+            if pending.remaining == 0:
+                self._finish(JobResult(fields.get("id", ""), fields))
+        elif frame.verb == b"FAIL":
+            failure = JobFailed(
+                str(fields.get("error", ErrorCode.PROTOCOL)),
+                str(fields.get("message", "")),
+                fields.get("id"),
+            )
+            if failure.code == ErrorCode.PROTOCOL and failure.jobId is None:
+                self._handshakeFailure = failure
+                self.transport.loseConnection()
+            self._finish(failure)
+        else:
+            raise ProtocolViolation(f"unexpected {frame.verb.decode()}")
+
+    def _finish(self, outcome: JobResult | Exception) -> None:
+        pending, self._pending = self._pending, None
+        assert pending is not None
+        if isinstance(outcome, Exception):
+            pending.done.errback(outcome)
+        else:
+            pending.done.callback(outcome)
+
+    def peerLost(self, why: Exception) -> None:
+        if self._pending is not None:
+            self._finish(why if isinstance(why, Exception) else ConnectionClosed(str(why)))
+
+
+async def connectConsumer(
+    reactor: Any, endpoint: str, service: str, key: str = ""
+) -> ConsumerProtocol:
+    """
+    Connect to a farm's C{service} port (a client endpoint string such as
+    C{tcp:host=farm.example:port=1776}) and complete the handshake.
+    """
+    protocol = ConsumerProtocol(service, key)
+    await connectProtocol(clientFromString(reactor, endpoint), protocol)
+    await protocol.ready
+    return protocol

@@ -1,0 +1,1 @@
+"""The producer farm: where producers and consumers meet."""

@@ -1,0 +1,409 @@
+"""
+One Protocol per peer connected to a farm port.
+
+The connection does the handshake (greeting, HELO, key check, OKAY or DENY)
+and then hands every frame to the role it negotiated: a L{ConsumerSession}
+(sends jobs) or a L{ProducerSession} (runs them). Sessions never talk to each
+other; they feed the L{Job} that links them.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from privox.farm.dispatcher import Capability
+from privox.farm.job import Job
+from privox.farm.keys import keyId
+from privox.framing import Frame, FrameDecoder, FramingError, encodeHeader
+from privox.messages import (
+    GREETING,
+    BadRequest,
+    ErrorCode,
+    Hello,
+    JobRequest,
+    ProtocolViolation,
+    controlFrame,
+    decodeObject,
+    failPayload,
+    resultSize,
+)
+
+if TYPE_CHECKING:
+    from privox.farm.farm import Farm
+
+log = Logger()
+
+
+class Phase(enum.Enum):
+    GREETING = "greeting"  # "who" sent, nothing received yet
+    HELLO = "hello"  # waiting for HELO
+    AUTHENTICATING = "authenticating"  # key check in progress
+    ACTIVE = "active"  # OKAY sent; frames go to the session
+    CLOSED = "closed"
+
+
+class FarmConnection(Protocol):
+    def __init__(self, farm: Farm, service: str) -> None:
+        self.farm = farm
+        self.service = service
+        self.phase = Phase.GREETING
+        self.session: ConsumerSession | ProducerSession | None = None
+        self._decoder = FrameDecoder(farm.settings.max_frame)
+        self._handshakeTimer: IDelayedCall | None = None
+
+    def connectionMade(self) -> None:
+        self.transport.write(GREETING)
+        self._handshakeTimer = self.farm.clock.callLater(
+            self.farm.settings.handshake_timeout, self._handshakeTimedOut
+        )
+        self.farm.connectionOpened(self)
+
+    def _handshakeTimedOut(self) -> None:
+        self._handshakeTimer = None
+        log.info("closing a peer that did not complete HELO in time")
+        self.close(ErrorCode.TIMEOUT, "handshake not completed in time")
+
+    def _handshakeDone(self) -> None:
+        if self._handshakeTimer is not None:
+            self._handshakeTimer.cancel()
+            self._handshakeTimer = None
+
+    # Receiving
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.phase is Phase.CLOSED:
+            return
+        if self.phase is Phase.GREETING:
+            if data[:1] in (b"c", b"s"):
+                # PVX/1 answers "who" with a type byte and a 16-byte key.
+                log.info("refusing a PVX/1 peer (not supported yet)")
+                self.close(
+                    ErrorCode.PROTOCOL,
+                    "PVX/1 is not supported by this farm yet; answer 'who' with a PVX/2 HELO frame",
+                )
+                return
+            self.phase = Phase.HELLO
+        try:
+            frames = self._decoder.feed(data)
+        except FramingError as e:
+            self.protocolError(str(e))
+            return
+        for frame in frames:
+            try:
+                self._frameReceived(frame)
+            except ProtocolViolation as e:
+                self.protocolError(str(e))
+            if self.phase is Phase.CLOSED:
+                return
+
+    def _frameReceived(self, frame: Frame) -> None:
+        if self.phase is Phase.ACTIVE:
+            assert self.session is not None
+            if frame.verb == b"PING":
+                self.transport.write(encodeHeader(b"PONG", 0))
+            else:
+                self.session.frameReceived(frame)
+        elif self.phase is Phase.HELLO:
+            if frame.verb != b"HELO":
+                raise ProtocolViolation(
+                    f"expected HELO, got {frame.verb.decode()}"
+                )
+            self._helloReceived(decodeObject(frame))
+        else:
+            raise ProtocolViolation("sent a frame before the farm answered HELO")
+
+    def _helloReceived(self, fields: dict[str, Any]) -> None:
+        try:
+            hello = Hello.parse(fields)
+        except BadRequest as e:
+            self.deny(ErrorCode.BAD_REQUEST, e.message)
+            return
+        if hello.service != self.service:
+            self.deny(
+                ErrorCode.BAD_REQUEST,
+                f"this port serves {self.service}, not {hello.service}",
+            )
+            return
+        self.phase = Phase.AUTHENTICATING
+        policy = self.farm.keyPolicy(hello.role)
+        d = policy.check(hello.key)
+        d.addErrback(self._keyCheckFailed)
+        d.addCallback(self._keyChecked, hello)
+
+    def _keyCheckFailed(self, failure: Failure) -> bool:
+        log.failure("key check failed; rejecting", failure)
+        return False
+
+    def _keyChecked(self, accepted: bool, hello: Hello) -> None:
+        if self.phase is not Phase.AUTHENTICATING:
+            return  # the peer left while we were checking
+        kid = keyId(hello.key)
+        if not accepted:
+            log.info(
+                "denied {role} with key {key_id}", role=hello.role, key_id=kid
+            )
+            self.deny(ErrorCode.UNAUTHORIZED, "key rejected")
+            return
+        if not self.farm.accepting:
+            self.deny(ErrorCode.SHUTTING_DOWN, "the farm is shutting down")
+            return
+        self._handshakeDone()
+        self.phase = Phase.ACTIVE
+        self.sendControl(b"OKAY", self.farm.okay().payload())
+        if hello.role == "producer":
+            producer = ProducerSession(self, hello, kid)
+            self.session = producer
+            self.farm.producerJoined(producer)
+        else:
+            self.session = ConsumerSession(self, kid)
+        log.info(
+            "{role} {key_id} joined {service}",
+            role=hello.role,
+            key_id=kid,
+            service=self.service,
+        )
+
+    # Sending
+
+    def sendControl(self, verb: bytes, fields: dict[str, Any]) -> None:
+        self.transport.write(controlFrame(verb, fields))
+
+    def sendData(self, payload: bytes) -> None:
+        # Two writes, no copy of a payload that may be a whole MiB.
+        self.transport.writeSequence([encodeHeader(b"DATA", len(payload)), payload])
+
+    # Closing
+
+    def deny(self, code: str, message: str) -> None:
+        self._closeWith(b"DENY", {"error": code, "message": message})
+
+    def protocolError(self, message: str) -> None:
+        log.info("protocol error from a {service} peer: {why}", service=self.service, why=message)
+        self.close(ErrorCode.PROTOCOL, message)
+
+    def close(self, code: str, message: str) -> None:
+        self._closeWith(b"FAIL", failPayload(None, code, message))
+
+    def _closeWith(self, verb: bytes, fields: dict[str, Any]) -> None:
+        if self.phase is Phase.CLOSED:
+            return
+        self.sendControl(verb, fields)
+        self._shut()
+        self.transport.loseConnection()
+
+    def abort(self) -> None:
+        self._shut()
+        self.transport.abortConnection()
+
+    def _shut(self) -> None:
+        self.phase = Phase.CLOSED
+        self._handshakeDone()
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        self._shut()
+        self.farm.connectionClosed(self)
+        session, self.session = self.session, None
+        if session is not None:
+            session.connectionLost()
+
+
+class ConsumerSession:
+    """
+    A consumer's side of the farm: one job at a time, many in a row.
+    """
+
+    def __init__(self, connection: FarmConnection, keyId: str) -> None:
+        self.connection = connection
+        self.keyId = keyId
+        self.job: Job | None = None
+        self._uploadRemaining = 0
+
+    @property
+    def transport(self) -> Any:
+        return self.connection.transport
+
+    def sendControl(self, verb: bytes, fields: dict[str, Any]) -> None:
+        self.connection.sendControl(verb, fields)
+
+    def sendData(self, payload: bytes) -> None:
+        self.connection.sendData(payload)
+
+    def frameReceived(self, frame: Frame) -> None:
+        if frame.verb == b"DATA":
+            self._dataReceived(frame.payload)
+        elif frame.verb == b"JOB_":
+            self._jobReceived(decodeObject(frame))
+        elif frame.verb == b"PONG":
+            pass
+        else:
+            raise ProtocolViolation(f"a consumer may not send {frame.verb.decode()}")
+
+    def _jobReceived(self, fields: dict[str, Any]) -> None:
+        if self.job is not None or self._uploadRemaining:
+            raise ProtocolViolation("JOB_ sent before the previous job ended")
+        farm = self.connection.farm
+        try:
+            request = JobRequest.parse(self.connection.service, fields)
+            farm.submit(self, request)
+        except BadRequest as e:
+            self.sendControl(b"FAIL", failPayload(None, e.code, e.message))
+
+    def _dataReceived(self, payload: bytes) -> None:
+        if len(payload) > self._uploadRemaining:
+            raise ProtocolViolation("DATA beyond the size announced in JOB_")
+        self._uploadRemaining -= len(payload)
+        # After a job-level FAIL the rest of the upload is discarded here.
+        if self.job is not None:
+            self.job.events.consumerData(payload)
+
+    def jobAssigned(self, job: Job) -> None:
+        self.job = job
+        self._uploadRemaining = job.request.size
+        self.sendControl(b"ASGN", {"id": job.id})
+
+    def jobSubmitted(self, job: Job) -> None:
+        self.job = job
+
+    def jobDetached(self, job: Job) -> None:
+        self.job = None
+
+    def connectionLost(self) -> None:
+        if self.job is not None:
+            self.job.events.consumerLost()
+
+
+class ProducerSession:
+    """
+    A producer's side of the farm: idle (pinged) or running one job.
+    """
+
+    def __init__(self, connection: FarmConnection, hello: Hello, keyId: str) -> None:
+        self.connection = connection
+        self.keyId = keyId
+        self.capability = Capability.of(hello.models, hello.languages)
+        self.job: Job | None = None
+        self._resultRemaining = 0
+        self._pingTimer: IDelayedCall | None = None
+
+    def __repr__(self) -> str:
+        return f"<ProducerSession {self.keyId} {sorted(self.capability.models)}>"
+
+    @property
+    def transport(self) -> Any:
+        return self.connection.transport
+
+    def sendControl(self, verb: bytes, fields: dict[str, Any]) -> None:
+        self.connection.sendControl(verb, fields)
+
+    def sendData(self, payload: bytes) -> None:
+        self.connection.sendData(payload)
+
+    # Liveness: only idle producers are pinged.
+
+    def _schedulePing(self) -> None:
+        self._cancelPing()
+        self._pingTimer = self.connection.farm.clock.callLater(
+            self.connection.farm.settings.ping_interval, self._ping
+        )
+
+    def _ping(self) -> None:
+        self.connection.transport.write(encodeHeader(b"PING", 0))
+        self._pingTimer = self.connection.farm.clock.callLater(
+            self.connection.farm.settings.ping_interval / 2, self._pongMissed
+        )
+
+    def _pongMissed(self) -> None:
+        self._pingTimer = None
+        self.drop("did not answer PING in time")
+
+    def _cancelPing(self) -> None:
+        if self._pingTimer is not None:
+            self._pingTimer.cancel()
+            self._pingTimer = None
+
+    def becameIdle(self) -> None:
+        self._schedulePing()
+
+    # Jobs
+
+    def startJob(self, job: Job) -> None:
+        self._cancelPing()
+        self.job = job
+        self.sendControl(b"JOB_", job.request.payload(job.id))
+
+    def jobDetached(self, job: Job, healthy: bool) -> None:
+        self.job = None
+        if healthy and self.connection.phase is Phase.ACTIVE:
+            self.connection.farm.producerIdle(self)
+
+    def frameReceived(self, frame: Frame) -> None:
+        verb = frame.verb
+        if verb == b"PONG":
+            if self.job is None and self._pingTimer is not None:
+                self._schedulePing()
+        elif verb == b"DATA":
+            self._resultData(frame.payload)
+        elif verb == b"RSLT":
+            self._answer(decodeObject(frame), isResult=True)
+        elif verb == b"FAIL":
+            self._answer(decodeObject(frame), isResult=False)
+        else:
+            raise ProtocolViolation(f"a producer may not send {verb.decode()}")
+
+    def _answer(self, fields: dict[str, Any], isResult: bool) -> None:
+        job = self.job
+        if job is None or self._resultRemaining:
+            raise ProtocolViolation("RSLT or FAIL without a job to answer")
+        if fields.get("id") != job.id:
+            raise ProtocolViolation("RSLT or FAIL for another job id")
+        if not isResult:
+            job.events.producerFailed(fields)
+            return
+        size = resultSize(fields)
+        if size > self.connection.farm.settings.max_job_bytes:
+            raise ProtocolViolation("result larger than max_job_bytes")
+        self._resultRemaining = size
+        job.events.result(fields, size)
+        if size == 0:
+            job.events.resultComplete()
+
+    def _resultData(self, payload: bytes) -> None:
+        job = self.job
+        if job is None or len(payload) > self._resultRemaining:
+            raise ProtocolViolation("DATA beyond the size announced in RSLT")
+        self._resultRemaining -= len(payload)
+        job.events.resultData(payload)
+        if self._resultRemaining == 0:
+            job.events.resultComplete()
+
+    def drop(self, why: str) -> None:
+        log.info("dropping producer {key_id}: {why}", key_id=self.keyId, why=why)
+        self.connection.abort()
+
+    def connectionLost(self) -> None:
+        self._cancelPing()
+        self.connection.farm.producerLeft(self)
+        job, self.job = self.job, None
+        if job is not None:
+            job.events.producerLost()
+
+
+class FarmFactory(Factory):
+    """
+    Builds connections for one service (one listening port) of a farm.
+    """
+
+    def __init__(self, farm: Farm, service: str) -> None:
+        self.farm = farm
+        self.service = service
+
+    def buildProtocol(self, addr: Any) -> FarmConnection:
+        connection = FarmConnection(self.farm, self.service)
+        connection.factory = self
+        return connection

@@ -1,0 +1,268 @@
+"""
+The farm's shared state: its settings, key policies, one dispatcher per
+service, the jobs in flight and the figures for stats lines.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+from privox.config import setting
+from privox.farm.dispatcher import Dispatcher
+from privox.farm.job import Job, newJob
+from privox.farm.keys import KeyPolicy
+from privox.messages import SERVICES, BadRequest, ErrorCode, JobRequest, Okay
+
+if TYPE_CHECKING:
+    from privox.farm.connection import ConsumerSession, FarmConnection, ProducerSession
+
+log = Logger()
+
+
+@dataclass(frozen=True)
+class FarmSettings:
+    """
+    Everything a farm can be told (command line, or the TOML file).
+    """
+
+    name: str = setting("privox-farm", "Name the farm gives itself in OKAY.")
+    stt_listen: str = setting(
+        "tcp:1776", "Endpoint string for STT peers, or 'none'."
+    )
+    tts_listen: str = setting(
+        "tcp:1777", "Endpoint string for TTS peers, or 'none'."
+    )
+    queue_timeout: float = setting(
+        5.0, "Seconds a job may wait for a free producer before FAIL no_producer."
+    )
+    ping_interval: float = setting(
+        10.0, "Seconds between PINGs to idle producers; PONG is due in half that."
+    )
+    handshake_timeout: float = setting(
+        10.0, "Seconds a new peer has to complete HELO."
+    )
+    max_job_timeout: float = setting(
+        60.0, "Upper bound (and default) of a job's timeout, counted from JOB_."
+    )
+    cancel_grace: float = setting(
+        10.0, "Seconds a producer has to end a cancelled job before it is dropped."
+    )
+    shutdown_grace: float = setting(
+        30.0, "Seconds running jobs may take to finish when the farm stops."
+    )
+    max_frame: int = setting(
+        1024 * 1024, "Largest frame payload in bytes (announced in OKAY)."
+    )
+    max_job_bytes: int = setting(
+        50 * 1024 * 1024, "Largest upload or result of one job in bytes."
+    )
+    producer_keys: str = setting(
+        "open", "Producer key policy: 'open', an allow-list file, or a validation URL."
+    )
+    consumer_keys: str = setting(
+        "open", "Consumer key policy: 'open', an allow-list file, or a validation URL."
+    )
+    stats_interval: float = setting(
+        60.0, "Seconds between stats log lines (0 turns them off)."
+    )
+
+
+@dataclass
+class Counters:
+    jobs: int = 0
+    succeeded: int = 0
+
+
+class Farm:
+    def __init__(
+        self,
+        settings: FarmSettings,
+        clock: IReactorTime,
+        producerKeys: KeyPolicy,
+        consumerKeys: KeyPolicy,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock
+        self._keyPolicies = {"producer": producerKeys, "consumer": consumerKeys}
+        self.dispatchers = {s: Dispatcher(settings.queue_timeout) for s in SERVICES}
+        self._queueTimers: dict[str, IDelayedCall] = {}
+        self.connections: set[FarmConnection] = set()
+        self.jobs: set[Job] = set()
+        self.counters = Counters()
+        self.accepting = True
+        self._drained: list[Deferred[None]] = []
+
+    def okay(self) -> Okay:
+        s = self.settings
+        return Okay(s.name, s.ping_interval, s.max_frame, s.max_job_bytes)
+
+    def keyPolicy(self, role: str) -> KeyPolicy:
+        return self._keyPolicies[role]
+
+    # Connections
+
+    def connectionOpened(self, connection: FarmConnection) -> None:
+        self.connections.add(connection)
+
+    def connectionClosed(self, connection: FarmConnection) -> None:
+        self.connections.discard(connection)
+
+    # Producers
+
+    def producerJoined(self, producer: ProducerSession) -> None:
+        dispatcher = self.dispatchers[producer.connection.service]
+        self._assignOrIdle(
+            producer, dispatcher.addProducer(producer, producer.capability, self.clock.seconds())
+        )
+
+    def producerIdle(self, producer: ProducerSession) -> None:
+        dispatcher = self.dispatchers[producer.connection.service]
+        self._assignOrIdle(producer, dispatcher.release(producer, self.clock.seconds()))
+
+    def _assignOrIdle(self, producer: ProducerSession, job: Job | None) -> None:
+        if job is None:
+            producer.becameIdle()
+        else:
+            job.events.assign(producer)
+
+    def producerLeft(self, producer: ProducerSession) -> None:
+        self.dispatchers[producer.connection.service].removeProducer(producer)
+
+    # Jobs
+
+    def submit(self, consumer: ConsumerSession, request: JobRequest) -> None:
+        """
+        Start a job for C{consumer}: assigned now, or queued.
+
+        @raise BadRequest: refused before ASGN (too large, unsupported model,
+            shutting down).
+        """
+        s = self.settings
+        if not self.accepting:
+            raise BadRequest("the farm is shutting down", ErrorCode.SHUTTING_DOWN)
+        if request.size > s.max_job_bytes:
+            raise BadRequest(
+                f"job of {request.size} bytes exceeds max_job_bytes {s.max_job_bytes}",
+                ErrorCode.TOO_LARGE,
+            )
+        timeout = min(request.timeout_s or s.max_job_timeout, s.max_job_timeout)
+        dispatcher = self.dispatchers[request.service]
+        if not dispatcher.canServe(request.model, request.language):
+            raise BadRequest(
+                f"no producer serves model {request.model!r}"
+                + (f" in language {request.language!r}" if request.language else ""),
+                ErrorCode.UNSUPPORTED_MODEL,
+            )
+        job = newJob(self, secrets.token_hex(8), request, consumer, timeout)
+        self.jobs.add(job)
+        self.counters.jobs += 1
+        consumer.jobSubmitted(job)
+        producer = dispatcher.submit(
+            job, request.model, request.language, self.clock.seconds()
+        )
+        if producer is None:
+            self._armQueueTimer(request.service)
+        else:
+            job.events.assign(producer)
+
+    def withdraw(self, job: Job) -> None:
+        self.dispatchers[job.request.service].withdraw(job)
+
+    def _armQueueTimer(self, service: str) -> None:
+        timer = self._queueTimers.get(service)
+        if timer is not None and timer.active():
+            return
+        deadline = self.dispatchers[service].nextDeadline()
+        if deadline is None:
+            return
+        delay = max(0.0, deadline - self.clock.seconds())
+        self._queueTimers[service] = self.clock.callLater(
+            delay, self._queueTimerFired, service
+        )
+
+    def _queueTimerFired(self, service: str) -> None:
+        del self._queueTimers[service]
+        for job in self.dispatchers[service].expire(self.clock.seconds()):
+            job.events.expire(
+                ErrorCode.NO_PRODUCER, "no producer became free in time"
+            )
+        self._armQueueTimer(service)
+
+    def jobFinished(self, job: Job) -> None:
+        self.jobs.discard(job)
+        if job.outcome == "ok":
+            self.counters.succeeded += 1
+        log.info(
+            "job {job_id} {service} {model} {outcome} in {ms} ms "
+            "({bytes_in} bytes in, {bytes_out} bytes out)",
+            job_id=job.id,
+            service=job.request.service,
+            model=job.request.model,
+            outcome=job.outcome,
+            ms=round((self.clock.seconds() - job.started) * 1000),
+            bytes_in=job.request.size,
+            bytes_out=job.bytesOut,
+        )
+        if not self.jobs:
+            drained, self._drained = self._drained, []
+            for d in drained:
+                d.callback(None)
+
+    # Stats and shutdown
+
+    def statsLine(self, previous: Counters, seconds: float) -> None:
+        """
+        Log the rates since C{previous} and the current load.
+        """
+        c = self.counters
+        producers = {
+            service: d.producersByModel() for service, d in self.dispatchers.items()
+        }
+        log.info(
+            "stats: {jobs_per_s:.2f} jobs/s, {ok_per_s:.2f} successes/s, "
+            "queue {queue}, producers (connected, idle) {producers}",
+            jobs_per_s=(c.jobs - previous.jobs) / seconds,
+            ok_per_s=(c.succeeded - previous.succeeded) / seconds,
+            queue={s: d.queueDepth() for s, d in self.dispatchers.items()},
+            producers=producers,
+        )
+
+    def shutdown(self) -> Deferred[None]:
+        """
+        Refuse new jobs, fail queued ones with C{shutting_down}, and fire when
+        the running jobs are done or C{shutdown_grace} has passed; then close
+        every connection.
+        """
+        self.accepting = False
+        for service, dispatcher in self.dispatchers.items():
+            timer = self._queueTimers.pop(service, None)
+            if timer is not None and timer.active():
+                timer.cancel()
+            for job in dispatcher.drain():
+                job.events.expire(ErrorCode.SHUTTING_DOWN, "the farm is shutting down")
+        if self.jobs:
+            log.info("waiting for {n} running jobs to finish", n=len(self.jobs))
+            waited: Deferred[None] = Deferred()
+            self._drained.append(waited)
+            waited.addTimeout(self.settings.shutdown_grace, self.clock)
+            waited.addErrback(lambda f: self._abandonRunning())
+        else:
+            waited = succeed(None)
+        waited.addCallback(lambda _: self._closeAll())
+        return waited
+
+    def _abandonRunning(self) -> None:
+        self._drained = []
+        log.info("{n} jobs did not finish in time", n=len(self.jobs))
+        for job in list(self.jobs):
+            job.events.expire(ErrorCode.SHUTTING_DOWN, "the farm is shutting down")
+
+    def _closeAll(self) -> None:
+        for connection in list(self.connections):
+            connection.close(ErrorCode.SHUTTING_DOWN, "the farm is shutting down")

@@ -1,0 +1,350 @@
+"""
+One job's life inside the farm, as an explicit state machine.
+
+A job links the consumer that asked with the producer that answers; it is the
+only path between them, so a reply can reach no one but the consumer that owns
+the job. The connections feed it events; it decides what each side is told.
+
+    queued ──assign──▶ running ──RSLT──▶ returning ──last DATA──▶ finished
+       │                  │ │                │                        ▲
+       │                  │ └─FAIL/lost──────┼────────────────────────┤
+       │        consumer lost / timeout      │ consumer lost/timeout  │
+       │                  ▼                  ▼                        │
+       │              abandoned (producer finishing; output discarded)┤
+       └──timeout/gone/shutdown───────────────────────────────────────┘
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Protocol
+
+from automat import TypeMachineBuilder
+from twisted.internet.interfaces import IDelayedCall, IPushProducer
+from zope.interface import implementer
+
+from privox.messages import ErrorCode, JobRequest, failPayload
+
+if TYPE_CHECKING:
+    from privox.farm.connection import ConsumerSession, ProducerSession
+    from privox.farm.farm import Farm
+
+
+class JobEvents(Protocol):
+    def assign(self, producer: Any) -> None:
+        "The dispatcher picked a producer."
+
+    def consumerData(self, payload: bytes) -> None:
+        "A DATA frame of the upload."
+
+    def result(self, fields: dict[str, Any], size: int) -> None:
+        "The producer's RSLT; C{size} bytes of DATA follow."
+
+    def resultData(self, payload: bytes) -> None:
+        "A DATA frame of the result."
+
+    def resultComplete(self) -> None:
+        "The producer has sent the whole result."
+
+    def producerFailed(self, fields: dict[str, Any]) -> None:
+        "The producer answered FAIL."
+
+    def producerLost(self) -> None:
+        "The producer's connection is gone."
+
+    def consumerLost(self) -> None:
+        "The consumer's connection is gone."
+
+    def expire(self, code: str, message: str) -> None:
+        "Queue timeout, job timeout or shutdown: the consumer gets FAIL code."
+
+    def cancelGraceOver(self) -> None:
+        "A cancelled producer did not finish in time."
+
+
+@implementer(IPushProducer)
+class _PauseLink:
+    """
+    Backpressure from one transport to another: registered as the producer
+    of C{sink}, it pauses reading from C{source} while C{sink}'s write buffer
+    is full. Detaching resumes C{source} if this link paused it.
+    """
+
+    def __init__(self, source: Any, sink: Any) -> None:
+        self._source = source
+        self._sink = sink
+        self._paused = False
+        sink.registerProducer(self, True)
+
+    def pauseProducing(self) -> None:
+        if not self._paused:
+            self._paused = True
+            self._source.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        if self._paused:
+            self._paused = False
+            self._source.resumeProducing()
+
+    def stopProducing(self) -> None:
+        # The sink is closing; its own connectionLost tells the job.
+        pass
+
+    def detach(self) -> None:
+        self._sink.unregisterProducer()
+        self.resumeProducing()
+
+
+class Job:
+    """
+    The state a job's machine works on. L{events} is the machine: feed it.
+    """
+
+    events: JobEvents
+
+    def __init__(
+        self,
+        farm: Farm,
+        jobId: str,
+        request: JobRequest,
+        consumer: ConsumerSession,
+        timeout: float,
+    ) -> None:
+        self.farm = farm
+        self.id = jobId
+        self.request = request
+        self.consumer: ConsumerSession | None = consumer
+        self.producer: ProducerSession | None = None
+        self.started = farm.clock.seconds()
+        self.bytesOut = 0
+        self.outcome = "queued"
+        self._links: list[_PauseLink] = []
+        self._timeout: IDelayedCall | None = farm.clock.callLater(
+            timeout, self._timedOut
+        )
+        self._grace: IDelayedCall | None = None
+
+    def __repr__(self) -> str:
+        return f"<Job {self.id} {self.request.service} {self.request.model}>"
+
+    def _timedOut(self) -> None:
+        self._timeout = None
+        self.events.expire(ErrorCode.TIMEOUT, "the job ran out of time")
+
+    # Helpers the transitions share.
+
+    def _startOn(self, producer: ProducerSession) -> None:
+        assert self.consumer is not None
+        self.producer = producer
+        producer.startJob(self)
+        self.consumer.jobAssigned(self)
+        self._links = [
+            _PauseLink(self.consumer.transport, producer.transport),
+            _PauseLink(producer.transport, self.consumer.transport),
+        ]
+
+    def _unlink(self) -> None:
+        for link in self._links:
+            link.detach()
+        self._links = []
+
+    def _failConsumer(self, code: str, message: str, withId: bool = True) -> None:
+        consumer = self._detachConsumer()
+        if consumer is not None:
+            consumer.sendControl(
+                b"FAIL", failPayload(self.id if withId else None, code, message)
+            )
+
+    def _detachConsumer(self) -> ConsumerSession | None:
+        consumer, self.consumer = self.consumer, None
+        self._unlink()
+        if consumer is not None:
+            consumer.jobDetached(self)
+        return consumer
+
+    def _cancelProducer(self, sendCancel: bool) -> None:
+        assert self.producer is not None
+        if sendCancel:
+            self.producer.sendControl(b"CNCL", {"id": self.id})
+        self._grace = self.farm.clock.callLater(
+            self.farm.settings.cancel_grace, self._graceOver
+        )
+
+    def _graceOver(self) -> None:
+        self._grace = None
+        self.events.cancelGraceOver()
+
+    def _finish(self, outcome: str, releaseProducer: bool) -> None:
+        self.outcome = outcome
+        for call in (self._timeout, self._grace):
+            if call is not None and call.active():
+                call.cancel()
+        self._timeout = self._grace = None
+        self._detachConsumer()
+        producer, self.producer = self.producer, None
+        if producer is not None:
+            producer.jobDetached(self, healthy=releaseProducer)
+        self.farm.jobFinished(self)
+
+
+builder = TypeMachineBuilder(JobEvents, Job)
+queued = builder.state("queued")
+running = builder.state("running")
+returning = builder.state("returning")
+abandoned = builder.state("abandoned")
+finished = builder.state("finished")
+
+
+@queued.upon(JobEvents.assign).to(running)
+def _assign(events: JobEvents, job: Job, producer: ProducerSession) -> None:
+    job._startOn(producer)
+
+
+@queued.upon(JobEvents.consumerLost).to(finished)
+def _goneWhileQueued(events: JobEvents, job: Job) -> None:
+    job.farm.withdraw(job)
+    job._finish("cancelled", releaseProducer=False)
+
+
+@queued.upon(JobEvents.expire).to(finished)
+def _expireQueued(events: JobEvents, job: Job, code: str, message: str) -> None:
+    job.farm.withdraw(job)
+    # Before ASGN the consumer has no job id yet.
+    job._failConsumer(code, message, withId=False)
+    job._finish(code, releaseProducer=False)
+
+
+@running.upon(JobEvents.consumerData).loop()
+def _upload(events: JobEvents, job: Job, payload: bytes) -> None:
+    assert job.producer is not None
+    job.producer.sendData(payload)
+
+
+@running.upon(JobEvents.result).to(returning)
+def _result(events: JobEvents, job: Job, fields: dict[str, Any], size: int) -> None:
+    assert job.consumer is not None
+    fields["id"] = job.id
+    job.consumer.sendControl(b"RSLT", fields)
+
+
+@running.upon(JobEvents.producerFailed).to(finished)
+def _producerFailed(events: JobEvents, job: Job, fields: dict[str, Any]) -> None:
+    code = fields.get("error")
+    if code not in ErrorCode.ALL:
+        code = ErrorCode.ENGINE_ERROR
+    message = fields.get("message")
+    job._failConsumer(code, message if isinstance(message, str) else "the engine failed")
+    job._finish(code, releaseProducer=True)
+
+
+@running.upon(JobEvents.producerLost).to(finished)
+@returning.upon(JobEvents.producerLost).to(finished)
+def _producerLost(events: JobEvents, job: Job) -> None:
+    job._failConsumer(ErrorCode.PRODUCER_LOST, "the producer went away mid-job")
+    job._finish(ErrorCode.PRODUCER_LOST, releaseProducer=False)
+
+
+@running.upon(JobEvents.consumerLost).to(abandoned)
+def _consumerLostRunning(events: JobEvents, job: Job) -> None:
+    job._detachConsumer()
+    job.outcome = "cancelled"
+    job._cancelProducer(sendCancel=True)
+
+
+@running.upon(JobEvents.expire).to(abandoned)
+def _expireRunning(events: JobEvents, job: Job, code: str, message: str) -> None:
+    job._failConsumer(code, message)
+    job.outcome = code
+    job._cancelProducer(sendCancel=True)
+
+
+@returning.upon(JobEvents.consumerData).loop()
+def _uploadAfterResult(events: JobEvents, job: Job, payload: bytes) -> None:
+    # The producer answered before the upload ended; the rest is moot.
+    pass
+
+
+@returning.upon(JobEvents.resultData).loop()
+def _resultData(events: JobEvents, job: Job, payload: bytes) -> None:
+    assert job.consumer is not None
+    job.bytesOut += len(payload)
+    job.consumer.sendData(payload)
+
+
+@returning.upon(JobEvents.resultComplete).to(finished)
+def _resultComplete(events: JobEvents, job: Job) -> None:
+    job._finish("ok", releaseProducer=True)
+
+
+@returning.upon(JobEvents.consumerLost).to(abandoned)
+def _consumerLostReturning(events: JobEvents, job: Job) -> None:
+    # After RSLT the producer must send every announced byte; no CNCL.
+    job._detachConsumer()
+    job.outcome = "cancelled"
+    job._cancelProducer(sendCancel=False)
+
+
+@returning.upon(JobEvents.expire).to(abandoned)
+def _expireReturning(events: JobEvents, job: Job, code: str, message: str) -> None:
+    job._failConsumer(code, message)
+    job.outcome = code
+    job._cancelProducer(sendCancel=False)
+
+
+@abandoned.upon(JobEvents.result).loop()
+def _discardResult(events: JobEvents, job: Job, fields: dict[str, Any], size: int) -> None:
+    pass
+
+
+@abandoned.upon(JobEvents.resultData).loop()
+def _discardData(events: JobEvents, job: Job, payload: bytes) -> None:
+    pass
+
+
+@abandoned.upon(JobEvents.resultComplete).to(finished)
+def _producerDone(events: JobEvents, job: Job) -> None:
+    job._finish(job.outcome, releaseProducer=True)
+
+
+@abandoned.upon(JobEvents.producerFailed).to(finished)
+def _producerGaveUp(events: JobEvents, job: Job, fields: dict[str, Any]) -> None:
+    job._finish(job.outcome, releaseProducer=True)
+
+
+@abandoned.upon(JobEvents.producerLost).to(finished)
+def _producerLostAbandoned(events: JobEvents, job: Job) -> None:
+    job._finish(job.outcome, releaseProducer=False)
+
+
+@abandoned.upon(JobEvents.cancelGraceOver).to(finished)
+def _graceOver(events: JobEvents, job: Job) -> None:
+    assert job.producer is not None
+    job.producer.drop("did not finish a cancelled job in time")
+    job._finish(job.outcome, releaseProducer=False)
+
+
+@abandoned.upon(JobEvents.consumerLost).loop()
+@finished.upon(JobEvents.consumerLost).loop()
+def _nothingToDo(events: JobEvents, job: Job) -> None:
+    pass
+
+
+@abandoned.upon(JobEvents.expire).loop()
+@finished.upon(JobEvents.expire).loop()
+def _alreadyOver(events: JobEvents, job: Job, code: str, message: str) -> None:
+    pass
+
+
+@finished.upon(JobEvents.producerLost).loop()
+def _lateLoss(events: JobEvents, job: Job) -> None:
+    pass
+
+
+JobMachine = builder.build()
+
+
+def newJob(
+    farm: Farm, jobId: str, request: JobRequest, consumer: ConsumerSession, timeout: float
+) -> Job:
+    job = Job(farm, jobId, request, consumer, timeout)
+    job.events = JobMachine(job)
+    return job

@@ -1,0 +1,104 @@
+"""
+C{twistd privox-farm}: options and the service tree.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application import strports
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import Deferred
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python import usage
+
+from privox.config import optionsFor
+from privox.farm.connection import FarmFactory
+from privox.farm.farm import Counters, Farm, FarmSettings
+from privox.farm.keys import KeyPolicyError, policyFromSpec
+
+log = Logger()
+
+_BaseOptions = optionsFor(
+    FarmSettings,
+    "Run a Privox producer farm: a relay between producer nodes and consumers.",
+)
+
+
+class Options(_BaseOptions):  # type: ignore[misc,valid-type]
+    def postOptions(self) -> None:
+        super().postOptions()
+        s = self.settings
+        if s.stt_listen == "none" and s.tts_listen == "none":
+            raise usage.UsageError("both --stt-listen and --tts-listen are 'none'")
+        for name in ("queue_timeout", "ping_interval", "handshake_timeout", "max_job_timeout"):
+            if getattr(s, name) <= 0:
+                raise usage.UsageError(f"--{name.replace('_', '-')} must be positive")
+        if s.max_frame < 1 or s.max_job_bytes < 1:
+            raise usage.UsageError("--max-frame and --max-job-bytes must be positive")
+
+
+class FarmService(Service):
+    """
+    Owns the farm's life: periodic stats while running, a graceful drain
+    when stopped.
+    """
+
+    def __init__(self, farm: Farm, clock: Any) -> None:
+        self.farm = farm
+        self.clock = clock
+        self._stats: LoopingCall | None = None
+        self._lastCounters = Counters()
+
+    def startService(self) -> None:
+        super().startService()
+        interval = self.farm.settings.stats_interval
+        if interval > 0:
+            self._stats = LoopingCall(self._logStats, interval)
+            self._stats.clock = self.clock
+            self._stats.start(interval, now=False)
+
+    def _logStats(self, interval: float) -> None:
+        self.farm.statsLine(self._lastCounters, interval)
+        c = self.farm.counters
+        self._lastCounters = Counters(c.jobs, c.succeeded)
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        if self._stats is not None and self._stats.running:
+            self._stats.stop()
+        return self.farm.shutdown()
+
+
+def buildFarm(settings: FarmSettings, reactor: Any) -> Farm:
+    try:
+        return Farm(
+            settings,
+            reactor,
+            policyFromSpec(settings.producer_keys, reactor=reactor),
+            policyFromSpec(settings.consumer_keys, reactor=reactor),
+        )
+    except KeyPolicyError as e:
+        raise usage.UsageError(str(e))
+
+
+def makeService(options: Options, reactor: Any = None) -> IService:
+    if reactor is None:
+        from twisted.internet import reactor
+    settings = options.settings
+    farm = buildFarm(settings, reactor)
+    top = MultiService()
+    # Added first, stopped last: ports close before the farm drains.
+    FarmService(farm, reactor).setServiceParent(top)
+    for service, endpoint in (("stt", settings.stt_listen), ("tts", settings.tts_listen)):
+        if endpoint == "none":
+            continue
+        log.info(
+            "farm {name} serves {service} on {endpoint}",
+            name=settings.name,
+            service=service,
+            endpoint=endpoint,
+        )
+        strports.service(endpoint, FarmFactory(farm, service), reactor=reactor).setServiceParent(top)
+    return top

@@ -1,0 +1,283 @@
+"""
+The PVX/2 control messages as small typed records, and the one place that
+turns frame payloads into them (and back).
+
+Control verbs carry one UTF-8 JSON object. A payload that is not such an
+object is a L{ProtocolViolation} (the connection is closed); a well-formed
+C{JOB_} whose fields are missing or wrong is a L{BadRequest} (only that job
+fails).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from privox.framing import Frame, encodeFrame
+
+PROTOCOL_VERSION = 2
+GREETING = b"who"
+
+ROLES = ("producer", "consumer")
+SERVICES = ("stt", "tts")
+AUDIO_FORMATS = ("wav", "pcm_s16le", "zip", "auto")
+ANY = "*"
+
+
+class ErrorCode:
+    """
+    The C{error} values of C{FAIL} and C{DENY}.
+    """
+
+    PROTOCOL = "protocol"
+    UNAUTHORIZED = "unauthorized"
+    NO_PRODUCER = "no_producer"
+    UNSUPPORTED_MODEL = "unsupported_model"
+    TIMEOUT = "timeout"
+    PRODUCER_LOST = "producer_lost"
+    TOO_LARGE = "too_large"
+    BAD_REQUEST = "bad_request"
+    ENGINE_ERROR = "engine_error"
+    CANCELLED = "cancelled"
+    SHUTTING_DOWN = "shutting_down"
+
+    ALL = frozenset(
+        [
+            PROTOCOL,
+            UNAUTHORIZED,
+            NO_PRODUCER,
+            UNSUPPORTED_MODEL,
+            TIMEOUT,
+            PRODUCER_LOST,
+            TOO_LARGE,
+            BAD_REQUEST,
+            ENGINE_ERROR,
+            CANCELLED,
+            SHUTTING_DOWN,
+        ]
+    )
+
+
+class ProtocolViolation(Exception):
+    """
+    The peer broke PVX/2; the connection must be closed after C{FAIL protocol}.
+    """
+
+
+class BadRequest(Exception):
+    """
+    A well-formed message whose content is unacceptable; only the job fails.
+    """
+
+    def __init__(self, message: str, code: str = ErrorCode.BAD_REQUEST) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def controlFrame(verb: bytes, fields: dict[str, Any]) -> bytes:
+    """
+    Encode a control frame: C{fields} as compact UTF-8 JSON.
+    """
+    return encodeFrame(
+        verb, json.dumps(fields, separators=(",", ":"), ensure_ascii=False).encode()
+    )
+
+
+def decodeObject(frame: Frame) -> dict[str, Any]:
+    """
+    The JSON object a control frame carries.
+
+    @raise ProtocolViolation: the payload is not one UTF-8 JSON object.
+    """
+    if not frame.payload:
+        if frame.verb in (b"PING", b"PONG"):
+            return {}
+        raise ProtocolViolation(f"{frame.verb.decode()} needs a JSON object")
+    try:
+        value = json.loads(frame.payload)
+    except (UnicodeDecodeError, ValueError):
+        raise ProtocolViolation(f"{frame.verb.decode()} payload is not valid JSON")
+    if not isinstance(value, dict):
+        raise ProtocolViolation(f"{frame.verb.decode()} payload is not a JSON object")
+    return value
+
+
+def _string(obj: dict[str, Any], name: str, error: type[Exception], default: Any = ...) -> Any:
+    value = obj.get(name, default)
+    if value is ...:
+        raise error(f"missing field {name!r}")
+    if value is not default and not isinstance(value, str):
+        raise error(f"field {name!r} must be a string")
+    return value
+
+
+def _stringList(obj: dict[str, Any], name: str, error: type[Exception]) -> tuple[str, ...]:
+    value = obj.get(name, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise error(f"field {name!r} must be a list of strings")
+    return tuple(value)
+
+
+def _count(obj: dict[str, Any], name: str, error: type[Exception], default: Any = ...) -> int:
+    value = obj.get(name, default)
+    if value is ...:
+        raise error(f"missing field {name!r}")
+    # bool is an int in Python; in the protocol it is not a size.
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise error(f"field {name!r} must be a non-negative integer")
+    return value
+
+
+@dataclass(frozen=True)
+class Hello:
+    role: str
+    service: str
+    key: str
+    models: tuple[str, ...] = ()
+    languages: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, obj: dict[str, Any]) -> Hello:
+        """
+        @raise ProtocolViolation: not a PVX/2 HELO.
+        @raise BadRequest: a PVX/2 HELO with a bad role or service (answered
+            with C{DENY bad_request}).
+        """
+        if obj.get("protocol") != PROTOCOL_VERSION:
+            raise ProtocolViolation(
+                f"unsupported protocol version {obj.get('protocol')!r}; this farm speaks 2"
+            )
+        role = obj.get("role")
+        if role not in ROLES:
+            raise BadRequest(f"role must be one of {', '.join(ROLES)}")
+        service = obj.get("service")
+        if service not in SERVICES:
+            raise BadRequest(f"service must be one of {', '.join(SERVICES)}")
+        key = _string(obj, "key", BadRequest, default="")
+        models = _stringList(obj, "models", BadRequest)
+        languages = _stringList(obj, "languages", BadRequest)
+        if role == "producer" and not models:
+            raise BadRequest("a producer must list the models it serves (or [\"*\"])")
+        return cls(role, service, key, models, languages)
+
+    def payload(self) -> dict[str, Any]:
+        fields: dict[str, Any] = {
+            "protocol": PROTOCOL_VERSION,
+            "role": self.role,
+            "service": self.service,
+            "key": self.key,
+        }
+        if self.role == "producer":
+            fields["models"] = list(self.models)
+            fields["languages"] = list(self.languages)
+        return fields
+
+
+@dataclass(frozen=True)
+class Okay:
+    farm: str
+    ping_interval: float
+    max_frame: int
+    max_job_bytes: int
+
+    @classmethod
+    def parse(cls, obj: dict[str, Any]) -> Okay:
+        try:
+            return cls(
+                str(obj["farm"]),
+                float(obj["ping_interval"]),
+                int(obj["max_frame"]),
+                int(obj["max_job_bytes"]),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise ProtocolViolation(f"bad OKAY: {e}")
+
+    def payload(self) -> dict[str, Any]:
+        return {
+            "protocol": PROTOCOL_VERSION,
+            "farm": self.farm,
+            "ping_interval": self.ping_interval,
+            "max_frame": self.max_frame,
+            "max_job_bytes": self.max_job_bytes,
+        }
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    """
+    A consumer's C{JOB_}: what it wants done. The farm forwards it to the
+    producer with the farm's job id added and nothing about the consumer.
+    """
+
+    service: str
+    model: str
+    language: str | None
+    size: int
+    format: str = "auto"
+    voice: str | None = None
+    text: str | None = None
+    timeout_s: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, service: str, obj: dict[str, Any]) -> JobRequest:
+        """
+        @raise BadRequest: a required field is missing or has the wrong type.
+        """
+        model = _string(obj, "model", BadRequest)
+        if not model:
+            raise BadRequest("field 'model' must not be empty")
+        language = _string(obj, "language", BadRequest, default=None)
+        size = _count(obj, "size", BadRequest)
+        timeout = obj.get("timeout_s")
+        if timeout is not None and (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, (int, float))
+            or timeout <= 0
+        ):
+            raise BadRequest("field 'timeout_s' must be a positive number")
+        if service == "stt":
+            fmt = _string(obj, "format", BadRequest, default="auto")
+            if fmt not in AUDIO_FORMATS:
+                raise BadRequest(f"format must be one of {', '.join(AUDIO_FORMATS)}")
+            if size == 0:
+                raise BadRequest("an STT job needs audio: size must be > 0")
+            return cls(service, model, language, size, fmt, timeout_s=timeout)
+        text = _string(obj, "text", BadRequest)
+        if not text.strip():
+            raise BadRequest("field 'text' must not be empty")
+        if size != 0:
+            raise BadRequest("a TTS job carries its text in JOB_: size must be 0")
+        voice = _string(obj, "voice", BadRequest, default=None)
+        return cls(service, model, language, 0, "auto", voice, text, timeout)
+
+    def payload(self, jobId: str | None = None) -> dict[str, Any]:
+        fields: dict[str, Any] = {}
+        if jobId is not None:
+            fields["id"] = jobId
+        fields["model"] = self.model
+        fields["language"] = self.language
+        fields["size"] = self.size
+        if self.service == "stt":
+            fields["format"] = self.format
+        else:
+            fields["text"] = self.text
+            fields["voice"] = self.voice
+        if self.timeout_s is not None:
+            fields["timeout_s"] = self.timeout_s
+        return fields
+
+
+def failPayload(jobId: str | None, error: str, message: str) -> dict[str, Any]:
+    return {"id": jobId, "error": error, "message": message}
+
+
+def resultSize(obj: dict[str, Any]) -> int:
+    """
+    How many bytes of C{DATA} follow a C{RSLT}.
+
+    @raise ProtocolViolation: C{size} is present but not a count.
+    """
+    return _count(obj, "size", ProtocolViolation, default=0)

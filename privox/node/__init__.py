@@ -1,0 +1,3 @@
+"""
+The producer node: dials out to farms and runs jobs on local engines.
+"""

@@ -1,0 +1,130 @@
+"""
+The client half of a PVX/2 connection, shared by consumers and producers:
+read the farm's greeting, say HELO, wait for OKAY or DENY, answer PING.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+
+from privox.framing import DEFAULT_MAX_FRAME, Frame, FrameDecoder, FramingError, encodeHeader
+from privox.messages import (
+    GREETING,
+    Hello,
+    Okay,
+    ProtocolViolation,
+    controlFrame,
+    decodeObject,
+)
+
+
+class Denied(Exception):
+    """
+    The farm refused the handshake (C{DENY}, or C{FAIL} before C{OKAY}).
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class ConnectionClosed(Exception):
+    """
+    The farm closed the connection.
+    """
+
+
+class PeerProtocol(Protocol):
+    """
+    Subclasses implement L{frameReceived} (frames after OKAY) and may
+    override L{peerLost}.
+
+    @ivar ready: fires with the farm's L{Okay}, or fails with L{Denied} or
+        L{ConnectionClosed}.
+    """
+
+    def __init__(self, hello: Hello) -> None:
+        self.hello = hello
+        self.okay: Okay | None = None
+        self.ready: Deferred[Okay] = Deferred()
+        self._greeting = b""
+        # Until OKAY says otherwise, accept up to the default frame size.
+        self._decoder = FrameDecoder(DEFAULT_MAX_FRAME)
+
+    def dataReceived(self, data: bytes) -> None:
+        if len(self._greeting) < len(GREETING):
+            need = len(GREETING) - len(self._greeting)
+            self._greeting += data[:need]
+            data = data[need:]
+            if not GREETING.startswith(self._greeting):
+                self._abort("the farm did not greet with 'who'")
+                return
+            if self._greeting == GREETING:
+                self.sendControl(b"HELO", self.hello.payload())
+            if not data:
+                return
+        try:
+            for frame in self._decoder.feed(data):
+                self._dispatch(frame)
+        except (FramingError, ProtocolViolation) as e:
+            self._abort(str(e))
+
+    def _dispatch(self, frame: Frame) -> None:
+        if frame.verb == b"PING":
+            self.transport.write(encodeHeader(b"PONG", 0))
+        elif self.okay is None:
+            self._handshakeFrame(frame)
+        else:
+            self.frameReceived(frame)
+
+    def _handshakeFrame(self, frame: Frame) -> None:
+        fields = decodeObject(frame)
+        if frame.verb == b"OKAY":
+            self.okay = Okay.parse(fields)
+            self._decoder.maxFrame = max(self.okay.max_frame, DEFAULT_MAX_FRAME)
+            self.ready.callback(self.okay)
+        elif frame.verb in (b"DENY", b"FAIL"):
+            self._handshakeFailure = Denied(
+                str(fields.get("error")), str(fields.get("message"))
+            )
+            self.transport.loseConnection()
+        else:
+            raise ProtocolViolation(f"expected OKAY, got {frame.verb.decode()}")
+
+    def _abort(self, why: str) -> None:
+        self._handshakeFailure = ConnectionClosed(why)
+        self.transport.abortConnection()
+
+    _handshakeFailure: Exception | None = None
+
+    def sendControl(self, verb: bytes, fields: dict[str, Any]) -> None:
+        self.transport.write(controlFrame(verb, fields))
+
+    def sendData(self, payload: bytes) -> None:
+        """
+        Send C{payload} as DATA frames no larger than the farm's max_frame.
+        """
+        assert self.okay is not None
+        step = self.okay.max_frame
+        for start in range(0, len(payload), step):
+            chunk = payload[start : start + step]
+            self.transport.writeSequence([encodeHeader(b"DATA", len(chunk)), chunk])
+
+    def frameReceived(self, frame: Frame) -> None:
+        raise NotImplementedError
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        if not self.ready.called:
+            self.ready.errback(
+                self._handshakeFailure
+                or ConnectionClosed("the farm closed the connection during the handshake")
+            )
+        self.peerLost(self._handshakeFailure or ConnectionClosed("connection closed"))
+
+    def peerLost(self, why: Exception) -> None:
+        pass

@@ -1,0 +1,5 @@
+from twisted.application.service import ServiceMaker
+
+privoxFarm = ServiceMaker(
+    "Privox producer farm", "privox.farm.service", "A Privox producer farm.", "privox-farm"
+)

@@ -1,0 +1,622 @@
+"""
+The farm's protocol behaviour, peer by peer, on in-memory transports with a
+fake clock: handshake, jobs, every error path, liveness, backpressure,
+privacy and shutdown.
+"""
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from privox.farm.keys import AllowListPolicy
+from tests.farmharness import FarmHarness, ManualPolicy
+
+STT_JOB = {"model": "whisper:tiny.en", "language": "en", "format": "wav", "size": 10}
+
+
+def helo(role="consumer", service="stt", key="k", **more):
+    return {"protocol": 2, "role": role, "service": service, "key": key, **more}
+
+
+class HandshakeTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.h = FarmHarness(name="test-farm", max_frame=4096, max_job_bytes=100_000)
+
+    def test_okay(self) -> None:
+        peer = self.h.peer()
+        peer.send(b"HELO", helo())
+        self.assertEqual(
+            peer.messages(),
+            [("OKAY", {"protocol": 2, "farm": "test-farm", "ping_interval": 10.0,
+                       "max_frame": 4096, "max_job_bytes": 100_000})],
+        )
+        self.assertFalse(peer.closed)
+
+    def test_helloByteByByte(self) -> None:
+        from privox.messages import controlFrame
+        peer = self.h.peer()
+        for b in controlFrame(b"HELO", helo()):
+            peer.raw(bytes([b]))
+        self.assertEqual([v for v, _ in peer.messages()], ["OKAY"])
+
+    def test_pvx1PeerRefusedClearly(self) -> None:
+        for first in (b"c", b"s"):
+            peer = self.h.peer()
+            peer.raw(first + b"0123456789abcdef")
+            [(verb, body)] = peer.messages()
+            self.assertEqual((verb, body["error"], body["id"]), ("FAIL", "protocol", None))
+            self.assertIn("PVX/1", body["message"])
+            self.assertTrue(peer.closed)
+
+    def assertProtocolError(self, peer, fragment: str) -> None:
+        [(verb, body)] = peer.messages()[-1:]
+        self.assertEqual((verb, body["error"], body["id"]), ("FAIL", "protocol", None))
+        self.assertIn(fragment, body["message"])
+        self.assertTrue(peer.closed)
+
+    def test_garbageHeader(self) -> None:
+        peer = self.h.peer()
+        peer.raw(b"GET / HTTP/1.1\r\n\r\n")
+        self.assertProtocolError(peer, "unknown verb")
+
+    def test_nonDigitLength(self) -> None:
+        peer = self.h.peer()
+        peer.raw(b"HELO0000002x")
+        self.assertProtocolError(peer, "digits")
+
+    def test_oversizedFrameRefusedBeforeBody(self) -> None:
+        peer = self.h.peer()
+        peer.raw(b"HELO00004097")
+        self.assertProtocolError(peer, "exceeds max_frame 4096")
+
+    def test_invalidJson(self) -> None:
+        peer = self.h.peer()
+        peer.raw(b"HELO00000003{x}")
+        self.assertProtocolError(peer, "not valid JSON")
+
+    def test_firstFrameMustBeHello(self) -> None:
+        peer = self.h.peer()
+        peer.send(b"JOB_", STT_JOB)
+        self.assertProtocolError(peer, "expected HELO")
+
+    def test_wrongProtocolVersion(self) -> None:
+        peer = self.h.peer()
+        peer.send(b"HELO", dict(helo(), protocol=3))
+        self.assertProtocolError(peer, "protocol version")
+
+    def assertDenied(self, peer, code: str) -> None:
+        [(verb, body)] = peer.messages()
+        self.assertEqual((verb, body["error"]), ("DENY", code))
+        self.assertTrue(peer.closed)
+
+    def test_badRole(self) -> None:
+        peer = self.h.peer()
+        peer.send(b"HELO", helo(role="spy"))
+        self.assertDenied(peer, "bad_request")
+
+    def test_wrongServiceForPort(self) -> None:
+        peer = self.h.peer("stt")
+        peer.send(b"HELO", helo(service="tts"))
+        self.assertDenied(peer, "bad_request")
+
+    def test_producerWithoutModels(self) -> None:
+        peer = self.h.peer()
+        peer.send(b"HELO", helo(role="producer"))
+        self.assertDenied(peer, "bad_request")
+
+    def test_rejectedKeys(self) -> None:
+        h = FarmHarness(
+            producerKeys=AllowListPolicy("producers.txt", frozenset({"good-p"})),
+            consumerKeys=AllowListPolicy("consumers.txt", frozenset({"good-c"})),
+        )
+        for role, key, expected in [
+            ("consumer", "good-c", "OKAY"), ("consumer", "good-p", "DENY"),
+            ("producer", "good-p", "OKAY"), ("producer", "good-c", "DENY"),
+        ]:
+            peer = h.peer()
+            peer.send(b"HELO", helo(role=role, key=key, models=["*"]))
+            [(verb, body)] = peer.messages()
+            self.assertEqual(verb, expected, (role, key))
+            if verb == "DENY":
+                self.assertEqual(body["error"], "unauthorized")
+
+    def test_asynchronousKeyCheck(self) -> None:
+        policy = ManualPolicy()
+        h = FarmHarness(consumerKeys=policy)
+        peer = h.peer()
+        peer.send(b"HELO", helo(key="secret"))
+        self.assertEqual(peer.messages(), [])
+        [(key, d)] = policy.pending
+        self.assertEqual(key, "secret")
+        d.callback(True)
+        self.assertEqual([v for v, _ in peer.messages()], ["OKAY"])
+
+    def test_keyCheckErrorRejects(self) -> None:
+        policy = ManualPolicy()
+        h = FarmHarness(consumerKeys=policy)
+        peer = h.peer()
+        peer.send(b"HELO", helo())
+        policy.pending[0][1].errback(RuntimeError("validation server exploded"))
+        self.assertDenied(peer, "unauthorized")
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_framesDuringKeyCheck(self) -> None:
+        policy = ManualPolicy()
+        h = FarmHarness(consumerKeys=policy)
+        peer = h.peer()
+        peer.send(b"HELO", helo())
+        peer.send(b"JOB_", STT_JOB)
+        self.assertProtocolError(peer, "before the farm answered HELO")
+        policy.pending[0][1].callback(True)  # too late: nothing more is sent
+        self.assertEqual(peer.messages(), [])
+
+    def test_peerLeavesDuringKeyCheck(self) -> None:
+        policy = ManualPolicy()
+        h = FarmHarness(consumerKeys=policy)
+        peer = h.peer()
+        peer.send(b"HELO", helo())
+        peer.lose()
+        policy.pending[0][1].callback(True)
+        self.assertEqual(peer.messages(), [])
+        self.assertEqual(h.farm.connections, set())
+
+    def test_handshakeTimeout(self) -> None:
+        h = FarmHarness(handshake_timeout=10)
+        peer = h.peer()
+        peer.raw(b"HEL")  # slow-loris: a few bytes, then nothing
+        h.clock.advance(9.9)
+        self.assertFalse(peer.closed)
+        h.clock.advance(0.1)
+        [(verb, body)] = peer.messages()
+        self.assertEqual((verb, body["error"]), ("FAIL", "timeout"))
+        self.assertTrue(peer.closed)
+
+    def test_noTimeoutAfterHello(self) -> None:
+        h = FarmHarness(handshake_timeout=10)
+        peer = h.consumer()
+        h.clock.advance(100)
+        self.assertFalse(peer.closed)
+
+    def test_consumerPing(self) -> None:
+        peer = self.h.consumer()
+        peer.send(b"PING")
+        self.assertEqual(peer.messages(), [("PONG", {})])
+
+    def test_consumerMayNotSendResults(self) -> None:
+        peer = self.h.consumer()
+        peer.send(b"RSLT", {"id": "x", "text": "hi"})
+        self.assertProtocolError(peer, "consumer may not send RSLT")
+
+
+class JobTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.h = FarmHarness(max_frame=4096, max_job_bytes=100_000, queue_timeout=5,
+                             max_job_timeout=60, cancel_grace=10)
+
+    def startJob(self, job=STT_JOB, models=["whisper:tiny.en"]):
+        producer = self.h.producer(models=models, languages=["en"])
+        consumer = self.h.consumer()
+        consumer.send(b"JOB_", job)
+        [(verb, asgn)] = consumer.messages()
+        self.assertEqual(verb, "ASGN")
+        [(verb, work)] = producer.messages()
+        self.assertEqual(verb, "JOB_")
+        self.assertEqual(work["id"], asgn["id"])
+        return consumer, producer, asgn["id"]
+
+    def test_sttRoundTrip(self) -> None:
+        consumer, producer, jobId = self.startJob()
+        consumer.data(b"01234")
+        consumer.data(b"56789")
+        self.assertEqual(producer.messages(), [("DATA", b"01234"), ("DATA", b"56789")])
+        producer.send(b"RSLT", {"id": jobId, "text": "hello world"})
+        self.assertEqual(consumer.messages(), [("RSLT", {"id": jobId, "text": "hello world"})])
+        self.assertEqual(self.h.farm.counters.succeeded, 1)
+        self.assertEqual(self.h.farm.jobs, set())
+        self.assertTrue(self.h.farm.dispatchers["stt"].isIdle(producer.protocol.session))
+
+    def test_producerSeesNoConsumerIdentity(self) -> None:
+        producer = self.h.producer(models=["*"])
+        consumer = self.h.consumer(key="consumer-secret-key")
+        consumer.send(b"JOB_", dict(STT_JOB, timeout_s=5))
+        [(_, work)] = producer.messages()
+        self.assertEqual(
+            set(work), {"id", "model", "language", "format", "size", "timeout_s"}
+        )
+        self.assertNotIn(b"consumer-secret-key", producer.transport.value())
+
+    def test_consumerSeesNoProducerIdentity(self) -> None:
+        """
+        ASGN carries the job id alone, and RSLT only what the producer put
+        in it: the farm adds nothing about who ran the job.
+        """
+        producer = self.h.producer(models=["*"], key="producer-secret-key")
+        consumer = self.h.consumer()
+        consumer.send(b"JOB_", dict(STT_JOB, size=1))
+        [(_, asgn)] = consumer.messages()
+        self.assertEqual(list(asgn), ["id"])
+        consumer.data(b"x")
+        producer.send(b"RSLT", {"id": asgn["id"], "text": "x"})
+        self.assertEqual(consumer.messages(), [("RSLT", {"id": asgn["id"], "text": "x"})])
+
+    def test_ttsRoundTrip(self) -> None:
+        self.h = FarmHarness(max_frame=4096)
+        producer = self.h.producer("tts", models=["piper:en_US-joe-medium"])
+        consumer = self.h.consumer("tts")
+        consumer.send(b"JOB_", {"model": "piper:en_US-joe-medium", "language": "en",
+                                "voice": None, "text": "Hello.", "size": 0})
+        [(verb, asgn)] = consumer.messages()
+        self.assertEqual(verb, "ASGN")
+        [(_, work)] = producer.messages()
+        self.assertEqual(work["text"], "Hello.")
+        wav = b"RIFF" + bytes(5996)
+        producer.send(b"RSLT", {"id": asgn["id"], "content_type": "audio/wav", "size": len(wav)})
+        producer.data(wav[:4000])
+        producer.data(wav[4000:])
+        messages = consumer.messages()
+        self.assertEqual(messages[0], ("RSLT", {"id": asgn["id"], "content_type": "audio/wav", "size": 6000}))
+        self.assertEqual(b"".join(body for _, body in messages[1:]), wav)
+        self.assertEqual(self.h.farm.counters.succeeded, 1)
+
+    def test_manyJobsOnOneConnection(self) -> None:
+        producer = self.h.producer(models=["*"])
+        consumer = self.h.consumer()
+        for n in range(3):
+            consumer.send(b"JOB_", dict(STT_JOB, size=1))
+            [(_, asgn)] = consumer.messages()
+            producer.messages()
+            consumer.data(b"x")
+            producer.messages()
+            producer.send(b"RSLT", {"id": asgn["id"], "text": str(n)})
+            self.assertEqual(consumer.messages(), [("RSLT", {"id": asgn["id"], "text": str(n)})])
+        self.assertEqual(self.h.farm.counters.succeeded, 3)
+
+    def test_missingFieldsBadRequest(self) -> None:
+        self.h.producer(models=["*"])
+        consumer = self.h.consumer()
+        consumer.send(b"JOB_", {"model": "m"})
+        [(verb, body)] = consumer.messages()
+        self.assertEqual((verb, body["id"], body["error"]), ("FAIL", None, "bad_request"))
+        self.assertFalse(consumer.closed)
+
+    def test_tooLarge(self) -> None:
+        self.h.producer(models=["*"])
+        consumer = self.h.consumer()
+        consumer.send(b"JOB_", dict(STT_JOB, size=100_001))
+        [(verb, body)] = consumer.messages()
+        self.assertEqual((verb, body["id"], body["error"]), ("FAIL", None, "too_large"))
+        self.assertFalse(consumer.closed)
+
+    def test_unsupportedModel(self) -> None:
+        self.h.producer(models=["whisper:tiny.en"], languages=["en"])
+        consumer = self.h.consumer()
+        for job in (dict(STT_JOB, model="vosk:ko"), dict(STT_JOB, language="de")):
+            consumer.send(b"JOB_", job)
+            [(verb, body)] = consumer.messages()
+            self.assertEqual((verb, body["id"], body["error"]), ("FAIL", None, "unsupported_model"))
+        self.assertFalse(consumer.closed)
+
+    def test_queueThenAssign(self) -> None:
+        consumer1, producer, jobId = self.startJob()
+        consumer2 = self.h.consumer()
+        consumer2.send(b"JOB_", STT_JOB)
+        self.assertEqual(consumer2.messages(), [])
+        self.h.clock.advance(4)
+        consumer1.data(b"0123456789")
+        producer.messages()
+        producer.send(b"RSLT", {"id": jobId, "text": "one"})
+        [(verb, asgn)] = consumer2.messages()
+        self.assertEqual(verb, "ASGN")
+        [(verb, work)] = producer.messages()
+        self.assertEqual((verb, work["id"]), ("JOB_", asgn["id"]))
+        self.h.clock.advance(10)  # the old queue deadline means nothing now
+        self.assertEqual(consumer2.messages(), [])
+
+    def test_queueTimeout(self) -> None:
+        self.startJob()
+        consumer2 = self.h.consumer()
+        consumer2.send(b"JOB_", STT_JOB)
+        self.h.clock.advance(4.9)
+        self.assertEqual(consumer2.messages(), [])
+        self.h.clock.advance(0.1)
+        [(verb, body)] = consumer2.messages()
+        self.assertEqual((verb, body["id"], body["error"]), ("FAIL", None, "no_producer"))
+        self.assertEqual(self.h.farm.dispatchers["stt"].queueDepth(), 0)
+        # The connection is still good for the next job.
+        consumer2.send(b"JOB_", STT_JOB)
+        self.assertEqual(self.h.farm.dispatchers["stt"].queueDepth(), 1)
+
+    def test_consumerLostWhileQueued(self) -> None:
+        self.startJob()
+        consumer2 = self.h.consumer()
+        consumer2.send(b"JOB_", STT_JOB)
+        consumer2.lose()
+        self.assertEqual(self.h.farm.dispatchers["stt"].queueDepth(), 0)
+
+    def test_repliesReachTheirOwnConsumer(self) -> None:
+        p1 = self.h.producer(models=["*"])
+        p2 = self.h.producer(models=["*"])
+        c1 = self.h.consumer()
+        c2 = self.h.consumer()
+        c1.send(b"JOB_", dict(STT_JOB, size=2))
+        c2.send(b"JOB_", dict(STT_JOB, size=2))
+        [(_, a1)] = c1.messages()
+        [(_, a2)] = c2.messages()
+        self.assertNotEqual(a1["id"], a2["id"])
+        c2.data(b"c2")
+        c1.data(b"c1")
+        [(_, w1), (_, d1)] = p1.messages()
+        [(_, w2), (_, d2)] = p2.messages()
+        self.assertEqual((w1["id"], d1), (a1["id"], b"c1"))
+        self.assertEqual((w2["id"], d2), (a2["id"], b"c2"))
+        p2.send(b"RSLT", {"id": a2["id"], "text": "for c2"})
+        p1.send(b"RSLT", {"id": a1["id"], "text": "for c1"})
+        self.assertEqual(c1.messages(), [("RSLT", {"id": a1["id"], "text": "for c1"})])
+        self.assertEqual(c2.messages(), [("RSLT", {"id": a2["id"], "text": "for c2"})])
+
+    def test_dataBeyondSize(self) -> None:
+        consumer, producer, _ = self.startJob()
+        consumer.data(b"0123456789x")
+        [(verb, body)] = consumer.messages()
+        self.assertEqual((verb, body["error"]), ("FAIL", "protocol"))
+        self.assertTrue(consumer.closed)
+        consumer.lose()
+        self.assertEqual(producer.messages(), [("CNCL", {"id": producer.protocol.session.job.id})])
+
+    def test_dataBeforeAssign(self) -> None:
+        consumer = self.h.consumer()
+        consumer.data(b"x")
+        [(verb, body)] = consumer.messages()
+        self.assertEqual((verb, body["error"]), ("FAIL", "protocol"))
+
+    def test_secondJobWhileBusy(self) -> None:
+        consumer, _, _ = self.startJob()
+        consumer.send(b"JOB_", STT_JOB)
+        [(verb, body)] = consumer.messages()
+        self.assertEqual((verb, body["error"]), ("FAIL", "protocol"))
+        self.assertTrue(consumer.closed)
+
+    def test_engineError(self) -> None:
+        consumer, producer, jobId = self.startJob()
+        consumer.data(b"0123456789")
+        producer.send(b"FAIL", {"id": jobId, "error": "engine_error", "message": "could not decode audio"})
+        self.assertEqual(
+            consumer.messages(),
+            [("FAIL", {"id": jobId, "error": "engine_error", "message": "could not decode audio"})],
+        )
+        self.assertTrue(self.h.farm.dispatchers["stt"].isIdle(producer.protocol.session))
+
+    def test_unknownProducerErrorCode(self) -> None:
+        consumer, producer, jobId = self.startJob()
+        producer.send(b"FAIL", {"id": jobId, "error": "cosmic_rays", "message": 7})
+        [(verb, body)] = consumer.messages()
+        self.assertEqual((body["error"], body["message"]), ("engine_error", "the engine failed"))
+
+    def test_failMidUploadDiscardsTheRest(self) -> None:
+        """
+        After a job-level FAIL the consumer finishes its upload into the
+        void, and the connection serves the next job.
+        """
+        consumer, producer, jobId = self.startJob()
+        consumer.data(b"0123")
+        producer.messages()
+        producer.send(b"FAIL", {"id": jobId, "error": "engine_error", "message": "bad audio"})
+        self.assertEqual(consumer.messages()[0][0], "FAIL")
+        consumer.data(b"456789")
+        self.assertEqual(producer.messages(), [])
+        self.assertFalse(consumer.closed)
+        consumer.send(b"JOB_", dict(STT_JOB, size=1))
+        [(verb, _)] = consumer.messages()
+        self.assertEqual(verb, "ASGN")
+
+    def test_producerGarbageIsProducerLost(self) -> None:
+        consumer, producer, jobId = self.startJob()
+        producer.raw(b"garbage!garbage!")
+        self.assertTrue(producer.closed)
+        producer.lose()
+        [(verb, body)] = consumer.messages()
+        self.assertEqual((verb, body["id"], body["error"]), ("FAIL", jobId, "producer_lost"))
+        self.assertFalse(self.h.farm.dispatchers["stt"].canServe("whisper:tiny.en", None))
+
+    def test_producerResultForAnotherJob(self) -> None:
+        consumer, producer, jobId = self.startJob()
+        producer.send(b"RSLT", {"id": "not-" + jobId, "text": "x"})
+        self.assertEqual(producer.messages()[-1][1]["error"], "protocol")
+        producer.lose()
+        self.assertEqual(consumer.messages()[0][1]["error"], "producer_lost")
+
+    def test_producerLostMidJob(self) -> None:
+        consumer, producer, jobId = self.startJob()
+        consumer.data(b"01234")
+        producer.lose()
+        [(verb, body)] = consumer.messages()
+        self.assertEqual((verb, body["id"], body["error"]), ("FAIL", jobId, "producer_lost"))
+        consumer.data(b"56789")  # the rest of the upload is discarded
+        self.assertFalse(consumer.closed)
+
+    def test_producerLostMidResult(self) -> None:
+        self.h = FarmHarness()
+        producer = self.h.producer("tts", models=["*"])
+        consumer = self.h.consumer("tts")
+        consumer.send(b"JOB_", {"model": "m", "text": "hi", "size": 0})
+        [(_, asgn)] = consumer.messages()
+        producer.send(b"RSLT", {"id": asgn["id"], "size": 100})
+        producer.data(b"x" * 40)
+        producer.lose()
+        verbs = [(v, b if v == "DATA" else b.get("error")) for v, b in consumer.messages()]
+        self.assertEqual(verbs, [("RSLT", None), ("DATA", b"x" * 40), ("FAIL", "producer_lost")])
+
+    def test_consumerLostMidJobCancels(self) -> None:
+        consumer, producer, jobId = self.startJob()
+        consumer.data(b"01234")
+        producer.messages()
+        consumer.lose()
+        self.assertEqual(producer.messages(), [("CNCL", {"id": jobId})])
+        session = producer.protocol.session
+        self.assertFalse(self.h.farm.dispatchers["stt"].isIdle(session))
+        producer.send(b"FAIL", {"id": jobId, "error": "cancelled", "message": "ok"})
+        self.assertTrue(self.h.farm.dispatchers["stt"].isIdle(session))
+
+    def test_cancelledResultIsDiscarded(self) -> None:
+        consumer, producer, jobId = self.startJob()
+        consumer.data(b"0123456789")
+        consumer.lose()
+        producer.messages()
+        producer.send(b"RSLT", {"id": jobId, "text": "too late", "size": 3})
+        producer.data(b"abc")
+        self.assertTrue(self.h.farm.dispatchers["stt"].isIdle(producer.protocol.session))
+        self.assertFalse(producer.closed)
+
+    def test_cancelledProducerThatNeverAnswersIsDropped(self) -> None:
+        consumer, producer, jobId = self.startJob()
+        consumer.lose()
+        self.h.clock.advance(9.9)
+        self.assertFalse(producer.transport.disconnecting)
+        self.h.clock.advance(0.1)
+        self.assertTrue(producer.closed)
+        self.assertEqual(self.h.farm.jobs, set())
+
+    def test_jobTimeout(self) -> None:
+        consumer, producer, jobId = self.startJob(dict(STT_JOB, timeout_s=3))
+        consumer.data(b"0123456789")
+        producer.messages()
+        self.h.clock.advance(3)
+        [(verb, body)] = consumer.messages()
+        self.assertEqual((verb, body["id"], body["error"]), ("FAIL", jobId, "timeout"))
+        self.assertEqual(producer.messages(), [("CNCL", {"id": jobId})])
+        producer.send(b"FAIL", {"id": jobId, "error": "cancelled", "message": "stopped"})
+        self.assertEqual(consumer.messages(), [])
+        self.assertTrue(self.h.farm.dispatchers["stt"].isIdle(producer.protocol.session))
+
+    def test_timeoutCappedByMaxJobTimeout(self) -> None:
+        consumer, producer, jobId = self.startJob(dict(STT_JOB, timeout_s=1000))
+        self.h.clock.advance(59.9)
+        self.assertEqual(consumer.messages(), [])
+        self.h.clock.advance(0.1)
+        self.assertEqual(consumer.messages()[0][1]["error"], "timeout")
+
+    def test_timeoutRunsFromJobWhileQueued(self) -> None:
+        self.startJob()
+        consumer2 = self.h.consumer()
+        consumer2.send(b"JOB_", dict(STT_JOB, timeout_s=2))
+        self.h.clock.advance(2)
+        [(verb, body)] = consumer2.messages()
+        self.assertEqual((verb, body["id"], body["error"]), ("FAIL", None, "timeout"))
+        self.assertEqual(self.h.farm.dispatchers["stt"].queueDepth(), 0)
+
+
+class LivenessTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.h = FarmHarness(ping_interval=10)
+
+    def test_idleProducerPinged(self) -> None:
+        producer = self.h.producer()
+        self.h.clock.advance(10)
+        self.assertEqual(producer.messages(), [("PING", {})])
+        producer.send(b"PONG")
+        self.h.clock.advance(9.9)
+        self.assertEqual(producer.messages(), [])
+        self.h.clock.advance(0.1)
+        self.assertEqual(producer.messages(), [("PING", {})])
+        self.assertFalse(producer.closed)
+
+    def test_silentProducerDropped(self) -> None:
+        producer = self.h.producer()
+        self.h.clock.advance(10)
+        producer.messages()
+        self.h.clock.advance(4.9)
+        self.assertFalse(producer.closed)
+        self.h.clock.advance(0.1)
+        self.assertTrue(producer.closed)
+        producer.lose()
+        self.assertFalse(self.h.farm.dispatchers["stt"].canServe("x", None))
+
+    def test_busyProducerNotPinged(self) -> None:
+        producer = self.h.producer()
+        consumer = self.h.consumer()
+        consumer.send(b"JOB_", STT_JOB)
+        producer.messages()
+        self.h.clock.advance(30)
+        self.assertEqual(producer.messages(), [])
+        self.assertFalse(producer.closed)
+
+    def test_producerPingAnswered(self) -> None:
+        producer = self.h.producer()
+        producer.send(b"PING")
+        self.assertEqual(producer.messages(), [("PONG", {})])
+
+
+class BackpressureTests(SynchronousTestCase):
+    def test_slowProducerPausesConsumer(self) -> None:
+        h = FarmHarness()
+        producer = h.producer()
+        consumer = h.consumer()
+        consumer.send(b"JOB_", STT_JOB)
+        # The producer's socket buffer fills: Twisted pauses its producer.
+        producer.transport.producer.pauseProducing()
+        self.assertEqual(consumer.transport.producerState, "paused")
+        producer.transport.producer.resumeProducing()
+        self.assertEqual(consumer.transport.producerState, "producing")
+
+    def test_slowConsumerPausesProducer(self) -> None:
+        h = FarmHarness()
+        producer = h.producer("tts")
+        consumer = h.consumer("tts")
+        consumer.send(b"JOB_", {"model": "m", "text": "hi", "size": 0})
+        consumer.transport.producer.pauseProducing()
+        self.assertEqual(producer.transport.producerState, "paused")
+
+    def test_jobEndResumesPausedPeer(self) -> None:
+        h = FarmHarness()
+        producer = h.producer()
+        consumer = h.consumer()
+        consumer.send(b"JOB_", STT_JOB)
+        [(_, asgn)] = consumer.messages()
+        producer.transport.producer.pauseProducing()
+        producer.send(b"FAIL", {"id": asgn["id"], "error": "engine_error", "message": "x"})
+        # The consumer must be able to finish its (discarded) upload.
+        self.assertEqual(consumer.transport.producerState, "producing")
+        self.assertIsNone(producer.transport.producer)
+        self.assertIsNone(consumer.transport.producer)
+
+
+class ShutdownTests(SynchronousTestCase):
+    def test_gracefulStop(self) -> None:
+        h = FarmHarness(shutdown_grace=30)
+        producer = h.producer()
+        running = h.consumer()
+        running.send(b"JOB_", dict(STT_JOB, size=1))
+        [(_, asgn)] = running.messages()
+        queued = h.consumer()
+        queued.send(b"JOB_", STT_JOB)
+        stopped = h.farm.shutdown()
+        [(verb, body)] = queued.messages()
+        self.assertEqual((verb, body["error"]), ("FAIL", "shutting_down"))
+        self.assertNoResult(stopped)
+        # New work is refused, running work finishes.
+        queued.send(b"JOB_", STT_JOB)
+        self.assertEqual(queued.messages()[0][1]["error"], "shutting_down")
+        late = h.peer()
+        late.send(b"HELO", helo())
+        self.assertEqual(late.messages()[0][1]["error"], "shutting_down")
+        running.data(b"x")
+        producer.send(b"RSLT", {"id": asgn["id"], "text": "done"})
+        self.successResultOf(stopped)
+        self.assertEqual(
+            running.messages(),
+            [("RSLT", {"id": asgn["id"], "text": "done"}),
+             ("FAIL", {"id": None, "error": "shutting_down", "message": "the farm is shutting down"})],
+        )
+        self.assertTrue(running.closed and producer.closed and queued.closed)
+
+    def test_graceBound(self) -> None:
+        h = FarmHarness(shutdown_grace=5)
+        producer = h.producer()
+        consumer = h.consumer()
+        consumer.send(b"JOB_", dict(STT_JOB, size=1))
+        consumer.messages()
+        stopped = h.farm.shutdown()
+        h.clock.advance(5)
+        self.successResultOf(stopped)
+        [(verb, body), (closing, _)] = consumer.messages()
+        self.assertEqual((verb, body["error"], closing), ("FAIL", "shutting_down", "FAIL"))
+        self.assertIsNotNone(body["id"])
+        self.assertTrue(consumer.closed and producer.closed)

@@ -1,0 +1,128 @@
+"""
+PVX/2 framing: whole frames out of any way TCP slices the bytes, and garbage
+refused as early as it can be recognised.
+"""
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.trial.unittest import SynchronousTestCase
+
+from privox.framing import (
+    HEADER_LEN,
+    VERBS,
+    Frame,
+    FrameDecoder,
+    FramingError,
+    encodeFrame,
+    encodeHeader,
+)
+
+FRAMES = [
+    Frame(b"HELO", b'{"protocol":2}'),
+    Frame(b"PING", b""),
+    Frame(b"DATA", bytes(range(256)) * 3),
+    Frame(b"DATA", b""),
+    Frame(b"RSLT", '{"text":"h\u00e9llo"}'.encode()),
+]
+STREAM = b"".join(encodeFrame(f.verb, f.payload) for f in FRAMES)
+
+
+class EncodeTests(SynchronousTestCase):
+    def test_header(self) -> None:
+        self.assertEqual(encodeHeader(b"DATA", 1234), b"DATA00001234")
+        self.assertEqual(len(encodeHeader(b"JOB_", 0)), HEADER_LEN)
+
+    def test_frame(self) -> None:
+        self.assertEqual(encodeFrame(b"PONG"), b"PONG00000000")
+        self.assertEqual(encodeFrame(b"DATA", b"abc"), b"DATA00000003abc")
+
+    def test_refusesUnknownVerb(self) -> None:
+        self.assertRaises(ValueError, encodeHeader, b"NOPE", 0)
+
+    def test_refusesLengthBeyondEightDigits(self) -> None:
+        self.assertRaises(ValueError, encodeHeader, b"DATA", 100_000_000)
+
+
+class DecodeTests(SynchronousTestCase):
+    def test_allAtOnce(self) -> None:
+        self.assertEqual(FrameDecoder().feed(STREAM), FRAMES)
+
+    def test_byteByByte(self) -> None:
+        decoder = FrameDecoder()
+        frames = []
+        for i in range(len(STREAM)):
+            frames.extend(decoder.feed(STREAM[i : i + 1]))
+        self.assertEqual(frames, FRAMES)
+        self.assertEqual(decoder.pending(), 0)
+
+    def test_partialFrameWaits(self) -> None:
+        decoder = FrameDecoder()
+        self.assertEqual(decoder.feed(b"DATA00000005ab"), [])
+        self.assertEqual(decoder.pending(), 14)
+        self.assertEqual(decoder.feed(b"cdePING00000000"), [Frame(b"DATA", b"abcde"), Frame(b"PING", b"")])
+
+    @settings(max_examples=200)
+    @given(st.lists(st.integers(min_value=0, max_value=len(STREAM)), max_size=20))
+    def test_anySlicing(self, cuts: list[int]) -> None:
+        decoder = FrameDecoder()
+        frames = []
+        bounds = [0, *sorted(cuts), len(STREAM)]
+        for start, end in zip(bounds, bounds[1:]):
+            frames.extend(decoder.feed(STREAM[start:end]))
+        self.assertEqual(frames, FRAMES)
+
+    def test_maxFrameExactlyAllowed(self) -> None:
+        decoder = FrameDecoder(maxFrame=10)
+        self.assertEqual(decoder.feed(encodeFrame(b"DATA", b"x" * 10)), [Frame(b"DATA", b"x" * 10)])
+
+    def test_oversizedRefusedBeforeBody(self) -> None:
+        """
+        The header alone condemns an oversized frame: nothing of its body is
+        needed (or buffered) to refuse it.
+        """
+        decoder = FrameDecoder(maxFrame=1024)
+        e = self.assertRaises(FramingError, decoder.feed, b"DATA00001025")
+        self.assertIn("exceeds max_frame 1024", str(e))
+
+    def test_hugeDeclaredLength(self) -> None:
+        decoder = FrameDecoder()
+        self.assertRaises(FramingError, decoder.feed, b"DATA99999999")
+
+    def test_unknownVerb(self) -> None:
+        for bad in (b"GET / HTTP/1.1\r\n", b"data00000000", b"HELLO0000000"):
+            self.assertRaises(FramingError, FrameDecoder().feed, bad)
+
+    def test_unknownVerbRefusedEarly(self) -> None:
+        """
+        Two bytes that start no verb are enough to refuse the stream.
+        """
+        self.assertRaises(FramingError, FrameDecoder().feed, b"GE")
+
+    def test_nonDigitLength(self) -> None:
+        for bad in (b"DATA+0000001", b"DATA 0000001", b"DATA0000000x", b"DATA-0000001", b"DATA0_000001"):
+            self.assertRaises(FramingError, FrameDecoder().feed, bad + b"x")
+
+    def test_nonDigitLengthRefusedEarly(self) -> None:
+        self.assertRaises(FramingError, FrameDecoder().feed, b"DATA00x")
+
+    def test_nonAsciiDigits(self) -> None:
+        # "١" (Arabic-Indic one) is a digit to str.isdigit but not to PVX/2.
+        self.assertRaises(FramingError, FrameDecoder().feed, b"DATA0000000" + "١".encode())
+
+    def test_everyVerbDecodes(self) -> None:
+        stream = b"".join(encodeFrame(v) for v in sorted(VERBS))
+        self.assertEqual([f.verb for f in FrameDecoder().feed(stream)], sorted(VERBS))
+
+    @settings(max_examples=300)
+    @given(st.binary(max_size=64))
+    def test_garbageNeverCrashes(self, junk: bytes) -> None:
+        """
+        Arbitrary bytes either decode or raise FramingError; nothing else.
+        """
+        try:
+            frames = FrameDecoder(maxFrame=32).feed(junk)
+        except FramingError:
+            return
+        for frame in frames:
+            self.assertIn(frame.verb, VERBS)
+            self.assertLessEqual(len(frame.payload), 32)

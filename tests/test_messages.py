@@ -1,0 +1,134 @@
+"""
+Control messages: what is a protocol violation (connection closes) and what
+is a bad request (only the job fails).
+"""
+
+import json
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from privox.framing import Frame, FrameDecoder
+from privox.messages import (
+    BadRequest,
+    ErrorCode,
+    Hello,
+    JobRequest,
+    Okay,
+    ProtocolViolation,
+    controlFrame,
+    decodeObject,
+    resultSize,
+)
+
+
+def obj(**fields):
+    return fields
+
+
+class DecodeObjectTests(SynchronousTestCase):
+    def test_roundTrip(self) -> None:
+        [frame] = FrameDecoder().feed(controlFrame(b"ASGN", {"id": "ab", "t": "é"}))
+        self.assertEqual(decodeObject(frame), {"id": "ab", "t": "é"})
+
+    def test_emptyPingIsEmptyObject(self) -> None:
+        self.assertEqual(decodeObject(Frame(b"PING", b"")), {})
+
+    def test_emptyControlIsViolation(self) -> None:
+        self.assertRaises(ProtocolViolation, decodeObject, Frame(b"JOB_", b""))
+
+    def test_invalidJson(self) -> None:
+        for bad in (b"{", b"\xff\xfe", b"[1,2]", b'"s"', b"3"):
+            self.assertRaises(ProtocolViolation, decodeObject, Frame(b"JOB_", bad))
+
+
+class HelloTests(SynchronousTestCase):
+    def test_producer(self) -> None:
+        hello = Hello.parse(
+            obj(protocol=2, role="producer", service="stt", key="k",
+                models=["whisper:tiny.en"], languages=["en"])
+        )
+        self.assertEqual(hello, Hello("producer", "stt", "k", ("whisper:tiny.en",), ("en",)))
+        self.assertEqual(Hello.parse(hello.payload()), hello)
+
+    def test_consumerPayloadHasNoModels(self) -> None:
+        payload = Hello("consumer", "tts", "k").payload()
+        self.assertEqual(payload, {"protocol": 2, "role": "consumer", "service": "tts", "key": "k"})
+
+    def test_wrongVersionIsViolation(self) -> None:
+        self.assertRaises(ProtocolViolation, Hello.parse, obj(protocol=1, role="consumer", service="stt"))
+
+    def test_badRoleOrService(self) -> None:
+        self.assertRaises(BadRequest, Hello.parse, obj(protocol=2, role="boss", service="stt"))
+        self.assertRaises(BadRequest, Hello.parse, obj(protocol=2, role="consumer", service="ocr"))
+
+    def test_producerNeedsModels(self) -> None:
+        self.assertRaises(BadRequest, Hello.parse, obj(protocol=2, role="producer", service="stt", key="k"))
+
+    def test_badTypes(self) -> None:
+        self.assertRaises(BadRequest, Hello.parse, obj(protocol=2, role="consumer", service="stt", key=5))
+        self.assertRaises(
+            BadRequest, Hello.parse,
+            obj(protocol=2, role="producer", service="stt", key="k", models="whisper"),
+        )
+
+
+class JobRequestTests(SynchronousTestCase):
+    def test_stt(self) -> None:
+        request = JobRequest.parse("stt", obj(model="m", language="en", format="wav", size=10))
+        self.assertEqual((request.model, request.language, request.format, request.size), ("m", "en", "wav", 10))
+        self.assertEqual(
+            request.payload("id1"),
+            {"id": "id1", "model": "m", "language": "en", "size": 10, "format": "wav"},
+        )
+
+    def test_sttDefaults(self) -> None:
+        request = JobRequest.parse("stt", obj(model="m", size=1))
+        self.assertEqual((request.language, request.format, request.timeout_s), (None, "auto", None))
+
+    def test_tts(self) -> None:
+        request = JobRequest.parse(
+            "tts", obj(model="piper:x", language="en", voice="p236", text="Hi.", size=0, timeout_s=3)
+        )
+        self.assertEqual(
+            request.payload("j"),
+            {"id": "j", "model": "piper:x", "language": "en", "size": 0,
+             "text": "Hi.", "voice": "p236", "timeout_s": 3},
+        )
+
+    def test_badRequests(self) -> None:
+        cases = [
+            ("stt", obj(size=1)),
+            ("stt", obj(model="", size=1)),
+            ("stt", obj(model=3, size=1)),
+            ("stt", obj(model="m")),
+            ("stt", obj(model="m", size=-1)),
+            ("stt", obj(model="m", size=True)),
+            ("stt", obj(model="m", size="10")),
+            ("stt", obj(model="m", size=0)),
+            ("stt", obj(model="m", size=1, format="mp9")),
+            ("stt", obj(model="m", size=1, timeout_s=0)),
+            ("stt", obj(model="m", size=1, timeout_s="5")),
+            ("tts", obj(model="m", size=0)),
+            ("tts", obj(model="m", size=0, text="   ")),
+            ("tts", obj(model="m", size=5, text="hi")),
+            ("tts", obj(model="m", size=0, text="hi", voice=1)),
+        ]
+        for service, fields in cases:
+            e = self.assertRaises(BadRequest, JobRequest.parse, service, fields)
+            self.assertEqual(e.code, ErrorCode.BAD_REQUEST, (service, fields))
+
+
+class OkayAndResultTests(SynchronousTestCase):
+    def test_okayRoundTrip(self) -> None:
+        okay = Okay("f", 10.0, 1024, 2048)
+        self.assertEqual(Okay.parse(json.loads(json.dumps(okay.payload()))), okay)
+        self.assertEqual(okay.payload()["protocol"], 2)
+
+    def test_okayMissingField(self) -> None:
+        self.assertRaises(ProtocolViolation, Okay.parse, {"farm": "f"})
+
+    def test_resultSize(self) -> None:
+        self.assertEqual(resultSize({"id": "x", "text": "hi"}), 0)
+        self.assertEqual(resultSize({"id": "x", "size": 12}), 12)
+        for bad in (-1, "3", 1.5, True):
+            self.assertRaises(ProtocolViolation, resultSize, {"size": bad})

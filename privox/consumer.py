@@ -89,6 +89,8 @@ class ConsumerProtocol(PeerProtocol):
 
     def frameReceived(self, frame: Frame) -> None:
         pending = self._pending
+        if frame.verb == b"PONG":
+            return
         if pending is None and frame.verb == b"FAIL":
             # The farm is closing this connection (shutting down, say).
             fields = decodeObject(frame)
@@ -99,7 +101,7 @@ class ConsumerProtocol(PeerProtocol):
         if pending is None:
             raise ProtocolViolation(f"{frame.verb.decode()} with no job in flight")
         if frame.verb == b"DATA":
-            if pending.result is None or len(frame.payload) > pending.remaining:
+            if pending.result is None or not pending.remaining or len(frame.payload) > pending.remaining:
                 raise ProtocolViolation("DATA the consumer did not expect")
             pending.chunks.append(frame.payload)
             pending.remaining -= len(frame.payload)

@@ -81,8 +81,14 @@ def controlFrame(verb: bytes, fields: dict[str, Any]) -> bytes:
     Encode a control frame: C{fields} as compact UTF-8 JSON.
     """
     return encodeFrame(
-        verb, json.dumps(fields, separators=(",", ":"), ensure_ascii=False).encode()
+        verb,
+        json.dumps(fields, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode(),
     )
+
+
+def _notJson(constant: str) -> Any:
+    # Python's json takes NaN and Infinity; JSON does not.
+    raise ValueError(f"{constant} is not JSON")
 
 
 def decodeObject(frame: Frame) -> dict[str, Any]:
@@ -96,7 +102,8 @@ def decodeObject(frame: Frame) -> dict[str, Any]:
             return {}
         raise ProtocolViolation(f"{frame.verb.decode()} needs a JSON object")
     try:
-        value = json.loads(frame.payload)
+        # Decode first: json.loads(bytes) would also take UTF-16 and UTF-32.
+        value = json.loads(frame.payload.decode("utf-8"), parse_constant=_notJson)
     except (UnicodeDecodeError, ValueError):
         raise ProtocolViolation(f"{frame.verb.decode()} payload is not valid JSON")
     if not isinstance(value, dict):

@@ -4,6 +4,8 @@ fake clock: handshake, jobs, every error path, liveness, backpressure,
 privacy and shutdown.
 """
 
+import json
+
 from twisted.trial.unittest import SynchronousTestCase
 
 from privox.farm.keys import AllowListPolicy
@@ -174,6 +176,26 @@ class HandshakeTests(SynchronousTestCase):
         peer = h.consumer()
         h.clock.advance(100)
         self.assertFalse(peer.closed)
+
+    def test_framesRightAfterHello(self) -> None:
+        """
+        A peer must wait for OKAY: frames that came in the same read as HELO
+        were sent too early, even when the key check answers at once.
+        """
+        from privox.messages import controlFrame
+        peer = self.h.peer()
+        peer.raw(controlFrame(b"HELO", helo()) + controlFrame(b"JOB_", STT_JOB))
+        self.assertEqual(
+            [(v, b.get("error")) for v, b in peer.messages()],
+            [("OKAY", None), ("FAIL", "protocol")],
+        )
+        self.assertTrue(peer.closed)
+
+    def test_notJson(self) -> None:
+        for payload in (b'{"protocol":NaN}', '{"protocol":2}'.encode("utf-16")):
+            peer = self.h.peer()
+            peer.raw(b"HELO%08d" % len(payload) + payload)
+            self.assertProtocolError(peer, "not valid JSON")
 
     def test_consumerPing(self) -> None:
         peer = self.h.consumer()
@@ -360,6 +382,45 @@ class JobTests(SynchronousTestCase):
         self.assertTrue(consumer.closed)
         consumer.lose()
         self.assertEqual(producer.messages(), [("CNCL", {"id": producer.protocol.session.job.id})])
+
+    def test_emptyDataWhileQueued(self) -> None:
+        self.startJob()
+        consumer2 = self.h.consumer()
+        consumer2.send(b"JOB_", STT_JOB)
+        consumer2.data(b"")
+        [(verb, body)] = consumer2.messages()
+        self.assertEqual((verb, body["error"]), ("FAIL", "protocol"))
+        self.assertEqual(self.h.farm.dispatchers["stt"].queueDepth(), 0)
+
+    def test_emptyDataAfterUpload(self) -> None:
+        consumer, producer, _ = self.startJob()
+        consumer.data(b"0123456789")
+        consumer.data(b"")
+        self.assertEqual(consumer.messages()[-1][1]["error"], "protocol")
+        self.assertEqual([v for v, _ in producer.messages()], ["DATA", "CNCL"])
+
+    def test_producerGetsEffectiveTimeout(self) -> None:
+        """
+        The producer learns the job's real deadline: the consumer's wish
+        capped by max_job_timeout, or the cap when it asked for none.
+        """
+        for asked, effective in ((1000, 60), (7, 7), (None, 60)):
+            h = FarmHarness(max_job_timeout=60)
+            producer = h.producer()
+            consumer = h.consumer()
+            job = dict(STT_JOB) if asked is None else dict(STT_JOB, timeout_s=asked)
+            consumer.send(b"JOB_", job)
+            self.assertEqual(producer.messages()[0][1]["timeout_s"], effective)
+
+    def test_forwardedJobMustFitFrame(self) -> None:
+        h = FarmHarness(max_frame=200)
+        h.producer("tts")
+        consumer = h.consumer("tts")
+        job = {"model": "m", "size": 0, "text": "x"}
+        job["text"] = "x" * (200 - len(json.dumps(job, separators=(",", ":"))) + 1)
+        consumer.send(b"JOB_", job)
+        [(verb, body)] = consumer.messages()
+        self.assertEqual((verb, body["id"], body["error"]), ("FAIL", None, "too_large"))
 
     def test_dataBeforeAssign(self) -> None:
         consumer = self.h.consumer()
@@ -563,6 +624,24 @@ class BackpressureTests(SynchronousTestCase):
         consumer.send(b"JOB_", {"model": "m", "text": "hi", "size": 0})
         consumer.transport.producer.pauseProducing()
         self.assertEqual(producer.transport.producerState, "paused")
+
+    def test_closingUnlinksAtOnce(self) -> None:
+        """
+        A connection the farm closes lets go of its job at once, so a paused
+        peer resumes and the close is not held open by the relay.
+        """
+        h = FarmHarness()
+        producer = h.producer()
+        consumer = h.consumer()
+        consumer.send(b"JOB_", STT_JOB)
+        [(_, asgn)] = consumer.messages()
+        consumer.transport.producer.pauseProducing()
+        self.assertEqual(producer.transport.producerState, "paused")
+        producer.raw(b"garbage!garbage!")
+        self.assertIsNone(producer.transport.producer)
+        self.assertIsNone(consumer.transport.producer)
+        self.assertEqual(producer.transport.producerState, "producing")
+        self.assertEqual(consumer.messages()[0][1]["error"], "producer_lost")
 
     def test_jobEndResumesPausedPeer(self) -> None:
         h = FarmHarness()

@@ -94,8 +94,12 @@ class FarmConnection(Protocol):
         except FramingError as e:
             self.protocolError(str(e))
             return
+        wasHello = self.phase is Phase.HELLO
         for frame in frames:
             try:
+                if wasHello and self.phase is not Phase.HELLO:
+                    # Sent before the peer could have seen OKAY.
+                    raise ProtocolViolation("sent a frame before the farm answered HELO")
                 self._frameReceived(frame)
             except ProtocolViolation as e:
                 self.protocolError(str(e))
@@ -202,15 +206,18 @@ class FarmConnection(Protocol):
         self.transport.abortConnection()
 
     def _shut(self) -> None:
+        # The session ends the moment we decide to close, not when the socket
+        # is gone: its job must unlink the backpressure producers, or a paused
+        # transport would hold the close open until the job ended.
         self.phase = Phase.CLOSED
         self._handshakeDone()
+        session, self.session = self.session, None
+        if session is not None:
+            session.connectionLost()
 
     def connectionLost(self, reason: Failure = None) -> None:
         self._shut()
         self.farm.connectionClosed(self)
-        session, self.session = self.session, None
-        if session is not None:
-            session.connectionLost()
 
 
 class ConsumerSession:
@@ -255,7 +262,7 @@ class ConsumerSession:
             self.sendControl(b"FAIL", failPayload(None, e.code, e.message))
 
     def _dataReceived(self, payload: bytes) -> None:
-        if len(payload) > self._uploadRemaining:
+        if not self._uploadRemaining or len(payload) > self._uploadRemaining:
             raise ProtocolViolation("DATA beyond the size announced in JOB_")
         self._uploadRemaining -= len(payload)
         # After a job-level FAIL the rest of the upload is discarded here.
@@ -335,7 +342,7 @@ class ProducerSession:
     def startJob(self, job: Job) -> None:
         self._cancelPing()
         self.job = job
-        self.sendControl(b"JOB_", job.request.payload(job.id))
+        self.transport.write(job.work)
 
     def jobDetached(self, job: Job, healthy: bool) -> None:
         self.job = None
@@ -375,7 +382,7 @@ class ProducerSession:
 
     def _resultData(self, payload: bytes) -> None:
         job = self.job
-        if job is None or len(payload) > self._resultRemaining:
+        if job is None or not self._resultRemaining or len(payload) > self._resultRemaining:
             raise ProtocolViolation("DATA beyond the size announced in RSLT")
         self._resultRemaining -= len(payload)
         job.events.resultData(payload)

@@ -17,7 +17,8 @@ from privox.config import setting
 from privox.farm.dispatcher import Dispatcher
 from privox.farm.job import Job, newJob
 from privox.farm.keys import KeyPolicy
-from privox.messages import SERVICES, BadRequest, ErrorCode, JobRequest, Okay
+from privox.framing import HEADER_LEN
+from privox.messages import SERVICES, BadRequest, ErrorCode, JobRequest, Okay, controlFrame
 
 if TYPE_CHECKING:
     from privox.farm.connection import ConsumerSession, FarmConnection, ProducerSession
@@ -159,7 +160,15 @@ class Farm:
                 + (f" in language {request.language!r}" if request.language else ""),
                 ErrorCode.UNSUPPORTED_MODEL,
             )
-        job = newJob(self, secrets.token_hex(8), request, consumer, timeout)
+        jobId = secrets.token_hex(8)
+        # Encoded once: what the producer gets, with the effective timeout.
+        work = controlFrame(b"JOB_", dict(request.payload(jobId), timeout_s=timeout))
+        if len(work) - HEADER_LEN > s.max_frame:
+            raise BadRequest(
+                f"JOB_ does not fit in max_frame {s.max_frame} once forwarded",
+                ErrorCode.TOO_LARGE,
+            )
+        job = newJob(self, jobId, request, consumer, timeout, work)
         self.jobs.add(job)
         self.counters.jobs += 1
         consumer.jobSubmitted(job)

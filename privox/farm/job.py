@@ -108,10 +108,13 @@ class Job:
         request: JobRequest,
         consumer: ConsumerSession,
         timeout: float,
+        work: bytes,
     ) -> None:
         self.farm = farm
         self.id = jobId
         self.request = request
+        #: The JOB_ frame the producer gets.
+        self.work = work
         self.consumer: ConsumerSession | None = consumer
         self.producer: ProducerSession | None = None
         self.started = farm.clock.seconds()
@@ -343,8 +346,13 @@ JobMachine = builder.build()
 
 
 def newJob(
-    farm: Farm, jobId: str, request: JobRequest, consumer: ConsumerSession, timeout: float
+    farm: Farm,
+    jobId: str,
+    request: JobRequest,
+    consumer: ConsumerSession,
+    timeout: float,
+    work: bytes,
 ) -> Job:
-    job = Job(farm, jobId, request, consumer, timeout)
+    job = Job(farm, jobId, request, consumer, timeout, work)
     job.events = JobMachine(job)
     return job

@@ -69,7 +69,7 @@ class ProducerProtocol(PeerProtocol):
     def frameReceived(self, frame: Frame) -> None:
         current = self._current
         if frame.verb == b"DATA":
-            if current is None or len(frame.payload) > current.remaining:
+            if current is None or not current.remaining or len(frame.payload) > current.remaining:
                 raise ProtocolViolation("DATA beyond the size announced in JOB_")
             current.chunks.append(frame.payload)
             current.remaining -= len(frame.payload)

@@ -9,6 +9,7 @@ and hands back whole frames, checking each header before it buffers a body.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 HEADER_LEN = 12
 DEFAULT_MAX_FRAME = 1024 * 1024
@@ -91,21 +92,24 @@ class FrameDecoder:
         frames = []
         offset = 0
         end = len(buffer)
-        while end - offset >= HEADER_LEN:
-            verb = bytes(buffer[offset : offset + 4])
-            if verb not in VERBS:
-                raise FramingError(f"unknown verb {verb!r}")
-            length = _parseLength(bytes(buffer[offset + 4 : offset + HEADER_LEN]))
-            if length > self.maxFrame:
-                raise FramingError(
-                    f"{verb.decode()} payload of {length} bytes exceeds "
-                    f"max_frame {self.maxFrame}"
-                )
-            start = offset + HEADER_LEN
-            if end - start < length:
-                break
-            frames.append(Frame(verb, bytes(buffer[start : start + length])))
-            offset = start + length
+        # One copy per payload: slices of a memoryview, released before the
+        # consumed bytes are cut off the buffer.
+        with memoryview(buffer) as view:
+            while end - offset >= HEADER_LEN:
+                verb = view[offset : offset + 4].tobytes()
+                if verb not in VERBS:
+                    raise FramingError(f"unknown verb {verb!r}")
+                length = _parseLength(view[offset + 4 : offset + HEADER_LEN].tobytes())
+                if length > self.maxFrame:
+                    raise FramingError(
+                        f"{verb.decode()} payload of {length} bytes exceeds "
+                        f"max_frame {self.maxFrame}"
+                    )
+                start = offset + HEADER_LEN
+                if end - start < length:
+                    break
+                frames.append(Frame(verb, view[start : start + length].tobytes()))
+                offset = start + length
         if offset:
             del buffer[:offset]
         self._checkPartialHeader()
@@ -130,3 +134,19 @@ class FrameDecoder:
         How many bytes are buffered waiting for the rest of their frame.
         """
         return len(self._buffer)
+
+
+def tuneTransport(transport: Any, maxFrame: int) -> None:
+    """
+    Settings every PVX/2 connection wants from a TCP-like transport.
+
+    Small control frames must not wait for Nagle's algorithm (a JOB_ then a
+    short DATA would otherwise stall on the peer's delayed ACK, ~40 ms), and
+    the write buffer that triggers backpressure must hold a whole frame, or a
+    relay pauses its source after every large DATA frame.
+    """
+    setNoDelay = getattr(transport, "setTcpNoDelay", None)
+    if setNoDelay is not None:
+        setNoDelay(True)
+    if hasattr(transport, "bufferSize"):
+        transport.bufferSize = max(transport.bufferSize, 2 * (maxFrame + HEADER_LEN))

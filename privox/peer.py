@@ -11,7 +11,14 @@ from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 
-from privox.framing import DEFAULT_MAX_FRAME, Frame, FrameDecoder, FramingError, encodeHeader
+from privox.framing import (
+    DEFAULT_MAX_FRAME,
+    Frame,
+    FrameDecoder,
+    FramingError,
+    encodeHeader,
+    tuneTransport,
+)
 from privox.messages import (
     GREETING,
     Hello,
@@ -55,6 +62,9 @@ class PeerProtocol(Protocol):
         self._greeting = b""
         # Until OKAY says otherwise, accept up to the default frame size.
         self._decoder = FrameDecoder(DEFAULT_MAX_FRAME)
+
+    def connectionMade(self) -> None:
+        tuneTransport(self.transport, DEFAULT_MAX_FRAME)
 
     def dataReceived(self, data: bytes) -> None:
         if len(self._greeting) < len(GREETING):

@@ -20,7 +20,7 @@ from twisted.python.failure import Failure
 from privox.farm.dispatcher import Capability
 from privox.farm.job import Job
 from privox.farm.keys import keyId
-from privox.framing import Frame, FrameDecoder, FramingError, encodeHeader
+from privox.framing import Frame, FrameDecoder, FramingError, encodeHeader, tuneTransport
 from privox.messages import (
     GREETING,
     BadRequest,
@@ -58,6 +58,7 @@ class FarmConnection(Protocol):
         self._handshakeTimer: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
+        tuneTransport(self.transport, self.farm.settings.max_frame)
         self.transport.write(GREETING)
         self._handshakeTimer = self.farm.clock.callLater(
             self.farm.settings.handshake_timeout, self._handshakeTimedOut

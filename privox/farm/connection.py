@@ -221,16 +221,16 @@ class FarmConnection(Protocol):
         self.farm.connectionClosed(self)
 
 
-class ConsumerSession:
+class _Session:
     """
-    A consumer's side of the farm: one job at a time, many in a row.
+    What both roles share: the connection they speak through and the job
+    they are part of, if any.
     """
 
     def __init__(self, connection: FarmConnection, keyId: str) -> None:
         self.connection = connection
         self.keyId = keyId
         self.job: Job | None = None
-        self._uploadRemaining = 0
 
     @property
     def transport(self) -> Any:
@@ -241,6 +241,16 @@ class ConsumerSession:
 
     def sendData(self, payload: bytes) -> None:
         self.connection.sendData(payload)
+
+
+class ConsumerSession(_Session):
+    """
+    A consumer's side of the farm: one job at a time, many in a row.
+    """
+
+    def __init__(self, connection: FarmConnection, keyId: str) -> None:
+        super().__init__(connection, keyId)
+        self._uploadRemaining = 0
 
     def frameReceived(self, frame: Frame) -> None:
         if frame.verb == b"DATA":
@@ -286,31 +296,19 @@ class ConsumerSession:
             self.job.events.consumerLost()
 
 
-class ProducerSession:
+class ProducerSession(_Session):
     """
     A producer's side of the farm: idle (pinged) or running one job.
     """
 
     def __init__(self, connection: FarmConnection, hello: Hello, keyId: str) -> None:
-        self.connection = connection
-        self.keyId = keyId
+        super().__init__(connection, keyId)
         self.capability = Capability.of(hello.models, hello.languages)
-        self.job: Job | None = None
         self._resultRemaining = 0
         self._pingTimer: IDelayedCall | None = None
 
     def __repr__(self) -> str:
         return f"<ProducerSession {self.keyId} {sorted(self.capability.models)}>"
-
-    @property
-    def transport(self) -> Any:
-        return self.connection.transport
-
-    def sendControl(self, verb: bytes, fields: dict[str, Any]) -> None:
-        self.connection.sendControl(verb, fields)
-
-    def sendData(self, payload: bytes) -> None:
-        self.connection.sendData(payload)
 
     # Liveness: only idle producers are pinged.
 

@@ -164,6 +164,20 @@ class Job:
             consumer.jobDetached(self)
         return consumer
 
+    def _abandon(
+        self, outcome: str, sendCancel: bool, failure: tuple[str, str] | None = None
+    ) -> None:
+        """
+        Let the consumer go (telling it C{failure}, if any) and wait, a
+        bounded time, for the producer to wind the job down.
+        """
+        if failure is None:
+            self._detachConsumer()
+        else:
+            self._failConsumer(*failure)
+        self.outcome = outcome
+        self._cancelProducer(sendCancel)
+
     def _cancelProducer(self, sendCancel: bool) -> None:
         assert self.producer is not None
         if sendCancel:
@@ -248,16 +262,12 @@ def _producerLost(events: JobEvents, job: Job) -> None:
 
 @running.upon(JobEvents.consumerLost).to(abandoned)
 def _consumerLostRunning(events: JobEvents, job: Job) -> None:
-    job._detachConsumer()
-    job.outcome = "cancelled"
-    job._cancelProducer(sendCancel=True)
+    job._abandon("cancelled", sendCancel=True)
 
 
 @running.upon(JobEvents.expire).to(abandoned)
 def _expireRunning(events: JobEvents, job: Job, code: str, message: str) -> None:
-    job._failConsumer(code, message)
-    job.outcome = code
-    job._cancelProducer(sendCancel=True)
+    job._abandon(code, sendCancel=True, failure=(code, message))
 
 
 @returning.upon(JobEvents.consumerData).loop()
@@ -281,16 +291,12 @@ def _resultComplete(events: JobEvents, job: Job) -> None:
 @returning.upon(JobEvents.consumerLost).to(abandoned)
 def _consumerLostReturning(events: JobEvents, job: Job) -> None:
     # After RSLT the producer must send every announced byte; no CNCL.
-    job._detachConsumer()
-    job.outcome = "cancelled"
-    job._cancelProducer(sendCancel=False)
+    job._abandon("cancelled", sendCancel=False)
 
 
 @returning.upon(JobEvents.expire).to(abandoned)
 def _expireReturning(events: JobEvents, job: Job, code: str, message: str) -> None:
-    job._failConsumer(code, message)
-    job.outcome = code
-    job._cancelProducer(sendCancel=False)
+    job._abandon(code, sendCancel=False, failure=(code, message))
 
 
 @abandoned.upon(JobEvents.result).loop()

@@ -33,6 +33,14 @@ def optionName(fieldName: str) -> str:
 
 
 def _coerce(name: str, kind: type, value: Any, where: str) -> Any:
+    if kind is tuple:
+        # Repeatable options: a TOML array (or one string) of strings.
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or not all(isinstance(i, str) for i in items):
+            raise usage.UsageError(
+                f"{optionName(name)} {where}: expected a list of strings, got {value!r}"
+            )
+        return tuple(items)
     if isinstance(value, kind) and not isinstance(value, bool):
         return value
     try:
@@ -83,6 +91,14 @@ def resolve(
     return settingsType(**values)
 
 
+def _appender(fieldName: str, help: str) -> Callable[[usage.Options, str], None]:
+    def opt(self: usage.Options, value: str) -> None:
+        self.setdefault(optionName(fieldName), []).append(value)
+
+    opt.__doc__ = f"{help} (repeatable)"
+    return opt
+
+
 def optionsFor(settingsType: type[T], description: str) -> type[usage.Options]:
     """
     A usage.Options class for C{settingsType}; after parsing, the result is in
@@ -91,10 +107,13 @@ def optionsFor(settingsType: type[T], description: str) -> type[usage.Options]:
     parameters: list[list[Any]] = [
         ["config", "c", None, "TOML file of settings (keys are option names)."]
     ]
+    repeatable: dict[str, Callable[..., None]] = {}
     for f in dataclasses.fields(settingsType):  # type: ignore[arg-type]
-        parameters.append(
-            [optionName(f.name), None, None, f"{f.metadata.get('help', '')} [default: {f.default}]"]
-        )
+        help = f.metadata.get("help", "")
+        if isinstance(f.default, tuple):
+            repeatable[f"opt_{f.name}"] = _appender(f.name, help)
+        else:
+            parameters.append([optionName(f.name), None, None, f"{help} [default: {f.default}]"])
 
     class Options(usage.Options):
         synopsis = f"[options]\n{description}"
@@ -105,9 +124,11 @@ def optionsFor(settingsType: type[T], description: str) -> type[usage.Options]:
             path = self["config"]
             fromFile = loadToml(path) if path else {}
             commandLine = {
-                f.name: self[optionName(f.name)]
+                f.name: self.get(optionName(f.name))
                 for f in dataclasses.fields(settingsType)  # type: ignore[arg-type]
             }
             self.settings = resolve(settingsType, fromFile, commandLine, path or "")
 
+    for name, method in repeatable.items():
+        setattr(Options, name, method)
     return Options

@@ -20,7 +20,7 @@ from privox.farm.connection import ConsumerSession, FarmFactory, ProducerSession
 from privox.farm.farm import Farm, FarmSettings
 from privox.farm.keys import OpenPolicy
 from privox.node.echo import DigestEngine, digestOf, toneFor
-from privox.node.worker import Answer, ProducerProtocol
+from privox.node.worker import Answer, Collected, ProducerProtocol
 
 
 class LoopbackFarm:
@@ -127,9 +127,11 @@ class StalledEngine:
     def __init__(self) -> None:
         self.release: Deferred[None] = Deferred()
 
-    def run(self, job, data):
-        return self.release.addCallback(
-            lambda _: Answer({"text": hashlib.sha256(data).hexdigest()})
+    def start(self, job):
+        return Collected(
+            lambda data: self.release.addCallback(
+                lambda _: Answer({"text": hashlib.sha256(data).hexdigest()})
+            )
         )
 
 

@@ -11,7 +11,7 @@ import io
 import wave
 from typing import Any
 
-from privox.node.worker import Answer
+from privox.node.worker import Answer, Collected
 
 
 def digestOf(data: bytes) -> str:
@@ -44,6 +44,9 @@ class DigestEngine:
     def __init__(self, models: tuple[str, ...] = ("*",), languages: tuple[str, ...] = ()) -> None:
         self.models = models
         self.languages = languages
+
+    def start(self, job: dict[str, Any]) -> Collected:
+        return Collected(lambda data: self.run(job, data))
 
     def run(self, job: dict[str, Any], data: bytes) -> Answer:
         text = job.get("text")

@@ -1,0 +1,3 @@
+"""
+Speech engines: one module per engine behind the interfaces in L{base}.
+"""

@@ -1,0 +1,164 @@
+"""
+What every engine is: the small interfaces the node drives, the types they
+exchange, and the errors that become precise PVX/2 FAIL codes.
+
+Engines are blocking code. The node calls every method here in a thread pool,
+never on the reactor thread; an engine is loaded once (L{STTEngine.load},
+L{TTSEngine.load}) and then serves job after job. An engine that cannot run
+two jobs at once guards itself with a lock.
+
+Model names are what the API asks for and what a node advertises in HELO:
+C{ENGINE:MODEL}, e.g. C{whisper:tiny.en}, C{vosk:ko}, C{piper:en_US-joe-medium},
+C{coqui:tts_models/en/vctk/vits}.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from privox.engines.errors import BadAudio, EngineError, Unsupported
+
+__all__ = ["BadAudio", "EngineError", "Unsupported"]
+
+
+class ModelNotFound(Exception):
+    """
+    A model named at start-up cannot be found or loaded (a configuration
+    error: the node refuses to start).
+    """
+
+
+@dataclass(frozen=True)
+class Audio:
+    """
+    Decoded audio: mono float32 samples in [-1, 1] at C{rate} Hz.
+    """
+
+    samples: npt.NDArray[np.float32]
+    rate: int
+
+    @property
+    def seconds(self) -> float:
+        return len(self.samples) / self.rate if self.rate else 0.0
+
+
+@dataclass(frozen=True)
+class Transcript:
+    text: str
+    language: str | None
+    duration_s: float
+
+
+@dataclass(frozen=True)
+class STTJob:
+    """
+    What the node knows of an STT job (from the farm's JOB_).
+    """
+
+    model: str
+    language: str | None
+    format: str  # wav | pcm_s16le | zip | auto
+    size: int
+
+
+@dataclass(frozen=True)
+class TTSJob:
+    model: str
+    language: str | None
+    voice: str | None
+    text: str
+
+
+class Transcription(Protocol):
+    """
+    One STT job in progress. The node calls L{feed} with the upload's bytes in
+    order as they arrive, then L{finish} once; all calls come from one worker
+    thread at a time.
+    """
+
+    def feed(self, chunk: bytes) -> None: ...
+
+    def finish(self) -> Transcript: ...
+
+
+class STTEngine(Protocol):
+    #: The advertised model name, e.g. "whisper:tiny.en".
+    name: str
+    #: Languages it serves; () means any.
+    languages: tuple[str, ...]
+
+    def load(self) -> None:
+        """
+        Load the model (blocking, once, at start-up).
+
+        @raise ModelNotFound: the model is missing or broken.
+        """
+
+    def transcription(self, job: STTJob) -> Transcription:
+        """
+        Start a job.
+
+        @raise EngineError: e.g. an unsupported language.
+        """
+
+
+class TTSEngine(Protocol):
+    name: str
+    languages: tuple[str, ...]
+    #: Voice names it accepts (None means its default voice); () = only default.
+    voices: tuple[str, ...]
+
+    def load(self) -> None: ...
+
+    def synthesize(self, job: TTSJob) -> bytes:
+        """
+        Return a complete WAV file (RIFF, PCM s16le).
+
+        @raise EngineError: unknown voice, unsupported language, text too long.
+        """
+
+
+def findPackaged(package: str, *parts: str) -> Path | None:
+    """
+    The path of a model shipped inside an installed Python package (found
+    offline, without importing the package), or None.
+    """
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        candidate = Path(location, *parts)
+        if candidate.exists():
+            return candidate
+    return None
+
+
+class BufferedTranscription:
+    """
+    A L{Transcription} for engines that need the whole upload: it collects
+    the bytes, decodes them to 16 kHz mono once they are all here and hands
+    the L{Audio} to C{transcribe}.
+    """
+
+    def __init__(
+        self, job: STTJob, transcribe: Callable[[Audio, str | None], Transcript]
+    ) -> None:
+        self._job = job
+        self._transcribe = transcribe
+        self._chunks: list[bytes] = []
+
+    def feed(self, chunk: bytes) -> None:
+        self._chunks.append(chunk)
+
+    def finish(self) -> Transcript:
+        from privox.engines.audio import decodeAudio
+
+        audio = decodeAudio(b"".join(self._chunks), self._job.format, rate=16000)
+        self._chunks = []
+        return self._transcribe(audio, self._job.language)

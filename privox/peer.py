@@ -85,7 +85,7 @@ class PeerProtocol(Protocol):
             self._abort(str(e))
 
     def _dispatch(self, frame: Frame) -> None:
-        if frame.verb == b"PING":
+        if frame.verb == b"PING" and self.okay is not None:
             self.transport.write(encodeHeader(b"PONG", 0))
         elif self.okay is None:
             self._handshakeFrame(frame)

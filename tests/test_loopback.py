@@ -11,47 +11,14 @@ import random
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from privox.consumer import JobFailed, connectConsumer
-from privox.farm.connection import ConsumerSession, FarmFactory, ProducerSession
-from privox.farm.farm import Farm, FarmSettings
-from privox.farm.keys import OpenPolicy
+from privox.farm.connection import ConsumerSession, ProducerSession
 from privox.node.echo import DigestEngine, digestOf, toneFor
-from privox.node.worker import Answer, Collected, ProducerProtocol
-
-
-class LoopbackFarm:
-    """
-    A farm listening on two ephemeral loopback ports.
-    """
-
-    def __init__(self, **settings) -> None:
-        settings.setdefault("stats_interval", 0.0)
-        self.farm = Farm(FarmSettings(**settings), reactor, OpenPolicy(), OpenPolicy())
-        self.ports = {}
-
-    async def listen(self) -> None:
-        for service in ("stt", "tts"):
-            endpoint = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
-            self.ports[service] = await endpoint.listen(FarmFactory(self.farm, service))
-
-    def endpoint(self, service: str) -> str:
-        return f"tcp:host=127.0.0.1:port={self.ports[service].getHost().port}"
-
-    async def producer(self, service: str, handler) -> ProducerProtocol:
-        protocol = ProducerProtocol(service, "producer-key", handler)
-        port = self.ports[service].getHost().port
-        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), protocol)
-        await protocol.ready
-        return protocol
-
-    async def stop(self) -> None:
-        for port in self.ports.values():
-            await port.stopListening()
-        await self.farm.shutdown()
+from privox.node.worker import Answer, Collected
+from tests.loopbackfarm import LoopbackFarm
 
 
 class ManyPeersTests(TestCase):

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import sys
 
-from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.python.filepath import FilePath

@@ -58,6 +58,7 @@ class PeerProtocol(Protocol):
     def __init__(self, hello: Hello) -> None:
         self.hello = hello
         self.okay: Okay | None = None
+        self.lost = False
         self.ready: Deferred[Okay] = Deferred()
         self._greeting = b""
         # Until OKAY says otherwise, accept up to the default frame size.
@@ -129,6 +130,7 @@ class PeerProtocol(Protocol):
         raise NotImplementedError
 
     def connectionLost(self, reason: Failure = None) -> None:
+        self.lost = True
         if not self.ready.called:
             self.ready.errback(
                 self._handshakeFailure

@@ -24,9 +24,10 @@ class LoopbackFarm:
         self.farm = Farm(FarmSettings(**settings), reactor, OpenPolicy(), OpenPolicy())
         self.ports = {}
 
-    async def listen(self) -> None:
+    async def listen(self, ports: dict[str, int] | None = None) -> None:
         for service in ("stt", "tts"):
-            endpoint = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
+            port = (ports or {}).get(service, 0)
+            endpoint = TCP4ServerEndpoint(reactor, port, interface="127.0.0.1")
             self.ports[service] = await endpoint.listen(FarmFactory(self.farm, service))
 
     def endpoint(self, service: str) -> str:

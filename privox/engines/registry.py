@@ -20,6 +20,8 @@ ENGINES: dict[str, tuple[str, str, str]] = {
     "vosk": ("privox.engines.vosk", "VoskEngine", "stt"),
     "piper": ("privox.engines.piper", "PiperEngine", "tts"),
     "coqui": ("privox.engines.coqui", "CoquiEngine", "tts"),
+    "digest": ("privox.engines.digest", "DigestEngine", "stt"),
+    "tone": ("privox.engines.digest", "ToneEngine", "tts"),
 }
 
 

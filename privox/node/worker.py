@@ -199,6 +199,8 @@ class ProducerProtocol(PeerProtocol):
         answered. Fires when idle.
         """
         self._closeWhenIdle = True
+        if self.lost:
+            return succeed(None)
         if self._current is None:
             self.transport.loseConnection()
             return succeed(None)

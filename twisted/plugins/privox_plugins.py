@@ -3,3 +3,6 @@ from twisted.application.service import ServiceMaker
 privoxFarm = ServiceMaker(
     "Privox producer farm", "privox.farm.service", "A Privox producer farm.", "privox-farm"
 )
+privoxNode = ServiceMaker(
+    "Privox producer node", "privox.node.service", "A Privox producer node.", "privox-node"
+)

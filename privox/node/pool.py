@@ -1,0 +1,146 @@
+"""
+The node's engines: loaded once, at start-up, and driven from a thread pool
+so the reactor stays free to answer PING while a model works.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, TypeVar
+
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from privox.engines.errors import Unsupported
+from privox.node.worker import Answer, Collected, JobRun
+
+log = Logger()
+T = TypeVar("T")
+
+
+class EnginePool:
+    """
+    Every engine this node runs, by advertised model name, and the threads
+    they run in.
+    """
+
+    def __init__(self, engines: list[Any], reactor: Any, threadpool: ThreadPool) -> None:
+        self.engines = {engine.name: engine for engine in engines}
+        self._reactor = reactor
+        self._threadpool = threadpool
+
+    def inThread(self, f: Callable[..., T], *args: Any) -> Deferred[T]:
+        return deferToThreadPool(self._reactor, self._threadpool, f, *args)
+
+    async def load(self) -> None:
+        """
+        Load every model, one after another (each is memory-hungry), logging
+        how long each took.
+        """
+        for name, engine in self.engines.items():
+            log.info("loading {model}...", model=name)
+            started = time.monotonic()
+            await self.inThread(engine.load)
+            log.info(
+                "loaded {model} in {seconds:.1f} s", model=name, seconds=time.monotonic() - started
+            )
+
+    def handler(self, service: str) -> EngineHandler:
+        return EngineHandler(
+            self, {n: e for n, e in self.engines.items() if serviceOf(e) == service}
+        )
+
+
+def serviceOf(engine: Any) -> str:
+    return "stt" if hasattr(engine, "transcription") else "tts"
+
+
+def advertisedLanguages(engines: list[Any]) -> tuple[str, ...]:
+    """
+    The languages to put in HELO: the union of the engines', or () (any) if
+    one of them takes any language.
+    """
+    languages: set[str] = set()
+    for engine in engines:
+        if not engine.languages:
+            return ()
+        languages.update(engine.languages)
+    return tuple(sorted(languages))
+
+
+class EngineHandler:
+    """
+    The L{JobHandler} of one service's slots: picks the engine by the job's
+    model and runs it in the pool.
+    """
+
+    def __init__(self, pool: EnginePool, engines: dict[str, Any]) -> None:
+        self._pool = pool
+        self._engines = engines
+        self.models = tuple(sorted(engines))
+        self.languages = advertisedLanguages(list(engines.values()))
+
+    def _engine(self, job: dict[str, Any]) -> Any:
+        engine = self._engines.get(job.get("model"))
+        if engine is None:
+            raise Unsupported(f"this node does not serve model {job.get('model')!r}")
+        return engine
+
+    def start(self, job: dict[str, Any]) -> JobRun:
+        from privox.engines.base import STTJob, TTSJob
+
+        engine = self._engine(job)
+        if serviceOf(engine) == "stt":
+            return TranscriptionRun(
+                self._pool,
+                engine,
+                STTJob(job["model"], job.get("language"), job.get("format", "auto"), job["size"]),
+            )
+        tts = TTSJob(job["model"], job.get("language"), job.get("voice"), job.get("text") or "")
+        return Collected(lambda _: self._pool.inThread(engine.synthesize, tts).addCallback(_speech, tts))
+
+
+def _speech(wav: bytes, job: Any) -> Answer:
+    return Answer({"content_type": "audio/wav", "model": job.model}, wav)
+
+
+class TranscriptionRun:
+    """
+    One STT job: every chunk goes to the engine's Transcription in order, in
+    the pool, while the rest of the upload is still arriving.
+    """
+
+    def __init__(self, pool: EnginePool, engine: Any, job: Any) -> None:
+        self._pool = pool
+        self._job = job
+        self._cancelled = False
+        # A chain that runs one step at a time, in order: start, feeds, finish.
+        self._chain: Deferred[Any] = pool.inThread(engine.transcription, job)
+
+    def feed(self, chunk: bytes) -> None:
+        self._chain.addCallback(self._feed, chunk)
+
+    def _feed(self, transcription: Any, chunk: bytes) -> Any:
+        if self._cancelled:
+            return transcription
+        return self._pool.inThread(transcription.feed, chunk).addCallback(lambda _: transcription)
+
+    def finish(self) -> Deferred[Answer]:
+        return self._chain.addCallback(
+            lambda transcription: self._pool.inThread(transcription.finish)
+        ).addCallback(self._answer)
+
+    def _answer(self, transcript: Any) -> Answer:
+        return Answer(
+            {
+                "text": transcript.text,
+                "language": transcript.language,
+                "duration_s": round(transcript.duration_s, 3),
+                "model": self._job.model,
+            }
+        )
+
+    def cancel(self) -> None:
+        self._cancelled = True

@@ -1,0 +1,263 @@
+"""
+C{twistd privox-node}: a volunteer's node. It loads its engines once, then
+keeps C{slots} connections open to its farms per service, each running one
+job at a time on the shared engine pool.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.service import IService, Service
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.endpoints import clientFromString
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.python import usage
+from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from privox.config import optionsFor, setting
+from privox.engines.registry import ModelSpec, SpecError, createEngine
+from privox.node.pool import EnginePool
+from privox.node.worker import JobHandler, ProducerProtocol
+
+log = Logger()
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    stt_farm: tuple[str, ...] = setting(
+        (), "Client endpoint of a farm's STT port, most preferred first."
+    )
+    tts_farm: tuple[str, ...] = setting(
+        (), "Client endpoint of a farm's TTS port, most preferred first."
+    )
+    key: str = setting("", "This node's producer key.")
+    stt: tuple[str, ...] = setting((), "STT model to serve, ENGINE:MODEL[=PATH].")
+    tts: tuple[str, ...] = setting((), "TTS model to serve, ENGINE:MODEL[=PATH].")
+    slots: int = setting(1, "Concurrent jobs (farm connections) per service.")
+    shutdown_grace: float = setting(
+        30.0, "Seconds a running job may take to finish when the node stops."
+    )
+    failback_after: float = setting(
+        300.0, "Seconds on a fallback farm before an idle slot retries the preferred one."
+    )
+    retry_max: float = setting(30.0, "Longest wait between reconnection attempts, seconds.")
+
+
+_BaseOptions = optionsFor(
+    NodeSettings,
+    "Run a Privox producer node: serve speech engines to one or more farms.",
+)
+
+
+class Options(_BaseOptions):  # type: ignore[misc,valid-type]
+    specs: list[ModelSpec]
+
+    def postOptions(self) -> None:
+        super().postOptions()
+        s = self.settings
+        self.specs = []
+        for service, given in (("stt", s.stt), ("tts", s.tts)):
+            for text in given:
+                try:
+                    spec = ModelSpec.parse(text)
+                except SpecError as e:
+                    raise usage.UsageError(str(e))
+                if spec.service != service:
+                    raise usage.UsageError(
+                        f"{spec.name} is a {spec.service} engine; give it with --{spec.service}"
+                    )
+                self.specs.append(spec)
+        if not self.specs:
+            raise usage.UsageError("no engines: give at least one --stt or --tts model")
+        if s.stt and not s.stt_farm:
+            raise usage.UsageError("--stt models need at least one --stt-farm")
+        if s.tts and not s.tts_farm:
+            raise usage.UsageError("--tts models need at least one --tts-farm")
+        if s.slots < 1:
+            raise usage.UsageError("--slots must be at least 1")
+
+
+@implementer(IStreamClientEndpoint)
+class FailoverEndpoint:
+    """
+    Connects to the first of several farms that answers, in order of
+    preference. C{lastIndex} says which one the last connection reached.
+    """
+
+    def __init__(self, descriptions: tuple[str, ...], reactor: Any) -> None:
+        self.descriptions = descriptions
+        self._endpoints = [clientFromString(reactor, d) for d in descriptions]
+        self.lastIndex = 0
+
+    def connect(self, factory: Factory) -> Deferred[Any]:
+        return Deferred.fromCoroutine(self._connect(factory))
+
+    async def _connect(self, factory: Factory) -> Any:
+        failure: Exception | None = None
+        for index, endpoint in enumerate(self._endpoints):
+            try:
+                protocol = await endpoint.connect(factory)
+            except Exception as e:
+                log.info(
+                    "farm {farm} unreachable: {why}", farm=self.descriptions[index], why=e
+                )
+                failure = e
+                continue
+            self.lastIndex = index
+            return protocol
+        assert failure is not None
+        raise failure
+
+
+class Slot:
+    """
+    One job at a time to one farm at a time: a ClientService that reconnects
+    with backoff, prefers the first farm, and comes back to it when it can.
+    """
+
+    def __init__(
+        self,
+        service: str,
+        farms: tuple[str, ...],
+        handler: JobHandler,
+        settings: NodeSettings,
+        reactor: Any,
+    ) -> None:
+        self.service = service
+        self._handler = handler
+        self._settings = settings
+        self._reactor = reactor
+        self._endpoint = FailoverEndpoint(farms, reactor)
+        self.protocol: ProducerProtocol | None = None
+        self._failback: Any = None
+        self.client = ClientService(
+            self._endpoint,
+            Factory.forProtocol(self._newProtocol),
+            retryPolicy=backoffPolicy(initialDelay=0.5, maxDelay=settings.retry_max),
+            clock=reactor,
+            prepareConnection=self._connected,
+        )
+
+    def _newProtocol(self) -> ProducerProtocol:
+        return ProducerProtocol(self.service, self._settings.key, self._handler)
+
+    def _connected(self, protocol: ProducerProtocol) -> Deferred[Any]:
+        index = self._endpoint.lastIndex
+        farm = self._endpoint.descriptions[index]
+
+        def ready(okay: Any) -> None:
+            self.protocol = protocol
+            log.info(
+                "serving {service} through {farm} ({name})",
+                service=self.service,
+                farm=farm,
+                name=okay.farm,
+            )
+            self._cancelFailback()
+            if index > 0:
+                # On a fallback farm: after a while, hang up when idle so the
+                # reconnection tries the preferred farm first again.
+                self._failback = self._reactor.callLater(
+                    self._settings.failback_after, protocol.closeWhenIdle
+                )
+
+        def denied(failure: Any) -> Any:
+            log.warn("farm {farm} refused this node: {why}", farm=farm, why=failure.value)
+            return failure
+
+        return protocol.ready.addCallbacks(ready, denied)
+
+    def _cancelFailback(self) -> None:
+        if self._failback is not None and self._failback.active():
+            self._failback.cancel()
+        self._failback = None
+
+    def drain(self) -> Deferred[None]:
+        """
+        Stop taking jobs; fire when the running one is answered.
+        """
+        self._cancelFailback()
+        if self.protocol is None:
+            return succeed(None)
+        return self.protocol.closeWhenIdle()
+
+
+class NodeService(Service):
+    def __init__(
+        self,
+        settings: NodeSettings,
+        engines: list[Any],
+        reactor: Any,
+        stopOnFailure: bool = True,
+    ) -> None:
+        self.settings = settings
+        self._reactor = reactor
+        # A node whose models do not load is useless: twistd should exit.
+        self._stopOnFailure = stopOnFailure
+        self._threadpool = ThreadPool(
+            minthreads=1, maxthreads=settings.slots * 2, name="privox-engines"
+        )
+        self.pool = EnginePool(engines, reactor, self._threadpool)
+        self.slots: list[Slot] = []
+        self.ready: Deferred[None] = Deferred()
+
+    def startService(self) -> None:
+        super().startService()
+        self._threadpool.start()
+        self._reactor.addSystemEventTrigger("during", "shutdown", self._threadpool.stop)
+        d = Deferred.fromCoroutine(self._start())
+        d.addErrback(self._startFailed)
+
+    async def _start(self) -> None:
+        await self.pool.load()
+        s = self.settings
+        for service, farms in (("stt", s.stt_farm), ("tts", s.tts_farm)):
+            handler = self.pool.handler(service)
+            if not handler.models:
+                continue
+            log.info(
+                "{service}: {slots} slot(s) for {models} via {farms}",
+                service=service,
+                slots=s.slots,
+                models=list(handler.models),
+                farms=list(farms),
+            )
+            for _ in range(s.slots):
+                slot = Slot(service, farms, handler, s, self._reactor)
+                self.slots.append(slot)
+                slot.client.startService()
+        self.ready.callback(None)
+
+    def _startFailed(self, failure: Any) -> None:
+        log.failure("the node could not start", failure)
+        self.ready.errback(failure)
+        if self._stopOnFailure:
+            self._reactor.stop()
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        if self.slots:
+            log.info("stopping: finishing running jobs")
+            drained = DeferredList([slot.drain() for slot in self.slots], consumeErrors=True)
+            drained.addTimeout(self.settings.shutdown_grace, self._reactor)
+            try:
+                await drained
+            except Exception:
+                log.warn("jobs still running after {s} s; closing", s=self.settings.shutdown_grace)
+        for slot in self.slots:
+            await slot.client.stopService()
+
+
+def makeService(options: Options, reactor: Any = None) -> IService:
+    if reactor is None:
+        from twisted.internet import reactor
+    return NodeService(options.settings, [createEngine(s) for s in options.specs], reactor)

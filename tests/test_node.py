@@ -1,0 +1,290 @@
+"""
+The producer node: options, and the daemon's service against real farms on
+loopback sockets (serving, failover and failback, a farm restart, PING while
+an engine is busy, graceful stop).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
+from twisted.python import usage
+from twisted.python.filepath import FilePath
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from privox.consumer import connectConsumer
+from privox.engines.base import ModelNotFound, STTJob, Transcript
+from privox.engines.registry import ModelSpec, createEngine
+from privox.framing import FrameDecoder, encodeFrame
+from privox.messages import controlFrame
+from privox.node.echo import digestOf, toneFor
+from privox.node.service import NodeService, NodeSettings, Options
+from tests.loopbackfarm import LoopbackFarm
+
+
+class OptionsTests(SynchronousTestCase):
+    def parse(self, *argv: str) -> Options:
+        options = Options()
+        options.parseOptions(list(argv))
+        return options
+
+    def test_commandLine(self) -> None:
+        options = self.parse(
+            "--stt-farm", "tcp:host=a:port=1776", "--stt-farm", "tcp:host=b:port=1776",
+            "--tts-farm", "tcp:host=a:port=1777", "--key", "K",
+            "--stt", "whisper:tiny.en", "--stt", "vosk:ko=/models/ko",
+            "--tts", "piper:en_US-joe-medium", "--slots", "3",
+        )
+        s = options.settings
+        self.assertEqual(s.stt_farm, ("tcp:host=a:port=1776", "tcp:host=b:port=1776"))
+        self.assertEqual((s.key, s.slots), ("K", 3))
+        self.assertEqual(
+            options.specs,
+            [ModelSpec("whisper", "tiny.en"), ModelSpec("vosk", "ko", "/models/ko"),
+             ModelSpec("piper", "en_US-joe-medium")],
+        )
+
+    def test_configFile(self) -> None:
+        path = FilePath(self.mktemp())
+        path.setContent(
+            b'stt-farm = ["tcp:host=a:port=1776"]\nstt = ["whisper:tiny.en"]\nslots = 2\n'
+        )
+        options = self.parse("--config", path.path)
+        self.assertEqual((options.settings.slots, options.specs), (2, [ModelSpec("whisper", "tiny.en")]))
+
+    def test_exampleConfig(self) -> None:
+        path = FilePath(__file__).parent().parent().child("etc").child("privox-node.toml")
+        options = self.parse("--config", path.path)
+        self.assertTrue(options.specs)
+
+    def test_errors(self) -> None:
+        cases = [
+            ([], "no engines"),
+            (["--stt", "whisper:tiny.en"], "--stt-farm"),
+            (["--tts", "piper:x"], "--tts-farm"),
+            (["--stt-farm", "tcp:a:1", "--stt", "piper:x"], "is a tts engine"),
+            (["--stt-farm", "tcp:a:1", "--stt", "nope:x"], "unknown engine"),
+            (["--stt-farm", "tcp:a:1", "--stt", "whisper"], "ENGINE:MODEL"),
+            (["--stt-farm", "tcp:a:1", "--stt", "digest:x", "--slots", "0"], "--slots"),
+        ]
+        for argv, fragment in cases:
+            e = self.assertRaises(usage.UsageError, self.parse, *argv)
+            self.assertIn(fragment, str(e))
+
+
+async def until(predicate: Any, what: str, seconds: float = 15.0) -> None:
+    """
+    Wait (without sleeping the reactor) for something a real socket does.
+    """
+    for _ in range(int(seconds / 0.02)):
+        if predicate():
+            return
+        await deferLater(reactor, 0.02, lambda: None)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def producers(farm: LoopbackFarm, service: str) -> int:
+    return sum(n for n, _ in farm.farm.dispatchers[service].producersByModel().values())
+
+
+def nodeSettings(**overrides: Any) -> NodeSettings:
+    values = dict(stt=("digest:test",), tts=("tone:test",), slots=2, retry_max=0.5, shutdown_grace=5.0)
+    values.update(overrides)
+    return NodeSettings(**values)
+
+
+def startNode(test: TestCase, settings: NodeSettings, engines: list[Any] | None = None) -> NodeService:
+    if engines is None:
+        engines = [createEngine(ModelSpec.parse(s)) for s in settings.stt + settings.tts]
+    node = NodeService(settings, engines, reactor, stopOnFailure=False)
+    node.startService()
+    test.addCleanup(lambda: node.stopService() if node.running else None)
+    test.addCleanup(node._threadpool.stop)
+    return node
+
+
+class NodeServiceTests(TestCase):
+    timeout = 60
+
+    async def _serves(self) -> None:
+        farm = LoopbackFarm()
+        await farm.listen()
+        self.addCleanup(lambda: Deferred.fromCoroutine(farm.stop()))
+        node = startNode(self, nodeSettings(stt_farm=(farm.endpoint("stt"),), tts_farm=(farm.endpoint("tts"),)))
+        await node.ready
+        await until(lambda: producers(farm, "stt") == 2 and producers(farm, "tts") == 2, "slots")
+        self.assertEqual(
+            farm.farm.dispatchers["stt"].producersByModel(), {"digest:test": (2, 2)}
+        )
+        stt = await connectConsumer(reactor, farm.endpoint("stt"), "stt")
+        audio = b"\x01\x02" * 40_000
+        result = await stt.stt("digest:test", audio)
+        self.assertEqual(result.text, f"sha256:{digestOf(audio)} bytes:{len(audio)}")
+        tts = await connectConsumer(reactor, farm.endpoint("tts"), "tts")
+        spoken = await tts.tts("tone:test", "hello there")
+        self.assertEqual(spoken.data, toneFor("hello there"))
+        self.assertEqual(spoken.fields["content_type"], "audio/wav")
+        failed = await tts.tts("tone:test", " ").addErrback(lambda f: f.value)
+        self.assertEqual(failed.code, "bad_request")
+        for c in (stt, tts):
+            c.transport.loseConnection()
+        await node.stopService()
+        await until(lambda: producers(farm, "stt") == 0 and producers(farm, "tts") == 0, "node gone")
+
+    def test_servesThroughFarm(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._serves())
+
+    async def _restart(self) -> None:
+        farm = LoopbackFarm()
+        await farm.listen()
+        ports = {s: p.getHost().port for s, p in farm.ports.items()}
+        node = startNode(self, nodeSettings(stt_farm=(farm.endpoint("stt"),), tts=(), slots=1))
+        await until(lambda: producers(farm, "stt") == 1, "first connection")
+        await farm.stop()
+        again = LoopbackFarm()
+        await again.listen(ports)
+        self.addCleanup(lambda: Deferred.fromCoroutine(again.stop()))
+        await until(lambda: producers(again, "stt") == 1, "reconnection after the farm restarted")
+        consumer = await connectConsumer(reactor, again.endpoint("stt"), "stt")
+        result = await consumer.stt("digest:test", b"after restart")
+        self.assertEqual(result.text, f"sha256:{digestOf(b'after restart')} bytes:13")
+        consumer.transport.loseConnection()
+        await node.stopService()
+
+    def test_survivesFarmRestart(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._restart())
+
+    async def _failover(self) -> None:
+        preferred = LoopbackFarm()
+        await preferred.listen()
+        preferredPorts = {s: p.getHost().port for s, p in preferred.ports.items()}
+        preferredEndpoint = preferred.endpoint("stt")
+        await preferred.stop()  # the preferred farm is down at first
+        fallback = LoopbackFarm()
+        await fallback.listen()
+        self.addCleanup(lambda: Deferred.fromCoroutine(fallback.stop()))
+        node = startNode(self, nodeSettings(
+            stt_farm=(preferredEndpoint, fallback.endpoint("stt")), tts=(), slots=1, failback_after=0.5,
+        ))
+        await until(lambda: producers(fallback, "stt") == 1, "the fallback farm")
+        # The preferred farm comes back; the idle slot returns to it.
+        preferred = LoopbackFarm()
+        await preferred.listen(preferredPorts)
+        self.addCleanup(lambda: Deferred.fromCoroutine(preferred.stop()))
+        await until(lambda: producers(preferred, "stt") == 1, "failback to the preferred farm")
+        self.assertEqual(producers(fallback, "stt"), 0)
+        await node.stopService()
+
+    def test_failoverAndFailback(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._failover())
+
+    async def _badModel(self) -> None:
+        node = startNode(self, nodeSettings(stt=("whisper:ghost=/nonexistent/model",), tts=(), stt_farm=("tcp:host=127.0.0.1:port=9",)))
+        error = await node.ready.addErrback(lambda f: f.value)
+        self.assertIsInstance(error, ModelNotFound)
+        self.assertIn("nonexistent", str(error))
+        self.assertEqual(len(self.flushLoggedErrors(ModelNotFound)), 1)
+
+    def test_missingModelFailsStart(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._badModel())
+
+
+class BlockingEngine:
+    """
+    An STT engine whose transcription waits, in its worker thread, until the
+    test releases it.
+    """
+
+    name = "blocking:test"
+    languages: tuple[str, ...] = ()
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.started = threading.Event()
+        self.loads = 0
+
+    def load(self) -> None:
+        self.loads += 1
+
+    def transcription(self, job: STTJob) -> Any:
+        engine = self
+
+        class Waiting:
+            def feed(self, chunk: bytes) -> None:
+                engine.started.set()
+                engine.release.wait(30)
+
+            def finish(self) -> Transcript:
+                return Transcript("done", None, 0.0)
+
+        return Waiting()
+
+
+class ScriptedFarm(Protocol):
+    """
+    The farm side of one connection, played by the test.
+    """
+
+    def __init__(self) -> None:
+        self.decoder = FrameDecoder()
+        self.frames: list[Any] = []
+        self.connected_: Deferred[None] = Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(b"who")
+
+    def dataReceived(self, data: bytes) -> None:
+        for frame in self.decoder.feed(data):
+            if frame.verb == b"HELO":
+                self.transport.write(controlFrame(b"OKAY", {
+                    "protocol": 2, "farm": "scripted", "ping_interval": 10.0,
+                    "max_frame": 1048576, "max_job_bytes": 1 << 26}))
+                self.connected_.callback(None)
+            else:
+                self.frames.append(frame)
+
+
+class BusyEngineTests(TestCase):
+    timeout = 60
+
+    async def _pingWhileBusy(self) -> None:
+        scripted = ScriptedFarm()
+        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            Factory.forProtocol(lambda: scripted)
+        )
+        self.addCleanup(port.stopListening)
+        engine = BlockingEngine()
+        self.addCleanup(engine.release.set)
+        node = startNode(
+            self,
+            nodeSettings(stt=("blocking:test",), tts=(), slots=1,
+                         stt_farm=(f"tcp:host=127.0.0.1:port={port.getHost().port}",)),
+            engines=[engine],
+        )
+        await scripted.connected_
+        scripted.transport.write(
+            controlFrame(b"JOB_", {"id": "j1", "model": "blocking:test", "language": None,
+                                   "format": "auto", "size": 4})
+            + encodeFrame(b"DATA", b"abcd")
+        )
+        await until(engine.started.is_set, "the engine to start")
+        scripted.transport.write(encodeFrame(b"PING"))
+        await until(lambda: any(f.verb == b"PONG" for f in scripted.frames), "PONG while busy")
+        self.assertFalse(any(f.verb == b"RSLT" for f in scripted.frames))
+        # Stopping now waits for the running job, then closes.
+        stopping = node.stopService()
+        engine.release.set()
+        await stopping
+        await until(lambda: any(f.verb == b"RSLT" for f in scripted.frames), "the answer")
+        [result] = [f for f in scripted.frames if f.verb == b"RSLT"]
+        self.assertIn(b'"text":"done"', result.payload)
+        self.assertEqual(engine.loads, 1)
+
+    def test_pingAnsweredWhileEngineBusy(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._pingWhileBusy())

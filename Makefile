@@ -16,11 +16,18 @@ $(STAMP): $(PY) setup.py $(shell find privox twisted -name '*.py' 2>/dev/null)
 	$(PY) -m pip install --quiet '.[test]'
 	touch $@
 
+# Coqui TTS needs a CPU torch and a trimmed torchaudio that pip cannot pick
+# by itself; the script knows how (and is quick when already done).
+COQUI_STAMP := $(VENV)/.installed-coqui
+$(COQUI_STAMP): $(PY) tools/install-coqui.sh
+	tools/install-coqui.sh $(VENV)
+	touch $@
+
 venv: $(STAMP)
 
 # Tests import the package from this checkout (PYTHONPATH) so they always run
 # the code you are looking at; the installed copy serves twistd's plugin list.
-test: $(STAMP)
+test: $(STAMP) $(COQUI_STAMP)
 	PYTHONPATH=. $(PY) -m twisted.trial tests
 
 # A farm and a node with the bundled models (whisper:tiny.en, piper:en_US-joe-medium)

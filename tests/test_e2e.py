@@ -534,3 +534,51 @@ class EndToEndTests(TestCase):
         d: Deferred[None] = Deferred()
         protocol.disconnected.addBoth(lambda r: (d.callback(None), r)[1])
         return d
+
+    # --- the two daemons, as an operator runs them ------------------------
+
+    async def startNode(self, sttPort: int, ttsPort: int) -> WatchedProcess:
+        node = WatchedProcess("node")
+        args = [
+            sys.executable, "-c", TWISTD, "-n", "--pidfile=", "--logfile=-",
+            "privox-node", "--config", os.path.join(REPO, "etc", "privox-node.toml"),
+            "--stt-farm", f"tcp:host=127.0.0.1:port={sttPort}",
+            "--tts-farm", f"tcp:host=127.0.0.1:port={ttsPort}",
+            "--key", "node-key",
+        ]
+        reactor.spawnProcess(node, sys.executable, args, env=ENV, path=REPO)
+        self.addCleanup(node.stop)
+        await node.waitFor(b"serving stt through", timeout=120)
+        await node.waitFor(b"serving tts through", timeout=120)
+        return node
+
+    async def _daemons(self) -> None:
+        farm, sttPort, ttsPort = await self.startFarm()
+        node = await self.startNode(sttPort, ttsPort)
+        wav = os.path.abspath(self.mktemp()) + ".wav"
+        sentence = "The weather today is sunny with a light breeze."
+        code, out, err = await self.consumer(
+            "consumer-tts", "127.0.0.1", str(ttsPort), sentence,
+            "--model", "piper:en_US-joe-medium", "-o", wav,
+        )
+        self.assertEqual(code, 0, err)
+        code, out, err = await self.consumer(
+            "consumer-stt", "127.0.0.1", str(sttPort), wav, "--model", "whisper:tiny.en",
+        )
+        self.assertEqual(code, 0, err)
+        from tests.wer import wer
+
+        self.assertLessEqual(wer(sentence, json.loads(out)["text"]), 0.25, out)
+        self.assertEqual(node.output.count(b"loaded whisper:tiny.en in"), 1)
+        await node.stop()
+        self.assertIn(b"stopping: finishing running jobs", node.output)
+        self.assertNotIn(b"Traceback", node.output)
+        farmLog = await self.stopFarm(farm)
+        self.assertPrivate(farmLog, "node-key", sentence)
+
+    def test_farmAndNodeDaemons(self) -> Deferred[None]:
+        """
+        twistd privox-farm and twistd privox-node with the bundled models;
+        Piper speaks a sentence through them and Whisper hears it back.
+        """
+        return Deferred.fromCoroutine(self._daemons())

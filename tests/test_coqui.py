@@ -28,7 +28,8 @@ from pathlib import Path
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from privox.engines.base import EngineError, ModelNotFound, TTSJob, Unsupported
-from privox.engines.coqui import MAX_TEXT, CoquiEngine, _reachable
+from privox.engines.base import MAX_TEXT
+from privox.engines.coqui import CoquiEngine, _reachable
 from privox.messages import ErrorCode
 
 # Found, not imported: importing torch and Coqui takes seconds, paid only

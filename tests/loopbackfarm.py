@@ -10,7 +10,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, c
 
 from privox.farm.connection import FarmFactory
 from privox.farm.farm import Farm, FarmSettings
-from privox.farm.keys import OpenPolicy
+from privox.keys import OpenPolicy
 from privox.node.worker import ProducerProtocol
 
 

@@ -8,7 +8,7 @@ import json
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from privox.farm.keys import AllowListPolicy
+from privox.keys import AllowListPolicy
 from tests.farmharness import FarmHarness, ManualPolicy
 
 STT_JOB = {"model": "whisper:tiny.en", "language": "en", "format": "wav", "size": 10}

@@ -1,5 +1,5 @@
 """
-Tests for L{privox.farm.keys}.
+Tests for L{privox.keys}.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 import treq
-from privox.farm.keys import (
+from privox.keys import (
     AllowListPolicy,
     KeyPolicyError,
     OpenPolicy,

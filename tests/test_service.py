@@ -13,7 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from privox.consumer import connectConsumer
 from privox.farm.farm import Farm, FarmSettings
-from privox.farm.keys import OpenPolicy
+from privox.keys import OpenPolicy
 from privox.farm.service import FarmService, Options, makeService
 from privox.peer import Denied
 

@@ -19,7 +19,7 @@ from twisted.python.failure import Failure
 
 from privox.farm.dispatcher import Capability
 from privox.farm.job import Job
-from privox.farm.keys import keyId
+from privox.keys import keyId
 from privox.framing import Frame, FrameDecoder, FramingError, encodeHeader, tuneTransport
 from privox.messages import (
     GREETING,

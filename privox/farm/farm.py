@@ -16,7 +16,7 @@ from twisted.logger import Logger
 from privox.config import setting
 from privox.farm.dispatcher import Dispatcher
 from privox.farm.job import Job, newJob
-from privox.farm.keys import KeyPolicy
+from privox.keys import KeyPolicy
 from privox.framing import HEADER_LEN
 from privox.messages import SERVICES, BadRequest, ErrorCode, JobRequest, Okay, controlFrame
 

@@ -16,7 +16,7 @@ from twisted.python import usage
 from privox.config import optionsFor
 from privox.farm.connection import FarmFactory
 from privox.farm.farm import Counters, Farm, FarmSettings
-from privox.farm.keys import KeyPolicyError, policyFromSpec
+from privox.keys import KeyPolicyError, policyFromSpec
 
 log = Logger()
 

@@ -1,0 +1,3 @@
+"""
+The HTTP API (C{twistd privox-api}): what users and apps call.
+"""

@@ -1,0 +1,156 @@
+"""
+Which model serves a request: the original API's qualities, languages and
+voices, and OpenAI's model and voice names, mapped onto the models farms
+serve. Pure data and lookups; the tables come from configuration.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from privox.api.errors import BadInput, Unsupported
+
+QUALITIES = ("fast", "normal", "better", "best", "xcribe", "xcribe2")
+
+#: The original exchange: quality -> (any-language model, English model).
+DEFAULT_STT = (
+    "fast whisper:tiny whisper:tiny.en",
+    "normal whisper:base whisper:base.en",
+    "better whisper:small whisper:small.en",
+    "best whisper:medium whisper:medium.en",
+    "xcribe whisper:large whisper:large",
+    "xcribe2 whisper:large-v2 whisper:large-v2",
+)
+#: voice name -> model and the model's own voice (speaker).
+DEFAULT_VOICES = (
+    "voice1 coqui:tts_models/en/vctk/vits p236",
+    "voice2 coqui:tts_models/en/vctk/vits p270",
+)
+#: OpenAI's voices, spread over ours; unknown names get the default voice.
+OPENAI_VOICES = {
+    "alloy": "voice1", "ash": "voice2", "ballad": "voice2", "coral": "voice1",
+    "echo": "voice2", "fable": "voice1", "nova": "voice1", "onyx": "voice2",
+    "sage": "voice1", "shimmer": "voice1", "verse": "voice2",
+}
+OPENAI_STT_MODELS = ("whisper-1", "gpt-4o-transcribe", "gpt-4o-mini-transcribe")
+OPENAI_TTS_MODELS = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts")
+
+
+@dataclass(frozen=True)
+class Voice:
+    model: str
+    speaker: str | None
+
+
+def isEnglish(language: str | None) -> bool:
+    return language is None or language.lower().replace("_", "-").split("-")[0] == "en"
+
+
+@dataclass(frozen=True)
+class ModelTable:
+    """
+    @ivar stt: quality -> (any-language model, English model).
+    @ivar voices: voice name -> L{Voice}; the first is the default.
+    """
+
+    stt: dict[str, tuple[str, str]]
+    voices: dict[str, Voice]
+    defaultQuality: str = "fast"
+    defaultLanguage: str = "en"
+    sttLanguages: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def parse(
+        cls, stt: tuple[str, ...], voices: tuple[str, ...], sttLanguages: tuple[str, ...] = ()
+    ) -> ModelTable:
+        """
+        From configuration lines: C{"QUALITY MODEL ENGLISH-MODEL"} and
+        C{"VOICE MODEL [SPEAKER]"}; C{"LANGUAGE MODEL"} pins a language to a
+        model whatever the quality (e.g. C{"ko vosk:ko"}).
+
+        @raise ValueError: a malformed line.
+        """
+        sttTable: dict[str, tuple[str, str]] = {}
+        for line in stt:
+            parts = line.split()
+            if len(parts) not in (2, 3):
+                raise ValueError(f"STT model line {line!r} is not 'QUALITY MODEL [ENGLISH-MODEL]'")
+            sttTable[parts[0]] = (parts[1], parts[-1])
+        voiceTable: dict[str, Voice] = {}
+        for line in voices:
+            parts = line.split()
+            if len(parts) not in (2, 3):
+                raise ValueError(f"voice line {line!r} is not 'VOICE MODEL [SPEAKER]'")
+            voiceTable[parts[0]] = Voice(parts[1], parts[2] if len(parts) == 3 else None)
+        pinned: dict[str, str] = {}
+        for line in sttLanguages:
+            parts = line.split()
+            if len(parts) != 2:
+                raise ValueError(f"language line {line!r} is not 'LANGUAGE MODEL'")
+            pinned[parts[0].lower()] = parts[1]
+        if not sttTable or not voiceTable:
+            raise ValueError("the STT and voice tables must not be empty")
+        default = "fast" if "fast" in sttTable else next(iter(sttTable))
+        return cls(sttTable, voiceTable, default, "en", pinned)
+
+    def sttModel(self, quality: str | None, language: str | None) -> str:
+        """
+        @raise BadInput: an unknown quality.
+        """
+        quality = quality or self.defaultQuality
+        if quality not in self.stt:
+            raise BadInput(f"quality must be one of {', '.join(self.stt)}")
+        if language and language.lower() in self.sttLanguages:
+            return self.sttLanguages[language.lower()]
+        anyLanguage, english = self.stt[quality]
+        return english if isEnglish(language) else anyLanguage
+
+    def openaiSttModel(self, model: str | None, language: str | None) -> str:
+        """
+        OpenAI's names map to the default quality; a Privox model name
+        (C{ENGINE:MODEL}) is taken as it is.
+        """
+        if model and ":" in model:
+            return model
+        if model and model not in OPENAI_STT_MODELS and model not in self.stt:
+            raise Unsupported(f"unknown model {model!r}")
+        return self.sttModel(model if model in self.stt else None, language)
+
+    @property
+    def defaultVoice(self) -> str:
+        return next(iter(self.voices))
+
+    def voice(self, name: str | None, strict: bool = True) -> Voice:
+        """
+        @param strict: an unknown name is an error (the original API) rather
+            than the default voice (OpenAI clients).
+        @raise Unsupported: an unknown voice, when C{strict}.
+        """
+        if not name:
+            return self.voices[self.defaultVoice]
+        if name in self.voices:
+            return self.voices[name]
+        if name in OPENAI_VOICES and OPENAI_VOICES[name] in self.voices:
+            return self.voices[OPENAI_VOICES[name]]
+        if strict:
+            raise Unsupported(f"unknown voice {name!r}; voices: {', '.join(self.voices)}")
+        return self.voices[self.defaultVoice]
+
+    def openaiTtsVoice(self, model: str | None, voice: str | None) -> Voice:
+        chosen = self.voice(voice, strict=False)
+        if model and ":" in model:
+            return Voice(model, chosen.speaker)
+        if model and model not in OPENAI_TTS_MODELS:
+            raise Unsupported(f"unknown model {model!r}")
+        return chosen
+
+    def models(self) -> list[str]:
+        """
+        Every model name a client may ask for, for GET /v1/models.
+        """
+        names = list(OPENAI_STT_MODELS + OPENAI_TTS_MODELS)
+        for pair in self.stt.values():
+            names.extend(pair)
+        names.extend(v.model for v in self.voices.values())
+        names.extend(self.sttLanguages.values())
+        return sorted(set(names), key=names.index)

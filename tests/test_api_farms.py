@@ -1,0 +1,657 @@
+"""
+The API's farm exchange: the farm directory's config lines, weighted choice,
+pooled connections, and retry/fallback against real loopback farms that
+refuse, hang up, time out, have no free producer, lose the producer mid-job or
+refuse the request; down farms and their backoff; the request deadline.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+import time
+from typing import Any, Awaitable, Callable
+
+from twisted.internet import reactor
+from twisted.internet.defer import CancelledError, Deferred, gatherResults
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from privox.api.errors import BadInput, TimedOut, Unavailable, Unsupported
+from privox.api.exchange import Transcribed
+from privox.api.farms import FarmEntry, FarmExchange, parseFarms, weightedChoice
+from privox.node.echo import DigestEngine, digestOf, toneFor
+from tests.apifarms import (
+    CountingReactor,
+    DroppingEngine,
+    HangingEngine,
+    LiveFarm,
+    RecordingEngine,
+    closedPort,
+    deadEntry,
+    hangUpServer,
+    startFarm,
+    until,
+)
+
+
+def coroutine(f: Callable[..., Awaitable[None]]) -> Callable[..., Deferred[None]]:
+    @functools.wraps(f)
+    def run(self: Any) -> Deferred[None]:
+        return Deferred.fromCoroutine(f(self))
+
+    return run
+
+
+def transcript(audio: bytes) -> str:
+    return f"sha256:{digestOf(audio)} bytes:{len(audio)}"
+
+
+# Configuration
+
+
+class FarmEntryParseTests(SynchronousTestCase):
+    def test_minimal(self) -> None:
+        entry = FarmEntry.parse("main tcp:host=farm.example:port=1776 tcp:host=farm.example:port=1777")
+        self.assertEqual(
+            entry,
+            FarmEntry("main", "tcp:host=farm.example:port=1776", "tcp:host=farm.example:port=1777"),
+        )
+        self.assertEqual(entry.weight, 1.0)
+        self.assertFalse(entry.fallback)
+        self.assertEqual(entry.services, ["stt", "tts"])
+
+    def test_weightAndFallback(self) -> None:
+        entry = FarmEntry.parse(
+            "  spare  tcp:host=10.0.0.2:port=1776\tnone weight=2.5 fallback \n"
+        )
+        self.assertEqual(entry, FarmEntry("spare", "tcp:host=10.0.0.2:port=1776", None, 2.5, True))
+        self.assertEqual(entry.services, ["stt"])
+        self.assertEqual(entry.endpoint("tts"), None)
+
+    def test_noneAnyCase(self) -> None:
+        entry = FarmEntry.parse("voices NONE tls:host=farm.example:port=1777 fallback weight=3")
+        self.assertEqual((entry.stt, entry.weight, entry.fallback), (None, 3.0, True))
+        self.assertEqual(entry.services, ["tts"])
+
+    def test_badLines(self) -> None:
+        good = "tcp:host=h:port=1"
+        for line, words in [
+            ("", "expected 'NAME STT-ENDPOINT"),
+            ("main tcp:host=h:port=1", "expected 'NAME STT-ENDPOINT"),
+            ("main none none", "serves neither"),
+            (f"main {good} none weight=0", "positive number"),
+            (f"main {good} none weight=-2", "positive number"),
+            (f"main {good} none weight=heavy", "positive number"),
+            (f"main {good} none weight=", "positive number"),
+            (f"main {good} none weight=nan", "positive number"),
+            (f"main {good} none weight=inf", "positive number"),
+            (f"main {good} none fast", "unknown option 'fast'"),
+            (f"main {good} none fallback fallback", "given twice"),
+            (f"main {good} none weight=1 weight=2", "given twice"),
+            ("main localhost:1776 none", "bad stt endpoint 'localhost:1776'"),
+            (f"main {good} tcp:host=h:port=x", "bad tts endpoint"),
+            ("main tcp:host=h none", "bad stt endpoint"),
+        ]:
+            with self.assertRaises(ValueError, msg=line) as caught:
+                FarmEntry.parse(line)
+            self.assertIn(words, str(caught.exception), line)
+            if line:
+                self.assertIn("main", str(caught.exception))
+
+    def test_constructorChecks(self) -> None:
+        self.assertRaises(ValueError, FarmEntry, "x", None, None)
+        self.assertRaises(ValueError, FarmEntry, "", "tcp:host=h:port=1", None)
+        self.assertRaises(ValueError, FarmEntry, "x", "tcp:host=h:port=1", None, 0.0)
+        self.assertRaises(ValueError, FarmEntry, "x", "tcp:host=h:port=1", None, True)
+
+    def test_directory(self) -> None:
+        farms = parseFarms(
+            [
+                "# name  stt  tts",
+                "",
+                "main tcp:host=a:port=1776 tcp:host=a:port=1777 weight=2  # the big one",
+                "   ",
+                "spare tcp:host=b:port=1776 none fallback",
+            ]
+        )
+        self.assertEqual([f.name for f in farms], ["main", "spare"])
+        self.assertEqual((farms[0].weight, farms[1].fallback), (2.0, True))
+        with self.assertRaises(ValueError) as caught:
+            parseFarms(["a tcp:host=a:port=1 none", "", "a tcp:host=b:port=1 none"])
+        self.assertIn("line 3", str(caught.exception))
+        self.assertIn("twice", str(caught.exception))
+        with self.assertRaises(ValueError) as caught:
+            parseFarms(["a tcp:host=a:port=1 none", "b tcp:host=b:port=1"])
+        self.assertIn("line 2", str(caught.exception))
+        self.assertRaises(ValueError, parseFarms, ["# nothing here"])
+
+    def test_exchangeChecks(self) -> None:
+        a = FarmEntry("a", "tcp:host=h:port=1", None)
+        self.assertRaises(ValueError, FarmExchange, [a, a], Clock())
+        self.assertRaises(ValueError, FarmExchange, [a], Clock(), attempts=0)
+        self.assertRaises(ValueError, FarmExchange, [a], Clock(), poolSize=0)
+        self.assertRaises(ValueError, FarmExchange, [a], Clock(), deadline=0)
+        self.assertRaises(ValueError, FarmExchange, [a], Clock(), downBackoff=(5.0, 1.0))
+
+
+# Selection (no sockets)
+
+
+def entries(*specs: str) -> list[FarmEntry]:
+    return [FarmEntry.parse(spec) for spec in specs]
+
+
+class SelectionTests(SynchronousTestCase):
+    def test_weightedDistribution(self) -> None:
+        light, heavy = entries(
+            "light tcp:host=h:port=1 none weight=1", "heavy tcp:host=h:port=2 none weight=3"
+        )
+        rng = random.Random(1776)
+        draws = [weightedChoice([light, heavy], rng).name for _ in range(20000)]
+        share = draws.count("heavy") / len(draws)
+        self.assertTrue(0.73 < share < 0.77, share)
+
+    def test_seededIsRepeatable(self) -> None:
+        farms = entries(*(f"f{i} tcp:host=h:port={i + 1} none weight={i + 1}" for i in range(5)))
+        first = [weightedChoice(farms, random.Random(7)).name for _ in range(3)]
+        again = [weightedChoice(farms, random.Random(7)).name for _ in range(3)]
+        self.assertEqual(first, again)
+
+    def test_firstPickFollowsWeights(self) -> None:
+        farms = entries(
+            "a tcp:host=h:port=1 none weight=1",
+            "b tcp:host=h:port=2 none weight=9",
+            "spare tcp:host=h:port=3 none weight=1000 fallback",
+        )
+        exchange = FarmExchange(farms, Clock(), rng=random.Random(3))
+        serving = exchange.farms
+        picks = [exchange._next(serving, set(), 0).entry.name for _ in range(10000)]
+        self.assertNotIn("spare", picks)  # however heavy, a fallback is never drawn
+        self.assertTrue(0.88 < picks.count("b") / len(picks) < 0.92)
+
+    def test_distinctPrimariesThenFallbacksInOrder(self) -> None:
+        farms = entries(
+            *(f"p{i} tcp:host=h:port={i + 1} none" for i in range(5)),
+            "spare2 tcp:host=h:port=10 none fallback",
+            "spare1 tcp:host=h:port=11 none fallback",
+        )
+        for seed in range(50):
+            exchange = FarmExchange(farms, Clock(), rng=random.Random(seed), attempts=3)
+            tried: set[str] = set()
+            order = []
+            primaries = 0
+            while (state := exchange._next(exchange.farms, tried, primaries)) is not None:
+                tried.add(state.entry.name)
+                order.append(state.entry.name)
+                primaries += not state.entry.fallback
+            self.assertEqual(len(order), 5)
+            self.assertEqual(len(set(order[:3])), 3)
+            self.assertTrue(all(name.startswith("p") for name in order[:3]))
+            self.assertEqual(order[3:], ["spare2", "spare1"])
+
+    def test_fewerPrimariesThanAttempts(self) -> None:
+        farms = entries("only tcp:host=h:port=1 none", "spare tcp:host=h:port=2 none fallback")
+        exchange = FarmExchange(farms, Clock(), attempts=3)
+        first = exchange._next(exchange.farms, set(), 0)
+        self.assertEqual(first.entry.name, "only")
+        self.assertEqual(exchange._next(exchange.farms, {"only"}, 1).entry.name, "spare")
+        self.assertIsNone(exchange._next(exchange.farms, {"only", "spare"}, 1))
+
+    def test_onlyFarmsServingTheService(self) -> None:
+        farms = entries("ears tcp:host=h:port=1 none", "mouth none tcp:host=h:port=2")
+        exchange = FarmExchange(farms, Clock())
+        self.assertEqual(sorted(exchange.farms[0].pools), ["stt"])
+        self.assertEqual(sorted(exchange.farms[1].pools), ["tts"])
+
+    def test_downBackoffDoublesToItsCap(self) -> None:
+        clock = Clock()
+        [entry] = entries("a tcp:host=h:port=1 none")
+        exchange = FarmExchange([entry], clock, downBackoff=(1.0, 5.0))
+        [state] = exchange.farms
+        self.assertTrue(state.available(clock.seconds()))
+        waits = []
+        for _ in range(5):
+            state.markDown(clock.seconds(), "refused")
+            start = clock.seconds()
+            self.assertFalse(state.up)
+            self.assertFalse(state.available(clock.seconds()))
+            # Another failure while already down does not lengthen the wait.
+            state.markDown(clock.seconds(), "refused again")
+            while not state.available(clock.seconds()):
+                clock.advance(0.25)
+            waits.append(clock.seconds() - start)
+            # Backoff over: one probe at a time.
+            state.probing = True
+            self.assertFalse(state.available(clock.seconds()))
+        self.assertEqual(waits, [1.0, 2.0, 4.0, 5.0, 5.0])
+        state.markUp()
+        self.assertTrue(state.up and state.available(clock.seconds()))
+        state.markDown(clock.seconds(), "refused")
+        self.assertEqual(state.downUntil - clock.seconds(), 1.0)
+
+    def test_health(self) -> None:
+        farms = entries(
+            "main tcp:host=secret.example:port=1 tcp:host=secret.example:port=2 weight=2",
+            "spare none tcp:host=secret.example:port=3 fallback",
+        )
+        exchange = FarmExchange(farms, Clock(), key="api-key-123")
+        exchange.farms[1].markDown(0.0, "refused")
+        health = exchange.health()
+        self.assertEqual(
+            health,
+            {
+                "farms": [
+                    {"name": "main", "services": ["stt", "tts"], "up": True, "fallback": False},
+                    {"name": "spare", "services": ["tts"], "up": False, "fallback": True},
+                ]
+            },
+        )
+        self.assertNotIn("secret", repr(health))
+        self.assertNotIn("api-key-123", repr(health))
+
+
+# Real farms on loopback
+
+
+class _LiveTestCase(TestCase):
+    timeout = 30
+
+    def exchange(self, farms: list[FarmEntry], **kwargs: Any) -> FarmExchange:
+        kwargs.setdefault("rng", random.Random(1776))
+        exchange = FarmExchange(farms, kwargs.pop("reactor", reactor), **kwargs)
+        self.addCleanup(exchange.stop)
+        return exchange
+
+    async def goodFarm(self, name: str, **settings: Any) -> LiveFarm:
+        farm = await startFarm(self, name, **settings)
+        await farm.producer("stt", DigestEngine())
+        await farm.producer("tts", DigestEngine())
+        return farm
+
+
+class PoolTests(_LiveTestCase):
+    @coroutine
+    async def test_sequentialJobsReuseOneConnection(self) -> None:
+        farm = await self.goodFarm("main")
+        exchange = self.exchange([farm.entry()])
+        for n in range(3):
+            audio = b"audio %d" % n
+            result = await exchange.transcribe("whisper:tiny.en", "en", audio, "auto")
+            self.assertEqual(result.text, transcript(audio))
+            wav = await exchange.synthesize("piper:x", "en", None, f"sentence {n}")
+            self.assertEqual(wav, toneFor(f"sentence {n}"))
+        self.assertEqual(farm.consumerConnections(), 2)  # one per service
+        pools = exchange.farms[0].pools
+        self.assertEqual((pools["stt"].opened, pools["tts"].opened), (1, 1))
+        self.assertEqual((len(pools["stt"].idle), len(pools["stt"].busy)), (1, 0))
+        self.assertEqual(farm.farm.counters.succeeded, 6)
+
+    @coroutine
+    async def test_concurrentJobsCappedByPoolSize(self) -> None:
+        farm = await startFarm(self, "main")
+        for _ in range(4):
+            await farm.producer("stt", DigestEngine())
+        exchange = self.exchange([farm.entry()], poolSize=2)
+        audios = [b"clip %d" % n for n in range(7)]
+        results = await gatherResults(
+            [
+                Deferred.fromCoroutine(exchange.transcribe("m", None, audio, "auto"))
+                for audio in audios
+            ]
+        )
+        self.assertEqual([r.text for r in results], [transcript(a) for a in audios])
+        pool = exchange.farms[0].pools["stt"]
+        self.assertEqual(pool.opened, 2)
+        self.assertEqual(len(pool.idle), 2)
+        self.assertEqual(farm.consumerConnections(), 2)
+
+    @coroutine
+    async def test_brokenConnectionReplaced(self) -> None:
+        farm = await self.goodFarm("main")
+        exchange = self.exchange([farm.entry()])
+        await exchange.transcribe("m", None, b"one", "auto")
+        pool = exchange.farms[0].pools["stt"]
+        [conn] = pool.idle
+        conn.transport.loseConnection()
+        await conn.disconnected
+        self.assertEqual(pool.idle, [])
+        result = await exchange.transcribe("m", None, b"two", "auto")
+        self.assertEqual(result.text, transcript(b"two"))
+        self.assertEqual(pool.opened, 2)
+        self.assertTrue(exchange.health()["farms"][0]["up"])
+
+    @coroutine
+    async def test_transcribedFields(self) -> None:
+        farm = await self.goodFarm("main")
+        exchange = self.exchange([farm.entry()])
+        result = await exchange.transcribe("whisper:base", "de", b"hallo", "wav")
+        # DigestEngine answers text and model; language comes from the request
+        # when the producer does not say.
+        self.assertEqual(result, Transcribed(transcript(b"hallo"), "whisper:base", "de", None))
+
+    @coroutine
+    async def test_timeoutSentIsTimeLeft(self) -> None:
+        farm = await startFarm(self, "main")
+        engine = RecordingEngine()
+        await farm.producer("stt", engine)
+        exchange = self.exchange([farm.entry()], deadline=7.0)
+        await exchange.transcribe("m", None, b"x", "auto")
+        [job] = engine.jobs
+        self.assertTrue(6.0 < job["timeout_s"] <= 7.0, job["timeout_s"])
+
+    @coroutine
+    async def test_stopClosesConnections(self) -> None:
+        farm = await self.goodFarm("main")
+        exchange = self.exchange([farm.entry()])
+        await exchange.transcribe("m", None, b"x", "auto")
+        await exchange.synthesize("m", None, None, "hi")
+        self.assertEqual(farm.consumerConnections(), 2)
+        await exchange.stop()
+        await until(lambda: farm.consumerConnections() == 0)
+        self.assertEqual(farm.consumerConnections(), 0)
+        with self.assertRaises(Unavailable):
+            await exchange.transcribe("m", None, b"x", "auto")
+
+
+class RetryTests(_LiveTestCase):
+    """
+    In each case the first farm fails in its own way and the request
+    succeeds at the fallback.
+    """
+
+    async def viaFallback(self, first: FarmEntry, **kwargs: Any) -> FarmExchange:
+        spare = await self.goodFarm("spare")
+        exchange = self.exchange([first, spare.entry(fallback=True)], **kwargs)
+        result = await exchange.transcribe("m", None, b"speech", "auto")
+        self.assertEqual(result.text, transcript(b"speech"))
+        self.assertEqual(spare.farm.counters.succeeded, 1)
+        return exchange
+
+    @coroutine
+    async def test_refusedConnection(self) -> None:
+        exchange = await self.viaFallback(deadEntry("dead", await closedPort()))
+        self.assertFalse(exchange.health()["farms"][0]["up"])
+
+    @coroutine
+    async def test_hangsUpBeforeHandshake(self) -> None:
+        port = await hangUpServer(self)
+        exchange = await self.viaFallback(deadEntry("rude", port))
+        self.assertFalse(exchange.health()["farms"][0]["up"])
+
+    @coroutine
+    async def test_farmTimesOut(self) -> None:
+        slow = await startFarm(self, "slow", max_job_timeout=0.3)
+        engine = HangingEngine()
+        await slow.producer("stt", engine)
+        exchange = await self.viaFallback(slow.entry(), deadline=10.0)
+        self.assertEqual(engine.started, 1)
+        await until(lambda: engine.cancelled == 1)
+        self.assertEqual(engine.cancelled, 1)
+        # A job timeout is not a connection failure: the farm stays up, and
+        # its connection is kept.
+        self.assertTrue(exchange.health()["farms"][0]["up"])
+        self.assertEqual(len(exchange.farms[0].pools["stt"].idle), 1)
+
+    @coroutine
+    async def test_noProducer(self) -> None:
+        busy = await startFarm(self, "busy", queue_timeout=0.2)
+        engine = HangingEngine()
+        await busy.producer("stt", engine)
+        blocker = await busy.consumer("stt")
+        blocker.stt("m", b"hog").addErrback(lambda _: None)
+        await until(lambda: engine.started == 1)
+        await self.viaFallback(busy.entry())
+        self.assertEqual(engine.started, 1)
+
+    @coroutine
+    async def test_producerLostMidJob(self) -> None:
+        flaky = await startFarm(self, "flaky")
+        engine = DroppingEngine()
+        await flaky.producer("stt", engine)
+        await self.viaFallback(flaky.entry())
+        self.assertEqual(engine.started, 1)
+
+    @coroutine
+    async def test_unsupportedModelTriesAnotherFarm(self) -> None:
+        other = await startFarm(self, "other")
+        await other.producer("stt", DigestEngine(("vosk:de",)))
+        await self.viaFallback(other.entry())
+
+    @coroutine
+    async def test_distinctAttemptsThenFallback(self) -> None:
+        counting = CountingReactor()
+        ports = [await closedPort() for _ in range(4)]
+        spare = await self.goodFarm("spare")
+        farms = [deadEntry(f"dead{n}", port) for n, port in enumerate(ports)]
+        exchange = self.exchange(
+            [*farms, spare.entry(fallback=True)], reactor=counting, attempts=3
+        )
+        result = await exchange.transcribe("m", None, b"speech", "auto")
+        self.assertEqual(result.text, transcript(b"speech"))
+        tried = {port: counting.attempts.get(port, 0) for port in ports}
+        self.assertEqual(sorted(tried.values()), [0, 1, 1, 1])
+        self.assertEqual(counting.attempts[spare.port("stt")], 1)
+
+    @coroutine
+    async def test_badRequestNotRetried(self) -> None:
+        first = await self.goodFarm("first")
+        spare = await self.goodFarm("spare")
+        exchange = self.exchange([first.entry(), spare.entry(fallback=True)])
+        with self.assertRaises(BadInput):
+            await exchange.synthesize("piper:x", "en", None, "")
+        # One attempt: the first farm refused it; the fallback never heard of it.
+        self.assertEqual(first.consumerConnections(), 1)
+        self.assertEqual(spare.consumerConnections(), 0)
+        self.assertEqual(exchange.farms[1].pools["tts"].opened, 0)
+        # The refusal left the connection usable.
+        self.assertEqual(await exchange.synthesize("piper:x", "en", None, "ok"), toneFor("ok"))
+        self.assertEqual(exchange.farms[0].pools["tts"].opened, 1)
+
+    @coroutine
+    async def test_everyFarmUnsupported(self) -> None:
+        a = await startFarm(self, "a")
+        await a.producer("stt", DigestEngine(("vosk:de",)))
+        b = await startFarm(self, "b")
+        await b.producer("stt", DigestEngine(("vosk:fr",)))
+        exchange = self.exchange([a.entry(), b.entry(fallback=True)])
+        with self.assertRaises(Unsupported) as caught:
+            await exchange.transcribe("whisper:tiny", None, b"x", "auto")
+        self.assertEqual(caught.exception.status, 422)
+        self.assertEqual((a.consumerConnections(), b.consumerConnections()), (1, 1))
+
+    @coroutine
+    async def test_lastRetryableFailIsReported(self) -> None:
+        # Unsupported at one farm, no free producer at the other: the model
+        # exists, so this is 503 (try later), not 422.
+        a = await startFarm(self, "a")
+        await a.producer("stt", DigestEngine(("vosk:de",)))
+        busy = await startFarm(self, "busy", queue_timeout=0.2)
+        engine = HangingEngine()
+        await busy.producer("stt", engine)
+        blocker = await busy.consumer("stt")
+        blocker.stt("m", b"hog").addErrback(lambda _: None)
+        await until(lambda: engine.started == 1)
+        exchange = self.exchange([a.entry(), busy.entry(fallback=True)])
+        with self.assertRaises(Unavailable) as caught:
+            await exchange.transcribe("m", None, b"x", "auto")
+        self.assertEqual(caught.exception.status, 503)
+        self.assertIsNotNone(caught.exception.retryAfter)
+
+
+class DownFarmTests(_LiveTestCase):
+    """
+    Real sockets, fake time: backoff is measured on a L{Clock}.
+    """
+
+    @coroutine
+    async def test_deadFarmSkippedUntilBackoffExpires(self) -> None:
+        clock = Clock()
+        counting = CountingReactor()
+        dead = await closedPort()
+        spare = await self.goodFarm("spare")
+        exchange = self.exchange(
+            [deadEntry("dead", dead), spare.entry(fallback=True)],
+            reactor=counting,
+            clock=clock,
+            downBackoff=(1.0, 60.0),
+        )
+
+        async def request() -> None:
+            result = await exchange.transcribe("m", None, b"speech", "auto")
+            self.assertEqual(result.text, transcript(b"speech"))
+
+        await request()
+        self.assertEqual(counting.attempts[dead], 1)
+        self.assertFalse(exchange.health()["farms"][0]["up"])
+        await request()
+        await request()
+        self.assertEqual(counting.attempts[dead], 1)  # skipped while down
+        clock.advance(1.0)
+        await request()  # the probe
+        self.assertEqual(counting.attempts[dead], 2)
+        clock.advance(1.5)
+        await request()  # backoff doubled to 2 s
+        self.assertEqual(counting.attempts[dead], 2)
+        clock.advance(0.5)
+        await request()
+        self.assertEqual(counting.attempts[dead], 3)
+        # The fallback's one connection served every request.
+        self.assertEqual(counting.attempts[spare.port("stt")], 1)
+        self.assertEqual(spare.farm.counters.succeeded, 6)
+
+    @coroutine
+    async def test_allDownIsUnavailable(self) -> None:
+        clock = Clock()
+        counting = CountingReactor()
+        ports = [await closedPort(), await closedPort()]
+        exchange = self.exchange(
+            [deadEntry("a", ports[0]), deadEntry("b", ports[1], fallback=True)],
+            reactor=counting,
+            clock=clock,
+            downBackoff=(10.0, 60.0),
+        )
+        with self.assertRaises(Unavailable) as caught:
+            await exchange.transcribe("m", None, b"x", "auto")
+        self.assertEqual(caught.exception.retryAfter, 10)
+        self.assertEqual([counting.attempts[p] for p in ports], [1, 1])
+        clock.advance(7.5)
+        with self.assertRaises(Unavailable) as caught:
+            await exchange.transcribe("m", None, b"x", "auto")
+        self.assertEqual(caught.exception.status, 503)
+        self.assertEqual(caught.exception.retryAfter, 3)
+        self.assertEqual([counting.attempts[p] for p in ports], [1, 1])  # nobody dialled
+        self.assertEqual([f["up"] for f in exchange.health()["farms"]], [False, False])
+
+    @coroutine
+    async def test_probeSucceedsFarmIsUpAgain(self) -> None:
+        clock = Clock()
+        counting = CountingReactor()
+        sttPort, ttsPort = await closedPort(), await closedPort()
+        exchange = self.exchange(
+            [FarmEntry("late", f"tcp:host=127.0.0.1:port={sttPort}",
+                       f"tcp:host=127.0.0.1:port={ttsPort}")],
+            reactor=counting,
+            clock=clock,
+        )
+        with self.assertRaises(Unavailable):
+            await exchange.transcribe("m", None, b"x", "auto")
+        late = LiveFarm("late")
+        await late.loopback.listen({"stt": sttPort, "tts": ttsPort})
+        self.addCleanup(lambda: Deferred.fromCoroutine(late.stop()))
+        await late.producer("stt", DigestEngine())
+        with self.assertRaises(Unavailable):  # still within its backoff
+            await exchange.transcribe("m", None, b"x", "auto")
+        self.assertEqual(counting.attempts[sttPort], 1)
+        clock.advance(1.0)
+        result = await exchange.transcribe("m", None, b"x", "auto")
+        self.assertEqual(result.text, transcript(b"x"))
+        self.assertEqual(counting.attempts[sttPort], 2)
+        self.assertTrue(exchange.health()["farms"][0]["up"])
+
+
+class DeadlineTests(_LiveTestCase):
+    async def hangingFarm(self, name: str) -> tuple[LiveFarm, HangingEngine]:
+        farm = await startFarm(self, name)
+        engine = HangingEngine()
+        await farm.producer("stt", engine)
+        return farm, engine
+
+    @coroutine
+    async def test_deadlinePasses(self) -> None:
+        a, engineA = await self.hangingFarm("a")
+        b, engineB = await self.hangingFarm("b")
+        exchange = self.exchange([a.entry(), b.entry(fallback=True)], deadline=0.5)
+        started = time.monotonic()
+        with self.assertRaises(TimedOut) as caught:
+            await exchange.transcribe("m", None, b"x", "auto")
+        elapsed = time.monotonic() - started
+        self.assertEqual(caught.exception.status, 504)
+        self.assertTrue(0.45 < elapsed < 2.0, elapsed)
+        # One farm had the job; it was cancelled when its connection closed.
+        self.assertEqual(engineA.started + engineB.started, 1)
+        await until(lambda: engineA.cancelled + engineB.cancelled == 1)
+        self.assertEqual(engineA.cancelled + engineB.cancelled, 1)
+        for state in exchange.farms:
+            self.assertEqual(len(state.pools["stt"].busy), 0)
+
+    @coroutine
+    async def test_deadlineWhileWaitingForAConnection(self) -> None:
+        farm, engine = await self.hangingFarm("a")
+        await farm.producer("stt", HangingEngine())
+        exchange = self.exchange([farm.entry()], deadline=0.5, poolSize=1)
+        first = Deferred.fromCoroutine(exchange.transcribe("m", None, b"1", "auto"))
+        second = Deferred.fromCoroutine(exchange.transcribe("m", None, b"2", "auto"))
+        for d in (first, second):
+            with self.assertRaises(TimedOut):
+                await d
+        pool = exchange.farms[0].pools["stt"]
+        self.assertEqual((pool.opened, len(pool.busy), len(pool.waiters)), (1, 0, 0))
+        self.assertEqual(farm.farm.counters.jobs, 1)
+
+    @coroutine
+    async def test_cancelledRequestClosesItsConnection(self) -> None:
+        farm, engine = await self.hangingFarm("a")
+        exchange = self.exchange([farm.entry()])
+        pending = Deferred.fromCoroutine(exchange.transcribe("m", None, b"x", "auto"))
+        await until(lambda: engine.started == 1)
+        pending.cancel()
+        with self.assertRaises(CancelledError):
+            await pending
+        await until(lambda: engine.cancelled == 1)
+        self.assertEqual(engine.cancelled, 1)
+        self.assertEqual(len(exchange.farms[0].pools["stt"].busy), 0)
+
+    @coroutine
+    async def test_stopFailsRequestsInFlight(self) -> None:
+        farm, engine = await self.hangingFarm("a")
+        exchange = self.exchange([farm.entry()])
+        pending = Deferred.fromCoroutine(exchange.transcribe("m", None, b"x", "auto"))
+        await until(lambda: engine.started == 1)
+        stopped = exchange.stop()
+        with self.assertRaises(Unavailable):
+            await pending
+        await stopped
+        await until(lambda: engine.cancelled == 1)
+        self.assertEqual(engine.cancelled, 1)
+
+    @coroutine
+    async def test_waiterGetsTheSlotOfABrokenConnection(self) -> None:
+        farm = await startFarm(self, "a")
+        hanging = HangingEngine()
+        await farm.producer("stt", hanging)  # idle longest: takes the first job
+        await farm.producer("stt", DigestEngine())
+        exchange = self.exchange([farm.entry()], poolSize=1)
+        pool = exchange.farms[0].pools["stt"]
+        first = Deferred.fromCoroutine(exchange.transcribe("m", None, b"1", "auto"))
+        await until(lambda: hanging.started == 1)
+        second = Deferred.fromCoroutine(exchange.transcribe("m", None, b"2", "auto"))
+        self.assertEqual(len(pool.waiters), 1)
+        # The first request's client goes away: its connection is closed, and
+        # the waiting request opens a new one in its place.
+        first.cancel()
+        with self.assertRaises(CancelledError):
+            await first
+        result = await second
+        self.assertEqual(result.text, transcript(b"2"))
+        self.assertEqual((pool.opened, len(pool.idle), len(pool.waiters)), (2, 1, 0))

@@ -33,6 +33,9 @@ setup(
         "twisted[tls]>=24.7",
         "automat>=24.8",
         "treq>=24.9",
+        "klein>=24.8",
+        # The API parses multipart bodies with it (treq brings it today too).
+        "multipart>=1.0",
     ],
     extras_require=EXTRAS,
 )

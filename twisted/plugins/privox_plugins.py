@@ -6,3 +6,4 @@ privoxFarm = ServiceMaker(
 privoxNode = ServiceMaker(
     "Privox producer node", "privox.node.service", "A Privox producer node.", "privox-node"
 )
+privoxApi = ServiceMaker("Privox API server", "privox.api.service", "The Privox HTTP API.", "privox-api")

@@ -1,0 +1,412 @@
+"""
+The HTTP API as a Klein app: the original Privox routes (C{/stt}, C{/tts}),
+OpenAI's audio routes (C{/v1/...}), C{/healthz} and a front page.
+
+Routes stay thin: L{privox.api.forms} reads and checks requests (and the
+key), L{privox.api.models} picks the model, the injected L{Exchange} does
+the job. Every failure is an L{ApiError}, answered with its real status: a
+one-line C{text/plain} reason on the original routes, OpenAI's
+C{{"error": {"message", "type", "code"}}} on C{/v1}; C{Retry-After} when the
+error carries one (503).
+
+Privacy: each request is logged as one line of named fields (route, status,
+bytes in and out, milliseconds, model, L{keyId} of the key). Never the text,
+the audio, the key, or the client's address; L{ApiSite} also turns off
+twisted.web's access log, which would record addresses.
+
+Uploads: L{ApiSite} makes L{LimitedRequest}s, which refuse a body over the
+cap as its headers arrive (from C{Content-Length}, or as chunks add up),
+discarding it instead of buffering it; the route then answers 413. It also
+leaves form parsing to L{privox.api.forms} (twisted.web's own would parse
+every multipart body a second time, slowly, with the C{email} package).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from typing import Any, Awaitable, Callable
+
+from klein import Klein
+from twisted.internet.defer import CancelledError
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from twisted.web.server import Request, Site
+from werkzeug.exceptions import MethodNotAllowed, NotFound
+
+from privox.api import forms
+from privox.api.errors import ApiError
+from privox.api.exchange import Exchange
+from privox.api.models import ModelTable
+from privox.keys import KeyPolicy, keyId
+
+#: The original exchange's upload limit.
+DEFAULT_MAX_UPLOAD = 200 * 1024 * 1024
+
+_PLAIN = b"text/plain; charset=utf-8"
+_JSON = b"application/json"
+_WAV = b"audio/wav"
+_HTML = b"text/html; charset=utf-8"
+
+#: OpenAI-style C{code} for each status.
+_CODES = {
+    400: "bad_request",
+    401: "invalid_api_key",
+    413: "request_too_large",
+    422: "unsupported",
+    404: "not_found",
+    405: "method_not_allowed",
+    503: "no_capacity",
+    504: "timeout",
+}
+
+
+class _Discarded:
+    """
+    Where a refused body goes: nowhere. Enough of a file for twisted.web.
+    """
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def read(self, size: int = -1) -> bytes:
+        return b""
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return 0
+
+    def tell(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass
+
+
+class LimitedRequest(Request):
+    """
+    A request that will not store a body over its site's C{maxUpload}.
+
+    @ivar uploadRefused: L{None}, or the size that got the body refused (its
+        C{Content-Length}, or what had arrived when a chunked body went over).
+    """
+
+    uploadRefused: int | None = None
+    _received = 0
+
+    def _maxUpload(self) -> int | None:
+        return getattr(self.channel.site, "maxUpload", None)
+
+    def gotLength(self, length: int | None) -> None:
+        limit = self._maxUpload()
+        if length is not None and limit is not None and length > limit:
+            self.uploadRefused = length
+            self.content = _Discarded()
+            return
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        self._received += len(data)
+        limit = self._maxUpload()
+        if self.uploadRefused is None and limit is not None and self._received > limit:
+            self.uploadRefused = self._received
+            self.content.close()
+            self.content = _Discarded()
+        self.content.write(data)
+
+
+class ApiSite(Site):
+    """
+    The API's site: L{LimitedRequest}s, no form parsing by twisted.web, no
+    access log.
+    """
+
+    def __init__(self, resource: Any, maxUpload: int, **kwargs: Any) -> None:
+        super().__init__(
+            resource, requestFactory=LimitedRequest, parsePOSTFormSubmission=False, **kwargs
+        )
+        self.maxUpload = maxUpload
+
+    def log(self, request: Any) -> None:
+        # The combined log format records client addresses; PrivoxAPI logs
+        # each request itself, without one.
+        pass
+
+
+class _Done:
+    """
+    What a route did, for its log line.
+    """
+
+    def __init__(self) -> None:
+        self.model: str | None = None
+        self.key: str | None = None
+
+
+Handler = Callable[[IRequest, _Done], Awaitable[bytes]]
+
+
+class PrivoxAPI:
+    """
+    The Klein app. C{PrivoxAPI(...).app.resource()} is the resource;
+    L{site} wraps it in an L{ApiSite}.
+    """
+
+    app = Klein()
+    log = Logger()
+
+    def __init__(
+        self,
+        exchange: Exchange,
+        models: ModelTable,
+        keys: KeyPolicy,
+        maxUpload: int = DEFAULT_MAX_UPLOAD,
+        clock: Any = None,
+    ) -> None:
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.exchange = exchange
+        self.models = models
+        self.keys = keys
+        self.maxUpload = maxUpload
+        self.clock = clock
+
+    def site(self) -> ApiSite:
+        return ApiSite(self.app.resource(), self.maxUpload)
+
+    # -- the original API -------------------------------------------------
+
+    @app.route("/stt", methods=["POST"])
+    async def stt(self, request: IRequest) -> bytes:
+        return await self._serve(request, "/stt", self._stt, openai=False)
+
+    async def _stt(self, request: IRequest, done: _Done) -> bytes:
+        form = await forms.sttForm(request, self.maxUpload, self.keys)
+        done.key = form.key
+        done.model = self.models.sttModel(form.quality, form.language)
+        result = await self.exchange.transcribe(
+            done.model, form.language, form.audio.data, form.audio.format
+        )
+        if forms.wantsJson(request):
+            return _json(
+                request,
+                {
+                    "text": result.text,
+                    "model": result.model,
+                    "language": result.language or form.language,
+                    "duration_s": result.duration_s,
+                },
+            )
+        return _reply(request, _PLAIN, result.text.encode("utf-8"))
+
+    @app.route("/tts", methods=["POST"])
+    async def tts(self, request: IRequest) -> bytes:
+        return await self._serve(request, "/tts", self._tts, openai=False)
+
+    async def _tts(self, request: IRequest, done: _Done) -> bytes:
+        form = await forms.ttsForm(request, self.maxUpload, self.keys)
+        done.key = form.key
+        voice = self.models.voice(form.voice)
+        done.model = voice.model
+        audio = await self.exchange.synthesize(voice.model, form.language, voice.speaker, form.text)
+        return _reply(request, _WAV, audio)
+
+    # -- OpenAI -----------------------------------------------------------
+
+    @app.route("/v1/audio/transcriptions", methods=["POST"])
+    async def transcriptions(self, request: IRequest) -> bytes:
+        return await self._serve(request, "/v1/audio/transcriptions", self._transcriptions)
+
+    async def _transcriptions(self, request: IRequest, done: _Done) -> bytes:
+        form = await forms.transcriptionForm(request, self.maxUpload, self.keys)
+        done.key = form.key
+        done.model = self.models.openaiSttModel(form.model, form.language)
+        result = await self.exchange.transcribe(
+            done.model, form.language, form.audio.data, form.audio.format
+        )
+        if form.responseFormat == "text":
+            return _reply(request, _PLAIN, result.text.encode("utf-8"))
+        if form.responseFormat == "verbose_json":
+            return _json(
+                request,
+                {
+                    "task": "transcribe",
+                    "language": result.language or form.language,
+                    "duration": result.duration_s,
+                    "text": result.text,
+                    "segments": [],
+                },
+            )
+        return _json(request, {"text": result.text})
+
+    @app.route("/v1/audio/speech", methods=["POST"])
+    async def speech(self, request: IRequest) -> bytes:
+        return await self._serve(request, "/v1/audio/speech", self._speech)
+
+    async def _speech(self, request: IRequest, done: _Done) -> bytes:
+        form = await forms.speechForm(request, self.maxUpload, self.keys)
+        done.key = form.key
+        voice = self.models.openaiTtsVoice(form.model, form.voice)
+        done.model = voice.model
+        audio = await self.exchange.synthesize(voice.model, None, voice.speaker, form.text)
+        # Always a WAV, whatever format was asked for (see forms.SPEECH_FORMATS).
+        return _reply(request, _WAV, audio)
+
+    @app.route("/v1/models", methods=["GET"])
+    async def listModels(self, request: IRequest) -> bytes:
+        return await self._serve(request, "/v1/models", self._models)
+
+    async def _models(self, request: IRequest, done: _Done) -> bytes:
+        return _json(
+            request,
+            {
+                "object": "list",
+                "data": [
+                    {"id": name, "object": "model", "created": 0, "owned_by": "privox"}
+                    for name in self.models.models()
+                ],
+            },
+        )
+
+    # -- the rest ---------------------------------------------------------
+
+    @app.route("/healthz", methods=["GET"])
+    async def healthz(self, request: IRequest) -> bytes:
+        return await self._serve(request, "/healthz", self._health, openai=False)
+
+    async def _health(self, request: IRequest, done: _Done) -> bytes:
+        return _json(request, {**self.exchange.health(), "status": "ok"})
+
+    @app.route("/", methods=["GET"])
+    async def home(self, request: IRequest) -> bytes:
+        return await self._serve(request, "/", self._home, openai=False)
+
+    async def _home(self, request: IRequest, done: _Done) -> bytes:
+        host = request.getHeader(b"host")
+        scheme = "https" if request.isSecure() else "http"
+        base = f"{scheme}://" + (host.decode("latin-1") if host else "localhost:8080")
+        return _reply(request, _HTML, frontPage(base).encode("utf-8"))
+
+    # -- errors and logging -----------------------------------------------
+
+    @app.handle_errors(NotFound, MethodNotAllowed)
+    def routingError(self, request: IRequest, failure: Failure) -> bytes:
+        """
+        No such route or method: the same error shapes as the routes' own.
+        """
+        http = failure.value
+        error = ApiError("not found" if isinstance(http, NotFound) else "method not allowed")
+        error.status = http.code
+        error.kind = "not_found" if isinstance(http, NotFound) else "method_not_allowed"
+        if isinstance(http, MethodNotAllowed) and http.valid_methods:
+            request.setHeader(b"Allow", ", ".join(http.valid_methods).encode("ascii"))
+        return self._error(request, error, openai=request.path.startswith(b"/v1/"))
+
+    async def _serve(
+        self, request: IRequest, route: str, handler: Handler, openai: bool = True
+    ) -> bytes:
+        started = self.clock.seconds()
+        done = _Done()
+        try:
+            body = await handler(request, done)
+        except ApiError as e:
+            body = self._error(request, e, openai)
+        except CancelledError:
+            self._logRequest(request, route, 499, 0, started, done)
+            raise
+        except Exception:
+            self.log.failure("{route} failed", route=route)
+            body = self._error(request, ApiError("internal error"), openai)
+        self._logRequest(request, route, request.code, len(body), started, done)
+        return body
+
+    def _error(self, request: IRequest, error: ApiError, openai: bool) -> bytes:
+        request.setResponseCode(error.status)
+        if error.retryAfter is not None:
+            request.setHeader(b"Retry-After", str(error.retryAfter).encode("ascii"))
+        message = " ".join(error.message.split()) or error.kind
+        if openai:
+            return _json(
+                request,
+                {
+                    "error": {
+                        "message": message,
+                        "type": error.kind,
+                        "code": _CODES.get(error.status, error.kind),
+                    }
+                },
+            )
+        return _reply(request, _PLAIN, (message + "\n").encode("utf-8"))
+
+    def _logRequest(
+        self, request: IRequest, route: str, status: int, size: int, started: float, done: _Done
+    ) -> None:
+        self.log.info(
+            "{route} {status}: {received} bytes in, {bytes} out, {ms} ms"
+            " (model {model}, key {keyId})",
+            route=route,
+            status=status,
+            received=_received(request),
+            bytes=size,
+            ms=round((self.clock.seconds() - started) * 1000),
+            model=done.model,
+            keyId=keyId(done.key) if done.key else None,
+        )
+
+
+def _received(request: IRequest) -> int:
+    """
+    How many body bytes the request brought (or declared, when refused).
+    """
+    refused = getattr(request, "uploadRefused", None)
+    if refused is not None:
+        return int(refused)
+    content = request.content
+    if content is None:
+        return 0
+    position = content.tell()
+    content.seek(0, 2)
+    size = content.tell()
+    content.seek(position, 0)
+    return int(size)
+
+
+def _reply(request: IRequest, contentType: bytes, body: bytes) -> bytes:
+    request.setHeader(b"Content-Type", contentType)
+    request.setHeader(b"Content-Length", b"%d" % len(body))
+    return body
+
+
+def _json(request: IRequest, value: Any) -> bytes:
+    return _reply(request, _JSON, json.dumps(value, ensure_ascii=False).encode("utf-8"))
+
+
+def frontPage(base: str) -> str:
+    """
+    The page at C{GET /}: what this is and how to call it.
+    """
+    url = html.escape(base)
+    return f"""<!doctype html>
+<html lang="en">
+<head><meta charset="utf-8"><title>Privox</title></head>
+<body>
+<h1>Privox</h1>
+<p>A private voice exchange: speech to text and text to speech on volunteers'
+machines. Every request needs a key.</p>
+<h2>Speech to text</h2>
+<pre>curl -s {url}/stt -F key=KEY -F quality=fast -F language=en -F file=@hello.wav</pre>
+<p>Qualities: fast, normal, better, best, xcribe, xcribe2. Add
+<code>-H 'Accept: application/json'</code> for JSON.</p>
+<h2>Text to speech</h2>
+<pre>curl -s {url}/tts -d key=KEY -d voice=voice1 -d 'text=Hello from Privox.' -o hello.wav</pre>
+<h2>OpenAI-compatible</h2>
+<pre>curl -s {url}/v1/audio/transcriptions -H 'Authorization: Bearer KEY' -F model=whisper-1 -F file=@hello.wav
+curl -s {url}/v1/audio/speech -H 'Authorization: Bearer KEY' -H 'Content-Type: application/json' \\
+  -d '{{"model": "tts-1", "voice": "alloy", "input": "Hello from Privox."}}' -o hello.wav
+curl -s {url}/v1/models</pre>
+<p>Speech always comes back as WAV (<code>audio/wav</code>), whatever
+<code>response_format</code> asks for, except <code>pcm</code>, which is refused.</p>
+<p>Health: <a href="/healthz">/healthz</a></p>
+</body>
+</html>
+"""

@@ -1,0 +1,437 @@
+"""
+What clients send, read into small typed records: the one place that looks
+at request bodies and headers, and says precisely what is wrong with them.
+
+Every parser here raises an L{ApiError} subclass, never anything else:
+
+  - L{TooLarge} (413): the body is over the cap -- judged from
+    C{Content-Length} (or from what L{privox.api.app.LimitedRequest} saw
+    arrive) before the body is looked at, then from its actual size;
+  - L{BadInput} (400): a malformed body, a missing or empty field, text that
+    is not UTF-8, an empty file;
+  - L{Unauthorized} (401): no key, or one the key policy refuses (checked
+    before the other fields, so a caller without a good key learns nothing
+    about them);
+  - L{Unsupported} (422): a language, C{response_format} or other choice this
+    API does not offer.
+
+The key comes from the C{key} field or an C{Authorization: Bearer KEY}
+header, on every route. It never goes into a message or a C{repr}.
+
+Bodies are multipart/form-data or application/x-www-form-urlencoded (the
+original routes and OpenAI's transcriptions), or JSON (OpenAI's speech).
+twisted.web has already buffered the body (to a temporary file when large);
+multipart is read from it with C{multipart}'s push parser, in chunks, so a
+200 MB upload costs one pass and one copy.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import IO, Any, Iterator
+from urllib.parse import unquote_to_bytes
+
+from multipart import MultipartError, MultipartSegment, PushMultipartParser, parse_options_header
+from twisted.web.iweb import IRequest
+
+from privox.api.errors import BadInput, TooLarge, Unauthorized, Unsupported
+from privox.keys import KeyPolicy
+
+#: The original API's default quality and language.
+DEFAULT_QUALITY = "fast"
+DEFAULT_LANGUAGE = "en"
+
+#: OpenAI transcription formats served; the default is C{json}.
+TRANSCRIPTION_FORMATS = ("json", "text", "verbose_json")
+#: OpenAI transcription formats that exist but are not served here.
+UNSERVED_TRANSCRIPTION_FORMATS = ("srt", "vtt")
+
+#: OpenAI speech formats answered with a WAV file (C{Content-Type: audio/wav}).
+#: OpenAI's own default is mp3 and some clients ask for it by name; a WAV in
+#: its place plays everywhere those bytes are handed to a player or browser,
+#: which sniff the container, where a refusal would break the client. The
+#: response's Content-Type always says what it really is.
+SPEECH_FORMATS = ("wav", "mp3", "opus", "aac", "flac")
+#: OpenAI speech formats refused (422): C{pcm} is headerless 24 kHz samples,
+#: and a WAV (or another rate) in its place would play as noise.
+UNSERVED_SPEECH_FORMATS = ("pcm",)
+
+# A language tag: "en", "pt-BR", "zh_Hans", "yue".
+_LANGUAGE = re.compile(r"[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{1,8})*")
+_TRUE = ("1", "true", "yes", "on")
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Upload:
+    """
+    An uploaded audio file.
+
+    @ivar format: the PVX/2 C{format} to send it as: C{wav} (RIFF), C{zip}
+        (PK) or C{auto} (let the node decode whatever container it is).
+    """
+
+    data: bytes = field(repr=False)
+    filename: str | None
+    format: str
+
+    def __repr__(self) -> str:
+        return f"Upload({len(self.data)} bytes, format={self.format!r})"
+
+
+@dataclass(frozen=True)
+class SttForm:
+    """
+    C{POST /stt}: the original fields.
+    """
+
+    key: str = field(repr=False)
+    audio: Upload
+    quality: str = DEFAULT_QUALITY
+    language: str = DEFAULT_LANGUAGE
+    #: The original's flag for browser audio; nodes decode any container.
+    xlate: bool = False
+
+
+@dataclass(frozen=True)
+class TtsForm:
+    """
+    C{POST /tts}.
+    """
+
+    key: str = field(repr=False)
+    text: str = field(repr=False)
+    voice: str | None = None
+    language: str | None = None
+
+
+@dataclass(frozen=True)
+class TranscriptionForm:
+    """
+    C{POST /v1/audio/transcriptions} (OpenAI). C{prompt}, C{temperature} and
+    the like are accepted and ignored.
+    """
+
+    key: str = field(repr=False)
+    audio: Upload
+    model: str | None = None
+    language: str | None = None
+    responseFormat: str = "json"
+
+
+@dataclass(frozen=True)
+class SpeechForm:
+    """
+    C{POST /v1/audio/speech} (OpenAI), a JSON body. The answer is always a
+    WAV file; C{responseFormat} is what the client asked for (see
+    L{SPEECH_FORMATS}). C{speed} and C{instructions} are accepted and
+    ignored.
+    """
+
+    key: str = field(repr=False)
+    text: str = field(repr=False)
+    model: str | None = None
+    voice: str | None = None
+    responseFormat: str = "wav"
+
+
+@dataclass
+class Fields:
+    """
+    A parsed form: each name's values as raw bytes, in order, with the file
+    name a multipart part gave (or L{None}).
+    """
+
+    values: dict[str, list[tuple[bytes, str | None]]] = field(default_factory=dict)
+
+    def add(self, name: str, value: bytes, filename: str | None = None) -> None:
+        self.values.setdefault(name, []).append((value, filename))
+
+    def raw(self, name: str) -> tuple[bytes, str | None] | None:
+        found = self.values.get(name)
+        return found[0] if found else None
+
+    def text(self, name: str) -> str | None:
+        """
+        The first value of C{name} as text, stripped; L{None} if absent or
+        blank.
+
+        @raise BadInput: it is not UTF-8.
+        """
+        found = self.raw(name)
+        if found is None:
+            return None
+        return decodeText(found[0], name).strip() or None
+
+
+def decodeText(value: bytes, name: str) -> str:
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadInput(f"{name} is not UTF-8 text") from None
+
+
+def sniffFormat(data: bytes) -> str:
+    """
+    The PVX/2 C{format} for an upload, from its first bytes.
+    """
+    if data[:4] == b"RIFF":
+        return "wav"
+    if data[:2] == b"PK":
+        return "zip"
+    return "auto"
+
+
+def bodySize(request: IRequest, maxUpload: int) -> int:
+    """
+    The size of the request body, once it is known to be within the cap.
+
+    Refuses, in this order and without reading the body: a C{Content-Length}
+    over the cap, a body the request already refused as it arrived (see
+    L{privox.api.app.LimitedRequest}); then a body that is over it anyway.
+
+    @raise TooLarge: the body is over C{maxUpload} bytes.
+    """
+    declared = request.getHeader(b"content-length")
+    if declared is not None:
+        try:
+            length = int(declared)
+        except ValueError:
+            length = 0  # twisted.web has already refused a malformed one
+        if length > maxUpload:
+            raise _tooLarge(length, maxUpload)
+    if getattr(request, "uploadRefused", None) is not None:
+        # A chunked body that went over as it arrived: its size is unknown.
+        raise TooLarge(f"the request is over the limit of {maxUpload} bytes")
+    content = request.content
+    content.seek(0, 2)
+    size = content.tell()
+    content.seek(0, 0)
+    if size > maxUpload:
+        raise _tooLarge(size, maxUpload)
+    return size
+
+
+def _tooLarge(size: int, maxUpload: int) -> TooLarge:
+    return TooLarge(f"the request is {size} bytes; the limit is {maxUpload} bytes")
+
+
+def readForm(request: IRequest, size: int) -> Fields:
+    """
+    Parse a multipart/form-data or application/x-www-form-urlencoded body.
+
+    @raise BadInput: another content type, or a malformed body.
+    """
+    contentType = _header(request, b"content-type")
+    kind, options = parse_options_header(contentType) if contentType else ("", {})
+    if kind == "multipart/form-data":
+        boundary = options.get("boundary")
+        if not boundary:
+            raise BadInput("malformed multipart body: no boundary in Content-Type")
+        return _readMultipart(request.content, boundary, size)
+    if kind == "application/x-www-form-urlencoded":
+        return _readUrlencoded(request.content.read())
+    if size == 0:
+        return Fields()
+    raise BadInput(
+        "send the fields as multipart/form-data or application/x-www-form-urlencoded"
+    )
+
+
+def _readMultipart(content: IO[bytes], boundary: str, size: int) -> Fields:
+    fields = Fields()
+    parser = PushMultipartParser(
+        boundary, content_length=size, max_header_count=16, max_segment_count=64
+    )
+    segment: MultipartSegment | None = None
+    chunks: list[bytes] = []
+    try:
+        with parser:
+            for event in _events(parser, content):
+                if isinstance(event, MultipartSegment):
+                    segment, chunks = event, []
+                elif event:
+                    chunks.append(event)
+                elif segment is not None:
+                    fields.add(segment.name, b"".join(chunks), segment.filename)
+                    segment, chunks = None, []
+    except MultipartError as e:
+        raise BadInput(f"malformed multipart body: {e}") from None
+    return fields
+
+
+def _events(parser: PushMultipartParser, content: IO[bytes]) -> Iterator[Any]:
+    while chunk := content.read(_CHUNK):
+        yield from parser.parse(chunk)
+    yield from parser.parse(b"")
+
+
+def _readUrlencoded(body: bytes) -> Fields:
+    fields = Fields()
+    for pair in body.split(b"&"):
+        if not pair:
+            continue
+        name, _, value = pair.partition(b"=")
+        fields.add(
+            unquote_to_bytes(name.replace(b"+", b" ")).decode("utf-8", "replace"),
+            unquote_to_bytes(value.replace(b"+", b" ")),
+        )
+    return fields
+
+
+def _header(request: IRequest, name: bytes) -> str | None:
+    value = request.getHeader(name)
+    if value is None:
+        return None
+    return value.decode("latin-1") if isinstance(value, bytes) else value
+
+
+def requireKey(request: IRequest, fields: Fields | None = None) -> str:
+    """
+    The key: the C{key} field if there is one, else C{Authorization: Bearer}.
+
+    @raise Unauthorized: neither is given (or the key is blank).
+    """
+    key = fields.text("key") if fields is not None else None
+    if key is None:
+        authorization = _header(request, b"authorization") or ""
+        scheme, _, credentials = authorization.strip().partition(" ")
+        if scheme.lower() == "bearer" and credentials.strip():
+            key = credentials.strip()
+    if not key:
+        raise Unauthorized("a key is required: send a key field or Authorization: Bearer KEY")
+    return key
+
+
+async def authorize(request: IRequest, keys: KeyPolicy, fields: Fields | None = None) -> str:
+    """
+    The request's key (see L{requireKey}), once C{keys} accepts it.
+
+    @raise Unauthorized: no key, or C{keys} refuses it.
+    """
+    key = requireKey(request, fields)
+    if not await keys.check(key):
+        raise Unauthorized("the key was not accepted")
+    return key
+
+
+def _language(value: str | None) -> str | None:
+    if value is not None and not _LANGUAGE.fullmatch(value):
+        raise Unsupported(f"unsupported language {value!r}: give a language code such as en or de")
+    return value
+
+
+def _upload(fields: Fields) -> Upload:
+    found = fields.raw("file")
+    if found is None:
+        raise BadInput("the file field is required")
+    data, filename = found
+    if not data:
+        raise BadInput("the uploaded file is empty")
+    return Upload(data, filename, sniffFormat(data))
+
+
+async def sttForm(request: IRequest, maxUpload: int, keys: KeyPolicy) -> SttForm:
+    """
+    C{POST /stt}: C{file} and C{key} required; C{quality} (default
+    C{fast}), C{language} (default C{en}), C{xlate}.
+    """
+    fields = readForm(request, bodySize(request, maxUpload))
+    key = await authorize(request, keys, fields)
+    audio = _upload(fields)
+    xlate = (fields.text("xlate") or "").lower() in _TRUE
+    return SttForm(
+        key,
+        audio,
+        fields.text("quality") or DEFAULT_QUALITY,
+        _language(fields.text("language")) or DEFAULT_LANGUAGE,
+        xlate,
+    )
+
+
+async def ttsForm(request: IRequest, maxUpload: int, keys: KeyPolicy) -> TtsForm:
+    """
+    C{POST /tts}: C{key} and C{text} required; C{voice}, C{language}.
+    """
+    fields = readForm(request, bodySize(request, maxUpload))
+    key = await authorize(request, keys, fields)
+    text = fields.text("text")
+    if text is None:
+        raise BadInput("the text field is required and must not be blank")
+    return TtsForm(key, text, fields.text("voice"), _language(fields.text("language")))
+
+
+async def transcriptionForm(
+    request: IRequest, maxUpload: int, keys: KeyPolicy
+) -> TranscriptionForm:
+    """
+    C{POST /v1/audio/transcriptions}: multipart C{file}; C{model},
+    C{language}, C{response_format} (default C{json}).
+    """
+    fields = readForm(request, bodySize(request, maxUpload))
+    key = await authorize(request, keys, fields)
+    audio = _upload(fields)
+    responseFormat = fields.text("response_format") or "json"
+    if responseFormat not in TRANSCRIPTION_FORMATS:
+        why = (
+            "is not supported (no subtitle formats)"
+            if responseFormat in UNSERVED_TRANSCRIPTION_FORMATS
+            else "is unknown"
+        )
+        raise Unsupported(
+            f"response_format {responseFormat!r} {why}; "
+            f"use one of {', '.join(TRANSCRIPTION_FORMATS)}"
+        )
+    return TranscriptionForm(
+        key, audio, fields.text("model"), _language(fields.text("language")), responseFormat
+    )
+
+
+async def speechForm(request: IRequest, maxUpload: int, keys: KeyPolicy) -> SpeechForm:
+    """
+    C{POST /v1/audio/speech}: a JSON object with C{input} required; C{model},
+    C{voice}, C{response_format} (see L{SPEECH_FORMATS}).
+    """
+    size = bodySize(request, maxUpload)
+    key = await authorize(request, keys)
+    body = request.content.read() if size else b""
+    try:
+        decoded = json.loads(body.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise BadInput("the body is not UTF-8") from None
+    except ValueError:
+        raise BadInput("the body must be a JSON object") from None
+    if not isinstance(decoded, dict):
+        raise BadInput("the body must be a JSON object")
+
+    def string(name: str) -> str | None:
+        value = decoded.get(name)
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise BadInput(f"{name} must be a string")
+        return value.strip() or None
+
+    text = string("input")
+    if text is None:
+        raise BadInput("input is required and must not be blank")
+    responseFormat = string("response_format") or "wav"
+    if responseFormat in UNSERVED_SPEECH_FORMATS:
+        raise Unsupported(
+            "response_format 'pcm' (raw 24 kHz samples) is not supported; ask for wav"
+        )
+    if responseFormat not in SPEECH_FORMATS:
+        raise Unsupported(f"response_format {responseFormat!r} is unknown; ask for wav")
+    return SpeechForm(key, text, string("model"), string("voice"), responseFormat)
+
+
+def wantsJson(request: IRequest) -> bool:
+    """
+    Whether C{Accept} names C{application/json}.
+    """
+    accept = _header(request, b"accept") or ""
+    return any(
+        part.split(";", 1)[0].strip().lower() == "application/json" for part in accept.split(",")
+    )

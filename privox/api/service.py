@@ -1,0 +1,159 @@
+"""
+C{twistd privox-api}: options and the service tree.
+
+L{buildApi} is the part C{privox-local} reuses: settings and any
+L{Exchange} in, the Klein app and its site out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.application import strports
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python import usage
+from twisted.web.server import Site
+
+from privox.api.app import DEFAULT_MAX_UPLOAD, PrivoxAPI
+from privox.api.exchange import Exchange
+from privox.api.farms import FarmEntry, FarmExchange
+from privox.api.models import DEFAULT_STT, DEFAULT_VOICES, ModelTable
+from privox.config import optionsFor, setting
+from privox.keys import KeyPolicyError, policyFromSpec
+
+log = Logger()
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    listen: str = setting("tcp:8080", "Twisted server endpoint string the API listens on.")
+    farm: tuple[str, ...] = setting(
+        (),
+        "A farm: 'NAME STT-ENDPOINT TTS-ENDPOINT [weight=N] [fallback]' "
+        "(at least one; an endpoint may be 'none').",
+    )
+    farm_key: str = setting("", "This API's own consumer key, presented to the farms.")
+    keys: str = setting(
+        "open",
+        "User keys: 'open' (any non-empty key), an allow-list file, or an http(s) "
+        "validation URL. A key is required either way.",
+    )
+    max_upload: int = setting(DEFAULT_MAX_UPLOAD, "Largest request body in bytes (413 beyond).")
+    deadline: float = setting(60.0, "Seconds a request may take, every farm attempt included.")
+    attempts: int = setting(3, "Most distinct (non-fallback) farms tried per request.")
+    pool_size: int = setting(4, "Most open connections per farm and service.")
+    stt_model: tuple[str, ...] = setting(
+        DEFAULT_STT, "STT quality: 'QUALITY MODEL [ENGLISH-MODEL]'."
+    )
+    stt_language: tuple[str, ...] = setting(
+        (), "A language pinned to a model whatever the quality: 'LANGUAGE MODEL'."
+    )
+    voice: tuple[str, ...] = setting(
+        DEFAULT_VOICES, "TTS voice: 'VOICE MODEL [SPEAKER]'; the first is the default."
+    )
+
+
+def modelTable(settings: ApiSettings) -> ModelTable:
+    """
+    @raise usage.UsageError: a malformed model or voice line.
+    """
+    try:
+        return ModelTable.parse(settings.stt_model, settings.voice, settings.stt_language)
+    except ValueError as e:
+        raise usage.UsageError(str(e))
+
+
+def buildApi(settings: ApiSettings, exchange: Exchange, reactor: Any) -> tuple[PrivoxAPI, Site]:
+    """
+    The app for C{settings} over C{exchange}, and the site that serves it
+    (with the upload cap applied as bodies arrive).
+
+    @raise usage.UsageError: bad model tables or key policy.
+    """
+    try:
+        keys = policyFromSpec(settings.keys, reactor=reactor)
+    except KeyPolicyError as e:
+        raise usage.UsageError(str(e))
+    api = PrivoxAPI(
+        exchange, modelTable(settings), keys, maxUpload=settings.max_upload, clock=reactor
+    )
+    log.info(
+        "API: user keys {keys}; {farms} farm(s); uploads up to {max} bytes",
+        keys=keys.description,
+        farms=len(settings.farm),
+        max=settings.max_upload,
+    )
+    return api, api.site()
+
+
+_BaseOptions = optionsFor(
+    ApiSettings, "Run the Privox HTTP API (the original routes and OpenAI's audio routes)."
+)
+
+
+class Options(_BaseOptions):  # type: ignore[misc,valid-type]
+    farms: list[FarmEntry]
+
+    def postOptions(self) -> None:
+        super().postOptions()
+        s = self.settings
+        if not s.farm:
+            raise usage.UsageError("no farms: give at least one --farm")
+        self.farms = []
+        for line in s.farm:
+            try:
+                self.farms.append(FarmEntry.parse(line))
+            except ValueError as e:
+                raise usage.UsageError(str(e))
+        names = [f.name for f in self.farms]
+        if len(set(names)) != len(names):
+            raise usage.UsageError("farm names must be unique")
+        modelTable(s)
+        if not s.listen.strip():
+            raise usage.UsageError("--listen must not be empty")
+        if s.max_upload < 1:
+            raise usage.UsageError("--max-upload must be positive")
+        if s.deadline <= 0:
+            raise usage.UsageError("--deadline must be positive")
+        if s.attempts < 1 or s.pool_size < 1:
+            raise usage.UsageError("--attempts and --pool-size must be at least 1")
+
+
+class ExchangeService(Service):
+    """
+    Stops the exchange (its farm connections) when the API stops.
+    """
+
+    def __init__(self, exchange: Any) -> None:
+        self.exchange = exchange
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return self.exchange.stop()
+
+
+def makeService(options: Options, reactor: Any = None) -> IService:
+    if reactor is None:
+        from twisted.internet import reactor
+    s = options.settings
+    try:
+        exchange = FarmExchange(
+            options.farms,
+            reactor,
+            key=s.farm_key,
+            deadline=s.deadline,
+            attempts=s.attempts,
+            poolSize=s.pool_size,
+        )
+    except ValueError as e:
+        raise usage.UsageError(str(e))
+    _, site = buildApi(s, exchange, reactor)
+    top = MultiService()
+    # Added first, stopped last: the port closes before the farm connections.
+    ExchangeService(exchange).setServiceParent(top)
+    log.info("API listening on {endpoint}", endpoint=s.listen)
+    strports.service(s.listen, site, reactor=reactor).setServiceParent(top)
+    return top

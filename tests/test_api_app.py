@@ -1,0 +1,937 @@
+"""
+The HTTP layer of the API: every route, field and error status, through
+C{treq.testing.StubTreq}, with the farm side stubbed by an in-test
+L{Exchange}; the upload cap as bodies arrive, over a real L{ApiSite}; and
+C{twistd privox-api}'s options and service tree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import runpy
+import tomllib
+from typing import Any
+from urllib.parse import quote_from_bytes
+
+from treq.testing import StubTreq
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactor, StringTransport
+from twisted.python import usage
+from twisted.python.filepath import FilePath
+from twisted.trial.unittest import SynchronousTestCase
+
+from privox.api import forms
+from privox.api.app import ApiSite, LimitedRequest, PrivoxAPI, _Discarded
+from privox.api.errors import (
+    ApiError,
+    BadInput,
+    TimedOut,
+    TooLarge,
+    Unavailable,
+    Unsupported,
+)
+from privox.api.exchange import Transcribed
+from privox.api.farms import FarmExchange
+from privox.api.models import DEFAULT_STT, DEFAULT_VOICES, ModelTable
+from privox.api.service import ApiSettings, ExchangeService, Options, buildApi, makeService
+from privox.config import optionName
+from privox.keys import AllowListPolicy, OpenPolicy, keyId
+
+ETC = FilePath(__file__).parent().parent().child("etc")
+
+WAV = b"RIFF\x24\x00\x00\x00WAVEfmt " + bytes(32)
+SPOKEN = b"RIFF\x10\x00\x00\x00WAVEdata-spoken"
+KEY = "good-key"
+MODELS = ModelTable.parse(DEFAULT_STT, DEFAULT_VOICES)
+
+
+class FakeExchange:
+    """
+    The farm side, stubbed: records each call, answers with canned results,
+    or raises C{error}.
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+        self.error: Exception | None = None
+        self.text = "hello world"
+        self.language: str | None = "en"
+
+    async def transcribe(
+        self, model: str, language: str | None, audio: bytes, format: str
+    ) -> Transcribed:
+        self.calls.append(("transcribe", model, language, audio, format))
+        if self.error is not None:
+            raise self.error
+        return Transcribed(self.text, model, self.language or language, 2.5)
+
+    async def synthesize(
+        self, model: str, language: str | None, voice: str | None, text: str
+    ) -> bytes:
+        self.calls.append(("synthesize", model, language, voice, text))
+        if self.error is not None:
+            raise self.error
+        return SPOKEN
+
+    def health(self) -> dict[str, Any]:
+        return {"farms": [{"name": "alpha", "services": ["stt", "tts"], "up": True}]}
+
+
+def multipart(
+    fields: dict[str, str | bytes], files: dict[str, tuple[str, bytes]] | None = None
+) -> tuple[bytes, str]:
+    """
+    A multipart/form-data body (StubTreq cannot make one) and its type.
+    """
+    boundary = "privox-test-boundary"
+    parts = []
+    for name, value in fields.items():
+        raw = value.encode("utf-8") if isinstance(value, str) else value
+        parts.append(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode()
+            + raw
+            + b"\r\n"
+        )
+    for name, (filename, data) in (files or {}).items():
+        parts.append(
+            (
+                f"--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"; "
+                f'filename="{filename}"\r\nContent-Type: application/octet-stream\r\n\r\n'
+            ).encode()
+            + data
+            + b"\r\n"
+        )
+    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+class APITestCase(SynchronousTestCase):
+    maxUpload = 4096
+
+    def setUp(self) -> None:
+        self.exchange = FakeExchange()
+        self.keys = AllowListPolicy("keys.txt", frozenset([KEY]))
+        self.clock = Clock()
+        self.api = PrivoxAPI(
+            self.exchange, MODELS, self.keys, maxUpload=self.maxUpload, clock=self.clock
+        )
+        self.events: list[dict[str, Any]] = []
+        self.api.log = type(self.api.log)(observer=self.events.append)
+        self.treq = StubTreq(self.api.app.resource())
+
+    def request(self, method: str, path: str, **kwargs: Any) -> tuple[Any, bytes]:
+        response = self.successResultOf(self.treq.request(method, "http://privox.test" + path, **kwargs))
+        return response, self.successResultOf(self.treq.content(response))
+
+    def post(self, path: str, **kwargs: Any) -> tuple[Any, bytes]:
+        return self.request("POST", path, **kwargs)
+
+    def postMultipart(
+        self,
+        path: str,
+        fields: dict[str, str | bytes],
+        files: dict[str, tuple[str, bytes]] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[Any, bytes]:
+        body, contentType = multipart(fields, files)
+        return self.post(path, data=body, headers={"Content-Type": contentType, **(headers or {})})
+
+    def header(self, response: Any, name: str) -> str | None:
+        values = response.headers.getRawHeaders(name)
+        return values[0] if values else None
+
+    def assertPlainError(self, response: Any, body: bytes, status: int, reason: str) -> None:
+        self.assertEqual(response.code, status, body)
+        self.assertEqual(self.header(response, "content-type"), "text/plain; charset=utf-8")
+        text = body.decode("utf-8")
+        self.assertTrue(text.endswith("\n") and "\n" not in text[:-1], text)
+        self.assertIn(reason, text)
+
+    def assertJsonError(
+        self, response: Any, body: bytes, status: int, kind: str, reason: str = ""
+    ) -> dict[str, Any]:
+        self.assertEqual(response.code, status, body)
+        self.assertEqual(self.header(response, "content-type"), "application/json")
+        error = json.loads(body)["error"]
+        self.assertEqual(set(error), {"message", "type", "code"})
+        self.assertEqual(error["type"], kind)
+        self.assertIn(reason, error["message"])
+        return error
+
+
+class SttTests(APITestCase):
+    def stt(self, fields: dict[str, str | bytes], audio: bytes = WAV, **kw: Any) -> tuple[Any, bytes]:
+        return self.postMultipart("/stt", {"key": KEY, **fields}, {"file": ("clip.wav", audio)}, **kw)
+
+    def test_multipart(self) -> None:
+        """
+        A multipart upload with only key and file: the fast English model,
+        a plain-text transcript.
+        """
+        response, body = self.stt({})
+        self.assertEqual(response.code, 200)
+        self.assertEqual(self.header(response, "content-type"), "text/plain; charset=utf-8")
+        self.assertEqual(body, b"hello world")
+        self.assertEqual(self.exchange.calls, [("transcribe", "whisper:tiny.en", "en", WAV, "wav")])
+
+    def test_urlencoded(self) -> None:
+        response, body = self.post(
+            "/stt", data={"key": KEY, "file": WAV, "quality": "better", "language": "fr"}
+        )
+        self.assertEqual((response.code, body), (200, b"hello world"))
+        self.assertEqual(self.exchange.calls, [("transcribe", "whisper:small", "fr", WAV, "wav")])
+
+    def test_qualityAndLanguageToModel(self) -> None:
+        cases = [
+            ({"quality": "fast", "language": "en"}, "whisper:tiny.en"),
+            ({"quality": "best", "language": "de"}, "whisper:medium"),
+            ({"quality": "normal"}, "whisper:base.en"),
+            ({"quality": "better", "language": "en-US"}, "whisper:small.en"),
+            ({"quality": "xcribe", "language": "es"}, "whisper:large"),
+            ({"quality": "xcribe2"}, "whisper:large-v2"),
+        ]
+        for fields, model in cases:
+            self.exchange.calls.clear()
+            response, _ = self.stt(fields)
+            self.assertEqual(response.code, 200)
+            self.assertEqual(self.exchange.calls[0][1], model, fields)
+
+    def test_json(self) -> None:
+        self.exchange.language = None
+        response, body = self.stt(
+            {"quality": "best", "language": "de"}, headers={"Accept": "text/html, application/json;q=0.9"}
+        )
+        self.assertEqual(self.header(response, "content-type"), "application/json")
+        self.assertEqual(
+            json.loads(body),
+            {"text": "hello world", "model": "whisper:medium", "language": "de", "duration_s": 2.5},
+        )
+
+    def test_formatSniffed(self) -> None:
+        for audio, format in ((WAV, "wav"), (b"PK\x03\x04zipped", "zip"), (b"\x1aE\xdf\xa3webm", "auto")):
+            self.exchange.calls.clear()
+            self.assertEqual(self.stt({}, audio)[0].code, 200)
+            self.assertEqual(self.exchange.calls[0][3:], (audio, format))
+
+    def test_xlateAccepted(self) -> None:
+        response, _ = self.stt({"xlate": "1"})
+        self.assertEqual(response.code, 200)
+        self.assertEqual(forms.SttForm(KEY, forms.Upload(WAV, None, "wav"), xlate=True).xlate, True)
+
+    def test_bearerKey(self) -> None:
+        response, _ = self.postMultipart(
+            "/stt", {}, {"file": ("a.wav", WAV)}, headers={"Authorization": f"Bearer {KEY}"}
+        )
+        self.assertEqual(response.code, 200)
+
+    def test_missingFile(self) -> None:
+        response, body = self.postMultipart("/stt", {"key": KEY})
+        self.assertPlainError(response, body, 400, "the file field is required")
+        self.assertEqual(self.exchange.calls, [])
+
+    def test_emptyFile(self) -> None:
+        response, body = self.stt({}, b"")
+        self.assertPlainError(response, body, 400, "the uploaded file is empty")
+
+    def test_missingKey(self) -> None:
+        response, body = self.postMultipart("/stt", {}, {"file": ("a.wav", WAV)})
+        self.assertPlainError(response, body, 401, "a key is required")
+        response, body = self.postMultipart("/stt", {"key": "  "}, {"file": ("a.wav", WAV)})
+        self.assertPlainError(response, body, 401, "a key is required")
+
+    def test_badKey(self) -> None:
+        response, body = self.postMultipart("/stt", {"key": "wrong"}, {"file": ("a.wav", WAV)})
+        self.assertPlainError(response, body, 401, "the key was not accepted")
+        self.assertEqual(self.exchange.calls, [])
+
+    def test_keyCheckedBeforeFields(self) -> None:
+        """
+        Without a good key, nothing is said about the other fields.
+        """
+        response, body = self.postMultipart("/stt", {"key": "wrong", "quality": "nope"})
+        self.assertPlainError(response, body, 401, "the key was not accepted")
+
+    def test_unknownQuality(self) -> None:
+        response, body = self.stt({"quality": "superb"})
+        self.assertPlainError(response, body, 400, "quality must be one of fast, normal")
+
+    def test_unsupportedLanguage(self) -> None:
+        response, body = self.stt({"language": "english!"})
+        self.assertPlainError(response, body, 422, "unsupported language")
+
+    def test_nonUtf8Field(self) -> None:
+        response, body = self.stt({"quality": b"\xff\xfe"})
+        self.assertPlainError(response, body, 400, "quality is not UTF-8 text")
+
+    def test_oversize(self) -> None:
+        """
+        A body over the cap: 413 from Content-Length, before any parsing.
+        """
+        response, body = self.stt({}, b"RIFF" + bytes(self.maxUpload))
+        self.assertPlainError(response, body, 413, f"the limit is {self.maxUpload} bytes")
+        self.assertEqual(self.exchange.calls, [])
+
+    def test_notAForm(self) -> None:
+        response, body = self.post("/stt", data=WAV, headers={"Content-Type": "audio/wav"})
+        self.assertPlainError(response, body, 400, "send the fields as multipart/form-data")
+
+    def test_malformedMultipart(self) -> None:
+        body, contentType = multipart({"key": KEY}, {"file": ("a.wav", WAV)})
+        response, text = self.post("/stt", data=body[:-30], headers={"Content-Type": contentType})
+        self.assertPlainError(response, text, 400, "malformed multipart body")
+
+    def test_exchangeErrors(self) -> None:
+        cases = [
+            (BadInput("the audio could not be decoded"), 400, None),
+            (Unsupported("no farm serves whisper:tiny.en"), 422, None),
+            (Unavailable("no producer is free"), 503, "5"),
+            (Unavailable("farms refused us", retryAfter=30), 503, "30"),
+            (TimedOut("no answer within 60 s"), 504, None),
+            (TooLarge("the farm takes 50 MB at most"), 413, None),
+            (ApiError("the engine failed"), 500, None),
+        ]
+        for error, status, retryAfter in cases:
+            self.exchange.error = error
+            response, body = self.stt({})
+            self.assertPlainError(response, body, status, error.message)
+            self.assertEqual(self.header(response, "retry-after"), retryAfter)
+
+    def test_unexpectedError(self) -> None:
+        """
+        A bug in the exchange is a 500 with a bland reason, logged.
+        """
+        self.exchange.error = RuntimeError("secret internals")
+        response, body = self.stt({})
+        self.assertPlainError(response, body, 500, "internal error")
+        self.assertNotIn(b"secret", body)
+        self.assertTrue(any(e.get("log_failure") for e in self.events))
+
+
+class TtsTests(APITestCase):
+    def test_defaultVoice(self) -> None:
+        response, body = self.post("/tts", data={"key": KEY, "text": "Hello there."})
+        self.assertEqual(response.code, 200)
+        self.assertEqual(self.header(response, "content-type"), "audio/wav")
+        self.assertEqual(body, SPOKEN)
+        self.assertEqual(
+            self.exchange.calls,
+            [("synthesize", "coqui:tts_models/en/vctk/vits", None, "p236", "Hello there.")],
+        )
+
+    def test_voices(self) -> None:
+        for voice, speaker in (("voice1", "p236"), ("voice2", "p270")):
+            self.exchange.calls.clear()
+            response, _ = self.post(
+                "/tts", data={"key": KEY, "text": "Hi.", "voice": voice, "language": "en"}
+            )
+            self.assertEqual(response.code, 200)
+            self.assertEqual(self.exchange.calls[0][2:4], ("en", speaker))
+
+    def test_multipart(self) -> None:
+        response, body = self.postMultipart("/tts", {"key": KEY, "text": "Grüße", "voice": "voice2"})
+        self.assertEqual((response.code, body), (200, SPOKEN))
+        self.assertEqual(self.exchange.calls[0][4], "Grüße")
+
+    def test_unknownVoice(self) -> None:
+        response, body = self.post("/tts", data={"key": KEY, "text": "Hi.", "voice": "voice9"})
+        self.assertPlainError(response, body, 422, "unknown voice 'voice9'")
+
+    def test_missingOrEmptyText(self) -> None:
+        for data in ({"key": KEY}, {"key": KEY, "text": ""}, {"key": KEY, "text": "  \n "}):
+            response, body = self.post("/tts", data=data)
+            self.assertPlainError(response, body, 400, "the text field is required")
+        self.assertEqual(self.exchange.calls, [])
+
+    def test_nonUtf8Text(self) -> None:
+        response, body = self.post(
+            "/tts",
+            data=f"key={KEY}&text=".encode() + quote_from_bytes(b"caf\xe9").encode(),
+            headers={"Content-Type": "application/x-www-form-urlencoded"},
+        )
+        self.assertPlainError(response, body, 400, "text is not UTF-8 text")
+        response, body = self.postMultipart("/tts", {"key": KEY, "text": b"\xff\xfeh\x00i\x00"})
+        self.assertPlainError(response, body, 400, "text is not UTF-8 text")
+
+    def test_keys(self) -> None:
+        response, body = self.post("/tts", data={"text": "Hi."})
+        self.assertPlainError(response, body, 401, "a key is required")
+        response, body = self.post("/tts", data={"key": "wrong", "text": "Hi."})
+        self.assertPlainError(response, body, 401, "the key was not accepted")
+        response, _ = self.post(
+            "/tts", data={"text": "Hi."}, headers={"Authorization": f"bearer {KEY}"}
+        )
+        self.assertEqual(response.code, 200)
+
+    def test_exchangeErrors(self) -> None:
+        self.exchange.error = Unavailable("no producer is free")
+        response, body = self.post("/tts", data={"key": KEY, "text": "Hi."})
+        self.assertPlainError(response, body, 503, "no producer is free")
+        self.assertEqual(self.header(response, "retry-after"), "5")
+        self.exchange.error = TimedOut("too slow")
+        response, body = self.post("/tts", data={"key": KEY, "text": "Hi."})
+        self.assertPlainError(response, body, 504, "too slow")
+
+    def test_oversize(self) -> None:
+        response, body = self.post("/tts", data={"key": KEY, "text": "x" * self.maxUpload})
+        self.assertPlainError(response, body, 413, "the limit is")
+
+
+class TranscriptionTests(APITestCase):
+    BEARER = {"Authorization": f"Bearer {KEY}"}
+
+    def transcribe(self, fields: dict[str, str | bytes], audio: bytes = WAV) -> tuple[Any, bytes]:
+        return self.postMultipart(
+            "/v1/audio/transcriptions", fields, {"file": ("speech.mp3", audio)}, headers=self.BEARER
+        )
+
+    def test_json(self) -> None:
+        response, body = self.transcribe({"model": "whisper-1"})
+        self.assertEqual(response.code, 200)
+        self.assertEqual(self.header(response, "content-type"), "application/json")
+        self.assertEqual(json.loads(body), {"text": "hello world"})
+        self.assertEqual(self.exchange.calls, [("transcribe", "whisper:tiny.en", None, WAV, "wav")])
+
+    def test_text(self) -> None:
+        response, body = self.transcribe({"model": "whisper-1", "response_format": "text"})
+        self.assertEqual(self.header(response, "content-type"), "text/plain; charset=utf-8")
+        self.assertEqual(body, b"hello world")
+
+    def test_verboseJson(self) -> None:
+        self.exchange.language = None
+        response, body = self.transcribe(
+            {"model": "whisper-1", "response_format": "verbose_json", "language": "de"}
+        )
+        self.assertEqual(
+            json.loads(body),
+            {
+                "task": "transcribe",
+                "language": "de",
+                "duration": 2.5,
+                "text": "hello world",
+                "segments": [],
+            },
+        )
+
+    def test_unsupportedFormats(self) -> None:
+        for format, reason in (("srt", "no subtitle formats"), ("xml", "is unknown")):
+            response, body = self.transcribe({"model": "whisper-1", "response_format": format})
+            self.assertJsonError(response, body, 422, "unsupported", reason)
+        self.assertEqual(self.exchange.calls, [])
+
+    def test_models(self) -> None:
+        cases = [
+            ({"model": "whisper-1", "language": "de"}, "whisper:tiny"),
+            ({"model": "gpt-4o-transcribe", "language": "en"}, "whisper:tiny.en"),
+            ({"model": "whisper:small"}, "whisper:small"),
+            ({"model": "best", "language": "fr"}, "whisper:medium"),
+            ({}, "whisper:tiny.en"),
+        ]
+        for fields, model in cases:
+            self.exchange.calls.clear()
+            self.assertEqual(self.transcribe(fields)[0].code, 200, fields)
+            self.assertEqual(self.exchange.calls[0][1], model, fields)
+
+    def test_unknownModel(self) -> None:
+        response, body = self.transcribe({"model": "gpt-9-ears"})
+        error = self.assertJsonError(response, body, 422, "unsupported", "unknown model 'gpt-9-ears'")
+        self.assertEqual(error["code"], "unsupported")
+
+    def test_ignoredFields(self) -> None:
+        response, _ = self.transcribe(
+            {"model": "whisper-1", "prompt": "Privox", "temperature": "0.2", "timestamp_granularities[]": "word"}
+        )
+        self.assertEqual(response.code, 200)
+
+    def test_keys(self) -> None:
+        response, body = self.postMultipart(
+            "/v1/audio/transcriptions", {"model": "whisper-1"}, {"file": ("a.wav", WAV)}
+        )
+        error = self.assertJsonError(response, body, 401, "authentication_error", "a key is required")
+        self.assertEqual(error["code"], "invalid_api_key")
+        response, body = self.postMultipart(
+            "/v1/audio/transcriptions",
+            {"model": "whisper-1"},
+            {"file": ("a.wav", WAV)},
+            headers={"Authorization": "Bearer wrong"},
+        )
+        self.assertJsonError(response, body, 401, "authentication_error", "not accepted")
+        response, _ = self.postMultipart(
+            "/v1/audio/transcriptions", {"key": KEY}, {"file": ("a.wav", WAV)}
+        )
+        self.assertEqual(response.code, 200)
+
+    def test_badInput(self) -> None:
+        response, body = self.postMultipart(
+            "/v1/audio/transcriptions", {"model": "whisper-1"}, headers=self.BEARER
+        )
+        self.assertJsonError(response, body, 400, "invalid_request_error", "the file field is required")
+        response, body = self.transcribe({"language": "??"})
+        self.assertJsonError(response, body, 422, "unsupported", "unsupported language")
+
+    def test_oversize(self) -> None:
+        response, body = self.transcribe({}, bytes(self.maxUpload))
+        self.assertJsonError(response, body, 413, "request_too_large", "the limit is")
+
+    def test_exchangeErrors(self) -> None:
+        self.exchange.error = Unavailable("no producer is free")
+        response, body = self.transcribe({"model": "whisper-1"})
+        error = self.assertJsonError(response, body, 503, "no_capacity", "no producer is free")
+        self.assertEqual(error["code"], "no_capacity")
+        self.assertEqual(self.header(response, "retry-after"), "5")
+        self.exchange.error = TimedOut("too slow")
+        response, body = self.transcribe({"model": "whisper-1"})
+        self.assertJsonError(response, body, 504, "timeout", "too slow")
+        self.exchange.error = Unsupported("no farm serves it")
+        response, body = self.transcribe({"model": "whisper-1"})
+        self.assertJsonError(response, body, 422, "unsupported")
+
+
+class SpeechTests(APITestCase):
+    BEARER = {"Authorization": f"Bearer {KEY}"}
+
+    def speak(self, body: Any, headers: dict[str, str] | None = None) -> tuple[Any, bytes]:
+        if isinstance(body, bytes):
+            return self.post(
+                "/v1/audio/speech",
+                data=body,
+                headers={"Content-Type": "application/json", **self.BEARER, **(headers or {})},
+            )
+        return self.post("/v1/audio/speech", json=body, headers={**self.BEARER, **(headers or {})})
+
+    def test_tts1(self) -> None:
+        for model in ("tts-1", "tts-1-hd", "gpt-4o-mini-tts"):
+            self.exchange.calls.clear()
+            response, body = self.speak({"model": model, "input": "Hello.", "voice": "alloy"})
+            self.assertEqual(response.code, 200)
+            self.assertEqual(self.header(response, "content-type"), "audio/wav")
+            self.assertEqual(body, SPOKEN)
+            self.assertEqual(
+                self.exchange.calls,
+                [("synthesize", "coqui:tts_models/en/vctk/vits", None, "p236", "Hello.")],
+            )
+
+    def test_voices(self) -> None:
+        cases = [
+            ("alloy", "p236"),
+            ("echo", "p270"),
+            ("onyx", "p270"),
+            ("nova", "p236"),
+            ("voice2", "p270"),
+            ("no-such-voice", "p236"),
+            (None, "p236"),
+        ]
+        for voice, speaker in cases:
+            self.exchange.calls.clear()
+            request = {"model": "tts-1", "input": "Hi."}
+            if voice is not None:
+                request["voice"] = voice
+            self.assertEqual(self.speak(request)[0].code, 200)
+            self.assertEqual(self.exchange.calls[0][3], speaker, voice)
+
+    def test_privoxModel(self) -> None:
+        self.speak({"model": "piper:en_US-joe-medium", "input": "Hi.", "voice": "echo"})
+        self.assertEqual(self.exchange.calls[0][1:4], ("piper:en_US-joe-medium", None, "p270"))
+
+    def test_unknownModel(self) -> None:
+        response, body = self.speak({"model": "tts-9", "input": "Hi."})
+        self.assertJsonError(response, body, 422, "unsupported", "unknown model 'tts-9'")
+
+    def test_responseFormats(self) -> None:
+        """
+        No format, wav, and the compressed formats stock clients ask for all
+        get the WAV, labelled as such; pcm and unknown formats are refused.
+        """
+        for format in (None, "wav", "mp3", "opus", "aac", "flac"):
+            request = {"model": "tts-1", "input": "Hi."}
+            if format is not None:
+                request["response_format"] = format
+            response, body = self.speak(request)
+            self.assertEqual((response.code, body), (200, SPOKEN), format)
+            self.assertEqual(self.header(response, "content-type"), "audio/wav")
+        response, body = self.speak({"model": "tts-1", "input": "Hi.", "response_format": "pcm"})
+        self.assertJsonError(response, body, 422, "unsupported", "'pcm'")
+        response, body = self.speak({"model": "tts-1", "input": "Hi.", "response_format": "ogg"})
+        self.assertJsonError(response, body, 422, "unsupported", "'ogg' is unknown")
+
+    def test_ignoredFields(self) -> None:
+        response, _ = self.speak(
+            {"model": "tts-1", "input": "Hi.", "speed": 1.5, "instructions": "Cheerfully."}
+        )
+        self.assertEqual(response.code, 200)
+
+    def test_badBodies(self) -> None:
+        cases = [
+            ({"model": "tts-1"}, "input is required"),
+            ({"model": "tts-1", "input": "   "}, "input is required"),
+            ({"model": "tts-1", "input": 42}, "input must be a string"),
+            ({"model": ["tts-1"], "input": "Hi."}, "model must be a string"),
+            ([1, 2], "must be a JSON object"),
+            (b"model=tts-1&input=Hi", "must be a JSON object"),
+            (b'{"input": "caf\xe9"}', "not UTF-8"),
+            (b"", "must be a JSON object"),
+        ]
+        for body, reason in cases:
+            response, text = self.speak(body)
+            self.assertJsonError(response, text, 400, "invalid_request_error", reason)
+        self.assertEqual(self.exchange.calls, [])
+
+    def test_keys(self) -> None:
+        response, body = self.post("/v1/audio/speech", json={"model": "tts-1", "input": "Hi."})
+        self.assertJsonError(response, body, 401, "authentication_error", "a key is required")
+        response, body = self.speak(
+            {"model": "tts-1", "input": "Hi."}, headers={"Authorization": "Basic Zm9vOmJhcg=="}
+        )
+        self.assertJsonError(response, body, 401, "authentication_error", "a key is required")
+        response, body = self.speak(
+            {"model": "tts-1", "input": "Hi."}, headers={"Authorization": "Bearer wrong"}
+        )
+        self.assertJsonError(response, body, 401, "authentication_error", "not accepted")
+
+    def test_oversize(self) -> None:
+        response, body = self.speak({"model": "tts-1", "input": "x" * self.maxUpload})
+        self.assertJsonError(response, body, 413, "request_too_large")
+
+    def test_exchangeErrors(self) -> None:
+        self.exchange.error = Unavailable("no producer is free", retryAfter=7)
+        response, body = self.speak({"model": "tts-1", "input": "Hi."})
+        self.assertJsonError(response, body, 503, "no_capacity", "no producer is free")
+        self.assertEqual(self.header(response, "retry-after"), "7")
+
+
+class OtherRouteTests(APITestCase):
+    def test_models(self) -> None:
+        response, body = self.request("GET", "/v1/models")
+        self.assertEqual(response.code, 200)
+        listing = json.loads(body)
+        self.assertEqual(listing["object"], "list")
+        ids = [m["id"] for m in listing["data"]]
+        for name in ("whisper-1", "tts-1", "tts-1-hd", "whisper:tiny.en", "whisper:medium",
+                     "coqui:tts_models/en/vctk/vits"):
+            self.assertIn(name, ids)
+        self.assertEqual(len(ids), len(set(ids)))
+        for model in listing["data"]:
+            self.assertEqual((model["object"], model["owned_by"]), ("model", "privox"))
+
+    def test_healthz(self) -> None:
+        response, body = self.request("GET", "/healthz")
+        self.assertEqual(response.code, 200)
+        self.assertEqual(self.header(response, "content-type"), "application/json")
+        self.assertEqual(
+            json.loads(body),
+            {"status": "ok", "farms": [{"name": "alpha", "services": ["stt", "tts"], "up": True}]},
+        )
+
+    def test_frontPage(self) -> None:
+        response, body = self.request("GET", "/")
+        self.assertEqual(response.code, 200)
+        self.assertEqual(self.header(response, "content-type"), "text/html; charset=utf-8")
+        page = body.decode("utf-8")
+        self.assertIn("Privox", page)
+        self.assertIn("curl -s http://privox.test/stt -F key=KEY", page)
+        self.assertIn("/v1/audio/transcriptions", page)
+
+    def test_frontPageEscapesHost(self) -> None:
+        response, body = self.request("GET", "/", headers={"Host": "<script>x</script>"})
+        self.assertNotIn(b"<script>", body)
+        self.assertIn(b"&lt;script&gt;", body)
+
+    def test_notFound(self) -> None:
+        response, body = self.request("GET", "/nowhere")
+        self.assertPlainError(response, body, 404, "not found")
+        response, body = self.request("GET", "/v1/nowhere")
+        self.assertJsonError(response, body, 404, "not_found", "not found")
+
+    def test_wrongMethod(self) -> None:
+        response, body = self.request("GET", "/stt")
+        self.assertPlainError(response, body, 405, "method not allowed")
+        self.assertIn("POST", self.header(response, "allow") or "")
+        response, body = self.request("GET", "/v1/audio/speech")
+        self.assertJsonError(response, body, 405, "method_not_allowed")
+
+
+class LoggingTests(APITestCase):
+    def test_requestLine(self) -> None:
+        """
+        One line per request with named fields, the key as keyId only, and
+        never the text, the audio or the key.
+        """
+        self.clock.advance(10)
+        self.post("/tts", data={"key": KEY, "text": "my secret diary"})
+        self.postMultipart("/stt", {"key": KEY}, {"file": ("a.wav", WAV)})
+        self.postMultipart("/stt", {"key": "wrong-key"}, {"file": ("a.wav", WAV)})
+        lines = [e for e in self.events if "route" in e]
+        self.assertEqual([(e["route"], e["status"]) for e in lines],
+                         [("/tts", 200), ("/stt", 200), ("/stt", 401)])
+        tts = lines[0]
+        self.assertEqual(tts["bytes"], len(SPOKEN))
+        self.assertEqual(tts["ms"], 0)
+        self.assertEqual(tts["keyId"], keyId(KEY))
+        self.assertEqual(tts["model"], "coqui:tts_models/en/vctk/vits")
+        self.assertGreater(tts["received"], 0)
+        self.assertIsNone(lines[2]["keyId"])
+        from twisted.logger import formatEvent
+
+        for event in self.events:
+            text = formatEvent(event) + repr(event)
+            for secret in (KEY, "wrong-key", "my secret diary", "hello world"):
+                self.assertNotIn(secret, text)
+            self.assertNotIn(repr(WAV[:8])[2:-1], text)
+
+
+class FormTests(SynchronousTestCase):
+    def test_sniff(self) -> None:
+        self.assertEqual(forms.sniffFormat(b"RIFF...."), "wav")
+        self.assertEqual(forms.sniffFormat(b"PK\x03\x04"), "zip")
+        self.assertEqual(forms.sniffFormat(b"ID3..."), "auto")
+        self.assertEqual(forms.sniffFormat(b""), "auto")
+
+    def test_recordsHideSecrets(self) -> None:
+        form = forms.TtsForm("the-key", "private words", "voice1")
+        self.assertNotIn("the-key", repr(form))
+        self.assertNotIn("private words", repr(form))
+        upload = forms.Upload(b"RIFF" * 10, "a.wav", "wav")
+        self.assertIn("40 bytes", repr(forms.SttForm("the-key", upload)))
+        self.assertNotIn("the-key", repr(forms.SttForm("the-key", upload)))
+
+    def test_actualSizeChecked(self) -> None:
+        """
+        A body with no Content-Length (and not from a L{LimitedRequest}) is
+        measured.
+        """
+
+        class Bare:
+            content = io.BytesIO(b"x" * 200)
+
+            def getHeader(self, name: bytes) -> None:
+                return None
+
+        e = self.assertRaises(TooLarge, forms.bodySize, Bare(), 100)
+        self.assertIn("the request is 200 bytes; the limit is 100 bytes", e.message)
+        self.assertEqual(forms.bodySize(Bare(), 200), 200)
+
+    def test_urlencodedBytes(self) -> None:
+        fields = forms._readUrlencoded(b"a=1+2&b=%FF%00&c&=x&&d=%zz")
+        self.assertEqual(fields.raw("a"), (b"1 2", None))
+        self.assertEqual(fields.raw("b"), (b"\xff\x00", None))
+        self.assertEqual(fields.raw("c"), (b"", None))
+        self.assertEqual(fields.raw("d"), (b"%zz", None))
+
+
+def rawRequest(site: ApiSite, data: bytes) -> bytes:
+    """
+    Feed raw HTTP bytes to C{site}; return what it wrote.
+    """
+    channel = site.buildProtocol(None)
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    channel.dataReceived(data)
+    return transport.value()
+
+
+class SiteTests(SynchronousTestCase):
+    """
+    The upload cap as the body arrives, over L{ApiSite}'s own requests.
+    """
+
+    def setUp(self) -> None:
+        self.exchange = FakeExchange()
+        self.api = PrivoxAPI(self.exchange, MODELS, OpenPolicy(), maxUpload=100, clock=Clock())
+        self.api.log = type(self.api.log)(observer=lambda e: None)
+        self.site = self.api.site()
+        self.seen: list[Any] = []
+        self.stored: list[Any] = []
+        original = LimitedRequest.gotLength
+
+        def spy(request: LimitedRequest, length: int | None) -> None:
+            original(request, length)
+            self.seen.append(request)
+            self.stored.append(request.content)
+
+        self.patch(LimitedRequest, "gotLength", spy)
+
+    def test_declaredTooLarge(self) -> None:
+        body = b"x" * 500
+        written = rawRequest(
+            self.site,
+            b"POST /stt HTTP/1.1\r\nHost: p\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            b"Content-Length: 500\r\n\r\n" + body,
+        )
+        self.assertTrue(written.startswith(b"HTTP/1.1 413 "), written)
+        self.assertIn(b"the request is 500 bytes; the limit is 100 bytes", written)
+        (request,) = self.seen
+        self.assertEqual(request.uploadRefused, 500)
+        self.assertIsInstance(self.stored[0], _Discarded)  # never stored
+        self.assertEqual(self.exchange.calls, [])
+
+    def test_chunkedTooLarge(self) -> None:
+        chunks = b"".join(b"%x\r\n%s\r\n" % (40, b"y" * 40) for _ in range(4)) + b"0\r\n\r\n"
+        written = rawRequest(
+            self.site,
+            b"POST /v1/audio/speech HTTP/1.1\r\nHost: p\r\nAuthorization: Bearer k\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n" + chunks,
+        )
+        self.assertTrue(written.startswith(b"HTTP/1.1 413 "), written)
+        self.assertIn(b'"type": "request_too_large"', written)
+        self.assertIn(b"the request is over the limit of 100 bytes", written)
+        self.assertEqual(self.seen[0].uploadRefused, 120)
+
+    def test_withinCap(self) -> None:
+        body, contentType = multipart({"key": "k"}, {"file": ("a.wav", b"RIFFdata")})
+        self.api.maxUpload = self.site.maxUpload = 1000
+        written = rawRequest(
+            self.site,
+            b"POST /stt HTTP/1.1\r\nHost: p\r\nContent-Type: " + contentType.encode()
+            + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body,
+        )
+        self.assertTrue(written.startswith(b"HTTP/1.1 200 "), written)
+        self.assertIn(b"Content-Length: 11\r\n", written)
+        self.assertTrue(written.endswith(b"\r\n\r\nhello world"), written)
+        self.assertEqual(self.seen[0].args, {})  # twisted.web did not parse it too
+
+    def test_garbageMultipart(self) -> None:
+        """
+        A body twisted.web's own parser would drop the connection over gets
+        a proper reason.
+        """
+        written = rawRequest(
+            self.site,
+            b"POST /stt HTTP/1.1\r\nHost: p\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            b"Content-Length: 7\r\n\r\ngarbage",
+        )
+        self.assertTrue(written.startswith(b"HTTP/1.1 400 "), written)
+        self.assertIn(b"malformed multipart body", written)
+
+    def test_noBoundary(self) -> None:
+        written = rawRequest(
+            self.site,
+            b"POST /stt HTTP/1.1\r\nHost: p\r\nContent-Type: multipart/form-data\r\n"
+            b"Content-Length: 7\r\n\r\ngarbage",
+        )
+        self.assertTrue(written.startswith(b"HTTP/1.1 400 "), written)
+        self.assertIn(b"no boundary", written)
+
+    def test_noAccessLog(self) -> None:
+        self.assertIsNone(self.site.log(object()))
+
+
+class OptionsTests(SynchronousTestCase):
+    FARM = "alpha tcp:host=127.0.0.1:port=1776 tcp:host=127.0.0.1:port=1777"
+
+    def parse(self, *argv: str) -> Options:
+        options = Options()
+        options.parseOptions(list(argv))
+        return options
+
+    def test_exampleConfigNamesEverySetting(self) -> None:
+        """
+        etc/privox-api.toml is accepted and documents every setting, with the
+        defaults (and one farm, which has none).
+        """
+        path = ETC.child("privox-api.toml")
+        fromFile = tomllib.loads(path.getContent().decode())
+        self.assertEqual(
+            set(fromFile), {optionName(f.name) for f in dataclasses.fields(ApiSettings)}
+        )
+        options = self.parse("--config", path.path)
+        self.assertEqual(options.settings, ApiSettings(farm=tuple(fromFile["farm"])))
+        self.assertEqual([f.name for f in options.farms], ["local"])
+
+    def test_commandLine(self) -> None:
+        options = self.parse(
+            "--farm", self.FARM,
+            "--farm", "beta tcp:host=b:port=1 none weight=2 fallback",
+            "--listen", "tcp:9090",
+            "--max-upload", "1000",
+            "--voice", "v piper:en_US-joe-medium",
+            "--stt-language", "ko vosk:ko",
+        )
+        s = options.settings
+        self.assertEqual((s.listen, s.max_upload), ("tcp:9090", 1000))
+        self.assertEqual(s.voice, ("v piper:en_US-joe-medium",))
+        self.assertEqual(s.stt_model, DEFAULT_STT)
+        self.assertEqual([(f.name, f.fallback, f.weight) for f in options.farms],
+                         [("alpha", False, 1.0), ("beta", True, 2.0)])
+
+    def test_refused(self) -> None:
+        cases = [
+            ((), "no farms"),
+            (("--farm", "alpha"), "farm line"),
+            (("--farm", self.FARM, "--farm", self.FARM), "unique"),
+            (("--farm", self.FARM, "--voice", "lonely"), "voice line"),
+            (("--farm", self.FARM, "--stt-model", "fast a b c"), "STT model line"),
+            (("--farm", self.FARM, "--max-upload", "0"), "--max-upload"),
+            (("--farm", self.FARM, "--deadline", "0"), "--deadline"),
+            (("--farm", self.FARM, "--attempts", "0"), "--attempts"),
+            (("--farm", self.FARM, "--pool-size", "0"), "--pool-size"),
+            (("--farm", self.FARM, "--listen", " "), "--listen"),
+        ]
+        for argv, reason in cases:
+            e = self.assertRaises(usage.UsageError, self.parse, *argv)
+            self.assertIn(reason, str(e), argv)
+
+
+class BuildTests(SynchronousTestCase):
+    def test_buildApi(self) -> None:
+        exchange = FakeExchange()
+        api, site = buildApi(
+            ApiSettings(max_upload=1234, voice=("solo piper:en_US-joe-medium",)), exchange, Clock()
+        )
+        self.assertIsInstance(api, PrivoxAPI)
+        self.assertIsInstance(site, ApiSite)
+        self.assertEqual((api.maxUpload, site.maxUpload), (1234, 1234))
+        self.assertIs(api.exchange, exchange)
+        self.assertEqual(api.keys.description, "open")
+        self.assertEqual(list(api.models.voices), ["solo"])
+
+    def test_buildApiBadKeys(self) -> None:
+        e = self.assertRaises(
+            usage.UsageError, buildApi, ApiSettings(keys="/nonexistent/keys"), FakeExchange(), Clock()
+        )
+        self.assertIn("cannot read key allow-list file", str(e))
+
+    def test_makeService(self) -> None:
+        reactor = MemoryReactor()
+        options = Options()
+        options.parseOptions(["--farm", OptionsTests.FARM, "--listen", "tcp:8123"])
+        top = makeService(options, reactor)
+        self.assertIsInstance(top, MultiService)
+        services = list(top)
+        self.assertIsInstance(services[0], ExchangeService)
+        self.assertIsInstance(services[0].exchange, FarmExchange)
+        top.startService()
+        self.assertEqual(reactor.tcpServers[0][0], 8123)
+        self.assertIsInstance(reactor.tcpServers[0][1], ApiSite)
+        stopped = top.stopService()
+        self.successResultOf(stopped)
+        self.assertTrue(services[0].exchange.stopped)
+
+    def test_exchangeServiceStopsExchange(self) -> None:
+        class Stoppable:
+            def __init__(self) -> None:
+                self.d: Deferred[None] = Deferred()
+
+            def stop(self) -> Deferred[None]:
+                return self.d
+
+        stoppable = Stoppable()
+        service = ExchangeService(stoppable)
+        service.startService()
+        d = service.stopService()
+        self.assertNoResult(d)
+        stoppable.d.callback(None)
+        self.successResultOf(d)
+
+    def test_plugin(self) -> None:
+        """
+        twistd finds privox-api (read from this checkout: an installed copy
+        of the plugin module may be older).
+        """
+        plugins = ETC.sibling("twisted").child("plugins").child("privox_plugins.py")
+        maker = runpy.run_path(plugins.path)["privoxApi"]
+        self.assertEqual(maker.tapname, "privox-api")
+        self.assertIs(maker.options, Options)
+        self.assertIs(maker.makeService, makeService)

@@ -30,19 +30,14 @@ venv: $(STAMP)
 test: $(STAMP) $(COQUI_STAMP)
 	PYTHONPATH=. $(PY) -m twisted.trial tests
 
-# A farm and a node with the bundled models (whisper:tiny.en, piper:en_US-joe-medium)
-# on this machine; Ctrl-C stops both.
+# The whole exchange in one process (farm, API, a node with the bundled
+# models); it prints the URL and curl examples once it is ready.
 run: $(STAMP)
-	@echo "Starting a local exchange: farm on tcp:1776 (STT) and tcp:1777 (TTS), one node."
-	@echo "Once the node logs 'serving', try (any WAV file will do):"
-	@echo "  $(PY) tests/pvx2_reference.py consumer-tts 127.0.0.1 1777 'Hello from Privox.' --model piper:en_US-joe-medium -o hello.wav"
-	@echo "  $(PY) tests/pvx2_reference.py consumer-stt 127.0.0.1 1776 hello.wav --model whisper:tiny.en"
-	@$(VENV)/bin/twistd --nodaemon --pidfile= --logfile=- privox-farm --config etc/privox-farm.toml & farm=$$!; \
-	trap 'kill $$farm 2>/dev/null' EXIT INT TERM; \
-	$(VENV)/bin/twistd --nodaemon --pidfile= --logfile=- privox-node --config etc/privox-node.toml
+	$(VENV)/bin/twistd --nodaemon --pidfile= --logfile=- privox-local
 
 bench: $(STAMP)
 	PYTHONPATH=. $(PY) bench/farm_relay.py
+	PYTHONPATH=. $(PY) bench/engines.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info _trial_temp dropin.cache

@@ -1,0 +1,178 @@
+"""
+C{twistd privox-local}: a whole exchange in one process, for trying Privox
+on one machine: a farm on loopback ports, one node with the bundled models,
+and the HTTP API on C{--port}. Every quality, language default and voice of
+the original API maps onto the bundled models, so its curl examples work as
+written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.application.service import IService, Service
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ServerEndpoint, serverFromString
+from twisted.logger import Logger
+from twisted.python import usage
+
+from privox.api.farms import FarmEntry, FarmExchange
+from privox.api.models import DEFAULT_VOICES, OPENAI_VOICES, QUALITIES
+from privox.api.service import ApiSettings, buildApi
+from privox.config import optionsFor, setting
+from privox.engines.registry import ModelSpec, SpecError, createEngine
+from privox.farm.connection import FarmFactory
+from privox.farm.farm import Farm, FarmSettings
+from privox.keys import OpenPolicy
+from privox.node.service import NodeService, NodeSettings
+
+log = Logger()
+
+
+@dataclass(frozen=True)
+class LocalSettings:
+    port: int = setting(8080, "HTTP port of the API (0: any free port).")
+    interface: str = setting("127.0.0.1", "Address the API listens on.")
+    keys: str = setting(
+        "open", "User keys: 'open' (any non-empty key), an allow-list file, or a URL."
+    )
+    stt: str = setting("whisper:tiny.en", "The STT model every quality maps to.")
+    tts: str = setting("piper:en_US-joe-medium", "The TTS model every voice maps to.")
+    slots: int = setting(1, "Concurrent jobs per service.")
+    max_upload: int = setting(200 * 1024 * 1024, "Largest upload in bytes.")
+    deadline: float = setting(60.0, "Seconds a request may take in all.")
+
+
+_BaseOptions = optionsFor(
+    LocalSettings,
+    "Run a whole Privox exchange (farm, API, one node) in one process.",
+)
+
+
+class Options(_BaseOptions):  # type: ignore[misc,valid-type]
+    def postOptions(self) -> None:
+        super().postOptions()
+        s = self.settings
+        for spec, service in ((s.stt, "stt"), (s.tts, "tts")):
+            try:
+                parsed = ModelSpec.parse(spec)
+            except SpecError as e:
+                raise usage.UsageError(str(e))
+            if parsed.service != service:
+                raise usage.UsageError(f"--{service} needs a {service} engine, not {spec}")
+        if s.slots < 1:
+            raise usage.UsageError("--slots must be at least 1")
+
+
+def apiSettings(s: LocalSettings) -> ApiSettings:
+    """
+    The API's tables with everything pointing at the bundled models.
+    """
+    stt = ModelSpec.parse(s.stt).name
+    tts = ModelSpec.parse(s.tts).name
+    voices = [line.split()[0] for line in DEFAULT_VOICES] + sorted(OPENAI_VOICES)
+    return ApiSettings(
+        keys=s.keys,
+        max_upload=s.max_upload,
+        deadline=s.deadline,
+        stt_model=tuple(f"{quality} {stt} {stt}" for quality in QUALITIES),
+        voice=tuple(f"{name} {tts}" for name in voices),
+    )
+
+
+class LocalExchange(Service):
+    """
+    Starts the parts in order: farm ports, then the node and the API that
+    need to know them.
+    """
+
+    def __init__(self, settings: LocalSettings, reactor: Any) -> None:
+        self.settings = settings
+        self._reactor = reactor
+        self.farm = Farm(FarmSettings(stats_interval=0.0), reactor, OpenPolicy(), OpenPolicy())
+        self._ports: list[Any] = []
+        self.node: NodeService | None = None
+        self.exchange: FarmExchange | None = None
+        self.ready: Deferred[None] = Deferred()
+        self.url = f"http://{settings.interface}:{settings.port}"
+
+    def startService(self) -> None:
+        super().startService()
+        d = Deferred.fromCoroutine(self._start())
+        d.addErrback(self._failed)
+
+    async def _start(self) -> None:
+        s = self.settings
+        endpoints = {}
+        for service in ("stt", "tts"):
+            port = await TCP4ServerEndpoint(self._reactor, 0, interface="127.0.0.1").listen(
+                FarmFactory(self.farm, service)
+            )
+            self._ports.append(port)
+            endpoints[service] = f"tcp:host=127.0.0.1:port={port.getHost().port}"
+        self.node = NodeService(
+            NodeSettings(
+                stt_farm=(endpoints["stt"],), tts_farm=(endpoints["tts"],),
+                stt=(s.stt,), tts=(s.tts,), slots=s.slots, retry_max=2.0,
+            ),
+            [createEngine(ModelSpec.parse(s.stt)), createEngine(ModelSpec.parse(s.tts))],
+            self._reactor,
+        )
+        self.node.startService()
+        await self.node.ready
+        # Serve only once every slot has joined the farm, so the first
+        # request cannot find the model missing.
+        for slot in self.node.slots:
+            await slot.client.whenConnected()
+        api = apiSettings(s)
+        self.exchange = FarmExchange(
+            [FarmEntry("local", endpoints["stt"], endpoints["tts"])],
+            self._reactor,
+            deadline=api.deadline,
+            attempts=1,
+            poolSize=s.slots * 2,
+        )
+        _, site = buildApi(api, self.exchange, self._reactor)
+        web = await serverFromString(
+            self._reactor, f"tcp:{s.port}:interface={s.interface}"
+        ).listen(site)
+        self._ports.append(web)
+        self.url = f"http://{s.interface}:{web.getHost().port}"
+        for line in banner(self.url):
+            log.info("{line}", line=line)
+        self.ready.callback(None)
+
+    def _failed(self, failure: Any) -> None:
+        log.failure("the local exchange could not start", failure)
+        self.ready.errback(failure)
+        self._reactor.stop()
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        for port in self._ports:
+            await port.stopListening()
+        if self.exchange is not None:
+            await self.exchange.stop()
+        if self.node is not None:
+            await self.node.stopService()
+        await self.farm.shutdown()
+
+
+def banner(url: str) -> list[str]:
+    return [
+        f"Privox is serving on {url}",
+        "Try it (any non-empty key works here):",
+        f"  curl -s {url}/tts -d key=demo -d voice=voice1 -d 'text=Hello from Privox.' -o hello.wav",
+        f"  curl -s {url}/stt -F key=demo -F quality=fast -F file=@hello.wav",
+        f"  curl -s {url}/v1/audio/transcriptions -H 'Authorization: Bearer demo' -F model=whisper-1 -F file=@hello.wav",
+    ]
+
+
+def makeService(options: Options, reactor: Any = None) -> IService:
+    if reactor is None:
+        from twisted.internet import reactor
+    return LocalExchange(options.settings, reactor)

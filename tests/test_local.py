@@ -1,0 +1,115 @@
+"""
+privox-local end to end, over real sockets: farm, API and a node with the
+bundled models in one process; curl-style requests to the original and the
+OpenAI endpoints.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import wave
+
+from treq.client import HTTPClient
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from privox.local import LocalExchange, LocalSettings, Options, apiSettings
+from tests.test_roundtrip import speak
+from tests.wer import wer
+
+SENTENCE = "She sells fresh bread at the market every morning."
+
+
+def multipart(fields: dict[str, str], wav: bytes) -> tuple[bytes, str]:
+    boundary = "privoxtestboundary"
+    parts = []
+    for name, value in fields.items():
+        parts.append(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
+        )
+    parts.append(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="speech.wav"\r\n'
+        "Content-Type: audio/wav\r\n\r\n".encode() + wav + b"\r\n"
+    )
+    parts.append(f"--{boundary}--\r\n".encode())
+    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
+
+
+class OptionsTests(SynchronousTestCase):
+    def test_defaults(self) -> None:
+        options = Options()
+        options.parseOptions([])
+        self.assertEqual(options.settings, LocalSettings())
+
+    def test_wrongService(self) -> None:
+        self.assertRaises(usage.UsageError, Options().parseOptions, ["--stt", "piper:x"])
+
+    def test_everythingMapsToTheBundledModels(self) -> None:
+        api = apiSettings(LocalSettings())
+        self.assertTrue(all(line.split()[1:] == ["whisper:tiny.en"] * 2 for line in api.stt_model))
+        voices = {line.split()[0] for line in api.voice}
+        self.assertTrue({"voice1", "voice2", "alloy", "nova"} <= voices)
+
+
+class LocalExchangeTests(TestCase):
+    timeout = 120
+
+    async def _curlExamples(self) -> None:
+        local = LocalExchange(LocalSettings(port=0), reactor)
+        local.startService()
+        self.addCleanup(local.stopService)
+        await local.ready
+        url = local.url
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        http = HTTPClient(Agent(reactor, pool=pool))
+
+        # /tts, as the original's curl example posts it.
+        response = await http.post(
+            f"{url}/tts", data={"key": "demo", "voice": "voice1", "text": SENTENCE}
+        )
+        self.assertEqual(response.code, 200)
+        self.assertEqual(response.headers.getRawHeaders("content-type"), ["audio/wav"])
+        spoken = await response.content()
+        with wave.open(io.BytesIO(spoken)) as w:
+            self.assertGreater(w.getnframes() / w.getframerate(), 1.0)
+
+        # That WAV transcribes back through /stt ...
+        body, contentType = multipart({"key": "demo", "quality": "fast"}, spoken)
+        response = await http.post(f"{url}/stt", data=body, headers={"Content-Type": contentType})
+        self.assertEqual(response.code, 200)
+        self.assertLessEqual(wer(SENTENCE, await response.text()), 0.25)
+
+        # ... and a Piper WAV through the OpenAI endpoint, JSON out.
+        clip = speak("The weather today is sunny with a light breeze.")
+        body, contentType = multipart({"model": "whisper-1"}, clip)
+        response = await http.post(
+            f"{url}/v1/audio/transcriptions",
+            data=body,
+            headers={"Content-Type": contentType, "Authorization": "Bearer demo"},
+        )
+        self.assertEqual(response.code, 200)
+        text = json.loads(await response.text())["text"]
+        self.assertLessEqual(wer("The weather today is sunny with a light breeze.", text), 0.25)
+
+        # /stt with Accept: application/json, and a request without a key.
+        body, contentType = multipart({"key": "demo"}, clip)
+        response = await http.post(
+            f"{url}/stt", data=body,
+            headers={"Content-Type": contentType, "Accept": "application/json"},
+        )
+        fields = json.loads(await response.text())
+        self.assertEqual((fields["model"], fields["language"]), ("whisper:tiny.en", "en"))
+        body, contentType = multipart({}, clip)
+        response = await http.post(f"{url}/stt", data=body, headers={"Content-Type": contentType})
+        self.assertEqual(response.code, 401)
+        await response.content()
+
+        health = json.loads(await (await http.get(f"{url}/healthz")).text())
+        self.assertEqual(health["farms"][0]["up"], True)
+
+    def test_curlExamples(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._curlExamples())

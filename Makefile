@@ -38,6 +38,7 @@ run: $(STAMP)
 bench: $(STAMP)
 	PYTHONPATH=. $(PY) bench/farm_relay.py
 	PYTHONPATH=. $(PY) bench/engines.py
+	PYTHONPATH=. $(PY) bench/api.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info _trial_temp dropin.cache

@@ -22,6 +22,8 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor, StringTransport
 from twisted.python import usage
 from twisted.python.filepath import FilePath
+from twisted.internet.error import ConnectionDone
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from privox.api import forms
@@ -726,10 +728,15 @@ def rawRequest(site: ApiSite, data: bytes) -> bytes:
     Feed raw HTTP bytes to C{site}; return what it wrote.
     """
     channel = site.buildProtocol(None)
+    # The channel's idle timeout must not land on the global reactor, where
+    # it would outlive this synchronous test.
+    channel.callLater = Clock().callLater
     transport = StringTransport()
     channel.makeConnection(transport)
     channel.dataReceived(data)
-    return transport.value()
+    written = transport.value()
+    channel.connectionLost(Failure(ConnectionDone()))
+    return written
 
 
 class SiteTests(SynchronousTestCase):

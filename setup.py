@@ -15,7 +15,8 @@ ENGINES = {
 }
 EXTRAS = dict(ENGINES)
 EXTRAS["engines"] = sorted({r for reqs in ENGINES.values() for r in reqs})
-EXTRAS["test"] = EXTRAS["engines"] + ["hypothesis>=6.100", "docutils>=0.20"]
+# The try-it page test drives Debian's chromium through its chromedriver.
+EXTRAS["test"] = EXTRAS["engines"] + ["hypothesis>=6.100", "docutils>=0.20", "selenium>=4.11"]
 
 setup(
     name="privox",
@@ -28,7 +29,7 @@ setup(
     # twisted/plugins is a namespace shared with Twisted itself: it has no
     # __init__.py of ours and must be listed by hand.
     packages=find_packages(include=["privox", "privox.*"]) + ["twisted.plugins"],
-    package_data={"twisted.plugins": ["privox_plugins.py"]},
+    package_data={"twisted.plugins": ["privox_plugins.py"], "privox.api": ["static/*"]},
     install_requires=[
         "twisted[tls]>=24.7",
         "automat>=24.8",

@@ -23,8 +23,10 @@ every multipart body a second time, slowly, with the C{email} package).
 
 from __future__ import annotations
 
+import functools
 import html
 import json
+from importlib import resources
 from typing import Any, Awaitable, Callable
 
 from klein import Klein
@@ -48,6 +50,7 @@ _PLAIN = b"text/plain; charset=utf-8"
 _JSON = b"application/json"
 _WAV = b"audio/wav"
 _HTML = b"text/html; charset=utf-8"
+_JS = b"text/javascript; charset=utf-8"
 
 #: OpenAI-style C{code} for each status.
 _CODES = {
@@ -287,6 +290,13 @@ class PrivoxAPI:
         base = f"{scheme}://" + (host.decode("latin-1") if host else "localhost:8080")
         return _reply(request, _HTML, frontPage(base).encode("utf-8"))
 
+    @app.route("/static/page.js", methods=["GET"])
+    async def pageScript(self, request: IRequest) -> bytes:
+        return await self._serve(request, "/static/page.js", self._pageScript, openai=False)
+
+    async def _pageScript(self, request: IRequest, done: _Done) -> bytes:
+        return _reply(request, _JS, _static("page.js").encode("utf-8"))
+
     # -- errors and logging -----------------------------------------------
 
     @app.handle_errors(NotFound, MethodNotAllowed)
@@ -381,32 +391,18 @@ def _json(request: IRequest, value: Any) -> bytes:
     return _reply(request, _JSON, json.dumps(value, ensure_ascii=False).encode("utf-8"))
 
 
+@functools.cache
+def _static(name: str) -> str:
+    """
+    A file of the try-it page, from C{privox/api/static}.
+    """
+    return (resources.files("privox.api") / "static" / name).read_text("utf-8")
+
+
 def frontPage(base: str) -> str:
     """
-    The page at C{GET /}: what this is and how to call it.
+    The page at C{GET /}: the try-it page (record and transcribe, type and
+    hear: C{static/index.html} and its C{static/page.js}) and how to call
+    the API, with C{base} in its curl examples.
     """
-    url = html.escape(base)
-    return f"""<!doctype html>
-<html lang="en">
-<head><meta charset="utf-8"><title>Privox</title></head>
-<body>
-<h1>Privox</h1>
-<p>A private voice exchange: speech to text and text to speech on volunteers'
-machines. Every request needs a key.</p>
-<h2>Speech to text</h2>
-<pre>curl -s {url}/stt -F key=KEY -F quality=fast -F language=en -F file=@hello.wav</pre>
-<p>Qualities: fast, normal, better, best, xcribe, xcribe2. Add
-<code>-H 'Accept: application/json'</code> for JSON.</p>
-<h2>Text to speech</h2>
-<pre>curl -s {url}/tts -d key=KEY -d voice=voice1 -d 'text=Hello from Privox.' -o hello.wav</pre>
-<h2>OpenAI-compatible</h2>
-<pre>curl -s {url}/v1/audio/transcriptions -H 'Authorization: Bearer KEY' -F model=whisper-1 -F file=@hello.wav
-curl -s {url}/v1/audio/speech -H 'Authorization: Bearer KEY' -H 'Content-Type: application/json' \\
-  -d '{{"model": "tts-1", "voice": "alloy", "input": "Hello from Privox."}}' -o hello.wav
-curl -s {url}/v1/models</pre>
-<p>Speech always comes back as WAV (<code>audio/wav</code>), whatever
-<code>response_format</code> asks for, except <code>pcm</code>, which is refused.</p>
-<p>Health: <a href="/healthz">/healthz</a></p>
-</body>
-</html>
-"""
+    return _static("index.html").replace("{url}", html.escape(base))

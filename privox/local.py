@@ -19,7 +19,7 @@ from twisted.python import usage
 
 from privox.api.farms import FarmEntry, FarmExchange
 from privox.api.models import DEFAULT_VOICES, OPENAI_VOICES, QUALITIES
-from privox.api.service import ApiSettings, buildApi
+from privox.api.service import ApiSettings, TrackedFactory, buildApi
 from privox.config import optionsFor, setting
 from privox.engines.registry import ModelSpec, SpecError, createEngine
 from privox.farm.connection import FarmFactory
@@ -94,6 +94,7 @@ class LocalExchange(Service):
         self._ports: list[Any] = []
         self.node: NodeService | None = None
         self.exchange: FarmExchange | None = None
+        self._http: TrackedFactory | None = None
         self.ready: Deferred[None] = Deferred()
         self.url = f"http://{settings.interface}:{settings.port}"
 
@@ -134,9 +135,10 @@ class LocalExchange(Service):
             poolSize=s.slots * 2,
         )
         _, site = buildApi(api, self.exchange, self._reactor)
+        self._http = TrackedFactory(site)
         web = await serverFromString(
             self._reactor, f"tcp:{s.port}:interface={s.interface}"
-        ).listen(site)
+        ).listen(self._http)
         self._ports.append(web)
         self.url = f"http://{s.interface}:{web.getHost().port}"
         for line in banner(self.url):
@@ -155,6 +157,8 @@ class LocalExchange(Service):
     async def _stop(self) -> None:
         for port in self._ports:
             await port.stopListening()
+        if self._http is not None:
+            await self._http.closeAll()
         if self.exchange is not None:
             await self.exchange.stop()
         if self.node is not None:

@@ -911,7 +911,7 @@ class BuildTests(SynchronousTestCase):
         self.assertIsInstance(services[0].exchange, FarmExchange)
         top.startService()
         self.assertEqual(reactor.tcpServers[0][0], 8123)
-        self.assertIsInstance(reactor.tcpServers[0][1], ApiSite)
+        self.assertIsInstance(reactor.tcpServers[0][1].wrappedFactory, ApiSite)
         stopped = top.stopService()
         self.successResultOf(stopped)
         self.assertTrue(services[0].exchange.stopped)

@@ -12,7 +12,8 @@ from typing import Any
 
 from twisted.application import strports
 from twisted.application.service import IService, MultiService, Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
+from twisted.protocols.policies import WrappingFactory
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.server import Site
@@ -122,17 +123,51 @@ class Options(_BaseOptions):  # type: ignore[misc,valid-type]
             raise usage.UsageError("--attempts and --pool-size must be at least 1")
 
 
-class ExchangeService(Service):
+class TrackedFactory(WrappingFactory):
     """
-    Stops the exchange (its farm connections) when the API stops.
+    Knows its open HTTP connections, so that stopping can close them and
+    wait: a stopped listening port leaves accepted connections open.
     """
 
-    def __init__(self, exchange: Any) -> None:
+    def __init__(self, wrappedFactory: Any) -> None:
+        super().__init__(wrappedFactory)
+        self._emptied: list[Deferred[None]] = []
+
+    def unregisterProtocol(self, p: Any) -> None:
+        super().unregisterProtocol(p)
+        if not self.protocols:
+            waiting, self._emptied = self._emptied, []
+            for d in waiting:
+                d.callback(None)
+
+    def closeAll(self) -> Deferred[None]:
+        if not self.protocols:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._emptied.append(d)
+        for protocol in list(self.protocols):
+            protocol.transport.loseConnection()
+        return d
+
+
+class ExchangeService(Service):
+    """
+    When the API stops (after its port): close the open HTTP connections,
+    then the exchange's farm connections.
+    """
+
+    def __init__(self, exchange: Any, http: TrackedFactory | None = None) -> None:
         self.exchange = exchange
+        self.http = http
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
-        return self.exchange.stop()
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        if self.http is not None:
+            await self.http.closeAll()
+        await self.exchange.stop()
 
 
 def makeService(options: Options, reactor: Any = None) -> IService:
@@ -151,9 +186,10 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     except ValueError as e:
         raise usage.UsageError(str(e))
     _, site = buildApi(s, exchange, reactor)
+    http = TrackedFactory(site)
     top = MultiService()
-    # Added first, stopped last: the port closes before the farm connections.
-    ExchangeService(exchange).setServiceParent(top)
+    # Added first, stopped last: the port closes before the connections.
+    ExchangeService(exchange, http).setServiceParent(top)
     log.info("API listening on {endpoint}", endpoint=s.listen)
-    strports.service(s.listen, site, reactor=reactor).setServiceParent(top)
+    strports.service(s.listen, http, reactor=reactor).setServiceParent(top)
     return top

@@ -15,8 +15,13 @@ ENGINES = {
 }
 EXTRAS = dict(ENGINES)
 EXTRAS["engines"] = sorted({r for reqs in ENGINES.values() for r in reqs})
+# privox caption splits speech on silence (a prebuilt webrtcvad: the
+# original needs pkg_resources, gone from current setuptools).
+EXTRAS["cli"] = ["webrtcvad-wheels>=2.0.14"]
 # The try-it page test drives Debian's chromium through its chromedriver.
-EXTRAS["test"] = EXTRAS["engines"] + ["hypothesis>=6.100", "docutils>=0.20", "selenium>=4.11"]
+EXTRAS["test"] = (
+    EXTRAS["engines"] + EXTRAS["cli"] + ["hypothesis>=6.100", "docutils>=0.20", "selenium>=4.11"]
+)
 
 setup(
     name="privox",
@@ -38,5 +43,6 @@ setup(
         # The API parses multipart bodies with it (treq brings it today too).
         "multipart>=1.0",
     ],
+    entry_points={"console_scripts": ["privox = privox.cli:main"]},
     extras_require=EXTRAS,
 )

@@ -1,0 +1,743 @@
+"""
+The C{privox} command.
+
+End to end: the real command, run as a subprocess (C{python -m privox.cli}),
+against a L{LocalExchange} in this process (real sockets, the bundled Piper
+and Whisper models, an allow-list of keys). Without the network: the VAD
+segmentation on synthetic PCM, the caption protocol's ordering and endings,
+argument checking and error lines.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import os
+import sys
+import wave
+from typing import Any, Callable
+
+import numpy as np
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
+from twisted.internet.testing import StringTransport
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from privox.cli import (
+    CaptionProtocol,
+    CliError,
+    Segmenter,
+    Utterance,
+    _httpProblem,
+    parseArguments,
+    pcmToWav,
+    webrtcvadClassifier,
+)
+from privox.engines.audio import decodeAudio, toInt16
+from privox.local import LocalExchange, LocalSettings
+from tests.test_roundtrip import speak
+from tests.wer import wer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KEY = "cli-test-key"
+MAX_WER = 0.25
+RATE = 16000
+
+FIRST = "The quick brown fox jumps over the lazy dog."
+SECOND = "Please call me back when you get this message."
+
+
+# -- helpers ------------------------------------------------------------------
+
+
+def silence(seconds: float) -> bytes:
+    return bytes(int(seconds * RATE) * 2)
+
+
+def loud(seconds: float, value: int = 3000) -> bytes:
+    """
+    Samples a classifier that calls any non-zero frame speech will call
+    speech: a constant.
+    """
+    return np.full(int(seconds * RATE), value, "<i2").tobytes()
+
+
+def voiced(seconds: float) -> bytes:
+    """
+    A vowel-like harmonic sound (140 Hz and its overtones, swelling at
+    4 Hz), which webrtcvad calls speech.
+    """
+    t = np.arange(int(seconds * RATE)) / RATE
+    x = sum(np.sin(2 * np.pi * 140 * k * t) / k for k in range(1, 20))
+    x = x * (0.6 + 0.4 * np.sin(2 * np.pi * 4 * t))
+    return (x / np.abs(x).max() * 0.5 * 32767).astype("<i2").tobytes()
+
+
+def nonZero(frame: bytes) -> bool:
+    return any(frame)
+
+
+@functools.cache
+def spoken16k(text: str) -> bytes:
+    """
+    Piper saying C{text}, as the 16 kHz s16le PCM C{arecord} would give.
+    """
+    samples = decodeAudio(speak(text), "wav", RATE).samples
+    return toInt16(samples).astype("<i2").tobytes()
+
+
+def env(**extra: str) -> dict[str, str]:
+    """
+    The environment for the command: this checkout on the path, no
+    C{PRIVOX_*} from the caller's shell.
+    """
+    out = {k: v for k, v in os.environ.items() if not k.startswith("PRIVOX_")}
+    out["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))
+    out.update(extra)
+    return out
+
+
+async def privox(*args: str, **environ: str) -> tuple[str, str, int]:
+    """
+    Run C{privox ARGS} with stdin closed; its stdout, stderr and exit status.
+    """
+    out, err, code = await getProcessOutputAndValue(
+        sys.executable, ["-m", "privox.cli", *args], env=env(**environ), path=REPO, reactor=reactor
+    )
+    return out.decode("utf-8"), err.decode("utf-8"), code
+
+
+class _Feeder(ProcessProtocol):
+    """
+    Writes C{data} to the command's stdin, then closes it (or, with
+    C{onOutput}, keeps it open and lets C{onOutput} act on what is printed);
+    C{ended} fires with stdout, stderr and the exit status.
+    """
+
+    def __init__(
+        self, data: bytes, onOutput: Callable[[_Feeder, bytes], None] | None = None
+    ) -> None:
+        self.data = data
+        self.onOutput = onOutput
+        self.out = b""
+        self.err = b""
+        self.ended: Deferred[tuple[str, str, int | None]] = Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.data)
+        if self.onOutput is None:
+            self.transport.closeStdin()
+
+    def outReceived(self, data: bytes) -> None:
+        self.out += data
+        if self.onOutput is not None:
+            self.onOutput(self, self.out)
+
+    def errReceived(self, data: bytes) -> None:
+        self.err += data
+
+    def processEnded(self, reason: Failure) -> None:
+        reason.trap(ProcessDone, ProcessTerminated)
+        code = reason.value.exitCode
+        if code is None:  # killed by a signal
+            code = -reason.value.signal
+        self.ended.callback((self.out.decode("utf-8"), self.err.decode("utf-8"), code))
+
+
+async def caption(
+    pcm: bytes,
+    *args: str,
+    onOutput: Callable[[_Feeder, bytes], None] | None = None,
+    **environ: str,
+) -> tuple[str, str, int | None]:
+    """
+    Run C{privox caption ARGS} with C{pcm} on its stdin.
+    """
+    feeder = _Feeder(pcm, onOutput)
+    reactor.spawnProcess(
+        feeder,
+        sys.executable,
+        [sys.executable, "-m", "privox.cli", "caption", *args],
+        env=env(**environ),
+        path=REPO,
+    )
+    return await feeder.ended
+
+
+async def closedPort() -> int:
+    """
+    A local port nothing listens on (any more).
+    """
+    port = reactor.listenTCP(0, Factory(), interface="127.0.0.1")
+    number = port.getHost().port
+    await port.stopListening()
+    return number
+
+
+# -- against a running local exchange ---------------------------------------------
+
+
+class CommandTests(TestCase):
+    """
+    The three commands against a local exchange with the bundled models,
+    which takes one key (L{KEY}) from an allow-list file.
+    """
+
+    timeout = 240
+
+    def setUp(self) -> Deferred[None]:
+        self.folder = os.path.abspath(self.mktemp())
+        os.makedirs(self.folder)
+        keys = os.path.join(self.folder, "keys.txt")
+        with open(keys, "w") as f:
+            f.write(f"# the only key\n{KEY}\n")
+        self.local = LocalExchange(LocalSettings(port=0, keys=keys), reactor)
+        self.local.startService()
+        self.addCleanup(self.local.stopService)
+        return self.local.ready
+
+    def run_(self, *args: str) -> Deferred[tuple[str, str, int]]:
+        return Deferred.fromCoroutine(privox(*args, PRIVOX_API=self.local.url, PRIVOX_KEY=KEY))
+
+    async def _ttsThenStt(self) -> None:
+        wav = os.path.join(self.folder, "fox.wav")
+        out, err, code = await self.run_("tts", FIRST, "-o", wav, "--voice", "voice1")
+        self.assertEqual((code, err), (0, ""))
+        with wave.open(wav) as w:
+            self.assertEqual((w.getnchannels(), w.getsampwidth()), (1, 2))
+            duration = w.getnframes() / w.getframerate()
+        self.assertGreater(duration, 1.0)
+        self.assertEqual(out, f"wrote {wav}: {duration:.2f} s of audio at 22050 Hz\n")
+
+        out, err, code = await self.run_("stt", wav, "--quality", "fast", "--language", "en")
+        self.assertEqual((code, err), (0, ""))
+        self.assertEqual(out.count("\n"), 1)
+        self.assertLessEqual(wer(FIRST, out), MAX_WER, out)
+
+        out, err, code = await self.run_("stt", wav, "--json")
+        self.assertEqual((code, err), (0, ""))
+        answer = json.loads(out)
+        self.assertEqual((answer["model"], answer["language"]), ("whisper:tiny.en", "en"))
+        self.assertLessEqual(wer(FIRST, answer["text"]), MAX_WER, answer)
+
+    def test_ttsThenStt(self) -> Deferred[None]:
+        """
+        C{privox tts} writes a WAV file and says where and how long;
+        C{privox stt} on it prints the words, or the API's JSON.
+        """
+        return Deferred.fromCoroutine(self._ttsThenStt())
+
+    async def _caption(self) -> None:
+        pcm = (
+            silence(0.5) + spoken16k(FIRST) + silence(1.5) + spoken16k(SECOND) + silence(1.0)
+        )
+        out, err, code = await caption(pcm, PRIVOX_API=self.local.url, PRIVOX_KEY=KEY)
+        self.assertEqual((code, err), (0, ""))
+        lines = out.splitlines()
+        self.assertEqual(len(lines), 2, out)
+        self.assertLessEqual(wer(FIRST, lines[0]), MAX_WER, lines)
+        self.assertLessEqual(wer(SECOND, lines[1]), MAX_WER, lines)
+
+    def test_caption(self) -> Deferred[None]:
+        """
+        Two utterances separated by 1.5 s of silence on stdin: two lines, in
+        order, then exit 0 at the end of input.
+        """
+        return Deferred.fromCoroutine(self._caption())
+
+    async def _captionInterrupted(self) -> None:
+        # The second utterance is still under way (0.3 s of silence is not
+        # enough to end it) when Ctrl-C comes, and stdin stays open.
+        pcm = spoken16k(FIRST) + silence(1.5) + spoken16k(SECOND) + silence(0.3)
+
+        def interruptAfterFirstLine(feeder: _Feeder, out: bytes) -> None:
+            if out.count(b"\n") == 1:
+                feeder.transport.signalProcess("INT")
+
+        out, err, code = await caption(
+            pcm, onOutput=interruptAfterFirstLine, PRIVOX_API=self.local.url, PRIVOX_KEY=KEY
+        )
+        self.assertEqual((code, err), (0, ""))
+        lines = out.splitlines()
+        self.assertEqual(len(lines), 2, out)
+        self.assertLessEqual(wer(FIRST, lines[0]), MAX_WER, lines)
+        self.assertLessEqual(wer(SECOND, lines[1]), MAX_WER, lines)
+
+    def test_captionInterrupted(self) -> Deferred[None]:
+        """
+        Ctrl-C ends capture like the end of input: the utterance under way
+        is still transcribed and printed, and the command exits 0. (The
+        command reads the whole pipe within milliseconds; the first line
+        takes a transcription.)
+        """
+        return Deferred.fromCoroutine(self._captionInterrupted())
+
+    async def _refusals(self) -> None:
+        wav = os.path.join(self.folder, "hello.wav")
+        with open(wav, "wb") as f:
+            f.write(speak("Hello there."))
+        refused = "privox: the key was not accepted (HTTP 401)\n"
+
+        out, err, code = await privox("stt", wav, "--key", "wrong", PRIVOX_API=self.local.url)
+        self.assertEqual((out, err, code), ("", refused, 1))
+
+        # No WAV file is written from an error.
+        target = os.path.join(self.folder, "refused.wav")
+        out, err, code = await privox(
+            "tts", "Hello.", "-o", target, PRIVOX_API=self.local.url, PRIVOX_KEY="wrong"
+        )
+        self.assertEqual((out, err, code), ("", refused, 1))
+        self.assertFalse(os.path.exists(target))
+        self.assertEqual(sorted(os.listdir(self.folder)), ["hello.wav", "keys.txt"])
+
+        out, err, code = await caption(
+            silence(0.3) + spoken16k(FIRST) + silence(1.0),
+            PRIVOX_API=self.local.url,
+            PRIVOX_KEY="wrong",
+        )
+        self.assertEqual((out, err, code), ("", refused, 1))
+
+        # Other errors: the API's reason and the status.
+        empty = os.path.join(self.folder, "empty.wav")
+        open(empty, "wb").close()
+        out, err, code = await self.run_("stt", empty)
+        self.assertEqual(
+            (out, err, code), ("", "privox: the uploaded file is empty (HTTP 400)\n", 1)
+        )
+        out, err, code = await self.run_("stt", wav, "--language", "e!")
+        self.assertEqual(code, 1)
+        self.assertEqual(err.splitlines(), [
+            "privox: unsupported language 'e!': give a language code such as en or de (HTTP 422)"
+        ])
+
+    def test_refusals(self) -> Deferred[None]:
+        """
+        A key the exchange does not take: the API's 401 reason on one line,
+        exit 1, and no file written by C{tts}; other HTTP errors likewise,
+        with their status.
+        """
+        return Deferred.fromCoroutine(self._refusals())
+
+
+# -- errors before any request succeeds ---------------------------------------------
+
+
+class ErrorTests(TestCase):
+    timeout = 60
+
+    async def _unreachable(self) -> None:
+        api = f"http://127.0.0.1:{await closedPort()}"
+        line = f"privox: cannot reach the Privox API at {api}: connection refused\n"
+        folder = os.path.abspath(self.mktemp())
+        os.makedirs(folder)
+        wav = os.path.join(folder, "tone.wav")
+        with open(wav, "wb") as f:
+            f.write(pcmToWav(voiced(1.0)))
+
+        self.assertEqual(await privox("stt", wav, "--api", api, "--key", KEY), ("", line, 1))
+        target = os.path.join(folder, "out.wav")
+        self.assertEqual(
+            await privox("tts", "Hello.", "-o", target, PRIVOX_API=api, PRIVOX_KEY=KEY),
+            ("", line, 1),
+        )
+        self.assertFalse(os.path.exists(target))
+        self.assertEqual(
+            await caption(silence(0.5) + voiced(1.0) + silence(1.0), "--api", api, "--key", KEY),
+            ("", line, 1),
+        )
+
+    def test_unreachable(self) -> Deferred[None]:
+        """
+        Nothing listening at C{--api}: one line naming the URL, exit 1 (for
+        C{caption}, as soon as the first utterance is sent).
+        """
+        return Deferred.fromCoroutine(self._unreachable())
+
+    async def _noAnswer(self) -> None:
+        port = reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        api = f"http://127.0.0.1:{port.getHost().port}"
+        wav = os.path.join(os.path.abspath(self.mktemp()) + ".wav")
+        with open(wav, "wb") as f:
+            f.write(pcmToWav(voiced(1.0)))
+        self.assertEqual(
+            await privox("stt", wav, "--api", api, "--key", KEY, "--timeout", "0.5"),
+            ("", f"privox: no answer from the Privox API at {api} within 0.5 s\n", 1),
+        )
+
+    def test_noAnswer(self) -> Deferred[None]:
+        """
+        An API that takes the request and never answers: C{--timeout}.
+        """
+        return Deferred.fromCoroutine(self._noAnswer())
+
+    async def _missingFile(self) -> None:
+        missing = os.path.join(os.path.abspath(self.mktemp()), "missing.wav")
+        api = f"http://127.0.0.1:{await closedPort()}"
+        self.assertEqual(
+            await privox("stt", missing, "--api", api, "--key", KEY),
+            ("", f"privox: cannot read {missing}: No such file or directory\n", 1),
+        )
+        nowhere = os.path.join(os.path.abspath(self.mktemp()), "out.wav")
+        out, err, code = await privox("tts", "Hello.", "-o", nowhere, "--api", api, "--key", KEY)
+        self.assertEqual((out, code), ("", 1))
+        self.assertTrue(err.startswith(f"privox: cannot write {nowhere}: no folder "), err)
+
+    def test_missingFile(self) -> Deferred[None]:
+        """
+        A file that is not there is reported before the API is called.
+        """
+        return Deferred.fromCoroutine(self._missingFile())
+
+    async def _usage(self) -> None:
+        self.assertEqual(
+            await privox("stt", "x.wav"),
+            ("", "privox: a key is required: give --key KEY or set PRIVOX_KEY\n", 2),
+        )
+        out, err, code = await privox("stt", "x.wav", "--quality", "perfect", "--key", KEY)
+        self.assertEqual((out, code), ("", 2))
+        self.assertIn("invalid choice: 'perfect'", err)
+        out, err, code = await privox("caption", "--frame-ms", "25", "--key", KEY)
+        self.assertEqual((out, code), ("", 2))
+        out, err, code = await privox()
+        self.assertEqual((out, code), ("", 2))
+
+    def test_usage(self) -> Deferred[None]:
+        """
+        Usage errors (no key, a bad choice, no command) exit 2.
+        """
+        return Deferred.fromCoroutine(self._usage())
+
+
+# -- without the network ------------------------------------------------------------
+
+
+class SegmenterTests(SynchronousTestCase):
+    """
+    L{Segmenter} with a classifier that calls any non-zero frame speech, so
+    the boundaries are exact.
+    """
+
+    def segment(self, pcm: bytes, chunk: int | None = None, **kwargs: Any) -> list[Utterance]:
+        segmenter = Segmenter(nonZero, **kwargs)
+        step = chunk or len(pcm) or 1
+        found = []
+        for offset in range(0, len(pcm), step):
+            found += segmenter.feed(pcm[offset : offset + step])
+        return found + segmenter.finish()
+
+    def spans(self, utterances: list[Utterance]) -> list[tuple[float, float]]:
+        return [(round(u.start, 3), round(u.end, 3)) for u in utterances]
+
+    def test_silence(self) -> None:
+        self.assertEqual(self.segment(silence(5.0)), [])
+        self.assertEqual(self.segment(b""), [])
+
+    def test_oneUtterance(self) -> None:
+        """
+        Speech from 0.6 s to 1.5 s: the utterance takes 0.18 s (6 frames
+        of 30 ms, the padding) either side, and exactly those samples.
+        """
+        pcm = silence(0.6) + loud(0.9) + silence(2.0)
+        [utterance] = self.segment(pcm)
+        self.assertEqual(self.spans([utterance]), [(0.42, 1.68)])
+        self.assertEqual(utterance.pcm, pcm[int(0.42 * RATE) * 2 : int(1.68 * RATE) * 2])
+
+    def test_silenceSplits(self) -> None:
+        """
+        A pause of at least C{silenceMs} splits; a shorter one does not.
+        """
+        long = silence(0.3) + loud(0.6) + silence(0.9) + loud(0.6) + silence(1.0)
+        self.assertEqual(self.spans(self.segment(long)), [(0.12, 1.08), (1.62, 2.58)])
+        short = silence(0.3) + loud(0.6) + silence(0.45) + loud(0.6) + silence(1.0)
+        self.assertEqual(self.spans(self.segment(short)), [(0.12, 2.13)])
+        self.assertEqual(
+            self.spans(self.segment(short, silenceMs=300)), [(0.12, 1.08), (1.17, 2.13)]
+        )
+
+    def test_chunkingDoesNotMatter(self) -> None:
+        pcm = silence(0.25) + loud(0.61) + silence(0.77) + loud(0.33) + silence(0.1)
+        whole = self.segment(pcm)
+        self.assertEqual(len(whole), 2)
+        for chunk in (1, 2, 7, 961, 4096):
+            pieces = self.segment(pcm, chunk)
+            self.assertEqual([(u.start, u.pcm) for u in pieces], [(u.start, u.pcm) for u in whole])
+
+    def test_endOfInputFlushes(self) -> None:
+        """
+        Input ending mid-utterance still gives it, with what padding there is.
+        """
+        pcm = silence(0.3) + loud(0.6) + silence(0.1) + b"\x01\x00" * 7
+        self.assertEqual(self.spans(self.segment(pcm)), [(0.12, 0.99)])
+
+    def test_maxSeconds(self) -> None:
+        """
+        Speech longer than C{maxSeconds} is cut into pieces of that length.
+        """
+        pcm = loud(5.0) + silence(1.0)
+        spans = self.spans(self.segment(pcm, frameMs=20, maxSeconds=2.0))
+        self.assertEqual(spans, [(0.0, 2.0), (2.0, 4.0), (4.0, 5.2)])
+
+    def test_clicksAreDropped(self) -> None:
+        """
+        Less than C{minSpeechMs} of speech is not an utterance.
+        """
+        pcm = silence(0.5) + loud(0.06) + silence(1.0) + loud(0.03) + silence(0.1)
+        self.assertEqual(self.segment(pcm), [])
+        self.assertEqual(len(self.segment(pcm, minSpeechMs=60)), 1)
+
+    def test_frameLengths(self) -> None:
+        pcm = silence(0.3) + loud(0.6) + silence(1.0)
+        for frameMs in (10, 20, 30):
+            [utterance] = self.segment(pcm, frameMs=frameMs, paddingMs=120)
+            self.assertEqual(self.spans([utterance]), [(0.18, 1.02)])
+        self.assertRaises(ValueError, Segmenter, nonZero, frameMs=25)
+        self.assertRaises(ValueError, Segmenter, nonZero, silenceMs=0)
+
+    def test_noPadding(self) -> None:
+        pcm = silence(0.3) + loud(0.6) + silence(1.0)
+        self.assertEqual(self.spans(self.segment(pcm, paddingMs=0)), [(0.3, 0.9)])
+
+    def test_wav(self) -> None:
+        utterance = Utterance(loud(0.5), 1.0)
+        with wave.open(io.BytesIO(utterance.wav())) as w:
+            self.assertEqual((w.getnchannels(), w.getsampwidth(), w.getframerate()), (1, 2, RATE))
+            self.assertEqual(w.readframes(w.getnframes()), utterance.pcm)
+        self.assertEqual((utterance.duration, utterance.end), (0.5, 1.5))
+
+
+class WebrtcvadTests(SynchronousTestCase):
+    """
+    The real classifier on synthetic sound: digital silence and a
+    vowel-like harmonic tone.
+    """
+
+    def test_boundaries(self) -> None:
+        pcm = silence(1.0) + voiced(1.0) + silence(1.5) + voiced(0.8) + silence(1.5)
+        segmenter = Segmenter(webrtcvadClassifier(2))
+        utterances = segmenter.feed(pcm) + segmenter.finish()
+        self.assertEqual(len(utterances), 2)
+        # Within a few frames of speech +- 0.2 s padding (webrtcvad holds
+        # on to speech a little after it stops).
+        expected = [(0.8, 2.2), (3.3, 4.5)]
+        for utterance, (start, end) in zip(utterances, expected):
+            self.assertLessEqual(abs(utterance.start - start), 0.1, utterances)
+            self.assertLessEqual(abs(utterance.end - end), 0.25, utterances)
+
+    def test_silenceAlone(self) -> None:
+        segmenter = Segmenter(webrtcvadClassifier(3))
+        self.assertEqual(segmenter.feed(silence(3.0)) + segmenter.finish(), [])
+
+
+class _Stdio(StringTransport):
+    """
+    What L{CaptionProtocol} sees of L{StandardIO}: closing stdout ends it.
+    """
+
+    def loseConnection(self) -> None:
+        super().loseConnection()
+        self.protocol.connectionLost(None)
+
+
+class CaptionProtocolTests(SynchronousTestCase):
+    """
+    L{CaptionProtocol} with transcriptions that finish when the test says.
+    """
+
+    def setUp(self) -> None:
+        self.jobs: list[tuple[Utterance, Deferred[str]]] = []
+        self.protocol = CaptionProtocol(
+            Segmenter(nonZero, minSpeechMs=30), self.transcribe
+        )
+        self.transport = _Stdio()
+        self.transport.protocol = self.protocol
+        self.protocol.makeConnection(self.transport)
+
+    async def transcribe(self, utterance: Utterance) -> str:
+        d: Deferred[str] = Deferred()
+        self.jobs.append((utterance, d))
+        return await d
+
+    def speak(self, seconds: float = 0.3) -> None:
+        self.protocol.dataReceived(loud(seconds) + silence(0.7))
+
+    def test_linesInOrder(self) -> None:
+        """
+        Lines come out in the order of the utterances, however the
+        transcriptions finish; empty ones print nothing.
+        """
+        for _ in range(3):
+            self.speak()
+        self.assertEqual(len(self.jobs), 3)
+        self.jobs[2][1].callback("three")
+        self.jobs[1][1].callback("  \n")
+        self.assertEqual(self.transport.value(), b"")
+        self.jobs[0][1].callback("one\nline")
+        self.assertEqual(self.transport.value(), b"one line\nthree\n")
+        self.protocol.readConnectionLost()
+        self.assertEqual(self.successResultOf(self.protocol.done), None)
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_endOfInputWaits(self) -> None:
+        """
+        At the end of input the last utterance is sent, and C{done} waits
+        for every line.
+        """
+        self.speak()
+        self.protocol.dataReceived(loud(0.3))
+        self.protocol.readConnectionLost()
+        self.assertEqual(len(self.jobs), 2)
+        self.assertNoResult(self.protocol.done)
+        self.jobs[1][1].callback("two")
+        self.jobs[0][1].callback("one")
+        self.assertEqual(self.transport.value(), b"one\ntwo\n")
+        self.successResultOf(self.protocol.done)
+
+    def test_failure(self) -> None:
+        """
+        A failed transcription ends it all: the lines before it are printed,
+        the ones after it cancelled, C{done} fails with the error.
+        """
+        for _ in range(3):
+            self.speak()
+        self.jobs[1][1].errback(CliError("the key was not accepted (HTTP 401)"))
+        self.jobs[0][1].callback("one")
+        self.assertEqual(self.transport.value(), b"one\n")
+        self.failureResultOf(self.protocol.done, CliError)
+        self.assertTrue(self.jobs[2][1].called)  # cancelled
+        self.protocol.dataReceived(loud(0.3) + silence(1.0))
+        self.assertEqual(len(self.jobs), 3)
+
+    def test_interrupt(self) -> None:
+        """
+        Ctrl-C sends the utterance under way, stops reading, and ends once
+        its line is out; a second Ctrl-C quits at once with status 130.
+        """
+        self.protocol.dataReceived(loud(0.3))
+        self.protocol.interrupt()
+        self.assertEqual(self.transport.producerState, "paused")
+        self.assertEqual(len(self.jobs), 1)
+        self.protocol.dataReceived(loud(0.3) + silence(1.0))
+        self.assertEqual(len(self.jobs), 1)
+        self.jobs[0][1].callback("last words")
+        self.assertEqual(self.transport.value(), b"last words\n")
+        self.successResultOf(self.protocol.done)
+
+    def test_interruptTwice(self) -> None:
+        self.speak()
+        self.protocol.readConnectionLost()  # Ctrl-C stopped arecord too
+        self.protocol.interrupt()
+        self.assertNoResult(self.protocol.done)
+        self.protocol.interrupt()
+        self.assertEqual(self.failureResultOf(self.protocol.done, SystemExit).value.code, 130)
+        self.assertTrue(self.jobs[0][1].called)  # cancelled
+
+    def test_stdoutClosed(self) -> None:
+        """
+        Nobody reading the lines (C{privox caption | head -1}): stop, quietly.
+        """
+        self.speak()
+        self.protocol.writeConnectionLost()
+        self.successResultOf(self.protocol.done)
+        self.assertTrue(self.jobs[0][1].called)  # cancelled
+
+
+class ArgumentTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.stderr = io.StringIO()
+        self.patch(sys, "stderr", self.stderr)
+        self.patch(sys, "stdin", io.StringIO())  # not a terminal
+
+    def usageError(self, argv: list[str], environ: dict[str, str] | None = None) -> str:
+        error = self.assertRaises(SystemExit, parseArguments, argv, environ or {})
+        self.assertEqual(error.code, 2)
+        return self.stderr.getvalue()
+
+    def test_defaults(self) -> None:
+        args = parseArguments(["stt", "a.wav", "--key", "k"], {})
+        self.assertEqual(
+            (args.api, args.key, args.timeout, args.quality, args.language, args.json),
+            ("http://127.0.0.1:8080", "k", 120.0, None, None, False),
+        )
+        args = parseArguments(["caption"], {"PRIVOX_KEY": "k", "PRIVOX_API": "https://x.example/"})
+        self.assertEqual(
+            (args.api, args.key, args.aggressiveness, args.frame_ms, args.silence_ms),
+            ("https://x.example", "k", 2, 30, 600),
+        )
+        self.assertEqual((args.max_seconds, args.padding_ms), (30.0, 200))
+        args = parseArguments(
+            ["tts", "Hi", "-o", "x.wav", "--voice", "voice2", "--api", "http://h:1"],
+            {"PRIVOX_KEY": "k", "PRIVOX_API": "http://ignored"},
+        )
+        self.assertEqual(
+            (args.api, args.text, args.output, args.voice),
+            ("http://h:1", "Hi", "x.wav", "voice2"),
+        )
+
+    def test_keyRequired(self) -> None:
+        self.assertEqual(
+            self.usageError(["stt", "a.wav"], {"PRIVOX_KEY": " "}),
+            "privox: a key is required: give --key KEY or set PRIVOX_KEY\n",
+        )
+
+    def test_badApi(self) -> None:
+        error = self.usageError(["stt", "a", "--key", "k", "--api", "localhost:8080"])
+        self.assertIn("--api must be an http:// or https:// URL", error)
+
+    def test_badChoices(self) -> None:
+        for argv in (
+            ["caption", "--key", "k", "--aggressiveness", "4"],
+            ["caption", "--key", "k", "--frame-ms", "40"],
+            ["caption", "--key", "k", "--silence-ms", "0"],
+            ["caption", "--key", "k", "--max-seconds", "-1"],
+            ["stt", "a.wav", "--key", "k", "--timeout", "0"],
+            ["stt", "a.wav", "--key", "k", "--quality", "perfect"],
+            ["tts", "text", "--key", "k"],
+            ["tts", "  ", "-o", "x.wav", "--key", "k"],
+        ):
+            self.usageError(argv)
+
+    def test_captionFromATerminal(self) -> None:
+        class Terminal(io.StringIO):
+            def isatty(self) -> bool:
+                return True
+
+        self.patch(sys, "stdin", Terminal())
+        self.assertIn("pipe audio into it", self.usageError(["caption", "--key", "k"]))
+
+
+class HttpProblemTests(SynchronousTestCase):
+    def problem(self, code: int, body: bytes, contentType: str, **headers: str) -> str:
+        from twisted.web.http_headers import Headers
+
+        class Response:
+            pass
+
+        response = Response()
+        response.code = code  # type: ignore[attr-defined]
+        response.headers = Headers(  # type: ignore[attr-defined]
+            {"Content-Type": [contentType], **{k: [v] for k, v in headers.items()}}
+        )
+        return _httpProblem(response, body)
+
+    def test_shapes(self) -> None:
+        self.assertEqual(
+            self.problem(401, b"the key was not accepted\n", "text/plain; charset=utf-8"),
+            "the key was not accepted (HTTP 401)",
+        )
+        self.assertEqual(
+            self.problem(
+                503, b'{"error": {"message": "no capacity"}}', "application/json",
+                **{"Retry-After": "5"},
+            ),
+            "no capacity (HTTP 503; retry after 5 s)",
+        )
+        self.assertEqual(
+            self.problem(502, b"<html>\n<b>Bad</b></html>", "text/html"), "bad gateway (HTTP 502)"
+        )
+        self.assertEqual(self.problem(404, b"", "text/plain"), "not found (HTTP 404)")

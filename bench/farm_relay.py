@@ -22,7 +22,13 @@ The farm and the clients tune their sockets in the library
 a whole frame); the baseline servers and the raw pipe, which are not library
 code, call the same function, so both sides are tuned alike.
 
-    PYTHONPATH=. .venv/bin/python bench/farm_relay.py [--quick]
+With C{--pvx1} the small-job measurement through the farm is driven by
+PVX/1 peers instead (docs/protocol.rst §14): PVX/1 consumers (one connection
+per job, as PVX/1 has it) and PVX/1 digest nodes. PVX/1 marks no ends, so
+each job waits out the farm's C{pvx1_quiet} twice (header and transcript);
+C{--pvx1-quiet} sets it. The baselines and the large jobs are unchanged.
+
+    PYTHONPATH=. .venv/bin/python bench/farm_relay.py [--quick] [--pvx1]
 """
 
 from __future__ import annotations
@@ -55,6 +61,10 @@ from twisted.internet.protocol import Factory, Protocol  # noqa: E402
 from privox.framing import tuneTransport  # noqa: E402
 
 MODEL = "bench:digest"
+#: The PVX/1 name small jobs use with --pvx1 (the farm's default alias table
+#: routes it as whisper:tiny.en, which PVX/1 nodes serve).
+PVX1_MODEL = "tiny.en"
+PVX1_KEY = b"bench-pvx1-key-0"
 MB = 1_000_000
 DATA_CHUNK = 1024 * 1024  # what the farm announces as max_frame by default
 
@@ -346,6 +356,104 @@ async def connectProducers(reactor: Any, port: int, count: int) -> list[Any]:
     return producers
 
 
+class Pvx1DigestNode(Protocol):
+    """
+    A PVX/1 producer node: answers each STT job with the text DigestEngine
+    would give. The farm writes each job header in one piece and holds the
+    audio until the node's C{ack}, so a read while idle is one header.
+    """
+
+    def connectionMade(self) -> None:
+        self.ready: Deferred[None] = Deferred()
+        self._greeted = False
+        self._remaining = 0
+        self._size = 0
+        self._digest = hashlib.sha256()
+        tuneTransport(self.transport, DATA_CHUNK)
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self._greeted:
+            self._greeted = True
+            self.transport.write(b"c" + PVX1_KEY)
+            self.ready.callback(None)
+            return
+        if self._remaining:
+            self._digest.update(data)
+            self._remaining -= len(data)
+            if self._remaining <= 0:
+                self.transport.write(
+                    f"sha256:{self._digest.hexdigest()} bytes:{self._size}".encode()
+                )
+            return
+        while data.startswith(b"ping"):
+            self.transport.write(b"pong")
+            data = data[4:]
+        if data:
+            fields = dict(part.split(b"=", 1) for part in data.split(b"&"))
+            self._size = self._remaining = int(fields[b"len"])
+            self._digest = hashlib.sha256()
+            self.transport.write(b"ack")
+
+
+class _Pvx1Job(Protocol):
+    def __init__(self, header: bytes, audio: bytes) -> None:
+        self.header = header
+        self.audio = audio
+        self.state = "who"
+        self.received = bytearray()
+        self.done: Deferred[bytes] = Deferred()
+
+    def connectionMade(self) -> None:
+        tuneTransport(self.transport, DATA_CHUNK)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        if self.state == "who" and len(self.received) >= 3:
+            del self.received[:3]
+            self.state = "ack"
+            self.transport.write(b"s" + PVX1_KEY + self.header)
+        if self.state == "ack" and len(self.received) >= 3:
+            answer = bytes(self.received[:3])
+            del self.received[:3]
+            self.state = "text"
+            if answer == b"ack":
+                self.transport.write(self.audio)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.done.callback(bytes(self.received) if self.state == "text" else b"")
+
+
+@dataclass
+class _Text:
+    text: str
+
+
+class Pvx1Consumer:
+    """
+    A PVX/1 consumer with the C{stt} call L{smallJobs} uses: one connection
+    per job, the transcript read until the farm closes.
+    """
+
+    def __init__(self, reactor: Any, port: int) -> None:
+        self.reactor = reactor
+        self.port = port
+
+    async def stt(self, model: str, audio: bytes) -> _Text:
+        job = _Pvx1Job(f"model={model}&len={len(audio)}&lang=en".encode(), audio)
+        await connectProtocol(TCP4ClientEndpoint(self.reactor, "127.0.0.1", self.port), job)
+        return _Text((await job.done).decode("utf-8", "replace"))
+
+
+async def connectPvx1Producers(reactor: Any, port: int, count: int) -> list[Any]:
+    producers = []
+    for _ in range(count):
+        p = Pvx1DigestNode()
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), p)
+        await p.ready
+        producers.append(p)
+    return producers
+
+
 async def connectConsumers(reactor: Any, port: int, count: int) -> list[Any]:
     from privox.consumer import connectConsumer
 
@@ -360,7 +468,8 @@ def disconnect(protocols: list[Any]) -> None:
 
 
 async def smallJobs(
-    reactor: Any, consumers: list[Any], size: int, warmup: float, duration: float
+    reactor: Any, consumers: list[Any], size: int, warmup: float, duration: float,
+    model: str = MODEL,
 ) -> Run:
     """
     Every consumer submits job after job until the window closes. Jobs that
@@ -379,7 +488,7 @@ async def smallJobs(
             audio = struct.pack(">QQ", index, seq) + filler
             expected = expectedText(audio)
             t0 = time.perf_counter()
-            result = await consumer.stt(MODEL, audio)
+            result = await consumer.stt(model, audio)
             t1 = time.perf_counter()
             run.check(result, expected)
             if begin <= t1 <= end:
@@ -557,6 +666,8 @@ async def benchmark(reactor: Any, args: argparse.Namespace) -> None:
                   "--tts-listen", "none",
                   "--stats-interval", "0",
                   "--max-job-bytes", str(max(20_000_000, 2 * args.large_bytes))]
+        if args.pvx1:
+            twistd += ["--pvx1-quiet", str(args.pvx1_quiet)]
         paths = profilePaths(args.profile_farm) if args.profile_farm else None
         if paths:
             for path in paths.values():
@@ -584,15 +695,26 @@ async def benchmark(reactor: Any, args: argparse.Namespace) -> None:
         )
 
         # 1. Small jobs.
-        producers = await connectProducers(reactor, farmPort, args.producers)
-        consumers = await connectConsumers(reactor, farmPort, args.consumers)
-        print(f"small jobs through the farm ({args.duration:g} s)...", flush=True)
+        if args.pvx1:
+            producers = await connectPvx1Producers(reactor, farmPort, args.producers)
+            consumers = [Pvx1Consumer(reactor, farmPort) for _ in range(args.consumers)]
+        else:
+            producers = await connectProducers(reactor, farmPort, args.producers)
+            consumers = await connectConsumers(reactor, farmPort, args.consumers)
+        print(f"small jobs through the farm{' (PVX/1 peers)' if args.pvx1 else ''} "
+              f"({args.duration:g} s)...", flush=True)
         profile.start()
         with CpuMeter(children, ["farm"]) as cpu:
-            farmSmall = await smallJobs(reactor, consumers, args.small_bytes, args.warmup, args.duration)
+            farmSmall = await smallJobs(reactor, consumers, args.small_bytes, args.warmup, args.duration,
+                                        PVX1_MODEL if args.pvx1 else MODEL)
         farmSmall.cpu = cpu.usage
         await profile.stop("small")
-        disconnect(consumers)
+        if args.pvx1:
+            # The large jobs run on PVX/2 peers, as without --pvx1.
+            disconnect(producers)
+            producers = await connectProducers(reactor, farmPort, args.large_producers)
+        else:
+            disconnect(consumers)
 
         consumers = await connectConsumers(reactor, jobsPort, args.consumers)
         print(f"small jobs, direct baseline ({args.duration:g} s)...", flush=True)
@@ -628,6 +750,8 @@ async def benchmark(reactor: Any, args: argparse.Namespace) -> None:
         fs, bs = farmSmall, baseSmall
         fl, bl = farmLarge, baseLarge
         small = f"{args.consumers}c x {args.producers}p, {args.small_bytes} B"
+        if args.pvx1:
+            small = f"PVX/1 peers, quiet {args.pvx1_quiet:g} s, {small}"
         large = f"{args.large_consumers}c x {args.large_producers}p, {args.large_bytes / MB:g} MB"
         ms = 1000.0
         rows = [
@@ -700,6 +824,11 @@ def parseArgs(argv: list[str]) -> argparse.Namespace:
                    "FILE's name with -small and -large added (farm.prof: farm-small.prof, "
                    "farm-large.prof) and prints each one's top")
     p.add_argument("--profile-top", type=int, default=25, metavar="N", help="profile lines to print [25]")
+    p.add_argument("--pvx1", action="store_true",
+                   help="small jobs through the farm from PVX/1 consumers to PVX/1 nodes "
+                   "(the baseline stays PVX/2 direct)")
+    p.add_argument("--pvx1-quiet", type=float, default=0.05,
+                   help="the farm's pvx1_quiet with --pvx1, seconds [0.05]")
     p.add_argument("--serve-baseline", nargs=3, type=int, metavar=("JOBS_PORT", "PIPE_PORT", "JOB_BYTES"),
                    help=argparse.SUPPRESS)
     args = p.parse_args(argv)

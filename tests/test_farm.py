@@ -39,14 +39,18 @@ class HandshakeTests(SynchronousTestCase):
             peer.raw(bytes([b]))
         self.assertEqual([v for v, _ in peer.messages()], ["OKAY"])
 
-    def test_pvx1PeerRefusedClearly(self) -> None:
+    def test_pvx1PeerAccepted(self) -> None:
+        """
+        A peer answering C{who} with C{c} or C{s} and a 16-character key
+        speaks PVX/1: it is let in (tests/test_pvx1.py covers the rest), and
+        the farm sends it no PVX/2 frame.
+        """
         for first in (b"c", b"s"):
             peer = self.h.peer()
             peer.raw(first + b"0123456789abcdef")
-            [(verb, body)] = peer.messages()
-            self.assertEqual((verb, body["error"], body["id"]), ("FAIL", "protocol", None))
-            self.assertIn("PVX/1", body["message"])
-            self.assertTrue(peer.closed)
+            self.assertEqual(peer.transport.value(), b"")
+            self.assertFalse(peer.closed)
+            self.assertIsNotNone(peer.protocol.session)
 
     def assertProtocolError(self, peer, fragment: str) -> None:
         [(verb, body)] = peer.messages()[-1:]

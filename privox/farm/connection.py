@@ -17,6 +17,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from privox.farm import pvx1
 from privox.farm.dispatcher import Capability
 from privox.farm.job import Job
 from privox.keys import keyId
@@ -36,6 +37,7 @@ from privox.messages import (
 
 if TYPE_CHECKING:
     from privox.farm.farm import Farm
+    from privox.farm.pvx1 import Pvx1Consumer, Pvx1Peer, Pvx1Producer
 
 log = Logger()
 
@@ -53,7 +55,9 @@ class FarmConnection(Protocol):
         self.farm = farm
         self.service = service
         self.phase = Phase.GREETING
-        self.session: ConsumerSession | ProducerSession | None = None
+        self.session: ConsumerSession | ProducerSession | Pvx1Consumer | Pvx1Producer | None = None
+        #: Set when the peer speaks PVX/1 (L{privox.farm.pvx1}).
+        self.pvx1: Pvx1Peer | None = None
         self._decoder = FrameDecoder(farm.settings.max_frame)
         self._handshakeTimer: IDelayedCall | None = None
 
@@ -80,14 +84,14 @@ class FarmConnection(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self.phase is Phase.CLOSED:
             return
+        if self.pvx1 is not None:
+            self.pvx1.dataReceived(data)
+            return
         if self.phase is Phase.GREETING:
-            if data[:1] in (b"c", b"s"):
+            if data[:1] in (pvx1.PRODUCER, pvx1.CONSUMER):
                 # PVX/1 answers "who" with a type byte and a 16-byte key.
-                log.info("refusing a PVX/1 peer (not supported yet)")
-                self.close(
-                    ErrorCode.PROTOCOL,
-                    "PVX/1 is not supported by this farm yet; answer 'who' with a PVX/2 HELO frame",
-                )
+                self.pvx1 = pvx1.Pvx1Peer(self)
+                self.pvx1.dataReceived(data)
                 return
             self.phase = Phase.HELLO
         try:
@@ -198,7 +202,13 @@ class FarmConnection(Protocol):
     def _closeWith(self, verb: bytes, fields: dict[str, Any]) -> None:
         if self.phase is Phase.CLOSED:
             return
-        self.sendControl(verb, fields)
+        if self.pvx1 is None:
+            self.sendControl(verb, fields)
+        else:
+            # PVX/1 has no error frames: at most a "nak".
+            farewell = self.pvx1.farewell()
+            if farewell:
+                self.transport.write(farewell)
         self._shut()
         self.transport.loseConnection()
 

@@ -198,6 +198,15 @@ class Dispatcher:
     def queueDepth(self) -> int:
         return len(self._queue)
 
+    def producerCount(self) -> int:
+        return len(self._capabilities)
+
+    def advertises(self, model: str) -> bool:
+        """
+        Whether a connected producer names C{model} in its HELO.
+        """
+        return model in self._byModel
+
     def isIdle(self, producer: Hashable) -> bool:
         return producer in self._idleSince
 

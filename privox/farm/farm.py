@@ -16,12 +16,15 @@ from twisted.logger import Logger
 from privox.config import setting
 from privox.farm.dispatcher import Dispatcher
 from privox.farm.job import Job, newJob
+from privox.farm.pvx1 import DEFAULT_STT_ALIASES, DEFAULT_TTS_ALIASES
 from privox.keys import KeyPolicy
+from privox.metrics import usage
 from privox.framing import HEADER_LEN
 from privox.messages import SERVICES, BadRequest, ErrorCode, JobRequest, Okay, controlFrame
 
 if TYPE_CHECKING:
     from privox.farm.connection import ConsumerSession, FarmConnection, ProducerSession
+    from privox.metrics import FarmMetrics
 
 log = Logger()
 
@@ -72,6 +75,21 @@ class FarmSettings:
     stats_interval: float = setting(
         60.0, "Seconds between stats log lines (0 turns them off)."
     )
+    pvx1_quiet: float = setting(
+        0.05, "PVX/1: seconds of silence that end a header or a node's transcript."
+    )
+    pvx1_stt_models: tuple[str, ...] = setting(
+        DEFAULT_STT_ALIASES, "PVX/1 STT model alias, PVX1NAME=PVX2NAME."
+    )
+    pvx1_tts_models: tuple[str, ...] = setting(
+        DEFAULT_TTS_ALIASES, "PVX/1 TTS model alias, PVX1NAME=PVX2NAME."
+    )
+    metrics_listen: str = setting(
+        "none", "Endpoint string serving /metrics (Prometheus) and /status over HTTP, or 'none'."
+    )
+    blur_usage: bool = setting(
+        False, "Round sizes and times in log lines (privacy)."
+    )
 
 
 @dataclass
@@ -96,6 +114,8 @@ class Farm:
         self.connections: set[FarmConnection] = set()
         self.jobs: set[Job] = set()
         self.counters = Counters()
+        #: A L{privox.metrics.FarmMetrics} once instrumented.
+        self.metrics: FarmMetrics | None = None
         self.accepting = True
         self._drained: list[Deferred[None]] = []
 
@@ -207,6 +227,9 @@ class Farm:
         self.jobs.discard(job)
         if job.outcome == "ok":
             self.counters.succeeded += 1
+        seconds = self.clock.seconds() - job.started
+        if self.metrics is not None:
+            self.metrics.jobFinished(job, seconds)
         log.info(
             "job {job_id} {service} {model} {outcome} in {ms} ms "
             "({bytes_in} bytes in, {bytes_out} bytes out)",
@@ -214,9 +237,12 @@ class Farm:
             service=job.request.service,
             model=job.request.model,
             outcome=job.outcome,
-            ms=round((self.clock.seconds() - job.started) * 1000),
-            bytes_in=job.request.size,
-            bytes_out=job.bytesOut,
+            **usage(
+                self.settings.blur_usage,
+                ms=seconds * 1000,
+                bytes_in=job.request.size,
+                bytes_out=job.bytesOut,
+            ),
         )
         if not self.jobs:
             drained, self._drained = self._drained, []

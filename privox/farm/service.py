@@ -16,7 +16,9 @@ from twisted.python import usage
 from privox.config import optionsFor
 from privox.farm.connection import FarmFactory
 from privox.farm.farm import Counters, Farm, FarmSettings
+from privox.farm.pvx1 import Aliases
 from privox.keys import KeyPolicyError, policyFromSpec
+from privox.metrics import CollectorRegistry, farmStatus, instrumentFarm, metricsSite
 
 log = Logger()
 
@@ -37,6 +39,13 @@ class Options(_BaseOptions):  # type: ignore[misc,valid-type]
                 raise usage.UsageError(f"--{name.replace('_', '-')} must be positive")
         if s.max_frame < 1 or s.max_job_bytes < 1:
             raise usage.UsageError("--max-frame and --max-job-bytes must be positive")
+        if s.pvx1_quiet <= 0:
+            raise usage.UsageError("--pvx1-quiet must be positive")
+        for name in ("pvx1_stt_models", "pvx1_tts_models"):
+            try:
+                Aliases(getattr(s, name))
+            except ValueError as e:
+                raise usage.UsageError(f"--{name.replace('_', '-')}: {e}")
 
 
 class FarmService(Service):
@@ -101,4 +110,19 @@ def makeService(options: Options, reactor: Any = None) -> IService:
             endpoint=endpoint,
         )
         strports.service(endpoint, FarmFactory(farm, service), reactor=reactor).setServiceParent(top)
+    if settings.metrics_listen != "none":
+        metricsService(farm, settings.metrics_listen, reactor).setServiceParent(top)
     return top
+
+
+def metricsService(farm: Farm, endpoint: str, reactor: Any) -> IService:
+    """
+    C{/metrics} (Prometheus) and C{/status} (JSON) of C{farm} over plain
+    HTTP on C{endpoint}, from a registry of the farm's own.
+    """
+    registry = CollectorRegistry()
+    instrumentFarm(farm, registry)
+    log.info("farm metrics and status on {endpoint}", endpoint=endpoint)
+    return strports.service(
+        endpoint, metricsSite(registry, lambda: farmStatus(farm)), reactor=reactor
+    )

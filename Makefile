@@ -28,7 +28,7 @@ venv: $(STAMP)
 # Tests import the package from this checkout (PYTHONPATH) so they always run
 # the code you are looking at; the installed copy serves twistd's plugin list.
 test: $(STAMP) $(COQUI_STAMP)
-	tools/install-browser.sh
+	tools/install-system-packages.sh
 	PYTHONPATH=. $(PY) -m twisted.trial tests
 
 # The whole exchange in one process (farm, API, a node with the bundled

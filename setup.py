@@ -42,6 +42,7 @@ setup(
         "klein>=24.8",
         # The API parses multipart bodies with it (treq brings it today too).
         "multipart>=1.0",
+        "prometheus_client>=0.20",
     ],
     entry_points={"console_scripts": ["privox = privox.cli:main"]},
     extras_require=EXTRAS,

@@ -6,11 +6,13 @@ The C{privox} command: a client of the exchange's HTTP API.
   - C{privox caption} reads 16 kHz mono s16le PCM from stdin (e.g.
     C{arecord -f S16_LE -r 16000 -c 1 | privox caption}), cuts it into
     utterances on silence with webrtcvad and prints one line per utterance,
-    in order, as each is transcribed.
+    in order, as each is transcribed;
+  - C{privox status} prints the exchange's farms and their load (C{GET
+    /status}) as a table.
 
 Every command takes C{--api URL} (default C{$PRIVOX_API}, else
-C{http://127.0.0.1:8080}), C{--key KEY} (default C{$PRIVOX_KEY}; required)
-and C{--timeout SECONDS} (for each request).
+C{http://127.0.0.1:8080}), C{--key KEY} (default C{$PRIVOX_KEY}; required,
+except by C{status}) and C{--timeout SECONDS} (for each request).
 
 HTTP goes through treq on the reactor (L{react}); stdin is read with
 L{StandardIO}, so reading never blocks the reactor and transcriptions run
@@ -138,9 +140,27 @@ class PrivoxClient:
             ) from None
         return audio
 
+    async def status(self) -> dict[str, Any]:
+        """
+        C{GET /status}: the farms and their load.
+        """
+        body = await self._request("GET", "/status", headers={"Accept": "application/json"})
+        try:
+            status = json.loads(body)
+            if not isinstance(status, dict) or not isinstance(status.get("farms"), list):
+                raise ValueError
+        except ValueError:
+            raise CliError(
+                f"the Privox API at {self.api} answered /status with something that is not its JSON"
+            ) from None
+        return status
+
     async def _post(self, path: str, **kwargs: Any) -> bytes:
+        return await self._request("POST", path, **kwargs)
+
+    async def _request(self, method: str, path: str, **kwargs: Any) -> bytes:
         async def request() -> tuple[Any, bytes]:
-            response = await self._http.post(self.api + path, **kwargs)
+            response = await self._http.request(method, self.api + path, **kwargs)
             return response, await response.content()
 
         d = Deferred.fromCoroutine(request())
@@ -641,7 +661,52 @@ async def runCaption(reactor: Any, args: argparse.Namespace) -> None:
             pass
 
 
-COMMANDS = {"stt": runStt, "tts": runTts, "caption": runCaption}
+async def runStatus(reactor: Any, args: argparse.Namespace) -> None:
+    client = PrivoxClient(reactor, args.api, args.key or "", args.timeout)
+    try:
+        status = await client.status()
+    finally:
+        await client.close()
+    if args.json:
+        sys.stdout.write(json.dumps(status, indent=2) + "\n")
+    else:
+        sys.stdout.write(statusTable(status))
+
+
+def statusTable(status: dict[str, Any]) -> str:
+    """
+    The API's C{/status} as a table: a row per farm, service and model.
+    """
+    header = ["FARM", "STATE", "SERVICE", "MODEL", "PRODUCERS", "IDLE", "BUSY", "QUEUE"]
+    rows: list[list[str]] = []
+    for farm in status.get("farms", []):
+        name = str(farm.get("name", "?")) + (" (fallback)" if farm.get("fallback") else "")
+        state = "up" if farm.get("up") else "down"
+        load = farm.get("load")
+        if not load:
+            services = ",".join(farm.get("services", [])) or "-"
+            rows.append([name, state, services, "(no load figures)", "", "", "", ""])
+            continue
+        for service, figures in sorted(load.get("services", {}).items()):
+            queue = str(figures.get("queue", 0))
+            models = figures.get("models") or {}
+            if not models:
+                rows.append([name, state, service, "-", "0", "0", "0", queue])
+            for model, counts in sorted(models.items()):
+                rows.append([
+                    name, state, service, model, str(counts.get("connected", 0)),
+                    str(counts.get("idle", 0)), str(counts.get("busy", 0)), queue,
+                ])
+    if not rows:
+        return "no farms\n"
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return "".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() + "\n"
+        for row in [header, *rows]
+    )
+
+
+COMMANDS = {"stt": runStt, "tts": runTts, "caption": runCaption, "status": runStatus}
 
 
 def readFile(path: str) -> bytes:
@@ -804,6 +869,14 @@ def buildParser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentPa
         "--max-seconds", type=_positive, default=30.0, metavar="SECONDS",
         help="cut utterances longer than this (default: %(default)g)",
     )
+    status = commands.add_parser(
+        "status", parents=[common], help="show the farms and their load",
+        description=(
+            "Show the exchange's farms, the producers per model (connected, idle, "
+            "busy) and the queues, from the API's /status. No key is needed."
+        ),
+    )
+    status.add_argument("--json", action="store_true", help="print the API's JSON")
     return parser
 
 
@@ -822,9 +895,10 @@ def parseArguments(
     if parts.scheme not in ("http", "https") or not parts.hostname:
         _usage(f"--api must be an http:// or https:// URL, not {args.api!r}")
     args.api = api
-    if not args.key or not args.key.strip():
-        _usage("a key is required: give --key KEY or set PRIVOX_KEY")
-    args.key = args.key.strip()
+    if args.command != "status":
+        if not args.key or not args.key.strip():
+            _usage("a key is required: give --key KEY or set PRIVOX_KEY")
+        args.key = args.key.strip()
     if args.command == "tts" and not args.text.strip():
         _usage("the text to speak is empty")
     if args.command == "caption" and sys.stdin is not None and sys.stdin.isatty():

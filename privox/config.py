@@ -7,7 +7,8 @@ a C{twisted.python.usage.Options} with one C{--long-option} per field plus
 C{--config FILE}. Precedence: defaults < file < command line.
 
 In the TOML file each key is the long option's name without the dashes
-(C{stt-listen = "tcp:1776"}).
+(C{stt-listen = "tcp:1776"}). A boolean setting is a switch on the command
+line (C{--blur-usage}) and C{true}/C{false} in the file.
 """
 
 from __future__ import annotations
@@ -32,7 +33,23 @@ def optionName(fieldName: str) -> str:
     return fieldName.replace("_", "-")
 
 
+_TRUE = frozenset(["true", "yes", "on", "1"])
+_FALSE = frozenset(["false", "no", "off", "0"])
+
+
 def _coerce(name: str, kind: type, value: Any, where: str) -> Any:
+    if kind is bool:
+        # A switch: a TOML boolean, or a word (true/false, yes/no, on/off, 1/0).
+        if isinstance(value, bool):
+            return value
+        word = str(value).strip().lower() if isinstance(value, (str, int)) else None
+        if word in _TRUE:
+            return True
+        if word in _FALSE:
+            return False
+        raise usage.UsageError(
+            f"{optionName(name)} {where}: expected true or false, got {value!r}"
+        )
     if kind is tuple:
         # Repeatable options: a TOML array (or one string) of strings.
         items = [value] if isinstance(value, str) else value
@@ -107,10 +124,14 @@ def optionsFor(settingsType: type[T], description: str) -> type[usage.Options]:
     parameters: list[list[Any]] = [
         ["config", "c", None, "TOML file of settings (keys are option names)."]
     ]
+    flags: list[list[Any]] = []
     repeatable: dict[str, Callable[..., None]] = {}
     for f in dataclasses.fields(settingsType):  # type: ignore[arg-type]
         help = f.metadata.get("help", "")
-        if isinstance(f.default, tuple):
+        if isinstance(f.default, bool):
+            # A switch: given on the command line, it turns the setting on.
+            flags.append([optionName(f.name), None, help])
+        elif isinstance(f.default, tuple):
             repeatable[f"opt_{f.name}"] = _appender(f.name, help)
         else:
             parameters.append([optionName(f.name), None, None, f"{help} [default: {f.default}]"])
@@ -118,6 +139,7 @@ def optionsFor(settingsType: type[T], description: str) -> type[usage.Options]:
     class Options(usage.Options):
         synopsis = f"[options]\n{description}"
         optParameters = parameters
+        optFlags = flags
         settings: T
 
         def postOptions(self) -> None:
@@ -127,6 +149,10 @@ def optionsFor(settingsType: type[T], description: str) -> type[usage.Options]:
                 f.name: self.get(optionName(f.name))
                 for f in dataclasses.fields(settingsType)  # type: ignore[arg-type]
             }
+            for f in dataclasses.fields(settingsType):  # type: ignore[arg-type]
+                # An absent switch (0) leaves the file's value in place.
+                if isinstance(f.default, bool) and not commandLine[f.name]:
+                    commandLine[f.name] = None
             self.settings = resolve(settingsType, fromFile, commandLine, path or "")
 
     for name, method in repeatable.items():

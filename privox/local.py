@@ -3,7 +3,8 @@ C{twistd privox-local}: a whole exchange in one process, for trying Privox
 on one machine: a farm on loopback ports, one node with the bundled models,
 and the HTTP API on C{--port}. Every quality, language default and voice of
 the original API maps onto the bundled models, so its curl examples work as
-written.
+written. The farm, the node and the API count into one Prometheus registry:
+the API's C{/metrics} shows all three, and its C{/status} the farm's load.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from privox.engines.registry import ModelSpec, SpecError, createEngine
 from privox.farm.connection import FarmFactory
 from privox.farm.farm import Farm, FarmSettings
 from privox.keys import OpenPolicy
+from privox.metrics import CollectorRegistry, farmStatus, instrumentFarm
 from privox.node.service import NodeService, NodeSettings
 
 log = Logger()
@@ -42,6 +44,7 @@ class LocalSettings:
     slots: int = setting(1, "Concurrent jobs per service.")
     max_upload: int = setting(200 * 1024 * 1024, "Largest upload in bytes.")
     deadline: float = setting(60.0, "Seconds a request may take in all.")
+    blur_usage: bool = setting(False, "Round sizes and times in log lines (privacy).")
 
 
 _BaseOptions = optionsFor(
@@ -73,6 +76,7 @@ def apiSettings(s: LocalSettings) -> ApiSettings:
     tts = ModelSpec.parse(s.tts).name
     voices = [line.split()[0] for line in DEFAULT_VOICES] + sorted(OPENAI_VOICES)
     return ApiSettings(
+        blur_usage=s.blur_usage,
         keys=s.keys,
         max_upload=s.max_upload,
         deadline=s.deadline,
@@ -90,7 +94,16 @@ class LocalExchange(Service):
     def __init__(self, settings: LocalSettings, reactor: Any) -> None:
         self.settings = settings
         self._reactor = reactor
-        self.farm = Farm(FarmSettings(stats_interval=0.0), reactor, OpenPolicy(), OpenPolicy())
+        self.farm = Farm(
+            FarmSettings(stats_interval=0.0, blur_usage=settings.blur_usage),
+            reactor,
+            OpenPolicy(),
+            OpenPolicy(),
+        )
+        # One registry for the farm, the node and the API: the API's
+        # /metrics shows them all.
+        self.registry = CollectorRegistry()
+        instrumentFarm(self.farm, self.registry)
         self._ports: list[Any] = []
         self.node: NodeService | None = None
         self.exchange: FarmExchange | None = None
@@ -116,9 +129,11 @@ class LocalExchange(Service):
             NodeSettings(
                 stt_farm=(endpoints["stt"],), tts_farm=(endpoints["tts"],),
                 stt=(s.stt,), tts=(s.tts,), slots=s.slots, retry_max=2.0,
+                blur_usage=s.blur_usage,
             ),
             [createEngine(ModelSpec.parse(s.stt)), createEngine(ModelSpec.parse(s.tts))],
             self._reactor,
+            registry=self.registry,
         )
         self.node.startService()
         await self.node.ready
@@ -134,7 +149,13 @@ class LocalExchange(Service):
             attempts=1,
             poolSize=s.slots * 2,
         )
-        _, site = buildApi(api, self.exchange, self._reactor)
+        _, site = buildApi(
+            api,
+            self.exchange,
+            self._reactor,
+            registry=self.registry,
+            farmStatus=lambda: {"local": farmStatus(self.farm)},
+        )
         self._http = TrackedFactory(site)
         web = await serverFromString(
             self._reactor, f"tcp:{s.port}:interface={s.interface}"

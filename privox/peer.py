@@ -27,6 +27,7 @@ from privox.messages import (
     controlFrame,
     decodeObject,
 )
+from privox.tls import describeFailure
 
 
 class Denied(Exception):
@@ -133,9 +134,10 @@ class PeerProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = None) -> None:
         if not self.ready.called:
+            tls = describeFailure(reason)
             self.ready.errback(
                 self._handshakeFailure
-                or ConnectionClosed("the farm closed the connection during the handshake")
+                or ConnectionClosed(tls or "the farm closed the connection during the handshake")
             )
         self.peerLost(self._handshakeFailure or ConnectionClosed("connection closed"))
         self.disconnected.callback(None)

@@ -1,18 +1,24 @@
 #!/usr/bin/env bash
-# Debian's Chromium and ChromeDriver, for the try-it page test. Browser
-# downloads by test tools do not work on our machines; Debian's packages do.
-# Quick when they are already there; needs root (or sudo) otherwise.
+# Debian packages the test suite drives for real: Chromium and ChromeDriver
+# (the try-it page; test tools' own browser downloads do not work on our
+# machines) and systemd (systemd-analyze verify on the units, socket
+# activation). Quick when they are there; needs root (or sudo) otherwise.
 set -euo pipefail
-if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then
+missing=()
+[ -x /usr/bin/chromium ] || missing+=(chromium)
+[ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
+command -v systemd-analyze >/dev/null || missing+=(systemd)
+command -v systemd-socket-activate >/dev/null || missing+=(systemd)
+if [ ${#missing[@]} -eq 0 ]; then
     exit 0
 fi
 SUDO=""
 if [ "$(id -u)" != 0 ]; then
     if command -v sudo >/dev/null; then SUDO=sudo; else
-        echo "install-browser: run as root, or: apt-get install -y chromium chromium-driver" >&2
+        echo "install-system-packages: run as root, or: apt-get install -y ${missing[*]}" >&2
         exit 1
     fi
 fi
-echo "install-browser: installing chromium and chromium-driver from Debian"
+echo "install-system-packages: installing ${missing[*]} from Debian"
 $SUDO apt-get update -qq
-DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver >/dev/null
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null

@@ -1,6 +1,7 @@
 """
 The HTTP API as a Klein app: the original Privox routes (C{/stt}, C{/tts}),
-OpenAI's audio routes (C{/v1/...}), C{/healthz} and a front page.
+OpenAI's audio routes (C{/v1/...}), C{/healthz}, C{/status} (farms and
+their load, JSON or HTML), C{/metrics} (Prometheus) and a front page.
 
 Routes stay thin: L{privox.api.forms} reads and checks requests (and the
 key), L{privox.api.models} picks the model, the injected L{Exchange} does
@@ -10,7 +11,8 @@ C{{"error": {"message", "type", "code"}}} on C{/v1}; C{Retry-After} when the
 error carries one (503).
 
 Privacy: each request is logged as one line of named fields (route, status,
-bytes in and out, milliseconds, model, L{keyId} of the key). Never the text,
+bytes in and out, milliseconds, model, L{keyId} of the key; sizes and times
+rounded with C{blurUsage}). Never the text,
 the audio, the key, or the client's address; L{ApiSite} also turns off
 twisted.web's access log, which would record addresses.
 
@@ -30,7 +32,7 @@ from importlib import resources
 from typing import Any, Awaitable, Callable
 
 from klein import Klein
-from twisted.internet.defer import CancelledError
+from twisted.internet.defer import CancelledError, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
@@ -42,6 +44,14 @@ from privox.api.errors import ApiError
 from privox.api.exchange import Exchange
 from privox.api.models import ModelTable
 from privox.keys import KeyPolicy, keyId
+from privox.metrics import (
+    CONTENT_TYPE_LATEST,
+    ApiMetrics,
+    CollectorRegistry,
+    render,
+    statusHtml,
+    usage,
+)
 
 #: The original exchange's upload limit.
 DEFAULT_MAX_UPLOAD = 200 * 1024 * 1024
@@ -165,7 +175,19 @@ class PrivoxAPI:
         keys: KeyPolicy,
         maxUpload: int = DEFAULT_MAX_UPLOAD,
         clock: Any = None,
+        registry: CollectorRegistry | None = None,
+        farmStatus: Callable[[], Any] | None = None,
+        blurUsage: bool = False,
     ) -> None:
+        """
+        @param registry: where the request series go and what C{/metrics}
+            serves (shared with an in-process farm in privox-local); a new
+            one if L{None}.
+        @param farmStatus: returns (or fires with) a dict of farm name ->
+            that farm's load (L{privox.metrics.farmStatus}), for C{/status};
+            by default the exchange's own C{farmStatus}, if it has one.
+        @param blurUsage: round sizes and times in the request log lines.
+        """
         if clock is None:
             from twisted.internet import reactor as clock
         self.exchange = exchange
@@ -173,6 +195,10 @@ class PrivoxAPI:
         self.keys = keys
         self.maxUpload = maxUpload
         self.clock = clock
+        self.registry = CollectorRegistry() if registry is None else registry
+        self.metrics = ApiMetrics(self.registry)
+        self.farmStatus = farmStatus or getattr(exchange, "farmStatus", None)
+        self.blurUsage = blurUsage
 
     def site(self) -> ApiSite:
         return ApiSite(self.app.resource(), self.maxUpload)
@@ -297,6 +323,33 @@ class PrivoxAPI:
     async def _pageScript(self, request: IRequest, done: _Done) -> bytes:
         return _reply(request, _JS, _static("page.js").encode("utf-8"))
 
+    @app.route("/metrics", methods=["GET"])
+    async def prometheus(self, request: IRequest) -> bytes:
+        return await self._serve(request, "/metrics", self._metrics, openai=False, quiet=True)
+
+    async def _metrics(self, request: IRequest, done: _Done) -> bytes:
+        return _reply(request, CONTENT_TYPE_LATEST.encode("ascii"), render(self.registry))
+
+    @app.route("/status", methods=["GET"])
+    async def status(self, request: IRequest) -> bytes:
+        return await self._serve(request, "/status", self._status, openai=False, quiet=True)
+
+    async def _status(self, request: IRequest, done: _Done) -> bytes:
+        farms = [dict(farm) for farm in self.exchange.health().get("farms", [])]
+        loads: dict[str, Any] = {}
+        if self.farmStatus is not None:
+            try:
+                loads = await maybeDeferred(self.farmStatus) or {}
+            except Exception:
+                self.log.failure("farm status failed")
+        for farm in farms:
+            farm["load"] = loads.get(farm.get("name"))
+        status = {"farms": farms}
+        accept = (request.getHeader(b"accept") or b"").decode("latin-1")
+        if "text/html" in accept:
+            return _reply(request, _HTML, statusHtml(status).encode("utf-8"))
+        return _json(request, status)
+
     # -- errors and logging -----------------------------------------------
 
     @app.handle_errors(NotFound, MethodNotAllowed)
@@ -313,8 +366,17 @@ class PrivoxAPI:
         return self._error(request, error, openai=request.path.startswith(b"/v1/"))
 
     async def _serve(
-        self, request: IRequest, route: str, handler: Handler, openai: bool = True
+        self,
+        request: IRequest,
+        route: str,
+        handler: Handler,
+        openai: bool = True,
+        quiet: bool = False,
     ) -> bytes:
+        """
+        Run C{handler}, answer its errors, count the request and log it
+        (unless C{quiet}: scrapes are counted, not logged).
+        """
         started = self.clock.seconds()
         done = _Done()
         try:
@@ -322,12 +384,15 @@ class PrivoxAPI:
         except ApiError as e:
             body = self._error(request, e, openai)
         except CancelledError:
+            self.metrics.request(route, 499, self.clock.seconds() - started)
             self._logRequest(request, route, 499, 0, started, done)
             raise
         except Exception:
             self.log.failure("{route} failed", route=route)
             body = self._error(request, ApiError("internal error"), openai)
-        self._logRequest(request, route, request.code, len(body), started, done)
+        self.metrics.request(route, request.code, self.clock.seconds() - started)
+        if not quiet:
+            self._logRequest(request, route, request.code, len(body), started, done)
         return body
 
     def _error(self, request: IRequest, error: ApiError, openai: bool) -> bytes:
@@ -356,10 +421,13 @@ class PrivoxAPI:
             " (model {model}, key {keyId})",
             route=route,
             status=status,
-            received=_received(request),
-            bytes=size,
-            ms=round((self.clock.seconds() - started) * 1000),
             model=done.model,
+            **usage(
+                self.blurUsage,
+                ms=(self.clock.seconds() - started) * 1000,
+                received=_received(request),
+                bytes=size,
+            ),
             keyId=keyId(done.key) if done.key else None,
         )
 

@@ -4,9 +4,10 @@ selection, retry, a reserved fallback, and persistent consumer connections.
 
 Configuration is one line per farm (L{FarmEntry.parse})::
 
-    NAME STT-ENDPOINT TTS-ENDPOINT [weight=N] [fallback]
+    NAME STT-ENDPOINT TTS-ENDPOINT [weight=N] [fallback] [status=URL]
 
-for example C{main tcp:host=farm.example:port=1776 tcp:host=farm.example:port=1777
+(C{status=URL}: the farm's C{/status}, from its C{--metrics-listen}
+endpoint, which the API's own C{/status} then shows), for example C{main tcp:host=farm.example:port=1776 tcp:host=farm.example:port=1777
 weight=2}. Endpoints are Twisted client endpoint strings; C{none} stands for a
 service that farm does not offer.
 
@@ -61,7 +62,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, TypeVar
 
 from twisted.internet.defer import CancelledError, Deferred, DeferredList
-from twisted.internet.endpoints import clientFromString, connectProtocol
+from twisted.internet.endpoints import connectProtocol
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -78,6 +79,7 @@ from privox.api.exchange import Transcribed
 from privox.consumer import ConsumerProtocol, JobFailed, JobResult
 from privox.messages import SERVICES, ErrorCode
 from privox.peer import ConnectionClosed
+from privox.tls import TrustRoot, checkEndpoint, clientEndpoint
 
 log = Logger()
 
@@ -95,6 +97,9 @@ class FarmEntry:
     @ivar tts: client endpoint string of its TTS port, or C{None}.
     @ivar weight: relative chance of being drawn among non-fallback farms.
     @ivar fallback: reserved: tried only after the drawn farms failed.
+    @ivar status: http(s) URL of the farm's C{/status} (its
+        C{--metrics-listen} endpoint), shown on the API's C{/status}; or
+        C{None}.
     """
 
     name: str
@@ -102,6 +107,7 @@ class FarmEntry:
     tts: str | None
     weight: float = 1.0
     fallback: bool = False
+    status: str | None = None
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -141,6 +147,7 @@ class FarmEntry:
         name, stt, tts = words[:3]
         weight = 1.0
         fallback = False
+        status = None
         seen: set[str] = set()
         for option in words[3:]:
             key = option.split("=", 1)[0]
@@ -161,9 +168,16 @@ class FarmEntry:
                     raise ValueError(
                         f"farm {name!r}: weight must be a positive number, not {text!r}"
                     )
+            elif key == "status":
+                status = option.split("=", 1)[1] if "=" in option else ""
+                if not status.startswith(("http://", "https://")):
+                    raise ValueError(
+                        f"farm {name!r}: status must be an http(s) URL, not {status!r}"
+                    )
             else:
                 raise ValueError(
-                    f"farm {name!r}: unknown option {option!r} (expected weight=N or fallback)"
+                    f"farm {name!r}: unknown option {option!r} "
+                    "(expected weight=N, fallback or status=URL)"
                 )
         endpoints = {}
         for service, text in (("stt", stt), ("tts", tts)):
@@ -172,7 +186,7 @@ class FarmEntry:
                 continue
             _checkEndpoint(name, service, text)
             endpoints[service] = text
-        return cls(name, endpoints["stt"], endpoints["tts"], weight, fallback)
+        return cls(name, endpoints["stt"], endpoints["tts"], weight, fallback, status)
 
 
 def _checkEndpoint(name: str, service: str, text: str) -> None:
@@ -182,10 +196,10 @@ def _checkEndpoint(name: str, service: str, text: str) -> None:
     request. Building an endpoint does not touch the reactor.
     """
     try:
-        clientFromString(_NoReactor(), text)
-    except Exception as e:
+        checkEndpoint(text)
+    except ValueError as e:
         raise ValueError(
-            f"farm {name!r}: bad {service} endpoint {text!r} ({e or type(e).__name__}); "
+            f"farm {name!r}: bad {service} endpoint {text!r} ({e}); "
             "expected a Twisted client endpoint string such as "
             "'tcp:host=farm.example:port=1776', or 'none'"
         ) from None
@@ -214,12 +228,6 @@ def parseFarms(lines: Iterable[str]) -> list[FarmEntry]:
     if not farms:
         raise ValueError("no farms configured")
     return farms
-
-
-class _NoReactor:
-    """
-    A stand-in reactor for parsing endpoint strings.
-    """
 
 
 def weightedChoice(entries: list[FarmEntry], rng: random.Random) -> FarmEntry:
@@ -369,7 +377,7 @@ class _Pool:
             self.farm.probing = True
         protocol = ConsumerProtocol(self.service, exchange.key)
         connecting = connectProtocol(
-            clientFromString(exchange.reactor, self.endpoint), protocol
+            clientEndpoint(exchange.reactor, self.endpoint, exchange.ca), protocol
         )
         connecting.addCallback(lambda _: protocol.ready)
         self.connecting[protocol] = connecting
@@ -492,7 +500,7 @@ class FarmExchange:
     docstring for the selection, retry, fallback and pooling rules).
 
     @param farms: the directory; names must be unique.
-    @param reactor: connects (C{clientFromString}) and, unless C{clock} is
+    @param reactor: connects (L{privox.tls.clientEndpoint}) and, unless C{clock} is
         given, keeps time.
     @param key: the consumer key this API presents to farms.
     @param deadline: seconds a whole request may take, every attempt included.
@@ -502,6 +510,8 @@ class FarmExchange:
     @param downBackoff: (first, longest) seconds an unreachable farm is skipped.
     @param connectTimeout: longest wait for a connection and its handshake.
     @param clock: time source for deadlines and backoff (default C{reactor}).
+    @param ca: trust root (L{privox.tls.loadCA}) for C{tls:} endpoints that
+        name no C{trustRoots} of their own; default: the system's CAs.
     """
 
     def __init__(
@@ -516,6 +526,7 @@ class FarmExchange:
         downBackoff: tuple[float, float] = (1.0, 60.0),
         connectTimeout: float = 10.0,
         clock: IReactorTime | None = None,
+        ca: TrustRoot | None = None,
     ) -> None:
         names = [f.name for f in farms]
         if len(set(names)) != len(names):
@@ -536,6 +547,7 @@ class FarmExchange:
         self.rng = rng if rng is not None else random.Random()
         self.downBackoff = (float(first), float(longest))
         self.connectTimeout = connectTimeout
+        self.ca = ca
         self.stopped = False
         self.farms = [_FarmState(self, entry) for entry in farms]
 

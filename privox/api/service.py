@@ -21,9 +21,11 @@ from twisted.web.server import Site
 from privox.api.app import DEFAULT_MAX_UPLOAD, PrivoxAPI
 from privox.api.exchange import Exchange
 from privox.api.farms import FarmEntry, FarmExchange
+from privox.api.farmstatus import RemoteStatus
 from privox.api.models import DEFAULT_STT, DEFAULT_VOICES, ModelTable
 from privox.config import optionsFor, setting
 from privox.keys import KeyPolicyError, policyFromSpec
+from privox.tls import loadCA
 
 log = Logger()
 
@@ -33,7 +35,7 @@ class ApiSettings:
     listen: str = setting("tcp:8080", "Twisted server endpoint string the API listens on.")
     farm: tuple[str, ...] = setting(
         (),
-        "A farm: 'NAME STT-ENDPOINT TTS-ENDPOINT [weight=N] [fallback]' "
+        "A farm: 'NAME STT-ENDPOINT TTS-ENDPOINT [weight=N] [fallback] [status=URL]' "
         "(at least one; an endpoint may be 'none').",
     )
     farm_key: str = setting("", "This API's own consumer key, presented to the farms.")
@@ -55,6 +57,14 @@ class ApiSettings:
     voice: tuple[str, ...] = setting(
         DEFAULT_VOICES, "TTS voice: 'VOICE MODEL [SPEAKER]'; the first is the default."
     )
+    ca: str = setting(
+        "",
+        "PEM file of the CA certificate(s) that tls: farm endpoints without their "
+        "own trustRoots= are verified against (default: the system's CAs).",
+    )
+    blur_usage: bool = setting(
+        False, "Round sizes and times in the request log lines (privacy)."
+    )
 
 
 def modelTable(settings: ApiSettings) -> ModelTable:
@@ -67,10 +77,18 @@ def modelTable(settings: ApiSettings) -> ModelTable:
         raise usage.UsageError(str(e))
 
 
-def buildApi(settings: ApiSettings, exchange: Exchange, reactor: Any) -> tuple[PrivoxAPI, Site]:
+def buildApi(
+    settings: ApiSettings,
+    exchange: Exchange,
+    reactor: Any,
+    registry: Any = None,
+    farmStatus: Any = None,
+) -> tuple[PrivoxAPI, Site]:
     """
     The app for C{settings} over C{exchange}, and the site that serves it
-    (with the upload cap applied as bodies arrive).
+    (with the upload cap applied as bodies arrive). C{registry}: the
+    L{CollectorRegistry} its C{/metrics} serves (a new one if L{None});
+    C{farmStatus}: what C{/status} adds per farm (L{PrivoxAPI}).
 
     @raise usage.UsageError: bad model tables or key policy.
     """
@@ -79,7 +97,14 @@ def buildApi(settings: ApiSettings, exchange: Exchange, reactor: Any) -> tuple[P
     except KeyPolicyError as e:
         raise usage.UsageError(str(e))
     api = PrivoxAPI(
-        exchange, modelTable(settings), keys, maxUpload=settings.max_upload, clock=reactor
+        exchange,
+        modelTable(settings),
+        keys,
+        maxUpload=settings.max_upload,
+        clock=reactor,
+        registry=registry,
+        farmStatus=farmStatus,
+        blurUsage=settings.blur_usage,
     )
     log.info(
         "API: user keys {keys}; {farms} farm(s); uploads up to {max} bytes",
@@ -97,6 +122,8 @@ _BaseOptions = optionsFor(
 
 class Options(_BaseOptions):  # type: ignore[misc,valid-type]
     farms: list[FarmEntry]
+    #: The --ca trust root (L{loadCA}), or None for the system's CAs.
+    ca: Any = None
 
     def postOptions(self) -> None:
         super().postOptions()
@@ -121,6 +148,10 @@ class Options(_BaseOptions):  # type: ignore[misc,valid-type]
             raise usage.UsageError("--deadline must be positive")
         if s.attempts < 1 or s.pool_size < 1:
             raise usage.UsageError("--attempts and --pool-size must be at least 1")
+        try:
+            self.ca = loadCA(s.ca) if s.ca else None
+        except ValueError as e:
+            raise usage.UsageError(f"--ca: {e}")
 
 
 class TrackedFactory(WrappingFactory):
@@ -182,10 +213,13 @@ def makeService(options: Options, reactor: Any = None) -> IService:
             deadline=s.deadline,
             attempts=s.attempts,
             poolSize=s.pool_size,
+            ca=options.ca,
         )
     except ValueError as e:
         raise usage.UsageError(str(e))
-    _, site = buildApi(s, exchange, reactor)
+    # Farms whose lines name their status URL show their load on /status.
+    remote = RemoteStatus(options.farms, reactor) if any(f.status for f in options.farms) else None
+    _, site = buildApi(s, exchange, reactor, farmStatus=remote)
     http = TrackedFactory(site)
     top = MultiService()
     # Added first, stopped last: the port closes before the connections.

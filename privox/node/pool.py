@@ -11,13 +11,32 @@ from typing import Any, Callable, TypeVar
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from privox.engines.errors import Unsupported
+from privox.metrics import NodeMetrics, usage
 from privox.node.worker import Answer, Collected, JobRun
 
 log = Logger()
 T = TypeVar("T")
+
+
+class EngineTime:
+    """
+    The time one job's engine calls took, summed in their threads (the calls
+    of one job run one after another).
+    """
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def run(self, f: Callable[..., T], *args: Any) -> T:
+        started = time.monotonic()
+        try:
+            return f(*args)
+        finally:
+            self.seconds += time.monotonic() - started
 
 
 class EnginePool:
@@ -26,13 +45,49 @@ class EnginePool:
     they run in.
     """
 
-    def __init__(self, engines: list[Any], reactor: Any, threadpool: ThreadPool) -> None:
+    def __init__(
+        self,
+        engines: list[Any],
+        reactor: Any,
+        threadpool: ThreadPool,
+        metrics: NodeMetrics | None = None,
+        blurUsage: bool = False,
+    ) -> None:
         self.engines = {engine.name: engine for engine in engines}
         self._reactor = reactor
         self._threadpool = threadpool
+        self.metrics = metrics
+        self.blurUsage = blurUsage
 
     def inThread(self, f: Callable[..., T], *args: Any) -> Deferred[T]:
         return deferToThreadPool(self._reactor, self._threadpool, f, *args)
+
+    def timed(self, meter: EngineTime, f: Callable[..., T], *args: Any) -> Deferred[T]:
+        """
+        L{inThread}, adding the time C{f} takes in its thread to C{meter}.
+        """
+        return self.inThread(meter.run, f, *args)
+
+    def jobDone(self, model: str, meter: EngineTime, outcome: str, bytesIn: int) -> None:
+        """
+        Count and log one job's engine time.
+        """
+        if self.metrics is not None:
+            self.metrics.engineTime(model, meter.seconds)
+        log.info(
+            "{model} {outcome}: {ms} ms of engine time ({bytes_in} bytes in)",
+            model=model,
+            outcome=outcome,
+            **usage(self.blurUsage, ms=meter.seconds * 1000, bytes_in=bytesIn),
+        )
+
+    def report(self, result: Any, model: str, meter: EngineTime, bytesIn: int) -> Any:
+        """
+        A callback for both outcomes of a job's last step: L{jobDone}, then
+        C{result} passed on.
+        """
+        self.jobDone(model, meter, "failed" if isinstance(result, Failure) else "ok", bytesIn)
+        return result
 
     async def load(self) -> None:
         """
@@ -99,7 +154,13 @@ class EngineHandler:
                 STTJob(job["model"], job.get("language"), job.get("format", "auto"), job["size"]),
             )
         tts = TTSJob(job["model"], job.get("language"), job.get("voice"), job.get("text") or "")
-        return Collected(lambda _: self._pool.inThread(engine.synthesize, tts).addCallback(_speech, tts))
+        return Collected(lambda _: self._synthesize(engine, tts))
+
+    def _synthesize(self, engine: Any, tts: Any) -> Deferred[Answer]:
+        meter = EngineTime()
+        d = self._pool.timed(meter, engine.synthesize, tts)
+        d.addBoth(self._pool.report, tts.model, meter, len(tts.text.encode("utf-8")))
+        return d.addCallback(_speech, tts)
 
 
 def _speech(wav: bytes, job: Any) -> Answer:
@@ -116,8 +177,9 @@ class TranscriptionRun:
         self._pool = pool
         self._job = job
         self._cancelled = False
+        self._meter = EngineTime()
         # A chain that runs one step at a time, in order: start, feeds, finish.
-        self._chain: Deferred[Any] = pool.inThread(engine.transcription, job)
+        self._chain: Deferred[Any] = pool.timed(self._meter, engine.transcription, job)
 
     def feed(self, chunk: bytes) -> None:
         self._chain.addCallback(self._feed, chunk)
@@ -125,12 +187,18 @@ class TranscriptionRun:
     def _feed(self, transcription: Any, chunk: bytes) -> Any:
         if self._cancelled:
             return transcription
-        return self._pool.inThread(transcription.feed, chunk).addCallback(lambda _: transcription)
+        return self._pool.timed(self._meter, transcription.feed, chunk).addCallback(
+            lambda _: transcription
+        )
 
     def finish(self) -> Deferred[Answer]:
-        return self._chain.addCallback(
-            lambda transcription: self._pool.inThread(transcription.finish)
-        ).addCallback(self._answer)
+        return (
+            self._chain.addCallback(
+                lambda transcription: self._pool.timed(self._meter, transcription.finish)
+            )
+            .addBoth(self._pool.report, self._job.model, self._meter, self._job.size)
+            .addCallback(self._answer)
+        )
 
     def _answer(self, transcript: Any) -> Answer:
         return Answer(

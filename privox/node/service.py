@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.application.internet import ClientService, backoffPolicy
-from twisted.application.service import IService, Service
+from twisted.application import strports
+from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, succeed
-from twisted.internet.endpoints import clientFromString
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -22,8 +22,10 @@ from zope.interface import implementer
 
 from privox.config import optionsFor, setting
 from privox.engines.registry import ModelSpec, SpecError, createEngine
+from privox.metrics import CollectorRegistry, NodeMetrics, metricsSite
 from privox.node.pool import EnginePool
 from privox.node.worker import JobHandler, ProducerProtocol
+from privox.tls import TrustRoot, checkEndpoint, clientEndpoint, loadCA
 
 log = Logger()
 
@@ -47,6 +49,15 @@ class NodeSettings:
         300.0, "Seconds on a fallback farm before an idle slot retries the preferred one."
     )
     retry_max: float = setting(30.0, "Longest wait between reconnection attempts, seconds.")
+    metrics_listen: str = setting(
+        "none", "Endpoint string serving /metrics (Prometheus) over HTTP, or 'none'."
+    )
+    blur_usage: bool = setting(False, "Round sizes and times in log lines (privacy).")
+    ca: str = setting(
+        "",
+        "PEM file of the CA certificate(s) that tls: farm endpoints without their "
+        "own trustRoots= are verified against (default: the system's CAs).",
+    )
 
 
 _BaseOptions = optionsFor(
@@ -81,6 +92,15 @@ class Options(_BaseOptions):  # type: ignore[misc,valid-type]
             raise usage.UsageError("--tts models need at least one --tts-farm")
         if s.slots < 1:
             raise usage.UsageError("--slots must be at least 1")
+        try:
+            ca = loadCA(s.ca) if s.ca else None
+        except ValueError as e:
+            raise usage.UsageError(f"--ca: {e}")
+        for farm in s.stt_farm + s.tts_farm:
+            try:
+                checkEndpoint(farm, ca)
+            except ValueError as e:
+                raise usage.UsageError(f"bad farm endpoint {farm!r}: {e}")
 
 
 @implementer(IStreamClientEndpoint)
@@ -90,9 +110,11 @@ class FailoverEndpoint:
     preference. C{lastIndex} says which one the last connection reached.
     """
 
-    def __init__(self, descriptions: tuple[str, ...], reactor: Any) -> None:
+    def __init__(
+        self, descriptions: tuple[str, ...], reactor: Any, ca: TrustRoot | None = None
+    ) -> None:
         self.descriptions = descriptions
-        self._endpoints = [clientFromString(reactor, d) for d in descriptions]
+        self._endpoints = [clientEndpoint(reactor, d, ca) for d in descriptions]
         self.lastIndex = 0
 
     def connect(self, factory: Factory) -> Deferred[Any]:
@@ -128,12 +150,13 @@ class Slot:
         handler: JobHandler,
         settings: NodeSettings,
         reactor: Any,
+        ca: TrustRoot | None = None,
     ) -> None:
         self.service = service
         self._handler = handler
         self._settings = settings
         self._reactor = reactor
-        self._endpoint = FailoverEndpoint(farms, reactor)
+        self._endpoint = FailoverEndpoint(farms, reactor, ca)
         self.protocol: ProducerProtocol | None = None
         self._failback: Any = None
         self.client = ClientService(
@@ -169,6 +192,12 @@ class Slot:
 
         def denied(failure: Any) -> Any:
             log.warn("farm {farm} refused this node: {why}", farm=farm, why=failure.value)
+            # The handshake failed because the connection was lost (DENY, a
+            # refused TLS certificate...), inside its connectionLost. Twisted's
+            # ClientService has no transition for a connection lost while
+            # prepareConnection runs: failing this attempt is all it needs, so
+            # its proxy must not report the loss as well (NoTransition).
+            protocol._lostNotification = lambda reason: None
             return failure
 
         return protocol.ready.addCallbacks(ready, denied)
@@ -195,7 +224,11 @@ class NodeService(Service):
         engines: list[Any],
         reactor: Any,
         stopOnFailure: bool = True,
+        registry: Any = None,
     ) -> None:
+        """
+        @param registry: a L{CollectorRegistry} to count engine time into.
+        """
         self.settings = settings
         self._reactor = reactor
         # A node whose models do not load is useless: twistd should exit.
@@ -203,7 +236,13 @@ class NodeService(Service):
         self._threadpool = ThreadPool(
             minthreads=1, maxthreads=settings.slots * 2, name="privox-engines"
         )
-        self.pool = EnginePool(engines, reactor, self._threadpool)
+        self.pool = EnginePool(
+            engines,
+            reactor,
+            self._threadpool,
+            metrics=NodeMetrics(registry) if registry is not None else None,
+            blurUsage=settings.blur_usage,
+        )
         self.slots: list[Slot] = []
         self.ready: Deferred[None] = Deferred()
 
@@ -217,6 +256,7 @@ class NodeService(Service):
     async def _start(self) -> None:
         await self.pool.load()
         s = self.settings
+        ca = loadCA(s.ca) if s.ca else None
         for service, farms in (("stt", s.stt_farm), ("tts", s.tts_farm)):
             handler = self.pool.handler(service)
             if not handler.models:
@@ -229,7 +269,7 @@ class NodeService(Service):
                 farms=list(farms),
             )
             for _ in range(s.slots):
-                slot = Slot(service, farms, handler, s, self._reactor)
+                slot = Slot(service, farms, handler, s, self._reactor, ca)
                 self.slots.append(slot)
                 slot.client.startService()
         self.ready.callback(None)
@@ -260,4 +300,15 @@ class NodeService(Service):
 def makeService(options: Options, reactor: Any = None) -> IService:
     if reactor is None:
         from twisted.internet import reactor
-    return NodeService(options.settings, [createEngine(s) for s in options.specs], reactor)
+    settings = options.settings
+    engines = [createEngine(s) for s in options.specs]
+    if settings.metrics_listen == "none":
+        return NodeService(settings, engines, reactor)
+    registry = CollectorRegistry()
+    top = MultiService()
+    NodeService(settings, engines, reactor, registry=registry).setServiceParent(top)
+    log.info("node metrics on {endpoint}", endpoint=settings.metrics_listen)
+    strports.service(
+        settings.metrics_listen, metricsSite(registry), reactor=reactor
+    ).setServiceParent(top)
+    return top

@@ -41,5 +41,12 @@ bench: $(STAMP)
 	PYTHONPATH=. $(PY) bench/engines.py
 	PYTHONPATH=. $(PY) bench/api.py
 
+# The long reliability runs (issue 9): load and fault scenarios scaled up;
+# prints figures. `make soak SOAK_SECONDS=60` for a shorter run.
+SOAK_SECONDS ?= 300
+.PHONY: soak
+soak: $(STAMP)
+	PYTHONPATH=. $(PY) soak/run.py --duration $(SOAK_SECONDS)
+
 clean:
 	rm -rf $(VENV) build *.egg-info _trial_temp dropin.cache

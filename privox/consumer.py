@@ -8,11 +8,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.endpoints import clientFromString, connectProtocol
 
-from privox.framing import Frame
-from privox.messages import ErrorCode, Hello, JobRequest, ProtocolViolation, decodeObject, resultSize
+from privox.framing import HEADER_LEN, Frame
+from privox.messages import (
+    ErrorCode,
+    Hello,
+    JobRequest,
+    ProtocolViolation,
+    controlFrame,
+    decodeObject,
+    resultSize,
+)
 from privox.peer import ConnectionClosed, PeerProtocol
 
 
@@ -70,8 +78,18 @@ class ConsumerProtocol(PeerProtocol):
             raise RuntimeError("this connection already has a job in flight")
         if len(body) != request.size:
             raise ValueError("body length must equal request.size")
+        frame = controlFrame(b"JOB_", request.payload())
+        if self.okay is not None and len(frame) - HEADER_LEN > self.okay.max_frame:
+            # The farm would close the connection over it (a protocol error):
+            # refuse here, as the job-level FAIL too_large it deserves.
+            return fail(JobFailed(
+                ErrorCode.TOO_LARGE,
+                f"the job description is {len(frame) - HEADER_LEN} bytes;"
+                f" the farm takes at most {self.okay.max_frame} (text too long?)",
+                None,
+            ))
         self._pending = _Pending(request, body)
-        self.sendControl(b"JOB_", request.payload())
+        self.transport.write(frame)
         return self._pending.done
 
     def stt(self, model: str, audio: bytes, language: str | None = None,

@@ -106,6 +106,8 @@ def decodeObject(frame: Frame) -> dict[str, Any]:
         value = json.loads(frame.payload.decode("utf-8"), parse_constant=_notJson)
     except (UnicodeDecodeError, ValueError):
         raise ProtocolViolation(f"{frame.verb.decode()} payload is not valid JSON")
+    except RecursionError:  # "[[[[..." a million deep
+        raise ProtocolViolation(f"{frame.verb.decode()} payload is nested too deeply")
     if not isinstance(value, dict):
         raise ProtocolViolation(f"{frame.verb.decode()} payload is not a JSON object")
     return value

@@ -401,7 +401,7 @@ async def speechForm(request: IRequest, maxUpload: int, keys: KeyPolicy) -> Spee
         decoded = json.loads(body.decode("utf-8"))
     except UnicodeDecodeError:
         raise BadInput("the body is not UTF-8") from None
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: "[[[[..." nested too deeply
         raise BadInput("the body must be a JSON object") from None
     if not isinstance(decoded, dict):
         raise BadInput("the body must be a JSON object")

@@ -602,12 +602,16 @@ class DeadlineTests(_LiveTestCase):
         exchange = self.exchange([farm.entry()], deadline=0.5, poolSize=1)
         first = Deferred.fromCoroutine(exchange.transcribe("m", None, b"1", "auto"))
         second = Deferred.fromCoroutine(exchange.transcribe("m", None, b"2", "auto"))
+        pool = exchange.farms[0].pools["stt"]
+        # The second request queues for the pool's only connection...
+        await until(lambda: pool.opened == 1 and len(pool.waiters) == 1)
+        # ... and both end at the deadline. (When the first's connection is
+        # aborted a moment before the second's deadline, the second may just
+        # get a fresh connection first; either way nothing is left behind.)
         for d in (first, second):
             with self.assertRaises(TimedOut):
                 await d
-        pool = exchange.farms[0].pools["stt"]
-        self.assertEqual((pool.opened, len(pool.busy), len(pool.waiters)), (1, 0, 0))
-        self.assertEqual(farm.farm.counters.jobs, 1)
+        self.assertEqual((len(pool.busy), len(pool.waiters)), (0, 0))
 
     @coroutine
     async def test_cancelledRequestClosesItsConnection(self) -> None:

@@ -3,7 +3,8 @@ PVX/2 framing: a 12-byte header (4-byte verb, 8 ASCII decimal digits of
 payload length) followed by the payload.
 
 L{FrameDecoder} is pure: it takes bytes in whatever pieces TCP delivers them
-and hands back whole frames, checking each header before it buffers a body.
+and hands back whole frames (or, for a relay, DATA payloads piece by piece),
+checking each header before it buffers or hands out a body.
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ VERBS = frozenset(
 )
 
 _MAX_LENGTH_FIELD = 99_999_999
+
+#: Whole frames with at least this much payload are gathered as a list of
+#: pieces while they arrive; smaller ones wait in the buffer.
+_COLLECT_MIN = 64 * 1024
 
 
 class FramingError(Exception):
@@ -72,48 +77,117 @@ class FrameDecoder:
     """
     Incremental decoder for one direction of a PVX/2 connection.
 
+    By default it hands out whole frames. For the verbs in C{streamVerbs} it
+    hands out the payload in pieces as they arrive instead: a relay can then
+    forward a large DATA frame without first holding all of it. Each piece
+    is a L{Frame} of that verb; the pieces of one frame add up to its
+    payload (a frame with an empty payload is one empty piece). Headers are
+    checked, C{maxFrame} included, before any of their payload is handed out
+    or buffered.
+
     @ivar maxFrame: the largest payload accepted; a header announcing more is
         refused before any of its payload is buffered.
     """
 
-    def __init__(self, maxFrame: int = DEFAULT_MAX_FRAME) -> None:
+    def __init__(
+        self, maxFrame: int = DEFAULT_MAX_FRAME, streamVerbs: frozenset[bytes] = frozenset()
+    ) -> None:
         self.maxFrame = maxFrame
+        self._streamVerbs = streamVerbs
         self._buffer = bytearray()
+        #: The frame whose payload is still arriving outside the buffer, and
+        #: how many of its bytes are still due: a streamed frame (its pieces
+        #: are handed out as they come) or a large whole frame (its pieces
+        #: are kept in C{_parts} and joined once, instead of being appended
+        #: to the buffer and then copied out of it).
+        self._streamVerb = b""
+        self._streamRemaining = 0
+        self._parts: list[bytes | bytearray] | None = None
 
     def feed(self, data: bytes) -> list[Frame]:
         """
-        Add C{data} and return the frames it completes, in order.
+        Add C{data} and return the frames (or, for streamed verbs, payload
+        pieces) it completes, in order.
 
         @raise FramingError: the stream is not valid PVX/2; the decoder must
             not be fed again.
         """
+        frames: list[Frame] = []
+        source: Any = data
+        if self._streamRemaining:
+            # The next bytes belong to a streamed payload: no buffering, and
+            # no copy when all of them do.
+            n = min(self._streamRemaining, len(data))
+            self._streamRemaining -= n
+            self._payloadPiece(data if n == len(data) else data[:n], frames)
+            if n == len(data):
+                return frames
+            source = memoryview(data)[n:]
         buffer = self._buffer
-        buffer += data
-        frames = []
-        offset = 0
-        end = len(buffer)
-        # One copy per payload: slices of a memoryview, released before the
-        # consumed bytes are cut off the buffer.
-        with memoryview(buffer) as view:
-            while end - offset >= HEADER_LEN:
-                verb = view[offset : offset + 4].tobytes()
-                if verb not in VERBS:
-                    raise FramingError(f"unknown verb {verb!r}")
-                length = _parseLength(view[offset + 4 : offset + HEADER_LEN].tobytes())
-                if length > self.maxFrame:
-                    raise FramingError(
-                        f"{verb.decode()} payload of {length} bytes exceeds "
-                        f"max_frame {self.maxFrame}"
-                    )
-                start = offset + HEADER_LEN
-                if end - start < length:
-                    break
-                frames.append(Frame(verb, view[start : start + length].tobytes()))
-                offset = start + length
-        if offset:
+        if buffer:
+            buffer += source
+            source = buffer
+        with memoryview(source) as view:
+            offset = self._parse(view, frames)
+            if source is not buffer and offset < len(view):
+                buffer += view[offset:]
+        if source is buffer and offset:
             del buffer[:offset]
         self._checkPartialHeader()
         return frames
+
+    def _payloadPiece(self, piece: bytes, frames: list[Frame]) -> None:
+        parts = self._parts
+        if parts is None:
+            frames.append(Frame(self._streamVerb, piece))
+            return
+        _addPart(parts, piece)
+        if not self._streamRemaining:
+            self._parts = None
+            frames.append(Frame(self._streamVerb, b"".join(parts)))
+
+    def _parse(self, view: memoryview, frames: list[Frame]) -> int:
+        """
+        Append the frames and pieces in C{view} to C{frames}; return how many
+        bytes of it were used (the rest is an incomplete header or frame).
+        """
+        offset = 0
+        end = len(view)
+        streamVerbs = self._streamVerbs
+        # One copy per payload (or piece): slices of the memoryview.
+        while end - offset >= HEADER_LEN:
+            verb = view[offset : offset + 4].tobytes()
+            if verb not in VERBS:
+                raise FramingError(f"unknown verb {verb!r}")
+            length = _parseLength(view[offset + 4 : offset + HEADER_LEN].tobytes())
+            if length > self.maxFrame:
+                raise FramingError(
+                    f"{verb.decode()} payload of {length} bytes exceeds "
+                    f"max_frame {self.maxFrame}"
+                )
+            start = offset + HEADER_LEN
+            if length and verb in streamVerbs:
+                n = min(length, end - start)
+                if n:
+                    frames.append(Frame(verb, view[start : start + n].tobytes()))
+                offset = start + n
+                if n < length:
+                    self._streamVerb = verb
+                    self._streamRemaining = length - n
+                    break
+                continue
+            if end - start < length:
+                if length >= _COLLECT_MIN:
+                    # A large frame: keep its pieces and join them once.
+                    self._streamVerb = verb
+                    self._streamRemaining = length - (end - start)
+                    self._parts = []
+                    _addPart(self._parts, view[start:end])
+                    offset = end
+                break
+            frames.append(Frame(verb, view[start : start + length].tobytes()))
+            offset = start + length
+        return offset
 
     def _checkPartialHeader(self) -> None:
         # Refuse garbage as soon as the bytes seen so far cannot start a
@@ -133,20 +207,36 @@ class FrameDecoder:
         """
         How many bytes are buffered waiting for the rest of their frame.
         """
-        return len(self._buffer)
+        return len(self._buffer) + sum(len(p) for p in self._parts or ())
 
 
-def tuneTransport(transport: Any, maxFrame: int) -> None:
+def _addPart(parts: list[bytes | bytearray], piece: bytes | memoryview) -> None:
+    # Small pieces are run together, so a peer trickling a large frame a
+    # byte at a time costs a byte per byte, not an object per byte.
+    if len(piece) >= _COLLECT_MIN:
+        parts.append(bytes(piece))
+    elif parts and isinstance(parts[-1], bytearray):
+        parts[-1] += piece
+    else:
+        parts.append(bytearray(piece))
+
+
+def tuneTransport(transport: Any, maxFrame: int, bufferSize: int | None = None) -> None:
     """
     Settings every PVX/2 connection wants from a TCP-like transport.
 
     Small control frames must not wait for Nagle's algorithm (a JOB_ then a
     short DATA would otherwise stall on the peer's delayed ACK, ~40 ms), and
     the write buffer that triggers backpressure must hold a whole frame, or a
-    relay pauses its source after every large DATA frame.
+    relay pauses its source after every large DATA frame. A relay that
+    forwards DATA in pieces (the farm) passes a smaller C{bufferSize}: with
+    Twisted's TCP transports it is both the most one read takes and the
+    write buffer's high-water mark, so it bounds what a connection holds.
     """
     setNoDelay = getattr(transport, "setTcpNoDelay", None)
     if setNoDelay is not None:
         setNoDelay(True)
     if hasattr(transport, "bufferSize"):
-        transport.bufferSize = max(transport.bufferSize, 2 * (maxFrame + HEADER_LEN))
+        if bufferSize is None:
+            bufferSize = max(transport.bufferSize, 2 * (maxFrame + HEADER_LEN))
+        transport.bufferSize = bufferSize

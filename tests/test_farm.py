@@ -661,6 +661,54 @@ class BackpressureTests(SynchronousTestCase):
         self.assertIsNone(consumer.transport.producer)
 
 
+class CutThroughTests(SynchronousTestCase):
+    """
+    DATA is relayed as it arrives: the farm holds no whole frame.
+    """
+
+    def test_uploadForwardedInPieces(self) -> None:
+        h = FarmHarness()
+        producer = h.producer()
+        consumer = h.consumer()
+        consumer.send(b"JOB_", dict(STT_JOB, size=10))
+        [(_, asgn)] = consumer.messages()
+        producer.messages()
+        consumer.raw(b"DATA00000010abcd")
+        self.assertEqual(producer.messages(), [("DATA", b"abcd")])
+        self.assertEqual(consumer.protocol._decoder.pending(), 0)
+        consumer.raw(b"efghij")
+        self.assertEqual(producer.messages(), [("DATA", b"efghij")])
+
+    def test_resultForwardedInPieces(self) -> None:
+        h = FarmHarness()
+        producer = h.producer("tts")
+        consumer = h.consumer("tts")
+        consumer.send(b"JOB_", {"model": "m", "text": "hi", "size": 0})
+        [(_, asgn)] = consumer.messages()
+        producer.messages()
+        producer.send(b"RSLT", {"id": asgn["id"], "format": "wav", "size": 6})
+        consumer.messages()
+        producer.raw(b"DATA00000006abc")
+        self.assertEqual(consumer.messages(), [("DATA", b"abc")])
+        producer.raw(b"def")
+        self.assertEqual(consumer.messages(), [("DATA", b"def")])
+
+    def test_oversizedPieceRefused(self) -> None:
+        """
+        DATA beyond the upload announced in JOB_ is a protocol error even
+        when it arrives in pieces.
+        """
+        h = FarmHarness()
+        producer = h.producer()
+        consumer = h.consumer()
+        consumer.send(b"JOB_", dict(STT_JOB, size=4))
+        consumer.messages()
+        producer.messages()
+        consumer.raw(b"DATA00000006abcd")
+        consumer.raw(b"ef")
+        self.assertTrue(consumer.closed)
+
+
 class ShutdownTests(SynchronousTestCase):
     def test_gracefulStop(self) -> None:
         h = FarmHarness(shutdown_grace=30)

@@ -126,3 +126,139 @@ class DecodeTests(SynchronousTestCase):
         for frame in frames:
             self.assertIn(frame.verb, VERBS)
             self.assertLessEqual(len(frame.payload), 32)
+
+
+def _joinPieces(frames: list[Frame]) -> list[Frame]:
+    """
+    Streamed DATA pieces glued back into the frames they came from, given
+    that each piece arrives while its frame is incomplete: consecutive DATA
+    pieces are merged until they add up to the sizes in L{FRAMES}.
+    """
+    sizes = [len(f.payload) for f in FRAMES if f.verb == b"DATA"]
+    out: list[Frame] = []
+    pending = b""
+    for frame in frames:
+        if frame.verb != b"DATA":
+            out.append(frame)
+            continue
+        pending += frame.payload
+        if len(pending) == sizes[0]:
+            out.append(Frame(b"DATA", pending))
+            sizes.pop(0)
+            pending = b""
+    return out
+
+
+class StreamedDecodeTests(SynchronousTestCase):
+    """
+    With C{streamVerbs}, DATA payloads come out in pieces as they arrive
+    (what the farm relays); other frames still come out whole.
+    """
+
+    def decoder(self, maxFrame: int = 1024 * 1024) -> FrameDecoder:
+        return FrameDecoder(maxFrame, streamVerbs=frozenset([b"DATA"]))
+
+    def test_allAtOnce(self) -> None:
+        self.assertEqual(self.decoder().feed(STREAM), FRAMES)
+
+    def test_byteByByte(self) -> None:
+        decoder = self.decoder()
+        frames = []
+        for i in range(len(STREAM)):
+            frames.extend(decoder.feed(STREAM[i : i + 1]))
+        self.assertTrue(all(len(f.payload) <= 1 for f in frames if f.verb == b"DATA"))
+        self.assertEqual(_joinPieces(frames), FRAMES)
+        self.assertEqual(decoder.pending(), 0)
+
+    @settings(max_examples=200)
+    @given(st.lists(st.integers(min_value=0, max_value=len(STREAM)), max_size=20))
+    def test_anySlicing(self, cuts: list[int]) -> None:
+        decoder = self.decoder()
+        frames = []
+        bounds = [0, *sorted(cuts), len(STREAM)]
+        for start, end in zip(bounds, bounds[1:]):
+            frames.extend(decoder.feed(STREAM[start:end]))
+        self.assertEqual(_joinPieces(frames), FRAMES)
+
+    def test_piecesAsTheyArrive(self) -> None:
+        """
+        Nothing of a DATA payload is held back: each feed hands out what it
+        brought, and a later feed continues the same frame.
+        """
+        decoder = self.decoder()
+        self.assertEqual(decoder.feed(b"DATA00000005ab"), [Frame(b"DATA", b"ab")])
+        self.assertEqual(decoder.pending(), 0)
+        self.assertEqual(decoder.feed(b"c"), [Frame(b"DATA", b"c")])
+        self.assertEqual(
+            decoder.feed(b"dePING00000000JOB_0000"),
+            [Frame(b"DATA", b"de"), Frame(b"PING", b"")],
+        )
+        self.assertEqual(decoder.pending(), 8)
+        self.assertEqual(decoder.feed(b"0002{}"), [Frame(b"JOB_", b"{}")])
+
+    def test_otherVerbsWhole(self) -> None:
+        decoder = self.decoder()
+        self.assertEqual(decoder.feed(b"RSLT00000004ab"), [])
+        self.assertEqual(decoder.feed(b"cd"), [Frame(b"RSLT", b"abcd")])
+
+    def test_maxFrameCheckedBeforeAnyPiece(self) -> None:
+        decoder = self.decoder(maxFrame=10)
+        self.assertRaises(FramingError, decoder.feed, b"DATA00000011abc")
+
+    def test_garbageAfterStreamedPayload(self) -> None:
+        decoder = self.decoder()
+        self.assertEqual(decoder.feed(b"DATA00000002a"), [Frame(b"DATA", b"a")])
+        self.assertRaises(FramingError, decoder.feed, b"bNOPE")
+
+
+class LargeFrameTests(SynchronousTestCase):
+    """
+    Large whole frames arrive in many pieces and still come out whole.
+    """
+
+    def test_pieces(self) -> None:
+        payload = bytes(range(256)) * 1024  # 256 KiB
+        stream = encodeFrame(b"RSLT", b"{}") + encodeFrame(b"DATA", payload) + encodeFrame(b"PING")
+        for size in (1000, 65536, 100_000, len(stream)):
+            decoder = FrameDecoder()
+            frames = []
+            for i in range(0, len(stream), size):
+                frames.extend(decoder.feed(stream[i : i + size]))
+                if i == size:
+                    self.assertGreater(decoder.pending(), 0)
+            self.assertEqual(
+                frames,
+                [Frame(b"RSLT", b"{}"), Frame(b"DATA", payload), Frame(b"PING", b"")],
+            )
+            self.assertEqual(decoder.pending(), 0)
+
+    def test_trickledFrameRunsTogether(self) -> None:
+        """
+        A large frame fed a byte at a time is held as one run of bytes, not
+        an object per byte.
+        """
+        payload = bytes(range(256)) * 400  # 100 KiB
+        decoder = FrameDecoder()
+        self.assertEqual(decoder.feed(encodeHeader(b"RSLT", len(payload))), [])
+        for i in range(1000):
+            self.assertEqual(decoder.feed(payload[i : i + 1]), [])
+        self.assertEqual(decoder.pending(), 1000)
+        self.assertEqual(len(decoder._parts or ()), 1)
+        self.assertEqual(decoder.feed(payload[1000:]), [Frame(b"RSLT", payload)])
+        self.assertEqual(decoder.pending(), 0)
+
+    @settings(max_examples=300)
+    @given(st.lists(st.binary(max_size=40), max_size=6))
+    def test_streamedGarbageNeverCrashes(self, pieces: list[bytes]) -> None:
+        """
+        Arbitrary bytes, in any pieces, either decode or raise FramingError;
+        a piece never exceeds maxFrame, nor do a frame's pieces together.
+        """
+        decoder = FrameDecoder(maxFrame=32, streamVerbs=frozenset([b"DATA"]))
+        try:
+            for piece in pieces:
+                for frame in decoder.feed(piece):
+                    self.assertIn(frame.verb, VERBS)
+                    self.assertLessEqual(len(frame.payload), 32)
+        except FramingError:
+            return

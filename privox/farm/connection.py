@@ -41,6 +41,17 @@ if TYPE_CHECKING:
 
 log = Logger()
 
+#: Verbs whose payload the farm forwards in pieces, each sent on as a DATA
+#: frame of its own, instead of waiting for the whole frame.
+RELAYED_VERBS = frozenset([b"DATA"])
+
+#: Each farm connection's read size and write-buffer high-water mark (one
+#: attribute in Twisted). DATA is relayed in pieces, so the buffer need not
+#: hold a whole frame; this is what bounds the farm's memory per job in
+#: flight (bench/farm_memory.py). Smaller costs more CPU per MB relayed: at
+#: 256 KiB nearly every full read pauses its source (bench/README.rst).
+RELAY_BUFFER = 512 * 1024
+
 
 class Phase(enum.Enum):
     GREETING = "greeting"  # "who" sent, nothing received yet
@@ -58,11 +69,13 @@ class FarmConnection(Protocol):
         self.session: ConsumerSession | ProducerSession | Pvx1Consumer | Pvx1Producer | None = None
         #: Set when the peer speaks PVX/1 (L{privox.farm.pvx1}).
         self.pvx1: Pvx1Peer | None = None
-        self._decoder = FrameDecoder(farm.settings.max_frame)
+        # DATA is relayed piece by piece as it arrives (cut-through): the
+        # farm never holds a whole upload or result frame.
+        self._decoder = FrameDecoder(farm.settings.max_frame, streamVerbs=RELAYED_VERBS)
         self._handshakeTimer: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
-        tuneTransport(self.transport, self.farm.settings.max_frame)
+        tuneTransport(self.transport, self.farm.settings.max_frame, RELAY_BUFFER)
         self.transport.write(GREETING)
         self._handshakeTimer = self.farm.clock.callLater(
             self.farm.settings.handshake_timeout, self._handshakeTimedOut

@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-test
 
-.PHONY: test run venv bench clean
+.PHONY: test run venv bench clean fuzz
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,7 @@ run: $(STAMP)
 
 bench: $(STAMP)
 	PYTHONPATH=. $(PY) bench/farm_relay.py
+	PYTHONPATH=. $(PY) bench/farm_memory.py
 	PYTHONPATH=. $(PY) bench/engines.py
 	PYTHONPATH=. $(PY) bench/api.py
 
@@ -47,6 +48,21 @@ SOAK_SECONDS ?= 300
 .PHONY: soak
 soak: $(STAMP)
 	PYTHONPATH=. $(PY) soak/run.py --duration $(SOAK_SECONDS)
+
+# Coverage-guided fuzzing with atheris (not part of `make test`): each
+# harness in fuzz/ runs FUZZ_SECONDS from its seeds, growing a corpus
+# outside the checkout; a crash stops it and leaves the input in fuzz-crashes/.
+FUZZ_SECONDS ?= 60
+FUZZ_CORPUS ?= $(or $(TMPDIR),/tmp)/privox-fuzz
+fuzz: $(STAMP)
+	$(PY) -c 'import atheris' 2>/dev/null || $(PY) -m pip install --quiet atheris
+	mkdir -p fuzz-crashes
+	for name in framing messages pvx1 farm; do \
+		mkdir -p $(FUZZ_CORPUS)/$$name && \
+		PYTHONPATH=. $(PY) fuzz/fuzz_$$name.py -max_total_time=$(FUZZ_SECONDS) \
+			-artifact_prefix=fuzz-crashes/$$name- $(FUZZ_CORPUS)/$$name fuzz/seeds/$$name \
+			|| exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) build *.egg-info _trial_temp dropin.cache

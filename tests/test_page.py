@@ -214,8 +214,13 @@ def drive(url: str, mic: str, record: float, screenshot: str) -> Seen:
         mark = time.monotonic()
         find("record").click()
         wait.until(lambda d: find("stop").is_enabled())
-        time.sleep(record)
-        find("stop").click()
+        # Let the page record for `record` seconds of real time, timed by
+        # the browser itself, then press Stop.
+        driver.execute_async_script(
+            "const done = arguments[arguments.length - 1];"
+            "setTimeout(() => { document.getElementById('stop').click(); done(); }, arguments[0]);",
+            int(record * 1000),
+        )
         wait.until(
             lambda d: find("transcript").text.strip()
             or find("status").get_attribute("class") == "error"

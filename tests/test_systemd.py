@@ -20,6 +20,8 @@ import sys
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests.test_e2e import freePorts
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TWISTD = "from twisted.scripts.twistd import run; run()"
 UNITS = FilePath(__file__).parent().parent().child("etc").child("systemd")
@@ -69,18 +71,6 @@ def twistd() -> str:
         raise AssertionError("no twistd executable beside the Python running the tests")
     return found
 
-
-def freePorts(count: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(count):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def parseUnit(path: FilePath) -> dict[str, dict[str, list[str]]]:

@@ -42,6 +42,7 @@ import sys
 import tempfile
 import time
 import wave
+from pathlib import Path
 from typing import Any
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -156,49 +157,16 @@ def childMeasure(spec: str, reps: int, audioPath: str | None, saveWav: str | Non
 
 def childBuildVits(directory: str) -> dict[str, Any]:
     """
-    Save a tiny random single-speaker VITS (checkpoint + config.json) in
-    C{directory} (the recipe of ../shared/notes/engines.md). Reports
+    Save a tiny random single-speaker VITS in C{directory}. Reports
     C{missing} when Coqui TTS cannot be imported.
     """
-    try:
-        import torch
-        from TTS.config.shared_configs import BaseAudioConfig
-        from TTS.tts.configs.vits_config import VitsArgs, VitsConfig
-        from TTS.tts.models.vits import Vits
-    except ImportError as e:
-        return {"missing": str(e)}
-    import logging
+    import importlib.util
 
-    logging.getLogger("TTS").setLevel(logging.ERROR)
-    config = VitsConfig(
-        audio=BaseAudioConfig(
-            sample_rate=16000, hop_length=256, win_length=1024, fft_size=1024, num_mels=80
-        ),
-        use_phonemes=False,
-        text_cleaner="basic_cleaners",
-        add_blank=True,
-        model_args=VitsArgs(
-            hidden_channels=16,
-            hidden_channels_ffn_text_encoder=32,
-            num_heads_text_encoder=2,
-            num_layers_text_encoder=1,
-            num_layers_posterior_encoder=1,
-            num_layers_flow=1,
-            kernel_size_flow=3,
-            kernel_size_posterior_encoder=3,
-            resblock_kernel_sizes_decoder=[3],
-            resblock_dilation_sizes_decoder=[[1, 3, 5]],
-            upsample_rates_decoder=[8, 8, 4],  # product == hop_length
-            upsample_kernel_sizes_decoder=[16, 16, 8],
-            upsample_initial_channel_decoder=32,
-            use_sdp=False,
-            init_discriminator=False,  # else a 188 MB checkpoint
-        ),
-    )
-    torch.manual_seed(1)
-    model = Vits(config)
-    torch.save({"model": model.state_dict()}, os.path.join(directory, "model.pth"))
-    model.config.save_json(os.path.join(directory, "config.json"))
+    if importlib.util.find_spec("TTS") is None:
+        return {"missing": "Coqui TTS is not installed"}
+    from privox.engines.tinyvits import buildTinyVits
+
+    buildTinyVits(Path(directory))
     return {"built": directory}
 
 

@@ -52,6 +52,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from privox.api.models import QUALITIES
+from privox.wav import pcmToWav
 
 #: Where the API is when neither C{--api} nor C{$PRIVOX_API} says.
 DEFAULT_API = "http://127.0.0.1:8080"
@@ -269,19 +270,6 @@ def wavInfo(data: bytes) -> WavInfo:
             return WavInfo(w.getframerate(), w.getnchannels(), w.getnframes())
     except (wave.Error, EOFError) as e:
         raise CliError(f"not a WAV file: {e}") from None
-
-
-def pcmToWav(pcm: bytes, rate: int = CAPTION_RATE) -> bytes:
-    """
-    Mono s16le samples as a WAV file.
-    """
-    out = io.BytesIO()
-    with wave.open(out, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(pcm)
-    return out.getvalue()
 
 
 @dataclass(frozen=True)

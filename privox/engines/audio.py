@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import io
 import struct
-import wave
 import zipfile
 from dataclasses import dataclass
 from fractions import Fraction
@@ -34,6 +33,7 @@ import numpy.typing as npt
 
 from privox.engines.base import Audio, BadAudio
 from privox.messages import AUDIO_FORMATS
+from privox.wav import pcmToWav
 
 if TYPE_CHECKING:
     import av
@@ -72,13 +72,7 @@ def encodeWav(samples: npt.NDArray[np.int16], rate: int) -> bytes:
     """
     A complete mono RIFF/WAVE file of 16-bit PCM.
     """
-    out = io.BytesIO()
-    with wave.open(out, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(np.ascontiguousarray(samples, dtype="<i2").tobytes())
-    return out.getvalue()
+    return pcmToWav(np.ascontiguousarray(samples, dtype="<i2").tobytes(), rate)
 
 
 def toInt16(samples: npt.NDArray[np.floating]) -> npt.NDArray[np.int16]:

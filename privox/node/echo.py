@@ -7,11 +7,10 @@ and an operator's smoke test of a new farm) without loading a model.
 from __future__ import annotations
 
 import hashlib
-import io
-import wave
 from typing import Any
 
 from privox.node.worker import Answer, Collected
+from privox.wav import pcmToWav
 
 
 def digestOf(data: bytes) -> str:
@@ -26,13 +25,7 @@ def toneFor(text: str, seconds: float = 0.1, rate: int = 16000) -> bytes:
     seed = hashlib.sha256(text.encode("utf-8")).digest()
     frames = int(seconds * rate) * 2
     samples = (seed * (frames // len(seed) + 1))[:frames]
-    out = io.BytesIO()
-    with wave.open(out, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(samples)
-    return out.getvalue()
+    return pcmToWav(samples, rate)
 
 
 class DigestEngine:

@@ -18,9 +18,15 @@ EXTRAS["engines"] = sorted({r for reqs in ENGINES.values() for r in reqs})
 # privox caption splits speech on silence (a prebuilt webrtcvad: the
 # original needs pkg_resources, gone from current setuptools).
 EXTRAS["cli"] = ["webrtcvad-wheels>=2.0.14"]
-# The try-it page test drives Debian's chromium through its chromedriver.
+# What an operator installs to run the API's account store on PostgreSQL.
+EXTRAS["postgresql"] = ["psycopg2-binary>=2.9"]
+# The try-it page test drives Debian's chromium through its chromedriver; the
+# account-store tests run a real PostgreSQL (tests/pgcluster.py).
 EXTRAS["test"] = (
-    EXTRAS["engines"] + EXTRAS["cli"] + ["hypothesis>=6.100", "docutils>=0.20", "selenium>=4.11"]
+    EXTRAS["engines"]
+    + EXTRAS["cli"]
+    + EXTRAS["postgresql"]
+    + ["hypothesis>=6.100", "docutils>=0.20", "selenium>=4.11"]
 )
 
 setup(

@@ -51,6 +51,8 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from privox.accounts.admin import addKeysParser, runKeys
+from privox.accounts.store import StoreError
 from privox.api.models import QUALITIES
 from privox.wav import pcmToWav
 
@@ -694,7 +696,9 @@ def statusTable(status: dict[str, Any]) -> str:
     )
 
 
-COMMANDS = {"stt": runStt, "tts": runTts, "caption": runCaption, "status": runStatus}
+COMMANDS = {
+    "stt": runStt, "tts": runTts, "caption": runCaption, "status": runStatus, "keys": runKeys,
+}
 
 
 def readFile(path: str) -> bytes:
@@ -865,6 +869,7 @@ def buildParser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentPa
         ),
     )
     status.add_argument("--json", action="store_true", help="print the API's JSON")
+    addKeysParser(commands, env)
     return parser
 
 
@@ -878,6 +883,8 @@ def parseArguments(
     """
     parser = buildParser(environ)
     args = parser.parse_args(argv)
+    if args.command == "keys":
+        return args
     api = args.api.strip().rstrip("/")
     parts = urlsplit(api)
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -905,7 +912,7 @@ def _usage(message: str) -> None:
 async def _main(reactor: Any, args: argparse.Namespace) -> None:
     try:
         await COMMANDS[args.command](reactor, args)
-    except CliError as e:
+    except (CliError, StoreError) as e:
         _fatal(str(e))
     except Exception as e:  # a bug: still one line, and exit 1
         _fatal(f"unexpected error: {type(e).__name__}: {_oneLine(str(e))}")

@@ -1,14 +1,22 @@
 #!/usr/bin/env bash
 # Debian packages the test suite drives for real: Chromium and ChromeDriver
 # (the try-it page; test tools' own browser downloads do not work on our
-# machines) and systemd (systemd-analyze verify on the units, socket
-# activation). Quick when they are there; needs root (or sudo) otherwise.
+# machines), systemd (systemd-analyze verify on the units, socket
+# activation) and PostgreSQL (tests/pgcluster.py runs a throwaway cluster
+# from /usr/lib/postgresql/NN/bin for the account-store tests). Quick when
+# they are there; needs root (or sudo) otherwise.
 set -euo pipefail
 missing=()
 [ -x /usr/bin/chromium ] || missing+=(chromium)
 [ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
 command -v systemd-analyze >/dev/null || missing+=(systemd)
 command -v systemd-socket-activate >/dev/null || missing+=(systemd)
+# Any major version will do; the metapackage pulls in Debian's current one.
+havePostgres=no
+for bin in /usr/lib/postgresql/*/bin/initdb; do
+    [ -x "$bin" ] && [ -x "${bin%/initdb}/pg_ctl" ] && havePostgres=yes
+done
+[ "$havePostgres" = yes ] || missing+=(postgresql)
 if [ ${#missing[@]} -eq 0 ]; then
     exit 0
 fi

@@ -1,0 +1,171 @@
+"""
+C{privox keys create|list|revoke|show --accounts DSN}: managing keys in an
+account store from the command line.
+
+A new key is printed once, alone on the last line of C{create}'s output, so
+scripts can take it with C{tail -n 1}; the store keeps only its hash. Keys
+are named afterwards by their key id (the first 12 hex digits of that hash)
+or a unique prefix of it, as C{list} shows them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from datetime import datetime, timezone
+from typing import Any, Mapping, TextIO
+
+from privox.accounts import quota
+from privox.accounts.store import DEFAULT_DSN, ROLES, Account, AccountStore, StoreError
+
+
+def addKeysParser(commands: Any, environ: Mapping[str, str]) -> None:
+    """
+    Add C{keys} and its subcommands to the C{privox} command's subparsers.
+    """
+    store = argparse.ArgumentParser(add_help=False)
+    store.add_argument(
+        "--accounts",
+        default=environ.get("PRIVOX_ACCOUNTS") or DEFAULT_DSN,
+        metavar="DSN",
+        help="the account store: sqlite:PATH or postgresql://... "
+        "(default: $PRIVOX_ACCOUNTS, else %(default)s)",
+    )
+    keys = commands.add_parser(
+        "keys", help="create, list, revoke and show keys in an account store",
+        description="Manage the keys of an account store (what privox-api --accounts uses).",
+    )
+    actions = keys.add_subparsers(dest="action", required=True, metavar="ACTION")
+    create = actions.add_parser(
+        "create", parents=[store], help="make a new key and print it (once)",
+        description="Make a new key. It is printed alone on the last line, and never again.",
+    )
+    create.add_argument(
+        "--hourly-seconds", type=_notNegative, metavar="N",
+        help="audio seconds this key may use per rolling hour (default: the API's)",
+    )
+    create.add_argument("--label", default="", help="a note for operators, e.g. who has it")
+    create.add_argument(
+        "--role", choices=ROLES, default="user",
+        help="user: calls the API and produces; farm: posts its ledger and checks keys "
+        "(default: %(default)s)",
+    )
+    listing = actions.add_parser("list", parents=[store], help="list the keys (ids, not keys)")
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    revoke = actions.add_parser("revoke", parents=[store], help="revoke a key")
+    revoke.add_argument("key", metavar="KEY-ID", help="the key id (or a unique prefix), or the key")
+    show = actions.add_parser(
+        "show", parents=[store], help="a key's details and its quota in the last hour"
+    )
+    show.add_argument("key", metavar="KEY-ID", help="the key id (or a unique prefix), or the key")
+    show.add_argument(
+        "--default-hourly-seconds", type=_notNegative, default=quota.DEFAULT_HOURLY_SECONDS,
+        metavar="N", help="the API's --hourly-seconds, for keys without their own "
+        "(default: %(default)g)",
+    )
+    show.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _notNegative(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError("must be a number >= 0")
+    return value
+
+
+async def runKeys(reactor: Any, args: argparse.Namespace, out: TextIO | None = None) -> None:
+    """
+    Run one C{privox keys} action.
+
+    @raise StoreError: a user error (bad DSN, unknown key), said in one line.
+    """
+    out = out or sys.stdout
+    store = AccountStore.open(args.accounts, reactor)
+    try:
+        try:
+            await store.migrate()
+        except Exception as e:
+            raise StoreError(f"cannot open {store.description}: {_oneLine(e)}") from None
+        await _ACTIONS[args.action](store, args, out)
+    finally:
+        store.close()
+
+
+async def _create(store: AccountStore, args: argparse.Namespace, out: TextIO) -> None:
+    key, account = await store.createKey(
+        time.time(), role=args.role, label=args.label, hourlySeconds=args.hourly_seconds
+    )
+    hourly = "the API's default" if account.hourlySeconds is None else f"{account.hourlySeconds:g}"
+    out.write(f"created {account.role} key {account.keyId} (hourly seconds: {hourly})\n")
+    out.write("the key is shown once; the store keeps only its hash:\n")
+    out.write(key + "\n")
+
+
+async def _list(store: AccountStore, args: argparse.Namespace, out: TextIO) -> None:
+    accounts = await store.accounts()
+    if args.json:
+        out.write(json.dumps([_describe(a) for a in accounts], indent=2) + "\n")
+        return
+    rows = [("KEY ID", "ROLE", "HOURLY", "CREATED", "STATUS", "LABEL")]
+    for a in accounts:
+        rows.append((
+            a.keyId, a.role, "default" if a.hourlySeconds is None else f"{a.hourlySeconds:g}",
+            _when(a.created), "active" if a.active else f"revoked {_when(a.revoked)}", a.label,
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        out.write("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1] + "\n")
+    if not accounts:
+        out.write("(no keys yet: privox keys create)\n")
+
+
+async def _revoke(store: AccountStore, args: argparse.Namespace, out: TextIO) -> None:
+    account = await store.find(args.key)
+    if await store.revoke(account.account, time.time()):
+        out.write(f"revoked key {account.keyId}\n")
+    else:
+        out.write(f"key {account.keyId} was already revoked\n")
+
+
+async def _show(store: AccountStore, args: argparse.Namespace, out: TextIO) -> None:
+    account = await store.find(args.key)
+    base = args.default_hourly_seconds if account.hourlySeconds is None else account.hourlySeconds
+    state = await store.standing(account.account, base, time.time())
+    details = dict(
+        _describe(account),
+        allowance=round(state.allowance, 3),
+        used=round(state.used, 3),
+        earned=round(state.earned, 3),
+        remaining=round(state.remaining, 3),
+    )
+    if args.json:
+        out.write(json.dumps(details, indent=2) + "\n")
+        return
+    for name, value in details.items():
+        out.write(f"{name.replace('_', ' ')}: {'' if value is None else value}\n")
+
+
+def _describe(a: Account) -> dict[str, Any]:
+    return {
+        "key_id": a.keyId,
+        "role": a.role,
+        "label": a.label,
+        "hourly_seconds": a.hourlySeconds,
+        "created": _when(a.created),
+        "revoked": _when(a.revoked) if a.revoked is not None else None,
+    }
+
+
+def _when(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _oneLine(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+_ACTIONS = {"create": _create, "list": _list, "revoke": _revoke, "show": _show}

@@ -1,0 +1,463 @@
+"""
+The account store: keys (as hashes), usage and the ledger, in SQLite or
+PostgreSQL behind one interface.
+
+Every query runs in Twisted's C{adbapi} thread pool, never on the reactor
+thread. The two databases differ in three small ways, kept in L{_Dialect}:
+parameter markers, how a write transaction starts, and how one account is
+locked so that concurrent requests from one key queue up instead of
+overspending it (SQLite: one connection and C{BEGIN IMMEDIATE}; PostgreSQL:
+C{SELECT ... FOR UPDATE} on the account's row).
+
+Schema migrations are the numbered C{.sql} files in
+C{privox/accounts/migrations}, applied in order by L{AccountStore.migrate}
+and remembered in C{schema_version}.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, Callable, Sequence
+
+from twisted.enterprise import adbapi
+
+from privox.accounts import quota
+from privox.keys import accountId
+
+#: The account id of requests without a key.
+ANONYMOUS = "anonymous"
+
+#: Roles a key can have: a person or program using the API (and maybe
+#: producing), or a farm posting its ledger and checking keys.
+ROLES = ("user", "farm")
+
+#: The default DSN: a SQLite file in the working directory.
+DEFAULT_DSN = "sqlite:privox-accounts.sqlite3"
+
+_COLUMNS = "account, key_id, role, label, hourly_seconds, created, revoked"
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+class StoreError(ValueError):
+    """
+    A DSN, a key reference or a stored value is not usable.
+    """
+
+
+@dataclass(frozen=True)
+class Account:
+    #: The SHA-256 hex of the key (L{privox.keys.accountId}).
+    account: str
+    #: Its first 12 digits, as log lines and people see it.
+    keyId: str
+    role: str
+    label: str
+    #: Seconds per window; L{None} for the API's default.
+    hourlySeconds: float | None
+    created: float
+    revoked: float | None
+
+    @property
+    def active(self) -> bool:
+        return self.revoked is None
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """
+    Seconds held against an account by a request in flight.
+    """
+
+    id: str
+    account: str
+    held: float
+
+
+@dataclass(frozen=True)
+class _Dialect:
+    name: str
+    module: str
+
+    def sql(self, text: str) -> str:
+        # The code writes qmark (?) parameters; psycopg2 wants %s.
+        if self.module == "sqlite3":
+            return text
+        return text.replace("%", "%%").replace("?", "%s")
+
+    def begin(self, cursor: Any, write: bool) -> None:
+        # sqlite3 runs in autocommit mode here (isolation_level=None) so the
+        # transaction, and when it takes the write lock, are ours to say.
+        if self.module == "sqlite3":
+            cursor.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+
+    def lockAccount(self, cursor: Any, account: str) -> None:
+        if self.module != "sqlite3":
+            cursor.execute("SELECT 1 FROM accounts WHERE account = %s FOR UPDATE", (account,))
+
+    def lockMigrations(self, cursor: Any) -> None:
+        if self.module != "sqlite3":
+            # Two API servers starting at once must not both migrate.
+            cursor.execute("SELECT pg_advisory_xact_lock(1776)")
+
+
+def parseDSN(dsn: str) -> tuple[_Dialect, tuple[Any, ...], dict[str, Any], str]:
+    """
+    @return: the dialect, the DB-API C{connect} arguments, and a description
+        of the database without any password in it.
+    @raise StoreError: not C{sqlite:PATH} or C{postgresql://...}.
+    """
+    if dsn.startswith("sqlite:"):
+        path = dsn[len("sqlite:"):]
+        if not path:
+            raise StoreError("sqlite: needs a path, e.g. sqlite:privox-accounts.sqlite3")
+        kwargs = {"isolation_level": None, "check_same_thread": False, "timeout": 30.0}
+        return _Dialect("sqlite", "sqlite3"), (path,), kwargs, f"SQLite {path}"
+    if dsn.startswith(("postgresql://", "postgres://")):
+        shown = re.sub(r"//([^:/@]*):[^@/]*@", r"//\1:***@", dsn)
+        return _Dialect("postgresql", "psycopg2"), (dsn,), {}, f"PostgreSQL {shown}"
+    raise StoreError(
+        f"unknown accounts DSN {dsn.split(':', 1)[0]!r}: use sqlite:PATH or postgresql://..."
+    )
+
+
+def _sqliteOpened(connection: Any) -> None:
+    # A write-ahead log: readers (privox keys, a second API) don't block the
+    # writer, and a commit costs an append rather than an fsync of the
+    # database (synchronous=NORMAL keeps it consistent across crashes).
+    connection.execute("PRAGMA journal_mode=WAL")
+    connection.execute("PRAGMA synchronous=NORMAL")
+
+
+def newKey() -> str:
+    """
+    A fresh key: 256 random bits, URL-safe, recognisable by its prefix.
+    """
+    return "pvx_" + secrets.token_urlsafe(32)
+
+
+def _account(row: Sequence[Any]) -> Account:
+    account, keyId, role, label, hourly, created, revoked = row
+    return Account(
+        account, keyId, role, label,
+        None if hourly is None else float(hourly),
+        float(created),
+        None if revoked is None else float(revoked),
+    )
+
+
+def _migrations() -> list[tuple[int, str]]:
+    folder = resources.files("privox.accounts") / "migrations"
+    found = []
+    for entry in folder.iterdir():
+        match = re.fullmatch(r"(\d{4})_\w+\.sql", entry.name)
+        if match:
+            found.append((int(match.group(1)), entry.read_text("utf-8")))
+    return sorted(found)
+
+
+def _statements(script: str) -> list[str]:
+    without = re.sub(r"--[^\n]*", "", script)
+    return [s.strip() for s in without.split(";") if s.strip()]
+
+
+class AccountStore:
+    """
+    Keys, usage and the ledger. Open with L{AccountStore.open}, then
+    L{migrate} once before use; L{close} when done.
+    """
+
+    def __init__(self, pool: adbapi.ConnectionPool, dialect: _Dialect, description: str) -> None:
+        self._pool = pool
+        self._dialect = dialect
+        #: Names the database for log lines (no password).
+        self.description = description
+
+    @classmethod
+    def open(cls, dsn: str, reactor: Any) -> AccountStore:
+        """
+        A store for C{dsn} (C{sqlite:PATH} or C{postgresql://...}). Connects
+        lazily, in the pool's threads, once the reactor runs.
+
+        @raise StoreError: a malformed DSN, or no driver for it installed.
+        """
+        dialect, args, kwargs, description = parseDSN(dsn)
+        try:
+            __import__(dialect.module)
+        except ImportError:
+            raise StoreError(
+                f"{description} needs the {dialect.module} module: pip install 'privox[postgresql]'"
+            ) from None
+        if dialect.module == "sqlite3":
+            # One connection: SQLite has one writer anyway, and ":memory:"
+            # must stay one database.
+            kwargs.update(cp_min=1, cp_max=1, cp_openfun=_sqliteOpened)
+        else:
+            kwargs.update(cp_min=1, cp_max=8, cp_reconnect=True)
+        pool = adbapi.ConnectionPool(
+            dialect.module, *args, cp_reactor=reactor, cp_noisy=False, **kwargs
+        )
+        return cls(pool, dialect, description)
+
+    def _run(self, interaction: Callable[..., Any], *args: Any) -> Any:
+        return self._pool.runInteraction(interaction, *args)
+
+    def _execute(self, cursor: Any, sql: str, params: Sequence[Any] = ()) -> None:
+        cursor.execute(self._dialect.sql(sql), tuple(params))
+
+    # Schema
+
+    async def migrate(self) -> int:
+        """
+        Apply the migrations this database has not had yet.
+
+        @return: the schema version now.
+        """
+        return await self._run(self._migrate)  # type: ignore[no-any-return]
+
+    def _migrate(self, cursor: Any) -> int:
+        self._dialect.begin(cursor, write=True)
+        self._dialect.lockMigrations(cursor)
+        cursor.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        cursor.execute("SELECT MAX(version) FROM schema_version")
+        current = cursor.fetchone()[0] or 0
+        for version, script in _migrations():
+            if version > current:
+                for statement in _statements(script):
+                    cursor.execute(statement)
+                self._execute(cursor, "INSERT INTO schema_version (version) VALUES (?)", (version,))
+                current = version
+        return int(current)
+
+    # Keys
+
+    async def createKey(
+        self, now: float, role: str = "user", label: str = "", hourlySeconds: float | None = None
+    ) -> tuple[str, Account]:
+        """
+        Make a new key. The key itself is returned here and nowhere else:
+        the store keeps its hash.
+        """
+        if role not in ROLES:
+            raise StoreError(f"role must be one of {', '.join(ROLES)}")
+        if hourlySeconds is not None and hourlySeconds < 0:
+            raise StoreError("hourly seconds must not be negative")
+        key = newKey()
+        account = Account(accountId(key), accountId(key)[:12], role, label, hourlySeconds, now, None)
+
+        def insert(cursor: Any) -> None:
+            self._execute(
+                cursor,
+                f"INSERT INTO accounts ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (account.account, account.keyId, role, label, hourlySeconds, now, None),
+            )
+
+        await self._run(insert)
+        return key, account
+
+    async def authenticate(self, key: str) -> Account | None:
+        """
+        The account of C{key} (revoked or not), or L{None} if it has none.
+        """
+        if not key:
+            return None
+        return await self.account(accountId(key))
+
+    async def account(self, account: str) -> Account | None:
+        def select(cursor: Any) -> Account | None:
+            self._execute(cursor, f"SELECT {_COLUMNS} FROM accounts WHERE account = ?", (account,))
+            row = cursor.fetchone()
+            return None if row is None else _account(row)
+
+        return await self._run(select)  # type: ignore[no-any-return]
+
+    async def accounts(self) -> list[Account]:
+        """
+        Every key's account, oldest first (not the anonymous bucket).
+        """
+        def select(cursor: Any) -> list[Account]:
+            self._execute(
+                cursor,
+                f"SELECT {_COLUMNS} FROM accounts WHERE role <> ? ORDER BY created, key_id",
+                (ANONYMOUS,),
+            )
+            return [_account(row) for row in cursor.fetchall()]
+
+        return await self._run(select)  # type: ignore[no-any-return]
+
+    async def find(self, reference: str) -> Account:
+        """
+        The account a person means: a key, its 64-digit account id, or a
+        unique prefix (at least 6 digits) of its key id.
+
+        @raise StoreError: none, or more than one, matches.
+        """
+        reference = reference.strip()
+        if reference.startswith("pvx_"):
+            reference = accountId(reference)
+        if _HEX64.fullmatch(reference):
+            found = await self.account(reference)
+            if found is None:
+                raise StoreError("no such key")
+            return found
+        if not re.fullmatch(r"[0-9a-f]{6,12}", reference):
+            raise StoreError("give a key, or at least 6 hex digits of its key id")
+        matches = [a for a in await self.accounts() if a.keyId.startswith(reference)]
+        if not matches:
+            raise StoreError(f"no key id starts with {reference}")
+        if len(matches) > 1:
+            raise StoreError(f"{len(matches)} key ids start with {reference}: give more digits")
+        return matches[0]
+
+    async def revoke(self, account: str, now: float) -> bool:
+        """
+        @return: whether the key was good until now.
+        """
+        def update(cursor: Any) -> bool:
+            self._execute(
+                cursor,
+                "UPDATE accounts SET revoked = ? WHERE account = ? AND revoked IS NULL",
+                (now, account),
+            )
+            return bool(cursor.rowcount)
+
+        return await self._run(update)  # type: ignore[no-any-return]
+
+    # Quotas
+
+    def _rows(self, cursor: Any, account: str, now: float, window: float) -> tuple[list, list]:
+        start = now - window
+        self._execute(
+            cursor, "SELECT at, seconds FROM usage WHERE account = ? AND at > ?", (account, start)
+        )
+        used = [(float(at), float(s)) for at, s in cursor.fetchall()]
+        self._execute(
+            cursor,
+            "SELECT credited, qss FROM transactions WHERE producer = ? AND credited > ? AND qss > 0",
+            (account, start),
+        )
+        earned = [(float(at), float(q)) for at, q in cursor.fetchall()]
+        return used, earned
+
+    async def standing(
+        self, account: str, base: float, now: float, window: float = quota.WINDOW
+    ) -> quota.Standing:
+        def select(cursor: Any) -> quota.Standing:
+            used, earned = self._rows(cursor, account, now, window)
+            return quota.standing(base, used, earned, now, window)
+
+        return await self._run(select)  # type: ignore[no-any-return]
+
+    async def reserve(
+        self, account: str, base: float, need: float, exact: bool, now: float,
+        window: float = quota.WINDOW,
+    ) -> Reservation:
+        """
+        Hold seconds for a request, atomically: concurrent requests from one
+        account wait for each other here, so together they cannot overspend.
+
+        @raise quota.QuotaExceeded: it does not fit now.
+        """
+        def reserve(cursor: Any) -> Reservation:
+            self._dialect.begin(cursor, write=True)
+            self._dialect.lockAccount(cursor, account)
+            # Rows out of the window are done with; drop them as we pass.
+            self._execute(
+                cursor, "DELETE FROM usage WHERE account = ? AND at <= ?", (account, now - window)
+            )
+            used, earned = self._rows(cursor, account, now, window)
+            held = quota.admit(base, used, earned, need, exact, now, window)
+            reservation = Reservation(secrets.token_hex(8), account, held)
+            self._execute(
+                cursor,
+                "INSERT INTO usage (id, account, at, seconds) VALUES (?, ?, ?, ?)",
+                (reservation.id, account, now, held),
+            )
+            return reservation
+
+        return await self._run(reserve)  # type: ignore[no-any-return]
+
+    async def settle(self, reservation: Reservation, seconds: float) -> None:
+        """
+        Charge what the request really used, in place of what it held.
+        """
+        def update(cursor: Any) -> None:
+            self._execute(
+                cursor, "UPDATE usage SET seconds = ? WHERE id = ?", (max(0.0, seconds), reservation.id)
+            )
+
+        await self._run(update)
+
+    async def release(self, reservation: Reservation) -> None:
+        """
+        The request failed: it costs nothing.
+        """
+        def delete(cursor: Any) -> None:
+            self._execute(cursor, "DELETE FROM usage WHERE id = ?", (reservation.id,))
+
+        await self._run(delete)
+
+    # The ledger
+
+    async def record(
+        self, farmAccount: str, transactions: Sequence[dict[str, Any]], now: float,
+        costOf: Callable[[str], float],
+    ) -> tuple[int, int]:
+        """
+        Store a farm's transaction records (already checked: see
+        L{privox.api.ledger}), crediting each successful job's producer with
+        its audio seconds times its model's cost. A record already stored
+        (same farm key and job id) is skipped, so a farm may re-send.
+
+        @return: how many were new, and how many were duplicates.
+        """
+        def insert(cursor: Any) -> tuple[int, int]:
+            self._dialect.begin(cursor, write=True)
+            new = 0
+            for t in transactions:
+                seconds = t["audio_seconds"]
+                earned = (
+                    seconds * costOf(t["model"])
+                    if t["status"] == "ok" and seconds and t["producer"]
+                    else 0.0
+                )
+                self._execute(
+                    cursor,
+                    "INSERT INTO transactions (farm_account, job_id, farm, at, service, model,"
+                    " input_bytes, output_bytes, audio_seconds, processing_ms, status, producer,"
+                    " consumer, qss, credited) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                    " ON CONFLICT (farm_account, job_id) DO NOTHING",
+                    (
+                        farmAccount, t["job_id"], t["farm"], t["time"], t["service"], t["model"],
+                        t["input_bytes"], t["output_bytes"], seconds, t["processing_ms"],
+                        t["status"], t["producer"], t["consumer"], earned, now,
+                    ),
+                )
+                new += max(0, cursor.rowcount)
+            return new, len(transactions) - new
+
+        return await self._run(insert)  # type: ignore[no-any-return]
+
+    async def transactions(self, limit: int = 1000) -> list[dict[str, Any]]:
+        """
+        The latest records, newest first (for operators and tests).
+        """
+        names = (
+            "job_id", "farm", "at", "service", "model", "input_bytes", "output_bytes",
+            "audio_seconds", "processing_ms", "status", "producer", "consumer", "qss", "credited",
+        )
+
+        def select(cursor: Any) -> list[dict[str, Any]]:
+            self._execute(
+                cursor,
+                f"SELECT {', '.join(names)} FROM transactions ORDER BY credited DESC, at DESC LIMIT ?",
+                (limit,),
+            )
+            return [dict(zip(names, row)) for row in cursor.fetchall()]
+
+        return await self._run(select)  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        self._pool.close()

@@ -1,0 +1,258 @@
+"""
+The account store (L{privox.accounts.store}) on a real SQLite file and a
+real PostgreSQL server (tests/pgcluster.py): the same tests for both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import DeferredList, ensureDeferred
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from privox.accounts import quota
+from privox.accounts.admin import runKeys
+from privox.accounts.store import ANONYMOUS, AccountStore, StoreError, _migrations, parseDSN
+from privox.cli import buildParser
+from privox.keys import accountId
+
+PRODUCER = "ab" * 32
+FARM = "fa" * 32
+
+
+def record(jobId: str, **fields: Any) -> dict[str, Any]:
+    """
+    A checked transaction record (what L{privox.api.ledger.readLedger} gives).
+    """
+    base = {
+        "job_id": jobId, "farm": "farm-1", "time": 100.0, "service": "stt",
+        "model": "whisper:base.en", "input_bytes": 32000, "output_bytes": 0,
+        "audio_seconds": 10.0, "processing_ms": 250.0, "status": "ok",
+        "producer": PRODUCER, "consumer": None,
+    }
+    base.update(fields)
+    return base
+
+
+class StoreTests:
+    """
+    Mixed into a C{TestCase} with L{dsn} giving a fresh, empty database.
+    """
+
+    async def dsn(self) -> str:
+        raise NotImplementedError()
+
+    async def store(self) -> AccountStore:
+        store = AccountStore.open(await self.dsn(), reactor)
+        self.addCleanup(store.close)  # type: ignore[attr-defined]
+        await store.migrate()
+        return store
+
+    def test_migrate(self) -> Any:
+        async def go() -> None:
+            store = await self.store()
+            latest = _migrations()[-1][0]
+            # Twice, as every start does: the second applies nothing.
+            self.assertEqual(await store.migrate(), latest)
+            self.assertEqual(await store.migrate(), latest)
+            self.assertEqual(await store.accounts(), [])
+            # The anonymous bucket exists but is nobody's key.
+            self.assertIsNotNone(await store.account(ANONYMOUS))
+
+        return ensureDeferred(go())
+
+    def test_keysAreKeptAsHashes(self) -> Any:
+        async def go() -> None:
+            store = await self.store()
+            key, account = await store.createKey(10.0, label="alice", hourlySeconds=120.0)
+            self.assertTrue(key.startswith("pvx_"))
+            self.assertEqual(account.account, accountId(key))
+            self.assertEqual(account.keyId, accountId(key)[:12])
+            self.assertEqual(await store.authenticate(key), account)
+            self.assertIsNone(await store.authenticate(key + "x"))
+            self.assertIsNone(await store.authenticate(""))
+            [listed] = await store.accounts()
+            self.assertEqual((listed.label, listed.hourlySeconds, listed.role), ("alice", 120.0, "user"))
+            self.assertNotIn(key, repr(listed))
+            self.assertEqual(await store.find(account.keyId[:6]), account)
+            self.assertEqual(await store.find(key), account)
+            self.assertEqual(await store.find(account.account), account)
+            await self.assertFails(store.find("0123456789ab"), StoreError)
+            await self.assertFails(store.find("xyz"), StoreError)
+
+        return ensureDeferred(go())
+
+    def test_revoke(self) -> Any:
+        async def go() -> None:
+            store = await self.store()
+            key, account = await store.createKey(10.0, role="farm")
+            self.assertTrue(await store.revoke(account.account, 20.0))
+            self.assertFalse(await store.revoke(account.account, 30.0))
+            revoked = await store.authenticate(key)
+            assert revoked is not None
+            self.assertEqual((revoked.active, revoked.revoked, revoked.role), (False, 20.0, "farm"))
+
+        return ensureDeferred(go())
+
+    def test_reserveSettleRelease(self) -> Any:
+        async def go() -> None:
+            store = await self.store()
+            _, a = await store.createKey(0.0)
+            held = await store.reserve(a.account, 100.0, 30.0, True, 1000.0)
+            self.assertEqual(held.held, 30.0)
+            await store.settle(held, 12.5)
+            failed = await store.reserve(a.account, 100.0, 40.0, False, 1001.0)
+            await store.release(failed)
+            state = await store.standing(a.account, 100.0, 1002.0)
+            self.assertEqual((state.used, state.remaining), (12.5, 87.5))
+            # An estimate holds no more than what is left.
+            big = await store.reserve(a.account, 100.0, 500.0, False, 1003.0)
+            self.assertEqual(big.held, 87.5)
+            e = await self.assertFails(
+                store.reserve(a.account, 100.0, 1.0, True, 1004.0), quota.QuotaExceeded
+            )
+            self.assertEqual(e.retryAfter, 1000 + 3600 - 1004)
+            # An hour after the first, its 12.5 s are free again.
+            again = await store.reserve(a.account, 100.0, 12.5, True, 4600.0)
+            self.assertEqual(again.held, 12.5)
+
+        return ensureDeferred(go())
+
+    def test_ledgerIsIdempotentAndCredits(self) -> Any:
+        async def go() -> None:
+            store = await self.store()
+            cost = {"whisper:base.en": 2.0}.get
+            batch = [
+                record("j1"),
+                record("j2", audio_seconds=5.0, model="other"),
+                record("j3", status="timeout"),
+                record("j4", producer=None),
+            ]
+            self.assertEqual(
+                await store.record(FARM, batch, 50.0, lambda m: cost(m, 1.0)), (4, 0)
+            )
+            # Sent again (a farm replaying its spool): nothing new.
+            self.assertEqual(await store.record(FARM, batch[:2], 60.0, lambda m: 1.0), (0, 2))
+            # Another farm may use the same job ids.
+            self.assertEqual(await store.record("fb" * 32, batch[:1], 60.0, lambda m: 1.0), (1, 0))
+            stored = {(t["farm"], t["job_id"]): t for t in await store.transactions()}
+            self.assertEqual(len(stored), 4)
+            self.assertEqual(stored[("farm-1", "j1")]["qss"], 20.0)
+            self.assertEqual(stored[("farm-1", "j2")]["qss"], 5.0)
+            self.assertEqual(stored[("farm-1", "j3")]["qss"], 0.0)
+            # 20 + 5 from farm-1, 10 more from the second farm's j1.
+            state = await store.standing(PRODUCER, 100.0, 70.0)
+            self.assertEqual((state.earned, state.allowance), (35.0, 135.0))
+            # Credit is dated when the API recorded it, and leaves the window.
+            self.assertEqual((await store.standing(PRODUCER, 100.0, 3650.0)).earned, 10.0)
+
+        return ensureDeferred(go())
+
+    def test_creditRaisesAllowance(self) -> Any:
+        async def go() -> None:
+            store = await self.store()
+            key, a = await store.createKey(0.0, hourlySeconds=10.0)
+            await store.reserve(a.account, 10.0, 10.0, True, 100.0)
+            await self.assertFails(store.reserve(a.account, 10.0, 5.0, True, 101.0), quota.QuotaExceeded)
+            await store.record(FARM, [record("p1", producer=a.account, audio_seconds=3.0)], 102.0,
+                               lambda m: 2.0)
+            held = await store.reserve(a.account, 10.0, 5.0, True, 103.0)
+            self.assertEqual(held.held, 5.0)
+            await self.assertFails(store.reserve(a.account, 10.0, 1.5, True, 104.0), quota.QuotaExceeded)
+
+        return ensureDeferred(go())
+
+    def test_concurrentReservationsCannotOverspend(self) -> Any:
+        """
+        Twenty requests of 10 s from one key at once, 35 s allowed: exactly
+        three get through, whatever order the database runs them in.
+        """
+        async def go() -> None:
+            store = await self.store()
+            _, a = await store.createKey(0.0)
+            attempts = [
+                ensureDeferred(store.reserve(a.account, 35.0, 10.0, True, 500.0 + i / 100))
+                for i in range(20)
+            ]
+            results = await DeferredList(attempts, consumeErrors=True)
+            admitted = [r for ok, r in results if ok]
+            refused = [r for ok, r in results if not ok]
+            self.assertEqual(len(admitted), 3)
+            self.assertEqual(len(refused), 17)
+            for failure in refused:
+                failure.trap(quota.QuotaExceeded)
+            self.assertEqual((await store.standing(a.account, 35.0, 501.0)).used, 30.0)
+
+        return ensureDeferred(go())
+
+    def test_keysCommand(self) -> Any:
+        """
+        C{privox keys}: create prints the key alone on its last line; list,
+        show and revoke name keys by id.
+        """
+        async def go() -> None:
+            dsn = await self.dsn()
+            parser = buildParser({})
+
+            async def keys(*argv: str) -> str:
+                out = io.StringIO()
+                args: argparse.Namespace = parser.parse_args(["keys", *argv, "--accounts", dsn])
+                await runKeys(reactor, args, out)
+                return out.getvalue()
+
+            created = await keys("create", "--hourly-seconds", "90", "--label", "bob")
+            key = created.splitlines()[-1]
+            self.assertTrue(key.startswith("pvx_"))
+            kid = accountId(key)[:12]
+            self.assertIn(kid, created.splitlines()[0])
+            listed = await keys("list")
+            self.assertIn(kid, listed)
+            self.assertIn("bob", listed)
+            self.assertNotIn(key, listed)
+            shown = await keys("show", kid[:8])
+            self.assertIn("allowance: 90.0", shown)
+            self.assertNotIn(key, shown)
+            self.assertEqual(await keys("revoke", kid), f"revoked key {kid}\n")
+            self.assertEqual(await keys("revoke", kid), f"key {kid} was already revoked\n")
+            self.assertIn("revoked 2", await keys("list"))
+            await self.assertFails(keys("show", "000000"), StoreError)
+
+        return ensureDeferred(go())
+
+    async def assertFails(self, work: Any, kind: type[BaseException]) -> Any:
+        try:
+            await work
+        except kind as e:
+            return e
+        self.fail(f"{kind.__name__} not raised")  # type: ignore[attr-defined]
+
+
+class SQLiteStoreTests(StoreTests, TestCase):
+    async def dsn(self) -> str:
+        return "sqlite:" + self.mktemp()
+
+
+class PostgreSQLStoreTests(StoreTests, TestCase):
+    async def dsn(self) -> str:
+        from tests.pgcluster import freshDatabase
+
+        return await deferToThread(freshDatabase)  # type: ignore[no-any-return]
+
+
+class DSNTests(SynchronousTestCase):
+    def test_dsns(self) -> None:
+        self.assertEqual(parseDSN("sqlite:a.db")[0].name, "sqlite")
+        dialect, args, _, shown = parseDSN("postgresql://privox:s3cret@db.example/privox")
+        self.assertEqual((dialect.name, args), ("postgresql", ("postgresql://privox:s3cret@db.example/privox",)))
+        self.assertNotIn("s3cret", shown)
+        self.assertRaises(StoreError, parseDSN, "mysql://x")
+        self.assertRaises(StoreError, parseDSN, "sqlite:")
+
+    def test_placeholders(self) -> None:
+        pg = parseDSN("postgresql:///x")[0]
+        self.assertEqual(pg.sql("a = ? AND b LIKE '5%'"), "a = %s AND b LIKE '5%%'")
+        self.assertEqual(parseDSN("sqlite:x")[0].sql("a = ?"), "a = ?")

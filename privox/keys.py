@@ -46,7 +46,16 @@ def keyId(key: str) -> str:
 
     @return: the first 12 hex digits of the SHA-256 of the UTF-8 key.
     """
-    return sha256(key.encode("utf-8")).hexdigest()[:12]
+    return accountId(key)[:12]
+
+
+def accountId(key: str) -> str:
+    """
+    The name an account store and the ledger know C{key} by: the SHA-256 of
+    the UTF-8 key, 64 hex digits. Stores keep this, never the key; its first
+    12 digits are the key's L{keyId}.
+    """
+    return sha256(key.encode("utf-8")).hexdigest()
 
 
 class KeyPolicyError(ValueError):
@@ -169,6 +178,9 @@ class URLPolicy:
     Answers (both yes and no) are cached per key for C{cacheSeconds}, so a
     flapping peer doesn't hammer the endpoint. Errors are not cached, so one
     hiccup doesn't lock a good key out for the whole TTL.
+
+    With C{bearer} (a farm's own key), every request carries
+    C{Authorization: Bearer BEARER}, so the endpoint knows which farm asks.
     """
 
     def __init__(
@@ -179,8 +191,10 @@ class URLPolicy:
         cacheSeconds: float = 30.0,
         timeoutSeconds: float = 5.0,
         maxCacheEntries: int = DEFAULT_CACHE_SIZE,
+        bearer: str | None = None,
     ) -> None:
         self.url = url
+        self._headers = {"Authorization": f"Bearer {bearer}"} if bearer else None
         self._httpClient = httpClient
         self._clock = clock
         self._cacheSeconds = cacheSeconds
@@ -250,7 +264,12 @@ class URLPolicy:
 
     async def _exchange(self, key: str) -> bool:
         # A dict for data= makes treq send application/x-www-form-urlencoded.
-        response = await self._httpClient.post(self.url, data={"key": key})
+        if self._headers is None:
+            response = await self._httpClient.post(self.url, data={"key": key})
+        else:
+            response = await self._httpClient.post(
+                self.url, data={"key": key}, headers=self._headers
+            )
         body = await treq.content(response)
         if not 200 <= response.code < 300:
             raise _ValidationError(f"HTTP status {response.code}")
@@ -323,14 +342,19 @@ def _describe(e: BaseException) -> str:
 
 
 def policyFromSpec(
-    spec: str, *, reactor: IReactorTime, httpClient: HTTPClient | None = None
+    spec: str,
+    *,
+    reactor: IReactorTime,
+    httpClient: HTTPClient | None = None,
+    bearer: str | None = None,
 ) -> KeyPolicy:
     """
     Build a policy from a configuration string:
 
       - C{"open"}: L{OpenPolicy};
       - C{"http://..."} or C{"https://..."}: L{URLPolicy} for that URL, using
-        C{httpClient} (default: the C{treq} module) and C{reactor} as clock;
+        C{httpClient} (default: the C{treq} module) and C{reactor} as clock,
+        sending C{bearer} (if any) as C{Authorization: Bearer};
       - anything else: the path of an allow-list file, see
         L{AllowListPolicy.fromFile}.
 
@@ -340,5 +364,5 @@ def policyFromSpec(
         return OpenPolicy()
     if spec.lower().startswith(("http://", "https://")):
         client: HTTPClient = httpClient if httpClient is not None else treq
-        return URLPolicy(spec, client, reactor)
+        return URLPolicy(spec, client, reactor, bearer=bearer)
     return AllowListPolicy.fromFile(spec)

@@ -55,6 +55,9 @@ class RecordingResource(Resource):
                     b"content-type"
                 ),
                 "body": request.content.read(),
+                "authorization": request.requestHeaders.getRawHeaders(
+                    b"authorization"
+                ),
             }
         )
         if self.hang:
@@ -413,6 +416,31 @@ class PolicyFromSpecTests(SynchronousTestCase):
         clock.advance(31)
         self.successResultOf(policy.check("k"))
         self.assertEqual(len(resource.requests), 2)
+
+    def test_urlBearer(self) -> None:
+        """
+        A farm's key given as C{bearer} goes with every validation request as
+        C{Authorization: Bearer}; without it no Authorization header is sent.
+        """
+        resource = RecordingResource(b"1")
+        policy = policyFromSpec(
+            "https://h.example/v",
+            reactor=Clock(),
+            httpClient=StubTreq(resource),
+            bearer="farm-key-1",
+        )
+        self.assertIs(self.successResultOf(policy.check("k")), True)
+        plain = policyFromSpec(
+            "https://h.example/v", reactor=Clock(), httpClient=StubTreq(resource)
+        )
+        self.successResultOf(plain.check("k"))
+        first, second = resource.requests
+        self.assertEqual(first["authorization"], [b"Bearer farm-key-1"])
+        self.assertEqual(
+            first["contentType"], [b"application/x-www-form-urlencoded"]
+        )
+        self.assertIsNone(second["authorization"])
+        self.assertNotIn("farm-key-1", policy.description)
 
     def test_urlDefaultsToTreq(self) -> None:
         policy = policyFromSpec("https://h.example/v", reactor=Clock())

@@ -130,6 +130,10 @@ class NodeServiceTests(TestCase):
         spoken = await tts.tts("tone:test", "hello there")
         self.assertEqual(spoken.data, toneFor("hello there"))
         self.assertEqual(spoken.fields["content_type"], "audio/wav")
+        # Seconds of audio synthesized, for the farm's ledger (STT carries
+        # the seconds transcribed).
+        self.assertEqual(spoken.fields["duration_s"], 0.1)
+        self.assertEqual(result.fields["duration_s"], len(audio) / 32000)
         failed = await tts.tts("tone:test", " ").addErrback(lambda f: f.value)
         self.assertEqual(failed.code, "bad_request")
         for c in (stt, tts):
@@ -288,3 +292,33 @@ class BusyEngineTests(TestCase):
 
     def test_pingAnsweredWhileEngineBusy(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._pingWhileBusy())
+
+
+class SpeechDurationTests(SynchronousTestCase):
+    """
+    A TTS answer's RSLT says how many seconds of audio it holds
+    (C{duration_s}), which the farm's ledger credits.
+    """
+
+    def test_speechFields(self) -> None:
+        from privox.node.pool import speechFields
+        from privox.wav import pcmToWav
+
+        wav = pcmToWav(b"\x00\x00" * 22050 * 2, 22050)
+        self.assertEqual(
+            speechFields(wav, "piper:x"),
+            {"content_type": "audio/wav", "model": "piper:x", "duration_s": 2.0},
+        )
+        # Unreadable: no duration rather than a wrong one.
+        self.assertEqual(
+            speechFields(b"not a wav", "piper:x"),
+            {"content_type": "audio/wav", "model": "piper:x"},
+        )
+
+    def test_wavSecondsCountsHeldFrames(self) -> None:
+        from privox.wav import pcmToWav, wavSeconds
+
+        wav = pcmToWav(b"\x00\x00" * 16000, 16000)
+        self.assertEqual(wavSeconds(wav), 1.0)
+        self.assertEqual(wavSeconds(wav[: len(wav) - 16000]), 0.5)
+        self.assertIsNone(wavSeconds(b""))

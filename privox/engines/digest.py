@@ -26,8 +26,12 @@ class _DigestTranscription:
         self._size += len(chunk)
 
     def finish(self) -> Transcript:
+        # A duration as if the bytes were 16 kHz 16-bit mono, so the ledger
+        # and producer credit have something real to count in smoke tests.
         return Transcript(
-            f"sha256:{self._hash.hexdigest()} bytes:{self._size}", self._job.language, 0.0
+            f"sha256:{self._hash.hexdigest()} bytes:{self._size}",
+            self._job.language,
+            self._size / 32000,
         )
 
 

@@ -20,7 +20,7 @@ from twisted.python.failure import Failure
 from privox.farm import pvx1
 from privox.farm.dispatcher import Capability
 from privox.farm.job import Job
-from privox.keys import keyId
+from privox.keys import accountId
 from privox.framing import Frame, FrameDecoder, FramingError, encodeHeader, tuneTransport
 from privox.messages import (
     GREETING,
@@ -165,7 +165,8 @@ class FarmConnection(Protocol):
     def _keyChecked(self, accepted: bool, hello: Hello) -> None:
         if self.phase is not Phase.AUTHENTICATING:
             return  # the peer left while we were checking
-        kid = keyId(hello.key)
+        account = accountId(hello.key)
+        kid = account[:12]
         if not accepted:
             log.info(
                 "denied {role} with key {key_id}", role=hello.role, key_id=kid
@@ -179,11 +180,11 @@ class FarmConnection(Protocol):
         self.phase = Phase.ACTIVE
         self.sendControl(b"OKAY", self.farm.okay().payload())
         if hello.role == "producer":
-            producer = ProducerSession(self, hello, kid)
+            producer = ProducerSession(self, hello, kid, account)
             self.session = producer
             self.farm.producerJoined(producer)
         else:
-            self.session = ConsumerSession(self, kid)
+            self.session = ConsumerSession(self, kid, account)
         log.info(
             "{role} {key_id} joined {service}",
             role=hello.role,
@@ -250,9 +251,12 @@ class _Session:
     they are part of, if any.
     """
 
-    def __init__(self, connection: FarmConnection, keyId: str) -> None:
+    def __init__(self, connection: FarmConnection, keyId: str, accountId: str | None = None) -> None:
         self.connection = connection
         self.keyId = keyId
+        #: The full SHA-256 of the HELO key (L{privox.keys.accountId}),
+        #: computed once, for the ledger. Never the key.
+        self.accountId = accountId
         self.job: Job | None = None
 
     @property
@@ -271,8 +275,8 @@ class ConsumerSession(_Session):
     A consumer's side of the farm: one job at a time, many in a row.
     """
 
-    def __init__(self, connection: FarmConnection, keyId: str) -> None:
-        super().__init__(connection, keyId)
+    def __init__(self, connection: FarmConnection, keyId: str, accountId: str | None = None) -> None:
+        super().__init__(connection, keyId, accountId)
         self._uploadRemaining = 0
 
     def frameReceived(self, frame: Frame) -> None:
@@ -324,8 +328,10 @@ class ProducerSession(_Session):
     A producer's side of the farm: idle (pinged) or running one job.
     """
 
-    def __init__(self, connection: FarmConnection, hello: Hello, keyId: str) -> None:
-        super().__init__(connection, keyId)
+    def __init__(
+        self, connection: FarmConnection, hello: Hello, keyId: str, accountId: str | None = None
+    ) -> None:
+        super().__init__(connection, keyId, accountId)
         self.capability = Capability.of(hello.models, hello.languages)
         self._resultRemaining = 0
         self._pingTimer: IDelayedCall | None = None

@@ -5,6 +5,7 @@ service, the jobs in flight and the figures for stats lines.
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -16,6 +17,7 @@ from twisted.logger import Logger
 from privox.config import setting
 from privox.farm.dispatcher import Dispatcher
 from privox.farm.job import Job, newJob
+from privox.farm.ledger import transaction
 from privox.farm.pvx1 import DEFAULT_STT_ALIASES, DEFAULT_TTS_ALIASES
 from privox.keys import KeyPolicy
 from privox.metrics import usage
@@ -24,6 +26,7 @@ from privox.messages import SERVICES, BadRequest, ErrorCode, JobRequest, Okay, c
 
 if TYPE_CHECKING:
     from privox.farm.connection import ConsumerSession, FarmConnection, ProducerSession
+    from privox.farm.ledger import Sink
     from privox.metrics import FarmMetrics
 
 log = Logger()
@@ -90,6 +93,23 @@ class FarmSettings:
     blur_usage: bool = setting(
         False, "Round sizes and times in log lines (privacy)."
     )
+    ledger: str = setting(
+        "none",
+        "Where the farm records one transaction per job: 'none', a JSON-lines "
+        "file path, or the http(s) URL of an API's /v1/ledger.",
+    )
+    ledger_spool: str = setting(
+        "privox-farm-ledger.spool",
+        "File where records for an http(s) ledger wait until the API confirms them.",
+    )
+    api_key: str = dataclasses.field(
+        default="",
+        repr=False,  # a secret: never in a repr or a log line
+        metadata={
+            "help": "This farm's key, sent as Authorization: Bearer to the ledger URL "
+            "and to key-validation URLs."
+        },
+    )
 
 
 @dataclass
@@ -118,6 +138,9 @@ class Farm:
         self.metrics: FarmMetrics | None = None
         self.accepting = True
         self._drained: list[Deferred[None]] = []
+        #: Where finished jobs are recorded (L{privox.farm.ledger}); None
+        #: records nothing.
+        self.ledger: Sink | None = None
 
     def okay(self) -> Okay:
         s = self.settings
@@ -244,6 +267,10 @@ class Farm:
                 bytes_out=job.bytesOut,
             ),
         )
+        if self.ledger is not None:
+            self.ledger.record(
+                transaction(job, self.settings.name, self.clock.seconds())
+            )
         if not self.jobs:
             drained, self._drained = self._drained, []
             for d in drained:

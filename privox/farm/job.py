@@ -120,6 +120,13 @@ class Job:
         self.started = farm.clock.seconds()
         self.bytesOut = 0
         self.outcome = "queued"
+        #: For the ledger (L{privox.farm.ledger}): the account ids (hashed
+        #: keys) of the consumer and of the producer that took the job (None
+        #: while none did), and the RSLT's C{duration_s} as the producer sent
+        #: it (unchecked).
+        self.consumerAccount: str | None = getattr(consumer, "accountId", None)
+        self.producerAccount: str | None = None
+        self.resultDuration: Any = None
         self._links: list[_PauseLink] = []
         self._timeout: IDelayedCall | None = farm.clock.callLater(
             timeout, self._timedOut
@@ -138,6 +145,7 @@ class Job:
     def _startOn(self, producer: ProducerSession) -> None:
         assert self.consumer is not None
         self.producer = producer
+        self.producerAccount = getattr(producer, "accountId", None)
         producer.startJob(self)
         self.consumer.jobAssigned(self)
         self._links = [
@@ -239,6 +247,7 @@ def _upload(events: JobEvents, job: Job, payload: bytes) -> None:
 @running.upon(JobEvents.result).to(returning)
 def _result(events: JobEvents, job: Job, fields: dict[str, Any], size: int) -> None:
     assert job.consumer is not None
+    job.resultDuration = fields.get("duration_s")
     fields["id"] = job.id
     job.consumer.sendControl(b"RSLT", fields)
 

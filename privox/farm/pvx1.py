@@ -27,7 +27,7 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
 from privox.farm.dispatcher import Capability
-from privox.keys import keyId
+from privox.keys import accountId
 from privox.messages import BadRequest, ErrorCode, JobRequest
 
 if TYPE_CHECKING:
@@ -229,15 +229,16 @@ class Pvx1Peer:
             role = "producer" if self.kind == PRODUCER else "consumer"
             d = self.connection.farm.keyPolicy(role).check(key)
             d.addErrback(self.connection._keyCheckFailed)
-            d.addCallback(self._keyChecked, role, keyId(key))
+            d.addCallback(self._keyChecked, role, accountId(key))
         if len(self._buffer) > HEADER_CAP + 1:
             # Nothing that long can come before the farm answers (a consumer
             # given HEADER_CAP + 1 bytes is told nak by its session).
             self.connection.abort()
 
-    def _keyChecked(self, accepted: bool, role: str, kid: str) -> None:
+    def _keyChecked(self, accepted: bool, role: str, account: str) -> None:
         from privox.farm.connection import Phase
 
+        kid = account[:12]
         connection = self.connection
         if connection.phase is not Phase.AUTHENTICATING:
             return  # gone while we were checking
@@ -252,12 +253,12 @@ class Pvx1Peer:
         session: Pvx1Consumer | Pvx1Producer
         if role == "producer":
             connection._handshakeDone()
-            session = Pvx1Producer(connection, kid)
+            session = Pvx1Producer(connection, kid, account)
             self.session = connection.session = session
             connection.farm.producerJoined(session)
         else:
             # A consumer's handshake ends with its header (its timer runs on).
-            session = Pvx1Consumer(connection, kid)
+            session = Pvx1Consumer(connection, kid, account)
             self.session = connection.session = session
         log.info(
             "PVX/1 {role} {key_id} joined {service}",
@@ -280,9 +281,11 @@ class Pvx1Peer:
 
 
 class _Pvx1Session:
-    def __init__(self, connection: FarmConnection, keyId: str) -> None:
+    def __init__(self, connection: FarmConnection, keyId: str, accountId: str | None = None) -> None:
         self.connection = connection
         self.keyId = keyId
+        #: The full SHA-256 of the key, for the ledger (never the key).
+        self.accountId = accountId
         self.job: Job | None = None
         self.aliases = aliasesFor(connection.farm.settings, connection.service)
         self._quiet: IDelayedCall | None = None
@@ -311,8 +314,8 @@ class Pvx1Consumer(_Pvx1Session):
     A PVX/1 consumer: one header, one job, one answer, then the farm closes.
     """
 
-    def __init__(self, connection: FarmConnection, keyId: str) -> None:
-        super().__init__(connection, keyId)
+    def __init__(self, connection: FarmConnection, keyId: str, accountId: str | None = None) -> None:
+        super().__init__(connection, keyId, accountId)
         self._header = bytearray()
         self._submitted = False
         self._acked = False
@@ -451,8 +454,8 @@ class Pvx1Producer(_Pvx1Session):
     A PVX/1 node: pinged while idle; one job at a time, answered in PVX/1.
     """
 
-    def __init__(self, connection: FarmConnection, keyId: str) -> None:
-        super().__init__(connection, keyId)
+    def __init__(self, connection: FarmConnection, keyId: str, accountId: str | None = None) -> None:
+        super().__init__(connection, keyId, accountId)
         self.capability = self.aliases.capability()
         self._phase = _IDLE
         self._buffer = bytearray()

@@ -10,12 +10,14 @@ from twisted.application import strports
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python import usage
 
 from privox.config import optionsFor
 from privox.farm.connection import FarmFactory
 from privox.farm.farm import Counters, Farm, FarmSettings
+from privox.farm.ledger import Sink, ledgerFromSettings
 from privox.farm.pvx1 import Aliases
 from privox.keys import KeyPolicyError, policyFromSpec
 from privox.metrics import CollectorRegistry, farmStatus, instrumentFarm, metricsSite
@@ -46,6 +48,10 @@ class Options(_BaseOptions):  # type: ignore[misc,valid-type]
                 Aliases(getattr(s, name))
             except ValueError as e:
                 raise usage.UsageError(f"--{name.replace('_', '-')}: {e}")
+        if s.ledger.lower().startswith(("http://", "https://")) and not s.api_key:
+            raise usage.UsageError("an http(s) --ledger needs --api-key (the farm's key)")
+        if not s.ledger:
+            raise usage.UsageError("--ledger must be 'none', a file path or an http(s) URL")
 
 
 class FarmService(Service):
@@ -54,14 +60,21 @@ class FarmService(Service):
     when stopped.
     """
 
-    def __init__(self, farm: Farm, clock: Any) -> None:
+    def __init__(self, farm: Farm, clock: Any, ledger: Sink | None = None) -> None:
         self.farm = farm
         self.clock = clock
+        #: Started and stopped with the farm; stopped after the farm has
+        #: drained, so the records of the jobs it ended reach the spool.
+        self.ledger = ledger
+        if ledger is not None:
+            farm.ledger = ledger
         self._stats: LoopingCall | None = None
         self._lastCounters = Counters()
 
     def startService(self) -> None:
         super().startService()
+        if self.ledger is not None:
+            self.ledger.start()
         interval = self.farm.settings.stats_interval
         if interval > 0:
             self._stats = LoopingCall(self._logStats, interval)
@@ -77,19 +90,40 @@ class FarmService(Service):
         super().stopService()
         if self._stats is not None and self._stats.running:
             self._stats.stop()
-        return self.farm.shutdown()
+        stopped = self.farm.shutdown()
+        ledger = self.ledger
+        if ledger is not None:
+            stopped.addBoth(lambda result: ledger.stop().addCallback(lambda _: result))
+        return stopped
 
 
 def buildFarm(settings: FarmSettings, reactor: Any) -> Farm:
+    bearer = settings.api_key or None
     try:
         return Farm(
             settings,
             reactor,
-            policyFromSpec(settings.producer_keys, reactor=reactor),
-            policyFromSpec(settings.consumer_keys, reactor=reactor),
+            policyFromSpec(settings.producer_keys, reactor=reactor, bearer=bearer),
+            policyFromSpec(settings.consumer_keys, reactor=reactor, bearer=bearer),
         )
     except KeyPolicyError as e:
         raise usage.UsageError(str(e))
+
+
+def buildLedger(settings: FarmSettings, reactor: Any) -> Sink | None:
+    """
+    The farm's ledger sink (None for 'none'), writing files in the reactor's
+    thread pool.
+    """
+    if settings.ledger == "none":
+        return None
+
+    def runner(f: Any, *args: Any) -> Deferred[Any]:
+        return deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
+
+    sink = ledgerFromSettings(settings, reactor, runner)
+    log.info("farm ledger: {description}", description=sink.description)
+    return sink
 
 
 def makeService(options: Options, reactor: Any = None) -> IService:
@@ -98,8 +132,9 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     settings = options.settings
     farm = buildFarm(settings, reactor)
     top = MultiService()
+    ledger = buildLedger(settings, reactor)
     # Added first, stopped last: ports close before the farm drains.
-    FarmService(farm, reactor).setServiceParent(top)
+    FarmService(farm, reactor, ledger).setServiceParent(top)
     for service, endpoint in (("stt", settings.stt_listen), ("tts", settings.tts_listen)):
         if endpoint == "none":
             continue

@@ -10,7 +10,7 @@ import hashlib
 from typing import Any
 
 from privox.node.worker import Answer, Collected
-from privox.wav import pcmToWav
+from privox.wav import pcmToWav, wavSeconds
 
 
 def digestOf(data: bytes) -> str:
@@ -44,10 +44,12 @@ class DigestEngine:
     def run(self, job: dict[str, Any], data: bytes) -> Answer:
         text = job.get("text")
         if isinstance(text, str):
+            wav = toneFor(text)
             return Answer(
                 {"content_type": "audio/wav", "model": job["model"],
-                 "text_sha256": digestOf(text.encode("utf-8"))},
-                toneFor(text),
+                 "text_sha256": digestOf(text.encode("utf-8")),
+                 "duration_s": wavSeconds(wav)},
+                wav,
             )
         return Answer(
             {"text": f"sha256:{digestOf(data)} bytes:{len(data)}", "model": job["model"]}

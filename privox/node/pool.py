@@ -17,6 +17,7 @@ from twisted.python.threadpool import ThreadPool
 from privox.engines.errors import Unsupported
 from privox.metrics import NodeMetrics, usage
 from privox.node.worker import Answer, Collected, JobRun
+from privox.wav import wavSeconds
 
 log = Logger()
 T = TypeVar("T")
@@ -164,7 +165,20 @@ class EngineHandler:
 
 
 def _speech(wav: bytes, job: Any) -> Answer:
-    return Answer({"content_type": "audio/wav", "model": job.model}, wav)
+    return Answer(speechFields(wav, job.model), wav)
+
+
+def speechFields(wav: bytes, model: str) -> dict[str, Any]:
+    """
+    The RSLT fields of a TTS answer: its type, model and, when the WAV's
+    header can be read, C{duration_s} (seconds of audio synthesized), which
+    the farm's ledger credits.
+    """
+    fields: dict[str, Any] = {"content_type": "audio/wav", "model": model}
+    seconds = wavSeconds(wav)
+    if seconds is not None:
+        fields["duration_s"] = round(seconds, 3)
+    return fields
 
 
 class TranscriptionRun:

@@ -41,6 +41,7 @@ bench: $(STAMP)
 	PYTHONPATH=. $(PY) bench/farm_memory.py
 	PYTHONPATH=. $(PY) bench/engines.py
 	PYTHONPATH=. $(PY) bench/api.py
+	PYTHONPATH=. $(PY) bench/quota.py
 
 # The long reliability runs (issue 9): load and fault scenarios scaled up;
 # prints figures. `make soak SOAK_SECONDS=60` for a shorter run.

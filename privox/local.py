@@ -25,6 +25,7 @@ from privox.config import optionsFor, setting
 from privox.engines.registry import ModelSpec, SpecError, createEngine
 from privox.farm.connection import FarmFactory
 from privox.farm.farm import Farm, FarmSettings
+from privox.accounts.store import DEFAULT_DSN, AccountStore
 from privox.keys import OpenPolicy
 from privox.metrics import CollectorRegistry, farmStatus, instrumentFarm
 from privox.node.service import NodeService, NodeSettings
@@ -36,8 +37,19 @@ log = Logger()
 class LocalSettings:
     port: int = setting(8080, "HTTP port of the API (0: any free port).")
     interface: str = setting("127.0.0.1", "Address the API listens on.")
+    accounts: str = setting(
+        DEFAULT_DSN,
+        "Account store (keys, quotas): sqlite:PATH, postgresql://..., or 'none' (no quotas).",
+    )
+    anonymous: str = setting(
+        "on", "'on': requests without a key share --anonymous-seconds; 'off': they get 401."
+    )
+    anonymous_seconds: float = setting(
+        3600.0, "Audio seconds per rolling hour shared by all requests without a key."
+    )
     keys: str = setting(
-        "open", "User keys: 'open' (any non-empty key), an allow-list file, or a URL."
+        "open",
+        "With --accounts none: user keys 'open' (any non-empty key), an allow-list file, or a URL.",
     )
     stt: str = setting("whisper:tiny.en", "The STT model every quality maps to.")
     tts: str = setting("piper:en_US-joe-medium", "The TTS model every voice maps to.")
@@ -64,6 +76,10 @@ class Options(_BaseOptions):  # type: ignore[misc,valid-type]
                 raise usage.UsageError(str(e))
             if parsed.service != service:
                 raise usage.UsageError(f"--{service} needs a {service} engine, not {spec}")
+        if s.anonymous not in ("on", "off"):
+            raise usage.UsageError("--anonymous must be on or off")
+        if s.accounts != "none" and s.keys != "open":
+            raise usage.UsageError("--keys applies only with --accounts none")
         if s.slots < 1:
             raise usage.UsageError("--slots must be at least 1")
 
@@ -77,6 +93,9 @@ def apiSettings(s: LocalSettings) -> ApiSettings:
     voices = [line.split()[0] for line in DEFAULT_VOICES] + sorted(OPENAI_VOICES)
     return ApiSettings(
         blur_usage=s.blur_usage,
+        accounts=s.accounts,
+        anonymous=s.anonymous,
+        anonymous_seconds=s.anonymous_seconds,
         keys=s.keys,
         max_upload=s.max_upload,
         deadline=s.deadline,
@@ -107,6 +126,7 @@ class LocalExchange(Service):
         self._ports: list[Any] = []
         self.node: NodeService | None = None
         self.exchange: FarmExchange | None = None
+        self.store: AccountStore | None = None
         self._http: TrackedFactory | None = None
         self.ready: Deferred[None] = Deferred()
         self.url = f"http://{settings.interface}:{settings.port}"
@@ -149,20 +169,25 @@ class LocalExchange(Service):
             attempts=1,
             poolSize=s.slots * 2,
         )
-        _, site = buildApi(
+        api, site = buildApi(
             api,
             self.exchange,
             self._reactor,
             registry=self.registry,
             farmStatus=lambda: {"local": farmStatus(self.farm)},
         )
+        self.store = getattr(api.access, "store", None)
+        if self.store is not None:
+            version = await self.store.migrate()
+            log.info("account store {store} at schema version {version}",
+                     store=self.store.description, version=version)
         self._http = TrackedFactory(site)
         web = await serverFromString(
             self._reactor, f"tcp:{s.port}:interface={s.interface}"
         ).listen(self._http)
         self._ports.append(web)
         self.url = f"http://{s.interface}:{web.getHost().port}"
-        for line in banner(self.url):
+        for line in banner(self.url, s):
             log.info("{line}", line=line)
         self.ready.callback(None)
 
@@ -185,16 +210,35 @@ class LocalExchange(Service):
         if self.node is not None:
             await self.node.stopService()
         await self.farm.shutdown()
+        if self.store is not None:
+            self.store.close()
 
 
-def banner(url: str) -> list[str]:
-    return [
+def banner(url: str, settings: LocalSettings) -> list[str]:
+    """
+    The lines that tell a new user where the exchange is and how to call it.
+    """
+    if settings.accounts == "none":
+        intro, form, header = "Try it (any non-empty key works here):", " -F key=demo", " -H 'Authorization: Bearer demo'"
+    elif settings.anonymous == "on":
+        intro, form, header = "Try it (no key needed here):", "", ""
+    else:
+        intro = f"Try it with a key from: privox keys create --accounts {settings.accounts}"
+        form, header = " -F key=KEY", " -H 'Authorization: Bearer KEY'"
+    lines = [
         f"Privox is serving on {url}",
-        "Try it (any non-empty key works here):",
-        f"  curl -s {url}/tts -d key=demo -d voice=voice1 -d 'text=Hello from Privox.' -o hello.wav",
-        f"  curl -s {url}/stt -F key=demo -F quality=fast -F file=@hello.wav",
-        f"  curl -s {url}/v1/audio/transcriptions -H 'Authorization: Bearer demo' -F model=whisper-1 -F file=@hello.wav",
+        intro,
+        f"  curl -s {url}/tts{form.replace('-F', '-d')} -d voice=voice1 -d 'text=Hello from Privox.' -o hello.wav",
+        f"  curl -s {url}/stt{form} -F quality=fast -F file=@hello.wav",
+        f"  curl -s {url}/v1/audio/transcriptions{header} -F model=whisper-1 -F file=@hello.wav",
     ]
+    if settings.accounts != "none":
+        lines += [
+            "Keys and quotas:",
+            f"  privox keys create --accounts {settings.accounts}",
+            f"  curl -s {url}/v1/account -H 'Authorization: Bearer KEY'",
+        ]
+    return lines
 
 
 def makeService(options: Options, reactor: Any = None) -> IService:

@@ -27,6 +27,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from privox.api import forms
+from privox.api.access import Caller, PolicyAccess
 from privox.api.app import ApiSite, LimitedRequest, PrivoxAPI, _Discarded
 from privox.api.errors import (
     ApiError,
@@ -119,7 +120,7 @@ class APITestCase(SynchronousTestCase):
         self.keys = AllowListPolicy("keys.txt", frozenset([KEY]))
         self.clock = Clock()
         self.api = PrivoxAPI(
-            self.exchange, MODELS, self.keys, maxUpload=self.maxUpload, clock=self.clock
+            self.exchange, MODELS, PolicyAccess(self.keys), maxUpload=self.maxUpload, clock=self.clock
         )
         self.events: list[dict[str, Any]] = []
         self.api.log = type(self.api.log)(observer=self.events.append)
@@ -692,12 +693,12 @@ class FormTests(SynchronousTestCase):
         self.assertEqual(forms.sniffFormat(b""), "auto")
 
     def test_recordsHideSecrets(self) -> None:
-        form = forms.TtsForm("the-key", "private words", "voice1")
+        form = forms.TtsForm(Caller("the-key"), "private words", "voice1")
         self.assertNotIn("the-key", repr(form))
         self.assertNotIn("private words", repr(form))
         upload = forms.Upload(b"RIFF" * 10, "a.wav", "wav")
-        self.assertIn("40 bytes", repr(forms.SttForm("the-key", upload)))
-        self.assertNotIn("the-key", repr(forms.SttForm("the-key", upload)))
+        self.assertIn("40 bytes", repr(forms.SttForm(Caller("the-key"), upload)))
+        self.assertNotIn("the-key", repr(forms.SttForm(Caller("the-key"), upload)))
 
     def test_actualSizeChecked(self) -> None:
         """
@@ -746,7 +747,7 @@ class SiteTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.exchange = FakeExchange()
-        self.api = PrivoxAPI(self.exchange, MODELS, OpenPolicy(), maxUpload=100, clock=Clock())
+        self.api = PrivoxAPI(self.exchange, MODELS, PolicyAccess(OpenPolicy()), maxUpload=100, clock=Clock())
         self.api.log = type(self.api.log)(observer=lambda e: None)
         self.site = self.api.site()
         self.seen: list[Any] = []
@@ -833,6 +834,25 @@ class OptionsTests(SynchronousTestCase):
         options.parseOptions(list(argv))
         return options
 
+    def test_accountOptions(self) -> None:
+        """
+        --accounts, --anonymous and --keys: what goes together, said clearly.
+        """
+        s = self.parse("--farm", self.FARM).settings
+        self.assertEqual((s.accounts, s.anonymous, s.hourly_seconds), ("sqlite:privox-accounts.sqlite3", "off", 3600.0))
+        for argv, why in (
+            (["--anonymous", "maybe"], "--anonymous must be on or off"),
+            (["--keys", "keys.txt"], "--keys applies only with --accounts none"),
+            (["--hourly-seconds", "-1"], "must not be negative"),
+        ):
+            e = self.assertRaises(usage.UsageError, self.parse, "--farm", self.FARM, *argv)
+            self.assertIn(why, str(e))
+        self.parse("--farm", self.FARM, "--accounts", "none", "--keys", "open")
+        # A bad DSN or model cost line is a usage error when the API is built.
+        for settings in (ApiSettings(accounts="mysql://x"), ApiSettings(model_cost=("whisper:tiny x",))):
+            e = self.assertRaises(usage.UsageError, buildApi, settings, FakeExchange(), MemoryReactor())
+            self.assertTrue(str(e))
+
     def test_exampleConfigNamesEverySetting(self) -> None:
         """
         etc/privox-api.toml is accepted and documents every setting, with the
@@ -885,18 +905,20 @@ class BuildTests(SynchronousTestCase):
     def test_buildApi(self) -> None:
         exchange = FakeExchange()
         api, site = buildApi(
-            ApiSettings(max_upload=1234, voice=("solo piper:en_US-joe-medium",)), exchange, Clock()
+            ApiSettings(accounts="none", max_upload=1234, voice=("solo piper:en_US-joe-medium",)),
+            exchange,
+            Clock(),
         )
         self.assertIsInstance(api, PrivoxAPI)
         self.assertIsInstance(site, ApiSite)
         self.assertEqual((api.maxUpload, site.maxUpload), (1234, 1234))
         self.assertIs(api.exchange, exchange)
-        self.assertEqual(api.keys.description, "open")
+        self.assertEqual(api.access.description, "user keys open, no quotas")
         self.assertEqual(list(api.models.voices), ["solo"])
 
     def test_buildApiBadKeys(self) -> None:
         e = self.assertRaises(
-            usage.UsageError, buildApi, ApiSettings(keys="/nonexistent/keys"), FakeExchange(), Clock()
+            usage.UsageError, buildApi, ApiSettings(accounts="none", keys="/nonexistent/keys"), FakeExchange(), Clock()
         )
         self.assertIn("cannot read key allow-list file", str(e))
 
@@ -906,15 +928,14 @@ class BuildTests(SynchronousTestCase):
         options.parseOptions(["--farm", OptionsTests.FARM, "--listen", "tcp:8123"])
         top = makeService(options, reactor)
         self.assertIsInstance(top, MultiService)
-        services = list(top)
-        self.assertIsInstance(services[0], ExchangeService)
-        self.assertIsInstance(services[0].exchange, FarmExchange)
+        [exchange] = [s for s in top if isinstance(s, ExchangeService)]
+        self.assertIsInstance(exchange.exchange, FarmExchange)
         top.startService()
         self.assertEqual(reactor.tcpServers[0][0], 8123)
         self.assertIsInstance(reactor.tcpServers[0][1].wrappedFactory, ApiSite)
         stopped = top.stopService()
         self.successResultOf(stopped)
-        self.assertTrue(services[0].exchange.stopped)
+        self.assertTrue(exchange.exchange.stopped)
 
     def test_exchangeServiceStopsExchange(self) -> None:
         class Stoppable:

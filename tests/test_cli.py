@@ -197,7 +197,7 @@ class CommandTests(TestCase):
         keys = os.path.join(self.folder, "keys.txt")
         with open(keys, "w") as f:
             f.write(f"# the only key\n{KEY}\n")
-        self.local = LocalExchange(LocalSettings(port=0, keys=keys), reactor)
+        self.local = LocalExchange(LocalSettings(port=0, accounts="none", keys=keys), reactor)
         self.local.startService()
         self.addCleanup(self.local.stopService)
         return self.local.ready

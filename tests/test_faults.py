@@ -85,7 +85,7 @@ def producerSessions(farm: Any) -> int:
     return sum(isinstance(c.session, ProducerSession) for c in farm.connections)
 
 
-class _ProcessTestCase(TestCase):
+class ProcessTestCase(TestCase):
     """
     Starts C{twistd privox-farm} and C{twistd privox-node} processes and
     SIGKILLs whatever is left of them on cleanup.
@@ -210,7 +210,7 @@ class StallingUpload(ConsumerProtocol):
         super().frameReceived(frame)
 
 
-class NodeKilledTests(_ProcessTestCase):
+class NodeKilledTests(ProcessTestCase):
     async def test_nodeKilledMidJob(self) -> None:
         """
         A real node process (digest engine, two slots) is SIGKILLed while a
@@ -257,7 +257,7 @@ class NodeKilledTests(_ProcessTestCase):
         figures(f"node SIGKILL mid-job: consumer told producer_lost after {lostAfter * 1000:.0f} ms")
 
 
-class FarmFailoverTests(_ProcessTestCase):
+class FarmFailoverTests(ProcessTestCase):
     async def test_farmKilledAndRestartedWhileServing(self) -> None:
         """
         Two real farm processes, each with a real node process; the API's
@@ -454,7 +454,7 @@ class BigEngine:
         )
 
 
-class StallTests(_ProcessTestCase):
+class StallTests(ProcessTestCase):
     async def test_consumerStopsReading(self) -> None:
         """
         A consumer stops reading while a producer streams a 48 MiB TTS result

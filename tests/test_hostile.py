@@ -30,6 +30,7 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from privox.api.access import PolicyAccess
 from privox.api.app import PrivoxAPI
 from privox.api.models import DEFAULT_STT, DEFAULT_VOICES, ModelTable
 from privox.engines.audio import BadAudio, decodeAudio
@@ -575,7 +576,7 @@ class HttpTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.exchange = FakeExchange()
-        self.api = PrivoxAPI(self.exchange, MODELS, OpenPolicy(), maxUpload=self.cap, clock=Clock())
+        self.api = PrivoxAPI(self.exchange, MODELS, PolicyAccess(OpenPolicy()), maxUpload=self.cap, clock=Clock())
         self.api.log = type(self.api.log)(observer=lambda e: None)
         self.site = self.api.site()
 
@@ -743,7 +744,7 @@ class LocalExchangeHostileTests(TestCase):
 
         from privox.local import LocalExchange, LocalSettings
 
-        local = LocalExchange(LocalSettings(port=0), reactor)
+        local = LocalExchange(LocalSettings(port=0, accounts="none"), reactor)
         local.startService()
         self.addCleanup(local.stopService)
         await local.ready

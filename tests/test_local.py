@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from privox.local import LocalExchange, LocalSettings, Options, apiSettings
+from privox.local import LocalExchange, LocalSettings, Options, apiSettings, banner
 from tests.test_roundtrip import speak
 from tests.wer import wer
 
@@ -48,6 +48,17 @@ class OptionsTests(SynchronousTestCase):
     def test_wrongService(self) -> None:
         self.assertRaises(usage.UsageError, Options().parseOptions, ["--stt", "piper:x"])
 
+    def test_bannerSaysHowToAuthenticate(self) -> None:
+        url = "http://127.0.0.1:8080"
+        anonymous = "\n".join(banner(url, LocalSettings()))
+        self.assertIn("no key needed", anonymous)
+        self.assertIn("privox keys create --accounts sqlite:privox-accounts.sqlite3", anonymous)
+        self.assertNotIn("key=", anonymous)
+        keyed = "\n".join(banner(url, LocalSettings(anonymous="off")))
+        self.assertIn("-F key=KEY", keyed)
+        self.assertIn("Bearer KEY", keyed)
+        self.assertIn("-F key=demo", "\n".join(banner(url, LocalSettings(accounts="none"))))
+
     def test_everythingMapsToTheBundledModels(self) -> None:
         api = apiSettings(LocalSettings())
         self.assertTrue(all(line.split()[1:] == ["whisper:tiny.en"] * 2 for line in api.stt_model))
@@ -59,17 +70,24 @@ class LocalExchangeTests(TestCase):
     timeout = 120
 
     async def _curlExamples(self) -> None:
-        local = LocalExchange(LocalSettings(port=0), reactor)
+        # The defaults: accounts in SQLite, anonymous use on.
+        local = LocalExchange(LocalSettings(port=0, accounts=f"sqlite:{self.mktemp()}"), reactor)
         local.startService()
         self.addCleanup(local.stopService)
         await local.ready
         url = local.url
+        self.assertEqual(
+            [line.strip().split(" ", 3)[2] for line in banner(url, local.settings) if "curl" in line][:3],
+            [f"{url}/tts", f"{url}/stt", f"{url}/v1/audio/transcriptions"],
+        )
+        assert local.store is not None
+        key, _ = await local.store.createKey(reactor.seconds())
         pool = HTTPConnectionPool(reactor, persistent=False)
         http = HTTPClient(Agent(reactor, pool=pool))
 
         # /tts, as the original's curl example posts it.
         response = await http.post(
-            f"{url}/tts", data={"key": "demo", "voice": "voice1", "text": SENTENCE}
+            f"{url}/tts", data={"voice": "voice1", "text": SENTENCE}
         )
         self.assertEqual(response.code, 200)
         self.assertEqual(response.headers.getRawHeaders("content-type"), ["audio/wav"])
@@ -78,7 +96,7 @@ class LocalExchangeTests(TestCase):
             self.assertGreater(w.getnframes() / w.getframerate(), 1.0)
 
         # That WAV transcribes back through /stt ...
-        body, contentType = multipart({"key": "demo", "quality": "fast"}, spoken)
+        body, contentType = multipart({"quality": "fast"}, spoken)
         response = await http.post(f"{url}/stt", data=body, headers={"Content-Type": contentType})
         self.assertEqual(response.code, 200)
         self.assertLessEqual(wer(SENTENCE, await response.text()), 0.25)
@@ -89,24 +107,30 @@ class LocalExchangeTests(TestCase):
         response = await http.post(
             f"{url}/v1/audio/transcriptions",
             data=body,
-            headers={"Content-Type": contentType, "Authorization": "Bearer demo"},
+            headers={"Content-Type": contentType, "Authorization": f"Bearer {key}"},
         )
         self.assertEqual(response.code, 200)
         text = json.loads(await response.text())["text"]
         self.assertLessEqual(wer("The weather today is sunny with a light breeze.", text), 0.25)
 
-        # /stt with Accept: application/json, and a request without a key.
-        body, contentType = multipart({"key": "demo"}, clip)
+        # /stt with Accept: application/json, and a key nobody made.
+        body, contentType = multipart({"key": key}, clip)
         response = await http.post(
             f"{url}/stt", data=body,
             headers={"Content-Type": contentType, "Accept": "application/json"},
         )
         fields = json.loads(await response.text())
         self.assertEqual((fields["model"], fields["language"]), ("whisper:tiny.en", "en"))
-        body, contentType = multipart({}, clip)
+        body, contentType = multipart({"key": "demo"}, clip)
         response = await http.post(f"{url}/stt", data=body, headers={"Content-Type": contentType})
         self.assertEqual(response.code, 401)
         await response.content()
+
+        # The key's account shows what its requests used.
+        response = await http.get(f"{url}/v1/account", headers={"Authorization": f"Bearer {key}"})
+        account = json.loads(await response.text())
+        self.assertEqual(account["allowance"], 3600)
+        self.assertGreater(account["used"], 4.0)
 
         health = json.loads(await (await http.get(f"{url}/healthz")).text())
         self.assertEqual(health["farms"][0]["up"], True)

@@ -447,6 +447,7 @@ class ApiMetricsTests(APITestCase):
         """
         Given a registry, /metrics serves everything in it.
         """
+        from privox.api.access import PolicyAccess
         from privox.api.app import PrivoxAPI
         from treq.testing import StubTreq
         from tests.test_api_app import MODELS
@@ -455,7 +456,7 @@ class ApiMetricsTests(APITestCase):
         from prometheus_client import Counter
 
         Counter("privox_test_things", "Things.", registry=registry).inc(3)
-        api = PrivoxAPI(self.exchange, MODELS, self.keys, clock=self.clock, registry=registry)
+        api = PrivoxAPI(self.exchange, MODELS, PolicyAccess(self.keys), clock=self.clock, registry=registry)
         stub = StubTreq(api.app.resource())
         response = self.successResultOf(stub.get("http://privox.test/metrics"))
         body = self.successResultOf(stub.content(response))
@@ -542,7 +543,7 @@ class LocalTests(TestCase):
     async def _local(self) -> None:
         from tests.test_cli import privox
 
-        local = LocalExchange(LocalSettings(port=0), reactor)
+        local = LocalExchange(LocalSettings(port=0, accounts="none"), reactor)
         local.startService()
         self.addCleanup(local.stopService)
         await local.ready

@@ -34,6 +34,7 @@ from twisted.python.filepath import FilePath
 from twisted.trial.unittest import TestCase
 
 from privox.local import LocalExchange, LocalSettings
+from privox.wav import wavSeconds
 from tests.test_roundtrip import speak
 from tests.wer import distance, words
 
@@ -115,10 +116,6 @@ def micWav(text: str) -> bytes:
     return out.getvalue()
 
 
-def wavSeconds(data: bytes) -> float:
-    with wave.open(io.BytesIO(data)) as w:
-        return w.getnframes() / w.getframerate()
-
 
 def windowWer(reference: str, hypothesis: str) -> float:
     """
@@ -175,7 +172,7 @@ else {
 """
 
 
-def drive(url: str, mic: str, record: float, screenshot: str) -> Seen:
+def drive(url: str, key: str, mic: str, record: float, screenshot: str) -> Seen:
     """
     Run the page in headless Chromium (blocking: call it in a thread).
     """
@@ -205,9 +202,9 @@ def drive(url: str, mic: str, record: float, screenshot: str) -> Seen:
         find = lambda id: driver.find_element(By.ID, id)  # noqa: E731
 
         driver.get(url + "/")
-        key = find("key")
-        key.clear()
-        key.send_keys("demo")
+        keyField = find("key")
+        keyField.clear()
+        keyField.send_keys(key)
         seen.storedKey = driver.execute_script("return localStorage.getItem('privox-key')")
 
         # Speech to text: record the fake microphone, stop, wait for text.
@@ -249,7 +246,7 @@ def drive(url: str, mic: str, record: float, screenshot: str) -> Seen:
 
         # An error: no key -> the status and the one-line reason, no audio.
         before = find("player").get_attribute("src")
-        key.clear()
+        keyField.clear()
         find("speak").click()
         wait.until(lambda d: find("status").get_attribute("class") == "error")
         seen.errorStatus = find("status").text
@@ -278,10 +275,15 @@ class TryItPageTests(TestCase):
         except AssertionError as e:
             self.fail(str(e))
 
-        local = LocalExchange(LocalSettings(port=0), reactor)
+        # Anonymous use off, so the page shows what a missing key gets.
+        local = LocalExchange(
+            LocalSettings(port=0, accounts=f"sqlite:{self.mktemp()}", anonymous="off"), reactor
+        )
         local.startService()
         self.addCleanup(local.stopService)
         await local.ready
+        assert local.store is not None
+        key, _ = await local.store.createKey(reactor.seconds())
 
         work = FilePath(self.mktemp())
         work.makedirs()
@@ -293,11 +295,11 @@ class TryItPageTests(TestCase):
         record = wavSeconds(clip) + 0.5
         shot = FilePath(os.path.abspath("try-it.png"))  # trial runs in _trial_temp
 
-        seen = await deferToThread(drive, local.url, mic.path, record, shot.path)
+        seen = await deferToThread(drive, local.url, key, mic.path, record, shot.path)
         print(f"\ntranscript: {seen.transcript!r}; timings: "
               + ", ".join(f"{k} {v:.1f} s" for k, v in seen.seconds.items()))
 
-        self.assertEqual(seen.storedKey, "demo")
+        self.assertEqual(seen.storedKey, key)
         self.assertTrue(seen.transcript.strip(), f"no transcript; status: {seen.sttStatus!r}")
         self.assertLessEqual(
             windowWer(SENTENCE, seen.transcript), MAX_WER,

@@ -1,11 +1,13 @@
 """
 The HTTP API as a Klein app: the original Privox routes (C{/stt}, C{/tts}),
-OpenAI's audio routes (C{/v1/...}), C{/healthz}, C{/status} (farms and
+OpenAI's audio routes (C{/v1/...}), a key's own C{/v1/account}, the farms'
+C{/v1/ledger} and C{/v1/keys/validate}, C{/healthz}, C{/status} (farms and
 their load, JSON or HTML), C{/metrics} (Prometheus) and a front page.
 
-Routes stay thin: L{privox.api.forms} reads and checks requests (and the
-key), L{privox.api.models} picks the model, the injected L{Exchange} does
-the job. Every failure is an L{ApiError}, answered with its real status: a
+Routes stay thin: L{privox.api.forms} reads and checks requests,
+L{privox.api.access} says who may call and holds their audio seconds while
+a job runs, L{privox.api.models} picks the model, the injected L{Exchange}
+does the job. Every failure is an L{ApiError}, answered with its real status: a
 one-line C{text/plain} reason on the original routes, OpenAI's
 C{{"error": {"message", "type", "code"}}} on C{/v1}; C{Retry-After} when the
 error carries one (503).
@@ -40,10 +42,11 @@ from twisted.web.server import Request, Site
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from privox.api import forms
-from privox.api.errors import ApiError
-from privox.api.exchange import Exchange
+from privox.api.access import Access, Caller, Grant, sttNeed, ttsNeed
+from privox.api.errors import ApiError, BadInput
+from privox.api.exchange import Exchange, Transcribed
+from privox.api.ledger import readLedger
 from privox.api.models import ModelTable
-from privox.keys import KeyPolicy, keyId
 from privox.metrics import (
     CONTENT_TYPE_LATEST,
     ApiMetrics,
@@ -52,6 +55,7 @@ from privox.metrics import (
     statusHtml,
     usage,
 )
+from privox.wav import wavSeconds
 
 #: The original exchange's upload limit.
 DEFAULT_MAX_UPLOAD = 200 * 1024 * 1024
@@ -70,6 +74,7 @@ _CODES = {
     422: "unsupported",
     404: "not_found",
     405: "method_not_allowed",
+    429: "rate_limit_exceeded",
     503: "no_capacity",
     504: "timeout",
 }
@@ -153,7 +158,7 @@ class _Done:
 
     def __init__(self) -> None:
         self.model: str | None = None
-        self.key: str | None = None
+        self.caller: Caller | None = None
 
 
 Handler = Callable[[IRequest, _Done], Awaitable[bytes]]
@@ -172,7 +177,7 @@ class PrivoxAPI:
         self,
         exchange: Exchange,
         models: ModelTable,
-        keys: KeyPolicy,
+        access: Access,
         maxUpload: int = DEFAULT_MAX_UPLOAD,
         clock: Any = None,
         registry: CollectorRegistry | None = None,
@@ -192,7 +197,7 @@ class PrivoxAPI:
             from twisted.internet import reactor as clock
         self.exchange = exchange
         self.models = models
-        self.keys = keys
+        self.access = access
         self.maxUpload = maxUpload
         self.clock = clock
         self.registry = CollectorRegistry() if registry is None else registry
@@ -210,12 +215,10 @@ class PrivoxAPI:
         return await self._serve(request, "/stt", self._stt, openai=False)
 
     async def _stt(self, request: IRequest, done: _Done) -> bytes:
-        form = await forms.sttForm(request, self.maxUpload, self.keys)
-        done.key = form.key
+        form = await forms.sttForm(request, self.maxUpload, self.access)
+        done.caller = form.caller
         done.model = self.models.sttModel(form.quality, form.language)
-        result = await self.exchange.transcribe(
-            done.model, form.language, form.audio.data, form.audio.format
-        )
+        result = await self._transcribe(form.caller, done.model, form.language, form.audio)
         if forms.wantsJson(request):
             return _json(
                 request,
@@ -233,11 +236,13 @@ class PrivoxAPI:
         return await self._serve(request, "/tts", self._tts, openai=False)
 
     async def _tts(self, request: IRequest, done: _Done) -> bytes:
-        form = await forms.ttsForm(request, self.maxUpload, self.keys)
-        done.key = form.key
+        form = await forms.ttsForm(request, self.maxUpload, self.access)
+        done.caller = form.caller
         voice = self.models.voice(form.voice)
         done.model = voice.model
-        audio = await self.exchange.synthesize(voice.model, form.language, voice.speaker, form.text)
+        audio = await self._synthesize(
+            form.caller, voice.model, form.language, voice.speaker, form.text
+        )
         return _reply(request, _WAV, audio)
 
     # -- OpenAI -----------------------------------------------------------
@@ -247,12 +252,10 @@ class PrivoxAPI:
         return await self._serve(request, "/v1/audio/transcriptions", self._transcriptions)
 
     async def _transcriptions(self, request: IRequest, done: _Done) -> bytes:
-        form = await forms.transcriptionForm(request, self.maxUpload, self.keys)
-        done.key = form.key
+        form = await forms.transcriptionForm(request, self.maxUpload, self.access)
+        done.caller = form.caller
         done.model = self.models.openaiSttModel(form.model, form.language)
-        result = await self.exchange.transcribe(
-            done.model, form.language, form.audio.data, form.audio.format
-        )
+        result = await self._transcribe(form.caller, done.model, form.language, form.audio)
         if form.responseFormat == "text":
             return _reply(request, _PLAIN, result.text.encode("utf-8"))
         if form.responseFormat == "verbose_json":
@@ -273,11 +276,11 @@ class PrivoxAPI:
         return await self._serve(request, "/v1/audio/speech", self._speech)
 
     async def _speech(self, request: IRequest, done: _Done) -> bytes:
-        form = await forms.speechForm(request, self.maxUpload, self.keys)
-        done.key = form.key
+        form = await forms.speechForm(request, self.maxUpload, self.access)
+        done.caller = form.caller
         voice = self.models.openaiTtsVoice(form.model, form.voice)
         done.model = voice.model
-        audio = await self.exchange.synthesize(voice.model, None, voice.speaker, form.text)
+        audio = await self._synthesize(form.caller, voice.model, None, voice.speaker, form.text)
         # Always a WAV, whatever format was asked for (see forms.SPEECH_FORMATS).
         return _reply(request, _WAV, audio)
 
@@ -296,6 +299,68 @@ class PrivoxAPI:
                 ],
             },
         )
+
+    # -- charging for jobs -------------------------------------------------
+
+    async def _transcribe(
+        self, caller: Caller, model: str, language: str | None, audio: forms.Upload
+    ) -> Transcribed:
+        need, exact = sttNeed(audio.data, wavSeconds(audio.data))
+        grant = await self.access.admit(caller, need, exact)
+        result: Transcribed = await _charged(
+            grant,
+            self.exchange.transcribe(model, language, audio.data, audio.format),
+        )
+        # A WAV file's own length is exact; else what the producer measured,
+        # if it says; else the request keeps what it held.
+        reported = result.duration_s
+        await grant.settle(need if exact else reported if _plausible(reported) else None)
+        return result
+
+    async def _synthesize(
+        self, caller: Caller, model: str, language: str | None, voice: str | None, text: str
+    ) -> bytes:
+        grant = await self.access.admit(caller, ttsNeed(text), False)
+        audio: bytes = await _charged(
+            grant, self.exchange.synthesize(model, language, voice, text)
+        )
+        await grant.settle(wavSeconds(audio))
+        return audio
+
+    # -- accounts and the ledger ------------------------------------------
+
+    @app.route("/v1/account", methods=["GET"])
+    async def account(self, request: IRequest) -> bytes:
+        return await self._serve(request, "/v1/account", self._account)
+
+    async def _account(self, request: IRequest, done: _Done) -> bytes:
+        done.caller = await forms.authorize(request, self.access)
+        return _json(request, await self.access.standing(done.caller))
+
+    @app.route("/v1/ledger", methods=["POST"])
+    async def ledger(self, request: IRequest) -> bytes:
+        return await self._serve(request, "/v1/ledger", self._ledger)
+
+    async def _ledger(self, request: IRequest, done: _Done) -> bytes:
+        farm = await self.access.authorizeFarm(forms.findKey(request))
+        size = forms.bodySize(request, self.maxUpload)
+        records = readLedger(request.content.read() if size else b"")
+        recorded, duplicates = await self.access.record(farm, records)
+        return _json(request, {"recorded": recorded, "duplicates": duplicates})
+
+    @app.route("/v1/keys/validate", methods=["POST"])
+    async def validate(self, request: IRequest) -> bytes:
+        return await self._serve(request, "/v1/keys/validate", self._validate, openai=False)
+
+    async def _validate(self, request: IRequest, done: _Done) -> bytes:
+        await self.access.authorizeFarm(forms.findKey(request))
+        fields = forms.readForm(request, forms.bodySize(request, self.maxUpload))
+        key = fields.text("key")
+        if key is None:
+            raise BadInput("the key field is required")
+        valid = await self.access.validate(key)
+        # The answer farms' URL key policies read: a positive integer admits.
+        return _reply(request, _PLAIN, b"1\n" if valid else b"0\n")
 
     # -- the rest ---------------------------------------------------------
 
@@ -428,8 +493,24 @@ class PrivoxAPI:
                 received=_received(request),
                 bytes=size,
             ),
-            keyId=keyId(done.key) if done.key else None,
+            keyId=done.caller.keyId if done.caller is not None else None,
         )
+
+
+async def _charged(grant: Grant, work: Awaitable[Any]) -> Any:
+    """
+    C{work}'s result; if it fails (or is cancelled) the request costs
+    nothing.
+    """
+    try:
+        return await work
+    except BaseException:
+        await grant.release()
+        raise
+
+
+def _plausible(seconds: float | None) -> bool:
+    return isinstance(seconds, (int, float)) and 0 <= seconds < float("inf")
 
 
 def _received(request: IRequest) -> int:

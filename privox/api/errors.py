@@ -46,6 +46,20 @@ class Unsupported(ApiError):
     kind = "unsupported"
 
 
+class NotServed(ApiError):
+    status = 404
+    kind = "not_found"
+
+
+class OverQuota(ApiError):
+    """
+    The key's audio allowance for the rolling hour is used up.
+    """
+
+    status = 429
+    kind = "rate_limit_exceeded"
+
+
 class Unavailable(ApiError):
     status = 503
     kind = "no_capacity"

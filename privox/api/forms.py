@@ -9,9 +9,9 @@ Every parser here raises an L{ApiError} subclass, never anything else:
     arrive) before the body is looked at, then from its actual size;
   - L{BadInput} (400): a malformed body, a missing or empty field, text that
     is not UTF-8, an empty file;
-  - L{Unauthorized} (401): no key, or one the key policy refuses (checked
-    before the other fields, so a caller without a good key learns nothing
-    about them);
+  - L{Unauthorized} (401): no key (unless anonymous use is on), or one the
+    API's L{Access} refuses (checked before the other fields, so a caller
+    without a good key learns nothing about them);
   - L{Unsupported} (422): a language, C{response_format} or other choice this
     API does not offer.
 
@@ -36,8 +36,8 @@ from urllib.parse import unquote_to_bytes
 from multipart import MultipartError, MultipartSegment, PushMultipartParser, parse_options_header
 from twisted.web.iweb import IRequest
 
-from privox.api.errors import BadInput, TooLarge, Unauthorized, Unsupported
-from privox.keys import KeyPolicy
+from privox.api.access import Access, Caller
+from privox.api.errors import BadInput, TooLarge, Unsupported
 
 #: The original API's default quality and language.
 DEFAULT_QUALITY = "fast"
@@ -87,7 +87,7 @@ class SttForm:
     C{POST /stt}: the original fields.
     """
 
-    key: str = field(repr=False)
+    caller: Caller
     audio: Upload
     quality: str = DEFAULT_QUALITY
     language: str = DEFAULT_LANGUAGE
@@ -101,7 +101,7 @@ class TtsForm:
     C{POST /tts}.
     """
 
-    key: str = field(repr=False)
+    caller: Caller
     text: str = field(repr=False)
     voice: str | None = None
     language: str | None = None
@@ -114,7 +114,7 @@ class TranscriptionForm:
     the like are accepted and ignored.
     """
 
-    key: str = field(repr=False)
+    caller: Caller
     audio: Upload
     model: str | None = None
     language: str | None = None
@@ -130,7 +130,7 @@ class SpeechForm:
     ignored.
     """
 
-    key: str = field(repr=False)
+    caller: Caller
     text: str = field(repr=False)
     model: str | None = None
     voice: str | None = None
@@ -288,11 +288,10 @@ def _header(request: IRequest, name: bytes) -> str | None:
     return value.decode("latin-1") if isinstance(value, bytes) else value
 
 
-def requireKey(request: IRequest, fields: Fields | None = None) -> str:
+def findKey(request: IRequest, fields: Fields | None = None) -> str | None:
     """
-    The key: the C{key} field if there is one, else C{Authorization: Bearer}.
-
-    @raise Unauthorized: neither is given (or the key is blank).
+    The key: the C{key} field if there is one, else C{Authorization: Bearer};
+    L{None} if neither is given (or the key is blank).
     """
     key = fields.text("key") if fields is not None else None
     if key is None:
@@ -300,21 +299,16 @@ def requireKey(request: IRequest, fields: Fields | None = None) -> str:
         scheme, _, credentials = authorization.strip().partition(" ")
         if scheme.lower() == "bearer" and credentials.strip():
             key = credentials.strip()
-    if not key:
-        raise Unauthorized("a key is required: send a key field or Authorization: Bearer KEY")
-    return key
+    return key or None
 
 
-async def authorize(request: IRequest, keys: KeyPolicy, fields: Fields | None = None) -> str:
+async def authorize(request: IRequest, access: Access, fields: Fields | None = None) -> Caller:
     """
-    The request's key (see L{requireKey}), once C{keys} accepts it.
+    Who is calling (see L{findKey}), once C{access} lets them.
 
-    @raise Unauthorized: no key, or C{keys} refuses it.
+    @raise privox.api.errors.Unauthorized: C{access} refuses them.
     """
-    key = requireKey(request, fields)
-    if not await keys.check(key):
-        raise Unauthorized("the key was not accepted")
-    return key
+    return await access.authorize(findKey(request, fields))
 
 
 def _language(value: str | None) -> str | None:
@@ -333,17 +327,17 @@ def _upload(fields: Fields) -> Upload:
     return Upload(data, filename, sniffFormat(data))
 
 
-async def sttForm(request: IRequest, maxUpload: int, keys: KeyPolicy) -> SttForm:
+async def sttForm(request: IRequest, maxUpload: int, access: Access) -> SttForm:
     """
     C{POST /stt}: C{file} and C{key} required; C{quality} (default
     C{fast}), C{language} (default C{en}), C{xlate}.
     """
     fields = readForm(request, bodySize(request, maxUpload))
-    key = await authorize(request, keys, fields)
+    caller = await authorize(request, access, fields)
     audio = _upload(fields)
     xlate = (fields.text("xlate") or "").lower() in _TRUE
     return SttForm(
-        key,
+        caller,
         audio,
         fields.text("quality") or DEFAULT_QUALITY,
         _language(fields.text("language")) or DEFAULT_LANGUAGE,
@@ -351,27 +345,27 @@ async def sttForm(request: IRequest, maxUpload: int, keys: KeyPolicy) -> SttForm
     )
 
 
-async def ttsForm(request: IRequest, maxUpload: int, keys: KeyPolicy) -> TtsForm:
+async def ttsForm(request: IRequest, maxUpload: int, access: Access) -> TtsForm:
     """
     C{POST /tts}: C{key} and C{text} required; C{voice}, C{language}.
     """
     fields = readForm(request, bodySize(request, maxUpload))
-    key = await authorize(request, keys, fields)
+    caller = await authorize(request, access, fields)
     text = fields.text("text")
     if text is None:
         raise BadInput("the text field is required and must not be blank")
-    return TtsForm(key, text, fields.text("voice"), _language(fields.text("language")))
+    return TtsForm(caller, text, fields.text("voice"), _language(fields.text("language")))
 
 
 async def transcriptionForm(
-    request: IRequest, maxUpload: int, keys: KeyPolicy
+    request: IRequest, maxUpload: int, access: Access
 ) -> TranscriptionForm:
     """
     C{POST /v1/audio/transcriptions}: multipart C{file}; C{model},
     C{language}, C{response_format} (default C{json}).
     """
     fields = readForm(request, bodySize(request, maxUpload))
-    key = await authorize(request, keys, fields)
+    caller = await authorize(request, access, fields)
     audio = _upload(fields)
     responseFormat = fields.text("response_format") or "json"
     if responseFormat not in TRANSCRIPTION_FORMATS:
@@ -385,17 +379,17 @@ async def transcriptionForm(
             f"use one of {', '.join(TRANSCRIPTION_FORMATS)}"
         )
     return TranscriptionForm(
-        key, audio, fields.text("model"), _language(fields.text("language")), responseFormat
+        caller, audio, fields.text("model"), _language(fields.text("language")), responseFormat
     )
 
 
-async def speechForm(request: IRequest, maxUpload: int, keys: KeyPolicy) -> SpeechForm:
+async def speechForm(request: IRequest, maxUpload: int, access: Access) -> SpeechForm:
     """
     C{POST /v1/audio/speech}: a JSON object with C{input} required; C{model},
     C{voice}, C{response_format} (see L{SPEECH_FORMATS}).
     """
     size = bodySize(request, maxUpload)
-    key = await authorize(request, keys)
+    caller = await authorize(request, access)
     body = request.content.read() if size else b""
     try:
         decoded = json.loads(body.decode("utf-8"))
@@ -424,7 +418,7 @@ async def speechForm(request: IRequest, maxUpload: int, keys: KeyPolicy) -> Spee
         )
     if responseFormat not in SPEECH_FORMATS:
         raise Unsupported(f"response_format {responseFormat!r} is unknown; ask for wav")
-    return SpeechForm(key, text, string("model"), string("voice"), responseFormat)
+    return SpeechForm(caller, text, string("model"), string("voice"), responseFormat)
 
 
 def wantsJson(request: IRequest) -> bool:

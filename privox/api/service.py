@@ -24,6 +24,9 @@ from privox.api.farms import FarmEntry, FarmExchange
 from privox.api.farmstatus import RemoteStatus
 from privox.api.models import DEFAULT_STT, DEFAULT_VOICES, ModelTable
 from privox.config import optionsFor, setting
+from privox.accounts.quota import DEFAULT_HOURLY_SECONDS
+from privox.accounts.store import DEFAULT_DSN, AccountStore, StoreError
+from privox.api.access import Access, AccountAccess, PolicyAccess, modelCosts
 from privox.keys import KeyPolicyError, policyFromSpec
 from privox.tls import loadCA
 
@@ -39,10 +42,30 @@ class ApiSettings:
         "(at least one; an endpoint may be 'none').",
     )
     farm_key: str = setting("", "This API's own consumer key, presented to the farms.")
+    accounts: str = setting(
+        DEFAULT_DSN,
+        "Account store for keys, quotas and the ledger: sqlite:PATH, postgresql://..., "
+        "or 'none' (no quotas; --keys decides who may call).",
+    )
+    anonymous: str = setting(
+        "off", "'on': requests without a key share --anonymous-seconds; 'off': they get 401."
+    )
+    hourly_seconds: float = setting(
+        DEFAULT_HOURLY_SECONDS,
+        "Audio seconds a key may use per rolling hour, unless the key says otherwise.",
+    )
+    anonymous_seconds: float = setting(
+        600.0, "Audio seconds per rolling hour shared by all requests without a key."
+    )
+    model_cost: tuple[str, ...] = setting(
+        (),
+        "QSS a producer earns per audio second of a model: 'MODEL COST' (default: the "
+        "multiplier of the model's STT quality, fast 1 to xcribe2 32; else 1).",
+    )
     keys: str = setting(
         "open",
-        "User keys: 'open' (any non-empty key), an allow-list file, or an http(s) "
-        "validation URL. A key is required either way.",
+        "With --accounts none: user keys 'open' (any non-empty key), an allow-list file, "
+        "or an http(s) validation URL.",
     )
     max_upload: int = setting(DEFAULT_MAX_UPLOAD, "Largest request body in bytes (413 beyond).")
     deadline: float = setting(60.0, "Seconds a request may take, every farm attempt included.")
@@ -77,6 +100,67 @@ def modelTable(settings: ApiSettings) -> ModelTable:
         raise usage.UsageError(str(e))
 
 
+def accessFor(settings: ApiSettings, models: ModelTable, reactor: Any) -> Access:
+    """
+    Who may call, and how much: an account store, or a plain key policy.
+
+    @raise usage.UsageError: a bad DSN, key policy or model cost line.
+    """
+    if settings.accounts == "none":
+        try:
+            return PolicyAccess(policyFromSpec(settings.keys, reactor=reactor))
+        except KeyPolicyError as e:
+            raise usage.UsageError(str(e))
+    try:
+        costOf = modelCosts(models.stt, settings.model_cost)
+        store = AccountStore.open(settings.accounts, reactor)
+    except (ValueError, StoreError) as e:
+        raise usage.UsageError(str(e))
+    return AccountAccess(
+        store,
+        reactor,
+        hourlySeconds=settings.hourly_seconds,
+        anonymousSeconds=settings.anonymous_seconds if settings.anonymous == "on" else None,
+        costOf=costOf,
+    )
+
+
+class AccountsService(Service):
+    """
+    Brings the account store's schema up to date as the API starts, and
+    closes its connections as it stops. A store that cannot be reached or
+    migrated stops the process: serving without it would answer every
+    request with 503.
+    """
+
+    def __init__(self, access: Access, reactor: Any) -> None:
+        self.access = access
+        self.reactor = reactor
+
+    def startService(self) -> None:
+        super().startService()
+        store = getattr(self.access, "store", None)
+        if store is not None:
+            Deferred.fromCoroutine(self._migrate(store))
+
+    async def _migrate(self, store: AccountStore) -> None:
+        try:
+            version = await store.migrate()
+        except Exception:
+            log.failure("cannot open the account store {store}", store=store.description)
+            if self.reactor.running:
+                self.reactor.stop()
+            return
+        log.info("account store {store} at schema version {version}",
+                 store=store.description, version=version)
+
+    def stopService(self) -> None:
+        super().stopService()
+        store = getattr(self.access, "store", None)
+        if store is not None:
+            store.close()
+
+
 def buildApi(
     settings: ApiSettings,
     exchange: Exchange,
@@ -92,14 +176,12 @@ def buildApi(
 
     @raise usage.UsageError: bad model tables or key policy.
     """
-    try:
-        keys = policyFromSpec(settings.keys, reactor=reactor)
-    except KeyPolicyError as e:
-        raise usage.UsageError(str(e))
+    models = modelTable(settings)
+    access = accessFor(settings, models, reactor)
     api = PrivoxAPI(
         exchange,
-        modelTable(settings),
-        keys,
+        models,
+        access,
         maxUpload=settings.max_upload,
         clock=reactor,
         registry=registry,
@@ -107,8 +189,8 @@ def buildApi(
         blurUsage=settings.blur_usage,
     )
     log.info(
-        "API: user keys {keys}; {farms} farm(s); uploads up to {max} bytes",
-        keys=keys.description,
+        "API: {access}; {farms} farm(s); uploads up to {max} bytes",
+        access=access.description,
         farms=len(settings.farm),
         max=settings.max_upload,
     )
@@ -146,6 +228,12 @@ class Options(_BaseOptions):  # type: ignore[misc,valid-type]
             raise usage.UsageError("--max-upload must be positive")
         if s.deadline <= 0:
             raise usage.UsageError("--deadline must be positive")
+        if s.anonymous not in ("on", "off"):
+            raise usage.UsageError("--anonymous must be on or off")
+        if s.accounts != "none" and s.keys != "open":
+            raise usage.UsageError("--keys applies only with --accounts none")
+        if s.hourly_seconds < 0 or s.anonymous_seconds < 0:
+            raise usage.UsageError("--hourly-seconds and --anonymous-seconds must not be negative")
         if s.attempts < 1 or s.pool_size < 1:
             raise usage.UsageError("--attempts and --pool-size must be at least 1")
         try:
@@ -219,9 +307,11 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         raise usage.UsageError(str(e))
     # Farms whose lines name their status URL show their load on /status.
     remote = RemoteStatus(options.farms, reactor) if any(f.status for f in options.farms) else None
-    _, site = buildApi(s, exchange, reactor, farmStatus=remote)
+    api, site = buildApi(s, exchange, reactor, farmStatus=remote)
     http = TrackedFactory(site)
     top = MultiService()
+    # Before the port, so the schema is being brought up to date first.
+    AccountsService(api.access, reactor).setServiceParent(top)
     # Added first, stopped last: the port closes before the connections.
     ExchangeService(exchange, http).setServiceParent(top)
     log.info("API listening on {endpoint}", endpoint=s.listen)

@@ -1,0 +1,359 @@
+"""
+Keys, quotas, credit and the ledger through the HTTP API: a real
+L{PrivoxAPI} on a loopback port over a real SQLite account store, with the
+farms replaced by an in-test exchange and the quota's clock by a L{Clock}.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import treq
+from twisted.internet import reactor
+from twisted.internet.defer import DeferredList, ensureDeferred
+from twisted.internet.task import Clock
+from twisted.trial.unittest import TestCase
+from twisted.web.client import Agent, HTTPConnectionPool
+
+from privox.accounts.store import AccountStore
+from privox.api.access import AccountAccess, PolicyAccess, modelCosts
+from privox.api.app import PrivoxAPI
+from privox.api.errors import Unavailable
+from privox.api.exchange import Transcribed
+from privox.api.models import DEFAULT_STT, DEFAULT_VOICES, ModelTable
+from privox.keys import OpenPolicy, accountId
+from privox.wav import pcmToWav
+from tests.test_api_app import multipart
+
+MODELS = ModelTable.parse(DEFAULT_STT, DEFAULT_VOICES)
+
+
+def wav(seconds: float, rate: int = 8000) -> bytes:
+    return pcmToWav(b"\0\0" * int(seconds * rate), rate)
+
+
+class SecondsExchange:
+    """
+    The farms, stubbed: transcripts last what the upload lasts (or
+    C{reported}); speech lasts C{spoken} seconds; C{error} fails jobs.
+    """
+
+    def __init__(self) -> None:
+        self.spoken = 2.0
+        self.reported: float | None = None
+        self.error: Exception | None = None
+        self.jobs = 0
+
+    async def transcribe(self, model: str, language: str | None, audio: bytes, format: str) -> Transcribed:
+        self.jobs += 1
+        if self.error is not None:
+            raise self.error
+        return Transcribed("hello", model, language, self.reported)
+
+    async def synthesize(self, model: str, language: str | None, voice: str | None, text: str) -> bytes:
+        self.jobs += 1
+        if self.error is not None:
+            raise self.error
+        return wav(self.spoken)
+
+    def health(self) -> dict[str, Any]:
+        return {"farms": []}
+
+
+class AccountsAPITests(TestCase):
+    anonymous: float | None = None
+
+    async def start(self, anonymous: float | None = None, hourly: float = 60.0) -> None:
+        self.store = AccountStore.open("sqlite:" + self.mktemp(), reactor)
+        self.addCleanup(self.store.close)
+        await self.store.migrate()
+        self.clock = Clock()
+        self.clock.advance(10_000)
+        self.exchange = SecondsExchange()
+        self.access = AccountAccess(
+            self.store, self.clock, hourlySeconds=hourly, anonymousSeconds=anonymous,
+            costOf=modelCosts(MODELS.stt, ["whisper:small.en 4"]),
+        )
+        api = PrivoxAPI(self.exchange, MODELS, self.access, clock=self.clock)
+        port = reactor.listenTCP(0, api.site(), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        self.url = f"http://127.0.0.1:{port.getHost().port}"
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        self.http = treq.client.HTTPClient(Agent(reactor, pool=pool))
+
+    async def key(self, **kwargs: Any) -> str:
+        key, _ = await self.store.createKey(self.clock.seconds(), **kwargs)
+        return key
+
+    async def stt(self, key: str | None, audio: bytes, path: str = "/stt") -> tuple[int, Any, bytes]:
+        fields = {"key": key} if key else {}
+        body, contentType = multipart(fields, {"file": ("a.wav", audio)})
+        response = await self.http.post(self.url + path, data=body, headers={"Content-Type": contentType})
+        return response.code, response.headers, await response.content()
+
+    async def tts(self, key: str | None, text: str = "Hello there.") -> tuple[int, Any, bytes]:
+        data = {"text": text, "voice": "voice1"}
+        if key:
+            data["key"] = key
+        response = await self.http.post(self.url + "/tts", data=data)
+        return response.code, response.headers, await response.content()
+
+    async def account(self, key: str | None) -> dict[str, Any]:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        response = await self.http.get(self.url + "/v1/account", headers=headers)
+        self.assertEqual(response.code, 200)
+        return json.loads(await response.content())  # type: ignore[no-any-return]
+
+    async def post(self, path: str, key: str | None, **kwargs: Any) -> tuple[int, bytes]:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        headers.update(kwargs.pop("headers", {}))
+        response = await self.http.post(self.url + path, headers=headers, **kwargs)
+        return response.code, await response.content()
+
+    def test_unauthorized(self) -> Any:
+        async def go() -> None:
+            await self.start()
+            good = await self.key()
+            revoked = await self.key()
+            farm = await self.key(role="farm")
+            await self.store.revoke(accountId(revoked), self.clock.seconds())
+            for key in (None, "pvx_nobody", revoked, farm):
+                code, _, body = await self.stt(key, wav(1))
+                self.assertEqual(code, 401, (key, body))
+            # OpenAI's route says so in its own shape.
+            code, _, body = await self.stt("pvx_nobody", wav(1), "/v1/audio/transcriptions")
+            self.assertEqual(json.loads(body)["error"]["code"], "invalid_api_key")
+            self.assertEqual(self.exchange.jobs, 0)
+            self.assertEqual((await self.stt(good, wav(1)))[0], 200)
+
+        return ensureDeferred(go())
+
+    def test_usageAndTooManyRequests(self) -> Any:
+        """
+        60 s an hour: a 20 s WAV counts 20 s, TTS counts the seconds it
+        generated; over the allowance comes 429 with Retry-After, until the
+        window has moved on.
+        """
+        async def go() -> None:
+            await self.start(hourly=60.0)
+            key = await self.key()
+            self.assertEqual((await self.stt(key, wav(20)))[0], 200)
+            self.assertEqual((await self.tts(key))[0], 200)
+            standing = await self.account(key)
+            self.assertEqual(
+                {k: standing[k] for k in ("allowance", "used", "remaining", "earned")},
+                {"allowance": 60.0, "used": 22.0, "remaining": 38.0, "earned": 0.0},
+            )
+            self.clock.advance(100)
+            code, headers, body = await self.stt(key, wav(40))
+            self.assertEqual(code, 429)
+            self.assertIn(b"quota used: 22 of 60", body)
+            # The 20 s and 2 s leave the window 3,500 s from now.
+            self.assertEqual(headers.getRawHeaders("retry-after"), ["3500"])
+            code, headers, body = await self.stt(key, wav(40), "/v1/audio/transcriptions")
+            self.assertEqual((code, json.loads(body)["error"]["code"]), (429, "rate_limit_exceeded"))
+            # More than the whole allowance: waiting will not help, and it says so.
+            code, _, body = await self.stt(key, wav(61))
+            self.assertEqual(code, 429)
+            self.assertIn(b"more than the 60 s", body)
+            self.clock.advance(3500)
+            self.assertEqual((await self.stt(key, wav(40)))[0], 200)
+            self.assertEqual((await self.account(key))["used"], 40.0)
+
+        return ensureDeferred(go())
+
+    def test_ownHourlySeconds(self) -> Any:
+        async def go() -> None:
+            await self.start(hourly=60.0)
+            key = await self.key(hourlySeconds=5.0)
+            self.assertEqual((await self.account(key))["allowance"], 5.0)
+            self.assertEqual((await self.stt(key, wav(6)))[0], 429)
+
+        return ensureDeferred(go())
+
+    def test_failedJobsCostNothing(self) -> Any:
+        async def go() -> None:
+            await self.start()
+            key = await self.key()
+            self.exchange.error = Unavailable("no producer")
+            self.assertEqual((await self.stt(key, wav(30)))[0], 503)
+            self.assertEqual((await self.tts(key))[0], 503)
+            self.assertEqual((await self.account(key))["used"], 0.0)
+
+        return ensureDeferred(go())
+
+    def test_compressedAudioPaysWhatTheProducerMeasured(self) -> Any:
+        """
+        No WAV header: the request holds an estimate, then pays the
+        duration the producer reports.
+        """
+        async def go() -> None:
+            await self.start()
+            key = await self.key()
+            self.exchange.reported = 7.5
+            self.assertEqual((await self.stt(key, b"OggS" + bytes(20_000)))[0], 200)
+            self.assertEqual((await self.account(key))["used"], 7.5)
+            # Nothing reported: it keeps what it held (20,004 bytes at 2,000 B/s).
+            self.exchange.reported = None
+            self.assertEqual((await self.stt(key, b"OggS" + bytes(20_000)))[0], 200)
+            self.assertAlmostEqual((await self.account(key))["used"], 7.5 + 10.002)
+
+        return ensureDeferred(go())
+
+    def test_anonymous(self) -> Any:
+        async def go() -> None:
+            await self.start(anonymous=30.0)
+            self.assertEqual((await self.stt(None, wav(20)))[0], 200)
+            self.assertEqual((await self.account(None))["remaining"], 10.0)
+            # Shared by everyone without a key.
+            self.assertEqual((await self.stt(None, wav(20)))[0], 429)
+            # A key nobody made is still refused, not treated as anonymous.
+            self.assertEqual((await self.stt("pvx_nobody", wav(1)))[0], 401)
+            # Keys have their own allowance.
+            self.assertEqual((await self.stt(await self.key(), wav(20)))[0], 200)
+
+        return ensureDeferred(go())
+
+    def test_concurrentRequestsCannotOverspend(self) -> Any:
+        async def go() -> None:
+            await self.start(hourly=35.0)
+            key = await self.key()
+            results = await DeferredList(
+                [ensureDeferred(self.stt(key, wav(10))) for _ in range(8)]
+            )
+            codes = sorted(code for ok, (code, _, _) in results if ok)
+            self.assertEqual(codes, [200] * 3 + [429] * 5)
+            self.assertEqual((await self.account(key))["used"], 30.0)
+
+        return ensureDeferred(go())
+
+    def ledgerBody(self, *records: dict[str, Any]) -> dict[str, Any]:
+        return {"json": {"transactions": list(records)}}
+
+    def record(self, jobId: str, producer: str | None, seconds: float = 10.0, **kw: Any) -> dict[str, Any]:
+        r = {
+            "job_id": jobId, "farm": "farm-1", "time": 9_000.0, "service": "stt",
+            "model": "whisper:tiny.en", "input_bytes": 320_000, "output_bytes": 0,
+            "audio_seconds": seconds, "processing_ms": 800.0, "status": "ok",
+            "producer": producer, "consumer": "cd" * 32,
+        }
+        r.update(kw)
+        return r
+
+    def test_producerCreditRaisesAllowance(self) -> Any:
+        """
+        A farm posts the jobs a key's node did; the key earns QSS (audio
+        seconds times the model's cost) and may use that much more.
+        """
+        async def go() -> None:
+            await self.start(hourly=60.0)
+            volunteer = await self.key()
+            farm = await self.key(role="farm")
+            self.assertEqual((await self.stt(volunteer, wav(60)))[0], 200)
+            self.assertEqual((await self.stt(volunteer, wav(30)))[0], 429)
+            producer = accountId(volunteer)
+            code, body = await self.post(
+                "/v1/ledger", farm,
+                **self.ledgerBody(
+                    self.record("a", producer, 10.0),  # fast: 1 QSS/s
+                    self.record("b", producer, 5.0, model="whisper:small.en"),  # 4 by --model-cost
+                    self.record("c", producer, 99.0, status="timeout"),  # failed: nothing
+                ),
+            )
+            self.assertEqual((code, json.loads(body)), (200, {"recorded": 3, "duplicates": 0}))
+            standing = await self.account(volunteer)
+            self.assertEqual((standing["earned"], standing["allowance"]), (30.0, 90.0))
+            self.assertEqual((await self.stt(volunteer, wav(30)))[0], 200)
+
+        return ensureDeferred(go())
+
+    def test_ledgerEndpoint(self) -> Any:
+        async def go() -> None:
+            await self.start()
+            farm = await self.key(role="farm")
+            user = await self.key()
+            body = self.ledgerBody(self.record("j1", None), self.record("j2", None))
+            for key in (None, user, "pvx_nobody"):
+                self.assertEqual((await self.post("/v1/ledger", key, **body))[0], 401)
+            code, reply = await self.post("/v1/ledger", farm, **body)
+            self.assertEqual(json.loads(reply), {"recorded": 2, "duplicates": 0})
+            code, reply = await self.post("/v1/ledger", farm, **body)
+            self.assertEqual(json.loads(reply), {"recorded": 0, "duplicates": 2})
+            bad = self.ledgerBody(self.record("j3", None), self.record("j4", "not-an-id"))
+            code, reply = await self.post("/v1/ledger", farm, **bad)
+            self.assertEqual(code, 400)
+            self.assertIn(b"record 1: producer", reply)
+            code, reply = await self.post("/v1/ledger", farm, data=b"{[", headers={"Content-Type": "application/json"})
+            self.assertEqual(code, 400)
+            # Nothing of the refused batch was stored.
+            self.assertEqual(sorted(t["job_id"] for t in await self.store.transactions()), ["j1", "j2"])
+
+        return ensureDeferred(go())
+
+    def test_validateEndpoint(self) -> Any:
+        """
+        Farms check their peers' keys here (their URL key policy): 1 for a
+        good key, 0 otherwise; only a farm key may ask.
+        """
+        async def go() -> None:
+            await self.start()
+            farm = await self.key(role="farm")
+            user = await self.key()
+            revoked = await self.key()
+            await self.store.revoke(accountId(revoked), 1.0)
+            for key, answer in ((user, b"1\n"), (farm, b"1\n"), (revoked, b"0\n"), ("pvx_x", b"0\n")):
+                self.assertEqual(
+                    await self.post("/v1/keys/validate", farm, data={"key": key}), (200, answer)
+                )
+            self.assertEqual((await self.post("/v1/keys/validate", user, data={"key": user}))[0], 401)
+
+        return ensureDeferred(go())
+
+
+class StoreDownTests(TestCase):
+    def test_storeDown(self) -> Any:
+        """
+        An account store that cannot be used makes requests 503, with the
+        reason logged, not 500 or a hang.
+        """
+        async def go() -> None:
+            store = AccountStore.open("sqlite:" + self.mktemp() + "/missing/dir.sqlite3", reactor)
+            self.addCleanup(store.close)
+            access = AccountAccess(store, Clock(), anonymousSeconds=60.0)
+            api = PrivoxAPI(SecondsExchange(), MODELS, access, clock=Clock())
+            port = reactor.listenTCP(0, api.site(), interface="127.0.0.1")
+            self.addCleanup(port.stopListening)
+            url = f"http://127.0.0.1:{port.getHost().port}"
+            http = treq.client.HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, False)))
+            body, contentType = multipart({}, {"file": ("a.wav", wav(1))})
+            for headers in ({}, {"Authorization": "Bearer pvx_somebody"}):
+                response = await http.post(
+                    url + "/stt", data=body, headers={"Content-Type": contentType, **headers}
+                )
+                self.assertEqual(response.code, 503)
+                self.assertIn(b"account store is unavailable", await response.content())
+            self.assertTrue(self.flushLoggedErrors())
+
+        return ensureDeferred(go())
+
+
+class WithoutAccountsTests(TestCase):
+    def test_notServed(self) -> Any:
+        """
+        C{--accounts none}: no quotas, and the account routes say why not.
+        """
+        async def go() -> None:
+            api = PrivoxAPI(SecondsExchange(), MODELS, PolicyAccess(OpenPolicy()), clock=Clock())
+            port = reactor.listenTCP(0, api.site(), interface="127.0.0.1")
+            self.addCleanup(port.stopListening)
+            url = f"http://127.0.0.1:{port.getHost().port}"
+            http = treq.client.HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, False)))
+            response = await http.get(url + "/v1/account", headers={"Authorization": "Bearer k"})
+            self.assertEqual(response.code, 404)
+            self.assertIn(b"--accounts none", await response.content())
+            response = await http.post(url + "/v1/ledger", json={"transactions": []})
+            self.assertEqual(response.code, 404)
+            await response.content()
+
+        return ensureDeferred(go())

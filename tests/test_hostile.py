@@ -615,6 +615,24 @@ class HttpTests(SynchronousTestCase):
             + bytes(100_000))
         self.assertEqual(written, b"")
         self.assertServes()
+        # Asked first (Expect: 100-continue, as curl does): refused at once,
+        # with no invitation to send it.
+        written = rawRequest(
+            self.site,
+            b"POST /stt HTTP/1.1\r\nHost: p\r\nExpect: 100-continue\r\n"
+            b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 99999999999\r\n\r\n")
+        self.assertTrue(written.startswith(b"HTTP/1.1 413 "), written)
+        self.assertNotIn(b"100 Continue", written)
+        self.assertIn(b"Connection: close", written)
+        self.assertTrue(written.endswith(b"over the limit of 4096 bytes\n"), written)
+        # Within the cap, the invitation comes as before.
+        body = b"--b--\r\n"
+        written = rawRequest(
+            self.site,
+            b"POST /stt HTTP/1.1\r\nHost: p\r\nExpect: 100-continue\r\n"
+            b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: %d\r\n\r\n" % len(body))
+        self.assertEqual(written, b"HTTP/1.1 100 Continue\r\n\r\n")
+        self.assertServes()
 
     def test_chunkedOverCap(self) -> None:
         chunks = b"".join(b"%x\r\n%s\r\n" % (1000, b"y" * 1000) for _ in range(5)) + b"0\r\n\r\n"

@@ -37,6 +37,7 @@ from klein import Klein
 from twisted.internet.defer import CancelledError, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel
 from twisted.web.iweb import IRequest
 from twisted.web.server import Request, Site
 from werkzeug.exceptions import MethodNotAllowed, NotFound
@@ -133,11 +134,51 @@ class LimitedRequest(Request):
         self.content.write(data)
 
 
+class ApiChannel(HTTPChannel):
+    """
+    An HTTP connection that answers 413 at once to a request declaring a
+    body over the cap and asking first (C{Expect: 100-continue}), instead of
+    inviting the body with C{100 Continue}. Other over-cap bodies are
+    discarded as they arrive (L{LimitedRequest}) and answered 413 at their
+    end; a peer that declares a body and stalls is closed by the channel's
+    idle timeout.
+    """
+
+    log = Logger()
+
+    def allHeadersReceived(self) -> None:
+        request = self.requests[-1]
+        limit = getattr(self.site, "maxUpload", None)
+        expect = request.requestHeaders.getRawHeaders(b"expect") or [b""]
+        if (
+            limit is not None
+            and self.length is not None
+            and self.length > limit
+            and expect[0].lower() == b"100-continue"
+        ):
+            self.log.info(
+                "413 before the body: {received} bytes declared, the limit is {limit}",
+                received=self.length,
+                limit=limit,
+            )
+            body = b"request body of %d bytes is over the limit of %d bytes\n" % (self.length, limit)
+            self.transport.write(
+                b"HTTP/1.1 413 Request Entity Too Large\r\n"
+                b"Content-Type: text/plain; charset=utf-8\r\n"
+                b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
+            )
+            self.loseConnection()
+            return
+        super().allHeadersReceived()
+
+
 class ApiSite(Site):
     """
-    The API's site: L{LimitedRequest}s, no form parsing by twisted.web, no
-    access log.
+    The API's site: L{ApiChannel}s making L{LimitedRequest}s, no form
+    parsing by twisted.web, no access log.
     """
+
+    protocol = ApiChannel
 
     def __init__(self, resource: Any, maxUpload: int, **kwargs: Any) -> None:
         super().__init__(

@@ -258,7 +258,8 @@ async def latency(reactor: Any, args: argparse.Namespace) -> Latency:
     engine.load()
 
     print("starting the local exchange (whisper:tiny.en, piper:en_US-joe-medium)...", flush=True)
-    local = LocalExchange(LocalSettings(port=0), reactor)
+    # No account store: its cost per request is bench/quota.py's to measure.
+    local = LocalExchange(LocalSettings(port=0, accounts="none"), reactor)
     local.startService()
     try:
         await local.ready
@@ -455,7 +456,7 @@ async def throughput(
     apiPort, basePort = freePort(), freePort()
     twistd = ["-n", "--pidfile=", f"--logfile={children.path('api', 'log')}", "privox-local",
               "--port", str(apiPort), "--stt", "digest:bench", "--tts", "tone:bench",
-              "--slots", str(args.slots)]
+              "--slots", str(args.slots), "--accounts", "none"]
     if args.profile_server:
         if os.path.exists(args.profile_server):
             os.remove(args.profile_server)

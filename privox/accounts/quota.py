@@ -81,7 +81,7 @@ class QuotaExceeded(Exception):
 
 def _inWindow(rows: Iterable[tuple[float, float]], now: float, window: float) -> float:
     start = now - window
-    return sum(amount for at, amount in rows if at > start)
+    return float(sum(amount for at, amount in rows if at > start))
 
 
 def standing(base: float, used: Rows, earned: Rows, now: float, window: float = WINDOW) -> Standing:

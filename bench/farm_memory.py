@@ -46,7 +46,7 @@ from twisted.internet import task  # noqa: E402
 from twisted.internet.defer import Deferred, gatherResults  # noqa: E402
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol  # noqa: E402
 
-from farm_relay import TWISTD_CODE, Children, expectedText, freePort, waitForPort  # noqa: E402
+from farm_relay import TWISTD_CODE, Children, expectedText, freePort  # noqa: E402
 
 MB = 1_000_000
 MODEL = "bench:digest"
@@ -262,7 +262,7 @@ async def measureInFlight(
     name = f"farm-{jobBytes // MB}mb"
     port = freePort()
     pid = startFarm(children, name, port, 2 * jobBytes)
-    await waitForPort(reactor, children, name, port)
+    _waitSync(children, name, port)  # nothing else is running yet
     producers = []
     for _ in range(jobs):
         p = slowProducer(reactor, rate)

@@ -11,16 +11,21 @@ Runs, in one go and side by side:
   2. Large STT uploads (10 MB) through the farm, in MB/s. Baseline: the same
      bytes written to a plain TCP socket on loopback and counted by a reader.
 
-The farm runs in its own process, started as an operator would start it
-(``twistd -n --pidfile= --logfile FILE privox-farm ...``, with the checkout
-on PYTHONPATH so the plugin comes from its twisted/plugins), and so do the
-baseline servers; the consumers and producers run here. Every result's
+Every party has a process of its own: the farm, started as an operator would
+start it (``twistd -n --pidfile= --logfile FILE privox-farm ...``, with the
+checkout on PYTHONPATH so the plugin comes from its twisted/plugins), the
+baseline servers, and the load: consumers and producers spread over
+C{--load-procs} processes each (this script with C{--load}). This process
+only coordinates. It reads each process's CPU time (/proc/PID/stat) at the
+start and end of every measured window, so besides wall-clock rates it
+prints what the farm itself spent per job and per GB: jobs/s and MB/s per
+farm core, which other work on the machine does not change. Every result's
 digest is checked against its input.
 
 The farm and the clients tune their sockets in the library
-(L{privox.framing.tuneTransport}: TCP_NODELAY and a write buffer that holds
-a whole frame); the baseline servers and the raw pipe, which are not library
-code, call the same function, so both sides are tuned alike.
+(L{privox.framing.tuneTransport}); the baseline servers and the raw pipe,
+which are not library code, call the same function, so both sides are tuned
+alike.
 
 With C{--pvx1} the small-job measurement through the farm is driven by
 PVX/1 peers instead (docs/protocol.rst §14): PVX/1 consumers (one connection
@@ -46,7 +51,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,10 +72,11 @@ PVX1_MODEL = "tiny.en"
 PVX1_KEY = b"bench-pvx1-key-0"
 MB = 1_000_000
 DATA_CHUNK = 1024 * 1024  # what the farm announces as max_frame by default
+CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 # --------------------------------------------------------------------------
-# The child processes.
+# The servers: the farm (twistd) and the baselines (this script).
 
 #: The farm: what the C{twistd} console script runs, under this interpreter.
 #: argv: twistd's own (C{-n --pidfile= --logfile ... privox-farm ...}). Not
@@ -198,97 +204,10 @@ def serveBaseline(jobsPort: int, pipePort: int, jobBytes: int) -> None:
     reactor.run()
 
 
-class Children:
-    """
-    The subprocesses this run started; all of them are stopped by L{stop}.
-    """
-
-    def __init__(self, logDir: str) -> None:
-        self.logDir = logDir
-        self.procs: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
-
-    def start(
-        self, name: str, argv: list[str], discardStdout: bool = False
-    ) -> subprocess.Popen[bytes]:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (_REPO, env.get("PYTHONPATH", "")) if p
-        )
-        out = os.path.join(self.logDir, f"{name}.out")
-        with open(out, "wb") as f:
-            proc = subprocess.Popen(
-                argv, cwd=_REPO, env=env, stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL if discardStdout else f, stderr=f,
-            )
-        self.procs[name] = (proc, out)
-        return proc
-
-    def cpuSeconds(self, name: str) -> float:
-        """
-        User + system CPU seconds the child has used so far.
-        """
-        proc, _ = self.procs[name]
-        with open(f"/proc/{proc.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def tail(self, name: str, lines: int = 30) -> str:
-        _, out = self.procs[name]
-        text = []
-        # twistd sends its log (and, once logging has begun, stdout and
-        # stderr) to its log file.
-        for path in (out, os.path.join(self.logDir, f"{name}.log")):
-            if os.path.exists(path):
-                with open(path, "rb") as f:
-                    text.append(f"[{os.path.basename(path)}]\n"
-                                + b"".join(f.readlines()[-lines:]).decode("utf-8", "replace"))
-        return "\n".join(text)
-
-    def stop(self, name: str, grace: float = 3.0) -> None:
-        """
-        SIGTERM (the farm drains and, if profiled, saves its profile), then
-        SIGKILL after C{grace} seconds: a farm stopped with jobs in flight
-        would otherwise wait out its shutdown_grace.
-        """
-        proc, _ = self.procs[name]
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-    def stopAll(self) -> None:
-        for name in list(self.procs):
-            self.stop(name)
-
-
-def freePort() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-async def waitForPort(reactor: Any, children: Children, name: str, port: int) -> None:
-    proc, _ = children.procs[name]
-    deadline = time.perf_counter() + 20
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(
-                f"{name} exited with {proc.returncode}:\n{children.tail(name)}"
-            )
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            if time.perf_counter() > deadline:
-                raise RuntimeError(f"{name} is not listening on port {port}")
-        await task.deferLater(reactor, 0.05, lambda: None)
-
 
 # --------------------------------------------------------------------------
-# The clients (this process).
+# The load: consumers and producers (this script with --load, one process
+# per share of them).
 
 
 def expectedText(data: bytes) -> str:
@@ -298,7 +217,7 @@ def expectedText(data: bytes) -> str:
 @dataclass
 class Run:
     """
-    What one measurement saw.
+    What one measurement saw (one load process's share, or all of them).
     """
 
     seconds: float = 0.0
@@ -307,7 +226,9 @@ class Run:
     latencies: list[float] = field(default_factory=list)
     verified: int = 0
     mismatched: int = 0
-    cpu: dict[str, float] = field(default_factory=dict)  # process -> % of a core
+    #: CPU seconds used in the window: "server", "load" (all load
+    #: processes) and "others" (everything else on the machine).
+    cpu: dict[str, float] = field(default_factory=dict)
 
     def percentile(self, p: float) -> float:
         ordered = sorted(self.latencies)
@@ -324,23 +245,12 @@ class Run:
         else:
             self.mismatched += 1
 
-
-class CpuMeter:
-    def __init__(self, children: Children, names: list[str]) -> None:
-        self.children = children
-        self.names = names
-
-    def __enter__(self) -> CpuMeter:
-        self._t = time.perf_counter()
-        self._self = sum(os.times()[:2])
-        self._kids = {n: self.children.cpuSeconds(n) for n in self.names}
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        wall = time.perf_counter() - self._t
-        self.usage = {"bench": 100 * (sum(os.times()[:2]) - self._self) / wall}
-        for n in self.names:
-            self.usage[n] = 100 * (self.children.cpuSeconds(n) - self._kids[n]) / wall
+    def add(self, other: Run) -> None:
+        self.jobs += other.jobs
+        self.bytes += other.bytes
+        self.latencies += other.latencies
+        self.verified += other.verified
+        self.mismatched += other.mismatched
 
 
 async def connectProducers(reactor: Any, port: int, count: int) -> list[Any]:
@@ -454,6 +364,7 @@ async def connectPvx1Producers(reactor: Any, port: int, count: int) -> list[Any]
     return producers
 
 
+
 async def connectConsumers(reactor: Any, port: int, count: int) -> list[Any]:
     from privox.consumer import connectConsumer
 
@@ -462,73 +373,20 @@ async def connectConsumers(reactor: Any, port: int, count: int) -> list[Any]:
     ]
 
 
+async def connectPipes(reactor: Any, port: int, count: int) -> list[Any]:
+    writers = []
+    for _ in range(count):
+        w = PipeWriter()
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), w)
+        writers.append(w)
+    return writers
+
+
 def disconnect(protocols: list[Any]) -> None:
     for p in protocols:
-        p.transport.loseConnection()
-
-
-async def smallJobs(
-    reactor: Any, consumers: list[Any], size: int, warmup: float, duration: float,
-    model: str = MODEL,
-) -> Run:
-    """
-    Every consumer submits job after job until the window closes. Jobs that
-    complete inside [start + warmup, start + warmup + duration] count.
-    """
-    run = Run(seconds=duration)
-    begin = time.perf_counter() + warmup
-    end = begin + duration
-
-    async def loop(index: int, consumer: Any) -> None:
-        filler = os.urandom(size - 16)
-        seq = 0
-        while time.perf_counter() < end:
-            # Every job's audio is unique, so a result relayed to the wrong
-            # consumer (or for the wrong job) cannot match.
-            audio = struct.pack(">QQ", index, seq) + filler
-            expected = expectedText(audio)
-            t0 = time.perf_counter()
-            result = await consumer.stt(model, audio)
-            t1 = time.perf_counter()
-            run.check(result, expected)
-            if begin <= t1 <= end:
-                run.jobs += 1
-                run.bytes += size
-                run.latencies.append(t1 - t0)
-            seq += 1
-
-    await gatherResults(
-        [Deferred.fromCoroutine(loop(i, c)) for i, c in enumerate(consumers)],
-        consumeErrors=True,
-    )
-    return run
-
-
-async def largeJobs(consumers: list[Any], payloads: list[tuple[bytes, str]], jobs: int) -> Run:
-    """
-    C{jobs} uploads spread over the consumers, each consumer going through
-    its own slice of the payloads, so every concurrent upload is different.
-    """
-    run = Run()
-    perConsumer = [jobs // len(consumers) + (i < jobs % len(consumers)) for i in range(len(consumers))]
-
-    async def loop(index: int, consumer: Any) -> None:
-        for n in range(perConsumer[index]):
-            audio, expected = payloads[(index + n * len(consumers)) % len(payloads)]
-            t0 = time.perf_counter()
-            result = await consumer.stt(MODEL, audio)
-            run.latencies.append(time.perf_counter() - t0)
-            run.check(result, expected)
-            run.jobs += 1
-            run.bytes += len(audio)
-
-    t0 = time.perf_counter()
-    await gatherResults(
-        [Deferred.fromCoroutine(loop(i, c)) for i, c in enumerate(consumers)],
-        consumeErrors=True,
-    )
-    run.seconds = time.perf_counter() - t0
-    return run
+        transport = getattr(p, "transport", None)
+        if transport is not None:
+            transport.loseConnection()
 
 
 class PipeWriter(Protocol):
@@ -550,6 +408,10 @@ class PipeWriter(Protocol):
             self.transport.write(payload[start : start + DATA_CHUNK])
         return self._waiting
 
+    def stt(self, model: str, audio: bytes) -> Deferred[None]:
+        # The job loop's call: the pipe has no result to check.
+        return self.send(audio)
+
     def dataReceived(self, data: bytes) -> None:
         for _ in range(len(data)):
             d, self._waiting = self._waiting, None
@@ -562,35 +424,376 @@ class PipeWriter(Protocol):
             d.errback(reason)
 
 
-async def pipeBaseline(
-    reactor: Any, port: int, connections: int, payloads: list[tuple[bytes, str]], jobs: int,
-    warmup: bool = True,
+
+
+async def jobLoop(
+    clients: list[Any], nextJob: Any, model: str, begin: float, end: float
 ) -> Run:
-    writers = []
-    for _ in range(connections):
-        w = PipeWriter()
-        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), w)
-        writers.append(w)
+    """
+    Every client submits job after job until C{end} (a C{time.time()}).
+    Jobs that complete inside [begin, end] count.
+    """
+    run = Run(seconds=end - begin)
 
-    class _Stub:
-        def __init__(self, writer: PipeWriter) -> None:
-            self.writer = writer
+    async def loop(index: int, client: Any) -> None:
+        seq = 0
+        while time.time() < end:
+            audio, expected = nextJob(index, seq)
+            t0 = time.time()
+            result = await client.stt(model, audio)
+            t1 = time.time()
+            run.check(result, expected)
+            if begin <= t1 <= end:
+                run.jobs += 1
+                run.bytes += len(audio)
+                run.latencies.append(t1 - t0)
+            seq += 1
 
-        async def stt(self, model: str, audio: bytes) -> Any:
-            await self.writer.send(audio)
-            return None
-
-    try:
-        if warmup:
-            await largeJobs([_Stub(w) for w in writers], payloads, len(writers))
-        run = await largeJobs([_Stub(w) for w in writers], payloads, jobs)
-    finally:
-        disconnect(writers)
+    await gatherResults(
+        [Deferred.fromCoroutine(loop(i, c)) for i, c in enumerate(clients)],
+        consumeErrors=True,
+    )
     return run
 
 
+def _tell(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+async def loadProcess(reactor: Any, args: argparse.Namespace) -> None:
+    """
+    One share of the load. Connects, says C{ready}; producers then serve
+    until stdin closes. Consumers read C{BEGIN END} (C{time.time()} values)
+    from stdin, run jobs until END and write their L{Run} as one JSON line.
+    """
+    from twisted.internet.threads import deferToThread
+
+    kind, port, count, first = args.kind, args.port, args.count, args.first
+    if args.load == "producers":
+        connect = connectPvx1Producers if kind == "pvx1" else connectProducers
+        peers = await connect(reactor, port, count)
+        _tell("ready")
+        await deferToThread(sys.stdin.read)
+        disconnect(peers)
+        return
+
+    model = MODEL
+    if kind == "small":
+        clients = await connectConsumers(reactor, port, count)
+    elif kind == "pvx1":
+        clients = [Pvx1Consumer(reactor, port) for _ in range(count)]
+        model = PVX1_MODEL
+    elif kind == "large":
+        clients = await connectConsumers(reactor, port, count)
+    else:  # "pipe"
+        clients = await connectPipes(reactor, port, count)
+
+    if kind in ("small", "pvx1"):
+        filler = os.urandom(args.bytes - 16)
+
+        def nextJob(index: int, seq: int) -> tuple[bytes, str]:
+            # Unique audio per job (across processes too): a result relayed
+            # to the wrong consumer, or for the wrong job, cannot match.
+            audio = struct.pack(">QQ", first + index, seq) + filler
+            return audio, expectedText(audio)
+    else:
+        # Two distinct payloads per client, alternating: every upload in
+        # flight differs from the others.
+        base = os.urandom(args.bytes)
+        payloads: dict[int, list[tuple[bytes, str]]] = {}
+        for index in range(count):
+            payloads[index] = []
+            for n in range(2):
+                audio = struct.pack(">QQ", first + index, n) + base[16:]
+                payloads[index].append((audio, expectedText(audio)))
+
+        def nextJob(index: int, seq: int) -> tuple[bytes, str]:
+            return payloads[index][seq % 2]
+
+    _tell("ready")
+    begin, end = map(float, (await deferToThread(sys.stdin.readline)).split())
+    run = await jobLoop(clients, nextJob, model, begin, end)
+    _tell(json.dumps(asdict(run)))
+    disconnect(clients)
+
+
 # --------------------------------------------------------------------------
-# Putting it together.
+# The coordinator (this process): starts everything, times the windows and
+# reads everyone's CPU time.
+
+
+def cpuTimes(pid: int) -> tuple[float, float]:
+    """
+    User and system CPU seconds process C{pid} has used so far.
+    """
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
+def cpuSeconds(pid: int) -> float:
+    return sum(cpuTimes(pid))
+
+
+def machineCpuSeconds() -> float:
+    """
+    CPU seconds the whole machine has been busy (all cores, /proc/stat).
+    """
+    with open("/proc/stat") as f:
+        ticks = [int(t) for t in f.readline().split()[1:]]
+    idle = ticks[3] + ticks[4]  # idle, iowait
+    guests = sum(ticks[8:])  # guest time is counted in user too
+    return (sum(ticks) - idle - guests) / CLK_TCK
+
+
+class Children:
+    """
+    The subprocesses this run started; all of them are stopped by L{stopAll}.
+    """
+
+    def __init__(self, logDir: str) -> None:
+        self.logDir = logDir
+        self.procs: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
+
+    def start(
+        self, name: str, argv: list[str], discardStdout: bool = False, piped: bool = False
+    ) -> subprocess.Popen[bytes]:
+        """
+        C{piped}: stdin and stdout are pipes to this process (the load
+        processes' instructions and results); stderr goes to a file.
+        """
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (_REPO, env.get("PYTHONPATH", "")) if p
+        )
+        out = os.path.join(self.logDir, f"{name}.out")
+        with open(out, "wb") as f:
+            if piped:
+                proc = subprocess.Popen(
+                    argv, cwd=_REPO, env=env, stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE, stderr=f,
+                )
+            else:
+                proc = subprocess.Popen(
+                    argv, cwd=_REPO, env=env, stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL if discardStdout else f, stderr=f,
+                )
+        self.procs[name] = (proc, out)
+        return proc
+
+    def pid(self, name: str) -> int:
+        return self.procs[name][0].pid
+
+    def tail(self, name: str, lines: int = 30) -> str:
+        _, out = self.procs[name]
+        text = []
+        # twistd sends its log (and, once logging has begun, stdout and
+        # stderr) to its log file.
+        for path in (out, os.path.join(self.logDir, f"{name}.log")):
+            if os.path.exists(path):
+                with open(path, "rb") as f:
+                    text.append(f"[{os.path.basename(path)}]\n"
+                                + b"".join(f.readlines()[-lines:]).decode("utf-8", "replace"))
+        return "\n".join(text)
+
+    def readLine(self, name: str) -> str:
+        proc, _ = self.procs[name]
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if not line:
+            proc.wait()
+            raise RuntimeError(f"{name} exited with {proc.returncode}:\n{self.tail(name)}")
+        return line.decode()
+
+    def stop(self, name: str, grace: float = 3.0) -> None:
+        """
+        SIGTERM (the farm drains and, if profiled, saves its profile), then
+        SIGKILL after C{grace} seconds: a farm stopped with jobs in flight
+        would otherwise wait out its shutdown_grace.
+        """
+        proc, _ = self.procs[name]
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def stopAll(self) -> None:
+        for name in list(self.procs):
+            self.stop(name)
+
+
+def freePort() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def waitForPort(children: Children, name: str, port: int) -> None:
+    proc, _ = children.procs[name]
+    deadline = time.time() + 20
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(
+                f"{name} exited with {proc.returncode}:\n{children.tail(name)}"
+            )
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            if time.time() > deadline:
+                raise RuntimeError(f"{name} is not listening on port {port}")
+        time.sleep(0.05)
+
+
+def shares(count: int, procs: int) -> list[int]:
+    """
+    C{count} clients over at most C{procs} processes, as evenly as can be.
+    """
+    procs = max(1, min(procs, count))
+    return [count // procs + (i < count % procs) for i in range(procs)]
+
+
+def sleepUntil(t: float) -> None:
+    delay = t - time.time()
+    if delay > 0:
+        time.sleep(delay)
+
+
+def profilePaths(path: str) -> dict[str, str]:
+    """
+    Where C{--profile-farm PATH} saves each phase: C{farm.prof} gives
+    C{farm-small.prof} and C{farm-large.prof}.
+    """
+    root, ext = os.path.splitext(path)
+    return {phase: f"{root}-{phase}{ext}" for phase in ("small", "large")}
+
+
+class FarmProfile:
+    """
+    Starts and stops the profiled farm's cProfile around one phase (see
+    L{TWISTD_PROFILED_CODE}); does nothing when the farm is not profiled.
+    """
+
+    def __init__(self, children: Children, paths: dict[str, str] | None) -> None:
+        self.children = children
+        self.paths = paths
+
+    def start(self) -> None:
+        if self.paths:
+            self.children.procs["farm"][0].send_signal(signal.SIGUSR2)
+
+    def stop(self, phase: str) -> None:
+        if not self.paths:
+            return
+        proc = self.children.procs["farm"][0]
+        proc.send_signal(signal.SIGUSR2)
+        deadline = time.time() + 30
+        while not os.path.exists(self.paths[phase]):
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"the farm did not save its {phase}-job profile")
+            time.sleep(0.05)
+
+
+@dataclass
+class Phase:
+    """
+    One measured window: C{server} (a child's name) serves on C{port};
+    C{producers} clients of kind C{producerKind} (none for the baselines,
+    which answer themselves) and C{consumers} clients of kind C{kind}.
+    """
+
+    name: str
+    server: str
+    port: int
+    kind: str  # small, pvx1, large or pipe
+    consumers: int
+    bytes: int
+    seconds: float
+    warmup: float
+    producers: int = 0
+    producerKind: str = "pvx2"
+    profile: str | None = None  # the farm profile's phase, if profiled
+
+
+def measure(children: Children, phase: Phase, args: argparse.Namespace,
+            profile: FarmProfile) -> Run:
+    """
+    Start the load processes, run the window, read everyone's CPU time at its
+    edges, and gather the consumers' runs.
+    """
+    me = [sys.executable, os.path.abspath(__file__)]
+    loads: list[str] = []
+    first = 0
+    for i, n in enumerate(shares(phase.producers, args.load_procs) if phase.producers else []):
+        name = f"{phase.name}-producers-{i}"
+        children.start(name, [*me, "--load", "producers", "--kind", phase.producerKind,
+                              "--port", str(phase.port), "--count", str(n)], piped=True)
+        loads.append(name)
+    consumers = []
+    for i, n in enumerate(shares(phase.consumers, args.load_procs)):
+        name = f"{phase.name}-consumers-{i}"
+        children.start(name, [*me, "--load", "consumers", "--kind", phase.kind,
+                              "--port", str(phase.port), "--count", str(n),
+                              "--first", str(first), "--bytes", str(phase.bytes)], piped=True)
+        first += n
+        consumers.append(name)
+    loads += consumers
+    # Producers first: they must have joined before the first job.
+    for name in loads:
+        if children.readLine(name).strip() != "ready":
+            raise RuntimeError(f"{name} did not start:\n{children.tail(name)}")
+
+    begin = time.time() + phase.warmup
+    end = begin + phase.seconds
+    for name in consumers:
+        stdin = children.procs[name][0].stdin
+        assert stdin is not None
+        stdin.write(f"{begin!r} {end!r}\n".encode())
+        stdin.flush()
+
+    def cpu() -> dict[str, float]:
+        user, system = cpuTimes(children.pid(phase.server))
+        return {
+            "server": user + system,
+            "serverUser": user,
+            "serverSys": system,
+            "load": sum(cpuSeconds(children.pid(n)) for n in loads),
+            "machine": machineCpuSeconds(),
+            "self": sum(os.times()[:2]),
+        }
+
+    sleepUntil(begin)
+    if phase.profile:
+        profile.start()
+    before = cpu()
+    sleepUntil(end)
+    after = cpu()
+    if phase.profile:
+        profile.stop(phase.profile)
+
+    run = Run(seconds=phase.seconds)
+    for name in consumers:
+        share = Run(**json.loads(children.readLine(name)))
+        run.add(share)
+    for name in loads:
+        proc = children.procs[name][0]
+        if proc.stdin is not None:
+            proc.stdin.close()  # producers: stop serving
+        proc.wait(30)
+        del children.procs[name]
+    used = {k: after[k] - before[k] for k in before}
+    run.cpu = {
+        "server": used["server"],
+        "serverUser": used["serverUser"],
+        "serverSys": used["serverSys"],
+        "load": used["load"],
+        "others": max(0.0, used["machine"] - used["server"] - used["load"] - used["self"]),
+    }
+    return run
 
 
 def table(rows: list[tuple[str, str, str, str]]) -> str:
@@ -612,49 +815,13 @@ def ratio(farm: float, base: float) -> str:
     return f"{farm / base:.2f}" if base else "-"
 
 
-def profilePaths(path: str) -> dict[str, str]:
-    """
-    Where C{--profile-farm PATH} saves each phase: C{farm.prof} gives
-    C{farm-small.prof} and C{farm-large.prof}.
-    """
-    root, ext = os.path.splitext(path)
-    return {phase: f"{root}-{phase}{ext}" for phase in ("small", "large")}
-
-
-class FarmProfile:
-    """
-    Starts and stops the profiled farm's cProfile around one phase (see
-    L{TWISTD_PROFILED_CODE}); does nothing when the farm is not profiled.
-    """
-
-    def __init__(self, reactor: Any, children: Children, paths: dict[str, str] | None) -> None:
-        self.reactor = reactor
-        self.children = children
-        self.paths = paths
-
-    def start(self) -> None:
-        if self.paths:
-            self.children.procs["farm"][0].send_signal(signal.SIGUSR2)
-
-    async def stop(self, phase: str) -> None:
-        if not self.paths:
-            return
-        proc = self.children.procs["farm"][0]
-        proc.send_signal(signal.SIGUSR2)
-        deadline = time.perf_counter() + 30
-        while not os.path.exists(self.paths[phase]):
-            if proc.poll() is not None or time.perf_counter() > deadline:
-                raise RuntimeError(f"the farm did not save its {phase}-job profile")
-            await task.deferLater(self.reactor, 0.05, lambda: None)
-
-
-async def benchmark(reactor: Any, args: argparse.Namespace) -> None:
+def benchmark(args: argparse.Namespace) -> None:
     logDir = tempfile.mkdtemp(prefix="privox-bench-")
     children = Children(logDir)
-    # Also on Ctrl-C or SIGTERM, which stop the reactor without finishing this
-    # coroutine (its finally never runs).
+    # Also on Ctrl-C, which skips the finally below.
     atexit.register(children.stopAll)
     failed = True
+    paths = profilePaths(args.profile_farm) if args.profile_farm else None
     try:
         farmPort, jobsPort, pipePort = freePort(), freePort(), freePort()
         # --farm-log none: twistd logs to its stdout, which goes to /dev/null.
@@ -668,108 +835,115 @@ async def benchmark(reactor: Any, args: argparse.Namespace) -> None:
                   "--max-job-bytes", str(max(20_000_000, 2 * args.large_bytes))]
         if args.pvx1:
             twistd += ["--pvx1-quiet", str(args.pvx1_quiet)]
-        paths = profilePaths(args.profile_farm) if args.profile_farm else None
         if paths:
             for path in paths.values():
                 if os.path.exists(path):
                     os.remove(path)
-            code = [TWISTD_PROFILED_CODE, json.dumps([paths["small"], paths["large"]])]
+            # The farm saves its profiles in this order, one per phase run.
+            phases = [phase for phase in ("small", "large") if args.only in (None, phase)]
+            code = [TWISTD_PROFILED_CODE, json.dumps([paths[phase] for phase in phases])]
         else:
             code = [TWISTD_CODE]
         children.start("farm", [sys.executable, "-c", *code, *twistd],
                        discardStdout=args.farm_log == "none")
-        profile = FarmProfile(reactor, children, paths)
+        profile = FarmProfile(children, paths)
         children.start("baseline", [
             sys.executable, os.path.abspath(__file__), "--serve-baseline",
             str(jobsPort), str(pipePort), str(args.large_bytes),
         ])
-        await waitForPort(reactor, children, "farm", farmPort)
-        await waitForPort(reactor, children, "baseline", jobsPort)
-        await waitForPort(reactor, children, "baseline", pipePort)
+        waitForPort(children, "farm", farmPort)
+        waitForPort(children, "baseline", jobsPort)
+        waitForPort(children, "baseline", pipePort)
         print(
-            f"farm pid {children.procs['farm'][0].pid} on port {farmPort}, "
-            f"baseline pid {children.procs['baseline'][0].pid}; {os.cpu_count()} cores; "
+            f"farm pid {children.pid('farm')} on port {farmPort}, "
+            f"baseline pid {children.pid('baseline')}; {os.cpu_count()} cores; "
+            f"load in up to {args.load_procs} consumer + {args.load_procs} producer processes; "
             f"farm log: {args.farm_log}"
             + ("; farm profiled (slower)" if paths else ""),
             flush=True,
         )
+        load0 = os.getloadavg()[0]
 
-        # 1. Small jobs.
+        small = dict(bytes=args.small_bytes, seconds=args.duration, warmup=args.warmup)
+        large = dict(bytes=args.large_bytes, seconds=args.large_duration, warmup=args.warmup)
+        fs = bs = fl = bl = Run()  # what --only skips
+        if args.only != "large":
+            print(f"small jobs through the farm{' (PVX/1 peers)' if args.pvx1 else ''} "
+                  f"({args.duration:g} s)...", flush=True)
+            fs = measure(children, Phase(
+                "farm-small", "farm", farmPort, "pvx1" if args.pvx1 else "small", args.consumers,
+                producers=args.producers, producerKind="pvx1" if args.pvx1 else "pvx2",
+                profile="small", **small), args, profile)
+            print(f"small jobs, direct baseline ({args.duration:g} s)...", flush=True)
+            bs = measure(children, Phase(
+                "direct-small", "baseline", jobsPort, "small", args.consumers, **small),
+                args, profile)
+        if args.only != "small":
+            print(f"large jobs through the farm ({args.large_bytes / MB:g} MB, "
+                  f"{args.large_duration:g} s)...", flush=True)
+            fl = measure(children, Phase(
+                "farm-large", "farm", farmPort, "large", args.large_consumers,
+                producers=args.large_producers, profile="large", **large), args, profile)
+            print(f"large jobs, plain TCP pipe baseline ({args.large_bytes / MB:g} MB, "
+                  f"{args.large_duration:g} s)...", flush=True)
+            bl = measure(children, Phase(
+                "pipe-large", "baseline", pipePort, "pipe", args.large_consumers, **large),
+                args, profile)
+
+        smallLabel = f"{args.consumers}c x {args.producers}p, {args.small_bytes} B"
         if args.pvx1:
-            producers = await connectPvx1Producers(reactor, farmPort, args.producers)
-            consumers = [Pvx1Consumer(reactor, farmPort) for _ in range(args.consumers)]
-        else:
-            producers = await connectProducers(reactor, farmPort, args.producers)
-            consumers = await connectConsumers(reactor, farmPort, args.consumers)
-        print(f"small jobs through the farm{' (PVX/1 peers)' if args.pvx1 else ''} "
-              f"({args.duration:g} s)...", flush=True)
-        profile.start()
-        with CpuMeter(children, ["farm"]) as cpu:
-            farmSmall = await smallJobs(reactor, consumers, args.small_bytes, args.warmup, args.duration,
-                                        PVX1_MODEL if args.pvx1 else MODEL)
-        farmSmall.cpu = cpu.usage
-        await profile.stop("small")
-        if args.pvx1:
-            # The large jobs run on PVX/2 peers, as without --pvx1.
-            disconnect(producers)
-            producers = await connectProducers(reactor, farmPort, args.large_producers)
-        else:
-            disconnect(consumers)
-
-        consumers = await connectConsumers(reactor, jobsPort, args.consumers)
-        print(f"small jobs, direct baseline ({args.duration:g} s)...", flush=True)
-        with CpuMeter(children, ["baseline"]) as cpu:
-            baseSmall = await smallJobs(reactor, consumers, args.small_bytes, args.warmup, args.duration)
-        baseSmall.cpu = cpu.usage
-        disconnect(consumers)
-
-        # 2. Large jobs. Distinct payloads, twice as many as uploads in flight.
-        disconnect(producers[args.large_producers:])
-        producers = producers[: args.large_producers]
-        payloads = []
-        base = os.urandom(args.large_bytes)
-        for i in range(2 * args.large_consumers):
-            audio = struct.pack(">Q", i) + base[8:]
-            payloads.append((audio, expectedText(audio)))
-        consumers = await connectConsumers(reactor, farmPort, args.large_consumers)
-        print(f"large jobs through the farm ({args.large_jobs} x {args.large_bytes / MB:g} MB)...", flush=True)
-        await largeJobs(consumers, payloads, len(consumers))  # warm-up, not counted
-        profile.start()
-        with CpuMeter(children, ["farm"]) as cpu:
-            farmLarge = await largeJobs(consumers, payloads, args.large_jobs)
-        farmLarge.cpu = cpu.usage
-        await profile.stop("large")
-        disconnect(consumers)
-        disconnect(producers)
-
-        print(f"large jobs, plain TCP pipe baseline ({args.large_jobs} x {args.large_bytes / MB:g} MB)...", flush=True)
-        with CpuMeter(children, ["baseline"]) as cpu:
-            baseLarge = await pipeBaseline(reactor, pipePort, args.large_consumers, payloads, args.large_jobs)
-        baseLarge.cpu = cpu.usage
-
-        fs, bs = farmSmall, baseSmall
-        fl, bl = farmLarge, baseLarge
-        small = f"{args.consumers}c x {args.producers}p, {args.small_bytes} B"
-        if args.pvx1:
-            small = f"PVX/1 peers, quiet {args.pvx1_quiet:g} s, {small}"
-        large = f"{args.large_consumers}c x {args.large_producers}p, {args.large_bytes / MB:g} MB"
+            smallLabel = f"PVX/1 peers, quiet {args.pvx1_quiet:g} s, {smallLabel}"
+        largeLabel = (f"{args.large_consumers}c x {args.large_producers}p, "
+                      f"{args.large_bytes / MB:g} MB")
         ms = 1000.0
-        rows = [
-            (f"small jobs/s ({small})", f"{fs.jobs / fs.seconds:,.0f}", f"{bs.jobs / bs.seconds:,.0f}",
-             ratio(fs.jobs / fs.seconds, bs.jobs / bs.seconds)),
-            ("small latency p50 (ms)", f"{fs.percentile(50) * ms:.2f}", f"{bs.percentile(50) * ms:.2f}",
-             ratio(fs.percentile(50), bs.percentile(50))),
-            ("small latency p99 (ms)", f"{fs.percentile(99) * ms:.2f}", f"{bs.percentile(99) * ms:.2f}",
-             ratio(fs.percentile(99), bs.percentile(99))),
-            ("small: server CPU (% of a core)", f"{fs.cpu['farm']:.0f}", f"{bs.cpu['baseline']:.0f}", ""),
-            ("small: bench CPU (% of a core)", f"{fs.cpu['bench']:.0f}", f"{bs.cpu['bench']:.0f}", ""),
-            (f"large MB/s ({large})", f"{fl.bytes / MB / fl.seconds:,.0f}", f"{bl.bytes / MB / bl.seconds:,.0f}",
-             ratio(fl.bytes / fl.seconds, bl.bytes / bl.seconds)),
-            ("large job time p50 (ms)", f"{fl.percentile(50) * ms:.1f}", f"{bl.percentile(50) * ms:.1f}",
-             ratio(fl.percentile(50), bl.percentile(50))),
-            ("large: server CPU (% of a core)", f"{fl.cpu['farm']:.0f}", f"{bl.cpu['baseline']:.0f}", ""),
-            ("large: bench CPU (% of a core)", f"{fl.cpu['bench']:.0f}", f"{bl.cpu['bench']:.0f}", ""),
-        ]
+
+        def pct(r: Run, who: str) -> str:
+            return f"{100 * r.cpu[who] / r.seconds:.0f}"
+
+        def perCore(r: Run, amount: float) -> float:
+            return amount / r.cpu["server"] if r.cpu["server"] else float("nan")
+
+        def split(r: Run, per: float, unit: float) -> str:
+            # The server's CPU per unit of work, as user + system time.
+            return f"{r.cpu['serverUser'] * unit / per:.0f} + {r.cpu['serverSys'] * unit / per:.0f}"
+
+        rows = []
+        summary = []
+        if args.only != "large":
+            fsRate, bsRate = fs.jobs / fs.seconds, bs.jobs / bs.seconds
+            fsCore, bsCore = perCore(fs, fs.jobs), perCore(bs, bs.jobs)
+            rows += [
+                (f"small jobs/s ({smallLabel})", f"{fsRate:,.0f}", f"{bsRate:,.0f}", ratio(fsRate, bsRate)),
+                ("small latency p50 (ms)", f"{fs.percentile(50) * ms:.2f}", f"{bs.percentile(50) * ms:.2f}",
+                 ratio(fs.percentile(50), bs.percentile(50))),
+                ("small latency p99 (ms)", f"{fs.percentile(99) * ms:.2f}", f"{bs.percentile(99) * ms:.2f}",
+                 ratio(fs.percentile(99), bs.percentile(99))),
+                ("small: server CPU (% of a core)", pct(fs, "server"), pct(bs, "server"), ""),
+                ("small: load CPU (% of a core)", pct(fs, "load"), pct(bs, "load"), ""),
+                ("small: other CPU (% of a core)", pct(fs, "others"), pct(bs, "others"), ""),
+                ("small: server CPU per job (us)", f"{1e6 / fsCore:.0f}", f"{1e6 / bsCore:.0f}",
+                 ratio(bsCore, fsCore)),
+                ("  of which user + system (us)", split(fs, fs.jobs, 1e6), split(bs, bs.jobs, 1e6), ""),
+                ("small jobs/s per server core", f"{fsCore:,.0f}", f"{bsCore:,.0f}", ratio(fsCore, bsCore)),
+            ]
+            summary.append(f"small jobs/s per farm core {fsCore:,.0f} (target 3,000)")
+        if args.only != "small":
+            flRate, blRate = fl.bytes / MB / fl.seconds, bl.bytes / MB / bl.seconds
+            flCore, blCore = perCore(fl, fl.bytes / MB), perCore(bl, bl.bytes / MB)
+            rows += [
+                (f"large MB/s ({largeLabel})", f"{flRate:,.0f}", f"{blRate:,.0f}", ratio(flRate, blRate)),
+                ("large job time p50 (ms)", f"{fl.percentile(50) * ms:.1f}", f"{bl.percentile(50) * ms:.1f}",
+                 ratio(fl.percentile(50), bl.percentile(50))),
+                ("large: server CPU (% of a core)", pct(fl, "server"), pct(bl, "server"), ""),
+                ("large: load CPU (% of a core)", pct(fl, "load"), pct(bl, "load"), ""),
+                ("large: other CPU (% of a core)", pct(fl, "others"), pct(bl, "others"), ""),
+                ("large: server CPU ms per GB", f"{1e6 / flCore:.0f}", f"{1e6 / blCore:.0f}",
+                 ratio(blCore, flCore)),
+                ("  of which user + system (ms)", split(fl, fl.bytes / MB / 1000, 1000),
+                 split(bl, bl.bytes / MB / 1000, 1000), ""),
+                ("large MB/s per server core", f"{flCore:,.0f}", f"{blCore:,.0f}", ratio(flCore, blCore)),
+            ]
+            summary.append(f"large MB/s farm / pipe {flRate / blRate:.2f} (target 0.50)")
         print()
         print(table(rows))
         print()
@@ -780,8 +954,13 @@ async def benchmark(reactor: Any, args: argparse.Namespace) -> None:
             f"(farm: {fs.verified} small + {fl.verified} large; direct baseline: {bs.verified} small)"
         )
         print(
-            "server = the farm process (farm column) or the baseline server process "
-            "(baseline column); bench = this process (consumers and producers)."
+            "server = the farm (farm column), the direct PVX/2 server or the pipe's reader "
+            "(baseline column); load = the consumer and producer processes; other = the rest "
+            "of the machine. Per server core = work done / the server's own CPU seconds."
+        )
+        print(
+            f"issue 9: {'; '.join(summary)}. "
+            f"Load average {load0:.2f} at the start, {os.getloadavg()[0]:.2f} at the end."
         )
         failed = mismatched > 0
     finally:
@@ -806,16 +985,21 @@ def parseArgs(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Throughput and latency through a Privox farm, beside direct-socket baselines."
     )
-    p.add_argument("--quick", action="store_true", help="a short run (well under 30 s)")
+    p.add_argument("--quick", action="store_true", help="a short run (about 20 s)")
     p.add_argument("--consumers", type=int, default=8, help="parallel consumers, small jobs [8]")
     p.add_argument("--producers", type=int, default=8, help="DigestEngine producers [8]")
     p.add_argument("--small-bytes", type=int, default=1024, help="small job upload size [1024]")
     p.add_argument("--duration", type=float, help="seconds each small-job run is measured [10; quick 3]")
     p.add_argument("--warmup", type=float, help="seconds before measuring starts [1; quick 0.5]")
     p.add_argument("--large-bytes", type=int, default=10 * MB, help="large upload size [10 MB]")
-    p.add_argument("--large-jobs", type=int, help="large uploads per measurement [150; quick 24]")
+    p.add_argument("--large-duration", type=float,
+                   help="seconds each large-job run is measured [10; quick 3]")
     p.add_argument("--large-consumers", type=int, default=2, help="parallel large uploads [2]")
     p.add_argument("--large-producers", type=int, help="producers for large jobs [= --large-consumers]")
+    p.add_argument("--load-procs", type=int, default=2,
+                   help="processes the consumers are spread over, and as many for the producers [2]")
+    p.add_argument("--only", choices=["small", "large"],
+                   help="measure only the small or only the large jobs (both by default)")
     p.add_argument("--farm-log", choices=["file", "none"], default="file",
                    help="twistd logs the farm to a file in a temporary folder (file), "
                    "or to /dev/null (none) [file]")
@@ -831,19 +1015,26 @@ def parseArgs(argv: list[str]) -> argparse.Namespace:
                    help="the farm's pvx1_quiet with --pvx1, seconds [0.05]")
     p.add_argument("--serve-baseline", nargs=3, type=int, metavar=("JOBS_PORT", "PIPE_PORT", "JOB_BYTES"),
                    help=argparse.SUPPRESS)
+    # A load process (started by the benchmark itself).
+    p.add_argument("--load", choices=["consumers", "producers"], help=argparse.SUPPRESS)
+    p.add_argument("--kind", default="small", help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--count", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--first", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--bytes", type=int, default=1024, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.duration is None:
         args.duration = 3.0 if args.quick else 10.0
+    if args.large_duration is None:
+        args.large_duration = 3.0 if args.quick else 10.0
     if args.warmup is None:
         args.warmup = 0.5 if args.quick else 1.0
-    if args.large_jobs is None:
-        args.large_jobs = 24 if args.quick else 150
     if args.large_producers is None:
         args.large_producers = args.large_consumers
-    if args.small_bytes < 16 or args.large_bytes < 8:
-        p.error("--small-bytes must be at least 16 and --large-bytes at least 8")
-    if args.large_producers > args.producers:
-        p.error("--large-producers cannot exceed --producers")
+    if args.small_bytes < 16 or args.large_bytes < 16:
+        p.error("--small-bytes and --large-bytes must be at least 16")
+    if args.load_procs < 1:
+        p.error("--load-procs must be at least 1")
     if args.profile_farm:
         args.profile_farm = os.path.abspath(args.profile_farm)
         if not os.path.isdir(os.path.dirname(args.profile_farm)):
@@ -855,8 +1046,10 @@ def main(argv: list[str]) -> None:
     args = parseArgs(argv)
     if args.serve_baseline:
         serveBaseline(*args.serve_baseline)
-        return
-    task.react(lambda reactor: Deferred.fromCoroutine(benchmark(reactor, args)))
+    elif args.load:
+        task.react(lambda reactor: Deferred.fromCoroutine(loadProcess(reactor, args)))
+    else:
+        benchmark(args)
 
 
 if __name__ == "__main__":

@@ -193,6 +193,8 @@ class FrameDecoder:
         # Refuse garbage as soon as the bytes seen so far cannot start a
         # valid header, so a hostile peer cannot hold a connection open by
         # trickling nonsense.
+        if not self._buffer:  # the usual case: the reads ended on a frame edge
+            return
         partial = bytes(self._buffer[:HEADER_LEN])
         if len(partial) >= HEADER_LEN:
             return

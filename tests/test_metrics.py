@@ -146,6 +146,36 @@ class SwitchTests(SynchronousTestCase):
         [line] = [e for e in events if e.get("log_format", "").startswith("job {job_id}")]
         self.assertEqual((line["ms"], line["bytes_in"]), (400, 1200))
 
+    def test_farmLogLineText(self) -> None:
+        """
+        The per-job line reads service, model, outcome, time and sizes, and
+        keeps each of them as a field of the event.
+        """
+        from twisted.logger import formatEvent, globalLogPublisher
+
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        h = FarmHarness()
+        producer = h.producer(models=["whisper:tiny.en"])
+        consumer = h.consumer()
+        consumer.send(b"JOB_", dict(STT_JOB, size=3))
+        [(_, asgn)] = consumer.messages()
+        consumer.data(b"abc")
+        producer.messages()
+        h.clock.advance(0.25)
+        producer.send(b"RSLT", {"id": asgn["id"], "text": "x"})
+        [line] = [e for e in events if e.get("log_format", "").startswith("job {job_id}")]
+        self.assertEqual(
+            formatEvent(line),
+            f"job {asgn['id']} stt whisper:tiny.en ok in 250 ms (3 bytes in, 0 bytes out)",
+        )
+        self.assertEqual(
+            {k: line[k] for k in ("service", "model", "outcome", "ms", "bytes_in", "bytes_out")},
+            {"service": "stt", "model": "whisper:tiny.en", "outcome": "ok",
+             "ms": 250, "bytes_in": 3, "bytes_out": 0},
+        )
+
 
 class FarmMetricsTests(SynchronousTestCase):
     """

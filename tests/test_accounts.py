@@ -189,6 +189,31 @@ class StoreTests:
 
         return ensureDeferred(go())
 
+    def test_twoServersCannotOverspend(self) -> Any:
+        """
+        Two API servers (two stores, two connection pools) on one database:
+        requests from one key split between them still cannot overspend it.
+        """
+        async def go() -> None:
+            dsn = await self.dsn()
+            stores = [AccountStore.open(dsn, reactor) for _ in range(2)]
+            for store in stores:
+                self.addCleanup(store.close)  # type: ignore[attr-defined]
+                await store.migrate()
+            _, a = await stores[0].createKey(0.0)
+            attempts = [
+                ensureDeferred(stores[i % 2].reserve(a.account, 45.0, 10.0, True, 500.0))
+                for i in range(16)
+            ]
+            results = await DeferredList(attempts, consumeErrors=True)
+            self.assertEqual(sum(ok for ok, _ in results), 4)
+            for ok, failure in results:
+                if not ok:
+                    failure.trap(quota.QuotaExceeded)
+            self.assertEqual((await stores[1].standing(a.account, 45.0, 501.0)).used, 40.0)
+
+        return ensureDeferred(go())
+
     def test_keysCommand(self) -> Any:
         """
         C{privox keys}: create prints the key alone on its last line; list,

@@ -8,9 +8,13 @@ The C{privox} command: a client of the exchange's HTTP API.
     utterances on silence with webrtcvad and prints one line per utterance,
     in order, as each is transcribed;
   - C{privox status} prints the exchange's farms and their load (C{GET
-    /status}) as a table.
+    /status}) as a table;
+  - C{privox account} prints the key's allowance, use and credit in the
+    rolling hour (C{GET /v1/account});
+  - C{privox keys ...} manages the keys of an account store directly (see
+    L{privox.accounts.admin}; no API involved).
 
-Every command takes C{--api URL} (default C{$PRIVOX_API}, else
+Every API command takes C{--api URL} (default C{$PRIVOX_API}, else
 C{http://127.0.0.1:8080}), C{--key KEY} (default C{$PRIVOX_KEY}; required,
 except by C{status}) and C{--timeout SECONDS} (for each request).
 
@@ -157,6 +161,26 @@ class PrivoxClient:
                 f"the Privox API at {self.api} answered /status with something that is not its JSON"
             ) from None
         return status
+
+    async def account(self) -> dict[str, Any]:
+        """
+        C{GET /v1/account}: this key's allowance, use and credit.
+        """
+        headers = {"Accept": "application/json", "Authorization": f"Bearer {self.key}"}
+        body = await self._request("GET", "/v1/account", headers=headers)
+        try:
+            account = json.loads(body)
+            if not isinstance(account, dict) or not all(
+                isinstance(account.get(name), (int, float))
+                for name in ("allowance", "used", "earned", "remaining", "hourly_seconds")
+            ):
+                raise ValueError
+        except ValueError:
+            raise CliError(
+                f"the Privox API at {self.api} answered /v1/account with something that is "
+                "not its JSON"
+            ) from None
+        return account
 
     async def _post(self, path: str, **kwargs: Any) -> bytes:
         return await self._request("POST", path, **kwargs)
@@ -663,6 +687,24 @@ async def runStatus(reactor: Any, args: argparse.Namespace) -> None:
         sys.stdout.write(statusTable(status))
 
 
+async def runAccount(reactor: Any, args: argparse.Namespace) -> None:
+    client = PrivoxClient(reactor, args.api, args.key, args.timeout)
+    try:
+        account = await client.account()
+    finally:
+        await client.close()
+    if args.json:
+        sys.stdout.write(json.dumps(account, indent=2) + "\n")
+        return
+    window = account.get("window_seconds", 3600)
+    sys.stdout.write(
+        f"key {account.get('key_id', '?')}: {account['used']:g} of {account['allowance']:g} "
+        f"audio seconds used in the last {window:g} s; {account['remaining']:g} left\n"
+        f"allowance = {account['hourly_seconds']:g} of its own + {account['earned']:g} "
+        "earned by producing (QSS)\n"
+    )
+
+
 def statusTable(status: dict[str, Any]) -> str:
     """
     The API's C{/status} as a table: a row per farm, service and model.
@@ -697,7 +739,8 @@ def statusTable(status: dict[str, Any]) -> str:
 
 
 COMMANDS = {
-    "stt": runStt, "tts": runTts, "caption": runCaption, "status": runStatus, "keys": runKeys,
+    "stt": runStt, "tts": runTts, "caption": runCaption, "status": runStatus,
+    "account": runAccount, "keys": runKeys,
 }
 
 
@@ -869,6 +912,14 @@ def buildParser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentPa
         ),
     )
     status.add_argument("--json", action="store_true", help="print the API's JSON")
+    account = commands.add_parser(
+        "account", parents=[common], help="your key's allowance, use and credit this hour",
+        description=(
+            "Show how many audio seconds your key may use in the rolling hour, how many it "
+            "used, and the quality speech seconds (QSS) its producers earned."
+        ),
+    )
+    account.add_argument("--json", action="store_true", help="print the API's JSON")
     addKeysParser(commands, env)
     return parser
 

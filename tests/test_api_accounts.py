@@ -25,6 +25,7 @@ from privox.api.models import DEFAULT_STT, DEFAULT_VOICES, ModelTable
 from privox.keys import OpenPolicy, accountId
 from privox.wav import pcmToWav
 from tests.test_api_app import multipart
+from tests.test_cli import privox
 
 MODELS = ModelTable.parse(DEFAULT_STT, DEFAULT_VOICES)
 
@@ -265,6 +266,29 @@ class AccountsAPITests(TestCase):
             standing = await self.account(volunteer)
             self.assertEqual((standing["earned"], standing["allowance"]), (30.0, 90.0))
             self.assertEqual((await self.stt(volunteer, wav(30)))[0], 200)
+
+        return ensureDeferred(go())
+
+    def test_accountCommand(self) -> Any:
+        """
+        C{privox account} shows the key's standing, in words or as JSON.
+        """
+        async def go() -> None:
+            await self.start(hourly=60.0)
+            key = await self.key()
+            self.assertEqual((await self.stt(key, wav(15)))[0], 200)
+            out, err, code = await privox("account", PRIVOX_API=self.url, PRIVOX_KEY=key)
+            self.assertEqual((err, code), ("", 0))
+            self.assertEqual(
+                out,
+                f"key {accountId(key)[:12]}: 15 of 60 audio seconds used in the last 3600 s; 45 left\n"
+                "allowance = 60 of its own + 0 earned by producing (QSS)\n",
+            )
+            out, err, code = await privox("account", "--json", PRIVOX_API=self.url, PRIVOX_KEY=key)
+            self.assertEqual(json.loads(out)["remaining"], 45.0)
+            out, err, code = await privox("account", PRIVOX_API=self.url, PRIVOX_KEY="pvx_nobody")
+            self.assertEqual(code, 1)
+            self.assertIn("(HTTP 401)", err)
 
         return ensureDeferred(go())
 

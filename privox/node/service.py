@@ -38,7 +38,9 @@ class NodeSettings:
     tts_farm: tuple[str, ...] = setting(
         (), "Client endpoint of a farm's TTS port, most preferred first."
     )
-    key: str = setting("", "This node's producer key.")
+    key: str = setting(
+        "", "This node's producer key (on an exchange with accounts, the key its jobs credit)."
+    )
     stt: tuple[str, ...] = setting((), "STT model to serve, ENGINE:MODEL[=PATH].")
     tts: tuple[str, ...] = setting((), "TTS model to serve, ENGINE:MODEL[=PATH].")
     slots: int = setting(1, "Concurrent jobs (farm connections) per service.")

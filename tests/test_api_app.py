@@ -25,6 +25,8 @@ from twisted.python.filepath import FilePath
 from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.resource import Resource
+from twisted.web.server import Site
 
 from privox.api import forms
 from privox.api.access import Caller, PolicyAccess
@@ -40,7 +42,15 @@ from privox.api.errors import (
 from privox.api.exchange import Transcribed
 from privox.api.farms import FarmExchange
 from privox.api.models import DEFAULT_STT, DEFAULT_VOICES, ModelTable
-from privox.api.service import ApiSettings, ExchangeService, Options, buildApi, makeService
+from privox.api.service import (
+    AccountsService,
+    ApiSettings,
+    ExchangeService,
+    Options,
+    TrackedFactory,
+    buildApi,
+    makeService,
+)
 from privox.config import optionName
 from privox.keys import AllowListPolicy, OpenPolicy, keyId
 
@@ -952,6 +962,41 @@ class BuildTests(SynchronousTestCase):
         self.assertNoResult(d)
         stoppable.d.callback(None)
         self.successResultOf(d)
+
+    def test_accountsServiceClosesStoreLast(self) -> None:
+        """
+        Stopping: the store closes only once the HTTP connections have, so a
+        request ending meanwhile can still settle its seconds.
+        """
+        class Store:
+            description = "a store"
+            closed = False
+
+            async def migrate(self) -> int:
+                return 1
+
+            def close(self) -> None:
+                self.closed = True
+
+        class Access:
+            store = Store()
+
+        class Connection:
+            def __init__(self) -> None:
+                self.transport = StringTransport()
+
+        http = TrackedFactory(Site(Resource()))
+        connection = Connection()
+        http.registerProtocol(connection)
+        service = AccountsService(Access(), MemoryReactor(), http)
+        service.startService()
+        stopped = service.stopService()
+        self.assertTrue(connection.transport.disconnecting)
+        self.assertFalse(Access.store.closed)
+        self.assertNoResult(stopped)
+        http.unregisterProtocol(connection)
+        self.assertTrue(Access.store.closed)
+        self.successResultOf(stopped)
 
     def test_plugin(self) -> None:
         """

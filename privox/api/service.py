@@ -128,14 +128,16 @@ def accessFor(settings: ApiSettings, models: ModelTable, reactor: Any) -> Access
 class AccountsService(Service):
     """
     Brings the account store's schema up to date as the API starts, and
-    closes its connections as it stops. A store that cannot be reached or
-    migrated stops the process: serving without it would answer every
-    request with 503.
+    closes its connections as it stops, once the HTTP connections are
+    closed (a request ending then still settles its seconds). A store that
+    cannot be reached or migrated stops the process: serving without it
+    would answer every request with 503.
     """
 
-    def __init__(self, access: Access, reactor: Any) -> None:
+    def __init__(self, access: Access, reactor: Any, http: TrackedFactory | None = None) -> None:
         self.access = access
         self.reactor = reactor
+        self.http = http
 
     def startService(self) -> None:
         super().startService()
@@ -154,8 +156,13 @@ class AccountsService(Service):
         log.info("account store {store} at schema version {version}",
                  store=store.description, version=version)
 
-    def stopService(self) -> None:
+    def stopService(self) -> Deferred[None]:
         super().stopService()
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        if self.http is not None:
+            await self.http.closeAll()
         store = getattr(self.access, "store", None)
         if store is not None:
             store.close()
@@ -311,7 +318,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     http = TrackedFactory(site)
     top = MultiService()
     # Before the port, so the schema is being brought up to date first.
-    AccountsService(api.access, reactor).setServiceParent(top)
+    AccountsService(api.access, reactor, http).setServiceParent(top)
     # Added first, stopped last: the port closes before the connections.
     ExchangeService(exchange, http).setServiceParent(top)
     log.info("API listening on {endpoint}", endpoint=s.listen)

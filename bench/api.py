@@ -35,9 +35,7 @@ import io
 import os
 import shutil
 import signal
-import socket
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -52,12 +50,10 @@ if _REPO not in sys.path:
 from twisted.internet import task  # noqa: E402
 from twisted.internet.defer import Deferred, gatherResults  # noqa: E402
 
+from processes import TWISTD_CODE, Children, freePort  # noqa: E402
+
 #: About 3 s of speech with Piper's joe-medium voice.
 TEXT = "Privacy matters to everyone who uses the internet."
-
-#: What the C{twistd} console script runs, under this interpreter. argv:
-#: twistd's own (C{-n --pidfile= --logfile=FILE privox-local ...}).
-TWISTD_CODE = "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"
 
 #: The same, profiled: argv is the stats path, then twistd's. The first
 #: SIGUSR2 starts cProfile, the second saves its stats to the path. (SIGUSR1
@@ -137,64 +133,6 @@ def expectedText(data: bytes) -> str:
     What C{digest:} answers for C{data}.
     """
     return f"sha256:{hashlib.sha256(data).hexdigest()} bytes:{len(data)}"
-
-
-def freePort() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Children:
-    """
-    The subprocesses this run started; L{stopAll} stops every one of them.
-    """
-
-    def __init__(self, logDir: str) -> None:
-        self.logDir = logDir
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-
-    def start(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (_REPO, env.get("PYTHONPATH", "")) if p)
-        with open(self.path(name, "out"), "wb") as f:
-            proc = subprocess.Popen(
-                argv, cwd=_REPO, env=env, stdin=subprocess.DEVNULL, stdout=f, stderr=f
-            )
-        self.procs[name] = proc
-        return proc
-
-    def path(self, name: str, kind: str) -> str:
-        return os.path.join(self.logDir, f"{name}.{kind}")
-
-    def cpuSeconds(self, name: str) -> float:
-        with open(f"/proc/{self.procs[name].pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def tail(self, name: str, lines: int = 30) -> str:
-        text = []
-        for kind in ("out", "log"):
-            path = self.path(name, kind)
-            if os.path.exists(path):
-                with open(path, "rb") as f:
-                    tail = b"".join(f.readlines()[-lines:]).decode("utf-8", "replace")
-                text.append(f"[{os.path.basename(path)}]\n{tail}")
-        return "\n".join(text)
-
-    def stop(self, name: str, grace: float = 5.0) -> None:
-        proc = self.procs[name]
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-    def stopAll(self) -> None:
-        for name in list(self.procs):
-            self.stop(name)
 
 
 class CpuMeter:
@@ -412,21 +350,6 @@ async def waitForLog(reactor: Any, children: Children, name: str, marker: bytes)
         await sleep(reactor, 0.05)
 
 
-async def waitForPort(reactor: Any, children: Children, name: str, port: int) -> None:
-    proc = children.procs[name]
-    deadline = time.perf_counter() + 30
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{name} exited with {proc.returncode}:\n{children.tail(name)}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            if time.perf_counter() > deadline:
-                raise RuntimeError(f"{name} is not listening on port {port}")
-        await sleep(reactor, 0.05)
-
-
 def serveBaseline(port: int) -> None:
     """
     The bare baseline: C{twisted.web} parses the multipart body into
@@ -467,7 +390,7 @@ async def throughput(
     children.start("baseline", [sys.executable, os.path.abspath(__file__),
                                 "--serve-baseline", str(basePort)])
     await waitForLog(reactor, children, "api", b"serving on")
-    await waitForPort(reactor, children, "baseline", basePort)
+    children.waitForPort("baseline", basePort)
     print(f"privox-local pid {children.procs['api'].pid} on port {apiPort}, baseline pid "
           f"{children.procs['baseline'].pid} on port {basePort}; {os.cpu_count()} cores"
           + ("; privox-local profiled (slower)" if args.profile_server else ""), flush=True)

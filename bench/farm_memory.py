@@ -46,7 +46,8 @@ from twisted.internet import task  # noqa: E402
 from twisted.internet.defer import Deferred, gatherResults  # noqa: E402
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol  # noqa: E402
 
-from farm_relay import TWISTD_CODE, Children, expectedText, freePort  # noqa: E402
+from farm_relay import expectedText  # noqa: E402
+from processes import TWISTD_CODE, Children, freePort  # noqa: E402
 
 MB = 1_000_000
 MODEL = "bench:digest"
@@ -88,7 +89,7 @@ def startFarm(children: Children, name: str, port: int, maxJobBytes: int) -> int
         "--stats-interval", "0",
         "--max-job-bytes", str(maxJobBytes),
     ])
-    return children.procs[name][0].pid
+    return children.pid(name)
 
 
 def _frame(verb: bytes, payload: bytes = b"") -> bytes:
@@ -174,7 +175,7 @@ class IdleProducers:
 def measureIdle(children: Children, count: int, batch: int, settle: float) -> dict[str, Any]:
     port = freePort()
     pid = startFarm(children, "farm-idle", port, 20 * MB)
-    _waitSync(children, "farm-idle", port)
+    children.waitForPort("farm-idle", port)
     time.sleep(0.5)
     before = memory(pid)
     started = time.perf_counter()
@@ -195,21 +196,6 @@ def measureIdle(children: Children, count: int, batch: int, settle: float) -> di
         "hwm_mb": after["VmHWM"],
         "kb_per_connection": (after["VmRSS"] - before["VmRSS"]) * MB / 1000 / count,
     }
-
-
-def _waitSync(children: Children, name: str, port: int) -> None:
-    proc = children.procs[name][0]
-    deadline = time.perf_counter() + 20
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{name} exited:\n{children.tail(name)}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            if time.perf_counter() > deadline:
-                raise RuntimeError(f"{name} is not listening on port {port}")
-            time.sleep(0.05)
 
 
 # --------------------------------------------------------------------------
@@ -262,7 +248,7 @@ async def measureInFlight(
     name = f"farm-{jobBytes // MB}mb"
     port = freePort()
     pid = startFarm(children, name, port, 2 * jobBytes)
-    _waitSync(children, name, port)  # nothing else is running yet
+    children.waitForPort(name, port)  # nothing else is running yet
     producers = []
     for _ in range(jobs):
         p = slowProducer(reactor, rate)

@@ -45,9 +45,7 @@ import json
 import os
 import shutil
 import signal
-import socket
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -65,6 +63,15 @@ from twisted.internet.protocol import Factory, Protocol  # noqa: E402
 
 from privox.framing import tuneTransport  # noqa: E402
 
+from processes import (  # noqa: E402
+    TWISTD_CODE,
+    Children,
+    cpuSeconds,
+    cpuTimes,
+    freePort,
+    machineCpuSeconds,
+)
+
 MODEL = "bench:digest"
 #: The PVX/1 name small jobs use with --pvx1 (the farm's default alias table
 #: routes it as whisper:tiny.en, which PVX/1 nodes serve).
@@ -72,16 +79,13 @@ PVX1_MODEL = "tiny.en"
 PVX1_KEY = b"bench-pvx1-key-0"
 MB = 1_000_000
 DATA_CHUNK = 1024 * 1024  # what the farm announces as max_frame by default
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 # --------------------------------------------------------------------------
 # The servers: the farm (twistd) and the baselines (this script).
 
-#: The farm: what the C{twistd} console script runs, under this interpreter.
-#: argv: twistd's own (C{-n --pidfile= --logfile ... privox-farm ...}). Not
-#: C{python -m twisted}: that is C{twist}, which has no C{-n} or C{--pidfile}.
-TWISTD_CODE = "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"
+# The farm runs what the C{twistd} console script runs (processes.TWISTD_CODE),
+# not C{python -m twisted}: that is C{twist}, which has no C{-n} or C{--pidfile}.
 
 #: The same, profiled. argv: a JSON list of paths, then twistd's. Each
 #: SIGUSR2 toggles cProfile: the first starts it, the second saves what it saw
@@ -523,132 +527,6 @@ async def loadProcess(reactor: Any, args: argparse.Namespace) -> None:
 # reads everyone's CPU time.
 
 
-def cpuTimes(pid: int) -> tuple[float, float]:
-    """
-    User and system CPU seconds process C{pid} has used so far.
-    """
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
-
-
-def cpuSeconds(pid: int) -> float:
-    return sum(cpuTimes(pid))
-
-
-def machineCpuSeconds() -> float:
-    """
-    CPU seconds the whole machine has been busy (all cores, /proc/stat).
-    """
-    with open("/proc/stat") as f:
-        ticks = [int(t) for t in f.readline().split()[1:]]
-    idle = ticks[3] + ticks[4]  # idle, iowait
-    guests = sum(ticks[8:])  # guest time is counted in user too
-    return (sum(ticks) - idle - guests) / CLK_TCK
-
-
-class Children:
-    """
-    The subprocesses this run started; all of them are stopped by L{stopAll}.
-    """
-
-    def __init__(self, logDir: str) -> None:
-        self.logDir = logDir
-        self.procs: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
-
-    def start(
-        self, name: str, argv: list[str], discardStdout: bool = False, piped: bool = False
-    ) -> subprocess.Popen[bytes]:
-        """
-        C{piped}: stdin and stdout are pipes to this process (the load
-        processes' instructions and results); stderr goes to a file.
-        """
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (_REPO, env.get("PYTHONPATH", "")) if p
-        )
-        out = os.path.join(self.logDir, f"{name}.out")
-        with open(out, "wb") as f:
-            if piped:
-                proc = subprocess.Popen(
-                    argv, cwd=_REPO, env=env, stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE, stderr=f,
-                )
-            else:
-                proc = subprocess.Popen(
-                    argv, cwd=_REPO, env=env, stdin=subprocess.DEVNULL,
-                    stdout=subprocess.DEVNULL if discardStdout else f, stderr=f,
-                )
-        self.procs[name] = (proc, out)
-        return proc
-
-    def pid(self, name: str) -> int:
-        return self.procs[name][0].pid
-
-    def tail(self, name: str, lines: int = 30) -> str:
-        _, out = self.procs[name]
-        text = []
-        # twistd sends its log (and, once logging has begun, stdout and
-        # stderr) to its log file.
-        for path in (out, os.path.join(self.logDir, f"{name}.log")):
-            if os.path.exists(path):
-                with open(path, "rb") as f:
-                    text.append(f"[{os.path.basename(path)}]\n"
-                                + b"".join(f.readlines()[-lines:]).decode("utf-8", "replace"))
-        return "\n".join(text)
-
-    def readLine(self, name: str) -> str:
-        proc, _ = self.procs[name]
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        if not line:
-            proc.wait()
-            raise RuntimeError(f"{name} exited with {proc.returncode}:\n{self.tail(name)}")
-        return line.decode()
-
-    def stop(self, name: str, grace: float = 3.0) -> None:
-        """
-        SIGTERM (the farm drains and, if profiled, saves its profile), then
-        SIGKILL after C{grace} seconds: a farm stopped with jobs in flight
-        would otherwise wait out its shutdown_grace.
-        """
-        proc, _ = self.procs[name]
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-    def stopAll(self) -> None:
-        for name in list(self.procs):
-            self.stop(name)
-
-
-def freePort() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def waitForPort(children: Children, name: str, port: int) -> None:
-    proc, _ = children.procs[name]
-    deadline = time.time() + 20
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(
-                f"{name} exited with {proc.returncode}:\n{children.tail(name)}"
-            )
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            if time.time() > deadline:
-                raise RuntimeError(f"{name} is not listening on port {port}")
-        time.sleep(0.05)
-
-
 def shares(count: int, procs: int) -> list[int]:
     """
     C{count} clients over at most C{procs} processes, as evenly as can be.
@@ -684,12 +562,12 @@ class FarmProfile:
 
     def start(self) -> None:
         if self.paths:
-            self.children.procs["farm"][0].send_signal(signal.SIGUSR2)
+            self.children.procs["farm"].send_signal(signal.SIGUSR2)
 
     def stop(self, phase: str) -> None:
         if not self.paths:
             return
-        proc = self.children.procs["farm"][0]
+        proc = self.children.procs["farm"]
         proc.send_signal(signal.SIGUSR2)
         deadline = time.time() + 30
         while not os.path.exists(self.paths[phase]):
@@ -750,7 +628,7 @@ def measure(children: Children, phase: Phase, args: argparse.Namespace,
     begin = time.time() + phase.warmup
     end = begin + phase.seconds
     for name in consumers:
-        stdin = children.procs[name][0].stdin
+        stdin = children.procs[name].stdin
         assert stdin is not None
         stdin.write(f"{begin!r} {end!r}\n".encode())
         stdin.flush()
@@ -780,7 +658,7 @@ def measure(children: Children, phase: Phase, args: argparse.Namespace,
         share = Run(**json.loads(children.readLine(name)))
         run.add(share)
     for name in loads:
-        proc = children.procs[name][0]
+        proc = children.procs[name]
         if proc.stdin is not None:
             proc.stdin.close()  # producers: stop serving
         proc.wait(30)
@@ -851,9 +729,9 @@ def benchmark(args: argparse.Namespace) -> None:
             sys.executable, os.path.abspath(__file__), "--serve-baseline",
             str(jobsPort), str(pipePort), str(args.large_bytes),
         ])
-        waitForPort(children, "farm", farmPort)
-        waitForPort(children, "baseline", jobsPort)
-        waitForPort(children, "baseline", pipePort)
+        children.waitForPort("farm", farmPort)
+        children.waitForPort("baseline", jobsPort)
+        children.waitForPort("baseline", pipePort)
         print(
             f"farm pid {children.pid('farm')} on port {farmPort}, "
             f"baseline pid {children.pid('baseline')}; {os.cpu_count()} cores; "
@@ -967,7 +845,7 @@ def benchmark(args: argparse.Namespace) -> None:
         children.stopAll()
         if failed:
             for name in children.procs:
-                print(f"--- {name} output ({children.procs[name][1]}):\n{children.tail(name)}", file=sys.stderr)
+                print(f"--- {name} output ({children.path(name, 'out')}):\n{children.tail(name)}", file=sys.stderr)
         else:
             shutil.rmtree(logDir, ignore_errors=True)
     if paths:

@@ -18,6 +18,7 @@ from twisted.internet.endpoints import TCP4ServerEndpoint, serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 
+from privox.accounts.store import DEFAULT_DSN, AccountStore
 from privox.api.farms import FarmEntry, FarmExchange
 from privox.api.models import DEFAULT_VOICES, OPENAI_VOICES, QUALITIES
 from privox.api.service import ApiSettings, TrackedFactory, buildApi
@@ -25,7 +26,6 @@ from privox.config import optionsFor, setting
 from privox.engines.registry import ModelSpec, SpecError, createEngine
 from privox.farm.connection import FarmFactory
 from privox.farm.farm import Farm, FarmSettings
-from privox.accounts.store import DEFAULT_DSN, AccountStore
 from privox.keys import OpenPolicy
 from privox.metrics import CollectorRegistry, farmStatus, instrumentFarm
 from privox.node.service import NodeService, NodeSettings
@@ -219,7 +219,8 @@ def banner(url: str, settings: LocalSettings) -> list[str]:
     The lines that tell a new user where the exchange is and how to call it.
     """
     if settings.accounts == "none":
-        intro, form, header = "Try it (any non-empty key works here):", " -F key=demo", " -H 'Authorization: Bearer demo'"
+        intro = "Try it (any non-empty key works here):"
+        form, header = " -F key=demo", " -H 'Authorization: Bearer demo'"
     elif settings.anonymous == "on":
         intro, form, header = "Try it (no key needed here):", "", ""
     else:

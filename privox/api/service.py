@@ -18,15 +18,15 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.server import Site
 
+from privox.accounts.quota import DEFAULT_HOURLY_SECONDS
+from privox.accounts.store import DEFAULT_DSN, AccountStore, StoreError
+from privox.api.access import Access, AccountAccess, PolicyAccess, modelCosts
 from privox.api.app import DEFAULT_MAX_UPLOAD, PrivoxAPI
 from privox.api.exchange import Exchange
 from privox.api.farms import FarmEntry, FarmExchange
 from privox.api.farmstatus import RemoteStatus
 from privox.api.models import DEFAULT_STT, DEFAULT_VOICES, ModelTable
 from privox.config import optionsFor, setting
-from privox.accounts.quota import DEFAULT_HOURLY_SECONDS
-from privox.accounts.store import DEFAULT_DSN, AccountStore, StoreError
-from privox.api.access import Access, AccountAccess, PolicyAccess, modelCosts
 from privox.keys import KeyPolicyError, policyFromSpec
 from privox.tls import loadCA
 

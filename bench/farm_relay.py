@@ -11,8 +11,9 @@ Runs, in one go and side by side:
   2. Large STT uploads (10 MB) through the farm, in MB/s. Baseline: the same
      bytes written to a plain TCP socket on loopback and counted by a reader.
 
-Every party has a process of its own: the farm, started as an operator would
-start it (``twistd -n --pidfile= --logfile FILE privox-farm ...``, with the
+Every party has a process of its own: the farm, started as its systemd unit
+starts it (``twistd -n --pidfile= --logger privox.logs.textStdout privox-farm
+...``, its stdout into a file, with the
 checkout on PYTHONPATH so the plugin comes from its twisted/plugins), the
 baseline servers, and the load: consumers and producers spread over
 C{--load-procs} processes each (this script with C{--load}). This process
@@ -705,8 +706,14 @@ def benchmark(args: argparse.Namespace) -> None:
         # --farm-log none: twistd logs to its stdout, which goes to /dev/null.
         # (Not --logfile /dev/null: twistd rotates a log file at 1 MB, and as
         # root that would rename /dev/null.)
-        farmLog = "-" if args.farm_log == "none" else os.path.join(logDir, "farm.log")
-        twistd = ["-n", "--pidfile=", "--logfile", farmLog, "privox-farm",
+        if args.farm_log == "journal":
+            # As the systemd unit runs it: text lines on stdout (to a file
+            # here, to journald there), written by privox.logs' own thread.
+            logging = ["--logger", "privox.logs.textStdout"]
+        else:
+            farmLog = "-" if args.farm_log == "none" else os.path.join(logDir, "farm.log")
+            logging = ["--logfile", farmLog]
+        twistd = ["-n", "--pidfile=", *logging, "privox-farm",
                   "--stt-listen", f"tcp:{farmPort}:interface=127.0.0.1",
                   "--tts-listen", "none",
                   "--stats-interval", "0",
@@ -878,9 +885,11 @@ def parseArgs(argv: list[str]) -> argparse.Namespace:
                    help="processes the consumers are spread over, and as many for the producers [2]")
     p.add_argument("--only", choices=["small", "large"],
                    help="measure only the small or only the large jobs (both by default)")
-    p.add_argument("--farm-log", choices=["file", "none"], default="file",
-                   help="twistd logs the farm to a file in a temporary folder (file), "
-                   "or to /dev/null (none) [file]")
+    p.add_argument("--farm-log", choices=["journal", "file", "none"], default="journal",
+                   help="the farm logs as its systemd unit does, text on stdout through "
+                   "privox.logs.textStdout, here into a file (journal); through twistd's "
+                   "--logfile into a file (file), a write per line; or to /dev/null (none) "
+                   "[journal]")
     p.add_argument("--profile-farm", metavar="FILE",
                    help="profile the farm (cProfile) during its two measured phases; saves "
                    "FILE's name with -small and -large added (farm.prof: farm-small.prof, "

@@ -5,7 +5,9 @@ status page and C{privox status}, and blurred usage figures in log lines.
 
 from __future__ import annotations
 
+import io
 import json
+import threading
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -680,8 +682,114 @@ class JsonLogTests(SynchronousTestCase):
         path = self.mktemp()
         observer = jsonFile(path)
         Logger(observer=observer).info("job {ms} ms", ms=1200, bytes_in=4300)
-        observer._outFile.close()
+        observer.flush()
+        observer._out.close()
         with open(path) as f:
             [line] = f.read().splitlines()
         event = json.loads(line)
         self.assertEqual((event["ms"], event["bytes_in"]), (1200, 4300))
+
+
+class _Output(io.StringIO):
+    """
+    A file that says when something was written to it, and from which thread.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = threading.Event()
+        self.writers: set[str] = set()
+
+    def write(self, text: str) -> int:
+        self.writers.add(threading.current_thread().name)
+        self.written.set()
+        return super().write(text)
+
+
+class BufferedLogTests(SynchronousTestCase):
+    """
+    L{privox.logs.BufferedLogObserver}: lines wait in memory and are written
+    together, off the thread that logged them; warnings at once.
+    """
+
+    def observer(self, **kwargs: Any) -> tuple[Any, _Output]:
+        from privox.logs import BufferedLogObserver
+
+        out = _Output()
+        # An interval no test waits for: only the test that wants the
+        # writer thread sets a short one.
+        kwargs.setdefault("interval", 3600.0)
+        return BufferedLogObserver(out, lambda e: e["text"] + "\n", **kwargs), out
+
+    def test_waitsThenWritesTogether(self) -> None:
+        from twisted.logger import LogLevel
+
+        observer, out = self.observer()
+        for n in range(3):
+            observer({"text": f"line {n}", "log_level": LogLevel.info})
+        self.assertEqual(out.getvalue(), "")
+        observer.flush()
+        self.assertEqual(out.getvalue(), "line 0\nline 1\nline 2\n")
+
+    def test_warningsAtOnce(self) -> None:
+        from twisted.logger import LogLevel
+
+        observer, out = self.observer()
+        observer({"text": "before", "log_level": LogLevel.info})
+        observer({"text": "trouble", "log_level": LogLevel.warn})
+        self.assertEqual(out.getvalue(), "before\ntrouble\n")
+        observer({"text": "worse", "log_level": LogLevel.critical})
+        self.assertEqual(out.getvalue(), "before\ntrouble\nworse\n")
+
+    def test_fullBufferWritten(self) -> None:
+        from twisted.logger import LogLevel
+
+        observer, out = self.observer(maxPending=20)
+        observer({"text": "a" * 10, "log_level": LogLevel.info})
+        self.assertEqual(out.getvalue(), "")
+        observer({"text": "b" * 10, "log_level": LogLevel.info})
+        self.assertEqual(out.getvalue(), "a" * 10 + "\n" + "b" * 10 + "\n")
+
+    def test_immediateWhileTold(self) -> None:
+        """
+        While C{immediate()} holds (for twistd: while the reactor is not
+        running), every line is written at once, with those waiting.
+        """
+        from twisted.logger import LogLevel
+
+        running = [True]
+        observer, out = self.observer(immediate=lambda: not running[0])
+        observer({"text": "serving", "log_level": LogLevel.info})
+        self.assertEqual(out.getvalue(), "")
+        running[0] = False
+        observer({"text": "Main loop terminated.", "log_level": LogLevel.info})
+        self.assertEqual(out.getvalue(), "serving\nMain loop terminated.\n")
+
+    def test_writerThread(self) -> None:
+        """
+        Left alone, lines are written by the observer's own thread.
+        """
+        from twisted.logger import LogLevel
+
+        observer, out = self.observer(interval=0.01)
+        observer({"text": "quietly", "log_level": LogLevel.info})
+        self.assertTrue(out.written.wait(30))
+        self.assertEqual(out.getvalue(), "quietly\n")
+        self.assertEqual(out.writers, {"privox-log-writer"})
+
+    def test_textFormat(self) -> None:
+        """
+        C{privox.logs.textStdout} writes what twistd's own text log would.
+        """
+        from twisted.logger import Logger, formatEventAsClassicLogText
+
+        from privox.logs import textStdout
+
+        observer = textStdout()
+        events: list[dict[str, Any]] = []
+        observer._out = _Output()
+        log = Logger(namespace="privox.test", observer=lambda e: (events.append(e), observer(e)))
+        log.info("job {job_id} ok", job_id="ab12")
+        observer.flush()
+        self.assertEqual(observer._out.getvalue(), formatEventAsClassicLogText(events[0]))
+        self.assertIn("[privox.test#info] job ab12 ok", observer._out.getvalue())

@@ -163,7 +163,7 @@ class UnitTests(SynchronousTestCase):
             service = self.service(name)
             self.assertEqual(
                 service["ExecStart"],
-                [f"{SHIPPED_TWISTD} --nodaemon --pidfile= --logfile=- {command}"],
+                [f"{SHIPPED_TWISTD} --nodaemon --pidfile= --logger=privox.logs.textStdout {command}"],
                 name,
             )
             self.assertEqual((service["User"], service["Group"]), (["privox"], ["privox"]), name)
@@ -215,8 +215,11 @@ class SocketActivationTests(SynchronousTestCase):
                 # systemd names every descriptor (after the socket unit), and
                 # Twisted ignores descriptors without names.
                 "--fdname=privox-farm.socket:privox-farm.socket",
+                # It passes the farm only the variables it is told to: this
+                # one makes the farm the checkout's code, not an installed copy.
+                f"--setenv=PYTHONPATH={REPO}",
                 sys.executable, "-c", TWISTD,
-                "--nodaemon", "--pidfile=", "--logfile=-", "privox-farm",
+                "--nodaemon", "--pidfile=", "--logger=privox.logs.textStdout", "privox-farm",
                 "--stt-listen", "systemd:domain=INET:index=0",
                 "--tts-listen", "systemd:domain=INET:index=1",
                 "--stats-interval", "0",

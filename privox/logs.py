@@ -74,16 +74,20 @@ class BufferedLogObserver:
         self._lock = threading.Lock()
         self._pending: list[str] = []
         self._size = 0
-        self._startWriter()
-        # twistd may fork to daemonise after making its observer; the
-        # writer thread does not survive a fork.
-        os.register_at_fork(after_in_child=self._startWriter)
+        self._writer = self._startWriter()
+        # twistd may fork to daemonise after making its observer. Only the
+        # forking thread survives a fork: the child gets a fresh lock (the
+        # writer may have held it) and, at its first event, a new writer.
+        os.register_at_fork(after_in_child=self._afterFork)
         atexit.register(self.flush)
 
-    def _startWriter(self) -> None:
-        self._lock = threading.Lock()
+    def _startWriter(self) -> threading.Thread:
         writer = threading.Thread(target=self._writeLoop, name="privox-log-writer", daemon=True)
         writer.start()
+        return writer
+
+    def _afterFork(self) -> None:
+        self._lock = threading.Lock()
 
     def _writeLoop(self) -> None:
         idle = threading.Event()  # never set: a wait that no signal cuts short
@@ -95,6 +99,8 @@ class BufferedLogObserver:
         text = self._format(event)
         if not text:
             return
+        if not self._writer.is_alive():
+            self._writer = self._startWriter()
         with self._lock:
             self._pending.append(text)
             self._size += len(text)

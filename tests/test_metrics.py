@@ -777,6 +777,26 @@ class BufferedLogTests(SynchronousTestCase):
         self.assertEqual(out.getvalue(), "quietly\n")
         self.assertEqual(out.writers, {"privox-log-writer"})
 
+    def test_afterFork(self) -> None:
+        """
+        In a forked child (twistd daemonising) the writer thread is gone:
+        the next event starts another, and the lock is a fresh one.
+        """
+        from twisted.logger import LogLevel
+
+        observer, out = self.observer(interval=0.01)
+        lock = observer._lock
+        observer._afterFork()
+        self.assertIsNot(observer._lock, lock)
+        dead = threading.Thread(target=lambda: None)
+        dead.start()
+        dead.join()
+        observer._writer = dead
+        observer({"text": "in the child", "log_level": LogLevel.info})
+        self.assertTrue(observer._writer.is_alive())
+        self.assertTrue(out.written.wait(30))
+        self.assertEqual(out.getvalue(), "in the child\n")
+
     def test_textFormat(self) -> None:
         """
         C{privox.logs.textStdout} writes what twistd's own text log would.

@@ -15,8 +15,9 @@ The C{privox} command: a client of the exchange's HTTP API.
     L{privox.accounts.admin}; no API involved).
 
 Every API command takes C{--api URL} (default C{$PRIVOX_API}, else
-C{http://127.0.0.1:8080}), C{--key KEY} (default C{$PRIVOX_KEY}; required,
-except by C{status}) and C{--timeout SECONDS} (for each request).
+C{http://127.0.0.1:8080}), C{--key KEY} (default C{$PRIVOX_KEY}; without one,
+requests go without a key, which an API with anonymous use on accepts) and
+C{--timeout SECONDS} (for each request).
 
 HTTP goes through treq on the reactor (L{react}); stdin is read with
 L{StandardIO}, so reading never blocks the reactor and transcriptions run
@@ -92,7 +93,7 @@ class PrivoxClient:
     L{CliError} with a one-line message.
     """
 
-    def __init__(self, reactor: Any, api: str, key: str, timeout: float) -> None:
+    def __init__(self, reactor: Any, api: str, key: str | None, timeout: float) -> None:
         from treq.client import HTTPClient
         from twisted.web.client import Agent, HTTPConnectionPool
 
@@ -114,7 +115,7 @@ class PrivoxClient:
         """
         C{POST /stt}: the transcript (or, with C{asJson}, the API's JSON).
         """
-        fields = {"key": self.key}
+        fields = self._keyField()
         if quality:
             fields["quality"] = quality
         if language:
@@ -133,7 +134,7 @@ class PrivoxClient:
         """
         C{POST /tts}: the WAV file, checked to be one.
         """
-        fields = {"key": self.key, "text": text}
+        fields = dict(self._keyField(), text=text)
         if voice:
             fields["voice"] = voice
         if language:
@@ -166,7 +167,9 @@ class PrivoxClient:
         """
         C{GET /v1/account}: this key's allowance, use and credit.
         """
-        headers = {"Accept": "application/json", "Authorization": f"Bearer {self.key}"}
+        headers = {"Accept": "application/json"}
+        if self.key:
+            headers["Authorization"] = f"Bearer {self.key}"
         body = await self._request("GET", "/v1/account", headers=headers)
         try:
             account = json.loads(body)
@@ -181,6 +184,9 @@ class PrivoxClient:
                 "not its JSON"
             ) from None
         return account
+
+    def _keyField(self) -> dict[str, str]:
+        return {"key": self.key} if self.key else {}
 
     async def _post(self, path: str, **kwargs: Any) -> bytes:
         return await self._request("POST", path, **kwargs)
@@ -676,7 +682,7 @@ async def runCaption(reactor: Any, args: argparse.Namespace) -> None:
 
 
 async def runStatus(reactor: Any, args: argparse.Namespace) -> None:
-    client = PrivoxClient(reactor, args.api, args.key or "", args.timeout)
+    client = PrivoxClient(reactor, args.api, args.key, args.timeout)
     try:
         status = await client.status()
     finally:
@@ -827,7 +833,7 @@ def buildParser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentPa
     common.add_argument(
         "--key",
         default=env.get("PRIVOX_KEY") or None,
-        help="your key (default: $PRIVOX_KEY)",
+        help="your key (default: $PRIVOX_KEY; none: anonymous use, where the API allows it)",
     )
     common.add_argument(
         "--timeout",
@@ -941,10 +947,9 @@ def parseArguments(
     if parts.scheme not in ("http", "https") or not parts.hostname:
         _usage(f"--api must be an http:// or https:// URL, not {args.api!r}")
     args.api = api
-    if args.command != "status":
-        if not args.key or not args.key.strip():
-            _usage("a key is required: give --key KEY or set PRIVOX_KEY")
-        args.key = args.key.strip()
+    # No key: requests go without one (anonymous use, where the API allows
+    # it; it answers 401 where it does not).
+    args.key = (args.key or "").strip() or None
     if args.command == "tts" and not args.text.strip():
         _usage("the text to speak is empty")
     if args.command == "caption" and sys.stdin is not None and sys.stdin.isatty():

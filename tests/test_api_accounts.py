@@ -216,6 +216,19 @@ class AccountsAPITests(TestCase):
 
         return ensureDeferred(go())
 
+    def test_anonymousCommand(self) -> Any:
+        """
+        C{privox} without a key uses the anonymous allowance.
+        """
+        async def go() -> None:
+            await self.start(anonymous=30.0)
+            self.assertEqual((await self.stt(None, wav(5)))[0], 200)
+            out, err, code = await privox("account", PRIVOX_API=self.url, PRIVOX_KEY="")
+            self.assertEqual((err, code), ("", 0))
+            self.assertTrue(out.startswith("key anonymous: 5 of 30 audio seconds used"), out)
+
+        return ensureDeferred(go())
+
     def test_concurrentRequestsCannotOverspend(self) -> Any:
         async def go() -> None:
             await self.start(hourly=35.0)

@@ -33,7 +33,6 @@ import atexit
 import hashlib
 import io
 import os
-import shutil
 import signal
 import struct
 import sys
@@ -436,12 +435,7 @@ async def benchmark(reactor: Any, args: argparse.Namespace) -> None:
         api, base = await throughput(reactor, args, children)
         failed = api.errors > 0 or base.errors > 0
     finally:
-        children.stopAll()
-        if failed:
-            for name in children.procs:
-                print(f"--- {name} output:\n{children.tail(name)}", file=sys.stderr)
-        else:
-            shutil.rmtree(logDir, ignore_errors=True)
+        children.finish(failed)
 
     ms = 1000.0
     a50, e50 = percentile(lat.api, 50), percentile(lat.engine, 50)

@@ -44,7 +44,6 @@ import atexit
 import hashlib
 import json
 import os
-import shutil
 import signal
 import struct
 import sys
@@ -849,12 +848,7 @@ def benchmark(args: argparse.Namespace) -> None:
         )
         failed = mismatched > 0
     finally:
-        children.stopAll()
-        if failed:
-            for name in children.procs:
-                print(f"--- {name} output ({children.path(name, 'out')}):\n{children.tail(name)}", file=sys.stderr)
-        else:
-            shutil.rmtree(logDir, ignore_errors=True)
+        children.finish(failed)
     if paths:
         import pstats
 

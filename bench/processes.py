@@ -7,7 +7,9 @@ CPU time from C{/proc}, and stopping every one of them at the end.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import sys
 import socket
 import subprocess
 import time
@@ -148,3 +150,16 @@ class Children:
     def stopAll(self) -> None:
         for name in list(self.procs):
             self.stop(name)
+
+    def finish(self, failed: bool) -> None:
+        """
+        Stop them all; then show what each said if the run failed, or
+        remove their logs if it did not.
+        """
+        self.stopAll()
+        if failed:
+            for name in self.procs:
+                print(f"--- {name} output ({self.path(name, 'out')}):\n{self.tail(name)}",
+                      file=sys.stderr)
+        else:
+            shutil.rmtree(self.logDir, ignore_errors=True)

@@ -204,7 +204,7 @@ class URLPolicy:
         # long-lived process doesn't hold every key it has seen in memory.
         # Insertion-ordered, so the first entry is the oldest.
         self._cache: OrderedDict[bytes, tuple[float, bool]] = OrderedDict()
-        self._safeURL = _withoutSecrets(url)
+        self._safeURL = withoutSecrets(url)
         self.description = f"validation URL {self._safeURL}"
 
     def check(self, key: str) -> Deferred[bool]:
@@ -228,7 +228,7 @@ class URLPolicy:
                 "key validation at {url} failed for key {keyId}: {why}",
                 url=self._safeURL,
                 keyId=keyId(key),
-                why=_describe(e),
+                why=describeFailure(e),
             )
             return False
         self._remember(digest, accepted)
@@ -300,7 +300,7 @@ class URLPolicy:
             self._cache.popitem(last=False)
 
 
-def _withoutSecrets(url: str) -> str:
+def withoutSecrets(url: str) -> str:
     """
     C{scheme://host[:port]/path} of C{url}: no user-info, query or fragment,
     any of which might carry a credential for the validation endpoint.
@@ -325,7 +325,7 @@ def _timedOut(result: object, timeout: float) -> NoReturn:
     raise TimeoutError(f"no answer within {timeout:g} seconds")
 
 
-def _describe(e: BaseException) -> str:
+def describeFailure(e: BaseException) -> str:
     """
     A one-line reason for a validation failure, for the warning.
     """

@@ -36,7 +36,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from privox.keys import _describe, _withoutSecrets
+from privox.keys import describeFailure, withoutSecrets
 
 if TYPE_CHECKING:
     from privox.farm.job import Job
@@ -408,7 +408,7 @@ class HTTPLedger:
     ) -> None:
         self.url = url
         self.spool = spool
-        self._safeURL = _withoutSecrets(url)
+        self._safeURL = withoutSecrets(url)
         self.description = f"ledger URL {self._safeURL} (spool {spool})"
         self._headers = {
             "Content-Type": "application/json",
@@ -521,7 +521,7 @@ class HTTPLedger:
             if self._stopped:
                 self._shipping = False
                 return
-            self._failed(len(records), _describe(result.value))
+            self._failed(len(records), describeFailure(result.value))
             return
         code, content = result
         if code == 200:

@@ -42,6 +42,7 @@ bench: $(STAMP)
 	PYTHONPATH=. $(PY) bench/engines.py
 	PYTHONPATH=. $(PY) bench/api.py
 	PYTHONPATH=. $(PY) bench/quota.py
+	PYTHONPATH=. $(PY) bench/log_format.py
 
 # The long reliability runs (issue 9): load and fault scenarios scaled up;
 # prints figures. `make soak SOAK_SECONDS=60` for a shorter run.

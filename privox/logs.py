@@ -37,6 +37,7 @@ from twisted.logger import (
     LogLevel,
     eventAsJSON,
     formatEventAsClassicLogText,
+    formatTime,
 )
 from zope.interface import implementer
 
@@ -126,6 +127,63 @@ class BufferedLogObserver:
                 pass
 
 
+class ClassicText:
+    """
+    L{formatEventAsClassicLogText}: the same text, nine times faster for the
+    events daemons log most (bench/log_format.py).
+
+    Twisted formats C{log_format} with L{string.Formatter}, in Python, so it
+    can call C{{name()}} fields, and formats the time stamp afresh for every
+    line. That cost a farm a tenth of its CPU per small job. Here
+    C{str.format_map} does the fields and the stamp is reused within its
+    second. Anything else (a failure to show, a flattened or bytes format,
+    a call, a field that is missing or will not format, a system that is
+    not text) goes to Twisted's own function, so it reads as it always has.
+    """
+
+    def __init__(self) -> None:
+        # (second, stamp) in one tuple: events may come from several threads.
+        self._stamp: tuple[int | None, str] = (None, "-")
+
+    def _timeStamp(self, when: Any) -> str:
+        if type(when) is not float:
+            return formatTime(when)
+        # RFC 3339 to the second: the same text for the whole second.
+        second = int(when // 1)
+        stamp = self._stamp
+        if stamp[0] != second:
+            stamp = self._stamp = (second, formatTime(when))
+        return stamp[1]
+
+    def __call__(self, event: dict[str, Any]) -> str | None:
+        logFormat = event.get("log_format")
+        system = event.get("log_system")
+        if system is None:
+            level = event.get("log_level")
+            system = "{}#{}".format(
+                event.get("log_namespace", "-"), "-" if level is None else level.name
+            )
+        if (
+            type(logFormat) is not str
+            or type(system) is not str
+            or "log_failure" in event
+            or "log_flattened" in event
+        ):
+            return formatEventAsClassicLogText(event)
+        try:
+            text = logFormat.format_map(event)
+        except Exception:
+            text = None
+        if text is None:
+            # Outside the except: Twisted's own report of an event it cannot
+            # format must not chain ours.
+            return formatEventAsClassicLogText(event)
+        if not text:
+            return None
+        line = "".join((self._timeStamp(event.get("log_time")), " [", system, "] ", text))
+        return line.replace("\n", "\n\t") + "\n"
+
+
 def _json(event: dict[str, Any]) -> str:
     return eventAsJSON(event) + "\n"
 
@@ -141,7 +199,7 @@ def textStdout() -> ILogObserver:
     """
     A log observer factory for C{twistd --logger}: text lines on stdout.
     """
-    return _forTwistd(sys.stdout, formatEventAsClassicLogText)
+    return _forTwistd(sys.stdout, ClassicText())
 
 
 def jsonStdout() -> ILogObserver:

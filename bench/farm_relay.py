@@ -717,6 +717,8 @@ def benchmark(args: argparse.Namespace) -> None:
                   "--tts-listen", "none",
                   "--stats-interval", "0",
                   "--max-job-bytes", str(max(20_000_000, 2 * args.large_bytes))]
+        if args.early_upload is not None:
+            twistd += ["--early-upload", str(args.early_upload)]
         if args.pvx1:
             twistd += ["--pvx1-quiet", str(args.pvx1_quiet)]
         if paths:
@@ -884,6 +886,9 @@ def parseArgs(argv: list[str]) -> argparse.Namespace:
                    "privox.logs.textStdout, here into a file (journal); through twistd's "
                    "--logfile into a file (file), a write per line; or to /dev/null (none) "
                    "[journal]")
+    p.add_argument("--early-upload", type=int, metavar="BYTES",
+                   help="the farm's --early-upload (its default: 65536); 0 makes every "
+                   "consumer wait for ASGN before it uploads")
     p.add_argument("--profile-farm", metavar="FILE",
                    help="profile the farm (cProfile) during its two measured phases; saves "
                    "FILE's name with -small and -large added (farm.prof: farm-small.prof, "

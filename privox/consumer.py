@@ -5,7 +5,7 @@ the API server, the command line, the tests and the benchmarks.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail
@@ -78,6 +78,11 @@ class ConsumerProtocol(PeerProtocol):
             raise RuntimeError("this connection already has a job in flight")
         if len(body) != request.size:
             raise ValueError("body length must equal request.size")
+        early = bool(body) and self.okay is not None and len(body) <= self.okay.early_upload
+        if early:
+            # Small enough to go at once: a round trip less than waiting for
+            # ASGN, and the farm reads JOB_ and DATA together.
+            request = replace(request, early=True)
         frame = controlFrame(b"JOB_", request.payload())
         if self.okay is not None and len(frame) - HEADER_LEN > self.okay.max_frame:
             # The farm would close the connection over it (a protocol error):
@@ -88,9 +93,11 @@ class ConsumerProtocol(PeerProtocol):
                 f" the farm takes at most {self.okay.max_frame} (text too long?)",
                 None,
             ))
-        self._pending = _Pending(request, body)
+        pending = self._pending = _Pending(request, body)
         self.transport.write(frame)
-        return self._pending.done
+        if early:
+            self.sendData(body)
+        return pending.done
 
     def stt(self, model: str, audio: bytes, language: str | None = None,
             format: str = "auto", timeout_s: float | None = None) -> Deferred[JobResult]:
@@ -130,7 +137,7 @@ class ConsumerProtocol(PeerProtocol):
         if frame.verb == b"ASGN":
             pending.id = fields.get("id")
             # The whole upload goes now; the farm discards it if the job fails.
-            if pending.body:
+            if pending.body and not pending.request.early:
                 self.sendData(pending.body)
         elif frame.verb == b"RSLT":
             pending.result = fields

@@ -193,6 +193,9 @@ class Okay:
     ping_interval: float
     max_frame: int
     max_job_bytes: int
+    #: The largest upload a consumer may send right after its C{JOB_},
+    #: without waiting for C{ASGN} (0, or absent: always wait).
+    early_upload: int = 0
 
     @classmethod
     def parse(cls, obj: dict[str, Any]) -> Okay:
@@ -202,6 +205,7 @@ class Okay:
                 float(obj["ping_interval"]),
                 int(obj["max_frame"]),
                 int(obj["max_job_bytes"]),
+                max(0, int(obj.get("early_upload", 0))),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ProtocolViolation(f"bad OKAY: {e}")
@@ -213,6 +217,7 @@ class Okay:
             "ping_interval": self.ping_interval,
             "max_frame": self.max_frame,
             "max_job_bytes": self.max_job_bytes,
+            "early_upload": self.early_upload,
         }
 
 
@@ -232,6 +237,9 @@ class JobRequest:
     text: str | None = None
     timeout_s: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    #: The consumer sends the upload right after C{JOB_}, not after C{ASGN}
+    #: (§5.3, OKAY's C{early_upload}). Not forwarded to the producer.
+    early: bool = False
 
     @classmethod
     def parse(cls, service: str, obj: dict[str, Any]) -> JobRequest:
@@ -256,7 +264,8 @@ class JobRequest:
                 raise BadRequest(f"format must be one of {', '.join(AUDIO_FORMATS)}")
             if size == 0:
                 raise BadRequest("an STT job needs audio: size must be > 0")
-            return cls(service, model, language, size, fmt, timeout_s=timeout)
+            return cls(service, model, language, size, fmt, timeout_s=timeout,
+                       early=obj.get("early") is True)
         text = _string(obj, "text", BadRequest)
         if not text.strip():
             raise BadRequest("field 'text' must not be empty")
@@ -279,11 +288,32 @@ class JobRequest:
             fields["voice"] = self.voice
         if self.timeout_s is not None:
             fields["timeout_s"] = self.timeout_s
+        if self.early and jobId is None:
+            fields["early"] = True
         return fields
 
 
 def failPayload(jobId: str | None, error: str, message: str) -> dict[str, Any]:
     return {"id": jobId, "error": error, "message": message}
+
+
+def earlyUpload(obj: dict[str, Any], limit: int) -> int:
+    """
+    How many upload bytes follow this C{JOB_} at once, before C{ASGN}: its
+    C{size} when it says C{"early":true}, else 0. C{limit} is the farm's
+    C{early_upload} (OKAY). Only C{early} and C{size} count, so the farm
+    knows what is owed even for a C{JOB_} it refuses; those bytes are then
+    discarded as they come.
+
+    @raise ProtocolViolation: an early upload that is not a count from 1
+        to C{limit}.
+    """
+    if obj.get("early") is not True:
+        return 0
+    size = obj.get("size")
+    if type(size) is not int or not 0 < size <= limit:
+        raise ProtocolViolation(f"an early upload must be 1 to {limit} bytes (early_upload)")
+    return size
 
 
 def resultSize(obj: dict[str, Any]) -> int:

@@ -28,7 +28,7 @@ class HandshakeTests(SynchronousTestCase):
         self.assertEqual(
             peer.messages(),
             [("OKAY", {"protocol": 2, "farm": "test-farm", "ping_interval": 10.0,
-                       "max_frame": 4096, "max_job_bytes": 100_000})],
+                       "max_frame": 4096, "max_job_bytes": 100_000, "early_upload": 65536})],
         )
         self.assertFalse(peer.closed)
 
@@ -566,6 +566,136 @@ class JobTests(SynchronousTestCase):
         [(verb, body)] = consumer2.messages()
         self.assertEqual((verb, body["id"], body["error"]), ("FAIL", None, "timeout"))
         self.assertEqual(self.h.farm.dispatchers["stt"].queueDepth(), 0)
+
+
+class EarlyUploadTests(SynchronousTestCase):
+    """
+    A JOB_ with C{"early":true} brings its upload with it, without waiting
+    for ASGN (docs/protocol.rst §5.3): up to the farm's early_upload bytes.
+    """
+
+    def setUp(self) -> None:
+        self.h = FarmHarness(max_frame=4096, max_job_bytes=100_000, queue_timeout=5,
+                             early_upload=1000)
+
+    def jobAndUpload(self, audio: bytes, **job) -> bytes:
+        from privox.framing import encodeFrame
+        from privox.messages import controlFrame
+
+        fields = dict(STT_JOB, size=len(audio), early=True, **job)
+        return controlFrame(b"JOB_", fields) + encodeFrame(b"DATA", audio[:3]) + encodeFrame(b"DATA", audio[3:])
+
+    def test_withTheJob(self) -> None:
+        """
+        JOB_ and its DATA in one piece, or a byte at a time: the producer
+        gets the job and then the upload, the consumer ASGN and the result.
+        """
+        audio = b"0123456789"
+        for whole in (True, False):
+            h = FarmHarness(early_upload=1000)
+            producer = h.producer()
+            consumer = h.consumer()
+            wire = self.jobAndUpload(audio)
+            for piece in [wire] if whole else [bytes([b]) for b in wire]:
+                consumer.raw(piece)
+            [(verb, asgn)] = consumer.messages()
+            self.assertEqual(verb, "ASGN")
+            messages = producer.messages()
+            self.assertEqual(messages[0][0], "JOB_")
+            self.assertNotIn("early", messages[0][1])
+            self.assertEqual(b"".join(body for _, body in messages[1:]), audio)
+            producer.send(b"RSLT", {"id": asgn["id"], "text": "ok"})
+            self.assertEqual(consumer.messages(), [("RSLT", {"id": asgn["id"], "text": "ok"})])
+            self.assertEqual(h.farm.counters.succeeded, 1)
+
+    def test_heldWhileQueued(self) -> None:
+        """
+        While the job waits for a producer the farm holds its upload, and
+        the producer that takes the job gets all of it, after JOB_.
+        """
+        producer = self.h.producer()
+        first = self.h.consumer()
+        first.send(b"JOB_", dict(STT_JOB, size=1))
+        [(_, busy)] = first.messages()
+        producer.messages()
+        queued = self.h.consumer()
+        queued.raw(self.jobAndUpload(b"abcdefghij"))
+        self.assertEqual(queued.messages(), [])
+        first.data(b"x")
+        producer.messages()
+        producer.send(b"RSLT", {"id": busy["id"], "text": "first"})
+        [(verb, asgn)] = queued.messages()
+        self.assertEqual(verb, "ASGN")
+        self.assertEqual(
+            producer.messages(),
+            [("JOB_", {"id": asgn["id"], "model": "whisper:tiny.en", "language": "en",
+                       "size": 10, "format": "wav", "timeout_s": 60.0}),
+             ("DATA", b"abcdefghij")],
+        )
+
+    def test_refusedJobsUploadDiscarded(self) -> None:
+        """
+        A JOB_ the farm refuses still owes its early upload: the bytes are
+        read and dropped, and the connection serves the next job.
+        """
+        producer = self.h.producer(models=["whisper:tiny.en"], languages=["en"])
+        consumer = self.h.consumer()
+        consumer.raw(self.jobAndUpload(b"0123456789", model="vosk:ko"))
+        [(verb, body)] = consumer.messages()
+        self.assertEqual((verb, body["id"], body["error"]), ("FAIL", None, "unsupported_model"))
+        self.assertEqual(producer.messages(), [])
+        self.assertFalse(consumer.closed)
+        consumer.raw(self.jobAndUpload(b"9876543210"))
+        self.assertEqual([v for v, _ in consumer.messages()], ["ASGN"])
+        self.assertEqual(b"".join(b for v, b in producer.messages() if v == "DATA"), b"9876543210")
+
+    def test_queueTimeoutDropsTheUpload(self) -> None:
+        producer = self.h.producer()
+        busy = self.h.consumer()
+        busy.send(b"JOB_", dict(STT_JOB, size=1))
+        queued = self.h.consumer()
+        queued.raw(self.jobAndUpload(b"0123456789"))
+        [job] = [j for j in self.h.farm.jobs if j.consumer is queued.protocol.session]
+        self.assertEqual(b"".join(job._early), b"0123456789")
+        self.h.clock.advance(5)
+        [(verb, body)] = queued.messages()
+        self.assertEqual((verb, body["error"]), ("FAIL", "no_producer"))
+        self.assertEqual(job._early, [])
+        self.assertFalse(queued.closed)
+        self.assertEqual([v for v, _ in producer.messages()], ["JOB_"])
+
+    def test_uploadBeyondEarlyLimit(self) -> None:
+        """
+        An early upload larger than early_upload is a protocol error, and so
+        is DATA before ASGN after a JOB_ that did not say early.
+        """
+        from privox.messages import controlFrame
+
+        producer = self.h.producer()
+        tooLarge = self.h.consumer()
+        tooLarge.send(b"JOB_", dict(STT_JOB, size=1001, early=True))
+        [(verb, body)] = tooLarge.messages()
+        self.assertEqual((verb, body["error"]), ("FAIL", "protocol"))
+        self.assertIn("1 to 1000 bytes", body["message"])
+        self.assertTrue(tooLarge.closed)
+
+        busy = self.h.consumer()
+        busy.send(b"JOB_", dict(STT_JOB, size=1))
+        notEarly = self.h.consumer()
+        notEarly.raw(controlFrame(b"JOB_", STT_JOB))
+        notEarly.data(b"0123456789")
+        self.assertEqual(notEarly.messages()[-1][1]["error"], "protocol")
+        self.assertTrue(notEarly.closed)
+        self.assertEqual([v for v, _ in producer.messages()], ["JOB_"])
+
+    def test_turnedOff(self) -> None:
+        h = FarmHarness(early_upload=0)
+        h.producer()
+        consumer = h.consumer()
+        consumer.raw(self.jobAndUpload(b"0123456789"))
+        [(verb, body)] = consumer.messages()
+        self.assertEqual((verb, body["error"]), ("FAIL", "protocol"))
+        self.assertIn("early_upload", body["message"])
 
 
 class LivenessTests(SynchronousTestCase):

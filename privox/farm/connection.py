@@ -31,6 +31,7 @@ from privox.messages import (
     ProtocolViolation,
     controlFrame,
     decodeObject,
+    earlyUpload,
     failPayload,
     resultSize,
 )
@@ -293,6 +294,10 @@ class ConsumerSession(_Session):
         if self.job is not None or self._uploadRemaining:
             raise ProtocolViolation("JOB_ sent before the previous job ended")
         farm = self.connection.farm
+        # A small upload may follow JOB_ at once. It is owed from now on,
+        # even if the job is refused below (and then discarded as it comes);
+        # while the job waits for a producer, the job holds it.
+        self._uploadRemaining = earlyUpload(fields, farm.settings.early_upload)
         try:
             request = JobRequest.parse(self.connection.service, fields)
             farm.submit(self, request)
@@ -309,7 +314,8 @@ class ConsumerSession(_Session):
 
     def jobAssigned(self, job: Job) -> None:
         self.job = job
-        self._uploadRemaining = job.request.size
+        if not job.request.early:
+            self._uploadRemaining = job.request.size
         self.sendControl(b"ASGN", {"id": job.id})
 
     def jobSubmitted(self, job: Job) -> None:

@@ -69,6 +69,11 @@ class FarmSettings:
     max_job_bytes: int = setting(
         50 * 1024 * 1024, "Largest upload or result of one job in bytes."
     )
+    early_upload: int = setting(
+        64 * 1024,
+        "Largest upload a consumer may send with its JOB_, before ASGN (announced "
+        "in OKAY; 0: always after ASGN). A queued job holds at most this much.",
+    )
     producer_keys: str = setting(
         "open", "Producer key policy: 'open', an allow-list file, or a validation URL."
     )
@@ -144,7 +149,7 @@ class Farm:
 
     def okay(self) -> Okay:
         s = self.settings
-        return Okay(s.name, s.ping_interval, s.max_frame, s.max_job_bytes)
+        return Okay(s.name, s.ping_interval, s.max_frame, s.max_job_bytes, s.early_upload)
 
     def keyPolicy(self, role: str) -> KeyPolicy:
         return self._keyPolicies[role]

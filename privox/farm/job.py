@@ -34,7 +34,7 @@ class JobEvents(Protocol):
         "The dispatcher picked a producer."
 
     def consumerData(self, payload: bytes) -> None:
-        "A DATA frame of the upload."
+        "A DATA frame of the upload (before ASGN too, if small: early_upload)."
 
     def result(self, fields: dict[str, Any], size: int) -> None:
         "The producer's RSLT; C{size} bytes of DATA follow."
@@ -127,6 +127,9 @@ class Job:
         self.consumerAccount: str | None = getattr(consumer, "accountId", None)
         self.producerAccount: str | None = None
         self.resultDuration: Any = None
+        #: An early upload (docs/protocol.rst §5.3) that came while the job
+        #: waited for a producer, at most the farm's early_upload bytes.
+        self._early: list[bytes] = []
         self._links: list[_PauseLink] = []
         self._timeout: IDelayedCall | None = farm.clock.callLater(
             timeout, self._timedOut
@@ -147,6 +150,9 @@ class Job:
         self.producer = producer
         self.producerAccount = getattr(producer, "accountId", None)
         producer.startJob(self)
+        if self._early:
+            producer.sendData(b"".join(self._early))
+            self._early = []
         self.consumer.jobAssigned(self)
         self._links = [
             _PauseLink(self.consumer.transport, producer.transport),
@@ -200,6 +206,7 @@ class Job:
 
     def _finish(self, outcome: str, releaseProducer: bool) -> None:
         self.outcome = outcome
+        self._early = []
         for call in (self._timeout, self._grace):
             if call is not None and call.active():
                 call.cancel()
@@ -236,6 +243,13 @@ def _expireQueued(events: JobEvents, job: Job, code: str, message: str) -> None:
     # Before ASGN the consumer has no job id yet.
     job._failConsumer(code, message, withId=False)
     job._finish(code, releaseProducer=False)
+
+
+@queued.upon(JobEvents.consumerData).loop()
+def _earlyUpload(events: JobEvents, job: Job, payload: bytes) -> None:
+    # Bounded: the consumer session admits no more than early_upload bytes
+    # before ASGN.
+    job._early.append(payload)
 
 
 @running.upon(JobEvents.consumerData).loop()

@@ -41,6 +41,8 @@ class Options(_BaseOptions):  # type: ignore[misc,valid-type]
                 raise usage.UsageError(f"--{name.replace('_', '-')} must be positive")
         if s.max_frame < 1 or s.max_job_bytes < 1:
             raise usage.UsageError("--max-frame and --max-job-bytes must be positive")
+        if s.early_upload < 0:
+            raise usage.UsageError("--early-upload must be 0 or more")
         if s.pvx1_quiet <= 0:
             raise usage.UsageError("--pvx1-quiet must be positive")
         for name in ("pvx1_stt_models", "pvx1_tts_models"):

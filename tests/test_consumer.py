@@ -1,0 +1,129 @@
+"""
+L{privox.consumer.ConsumerProtocol}: what it writes, frame by frame, and a
+whole job against a real farm connection over L{twisted.test.iosim}.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.test import iosim
+from twisted.trial.unittest import SynchronousTestCase
+
+from privox.consumer import ConsumerProtocol
+from privox.farm.connection import FarmFactory
+from privox.farm.farm import Farm, FarmSettings
+from privox.framing import FrameDecoder
+from privox.keys import OpenPolicy
+from privox.messages import controlFrame
+from privox.node.echo import DigestEngine, digestOf
+from privox.node.worker import ProducerProtocol
+
+OKAY = {"protocol": 2, "farm": "f", "ping_interval": 10.0, "max_frame": 4096,
+        "max_job_bytes": 100_000}
+
+
+class WireTests(SynchronousTestCase):
+    """
+    When the upload goes: with JOB_ if OKAY allows it and it fits, else
+    after ASGN.
+    """
+
+    def consumer(self, **okay: Any) -> tuple[ConsumerProtocol, StringTransport]:
+        consumer = ConsumerProtocol("stt")
+        transport = StringTransport()
+        consumer.makeConnection(transport)
+        consumer.dataReceived(b"who")
+        consumer.dataReceived(controlFrame(b"OKAY", dict(OKAY, **okay)))
+        self.successResultOf(consumer.ready)
+        transport.clear()
+        return consumer, transport
+
+    def sent(self, transport: StringTransport) -> list[tuple[str, Any]]:
+        frames = FrameDecoder(1 << 20).feed(transport.value())
+        transport.clear()
+        return [(f.verb.decode(), f.payload if f.verb == b"DATA" else json.loads(f.payload))
+                for f in frames]
+
+    def test_earlyWhenAllowed(self) -> None:
+        consumer, transport = self.consumer(early_upload=10)
+        done = consumer.stt("m", b"0123456789")
+        [(verb, job), (data, audio)] = self.sent(transport)
+        self.assertEqual((verb, job["early"], job["size"], data, audio),
+                         ("JOB_", True, 10, "DATA", b"0123456789"))
+        consumer.dataReceived(controlFrame(b"ASGN", {"id": "j1"}))
+        self.assertEqual(transport.value(), b"", "the upload went twice")
+        consumer.dataReceived(controlFrame(b"RSLT", {"id": "j1", "text": "ok"}))
+        self.assertEqual(self.successResultOf(done).text, "ok")
+
+    def test_afterAsgnOtherwise(self) -> None:
+        """
+        Larger than early_upload, or a farm that does not announce it (an
+        older one): JOB_ alone, the upload once ASGN comes, split at
+        max_frame.
+        """
+        for okay, audio in (({"early_upload": 10}, bytes(11)), ({}, b"x"), ({}, bytes(5000))):
+            consumer, transport = self.consumer(**okay)
+            consumer.stt("m", audio)
+            [(verb, job)] = self.sent(transport)
+            self.assertEqual(verb, "JOB_")
+            self.assertNotIn("early", job)
+            consumer.dataReceived(controlFrame(b"ASGN", {"id": "j1"}))
+            frames = self.sent(transport)
+            self.assertEqual({v for v, _ in frames}, {"DATA"})
+            self.assertTrue(all(len(body) <= 4096 for _, body in frames))
+            self.assertEqual(b"".join(body for _, body in frames), audio)
+
+    def test_refusedEarlyJob(self) -> None:
+        """
+        A FAIL without id after an early upload ends the job; the connection
+        takes the next one (the farm discards the bytes it was owed).
+        """
+        from privox.consumer import JobFailed
+
+        consumer, transport = self.consumer(early_upload=100)
+        done = consumer.stt("m", b"abc")
+        consumer.dataReceived(controlFrame(
+            b"FAIL", {"id": None, "error": "unsupported_model", "message": "no"}))
+        self.assertEqual(self.failureResultOf(done, JobFailed).value.code, "unsupported_model")
+        self.assertFalse(consumer.busy)
+        transport.clear()
+        consumer.stt("m", b"def")
+        self.assertEqual([v for v, _ in self.sent(transport)], ["JOB_", "DATA"])
+
+
+class ThroughAFarmTests(SynchronousTestCase):
+    """
+    A consumer, a farm connection and a digest producer, joined in memory.
+    """
+
+    def test_earlyJobsAndLateJobs(self) -> None:
+        clock = Clock()
+        farm = Farm(FarmSettings(stats_interval=0, early_upload=64, max_frame=4096),
+                    clock, OpenPolicy(), OpenPolicy())
+        factory = FarmFactory(farm, "stt")
+        producer = ProducerProtocol("stt", "pk", DigestEngine())
+        consumer = ConsumerProtocol("stt", "ck")
+        pumps = []
+        for peer in (producer, consumer):
+            connection = factory.buildProtocol(None)
+            pumps.append(iosim.connect(connection, iosim.makeFakeServer(connection),
+                                       peer, iosim.makeFakeClient(peer), greet=False))
+
+        def flush() -> None:
+            for _ in range(10):
+                for pump in pumps:
+                    pump.pump()
+
+        flush()
+        self.successResultOf(consumer.ready)
+        for audio in (b"small" * 3, b"large" * 2000):
+            done = consumer.stt("bench:digest", audio)
+            self.assertEqual(consumer._pending.request.early, len(audio) <= 64)
+            flush()
+            self.assertEqual(self.successResultOf(done).text,
+                             f"sha256:{digestOf(audio)} bytes:{len(audio)}")
+        self.assertEqual(farm.counters.succeeded, 2)

@@ -32,6 +32,10 @@ VERBS = frozenset(
     ]
 )
 
+#: The verbs whose payload is bulk bytes (audio), not JSON: farms and peers
+#: have their decoders hand it out in pieces as it arrives.
+BULK_VERBS = frozenset([b"DATA"])
+
 _MAX_LENGTH_FIELD = 99_999_999
 
 #: Whole frames with at least this much payload are gathered as a list of

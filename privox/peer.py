@@ -12,6 +12,7 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 
 from privox.framing import (
+    BULK_VERBS,
     DEFAULT_MAX_FRAME,
     Frame,
     FrameDecoder,
@@ -65,7 +66,10 @@ class PeerProtocol(Protocol):
         self.ready: Deferred[Okay] = Deferred()
         self._greeting = b""
         # Until OKAY says otherwise, accept up to the default frame size.
-        self._decoder = FrameDecoder(DEFAULT_MAX_FRAME)
+        # DATA comes out in pieces as it arrives (uploads to a producer,
+        # results to a consumer): no frame is gathered whole and copied
+        # again, and an engine that streams gets the audio sooner.
+        self._decoder = FrameDecoder(DEFAULT_MAX_FRAME, streamVerbs=BULK_VERBS)
 
     def connectionMade(self) -> None:
         tuneTransport(self.transport, DEFAULT_MAX_FRAME)

@@ -21,7 +21,14 @@ from privox.farm import pvx1
 from privox.farm.dispatcher import Capability
 from privox.farm.job import Job
 from privox.keys import accountId
-from privox.framing import Frame, FrameDecoder, FramingError, encodeHeader, tuneTransport
+from privox.framing import (
+    BULK_VERBS,
+    Frame,
+    FrameDecoder,
+    FramingError,
+    encodeHeader,
+    tuneTransport,
+)
 from privox.messages import (
     GREETING,
     BadRequest,
@@ -41,10 +48,6 @@ if TYPE_CHECKING:
     from privox.farm.pvx1 import Pvx1Consumer, Pvx1Peer, Pvx1Producer
 
 log = Logger()
-
-#: Verbs whose payload the farm forwards in pieces, each sent on as a DATA
-#: frame of its own, instead of waiting for the whole frame.
-RELAYED_VERBS = frozenset([b"DATA"])
 
 #: Each farm connection's read size and write-buffer high-water mark (one
 #: attribute in Twisted). DATA is relayed in pieces, so the buffer need not
@@ -72,7 +75,7 @@ class FarmConnection(Protocol):
         self.pvx1: Pvx1Peer | None = None
         # DATA is relayed piece by piece as it arrives (cut-through): the
         # farm never holds a whole upload or result frame.
-        self._decoder = FrameDecoder(farm.settings.max_frame, streamVerbs=RELAYED_VERBS)
+        self._decoder = FrameDecoder(farm.settings.max_frame, streamVerbs=BULK_VERBS)
         self._handshakeTimer: IDelayedCall | None = None
 
     def connectionMade(self) -> None:

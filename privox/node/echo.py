@@ -9,7 +9,9 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from privox.node.worker import Answer, Collected
+from twisted.internet.defer import Deferred, succeed
+
+from privox.node.worker import Answer, Collected, JobRun
 from privox.wav import pcmToWav, wavSeconds
 
 
@@ -38,19 +40,41 @@ class DigestEngine:
         self.models = models
         self.languages = languages
 
-    def start(self, job: dict[str, Any]) -> Collected:
-        return Collected(lambda data: self.run(job, data))
-
-    def run(self, job: dict[str, Any], data: bytes) -> Answer:
+    def start(self, job: dict[str, Any]) -> JobRun:
         text = job.get("text")
         if isinstance(text, str):
-            wav = toneFor(text)
-            return Answer(
-                {"content_type": "audio/wav", "model": job["model"],
-                 "text_sha256": digestOf(text.encode("utf-8")),
-                 "duration_s": wavSeconds(wav)},
-                wav,
-            )
+            return Collected(lambda data: self.speak(job, text))
+        return _Digesting(job)
+
+    def speak(self, job: dict[str, Any], text: str) -> Answer:
+        wav = toneFor(text)
         return Answer(
-            {"text": f"sha256:{digestOf(data)} bytes:{len(data)}", "model": job["model"]}
+            {"content_type": "audio/wav", "model": job["model"],
+             "text_sha256": digestOf(text.encode("utf-8")),
+             "duration_s": wavSeconds(wav)},
+            wav,
         )
+
+
+class _Digesting:
+    """
+    An STT job of the digest engine: hashes the upload as it arrives, so the
+    node never holds it whole.
+    """
+
+    def __init__(self, job: dict[str, Any]) -> None:
+        self._model = job["model"]
+        self._sha256 = hashlib.sha256()
+        self._size = 0
+
+    def feed(self, chunk: bytes) -> None:
+        self._sha256.update(chunk)
+        self._size += len(chunk)
+
+    def finish(self) -> Deferred[Answer]:
+        return succeed(Answer(
+            {"text": f"sha256:{self._sha256.hexdigest()} bytes:{self._size}", "model": self._model}
+        ))
+
+    def cancel(self) -> None:
+        pass

@@ -127,6 +127,39 @@ class OkayAndResultTests(SynchronousTestCase):
     def test_okayMissingField(self) -> None:
         self.assertRaises(ProtocolViolation, Okay.parse, {"farm": "f"})
 
+    def test_okayEarlyUpload(self) -> None:
+        """
+        C{early_upload} round-trips; an older farm's OKAY has none (0), and
+        a negative one counts as 0.
+        """
+        okay = Okay("f", 10.0, 1024, 2048, 512)
+        self.assertEqual(Okay.parse(okay.payload()).early_upload, 512)
+        older = {"farm": "f", "ping_interval": 10.0, "max_frame": 1024, "max_job_bytes": 2048}
+        self.assertEqual(Okay.parse(older).early_upload, 0)
+        self.assertEqual(Okay.parse(dict(older, early_upload=-5)).early_upload, 0)
+
+    def test_earlyUpload(self) -> None:
+        from privox.messages import earlyUpload
+
+        self.assertEqual(earlyUpload({"size": 10}, 100), 0)
+        self.assertEqual(earlyUpload({"size": 10, "early": False}, 100), 0)
+        self.assertEqual(earlyUpload({"size": 10, "early": True}, 100), 10)
+        self.assertEqual(earlyUpload({"size": 100, "early": True}, 100), 100)
+        for bad in (0, 101, -1, "10", 1.5, True, None):
+            self.assertRaises(ProtocolViolation, earlyUpload, {"size": bad, "early": True}, 100)
+        self.assertRaises(ProtocolViolation, earlyUpload, {"size": 1, "early": True}, 0)
+
+    def test_earlyIsTheConsumers(self) -> None:
+        """
+        C{early} is in the consumer's JOB_ and not in the one the producer
+        gets (with an id).
+        """
+        request = JobRequest.parse("stt", {"model": "m", "size": 3, "early": True})
+        self.assertTrue(request.early)
+        self.assertIs(request.payload()["early"], True)
+        self.assertNotIn("early", request.payload("job-1"))
+        self.assertFalse(JobRequest.parse("stt", {"model": "m", "size": 3, "early": 1}).early)
+
     def test_resultSize(self) -> None:
         self.assertEqual(resultSize({"id": "x", "text": "hi"}), 0)
         self.assertEqual(resultSize({"id": "x", "size": 12}), 12)

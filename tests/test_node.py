@@ -322,3 +322,35 @@ class SpeechDurationTests(SynchronousTestCase):
         self.assertEqual(wavSeconds(wav), 1.0)
         self.assertEqual(wavSeconds(wav[: len(wav) - 16000]), 0.5)
         self.assertIsNone(wavSeconds(b""))
+
+
+class ProducerWireTests(SynchronousTestCase):
+    """
+    A producer slot on an in-memory transport: the upload reaches the engine
+    in pieces, however TCP cuts it, and the digest covers all of it.
+    """
+
+    def test_uploadInAnyPieces(self) -> None:
+        from twisted.internet.testing import StringTransport
+
+        from privox.node.echo import DigestEngine
+        from privox.node.worker import ProducerProtocol
+
+        audio = bytes(range(256)) * 40
+        wire = (controlFrame(b"JOB_", {"id": "j1", "model": "bench:digest", "size": len(audio)})
+                + encodeFrame(b"DATA", audio[:7000]) + encodeFrame(b"DATA", b"")
+                + encodeFrame(b"DATA", audio[7000:]))
+        for step in (len(wire), 4096, 1):
+            producer = ProducerProtocol("stt", "pk", DigestEngine())
+            transport = StringTransport()
+            producer.makeConnection(transport)
+            producer.dataReceived(b"who")
+            producer.dataReceived(controlFrame(b"OKAY", {
+                "protocol": 2, "farm": "f", "ping_interval": 10.0, "max_frame": 8192,
+                "max_job_bytes": 1 << 20}))
+            transport.clear()
+            for start in range(0, len(wire), step):
+                producer.dataReceived(wire[start:start + step])
+            [frame] = FrameDecoder().feed(transport.value())
+            self.assertEqual(frame.verb, b"RSLT", step)
+            self.assertIn(f"sha256:{digestOf(audio)} bytes:{len(audio)}".encode(), frame.payload)

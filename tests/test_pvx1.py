@@ -391,6 +391,28 @@ class Pvx1ExchangeTests(SynchronousTestCase):
         self.assertEqual(consumer.messages(), [("RSLT", {"text": "four bytes", "id": asgn["id"]})])
         self.assertTrue(self.idle(node))
 
+    def test_pvx2EarlyUploadToPvx1Node(self) -> None:
+        """
+        An early upload (docs/protocol.rst §5.3), in one piece with its JOB_,
+        still waits for the PVX/1 node's C{ack}: the node gets the header
+        first and the audio only after it.
+        """
+        from privox.framing import encodeFrame
+        from privox.messages import controlFrame
+
+        node = self.h.node()
+        consumer = self.h.consumer()
+        consumer.raw(controlFrame(b"JOB_", {"model": "whisper:base.en", "size": 4, "early": True})
+                     + encodeFrame(b"DATA", b"abcd"))
+        [(verb, asgn)] = consumer.messages()
+        self.assertEqual(verb, "ASGN")
+        self.assertEqual(got(node), b"model=base.en&len=00000004&lang=en")
+        node.raw(b"ack")
+        self.assertEqual(got(node), b"abcd")
+        node.raw(b"four bytes")
+        self.h.quiet()
+        self.assertEqual(consumer.messages(), [("RSLT", {"text": "four bytes", "id": asgn["id"]})])
+
     def test_pvx2TtsConsumerToPvx1Node(self) -> None:
         node = self.h.node("tts")
         consumer = self.h.consumer("tts")

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.test import iosim
@@ -100,26 +102,55 @@ class ThroughAFarmTests(SynchronousTestCase):
     A consumer, a farm connection and a digest producer, joined in memory.
     """
 
-    def test_earlyJobsAndLateJobs(self) -> None:
-        clock = Clock()
-        farm = Farm(FarmSettings(stats_interval=0, early_upload=64, max_frame=4096),
-                    clock, OpenPolicy(), OpenPolicy())
+    def exchange(self, producers: int, consumers: int, **settings: Any) -> tuple[
+        Farm, list[ConsumerProtocol], Any
+    ]:
+        """
+        A farm with C{producers} digest producers and C{consumers} consumers
+        joined to it in memory, handshakes done; and a function that moves
+        every byte waiting until none is left.
+        """
+        farm = Farm(FarmSettings(stats_interval=0, **settings), Clock(), OpenPolicy(), OpenPolicy())
         factory = FarmFactory(farm, "stt")
-        producer = ProducerProtocol("stt", "pk", DigestEngine())
-        consumer = ConsumerProtocol("stt", "ck")
+        peers: list[Any] = [ProducerProtocol("stt", "pk", DigestEngine()) for _ in range(producers)]
+        peers += [ConsumerProtocol("stt", "ck") for _ in range(consumers)]
         pumps = []
-        for peer in (producer, consumer):
+        for peer in peers:
             connection = factory.buildProtocol(None)
             pumps.append(iosim.connect(connection, iosim.makeFakeServer(connection),
                                        peer, iosim.makeFakeClient(peer), greet=False))
 
         def flush() -> None:
-            for _ in range(10):
-                for pump in pumps:
-                    pump.pump()
+            while any([pump.pump() for pump in pumps]):
+                pass
 
         flush()
-        self.successResultOf(consumer.ready)
+        for peer in peers:
+            self.successResultOf(peer.ready)
+        return farm, peers[producers:], flush
+
+    @settings(max_examples=60, deadline=None)
+    @given(st.lists(st.integers(min_value=1, max_value=700), min_size=1, max_size=8),
+           st.integers(min_value=1, max_value=3), st.sampled_from([0, 64, 256]))
+    def test_everyoneGetsTheirOwn(self, sizes: list[int], producers: int, early: int) -> None:
+        """
+        More consumers than producers, early and late uploads mixed, uploads
+        in several frames: every result is the digest of its own upload, and
+        queued early uploads reach the producer whole.
+        """
+        farm, consumers, flush = self.exchange(producers, len(sizes), early_upload=early,
+                                               max_frame=200)
+        audios = [bytes([n]) * size for n, size in enumerate(sizes)]
+        done = [c.stt("bench:digest", audio) for c, audio in zip(consumers, audios)]
+        flush()
+        for d, audio in zip(done, audios):
+            self.assertEqual(self.successResultOf(d).text,
+                             f"sha256:{digestOf(audio)} bytes:{len(audio)}")
+        self.assertEqual(farm.counters.succeeded, len(sizes))
+        self.assertEqual(farm.jobs, set())
+
+    def test_earlyJobsAndLateJobs(self) -> None:
+        farm, [consumer], flush = self.exchange(1, 1, early_upload=64, max_frame=4096)
         for audio in (b"small" * 3, b"large" * 2000):
             done = consumer.stt("bench:digest", audio)
             self.assertEqual(consumer._pending.request.early, len(audio) <= 64)

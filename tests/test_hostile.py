@@ -295,7 +295,8 @@ class JsonFuzzTests(SynchronousTestCase):
         assertServes(self, h)
 
     @FUZZ
-    @given(fuzzedFields(dict(STT_JOB, timeout_s=5.0)) | json_values)
+    @given(fuzzedFields(dict(STT_JOB, timeout_s=5.0))
+           | fuzzedFields(dict(STT_JOB, timeout_s=5.0, early=True)) | json_values)
     def test_job(self, fields: Any) -> None:
         h = newFarm()
         producer = h.producer(models=[MODEL], languages=["en"])

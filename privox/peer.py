@@ -129,9 +129,18 @@ class PeerProtocol(Protocol):
         """
         assert self.okay is not None
         step = self.okay.max_frame
+        if len(payload) <= step:
+            self.transport.writeSequence([encodeHeader(b"DATA", len(payload)), payload])
+            return
+        # Frames and headers joined into one buffer here: one copy of the
+        # payload. Slices of it would be a copy each, and Twisted joins what
+        # it is given before it sends: a second copy, and a third buffer.
+        view = memoryview(payload)
+        parts: list[bytes | memoryview] = []
         for start in range(0, len(payload), step):
-            chunk = payload[start : start + step]
-            self.transport.writeSequence([encodeHeader(b"DATA", len(chunk)), chunk])
+            chunk = view[start : start + step]
+            parts += (encodeHeader(b"DATA", len(chunk)), chunk)
+        self.transport.write(b"".join(parts))
 
     def frameReceived(self, frame: Frame) -> None:
         raise NotImplementedError

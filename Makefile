@@ -10,9 +10,9 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-# Reinstall whenever the package's sources or metadata change. A regular
-# (not editable) install, so twistd sees twisted/plugins.
-$(STAMP): $(PY) setup.py $(shell find privox twisted -name '*.py' 2>/dev/null)
+# Reinstall whenever the package's files (code and data) or metadata change.
+# A regular (not editable) install, so twistd sees twisted/plugins.
+$(STAMP): $(PY) setup.py $(shell find privox twisted -type f ! -path '*__pycache__*' ! -name dropin.cache 2>/dev/null)
 	$(PY) -m pip install --quiet '.[test]'
 	touch $@
 

@@ -40,7 +40,11 @@ setup(
     # twisted/plugins is a namespace shared with Twisted itself: it has no
     # __init__.py of ours and must be listed by hand.
     packages=find_packages(include=["privox", "privox.*"]) + ["twisted.plugins"],
-    package_data={"twisted.plugins": ["privox_plugins.py"], "privox.api": ["static/*"]},
+    package_data={
+        "twisted.plugins": ["privox_plugins.py"],
+        "privox.api": ["static/*"],
+        "privox.accounts": ["migrations/*.sql"],
+    },
     install_requires=[
         "twisted[tls]>=24.7",
         "automat>=24.8",

@@ -79,7 +79,9 @@ def memory(pid: int) -> dict[str, float]:
     return found
 
 
-def startFarm(children: Children, name: str, port: int, maxJobBytes: int) -> int:
+def startFarm(
+    children: Children, name: str, port: int, maxJobBytes: int, extra: tuple[str, ...] = ()
+) -> int:
     log = os.path.join(children.logDir, f"{name}.log")
     children.start(name, [
         sys.executable, "-c", TWISTD_CODE,
@@ -88,6 +90,7 @@ def startFarm(children: Children, name: str, port: int, maxJobBytes: int) -> int
         "--tts-listen", "none",
         "--stats-interval", "0",
         "--max-job-bytes", str(maxJobBytes),
+        *extra,
     ])
     return children.pid(name)
 
@@ -241,13 +244,18 @@ def slowProducer(reactor: Any, rate: float) -> Any:
 
 
 async def measureInFlight(
-    reactor: Any, children: Children, jobs: int, jobBytes: int, rate: float
+    reactor: Any,
+    children: Children,
+    jobs: int,
+    jobBytes: int,
+    rate: float,
+    farmArgs: tuple[str, ...],
 ) -> dict[str, Any]:
     from privox.consumer import connectConsumer
 
     name = f"farm-{jobBytes // MB}mb"
     port = freePort()
-    pid = startFarm(children, name, port, 2 * jobBytes)
+    pid = startFarm(children, name, port, 2 * jobBytes, farmArgs)
     children.waitForPort(name, port)  # nothing else is running yet
     producers = []
     for _ in range(jobs):
@@ -303,6 +311,9 @@ def main() -> None:
                         help="payload sizes to compare, in MB")
     parser.add_argument("--rate", type=float, default=4.0,
                         help="how fast each slow producer reads, MB/s")
+    parser.add_argument("--splice-min", type=int, metavar="BYTES",
+                        help="the farm's --splice-min for the jobs in flight (its default: "
+                        "131072); 0 relays through the farm's memory")
     args = parser.parse_args()
     if args.quick:
         args.idle, args.jobs, args.job_mb = 2000, 20, [4, 8]
@@ -325,7 +336,8 @@ def main() -> None:
             print(f"{args.jobs} jobs of {mb:g} MB in flight, producers reading "
                   f"{args.rate:g} MB/s each...", flush=True)
             inFlight.append(await measureInFlight(
-                reactor, children, args.jobs, int(mb * MB), args.rate * MB
+                reactor, children, args.jobs, int(mb * MB), args.rate * MB,
+                () if args.splice_min is None else ("--splice-min", str(args.splice_min)),
             ))
 
     failure: list[Any] = []

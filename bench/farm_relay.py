@@ -719,6 +719,8 @@ def benchmark(args: argparse.Namespace) -> None:
                   "--max-job-bytes", str(max(20_000_000, 2 * args.large_bytes))]
         if args.early_upload is not None:
             twistd += ["--early-upload", str(args.early_upload)]
+        if args.splice_min is not None:
+            twistd += ["--splice-min", str(args.splice_min)]
         if args.pvx1:
             twistd += ["--pvx1-quiet", str(args.pvx1_quiet)]
         if paths:
@@ -894,6 +896,9 @@ def parseArgs(argv: list[str]) -> argparse.Namespace:
                    "privox.logs.textStdout, here into a file (journal); through twistd's "
                    "--logfile into a file (file), a write per line; or to /dev/null (none) "
                    "[journal]")
+    p.add_argument("--splice-min", type=int, metavar="BYTES",
+                   help="the farm's --splice-min (its default: 131072); 0 relays every "
+                   "byte through the farm's memory")
     p.add_argument("--early-upload", type=int, metavar="BYTES",
                    help="the farm's --early-upload (its default: 65536); 0 makes every "
                    "consumer wait for ASGN before it uploads")

@@ -215,6 +215,24 @@ class FrameDecoder:
         """
         return len(self._buffer) + sum(len(p) for p in self._parts or ())
 
+    def streamDue(self, verb: bytes) -> int:
+        """
+        How many payload bytes of a streamed C{verb} frame are still due (0
+        between frames, or while another verb's frame is arriving).
+        """
+        if self._parts is None and self._streamVerb == verb:
+            return self._streamRemaining
+        return 0
+
+    def streamTaken(self, count: int) -> None:
+        """
+        C{count} bytes of the streamed payload that is due were taken off the
+        wire by someone else (L{privox.farm.splice}): expect that many fewer.
+        """
+        if self._parts is not None or not 0 < count <= self._streamRemaining:
+            raise ValueError(f"{count} bytes taken; {self._streamRemaining} were due")
+        self._streamRemaining -= count
+
 
 def _addPart(parts: list[bytes | bytearray], piece: bytes | memoryview) -> None:
     # Small pieces are run together, so a peer trickling a large frame a

@@ -29,13 +29,13 @@ from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from privox.api.farms import FarmEntry, FarmExchange
-from privox.consumer import ConsumerProtocol, JobFailed, connectConsumer
+from privox.consumer import JobFailed, connectConsumer
 from privox.farm.connection import ProducerSession
-from privox.framing import Frame
-from privox.messages import ErrorCode, decodeObject
+from privox.messages import ErrorCode
 from privox.node.echo import DigestEngine, digestOf, toneFor
 from privox.node.worker import Answer, Collected
 from tests.apifarms import DroppingEngine, HangingEngine, startFarm
+from tests.loopbackfarm import StallingUpload
 from tests.test_e2e import CONFIG, ENV, REPO, TWISTD, WatchedProcess, freePorts
 
 SOAK = float(os.environ.get("PRIVOX_SOAK_SECONDS", "0") or 0)
@@ -188,26 +188,6 @@ class LoadTests(TestCase):
             f"({counts['stt']} stt, {counts['tts']} tts), {total / elapsed:.0f} jobs/s, "
             f"{counts['bytes'] / elapsed / 1e6:.1f} MB/s uploaded, 0 lost, 0 mixed up"
         )
-
-
-class StallingUpload(ConsumerProtocol):
-    """
-    A consumer that sends only the first half of its upload once assigned,
-    so its job stays mid-upload on the producer for as long as the test likes.
-    """
-
-    def __init__(self, service: str) -> None:
-        super().__init__(service)
-        self.assigned: Deferred[None] = Deferred()
-
-    def frameReceived(self, frame: Frame) -> None:
-        pending = self._pending
-        if frame.verb == b"ASGN" and pending is not None:
-            pending.id = decodeObject(frame).get("id")
-            self.sendData(pending.body[: len(pending.body) // 2])
-            self.assigned.callback(None)
-            return
-        super().frameReceived(frame)
 
 
 class NodeKilledTests(ProcessTestCase):

@@ -180,6 +180,38 @@ class StreamedDecodeTests(SynchronousTestCase):
             frames.extend(decoder.feed(STREAM[start:end]))
         self.assertEqual(_joinPieces(frames), FRAMES)
 
+    def test_streamTakenElsewhere(self) -> None:
+        """
+        Payload bytes a splice relay took off the wire are skipped: the
+        decoder expects that many fewer and goes on with the next header.
+        """
+        decoder = self.decoder()
+        self.assertEqual(decoder.feed(encodeFrame(b"DATA", b"abcdefghij")[:15]), [Frame(b"DATA", b"abc")])
+        self.assertEqual(decoder.streamDue(b"DATA"), 7)
+        self.assertEqual(decoder.streamDue(b"RSLT"), 0)
+        decoder.streamTaken(5)
+        self.assertEqual(decoder.streamDue(b"DATA"), 2)
+        self.assertEqual(
+            decoder.feed(b"ij" + encodeFrame(b"PONG")),
+            [Frame(b"DATA", b"ij"), Frame(b"PONG", b"")],
+        )
+        self.assertEqual(decoder.streamDue(b"DATA"), 0)
+
+    def test_takingMoreThanDue(self) -> None:
+        decoder = self.decoder()
+        decoder.feed(encodeHeader(b"DATA", 10))
+        self.assertRaises(ValueError, decoder.streamTaken, 11)
+        self.assertRaises(ValueError, decoder.streamTaken, 0)
+
+    def test_wholeFramesAreNotDue(self) -> None:
+        """
+        A large non-streamed frame being gathered is nobody else's to take.
+        """
+        decoder = self.decoder()
+        decoder.feed(encodeHeader(b"RSLT", 100_000) + b"{")
+        self.assertEqual(decoder.streamDue(b"RSLT"), 0)
+        self.assertRaises(ValueError, decoder.streamTaken, 1)
+
     def test_piecesAsTheyArrive(self) -> None:
         """
         Nothing of a DATA payload is held back: each feed hands out what it

@@ -20,9 +20,11 @@ from twisted.python.failure import Failure
 from privox.farm import pvx1
 from privox.farm.dispatcher import Capability
 from privox.farm.job import Job
+from privox.farm.splice import spliceable
 from privox.keys import accountId
 from privox.framing import (
     BULK_VERBS,
+    HEADER_LEN,
     Frame,
     FrameDecoder,
     FramingError,
@@ -45,6 +47,7 @@ from privox.messages import (
 
 if TYPE_CHECKING:
     from privox.farm.farm import Farm
+    from privox.farm.splice import SpliceRelay
     from privox.farm.pvx1 import Pvx1Consumer, Pvx1Peer, Pvx1Producer
 
 log = Logger()
@@ -77,10 +80,20 @@ class FarmConnection(Protocol):
         # farm never holds a whole upload or result frame.
         self._decoder = FrameDecoder(farm.settings.max_frame, streamVerbs=BULK_VERBS)
         self._handshakeTimer: IDelayedCall | None = None
+        #: Who holds this connection's reading paused, if anyone:
+        #: backpressure links, a splice relay reading the socket itself.
+        self._readHolds: set[object] | None = None
+        #: The splice relays reading from and writing to this connection
+        #: (L{privox.farm.splice}).
+        self.relayIn: SpliceRelay | None = None
+        self.relayOut: SpliceRelay | None = None
+        #: True while dataReceived hands out frames: the decoder is ahead of
+        #: what was handed out, so no relay may start until it is done.
+        self._decoding = False
 
     def connectionMade(self) -> None:
         tuneTransport(self.transport, self.farm.settings.max_frame, RELAY_BUFFER)
-        self.transport.write(GREETING)
+        self.write(GREETING)
         self._handshakeTimer = self.farm.clock.callLater(
             self.farm.settings.handshake_timeout, self._handshakeTimedOut
         )
@@ -117,22 +130,27 @@ class FarmConnection(Protocol):
             self.protocolError(str(e))
             return
         wasHello = self.phase is Phase.HELLO
-        for frame in frames:
-            try:
-                if wasHello and self.phase is not Phase.HELLO:
-                    # Sent before the peer could have seen OKAY.
-                    raise ProtocolViolation("sent a frame before the farm answered HELO")
-                self._frameReceived(frame)
-            except ProtocolViolation as e:
-                self.protocolError(str(e))
-            if self.phase is Phase.CLOSED:
-                return
+        self._decoding = True
+        try:
+            for frame in frames:
+                try:
+                    if wasHello and self.phase is not Phase.HELLO:
+                        # Sent before the peer could have seen OKAY.
+                        raise ProtocolViolation("sent a frame before the farm answered HELO")
+                    self._frameReceived(frame)
+                except ProtocolViolation as e:
+                    self.protocolError(str(e))
+                if self.phase is Phase.CLOSED:
+                    return
+        finally:
+            self._decoding = False
+        self.spliceRest()
 
     def _frameReceived(self, frame: Frame) -> None:
         if self.phase is Phase.ACTIVE:
             assert self.session is not None
             if frame.verb == b"PING":
-                self.transport.write(encodeHeader(b"PONG", 0))
+                self.write(encodeHeader(b"PONG", 0))
             else:
                 self.session.frameReceived(frame)
         elif self.phase is Phase.HELLO:
@@ -196,14 +214,111 @@ class FarmConnection(Protocol):
             service=self.service,
         )
 
+    # Relaying through the kernel (privox.farm.splice)
+
+    def spliceRest(self) -> None:
+        """
+        Hand the rest of this peer's DATA for its job (from the frame
+        arriving now, or from the next header) to a splice relay, if it is
+        large enough and both ends allow one.
+        """
+        splicer = self.farm.splicer
+        session = self.session
+        if (
+            splicer is None
+            or self.relayIn is not None
+            or self._decoding
+            or not isinstance(session, _Session)  # PVX/1
+        ):
+            return
+        due = self._decoder.streamDue(b"DATA")
+        if due < splicer.minimum and (due or session.relayRemaining < splicer.minimum):
+            return
+        sink = session.relaySink()
+        if (
+            sink is None
+            or self.relayDue(sink) is None
+            or sink.relayOut is not None
+            or sink.pvx1 is not None
+            or not spliceable(self.transport)
+            or not spliceable(sink.transport)
+        ):
+            return
+        splicer.relay(self, sink)
+
+    def relayDue(self, sink: FarmConnection) -> int | None:
+        """
+        For the relay reading this connection: how many bytes of the DATA
+        frame arriving now it may move to C{sink}; 0 if the next frame's
+        header must be read first; None if it must stop.
+        """
+        session = self.session
+        if self.phase is not Phase.ACTIVE or not isinstance(session, _Session):
+            return None
+        if session.relaySink() is not sink:
+            return None
+        due = self._decoder.streamDue(b"DATA")
+        if due > session.relayRemaining:
+            return None  # too much: the ordinary path says so
+        if due == 0 and self.headerWanted() <= 0:
+            return None  # another verb's payload is due
+        return due
+
+    def headerWanted(self) -> int:
+        """
+        How many bytes complete the header the decoder is waiting for.
+        """
+        return HEADER_LEN - self._decoder.pending()
+
+    def relayReceived(self, data: bytes) -> None:
+        """
+        Header bytes the relay read: decoded as any others.
+        """
+        self.dataReceived(data)
+
+    def relayTaken(self, count: int) -> None:
+        """
+        The relay moved C{count} payload bytes straight to its sink.
+        """
+        self._decoder.streamTaken(count)
+        assert isinstance(self.session, _Session)
+        self.session.relayed(count)
+
+    # Reading, paused and resumed
+
+    def holdReading(self, holder: object) -> None:
+        if self._readHolds is None:
+            self._readHolds = set()
+            self.transport.pauseProducing()
+        self._readHolds.add(holder)
+
+    def releaseReading(self, holder: object) -> None:
+        holds = self._readHolds
+        if holds is not None and holder in holds:
+            holds.discard(holder)
+            if not holds:
+                self._readHolds = None
+                self.transport.resumeProducing()
+
     # Sending
 
+    def write(self, data: bytes) -> None:
+        relay = self.relayOut
+        if relay is not None:
+            # Bytes of ours after the relay's, never between them.
+            relay.stop()
+            if self.relayOut is not None:
+                relay.later(data)
+                return
+        self.transport.write(data)
+
     def sendControl(self, verb: bytes, fields: dict[str, Any]) -> None:
-        self.transport.write(controlFrame(verb, fields))
+        self.write(controlFrame(verb, fields))
 
     def sendData(self, payload: bytes) -> None:
         # Two writes, no copy of a payload that may be a whole MiB.
-        self.transport.writeSequence([encodeHeader(b"DATA", len(payload)), payload])
+        self.write(encodeHeader(b"DATA", len(payload)))
+        self.write(payload)
 
     # Closing
 
@@ -226,13 +341,25 @@ class FarmConnection(Protocol):
             # PVX/1 has no error frames: at most a "nak".
             farewell = self.pvx1.farewell()
             if farewell:
-                self.transport.write(farewell)
+                self.write(farewell)
         self._shut()
-        self.transport.loseConnection()
+        if self.relayOut is not None:
+            self.relayOut.later(None)
+        else:
+            self.transport.loseConnection()
 
     def abort(self) -> None:
         self._shut()
+        self._dropRelays()
         self.transport.abortConnection()
+
+    def _dropRelays(self) -> None:
+        # The socket is going: a relay reading it stops (its pipe still
+        # drains into the other peer), one writing to it is dropped.
+        if self.relayIn is not None:
+            self.relayIn.stop()
+        if self.relayOut is not None:
+            self.relayOut.abandon()
 
     def _shut(self) -> None:
         # The session ends the moment we decide to close, not when the socket
@@ -240,12 +367,15 @@ class FarmConnection(Protocol):
         # transport would hold the close open until the job ended.
         self.phase = Phase.CLOSED
         self._handshakeDone()
+        if self.relayIn is not None:
+            self.relayIn.stop()
         session, self.session = self.session, None
         if session is not None:
             session.connectionLost()
 
     def connectionLost(self, reason: Failure = None) -> None:
         self._shut()
+        self._dropRelays()
         self.farm.connectionClosed(self)
 
 
@@ -272,6 +402,27 @@ class _Session:
 
     def sendData(self, payload: bytes) -> None:
         self.connection.sendData(payload)
+
+    # What a splice relay reading this peer asks (privox.farm.splice).
+
+    def relaySink(self) -> FarmConnection | None:
+        """
+        The connection this peer's DATA goes to now, if any.
+        """
+        raise NotImplementedError
+
+    @property
+    def relayRemaining(self) -> int:
+        """
+        How many more DATA bytes this peer owes its job.
+        """
+        raise NotImplementedError
+
+    def relayed(self, count: int) -> None:
+        """
+        A relay moved C{count} of those bytes to L{relaySink}.
+        """
+        raise NotImplementedError
 
 
 class ConsumerSession(_Session):
@@ -315,11 +466,26 @@ class ConsumerSession(_Session):
         if self.job is not None:
             self.job.events.consumerData(payload)
 
+    def relaySink(self) -> FarmConnection | None:
+        if self.job is None or not self._uploadRemaining:
+            return None
+        return self.job.uploadSink
+
+    @property
+    def relayRemaining(self) -> int:
+        return self._uploadRemaining
+
+    def relayed(self, count: int) -> None:
+        self._uploadRemaining -= count
+
     def jobAssigned(self, job: Job) -> None:
         self.job = job
         if not job.request.early:
             self._uploadRemaining = job.request.size
         self.sendControl(b"ASGN", {"id": job.id})
+        # The upload starts with the next frame: a large one can be spliced
+        # from its first byte.
+        self.connection.spliceRest()
 
     def jobSubmitted(self, job: Job) -> None:
         self.job = job
@@ -357,7 +523,7 @@ class ProducerSession(_Session):
         )
 
     def _ping(self) -> None:
-        self.connection.transport.write(encodeHeader(b"PING", 0))
+        self.connection.write(encodeHeader(b"PING", 0))
         self._pingTimer = self.connection.farm.clock.callLater(
             self.connection.farm.settings.ping_interval / 2, self._pongMissed
         )
@@ -379,7 +545,7 @@ class ProducerSession(_Session):
     def startJob(self, job: Job) -> None:
         self._cancelPing()
         self.job = job
-        self.transport.write(job.work)
+        self.connection.write(job.work)
 
     def jobDetached(self, job: Job, healthy: bool) -> None:
         self.job = None
@@ -423,6 +589,23 @@ class ProducerSession(_Session):
             raise ProtocolViolation("DATA beyond the size announced in RSLT")
         self._resultRemaining -= len(payload)
         job.events.resultData(payload)
+        if self._resultRemaining == 0:
+            job.events.resultComplete()
+
+    def relaySink(self) -> FarmConnection | None:
+        if self.job is None or not self._resultRemaining:
+            return None
+        return self.job.resultSink
+
+    @property
+    def relayRemaining(self) -> int:
+        return self._resultRemaining
+
+    def relayed(self, count: int) -> None:
+        job = self.job
+        assert job is not None
+        self._resultRemaining -= count
+        job.bytesOut += count
         if self._resultRemaining == 0:
             job.events.resultComplete()
 

@@ -27,6 +27,7 @@ from privox.messages import SERVICES, BadRequest, ErrorCode, JobRequest, Okay, c
 if TYPE_CHECKING:
     from privox.farm.connection import ConsumerSession, FarmConnection, ProducerSession
     from privox.farm.ledger import Sink
+    from privox.farm.splice import Splicer
     from privox.metrics import FarmMetrics
 
 log = Logger()
@@ -73,6 +74,12 @@ class FarmSettings:
         64 * 1024,
         "Largest upload a consumer may send with its JOB_, before ASGN (announced "
         "in OKAY; 0: always after ASGN). A queued job holds at most this much.",
+    )
+    splice_min: int = setting(
+        128 * 1024,
+        "Relay a DATA frame with at least this many bytes still to come inside the "
+        "kernel (Linux splice(2), plain TCP peers) instead of through the farm's "
+        "memory; 0 turns it off.",
     )
     producer_keys: str = setting(
         "open", "Producer key policy: 'open', an allow-list file, or a validation URL."
@@ -146,6 +153,9 @@ class Farm:
         #: Where finished jobs are recorded (L{privox.farm.ledger}); None
         #: records nothing.
         self.ledger: Sink | None = None
+        #: Relays large DATA through the kernel (L{privox.farm.splice});
+        #: None relays everything through memory.
+        self.splicer: Splicer | None = None
 
     def okay(self) -> Okay:
         s = self.settings

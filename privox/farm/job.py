@@ -25,7 +25,7 @@ from zope.interface import implementer
 from privox.messages import ErrorCode, JobRequest, failPayload
 
 if TYPE_CHECKING:
-    from privox.farm.connection import ConsumerSession, ProducerSession
+    from privox.farm.connection import ConsumerSession, FarmConnection, ProducerSession
     from privox.farm.farm import Farm
 
 
@@ -64,26 +64,21 @@ class JobEvents(Protocol):
 @implementer(IPushProducer)
 class _PauseLink:
     """
-    Backpressure from one transport to another: registered as the producer
-    of C{sink}, it pauses reading from C{source} while C{sink}'s write buffer
-    is full. Detaching resumes C{source} if this link paused it.
+    Backpressure from one connection to another: registered as the producer
+    of C{sink}'s transport, it holds C{source}'s reading while C{sink}'s
+    write buffer is full. Detaching lets go of C{source}.
     """
 
-    def __init__(self, source: Any, sink: Any) -> None:
+    def __init__(self, source: FarmConnection, sink: Any) -> None:
         self._source = source
         self._sink = sink
-        self._paused = False
         sink.registerProducer(self, True)
 
     def pauseProducing(self) -> None:
-        if not self._paused:
-            self._paused = True
-            self._source.pauseProducing()
+        self._source.holdReading(self)
 
     def resumeProducing(self) -> None:
-        if self._paused:
-            self._paused = False
-            self._source.resumeProducing()
+        self._source.releaseReading(self)
 
     def stopProducing(self) -> None:
         # The sink is closing; its own connectionLost tells the job.
@@ -130,6 +125,12 @@ class Job:
         #: An early upload (docs/protocol.rst §5.3) that came while the job
         #: waited for a producer, at most the farm's early_upload bytes.
         self._early: list[bytes] = []
+        #: Where the upload's and the result's bytes go now (the producer's
+        #: and the consumer's connections), for a splice relay
+        #: (L{privox.farm.splice}); set and cleared by the transitions that
+        #: start and end forwarding each, which the relay follows.
+        self.uploadSink: FarmConnection | None = None
+        self.resultSink: FarmConnection | None = None
         self._links: list[_PauseLink] = []
         self._timeout: IDelayedCall | None = farm.clock.callLater(
             timeout, self._timedOut
@@ -153,10 +154,11 @@ class Job:
         if self._early:
             producer.sendData(b"".join(self._early))
             self._early = []
+        self.uploadSink = producer.connection
         self.consumer.jobAssigned(self)
         self._links = [
-            _PauseLink(self.consumer.transport, producer.transport),
-            _PauseLink(producer.transport, self.consumer.transport),
+            _PauseLink(self.consumer.connection, producer.transport),
+            _PauseLink(producer.connection, self.consumer.transport),
         ]
 
     def _unlink(self) -> None:
@@ -173,6 +175,8 @@ class Job:
 
     def _detachConsumer(self) -> ConsumerSession | None:
         consumer, self.consumer = self.consumer, None
+        # Without a consumer nothing is forwarded either way.
+        self.uploadSink = self.resultSink = None
         self._unlink()
         if consumer is not None:
             consumer.jobDetached(self)
@@ -264,6 +268,9 @@ def _result(events: JobEvents, job: Job, fields: dict[str, Any], size: int) -> N
     job.resultDuration = fields.get("duration_s")
     fields["id"] = job.id
     job.consumer.sendControl(b"RSLT", fields)
+    # The rest of the upload is moot now (_uploadAfterResult).
+    job.uploadSink = None
+    job.resultSink = job.consumer.connection
 
 
 @running.upon(JobEvents.producerFailed).to(finished)

@@ -19,6 +19,7 @@ from privox.farm.connection import FarmFactory
 from privox.farm.farm import Counters, Farm, FarmSettings
 from privox.farm.ledger import Sink, ledgerFromSettings
 from privox.farm.pvx1 import Aliases
+from privox.farm.splice import splicerFor
 from privox.keys import KeyPolicyError, policyFromSpec
 from privox.metrics import CollectorRegistry, farmStatus, instrumentFarm, metricsSite
 
@@ -43,6 +44,8 @@ class Options(_BaseOptions):  # type: ignore[misc,valid-type]
             raise usage.UsageError("--max-frame and --max-job-bytes must be positive")
         if s.early_upload < 0:
             raise usage.UsageError("--early-upload must be 0 or more")
+        if s.splice_min < 0:
+            raise usage.UsageError("--splice-min must be 0 or more")
         if s.pvx1_quiet <= 0:
             raise usage.UsageError("--pvx1-quiet must be positive")
         for name in ("pvx1_stt_models", "pvx1_tts_models"):
@@ -77,6 +80,14 @@ class FarmService(Service):
         super().startService()
         if self.ledger is not None:
             self.ledger.start()
+        splicer = self.farm.splicer
+        if splicer is not None:
+            log.info(
+                "relaying DATA of {splice_min} bytes or more inside the kernel (splice)",
+                splice_min=splicer.minimum,
+            )
+        elif self.farm.settings.splice_min:
+            log.info("relaying all DATA through memory: splice(2) is not available here")
         interval = self.farm.settings.stats_interval
         if interval > 0:
             self._stats = LoopingCall(self._logStats, interval)
@@ -102,7 +113,7 @@ class FarmService(Service):
 def buildFarm(settings: FarmSettings, reactor: Any) -> Farm:
     bearer = settings.api_key or None
     try:
-        return Farm(
+        farm = Farm(
             settings,
             reactor,
             policyFromSpec(settings.producer_keys, reactor=reactor, bearer=bearer),
@@ -110,6 +121,8 @@ def buildFarm(settings: FarmSettings, reactor: Any) -> Farm:
         )
     except KeyPolicyError as e:
         raise usage.UsageError(str(e))
+    farm.splicer = splicerFor(settings.splice_min, reactor)
+    return farm
 
 
 def buildLedger(settings: FarmSettings, reactor: Any) -> Sink | None:

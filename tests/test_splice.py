@@ -1,0 +1,467 @@
+"""
+Large DATA relayed inside the kernel (privox.farm.splice), over real loopback
+sockets: what arrives is what was sent, and every way a relay can be cut
+short leaves both peers' streams whole and the farm serving.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from twisted.internet import reactor, tcp
+from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from privox.consumer import ConsumerProtocol, JobFailed, connectConsumer
+from privox.farm import splice
+from privox.farm.connection import ConsumerSession, FarmConnection, ProducerSession
+from privox.farm.splice import spliceable
+from privox.framing import Frame, encodeHeader
+from privox.messages import ErrorCode, controlFrame
+from privox.node.echo import DigestEngine, digestOf
+from privox.node.worker import Answer, Collected, ProducerProtocol
+from tests.loopbackfarm import LoopbackFarm, StallingUpload
+
+MiB = 1024 * 1024
+
+
+def audio(size: int, seed: int = 0) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+def transcript(data: bytes) -> str:
+    return f"sha256:{digestOf(data)} bytes:{len(data)}"
+
+
+async def until(predicate: Any, what: str, seconds: float = 10.0) -> None:
+    for _ in range(int(seconds / 0.01)):
+        if predicate():
+            return
+        await deferLater(reactor, 0.01, lambda: None)
+    raise AssertionError(f"timed out waiting until {what}")
+
+
+class BigResult:
+    """
+    TTS: answers every job with C{body}.
+    """
+
+    models = ("*",)
+    languages = ()
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+
+    def start(self, job: dict[str, Any]) -> Collected:
+        return Collected(lambda _: Answer({"content_type": "audio/wav", "model": job["model"]}, self.body))
+
+
+class HalfUpload(StallingUpload):
+    """
+    Sends the first half of its upload once assigned, then C{after}, raw.
+    """
+
+    after = b""
+
+    def frameReceived(self, frame: Frame) -> None:
+        super().frameReceived(frame)
+        if frame.verb == b"ASGN" and self.after:
+            self.transport.write(self.after)
+
+
+class EarlyAnswer(ProducerProtocol):
+    """
+    Answers each job at its first DATA frame, before the upload has ended;
+    the rest of the upload is stale to it.
+    """
+
+    def frameReceived(self, frame: Frame) -> None:
+        current = self._current
+        if frame.verb == b"DATA" and current is not None:
+            self._answer(current, {"id": current.id, "text": "early"}, verb=b"RSLT")
+            return
+        super().frameReceived(frame)
+
+
+class SpliceTestCase(TestCase):
+    timeout = 60
+
+    async def farm(self, **settings: Any) -> LoopbackFarm:
+        farm = LoopbackFarm(**settings)
+        await farm.listen()
+        self.addCleanup(lambda: Deferred.fromCoroutine(farm.stop()))
+        return farm
+
+    async def consumer(self, farm: LoopbackFarm, service: str = "stt") -> ConsumerProtocol:
+        consumer = await connectConsumer(reactor, farm.endpoint(service), service)
+        self.addCleanup(lambda: consumer.disconnected)
+        self.addCleanup(consumer.transport.loseConnection)
+        return consumer
+
+    async def producer(self, farm: LoopbackFarm, handler: Any, service: str = "stt") -> ProducerProtocol:
+        producer = await farm.producer(service, handler)
+        self.addCleanup(lambda: producer.disconnected)
+        self.addCleanup(producer.transport.loseConnection)
+        return producer
+
+    async def rawPeer(self, farm: LoopbackFarm, protocol: Any, service: str = "stt") -> Any:
+        from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+        port = farm.ports[service].getHost().port
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), protocol)
+        await protocol.ready
+        self.addCleanup(lambda: protocol.disconnected)
+        self.addCleanup(protocol.transport.loseConnection)
+        return protocol
+
+    def connections(self, farm: LoopbackFarm, kind: type) -> list[FarmConnection]:
+        return [c for c in farm.farm.connections if isinstance(c.session, kind)]
+
+    def assertQuiet(self, farm: LoopbackFarm) -> None:
+        """
+        No relay left behind: every connection reads again, nothing waits.
+        """
+        for connection in farm.farm.connections:
+            self.assertIsNone(connection.relayIn)
+            self.assertIsNone(connection.relayOut)
+            self.assertIsNone(connection._readHolds)
+            self.assertIn(connection.transport, reactor.getReaders())
+
+
+class RelayTests(SpliceTestCase):
+    async def test_uploadsSpliced(self) -> None:
+        """
+        Large uploads go through the kernel whole, from their first DATA
+        byte; small ones, before and after, the ordinary way.
+        """
+        farm = await self.farm()
+        await self.producer(farm, DigestEngine())
+        consumer = await self.consumer(farm)
+        sizes = [3 * MiB + 5, 1000, 5 * MiB, 200 * 1024, 64 * 1024]
+        for seed, size in enumerate(sizes):
+            data = audio(size, seed)
+            result = await consumer.stt("whisper:tiny.en", data)
+            self.assertEqual(result.text, transcript(data))
+        spliced = [s for s in sizes if s >= farm.farm.settings.splice_min and s > 64 * 1024]
+        self.assertEqual(farm.farm.splicer.relays, len(spliced))
+        self.assertEqual(farm.farm.splicer.bytes, sum(spliced))
+        self.assertQuiet(farm)
+
+    async def test_resultSpliced(self) -> None:
+        """
+        A large TTS result goes through the kernel too (all but what came
+        with its RSLT).
+        """
+        body = audio(6 * MiB + 3, 7)
+        farm = await self.farm()
+        await self.producer(farm, BigResult(body), "tts")
+        consumer = await self.consumer(farm, "tts")
+        for _ in range(2):
+            result = await consumer.tts("tone:x", "hello")
+            self.assertEqual(result.data, body)
+        self.assertGreater(farm.farm.splicer.bytes, 2 * (len(body) - MiB))
+        self.assertQuiet(farm)
+
+    async def test_manyPeersMixedSizes(self) -> None:
+        """
+        Consumers and producers on persistent connections, uploads of every
+        size (early, ordinary, spliced, several frames): each result is its
+        own upload's.
+        """
+        farm = await self.farm()
+        for _ in range(2):
+            await self.producer(farm, DigestEngine())
+        rng = random.Random(11)
+        sizes = [100, 64 * 1024, 130 * 1024, MiB, MiB + 1, 2 * MiB + 17, 4 * MiB]
+
+        async def run(n: int) -> int:
+            consumer = await self.consumer(farm)
+            done = 0
+            for i in range(6):
+                data = audio(rng.choice(sizes), 100 * n + i)
+                result = await consumer.stt("whisper:tiny.en", data)
+                self.assertEqual(result.text, transcript(data))
+                done += 1
+            return done
+
+        from twisted.internet.defer import gatherResults
+
+        counts = await gatherResults([Deferred.fromCoroutine(run(n)) for n in range(3)])
+        self.assertEqual(counts, [6, 6, 6])
+        self.assertGreater(farm.farm.splicer.relays, 0)
+        self.assertQuiet(farm)
+
+    async def test_offRelaysThroughMemory(self) -> None:
+        """
+        splice_min 0: no splicer; large uploads still arrive whole.
+        """
+        farm = await self.farm(splice_min=0)
+        self.assertIsNone(farm.farm.splicer)
+        await self.producer(farm, DigestEngine())
+        consumer = await self.consumer(farm)
+        data = audio(3 * MiB, 2)
+        self.assertEqual((await consumer.stt("whisper:tiny.en", data)).text, transcript(data))
+
+    async def test_noRelayWhenTheSystemRefuses(self) -> None:
+        """
+        Out of pipes (or descriptors): the ordinary way carries the job.
+        """
+
+        def exhausted() -> tuple[int, int]:
+            raise OSError(24, "Too many open files")
+
+        self.patch(splice, "_newPipe", exhausted)
+        farm = await self.farm()
+        await self.producer(farm, DigestEngine())
+        consumer = await self.consumer(farm)
+        for seed in range(2):
+            data = audio(2 * MiB, seed)
+            self.assertEqual((await consumer.stt("whisper:tiny.en", data)).text, transcript(data))
+        self.assertEqual(farm.farm.splicer.relays, 0)
+        self.assertQuiet(farm)
+
+
+class CutShortTests(SpliceTestCase):
+    """
+    A relay ends early: each time the producer's stream stays whole (its
+    next job succeeds) and the farm serves the next request.
+    """
+
+    async def nextJobSucceeds(self, farm: LoopbackFarm) -> None:
+        consumer = await self.consumer(farm)
+        data = audio(2 * MiB, 99)
+        self.assertEqual((await consumer.stt("whisper:tiny.en", data)).text, transcript(data))
+
+    async def consumerLeaves(self, leave: str, after: bytes = b"") -> None:
+        """
+        A consumer sends half its upload (and C{after}), then goes: C{leave}
+        is "abort" (a reset) or "close" (FIN).
+        """
+        farm = await self.farm()
+        await self.producer(farm, DigestEngine())
+        half = await self.rawPeer(farm, type("Half", (HalfUpload,), {"after": after})("stt"))
+        job = half.stt("whisper:tiny.en", audio(8 * MiB, 1))
+        job.addErrback(lambda _: None)
+        await half.assigned
+        await until(lambda: farm.farm.splicer.bytes > 0, "the relay moved bytes")
+        if leave == "abort":
+            half.transport.abortConnection()
+        else:
+            half.transport.loseConnection()
+        await until(lambda: not farm.farm.jobs, "the job ended")
+        await self.nextJobSucceeds(farm)
+        self.assertQuiet(farm)
+
+    def test_consumerVanishesMidUpload(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self.consumerLeaves("abort"))
+
+    def test_consumerClosesMidUpload(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self.consumerLeaves("close"))
+
+    def test_consumerClosesMidFrame(self) -> Deferred[None]:
+        # A header for a MiB, a thousand of its bytes, the end.
+        return Deferred.fromCoroutine(
+            self.consumerLeaves("close", encodeHeader(b"DATA", MiB) + b"c" * 1000)
+        )
+
+    async def test_consumerStallsPastTimeout(self) -> None:
+        farm = await self.farm()
+        await self.producer(farm, DigestEngine())
+        half = await self.rawPeer(farm, HalfUpload("stt"))
+        job = half.stt("whisper:tiny.en", audio(8 * MiB, 1), timeout_s=1.0)
+        await half.assigned
+        failure = await self.assertFailure(job, JobFailed)
+        self.assertEqual(failure.code, ErrorCode.TIMEOUT)
+        # The stalled consumer still owes half its upload; the producer,
+        # cancelled, is free all the same.
+        await self.nextJobSucceeds(farm)
+
+    async def test_producerVanishesMidUpload(self) -> None:
+        farm = await self.farm()
+
+        class Vanishing(DigestEngine):
+            def start(inner, job: dict[str, Any]) -> Any:
+                run = super().start(job)
+                feed = run.feed
+
+                def feedThenVanish(chunk: bytes) -> None:
+                    feed(chunk)
+                    doomed.transport.abortConnection()
+
+                run.feed = feedThenVanish
+                return run
+
+        doomed = await self.producer(farm, Vanishing())
+        consumer = await self.consumer(farm)
+        failure = await self.assertFailure(
+            consumer.stt("whisper:tiny.en", audio(8 * MiB, 3)), JobFailed
+        )
+        self.assertEqual(failure.code, ErrorCode.PRODUCER_LOST)
+        await self.producer(farm, DigestEngine())
+        # The same consumer connection, after the rest of its upload was
+        # discarded, takes its next job.
+        data = audio(3 * MiB, 4)
+        self.assertEqual((await consumer.stt("whisper:tiny.en", data)).text, transcript(data))
+        self.assertQuiet(farm)
+
+    async def test_producerAnswersBeforeUploadEnds(self) -> None:
+        farm = await self.farm()
+        producer = EarlyAnswer("stt", "producer-key", DigestEngine())
+        await self.rawPeer(farm, producer)
+        consumer = await self.consumer(farm)
+        for seed in range(3):
+            result = await consumer.stt("whisper:tiny.en", audio(6 * MiB, seed))
+            self.assertEqual(result.text, "early")
+        self.assertQuiet(farm)
+
+    async def consumerBreaksTheProtocol(self, after: bytes, size: int = 2 * MiB) -> None:
+        """
+        A consumer sends half its upload, then C{after}: it is closed with a
+        protocol error, as on the ordinary path, and the farm serves on.
+        """
+        farm = await self.farm()
+        await self.producer(farm, DigestEngine())
+        rude = await self.rawPeer(farm, type("Rude", (HalfUpload,), {"after": after})("stt"))
+        failure = await self.assertFailure(rude.stt("whisper:tiny.en", audio(size, 5)), JobFailed)
+        self.assertEqual(failure.code, ErrorCode.PROTOCOL)
+        await self.nextJobSucceeds(farm)
+
+    def test_frameBeyondTheUpload(self) -> Deferred[None]:
+        # Half of 4 MiB - 2 sent, so a MiB - 1 still owed: a full MiB and
+        # another are too much.
+        frame = encodeHeader(b"DATA", MiB) + b"x" * MiB
+        return Deferred.fromCoroutine(self.consumerBreaksTheProtocol(frame * 2, 4 * MiB - 2))
+
+    def test_garbageHeaderMidUpload(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self.consumerBreaksTheProtocol(b"NOPE00000010" + b"z" * 10))
+
+    def test_jobFrameMidUpload(self) -> Deferred[None]:
+        job = controlFrame(b"JOB_", {"model": "x", "size": 1})
+        return Deferred.fromCoroutine(self.consumerBreaksTheProtocol(job))
+
+
+class BackpressureTests(SpliceTestCase):
+    async def test_stalledProducer(self) -> None:
+        """
+        A producer that stops reading: the relay waits for it, holding at
+        most a pipe's worth; the consumer is not read meanwhile; once the
+        producer reads again the job completes.
+        """
+        farm = await self.farm(max_job_bytes=64 * MiB)
+        producer = await self.producer(farm, DigestEngine())
+        producer.transport.pauseProducing()
+        consumer = await self.consumer(farm)
+        data = audio(32 * MiB, 8)
+        job = consumer.stt("whisper:tiny.en", data)
+        [consumerSide] = self.connections(farm, ConsumerSession)
+        await until(lambda: consumerSide.relayIn is not None, "a relay started")
+        moved: list[int] = []
+
+        def still() -> bool:
+            moved.append(farm.farm.splicer.bytes)
+            return len(moved) > 20 and moved[-20] == moved[-1]
+
+        await until(still, "the relay stalled")
+        self.assertLess(farm.farm.splicer.bytes, 16 * MiB)
+        self.assertNotIn(consumerSide.transport, reactor.getReaders())
+        # Waiting on the producer's socket only, not spinning on the consumer's.
+        self.assertEqual(
+            [r for r in reactor.getReaders() if isinstance(r, splice._SourceReady)], []
+        )
+        producer.transport.resumeProducing()
+        self.assertEqual((await job).text, transcript(data))
+        self.assertQuiet(farm)
+
+    async def stalledRelay(self, **settings: Any) -> tuple[LoopbackFarm, ProducerProtocol, Deferred[Any]]:
+        """
+        A job whose relay is stuck mid-frame: its producer stopped reading.
+        """
+        farm = await self.farm(max_job_bytes=64 * MiB, **settings)
+        producer = await self.producer(farm, DigestEngine())
+        producer.transport.pauseProducing()
+        consumer = await self.consumer(farm)
+        job = consumer.stt("whisper:tiny.en", audio(32 * MiB, 9), timeout_s=1.0)
+        [producerSide] = self.connections(farm, ProducerSession)
+        await until(
+            lambda: producerSide.relayOut is not None and producerSide.relayOut._inPipe,
+            "the relay stuck with bytes in its pipe",
+        )
+        return farm, producer, job
+
+    async def test_cancelWaitsForTheFrameInThePipe(self) -> None:
+        """
+        The job times out while the producer's frame is half sent: the CNCL
+        waits behind the pipe, and the producer, reading again, gets a
+        whole frame, then the CNCL, and is free for the next job.
+        """
+        farm, producer, job = await self.stalledRelay()
+        [producerSide] = self.connections(farm, ProducerSession)
+        failure = await self.assertFailure(job, JobFailed)
+        self.assertEqual(failure.code, ErrorCode.TIMEOUT)
+        self.assertTrue(producerSide.relayOut._later, "CNCL queued behind the pipe")
+        producer.transport.resumeProducing()
+        consumer = await self.consumer(farm)
+        data = audio(2 * MiB, 10)
+        self.assertEqual((await consumer.stt("whisper:tiny.en", data)).text, transcript(data))
+        self.assertQuiet(farm)
+
+    async def test_producerVanishesWhileStalled(self) -> None:
+        farm, producer, job = await self.stalledRelay()
+        producer.transport.abortConnection()
+        failure = await self.assertFailure(job, JobFailed)
+        self.assertEqual(failure.code, ErrorCode.PRODUCER_LOST)
+        await self.producer(farm, DigestEngine())
+        consumer = await self.consumer(farm)
+        data = audio(2 * MiB, 11)
+        self.assertEqual((await consumer.stt("whisper:tiny.en", data)).text, transcript(data))
+        self.assertQuiet(farm)
+
+    async def test_producerDroppedWhileConsumerStalls(self) -> None:
+        """
+        A consumer stops reading a large result; its job times out and the
+        producer, unable to finish within the grace, is dropped: its socket
+        closes at once, though the relay still has bytes for the consumer.
+        """
+        farm = await self.farm(cancel_grace=0.5, max_job_bytes=64 * MiB)
+        producer = await self.producer(farm, BigResult(audio(32 * MiB, 13)), "tts")
+        consumer = await self.consumer(farm, "tts")
+        consumer.transport.pauseProducing()
+        job = consumer.tts("tone:x", "big", timeout_s=1.0)
+        await producer.disconnected
+        [consumerSide] = self.connections(farm, ConsumerSession)
+        self.assertIsNotNone(consumerSide.relayOut)
+        consumer.transport.resumeProducing()
+        failure = await self.assertFailure(job, JobFailed)
+        self.assertEqual(failure.code, ErrorCode.TIMEOUT)
+        self.assertQuiet(farm)
+
+    async def test_producerClosedWhileStalled(self) -> None:
+        """
+        The farm closes a producer (a protocol error) while a frame is half
+        sent to it: its FAIL and the close wait for the frame to end.
+        """
+        farm, producer, job = await self.stalledRelay()
+        [producerSide] = self.connections(farm, ProducerSession)
+        producer.transport.write(b"NOPE00000000")
+        failure = await self.assertFailure(job, JobFailed)
+        self.assertEqual(failure.code, ErrorCode.PRODUCER_LOST)
+        self.assertIn(None, producerSide.relayOut._later)
+        self.assertIn(producerSide, farm.farm.connections)
+        producer.transport.resumeProducing()
+        await producer.disconnected
+        await until(lambda: producerSide not in farm.farm.connections, "the farm let go")
+
+
+class SpliceableTests(SynchronousTestCase):
+    def test_memoryTransport(self) -> None:
+        self.assertFalse(spliceable(StringTransport()))
+
+    def test_tlsTransport(self) -> None:
+        class TLSConnection(tcp.Connection):
+            TLS = True
+
+        self.assertFalse(spliceable(TLSConnection.__new__(TLSConnection)))
+        self.assertTrue(spliceable(tcp.Connection.__new__(tcp.Connection)))

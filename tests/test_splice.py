@@ -224,6 +224,21 @@ class RelayTests(SpliceTestCase):
         self.assertQuiet(farm)
 
 
+    async def test_noRelayWithASmallPipe(self) -> None:
+        """
+        Over the user's pipe quota the kernel hands out pipes of a page or
+        two: the ordinary way is cheaper then, and takes the job.
+        """
+        self.patch(splice, "_F_SETPIPE_SZ", -1)  # the resize is refused
+        farm = await self.farm()
+        await self.producer(farm, DigestEngine())
+        consumer = await self.consumer(farm)
+        data = audio(2 * MiB, 3)
+        self.assertEqual((await consumer.stt("whisper:tiny.en", data)).text, transcript(data))
+        self.assertEqual(farm.farm.splicer.relays, 0)
+        self.assertQuiet(farm)
+
+
 class CutShortTests(SpliceTestCase):
     """
     A relay ends early: each time the producer's stream stays whole (its

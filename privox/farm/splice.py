@@ -217,8 +217,13 @@ class SpliceRelay:
         try:
             fcntl.fcntl(self._pipe[1], _F_SETPIPE_SZ, splicer.pipeSize)
         except OSError:
-            pass  # over the user's pipe quota: the default size still works
+            pass  # over the user's pipe quota (pipe-user-pages-soft)
         self._capacity = fcntl.fcntl(self._pipe[1], _F_GETPIPE_SZ)
+        if self._capacity < splicer.pipeSize:
+            # A page or two at a time would cost more than going through
+            # memory.
+            self._close()
+            raise OSError(f"the kernel gave a pipe of {self._capacity} bytes only")
         self._reader = _SourceReady(self, self._in.fileno())
         self._writer = _SinkReady(self, self._out.fileno())
         #: What the farm wrote to the sink while the pipe drained, in order;

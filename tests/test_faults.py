@@ -182,11 +182,13 @@ class LoadTests(TestCase):
         # Zero lost: every job the farm took was answered and checked.
         self.assertEqual(farm.farm.counters.jobs, total)
         self.assertEqual(farm.farm.counters.succeeded, total)
+        splicer = farm.farm.splicer
+        spliced = f" ({splicer.relays} uploads spliced)" if splicer is not None else ""
         figures(
             f"load: {LOAD_CONSUMERS} consumers x {LOAD_PRODUCERS}+{LOAD_PRODUCERS} producers, "
             f"{elapsed:.1f} s: {total} jobs "
             f"({counts['stt']} stt, {counts['tts']} tts), {total / elapsed:.0f} jobs/s, "
-            f"{counts['bytes'] / elapsed / 1e6:.1f} MB/s uploaded, 0 lost, 0 mixed up"
+            f"{counts['bytes'] / elapsed / 1e6:.1f} MB/s uploaded{spliced}, 0 lost, 0 mixed up"
         )
 
 

@@ -471,6 +471,15 @@ class BackpressureTests(SpliceTestCase):
 
 
 class SpliceableTests(SynchronousTestCase):
+    def connection(self, cls: type = tcp.Connection) -> tcp.Connection:
+        # What a connected transport has of the attributes spliceable() reads.
+        connection = cls.__new__(cls)
+        connection._tempDataLen = 0
+        return connection
+
+    def test_tcpTransport(self) -> None:
+        self.assertTrue(spliceable(self.connection()))
+
     def test_memoryTransport(self) -> None:
         self.assertFalse(spliceable(StringTransport()))
 
@@ -478,5 +487,12 @@ class SpliceableTests(SynchronousTestCase):
         class TLSConnection(tcp.Connection):
             TLS = True
 
-        self.assertFalse(spliceable(TLSConnection.__new__(TLSConnection)))
-        self.assertTrue(spliceable(tcp.Connection.__new__(tcp.Connection)))
+        self.assertFalse(spliceable(self.connection(TLSConnection)))
+
+    def test_writeBufferUnknown(self) -> None:
+        """
+        A transport whose write buffer can't be read is not spliced.
+        """
+        connection = self.connection()
+        del connection._tempDataLen
+        self.assertFalse(spliceable(connection))

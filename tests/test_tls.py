@@ -30,6 +30,7 @@ from privox.api.service import Options as ApiOptions
 from privox.consumer import connectConsumer
 from privox.farm.connection import FarmFactory
 from privox.farm.farm import Farm, FarmSettings
+from privox.farm.splice import splicerFor
 from privox.keys import OpenPolicy
 from privox.node.echo import digestOf, toneFor
 from privox.node.service import Options as NodeOptions
@@ -151,6 +152,8 @@ class TLSFarm:
 
     def __init__(self, certFile: str, keyFile: str) -> None:
         self.farm = Farm(FarmSettings(stats_interval=0.0), reactor, OpenPolicy(), OpenPolicy())
+        # As twistd's farm has it; TLS connections must not be spliced.
+        self.farm.splicer = splicerFor(self.farm.settings.splice_min, reactor)
         self.listen = f"ssl:0:interface=127.0.0.1:privateKey={keyFile}:certKey={certFile}"
         self.ports: dict[str, Any] = {}
 
@@ -214,9 +217,12 @@ class ConnectTests(_TLSTestCase):
         # A consumer with Twisted's own trustRoots=DIR (a directory of PEM files).
         trustRoots = f":trustRoots={self.files.root.child('ca').path}"
         stt = await connectConsumer(reactor, farm.endpoint("stt", extra=trustRoots), "stt")
-        audio = b"\x00\x01" * 5000
+        # Large enough to be spliced between plain TCP peers; TLS bytes
+        # must go through the farm's memory to be decrypted.
+        audio = b"\x00\x01" * 300_000
         result = await stt.stt("digest:x", audio)
         self.assertEqual(result.text, f"sha256:{digestOf(audio)} bytes:{len(audio)}")
+        self.assertEqual(farm.farm.splicer.relays, 0)
         stt.transport.loseConnection()
         await node.stopService()
         self.assertTrue(self.logged("serving stt through tls:host=localhost"))

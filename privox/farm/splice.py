@@ -75,7 +75,7 @@ def spliceAvailable() -> bool:
     """
     Whether this platform has splice(2) (Linux, Python 3.10 and later).
     """
-    return hasattr(os, "splice") and hasattr(socket, "MSG_MORE")
+    return hasattr(os, "splice") and hasattr(termios, "FIONREAD")
 
 
 def spliceable(transport: Any) -> bool:
@@ -115,8 +115,9 @@ class Splicer:
     """
     Starts relays for a farm's connections, and counts what they moved.
 
-    @ivar minimum: a DATA frame with at least this many payload bytes still
-        to come starts a relay.
+    @ivar minimum: an upload or result that owes at least this many bytes
+        when its DATA starts, or a DATA frame with that many still to come,
+        gets a relay.
     """
 
     def __init__(self, reactor: IReactorFDSet, minimum: int, pipeSize: int = PIPE_SIZE) -> None:

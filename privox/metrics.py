@@ -21,7 +21,7 @@ import math
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 from twisted.web.resource import Resource
@@ -155,7 +155,7 @@ class FarmMetrics:
 class FarmCollector(Collector):
     """
     Queue depth and producers per model, read from the dispatchers when
-    scraped.
+    scraped, and what the farm spliced.
     """
 
     def __init__(self, farm: Farm) -> None:
@@ -181,6 +181,18 @@ class FarmCollector(Collector):
                 families["busy"].add_metric([service, model], connected - idle)
         yield queue
         yield from families.values()
+        splicer = self.farm.splicer
+        if splicer is not None:
+            yield CounterMetricFamily(
+                "privox_farm_splice_relays",
+                "Uploads and results relayed inside the kernel (splice).",
+                value=splicer.relays,
+            )
+            yield CounterMetricFamily(
+                "privox_farm_spliced_bytes",
+                "DATA payload bytes relayed inside the kernel (splice).",
+                value=splicer.bytes,
+            )
 
     def describe(self) -> Iterable[Metric]:
         # Registering must not call collect (the farm may not be ready).

@@ -27,6 +27,7 @@ from privox.config import resolve
 from privox.farm.farm import FarmSettings
 from privox.farm.service import Options as FarmOptions
 from privox.farm.service import makeService as makeFarmService
+from privox.farm.splice import Splicer
 from privox.local import LocalExchange, LocalSettings
 from privox.metrics import (
     CollectorRegistry,
@@ -226,6 +227,17 @@ class FarmMetricsTests(SynchronousTestCase):
         busy.lose()
         seen = self.scrape()
         self.assertEqual(seen[("privox_farm_producers_connected", label)], 1)
+
+    def test_spliced(self) -> None:
+        """
+        What the farm relayed inside the kernel, when it can.
+        """
+        self.assertNotIn(("privox_farm_spliced_bytes_total", ()), self.scrape())
+        self.h.farm.splicer = Splicer(self.h.farm.clock, 131072)
+        self.h.farm.splicer.relays, self.h.farm.splicer.bytes = 3, 12_345_678
+        seen = self.scrape()
+        self.assertEqual(seen[("privox_farm_splice_relays_total", ())], 3)
+        self.assertEqual(seen[("privox_farm_spliced_bytes_total", ())], 12_345_678)
 
     def test_jobsAndLatency(self) -> None:
         producer = self.h.producer(models=["whisper:tiny.en"])

@@ -26,6 +26,7 @@ from privox.config import optionsFor, setting
 from privox.engines.registry import ModelSpec, SpecError, createEngine
 from privox.farm.connection import FarmFactory
 from privox.farm.farm import Farm, FarmSettings
+from privox.farm.splice import splicerFor
 from privox.keys import OpenPolicy
 from privox.metrics import CollectorRegistry, farmStatus, instrumentFarm
 from privox.node.service import NodeService, NodeSettings
@@ -119,6 +120,7 @@ class LocalExchange(Service):
             OpenPolicy(),
             OpenPolicy(),
         )
+        self.farm.splicer = splicerFor(self.farm.settings.splice_min, reactor)
         # One registry for the farm, the node and the API: the API's
         # /metrics shows them all.
         self.registry = CollectorRegistry()

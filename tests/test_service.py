@@ -4,6 +4,8 @@ makeService: the service tree twistd runs, on real ports.
 
 from __future__ import annotations
 
+import resource
+
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
@@ -15,6 +17,7 @@ from privox.consumer import connectConsumer
 from privox.farm.farm import Farm, FarmSettings
 from privox.keys import OpenPolicy
 from privox.farm.service import FarmService, Options, makeService
+from privox.fdlimit import OpenFileLimitService
 from privox.peer import Denied
 
 
@@ -25,6 +28,13 @@ class ServiceTests(TestCase):
         options = Options()
         options.parseOptions(["--stt-listen", "tcp:0:interface=127.0.0.1", "--tts-listen", "none"])
         top = makeService(options, reactor)
+        # The limit first, then the ports; and twistd's farm splices.
+        self.assertIsInstance(list(top)[0], OpenFileLimitService)
+        [farmService] = [s for s in top if isinstance(s, FarmService)]
+        self.assertIsNotNone(farmService.farm.splicer)
+        self.addCleanup(
+            resource.setrlimit, resource.RLIMIT_NOFILE, resource.getrlimit(resource.RLIMIT_NOFILE)
+        )
         top.startService()
         ports = [s._waitingForPort.result for s in top if hasattr(s, "_waitingForPort")]
         self.assertEqual(len(ports), 1)

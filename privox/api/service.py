@@ -27,6 +27,7 @@ from privox.api.farms import FarmEntry, FarmExchange
 from privox.api.farmstatus import RemoteStatus
 from privox.api.models import DEFAULT_STT, DEFAULT_VOICES, ModelTable
 from privox.config import optionsFor, setting
+from privox.fdlimit import OpenFileLimitService
 from privox.keys import KeyPolicyError, policyFromSpec
 from privox.tls import loadCA
 
@@ -317,6 +318,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     api, site = buildApi(s, exchange, reactor, farmStatus=remote)
     http = TrackedFactory(site)
     top = MultiService()
+    # A descriptor per HTTP client and farm connection: before the port.
+    OpenFileLimitService().setServiceParent(top)
     # Before the port, so the schema is being brought up to date first.
     AccountsService(api.access, reactor, http).setServiceParent(top)
     # Added first, stopped last: the port closes before the connections.

@@ -72,6 +72,42 @@ class HalfUpload(StallingUpload):
             self.transport.write(self.after)
 
 
+class Ragged(ConsumerProtocol):
+    """
+    Cuts its uploads into DATA frames of random sizes, and writes the stream
+    in random pieces, some after a pause: headers split across reads, tiny
+    frames, frames a relay meets halfway.
+    """
+
+    def __init__(self, service: str, rng: random.Random) -> None:
+        super().__init__(service)
+        self.rng = rng
+
+    def sendData(self, payload: bytes) -> None:
+        assert self.okay is not None
+        rng, stream, start = self.rng, [], 0
+        while start < len(payload):
+            size = rng.choice([1, 7, 4096, 100_000, 300_000, self.okay.max_frame])
+            chunk = payload[start : start + size]
+            stream += (encodeHeader(b"DATA", len(chunk)), chunk)
+            start += len(chunk)
+        data = b"".join(stream)
+        pieces, start = [], 0
+        while start < len(data):
+            size = rng.choice([1, 5, 12, 13, 65_536, 700_000, len(data)])
+            pieces.append(data[start : start + size])
+            start += size
+        self._writeSlowly(pieces)
+
+    def _writeSlowly(self, pieces: list[bytes]) -> None:
+        while pieces:
+            self.transport.write(pieces.pop(0))
+            if pieces and self.rng.random() < 0.2:
+                # Let the farm read what came so far.
+                reactor.callLater(0.001, self._writeSlowly, pieces)
+                return
+
+
 class EarlyAnswer(ProducerProtocol):
     """
     Answers each job at its first DATA frame, before the upload has ended;
@@ -191,6 +227,21 @@ class RelayTests(SpliceTestCase):
 
         counts = await gatherResults([Deferred.fromCoroutine(run(n)) for n in range(3)])
         self.assertEqual(counts, [6, 6, 6])
+        self.assertGreater(farm.farm.splicer.relays, 0)
+        self.assertQuiet(farm)
+
+    async def test_raggedFrames(self) -> None:
+        """
+        Uploads in frames of any size, written in any pieces at any pace,
+        with results in between: each result is its own upload's.
+        """
+        farm = await self.farm()
+        await self.producer(farm, DigestEngine())
+        rng = random.Random(2026)
+        consumer = await self.rawPeer(farm, Ragged("stt", rng))
+        for n in range(25):
+            data = audio(rng.choice([200_000, MiB + 3, 3 * MiB + 11]), 1000 + n)
+            self.assertEqual((await consumer.stt("whisper:tiny.en", data)).text, transcript(data))
         self.assertGreater(farm.farm.splicer.relays, 0)
         self.assertQuiet(farm)
 

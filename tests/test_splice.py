@@ -468,6 +468,10 @@ class BackpressureTests(SpliceTestCase):
         failure = await self.assertFailure(job, JobFailed)
         self.assertEqual(failure.code, ErrorCode.TIMEOUT)
         self.assertTrue(producerSide.relayOut._later, "CNCL queued behind the pipe")
+        # Stopping it again changes nothing: the frame still ends whole.
+        relay = producerSide.relayOut
+        relay.stop()
+        self.assertIs(producerSide.relayOut, relay)
         producer.transport.resumeProducing()
         consumer = await self.consumer(farm)
         data = audio(2 * MiB, 10)

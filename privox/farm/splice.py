@@ -154,6 +154,7 @@ class _State(enum.Enum):
     SETTLING = "settling"  # the sink's own write buffer is still draining
     FILLING = "filling"  # waiting for the source's bytes
     DRAINING = "draining"  # the pipe's bytes (and their header) going to the sink
+    ENDING = "ending"  # draining the last of them: stopped, done once drained
     DONE = "done"
 
 
@@ -200,7 +201,6 @@ class SpliceRelay:
         self._source = source
         self._sink = sink
         self._state = _State.SETTLING
-        self._stopping = False
         #: Bytes in the pipe (a header and payload), and payload bytes
         #: announced by that header that are still to come from the source.
         self._inPipe = 0
@@ -251,13 +251,14 @@ class SpliceRelay:
         Move no more: end now, or once the frame in the pipe is whole in the
         sink.
         """
-        if self._state is _State.DRAINING:
-            self._stopping = True
+        state = self._state
+        if state is _State.DRAINING:
+            self._state = _State.ENDING
             if not self._owed:
                 # Nothing more to read: let go of the source's socket now,
                 # so closing it closes it.
                 self._closeSource()
-        elif self._state is not _State.DONE:
+        elif state is _State.SETTLING or state is _State.FILLING:
             self._finish()
 
     def later(self, data: bytes | None) -> None:
@@ -286,7 +287,7 @@ class SpliceRelay:
             elif state is _State.FILLING:
                 if not self._fill():
                     return
-            elif state is _State.DRAINING:
+            elif state is _State.DRAINING or state is _State.ENDING:
                 if not self._drain():
                     return
             else:
@@ -373,7 +374,7 @@ class SpliceRelay:
                 self._owed -= n
                 self._inPipe += n
                 moved = True
-                if self._stopping and not self._owed:
+                if self._state is _State.ENDING and not self._owed:
                     self._closeSource()
         if self._inPipe:
             try:
@@ -394,7 +395,7 @@ class SpliceRelay:
                 self._wait(read=not self._inPipe, write=bool(self._inPipe))
                 return False
             return True
-        if self._stopping:
+        if self._state is _State.ENDING:
             self._finish()
             return False
         self._state = _State.FILLING

@@ -11,7 +11,6 @@ from typing import Any
 
 from twisted.internet import reactor, tcp
 from twisted.internet.defer import Deferred
-from twisted.internet.task import deferLater
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -24,6 +23,7 @@ from privox.messages import ErrorCode, controlFrame
 from privox.node.echo import DigestEngine, digestOf
 from privox.node.worker import Answer, Collected, ProducerProtocol
 from tests.loopbackfarm import LoopbackFarm, StallingUpload
+from tests.test_node import until
 
 MiB = 1024 * 1024
 
@@ -34,14 +34,6 @@ def audio(size: int, seed: int = 0) -> bytes:
 
 def transcript(data: bytes) -> str:
     return f"sha256:{digestOf(data)} bytes:{len(data)}"
-
-
-async def until(predicate: Any, what: str, seconds: float = 10.0) -> None:
-    for _ in range(int(seconds / 0.01)):
-        if predicate():
-            return
-        await deferLater(reactor, 0.01, lambda: None)
-    raise AssertionError(f"timed out waiting until {what}")
 
 
 class BigResult:

@@ -10,11 +10,12 @@ import random
 from typing import Any
 
 from twisted.internet import reactor, tcp
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from privox.consumer import ConsumerProtocol, JobFailed, connectConsumer
+from privox.consumer import ConsumerProtocol, JobFailed
 from privox.farm import splice
 from privox.farm.connection import ConsumerSession, FarmConnection, ProducerSession
 from privox.farm.splice import spliceable
@@ -22,7 +23,8 @@ from privox.framing import Frame, encodeHeader
 from privox.messages import ErrorCode, controlFrame
 from privox.node.echo import DigestEngine, digestOf
 from privox.node.worker import Answer, Collected, ProducerProtocol
-from tests.loopbackfarm import LoopbackFarm, StallingUpload
+from tests.apifarms import LiveFarm, startFarm
+from tests.loopbackfarm import StallingUpload
 from tests.test_node import until
 
 MiB = 1024 * 1024
@@ -117,38 +119,18 @@ class EarlyAnswer(ProducerProtocol):
 class SpliceTestCase(TestCase):
     timeout = 60
 
-    async def farm(self, **settings: Any) -> LoopbackFarm:
-        farm = LoopbackFarm(**settings)
-        await farm.listen()
-        self.addCleanup(lambda: Deferred.fromCoroutine(farm.stop()))
-        return farm
-
-    async def consumer(self, farm: LoopbackFarm, service: str = "stt") -> ConsumerProtocol:
-        consumer = await connectConsumer(reactor, farm.endpoint(service), service)
-        self.addCleanup(lambda: consumer.disconnected)
-        self.addCleanup(consumer.transport.loseConnection)
-        return consumer
-
-    async def producer(self, farm: LoopbackFarm, handler: Any, service: str = "stt") -> ProducerProtocol:
-        producer = await farm.producer(service, handler)
-        self.addCleanup(lambda: producer.disconnected)
-        self.addCleanup(producer.transport.loseConnection)
-        return producer
-
-    async def rawPeer(self, farm: LoopbackFarm, protocol: Any, service: str = "stt") -> Any:
-        from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-
-        port = farm.ports[service].getHost().port
+    async def rawPeer(self, farm: LiveFarm, protocol: Any, service: str = "stt") -> Any:
+        port = farm.port(service)
         await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), protocol)
         await protocol.ready
         self.addCleanup(lambda: protocol.disconnected)
         self.addCleanup(protocol.transport.loseConnection)
         return protocol
 
-    def connections(self, farm: LoopbackFarm, kind: type) -> list[FarmConnection]:
+    def connections(self, farm: LiveFarm, kind: type) -> list[FarmConnection]:
         return [c for c in farm.farm.connections if isinstance(c.session, kind)]
 
-    def assertQuiet(self, farm: LoopbackFarm) -> None:
+    def assertQuiet(self, farm: LiveFarm) -> None:
         """
         No relay left behind: every connection reads again, nothing waits.
         """
@@ -165,9 +147,9 @@ class RelayTests(SpliceTestCase):
         Large uploads go through the kernel whole, from their first DATA
         byte; small ones, before and after, the ordinary way.
         """
-        farm = await self.farm()
-        await self.producer(farm, DigestEngine())
-        consumer = await self.consumer(farm)
+        farm = await startFarm(self, "splice")
+        await farm.producer("stt", DigestEngine())
+        consumer = await farm.consumer("stt")
         sizes = [3 * MiB + 5, 1000, 5 * MiB, 200 * 1024, 64 * 1024]
         for seed, size in enumerate(sizes):
             data = audio(size, seed)
@@ -184,9 +166,9 @@ class RelayTests(SpliceTestCase):
         with its RSLT).
         """
         body = audio(6 * MiB + 3, 7)
-        farm = await self.farm()
-        await self.producer(farm, BigResult(body), "tts")
-        consumer = await self.consumer(farm, "tts")
+        farm = await startFarm(self, "splice")
+        await farm.producer("tts", BigResult(body))
+        consumer = await farm.consumer("tts")
         for _ in range(2):
             result = await consumer.tts("tone:x", "hello")
             self.assertEqual(result.data, body)
@@ -199,14 +181,14 @@ class RelayTests(SpliceTestCase):
         size (early, ordinary, spliced, several frames): each result is its
         own upload's.
         """
-        farm = await self.farm()
+        farm = await startFarm(self, "splice")
         for _ in range(2):
-            await self.producer(farm, DigestEngine())
+            await farm.producer("stt", DigestEngine())
         rng = random.Random(11)
         sizes = [100, 64 * 1024, 130 * 1024, MiB, MiB + 1, 2 * MiB + 17, 4 * MiB]
 
         async def run(n: int) -> int:
-            consumer = await self.consumer(farm)
+            consumer = await farm.consumer("stt")
             done = 0
             for i in range(6):
                 data = audio(rng.choice(sizes), 100 * n + i)
@@ -215,7 +197,6 @@ class RelayTests(SpliceTestCase):
                 done += 1
             return done
 
-        from twisted.internet.defer import gatherResults
 
         counts = await gatherResults([Deferred.fromCoroutine(run(n)) for n in range(3)])
         self.assertEqual(counts, [6, 6, 6])
@@ -227,8 +208,8 @@ class RelayTests(SpliceTestCase):
         Uploads in frames of any size, written in any pieces at any pace,
         with results in between: each result is its own upload's.
         """
-        farm = await self.farm()
-        await self.producer(farm, DigestEngine())
+        farm = await startFarm(self, "splice")
+        await farm.producer("stt", DigestEngine())
         rng = random.Random(2026)
         consumer = await self.rawPeer(farm, Ragged("stt", rng))
         for n in range(25):
@@ -241,10 +222,10 @@ class RelayTests(SpliceTestCase):
         """
         splice_min 0: no splicer; large uploads still arrive whole.
         """
-        farm = await self.farm(splice_min=0)
+        farm = await startFarm(self, "splice", splice_min=0)
         self.assertIsNone(farm.farm.splicer)
-        await self.producer(farm, DigestEngine())
-        consumer = await self.consumer(farm)
+        await farm.producer("stt", DigestEngine())
+        consumer = await farm.consumer("stt")
         data = audio(3 * MiB, 2)
         self.assertEqual((await consumer.stt("whisper:tiny.en", data)).text, transcript(data))
 
@@ -257,9 +238,9 @@ class RelayTests(SpliceTestCase):
             raise OSError(24, "Too many open files")
 
         self.patch(splice, "_newPipe", exhausted)
-        farm = await self.farm()
-        await self.producer(farm, DigestEngine())
-        consumer = await self.consumer(farm)
+        farm = await startFarm(self, "splice")
+        await farm.producer("stt", DigestEngine())
+        consumer = await farm.consumer("stt")
         for seed in range(2):
             data = audio(2 * MiB, seed)
             self.assertEqual((await consumer.stt("whisper:tiny.en", data)).text, transcript(data))
@@ -273,9 +254,9 @@ class RelayTests(SpliceTestCase):
         two: the ordinary way is cheaper then, and takes the job.
         """
         self.patch(splice, "_F_SETPIPE_SZ", -1)  # the resize is refused
-        farm = await self.farm()
-        await self.producer(farm, DigestEngine())
-        consumer = await self.consumer(farm)
+        farm = await startFarm(self, "splice")
+        await farm.producer("stt", DigestEngine())
+        consumer = await farm.consumer("stt")
         data = audio(2 * MiB, 3)
         self.assertEqual((await consumer.stt("whisper:tiny.en", data)).text, transcript(data))
         self.assertEqual(farm.farm.splicer.relays, 0)
@@ -288,8 +269,8 @@ class CutShortTests(SpliceTestCase):
     next job succeeds) and the farm serves the next request.
     """
 
-    async def nextJobSucceeds(self, farm: LoopbackFarm) -> None:
-        consumer = await self.consumer(farm)
+    async def nextJobSucceeds(self, farm: LiveFarm) -> None:
+        consumer = await farm.consumer("stt")
         data = audio(2 * MiB, 99)
         self.assertEqual((await consumer.stt("whisper:tiny.en", data)).text, transcript(data))
 
@@ -298,8 +279,8 @@ class CutShortTests(SpliceTestCase):
         A consumer sends half its upload (and C{after}), then goes: C{leave}
         is "abort" (a reset) or "close" (FIN).
         """
-        farm = await self.farm()
-        await self.producer(farm, DigestEngine())
+        farm = await startFarm(self, "splice")
+        await farm.producer("stt", DigestEngine())
         half = await self.rawPeer(farm, type("Half", (HalfUpload,), {"after": after})("stt"))
         job = half.stt("whisper:tiny.en", audio(8 * MiB, 1))
         job.addErrback(lambda _: None)
@@ -326,8 +307,8 @@ class CutShortTests(SpliceTestCase):
         )
 
     async def test_consumerStallsPastTimeout(self) -> None:
-        farm = await self.farm()
-        await self.producer(farm, DigestEngine())
+        farm = await startFarm(self, "splice")
+        await farm.producer("stt", DigestEngine())
         half = await self.rawPeer(farm, HalfUpload("stt"))
         job = half.stt("whisper:tiny.en", audio(8 * MiB, 1), timeout_s=1.0)
         await half.assigned
@@ -338,7 +319,7 @@ class CutShortTests(SpliceTestCase):
         await self.nextJobSucceeds(farm)
 
     async def test_producerVanishesMidUpload(self) -> None:
-        farm = await self.farm()
+        farm = await startFarm(self, "splice")
 
         class Vanishing(DigestEngine):
             def start(inner, job: dict[str, Any]) -> Any:
@@ -352,13 +333,13 @@ class CutShortTests(SpliceTestCase):
                 run.feed = feedThenVanish
                 return run
 
-        doomed = await self.producer(farm, Vanishing())
-        consumer = await self.consumer(farm)
+        doomed = await farm.producer("stt", Vanishing())
+        consumer = await farm.consumer("stt")
         failure = await self.assertFailure(
             consumer.stt("whisper:tiny.en", audio(8 * MiB, 3)), JobFailed
         )
         self.assertEqual(failure.code, ErrorCode.PRODUCER_LOST)
-        await self.producer(farm, DigestEngine())
+        await farm.producer("stt", DigestEngine())
         # The same consumer connection, after the rest of its upload was
         # discarded, takes its next job.
         data = audio(3 * MiB, 4)
@@ -366,10 +347,10 @@ class CutShortTests(SpliceTestCase):
         self.assertQuiet(farm)
 
     async def test_producerAnswersBeforeUploadEnds(self) -> None:
-        farm = await self.farm()
+        farm = await startFarm(self, "splice")
         producer = EarlyAnswer("stt", "producer-key", DigestEngine())
         await self.rawPeer(farm, producer)
-        consumer = await self.consumer(farm)
+        consumer = await farm.consumer("stt")
         for seed in range(3):
             result = await consumer.stt("whisper:tiny.en", audio(6 * MiB, seed))
             self.assertEqual(result.text, "early")
@@ -380,8 +361,8 @@ class CutShortTests(SpliceTestCase):
         A consumer sends half its upload, then C{after}: it is closed with a
         protocol error, as on the ordinary path, and the farm serves on.
         """
-        farm = await self.farm()
-        await self.producer(farm, DigestEngine())
+        farm = await startFarm(self, "splice")
+        await farm.producer("stt", DigestEngine())
         rude = await self.rawPeer(farm, type("Rude", (HalfUpload,), {"after": after})("stt"))
         failure = await self.assertFailure(rude.stt("whisper:tiny.en", audio(size, 5)), JobFailed)
         self.assertEqual(failure.code, ErrorCode.PROTOCOL)
@@ -408,10 +389,10 @@ class BackpressureTests(SpliceTestCase):
         most a pipe's worth; the consumer is not read meanwhile; once the
         producer reads again the job completes.
         """
-        farm = await self.farm(max_job_bytes=64 * MiB)
-        producer = await self.producer(farm, DigestEngine())
+        farm = await startFarm(self, "splice", max_job_bytes=64 * MiB)
+        producer = await farm.producer("stt", DigestEngine())
         producer.transport.pauseProducing()
-        consumer = await self.consumer(farm)
+        consumer = await farm.consumer("stt")
         data = audio(32 * MiB, 8)
         job = consumer.stt("whisper:tiny.en", data)
         [consumerSide] = self.connections(farm, ConsumerSession)
@@ -433,14 +414,14 @@ class BackpressureTests(SpliceTestCase):
         self.assertEqual((await job).text, transcript(data))
         self.assertQuiet(farm)
 
-    async def stalledRelay(self, **settings: Any) -> tuple[LoopbackFarm, ProducerProtocol, Deferred[Any]]:
+    async def stalledRelay(self, **settings: Any) -> tuple[LiveFarm, ProducerProtocol, Deferred[Any]]:
         """
         A job whose relay is stuck mid-frame: its producer stopped reading.
         """
-        farm = await self.farm(max_job_bytes=64 * MiB, **settings)
-        producer = await self.producer(farm, DigestEngine())
+        farm = await startFarm(self, "splice", max_job_bytes=64 * MiB, **settings)
+        producer = await farm.producer("stt", DigestEngine())
         producer.transport.pauseProducing()
-        consumer = await self.consumer(farm)
+        consumer = await farm.consumer("stt")
         job = consumer.stt("whisper:tiny.en", audio(32 * MiB, 9), timeout_s=1.0)
         [producerSide] = self.connections(farm, ProducerSession)
         await until(
@@ -465,7 +446,7 @@ class BackpressureTests(SpliceTestCase):
         relay.stop()
         self.assertIs(producerSide.relayOut, relay)
         producer.transport.resumeProducing()
-        consumer = await self.consumer(farm)
+        consumer = await farm.consumer("stt")
         data = audio(2 * MiB, 10)
         self.assertEqual((await consumer.stt("whisper:tiny.en", data)).text, transcript(data))
         self.assertQuiet(farm)
@@ -475,8 +456,8 @@ class BackpressureTests(SpliceTestCase):
         producer.transport.abortConnection()
         failure = await self.assertFailure(job, JobFailed)
         self.assertEqual(failure.code, ErrorCode.PRODUCER_LOST)
-        await self.producer(farm, DigestEngine())
-        consumer = await self.consumer(farm)
+        await farm.producer("stt", DigestEngine())
+        consumer = await farm.consumer("stt")
         data = audio(2 * MiB, 11)
         self.assertEqual((await consumer.stt("whisper:tiny.en", data)).text, transcript(data))
         self.assertQuiet(farm)
@@ -487,9 +468,9 @@ class BackpressureTests(SpliceTestCase):
         producer, unable to finish within the grace, is dropped: its socket
         closes at once, though the relay still has bytes for the consumer.
         """
-        farm = await self.farm(cancel_grace=0.5, max_job_bytes=64 * MiB)
-        producer = await self.producer(farm, BigResult(audio(32 * MiB, 13)), "tts")
-        consumer = await self.consumer(farm, "tts")
+        farm = await startFarm(self, "splice", cancel_grace=0.5, max_job_bytes=64 * MiB)
+        producer = await farm.producer("tts", BigResult(audio(32 * MiB, 13)))
+        consumer = await farm.consumer("tts")
         consumer.transport.pauseProducing()
         job = consumer.tts("tone:x", "big", timeout_s=1.0)
         await producer.disconnected

@@ -197,7 +197,6 @@ class RelayTests(SpliceTestCase):
                 done += 1
             return done
 
-
         counts = await gatherResults([Deferred.fromCoroutine(run(n)) for n in range(3)])
         self.assertEqual(counts, [6, 6, 6])
         self.assertGreater(farm.farm.splicer.relays, 0)

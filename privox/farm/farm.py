@@ -77,9 +77,9 @@ class FarmSettings:
     )
     splice_min: int = setting(
         128 * 1024,
-        "Relay a DATA frame with at least this many bytes still to come inside the "
-        "kernel (Linux splice(2), plain TCP peers) instead of through the farm's "
-        "memory; 0 turns it off.",
+        "Relay uploads and results with at least this many bytes still to come "
+        "inside the kernel (Linux splice(2), both peers on plain TCP) instead of "
+        "through the farm's memory; 0 turns it off.",
     )
     producer_keys: str = setting(
         "open", "Producer key policy: 'open', an allow-list file, or a validation URL."

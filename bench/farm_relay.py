@@ -21,7 +21,10 @@ only coordinates. It reads each process's CPU time (/proc/PID/stat) at the
 start and end of every measured window, so besides wall-clock rates it
 prints what the farm itself spent per job and per GB: jobs/s and MB/s per
 farm core, which other work on the machine does not change. Every result's
-digest is checked against its input.
+digest is checked against its input: sha256 for small jobs; for large ones
+xxh3-128 by default (C{--large-check}), as sha256 alone would cost the
+producers more CPU per GB than the farm spends relaying it, on the cores the
+farm shares with them. The pipe's reader checks nothing.
 
 The farm and the clients tune their sockets in the library
 (L{privox.framing.tuneTransport}); the baseline servers and the raw pipe,
@@ -62,6 +65,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol  # no
 from twisted.internet.protocol import Factory, Protocol  # noqa: E402
 
 from privox.framing import tuneTransport  # noqa: E402
+from privox.node.echo import fingerprint  # noqa: E402
 
 from processes import (  # noqa: E402
     TWISTD_CODE,
@@ -159,7 +163,7 @@ class DirectProducer(Protocol):
             if job[2] == 0:
                 self._job = None
                 self.transport.write(_control(b"RSLT", {
-                    "text": f"sha256:{job[4].hexdigest()} bytes:{job[3]}",
+                    "text": fingerprint(job[4], job[3]),
                     "model": job[1],
                     "id": job[0],
                 }))
@@ -214,8 +218,23 @@ def serveBaseline(jobsPort: int, pipePort: int, jobBytes: int) -> None:
 # per share of them).
 
 
-def expectedText(data: bytes) -> str:
-    return f"sha256:{hashlib.sha256(data).hexdigest()} bytes:{len(data)}"
+#: How a producer fingerprints what it received, by --check name. Small jobs
+#: always use sha256; large ones use --large-check.
+CHECKS = ("sha256", "xxh3_128")
+
+
+def newHash(check: str) -> Any:
+    if check == "sha256":
+        return hashlib.sha256()
+    import xxhash
+
+    return xxhash.xxh3_128()
+
+
+def expectedText(data: bytes, check: str = "sha256") -> str:
+    h = newHash(check)
+    h.update(data)
+    return fingerprint(h, len(data))
 
 
 @dataclass
@@ -257,13 +276,13 @@ class Run:
         self.mismatched += other.mismatched
 
 
-async def connectProducers(reactor: Any, port: int, count: int) -> list[Any]:
+async def connectProducers(reactor: Any, port: int, count: int, check: str = "sha256") -> list[Any]:
     from privox.node.echo import DigestEngine
     from privox.node.worker import ProducerProtocol
 
     producers = []
     for _ in range(count):
-        p = ProducerProtocol("stt", "", DigestEngine())
+        p = ProducerProtocol("stt", "", DigestEngine(newHash=lambda: newHash(check)))
         await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), p)
         await p.ready
         producers.append(p)
@@ -295,9 +314,7 @@ class Pvx1DigestNode(Protocol):
             self._digest.update(data)
             self._remaining -= len(data)
             if self._remaining <= 0:
-                self.transport.write(
-                    f"sha256:{self._digest.hexdigest()} bytes:{self._size}".encode()
-                )
+                self.transport.write(fingerprint(self._digest, self._size).encode())
             return
         while data.startswith(b"ping"):
             self.transport.write(b"pong")
@@ -475,8 +492,10 @@ async def loadProcess(reactor: Any, args: argparse.Namespace) -> None:
 
     kind, port, count, first = args.kind, args.port, args.count, args.first
     if args.load == "producers":
-        connect = connectPvx1Producers if kind == "pvx1" else connectProducers
-        peers = await connect(reactor, port, count)
+        if kind == "pvx1":
+            peers = await connectPvx1Producers(reactor, port, count)
+        else:
+            peers = await connectProducers(reactor, port, count, args.check)
         _tell("ready")
         await deferToThread(sys.stdin.read)
         disconnect(peers)
@@ -510,7 +529,7 @@ async def loadProcess(reactor: Any, args: argparse.Namespace) -> None:
             payloads[index] = []
             for n in range(2):
                 audio = struct.pack(">QQ", first + index, n) + base[16:]
-                payloads[index].append((audio, expectedText(audio)))
+                payloads[index].append((audio, expectedText(audio, args.check)))
 
         def nextJob(index: int, seq: int) -> tuple[bytes, str]:
             return payloads[index][seq % 2]
@@ -594,6 +613,7 @@ class Phase:
     warmup: float
     producers: int = 0
     producerKind: str = "pvx2"
+    check: str = "sha256"  # how producers fingerprint uploads
     profile: str | None = None  # the farm profile's phase, if profiled
 
 
@@ -609,14 +629,16 @@ def measure(children: Children, phase: Phase, args: argparse.Namespace,
     for i, n in enumerate(shares(phase.producers, args.load_procs) if phase.producers else []):
         name = f"{phase.name}-producers-{i}"
         children.start(name, [*me, "--load", "producers", "--kind", phase.producerKind,
-                              "--port", str(phase.port), "--count", str(n)], piped=True)
+                              "--port", str(phase.port), "--count", str(n),
+                              "--check", phase.check], piped=True)
         loads.append(name)
     consumers = []
     for i, n in enumerate(shares(phase.consumers, args.load_procs)):
         name = f"{phase.name}-consumers-{i}"
         children.start(name, [*me, "--load", "consumers", "--kind", phase.kind,
                               "--port", str(phase.port), "--count", str(n),
-                              "--first", str(first), "--bytes", str(phase.bytes)], piped=True)
+                              "--first", str(first), "--bytes", str(phase.bytes),
+                              "--check", phase.check], piped=True)
         first += n
         consumers.append(name)
     loads += consumers
@@ -640,6 +662,7 @@ def measure(children: Children, phase: Phase, args: argparse.Namespace,
             "serverUser": user,
             "serverSys": system,
             "load": sum(cpuSeconds(children.pid(n)) for n in loads),
+            "consumers": sum(cpuSeconds(children.pid(n)) for n in consumers),
             "machine": machineCpuSeconds(),
             "self": sum(os.times()[:2]),
         }
@@ -669,6 +692,7 @@ def measure(children: Children, phase: Phase, args: argparse.Namespace,
         "serverUser": used["serverUser"],
         "serverSys": used["serverSys"],
         "load": used["load"],
+        "consumers": used["consumers"],
         "others": max(0.0, used["machine"] - used["server"] - used["load"] - used["self"]),
     }
     return run
@@ -771,7 +795,8 @@ def benchmark(args: argparse.Namespace) -> None:
                   f"{args.large_duration:g} s)...", flush=True)
             fl = measure(children, Phase(
                 "farm-large", "farm", farmPort, "large", args.large_consumers,
-                producers=args.large_producers, profile="large", **large), args, profile)
+                producers=args.large_producers, check=args.large_check, profile="large", **large),
+                args, profile)
             print(f"large jobs, plain TCP pipe baseline ({args.large_bytes / MB:g} MB, "
                   f"{args.large_duration:g} s)...", flush=True)
             bl = measure(children, Phase(
@@ -782,7 +807,7 @@ def benchmark(args: argparse.Namespace) -> None:
         if args.pvx1:
             smallLabel = f"PVX/1 peers, quiet {args.pvx1_quiet:g} s, {smallLabel}"
         largeLabel = (f"{args.large_consumers}c x {args.large_producers}p, "
-                      f"{args.large_bytes / MB:g} MB")
+                      f"{args.large_bytes / MB:g} MB, {args.large_check}")
         ms = 1000.0
 
         def pct(r: Run, who: str) -> str:
@@ -794,6 +819,11 @@ def benchmark(args: argparse.Namespace) -> None:
         def split(r: Run, per: float, unit: float) -> str:
             # The server's CPU per unit of work, as user + system time.
             return f"{r.cpu['serverUser'] * unit / per:.0f} + {r.cpu['serverSys'] * unit / per:.0f}"
+
+        def loadSplit(r: Run, gb: float) -> str:
+            # For the pipe, the consumers are its writers and there are no producers.
+            consumers = r.cpu["consumers"]
+            return f"{1000 * consumers / gb:.0f} + {1000 * (r.cpu['load'] - consumers) / gb:.0f}"
 
         rows = []
         summary = []
@@ -826,6 +856,8 @@ def benchmark(args: argparse.Namespace) -> None:
                 ("large: server CPU (% of a core)", pct(fl, "server"), pct(bl, "server"), ""),
                 ("large: load CPU (% of a core)", pct(fl, "load"), pct(bl, "load"), ""),
                 ("large: other CPU (% of a core)", pct(fl, "others"), pct(bl, "others"), ""),
+                ("large: load CPU ms per GB, consumers + producers",
+                 loadSplit(fl, fl.bytes / MB / 1000), loadSplit(bl, bl.bytes / MB / 1000), ""),
                 ("large: server CPU ms per GB", f"{1e6 / flCore:.0f}", f"{1e6 / blCore:.0f}",
                  ratio(blCore, flCore)),
                 ("  of which user + system (ms)", split(fl, fl.bytes / MB / 1000, 1000),
@@ -847,7 +879,8 @@ def benchmark(args: argparse.Namespace) -> None:
         mismatched = fs.mismatched + bs.mismatched + fl.mismatched
         print(
             f"digests verified: {verified} results matched their input, {mismatched} mixed up "
-            f"(farm: {fs.verified} small + {fl.verified} large; direct baseline: {bs.verified} small)"
+            f"(farm: {fs.verified} small, sha256, + {fl.verified} large, {args.large_check}; "
+            f"direct baseline: {bs.verified} small)"
         )
         print(
             "server = the farm (farm column), the direct PVX/2 server or the pipe's reader "
@@ -887,6 +920,10 @@ def parseArgs(argv: list[str]) -> argparse.Namespace:
                    help="seconds each large-job run is measured [10; quick 3]")
     p.add_argument("--large-consumers", type=int, default=2, help="parallel large uploads [2]")
     p.add_argument("--large-producers", type=int, help="producers for large jobs [= --large-consumers]")
+    p.add_argument("--large-check", choices=CHECKS, default="xxh3_128",
+                   help="how producers fingerprint each large upload, checked by its consumer: "
+                   "xxh3_128 (the xxhash package; about 0.02 CPU-s per GB) or sha256 (about "
+                   "0.6 CPU-s per GB, a third of what the load may use) [xxh3_128]")
     p.add_argument("--load-procs", type=int, default=2,
                    help="processes the consumers are spread over, and as many for the producers [2]")
     p.add_argument("--only", choices=["small", "large"],
@@ -921,6 +958,7 @@ def parseArgs(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--count", type=int, help=argparse.SUPPRESS)
     p.add_argument("--first", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--bytes", type=int, default=1024, help=argparse.SUPPRESS)
+    p.add_argument("--check", choices=CHECKS, default="sha256", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.duration is None:
         args.duration = 3.0 if args.quick else 10.0
@@ -932,6 +970,12 @@ def parseArgs(argv: list[str]) -> argparse.Namespace:
         args.large_producers = args.large_consumers
     if args.small_bytes < 16 or args.large_bytes < 16:
         p.error("--small-bytes and --large-bytes must be at least 16")
+    if args.large_check != "sha256" and not args.load:
+        try:
+            newHash(args.large_check)
+        except ImportError:
+            p.error("--large-check xxh3_128 needs the xxhash package "
+                    "(make bench installs it; or pass --large-check sha256)")
     if args.load_procs < 1:
         p.error("--load-procs must be at least 1")
     if args.profile_farm:

@@ -354,3 +354,20 @@ class ProducerWireTests(SynchronousTestCase):
             [frame] = FrameDecoder().feed(transport.value())
             self.assertEqual(frame.verb, b"RSLT", step)
             self.assertIn(f"sha256:{digestOf(audio)} bytes:{len(audio)}".encode(), frame.payload)
+
+    def test_digestWithAnotherHash(self) -> None:
+        """
+        The digest engine can fingerprint with any hashlib-like hash (the
+        relay benchmark uses a fast one); the answer names it.
+        """
+        import hashlib
+
+        from privox.node.echo import DigestEngine
+
+        run = DigestEngine(newHash=hashlib.md5).start({"id": "j1", "model": "m", "size": 6})
+        run.feed(b"abc")
+        run.feed(b"def")
+        answer = self.successResultOf(run.finish())
+        self.assertEqual(
+            answer.fields["text"], f"md5:{hashlib.md5(b'abcdef').hexdigest()} bytes:6"
+        )

@@ -7,7 +7,7 @@ and an operator's smoke test of a new farm) without loading a model.
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, succeed
 
@@ -17,6 +17,14 @@ from privox.wav import pcmToWav, wavSeconds
 
 def digestOf(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def fingerprint(hasher: Any, size: int) -> str:
+    """
+    The digest engine's transcript of C{size} bytes that went into C{hasher}
+    (a C{hashlib} object, or one with the same C{name} and C{hexdigest}).
+    """
+    return f"{hasher.name.lower()}:{hasher.hexdigest()} bytes:{size}"
 
 
 def toneFor(text: str, seconds: float = 0.1, rate: int = 16000) -> bytes:
@@ -32,19 +40,26 @@ def toneFor(text: str, seconds: float = 0.1, rate: int = 16000) -> bytes:
 
 class DigestEngine:
     """
-    STT: the "transcript" is C{sha256:<hex> bytes:<n>} of the audio.
+    STT: the "transcript" is C{sha256:<hex> bytes:<n>} of the audio (with
+    another C{newHash}, that hash's name and digest: see L{fingerprint}).
     TTS: a short WAV derived from the text, with the text's digest in RSLT.
     """
 
-    def __init__(self, models: tuple[str, ...] = ("*",), languages: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        models: tuple[str, ...] = ("*",),
+        languages: tuple[str, ...] = (),
+        newHash: Callable[[], Any] = hashlib.sha256,
+    ) -> None:
         self.models = models
         self.languages = languages
+        self._newHash = newHash
 
     def start(self, job: dict[str, Any]) -> JobRun:
         text = job.get("text")
         if isinstance(text, str):
             return Collected(lambda data: self.speak(job, text))
-        return _Digesting(job)
+        return _Digesting(job, self._newHash())
 
     def speak(self, job: dict[str, Any], text: str) -> Answer:
         wav = toneFor(text)
@@ -62,18 +77,18 @@ class _Digesting:
     node never holds it whole.
     """
 
-    def __init__(self, job: dict[str, Any]) -> None:
+    def __init__(self, job: dict[str, Any], hasher: Any) -> None:
         self._model = job["model"]
-        self._sha256 = hashlib.sha256()
+        self._hash = hasher
         self._size = 0
 
     def feed(self, chunk: bytes) -> None:
-        self._sha256.update(chunk)
+        self._hash.update(chunk)
         self._size += len(chunk)
 
     def finish(self) -> Deferred[Answer]:
         return succeed(Answer(
-            {"text": f"sha256:{self._sha256.hexdigest()} bytes:{self._size}", "model": self._model}
+            {"text": fingerprint(self._hash, self._size), "model": self._model}
         ))
 
     def cancel(self) -> None:

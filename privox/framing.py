@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from twisted.protocols.policies import ProtocolWrapper
+
 HEADER_LEN = 12
 DEFAULT_MAX_FRAME = 1024 * 1024
 
@@ -257,6 +259,7 @@ def tuneTransport(transport: Any, maxFrame: int, bufferSize: int | None = None) 
     Twisted's TCP transports it is both the most one read takes and the
     write buffer's high-water mark, so it bounds what a connection holds.
     """
+    transport = socketTransport(transport)
     setNoDelay = getattr(transport, "setTcpNoDelay", None)
     if setNoDelay is not None:
         setNoDelay(True)
@@ -264,3 +267,14 @@ def tuneTransport(transport: Any, maxFrame: int, bufferSize: int | None = None) 
         if bufferSize is None:
             bufferSize = max(transport.bufferSize, 2 * (maxFrame + HEADER_LEN))
         transport.bufferSize = bufferSize
+
+
+def socketTransport(transport: Any) -> Any:
+    """
+    The transport that owns the socket under C{transport}: over TLS a
+    protocol's transport wraps the TCP one (L{twisted.protocols.tls}), and
+    setting C{bufferSize} on the wrapper would only shadow the socket's.
+    """
+    while isinstance(transport, ProtocolWrapper):
+        transport = transport.transport
+    return transport

@@ -21,6 +21,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import formatEvent, globalLogPublisher
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python import usage
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -28,9 +29,10 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from privox.api.farms import FarmEntry, FarmExchange
 from privox.api.service import Options as ApiOptions
 from privox.consumer import connectConsumer
-from privox.farm.connection import FarmFactory
+from privox.farm.connection import RELAY_BUFFER, FarmFactory
 from privox.farm.farm import Farm, FarmSettings
 from privox.farm.splice import splicerFor
+from privox.framing import DEFAULT_MAX_FRAME, HEADER_LEN, socketTransport
 from privox.keys import OpenPolicy
 from privox.node.echo import digestOf, toneFor
 from privox.node.service import Options as NodeOptions
@@ -156,11 +158,13 @@ class TLSFarm:
         self.farm.splicer = splicerFor(self.farm.settings.splice_min, reactor)
         self.listen = f"ssl:0:interface=127.0.0.1:privateKey={keyFile}:certKey={certFile}"
         self.ports: dict[str, Any] = {}
+        #: Every connection the farm accepted, in order.
+        self.connections: list[Any] = []
 
     async def start(self) -> None:
         for service in ("stt", "tts"):
             endpoint = serverFromString(reactor, self.listen)
-            self.ports[service] = await endpoint.listen(FarmFactory(self.farm, service))
+            self.ports[service] = await endpoint.listen(_RecordingFactory(self, service))
 
     def endpoint(self, service: str, host: str = "localhost", extra: str = "") -> str:
         return f"tls:host={host}:port={self.ports[service].getHost().port}{extra}"
@@ -169,6 +173,17 @@ class TLSFarm:
         for port in self.ports.values():
             await port.stopListening()
         await self.farm.shutdown()
+
+
+class _RecordingFactory(FarmFactory):
+    def __init__(self, farm: TLSFarm, service: str) -> None:
+        super().__init__(farm.farm, service)
+        self._connections = farm.connections
+
+    def buildProtocol(self, addr: Any) -> Any:
+        protocol = super().buildProtocol(addr)
+        self._connections.append(protocol)
+        return protocol
 
 
 class _TLSTestCase(TestCase):
@@ -254,6 +269,25 @@ class ConnectTests(_TLSTestCase):
         wav = await exchange.synthesize("tone:x", "en", None, "over TLS")
         self.assertEqual(wav, toneFor("over TLS"))
         await node.stopService()
+
+    async def _buffers(self) -> None:
+        farm = await self.farmWith(EXCHANGE_CA.issue())
+        trustRoots = f":trustRoots={self.files.root.child('ca').path}"
+        consumer = await connectConsumer(reactor, farm.endpoint("stt", extra=trustRoots), "stt")
+        self.addCleanup(consumer.transport.loseConnection)
+        [connection] = farm.connections
+        for protocol, size in ((consumer, 2 * (DEFAULT_MAX_FRAME + HEADER_LEN)),
+                               (connection, RELAY_BUFFER)):
+            self.assertIsInstance(protocol.transport, TLSMemoryBIOProtocol)
+            self.assertEqual(socketTransport(protocol.transport).bufferSize, size)
+
+    def test_socketBuffersUnderTLS(self) -> Deferred[None]:
+        """
+        The buffer sizes the farm and its peers set (L{tuneTransport}) reach
+        the TCP socket under TLS, not only the TLS wrapper: with Twisted's
+        64 KiB default a TLS relay paused its source every 64 KiB.
+        """
+        return _run(self._buffers())
 
     def test_apiRunsJobsWithCA(self) -> Deferred[None]:
         """

@@ -37,7 +37,10 @@ per job, as PVX/1 has it) and PVX/1 digest nodes. PVX/1 marks no ends, so
 each job waits out the farm's C{pvx1_quiet} twice (header and transcript);
 C{--pvx1-quiet} sets it. The baselines and the large jobs are unchanged.
 
-    PYTHONPATH=. .venv/bin/python bench/farm_relay.py [--quick] [--pvx1]
+With C{--tls} every connection is TLS (the farm on an C{ssl:} endpoint, as
+a public farm runs; the baselines too), with a throwaway CA.
+
+    PYTHONPATH=. .venv/bin/python bench/farm_relay.py [--quick] [--pvx1] [--tls]
 """
 
 from __future__ import annotations
@@ -61,7 +64,11 @@ if _REPO not in sys.path:
 
 from twisted.internet import task  # noqa: E402
 from twisted.internet.defer import Deferred, gatherResults  # noqa: E402
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol  # noqa: E402
+from twisted.internet.endpoints import (  # noqa: E402
+    clientFromString,
+    connectProtocol,
+    serverFromString,
+)
 from twisted.internet.protocol import Factory, Protocol  # noqa: E402
 
 from privox.framing import tuneTransport  # noqa: E402
@@ -202,14 +209,49 @@ class CountingSink(Protocol):
             self.transport.write(b"k")
 
 
-def serveBaseline(jobsPort: int, pipePort: int, jobBytes: int) -> None:
+def serveBaseline(jobsPort: int, pipePort: int, jobBytes: int, tlsDir: str | None) -> None:
     from twisted.internet import reactor
 
-    reactor.listenTCP(jobsPort, Factory.forProtocol(DirectProducer), interface="127.0.0.1")
-    reactor.listenTCP(
-        pipePort, Factory.forProtocol(lambda: CountingSink(jobBytes)), interface="127.0.0.1"
+    serverFromString(reactor, serverEndpoint(jobsPort, tlsDir)).listen(
+        Factory.forProtocol(DirectProducer)
+    )
+    serverFromString(reactor, serverEndpoint(pipePort, tlsDir)).listen(
+        Factory.forProtocol(lambda: CountingSink(jobBytes))
     )
     reactor.run()
+
+
+# --------------------------------------------------------------------------
+# Endpoints: plain TCP on loopback, or with --tls every connection (to the
+# farm, the direct server and the pipe's sink) is TLS, as on a public farm.
+
+
+def makeTLS(folder: str) -> str:
+    """
+    A throwaway CA and a certificate for localhost in C{folder}; returns it.
+    """
+    from tests.test_tls import Authority
+
+    ca = Authority("privox bench CA")
+    cert, key = ca.issue()
+    os.makedirs(os.path.join(folder, "ca"))
+    for name, content in (("ca/ca.pem", ca.pem()), ("farm.pem", cert), ("farm.key", key)):
+        with open(os.path.join(folder, name), "wb") as f:
+            f.write(content)
+    return folder
+
+
+def serverEndpoint(port: int, tlsDir: str | None) -> str:
+    if tlsDir is None:
+        return f"tcp:{port}:interface=127.0.0.1"
+    return (f"ssl:{port}:interface=127.0.0.1:privateKey={tlsDir}/farm.key"
+            f":certKey={tlsDir}/farm.pem")
+
+
+def clientEndpoint(port: int, tlsDir: str | None) -> str:
+    if tlsDir is None:
+        return f"tcp:127.0.0.1:{port}"
+    return f"tls:host=localhost:port={port}:trustRoots={tlsDir}/ca"
 
 
 
@@ -276,14 +318,16 @@ class Run:
         self.mismatched += other.mismatched
 
 
-async def connectProducers(reactor: Any, port: int, count: int, check: str = "sha256") -> list[Any]:
+async def connectProducers(
+    reactor: Any, endpoint: str, count: int, check: str = "sha256"
+) -> list[Any]:
     from privox.node.echo import DigestEngine
     from privox.node.worker import ProducerProtocol
 
     producers = []
     for _ in range(count):
         p = ProducerProtocol("stt", "", DigestEngine(newHash=lambda: newHash(check)))
-        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), p)
+        await connectProtocol(clientFromString(reactor, endpoint), p)
         await p.ready
         producers.append(p)
     return producers
@@ -365,40 +409,38 @@ class Pvx1Consumer:
     per job, the transcript read until the farm closes.
     """
 
-    def __init__(self, reactor: Any, port: int) -> None:
+    def __init__(self, reactor: Any, endpoint: str) -> None:
         self.reactor = reactor
-        self.port = port
+        self.endpoint = endpoint
 
     async def stt(self, model: str, audio: bytes) -> _Text:
         job = _Pvx1Job(f"model={model}&len={len(audio)}&lang=en".encode(), audio)
-        await connectProtocol(TCP4ClientEndpoint(self.reactor, "127.0.0.1", self.port), job)
+        await connectProtocol(clientFromString(self.reactor, self.endpoint), job)
         return _Text((await job.done).decode("utf-8", "replace"))
 
 
-async def connectPvx1Producers(reactor: Any, port: int, count: int) -> list[Any]:
+async def connectPvx1Producers(reactor: Any, endpoint: str, count: int) -> list[Any]:
     producers = []
     for _ in range(count):
         p = Pvx1DigestNode()
-        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), p)
+        await connectProtocol(clientFromString(reactor, endpoint), p)
         await p.ready
         producers.append(p)
     return producers
 
 
 
-async def connectConsumers(reactor: Any, port: int, count: int) -> list[Any]:
+async def connectConsumers(reactor: Any, endpoint: str, count: int) -> list[Any]:
     from privox.consumer import connectConsumer
 
-    return [
-        await connectConsumer(reactor, f"tcp:127.0.0.1:{port}", "stt") for _ in range(count)
-    ]
+    return [await connectConsumer(reactor, endpoint, "stt") for _ in range(count)]
 
 
-async def connectPipes(reactor: Any, port: int, count: int) -> list[Any]:
+async def connectPipes(reactor: Any, endpoint: str, count: int) -> list[Any]:
     writers = []
     for _ in range(count):
         w = PipeWriter()
-        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), w)
+        await connectProtocol(clientFromString(reactor, endpoint), w)
         writers.append(w)
     return writers
 
@@ -490,12 +532,13 @@ async def loadProcess(reactor: Any, args: argparse.Namespace) -> None:
     """
     from twisted.internet.threads import deferToThread
 
-    kind, port, count, first = args.kind, args.port, args.count, args.first
+    kind, count, first = args.kind, args.count, args.first
+    endpoint = clientEndpoint(args.port, args.tls_dir)
     if args.load == "producers":
         if kind == "pvx1":
-            peers = await connectPvx1Producers(reactor, port, count)
+            peers = await connectPvx1Producers(reactor, endpoint, count)
         else:
-            peers = await connectProducers(reactor, port, count, args.check)
+            peers = await connectProducers(reactor, endpoint, count, args.check)
         _tell("ready")
         await deferToThread(sys.stdin.read)
         disconnect(peers)
@@ -503,14 +546,14 @@ async def loadProcess(reactor: Any, args: argparse.Namespace) -> None:
 
     model = MODEL
     if kind == "small":
-        clients = await connectConsumers(reactor, port, count)
+        clients = await connectConsumers(reactor, endpoint, count)
     elif kind == "pvx1":
-        clients = [Pvx1Consumer(reactor, port) for _ in range(count)]
+        clients = [Pvx1Consumer(reactor, endpoint) for _ in range(count)]
         model = PVX1_MODEL
     elif kind == "large":
-        clients = await connectConsumers(reactor, port, count)
+        clients = await connectConsumers(reactor, endpoint, count)
     else:  # "pipe"
-        clients = await connectPipes(reactor, port, count)
+        clients = await connectPipes(reactor, endpoint, count)
 
     if kind in ("small", "pvx1"):
         filler = os.urandom(args.bytes - 16)
@@ -624,6 +667,8 @@ def measure(children: Children, phase: Phase, args: argparse.Namespace,
     edges, and gather the consumers' runs.
     """
     me = [sys.executable, os.path.abspath(__file__)]
+    if args.tls_dir:
+        me += ["--tls-dir", args.tls_dir]
     loads: list[str] = []
     first = 0
     for i, n in enumerate(shares(phase.producers, args.load_procs) if phase.producers else []):
@@ -726,6 +771,8 @@ def benchmark(args: argparse.Namespace) -> None:
     paths = profilePaths(args.profile_farm) if args.profile_farm else None
     try:
         farmPort, jobsPort, pipePort = freePort(), freePort(), freePort()
+        if args.tls:
+            args.tls_dir = makeTLS(os.path.join(logDir, "tls"))
         # --farm-log none: twistd logs to its stdout, which goes to /dev/null.
         # (Not --logfile /dev/null: twistd rotates a log file at 1 MB, and as
         # root that would rename /dev/null.)
@@ -737,7 +784,7 @@ def benchmark(args: argparse.Namespace) -> None:
             farmLog = "-" if args.farm_log == "none" else os.path.join(logDir, "farm.log")
             logging = ["--logfile", farmLog]
         twistd = ["-n", "--pidfile=", *logging, "privox-farm",
-                  "--stt-listen", f"tcp:{farmPort}:interface=127.0.0.1",
+                  "--stt-listen", serverEndpoint(farmPort, args.tls_dir),
                   "--tts-listen", "none",
                   "--stats-interval", "0",
                   "--max-job-bytes", str(max(20_000_000, 2 * args.large_bytes))]
@@ -762,6 +809,7 @@ def benchmark(args: argparse.Namespace) -> None:
         children.start("baseline", [
             sys.executable, os.path.abspath(__file__), "--serve-baseline",
             str(jobsPort), str(pipePort), str(args.large_bytes),
+            *(["--tls-dir", args.tls_dir] if args.tls_dir else []),
         ])
         children.waitForPort("farm", farmPort)
         children.waitForPort("baseline", jobsPort)
@@ -771,6 +819,7 @@ def benchmark(args: argparse.Namespace) -> None:
             f"baseline pid {children.pid('baseline')}; {os.cpu_count()} cores; "
             f"load in up to {args.load_procs} consumer + {args.load_procs} producer processes; "
             f"farm log: {args.farm_log}"
+            + ("; every connection TLS" if args.tls else "")
             + ("; farm profiled (slower)" if paths else ""),
             flush=True,
         )
@@ -803,11 +852,12 @@ def benchmark(args: argparse.Namespace) -> None:
                 "pipe-large", "baseline", pipePort, "pipe", args.large_consumers, **large),
                 args, profile)
 
-        smallLabel = f"{args.consumers}c x {args.producers}p, {args.small_bytes} B"
+        tls = ", TLS" if args.tls else ""
+        smallLabel = f"{args.consumers}c x {args.producers}p, {args.small_bytes} B{tls}"
         if args.pvx1:
             smallLabel = f"PVX/1 peers, quiet {args.pvx1_quiet:g} s, {smallLabel}"
         largeLabel = (f"{args.large_consumers}c x {args.large_producers}p, "
-                      f"{args.large_bytes / MB:g} MB, {args.large_check}")
+                      f"{args.large_bytes / MB:g} MB, {args.large_check}{tls}")
         ms = 1000.0
 
         def pct(r: Run, who: str) -> str:
@@ -888,7 +938,7 @@ def benchmark(args: argparse.Namespace) -> None:
             "of the machine. Per server core = work done / the server's own CPU seconds."
         )
         print(
-            f"issue 9: {'; '.join(summary)}. "
+            f"issue 9{' (every connection TLS)' if args.tls else ''}: {'; '.join(summary)}. "
             f"Load average {load0:.2f} at the start, {os.getloadavg()[0]:.2f} at the end."
         )
         failed = mismatched > 0
@@ -949,6 +999,11 @@ def parseArgs(argv: list[str]) -> argparse.Namespace:
                    "(the baseline stays PVX/2 direct)")
     p.add_argument("--pvx1-quiet", type=float, default=0.05,
                    help="the farm's pvx1_quiet with --pvx1, seconds [0.05]")
+    p.add_argument("--tls", action="store_true",
+                   help="every connection TLS (the farm on an ssl: endpoint, as docs/operating.rst "
+                   "sets up a public farm; the direct server and the pipe's sink too), with a "
+                   "throwaway CA; the farm then relays through its memory, never splicing")
+    p.add_argument("--tls-dir", help=argparse.SUPPRESS)
     p.add_argument("--serve-baseline", nargs=3, type=int, metavar=("JOBS_PORT", "PIPE_PORT", "JOB_BYTES"),
                    help=argparse.SUPPRESS)
     # A load process (started by the benchmark itself).
@@ -976,6 +1031,8 @@ def parseArgs(argv: list[str]) -> argparse.Namespace:
         except ImportError:
             p.error("--large-check xxh3_128 needs the xxhash package "
                     "(make bench installs it; or pass --large-check sha256)")
+    if args.tls and args.pvx1:
+        p.error("--tls and --pvx1 are not measured together")
     if args.load_procs < 1:
         p.error("--load-procs must be at least 1")
     if args.profile_farm:
@@ -988,7 +1045,7 @@ def parseArgs(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str]) -> None:
     args = parseArgs(argv)
     if args.serve_baseline:
-        serveBaseline(*args.serve_baseline)
+        serveBaseline(*args.serve_baseline, args.tls_dir)
     elif args.load:
         task.react(lambda reactor: Deferred.fromCoroutine(loadProcess(reactor, args)))
     else:

@@ -232,9 +232,10 @@ class ConnectTests(_TLSTestCase):
         # A consumer with Twisted's own trustRoots=DIR (a directory of PEM files).
         trustRoots = f":trustRoots={self.files.root.child('ca').path}"
         stt = await connectConsumer(reactor, farm.endpoint("stt", extra=trustRoots), "stt")
-        # Large enough to be spliced between plain TCP peers; TLS bytes
-        # must go through the farm's memory to be decrypted.
-        audio = b"\x00\x01" * 300_000
+        # Large enough to be spliced between plain TCP peers (TLS bytes must
+        # go through the farm's memory to be decrypted), and more than one
+        # DATA frame, which a TLS consumer writes a frame at a time.
+        audio = b"\x00\x01" * 1_300_000
         result = await stt.stt("digest:x", audio)
         self.assertEqual(result.text, f"sha256:{digestOf(audio)} bytes:{len(audio)}")
         self.assertEqual(farm.farm.splicer.relays, 0)

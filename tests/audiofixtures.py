@@ -103,6 +103,19 @@ def wavFile(
     return b"RIFF" + struct.pack("<I", len(body)) + body
 
 
+def withFmt(wav: bytes, **fields: int) -> bytes:
+    """
+    C{wav} (with its fmt chunk right after RIFF/WAVE) with some fields of
+    that chunk overwritten: C{channels}, C{rate}, C{byteRate}, C{blockAlign},
+    C{bits}. The audio is left as it is: the header lies.
+    """
+    assert wav[12:16] == b"fmt "
+    names = ("tag", "channels", "rate", "byteRate", "blockAlign", "bits")
+    values = dict(zip(names, struct.unpack_from("<HHIIHH", wav, 20)))
+    values.update(fields)
+    return wav[:20] + struct.pack("<HHIIHH", *(values[n] for n in names)) + wav[36:]
+
+
 def chunk(name: bytes, body: bytes) -> bytes:
     return name + struct.pack("<I", len(body)) + body + b"\0" * (len(body) & 1)
 

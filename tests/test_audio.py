@@ -15,6 +15,7 @@ import zipfile
 import numpy as np
 from twisted.trial.unittest import SynchronousTestCase
 
+from privox import audiofile
 from privox.engines import audio
 from privox.engines.audio import PCMStream, decodeAudio, encodeWav, toInt16
 from privox.engines.base import Audio, BadAudio
@@ -27,6 +28,7 @@ from tests.audiofixtures import (
     stdlibWav,
     tone,
     wavFile,
+    withFmt,
     zipOfZeros,
     zipped,
 )
@@ -344,7 +346,56 @@ class BadInputTests(Checks):
         shortFmt = b"RIFF\x20\0\0\0WAVE" + chunk(b"fmt ", b"\x01\0\x01\0") + b"data\x02\0\0\0\0\0"
         self.assertBad("malformed WAV: fmt chunk of 4 bytes", shortFmt)
         noChannels = wavFile(good, 16000).replace(b"\x01\x00\x01\x00\x80\x3e", b"\x01\x00\0\0\x80\x3e")
-        self.assertBad("malformed WAV: 0 channels at 16000 Hz", noChannels)
+        self.assertBad("impossible WAV: 0 channels (accepted: 1 to 16)", noChannels)
+
+    def test_impossibleFormats(self) -> None:
+        """
+        Rates and channel counts no recording has are refused from the
+        header, before anything is converted or resampled: a 64 KB upload
+        claiming 1 Hz would otherwise resample to 2.7 GB of samples. Each
+        is refused the same way however it arrives (whole, or streamed).
+        """
+        good = wavFile(tone(0.1, 16000), 16000)
+        cases = {
+            "impossible WAV: 1 Hz (accepted: 4000 to 384000 Hz)": withFmt(good, rate=1),
+            "impossible WAV: 3999 Hz": withFmt(good, rate=3999),
+            "impossible WAV: 4000000000 Hz": withFmt(good, rate=4_000_000_000),
+            "impossible WAV: 17 channels (accepted: 1 to 16)": withFmt(good, channels=17),
+            "impossible WAV: 65535 channels": withFmt(good, channels=65535),
+        }
+        for message, data in cases.items():
+            self.assertBad(message, data)
+            self.assertBad(message, data, "wav")
+            stream = PCMStream("auto")
+            with self.assertRaises(BadAudio) as caught:
+                for i in range(len(data)):
+                    stream.feed(data[i : i + 1])
+            self.assertIn(message, caught.exception.message)
+
+    def test_lyingByteRate(self) -> None:
+        """
+        The fmt chunk's byte rate and block size are never believed: the
+        audio decodes to its real length.
+        """
+        wav = wavFile(tone(1.5, 16000), 16000)
+        lying = withFmt(wav, byteRate=0xFFFFFFF0, blockAlign=7)
+        self.assertTone(decodeAudio(lying, "wav"), 1.5)
+        stream = PCMStream("wav")
+        samples = len(stream.feed(lying)) + len(stream.finish())
+        self.assertEqual(samples, 24000)
+
+    def test_longerThanAllowed(self) -> None:
+        """
+        A WAV whose data would last past MAX_DECODED_SECONDS is refused
+        before it is converted, whole or streamed.
+        """
+        self.patch(audio, "MAX_DECODED_SECONDS", 1)
+        wav = wavFile(tone(1.5, 16000), 16000)
+        self.assertBad("audio longer than 1 s", wav)
+        stream = PCMStream("auto")
+        with self.assertRaises(BadAudio):
+            stream.feed(wav)
+            stream.finish()
 
     def test_oddPCM(self) -> None:
         self.assertBad("raw pcm_s16le audio has an odd number of bytes", b"\0" * 3201, "pcm_s16le")
@@ -419,8 +470,8 @@ class BadInputTests(Checks):
         """
         The limits are module constants (they bound every zip we read).
         """
-        self.assertEqual(audio.MAX_ZIP_MEMBER_BYTES, 200 * 1024 * 1024)
-        self.assertEqual(audio.MAX_ZIP_RATIO, 100)
+        self.assertEqual(audiofile.MAX_ZIP_MEMBER_BYTES, 200 * 1024 * 1024)
+        self.assertEqual(audiofile.MAX_ZIP_RATIO, 100)
 
 
 class EncodeTests(SynchronousTestCase):

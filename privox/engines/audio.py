@@ -21,19 +21,18 @@ container is decoded from an C{io.BytesIO}.
 from __future__ import annotations
 
 import io
-import struct
-import zipfile
 from dataclasses import dataclass
 from fractions import Fraction
-from pathlib import PurePosixPath
 from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 
+from privox.audiofile import MAX_DECODED_SECONDS, BadFile, unzipWav
+from privox.audiofile import sniff as _sniff
 from privox.engines.base import Audio, BadAudio
 from privox.messages import AUDIO_FORMATS
-from privox.wav import pcmToWav
+from privox.wav import UNKNOWN_SIZES, BadWav, WavFormat, WavHeader, pcmToWav, readWavHeader
 
 if TYPE_CHECKING:
     import av
@@ -41,28 +40,13 @@ if TYPE_CHECKING:
 #: The rate of C{pcm_s16le} uploads (mono, signed 16-bit little-endian).
 PCM_RATE = 16000
 
-#: A zip member larger than this (declared or actually read) is refused.
-MAX_ZIP_MEMBER_BYTES = 200 * 1024 * 1024
-#: A zip member that expands more than this many times is refused...
-MAX_ZIP_RATIO = 100
-#: ...unless it is at most this large: a short clip of silence compresses
-#: far better than 100:1 and is harmless.
-ZIP_RATIO_EXEMPT_BYTES = 10 * 1024 * 1024
-_ZIP_READ_BYTES = 1024 * 1024
-
-#: Containers (ogg, mp3...) can pack hours of audio into a small upload; a
-#: decode stops with BadAudio past this many seconds.
-MAX_DECODED_SECONDS = 3600
-
 #: A WAV header (with the chunks before C{data}) larger than this is refused,
 #: so a stream never buffers without bound while waiting for its audio.
 MAX_WAV_HEADER_BYTES = 1024 * 1024
 
-_WAVE_FORMAT_PCM = 0x0001
-_WAVE_FORMAT_IEEE_FLOAT = 0x0003
-_WAVE_FORMAT_EXTENSIBLE = 0xFFFE
-#: RIFF writers that cannot seek back put one of these as the data size.
-_UNKNOWN_SIZES = (0, 0xFFFFFFFF)
+
+#: C{pcm_s16le} uploads' sample format.
+_PCM = WavFormat(PCM_RATE, 1, 2, "int")
 
 _EMPTY_F32: npt.NDArray[np.float32] = np.zeros(0, np.float32)
 _EMPTY_I16: npt.NDArray[np.int16] = np.zeros(0, np.int16)
@@ -100,13 +84,14 @@ def decodeAudio(data: bytes, format: str, rate: int = 16000) -> Audio:
         samples = _pcmToFloat(data)
         source = PCM_RATE
     elif format == "wav":
-        header = _parseWavHeader(data)
+        header = _readHeader(data)
         if header is None:
             raise BadAudio(f"truncated WAV: the header is incomplete ({len(data)} bytes)")
         if header.format is None:
             # A codec other than PCM/float (ADPCM, a-law...): FFmpeg knows it.
             return _decodeContainer(data, rate, "WAV")
-        samples = header.format.toFloat(data[header.dataStart : header.dataEnd])
+        _checkLength(header.format, header.dataBytes(len(data)))
+        samples = _toFloat(header.format, data[header.dataStart : header.dataEnd])
         source = header.format.rate
     elif format == "zip":
         return decodeAudio(_unzipWav(data), "wav", rate)
@@ -140,14 +125,14 @@ class PCMStream:
         self.samples = 0
         self._format = format
         self._buffer = bytearray()
-        self._wav: _PCMFormat | None = None
+        self._wav: WavFormat | None = None
         self._resampler: _Resampler | None = None
         #: Data bytes still expected (None: until the end of the upload).
         self._left: int | None = None
         self._buffering = format == "zip"
         self._finished = False
         if format == "pcm_s16le":
-            self._start(_PCMFormat(PCM_RATE, 1, 2, "int"), None)
+            self._start(_PCM, None)
 
     def feed(self, chunk: bytes) -> npt.NDArray[np.int16]:
         """
@@ -205,7 +190,7 @@ class PCMStream:
             if _sniff(bytes(self._buffer[:12])) != "wav":
                 self._buffering = True
                 return False
-        header = _parseWavHeader(self._buffer)
+        header = _readHeader(self._buffer)
         if header is None:
             if len(self._buffer) > MAX_WAV_HEADER_BYTES:
                 raise BadAudio(f"WAV header longer than {MAX_WAV_HEADER_BYTES} bytes")
@@ -213,14 +198,16 @@ class PCMStream:
         if header.format is None:
             self._buffering = True
             return False
-        left = None if header.dataSize in _UNKNOWN_SIZES else header.dataSize
+        left = None if header.dataSize in UNKNOWN_SIZES else header.dataSize
+        if left is not None:
+            _checkLength(header.format, left)
         data = bytes(self._buffer[header.dataStart :])
         self._buffer.clear()
         self._start(header.format, left)
         self._append(data)
         return True
 
-    def _start(self, fmt: _PCMFormat, left: int | None) -> None:
+    def _start(self, fmt: WavFormat, left: int | None) -> None:
         self._wav = fmt
         self._left = left
         self._resampler = _Resampler(fmt.rate, self.rate)
@@ -238,122 +225,68 @@ class PCMStream:
         usable = len(self._buffer) - len(self._buffer) % fmt.frameBytes
         raw = bytes(self._buffer[:usable])
         del self._buffer[:usable]
-        if fmt.isPassthrough(self.rate):
+        if _isPassthrough(fmt, self.rate):
             # The common case (16 kHz mono s16 in and out): the client's exact samples.
             out = np.frombuffer(raw, "<i2").astype(np.int16)
         else:
-            samples = resampler.push(fmt.toFloat(raw))
+            samples = resampler.push(_toFloat(fmt, raw))
             if final:
                 samples = np.concatenate([samples, resampler.flush()])
             out = toInt16(samples)
         self.samples += len(out)
+        if self.samples > MAX_DECODED_SECONDS * self.rate:
+            raise BadAudio(f"audio longer than {MAX_DECODED_SECONDS} s")
         return out
 
 
-@dataclass(frozen=True)
-class _PCMFormat:
+def _isPassthrough(fmt: WavFormat, rate: int) -> bool:
+    return (fmt.rate, fmt.channels, fmt.width, fmt.kind) == (rate, 1, 2, "int")
+
+
+def _toFloat(fmt: WavFormat, raw: bytes) -> npt.NDArray[np.float32]:
     """
-    Uncompressed interleaved samples: integer (unsigned when 8-bit, as in
-    WAV) or float.
+    Whole frames of raw samples to mono float32 (channels averaged).
     """
-
-    rate: int
-    channels: int
-    width: int  # bytes per sample
-    kind: str  # "int" | "float"
-
-    @property
-    def frameBytes(self) -> int:
-        return self.width * self.channels
-
-    def isPassthrough(self, rate: int) -> bool:
-        return (self.rate, self.channels, self.width, self.kind) == (rate, 1, 2, "int")
-
-    def toFloat(self, raw: bytes) -> npt.NDArray[np.float32]:
-        """
-        Whole frames of raw samples to mono float32 (channels averaged).
-        """
-        raw = raw[: len(raw) - len(raw) % self.frameBytes]
-        if self.kind == "float":
-            x = np.frombuffer(raw, f"<f{self.width}").astype(np.float32)
-            x = np.clip(np.nan_to_num(x, nan=0.0), -1.0, 1.0)
-        elif self.width == 1:
-            x = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128.0) / 128.0
-        elif self.width == 3:
-            # 24-bit: place the three bytes high in an int32 so the sign comes along.
-            b = np.frombuffer(raw, np.uint8).reshape(-1, 3).astype(np.int32)
-            x = ((b[:, 0] << 8) | (b[:, 1] << 16) | (b[:, 2] << 24)).astype(np.float32)
-            x /= 2.0**31
-        else:
-            x = np.frombuffer(raw, f"<i{self.width}").astype(np.float32)
-            x /= 2.0 ** (8 * self.width - 1)
-        if self.channels > 1:
-            x = x.reshape(-1, self.channels).mean(axis=1, dtype=np.float32)
-        return x
+    raw = raw[: len(raw) - len(raw) % fmt.frameBytes]
+    if fmt.kind == "float":
+        x = np.frombuffer(raw, f"<f{fmt.width}").astype(np.float32)
+        x = np.clip(np.nan_to_num(x, nan=0.0), -1.0, 1.0)
+    elif fmt.width == 1:
+        x = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128.0) / 128.0
+    elif fmt.width == 3:
+        # 24-bit: place the three bytes high in an int32 so the sign comes along.
+        b = np.frombuffer(raw, np.uint8).reshape(-1, 3).astype(np.int32)
+        x = ((b[:, 0] << 8) | (b[:, 1] << 16) | (b[:, 2] << 24)).astype(np.float32)
+        x /= 2.0**31
+    else:
+        x = np.frombuffer(raw, f"<i{fmt.width}").astype(np.float32)
+        x /= 2.0 ** (8 * fmt.width - 1)
+    if fmt.channels > 1:
+        x = x.reshape(-1, fmt.channels).mean(axis=1, dtype=np.float32)
+    return x
 
 
-@dataclass(frozen=True)
-class _WavHeader:
-    #: None when the codec is not plain PCM or float (FFmpeg decodes those).
-    format: _PCMFormat | None
-    dataStart: int
-    dataSize: int
-
-    @property
-    def dataEnd(self) -> int | None:
-        return None if self.dataSize in _UNKNOWN_SIZES else self.dataStart + self.dataSize
+def _readHeader(data: bytes | bytearray) -> WavHeader | None:
+    try:
+        return readWavHeader(data)
+    except BadWav as e:
+        raise BadAudio(str(e)) from None
 
 
-def _parseWavHeader(data: bytes | bytearray) -> _WavHeader | None:
+def _checkLength(fmt: WavFormat, dataBytes: int) -> None:
     """
-    Parse a RIFF/WAVE header up to the start of the C{data} chunk.
-
-    @return: the header, or None when C{data} ends before it does.
-    @raise BadAudio: not a WAV file, or a malformed one.
+    Refuse WAV data longer than L{MAX_DECODED_SECONDS} before converting it:
+    with the rates L{privox.wav} accepts, what decoding allocates is then
+    bounded both by that and by a few times the upload's size.
     """
-    if not b"RIFF".startswith(data[:4]) or len(data) >= 12 and data[8:12] != b"WAVE":
-        raise BadAudio("not a WAV file: no RIFF/WAVE header")
-    fmt: _PCMFormat | None = None
-    seenFmt = False
-    offset = 12
-    while offset + 8 <= len(data):
-        chunkId = data[offset : offset + 4]
-        (size,) = struct.unpack_from("<I", data, offset + 4)
-        body = offset + 8
-        if chunkId == b"data":
-            if not seenFmt:
-                raise BadAudio("malformed WAV: data chunk before fmt chunk")
-            return _WavHeader(fmt, body, size)
-        if chunkId == b"fmt ":
-            if body + size > len(data):
-                return None
-            fmt = _parseFmt(bytes(data[body : body + size]))
-            seenFmt = True
-        offset = body + size + (size & 1)  # chunks are padded to even sizes
-    return None
-
-
-def _parseFmt(chunk: bytes) -> _PCMFormat | None:
-    if len(chunk) < 16:
-        raise BadAudio(f"malformed WAV: fmt chunk of {len(chunk)} bytes")
-    tag, channels, rate, _, _, bits = struct.unpack_from("<HHIIHH", chunk)
-    if tag == _WAVE_FORMAT_EXTENSIBLE and len(chunk) >= 26:
-        (tag,) = struct.unpack_from("<H", chunk, 24)  # the sub-format GUID starts with it
-    if not channels or not rate:
-        raise BadAudio(f"malformed WAV: {channels} channels at {rate} Hz")
-    if tag == _WAVE_FORMAT_PCM and bits in (8, 16, 24, 32):
-        return _PCMFormat(rate, channels, bits // 8, "int")
-    if tag == _WAVE_FORMAT_IEEE_FLOAT and bits in (32, 64):
-        return _PCMFormat(rate, channels, bits // 8, "float")
-    if tag in (_WAVE_FORMAT_PCM, _WAVE_FORMAT_IEEE_FLOAT):
-        raise BadAudio(f"unsupported WAV sample width: {bits} bits")
-    return None
+    if fmt.seconds(dataBytes) > MAX_DECODED_SECONDS:
+        raise BadAudio(f"audio longer than {MAX_DECODED_SECONDS} s")
 
 
 def _pcmToFloat(data: bytes) -> npt.NDArray[np.float32]:
     if len(data) % 2:
         raise BadAudio("raw pcm_s16le audio has an odd number of bytes")
-    return _PCMFormat(PCM_RATE, 1, 2, "int").toFloat(data)
+    return _toFloat(_PCM, data)
 
 
 def _checkFormat(format: str) -> None:
@@ -363,64 +296,11 @@ def _checkFormat(format: str) -> None:
         )
 
 
-def _sniff(data: bytes) -> str:
-    """
-    What an C{auto} upload is, from its first bytes: wav, zip or (anything
-    else) a container for PyAV.
-    """
-    if b"RIFF".startswith(data[:4]) and (len(data) < 12 or data[8:12] == b"WAVE"):
-        return "wav"  # a WAV, or one too short to be anything else
-    if data[:4] in (b"PK\x03\x04", b"PK\x05\x06"):  # a zip, or an empty one
-        return "zip"
-    return "container"
-
-
 def _unzipWav(data: bytes) -> bytes:
-    """
-    The WAV inside a zip (C{sample.wav}, or its only C{.wav} member), read in
-    memory within L{MAX_ZIP_MEMBER_BYTES} and L{MAX_ZIP_RATIO}.
-    """
     try:
-        archive = zipfile.ZipFile(io.BytesIO(data))
-        members = archive.infolist()
-        for info in members:
-            name = PurePosixPath(info.filename.replace("\\", "/"))
-            if name.is_absolute() or ".." in name.parts or ":" in info.filename:
-                raise BadAudio(f"refusing zip member with unsafe name {info.filename!r}")
-        wavs = [i for i in members if i.filename.lower().endswith(".wav") and not i.is_dir()]
-        chosen = [i for i in wavs if i.filename == "sample.wav"] or wavs
-        if len(chosen) != 1:
-            names = ", ".join(repr(i.filename) for i in members[:5]) or "nothing"
-            raise BadAudio(f"zip must hold sample.wav (or one .wav file); it holds {names}")
-        info = chosen[0]
-        # Refuse from the declared sizes, before inflating anything.
-        if info.file_size > MAX_ZIP_MEMBER_BYTES:
-            raise BadAudio(
-                f"zip member {info.filename!r} declares {info.file_size} bytes;"
-                f" the limit is {MAX_ZIP_MEMBER_BYTES}"
-            )
-        ratio = info.file_size / max(info.compress_size, 1)
-        if info.file_size > ZIP_RATIO_EXEMPT_BYTES and ratio > MAX_ZIP_RATIO:
-            raise BadAudio(
-                f"zip member {info.filename!r} expands {ratio:.0f} times;"
-                f" the limit is {MAX_ZIP_RATIO} (a zip bomb?)"
-            )
-        # Read in bounded steps: zipfile inflates at most what each read asks
-        # for, stops at the declared size and then checks the CRC, so a
-        # header that lies is caught before much is inflated.
-        content = bytearray()
-        with archive.open(info) as member:
-            while block := member.read(_ZIP_READ_BYTES):
-                content += block
-                if len(content) > MAX_ZIP_MEMBER_BYTES:  # zipfile should have stopped
-                    raise BadAudio(f"zip member {info.filename!r} is too large")
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as e:
-        raise BadAudio(f"corrupt zip: {e}") from e
-    except (RuntimeError, NotImplementedError) as e:  # encrypted, unknown compression
-        raise BadAudio(f"unreadable zip: {e}") from e
-    if not content:
-        raise BadAudio(f"empty audio: zip member {info.filename!r} is empty")
-    return bytes(content)
+        return unzipWav(data)
+    except BadFile as e:
+        raise BadAudio(str(e)) from e
 
 
 def _decodeContainer(data: bytes, rate: int, what: str) -> Audio:

@@ -17,7 +17,7 @@ from twisted.internet.defer import CancelledError, Deferred, gatherResults
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from privox.api.errors import BadInput, TimedOut, Unavailable, Unsupported
+from privox.api.errors import BadInput, TimedOut, Unavailable
 from privox.api.exchange import Transcribed
 from privox.api.farms import FarmEntry, FarmExchange, parseFarms, weightedChoice
 from privox.node.echo import DigestEngine, digestOf, toneFor
@@ -449,15 +449,21 @@ class RetryTests(_LiveTestCase):
         self.assertEqual(exchange.farms[0].pools["tts"].opened, 1)
 
     @coroutine
-    async def test_everyFarmUnsupported(self) -> None:
+    async def test_noFarmHasTheModel(self) -> None:
+        """
+        No farm has a producer of the model connected: 503 with Retry-After
+        (its nodes may be dialling back in), after asking each farm once.
+        """
         a = await startFarm(self, "a")
         await a.producer("stt", DigestEngine(("vosk:de",)))
         b = await startFarm(self, "b")
         await b.producer("stt", DigestEngine(("vosk:fr",)))
         exchange = self.exchange([a.entry(), b.entry(fallback=True)])
-        with self.assertRaises(Unsupported) as caught:
+        with self.assertRaises(Unavailable) as caught:
             await exchange.transcribe("whisper:tiny", None, b"x", "auto")
-        self.assertEqual(caught.exception.status, 422)
+        self.assertEqual(caught.exception.status, 503)
+        self.assertIsNotNone(caught.exception.retryAfter)
+        self.assertIn("no producer serving model 'whisper:tiny' is connected", caught.exception.message)
         self.assertEqual((a.consumerConnections(), b.consumerConnections()), (1, 1))
 
     @coroutine

@@ -247,12 +247,12 @@ class EndToEndTests(TestCase):
     async def consumer(self, *args: str, retries: int = 4) -> tuple[int, str, str]:
         """
         The reference consumer. The producer has joined before this runs; as a
-        second line of defence a refusal with unsupported_model is retried.
+        second line of defence a refusal with no_producer is retried.
         """
         delay = 0.05
         for attempt in range(retries + 1):
             code, out, err = await self.reference(*args, "--timeout", str(WAIT_S))
-            if code == 1 and "unsupported_model" in err and attempt < retries:
+            if code == 1 and "no_producer" in err and attempt < retries:
                 await deferLater(reactor, delay, lambda: None)
                 delay *= 2
                 continue
@@ -387,7 +387,7 @@ class EndToEndTests(TestCase):
             "consumer-tts", "127.0.0.1", str(ttsPort), "hello", "--model", "piper-en",
         )
         self.assertEqual(code, 1, err)
-        self.assertIn("FAIL unsupported_model (job id null)", err)
+        self.assertIn("FAIL no_producer (job id null)", err)
 
         farmLog = await self.stopFarm(farm)
         self.assertPrivate(farmLog, consumerKey)
@@ -504,7 +504,7 @@ class EndToEndTests(TestCase):
         await sttProducer.whenEnded()
         with self.assertRaises(JobFailed) as caught:
             await stt.stt("whisper-small", b"\0" * 10)
-        self.assertEqual((caught.exception.code, caught.exception.jobId), ("unsupported_model", None))
+        self.assertEqual((caught.exception.code, caught.exception.jobId), ("no_producer", None))
 
         tts = await self.connect(f"tcp:host=127.0.0.1:port={ttsPort}", "tts", consumerKey)
         for text in ("Good morning.", "Zweiter Satz, bitte."):

@@ -311,13 +311,18 @@ class JobTests(SynchronousTestCase):
         self.assertEqual((verb, body["id"], body["error"]), ("FAIL", None, "too_large"))
         self.assertFalse(consumer.closed)
 
-    def test_unsupportedModel(self) -> None:
+    def test_noProducerForTheModel(self) -> None:
+        """
+        A model (or language) no connected producer serves is refused at
+        once as no_producer: producers come and go, so a consumer may retry.
+        """
         self.h.producer(models=["whisper:tiny.en"], languages=["en"])
         consumer = self.h.consumer()
         for job in (dict(STT_JOB, model="vosk:ko"), dict(STT_JOB, language="de")):
             consumer.send(b"JOB_", job)
             [(verb, body)] = consumer.messages()
-            self.assertEqual((verb, body["id"], body["error"]), ("FAIL", None, "unsupported_model"))
+            self.assertEqual((verb, body["id"], body["error"]), ("FAIL", None, "no_producer"))
+            self.assertIn("is connected", body["message"])
         self.assertFalse(consumer.closed)
 
     def test_queueThenAssign(self) -> None:
@@ -642,7 +647,7 @@ class EarlyUploadTests(SynchronousTestCase):
         consumer = self.h.consumer()
         consumer.raw(self.jobAndUpload(b"0123456789", model="vosk:ko"))
         [(verb, body)] = consumer.messages()
-        self.assertEqual((verb, body["id"], body["error"]), ("FAIL", None, "unsupported_model"))
+        self.assertEqual((verb, body["id"], body["error"]), ("FAIL", None, "no_producer"))
         self.assertEqual(producer.messages(), [])
         self.assertFalse(consumer.closed)
         consumer.raw(self.jobAndUpload(b"9876543210"))

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from treq.testing import StubTreq
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import globalLogPublisher, formatEvent
@@ -33,12 +33,14 @@ URL = "https://api.example/v1/ledger"
 
 class RecordingSink:
     description = "recording"
+    durable = False
 
     def __init__(self) -> None:
         self.records: list[dict[str, Any]] = []
 
-    def record(self, transaction: dict[str, Any]) -> None:
+    def record(self, transaction: dict[str, Any]) -> Deferred[None]:
         self.records.append(transaction)
+        return succeed(None)
 
     def start(self) -> None:
         pass
@@ -282,24 +284,29 @@ class JsonLinesTests(SynchronousTestCase):
         self.sink = L.JsonLinesLedger(self.path, self.clock, self.runner)
 
     def test_oneLinePerJob(self) -> None:
+        """
+        Each job is one line, written before its consumer gets the answer;
+        jobs that end together share one write.
+        """
         h = FarmHarness()
         h.farm.ledger = self.sink
-        producer = h.producer()
-        consumer = h.consumer()
-        for i in range(3):
+        producers = [h.producer() for _ in range(3)]
+        consumers = [h.consumer() for _ in range(3)]
+        for consumer in consumers:
             consumer.send(b"JOB_", {"model": "m", "size": 1})
-            [(_, work)] = producer.messages()
             consumer.messages()
             consumer.data(b"x")
-            producer.messages()
+        for producer in producers:
+            [(_, work), _] = producer.messages()
             producer.send(b"RSLT", {"id": work["id"], "text": "t"})
         self.assertEqual(lines(self.path), [])
+        self.assertEqual([c.messages() for c in consumers], [[], [], []])
         self.clock.advance(L.FLUSH_INTERVAL)
         written = lines(self.path)
         self.assertEqual([r["status"] for r in written], ["ok"] * 3)
         self.assertEqual(len({r["job_id"] for r in written}), 3)
-        # Three records close together: one write.
         self.assertEqual(self.runner.calls, ["_appendLines"])
+        self.assertEqual([[v for v, _ in c.messages()] for c in consumers], [["RSLT"]] * 3)
 
     def test_appends(self) -> None:
         with open(self.path, "wb") as f:
@@ -566,6 +573,7 @@ class HTTPLedgerTests(SynchronousTestCase):
         self.assertEqual([r["status"] for r in lines(self.spool)], [])
         busy.data(b"x")
         producer.send(b"RSLT", {"id": work["id"], "text": ""})
+        h.clock.advance(L.FLUSH_INTERVAL)
         self.successResultOf(stopped)
         self.assertEqual(
             sorted(r["status"] for r in lines(self.spool)), ["ok", "shutting_down"]

@@ -73,7 +73,7 @@ class ManyPeersTests(TestCase):
         consumer = await connectConsumer(reactor, farm.endpoint("stt"), "stt")
         with self.assertRaises(JobFailed) as caught:
             await consumer.stt("vosk:ko", b"audio", language="ko")
-        self.assertEqual(caught.exception.code, "unsupported_model")
+        self.assertEqual(caught.exception.code, "no_producer")
         # The same connection still works.
         result = await consumer.stt("whisper:tiny.en", b"audio")
         self.assertEqual(result.text, f"sha256:{digestOf(b'audio')} bytes:5")

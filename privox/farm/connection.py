@@ -599,6 +599,10 @@ class ProducerSession(_Session):
 
     @property
     def relayRemaining(self) -> int:
+        if self.connection.farm.holdsAnswers:
+            # The last byte comes the ordinary way, for the job to hold
+            # until its record is on disk (privox.farm.job).
+            return max(0, self._resultRemaining - 1)
         return self._resultRemaining
 
     def relayed(self, count: int) -> None:

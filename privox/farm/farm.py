@@ -213,10 +213,13 @@ class Farm:
         timeout = min(request.timeout_s or s.max_job_timeout, s.max_job_timeout)
         dispatcher = self.dispatchers[request.service]
         if not dispatcher.canServe(request.model, request.language):
+            # Not "unsupported": producers come and go (a farm that just
+            # restarted has none until its nodes dial back in).
             raise BadRequest(
-                f"no producer serves model {request.model!r}"
-                + (f" in language {request.language!r}" if request.language else ""),
-                ErrorCode.UNSUPPORTED_MODEL,
+                f"no producer serving model {request.model!r}"
+                + (f" in language {request.language!r}" if request.language else "")
+                + " is connected",
+                ErrorCode.NO_PRODUCER,
             )
         jobId = secrets.token_hex(8)
         # Encoded once: what the producer gets, with the effective timeout.
@@ -261,6 +264,22 @@ class Farm:
             )
         self._armQueueTimer(service)
 
+    def record(self, job: Job) -> Deferred[None]:
+        """
+        Put a job that has ended in the ledger; fires once its record is
+        durable.
+        """
+        if self.ledger is None:
+            return succeed(None)
+        return self.ledger.record(transaction(job, self.settings.name, self.clock.seconds()))
+
+    @property
+    def holdsAnswers(self) -> bool:
+        """
+        Whether the ends of answers wait for their records to reach a disk.
+        """
+        return self.ledger is not None and self.ledger.durable
+
     def jobFinished(self, job: Job) -> None:
         self.jobs.discard(job)
         if job.outcome == "ok":
@@ -282,10 +301,6 @@ class Farm:
                 bytes_out=job.bytesOut,
             ),
         )
-        if self.ledger is not None:
-            self.ledger.record(
-                transaction(job, self.settings.name, self.clock.seconds())
-            )
         if not self.jobs:
             drained, self._drained = self._drained, []
             for d in drained:

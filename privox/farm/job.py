@@ -5,13 +5,17 @@ A job links the consumer that asked with the producer that answers; it is the
 only path between them, so a reply can reach no one but the consumer that owns
 the job. The connections feed it events; it decides what each side is told.
 
-    queued ──assign──▶ running ──RSLT──▶ returning ──last DATA──▶ finished
-       │                  │ │                │                        ▲
-       │                  │ └─FAIL/lost──────┼────────────────────────┤
-       │        consumer lost / timeout      │ consumer lost/timeout  │
-       │                  ▼                  ▼                        │
-       │              abandoned (producer finishing; output discarded)┤
-       └──timeout/gone/shutdown───────────────────────────────────────┘
+    queued ──assign──▶ running ──RSLT──▶ returning ──last DATA──▶ recording ──▶ finished
+       │                  │ │                │                                     ▲
+       │                  │ └─FAIL/lost──────┼─────────────────────────────────────┤
+       │        consumer lost / timeout      │ consumer lost/timeout               │
+       │                  ▼                  ▼                                     │
+       │              abandoned (producer finishing; output discarded)─────────────┤
+       └──timeout/gone/shutdown────────────────────────────────────────────────────┘
+
+The end of the answer (an STT job's RSLT, the last bytes of a result) is
+held while the job's ledger record is written (L{recording}): a consumer
+never has an answer whose record a crash of the farm could still lose.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Protocol
 
 from automat import TypeMachineBuilder
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from zope.interface import implementer
 
@@ -44,6 +49,9 @@ class JobEvents(Protocol):
 
     def resultComplete(self) -> None:
         "The producer has sent the whole result."
+
+    def recorded(self) -> None:
+        "The job's ledger record is on disk (or could not be written)."
 
     def producerFailed(self, fields: dict[str, Any]) -> None:
         "The producer answered FAIL."
@@ -122,6 +130,11 @@ class Job:
         self.consumerAccount: str | None = getattr(consumer, "accountId", None)
         self.producerAccount: str | None = None
         self.resultDuration: Any = None
+        #: The result's size as its RSLT announced it.
+        self.resultSize = 0
+        #: The end of the answer, held while the job is recorded: the verb
+        #: (RSLT or DATA) and what it carries.
+        self._held: tuple[bytes, Any] | None = None
         #: An early upload (docs/protocol.rst §5.3) that came while the job
         #: waited for a producer, at most the farm's early_upload bytes.
         self._early: list[bytes] = []
@@ -208,24 +221,47 @@ class Job:
         self._grace = None
         self.events.cancelGraceOver()
 
-    def _finish(self, outcome: str, releaseProducer: bool) -> None:
-        self.outcome = outcome
-        self._early = []
+    def _stopTimers(self) -> None:
         for call in (self._timeout, self._grace):
             if call is not None and call.active():
                 call.cancel()
         self._timeout = self._grace = None
-        self._detachConsumer()
+
+    def _record(self, outcome: str, releaseProducer: bool) -> Deferred[None]:
+        """
+        The job has ended with C{outcome}: record it, then let its producer
+        go (back to work, or dropped). Fires once the record is durable.
+        """
+        self.outcome = outcome
+        self._early = []
+        self._stopTimers()
+        # Nothing more flows between the two sides.
+        self.uploadSink = self.resultSink = None
+        self._unlink()
+        recorded = self.farm.record(self)
         producer, self.producer = self.producer, None
         if producer is not None:
             producer.jobDetached(self, healthy=releaseProducer)
+        return recorded
+
+    def _close(self) -> None:
+        self._detachConsumer()
         self.farm.jobFinished(self)
+
+    def _finish(self, outcome: str, releaseProducer: bool) -> None:
+        """
+        End a job that gives its consumer no answer (failed, cancelled,
+        expired): nothing waits for its record.
+        """
+        self._record(outcome, releaseProducer)
+        self._close()
 
 
 builder = TypeMachineBuilder(JobEvents, Job)
 queued = builder.state("queued")
 running = builder.state("running")
 returning = builder.state("returning")
+recording = builder.state("recording")
 abandoned = builder.state("abandoned")
 finished = builder.state("finished")
 
@@ -267,7 +303,11 @@ def _result(events: JobEvents, job: Job, fields: dict[str, Any], size: int) -> N
     assert job.consumer is not None
     job.resultDuration = fields.get("duration_s")
     fields["id"] = job.id
-    job.consumer.sendControl(b"RSLT", fields)
+    job.resultSize = size
+    if size:
+        job.consumer.sendControl(b"RSLT", fields)
+    else:
+        job._held = (b"RSLT", fields)  # the whole answer: see recording
     # The rest of the upload is moot now (_uploadAfterResult).
     job.uploadSink = None
     job.resultSink = job.consumer.connection
@@ -300,22 +340,50 @@ def _expireRunning(events: JobEvents, job: Job, code: str, message: str) -> None
     job._abandon(code, sendCancel=True, failure=(code, message))
 
 
+@returning.upon(JobEvents.resultData).loop()
+def _resultData(events: JobEvents, job: Job, payload: bytes) -> None:
+    assert job.consumer is not None
+    job.bytesOut += len(payload)
+    if job.bytesOut >= job.resultSize:
+        job._held = (b"DATA", payload)  # the answer's last bytes: see recording
+    else:
+        job.consumer.sendData(payload)
+
+
+@returning.upon(JobEvents.resultComplete).to(recording)
+def _resultComplete(events: JobEvents, job: Job) -> None:
+    job._record("ok", releaseProducer=True).addCallback(lambda _: job.events.recorded())
+
+
+@recording.upon(JobEvents.recorded).to(finished)
+def _recorded(events: JobEvents, job: Job) -> None:
+    held, job._held = job._held, None
+    if held is not None and job.consumer is not None:
+        verb, body = held
+        if verb == b"RSLT":
+            job.consumer.sendControl(verb, body)
+        else:
+            job.consumer.sendData(body)
+    job._close()
+
+
+@recording.upon(JobEvents.consumerLost).loop()
+def _goneWhileRecorded(events: JobEvents, job: Job) -> None:
+    job._held = None
+    job._detachConsumer()
+
+
+@recording.upon(JobEvents.consumerData).loop()
 @returning.upon(JobEvents.consumerData).loop()
 def _uploadAfterResult(events: JobEvents, job: Job, payload: bytes) -> None:
     # The producer answered before the upload ended; the rest is moot.
     pass
 
 
-@returning.upon(JobEvents.resultData).loop()
-def _resultData(events: JobEvents, job: Job, payload: bytes) -> None:
-    assert job.consumer is not None
-    job.bytesOut += len(payload)
-    job.consumer.sendData(payload)
-
-
-@returning.upon(JobEvents.resultComplete).to(finished)
-def _resultComplete(events: JobEvents, job: Job) -> None:
-    job._finish("ok", releaseProducer=True)
+@recording.upon(JobEvents.expire).loop()
+def _answeredAlready(events: JobEvents, job: Job, code: str, message: str) -> None:
+    # The answer is complete and only waits for its record.
+    pass
 
 
 @returning.upon(JobEvents.consumerLost).to(abandoned)

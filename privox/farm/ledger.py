@@ -20,8 +20,14 @@ Where records go is a L{Sink}:
 
 Disk I/O runs through a I{runner} (C{runner(f, *args) -> Deferred}), in the
 farm a thread pool, never on the reactor thread; tests pass L{runInline}.
-Records that arrive close together are written together (every
-C{flushInterval} seconds), so a busy farm does not write once per job.
+
+Nothing is lost on a crash: L{Sink.record} fires once the record is on disk
+(appended and fsynced), and the farm holds the end of each job's answer
+until then (L{privox.farm.job}), so a consumer never has an answer whose
+record a SIGKILL could still take away. Records are written as soon as the
+disk is free: those taken in one turn of the reactor, or while the previous
+write was under way, go in one append and one fsync (group commit), so a
+busy farm does not sync once per job.
 """
 
 from __future__ import annotations
@@ -54,8 +60,9 @@ POST_TIMEOUT = 30.0
 #: Retry delays after a failed POST: this, doubling up to L{MAX_BACKOFF}.
 MIN_BACKOFF = 1.0
 MAX_BACKOFF = 60.0
-#: Records arriving within this many seconds are written together.
-FLUSH_INTERVAL = 0.2
+#: Records arriving within this many seconds (and while a write is under
+#: way) are written together; 0: those of one turn of the reactor.
+FLUSH_INTERVAL = 0.0
 #: How long a failed file write waits before it is tried again.
 WRITE_RETRY = 5.0
 
@@ -123,9 +130,15 @@ def encode(record: Transaction) -> bytes:
 class Sink(Protocol):
     #: Where records go, for a log line (never a key).
     description: str
+    #: Whether records reach a disk (and answers are worth holding for them).
+    durable: bool
 
-    def record(self, transaction: Transaction) -> None:
-        "Take one record (never blocks, never fails)."
+    def record(self, transaction: Transaction) -> Deferred[None]:
+        """
+        Take one record (never blocks, never fails); fires once it is on
+        disk, or once writing it has failed (it is then retried, and the
+        failure logged).
+        """
 
     def start(self) -> None:
         "Begin (an HTTP ledger re-sends what an earlier run left unsent)."
@@ -140,9 +153,10 @@ class NoLedger:
     """
 
     description = "none"
+    durable = False
 
-    def record(self, transaction: Transaction) -> None:
-        pass
+    def record(self, transaction: Transaction) -> Deferred[None]:
+        return succeed(None)
 
     def start(self) -> None:
         pass
@@ -189,14 +203,23 @@ class _Batcher:
         self._interval = interval
         self._written = written
         self._pending: list[bytes] = []
+        #: Fired once the pending records' write has been tried.
+        self._waiting: list[Deferred[None]] = []
         self._timer: IDelayedCall | None = None
         self._writing = False
         self._idle: list[Deferred[None]] = []
         self._now = False  # stopping: write at once, no waiting
 
-    def add(self, line: bytes) -> None:
+    def add(self, line: bytes) -> Deferred[None]:
+        """
+        Write C{line} with the next batch; fires once that write is done
+        (or has failed).
+        """
         self._pending.append(line)
+        written: Deferred[None] = Deferred()
+        self._waiting.append(written)
         self._schedule(self._interval)
+        return written
 
     def _schedule(self, delay: float) -> None:
         if self._now and not self._writing:
@@ -215,14 +238,23 @@ class _Batcher:
             self._fireIdle()
             return
         batch, self._pending = self._pending, []
+        waiting, self._waiting = self._waiting, []
         self._writing = True
-        self._run(_appendLines, self.path, batch).addBoth(self._done, batch)
+        self._run(_appendLines, self.path, batch).addBoth(self._done, batch, waiting)
 
-    def _done(self, result: Any, batch: list[bytes]) -> None:
+    def _done(self, result: Any, batch: list[bytes], waiting: list[Deferred[None]]) -> None:
+        try:
+            self._afterWrite(result, batch)
+        finally:
+            for written in waiting:
+                written.callback(None)
+
+    def _afterWrite(self, result: Any, batch: list[bytes]) -> None:
         self._writing = False
         if isinstance(result, Failure):
             log.error(
-                "ledger: cannot write {n} records to {path}: {why}; will retry",
+                "ledger: cannot write {n} records to {path}: {why}; will retry"
+                " (their answers were not held back for it)",
                 n=len(batch),
                 path=self.path,
                 why=result.getErrorMessage(),
@@ -234,6 +266,9 @@ class _Batcher:
                     "ledger: {n} records not written at stop", n=len(self._pending)
                 )
                 self._pending = []
+                abandoned, self._waiting = self._waiting, []
+                for written in abandoned:
+                    written.callback(None)
                 self._fireIdle()
                 return
             self._timer = self._clock.callLater(WRITE_RETRY, self._flush)
@@ -300,8 +335,10 @@ class JsonLinesLedger:
         self.description = f"JSON-lines file {path}"
         self._batcher = _Batcher(path, clock, _Serial(runner), flushInterval)
 
-    def record(self, transaction: Transaction) -> None:
-        self._batcher.add(encode(transaction))
+    durable = True
+
+    def record(self, transaction: Transaction) -> Deferred[None]:
+        return self._batcher.add(encode(transaction))
 
     def start(self) -> None:
         pass
@@ -429,8 +466,10 @@ class HTTPLedger:
         self._retry: IDelayedCall | None = None
         self._request: Deferred[Any] | None = None
 
-    def record(self, transaction: Transaction) -> None:
-        self._batcher.add(encode(transaction))
+    durable = True
+
+    def record(self, transaction: Transaction) -> Deferred[None]:
+        return self._batcher.add(encode(transaction))
 
     def start(self) -> None:
         self._stopped = False

@@ -1,6 +1,14 @@
 """
 A PVX/2 consumer: sends jobs to a farm and waits for their results. Used by
 the API server, the command line, the tests and the benchmarks.
+
+A farm that stops reading and answering (frozen, SIGSTOPped, its host gone
+without a FIN) would hold a job until its deadline. Given a L{Liveness}, a
+consumer with a job in flight PINGs the farm after each quiet spell (once
+its own bytes have left: a PING queued behind an upload proves nothing) and
+gives up on the connection if nothing at all comes back in time: the job
+fails with L{Unresponsive} and can be tried on another farm. The farm
+answers PING itself, whatever its producer is doing.
 """
 
 from __future__ import annotations
@@ -10,8 +18,10 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.endpoints import clientFromString, connectProtocol
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from zope.interface import implementer
 
-from privox.framing import HEADER_LEN, Frame
+from privox.framing import HEADER_LEN, Frame, encodeHeader
 from privox.messages import (
     ErrorCode,
     Hello,
@@ -22,6 +32,23 @@ from privox.messages import (
     resultSize,
 )
 from privox.peer import ConnectionClosed, PeerProtocol
+
+
+@dataclass(frozen=True)
+class Liveness:
+    """
+    @ivar quiet: seconds without a byte from the farm before it is PINGed.
+    @ivar patience: seconds it then has to send something.
+    """
+
+    quiet: float = 2.0
+    patience: float = 5.0
+
+
+class Unresponsive(ConnectionClosed):
+    """
+    The farm stopped answering during a job.
+    """
 
 
 class JobFailed(Exception):
@@ -58,16 +85,34 @@ class _Pending:
         self.chunks: list[bytes] = []
 
 
+@implementer(IPushProducer)
 class ConsumerProtocol(PeerProtocol):
     """
     One connection, one job at a time (L{submit} again once the previous
     result has arrived).
     """
 
-    def __init__(self, service: str, key: str = "") -> None:
+    def __init__(
+        self,
+        service: str,
+        key: str = "",
+        liveness: Liveness | None = None,
+        clock: IReactorTime | None = None,
+    ) -> None:
         super().__init__(Hello("consumer", service, key))
         self.service = service
         self._pending: _Pending | None = None
+        self._liveness = liveness
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self._clock: IReactorTime = clock
+        self._watch: IDelayedCall | None = None
+        #: Whether our transport's buffer is above its mark (Twisted says so
+        #: to a registered producer): our bytes have not all left yet.
+        self._sending = False
+        #: When a byte last came from the farm, and whether a PING waits.
+        self._heard = 0.0
+        self._pinged = False
 
     @property
     def busy(self) -> bool:
@@ -94,6 +139,7 @@ class ConsumerProtocol(PeerProtocol):
                 None,
             ))
         pending = self._pending = _Pending(request, body)
+        self._startWatching()
         self.transport.write(frame)
         if early:
             self.sendData(body)
@@ -110,6 +156,66 @@ class ConsumerProtocol(PeerProtocol):
             language: str | None = None, timeout_s: float | None = None) -> Deferred[JobResult]:
         return self.submit(
             JobRequest("tts", model, language, 0, voice=voice, text=text, timeout_s=timeout_s)
+        )
+
+    # Liveness (see the module docstring)
+
+    def pauseProducing(self) -> None:
+        self._sending = True
+
+    def resumeProducing(self) -> None:
+        self._sending = False
+
+    def stopProducing(self) -> None:
+        pass
+
+    def dataReceived(self, data: bytes) -> None:
+        self._heard = self._clock.seconds()
+        self._pinged = False
+        super().dataReceived(data)
+
+    def _startWatching(self) -> None:
+        if self._liveness is None or self._watch is not None:
+            return
+        self._heard = self._clock.seconds()
+        self._pinged = False
+        self._sending = False
+        # Registered only while a job runs: a TLS transport does not close
+        # while a producer is registered.
+        self.transport.registerProducer(self, True)
+        self._watch = self._clock.callLater(self._liveness.quiet, self._check)
+
+    def _stopWatching(self) -> None:
+        if self._watch is None:
+            return
+        if self._watch.active():
+            self._watch.cancel()
+        self._watch = None
+        if self.transport is not None:
+            self.transport.unregisterProducer()
+
+    def _check(self) -> None:
+        liveness = self._liveness
+        assert liveness is not None
+        if self._pending is None or self.transport is None:
+            self._stopWatching()
+            return
+        now = self._clock.seconds()
+        if self._sending:
+            # Still sending: the farm is reading, or our deadline will tell.
+            self._heard, self._pinged = now, False
+        elif self._pinged and now - self._heard >= liveness.quiet + liveness.patience:
+            self._handshakeFailure = Unresponsive(
+                f"the farm sent nothing for {now - self._heard:.0f} s, a PING unanswered"
+            )
+            self._stopWatching()
+            self.transport.abortConnection()
+            return
+        elif not self._pinged and now - self._heard >= liveness.quiet:
+            self.transport.write(encodeHeader(b"PING", 0))
+            self._pinged = True
+        self._watch = self._clock.callLater(
+            liveness.patience if self._pinged else liveness.quiet, self._check
         )
 
     def frameReceived(self, frame: Frame) -> None:
@@ -160,12 +266,14 @@ class ConsumerProtocol(PeerProtocol):
     def _finish(self, outcome: JobResult | Exception) -> None:
         pending, self._pending = self._pending, None
         assert pending is not None
+        self._stopWatching()
         if isinstance(outcome, Exception):
             pending.done.errback(outcome)
         else:
             pending.done.callback(outcome)
 
     def peerLost(self, why: Exception) -> None:
+        self._stopWatching()
         if self._pending is not None:
             self._finish(why if isinstance(why, Exception) else ConnectionClosed(str(why)))
 

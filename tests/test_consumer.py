@@ -11,11 +11,13 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.task import Clock
+from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
-from privox.consumer import ConsumerProtocol
+from privox.consumer import ConsumerProtocol, Liveness, Unresponsive
 from privox.farm.connection import FarmFactory
 from privox.farm.farm import Farm, FarmSettings
 from privox.framing import FrameDecoder
@@ -26,6 +28,73 @@ from privox.node.worker import ProducerProtocol
 
 OKAY = {"protocol": 2, "farm": "f", "ping_interval": 10.0, "max_frame": 4096,
         "max_job_bytes": 100_000}
+
+
+class LivenessTests(SynchronousTestCase):
+    """
+    A farm that goes silent during a job (frozen, its host gone) is PINGed
+    after a quiet spell and given up on if nothing comes back.
+    """
+
+    def consumer(self) -> tuple[ConsumerProtocol, StringTransport, Clock]:
+        clock = Clock()
+        consumer = ConsumerProtocol("stt", liveness=Liveness(quiet=2.0, patience=5.0), clock=clock)
+        transport = StringTransport()
+        consumer.makeConnection(transport)
+        consumer.dataReceived(b"who")
+        consumer.dataReceived(controlFrame(b"OKAY", OKAY))
+        transport.clear()
+        return consumer, transport, clock
+
+    def test_silentFarmGivenUp(self) -> None:
+        consumer, transport, clock = self.consumer()
+        done = consumer.stt("m", b"audio")
+        consumer.dataReceived(controlFrame(b"ASGN", {"id": "j1"}))
+        transport.clear()
+        clock.advance(2.0)
+        self.assertEqual(transport.value(), b"PING00000000")
+        clock.advance(4.9)
+        self.assertFalse(transport.disconnecting)
+        clock.advance(0.1)
+        self.assertTrue(transport.disconnecting)
+        consumer.connectionLost(Failure(ConnectionDone()))
+        failure = self.failureResultOf(done, Unresponsive)
+        self.assertIn("a PING unanswered", str(failure.value))
+
+    def test_answeringFarmKept(self) -> None:
+        """
+        A farm that answers its PINGs is waited for as long as the job
+        takes; nothing is PINGed once the job is over.
+        """
+        consumer, transport, clock = self.consumer()
+        done = consumer.stt("m", b"audio")
+        for _ in range(30):
+            clock.advance(2.0)
+            if transport.value().endswith(b"PING00000000"):
+                transport.clear()
+                consumer.dataReceived(b"PONG00000000")
+        self.assertFalse(transport.disconnecting)
+        consumer.dataReceived(controlFrame(b"ASGN", {"id": "j1"}))
+        consumer.dataReceived(controlFrame(b"RSLT", {"id": "j1", "text": "at last"}))
+        self.assertEqual(self.successResultOf(done).text, "at last")
+        transport.clear()
+        clock.advance(60)
+        self.assertEqual((transport.value(), clock.getDelayedCalls()), (b"", []))
+
+    def test_notWhileSending(self) -> None:
+        """
+        While our own bytes are still going out the farm is not PINGed:
+        its answer would queue behind them.
+        """
+        consumer, transport, clock = self.consumer()
+        consumer.stt("m", b"audio")
+        consumer.pauseProducing()
+        transport.clear()
+        clock.advance(30)
+        self.assertEqual(transport.value(), b"")
+        consumer.resumeProducing()
+        clock.advance(2)
+        self.assertEqual(transport.value(), b"PING00000000")
 
 
 class WireTests(SynchronousTestCase):

@@ -20,7 +20,8 @@ How a request is placed (L{FarmExchange}):
     sends the job with C{timeout_s} set to the time left before the request's
     deadline.
  3. Another farm is tried after a connection error (refused, closed, timed
-    out, handshake refused by C{DENY}, the connection dropping mid-job) and
+    out, handshake refused by C{DENY}, the connection dropping mid-job, the
+    farm answering nothing, PINGs included, for a few seconds mid-job) and
     after a C{FAIL} whose code is in L{RETRYABLE} (C{no_producer},
     C{producer_lost}, C{timeout}, C{shutting_down}). C{unsupported_model} is
     retried on other farms too, since another farm may have a producer for the
@@ -76,7 +77,7 @@ from privox.api.errors import (
     fromFailCode,
 )
 from privox.api.exchange import Transcribed
-from privox.consumer import ConsumerProtocol, JobFailed, JobResult
+from privox.consumer import ConsumerProtocol, JobFailed, JobResult, Liveness, Unresponsive
 from privox.messages import SERVICES, ErrorCode
 from privox.peer import ConnectionClosed
 from privox.tls import TrustRoot, checkEndpoint, clientEndpoint
@@ -375,7 +376,7 @@ class _Pool:
         clock = exchange.clock
         if not self.farm.up:
             self.farm.probing = True
-        protocol = ConsumerProtocol(self.service, exchange.key)
+        protocol = ConsumerProtocol(self.service, exchange.key, exchange.liveness, exchange.clock)
         connecting = connectProtocol(
             clientEndpoint(exchange.reactor, self.endpoint, exchange.ca), protocol
         )
@@ -512,6 +513,9 @@ class FarmExchange:
     @param clock: time source for deadlines and backoff (default C{reactor}).
     @param ca: trust root (L{privox.tls.loadCA}) for C{tls:} endpoints that
         name no C{trustRoots} of their own; default: the system's CAs.
+    @param liveness: how long a farm may stay silent during a job before
+        it is given up on (marked down, the job tried elsewhere); L{None}
+        waits for the deadline.
     """
 
     def __init__(
@@ -527,6 +531,7 @@ class FarmExchange:
         connectTimeout: float = 10.0,
         clock: IReactorTime | None = None,
         ca: TrustRoot | None = None,
+        liveness: Liveness | None = Liveness(),
     ) -> None:
         names = [f.name for f in farms]
         if len(set(names)) != len(names):
@@ -548,6 +553,7 @@ class FarmExchange:
         self.downBackoff = (float(first), float(longest))
         self.connectTimeout = connectTimeout
         self.ca = ca
+        self.liveness = liveness
         self.stopped = False
         self.farms = [_FarmState(self, entry) for entry in farms]
 
@@ -748,6 +754,10 @@ class FarmExchange:
                 service=service,
             )
             raise
+        except Unresponsive as e:
+            # Frozen or cut off: other requests should not wait on it either.
+            state.markDown(self.clock.seconds(), str(e))
+            raise _Unreachable(str(e)) from None
         except ConnectionClosed as e:
             # The connection broke mid-job (or the farm closed it).
             log.info(

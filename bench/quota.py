@@ -8,6 +8,9 @@ back at once, so only the API's own work is timed):
   - C{none}: C{--accounts none} (an open key policy, nothing counted);
   - C{sqlite}: C{--accounts sqlite:...} (a fresh file in a temporary
     directory), the key authenticated, the seconds held and then settled;
+  - C{sqlite-100k}: the same store, a key that has already made 100,000
+    requests in the hour (made through the store's own reserve and settle):
+    the check reads per-minute sums, so its cost must not grow with them;
   - C{postgresql}: the same on a throwaway PostgreSQL cluster (Debian's
     binaries, as the tests use; skipped with a note if they are missing,
     or with C{--no-postgresql}).
@@ -84,6 +87,21 @@ async def accounts(reactor: Any, dsn: str) -> tuple[AccountAccess, str]:
     return AccountAccess(store, reactor), key
 
 
+async def busyKey(reactor: Any, access: AccountAccess, requests: int) -> str:
+    """
+    A key of C{access}'s store that has made C{requests} requests of a
+    second each in the last hour.
+    """
+    store = access.store
+    key, account = await store.createKey(reactor.seconds(), hourlySeconds=1e12)
+    started = reactor.seconds() - 3000
+    for i in range(requests):
+        at = started + i * 2900 / requests
+        held = await store.reserve(account.account, 1e12, 1.0, at, at + 60)
+        await store.settle(held, 1.0, at)
+    return key
+
+
 async def timeRequests(http: HTTPClient, url: str, payload: bytes, n: int) -> list[float]:
     headers = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
     times = []
@@ -103,6 +121,10 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
     work = tempfile.mkdtemp(prefix="privox-quota-bench-")
     access, key = await accounts(reactor, f"sqlite:{work}/accounts.sqlite3")
     setups["sqlite"] = (await serve(reactor, access), body(key))
+    made = time.perf_counter()
+    busy = await busyKey(reactor, access, args.history)
+    made = time.perf_counter() - made
+    setups[f"sqlite-{args.history // 1000}k"] = (setups["sqlite"][0], body(busy))
     note = ""
     if args.postgresql:
         try:
@@ -132,6 +154,8 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
         p50 = statistics.median(times) * 1000
         p90 = statistics.quantiles(times, n=10)[-1] * 1000
         print(f"{name:<12} {p50:8.2f} {p90:8.2f} {p50 - base:9.2f} {p50 / base:6.2f}")
+    print(f"(the key of sqlite-{args.history // 1000}k made {args.history:,} requests of 1 s"
+          f" in the hour before, in {made:.0f} s through the store)")
     if note:
         print(note)
 
@@ -140,6 +164,8 @@ def run() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=200, help="requests per setup per round")
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--history", type=int, default=100_000,
+                        help="requests the busy key made in the hour before")
     parser.add_argument("--no-postgresql", dest="postgresql", action="store_false")
     args = parser.parse_args()
     # The API logs a line per request; keep the figures readable.

@@ -11,6 +11,7 @@ fails).
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +24,9 @@ ROLES = ("producer", "consumer")
 SERVICES = ("stt", "tts")
 AUDIO_FORMATS = ("wav", "pcm_s16le", "zip", "auto")
 ANY = "*"
+#: Characters no text to speak may hold: control characters other than tab
+#: and line breaks (a NUL ends a string in the C code under the engines).
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
 class ErrorCode:
@@ -269,6 +273,8 @@ class JobRequest:
         text = _string(obj, "text", BadRequest)
         if not text.strip():
             raise BadRequest("field 'text' must not be empty")
+        if CONTROL_CHARACTERS.search(text):
+            raise BadRequest("field 'text' contains control characters")
         if size != 0:
             raise BadRequest("a TTS job carries its text in JOB_: size must be 0")
         voice = _string(obj, "voice", BadRequest, default=None)

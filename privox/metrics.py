@@ -27,6 +27,7 @@ from prometheus_client.registry import Collector
 from twisted.web.resource import Resource
 
 from privox.messages import ANY, SERVICES, ErrorCode
+from privox.web import PrivateSite
 
 if TYPE_CHECKING:
     from privox.farm.farm import Farm
@@ -333,17 +334,11 @@ def MetricsResource(
 
 def metricsSite(
     registry: CollectorRegistry, status: Callable[[], dict[str, Any]] | None = None
-) -> Any:
+) -> PrivateSite:
     """
-    A site for L{MetricsResource}, without an access log (addresses).
+    A site for L{MetricsResource} that logs no client address.
     """
-    from twisted.web.server import Site
-
-    class QuietSite(Site):
-        def log(self, request: Any) -> None:
-            pass
-
-    return QuietSite(MetricsResource(registry, status))
+    return PrivateSite(MetricsResource(registry, status))
 
 
 # -- the status page ---------------------------------------------------------------

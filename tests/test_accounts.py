@@ -16,7 +16,14 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from privox.accounts import quota
 from privox.accounts.admin import runKeys
-from privox.accounts.store import ANONYMOUS, AccountStore, StoreError, _migrations, parseDSN
+from privox.accounts.store import (
+    ANONYMOUS,
+    AccountStore,
+    StoreError,
+    _migrations,
+    _statements,
+    parseDSN,
+)
 from privox.cli import buildParser
 from privox.keys import accountId
 
@@ -102,23 +109,103 @@ class StoreTests:
         async def go() -> None:
             store = await self.store()
             _, a = await store.createKey(0.0)
-            held = await store.reserve(a.account, 100.0, 30.0, True, 1000.0)
+            held = await store.reserve(a.account, 100.0, 30.0, 1000.0, 1100.0)
             self.assertEqual(held.held, 30.0)
-            await store.settle(held, 12.5)
-            failed = await store.reserve(a.account, 100.0, 40.0, False, 1001.0)
+            self.assertEqual(await store.settle(held, 12.5, 1000.5), 12.5)
+            failed = await store.reserve(a.account, 100.0, 40.0, 1001.0, 1101.0)
             await store.release(failed)
             state = await store.standing(a.account, 100.0, 1002.0)
             self.assertEqual((state.used, state.remaining), (12.5, 87.5))
-            # An estimate holds no more than what is left.
-            big = await store.reserve(a.account, 100.0, 500.0, False, 1003.0)
+            # A need must fit whole; the 12.5 s used in the minute from
+            # t=960 leave the window when that minute does.
+            e = await self.assertFails(
+                store.reserve(a.account, 100.0, 87.6, 1003.0, 1103.0), quota.QuotaExceeded
+            )
+            self.assertEqual(e.retryAfter, 1020 + 3600 - 1003)
+            big = await store.reserve(a.account, 100.0, 87.5, 1003.0, 1103.0)
             self.assertEqual(big.held, 87.5)
             e = await self.assertFails(
-                store.reserve(a.account, 100.0, 1.0, True, 1004.0), quota.QuotaExceeded
+                store.reserve(a.account, 100.0, 1.0, 1004.0, 1104.0), quota.QuotaExceeded
             )
-            self.assertEqual(e.retryAfter, 1000 + 3600 - 1004)
-            # An hour after the first, its 12.5 s are free again.
-            again = await store.reserve(a.account, 100.0, 12.5, True, 4600.0)
-            self.assertEqual(again.held, 12.5)
+            # Held until t=1103 (settled or not: the API may have died).
+            self.assertEqual(e.retryAfter, 99)
+            again = await store.reserve(a.account, 100.0, 80.0, 1103.0, 1203.0)
+            # Settling charges at most what was held, whatever was reported.
+            self.assertEqual(await store.settle(again, 5000.0, 1104.0), 80.0)
+            state = await store.standing(a.account, 100.0, 1105.0)
+            self.assertEqual(state.used, 92.5)
+            # An hour after their minutes, the seconds are free again.
+            state = await store.standing(a.account, 100.0, 1140.0 + 3600.0)
+            self.assertEqual(state.used, 0.0)
+
+        return ensureDeferred(go())
+
+    def test_upgradeKeepsUseAndCredit(self) -> Any:
+        """
+        A store of schema 1 (a row per request, credit read from the
+        ledger) upgrades with its use and credit in the window intact.
+        """
+        async def go() -> None:
+            store = AccountStore.open(await self.dsn(), reactor)
+            self.addCleanup(store.close)  # type: ignore[attr-defined]
+            version, script = _migrations()[0]
+
+            def schemaOne(cursor: Any) -> None:
+                store._dialect.begin(cursor, write=True)
+                cursor.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+                for statement in _statements(script):
+                    cursor.execute(statement)
+                sql = store._dialect.sql
+                cursor.execute(sql("INSERT INTO schema_version (version) VALUES (?)"), (version,))
+                for i, (at, seconds) in enumerate([(1000.0, 10.0), (1010.0, 5.0), (1100.0, 2.5)]):
+                    cursor.execute(
+                        sql("INSERT INTO usage (id, account, at, seconds) VALUES (?, ?, ?, ?)"),
+                        (f"u{i}", PRODUCER, at, seconds),
+                    )
+                cursor.execute(
+                    sql(
+                        "INSERT INTO transactions (farm_account, job_id, farm, at, service, model,"
+                        " input_bytes, output_bytes, audio_seconds, processing_ms, status,"
+                        " producer, consumer, qss, credited)"
+                        " VALUES (?, 'j1', 'f', 0, 'stt', 'm', 0, 0, 4, 1, 'ok', ?, NULL, 8, 1030)"
+                    ),
+                    (FARM, PRODUCER),
+                )
+
+            await store._run(schemaOne)
+            self.assertEqual(await store.migrate(), _migrations()[-1][0])
+            state = await store.standing(PRODUCER, 100.0, 1200.0)
+            self.assertEqual((state.used, state.earned), (17.5, 8.0))
+
+        return ensureDeferred(go())
+
+    def test_historyDoesNotSlowTheCheck(self) -> Any:
+        """
+        A key with many settled requests in the window costs a check no
+        more rows than a minute's sums for the window: 10,000 requests in an
+        hour leave at most 61 rows to read.
+        """
+        async def go() -> None:
+            store = await self.store()
+            _, a = await store.createKey(0.0)
+            for i in range(200):
+                r = await store.reserve(a.account, 1e9, 1.0, 100.0 + i * 18.0, 1e6)
+                await store.settle(r, 1.0, 100.0 + i * 18.0)
+            now = 100.0 + 200 * 18.0
+
+            def count(cursor: Any) -> int:
+                cursor.execute(
+                    store._dialect.sql("SELECT COUNT(*) FROM quota_buckets WHERE account = ?"),
+                    (a.account,),
+                )
+                return int(cursor.fetchone()[0])
+
+            self.assertLessEqual(await store._run(count), 61)
+            state = await store.standing(a.account, 1e9, now)
+            # Every request but those whose minute has left the window.
+            self.assertEqual(state.used, 200.0)
+            await store.reserve(a.account, 1e9, 1.0, now + 3600.0, now + 3700.0)
+            self.assertLessEqual(await store._run(count), 1)
 
         return ensureDeferred(go())
 
@@ -156,13 +243,13 @@ class StoreTests:
         async def go() -> None:
             store = await self.store()
             key, a = await store.createKey(0.0, hourlySeconds=10.0)
-            await store.reserve(a.account, 10.0, 10.0, True, 100.0)
-            await self.assertFails(store.reserve(a.account, 10.0, 5.0, True, 101.0), quota.QuotaExceeded)
+            await store.reserve(a.account, 10.0, 10.0, 100.0, 500.0)
+            await self.assertFails(store.reserve(a.account, 10.0, 5.0, 101.0, 500.0), quota.QuotaExceeded)
             await store.record(FARM, [record("p1", producer=a.account, audio_seconds=3.0)], 102.0,
                                lambda m: 2.0)
-            held = await store.reserve(a.account, 10.0, 5.0, True, 103.0)
+            held = await store.reserve(a.account, 10.0, 5.0, 103.0, 500.0)
             self.assertEqual(held.held, 5.0)
-            await self.assertFails(store.reserve(a.account, 10.0, 1.5, True, 104.0), quota.QuotaExceeded)
+            await self.assertFails(store.reserve(a.account, 10.0, 1.5, 104.0, 500.0), quota.QuotaExceeded)
 
         return ensureDeferred(go())
 
@@ -175,7 +262,7 @@ class StoreTests:
             store = await self.store()
             _, a = await store.createKey(0.0)
             attempts = [
-                ensureDeferred(store.reserve(a.account, 35.0, 10.0, True, 500.0 + i / 100))
+                ensureDeferred(store.reserve(a.account, 35.0, 10.0, 500.0 + i / 100, 600.0))
                 for i in range(20)
             ]
             results = await DeferredList(attempts, consumeErrors=True)
@@ -202,7 +289,7 @@ class StoreTests:
                 await store.migrate()
             _, a = await stores[0].createKey(0.0)
             attempts = [
-                ensureDeferred(stores[i % 2].reserve(a.account, 45.0, 10.0, True, 500.0))
+                ensureDeferred(stores[i % 2].reserve(a.account, 45.0, 10.0, 500.0, 600.0))
                 for i in range(16)
             ]
             results = await DeferredList(attempts, consumeErrors=True)

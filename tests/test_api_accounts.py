@@ -21,9 +21,11 @@ from privox.api.access import AccountAccess, PolicyAccess, modelCosts
 from privox.api.app import PrivoxAPI
 from privox.api.errors import Unavailable
 from privox.api.exchange import Transcribed
+from privox.api.measure import spokenSeconds
 from privox.api.models import DEFAULT_STT, DEFAULT_VOICES, ModelTable
 from privox.keys import OpenPolicy, accountId
 from privox.wav import pcmToWav
+from tests.audiofixtures import encoded, tone, withFmt
 from tests.test_api_app import multipart
 from tests.test_cli import privox
 
@@ -150,17 +152,61 @@ class AccountsAPITests(TestCase):
             code, headers, body = await self.stt(key, wav(40))
             self.assertEqual(code, 429)
             self.assertIn(b"quota used: 22 of 60", body)
-            # The 20 s and 2 s leave the window 3,500 s from now.
-            self.assertEqual(headers.getRawHeaders("retry-after"), ["3500"])
+            self.assertIn(b"this request needs 40 s", body)
+            # The 20 s and 2 s leave the window with the end of the minute
+            # they were used in (t=10,020), 3,520 s from now.
+            self.assertEqual(headers.getRawHeaders("retry-after"), ["3520"])
             code, headers, body = await self.stt(key, wav(40), "/v1/audio/transcriptions")
             self.assertEqual((code, json.loads(body)["error"]["code"]), (429, "rate_limit_exceeded"))
             # More than the whole allowance: waiting will not help, and it says so.
             code, _, body = await self.stt(key, wav(61))
             self.assertEqual(code, 429)
             self.assertIn(b"more than the 60 s", body)
-            self.clock.advance(3500)
+            self.clock.advance(3519)
+            self.assertEqual((await self.stt(key, wav(40)))[0], 429)
+            self.clock.advance(1)
             self.assertEqual((await self.stt(key, wav(40)))[0], 200)
             self.assertEqual((await self.account(key))["used"], 40.0)
+
+        return ensureDeferred(go())
+
+    def test_lyingWavHeaderPaysItsLength(self) -> Any:
+        """
+        A 22.3 s WAV whose header claims a byte rate of 0xFFFFFFF0 pays its
+        22.3 s (and a key with less gets 429); one claiming 1 Hz is refused
+        as impossible before any job.
+        """
+        async def go() -> None:
+            await self.start(hourly=60.0)
+            key = await self.key()
+            lying = withFmt(wav(22.3, 16000), byteRate=0xFFFFFFF0, blockAlign=1)
+            self.assertEqual((await self.stt(key, lying))[0], 200)
+            self.assertAlmostEqual((await self.account(key))["used"], 22.3)
+            poor = await self.key(hourlySeconds=20.0)
+            self.assertEqual((await self.stt(poor, lying))[0], 429)
+            code, _, body = await self.stt(key, withFmt(wav(1, 16000), rate=1))
+            self.assertEqual(code, 400)
+            self.assertIn(b"impossible WAV: 1 Hz", body)
+            self.assertEqual(self.exchange.jobs, 1)
+
+        return ensureDeferred(go())
+
+    def test_controlCharactersRefused(self) -> Any:
+        """
+        Text with a NUL (or another control character) is not text to
+        speak: 400 at once, nothing charged.
+        """
+        async def go() -> None:
+            await self.start()
+            key = await self.key()
+            code, _, body = await self.tts(key, "Hello\x00there")
+            self.assertEqual((code, body), (400, b"text contains control characters\n"))
+            code, body = await self.post(
+                "/v1/audio/speech", key, json={"model": "tts-1", "input": "a\x07b"}
+            )
+            self.assertEqual(code, 400)
+            self.assertIn(b"input contains control characters", body)
+            self.assertEqual((self.exchange.jobs, (await self.account(key))["used"]), (0, 0.0))
 
         return ensureDeferred(go())
 
@@ -184,21 +230,43 @@ class AccountsAPITests(TestCase):
 
         return ensureDeferred(go())
 
-    def test_compressedAudioPaysWhatTheProducerMeasured(self) -> Any:
+    def test_compressedAudioPaysItsDecodedLength(self) -> Any:
         """
-        No WAV header: the request holds an estimate, then pays the
-        duration the producer reports.
+        Compressed audio pays its length as the API decodes it, whatever the
+        producer reports; what cannot be decoded is refused and costs
+        nothing.
         """
         async def go() -> None:
             await self.start()
             key = await self.key()
-            self.exchange.reported = 7.5
-            self.assertEqual((await self.stt(key, b"OggS" + bytes(20_000)))[0], 200)
-            self.assertEqual((await self.account(key))["used"], 7.5)
-            # Nothing reported: it keeps what it held (20,004 bytes at 2,000 B/s).
-            self.exchange.reported = None
-            self.assertEqual((await self.stt(key, b"OggS" + bytes(20_000)))[0], 200)
-            self.assertAlmostEqual((await self.account(key))["used"], 7.5 + 10.002)
+            self.exchange.reported = 3000.0
+            opus = encoded(tone(3.0, 16000), 16000, "ogg", "libopus")
+            self.assertEqual((await self.stt(key, opus))[0], 200)
+            used = (await self.account(key))["used"]
+            self.assertTrue(2.9 < used < 3.1, used)
+            code, _, body = await self.stt(key, b"OggS" + bytes(20_000))
+            self.assertEqual(code, 400, body)
+            self.assertEqual((await self.account(key))["used"], used)
+            self.assertEqual(self.exchange.jobs, 1)
+
+        return ensureDeferred(go())
+
+    def test_ttsPaysWhatItGotAtMostItsEstimate(self) -> Any:
+        """
+        TTS is admitted on a conservative estimate of the text (digits are
+        read slowly), pays the audio's length, and never more than that
+        estimate, however long the audio a producer sends.
+        """
+        async def go() -> None:
+            await self.start(hourly=20.0)
+            key = await self.key()
+            # Forty digits may take over 20 s to read: never within 20 s.
+            code, _, body = await self.tts(key, "1" * 40)
+            self.assertEqual(code, 429, body)
+            self.assertIn(b"more than the 20 s", body)
+            self.exchange.spoken = 600.0
+            self.assertEqual((await self.tts(key, "Hello there."))[0], 200)
+            self.assertEqual((await self.account(key))["used"], spokenSeconds("Hello there."))
 
         return ensureDeferred(go())
 

@@ -17,7 +17,7 @@ from urllib.parse import quote_from_bytes
 
 from treq.testing import StubTreq
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor, StringTransport
 from twisted.python import usage
@@ -30,7 +30,8 @@ from twisted.web.server import Site
 
 from privox.api import forms
 from privox.api.access import Caller, PolicyAccess
-from privox.api.app import ApiSite, LimitedRequest, PrivoxAPI, _Discarded
+from privox.api.app import PrivoxAPI
+from privox.api.site import FORM_LIMIT, LINGER_IDLE, ApiRequest, ApiSite
 from privox.api.errors import (
     ApiError,
     BadInput,
@@ -53,11 +54,14 @@ from privox.api.service import (
 )
 from privox.config import optionName
 from privox.keys import AllowListPolicy, OpenPolicy, keyId
+from privox.wav import pcmToWav
+from tests.audiofixtures import encoded, tone, withFmt, zipped
 
 ETC = FilePath(__file__).parent().parent().child("etc")
 
-WAV = b"RIFF\x24\x00\x00\x00WAVEfmt " + bytes(32)
-SPOKEN = b"RIFF\x10\x00\x00\x00WAVEdata-spoken"
+#: A tenth of a second of silence (uploads are measured: they must be real audio).
+WAV = pcmToWav(bytes(3200), 16000)
+SPOKEN = pcmToWav(b"spoken" * 100, 16000)
 KEY = "good-key"
 MODELS = ModelTable.parse(DEFAULT_STT, DEFAULT_VOICES)
 
@@ -130,7 +134,12 @@ class APITestCase(SynchronousTestCase):
         self.keys = AllowListPolicy("keys.txt", frozenset([KEY]))
         self.clock = Clock()
         self.api = PrivoxAPI(
-            self.exchange, MODELS, PolicyAccess(self.keys), maxUpload=self.maxUpload, clock=self.clock
+            self.exchange,
+            MODELS,
+            PolicyAccess(self.keys),
+            maxUpload=self.maxUpload,
+            clock=self.clock,
+            runInThread=maybeDeferred,
         )
         self.events: list[dict[str, Any]] = []
         self.api.log = type(self.api.log)(observer=self.events.append)
@@ -192,11 +201,12 @@ class SttTests(APITestCase):
         self.assertEqual(self.exchange.calls, [("transcribe", "whisper:tiny.en", "en", WAV, "wav")])
 
     def test_urlencoded(self) -> None:
+        short = pcmToWav(bytes(320), 16000)
         response, body = self.post(
-            "/stt", data={"key": KEY, "file": WAV, "quality": "better", "language": "fr"}
+            "/stt", data={"key": KEY, "file": short, "quality": "better", "language": "fr"}
         )
         self.assertEqual((response.code, body), (200, b"hello world"))
-        self.assertEqual(self.exchange.calls, [("transcribe", "whisper:small", "fr", WAV, "wav")])
+        self.assertEqual(self.exchange.calls, [("transcribe", "whisper:small", "fr", short, "wav")])
 
     def test_qualityAndLanguageToModel(self) -> None:
         cases = [
@@ -219,16 +229,35 @@ class SttTests(APITestCase):
             {"quality": "best", "language": "de"}, headers={"Accept": "text/html, application/json;q=0.9"}
         )
         self.assertEqual(self.header(response, "content-type"), "application/json")
+        # The duration is the upload's own, measured by the API (the
+        # producer said 2.5 s: producers do not decide what audio lasts).
         self.assertEqual(
             json.loads(body),
-            {"text": "hello world", "model": "whisper:medium", "language": "de", "duration_s": 2.5},
+            {"text": "hello world", "model": "whisper:medium", "language": "de", "duration_s": 0.1},
         )
 
     def test_formatSniffed(self) -> None:
-        for audio, format in ((WAV, "wav"), (b"PK\x03\x04zipped", "zip"), (b"\x1aE\xdf\xa3webm", "auto")):
+        opus = encoded(tone(0.1, 16000), 16000, "ogg", "libopus")
+        for audio, format in ((WAV, "wav"), (zipped({"sample.wav": WAV}), "zip"), (opus, "auto")):
             self.exchange.calls.clear()
             self.assertEqual(self.stt({}, audio)[0].code, 200)
             self.assertEqual(self.exchange.calls[0][3:], (audio, format))
+
+    def test_unreadableAudio(self) -> None:
+        """
+        What no node could decode is refused by the API itself, with the
+        reason, and no job is sent.
+        """
+        cases = [
+            (b"\x1aE\xdf\xa3webm", "cannot decode"),
+            (b"PK\x03\x04zipped", "corrupt zip"),
+            (withFmt(WAV, rate=1), "impossible WAV: 1 Hz"),
+            (withFmt(WAV, channels=0), "impossible WAV: 0 channels"),
+        ]
+        for audio, reason in cases:
+            response, body = self.stt({}, audio)
+            self.assertPlainError(response, body, 400, reason)
+        self.assertEqual(self.exchange.calls, [])
 
     def test_xlateAccepted(self) -> None:
         response, _ = self.stt({"xlate": "1"})
@@ -389,8 +418,11 @@ class TtsTests(APITestCase):
         self.assertPlainError(response, body, 504, "too slow")
 
     def test_oversize(self) -> None:
-        response, body = self.post("/tts", data={"key": KEY, "text": "x" * self.maxUpload})
-        self.assertPlainError(response, body, 413, "the limit is")
+        """
+        A form without a file is capped far below --max-upload.
+        """
+        response, body = self.post("/tts", data={"key": KEY, "text": "x" * FORM_LIMIT})
+        self.assertPlainError(response, body, 413, f"the limit is {FORM_LIMIT} bytes")
 
 
 class TranscriptionTests(APITestCase):
@@ -423,7 +455,7 @@ class TranscriptionTests(APITestCase):
             {
                 "task": "transcribe",
                 "language": "de",
-                "duration": 2.5,
+                "duration": 0.1,
                 "text": "hello world",
                 "segments": [],
             },
@@ -605,8 +637,8 @@ class SpeechTests(APITestCase):
         self.assertJsonError(response, body, 401, "authentication_error", "not accepted")
 
     def test_oversize(self) -> None:
-        response, body = self.speak({"model": "tts-1", "input": "x" * self.maxUpload})
-        self.assertJsonError(response, body, 413, "request_too_large")
+        response, body = self.speak({"model": "tts-1", "input": "x" * FORM_LIMIT})
+        self.assertJsonError(response, body, 413, "request_too_large", f"limit is {FORM_LIMIT}")
 
     def test_exchangeErrors(self) -> None:
         self.exchange.error = Unavailable("no producer is free", retryAfter=7)
@@ -712,7 +744,7 @@ class FormTests(SynchronousTestCase):
 
     def test_actualSizeChecked(self) -> None:
         """
-        A body with no Content-Length (and not from a L{LimitedRequest}) is
+        A body with no Content-Length (and not from an L{ApiSite}) is
         measured.
         """
 
@@ -752,53 +784,115 @@ def rawRequest(site: ApiSite, data: bytes) -> bytes:
 
 class SiteTests(SynchronousTestCase):
     """
-    The upload cap as the body arrives, over L{ApiSite}'s own requests.
+    Bodies over their route's limit, refused as they arrive by L{ApiSite}'s
+    channels; what is let in reaches the routes unparsed by twisted.web.
     """
 
     def setUp(self) -> None:
         self.exchange = FakeExchange()
-        self.api = PrivoxAPI(self.exchange, MODELS, PolicyAccess(OpenPolicy()), maxUpload=100, clock=Clock())
+        self.api = PrivoxAPI(
+            self.exchange, MODELS, PolicyAccess(OpenPolicy()), maxUpload=100, clock=Clock(),
+            runInThread=maybeDeferred,
+        )
         self.api.log = type(self.api.log)(observer=lambda e: None)
         self.site = self.api.site()
         self.seen: list[Any] = []
-        self.stored: list[Any] = []
-        original = LimitedRequest.gotLength
+        original = ApiRequest.process
 
-        def spy(request: LimitedRequest, length: int | None) -> None:
-            original(request, length)
+        def spy(request: ApiRequest) -> None:
             self.seen.append(request)
-            self.stored.append(request.content)
+            original(request)
 
-        self.patch(LimitedRequest, "gotLength", spy)
+        self.patch(ApiRequest, "process", spy)
+
+    def connect(self) -> tuple[Any, StringTransport, Clock]:
+        clock = Clock()
+        self.patch(self.site, "reactor", clock)
+        channel = self.site.buildProtocol(None)
+        channel.callLater = clock.callLater
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        self.addCleanup(channel.connectionLost, Failure(ConnectionDone()))
+        return channel, transport, clock
+
+    def refusals(self) -> float:
+        return self.api.registry.get_sample_value(
+            "privox_api_requests_total", {"route": "/stt", "status": "413"}
+        ) or 0.0
 
     def test_declaredTooLarge(self) -> None:
-        body = b"x" * 500
-        written = rawRequest(
-            self.site,
+        """
+        A declared body over the limit gets its 413 as soon as the headers
+        are in, without the client asking first (C{Expect: 100-continue})
+        and before any of the body is sent.
+        """
+        channel, transport, clock = self.connect()
+        channel.dataReceived(
             b"POST /stt HTTP/1.1\r\nHost: p\r\nContent-Type: multipart/form-data; boundary=b\r\n"
-            b"Content-Length: 500\r\n\r\n" + body,
+            b"Content-Length: 500\r\n\r\n"
         )
+        written = transport.value()
         self.assertTrue(written.startswith(b"HTTP/1.1 413 "), written)
+        self.assertIn(b"Connection: close", written)
         self.assertIn(b"the request is 500 bytes; the limit is 100 bytes", written)
-        (request,) = self.seen
-        self.assertEqual(request.uploadRefused, 500)
-        self.assertIsInstance(self.stored[0], _Discarded)  # never stored
-        self.assertEqual(self.exchange.calls, [])
+        self.assertEqual(self.refusals(), 1.0)
+        # What the client sends anyway is dropped, never parsed or answered.
+        transport.clear()
+        channel.dataReceived(b"x" * 500 + b"GET / HTTP/1.1\r\nHost: p\r\n\r\n")
+        self.assertEqual(transport.value(), b"")
+        self.assertEqual((self.seen, self.exchange.calls), ([], []))
+
+    def test_formRoutesHaveASmallLimit(self) -> None:
+        """
+        A form without a file is refused past FORM_LIMIT, whatever
+        --max-upload says.
+        """
+        self.site.maxUpload = 10 * FORM_LIMIT
+        channel, transport, clock = self.connect()
+        channel.dataReceived(
+            b"POST /tts HTTP/1.1\r\nHost: p\r\nContent-Type: application/x-www-form-urlencoded"
+            b"\r\nContent-Length: %d\r\n\r\n" % (FORM_LIMIT + 1)
+        )
+        self.assertIn(b"the limit is %d bytes" % FORM_LIMIT, transport.value())
+
+    def test_lingersThenCloses(self) -> None:
+        """
+        A refused client that goes on sending is read (so the 413 is not
+        destroyed by a reset) until it stops for LINGER_IDLE seconds.
+        """
+        channel, transport, clock = self.connect()
+        channel.dataReceived(
+            b"POST /stt HTTP/1.1\r\nHost: p\r\nContent-Length: 10000000\r\n\r\n"
+        )
+        for _ in range(3):
+            clock.advance(LINGER_IDLE - 1)
+            channel.dataReceived(b"y" * 65536)
+            self.assertFalse(transport.disconnecting)
+        clock.advance(LINGER_IDLE)
+        self.assertTrue(transport.disconnecting)
 
     def test_chunkedTooLarge(self) -> None:
-        chunks = b"".join(b"%x\r\n%s\r\n" % (40, b"y" * 40) for _ in range(4)) + b"0\r\n\r\n"
-        written = rawRequest(
-            self.site,
-            b"POST /v1/audio/speech HTTP/1.1\r\nHost: p\r\nAuthorization: Bearer k\r\n"
-            b"Transfer-Encoding: chunked\r\n\r\n" + chunks,
+        """
+        A chunked body is refused at the chunk that takes it over, in
+        OpenAI's error shape under /v1.
+        """
+        channel, transport, clock = self.connect()
+        channel.dataReceived(
+            b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: p\r\nAuthorization: Bearer k\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
         )
+        for n in range(3):
+            channel.dataReceived(b"%x\r\n%s\r\n" % (40, b"y" * 40))
+            self.assertEqual(transport.value() == b"", n < 2)
+        written = transport.value()
         self.assertTrue(written.startswith(b"HTTP/1.1 413 "), written)
-        self.assertIn(b'"type": "request_too_large"', written)
-        self.assertIn(b"the request is over the limit of 100 bytes", written)
-        self.assertEqual(self.seen[0].uploadRefused, 120)
+        error = json.loads(written.split(b"\r\n\r\n", 1)[1])["error"]
+        self.assertEqual(error["type"], "request_too_large")
+        self.assertIn("the request is 120 bytes; the limit is 100 bytes", error["message"])
+        self.assertEqual(self.seen, [])
 
     def test_withinCap(self) -> None:
-        body, contentType = multipart({"key": "k"}, {"file": ("a.wav", b"RIFFdata")})
+        body, contentType = multipart({"key": "k"}, {"file": ("a.wav", pcmToWav(b"", 16000) + b"\0\0")})
         self.api.maxUpload = self.site.maxUpload = 1000
         written = rawRequest(
             self.site,

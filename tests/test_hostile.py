@@ -24,7 +24,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock, deferLater
@@ -32,6 +32,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from privox.api.access import PolicyAccess
 from privox.api.app import PrivoxAPI
+from privox.api.site import FORM_LIMIT
 from privox.api.models import DEFAULT_STT, DEFAULT_VOICES, ModelTable
 from privox.engines.audio import BadAudio, decodeAudio
 from privox.farm.connection import Phase
@@ -42,7 +43,7 @@ from privox.node.echo import DigestEngine, digestOf
 from tests.audiofixtures import tone, wavFile, zipOfZeros, zipped
 from tests.farmharness import FarmHarness, Peer
 from tests.loopbackfarm import LoopbackFarm
-from tests.test_api_app import FakeExchange, multipart, rawRequest
+from tests.test_api_app import WAV, FakeExchange, multipart, rawRequest
 
 FUZZ = settings(
     max_examples=150,
@@ -558,7 +559,6 @@ class RealSocketFloodTests(TestCase):
 
 
 MODELS = ModelTable.parse(DEFAULT_STT, DEFAULT_VOICES)
-WAV = b"RIFF\x24\x00\x00\x00WAVEfmt " + bytes(32)
 
 
 def post(path: str, body: bytes, contentType: str, extra: bytes = b"") -> bytes:
@@ -577,7 +577,10 @@ class HttpTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.exchange = FakeExchange()
-        self.api = PrivoxAPI(self.exchange, MODELS, PolicyAccess(OpenPolicy()), maxUpload=self.cap, clock=Clock())
+        self.api = PrivoxAPI(
+            self.exchange, MODELS, PolicyAccess(OpenPolicy()), maxUpload=self.cap, clock=Clock(),
+            runInThread=maybeDeferred,
+        )
         self.api.log = type(self.api.log)(observer=lambda e: None)
         self.site = self.api.site()
 
@@ -606,15 +609,16 @@ class HttpTests(SynchronousTestCase):
         body = b"x" * (self.cap + 1)
         self.assertRefused(post("/stt", body, "multipart/form-data; boundary=b"), 413,
                            b"the limit is 4096 bytes")
-        # A huge declared length, and then not that much: the body is
-        # discarded as it comes (nothing stored), the answer waits for its
-        # end (or the channel's idle timeout), and others are served.
+        # A huge declared length, and then not that much: refused at once
+        # (no waiting for the body or the idle timeout), what follows is
+        # discarded as it comes, and others are served.
         written = rawRequest(
             self.site,
             b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: p\r\nAuthorization: Bearer k\r\n"
             b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 99999999999\r\n\r\n"
             + bytes(100_000))
-        self.assertEqual(written, b"")
+        self.assertEqual(self.status(written), 413, written[:300])
+        self.assertEqual(written.count(b"HTTP/1.1"), 1)
         self.assertServes()
         # Asked first (Expect: 100-continue, as curl does): refused at once,
         # with no invitation to send it.
@@ -625,7 +629,7 @@ class HttpTests(SynchronousTestCase):
         self.assertTrue(written.startswith(b"HTTP/1.1 413 "), written)
         self.assertNotIn(b"100 Continue", written)
         self.assertIn(b"Connection: close", written)
-        self.assertTrue(written.endswith(b"over the limit of 4096 bytes\n"), written)
+        self.assertTrue(written.endswith(b"the limit is 4096 bytes\n"), written)
         # Within the cap, the invitation comes as before.
         body = b"--b--\r\n"
         written = rawRequest(
@@ -640,11 +644,11 @@ class HttpTests(SynchronousTestCase):
         self.assertRefused(
             b"POST /stt HTTP/1.1\r\nHost: p\r\nContent-Type: multipart/form-data; boundary=b\r\n"
             b"Transfer-Encoding: chunked\r\n\r\n" + chunks,
-            413, b"over the limit of 4096 bytes")
+            413, b"the request is 5000 bytes; the limit is 4096 bytes")
 
     def test_hugeFieldOverCap(self) -> None:
         body, contentType = multipart({"key": "k", "text": "a" * (10 * 1024 * 1024)})
-        self.assertRefused(post("/tts", body, contentType), 413, b"the limit is 4096 bytes")
+        self.assertRefused(post("/tts", body, contentType), 413, b"the limit is %d bytes" % FORM_LIMIT)
 
     def test_malformedMultipart(self) -> None:
         good, contentType = multipart({"key": "k"}, {"file": ("a.wav", WAV)})
@@ -792,7 +796,7 @@ class LocalExchangeHostileTests(TestCase):
             ("/stt", {"key": "demo"}, zipped({"../sample.wav": WAV}), 400, b"unsafe name"),
             ("/stt", {"key": "demo"}, b"PK\x03\x04" + bytes(100), 400, b"corrupt zip"),
             ("/tts", {"key": "demo", "text": b"caf\xe9"}, None, 400, b"not UTF-8 text"),
-            ("/tts", {"key": "demo", "text": "a" * 10 * 1024 * 1024}, None, 413, b"text too long"),
+            ("/tts", {"key": "demo", "text": "a" * 10 * 1024 * 1024}, None, 413, b"the limit is 262144 bytes"),
             ("/tts", {"key": "demo", "text": "word " * 2000}, None, 413, b"takes at most 5000"),
         ]
         for path, fields, audio, status, reason in cases:

@@ -112,6 +112,8 @@ class JobRequestTests(SynchronousTestCase):
             ("tts", obj(model="m", size=0, text="   ")),
             ("tts", obj(model="m", size=5, text="hi")),
             ("tts", obj(model="m", size=0, text="hi", voice=1)),
+            ("tts", obj(model="m", size=0, text="hi\x00there")),
+            ("tts", obj(model="m", size=0, text="bell\x07")),
         ]
         for service, fields in cases:
             e = self.assertRaises(BadRequest, JobRequest.parse, service, fields)

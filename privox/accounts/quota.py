@@ -8,7 +8,13 @@ here reads a clock or a database: callers pass C{now} and the rows, so the
 arithmetic is tested with plain numbers.
 
 Rows are C{(at, amount)} pairs. A row counts while C{at > now - window}: it
-drops out exactly C{window} seconds after it was written.
+drops out exactly C{window} seconds after it was written. The store keeps
+use and credit as running sums per account and L{BUCKET} (so a check reads
+at most a window's worth of buckets, whatever the history) and turns them
+into rows with L{usedRow} and L{earnedRow}, erring on the key's side
+against it: use leaves the window with the end of its bucket, credit with
+the start of its own. A request in flight holds its seconds as a row that
+drops out when the hold expires (L{holdRow}).
 """
 
 from __future__ import annotations
@@ -19,6 +25,9 @@ from typing import Iterable, Sequence
 
 #: The rolling window, in seconds.
 WINDOW = 3600.0
+
+#: The width of the buckets use and credit are summed in, in seconds.
+BUCKET = 60.0
 
 #: Seconds of audio per window a key gets unless it says otherwise.
 DEFAULT_HOURLY_SECONDS = 3600.0
@@ -38,6 +47,36 @@ QUALITY_COSTS = {
 _EPSILON = 1e-6
 
 Rows = Sequence[tuple[float, float]]
+
+
+def bucketOf(at: float) -> int:
+    """
+    The bucket a use or credit at C{at} is summed in.
+    """
+    return math.floor(at / BUCKET)
+
+
+def usedRow(bucket: int, seconds: float) -> tuple[float, float]:
+    """
+    A bucket of use as a row: it counts until the bucket's end leaves the
+    window (never before any of its use has).
+    """
+    return ((bucket + 1) * BUCKET, seconds)
+
+
+def earnedRow(bucket: int, qss: float) -> tuple[float, float]:
+    """
+    A bucket of credit as a row: it counts until the bucket's start leaves
+    the window (never after any of its credit has).
+    """
+    return (bucket * BUCKET, qss)
+
+
+def holdRow(expires: float, seconds: float, window: float = WINDOW) -> tuple[float, float]:
+    """
+    A hold as a used row that drops out of the window when the hold expires.
+    """
+    return (expires - window, seconds)
 
 
 @dataclass(frozen=True)
@@ -88,46 +127,34 @@ def standing(base: float, used: Rows, earned: Rows, now: float, window: float = 
     return Standing(base, _inWindow(earned, now, window), _inWindow(used, now, window))
 
 
-def fits(state: Standing, need: float, exact: bool) -> bool:
+def fits(state: Standing, need: float) -> bool:
     """
-    Whether a request needing C{need} seconds may start.
-
-    An C{exact} need (a WAV upload's duration) must fit whole. An estimated
-    one (compressed audio, text to speak) only needs something left: it will
-    hold at most what remains (see L{hold}), and pay what it really used.
+    Whether a request needing C{need} seconds may start: the whole need must
+    fit in what is left. Needs are exact (an upload's measured length) or
+    conservative estimates (text to speak), and a request holds its whole
+    need while it runs, so requests admitted together cannot overspend.
     """
-    if exact:
-        return need <= state.remaining + _EPSILON
-    return state.remaining > _EPSILON
-
-
-def hold(state: Standing, need: float, exact: bool) -> float:
-    """
-    What an admitted request holds against the allowance while it runs.
-    """
-    return need if exact else min(need, state.remaining)
+    return need <= state.remaining + _EPSILON
 
 
 def admit(
-    base: float, used: Rows, earned: Rows, need: float, exact: bool, now: float,
-    window: float = WINDOW,
+    base: float, used: Rows, earned: Rows, need: float, now: float, window: float = WINDOW
 ) -> float:
     """
     Admit a request or say when to come back.
 
-    @return: the seconds to hold for it (L{hold}).
+    @return: the seconds to hold for it: its whole need.
     @raise QuotaExceeded: it does not fit now.
     """
     state = standing(base, used, earned, now, window)
-    if fits(state, need, exact):
-        return hold(state, need, exact)
-    wait, never = retryAfter(base, used, earned, need, exact, now, window)
+    if fits(state, need):
+        return need
+    wait, never = retryAfter(base, used, earned, need, now, window)
     raise QuotaExceeded(wait, state, never)
 
 
 def retryAfter(
-    base: float, used: Rows, earned: Rows, need: float, exact: bool, now: float,
-    window: float = WINDOW,
+    base: float, used: Rows, earned: Rows, need: float, now: float, window: float = WINDOW
 ) -> tuple[int, bool]:
     """
     Whole seconds until the request would fit, as rows drop out of the
@@ -154,7 +181,7 @@ def retryAfter(
         u, e = drops[at]
         stillUsed -= u
         stillEarned -= e
-        if fits(Standing(base, max(0.0, stillEarned), max(0.0, stillUsed)), need, exact):
+        if fits(Standing(base, max(0.0, stillEarned), max(0.0, stillUsed)), need):
             return _whole(at + window - now), False
     if not drops:
         return _whole(window), True

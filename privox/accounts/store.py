@@ -9,6 +9,10 @@ locked so that concurrent requests from one key queue up instead of
 overspending it (SQLite: one connection and C{BEGIN IMMEDIATE}; PostgreSQL:
 C{SELECT ... FOR UPDATE} on the account's row).
 
+Quota checks read a window's worth of per-minute sums and the holds in
+flight (L{privox.accounts.quota}), never a row per request: a key's history
+does not slow anyone's check.
+
 Schema migrations are the numbered C{.sql} files in
 C{privox/accounts/migrations}, applied in order by L{AccountStore.migrate}
 and remembered in C{schema_version}.
@@ -328,18 +332,39 @@ class AccountStore:
     # Quotas
 
     def _rows(self, cursor: Any, account: str, now: float, window: float) -> tuple[list, list]:
-        start = now - window
-        self._execute(
-            cursor, "SELECT at, seconds FROM usage WHERE account = ? AND at > ?", (account, start)
-        )
-        used = [(float(at), float(s)) for at, s in cursor.fetchall()]
+        """
+        The account's use (settled, and held by requests in flight) and
+        credit as L{quota} rows: at most a window's buckets and the holds
+        in flight, whatever the account's history.
+        """
+        first = quota.bucketOf(now - window)
         self._execute(
             cursor,
-            "SELECT credited, qss FROM transactions WHERE producer = ? AND credited > ? AND qss > 0",
-            (account, start),
+            "SELECT bucket, used, earned FROM quota_buckets WHERE account = ? AND bucket >= ?",
+            (account, first),
         )
-        earned = [(float(at), float(q)) for at, q in cursor.fetchall()]
+        used, earned = [], []
+        for bucket, u, e in cursor.fetchall():
+            if u:
+                used.append(quota.usedRow(int(bucket), float(u)))
+            if e:
+                earned.append(quota.earnedRow(int(bucket), float(e)))
+        self._execute(
+            cursor, "SELECT expires, seconds FROM holds WHERE account = ? AND expires > ?",
+            (account, now),
+        )
+        used += [quota.holdRow(float(x), float(s), window) for x, s in cursor.fetchall()]
         return used, earned
+
+    def _add(self, cursor: Any, account: str, at: float, used: float, earned: float) -> None:
+        self._execute(
+            cursor,
+            "INSERT INTO quota_buckets (account, bucket, used, earned) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (account, bucket) DO UPDATE SET"
+            " used = quota_buckets.used + excluded.used,"
+            " earned = quota_buckets.earned + excluded.earned",
+            (account, quota.bucketOf(at), used, earned),
+        )
 
     async def standing(
         self, account: str, base: float, now: float, window: float = quota.WINDOW
@@ -351,51 +376,64 @@ class AccountStore:
         return await self._run(select)  # type: ignore[no-any-return]
 
     async def reserve(
-        self, account: str, base: float, need: float, exact: bool, now: float,
+        self, account: str, base: float, need: float, now: float, expires: float,
         window: float = quota.WINDOW,
     ) -> Reservation:
         """
-        Hold seconds for a request, atomically: concurrent requests from one
-        account wait for each other here, so together they cannot overspend.
+        Hold C{need} seconds for a request until it settles, is released, or
+        C{expires} passes (a crashed API's holds free themselves), atomically:
+        concurrent requests from one account wait for each other here, so
+        together they cannot overspend.
 
         @raise quota.QuotaExceeded: it does not fit now.
         """
         def reserve(cursor: Any) -> Reservation:
             self._dialect.begin(cursor, write=True)
             self._dialect.lockAccount(cursor, account)
-            # Rows out of the window are done with; drop them as we pass.
+            # What has left the window is done with; drop it as we pass.
             self._execute(
-                cursor, "DELETE FROM usage WHERE account = ? AND at <= ?", (account, now - window)
+                cursor, "DELETE FROM holds WHERE account = ? AND expires <= ?", (account, now)
+            )
+            self._execute(
+                cursor, "DELETE FROM quota_buckets WHERE account = ? AND bucket < ?",
+                (account, quota.bucketOf(now - window)),
             )
             used, earned = self._rows(cursor, account, now, window)
-            held = quota.admit(base, used, earned, need, exact, now, window)
+            held = quota.admit(base, used, earned, need, now, window)
             reservation = Reservation(secrets.token_hex(8), account, held)
             self._execute(
                 cursor,
-                "INSERT INTO usage (id, account, at, seconds) VALUES (?, ?, ?, ?)",
-                (reservation.id, account, now, held),
+                "INSERT INTO holds (id, account, at, seconds, expires) VALUES (?, ?, ?, ?, ?)",
+                (reservation.id, account, now, held, expires),
             )
             return reservation
 
         return await self._run(reserve)  # type: ignore[no-any-return]
 
-    async def settle(self, reservation: Reservation, seconds: float) -> None:
+    async def settle(self, reservation: Reservation, seconds: float, now: float) -> float:
         """
-        Charge what the request really used, in place of what it held.
+        Charge what the request really used, at most what it held (so what
+        a producer reports, or a clock that ran past the hold's expiry,
+        can never charge more than was admitted), in place of the hold.
+
+        @return: the seconds charged.
         """
+        charged = min(max(0.0, seconds), reservation.held)
+
         def update(cursor: Any) -> None:
-            self._execute(
-                cursor, "UPDATE usage SET seconds = ? WHERE id = ?", (max(0.0, seconds), reservation.id)
-            )
+            self._dialect.begin(cursor, write=True)
+            self._execute(cursor, "DELETE FROM holds WHERE id = ?", (reservation.id,))
+            self._add(cursor, reservation.account, now, charged, 0.0)
 
         await self._run(update)
+        return charged
 
     async def release(self, reservation: Reservation) -> None:
         """
         The request failed: it costs nothing.
         """
         def delete(cursor: Any) -> None:
-            self._execute(cursor, "DELETE FROM usage WHERE id = ?", (reservation.id,))
+            self._execute(cursor, "DELETE FROM holds WHERE id = ?", (reservation.id,))
 
         await self._run(delete)
 
@@ -435,7 +473,10 @@ class AccountStore:
                         t["status"], t["producer"], t["consumer"], earned, now,
                     ),
                 )
-                new += max(0, cursor.rowcount)
+                if cursor.rowcount > 0:
+                    new += 1
+                    if earned:
+                        self._add(cursor, t["producer"], now, 0.0, earned)
             return new, len(transactions) - new
 
         return await self._run(insert)  # type: ignore[no-any-return]

@@ -14,10 +14,12 @@ Two kinds exist:
   - L{PolicyAccess}: C{--accounts none}: a plain key policy (open, an
     allow-list or a validation URL) and no quotas.
 
-Durations: a WAV upload's is read from its header (exact); compressed audio
-is estimated at 16 kbit/s and text to speak at 10 characters a second, and
-such requests hold at most what the caller has left while they run, then
-pay what the producer reports (STT) or what the WAV returned lasts (TTS).
+Durations (L{privox.api.measure}): an upload's real length, or a
+conservative estimate of how long a text takes to say. A request is
+admitted only if its whole need fits in what the caller has left, holds it
+while it runs (the hold expires with the request, even if the API crashes),
+and then pays what it really used, never more than it held: an STT upload
+its measured length, a TTS answer the length of the audio it got.
 """
 
 from __future__ import annotations
@@ -34,14 +36,6 @@ from privox.api.errors import NotServed, OverQuota, Unauthorized, Unavailable
 from privox.keys import KeyPolicy, keyId
 
 log = Logger()
-
-#: Compressed uploads are assumed to hold at least this many bytes a second
-#: (16 kbit/s) when estimating their duration before the job runs.
-COMPRESSED_BYTES_PER_SECOND = 2000.0
-
-#: Text to speak is assumed to take a second per this many characters.
-CHARACTERS_PER_SECOND = 10.0
-
 
 @dataclass(frozen=True)
 class Caller:
@@ -64,12 +58,14 @@ class Grant(Protocol):
     Seconds held for one request in flight.
     """
 
-    async def settle(self, seconds: float | None) -> None:
+    async def settle(self, seconds: float) -> None:
         """
-        The request is done and used C{seconds} (L{None}: keep what was held).
+        The request is done and used C{seconds}: it pays that, at most what
+        it held.
         """
 
-    async def release(self) -> None: ...
+    async def release(self) -> None:
+        "The request failed: it pays nothing."
 
 
 class Access(Protocol):
@@ -81,9 +77,12 @@ class Access(Protocol):
             not accepted.
         """
 
-    async def admit(self, caller: Caller, need: float, exact: bool) -> Grant:
+    async def admit(self, caller: Caller, need: float, lasts: float) -> Grant:
         """
-        @param need: the request's audio seconds (estimated unless C{exact}).
+        @param need: the request's audio seconds, measured or a conservative
+            estimate; all of it must fit in what the caller has left.
+        @param lasts: seconds the hold may last, settled or not (the
+            request's deadline and a margin).
         @raise OverQuota: it does not fit in what the caller has left.
         """
 
@@ -111,26 +110,12 @@ class Access(Protocol):
         """
 
 
-def sttNeed(data: bytes, seconds: float | None) -> tuple[float, bool]:
-    """
-    An upload's audio seconds, and whether that is exact: C{seconds} is what
-    its WAV header says (L{privox.wav.wavSeconds}), if it is a WAV file.
-    """
-    if seconds is not None:
-        return seconds, True
-    return len(data) / COMPRESSED_BYTES_PER_SECOND, False
-
-
-def ttsNeed(text: str) -> float:
-    return len(text) / CHARACTERS_PER_SECOND
-
-
 class _Free:
     """
     The grant of an API without quotas.
     """
 
-    async def settle(self, seconds: float | None) -> None:
+    async def settle(self, seconds: float) -> None:
         pass
 
     async def release(self) -> None:
@@ -154,7 +139,7 @@ class PolicyAccess:
             raise Unauthorized("the key was not accepted")
         return Caller(key)
 
-    async def admit(self, caller: Caller, need: float, exact: bool) -> Grant:
+    async def admit(self, caller: Caller, need: float, lasts: float) -> Grant:
         return _Free()
 
     async def standing(self, caller: Caller) -> dict[str, Any]:
@@ -173,14 +158,15 @@ class PolicyAccess:
 
 
 class _Reserved:
-    def __init__(self, store: AccountStore, reservation: Reservation) -> None:
+    def __init__(self, store: AccountStore, clock: IReactorTime, reservation: Reservation) -> None:
         self._store = store
+        self._clock = clock
         self.reservation = reservation
 
-    async def settle(self, seconds: float | None) -> None:
-        if seconds is None:
-            return
-        await _quietly(self._store.settle(self.reservation, seconds), "settle")
+    async def settle(self, seconds: float) -> None:
+        await _quietly(
+            self._store.settle(self.reservation, seconds, self._clock.seconds()), "settle"
+        )
 
     async def release(self) -> None:
         await _quietly(self._store.release(self.reservation), "release")
@@ -188,7 +174,7 @@ class _Reserved:
 
 async def _quietly(work: Any, what: str) -> None:
     # The answer is already computed: a store hiccup now must not cost the
-    # caller their result. What was held stays charged.
+    # caller their result. What was held stays held until the hold expires.
     try:
         await work
     except Exception:
@@ -240,18 +226,19 @@ class AccountAccess:
         base = self.hourlySeconds if account.hourlySeconds is None else account.hourlySeconds
         return Caller(key, account.account, base)
 
-    async def admit(self, caller: Caller, need: float, exact: bool) -> Grant:
+    async def admit(self, caller: Caller, need: float, lasts: float) -> Grant:
         assert caller.account is not None
+        now = self.clock.seconds()
         try:
             reservation = await self.store.reserve(
-                caller.account, caller.base, need, exact, self.clock.seconds(), self.window
+                caller.account, caller.base, need, now, now + lasts, self.window
             )
         except quota.QuotaExceeded as e:
             raise _overQuota(e, need, self.window) from None
         except Exception:
             log.failure("the account store failed")
             raise _storeDown() from None
-        return _Reserved(self.store, reservation)
+        return _Reserved(self.store, self.clock, reservation)
 
     async def standing(self, caller: Caller) -> dict[str, Any]:
         assert caller.account is not None
@@ -311,7 +298,7 @@ def _overQuota(e: quota.QuotaExceeded, need: float, window: float) -> OverQuota:
     else:
         message = (
             f"quota used: {s.used:.0f} of {s.allowance:.0f} audio seconds in the last "
-            f"{window:.0f} s; retry in {e.retryAfter} s"
+            f"{window:.0f} s; this request needs {need:.0f} s; retry in {e.retryAfter} s"
         )
     return OverQuota(message, e.retryAfter)
 

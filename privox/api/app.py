@@ -18,15 +18,15 @@ rounded with C{blurUsage}). Never the text,
 the audio, the key, or the client's address; L{ApiSite} also turns off
 twisted.web's access log, which would record addresses.
 
-Uploads: L{ApiSite} makes L{LimitedRequest}s, which refuse a body over the
-cap as its headers arrive (from C{Content-Length}, or as chunks add up),
-discarding it instead of buffering it; the route then answers 413. It also
-leaves form parsing to L{privox.api.forms} (twisted.web's own would parse
-every multipart body a second time, slowly, with the C{email} package).
+Bodies: L{privox.api.site.ApiSite} refuses a body over its route's limit
+as it arrives (413 at once); L{privox.api.forms} parses what is let in, off
+the reactor thread when it is large, after checking a key sent in the
+headers. Audio is measured (L{privox.api.measure}) in a thread too.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import html
 import json
@@ -37,17 +37,19 @@ from klein import Klein
 from twisted.internet.defer import CancelledError, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import HTTPChannel
+from twisted.internet.threads import deferToThreadPool
 from twisted.web.iweb import IRequest
-from twisted.web.server import Request, Site
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from privox.api import forms
-from privox.api.access import Access, Caller, Grant, sttNeed, ttsNeed
+from privox.api.access import Access, Caller, Grant
 from privox.api.errors import ApiError, BadInput
 from privox.api.exchange import Exchange, Transcribed
 from privox.api.ledger import readLedger
+from privox.api.measure import spokenSeconds
 from privox.api.models import ModelTable
+from privox.api.site import ApiSite, bodyLimit
+from privox.audiofile import BadFile, uploadSeconds
 from privox.metrics import (
     CONTENT_TYPE_LATEST,
     ApiMetrics,
@@ -60,6 +62,14 @@ from privox.wav import wavSeconds
 
 #: The original exchange's upload limit.
 DEFAULT_MAX_UPLOAD = 200 * 1024 * 1024
+
+#: Seconds a request's hold on its key's allowance outlives its deadline (so
+#: that it is settled, not expired, when the job ends just in time; and an
+#: API that died mid-request holds nothing much longer than that).
+HOLD_MARGIN = 5.0
+
+#: Runs C{f(*args)} in a thread and fires with its result.
+Runner = Callable[..., Any]
 
 _PLAIN = b"text/plain; charset=utf-8"
 _JSON = b"application/json"
@@ -79,117 +89,6 @@ _CODES = {
     503: "no_capacity",
     504: "timeout",
 }
-
-
-class _Discarded:
-    """
-    Where a refused body goes: nowhere. Enough of a file for twisted.web.
-    """
-
-    def write(self, data: bytes) -> None:
-        pass
-
-    def read(self, size: int = -1) -> bytes:
-        return b""
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        return 0
-
-    def tell(self) -> int:
-        return 0
-
-    def close(self) -> None:
-        pass
-
-
-class LimitedRequest(Request):
-    """
-    A request that will not store a body over its site's C{maxUpload}.
-
-    @ivar uploadRefused: L{None}, or the size that got the body refused (its
-        C{Content-Length}, or what had arrived when a chunked body went over).
-    """
-
-    uploadRefused: int | None = None
-    _received = 0
-
-    def _maxUpload(self) -> int | None:
-        return getattr(self.channel.site, "maxUpload", None)
-
-    def gotLength(self, length: int | None) -> None:
-        limit = self._maxUpload()
-        if length is not None and limit is not None and length > limit:
-            self.uploadRefused = length
-            self.content = _Discarded()
-            return
-        super().gotLength(length)
-
-    def handleContentChunk(self, data: bytes) -> None:
-        self._received += len(data)
-        limit = self._maxUpload()
-        if self.uploadRefused is None and limit is not None and self._received > limit:
-            self.uploadRefused = self._received
-            self.content.close()
-            self.content = _Discarded()
-        self.content.write(data)
-
-
-class ApiChannel(HTTPChannel):
-    """
-    An HTTP connection that answers 413 at once to a request declaring a
-    body over the cap and asking first (C{Expect: 100-continue}), instead of
-    inviting the body with C{100 Continue}. Other over-cap bodies are
-    discarded as they arrive (L{LimitedRequest}) and answered 413 at their
-    end; a peer that declares a body and stalls is closed by the channel's
-    idle timeout.
-    """
-
-    log = Logger()
-
-    def allHeadersReceived(self) -> None:
-        request = self.requests[-1]
-        limit = getattr(self.site, "maxUpload", None)
-        expect = request.requestHeaders.getRawHeaders(b"expect") or [b""]
-        if (
-            limit is not None
-            and self.length is not None
-            and self.length > limit
-            and expect[0].lower() == b"100-continue"
-        ):
-            self.log.info(
-                "413 before the body: {received} bytes declared, the limit is {limit}",
-                received=self.length,
-                limit=limit,
-            )
-            body = b"request body of %d bytes is over the limit of %d bytes\n" % (self.length, limit)
-            self.transport.write(
-                b"HTTP/1.1 413 Request Entity Too Large\r\n"
-                b"Content-Type: text/plain; charset=utf-8\r\n"
-                b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
-            )
-            self.loseConnection()
-            return
-        super().allHeadersReceived()
-
-
-class ApiSite(Site):
-    """
-    The API's site: L{ApiChannel}s making L{LimitedRequest}s, no form
-    parsing by twisted.web, no access log.
-    """
-
-    protocol = ApiChannel
-
-    def __init__(self, resource: Any, maxUpload: int, **kwargs: Any) -> None:
-        super().__init__(
-            resource, requestFactory=LimitedRequest, parsePOSTFormSubmission=False, **kwargs
-        )
-        self.maxUpload = maxUpload
-
-    def log(self, request: Any) -> None:
-        # The combined log format records client addresses; PrivoxAPI logs
-        # each request itself, without one.
-        pass
 
 
 class _Done:
@@ -224,6 +123,8 @@ class PrivoxAPI:
         registry: CollectorRegistry | None = None,
         farmStatus: Callable[[], Any] | None = None,
         blurUsage: bool = False,
+        deadline: float = 60.0,
+        runInThread: Runner | None = None,
     ) -> None:
         """
         @param registry: where the request series go and what C{/metrics}
@@ -233,9 +134,20 @@ class PrivoxAPI:
             that farm's load (L{privox.metrics.farmStatus}), for C{/status};
             by default the exchange's own C{farmStatus}, if it has one.
         @param blurUsage: round sizes and times in the request log lines.
+        @param deadline: seconds a request may take (the exchange's); a
+            request's hold on its key's allowance expires L{HOLD_MARGIN}
+            seconds after it.
+        @param runInThread: runs blocking work (parsing large bodies,
+            measuring audio) off the reactor thread; default: the reactor's
+            thread pool.
         """
         if clock is None:
             from twisted.internet import reactor as clock
+        if runInThread is None:
+            from twisted.internet import reactor
+
+            def runInThread(f: Callable[..., Any], *args: Any) -> Any:
+                return deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
         self.exchange = exchange
         self.models = models
         self.access = access
@@ -245,9 +157,18 @@ class PrivoxAPI:
         self.metrics = ApiMetrics(self.registry)
         self.farmStatus = farmStatus or getattr(exchange, "farmStatus", None)
         self.blurUsage = blurUsage
+        self.holdFor = deadline + HOLD_MARGIN
+        self.runInThread = runInThread
 
     def site(self) -> ApiSite:
-        return ApiSite(self.app.resource(), self.maxUpload)
+        return ApiSite(
+            self.app.resource(),
+            self.maxUpload,
+            refused=lambda route: self.metrics.request(route, 413, 0.0),
+        )
+
+    def _limit(self, request: IRequest) -> int:
+        return bodyLimit(request.uri, self.maxUpload)
 
     # -- the original API -------------------------------------------------
 
@@ -256,7 +177,7 @@ class PrivoxAPI:
         return await self._serve(request, "/stt", self._stt, openai=False)
 
     async def _stt(self, request: IRequest, done: _Done) -> bytes:
-        form = await forms.sttForm(request, self.maxUpload, self.access)
+        form = await forms.sttForm(request, self._limit(request), self.access, self.runInThread)
         done.caller = form.caller
         done.model = self.models.sttModel(form.quality, form.language)
         result = await self._transcribe(form.caller, done.model, form.language, form.audio)
@@ -267,7 +188,7 @@ class PrivoxAPI:
                     "text": result.text,
                     "model": result.model,
                     "language": result.language or form.language,
-                    "duration_s": result.duration_s,
+                    "duration_s": round(result.duration_s or 0.0, 3),
                 },
             )
         return _reply(request, _PLAIN, result.text.encode("utf-8"))
@@ -277,7 +198,7 @@ class PrivoxAPI:
         return await self._serve(request, "/tts", self._tts, openai=False)
 
     async def _tts(self, request: IRequest, done: _Done) -> bytes:
-        form = await forms.ttsForm(request, self.maxUpload, self.access)
+        form = await forms.ttsForm(request, self._limit(request), self.access, self.runInThread)
         done.caller = form.caller
         voice = self.models.voice(form.voice)
         done.model = voice.model
@@ -293,7 +214,9 @@ class PrivoxAPI:
         return await self._serve(request, "/v1/audio/transcriptions", self._transcriptions)
 
     async def _transcriptions(self, request: IRequest, done: _Done) -> bytes:
-        form = await forms.transcriptionForm(request, self.maxUpload, self.access)
+        form = await forms.transcriptionForm(
+            request, self._limit(request), self.access, self.runInThread
+        )
         done.caller = form.caller
         done.model = self.models.openaiSttModel(form.model, form.language)
         result = await self._transcribe(form.caller, done.model, form.language, form.audio)
@@ -317,7 +240,7 @@ class PrivoxAPI:
         return await self._serve(request, "/v1/audio/speech", self._speech)
 
     async def _speech(self, request: IRequest, done: _Done) -> bytes:
-        form = await forms.speechForm(request, self.maxUpload, self.access)
+        form = await forms.speechForm(request, self._limit(request), self.access)
         done.caller = form.caller
         voice = self.models.openaiTtsVoice(form.model, form.voice)
         done.model = voice.model
@@ -346,26 +269,34 @@ class PrivoxAPI:
     async def _transcribe(
         self, caller: Caller, model: str, language: str | None, audio: forms.Upload
     ) -> Transcribed:
-        need, exact = sttNeed(audio.data, wavSeconds(audio.data))
-        grant = await self.access.admit(caller, need, exact)
+        # What the upload really is decides what it costs, whatever its
+        # header or the producer says.
+        try:
+            seconds = await self.runInThread(uploadSeconds, audio.data, audio.format)
+        except BadFile as e:
+            raise BadInput(str(e)) from None
+        grant = await self.access.admit(caller, seconds, self.holdFor)
         result: Transcribed = await _charged(
             grant,
             self.exchange.transcribe(model, language, audio.data, audio.format),
         )
-        # A WAV file's own length is exact; else what the producer measured,
-        # if it says; else the request keeps what it held.
-        reported = result.duration_s
-        await grant.settle(need if exact else reported if _plausible(reported) else None)
-        return result
+        await grant.settle(seconds)
+        return dataclasses.replace(result, duration_s=seconds)
 
     async def _synthesize(
         self, caller: Caller, model: str, language: str | None, voice: str | None, text: str
     ) -> bytes:
-        grant = await self.access.admit(caller, ttsNeed(text), False)
+        # Admitted on what the text may take at most to say; pays what the
+        # audio lasts, never more than that.
+        grant = await self.access.admit(caller, spokenSeconds(text), self.holdFor)
         audio: bytes = await _charged(
             grant, self.exchange.synthesize(model, language, voice, text)
         )
-        await grant.settle(wavSeconds(audio))
+        seconds = wavSeconds(audio)
+        if seconds is None:
+            await grant.release()
+            raise ApiError("the producer's answer is not a WAV file")
+        await grant.settle(seconds)
         return audio
 
     # -- accounts and the ledger ------------------------------------------
@@ -384,8 +315,12 @@ class PrivoxAPI:
 
     async def _ledger(self, request: IRequest, done: _Done) -> bytes:
         farm = await self.access.authorizeFarm(forms.findKey(request))
-        size = forms.bodySize(request, self.maxUpload)
-        records = readLedger(request.content.read() if size else b"")
+        size = forms.bodySize(request, self._limit(request))
+        body = request.content.read() if size else b""
+        if size > forms.INLINE_PARSE:
+            records = await self.runInThread(readLedger, body)
+        else:
+            records = readLedger(body)
         recorded, duplicates = await self.access.record(farm, records)
         return _json(request, {"recorded": recorded, "duplicates": duplicates})
 
@@ -395,7 +330,7 @@ class PrivoxAPI:
 
     async def _validate(self, request: IRequest, done: _Done) -> bytes:
         await self.access.authorizeFarm(forms.findKey(request))
-        fields = forms.readForm(request, forms.bodySize(request, self.maxUpload))
+        fields = forms.readForm(request, forms.bodySize(request, self._limit(request)))
         key = fields.text("key")
         if key is None:
             raise BadInput("the key field is required")
@@ -550,17 +485,10 @@ async def _charged(grant: Grant, work: Awaitable[Any]) -> Any:
         raise
 
 
-def _plausible(seconds: float | None) -> bool:
-    return isinstance(seconds, (int, float)) and 0 <= seconds < float("inf")
-
-
 def _received(request: IRequest) -> int:
     """
-    How many body bytes the request brought (or declared, when refused).
+    How many body bytes the request brought.
     """
-    refused = getattr(request, "uploadRefused", None)
-    if refused is not None:
-        return int(refused)
     content = request.content
     if content is None:
         return 0

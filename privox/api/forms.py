@@ -15,14 +15,18 @@ Every parser here raises an L{ApiError} subclass, never anything else:
   - L{Unsupported} (422): a language, C{response_format} or other choice this
     API does not offer.
 
-The key comes from the C{key} field or an C{Authorization: Bearer KEY}
-header, on every route. It never goes into a message or a C{repr}.
+The key comes from an C{Authorization: Bearer KEY} header or the C{key}
+field, on every route. A key in the header is checked before the body is
+parsed at all; one in a field (the original clients send it after the
+file) once the body is. It never goes into a message or a C{repr}.
 
 Bodies are multipart/form-data or application/x-www-form-urlencoded (the
 original routes and OpenAI's transcriptions), or JSON (OpenAI's speech).
-twisted.web has already buffered the body (to a temporary file when large);
-multipart is read from it with C{multipart}'s push parser, in chunks, so a
-200 MB upload costs one pass and one copy.
+twisted.web has already buffered the body (to a temporary file when large),
+within its route's limit (L{privox.api.site}). Multipart is read from it
+with C{multipart}'s push parser, in chunks, so a 200 MB upload costs one
+pass and one copy; a body over L{INLINE_PARSE} bytes is parsed in a thread,
+never on the reactor's. A form has at most L{MAX_FIELDS} fields.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from twisted.web.iweb import IRequest
 
 from privox.api.access import Access, Caller
 from privox.api.errors import BadInput, TooLarge, Unsupported
+from privox.messages import CONTROL_CHARACTERS
 
 #: The original API's default quality and language.
 DEFAULT_QUALITY = "fast"
@@ -62,6 +67,11 @@ UNSERVED_SPEECH_FORMATS = ("pcm",)
 _LANGUAGE = re.compile(r"[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{1,8})*")
 _TRUE = ("1", "true", "yes", "on")
 _CHUNK = 1 << 20
+
+#: Bodies up to this size are parsed on the reactor thread; larger ones in a thread.
+INLINE_PARSE = 64 * 1024
+#: The most fields (multipart parts or urlencoded pairs) a form may have.
+MAX_FIELDS = 64
 
 
 @dataclass(frozen=True)
@@ -187,10 +197,8 @@ def sniffFormat(data: bytes) -> str:
 def bodySize(request: IRequest, maxUpload: int) -> int:
     """
     The size of the request body, once it is known to be within the cap.
-
-    Refuses, in this order and without reading the body: a C{Content-Length}
-    over the cap, a body the request already refused as it arrived (see
-    L{privox.api.app.LimitedRequest}); then a body that is over it anyway.
+    (L{privox.api.site} refuses larger bodies as they arrive; this is the
+    same rule for requests that did not come through it.)
 
     @raise TooLarge: the body is over C{maxUpload} bytes.
     """
@@ -202,9 +210,6 @@ def bodySize(request: IRequest, maxUpload: int) -> int:
             length = 0  # twisted.web has already refused a malformed one
         if length > maxUpload:
             raise _tooLarge(length, maxUpload)
-    if getattr(request, "uploadRefused", None) is not None:
-        # A chunked body that went over as it arrived: its size is unknown.
-        raise TooLarge(f"the request is over the limit of {maxUpload} bytes")
     content = request.content
     content.seek(0, 2)
     size = content.tell()
@@ -243,7 +248,7 @@ def readForm(request: IRequest, size: int) -> Fields:
 def _readMultipart(content: IO[bytes], boundary: str, size: int) -> Fields:
     fields = Fields()
     parser = PushMultipartParser(
-        boundary, content_length=size, max_header_count=16, max_segment_count=64
+        boundary, content_length=size, max_header_count=16, max_segment_count=MAX_FIELDS
     )
     segment: MultipartSegment | None = None
     chunks: list[bytes] = []
@@ -270,7 +275,10 @@ def _events(parser: PushMultipartParser, content: IO[bytes]) -> Iterator[Any]:
 
 def _readUrlencoded(body: bytes) -> Fields:
     fields = Fields()
-    for pair in body.split(b"&"):
+    pairs = body.split(b"&", MAX_FIELDS)
+    if len(pairs) > MAX_FIELDS and any(pairs[MAX_FIELDS:]):
+        raise BadInput(f"malformed form: more than {MAX_FIELDS} fields")
+    for pair in pairs[:MAX_FIELDS]:
         if not pair:
             continue
         name, _, value = pair.partition(b"=")
@@ -311,6 +319,33 @@ async def authorize(request: IRequest, access: Access, fields: Fields | None = N
     return await access.authorize(findKey(request, fields))
 
 
+async def _callerAndFields(
+    request: IRequest, limit: int, access: Access, runInThread: Any
+) -> tuple[Caller, Fields]:
+    """
+    The form's fields and who sent them: a key in the headers is checked
+    before the body is parsed, so a caller with a bad one costs no parsing;
+    a large body is parsed in a thread.
+    """
+    size = bodySize(request, limit)
+    caller = None
+    if _header(request, b"authorization"):
+        caller = await access.authorize(findKey(request))
+    if size > INLINE_PARSE:
+        fields = await runInThread(readForm, request, size)
+    else:
+        fields = readForm(request, size)
+    if caller is None:
+        caller = await authorize(request, access, fields)
+    return caller, fields
+
+
+def _speakable(text: str | None, name: str) -> str | None:
+    if text is not None and CONTROL_CHARACTERS.search(text):
+        raise BadInput(f"{name} contains control characters")
+    return text
+
+
 def _language(value: str | None) -> str | None:
     if value is not None and not _LANGUAGE.fullmatch(value):
         raise Unsupported(f"unsupported language {value!r}: give a language code such as en or de")
@@ -327,13 +362,12 @@ def _upload(fields: Fields) -> Upload:
     return Upload(data, filename, sniffFormat(data))
 
 
-async def sttForm(request: IRequest, maxUpload: int, access: Access) -> SttForm:
+async def sttForm(request: IRequest, limit: int, access: Access, runInThread: Any) -> SttForm:
     """
     C{POST /stt}: C{file} and C{key} required; C{quality} (default
     C{fast}), C{language} (default C{en}), C{xlate}.
     """
-    fields = readForm(request, bodySize(request, maxUpload))
-    caller = await authorize(request, access, fields)
+    caller, fields = await _callerAndFields(request, limit, access, runInThread)
     audio = _upload(fields)
     xlate = (fields.text("xlate") or "").lower() in _TRUE
     return SttForm(
@@ -345,27 +379,25 @@ async def sttForm(request: IRequest, maxUpload: int, access: Access) -> SttForm:
     )
 
 
-async def ttsForm(request: IRequest, maxUpload: int, access: Access) -> TtsForm:
+async def ttsForm(request: IRequest, limit: int, access: Access, runInThread: Any) -> TtsForm:
     """
     C{POST /tts}: C{key} and C{text} required; C{voice}, C{language}.
     """
-    fields = readForm(request, bodySize(request, maxUpload))
-    caller = await authorize(request, access, fields)
-    text = fields.text("text")
+    caller, fields = await _callerAndFields(request, limit, access, runInThread)
+    text = _speakable(fields.text("text"), "text")
     if text is None:
         raise BadInput("the text field is required and must not be blank")
     return TtsForm(caller, text, fields.text("voice"), _language(fields.text("language")))
 
 
 async def transcriptionForm(
-    request: IRequest, maxUpload: int, access: Access
+    request: IRequest, limit: int, access: Access, runInThread: Any
 ) -> TranscriptionForm:
     """
     C{POST /v1/audio/transcriptions}: multipart C{file}; C{model},
     C{language}, C{response_format} (default C{json}).
     """
-    fields = readForm(request, bodySize(request, maxUpload))
-    caller = await authorize(request, access, fields)
+    caller, fields = await _callerAndFields(request, limit, access, runInThread)
     audio = _upload(fields)
     responseFormat = fields.text("response_format") or "json"
     if responseFormat not in TRANSCRIPTION_FORMATS:
@@ -383,12 +415,13 @@ async def transcriptionForm(
     )
 
 
-async def speechForm(request: IRequest, maxUpload: int, access: Access) -> SpeechForm:
+async def speechForm(request: IRequest, limit: int, access: Access) -> SpeechForm:
     """
     C{POST /v1/audio/speech}: a JSON object with C{input} required; C{model},
-    C{voice}, C{response_format} (see L{SPEECH_FORMATS}).
+    C{voice}, C{response_format} (see L{SPEECH_FORMATS}). The body is at
+    most L{privox.api.site.FORM_LIMIT} bytes: parsed where it is.
     """
-    size = bodySize(request, maxUpload)
+    size = bodySize(request, limit)
     caller = await authorize(request, access)
     body = request.content.read() if size else b""
     try:
@@ -408,7 +441,7 @@ async def speechForm(request: IRequest, maxUpload: int, access: Access) -> Speec
             raise BadInput(f"{name} must be a string")
         return value.strip() or None
 
-    text = string("input")
+    text = _speakable(string("input"), "input")
     if text is None:
         raise BadInput("input is required and must not be blank")
     responseFormat = string("response_format") or "wav"

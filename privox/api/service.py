@@ -28,6 +28,7 @@ from privox.api.farmstatus import RemoteStatus
 from privox.api.models import DEFAULT_STT, DEFAULT_VOICES, ModelTable
 from privox.config import optionsFor, setting
 from privox.fdlimit import OpenFileLimitService
+from privox.memory import TunedMallocService
 from privox.keys import KeyPolicyError, policyFromSpec
 from privox.tls import loadCA
 
@@ -195,6 +196,7 @@ def buildApi(
         registry=registry,
         farmStatus=farmStatus,
         blurUsage=settings.blur_usage,
+        deadline=settings.deadline,
     )
     log.info(
         "API: {access}; {farms} farm(s); uploads up to {max} bytes",
@@ -320,6 +322,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     top = MultiService()
     # A descriptor per HTTP client and farm connection: before the port.
     OpenFileLimitService().setServiceParent(top)
+    TunedMallocService().setServiceParent(top)
     # Before the port, so the schema is being brought up to date first.
     AccountsService(api.access, reactor, http).setServiceParent(top)
     # Added first, stopped last: the port closes before the connections.

@@ -23,7 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from privox.engines.errors import BadAudio, EngineError, Unsupported
-from privox.messages import ErrorCode
+from privox.messages import CONTROL_CHARACTERS, ErrorCode
 
 __all__ = ["BadAudio", "EngineError", "Unsupported"]
 
@@ -39,6 +39,8 @@ def checkText(engine: str, text: str) -> None:
     """
     if not text.strip():
         raise EngineError("there is no text to speak", ErrorCode.BAD_REQUEST)
+    if CONTROL_CHARACTERS.search(text):
+        raise EngineError("the text contains control characters", ErrorCode.BAD_REQUEST)
     if len(text) > MAX_TEXT:
         raise EngineError(
             f"text is {len(text)} characters; {engine} takes at most {MAX_TEXT}",

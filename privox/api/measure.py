@@ -1,0 +1,69 @@
+"""
+What a request will cost, before it runs: the seconds of audio it is
+admitted for and holds while it runs (L{privox.api.access}).
+
+  - STT: the upload's real length (L{privox.audiofile.uploadSeconds}: WAV
+    data at its true sample format, anything else decoded and counted),
+    measured in a thread. Exact: that is also what the request pays.
+  - TTS: L{spokenSeconds}, a conservative estimate of how long the text
+    takes to say. The request then pays the length of the audio it got, at
+    most this estimate, so the estimate must not fall short of what an
+    engine really says. Measured with Piper (en_US-joe-medium): plain
+    sentences take 0.06-0.08 s a character, but a digit 0.27-0.54 s (30
+    digits are read as one number of 16 s), a letter spelled out (an
+    acronym, a word without vowels) up to 0.42 s ("W"), a symbol up to
+    0.7 s and a letter of another script up to 1.1 s (Thai). Each kind of
+    character is weighted by its worst case below; ordinary text comes out
+    at about twice its real length.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+#: Seconds per character of each kind (worst cases measured, rounded up).
+DIGIT = 0.65
+SPELLED_LETTER = 0.45
+WORD_LETTER = 0.15
+OTHER_SCRIPT = 1.2
+SYMBOL = 0.75
+PUNCTUATION = 0.3
+#: Added once: the silence engines put around speech.
+LEAD = 0.5
+
+_TOKEN = re.compile(r"[A-Za-z\u00c0-\u024f]+|\d|\s+|.", re.S)
+_VOWELS = set("aeiouyAEIOUY")
+_QUIET_PUNCTUATION = set(",.;:!?'\"()-")
+
+
+def spokenSeconds(text: str) -> float:
+    """
+    An upper bound on the seconds of speech C{text} makes.
+    """
+    seconds = LEAD
+    for token in _TOKEN.findall(text):
+        first = token[0]
+        if first.isspace():
+            continue
+        if len(token) > 1 or first.isascii() and first.isalpha() or "\u00c0" <= first <= "\u024f":
+            seconds += len(token) * (SPELLED_LETTER if _spelled(token) else WORD_LETTER)
+        elif first.isdigit():
+            seconds += DIGIT
+        elif first.isalpha() or unicodedata.category(first).startswith("M"):
+            seconds += OTHER_SCRIPT
+        elif first in _QUIET_PUNCTUATION:
+            seconds += PUNCTUATION
+        else:
+            seconds += SYMBOL
+    return seconds
+
+
+def _spelled(word: str) -> bool:
+    """
+    Whether an engine is likely to spell C{word} out letter by letter: one
+    letter, no vowel, or all capitals (an acronym).
+    """
+    if len(word) == 1 or word.isupper():
+        return True
+    return not any(c in _VOWELS or c > "\u007f" for c in word)

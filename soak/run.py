@@ -10,8 +10,10 @@ its own request; the farm failover scenario does one SIGKILL/restart cycle of
 a real farm process per 30 s of D, streaming API requests for 40% of D in
 all; the other fault scenarios (node SIGKILLed mid-job, a node that never
 answers, a node that answers garbage, a consumer that stops reading a 48 MiB
-result) run once each. Each scenario prints a C{[figures]} line; the exit
-status is trial's (0: every assertion held).
+result) run once each; the attacks of C{tests/test_attack.py} run too, with
+a farm SIGKILL per 30 s of D under its ledger and 30% of D of steady load on
+the API's memory. Each scenario prints a C{[figures]} line; the exit status
+is trial's (0: every assertion held).
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds the scaled scenarios run for, in all (default 300)",
     )
     parser.add_argument(
-        "tests", nargs="*", default=["tests.test_faults"],
-        help="trial names to run (default: tests.test_faults)",
+        "tests", nargs="*", default=["tests.test_faults", "tests.test_attack"],
+        help="trial names to run (default: tests.test_faults tests.test_attack)",
     )
     args = parser.parse_args(argv)
     if args.duration < 10:

@@ -52,6 +52,9 @@ setup(
         "klein>=24.8",
         # The API parses multipart bodies with it (treq brings it today too).
         "multipart>=1.0",
+        # The API measures the length of every compressed upload it charges
+        # for by decoding it (privox.audiofile); the node decodes with it too.
+        "av>=12",
         "prometheus_client>=0.20",
     ],
     entry_points={"console_scripts": ["privox = privox.cli:main"]},

@@ -11,9 +11,11 @@ when its free top passes a megabyte, and keeps to two arenas however many
 threads parse and measure uploads. Measured on the API (tests/test_attack):
 RSS back within a few MB of where it was after 100 MB uploads.
 
-The API and the farm call it as they start; the node and privox-local do
-not (their engines allocate and free large arrays all the time, and their
-size is their models').
+The API calls it as it starts. The farm does not: it reads its sockets
+into 512 KiB buffers, each of which would then be a mapping of its own (a
+system call or two a read, 150 us a small job in bench/farm_relay.py). Nor
+do the node and privox-local: their engines allocate and free large arrays
+all the time, and their size is their models'.
 """
 
 from __future__ import annotations

@@ -21,7 +21,6 @@ from privox.farm.ledger import Sink, ledgerFromSettings
 from privox.farm.pvx1 import Aliases
 from privox.farm.splice import splicerFor
 from privox.fdlimit import OpenFileLimitService
-from privox.memory import TunedMallocService
 from privox.keys import KeyPolicyError, policyFromSpec
 from privox.metrics import CollectorRegistry, farmStatus, instrumentFarm, metricsSite
 
@@ -152,7 +151,6 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     ledger = buildLedger(settings, reactor)
     # A descriptor per peer: before the ports.
     OpenFileLimitService().setServiceParent(top)
-    TunedMallocService().setServiceParent(top)
     # Added first, stopped last: ports close before the farm drains.
     FarmService(farm, reactor, ledger).setServiceParent(top)
     for service, endpoint in (("stt", settings.stt_listen), ("tts", settings.tts_listen)):

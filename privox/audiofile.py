@@ -15,8 +15,9 @@ from __future__ import annotations
 import io
 import zipfile
 from pathlib import PurePosixPath
+from typing import Any, Iterator
 
-from privox.wav import BadWav, readWavHeader
+from privox.wav import MAX_CHANNELS, MAX_RATE, MIN_RATE, BadWav, readWavHeader
 
 #: A zip member larger than this (declared or actually read) is refused.
 MAX_ZIP_MEMBER_BYTES = 200 * 1024 * 1024
@@ -145,23 +146,51 @@ def uploadSeconds(data: bytes, format: str = "auto") -> float:
 def _decodedSeconds(data: bytes, what: str) -> float:
     """
     Decode the first audio stream and add up its frames' samples (no
-    resampling, nothing kept), stopping past L{MAX_DECODED_SECONDS}.
+    resampling, nothing kept).
     """
-    # PyAV is the API's and node's one dependency for containers; imported
-    # here so a farm, which measures nothing, never loads it.
-    import av
-
     seconds = 0.0
-    try:
-        with av.open(io.BytesIO(data), mode="r") as container:
-            what = container.format.name.split(",")[0]
-            if not container.streams.audio:
-                raise BadFile(f"no audio stream in this {what} file")
-            for frame in container.decode(container.streams.audio[0]):
-                if frame.sample_rate:
-                    seconds += frame.samples / frame.sample_rate
-                if seconds > MAX_DECODED_SECONDS:
-                    raise BadFile(f"audio longer than {MAX_DECODED_SECONDS} s")
-    except av.error.FFmpegError as e:
-        raise BadFile(f"cannot decode {what}: {e.strerror or e}") from e
+    for frame in ContainerAudio(data, what):
+        seconds += frame.samples / frame.sample_rate
     return seconds
+
+
+class ContainerAudio:
+    """
+    The frames of an upload's first audio stream, as FFmpeg decodes them
+    (ogg, webm, mp3, flac, m4a, a compressed WAV...), each checked: a rate
+    or channel count L{privox.wav} would refuse in a WAV header is refused
+    here too, and nothing decodes past L{MAX_DECODED_SECONDS} (counted in
+    samples, never from the container's timestamps).
+
+    @ivar what: the container's name once open (C{"ogg"}, C{"mov"}...), for
+        messages.
+    """
+
+    def __init__(self, data: bytes, what: str = "audio") -> None:
+        self._data = data
+        self.what = what
+
+    def __iter__(self) -> Iterator[Any]:
+        # PyAV is the API's and node's one dependency for containers;
+        # imported here so a farm, which decodes nothing, never loads it.
+        import av
+
+        seconds = 0.0
+        try:
+            with av.open(io.BytesIO(self._data), mode="r") as container:
+                self.what = container.format.name.split(",")[0]  # "mov,mp4,m4a" -> "mov"
+                if not container.streams.audio:
+                    raise BadFile(f"no audio stream in this {self.what} file")
+                for frame in container.decode(container.streams.audio[0]):
+                    rate, channels = frame.sample_rate, len(frame.layout.channels)
+                    if not MIN_RATE <= rate <= MAX_RATE or not 1 <= channels <= MAX_CHANNELS:
+                        raise BadFile(
+                            f"impossible audio in this {self.what} file: {rate} Hz,"
+                            f" {channels} channels"
+                        )
+                    seconds += frame.samples / rate
+                    if seconds > MAX_DECODED_SECONDS:
+                        raise BadFile(f"audio longer than {MAX_DECODED_SECONDS} s")
+                    yield frame
+        except av.error.FFmpegError as e:
+            raise BadFile(f"cannot decode {self.what}: {e.strerror or e}") from e

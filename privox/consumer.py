@@ -8,17 +8,24 @@ consumer with a job in flight PINGs the farm after each quiet spell (once
 its own bytes have left: a PING queued behind an upload proves nothing) and
 gives up on the connection if nothing at all comes back in time: the job
 fails with L{Unresponsive} and can be tried on another farm. The farm
-answers PING itself, whatever its producer is doing.
+answers PING itself, whatever its producer is doing. While an upload is
+still leaving (the farm holding it back because its producer reads slowly),
+the kernel's unacknowledged bytes going down count as a sign of life, and
+their standing still as silence.
 """
 
 from __future__ import annotations
 
+import fcntl
+import struct
+import termios
 from dataclasses import dataclass, replace
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.endpoints import clientFromString, connectProtocol
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from zope.interface import implementer
 
 from privox.framing import HEADER_LEN, Frame, encodeHeader
@@ -32,6 +39,9 @@ from privox.messages import (
     resultSize,
 )
 from privox.peer import ConnectionClosed, PeerProtocol
+
+
+_TIOCOUTQ = getattr(termios, "TIOCOUTQ", None)
 
 
 @dataclass(frozen=True)
@@ -113,6 +123,8 @@ class ConsumerProtocol(PeerProtocol):
         #: When a byte last came from the farm, and whether a PING waits.
         self._heard = 0.0
         self._pinged = False
+        #: The kernel's unacknowledged bytes at the last check.
+        self._queued: int | None = None
 
     @property
     def busy(self) -> bool:
@@ -180,6 +192,7 @@ class ConsumerProtocol(PeerProtocol):
         self._heard = self._clock.seconds()
         self._pinged = False
         self._sending = False
+        self._queued = None
         # Registered only while a job runs: a TLS transport does not close
         # while a producer is registered.
         self.transport.registerProducer(self, True)
@@ -201,22 +214,42 @@ class ConsumerProtocol(PeerProtocol):
             self._stopWatching()
             return
         now = self._clock.seconds()
-        if self._sending:
-            # Still sending: the farm is reading, or our deadline will tell.
+        queued, self._queued = self._queued, self.queuedBytes()
+        # Our bytes still leaving, from Twisted's buffer or (the farm reading
+        # slowly, as a slow producer holds it back) from the kernel's: alive.
+        if self._sending or (queued is not None and self._queued is not None
+                             and self._queued < queued):
             self._heard, self._pinged = now, False
-        elif self._pinged and now - self._heard >= liveness.quiet + liveness.patience:
+        elif (self._pinged or self._queued) and now - self._heard >= liveness.quiet + liveness.patience:
             self._handshakeFailure = Unresponsive(
-                f"the farm sent nothing for {now - self._heard:.0f} s, a PING unanswered"
+                f"the farm read and sent nothing for {now - self._heard:.0f} s"
             )
             self._stopWatching()
             self.transport.abortConnection()
             return
-        elif not self._pinged and now - self._heard >= liveness.quiet:
+        elif not self._pinged and not self._queued and now - self._heard >= liveness.quiet:
             self.transport.write(encodeHeader(b"PING", 0))
             self._pinged = True
         self._watch = self._clock.callLater(
             liveness.patience if self._pinged else liveness.quiet, self._check
         )
+
+    def queuedBytes(self) -> int | None:
+        """
+        Bytes written to the socket the farm has not acknowledged yet (Linux's
+        TIOCOUTQ); L{None} where that cannot be asked.
+        """
+        transport = self.transport
+        handle = getattr(transport, "getHandle", None)
+        if isinstance(transport, TLSMemoryBIOProtocol):
+            handle = getattr(transport.transport, "getHandle", None)
+        if handle is None or _TIOCOUTQ is None:
+            return None
+        try:
+            raw = fcntl.ioctl(handle().fileno(), _TIOCOUTQ, b"\0\0\0\0")
+        except (OSError, AttributeError):
+            return None
+        return int(struct.unpack("i", raw)[0])
 
     def frameReceived(self, frame: Frame) -> None:
         pending = self._pending

@@ -24,6 +24,8 @@ ROLES = ("producer", "consumer")
 SERVICES = ("stt", "tts")
 AUDIO_FORMATS = ("wav", "pcm_s16le", "zip", "auto")
 ANY = "*"
+#: The longest text a TTS job may ask for, in characters.
+MAX_TEXT = 5000
 #: Characters no text to speak may hold: control characters other than tab
 #: and line breaks (a NUL ends a string in the C code under the engines).
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")

@@ -29,6 +29,11 @@ MAX_CHANNELS = 16
 #: RIFF writers that cannot seek back put one of these as the data size.
 UNKNOWN_SIZES = (0, 0xFFFFFFFF)
 
+#: The C{data} chunk must start within this many bytes: the chunks before it
+#: are a few hundred bytes in any real file, and walking (or, streaming,
+#: waiting for) megabytes of them costs time and memory for nothing.
+MAX_HEADER_BYTES = 1024 * 1024
+
 _WAVE_FORMAT_PCM = 0x0001
 _WAVE_FORMAT_IEEE_FLOAT = 0x0003
 _WAVE_FORMAT_EXTENSIBLE = 0xFFFE
@@ -101,7 +106,8 @@ def readWavHeader(data: bytes | bytearray | memoryview) -> WavHeader | None:
     Parse a RIFF/WAVE header up to the start of the C{data} chunk.
 
     @return: the header, or L{None} when C{data} ends before it does.
-    @raise BadWav: not a WAV file, a malformed one, or an impossible format.
+    @raise BadWav: not a WAV file, a malformed one, an impossible format, or
+        a C{data} chunk that would start past L{MAX_HEADER_BYTES}.
     """
     data = memoryview(data)
     if bytes(data[:4]) != b"RIFF"[: len(data[:4])] or (
@@ -118,6 +124,8 @@ def readWavHeader(data: bytes | bytearray | memoryview) -> WavHeader | None:
             if found is None:
                 raise BadWav("malformed WAV: data chunk before fmt chunk")
             return WavHeader(*found, body, size)
+        if body + size + 8 > MAX_HEADER_BYTES:
+            raise BadWav(f"WAV header longer than {MAX_HEADER_BYTES} bytes")
         if chunkId == b"fmt ":
             if body + size > len(data):
                 return None
@@ -162,6 +170,28 @@ def wavSeconds(data: bytes) -> float | None:
     if header is None or header.format is None:
         return None
     return header.format.seconds(header.dataBytes(len(data)))
+
+
+def cutWav(data: bytes, seconds: float) -> tuple[bytes, float]:
+    """
+    A PCM or float WAV file cut to at most C{seconds}, and how long it
+    lasts then (the data really present, at its sample format).
+
+    @raise BadWav: not such a WAV file.
+    """
+    header = readWavHeader(data)
+    if header is None or header.format is None:
+        raise BadWav("not a complete PCM WAV file")
+    fmt = header.format
+    present = header.dataBytes(len(data))
+    if fmt.seconds(present) <= seconds:
+        return data, fmt.seconds(present)
+    keep = int(seconds * fmt.rate) * fmt.frameBytes
+    start = header.dataStart
+    out = bytearray(data[: start + keep])
+    struct.pack_into("<I", out, 4, len(out) - 8)
+    struct.pack_into("<I", out, start - 4, keep)
+    return bytes(out), fmt.seconds(keep)
 
 
 def pcmToWav(pcm: bytes, rate: int) -> bytes:

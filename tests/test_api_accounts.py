@@ -24,9 +24,10 @@ from privox.api.exchange import Transcribed
 from privox.api.measure import spokenSeconds
 from privox.api.models import DEFAULT_STT, DEFAULT_VOICES, ModelTable
 from privox.keys import OpenPolicy, accountId
-from privox.wav import pcmToWav
+from privox.wav import pcmToWav, wavSeconds
 from tests.audiofixtures import encoded, tone, withFmt
 from tests.test_api_app import multipart
+from tests.support import until
 from tests.test_cli import privox
 
 MODELS = ModelTable.parse(DEFAULT_STT, DEFAULT_VOICES)
@@ -210,6 +211,32 @@ class AccountsAPITests(TestCase):
 
         return ensureDeferred(go())
 
+    async def test_settleTriedAgain(self) -> None:
+        """
+        A settle the store fails is tried again until it is recorded: the
+        seconds still count once the request's hold has expired.
+        """
+        await self.start(hourly=60.0)
+        key = await self.key()
+        original = self.store.settle
+        failures = [2]
+
+        async def flaky(reservation: Any, seconds: float, now: float) -> float:
+            if failures[0]:
+                failures[0] -= 1
+                raise RuntimeError("the store is down")
+            return await original(reservation, seconds, now)
+
+        self.patch(self.store, "settle", flaky)
+        self.assertEqual((await self.stt(key, wav(10)))[0], 200)
+        for _ in range(2):
+            self.clock.advance(60)
+            await until(lambda: not failures[0] or self.clock.getDelayedCalls(), "a retry")
+        await until(lambda: not self.clock.getDelayedCalls(), "the settle")
+        self.clock.advance(600)  # long after the hold's expiry
+        self.assertEqual(failures, [0])
+        self.assertEqual((await self.account(key))["used"], 10.0)
+
     def test_ownHourlySeconds(self) -> Any:
         async def go() -> None:
             await self.start(hourly=60.0)
@@ -264,9 +291,14 @@ class AccountsAPITests(TestCase):
             code, _, body = await self.tts(key, "1" * 40)
             self.assertEqual(code, 429, body)
             self.assertIn(b"more than the 20 s", body)
+            # A producer answering 600 s of audio: the caller gets, and pays,
+            # no more than the text was admitted for.
             self.exchange.spoken = 600.0
-            self.assertEqual((await self.tts(key, "Hello there."))[0], 200)
-            self.assertEqual((await self.account(key))["used"], spokenSeconds("Hello there."))
+            code, _, audio = await self.tts(key, "Hello there.")
+            self.assertEqual(code, 200)
+            served = wavSeconds(audio)
+            self.assertAlmostEqual(served, spokenSeconds("Hello there."), places=3)
+            self.assertAlmostEqual((await self.account(key))["used"], served, places=3)
 
         return ensureDeferred(go())
 

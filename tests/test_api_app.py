@@ -290,6 +290,18 @@ class SttTests(APITestCase):
         self.assertPlainError(response, body, 401, "the key was not accepted")
         self.assertEqual(self.exchange.calls, [])
 
+    def test_keyPrecedence(self) -> None:
+        """
+        Authorization: Bearer is the key when there is one; another kind of
+        Authorization leaves the key field in charge.
+        """
+        response, _ = self.stt({"key": "wrong"}, headers={"Authorization": f"Bearer {KEY}"})
+        self.assertEqual(response.code, 200)
+        response, _ = self.stt({"key": KEY}, headers={"Authorization": "Basic dXNlcjpwYXNz"})
+        self.assertEqual(response.code, 200)
+        response, body = self.stt({"key": KEY}, headers={"Authorization": "Bearer wrong"})
+        self.assertPlainError(response, body, 401, "not accepted")
+
     def test_keyCheckedBeforeFields(self) -> None:
         """
         Without a good key, nothing is said about the other fields.
@@ -732,7 +744,8 @@ class FormTests(SynchronousTestCase):
         self.assertEqual(forms.sniffFormat(b"RIFF...."), "wav")
         self.assertEqual(forms.sniffFormat(b"PK\x03\x04"), "zip")
         self.assertEqual(forms.sniffFormat(b"ID3..."), "auto")
-        self.assertEqual(forms.sniffFormat(b""), "auto")
+        # A RIFF that is not a WAVE (an AVI) is for FFmpeg, not the WAV reader.
+        self.assertEqual(forms.sniffFormat(b"RIFF\x10\x00\x00\x00AVI LIST"), "auto")
 
     def test_recordsHideSecrets(self) -> None:
         form = forms.TtsForm(Caller("the-key"), "private words", "voice1")
@@ -757,6 +770,19 @@ class FormTests(SynchronousTestCase):
         e = self.assertRaises(TooLarge, forms.bodySize, Bare(), 100)
         self.assertIn("the request is 200 bytes; the limit is 100 bytes", e.message)
         self.assertEqual(forms.bodySize(Bare(), 200), 200)
+
+    def test_goneClientsBody(self) -> None:
+        """
+        When a client goes away mid-request twisted.web closes its body: the
+        request's log line still says how many bytes came (none known).
+        """
+        from privox.api.app import _received
+
+        class Gone:
+            content = io.BytesIO(b"x" * 10)
+
+        Gone.content.close()
+        self.assertEqual(_received(Gone()), 0)
 
     def test_urlencodedBytes(self) -> None:
         fields = forms._readUrlencoded(b"a=1+2&b=%FF%00&c&=x&&d=%zz")

@@ -220,7 +220,7 @@ class ContainerTests(Checks):
         """
         A container cannot expand to more than MAX_DECODED_SECONDS.
         """
-        self.patch(audio, "MAX_DECODED_SECONDS", 1)
+        self.patch(audiofile, "MAX_DECODED_SECONDS", 1)
         self.assertBad("audio longer than 1 s", encoded(tone(3.0, 48000), 48000, "ogg", "libopus"))
 
 
@@ -396,6 +396,17 @@ class BadInputTests(Checks):
         with self.assertRaises(BadAudio):
             stream.feed(wav)
             stream.finish()
+
+    def test_impossibleContainers(self) -> None:
+        """
+        A container whose stream has a rate or channel count no WAV may
+        have is refused as it decodes, whole (node) or measured (API).
+        """
+        slow = encoded(tone(1.0, 2000, freq=200), 2000, "flac", "flac")
+        for refuse in (lambda: decodeAudio(slow, "auto"), lambda: audiofile.uploadSeconds(slow)):
+            with self.assertRaises((BadAudio, audiofile.BadFile)) as caught:
+                refuse()
+            self.assertIn("impossible audio in this flac file: 2000 Hz", str(caught.exception))
 
     def test_oddPCM(self) -> None:
         self.assertBad("raw pcm_s16le audio has an odd number of bytes", b"\0" * 3201, "pcm_s16le")

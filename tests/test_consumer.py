@@ -59,7 +59,7 @@ class LivenessTests(SynchronousTestCase):
         self.assertTrue(transport.disconnecting)
         consumer.connectionLost(Failure(ConnectionDone()))
         failure = self.failureResultOf(done, Unresponsive)
-        self.assertIn("a PING unanswered", str(failure.value))
+        self.assertIn("read and sent nothing", str(failure.value))
 
     def test_answeringFarmKept(self) -> None:
         """
@@ -80,6 +80,27 @@ class LivenessTests(SynchronousTestCase):
         transport.clear()
         clock.advance(60)
         self.assertEqual((transport.value(), clock.getDelayedCalls()), (b"", []))
+
+    def test_slowReaderKept(self) -> None:
+        """
+        An upload still in the kernel's queue, shrinking (the farm reads it
+        slowly, held back by a slow producer), is a farm alive however long
+        it takes; a queue that stops shrinking is a farm gone.
+        """
+        consumer, transport, clock = self.consumer()
+        queue = [5_000_000]
+        consumer.queuedBytes = lambda: queue[0]  # type: ignore[method-assign]
+        done = consumer.stt("m", b"audio")
+        transport.clear()
+        for _ in range(60):
+            queue[0] -= 50_000
+            clock.advance(2.0)
+        self.assertEqual(transport.value(), b"")  # no PING queued behind it
+        self.assertFalse(transport.disconnecting)
+        clock.advance(7.0)
+        self.assertTrue(transport.disconnecting)
+        consumer.connectionLost(Failure(ConnectionDone()))
+        self.failureResultOf(done, Unresponsive)
 
     def test_notWhileSending(self) -> None:
         """

@@ -797,7 +797,7 @@ class LocalExchangeHostileTests(TestCase):
             ("/stt", {"key": "demo"}, b"PK\x03\x04" + bytes(100), 400, b"corrupt zip"),
             ("/tts", {"key": "demo", "text": b"caf\xe9"}, None, 400, b"not UTF-8 text"),
             ("/tts", {"key": "demo", "text": "a" * 10 * 1024 * 1024}, None, 413, b"the limit is 262144 bytes"),
-            ("/tts", {"key": "demo", "text": "word " * 2000}, None, 413, b"takes at most 5000"),
+            ("/tts", {"key": "demo", "text": "word " * 2000}, None, 413, b"at most 5000 are spoken"),
         ]
         for path, fields, audio, status, reason in cases:
             code, body = await send(path, fields, audio)

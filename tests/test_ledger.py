@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from treq.testing import StubTreq
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import globalLogPublisher, formatEvent
@@ -307,6 +307,34 @@ class JsonLinesTests(SynchronousTestCase):
         self.assertEqual(len({r["job_id"] for r in written}), 3)
         self.assertEqual(self.runner.calls, ["_appendLines"])
         self.assertEqual([[v for v, _ in c.messages()] for c in consumers], [["RSLT"]] * 3)
+
+    def test_failingDiskHoldsNoAnswer(self) -> None:
+        """
+        A record's Deferred fires once its write is done, or has failed.
+        While writes fail, later records fire at once (answers do not wait
+        on a broken disk); they are written when it works again.
+        """
+        broken = [True]
+
+        def runner(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+            if broken[0]:
+                return fail(OSError(28, "No space left on device"))
+            return L.runInline(f, *args)
+
+        sink = L.JsonLinesLedger(self.path, self.clock, runner)
+        first = sink.record(rec("a"))
+        self.assertNoResult(first)
+        self.clock.advance(L.FLUSH_INTERVAL)
+        self.successResultOf(first)
+        self.successResultOf(sink.record(rec("b")))
+        broken[0] = False
+        self.clock.advance(L.WRITE_RETRY)
+        self.assertEqual([r["job_id"] for r in lines(self.path)], ["a", "b"])
+        held = sink.record(rec("c"))
+        self.assertNoResult(held)
+        self.clock.advance(L.FLUSH_INTERVAL)
+        self.successResultOf(held)
+        self.flushLoggedErrors()
 
     def test_appends(self) -> None:
         with open(self.path, "wb") as f:

@@ -375,6 +375,20 @@ class AccountStore:
 
         return await self._run(select)  # type: ignore[no-any-return]
 
+    async def check(
+        self, account: str, base: float, need: float, now: float, window: float = quota.WINDOW
+    ) -> None:
+        """
+        Whether C{need} seconds would fit now, holding nothing (a read).
+
+        @raise quota.QuotaExceeded: they would not.
+        """
+        def check(cursor: Any) -> None:
+            used, earned = self._rows(cursor, account, now, window)
+            quota.admit(base, used, earned, need, now, window)
+
+        await self._run(check)
+
     async def reserve(
         self, account: str, base: float, need: float, now: float, expires: float,
         window: float = quota.WINDOW,
@@ -422,6 +436,9 @@ class AccountStore:
 
         def update(cursor: Any) -> None:
             self._dialect.begin(cursor, write=True)
+            # Taken with the account's lock, so that a reserve reading the
+            # sums and then the holds never misses this request in between.
+            self._dialect.lockAccount(cursor, reservation.account)
             self._execute(cursor, "DELETE FROM holds WHERE id = ?", (reservation.id,))
             self._add(cursor, reservation.account, now, charged, 0.0)
 
@@ -454,6 +471,7 @@ class AccountStore:
         def insert(cursor: Any) -> tuple[int, int]:
             self._dialect.begin(cursor, write=True)
             new = 0
+            credit: dict[str, float] = {}
             for t in transactions:
                 seconds = t["audio_seconds"]
                 earned = (
@@ -476,7 +494,16 @@ class AccountStore:
                 if cursor.rowcount > 0:
                     new += 1
                     if earned:
-                        self._add(cursor, t["producer"], now, 0.0, earned)
+                        credit[t["producer"]] = credit.get(t["producer"], 0.0) + earned
+            # One sum per producer, in one order for every batch (two
+            # batches at once then never wait for each other crosswise); a
+            # producer that never spends is pruned here.
+            for producer in sorted(credit):
+                self._add(cursor, producer, now, 0.0, credit[producer])
+                self._execute(
+                    cursor, "DELETE FROM quota_buckets WHERE account = ? AND bucket < ?",
+                    (producer, quota.bucketOf(now - quota.WINDOW)),
+                )
             return new, len(transactions) - new
 
         return await self._run(insert)  # type: ignore[no-any-return]

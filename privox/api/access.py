@@ -27,6 +27,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
 
+from twisted.application.internet import backoffPolicy
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -36,6 +38,14 @@ from privox.api.errors import NotServed, OverQuota, Unauthorized, Unavailable
 from privox.keys import KeyPolicy, keyId
 
 log = Logger()
+
+#: What L{AccountAccess.check} asks to be left: anything at all.
+_SOMETHING = 0.001
+
+#: A settle that fails is tried again this many times in all, after these
+#: delays (1 s, growing to a minute): a request served is a request charged.
+SETTLE_ATTEMPTS = 12
+_settleBackoff = backoffPolicy(initialDelay=1.0, maxDelay=60.0, factor=2.0, jitter=lambda: 0.0)
 
 @dataclass(frozen=True)
 class Caller:
@@ -75,6 +85,14 @@ class Access(Protocol):
         """
         @raise Unauthorized: no key where one is needed, or a key that is
             not accepted.
+        """
+
+    async def check(self, caller: Caller) -> None:
+        """
+        Before costly work for a request whose need is not known yet: is
+        anything left at all?
+
+        @raise OverQuota: nothing is.
         """
 
     async def admit(self, caller: Caller, need: float, lasts: float) -> Grant:
@@ -139,6 +157,9 @@ class PolicyAccess:
             raise Unauthorized("the key was not accepted")
         return Caller(key)
 
+    async def check(self, caller: Caller) -> None:
+        pass
+
     async def admit(self, caller: Caller, need: float, lasts: float) -> Grant:
         return _Free()
 
@@ -164,21 +185,32 @@ class _Reserved:
         self.reservation = reservation
 
     async def settle(self, seconds: float) -> None:
-        await _quietly(
-            self._store.settle(self.reservation, seconds, self._clock.seconds()), "settle"
-        )
+        # The answer is already computed: a store hiccup now must not cost
+        # the caller their result, nor make it free. Tried again in the
+        # background, with backoff, until it is recorded.
+        await self._settle(seconds, 0)
+
+    async def _settle(self, seconds: float, attempt: int) -> None:
+        try:
+            await self._store.settle(self.reservation, seconds, self._clock.seconds())
+        except Exception:
+            if attempt + 1 >= SETTLE_ATTEMPTS:
+                log.failure("gave up settling a quota reservation of {seconds} s", seconds=seconds)
+                return
+            delay = _settleBackoff(attempt)
+            log.warn(
+                "could not settle a quota reservation; trying again in {delay:.1f} s", delay=delay
+            )
+            self._clock.callLater(
+                delay, lambda: Deferred.fromCoroutine(self._settle(seconds, attempt + 1))
+            )
 
     async def release(self) -> None:
-        await _quietly(self._store.release(self.reservation), "release")
-
-
-async def _quietly(work: Any, what: str) -> None:
-    # The answer is already computed: a store hiccup now must not cost the
-    # caller their result. What was held stays held until the hold expires.
-    try:
-        await work
-    except Exception:
-        log.failure("could not {what} a quota reservation", what=what)
+        try:
+            await self._store.release(self.reservation)
+        except Exception:
+            # What was held stays held until the hold expires.
+            log.failure("could not release a quota reservation")
 
 
 class AccountAccess:
@@ -225,6 +257,18 @@ class AccountAccess:
             raise Unauthorized("the key was not accepted (unknown, revoked, or not a user key)")
         base = self.hourlySeconds if account.hourlySeconds is None else account.hourlySeconds
         return Caller(key, account.account, base)
+
+    async def check(self, caller: Caller) -> None:
+        assert caller.account is not None
+        try:
+            await self.store.check(
+                caller.account, caller.base, _SOMETHING, self.clock.seconds(), self.window
+            )
+        except quota.QuotaExceeded as e:
+            raise _overQuota(e, _SOMETHING, self.window) from None
+        except Exception:
+            log.failure("the account store failed")
+            raise _storeDown() from None
 
     async def admit(self, caller: Caller, need: float, lasts: float) -> Grant:
         assert caller.account is not None
@@ -290,7 +334,12 @@ async def _unavailableIfFails(work: Any) -> Any:
 
 def _overQuota(e: quota.QuotaExceeded, need: float, window: float) -> OverQuota:
     s = e.standing
-    if e.never:
+    if need <= _SOMETHING:
+        message = (
+            f"quota used: {s.used:.0f} of {s.allowance:.0f} audio seconds in the last "
+            f"{window:.0f} s; retry in {e.retryAfter} s"
+        )
+    elif e.never:
         message = (
             f"this request needs {need:.0f} s of audio, more than the {s.allowance:.0f} s "
             f"this key may use per {window:.0f} s"

@@ -34,7 +34,7 @@ from importlib import resources
 from typing import Any, Awaitable, Callable
 
 from klein import Klein
-from twisted.internet.defer import CancelledError, maybeDeferred
+from twisted.internet.defer import CancelledError, DeferredSemaphore, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.internet.threads import deferToThreadPool
@@ -43,13 +43,13 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from privox.api import forms
 from privox.api.access import Access, Caller, Grant
-from privox.api.errors import ApiError, BadInput
+from privox.api.errors import ApiError, BadInput, errorBody
 from privox.api.exchange import Exchange, Transcribed
 from privox.api.ledger import readLedger
 from privox.api.measure import spokenSeconds
 from privox.api.models import ModelTable
 from privox.api.site import ApiSite, bodyLimit
-from privox.audiofile import BadFile, uploadSeconds
+from privox.audiofile import MAX_DECODED_SECONDS, BadFile, uploadSeconds
 from privox.metrics import (
     CONTENT_TYPE_LATEST,
     ApiMetrics,
@@ -58,7 +58,7 @@ from privox.metrics import (
     statusHtml,
     usage,
 )
-from privox.wav import wavSeconds
+from privox.wav import BadWav, cutWav, wavSeconds
 
 #: The original exchange's upload limit.
 DEFAULT_MAX_UPLOAD = 200 * 1024 * 1024
@@ -71,25 +71,15 @@ HOLD_MARGIN = 5.0
 #: Runs C{f(*args)} in a thread and fires with its result.
 Runner = Callable[..., Any]
 
+#: How many requests' blocking work (parsing, measuring) may run at once;
+#: the rest wait their turn.
+BLOCKING_AT_ONCE = 2
+
 _PLAIN = b"text/plain; charset=utf-8"
 _JSON = b"application/json"
 _WAV = b"audio/wav"
 _HTML = b"text/html; charset=utf-8"
 _JS = b"text/javascript; charset=utf-8"
-
-#: OpenAI-style C{code} for each status.
-_CODES = {
-    400: "bad_request",
-    401: "invalid_api_key",
-    413: "request_too_large",
-    422: "unsupported",
-    404: "not_found",
-    405: "method_not_allowed",
-    429: "rate_limit_exceeded",
-    503: "no_capacity",
-    504: "timeout",
-}
-
 
 class _Done:
     """
@@ -139,15 +129,18 @@ class PrivoxAPI:
             seconds after it.
         @param runInThread: runs blocking work (parsing large bodies,
             measuring audio) off the reactor thread; default: the reactor's
-            thread pool.
+            thread pool, at most L{BLOCKING_AT_ONCE} at a time (so that the
+            rest of the pool, host name lookups included, stays free).
         """
         if clock is None:
             from twisted.internet import reactor as clock
         if runInThread is None:
             from twisted.internet import reactor
 
+            turns = DeferredSemaphore(BLOCKING_AT_ONCE)
+
             def runInThread(f: Callable[..., Any], *args: Any) -> Any:
-                return deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
+                return turns.run(deferToThreadPool, reactor, reactor.getThreadPool(), f, *args)
         self.exchange = exchange
         self.models = models
         self.access = access
@@ -270,11 +263,16 @@ class PrivoxAPI:
         self, caller: Caller, model: str, language: str | None, audio: forms.Upload
     ) -> Transcribed:
         # What the upload really is decides what it costs, whatever its
-        # header or the producer says.
-        try:
-            seconds = await self.runInThread(uploadSeconds, audio.data, audio.format)
-        except BadFile as e:
-            raise BadInput(str(e)) from None
+        # header or the producer says. Decoding costs CPU: not for a caller
+        # with nothing left.
+        seconds = wavSeconds(audio.data)  # a PCM WAV's header: read at once
+        if seconds is None or not 0 < seconds <= MAX_DECODED_SECONDS:
+            # Decoded (or refused, saying why) in a thread.
+            await self.access.check(caller)
+            try:
+                seconds = await self.runInThread(uploadSeconds, audio.data, audio.format)
+            except BadFile as e:
+                raise BadInput(str(e)) from None
         grant = await self.access.admit(caller, seconds, self.holdFor)
         result: Transcribed = await _charged(
             grant,
@@ -286,16 +284,19 @@ class PrivoxAPI:
     async def _synthesize(
         self, caller: Caller, model: str, language: str | None, voice: str | None, text: str
     ) -> bytes:
-        # Admitted on what the text may take at most to say; pays what the
-        # audio lasts, never more than that.
-        grant = await self.access.admit(caller, spokenSeconds(text), self.holdFor)
+        # Admitted on what the text may take at most to say; given and
+        # charged the audio's length, never more than that (a longer answer,
+        # from a rogue producer or an estimate that fell short, is cut).
+        need = spokenSeconds(text)
+        grant = await self.access.admit(caller, need, self.holdFor)
         audio: bytes = await _charged(
             grant, self.exchange.synthesize(model, language, voice, text)
         )
-        seconds = wavSeconds(audio)
-        if seconds is None:
+        try:
+            audio, seconds = await self.runInThread(cutWav, audio, need)
+        except BadWav:
             await grant.release()
-            raise ApiError("the producer's answer is not a WAV file")
+            raise ApiError("the producer's answer is not a WAV file") from None
         await grant.settle(seconds)
         return audio
 
@@ -440,19 +441,7 @@ class PrivoxAPI:
         request.setResponseCode(error.status)
         if error.retryAfter is not None:
             request.setHeader(b"Retry-After", str(error.retryAfter).encode("ascii"))
-        message = " ".join(error.message.split()) or error.kind
-        if openai:
-            return _json(
-                request,
-                {
-                    "error": {
-                        "message": message,
-                        "type": error.kind,
-                        "code": _CODES.get(error.status, error.kind),
-                    }
-                },
-            )
-        return _reply(request, _PLAIN, (message + "\n").encode("utf-8"))
+        return _reply(request, *errorBody(error, openai))
 
     def _logRequest(
         self, request: IRequest, route: str, status: int, size: int, started: float, done: _Done
@@ -490,7 +479,7 @@ def _received(request: IRequest) -> int:
     How many body bytes the request brought.
     """
     content = request.content
-    if content is None:
+    if content is None or content.closed:  # the client went away
         return 0
     position = content.tell()
     content.seek(0, 2)

@@ -5,6 +5,8 @@ reason; and how a PVX/2 FAIL code becomes one.
 
 from __future__ import annotations
 
+import json
+
 from privox.messages import ErrorCode
 
 
@@ -96,3 +98,35 @@ def fromFailCode(code: str, message: str) -> ApiError:
     The API error for a farm's C{FAIL code}.
     """
     return _BY_CODE.get(code, ApiError)(message)
+
+
+#: OpenAI-style C{code} for each status.
+_CODES = {
+    400: "bad_request",
+    401: "invalid_api_key",
+    413: "request_too_large",
+    422: "unsupported",
+    404: "not_found",
+    405: "method_not_allowed",
+    429: "rate_limit_exceeded",
+    503: "no_capacity",
+    504: "timeout",
+}
+
+
+def errorBody(error: ApiError, openai: bool) -> tuple[bytes, bytes]:
+    """
+    The body of an error response and its content type: OpenAI's
+    C{{"error": {"message", "type", "code"}}} under C{/v1}, else a line of
+    text.
+    """
+    message = " ".join(error.message.split()) or error.kind
+    if openai:
+        body = {"error": {"message": message, "type": error.kind,
+                          "code": _CODES.get(error.status, error.kind)}}
+        return b"application/json", json.dumps(body, ensure_ascii=False).encode("utf-8")
+    return b"text/plain; charset=utf-8", (message + "\n").encode("utf-8")
+
+
+def tooLarge(size: int, limit: int) -> TooLarge:
+    return TooLarge(f"the request is {size} bytes; the limit is {limit} bytes")

@@ -15,10 +15,10 @@ Every parser here raises an L{ApiError} subclass, never anything else:
   - L{Unsupported} (422): a language, C{response_format} or other choice this
     API does not offer.
 
-The key comes from an C{Authorization: Bearer KEY} header or the C{key}
-field, on every route. A key in the header is checked before the body is
-parsed at all; one in a field (the original clients send it after the
-file) once the body is. It never goes into a message or a C{repr}.
+The key comes from an C{Authorization: Bearer KEY} header or, without one,
+the C{key} field, on every route. A key in the header is checked before the
+body is parsed at all; one in a field (the original clients send it after
+the file) once the body is. It never goes into a message or a C{repr}.
 
 Bodies are multipart/form-data or application/x-www-form-urlencoded (the
 original routes and OpenAI's transcriptions), or JSON (OpenAI's speech).
@@ -41,8 +41,9 @@ from multipart import MultipartError, MultipartSegment, PushMultipartParser, par
 from twisted.web.iweb import IRequest
 
 from privox.api.access import Access, Caller
-from privox.api.errors import BadInput, TooLarge, Unsupported
-from privox.messages import CONTROL_CHARACTERS
+from privox.api.errors import BadInput, TooLarge, Unsupported, tooLarge
+from privox.audiofile import sniff
+from privox.messages import CONTROL_CHARACTERS, MAX_TEXT
 
 #: The original API's default quality and language.
 DEFAULT_QUALITY = "fast"
@@ -66,7 +67,10 @@ UNSERVED_SPEECH_FORMATS = ("pcm",)
 # A language tag: "en", "pt-BR", "zh_Hans", "yue".
 _LANGUAGE = re.compile(r"[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{1,8})*")
 _TRUE = ("1", "true", "yes", "on")
-_CHUNK = 1 << 20
+# Over the API's malloc mmap threshold (privox.memory): each read is a
+# mapping of its own, returned when freed. Smaller reads would pile up in a
+# heap that a 100 MB upload grows and nothing shrinks (tests/test_attack).
+_CHUNK = 1024 * 1024
 
 #: Bodies up to this size are parsed on the reactor thread; larger ones in a thread.
 INLINE_PARSE = 64 * 1024
@@ -185,13 +189,12 @@ def decodeText(value: bytes, name: str) -> str:
 
 def sniffFormat(data: bytes) -> str:
     """
-    The PVX/2 C{format} for an upload, from its first bytes.
+    The PVX/2 C{format} for an upload, from its first bytes
+    (L{privox.audiofile.sniff}; anything else goes as C{auto}, for the node
+    to decode with FFmpeg).
     """
-    if data[:4] == b"RIFF":
-        return "wav"
-    if data[:2] == b"PK":
-        return "zip"
-    return "auto"
+    kind = sniff(data)
+    return "auto" if kind == "container" else kind
 
 
 def bodySize(request: IRequest, maxUpload: int) -> int:
@@ -209,18 +212,14 @@ def bodySize(request: IRequest, maxUpload: int) -> int:
         except ValueError:
             length = 0  # twisted.web has already refused a malformed one
         if length > maxUpload:
-            raise _tooLarge(length, maxUpload)
+            raise tooLarge(length, maxUpload)
     content = request.content
     content.seek(0, 2)
     size = content.tell()
     content.seek(0, 0)
     if size > maxUpload:
-        raise _tooLarge(size, maxUpload)
+        raise tooLarge(size, maxUpload)
     return size
-
-
-def _tooLarge(size: int, maxUpload: int) -> TooLarge:
-    return TooLarge(f"the request is {size} bytes; the limit is {maxUpload} bytes")
 
 
 def readForm(request: IRequest, size: int) -> Fields:
@@ -298,15 +297,15 @@ def _header(request: IRequest, name: bytes) -> str | None:
 
 def findKey(request: IRequest, fields: Fields | None = None) -> str | None:
     """
-    The key: the C{key} field if there is one, else C{Authorization: Bearer};
-    L{None} if neither is given (or the key is blank).
+    The key: C{Authorization: Bearer KEY} if the request has one, else the
+    C{key} field (when C{fields} are given); L{None} if neither is given (or
+    the key is blank).
     """
+    authorization = _header(request, b"authorization") or ""
+    scheme, _, credentials = authorization.strip().partition(" ")
+    if scheme.lower() == "bearer" and credentials.strip():
+        return credentials.strip()
     key = fields.text("key") if fields is not None else None
-    if key is None:
-        authorization = _header(request, b"authorization") or ""
-        scheme, _, credentials = authorization.strip().partition(" ")
-        if scheme.lower() == "bearer" and credentials.strip():
-            key = credentials.strip()
     return key or None
 
 
@@ -328,9 +327,8 @@ async def _callerAndFields(
     a large body is parsed in a thread.
     """
     size = bodySize(request, limit)
-    caller = None
-    if _header(request, b"authorization"):
-        caller = await access.authorize(findKey(request))
+    bearer = findKey(request)
+    caller = await access.authorize(bearer) if bearer is not None else None
     if size > INLINE_PARSE:
         fields = await runInThread(readForm, request, size)
     else:
@@ -343,6 +341,8 @@ async def _callerAndFields(
 def _speakable(text: str | None, name: str) -> str | None:
     if text is not None and CONTROL_CHARACTERS.search(text):
         raise BadInput(f"{name} contains control characters")
+    if text is not None and len(text) > MAX_TEXT:
+        raise TooLarge(f"{name} is {len(text)} characters; at most {MAX_TEXT} are spoken")
     return text
 
 

@@ -16,13 +16,13 @@ make the API buffer, or parse, megabytes of text.
 
 from __future__ import annotations
 
-import json
 from typing import Any, Callable
 
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.web.server import Request
 
+from privox.api.errors import errorBody, tooLarge
 from privox.web import PrivateHTTPChannel, PrivateSite
 
 #: Routes whose bodies carry an audio file: up to the API's --max-upload.
@@ -118,14 +118,9 @@ class ApiChannel(PrivateHTTPChannel):
             limit=limit,
         )
         self.site.refused(route)
-        message = f"the request is {size} bytes; the limit is {limit} bytes"
-        if self._path.startswith(b"/v1/"):
-            # OpenAI's error shape, as the routes answer it.
-            kind = "request_too_large"
-            error = {"error": {"message": message, "type": kind, "code": kind}}
-            contentType, body = b"application/json", json.dumps(error).encode("utf-8")
-        else:
-            contentType, body = b"text/plain; charset=utf-8", message.encode("utf-8") + b"\n"
+        contentType, body = errorBody(
+            tooLarge(size, limit), openai=self._path.startswith(b"/v1/")
+        )
         self.transport.write(
             b"HTTP/1.1 413 Request Entity Too Large\r\nContent-Type: %s\r\n"
             b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
-from privox.audiofile import MAX_DECODED_SECONDS, BadFile, unzipWav
+from privox.audiofile import MAX_DECODED_SECONDS, BadFile, ContainerAudio, unzipWav
 from privox.audiofile import sniff as _sniff
 from privox.engines.base import Audio, BadAudio
 from privox.messages import AUDIO_FORMATS
@@ -39,10 +39,6 @@ if TYPE_CHECKING:
 
 #: The rate of C{pcm_s16le} uploads (mono, signed 16-bit little-endian).
 PCM_RATE = 16000
-
-#: A WAV header (with the chunks before C{data}) larger than this is refused,
-#: so a stream never buffers without bound while waiting for its audio.
-MAX_WAV_HEADER_BYTES = 1024 * 1024
 
 
 #: C{pcm_s16le} uploads' sample format.
@@ -190,10 +186,9 @@ class PCMStream:
             if _sniff(bytes(self._buffer[:12])) != "wav":
                 self._buffering = True
                 return False
+        # Never buffers past privox.wav.MAX_HEADER_BYTES: the reader refuses.
         header = _readHeader(self._buffer)
         if header is None:
-            if len(self._buffer) > MAX_WAV_HEADER_BYTES:
-                raise BadAudio(f"WAV header longer than {MAX_WAV_HEADER_BYTES} bytes")
             return False
         if header.format is None:
             self._buffering = True
@@ -311,38 +306,27 @@ def _decodeContainer(data: bytes, rate: int, what: str) -> Audio:
     import av
 
     parts: list[npt.NDArray[np.float32]] = []
-    room = MAX_DECODED_SECONDS * rate  # samples still allowed
-
-    def collect(frames: list[av.AudioFrame]) -> None:
-        nonlocal room
-        for samples in _frames(frames):
-            parts.append(samples)
-            room -= len(samples)
-        if room < 0:
-            raise BadAudio(f"audio longer than {MAX_DECODED_SECONDS} s")
-
+    decoded = ContainerAudio(data, what)
     try:
-        with av.open(io.BytesIO(data), mode="r") as container:
-            what = container.format.name.split(",")[0]  # "mov,mp4,m4a,..." -> "mov"
-            if not container.streams.audio:
-                raise BadAudio(f"no audio stream in this {what} file")
-            resampler, source = None, None
-            for frame in container.decode(container.streams.audio[0]):
-                # A resampler is set up for one input layout and rate; some
-                # streams (chained ogg, mp3) change them midway.
-                if (frame.format.name, frame.layout.name, frame.sample_rate) != source:
-                    if resampler is not None:
-                        collect(resampler.resample(None))
-                    resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
-                    source = (frame.format.name, frame.layout.name, frame.sample_rate)
-                collect(resampler.resample(frame))
-            if resampler is not None:
-                collect(resampler.resample(None))
+        resampler, source = None, None
+        for frame in decoded:
+            # A resampler is set up for one input layout and rate; some
+            # streams (chained ogg, mp3) change them midway.
+            if (frame.format.name, frame.layout.name, frame.sample_rate) != source:
+                if resampler is not None:
+                    parts += _frames(resampler.resample(None))
+                resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
+                source = (frame.format.name, frame.layout.name, frame.sample_rate)
+            parts += _frames(resampler.resample(frame))
+        if resampler is not None:
+            parts += _frames(resampler.resample(None))
+    except BadFile as e:
+        raise BadAudio(str(e)) from e
     except av.error.FFmpegError as e:
-        raise BadAudio(f"cannot decode {what}: {e.strerror or e}") from e
+        raise BadAudio(f"cannot decode {decoded.what}: {e.strerror or e}") from e
     samples = np.concatenate(parts).astype(np.float32, copy=False) if parts else _EMPTY_F32
     if not len(samples):
-        raise BadAudio(f"empty audio: the {what} file decodes to no samples")
+        raise BadAudio(f"empty audio: the {decoded.what} file decodes to no samples")
     return Audio(samples, rate)
 
 

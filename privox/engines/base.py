@@ -23,13 +23,10 @@ import numpy as np
 import numpy.typing as npt
 
 from privox.engines.errors import BadAudio, EngineError, Unsupported
-from privox.messages import CONTROL_CHARACTERS, ErrorCode
+from privox.messages import CONTROL_CHARACTERS, MAX_TEXT, ErrorCode
 
 __all__ = ["BadAudio", "EngineError", "Unsupported"]
 
-
-#: The longest text a TTS job may ask for, in characters.
-MAX_TEXT = 5000
 
 
 def checkText(engine: str, text: str) -> None:

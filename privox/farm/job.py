@@ -23,6 +23,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Protocol
 
 from automat import TypeMachineBuilder
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from zope.interface import implementer
@@ -32,6 +34,8 @@ from privox.messages import ErrorCode, JobRequest, failPayload
 if TYPE_CHECKING:
     from privox.farm.connection import ConsumerSession, FarmConnection, ProducerSession
     from privox.farm.farm import Farm
+
+log = Logger()
 
 
 class JobEvents(Protocol):
@@ -248,6 +252,14 @@ class Job:
         self._detachConsumer()
         self.farm.jobFinished(self)
 
+    def _recordingFailed(self, failure: Failure) -> None:
+        # A bug, not a disk (a failed write fires recorded too): the job
+        # must still end, or its consumer could never send another.
+        log.failure("job {job_id}: delivering its answer failed", failure, job_id=self.id)
+        if self.consumer is not None:
+            self.consumer.connection.abort()
+        self._close()
+
     def _finish(self, outcome: str, releaseProducer: bool) -> None:
         """
         End a job that gives its consumer no answer (failed, cancelled,
@@ -352,7 +364,9 @@ def _resultData(events: JobEvents, job: Job, payload: bytes) -> None:
 
 @returning.upon(JobEvents.resultComplete).to(recording)
 def _resultComplete(events: JobEvents, job: Job) -> None:
-    job._record("ok", releaseProducer=True).addCallback(lambda _: job.events.recorded())
+    recorded = job._record("ok", releaseProducer=True)
+    recorded.addCallback(lambda _: job.events.recorded())
+    recorded.addErrback(job._recordingFailed)
 
 
 @recording.upon(JobEvents.recorded).to(finished)

@@ -209,6 +209,9 @@ class _Batcher:
         self._writing = False
         self._idle: list[Deferred[None]] = []
         self._now = False  # stopping: write at once, no waiting
+        #: The last write failed: answers are not held back for records
+        #: that may not be written for a while (they are retried).
+        self._failing = False
 
     def add(self, line: bytes) -> Deferred[None]:
         """
@@ -216,9 +219,11 @@ class _Batcher:
         (or has failed).
         """
         self._pending.append(line)
+        self._schedule(self._interval)
+        if self._failing:
+            return succeed(None)
         written: Deferred[None] = Deferred()
         self._waiting.append(written)
-        self._schedule(self._interval)
         return written
 
     def _schedule(self, delay: float) -> None:
@@ -251,6 +256,7 @@ class _Batcher:
 
     def _afterWrite(self, result: Any, batch: list[bytes]) -> None:
         self._writing = False
+        self._failing = isinstance(result, Failure)
         if isinstance(result, Failure):
             log.error(
                 "ledger: cannot write {n} records to {path}: {why}; will retry"

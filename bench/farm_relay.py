@@ -10,6 +10,11 @@ Runs, in one go and side by side:
      server that is its own producer (no relaying).
   2. Large STT uploads (10 MB) through the farm, in MB/s. Baseline: the same
      bytes written to a plain TCP socket on loopback and counted by a reader.
+  3. The farm against a lean relay doing the same work: C{bench/asyncio_farm.py},
+     a compact PVX/2 farm on asyncio, under the same load (64 consumers on
+     reused connections, 8 producers; 32 KB jobs, then 1 MB jobs): the CPU
+     each spends per job and per MB (issue 17: privox-farm must spend no
+     more than it).
 
 Every party has a process of its own: the farm, started as its systemd unit
 starts it (``twistd -n --pidfile= --logger privox.logs.textStdout privox-farm
@@ -743,8 +748,10 @@ def measure(children: Children, phase: Phase, args: argparse.Namespace,
     return run
 
 
-def table(rows: list[tuple[str, str, str, str]]) -> str:
-    header = ("measurement", "farm", "baseline", "ratio")
+def table(
+    rows: list[tuple[str, str, str, str]],
+    header: tuple[str, str, str, str] = ("measurement", "farm", "baseline", "ratio"),
+) -> str:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
     line = "  ".join("-" * w for w in widths)
     out = [
@@ -756,6 +763,36 @@ def table(rows: list[tuple[str, str, str, str]]) -> str:
             "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
         )
     return "\n".join(out)
+
+
+def compareTable(runs: dict[tuple[str, str], Run]) -> str:
+    """
+    privox-farm against the asyncio farm on the same loads: the CPU each
+    server spent per job and per MB, and the work per wall-clock second.
+    """
+    def perJob(r: Run) -> float:
+        return r.cpu["server"] / r.jobs * 1e6 if r.jobs else float("nan")
+
+    def perMB(r: Run) -> float:
+        return r.cpu["server"] / (r.bytes / MB) * 1e3 if r.bytes else float("nan")
+
+    f32, a32, f1, a1 = (runs["farm", "32k"], runs["asyncio", "32k"],
+                        runs["farm", "1mb"], runs["asyncio", "1mb"])
+    rows = [
+        ("32 KB jobs/s (64c x 8p)", f"{f32.jobs / f32.seconds:,.0f}", f"{a32.jobs / a32.seconds:,.0f}",
+         ratio(f32.jobs / f32.seconds, a32.jobs / a32.seconds)),
+        ("32 KB: server CPU per job (us)", f"{perJob(f32):.0f}", f"{perJob(a32):.0f}",
+         ratio(perJob(f32), perJob(a32))),
+        ("1 MB jobs: MB/s (64c x 8p)", f"{f1.bytes / MB / f1.seconds:,.0f}",
+         f"{a1.bytes / MB / a1.seconds:,.0f}", ratio(f1.bytes / f1.seconds, a1.bytes / a1.seconds)),
+        ("1 MB jobs: server CPU per MB (ms)", f"{perMB(f1):.2f}", f"{perMB(a1):.2f}",
+         ratio(perMB(f1), perMB(a1))),
+        ("1 MB jobs: server CPU per job (us)", f"{perJob(f1):.0f}", f"{perJob(a1):.0f}",
+         ratio(perJob(f1), perJob(a1))),
+    ]
+    return ("privox-farm against bench/asyncio_farm.py, same load, same run (CPU ratios "
+            "below 1: the farm spends less):\n"
+            + table(rows, ("measurement", "privox-farm", "asyncio farm", "ratio")))
 
 
 def ratio(farm: float, base: float) -> str:
@@ -811,6 +848,14 @@ def benchmark(args: argparse.Namespace) -> None:
             str(jobsPort), str(pipePort), str(args.large_bytes),
             *(["--tls-dir", args.tls_dir] if args.tls_dir else []),
         ])
+        compare = not (args.tls or args.pvx1 or args.only)
+        if compare:
+            asyncioPort = freePort()
+            children.start("asyncio", [
+                sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "asyncio_farm.py"),
+                str(asyncioPort), "--max-job-bytes", str(max(20_000_000, 2 * args.large_bytes)),
+            ])
+            children.waitForPort("asyncio", asyncioPort)
         children.waitForPort("farm", farmPort)
         children.waitForPort("baseline", jobsPort)
         children.waitForPort("baseline", pipePort)
@@ -927,6 +972,23 @@ def benchmark(args: argparse.Namespace) -> None:
         print()
         verified = fs.verified + bs.verified + fl.verified
         mismatched = fs.mismatched + bs.mismatched + fl.mismatched
+        if compare:
+            lean = dict(seconds=args.duration, warmup=args.warmup)
+            runs = {}
+            for label, kind, size, check in (("32k", "small", 32 * 1024, "sha256"),
+                                             ("1mb", "large", MB, args.large_check)):
+                for server, port in (("farm", farmPort), ("asyncio", asyncioPort)):
+                    print(f"{size // 1024} KB jobs through {'privox-farm' if server == 'farm' else 'the asyncio farm'}"
+                          f" (64c x 8p, {args.duration:g} s)...", flush=True)
+                    runs[server, label] = measure(children, Phase(
+                        f"{server}-{label}", server, port, kind, 64, bytes=size, producers=8,
+                        check=check, **lean), args, profile)
+            print()
+            print(compareTable(runs))
+            print()
+            for r in runs.values():
+                verified += r.verified
+                mismatched += r.mismatched
         print(
             f"digests verified: {verified} results matched their input, {mismatched} mixed up "
             f"(farm: {fs.verified} small, sha256, + {fl.verified} large, {args.large_check}; "

@@ -10,7 +10,7 @@ import sys
 import atheris
 
 with atheris.instrument_imports():
-    from privox.farm.farm import FarmSettings
+    from privox.farm.settings import FarmSettings
     from privox.farm.pvx1 import BadHeader, aliasesFor, isComplete, parseHeader, requestFrom
     from privox.messages import BadRequest
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from twisted.internet.tcp import Connection
 from twisted.protocols.policies import ProtocolWrapper
 
 HEADER_LEN = 12
@@ -278,3 +279,36 @@ def socketTransport(transport: Any) -> Any:
     while isinstance(transport, ProtocolWrapper):
         transport = transport.transport
     return transport
+
+
+def sendNow(transport: Any, *parts: bytes) -> None:
+    """
+    C{transport.write} of C{parts}, in order, but sent at once (one
+    C{sendmsg}, the parts gathered by the kernel) when nothing is waiting to
+    go out before them: a Twisted TCP transport otherwise buffers every
+    write and sends it on the reactor's next turn, after registering for
+    writability and before unregistering again (two epoll calls and a trip
+    through the reactor per frame: a fifth of the farm's CPU per small job).
+    What the socket does not take at once is buffered as usual; an error is
+    left for the transport to find as it would have.
+    """
+    if (
+        isinstance(transport, Connection)
+        and transport.connected
+        and not transport.disconnecting
+        and not transport._tempDataBuffer
+        and len(transport.dataBuffer) == transport.offset
+    ):
+        try:
+            sent = transport.socket.sendmsg(parts) if len(parts) > 1 else transport.socket.send(parts[0])
+        except OSError:
+            sent = 0  # full, or broken: the transport finds out which
+        for part in parts:
+            if sent >= len(part):
+                sent -= len(part)
+                continue
+            transport.write(part[sent:] if sent else part)
+            sent = 0
+        return
+    for part in parts:
+        transport.write(part)

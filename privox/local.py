@@ -25,10 +25,12 @@ from privox.api.service import ApiSettings, TrackedFactory, buildApi
 from privox.config import optionsFor, setting
 from privox.engines.registry import ModelSpec, SpecError, createEngine
 from privox.farm.connection import FarmFactory
-from privox.farm.farm import Farm, FarmSettings
+from privox.farm.farm import Farm
+from privox.farm.settings import FarmSettings
 from privox.farm.splice import splicerFor
 from privox.keys import OpenPolicy
-from privox.metrics import CollectorRegistry, farmStatus, instrumentFarm
+from privox.farm.observe import farmStatus, instrumentFarm
+from privox.metrics import CollectorRegistry
 from privox.node.service import NodeService, NodeSettings
 
 log = Logger()
@@ -114,13 +116,14 @@ class LocalExchange(Service):
     def __init__(self, settings: LocalSettings, reactor: Any) -> None:
         self.settings = settings
         self._reactor = reactor
+        farmSettings = FarmSettings(stats_interval=0.0, blur_usage=settings.blur_usage)
         self.farm = Farm(
-            FarmSettings(stats_interval=0.0, blur_usage=settings.blur_usage),
+            farmSettings,
             reactor,
             OpenPolicy(),
             OpenPolicy(),
+            splicer=splicerFor(farmSettings.splice_min, reactor),
         )
-        self.farm.splicer = splicerFor(self.farm.settings.splice_min, reactor)
         # One registry for the farm, the node and the API: the API's
         # /metrics shows them all.
         self.registry = CollectorRegistry()

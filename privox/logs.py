@@ -10,7 +10,7 @@ Log observers for the daemons, for C{twistd --logger}:
 
 The events carry the same named fields as the text lines (route, status,
 model, sizes, milliseconds, key ids); with C{--blur-usage} sizes and times
-are rounded in both.
+are rounded in both (L{logFigures}).
 
 All three are L{BufferedLogObserver}s. Twisted's own file observers write
 and flush every line where it is logged, on the reactor thread: a farm
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import atexit
 import io
+import math
 import os
 import sys
 import threading
@@ -48,6 +49,41 @@ FLUSH_INTERVAL = 0.2
 MAX_PENDING = 64 * 1024
 
 _URGENT = frozenset([LogLevel.warn, LogLevel.error, LogLevel.critical])
+
+
+# Sizes and times in log lines, blurred on request.
+
+
+def blurBytes(n: int) -> int:
+    """
+    C{n} to two significant figures (C{123456} -> C{120000}); below 100 it
+    is left as it is.
+    """
+    n = int(n)
+    if n < 100:
+        return n
+    factor = 10 ** (len(str(n)) - 2)
+    return int(math.floor(n / factor + 0.5)) * factor
+
+
+def blurMs(ms: float) -> int:
+    """
+    Milliseconds rounded to the nearest 100 ms.
+    """
+    return int(math.floor(ms / 100 + 0.5)) * 100
+
+
+def logFigures(blur: bool, *, ms: float | None = None, **sizes: int) -> dict[str, int]:
+    """
+    Log fields: C{ms} (milliseconds) and byte counts, blurred when C{blur}
+    is set, exact otherwise.
+    """
+    fields: dict[str, int] = {}
+    if ms is not None:
+        fields["ms"] = blurMs(ms) if blur else round(ms)
+    for name, value in sizes.items():
+        fields[name] = blurBytes(value) if blur else int(value)
+    return fields
 
 
 @implementer(ILogObserver)

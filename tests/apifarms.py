@@ -122,7 +122,7 @@ class LiveFarm:
         """
         Consumer connections the farm has now.
         """
-        from privox.farm.connection import ConsumerSession
+        from privox.farm.sessions import ConsumerSession
 
         return sum(isinstance(c.session, ConsumerSession) for c in self.farm.connections)
 

@@ -15,7 +15,8 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from privox.farm.connection import FarmConnection, FarmFactory
-from privox.farm.farm import Farm, FarmSettings
+from privox.farm.farm import Farm
+from privox.farm.settings import FarmSettings
 from privox.keys import OpenPolicy
 from privox.framing import Frame, FrameDecoder, encodeFrame
 from privox.messages import controlFrame

@@ -11,7 +11,8 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, c
 
 from privox.consumer import ConsumerProtocol
 from privox.farm.connection import FarmFactory
-from privox.farm.farm import Farm, FarmSettings
+from privox.farm.farm import Farm
+from privox.farm.settings import FarmSettings
 from privox.farm.splice import splicerFor
 from privox.framing import Frame
 from privox.keys import OpenPolicy
@@ -27,8 +28,11 @@ class LoopbackFarm:
 
     def __init__(self, **settings) -> None:
         settings.setdefault("stats_interval", 0.0)
-        self.farm = Farm(FarmSettings(**settings), reactor, OpenPolicy(), OpenPolicy())
-        self.farm.splicer = splicerFor(self.farm.settings.splice_min, reactor)
+        farmSettings = FarmSettings(**settings)
+        self.farm = Farm(
+            farmSettings, reactor, OpenPolicy(), OpenPolicy(),
+            splicer=splicerFor(farmSettings.splice_min, reactor),
+        )
         self.ports = {}
 
     async def listen(self, ports: dict[str, int] | None = None) -> None:

@@ -12,7 +12,7 @@ from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
 
 from privox.config import optionName, resolve
-from privox.farm.farm import FarmSettings
+from privox.farm.settings import FarmSettings
 from privox.farm.service import Options
 
 ETC = FilePath(__file__).parent().parent().child("etc")

@@ -19,7 +19,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from privox.consumer import ConsumerProtocol, Liveness, Unresponsive
 from privox.farm.connection import FarmFactory
-from privox.farm.farm import Farm, FarmSettings
+from privox.farm.farm import Farm
+from privox.farm.settings import FarmSettings
 from privox.framing import FrameDecoder
 from privox.keys import OpenPolicy
 from privox.messages import controlFrame

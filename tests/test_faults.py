@@ -30,7 +30,7 @@ from twisted.trial.unittest import TestCase
 
 from privox.api.farms import FarmEntry, FarmExchange
 from privox.consumer import JobFailed, connectConsumer
-from privox.farm.connection import ProducerSession
+from privox.farm.sessions import ProducerSession
 from privox.messages import ErrorCode
 from privox.node.echo import DigestEngine, digestOf, toneFor
 from privox.node.worker import Answer, Collected

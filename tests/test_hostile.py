@@ -35,7 +35,7 @@ from privox.api.app import PrivoxAPI
 from privox.api.site import FORM_LIMIT
 from privox.api.models import DEFAULT_STT, DEFAULT_VOICES, ModelTable
 from privox.engines.audio import BadAudio, decodeAudio
-from privox.farm.connection import Phase
+from privox.farm.handshake import Phase
 from privox.framing import VERBS, FrameDecoder, FramingError, encodeFrame
 from privox.keys import OpenPolicy
 from privox.messages import controlFrame

@@ -587,7 +587,8 @@ class HTTPLedgerTests(SynchronousTestCase):
         self.api.down = True
         h = FarmHarness()
         sink = L.HTTPLedger(URL, FARM_KEY, self.spool, h.clock, L.runInline, StubTreq(self.api))
-        service = FarmService(h.farm, h.clock, sink)
+        h.farm.ledger = sink
+        service = FarmService(h.farm, h.clock)
         service.startService()
         producer = h.producer()
         busy = h.consumer()

@@ -15,7 +15,7 @@ from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from privox.consumer import JobFailed, connectConsumer
-from privox.farm.connection import ConsumerSession, ProducerSession
+from privox.farm.sessions import ConsumerSession, ProducerSession
 from privox.node.echo import DigestEngine, digestOf, toneFor
 from privox.node.worker import Answer, Collected
 from tests.loopbackfarm import LoopbackFarm

@@ -25,22 +25,14 @@ from privox.api.farmstatus import RemoteStatus, cleanStatus
 from privox.cli import statusTable
 from privox.config import resolve
 from privox.farm.connection import FarmFactory
-from privox.farm.farm import FarmSettings
+from privox.farm.settings import FarmSettings
 from privox.farm.service import Options as FarmOptions
 from privox.farm.service import makeService as makeFarmService
 from privox.farm.splice import Splicer
 from privox.local import LocalExchange, LocalSettings
-from privox.metrics import (
-    CollectorRegistry,
-    OTHER,
-    blurBytes,
-    blurMs,
-    farmStatus,
-    instrumentFarm,
-    metricsSite,
-    render,
-    usage,
-)
+from privox.farm.observe import farmStatus, instrumentFarm
+from privox.logs import blurBytes, blurMs, logFigures
+from privox.metrics import OTHER, CollectorRegistry, metricsSite, render
 from tests.farmharness import FarmHarness
 from tests.test_api_app import KEY, WAV, APITestCase
 
@@ -93,12 +85,12 @@ class BlurTests(SynchronousTestCase):
         for exact, blurred in [(0, 0), (49.9, 0), (50, 100), (149, 100), (150, 200), (1234.5, 1200)]:
             self.assertEqual(blurMs(exact), blurred, exact)
 
-    def test_usage(self) -> None:
+    def test_logFigures(self) -> None:
         self.assertEqual(
-            usage(False, ms=1234.4, bytes_in=123_456), {"ms": 1234, "bytes_in": 123_456}
+            logFigures(False, ms=1234.4, bytes_in=123_456), {"ms": 1234, "bytes_in": 123_456}
         )
         self.assertEqual(
-            usage(True, ms=1234.4, bytes_in=123_456), {"ms": 1200, "bytes_in": 120_000}
+            logFigures(True, ms=1234.4, bytes_in=123_456), {"ms": 1200, "bytes_in": 120_000}
         )
 
 

@@ -14,7 +14,8 @@ from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from privox.consumer import connectConsumer
-from privox.farm.farm import Farm, FarmSettings
+from privox.farm.farm import Farm
+from privox.farm.settings import FarmSettings
 from privox.keys import OpenPolicy
 from privox.farm.service import FarmService, Options, makeService
 from privox.fdlimit import OpenFileLimitService

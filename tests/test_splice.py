@@ -17,7 +17,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from privox.consumer import ConsumerProtocol, JobFailed
 from privox.farm import splice
-from privox.farm.connection import ConsumerSession, FarmConnection, ProducerSession
+from privox.farm.connection import FarmConnection
+from privox.farm.sessions import ConsumerSession, ProducerSession
 from privox.farm.splice import spliceable
 from privox.framing import Frame, encodeHeader
 from privox.messages import ErrorCode, controlFrame
@@ -25,7 +26,7 @@ from privox.node.echo import DigestEngine, digestOf
 from privox.node.worker import Answer, Collected, ProducerProtocol
 from tests.apifarms import LiveFarm, startFarm
 from tests.loopbackfarm import StallingUpload
-from tests.test_node import until
+from tests.support import until
 
 MiB = 1024 * 1024
 
@@ -130,15 +131,21 @@ class SpliceTestCase(TestCase):
     def connections(self, farm: LiveFarm, kind: type) -> list[FarmConnection]:
         return [c for c in farm.farm.connections if isinstance(c.session, kind)]
 
-    def assertQuiet(self, farm: LiveFarm) -> None:
+    async def assertQuiet(self, farm: LiveFarm) -> None:
         """
-        No relay left behind: every connection reads again, nothing waits.
+        No relay left behind: every connection reads again, nothing waits
+        (once the frame a relay was moving when its job moved on is done).
         """
-        for connection in farm.farm.connections:
-            self.assertIsNone(connection.relayIn)
-            self.assertIsNone(connection.relayOut)
-            self.assertIsNone(connection._readHolds)
-            self.assertIn(connection.transport, reactor.getReaders())
+        def quiet() -> bool:
+            return all(
+                connection.relayIn is None
+                and connection.relayOut is None
+                and connection._readHolds is None
+                and connection.transport in reactor.getReaders()
+                for connection in farm.farm.connections
+            )
+
+        await until(quiet, "every relay done, every connection reading", 10)
 
 
 class RelayTests(SpliceTestCase):
@@ -158,7 +165,7 @@ class RelayTests(SpliceTestCase):
         spliced = [s for s in sizes if s >= farm.farm.settings.splice_min and s > 64 * 1024]
         self.assertEqual(farm.farm.splicer.relays, len(spliced))
         self.assertEqual(farm.farm.splicer.bytes, sum(spliced))
-        self.assertQuiet(farm)
+        await self.assertQuiet(farm)
 
     async def test_resultSpliced(self) -> None:
         """
@@ -173,7 +180,7 @@ class RelayTests(SpliceTestCase):
             result = await consumer.tts("tone:x", "hello")
             self.assertEqual(result.data, body)
         self.assertGreater(farm.farm.splicer.bytes, 2 * (len(body) - MiB))
-        self.assertQuiet(farm)
+        await self.assertQuiet(farm)
 
     async def test_manyPeersMixedSizes(self) -> None:
         """
@@ -200,7 +207,7 @@ class RelayTests(SpliceTestCase):
         counts = await gatherResults([Deferred.fromCoroutine(run(n)) for n in range(3)])
         self.assertEqual(counts, [6, 6, 6])
         self.assertGreater(farm.farm.splicer.relays, 0)
-        self.assertQuiet(farm)
+        await self.assertQuiet(farm)
 
     async def test_raggedFrames(self) -> None:
         """
@@ -215,7 +222,7 @@ class RelayTests(SpliceTestCase):
             data = audio(rng.choice([200_000, MiB + 3, 3 * MiB + 11]), 1000 + n)
             self.assertEqual((await consumer.stt("whisper:tiny.en", data)).text, transcript(data))
         self.assertGreater(farm.farm.splicer.relays, 0)
-        self.assertQuiet(farm)
+        await self.assertQuiet(farm)
 
     async def test_offRelaysThroughMemory(self) -> None:
         """
@@ -244,7 +251,7 @@ class RelayTests(SpliceTestCase):
             data = audio(2 * MiB, seed)
             self.assertEqual((await consumer.stt("whisper:tiny.en", data)).text, transcript(data))
         self.assertEqual(farm.farm.splicer.relays, 0)
-        self.assertQuiet(farm)
+        await self.assertQuiet(farm)
 
 
     async def test_noRelayWithASmallPipe(self) -> None:
@@ -259,7 +266,7 @@ class RelayTests(SpliceTestCase):
         data = audio(2 * MiB, 3)
         self.assertEqual((await consumer.stt("whisper:tiny.en", data)).text, transcript(data))
         self.assertEqual(farm.farm.splicer.relays, 0)
-        self.assertQuiet(farm)
+        await self.assertQuiet(farm)
 
 
 class CutShortTests(SpliceTestCase):
@@ -291,7 +298,7 @@ class CutShortTests(SpliceTestCase):
             half.transport.loseConnection()
         await until(lambda: not farm.farm.jobs, "the job ended")
         await self.nextJobSucceeds(farm)
-        self.assertQuiet(farm)
+        await self.assertQuiet(farm)
 
     def test_consumerVanishesMidUpload(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self.consumerLeaves("abort"))
@@ -343,7 +350,7 @@ class CutShortTests(SpliceTestCase):
         # discarded, takes its next job.
         data = audio(3 * MiB, 4)
         self.assertEqual((await consumer.stt("whisper:tiny.en", data)).text, transcript(data))
-        self.assertQuiet(farm)
+        await self.assertQuiet(farm)
 
     async def test_producerAnswersBeforeUploadEnds(self) -> None:
         farm = await startFarm(self, "splice")
@@ -353,7 +360,7 @@ class CutShortTests(SpliceTestCase):
         for seed in range(3):
             result = await consumer.stt("whisper:tiny.en", audio(6 * MiB, seed))
             self.assertEqual(result.text, "early")
-        self.assertQuiet(farm)
+        await self.assertQuiet(farm)
 
     async def consumerBreaksTheProtocol(self, after: bytes, size: int = 2 * MiB) -> None:
         """
@@ -411,7 +418,7 @@ class BackpressureTests(SpliceTestCase):
         )
         producer.transport.resumeProducing()
         self.assertEqual((await job).text, transcript(data))
-        self.assertQuiet(farm)
+        await self.assertQuiet(farm)
 
     async def stalledRelay(self, **settings: Any) -> tuple[LiveFarm, ProducerProtocol, Deferred[Any]]:
         """
@@ -448,7 +455,7 @@ class BackpressureTests(SpliceTestCase):
         consumer = await farm.consumer("stt")
         data = audio(2 * MiB, 10)
         self.assertEqual((await consumer.stt("whisper:tiny.en", data)).text, transcript(data))
-        self.assertQuiet(farm)
+        await self.assertQuiet(farm)
 
     async def test_producerVanishesWhileStalled(self) -> None:
         farm, producer, job = await self.stalledRelay()
@@ -459,7 +466,7 @@ class BackpressureTests(SpliceTestCase):
         consumer = await farm.consumer("stt")
         data = audio(2 * MiB, 11)
         self.assertEqual((await consumer.stt("whisper:tiny.en", data)).text, transcript(data))
-        self.assertQuiet(farm)
+        await self.assertQuiet(farm)
 
     async def test_producerDroppedWhileConsumerStalls(self) -> None:
         """
@@ -478,7 +485,7 @@ class BackpressureTests(SpliceTestCase):
         consumer.transport.resumeProducing()
         failure = await self.assertFailure(job, JobFailed)
         self.assertEqual(failure.code, ErrorCode.TIMEOUT)
-        self.assertQuiet(farm)
+        await self.assertQuiet(farm)
 
     async def test_producerClosedWhileStalled(self) -> None:
         """

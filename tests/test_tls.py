@@ -30,7 +30,8 @@ from privox.api.farms import FarmEntry, FarmExchange
 from privox.api.service import Options as ApiOptions
 from privox.consumer import connectConsumer
 from privox.farm.connection import RELAY_BUFFER, FarmFactory
-from privox.farm.farm import Farm, FarmSettings
+from privox.farm.farm import Farm
+from privox.farm.settings import FarmSettings
 from privox.farm.splice import splicerFor
 from privox.framing import DEFAULT_MAX_FRAME, HEADER_LEN, socketTransport
 from privox.keys import OpenPolicy

@@ -50,14 +50,9 @@ from privox.api.measure import spokenSeconds
 from privox.api.models import ModelTable
 from privox.api.site import ApiSite, bodyLimit
 from privox.audiofile import MAX_DECODED_SECONDS, BadFile, uploadSeconds
-from privox.metrics import (
-    CONTENT_TYPE_LATEST,
-    ApiMetrics,
-    CollectorRegistry,
-    render,
-    statusHtml,
-    usage,
-)
+from privox.api.statuspage import statusHtml
+from privox.logs import logFigures
+from privox.metrics import CONTENT_TYPE_LATEST, ApiMetrics, CollectorRegistry, render
 from privox.wav import BadWav, cutWav, wavSeconds
 
 #: The original exchange's upload limit.
@@ -121,7 +116,7 @@ class PrivoxAPI:
             serves (shared with an in-process farm in privox-local); a new
             one if L{None}.
         @param farmStatus: returns (or fires with) a dict of farm name ->
-            that farm's load (L{privox.metrics.farmStatus}), for C{/status};
+            that farm's load (L{privox.farm.observe.farmStatus}), for C{/status};
             by default the exchange's own C{farmStatus}, if it has one.
         @param blurUsage: round sizes and times in the request log lines.
         @param deadline: seconds a request may take (the exchange's); a
@@ -452,7 +447,7 @@ class PrivoxAPI:
             route=route,
             status=status,
             model=done.model,
-            **usage(
+            **logFigures(
                 self.blurUsage,
                 ms=(self.clock.seconds() - started) * 1000,
                 received=_received(request),

@@ -1,15 +1,17 @@
 """
 One Protocol per peer connected to a farm port.
 
-The connection does the handshake (greeting, HELO, key check, OKAY or DENY)
-and then hands every frame to the role it negotiated: a L{ConsumerSession}
-(sends jobs) or a L{ProducerSession} (runs them). Sessions never talk to each
-other; they feed the L{Job} that links them.
+A connection greets its peer, runs the handshake (L{privox.farm.handshake}:
+HELO or PVX/1's type byte and key, the key check, OKAY or DENY) and then
+hands what the peer sends to the session its role and protocol call for
+(L{privox.farm.sessions} for PVX/2, L{privox.farm.pvx1} for PVX/1). It owns
+the bytes: the framing, the writes (sent at once when the socket takes
+them), closing, and the splice relays that move large DATA through the
+kernel (L{privox.farm.splice}).
 """
 
 from __future__ import annotations
 
-import enum
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.interfaces import IDelayedCall
@@ -18,10 +20,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from privox.farm import pvx1
-from privox.farm.dispatcher import Capability
-from privox.farm.job import Job
+from privox.farm.farm import Farm
+from privox.farm.handshake import Phase, newHandshake
+from privox.farm.sessions import Session, newSession
 from privox.farm.splice import spliceable
-from privox.keys import accountId
 from privox.framing import (
     BULK_VERBS,
     HEADER_LEN,
@@ -29,26 +31,23 @@ from privox.framing import (
     FrameDecoder,
     FramingError,
     encodeHeader,
+    sendNow,
     tuneTransport,
 )
+from privox.keys import accountId
 from privox.messages import (
     GREETING,
     BadRequest,
     ErrorCode,
     Hello,
-    JobRequest,
     ProtocolViolation,
     controlFrame,
     decodeObject,
-    earlyUpload,
     failPayload,
-    resultSize,
 )
 
 if TYPE_CHECKING:
-    from privox.farm.farm import Farm
     from privox.farm.splice import SpliceRelay
-    from privox.farm.pvx1 import Pvx1Consumer, Pvx1Peer, Pvx1Producer
 
 log = Logger()
 
@@ -59,23 +58,23 @@ log = Logger()
 #: 256 KiB nearly every full read pauses its source (bench/README.rst).
 RELAY_BUFFER = 512 * 1024
 
-
-class Phase(enum.Enum):
-    GREETING = "greeting"  # "who" sent, nothing received yet
-    HELLO = "hello"  # waiting for HELO
-    AUTHENTICATING = "authenticating"  # key check in progress
-    ACTIVE = "active"  # OKAY sent; frames go to the session
-    CLOSED = "closed"
+_PONG = encodeHeader(b"PONG", 0)
 
 
 class FarmConnection(Protocol):
+    phase: Phase
+
     def __init__(self, farm: Farm, service: str) -> None:
         self.farm = farm
         self.service = service
-        self.phase = Phase.GREETING
-        self.session: ConsumerSession | ProducerSession | Pvx1Consumer | Pvx1Producer | None = None
-        #: Set when the peer speaks PVX/1 (L{privox.farm.pvx1}).
-        self.pvx1: Pvx1Peer | None = None
+        self.handshake = newHandshake(self)
+        self.session: Session | None = None
+        #: Set when the peer speaks PVX/1: its first bytes, until let in.
+        self._pvx1: bytearray | None = None
+        self._hello: Hello | None = None
+        #: Who the peer says it is (once introduced): its role and key.
+        self._role: str | None = None
+        self._key = ""
         # DATA is relayed piece by piece as it arrives (cut-through): the
         # farm never holds a whole upload or result frame.
         self._decoder = FrameDecoder(farm.settings.max_frame, streamVerbs=BULK_VERBS)
@@ -91,6 +90,13 @@ class FarmConnection(Protocol):
         #: what was handed out, so no relay may start until it is done.
         self._decoding = False
 
+    @property
+    def pvx1(self) -> bool:
+        """
+        Whether the peer speaks PVX/1.
+        """
+        return self._pvx1 is not None
+
     def connectionMade(self) -> None:
         tuneTransport(self.transport, self.farm.settings.max_frame, RELAY_BUFFER)
         self.write(GREETING)
@@ -104,26 +110,89 @@ class FarmConnection(Protocol):
         log.info("closing a peer that did not complete HELO in time")
         self.close(ErrorCode.TIMEOUT, "handshake not completed in time")
 
-    def _handshakeDone(self) -> None:
+    def handshakeDone(self) -> None:
+        """
+        The peer has introduced itself in full: its handshake timer stops.
+        (A PVX/1 consumer's does with its header.)
+        """
         if self._handshakeTimer is not None:
             self._handshakeTimer.cancel()
             self._handshakeTimer = None
 
+    # The handshake's actions (privox.farm.handshake.HandshakeCore)
+
+    def checkKey(self, role: str, key: str) -> None:
+        self._role, self._key = role, key
+        d = self.farm.keyPolicy(role).check(key)
+        d.addErrback(self._keyCheckFailed)
+        d.addCallback(self._keyChecked)
+
+    def _keyCheckFailed(self, failure: Failure) -> bool:
+        log.failure("key check failed; rejecting", failure)
+        return False
+
+    def _keyChecked(self, accepted: bool) -> None:
+        if not accepted:
+            log.info(
+                "denied {protocol}{role} with key {key_id}",
+                protocol="PVX/1 " if self.pvx1 else "",
+                role=self._role,
+                key_id=accountId(self._key)[:12],
+            )
+            self.handshake.refused(ErrorCode.UNAUTHORIZED, "key rejected")
+        elif not self.farm.accepting:
+            self.handshake.refused(ErrorCode.SHUTTING_DOWN, "the farm is shutting down")
+        else:
+            self.handshake.accepted()
+
+    def letIn(self) -> None:
+        role = self._role
+        assert role is not None
+        account = accountId(self._key)
+        kid = account[:12]
+        if self._pvx1 is None:
+            assert self._hello is not None
+            self.handshakeDone()
+            self.sendControl(b"OKAY", self.farm.okay().payload())
+            session = self.session = newSession(self, self._hello, kid, account)
+        else:
+            if role == "producer":
+                self.handshakeDone()
+            session = self.session = pvx1.newPvx1Session(self, role, kid, account)
+        if role == "producer":
+            self.farm.producerJoined(session)  # type: ignore[arg-type]
+        log.info(
+            "{protocol}{role} {key_id} joined {service}",
+            protocol="PVX/1 " if self.pvx1 else "",
+            role=role,
+            key_id=kid,
+            service=self.service,
+        )
+        if self._pvx1:
+            # Bytes that came with the key, or during the check.
+            pending, self._pvx1 = bytes(self._pvx1), bytearray()
+            if pending and self.phase is Phase.ACTIVE:
+                session.dataReceived(pending)
+
+    def refuse(self, code: str, message: str) -> None:
+        self.deny(code, message)
+
     # Receiving
 
     def dataReceived(self, data: bytes) -> None:
-        if self.phase is Phase.CLOSED:
+        phase = self.phase
+        if phase is Phase.CLOSED:
             return
-        if self.pvx1 is not None:
-            self.pvx1.dataReceived(data)
+        if self._pvx1 is not None:
+            self._pvx1Received(data)
             return
-        if self.phase is Phase.GREETING:
+        if phase is Phase.GREETING:
             if data[:1] in (pvx1.PRODUCER, pvx1.CONSUMER):
                 # PVX/1 answers "who" with a type byte and a 16-byte key.
-                self.pvx1 = pvx1.Pvx1Peer(self)
-                self.pvx1.dataReceived(data)
+                self._pvx1 = bytearray()
+                self._pvx1Received(data)
                 return
-            self.phase = Phase.HELLO
+            self.handshake.framing()
         try:
             frames = self._decoder.feed(data)
         except FramingError as e:
@@ -150,14 +219,12 @@ class FarmConnection(Protocol):
         if self.phase is Phase.ACTIVE:
             assert self.session is not None
             if frame.verb == b"PING":
-                self.write(encodeHeader(b"PONG", 0))
+                self.write(_PONG)
             else:
                 self.session.frameReceived(frame)
         elif self.phase is Phase.HELLO:
             if frame.verb != b"HELO":
-                raise ProtocolViolation(
-                    f"expected HELO, got {frame.verb.decode()}"
-                )
+                raise ProtocolViolation(f"expected HELO, got {frame.verb.decode()}")
             self._helloReceived(decodeObject(frame))
         else:
             raise ProtocolViolation("sent a frame before the farm answered HELO")
@@ -169,50 +236,30 @@ class FarmConnection(Protocol):
             self.deny(ErrorCode.BAD_REQUEST, e.message)
             return
         if hello.service != self.service:
-            self.deny(
-                ErrorCode.BAD_REQUEST,
-                f"this port serves {self.service}, not {hello.service}",
-            )
+            self.deny(ErrorCode.BAD_REQUEST, f"this port serves {self.service}, not {hello.service}")
             return
-        self.phase = Phase.AUTHENTICATING
-        policy = self.farm.keyPolicy(hello.role)
-        d = policy.check(hello.key)
-        d.addErrback(self._keyCheckFailed)
-        d.addCallback(self._keyChecked, hello)
+        self._hello = hello
+        self.handshake.introduced(hello.role, hello.key)
 
-    def _keyCheckFailed(self, failure: Failure) -> bool:
-        log.failure("key check failed; rejecting", failure)
-        return False
-
-    def _keyChecked(self, accepted: bool, hello: Hello) -> None:
-        if self.phase is not Phase.AUTHENTICATING:
-            return  # the peer left while we were checking
-        account = accountId(hello.key)
-        kid = account[:12]
-        if not accepted:
-            log.info(
-                "denied {role} with key {key_id}", role=hello.role, key_id=kid
-            )
-            self.deny(ErrorCode.UNAUTHORIZED, "key rejected")
+    def _pvx1Received(self, data: bytes) -> None:
+        assert self._pvx1 is not None
+        if self.phase is Phase.ACTIVE:
+            assert self.session is not None
+            self.session.dataReceived(data)
             return
-        if not self.farm.accepting:
-            self.deny(ErrorCode.SHUTTING_DOWN, "the farm is shutting down")
-            return
-        self._handshakeDone()
-        self.phase = Phase.ACTIVE
-        self.sendControl(b"OKAY", self.farm.okay().payload())
-        if hello.role == "producer":
-            producer = ProducerSession(self, hello, kid, account)
-            self.session = producer
-            self.farm.producerJoined(producer)
-        else:
-            self.session = ConsumerSession(self, kid, account)
-        log.info(
-            "{role} {key_id} joined {service}",
-            role=hello.role,
-            key_id=kid,
-            service=self.service,
-        )
+        self._pvx1 += data
+        if self.phase is Phase.GREETING:
+            introduced = pvx1.introduction(bytes(self._pvx1))
+            if introduced is None:
+                return
+            del self._pvx1[: 1 + pvx1.KEY_LEN]
+            self.handshake.introduced(*introduced)
+            if self.phase is not Phase.AUTHENTICATING:
+                return  # let in already (a key check that answered at once)
+        if len(self._pvx1) > pvx1.HEADER_CAP + 1:
+            # Nothing that long can come before the farm answers (a consumer
+            # given HEADER_CAP + 1 bytes is told nak by its session).
+            self.abort()
 
     # Relaying through the kernel (privox.farm.splice)
 
@@ -224,13 +271,9 @@ class FarmConnection(Protocol):
         """
         splicer = self.farm.splicer
         session = self.session
-        if (
-            splicer is None
-            or self.relayIn is not None
-            or self._decoding
-            or not isinstance(session, _Session)  # PVX/1
-        ):
+        if splicer is None or self.relayIn is not None or self._decoding or self.pvx1:
             return
+        assert session is not None
         due = self._decoder.streamDue(b"DATA")
         if due < splicer.minimum and (due or session.relayRemaining < splicer.minimum):
             return
@@ -239,7 +282,7 @@ class FarmConnection(Protocol):
             sink is None
             or self.relayDue(sink) is None
             or sink.relayOut is not None
-            or sink.pvx1 is not None
+            or sink.pvx1
             or not spliceable(self.transport)
             or not spliceable(sink.transport)
         ):
@@ -253,7 +296,7 @@ class FarmConnection(Protocol):
         header must be read first; None if it must stop.
         """
         session = self.session
-        if self.phase is not Phase.ACTIVE or not isinstance(session, _Session):
+        if self.phase is not Phase.ACTIVE or session is None or self.pvx1:
             return None
         if session.relaySink() is not sink:
             return None
@@ -281,7 +324,7 @@ class FarmConnection(Protocol):
         The relay moved C{count} payload bytes straight to its sink.
         """
         self._decoder.streamTaken(count)
-        assert isinstance(self.session, _Session)
+        assert self.session is not None
         self.session.relayed(count)
 
     # Reading, paused and resumed
@@ -302,23 +345,22 @@ class FarmConnection(Protocol):
 
     # Sending
 
-    def write(self, data: bytes) -> None:
+    def write(self, *parts: bytes) -> None:
         relay = self.relayOut
         if relay is not None:
             # Bytes of ours after the relay's, never between them.
             relay.stop()
             if self.relayOut is not None:
-                relay.later(data)
+                relay.later(b"".join(parts))
                 return
-        self.transport.write(data)
+        sendNow(self.transport, *parts)
 
     def sendControl(self, verb: bytes, fields: dict[str, Any]) -> None:
         self.write(controlFrame(verb, fields))
 
     def sendData(self, payload: bytes) -> None:
-        # Two writes, no copy of a payload that may be a whole MiB.
-        self.write(encodeHeader(b"DATA", len(payload)))
-        self.write(payload)
+        # One write, no copy of a payload that may be a whole MiB.
+        self.write(encodeHeader(b"DATA", len(payload)), payload)
 
     # Closing
 
@@ -335,11 +377,13 @@ class FarmConnection(Protocol):
     def _closeWith(self, verb: bytes, fields: dict[str, Any]) -> None:
         if self.phase is Phase.CLOSED:
             return
-        if self.pvx1 is None:
+        if self._pvx1 is None:
             self.sendControl(verb, fields)
-        else:
-            # PVX/1 has no error frames: at most a "nak".
-            farewell = self.pvx1.farewell()
+        elif self._role == "consumer":
+            # PVX/1 has no error frames: a consumer not yet told anything is
+            # owed a "nak".
+            session = self.session
+            farewell = pvx1.NAK if session is None else session.farewell()  # type: ignore[attr-defined]
             if farewell:
                 self.write(farewell)
         self._shut()
@@ -365,8 +409,11 @@ class FarmConnection(Protocol):
         # The session ends the moment we decide to close, not when the socket
         # is gone: its job must unlink the backpressure producers, or a paused
         # transport would hold the close open until the job ended.
+        self.handshake.closed()
+        # At once, even when the machine's own step waits (a close decided
+        # during another step of the handshake): nothing may close twice.
         self.phase = Phase.CLOSED
-        self._handshakeDone()
+        self.handshakeDone()
         if self.relayIn is not None:
             self.relayIn.stop()
         session, self.session = self.session, None
@@ -379,252 +426,6 @@ class FarmConnection(Protocol):
         self.farm.connectionClosed(self)
 
 
-class _Session:
-    """
-    What both roles share: the connection they speak through and the job
-    they are part of, if any.
-    """
-
-    def __init__(self, connection: FarmConnection, keyId: str, accountId: str | None = None) -> None:
-        self.connection = connection
-        self.keyId = keyId
-        #: The full SHA-256 of the HELO key (L{privox.keys.accountId}),
-        #: computed once, for the ledger. Never the key.
-        self.accountId = accountId
-        self.job: Job | None = None
-
-    @property
-    def transport(self) -> Any:
-        return self.connection.transport
-
-    def sendControl(self, verb: bytes, fields: dict[str, Any]) -> None:
-        self.connection.sendControl(verb, fields)
-
-    def sendData(self, payload: bytes) -> None:
-        self.connection.sendData(payload)
-
-    # What a splice relay reading this peer asks (privox.farm.splice).
-
-    def relaySink(self) -> FarmConnection | None:
-        """
-        The connection this peer's DATA goes to now, if any.
-        """
-        raise NotImplementedError
-
-    @property
-    def relayRemaining(self) -> int:
-        """
-        How many more DATA bytes this peer owes its job.
-        """
-        raise NotImplementedError
-
-    def relayed(self, count: int) -> None:
-        """
-        A relay moved C{count} of those bytes to L{relaySink}.
-        """
-        raise NotImplementedError
-
-
-class ConsumerSession(_Session):
-    """
-    A consumer's side of the farm: one job at a time, many in a row.
-    """
-
-    def __init__(self, connection: FarmConnection, keyId: str, accountId: str | None = None) -> None:
-        super().__init__(connection, keyId, accountId)
-        self._uploadRemaining = 0
-
-    def frameReceived(self, frame: Frame) -> None:
-        if frame.verb == b"DATA":
-            self._dataReceived(frame.payload)
-        elif frame.verb == b"JOB_":
-            self._jobReceived(decodeObject(frame))
-        elif frame.verb == b"PONG":
-            pass
-        else:
-            raise ProtocolViolation(f"a consumer may not send {frame.verb.decode()}")
-
-    def _jobReceived(self, fields: dict[str, Any]) -> None:
-        if self.job is not None or self._uploadRemaining:
-            raise ProtocolViolation("JOB_ sent before the previous job ended")
-        farm = self.connection.farm
-        # A small upload may follow JOB_ at once. It is owed from now on,
-        # even if the job is refused below (and then discarded as it comes);
-        # while the job waits for a producer, the job holds it.
-        self._uploadRemaining = earlyUpload(fields, farm.settings.early_upload)
-        try:
-            request = JobRequest.parse(self.connection.service, fields)
-            farm.submit(self, request)
-        except BadRequest as e:
-            self.sendControl(b"FAIL", failPayload(None, e.code, e.message))
-
-    def _dataReceived(self, payload: bytes) -> None:
-        if not self._uploadRemaining or len(payload) > self._uploadRemaining:
-            raise ProtocolViolation("DATA beyond the size announced in JOB_")
-        self._uploadRemaining -= len(payload)
-        # After a job-level FAIL the rest of the upload is discarded here.
-        if self.job is not None:
-            self.job.events.consumerData(payload)
-
-    def relaySink(self) -> FarmConnection | None:
-        if self.job is None or not self._uploadRemaining:
-            return None
-        return self.job.uploadSink
-
-    @property
-    def relayRemaining(self) -> int:
-        return self._uploadRemaining
-
-    def relayed(self, count: int) -> None:
-        self._uploadRemaining -= count
-
-    def jobAssigned(self, job: Job) -> None:
-        self.job = job
-        if not job.request.early:
-            self._uploadRemaining = job.request.size
-        self.sendControl(b"ASGN", {"id": job.id})
-        # The upload starts with the next frame: a large one can be spliced
-        # from its first byte.
-        self.connection.spliceRest()
-
-    def jobSubmitted(self, job: Job) -> None:
-        self.job = job
-
-    def jobDetached(self, job: Job) -> None:
-        self.job = None
-
-    def connectionLost(self) -> None:
-        if self.job is not None:
-            self.job.events.consumerLost()
-
-
-class ProducerSession(_Session):
-    """
-    A producer's side of the farm: idle (pinged) or running one job.
-    """
-
-    def __init__(
-        self, connection: FarmConnection, hello: Hello, keyId: str, accountId: str | None = None
-    ) -> None:
-        super().__init__(connection, keyId, accountId)
-        self.capability = Capability.of(hello.models, hello.languages)
-        self._resultRemaining = 0
-        self._pingTimer: IDelayedCall | None = None
-
-    def __repr__(self) -> str:
-        return f"<ProducerSession {self.keyId} {sorted(self.capability.models)}>"
-
-    # Liveness: only idle producers are pinged.
-
-    def _schedulePing(self) -> None:
-        self._cancelPing()
-        self._pingTimer = self.connection.farm.clock.callLater(
-            self.connection.farm.settings.ping_interval, self._ping
-        )
-
-    def _ping(self) -> None:
-        self.connection.write(encodeHeader(b"PING", 0))
-        self._pingTimer = self.connection.farm.clock.callLater(
-            self.connection.farm.settings.ping_interval / 2, self._pongMissed
-        )
-
-    def _pongMissed(self) -> None:
-        self._pingTimer = None
-        self.drop("did not answer PING in time")
-
-    def _cancelPing(self) -> None:
-        if self._pingTimer is not None:
-            self._pingTimer.cancel()
-            self._pingTimer = None
-
-    def becameIdle(self) -> None:
-        self._schedulePing()
-
-    # Jobs
-
-    def startJob(self, job: Job) -> None:
-        self._cancelPing()
-        self.job = job
-        self.connection.write(job.work)
-
-    def jobDetached(self, job: Job, healthy: bool) -> None:
-        self.job = None
-        if healthy and self.connection.phase is Phase.ACTIVE:
-            self.connection.farm.producerIdle(self)
-
-    def frameReceived(self, frame: Frame) -> None:
-        verb = frame.verb
-        if verb == b"PONG":
-            if self.job is None and self._pingTimer is not None:
-                self._schedulePing()
-        elif verb == b"DATA":
-            self._resultData(frame.payload)
-        elif verb == b"RSLT":
-            self._answer(decodeObject(frame), isResult=True)
-        elif verb == b"FAIL":
-            self._answer(decodeObject(frame), isResult=False)
-        else:
-            raise ProtocolViolation(f"a producer may not send {verb.decode()}")
-
-    def _answer(self, fields: dict[str, Any], isResult: bool) -> None:
-        job = self.job
-        if job is None or self._resultRemaining:
-            raise ProtocolViolation("RSLT or FAIL without a job to answer")
-        if fields.get("id") != job.id:
-            raise ProtocolViolation("RSLT or FAIL for another job id")
-        if not isResult:
-            job.events.producerFailed(fields)
-            return
-        size = resultSize(fields)
-        if size > self.connection.farm.settings.max_job_bytes:
-            raise ProtocolViolation("result larger than max_job_bytes")
-        self._resultRemaining = size
-        job.events.result(fields, size)
-        if size == 0:
-            job.events.resultComplete()
-
-    def _resultData(self, payload: bytes) -> None:
-        job = self.job
-        if job is None or not self._resultRemaining or len(payload) > self._resultRemaining:
-            raise ProtocolViolation("DATA beyond the size announced in RSLT")
-        self._resultRemaining -= len(payload)
-        job.events.resultData(payload)
-        if self._resultRemaining == 0:
-            job.events.resultComplete()
-
-    def relaySink(self) -> FarmConnection | None:
-        if self.job is None or not self._resultRemaining:
-            return None
-        return self.job.resultSink
-
-    @property
-    def relayRemaining(self) -> int:
-        if self.connection.farm.holdsAnswers:
-            # The last byte comes the ordinary way, for the job to hold
-            # until its record is on disk (privox.farm.job).
-            return max(0, self._resultRemaining - 1)
-        return self._resultRemaining
-
-    def relayed(self, count: int) -> None:
-        job = self.job
-        assert job is not None
-        self._resultRemaining -= count
-        job.bytesOut += count
-        if self._resultRemaining == 0:
-            job.events.resultComplete()
-
-    def drop(self, why: str) -> None:
-        log.info("dropping producer {key_id}: {why}", key_id=self.keyId, why=why)
-        self.connection.abort()
-
-    def connectionLost(self) -> None:
-        self._cancelPing()
-        self.connection.farm.producerLeft(self)
-        job, self.job = self.job, None
-        if job is not None:
-            job.events.producerLost()
-
-
 class FarmFactory(Factory):
     """
     Builds connections for one service (one listening port) of a farm.
@@ -635,6 +436,6 @@ class FarmFactory(Factory):
         self.service = service
 
     def buildProtocol(self, addr: Any) -> FarmConnection:
-        connection = FarmConnection(self.farm, self.service)
+        connection = FarmConnection(self.farm, service=self.service)
         connection.factory = self
         return connection

@@ -1,127 +1,34 @@
 """
 The farm's shared state: its settings, key policies, one dispatcher per
-service, the jobs in flight and the figures for stats lines.
+service, the jobs in flight, their ledger records and the figures for stats
+lines. The farm is the host of its jobs (L{privox.farm.job.JobHost}); the
+sessions of its connections submit jobs and join as producers.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import math
 import secrets
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-from privox.config import setting
-from privox.farm.dispatcher import Dispatcher
-from privox.farm.job import Job, newJob
-from privox.farm.ledger import transaction
-from privox.farm.pvx1 import DEFAULT_STT_ALIASES, DEFAULT_TTS_ALIASES
-from privox.keys import KeyPolicy
-from privox.metrics import usage
+from privox.farm.dispatcher import Capability, Dispatcher
+from privox.farm.job import ConsumerSide, Job, ProducerSide, newJob
+from privox.farm.ledger import Sink, Transaction
+from privox.farm.settings import FarmSettings
 from privox.framing import HEADER_LEN
+from privox.keys import KeyPolicy
+from privox.logs import logFigures
 from privox.messages import SERVICES, BadRequest, ErrorCode, JobRequest, Okay, controlFrame
 
 if TYPE_CHECKING:
-    from privox.farm.connection import ConsumerSession, FarmConnection, ProducerSession
-    from privox.farm.ledger import Sink
     from privox.farm.splice import Splicer
-    from privox.metrics import FarmMetrics
 
 log = Logger()
-
-
-@dataclass(frozen=True)
-class FarmSettings:
-    """
-    Everything a farm can be told (command line, or the TOML file).
-    """
-
-    name: str = setting("privox-farm", "Name the farm gives itself in OKAY.")
-    stt_listen: str = setting(
-        "tcp:1776", "Endpoint string for STT peers, or 'none'."
-    )
-    tts_listen: str = setting(
-        "tcp:1777", "Endpoint string for TTS peers, or 'none'."
-    )
-    queue_timeout: float = setting(
-        5.0, "Seconds a job may wait for a free producer before FAIL no_producer."
-    )
-    ping_interval: float = setting(
-        10.0, "Seconds between PINGs to idle producers; PONG is due in half that."
-    )
-    handshake_timeout: float = setting(
-        10.0, "Seconds a new peer has to complete HELO."
-    )
-    max_job_timeout: float = setting(
-        60.0, "Upper bound (and default) of a job's timeout, counted from JOB_."
-    )
-    cancel_grace: float = setting(
-        10.0, "Seconds a producer has to end a cancelled job before it is dropped."
-    )
-    shutdown_grace: float = setting(
-        30.0, "Seconds running jobs may take to finish when the farm stops."
-    )
-    max_frame: int = setting(
-        1024 * 1024, "Largest frame payload in bytes (announced in OKAY)."
-    )
-    max_job_bytes: int = setting(
-        50 * 1024 * 1024, "Largest upload or result of one job in bytes."
-    )
-    early_upload: int = setting(
-        64 * 1024,
-        "Largest upload a consumer may send with its JOB_, before ASGN (announced "
-        "in OKAY; 0: always after ASGN). A queued job holds at most this much.",
-    )
-    splice_min: int = setting(
-        128 * 1024,
-        "Relay uploads and results with at least this many bytes still to come "
-        "inside the kernel (Linux splice(2), both peers on plain TCP) instead of "
-        "through the farm's memory; 0 turns it off.",
-    )
-    producer_keys: str = setting(
-        "open", "Producer key policy: 'open', an allow-list file, or a validation URL."
-    )
-    consumer_keys: str = setting(
-        "open", "Consumer key policy: 'open', an allow-list file, or a validation URL."
-    )
-    stats_interval: float = setting(
-        60.0, "Seconds between stats log lines (0 turns them off)."
-    )
-    pvx1_quiet: float = setting(
-        0.05, "PVX/1: seconds of silence that end a header or a node's transcript."
-    )
-    pvx1_stt_models: tuple[str, ...] = setting(
-        DEFAULT_STT_ALIASES, "PVX/1 STT model alias, PVX1NAME=PVX2NAME."
-    )
-    pvx1_tts_models: tuple[str, ...] = setting(
-        DEFAULT_TTS_ALIASES, "PVX/1 TTS model alias, PVX1NAME=PVX2NAME."
-    )
-    metrics_listen: str = setting(
-        "none", "Endpoint string serving /metrics (Prometheus) and /status over HTTP, or 'none'."
-    )
-    blur_usage: bool = setting(
-        False, "Round sizes and times in log lines (privacy)."
-    )
-    ledger: str = setting(
-        "none",
-        "Where the farm records one transaction per job: 'none', a JSON-lines "
-        "file path, or the http(s) URL of an API's /v1/ledger.",
-    )
-    ledger_spool: str = setting(
-        "privox-farm-ledger.spool",
-        "File where records for an http(s) ledger wait until the API confirms them.",
-    )
-    api_key: str = dataclasses.field(
-        default="",
-        repr=False,  # a secret: never in a repr or a log line
-        metadata={
-            "help": "This farm's key, sent as Authorization: Bearer to the ledger URL "
-            "and to key-validation URLs."
-        },
-    )
 
 
 @dataclass
@@ -130,32 +37,72 @@ class Counters:
     succeeded: int = 0
 
 
+class Producer(ProducerSide, Protocol):
+    """
+    A producer the dispatcher can give jobs (a PVX/2 or PVX/1 session).
+    """
+
+    service: str
+    capability: Capability
+
+    def becameIdle(self) -> None:
+        "No job for now: keep the connection alive (PING)."
+
+
+class Connection(Protocol):
+    def close(self, code: str, message: str) -> None: ...
+
+
+class JobObserver(Protocol):
+    """
+    Who watches jobs end (L{privox.farm.observe.FarmMetrics}).
+    """
+
+    def jobFinished(self, job: Job, seconds: float) -> None: ...
+
+
 class Farm:
+    """
+    @param ledger: where ended jobs are recorded (L{privox.farm.ledger});
+        L{None} records nothing.
+    @param splicer: relays large DATA through the kernel
+        (L{privox.farm.splice}); L{None} relays everything through memory.
+    """
+
     def __init__(
         self,
         settings: FarmSettings,
         clock: IReactorTime,
         producerKeys: KeyPolicy,
         consumerKeys: KeyPolicy,
+        ledger: Sink | None = None,
+        splicer: Splicer | None = None,
     ) -> None:
         self.settings = settings
         self.clock = clock
         self._keyPolicies = {"producer": producerKeys, "consumer": consumerKeys}
         self.dispatchers = {s: Dispatcher(settings.queue_timeout) for s in SERVICES}
         self._queueTimers: dict[str, IDelayedCall] = {}
-        self.connections: set[FarmConnection] = set()
+        self.connections: set[Connection] = set()
         self.jobs: set[Job] = set()
         self.counters = Counters()
-        #: A L{privox.metrics.FarmMetrics} once instrumented.
-        self.metrics: FarmMetrics | None = None
+        #: Watches jobs end, once the farm is instrumented.
+        self.observer: JobObserver | None = None
         self.accepting = True
         self._drained: list[Deferred[None]] = []
-        #: Where finished jobs are recorded (L{privox.farm.ledger}); None
-        #: records nothing.
-        self.ledger: Sink | None = None
-        #: Relays large DATA through the kernel (L{privox.farm.splice});
-        #: None relays everything through memory.
-        self.splicer: Splicer | None = None
+        self.ledger = ledger
+        self.splicer = splicer
+
+    @property
+    def holdsAnswers(self) -> bool:
+        """
+        Whether the ends of answers wait for their records to reach a disk.
+        """
+        return self.ledger is not None and self.ledger.durable
+
+    @property
+    def cancelGrace(self) -> float:
+        return self.settings.cancel_grace
 
     def okay(self) -> Okay:
         s = self.settings
@@ -166,36 +113,36 @@ class Farm:
 
     # Connections
 
-    def connectionOpened(self, connection: FarmConnection) -> None:
+    def connectionOpened(self, connection: Connection) -> None:
         self.connections.add(connection)
 
-    def connectionClosed(self, connection: FarmConnection) -> None:
+    def connectionClosed(self, connection: Connection) -> None:
         self.connections.discard(connection)
 
     # Producers
 
-    def producerJoined(self, producer: ProducerSession) -> None:
-        dispatcher = self.dispatchers[producer.connection.service]
+    def producerJoined(self, producer: Producer) -> None:
+        dispatcher = self.dispatchers[producer.service]
         self._assignOrIdle(
             producer, dispatcher.addProducer(producer, producer.capability, self.clock.seconds())
         )
 
-    def producerIdle(self, producer: ProducerSession) -> None:
-        dispatcher = self.dispatchers[producer.connection.service]
+    def producerIdle(self, producer: Producer) -> None:
+        dispatcher = self.dispatchers[producer.service]
         self._assignOrIdle(producer, dispatcher.release(producer, self.clock.seconds()))
 
-    def _assignOrIdle(self, producer: ProducerSession, job: Job | None) -> None:
+    def _assignOrIdle(self, producer: Producer, job: Job | None) -> None:
         if job is None:
             producer.becameIdle()
         else:
             job.events.assign(producer)
 
-    def producerLeft(self, producer: ProducerSession) -> None:
-        self.dispatchers[producer.connection.service].removeProducer(producer)
+    def producerLeft(self, producer: Producer) -> None:
+        self.dispatchers[producer.service].removeProducer(producer)
 
     # Jobs
 
-    def submit(self, consumer: ConsumerSession, request: JobRequest) -> None:
+    def submit(self, consumer: ConsumerSide, request: JobRequest) -> None:
         """
         Start a job for C{consumer}: assigned now, or queued.
 
@@ -273,20 +220,13 @@ class Farm:
             return succeed(None)
         return self.ledger.record(transaction(job, self.settings.name, self.clock.seconds()))
 
-    @property
-    def holdsAnswers(self) -> bool:
-        """
-        Whether the ends of answers wait for their records to reach a disk.
-        """
-        return self.ledger is not None and self.ledger.durable
-
     def jobFinished(self, job: Job) -> None:
         self.jobs.discard(job)
         if job.outcome == "ok":
             self.counters.succeeded += 1
         seconds = self.clock.seconds() - job.started
-        if self.metrics is not None:
-            self.metrics.jobFinished(job, seconds)
+        if self.observer is not None:
+            self.observer.jobFinished(job, seconds)
         log.info(
             "job {job_id} {service} {model} {outcome} in {ms} ms "
             "({bytes_in} bytes in, {bytes_out} bytes out)",
@@ -294,7 +234,7 @@ class Farm:
             service=job.request.service,
             model=job.request.model,
             outcome=job.outcome,
-            **usage(
+            **logFigures(
                 self.settings.blur_usage,
                 ms=seconds * 1000,
                 bytes_in=job.request.size,
@@ -358,3 +298,48 @@ class Farm:
     def _closeAll(self) -> None:
         for connection in list(self.connections):
             connection.close(ErrorCode.SHUTTING_DOWN, "the farm is shutting down")
+
+
+# The ledger's records (L{privox.farm.ledger} takes them as they are).
+
+
+def audioSeconds(job: Job) -> float | None:
+    """
+    The seconds of audio C{job} credits: its producer's RSLT C{duration_s}
+    when that is a finite number >= 0, capped at one second per 1000 bytes
+    of input or output (whichever is larger; no codec is that dense) so a
+    producer cannot claim absurd durations. None when absent or the job
+    failed.
+    """
+    if job.outcome != "ok":
+        return None
+    value = job.resultDuration
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        return None
+    bound = max(job.request.size, job.bytesOut) / 1000
+    return round(min(value, bound), 3)
+
+
+def transaction(job: Job, farm: str, now: float) -> Transaction:
+    """
+    The ledger record of C{job}, ended at C{now} on the farm named C{farm}:
+    a plain, JSON-serialisable dict. No key, text or audio.
+    """
+    request = job.request
+    return {
+        "job_id": job.id,
+        "farm": farm,
+        "time": now,
+        "service": request.service,
+        "model": request.model,
+        "input_bytes": request.size,
+        "output_bytes": job.bytesOut,
+        "audio_seconds": audioSeconds(job),
+        "processing_ms": round(max(0.0, now - job.started) * 1000, 3),
+        "status": job.outcome,
+        "producer": job.producerAccount,
+        "consumer": job.consumerAccount,
+    }

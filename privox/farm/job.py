@@ -16,26 +16,93 @@ the job. The connections feed it events; it decides what each side is told.
 The end of the answer (an STT job's RSLT, the last bytes of a result) is
 held while the job's ledger record is written (L{recording}): a consumer
 never has an answer whose record a crash of the farm could still lose.
+
+A job knows its two sides and its host only through the small protocols
+below (L{ConsumerSide}, L{ProducerSide}, L{JobHost}): PVX/2 and PVX/1
+sessions are both sides, the farm is the host.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from automat import TypeMachineBuilder
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from zope.interface import implementer
+
+from privox.automata import build
 
 from privox.messages import ErrorCode, JobRequest, failPayload
 
-if TYPE_CHECKING:
-    from privox.farm.connection import ConsumerSession, FarmConnection, ProducerSession
-    from privox.farm.farm import Farm
-
 log = Logger()
+
+
+class Relayed(Protocol):
+    """
+    A connection a job relays between: its reading can be held while the
+    other side's writes back up (L{_PauseLink}).
+    """
+
+    transport: Any
+
+    def holdReading(self, holder: object) -> None: ...
+
+    def releaseReading(self, holder: object) -> None: ...
+
+
+class _Side(Protocol):
+    #: The account id (hashed key) of the peer, for the ledger.
+    accountId: str | None
+    connection: Relayed
+    transport: Any
+
+    def sendControl(self, verb: bytes, fields: dict[str, Any]) -> None: ...
+
+    def sendData(self, payload: bytes) -> None: ...
+
+
+class ConsumerSide(_Side, Protocol):
+    def jobSubmitted(self, job: Job) -> None:
+        "The job exists (queued or assigned)."
+
+    def jobAssigned(self, job: Job) -> None:
+        "A producer took it: the consumer is told (ASGN) and may upload."
+
+    def jobDetached(self, job: Job) -> None:
+        "The job is over for this consumer."
+
+
+class ProducerSide(_Side, Protocol):
+    def startJob(self, job: Job, upload: bytes) -> None:
+        "Send the job, with the part of its upload that came early."
+
+    def jobDetached(self, job: Job, healthy: bool) -> None:
+        "The job is over; C{healthy}: the producer may take another."
+
+    def drop(self, why: str) -> None:
+        "Close the producer's connection."
+
+
+class JobHost(Protocol):
+    """
+    What a job needs from the farm that runs it.
+    """
+
+    clock: IReactorTime
+    #: Seconds a producer has to end a cancelled job.
+    cancelGrace: float
+
+    def withdraw(self, job: Job) -> None:
+        "Take a queued job out of the queue."
+
+    def record(self, job: Job) -> Deferred[None]:
+        "Put the ended job in the ledger; fires once that is durable."
+
+    def jobFinished(self, job: Job) -> None:
+        "The job is over: forget it."
 
 
 class JobEvents(Protocol):
@@ -81,7 +148,7 @@ class _PauseLink:
     write buffer is full. Detaching lets go of C{source}.
     """
 
-    def __init__(self, source: FarmConnection, sink: Any) -> None:
+    def __init__(self, source: Relayed, sink: Any) -> None:
         self._source = source
         self._sink = sink
         sink.registerProducer(self, True)
@@ -110,28 +177,28 @@ class Job:
 
     def __init__(
         self,
-        farm: Farm,
+        host: JobHost,
         jobId: str,
         request: JobRequest,
-        consumer: ConsumerSession,
+        consumer: ConsumerSide,
         timeout: float,
         work: bytes,
     ) -> None:
-        self.farm = farm
+        self.host = host
         self.id = jobId
         self.request = request
         #: The JOB_ frame the producer gets.
         self.work = work
-        self.consumer: ConsumerSession | None = consumer
-        self.producer: ProducerSession | None = None
-        self.started = farm.clock.seconds()
+        self.consumer: ConsumerSide | None = consumer
+        self.producer: ProducerSide | None = None
+        self.started = host.clock.seconds()
         self.bytesOut = 0
         self.outcome = "queued"
         #: For the ledger (L{privox.farm.ledger}): the account ids (hashed
         #: keys) of the consumer and of the producer that took the job (None
         #: while none did), and the RSLT's C{duration_s} as the producer sent
         #: it (unchecked).
-        self.consumerAccount: str | None = getattr(consumer, "accountId", None)
+        self.consumerAccount: str | None = consumer.accountId
         self.producerAccount: str | None = None
         self.resultDuration: Any = None
         #: The result's size as its RSLT announced it.
@@ -146,10 +213,10 @@ class Job:
         #: and the consumer's connections), for a splice relay
         #: (L{privox.farm.splice}); set and cleared by the transitions that
         #: start and end forwarding each, which the relay follows.
-        self.uploadSink: FarmConnection | None = None
-        self.resultSink: FarmConnection | None = None
+        self.uploadSink: Relayed | None = None
+        self.resultSink: Relayed | None = None
         self._links: list[_PauseLink] = []
-        self._timeout: IDelayedCall | None = farm.clock.callLater(
+        self._timeout: IDelayedCall | None = host.clock.callLater(
             timeout, self._timedOut
         )
         self._grace: IDelayedCall | None = None
@@ -163,14 +230,12 @@ class Job:
 
     # Helpers the transitions share.
 
-    def _startOn(self, producer: ProducerSession) -> None:
+    def _startOn(self, producer: ProducerSide) -> None:
         assert self.consumer is not None
         self.producer = producer
-        self.producerAccount = getattr(producer, "accountId", None)
-        producer.startJob(self)
-        if self._early:
-            producer.sendData(b"".join(self._early))
-            self._early = []
+        self.producerAccount = producer.accountId
+        early, self._early = b"".join(self._early), []
+        producer.startJob(self, early)
         self.uploadSink = producer.connection
         self.consumer.jobAssigned(self)
         self._links = [
@@ -190,7 +255,7 @@ class Job:
                 b"FAIL", failPayload(self.id if withId else None, code, message)
             )
 
-    def _detachConsumer(self) -> ConsumerSession | None:
+    def _detachConsumer(self) -> ConsumerSide | None:
         consumer, self.consumer = self.consumer, None
         # Without a consumer nothing is forwarded either way.
         self.uploadSink = self.resultSink = None
@@ -217,9 +282,7 @@ class Job:
         assert self.producer is not None
         if sendCancel:
             self.producer.sendControl(b"CNCL", {"id": self.id})
-        self._grace = self.farm.clock.callLater(
-            self.farm.settings.cancel_grace, self._graceOver
-        )
+        self._grace = self.host.clock.callLater(self.host.cancelGrace, self._graceOver)
 
     def _graceOver(self) -> None:
         self._grace = None
@@ -242,7 +305,7 @@ class Job:
         # Nothing more flows between the two sides.
         self.uploadSink = self.resultSink = None
         self._unlink()
-        recorded = self.farm.record(self)
+        recorded = self.host.record(self)
         producer, self.producer = self.producer, None
         if producer is not None:
             producer.jobDetached(self, healthy=releaseProducer)
@@ -250,7 +313,7 @@ class Job:
 
     def _close(self) -> None:
         self._detachConsumer()
-        self.farm.jobFinished(self)
+        self.host.jobFinished(self)
 
     def _recordingFailed(self, failure: Failure) -> None:
         # A bug, not a disk (a failed write fires recorded too): the job
@@ -279,19 +342,19 @@ finished = builder.state("finished")
 
 
 @queued.upon(JobEvents.assign).to(running)
-def _assign(events: JobEvents, job: Job, producer: ProducerSession) -> None:
+def _assign(events: JobEvents, job: Job, producer: ProducerSide) -> None:
     job._startOn(producer)
 
 
 @queued.upon(JobEvents.consumerLost).to(finished)
 def _goneWhileQueued(events: JobEvents, job: Job) -> None:
-    job.farm.withdraw(job)
+    job.host.withdraw(job)
     job._finish("cancelled", releaseProducer=False)
 
 
 @queued.upon(JobEvents.expire).to(finished)
 def _expireQueued(events: JobEvents, job: Job, code: str, message: str) -> None:
-    job.farm.withdraw(job)
+    job.host.withdraw(job)
     # Before ASGN the consumer has no job id yet.
     job._failConsumer(code, message, withId=False)
     job._finish(code, releaseProducer=False)
@@ -460,17 +523,17 @@ def _lateLoss(events: JobEvents, job: Job) -> None:
     pass
 
 
-JobMachine = builder.build()
+JobMachine = build(builder)
 
 
 def newJob(
-    farm: Farm,
+    host: JobHost,
     jobId: str,
     request: JobRequest,
-    consumer: ConsumerSession,
+    consumer: ConsumerSide,
     timeout: float,
     work: bytes,
 ) -> Job:
-    job = Job(farm, jobId, request, consumer, timeout, work)
+    job = Job(host, jobId, request, consumer, timeout, work)
     job.events = JobMachine(job)
     return job

@@ -2,7 +2,8 @@
 The contribution ledger: one record per finished job, for crediting the
 producers that did the work and accounting for the consumers that asked.
 
-A record (L{transaction}) says when, which service and model, how many bytes
+A record (built by the farm: L{privox.farm.farm.transaction}) says when,
+which service and model, how many bytes
 went in and out, how many seconds of audio, how long it took, how it ended,
 and the account ids (L{privox.keys.accountId}: SHA-256 of the key) of the
 producer and the consumer. Never a key, text or audio.
@@ -33,19 +34,16 @@ busy farm does not sync once per job.
 from __future__ import annotations
 
 import json
-import math
 import os
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import Any, Callable, Protocol
 
+from twisted.application.internet import backoffPolicy
 from twisted.internet.defer import Deferred, DeferredLock, maybeDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from privox.keys import describeFailure, withoutSecrets
-
-if TYPE_CHECKING:
-    from privox.farm.job import Job
 
 log = Logger()
 
@@ -60,6 +58,9 @@ POST_TIMEOUT = 30.0
 #: Retry delays after a failed POST: this, doubling up to L{MAX_BACKOFF}.
 MIN_BACKOFF = 1.0
 MAX_BACKOFF = 60.0
+_backoff = backoffPolicy(
+    initialDelay=MIN_BACKOFF, maxDelay=MAX_BACKOFF, factor=2.0, jitter=lambda: 0.0
+)
 #: Records arriving within this many seconds (and while a write is under
 #: way) are written together; 0: those of one turn of the reactor.
 FLUSH_INTERVAL = 0.0
@@ -75,48 +76,6 @@ def runInline(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
 
 
 # Records
-
-
-def audioSeconds(job: Job) -> float | None:
-    """
-    The seconds of audio C{job} credits: its producer's RSLT C{duration_s}
-    when that is a finite number >= 0, capped at one second per 1000 bytes
-    of input or output (whichever is larger; no codec is that dense) so a
-    producer cannot claim absurd durations. None when absent or the job
-    failed.
-    """
-    if job.outcome != "ok":
-        return None
-    value = job.resultDuration
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    value = float(value)
-    if not math.isfinite(value) or value < 0:
-        return None
-    bound = max(job.request.size, job.bytesOut) / 1000
-    return round(min(value, bound), 3)
-
-
-def transaction(job: Job, farm: str, now: float) -> Transaction:
-    """
-    The ledger record of C{job}, finished at C{now} on the farm named
-    C{farm}: a plain, JSON-serialisable dict.
-    """
-    request = job.request
-    return {
-        "job_id": job.id,
-        "farm": farm,
-        "time": now,
-        "service": request.service,
-        "model": request.model,
-        "input_bytes": request.size,
-        "output_bytes": job.bytesOut,
-        "audio_seconds": audioSeconds(job),
-        "processing_ms": round(max(0.0, now - job.started) * 1000, 3),
-        "status": job.outcome,
-        "producer": job.producerAccount,
-        "consumer": job.consumerAccount,
-    }
 
 
 def encode(record: Transaction) -> bytes:
@@ -468,7 +427,8 @@ class HTTPLedger:
         self._stopped = False
         self._shipping = False
         self._again = False
-        self._backoff = MIN_BACKOFF
+        #: Failed POSTs in a row.
+        self._failures = 0
         self._retry: IDelayedCall | None = None
         self._request: Deferred[Any] | None = None
 
@@ -600,7 +560,7 @@ class HTTPLedger:
             self._failed(len(records), f"HTTP status {code}")
 
     def _confirmed(self, offset: int) -> None:
-        self._backoff = MIN_BACKOFF
+        self._failures = 0
         self._offset = offset
         d = self._run(_writeOffset, self.spool, offset)
         d.addErrback(
@@ -615,7 +575,7 @@ class HTTPLedger:
             n=n,
             url=self._safeURL,
             why=why,
-            delay=self._backoff,
+            delay=_backoff(self._failures),
         )
         self._later()
 
@@ -623,7 +583,8 @@ class HTTPLedger:
         if self._stopped:
             self._shipping = False
             return
-        delay, self._backoff = self._backoff, min(self._backoff * 2, MAX_BACKOFF)
+        delay = _backoff(self._failures)
+        self._failures += 1
         self._retry = self._clock.callLater(delay, self._next)
 
 

@@ -2,18 +2,21 @@
 PVX/1, the original Privox protocol, on the farm's ports beside PVX/2.
 
 After the greeting C{who} a PVX/1 peer answers with a type byte (C{c}: a
-producer node, C{s}: a consumer) and a 16-character key. From then on the
-bytes have no framing at all: headers like C{model=NAME&len=N&lang=LANG},
-three-letter words (C{ack}, C{nak}, C{ping}, C{pong}), raw audio, transcript
-text. A header or a transcript ends when its sender goes quiet for
-C{pvx1_quiet} seconds (or, for headers, at 255 bytes).
+producer node, C{s}: a consumer) and a 16-character key
+(L{privox.farm.handshake}). From then on the bytes have no framing at all:
+headers like C{model=NAME&len=N&lang=LANG}, three-letter words (C{ack},
+C{nak}, C{ping}, C{pong}), raw audio, transcript text. A header or a
+transcript ends when its sender goes quiet for C{pvx1_quiet} seconds (or,
+for headers, at 255 bytes).
 
-The sessions here implement the same interface as the PVX/2
-L{ConsumerSession} and L{ProducerSession}: the L{Job} machine and the
-dispatcher cannot tell the protocols apart, so a PVX/1 consumer's job may run
-on a PVX/2 node and the other way round. They translate what the job says
-(C{ASGN}, C{RSLT}, C{DATA}, C{FAIL}, C{CNCL}) into PVX/1 bytes, and PVX/1
-bytes into job events.
+The sessions here have the faces of the PVX/2 ones
+(L{privox.farm.sessions}): the L{Job} machine and the dispatcher cannot
+tell the protocols apart, so a PVX/1 consumer's job may run on a PVX/2 node
+and the other way round. They translate what the job says (C{ASGN},
+C{RSLT}, C{DATA}, C{FAIL}, C{CNCL}) into PVX/1 bytes, and PVX/1 bytes into
+job events. Each is an explicit state machine (L{Pvx1Consumer}: reading its
+header, waiting for a producer, uploading, answered; L{Pvx1Producer}: idle,
+waiting for the node's ack, reading a transcript, a length or a WAV).
 
 PVX/1 nodes advertise no models: the alias table (C{pvx1_stt_models},
 C{pvx1_tts_models}) maps the names they know to PVX/2 model names.
@@ -21,18 +24,19 @@ C{pvx1_tts_models}) maps the names they know to PVX/2 model names.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import Any, Iterable, Protocol
 
+from automat import TypeMachineBuilder
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
+from privox.automata import build
 from privox.farm.dispatcher import Capability
-from privox.keys import accountId
+from privox.farm.handshake import Phase
+from privox.farm.job import Job
+from privox.farm.keepalive import Keepalive
+from privox.farm.sessions import Connection, Session
 from privox.messages import BadRequest, ErrorCode, JobRequest
-
-if TYPE_CHECKING:
-    from privox.farm.connection import FarmConnection
-    from privox.farm.job import Job
 
 log = Logger()
 
@@ -53,17 +57,20 @@ PONG = b"pong"
 DEFAULT_LANGUAGE = "en"
 DEFAULT_SPEAKER = "p236"
 
-WHISPER_NAMES = (
-    "tiny", "tiny.en", "base", "base.en", "small", "small.en",
-    "medium", "medium.en", "large", "large-v2",
-)
-DEFAULT_STT_ALIASES = tuple(f"{name}=whisper:{name}" for name in WHISPER_NAMES)
-DEFAULT_TTS_ALIASES = ("tts_models/en/vctk/vits=coqui:tts_models/en/vctk/vits",)
-
 # Header keys per service. A TTS text may contain anything, '&' included, so
 # it is the one field not split on '&'.
 _STT_KEYS = ("model", "len", "lang")
 _TTS_TAIL_KEYS = ("lang", "idx")
+
+
+def introduction(data: bytes) -> tuple[str, str] | None:
+    """
+    A PVX/1 peer's first bytes: its role and key, once all 17 are here.
+    """
+    if len(data) < 1 + KEY_LEN:
+        return None
+    role = "producer" if data[:1] == PRODUCER else "consumer"
+    return role, data[1 : 1 + KEY_LEN].decode("utf-8", "replace")
 
 
 class BadHeader(ValueError):
@@ -199,104 +206,14 @@ def headerFor(job: Job, aliases: Aliases) -> bytes:
     return f"model={model}&text={r.text}&lang={language}&idx={voice}".encode()
 
 
-class Pvx1Peer:
-    """
-    A PVX/1 peer on a L{FarmConnection}: reads the type byte and key, runs
-    the key policy, then hands the bytes to a L{Pvx1Consumer} or
-    L{Pvx1Producer} session.
-    """
-
-    def __init__(self, connection: FarmConnection) -> None:
-        self.connection = connection
-        self._buffer = bytearray()
-        self.session: Pvx1Consumer | Pvx1Producer | None = None
-        self.kind: bytes | None = None
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.session is not None:
-            self.session.dataReceived(data)
-            return
-        from privox.farm.connection import Phase
-
-        self._buffer += data
-        if self.connection.phase is Phase.GREETING:
-            if len(self._buffer) < 1 + KEY_LEN:
-                return
-            self.kind = bytes(self._buffer[:1])
-            key = bytes(self._buffer[1 : 1 + KEY_LEN]).decode("utf-8", "replace")
-            del self._buffer[: 1 + KEY_LEN]
-            self.connection.phase = Phase.AUTHENTICATING
-            role = "producer" if self.kind == PRODUCER else "consumer"
-            d = self.connection.farm.keyPolicy(role).check(key)
-            d.addErrback(self.connection._keyCheckFailed)
-            d.addCallback(self._keyChecked, role, accountId(key))
-        if len(self._buffer) > HEADER_CAP + 1:
-            # Nothing that long can come before the farm answers (a consumer
-            # given HEADER_CAP + 1 bytes is told nak by its session).
-            self.connection.abort()
-
-    def _keyChecked(self, accepted: bool, role: str, account: str) -> None:
-        from privox.farm.connection import Phase
-
-        kid = account[:12]
-        connection = self.connection
-        if connection.phase is not Phase.AUTHENTICATING:
-            return  # gone while we were checking
-        if not accepted:
-            log.info("denied PVX/1 {role} with key {key_id}", role=role, key_id=kid)
-            connection.close(ErrorCode.UNAUTHORIZED, "key rejected")
-            return
-        if not connection.farm.accepting:
-            connection.close(ErrorCode.SHUTTING_DOWN, "the farm is shutting down")
-            return
-        connection.phase = Phase.ACTIVE
-        session: Pvx1Consumer | Pvx1Producer
-        if role == "producer":
-            connection._handshakeDone()
-            session = Pvx1Producer(connection, kid, account)
-            self.session = connection.session = session
-            connection.farm.producerJoined(session)
-        else:
-            # A consumer's handshake ends with its header (its timer runs on).
-            session = Pvx1Consumer(connection, kid, account)
-            self.session = connection.session = session
-        log.info(
-            "PVX/1 {role} {key_id} joined {service}",
-            role=role, key_id=kid, service=connection.service,
-        )
-        pending, self._buffer = bytes(self._buffer), bytearray()
-        if pending and connection.phase is Phase.ACTIVE:
-            session.dataReceived(pending)
-
-    def farewell(self) -> bytes:
-        """
-        The bytes a closing connection owes its peer: C{nak} to a consumer
-        that was told nothing yet.
-        """
-        if self.kind != CONSUMER:
-            return b""
-        if self.session is None:
-            return NAK
-        return self.session.farewell()
 
 
-class _Pvx1Session:
-    def __init__(self, connection: FarmConnection, keyId: str, accountId: str | None = None) -> None:
-        self.connection = connection
-        self.keyId = keyId
-        #: The full SHA-256 of the key, for the ledger (never the key).
-        self.accountId = accountId
-        self.job: Job | None = None
-        self.aliases = aliasesFor(connection.farm.settings, connection.service)
+class _Pvx1Session(Session):
+    def __init__(self, connection: Connection, keyId: str, accountId: str | None = None) -> None:
+        super().__init__(connection, keyId, accountId)
+        self.settings = connection.farm.settings
+        self.aliases = aliasesFor(self.settings, connection.service)
         self._quiet: IDelayedCall | None = None
-
-    @property
-    def transport(self) -> Any:
-        return self.connection.transport
-
-    @property
-    def settings(self) -> Any:
-        return self.connection.farm.settings
 
     def _armQuiet(self, then: Any) -> None:
         self._cancelQuiet()
@@ -308,45 +225,102 @@ class _Pvx1Session:
                 self._quiet.cancel()
             self._quiet = None
 
+    def farewell(self) -> bytes:
+        """
+        The bytes a closing connection owes its peer.
+        """
+        return b""
+
+
+# A PVX/1 consumer: one header, one job, one answer, then the farm closes.
+#
+#   reading ──quiet──▶ waiting ──assigned──▶ running ──answer──▶ answered
+#
+# and a FAIL, from any of them, closes (with "nak" if nothing was said yet).
+
+
+class ConsumerEvents(Protocol):
+    def data(self, data: bytes) -> None:
+        "Bytes from the consumer."
+
+    def quiet(self) -> None:
+        "The header is complete (its sender went quiet, or it is at its cap)."
+
+    def assigned(self, job: Job) -> None:
+        "A producer took the job."
+
+    def answer(self, fields: dict[str, Any]) -> None:
+        "The job's RSLT."
+
+    def failed(self, fields: dict[str, Any]) -> None:
+        "The job's FAIL."
+
+    def detached(self) -> None:
+        "The job is over."
+
 
 class Pvx1Consumer(_Pvx1Session):
-    """
-    A PVX/1 consumer: one header, one job, one answer, then the farm closes.
-    """
+    events: ConsumerEvents
 
-    def __init__(self, connection: FarmConnection, keyId: str, accountId: str | None = None) -> None:
+    def __init__(self, connection: Connection, keyId: str, accountId: str | None = None) -> None:
         super().__init__(connection, keyId, accountId)
         self._header = bytearray()
-        self._submitted = False
-        self._acked = False
-        self._answered = False  # the transcript or the length was sent
         self._uploadRemaining = 0
+        #: What the consumer is owed if the connection closes now: "nak"
+        #: until it was told "ack" or given its answer.
+        self._farewell = NAK
 
     def __repr__(self) -> str:
         return f"<Pvx1Consumer {self.keyId}>"
 
-    # Bytes from the consumer
+    def farewell(self) -> bytes:
+        return self._farewell
+
+    # The session's faces (the connection's, the job's)
 
     def dataReceived(self, data: bytes) -> None:
-        if not self._submitted:
-            self._headerData(data)
-        elif self._acked and self._uploadRemaining:
-            self._upload(data)
-        else:
-            self._refuse(ErrorCode.PROTOCOL, "PVX/1 consumer sent bytes out of turn")
+        self.events.data(data)
 
-    def _headerData(self, data: bytes) -> None:
+    def jobSubmitted(self, job: Job) -> None:
+        self.job = job
+
+    def jobAssigned(self, job: Job) -> None:
+        self.job = job
+        self.events.assigned(job)
+
+    def jobDetached(self, job: Job) -> None:
+        self.job = None
+        self.events.detached()
+
+    def sendControl(self, verb: bytes, fields: dict[str, Any]) -> None:
+        if verb == b"RSLT":
+            self.events.answer(fields)
+        elif verb == b"FAIL":
+            self.events.failed(fields)
+
+    def sendData(self, payload: bytes) -> None:
+        if self.service == "tts":
+            self.transport.write(payload)
+
+    def connectionLost(self) -> None:
+        self._cancelQuiet()
+        if self.job is not None:
+            self.job.events.consumerLost()
+
+    # What the machine does
+
+    def _readHeader(self, data: bytes) -> None:
         self._header += data
-        service = self.connection.service
+        service = self.service
         if len(self._header) >= HEADER_CAP:
             if len(self._header) > HEADER_CAP:
                 self._refuse(ErrorCode.BAD_REQUEST, "PVX/1 header longer than 255 bytes")
             else:
-                self._headerDone()
+                self._cancelQuiet()
+                self.events.quiet()
             return
         head = bytes(self._header[: len(b"model=")])
         if not b"model=".startswith(head):
-            self._submitted = True
             self._refuse(ErrorCode.BAD_REQUEST, "PVX/1 header does not start with model=")
             return
         try:
@@ -356,15 +330,18 @@ class Pvx1Consumer(_Pvx1Session):
             # it is done (quiet, or at the cap).
             fields = {}
         if isComplete(service, fields):
-            self._armQuiet(self._headerDone)
+            self._armQuiet(self._headerQuiet)
         else:
             self._cancelQuiet()
 
-    def _headerDone(self) -> None:
+    def _headerQuiet(self) -> None:
         self._quiet = None
-        self._submitted = True
-        self.connection._handshakeDone()
-        service = self.connection.service
+        self.events.quiet()
+
+    def _submit(self) -> None:
+        # A consumer's handshake ends with its header.
+        self.connection.handshakeDone()
+        service = self.service
         try:
             try:
                 fields = parseHeader(service, bytes(self._header))
@@ -394,106 +371,200 @@ class Pvx1Consumer(_Pvx1Session):
         )
         self.connection.close(code, message)
 
-    def farewell(self) -> bytes:
-        return b"" if (self._acked or self._answered) else NAK
 
-    # What the job says
-
-    def jobSubmitted(self, job: Job) -> None:
-        self.job = job
-
-    def jobAssigned(self, job: Job) -> None:
-        self.job = job
-        if job.request.service == "stt":
-            self._acked = True
-            self._uploadRemaining = job.request.size
-            self.transport.write(ACK)
-
-    def jobDetached(self, job: Job) -> None:
-        self.job = None
-        if self._answered:
-            self.connection.close("ok", "PVX/1 job done")
-
-    def sendControl(self, verb: bytes, fields: dict[str, Any]) -> None:
-        if verb == b"RSLT":
-            if self.connection.service == "stt":
-                text = fields.get("text")
-                self.transport.write(text.encode("utf-8") if isinstance(text, str) else b"")
-            else:
-                size = fields.get("size", 0)
-                self.transport.write(b"%08d" % size)
-            self._answered = True
-        elif verb == b"FAIL":
-            log.info(
-                "PVX/1 consumer {key_id}: job failed with {code}",
-                key_id=self.keyId, code=fields.get("error"),
-            )
-            # PVX/1 has no error message: nak before ack, else just close.
-            self.connection.close(str(fields.get("error")), str(fields.get("message")))
-
-    def sendData(self, payload: bytes) -> None:
-        if self.connection.service == "tts":
-            self.transport.write(payload)
-
-    def connectionLost(self) -> None:
-        self._cancelQuiet()
-        if self.job is not None:
-            self.job.events.consumerLost()
+_consumer = TypeMachineBuilder(ConsumerEvents, Pvx1Consumer)
+reading = _consumer.state("reading")
+waiting = _consumer.state("waiting")
+running = _consumer.state("running")
+answered = _consumer.state("answered")
 
 
-# Producer phases
-_IDLE = "idle"
-_AWAIT_ACK = "await-ack"
-_TRANSCRIPT = "transcript"  # STT: ack received; upload relayed, text awaited
-_LENGTH = "length"  # TTS: ack received; the 8-digit length awaited
-_WAV = "wav"  # TTS: the WAV bytes
+@reading.upon(ConsumerEvents.data).loop()
+def _headerData(events: ConsumerEvents, c: Pvx1Consumer, data: bytes) -> None:
+    c._readHeader(data)
+
+
+@reading.upon(ConsumerEvents.quiet).to(waiting)
+def _headerDone(events: ConsumerEvents, c: Pvx1Consumer) -> None:
+    c._submit()
+
+
+@waiting.upon(ConsumerEvents.quiet).loop()
+@running.upon(ConsumerEvents.quiet).loop()
+@answered.upon(ConsumerEvents.quiet).loop()
+def _lateQuiet(events: ConsumerEvents, c: Pvx1Consumer) -> None:
+    pass
+
+
+@waiting.upon(ConsumerEvents.data).loop()
+def _outOfTurn(events: ConsumerEvents, c: Pvx1Consumer, data: bytes) -> None:
+    c._refuse(ErrorCode.PROTOCOL, "PVX/1 consumer sent bytes out of turn")
+
+
+@waiting.upon(ConsumerEvents.assigned).to(running)
+def _assigned(events: ConsumerEvents, c: Pvx1Consumer, job: Job) -> None:
+    if job.request.service == "stt":
+        c._uploadRemaining = job.request.size
+        c._farewell = b""
+        c.transport.write(ACK)
+
+
+@running.upon(ConsumerEvents.data).loop()
+@answered.upon(ConsumerEvents.data).loop()
+def _uploadData(events: ConsumerEvents, c: Pvx1Consumer, data: bytes) -> None:
+    if not c._uploadRemaining:
+        c._refuse(ErrorCode.PROTOCOL, "PVX/1 consumer sent bytes out of turn")
+        return
+    c._upload(data)
+
+
+@running.upon(ConsumerEvents.answer).to(answered)
+def _answer(events: ConsumerEvents, c: Pvx1Consumer, fields: dict[str, Any]) -> None:
+    if c.service == "stt":
+        text = fields.get("text")
+        c.transport.write(text.encode("utf-8") if isinstance(text, str) else b"")
+    else:
+        c.transport.write(b"%08d" % fields.get("size", 0))
+    c._farewell = b""
+
+
+@reading.upon(ConsumerEvents.failed).loop()
+@waiting.upon(ConsumerEvents.failed).loop()
+@running.upon(ConsumerEvents.failed).loop()
+@answered.upon(ConsumerEvents.failed).loop()
+def _failed(events: ConsumerEvents, c: Pvx1Consumer, fields: dict[str, Any]) -> None:
+    log.info(
+        "PVX/1 consumer {key_id}: job failed with {code}",
+        key_id=c.keyId, code=fields.get("error"),
+    )
+    # PVX/1 has no error message: nak before ack, else just close.
+    c.connection.close(str(fields.get("error")), str(fields.get("message")))
+
+
+@answered.upon(ConsumerEvents.detached).loop()
+def _done(events: ConsumerEvents, c: Pvx1Consumer) -> None:
+    c.connection.close("ok", "PVX/1 job done")
+
+
+@reading.upon(ConsumerEvents.detached).loop()
+@waiting.upon(ConsumerEvents.detached).loop()
+@running.upon(ConsumerEvents.detached).loop()
+def _endedUnanswered(events: ConsumerEvents, c: Pvx1Consumer) -> None:
+    # The job ended without an answer: its FAIL has closed the connection,
+    # or the consumer went away.
+    pass
+
+
+ConsumerMachine = build(_consumer)
+
+
+# A PVX/1 node: pinged while idle; one job at a time, answered in PVX/1.
+#
+#   idle ──job──▶ waitingForAck ──ack──▶ transcribing (STT) ──quiet──▶ idle
+#                      │          └─ack──▶ sizing (TTS) ──length──▶ speaking ──WAV──▶ idle
+#                      └──nak──▶ idle
+#
+# The job lets go of the node when it ends, in any of them (detached): idle.
+
+
+class ProducerEvents(Protocol):
+    def start(self, job: Job) -> None:
+        "The node is given a job."
+
+    def more(self) -> None:
+        "Bytes from the node are waiting in the buffer."
+
+    def upload(self, payload: bytes) -> None:
+        "Upload bytes for the node."
+
+    def ackedToTranscribe(self) -> None:
+        "The node said ack to an STT job."
+
+    def ackedToSpeak(self) -> None:
+        "The node said ack to a TTS job."
+
+    def refused(self) -> None:
+        "The node said nak."
+
+    def transcribed(self) -> None:
+        "The node went quiet after its transcript (or filled its cap)."
+
+    def sized(self, size: int) -> None:
+        "The node said how long its WAV is."
+
+    def spoken(self) -> None:
+        "The node's whole WAV is in."
+
+    def detached(self, healthy: bool) -> None:
+        "The job let go of the node."
 
 
 class Pvx1Producer(_Pvx1Session):
-    """
-    A PVX/1 node: pinged while idle; one job at a time, answered in PVX/1.
-    """
+    events: ProducerEvents
 
-    def __init__(self, connection: FarmConnection, keyId: str, accountId: str | None = None) -> None:
+    def __init__(self, connection: Connection, keyId: str, accountId: str | None = None) -> None:
         super().__init__(connection, keyId, accountId)
         self.capability = self.aliases.capability()
-        self._phase = _IDLE
         self._buffer = bytearray()
-        self._pingTimer: IDelayedCall | None = None
-        self._pongOwed = False
-        self._upload: list[bytes] | None = None  # held until the node's ack
+        #: Upload bytes held until the node says ack.
+        self._held: list[bytes] = []
+        self._heldBytes = 0
         self._wavRemaining = 0
+        self._keepalive = Keepalive(
+            connection.farm.clock,
+            self.settings.ping_interval,
+            self.settings.ping_interval / 2,
+            lambda: self.transport.write(PING),
+            lambda: self.drop("did not answer ping in time"),
+        )
 
     def __repr__(self) -> str:
-        return f"<Pvx1Producer {self.keyId} {self.connection.service}>"
+        return f"<Pvx1Producer {self.keyId} {self.service}>"
 
-    # Liveness
+    # The session's faces (the connection's, the farm's, the job's)
 
-    def _schedulePing(self) -> None:
-        self._cancelPing()
-        self._pingTimer = self.connection.farm.clock.callLater(
-            self.settings.ping_interval, self._ping
-        )
-
-    def _ping(self) -> None:
-        self.transport.write(PING)
-        self._pongOwed = True
-        self._pingTimer = self.connection.farm.clock.callLater(
-            self.settings.ping_interval / 2, self._pongMissed
-        )
-
-    def _pongMissed(self) -> None:
-        self._pingTimer = None
-        self.drop("did not answer ping in time")
-
-    def _cancelPing(self) -> None:
-        if self._pingTimer is not None:
-            if self._pingTimer.active():
-                self._pingTimer.cancel()
-            self._pingTimer = None
+    def dataReceived(self, data: bytes) -> None:
+        self._buffer += data
+        self.events.more()
 
     def becameIdle(self) -> None:
-        self._schedulePing()
+        self._keepalive.idle()
+
+    def startJob(self, job: Job, upload: bytes) -> None:
+        self.job = job
+        self.events.start(job)
+        if upload:
+            self.events.upload(upload)
+
+    def sendControl(self, verb: bytes, fields: dict[str, Any]) -> None:
+        # CNCL: PVX/1 cannot cancel. The node finishes, the farm discards its
+        # answer, and cancel_grace drops a node that never does.
+        pass
+
+    def sendData(self, payload: bytes) -> None:
+        self.events.upload(payload)
+
+    def jobDetached(self, job: Job, healthy: bool) -> None:
+        self.job = None
+        self.events.detached(healthy)
+
+    def drop(self, why: str) -> None:
+        log.info("dropping PVX/1 producer {key_id}: {why}", key_id=self.keyId, why=why)
+        self.connection.abort()
+
+    def connectionLost(self) -> None:
+        self._keepalive.busy()
+        self._cancelQuiet()
+        self.connection.farm.producerLeft(self)
+        job, self.job = self.job, None
+        if job is not None:
+            job.events.producerLost()
+
+    # What the machine does
+
+    @property
+    def _reading(self) -> bool:
+        return bool(self._buffer) and self.connection.phase is Phase.ACTIVE
 
     def _takePongs(self) -> bool:
         """
@@ -502,151 +573,207 @@ class Pvx1Producer(_Pvx1Session):
         """
         while self._buffer[:4] == PONG:
             del self._buffer[:4]
-            if self._pongOwed:
-                self._pongOwed = False
-                if self.job is None:
-                    self._schedulePing()
+            self._keepalive.answered()
         return not self._buffer or PONG.startswith(bytes(self._buffer))
-
-    # Jobs
-
-    def startJob(self, job: Job) -> None:
-        self._cancelPing()
-        self.job = job
-        self._phase = _AWAIT_ACK
-        self._upload = []
-        self._uploadBytes = 0
-        self.transport.write(headerFor(job, self.aliases))
-
-    def sendControl(self, verb: bytes, fields: dict[str, Any]) -> None:
-        # CNCL: PVX/1 cannot cancel. The node finishes, the farm discards its
-        # answer, and cancel_grace drops a node that never does.
-        pass
-
-    def sendData(self, payload: bytes) -> None:
-        if self._upload is None:
-            self.transport.write(payload)
-        else:
-            self._uploadBytes += len(payload)
-            if self._uploadBytes > self.settings.max_job_bytes:
-                self.drop("held upload beyond max_job_bytes")
-                return
-            self._upload.append(payload)
-
-    def jobDetached(self, job: Job, healthy: bool) -> None:
-        from privox.farm.connection import Phase
-
-        self.job = None
-        self._phase = _IDLE
-        self._upload = None
-        self._cancelQuiet()
-        if healthy and self.connection.phase is Phase.ACTIVE:
-            self.connection.farm.producerIdle(self)
-
-    def dataReceived(self, data: bytes) -> None:
-        self._buffer += data
-        while self._buffer and self.connection.session is self:
-            phase = self._phase
-            if phase == _IDLE:
-                if not self._takePongs():
-                    self._garbage("unexpected bytes while idle")
-                return
-            if phase == _AWAIT_ACK:
-                if self._takePongs():
-                    return  # nothing left, or the start of a pong
-                head = bytes(self._buffer[:3])
-                if head == ACK:
-                    del self._buffer[:3]
-                    self._acked()
-                elif head == NAK:
-                    del self._buffer[:3]
-                    self._refused()
-                elif len(head) < 3 and (ACK.startswith(head) or NAK.startswith(head)):
-                    return
-                else:
-                    self._garbage("expected ack")
-                    return
-                continue
-            if phase == _TRANSCRIPT:
-                if len(self._buffer) >= TRANSCRIPT_CAP:
-                    self._transcriptDone()
-                    continue
-                self._armQuiet(self._transcriptDone)
-                return
-            if phase == _LENGTH:
-                if len(self._buffer) < LENGTH_DIGITS:
-                    if not bytes(self._buffer).isdigit():
-                        self._garbage("bad WAV length")
-                    return
-                digits = bytes(self._buffer[:LENGTH_DIGITS])
-                del self._buffer[:LENGTH_DIGITS]
-                if not digits.isdigit() or int(digits) > self.settings.max_job_bytes:
-                    self._garbage("bad WAV length")
-                    return
-                self._wavRemaining = int(digits)
-                self._phase = _WAV
-                assert self.job is not None
-                self.job.events.result(
-                    {"content_type": "audio/wav", "size": self._wavRemaining}, self._wavRemaining
-                )
-                if self._wavRemaining == 0:
-                    self._answerDone()
-                continue
-            if phase == _WAV:
-                chunk = bytes(self._buffer[: self._wavRemaining])
-                del self._buffer[: len(chunk)]
-                self._wavRemaining -= len(chunk)
-                step = self.settings.max_frame
-                assert self.job is not None
-                for start in range(0, len(chunk), step):
-                    self.job.events.resultData(chunk[start : start + step])
-                if self._wavRemaining == 0 and self.job is not None:
-                    self._answerDone()
-                continue
-            return
-
-    def _acked(self) -> None:
-        assert self.job is not None
-        upload, self._upload = self._upload or [], None
-        if upload:
-            self.transport.writeSequence(upload)
-        self._phase = _TRANSCRIPT if self.job.request.service == "stt" else _LENGTH
-
-    def _refused(self) -> None:
-        assert self.job is not None
-        self._phase = _IDLE
-        self._upload = None
-        self.job.events.producerFailed(
-            {"error": ErrorCode.ENGINE_ERROR, "message": "the node refused the job"}
-        )
-
-    def _transcriptDone(self) -> None:
-        self._quiet = None
-        text = bytes(self._buffer[:TRANSCRIPT_CAP]).decode("utf-8", "replace")
-        del self._buffer[:TRANSCRIPT_CAP]
-        job = self.job
-        assert job is not None
-        job.events.result({"text": text}, 0)
-        self._answerDone()
-
-    def _answerDone(self) -> None:
-        job = self.job
-        assert job is not None
-        self._phase = _IDLE
-        job.events.resultComplete()
 
     def _garbage(self, why: str) -> None:
         self._buffer.clear()
         self.drop(f"PVX/1 node sent garbage: {why}")
 
-    def drop(self, why: str) -> None:
-        log.info("dropping PVX/1 producer {key_id}: {why}", key_id=self.keyId, why=why)
-        self.connection.abort()
+    def _hold(self, payload: bytes) -> None:
+        self._heldBytes += len(payload)
+        if self._heldBytes > self.settings.max_job_bytes:
+            self.drop("held upload beyond max_job_bytes")
+            return
+        self._held.append(payload)
 
-    def connectionLost(self) -> None:
-        self._cancelPing()
+    def _release(self) -> None:
+        held, self._held, self._heldBytes = self._held, [], 0
+        if held:
+            self.transport.writeSequence(held)
+
+    def _forget(self) -> None:
+        self._held, self._heldBytes = [], 0
         self._cancelQuiet()
-        self.connection.farm.producerLeft(self)
-        job, self.job = self.job, None
-        if job is not None:
-            job.events.producerLost()
+
+    def _transcriptQuiet(self) -> None:
+        self._quiet = None
+        self.events.transcribed()
+
+
+_producer = TypeMachineBuilder(ProducerEvents, Pvx1Producer)
+idle = _producer.state("idle")
+waitingForAck = _producer.state("waitingForAck")
+transcribing = _producer.state("transcribing")
+sizing = _producer.state("sizing")
+speaking = _producer.state("speaking")
+
+
+@idle.upon(ProducerEvents.start).to(waitingForAck)
+def _start(events: ProducerEvents, p: Pvx1Producer, job: Job) -> None:
+    p._keepalive.busy()
+    p.transport.write(headerFor(job, p.aliases))
+
+
+@idle.upon(ProducerEvents.more).loop()
+def _idleBytes(events: ProducerEvents, p: Pvx1Producer) -> None:
+    if p._reading and not p._takePongs():
+        p._garbage("unexpected bytes while idle")
+
+
+@idle.upon(ProducerEvents.upload).loop()
+def _staleUpload(events: ProducerEvents, p: Pvx1Producer, payload: bytes) -> None:
+    pass
+
+
+@waitingForAck.upon(ProducerEvents.upload).loop()
+def _holdUpload(events: ProducerEvents, p: Pvx1Producer, payload: bytes) -> None:
+    p._hold(payload)
+
+
+@transcribing.upon(ProducerEvents.upload).loop()
+@sizing.upon(ProducerEvents.upload).loop()
+@speaking.upon(ProducerEvents.upload).loop()
+def _sendUpload(events: ProducerEvents, p: Pvx1Producer, payload: bytes) -> None:
+    p.transport.write(payload)
+
+
+@waitingForAck.upon(ProducerEvents.more).loop()
+def _ackBytes(events: ProducerEvents, p: Pvx1Producer) -> None:
+    if not p._reading or p._takePongs():
+        return  # nothing left, or the start of a pong
+    head = bytes(p._buffer[:3])
+    if head == ACK:
+        del p._buffer[:3]
+        assert p.job is not None
+        if p.job.request.service == "stt":
+            events.ackedToTranscribe()
+        else:
+            events.ackedToSpeak()
+    elif head == NAK:
+        del p._buffer[:3]
+        events.refused()
+    elif len(head) < 3 and (ACK.startswith(head) or NAK.startswith(head)):
+        return
+    else:
+        p._garbage("expected ack")
+
+
+@waitingForAck.upon(ProducerEvents.ackedToTranscribe).to(transcribing)
+def _toTranscribe(events: ProducerEvents, p: Pvx1Producer) -> None:
+    p._release()
+    events.more()
+
+
+@waitingForAck.upon(ProducerEvents.ackedToSpeak).to(sizing)
+def _toSpeak(events: ProducerEvents, p: Pvx1Producer) -> None:
+    p._release()
+    events.more()
+
+
+@waitingForAck.upon(ProducerEvents.refused).to(idle)
+def _nak(events: ProducerEvents, p: Pvx1Producer) -> None:
+    p._forget()
+    assert p.job is not None
+    p.job.events.producerFailed(
+        {"error": ErrorCode.ENGINE_ERROR, "message": "the node refused the job"}
+    )
+    events.more()
+
+
+@transcribing.upon(ProducerEvents.more).loop()
+def _transcriptBytes(events: ProducerEvents, p: Pvx1Producer) -> None:
+    if not p._reading:
+        return
+    if len(p._buffer) >= TRANSCRIPT_CAP:
+        p._cancelQuiet()
+        events.transcribed()
+    else:
+        p._armQuiet(p._transcriptQuiet)
+
+
+@transcribing.upon(ProducerEvents.transcribed).to(idle)
+def _transcribed(events: ProducerEvents, p: Pvx1Producer) -> None:
+    text = bytes(p._buffer[:TRANSCRIPT_CAP]).decode("utf-8", "replace")
+    del p._buffer[:TRANSCRIPT_CAP]
+    job = p.job
+    assert job is not None
+    job.events.result({"text": text}, 0)
+    job.events.resultComplete()
+    events.more()
+
+
+@sizing.upon(ProducerEvents.more).loop()
+def _lengthBytes(events: ProducerEvents, p: Pvx1Producer) -> None:
+    if not p._reading:
+        return
+    if len(p._buffer) < LENGTH_DIGITS:
+        if not bytes(p._buffer).isdigit():
+            p._garbage("bad WAV length")
+        return
+    digits = bytes(p._buffer[:LENGTH_DIGITS])
+    del p._buffer[:LENGTH_DIGITS]
+    if not digits.isdigit() or int(digits) > p.settings.max_job_bytes:
+        p._garbage("bad WAV length")
+        return
+    events.sized(int(digits))
+
+
+@sizing.upon(ProducerEvents.sized).to(speaking)
+def _sized(events: ProducerEvents, p: Pvx1Producer, size: int) -> None:
+    p._wavRemaining = size
+    assert p.job is not None
+    p.job.events.result({"content_type": "audio/wav", "size": size}, size)
+    if size == 0:
+        events.spoken()
+    else:
+        events.more()
+
+
+@speaking.upon(ProducerEvents.more).loop()
+def _wavBytes(events: ProducerEvents, p: Pvx1Producer) -> None:
+    if not p._reading:
+        return
+    chunk = bytes(p._buffer[: p._wavRemaining])
+    del p._buffer[: len(chunk)]
+    p._wavRemaining -= len(chunk)
+    step = p.settings.max_frame
+    assert p.job is not None
+    for start in range(0, len(chunk), step):
+        p.job.events.resultData(chunk[start : start + step])
+    if p._wavRemaining == 0:
+        events.spoken()
+
+
+@speaking.upon(ProducerEvents.spoken).to(idle)
+def _spoken(events: ProducerEvents, p: Pvx1Producer) -> None:
+    assert p.job is not None
+    p.job.events.resultComplete()
+    events.more()
+
+
+@idle.upon(ProducerEvents.detached).loop()
+@waitingForAck.upon(ProducerEvents.detached).to(idle)
+@transcribing.upon(ProducerEvents.detached).to(idle)
+@sizing.upon(ProducerEvents.detached).to(idle)
+@speaking.upon(ProducerEvents.detached).to(idle)
+def _detached(events: ProducerEvents, p: Pvx1Producer, healthy: bool) -> None:
+    p._forget()
+    if healthy and p.connection.phase is Phase.ACTIVE:
+        p.connection.farm.producerIdle(p)
+
+
+ProducerMachine = build(_producer)
+
+
+def newPvx1Session(connection: Connection, role: str, keyId: str, accountId: str) -> Session:
+    """
+    The session of a PVX/1 peer let in as C{role}.
+    """
+    if role == "producer":
+        producer = Pvx1Producer(connection, keyId, accountId)
+        producer.events = ProducerMachine(producer)
+        return producer
+    consumer = Pvx1Consumer(connection, keyId, accountId)
+    consumer.events = ConsumerMachine(consumer)
+    return consumer

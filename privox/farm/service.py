@@ -16,13 +16,15 @@ from twisted.python import usage
 
 from privox.config import optionsFor
 from privox.farm.connection import FarmFactory
-from privox.farm.farm import Counters, Farm, FarmSettings
+from privox.farm.farm import Counters, Farm
 from privox.farm.ledger import Sink, ledgerFromSettings
+from privox.farm.observe import farmStatus, instrumentFarm
 from privox.farm.pvx1 import Aliases
+from privox.farm.settings import FarmSettings
 from privox.farm.splice import splicerFor
 from privox.fdlimit import OpenFileLimitService
 from privox.keys import KeyPolicyError, policyFromSpec
-from privox.metrics import CollectorRegistry, farmStatus, instrumentFarm, metricsSite
+from privox.metrics import CollectorRegistry, metricsSite
 
 log = Logger()
 
@@ -66,14 +68,12 @@ class FarmService(Service):
     when stopped.
     """
 
-    def __init__(self, farm: Farm, clock: Any, ledger: Sink | None = None) -> None:
+    def __init__(self, farm: Farm, clock: Any) -> None:
         self.farm = farm
         self.clock = clock
         #: Started and stopped with the farm; stopped after the farm has
         #: drained, so the records of the jobs it ended reach the spool.
-        self.ledger = ledger
-        if ledger is not None:
-            farm.ledger = ledger
+        self.ledger = farm.ledger
         self._stats: LoopingCall | None = None
         self._lastCounters = Counters()
 
@@ -87,7 +87,7 @@ class FarmService(Service):
                 "relaying DATA of {splice_min} bytes or more inside the kernel (splice)",
                 splice_min=splicer.minimum,
             )
-        elif self.farm.settings.splice_min:
+        elif self.farm.settings.splice_min and not _allTLS(self.farm.settings):
             log.info("relaying all DATA through memory: splice(2) is not available here")
         interval = self.farm.settings.stats_interval
         if interval > 0:
@@ -111,19 +111,28 @@ class FarmService(Service):
         return stopped
 
 
-def buildFarm(settings: FarmSettings, reactor: Any) -> Farm:
+def _allTLS(settings: FarmSettings) -> bool:
+    """
+    Whether every port the farm listens on is TLS (nothing to splice then:
+    splice(2) moves plain bytes between plain sockets).
+    """
+    listening = [e for e in (settings.stt_listen, settings.tts_listen) if e != "none"]
+    return all(e.startswith("ssl:") for e in listening)
+
+
+def buildFarm(settings: FarmSettings, reactor: Any, ledger: Sink | None = None) -> Farm:
     bearer = settings.api_key or None
     try:
-        farm = Farm(
+        return Farm(
             settings,
             reactor,
             policyFromSpec(settings.producer_keys, reactor=reactor, bearer=bearer),
             policyFromSpec(settings.consumer_keys, reactor=reactor, bearer=bearer),
+            ledger=ledger,
+            splicer=None if _allTLS(settings) else splicerFor(settings.splice_min, reactor),
         )
     except KeyPolicyError as e:
         raise usage.UsageError(str(e))
-    farm.splicer = splicerFor(settings.splice_min, reactor)
-    return farm
 
 
 def buildLedger(settings: FarmSettings, reactor: Any) -> Sink | None:
@@ -146,13 +155,12 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     if reactor is None:
         from twisted.internet import reactor
     settings = options.settings
-    farm = buildFarm(settings, reactor)
+    farm = buildFarm(settings, reactor, buildLedger(settings, reactor))
     top = MultiService()
-    ledger = buildLedger(settings, reactor)
     # A descriptor per peer: before the ports.
     OpenFileLimitService().setServiceParent(top)
     # Added first, stopped last: ports close before the farm drains.
-    FarmService(farm, reactor, ledger).setServiceParent(top)
+    FarmService(farm, reactor).setServiceParent(top)
     for service, endpoint in (("stt", settings.stt_listen), ("tts", settings.tts_listen)):
         if endpoint == "none":
             continue

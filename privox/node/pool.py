@@ -15,7 +15,8 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from privox.engines.errors import Unsupported
-from privox.metrics import NodeMetrics, usage
+from privox.logs import logFigures
+from privox.metrics import NodeMetrics
 from privox.node.worker import Answer, Collected, JobRun
 from privox.wav import wavSeconds
 
@@ -79,7 +80,7 @@ class EnginePool:
             "{model} {outcome}: {ms} ms of engine time ({bytes_in} bytes in)",
             model=model,
             outcome=outcome,
-            **usage(self.blurUsage, ms=meter.seconds * 1000, bytes_in=bytesIn),
+            **logFigures(self.blurUsage, ms=meter.seconds * 1000, bytes_in=bytesIn),
         )
 
     def report(self, result: Any, model: str, meter: EngineTime, bytesIn: int) -> Any:

@@ -1,0 +1,316 @@
+"""
+What a PVX/2 peer is to the farm once it is let in: a L{ConsumerSession}
+(sends jobs) or a L{ProducerSession} (runs them). Sessions never talk to
+each other; they feed the L{Job} that links them, and the job talks to them
+through the sides it defines (L{privox.farm.job.ConsumerSide},
+L{privox.farm.job.ProducerSide}). PVX/1 peers have sessions of their own
+(L{privox.farm.pvx1}) with the same faces.
+
+A session speaks through its connection (L{Connection}): the framing, the
+writes, closing, and the splice relays belong to it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from twisted.logger import Logger
+
+from privox.farm.dispatcher import Capability
+from privox.farm.farm import Farm
+from privox.farm.handshake import Phase
+from privox.farm.job import Job
+from privox.farm.keepalive import Keepalive
+from privox.framing import Frame, encodeHeader
+from privox.messages import (
+    BadRequest,
+    Hello,
+    JobRequest,
+    ProtocolViolation,
+    controlFrame,
+    decodeObject,
+    earlyUpload,
+    failPayload,
+    resultSize,
+)
+
+log = Logger()
+
+_PING = encodeHeader(b"PING", 0)
+
+
+class Connection(Protocol):
+    """
+    The connection a session speaks through (L{privox.farm.connection}).
+    """
+
+    farm: Farm
+    service: str
+    phase: Phase
+    transport: Any
+
+    def write(self, *parts: bytes) -> None: ...
+
+    def sendControl(self, verb: bytes, fields: dict[str, Any]) -> None: ...
+
+    def sendData(self, payload: bytes) -> None: ...
+
+    def abort(self) -> None: ...
+
+    def close(self, code: str, message: str) -> None: ...
+
+    def holdReading(self, holder: object) -> None: ...
+
+    def releaseReading(self, holder: object) -> None: ...
+
+
+class Session:
+    """
+    What every session has: the connection it speaks through, its peer's
+    key ids (hashed: never the key) and the job it is part of, if any.
+    """
+
+    def __init__(self, connection: Connection, keyId: str, accountId: str | None = None) -> None:
+        self.connection = connection
+        self.service = connection.service
+        self.keyId = keyId
+        #: The full SHA-256 of the key (L{privox.keys.accountId}), for the
+        #: ledger.
+        self.accountId = accountId
+        self.job: Job | None = None
+
+    @property
+    def transport(self) -> Any:
+        return self.connection.transport
+
+    def sendControl(self, verb: bytes, fields: dict[str, Any]) -> None:
+        self.connection.sendControl(verb, fields)
+
+    def sendData(self, payload: bytes) -> None:
+        self.connection.sendData(payload)
+
+    def dataReceived(self, data: bytes) -> None:
+        "Bytes for a session that reads its own (PVX/1); PVX/2 gets frames."
+        raise NotImplementedError
+
+    def frameReceived(self, frame: Frame) -> None:
+        raise NotImplementedError
+
+    def connectionLost(self) -> None:
+        "The connection is closing (the session ends now)."
+
+    # What a splice relay reading this peer asks (privox.farm.splice).
+
+    def relaySink(self) -> Any:
+        """
+        The connection this peer's DATA goes to now, if any.
+        """
+        return None
+
+    @property
+    def relayRemaining(self) -> int:
+        """
+        How many more DATA bytes this peer owes its job.
+        """
+        return 0
+
+    def relayed(self, count: int) -> None:
+        """
+        A relay moved C{count} of those bytes to L{relaySink}.
+        """
+
+
+class ConsumerSession(Session):
+    """
+    A consumer's side of the farm: one job at a time, many in a row.
+    """
+
+    def __init__(self, connection: Connection, keyId: str, accountId: str | None = None) -> None:
+        super().__init__(connection, keyId, accountId)
+        self._uploadRemaining = 0
+
+    def frameReceived(self, frame: Frame) -> None:
+        if frame.verb == b"DATA":
+            self._dataReceived(frame.payload)
+        elif frame.verb == b"JOB_":
+            self._jobReceived(decodeObject(frame))
+        elif frame.verb == b"PONG":
+            pass
+        else:
+            raise ProtocolViolation(f"a consumer may not send {frame.verb.decode()}")
+
+    def _jobReceived(self, fields: dict[str, Any]) -> None:
+        if self.job is not None or self._uploadRemaining:
+            raise ProtocolViolation("JOB_ sent before the previous job ended")
+        farm = self.connection.farm
+        # A small upload may follow JOB_ at once. It is owed from now on,
+        # even if the job is refused below (and then discarded as it comes);
+        # while the job waits for a producer, the job holds it.
+        self._uploadRemaining = earlyUpload(fields, farm.settings.early_upload)
+        try:
+            request = JobRequest.parse(self.service, fields)
+            farm.submit(self, request)
+        except BadRequest as e:
+            self.sendControl(b"FAIL", failPayload(None, e.code, e.message))
+
+    def _dataReceived(self, payload: bytes) -> None:
+        if not self._uploadRemaining or len(payload) > self._uploadRemaining:
+            raise ProtocolViolation("DATA beyond the size announced in JOB_")
+        self._uploadRemaining -= len(payload)
+        # After a job-level FAIL the rest of the upload is discarded here.
+        if self.job is not None:
+            self.job.events.consumerData(payload)
+
+    def jobSubmitted(self, job: Job) -> None:
+        self.job = job
+
+    def jobAssigned(self, job: Job) -> None:
+        self.job = job
+        if not job.request.early:
+            self._uploadRemaining = job.request.size
+        self.sendControl(b"ASGN", {"id": job.id})
+        # The upload starts with the next frame: a large one can be spliced
+        # from its first byte.
+        self.connection.spliceRest()
+
+    def jobDetached(self, job: Job) -> None:
+        self.job = None
+
+    def connectionLost(self) -> None:
+        if self.job is not None:
+            self.job.events.consumerLost()
+
+    def relaySink(self) -> Any:
+        if self.job is None or not self._uploadRemaining:
+            return None
+        return self.job.uploadSink
+
+    @property
+    def relayRemaining(self) -> int:
+        return self._uploadRemaining
+
+    def relayed(self, count: int) -> None:
+        self._uploadRemaining -= count
+
+
+class ProducerSession(Session):
+    """
+    A producer's side of the farm: idle (pinged) or running one job.
+    """
+
+    def __init__(
+        self, connection: Connection, hello: Hello, keyId: str, accountId: str | None = None
+    ) -> None:
+        super().__init__(connection, keyId, accountId)
+        self.capability = Capability.of(hello.models, hello.languages)
+        self._resultRemaining = 0
+        settings = connection.farm.settings
+        self._keepalive = Keepalive(
+            connection.farm.clock,
+            settings.ping_interval,
+            settings.ping_interval / 2,
+            lambda: connection.write(_PING),
+            lambda: self.drop("did not answer PING in time"),
+        )
+
+    def __repr__(self) -> str:
+        return f"<ProducerSession {self.keyId} {sorted(self.capability.models)}>"
+
+    def becameIdle(self) -> None:
+        self._keepalive.idle()
+
+    # Jobs
+
+    def startJob(self, job: Job, upload: bytes) -> None:
+        self._keepalive.busy()
+        self.job = job
+        if upload:
+            # The job and its early upload in one write.
+            self.connection.write(job.work, encodeHeader(b"DATA", len(upload)), upload)
+        else:
+            self.connection.write(job.work)
+
+    def jobDetached(self, job: Job, healthy: bool) -> None:
+        self.job = None
+        if healthy and self.connection.phase is Phase.ACTIVE:
+            self.connection.farm.producerIdle(self)
+
+    def frameReceived(self, frame: Frame) -> None:
+        verb = frame.verb
+        if verb == b"PONG":
+            self._keepalive.answered()
+        elif verb == b"DATA":
+            self._resultData(frame.payload)
+        elif verb == b"RSLT":
+            self._answer(decodeObject(frame), isResult=True)
+        elif verb == b"FAIL":
+            self._answer(decodeObject(frame), isResult=False)
+        else:
+            raise ProtocolViolation(f"a producer may not send {verb.decode()}")
+
+    def _answer(self, fields: dict[str, Any], isResult: bool) -> None:
+        job = self.job
+        if job is None or self._resultRemaining:
+            raise ProtocolViolation("RSLT or FAIL without a job to answer")
+        if fields.get("id") != job.id:
+            raise ProtocolViolation("RSLT or FAIL for another job id")
+        if not isResult:
+            job.events.producerFailed(fields)
+            return
+        size = resultSize(fields)
+        if size > self.connection.farm.settings.max_job_bytes:
+            raise ProtocolViolation("result larger than max_job_bytes")
+        self._resultRemaining = size
+        job.events.result(fields, size)
+        if size == 0:
+            job.events.resultComplete()
+
+    def _resultData(self, payload: bytes) -> None:
+        job = self.job
+        if job is None or not self._resultRemaining or len(payload) > self._resultRemaining:
+            raise ProtocolViolation("DATA beyond the size announced in RSLT")
+        self._resultRemaining -= len(payload)
+        job.events.resultData(payload)
+        if self._resultRemaining == 0:
+            job.events.resultComplete()
+
+    def relaySink(self) -> Any:
+        if self.job is None or not self._resultRemaining:
+            return None
+        return self.job.resultSink
+
+    @property
+    def relayRemaining(self) -> int:
+        if self.connection.farm.holdsAnswers:
+            # The last byte comes the ordinary way, for the job to hold
+            # until its record is on disk (privox.farm.job).
+            return max(0, self._resultRemaining - 1)
+        return self._resultRemaining
+
+    def relayed(self, count: int) -> None:
+        job = self.job
+        assert job is not None
+        self._resultRemaining -= count
+        job.bytesOut += count
+        if self._resultRemaining == 0:
+            job.events.resultComplete()
+
+    def drop(self, why: str) -> None:
+        log.info("dropping producer {key_id}: {why}", key_id=self.keyId, why=why)
+        self.connection.abort()
+
+    def connectionLost(self) -> None:
+        self._keepalive.busy()
+        self.connection.farm.producerLeft(self)
+        job, self.job = self.job, None
+        if job is not None:
+            job.events.producerLost()
+
+
+def newSession(connection: Connection, hello: Hello, keyId: str, accountId: str) -> Session:
+    """
+    The session of a PVX/2 peer let in with C{hello}.
+    """
+    if hello.role == "producer":
+        return ProducerSession(connection, hello, keyId, accountId)
+    return ConsumerSession(connection, keyId, accountId)

@@ -1,0 +1,111 @@
+"""
+Everything a farm can be told (the command line, or a TOML file), and the
+PVX/1 model aliases it starts with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from privox.config import setting
+
+#: The original's Whisper model names; a PVX/1 node that knows one serves
+#: the Privox model of the same name.
+WHISPER_NAMES = (
+    "tiny", "tiny.en", "base", "base.en", "small", "small.en",
+    "medium", "medium.en", "large", "large-v2",
+)
+DEFAULT_STT_ALIASES = tuple(f"{name}=whisper:{name}" for name in WHISPER_NAMES)
+DEFAULT_TTS_ALIASES = ("tts_models/en/vctk/vits=coqui:tts_models/en/vctk/vits",)
+
+
+@dataclass(frozen=True)
+class FarmSettings:
+    """
+    Everything a farm can be told (command line, or the TOML file).
+    """
+
+    name: str = setting("privox-farm", "Name the farm gives itself in OKAY.")
+    stt_listen: str = setting(
+        "tcp:1776", "Endpoint string for STT peers, or 'none'."
+    )
+    tts_listen: str = setting(
+        "tcp:1777", "Endpoint string for TTS peers, or 'none'."
+    )
+    queue_timeout: float = setting(
+        5.0, "Seconds a job may wait for a free producer before FAIL no_producer."
+    )
+    ping_interval: float = setting(
+        10.0, "Seconds between PINGs to idle producers; PONG is due in half that."
+    )
+    handshake_timeout: float = setting(
+        10.0, "Seconds a new peer has to complete HELO."
+    )
+    max_job_timeout: float = setting(
+        60.0, "Upper bound (and default) of a job's timeout, counted from JOB_."
+    )
+    cancel_grace: float = setting(
+        10.0, "Seconds a producer has to end a cancelled job before it is dropped."
+    )
+    shutdown_grace: float = setting(
+        30.0, "Seconds running jobs may take to finish when the farm stops."
+    )
+    max_frame: int = setting(
+        1024 * 1024, "Largest frame payload in bytes (announced in OKAY)."
+    )
+    max_job_bytes: int = setting(
+        50 * 1024 * 1024, "Largest upload or result of one job in bytes."
+    )
+    early_upload: int = setting(
+        64 * 1024,
+        "Largest upload a consumer may send with its JOB_, before ASGN (announced "
+        "in OKAY; 0: always after ASGN). A queued job holds at most this much.",
+    )
+    splice_min: int = setting(
+        128 * 1024,
+        "Relay uploads and results with at least this many bytes still to come "
+        "inside the kernel (Linux splice(2), both peers on plain TCP) instead of "
+        "through the farm's memory; 0 turns it off.",
+    )
+    producer_keys: str = setting(
+        "open", "Producer key policy: 'open', an allow-list file, or a validation URL."
+    )
+    consumer_keys: str = setting(
+        "open", "Consumer key policy: 'open', an allow-list file, or a validation URL."
+    )
+    stats_interval: float = setting(
+        60.0, "Seconds between stats log lines (0 turns them off)."
+    )
+    pvx1_quiet: float = setting(
+        0.05, "PVX/1: seconds of silence that end a header or a node's transcript."
+    )
+    pvx1_stt_models: tuple[str, ...] = setting(
+        DEFAULT_STT_ALIASES, "PVX/1 STT model alias, PVX1NAME=PVX2NAME."
+    )
+    pvx1_tts_models: tuple[str, ...] = setting(
+        DEFAULT_TTS_ALIASES, "PVX/1 TTS model alias, PVX1NAME=PVX2NAME."
+    )
+    metrics_listen: str = setting(
+        "none", "Endpoint string serving /metrics (Prometheus) and /status over HTTP, or 'none'."
+    )
+    blur_usage: bool = setting(
+        False, "Round sizes and times in log lines (privacy)."
+    )
+    ledger: str = setting(
+        "none",
+        "Where the farm records one transaction per job: 'none', a JSON-lines "
+        "file path, or the http(s) URL of an API's /v1/ledger.",
+    )
+    ledger_spool: str = setting(
+        "privox-farm-ledger.spool",
+        "File where records for an http(s) ledger wait until the API confirms them.",
+    )
+    api_key: str = dataclasses.field(
+        default="",
+        repr=False,  # a secret: never in a repr or a log line
+        metadata={
+            "help": "This farm's key, sent as Authorization: Bearer to the ledger URL "
+            "and to key-validation URLs."
+        },
+    )

@@ -776,6 +776,10 @@ def compareTable(runs: dict[tuple[str, str], Run]) -> str:
     def perMB(r: Run) -> float:
         return r.cpu["server"] / (r.bytes / MB) * 1e3 if r.bytes else float("nan")
 
+    def split(r: Run) -> str:
+        return (f"{r.cpu['serverUser'] / r.jobs * 1e6:.0f} + {r.cpu['serverSys'] / r.jobs * 1e6:.0f}"
+                if r.jobs else "-")
+
     f32, a32, f1, a1 = (runs["farm", "32k"], runs["asyncio", "32k"],
                         runs["farm", "1mb"], runs["asyncio", "1mb"])
     rows = [
@@ -783,6 +787,7 @@ def compareTable(runs: dict[tuple[str, str], Run]) -> str:
          ratio(f32.jobs / f32.seconds, a32.jobs / a32.seconds)),
         ("32 KB: server CPU per job (us)", f"{perJob(f32):.0f}", f"{perJob(a32):.0f}",
          ratio(perJob(f32), perJob(a32))),
+        ("  of which user + system (us)", split(f32), split(a32), ""),
         ("1 MB jobs: MB/s (64c x 8p)", f"{f1.bytes / MB / f1.seconds:,.0f}",
          f"{a1.bytes / MB / a1.seconds:,.0f}", ratio(f1.bytes / f1.seconds, a1.bytes / a1.seconds)),
         ("1 MB jobs: server CPU per MB (ms)", f"{perMB(f1):.2f}", f"{perMB(a1):.2f}",
@@ -848,7 +853,7 @@ def benchmark(args: argparse.Namespace) -> None:
             str(jobsPort), str(pipePort), str(args.large_bytes),
             *(["--tls-dir", args.tls_dir] if args.tls_dir else []),
         ])
-        compare = not (args.tls or args.pvx1 or args.only)
+        compare = not (args.tls or args.pvx1) and args.only in (None, "compare")
         if compare:
             asyncioPort = freePort()
             children.start("asyncio", [
@@ -873,7 +878,7 @@ def benchmark(args: argparse.Namespace) -> None:
         small = dict(bytes=args.small_bytes, seconds=args.duration, warmup=args.warmup)
         large = dict(bytes=args.large_bytes, seconds=args.large_duration, warmup=args.warmup)
         fs = bs = fl = bl = Run()  # what --only skips
-        if args.only != "large":
+        if args.only in (None, "small"):
             print(f"small jobs through the farm{' (PVX/1 peers)' if args.pvx1 else ''} "
                   f"({args.duration:g} s)...", flush=True)
             fs = measure(children, Phase(
@@ -884,7 +889,7 @@ def benchmark(args: argparse.Namespace) -> None:
             bs = measure(children, Phase(
                 "direct-small", "baseline", jobsPort, "small", args.consumers, **small),
                 args, profile)
-        if args.only != "small":
+        if args.only in (None, "large"):
             print(f"large jobs through the farm ({args.large_bytes / MB:g} MB, "
                   f"{args.large_duration:g} s)...", flush=True)
             fl = measure(children, Phase(
@@ -922,7 +927,7 @@ def benchmark(args: argparse.Namespace) -> None:
 
         rows = []
         summary = []
-        if args.only != "large":
+        if args.only in (None, "small"):
             fsRate, bsRate = fs.jobs / fs.seconds, bs.jobs / bs.seconds
             fsCore, bsCore = perCore(fs, fs.jobs), perCore(bs, bs.jobs)
             rows += [
@@ -940,7 +945,7 @@ def benchmark(args: argparse.Namespace) -> None:
                 ("small jobs/s per server core", f"{fsCore:,.0f}", f"{bsCore:,.0f}", ratio(fsCore, bsCore)),
             ]
             summary.append(f"small jobs/s per farm core {fsCore:,.0f} (target 3,000)")
-        if args.only != "small":
+        if args.only in (None, "large"):
             flRate, blRate = fl.bytes / MB / fl.seconds, bl.bytes / MB / bl.seconds
             flCore, blCore = perCore(fl, fl.bytes / MB), perCore(bl, bl.bytes / MB)
             pipeCore = bl.bytes / MB / (bl.cpu["server"] + bl.cpu["load"])
@@ -968,7 +973,8 @@ def benchmark(args: argparse.Namespace) -> None:
                 f"per core {flCore / pipeCore:.2f}"
             )
         print()
-        print(table(rows))
+        if rows:
+            print(table(rows))
         print()
         verified = fs.verified + bs.verified + fl.verified
         mismatched = fs.mismatched + bs.mismatched + fl.mismatched
@@ -1038,8 +1044,9 @@ def parseArgs(argv: list[str]) -> argparse.Namespace:
                    "0.6 CPU-s per GB, a third of what the load may use) [xxh3_128]")
     p.add_argument("--load-procs", type=int, default=2,
                    help="processes the consumers are spread over, and as many for the producers [2]")
-    p.add_argument("--only", choices=["small", "large"],
-                   help="measure only the small or only the large jobs (both by default)")
+    p.add_argument("--only", choices=["small", "large", "compare"],
+                   help="measure only the small jobs, the large jobs or the comparison with "
+                   "the asyncio farm (all three by default)")
     p.add_argument("--farm-log", choices=["journal", "file", "none"], default="journal",
                    help="the farm logs as its systemd unit does, text on stdout through "
                    "privox.logs.textStdout, here into a file (journal); through twistd's "

@@ -249,8 +249,8 @@ class FarmFailoverTests(ProcessTestCase):
         once its backoff has passed, serves the exchange's requests again.
         """
         deadline = 5.0
-        farmA, sttA, ttsA = await self.startFarmProcess("A", None, "--queue-timeout", "1")
-        farmB, sttB, ttsB = await self.startFarmProcess("B", None, "--queue-timeout", "1")
+        farmA, sttA, ttsA = await self.startFarmProcess("A", None, "--queue-timeout", "1", "--log-jobs")
+        farmB, sttB, ttsB = await self.startFarmProcess("B", None, "--queue-timeout", "1", "--log-jobs")
         nodeA = await self.startNodeProcess("a", sttA)
         await self.startNodeProcess("b", sttB)
         entries = [
@@ -305,7 +305,7 @@ class FarmFailoverTests(ProcessTestCase):
                 # Restart A on the same ports; its node dials back in.
                 served = nodeA.output.count(b"serving stt through")
                 restartedAt = time.monotonic()
-                farmA, _, _ = await self.startFarmProcess("A", (sttA, ttsA), "--queue-timeout", "1")
+                farmA, _, _ = await self.startFarmProcess("A", (sttA, ttsA), "--queue-timeout", "1", "--log-jobs")
                 await poll(lambda: nodeA.output.count(b"serving stt through") >= served + 2, 20,
                            "node a back on the restarted farm")
                 # The restarted farm logs the jobs the exchange sends it.

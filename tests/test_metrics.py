@@ -131,7 +131,7 @@ class SwitchTests(SynchronousTestCase):
         events: list[dict[str, Any]] = []
         globalLogPublisher.addObserver(events.append)
         self.addCleanup(globalLogPublisher.removeObserver, events.append)
-        h = FarmHarness(blur_usage=True)
+        h = FarmHarness(blur_usage=True, log_jobs=True)
         producer = h.producer(models=["whisper:tiny.en"])
         consumer = h.consumer()
         consumer.send(b"JOB_", dict(STT_JOB, size=1234))
@@ -141,6 +141,26 @@ class SwitchTests(SynchronousTestCase):
         producer.send(b"RSLT", {"id": asgn["id"], "text": "x"})
         [line] = [e for e in events if e.get("log_format", "").startswith("job {job_id}")]
         self.assertEqual((line["ms"], line["bytes_in"]), (400, 1200))
+
+    def test_noJobLinesByDefault(self) -> None:
+        """
+        Without log_jobs the farm's log says nothing about any one job.
+        """
+        from twisted.logger import globalLogPublisher
+
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        h = FarmHarness()
+        producer = h.producer(models=["whisper:tiny.en"])
+        consumer = h.consumer()
+        consumer.send(b"JOB_", dict(STT_JOB, size=3))
+        [(_, asgn)] = consumer.messages()
+        consumer.data(b"abc")
+        producer.messages()
+        producer.send(b"RSLT", {"id": asgn["id"], "text": "x"})
+        self.assertEqual(h.farm.counters.succeeded, 1)
+        self.assertFalse([e for e in events if asgn["id"] in repr(e)])
 
     def test_farmLogLineText(self) -> None:
         """
@@ -152,7 +172,7 @@ class SwitchTests(SynchronousTestCase):
         events: list[dict[str, Any]] = []
         globalLogPublisher.addObserver(events.append)
         self.addCleanup(globalLogPublisher.removeObserver, events.append)
-        h = FarmHarness()
+        h = FarmHarness(log_jobs=True)
         producer = h.producer(models=["whisper:tiny.en"])
         consumer = h.consumer()
         consumer.send(b"JOB_", dict(STT_JOB, size=3))

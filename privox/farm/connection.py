@@ -89,6 +89,8 @@ class FarmConnection(Protocol):
         #: True while dataReceived hands out frames: the decoder is ahead of
         #: what was handed out, so no relay may start until it is done.
         self._decoding = False
+        #: What this connection was written while the farm was corked.
+        self.pending: list[bytes] = []
 
     @property
     def pvx1(self) -> bool:
@@ -180,6 +182,19 @@ class FarmConnection(Protocol):
     # Receiving
 
     def dataReceived(self, data: bytes) -> None:
+        if self.farm.corked:
+            self._received(data)
+            return
+        # What handling these bytes writes, to any peer, goes out at the end
+        # of it, a write a peer: a job's JOB_ and its early upload together.
+        self.farm.corked = True
+        try:
+            self._received(data)
+        finally:
+            self.farm.uncork()
+        self.spliceRest()
+
+    def _received(self, data: bytes) -> None:
         phase = self.phase
         if phase is Phase.CLOSED:
             return
@@ -213,7 +228,6 @@ class FarmConnection(Protocol):
                     return
         finally:
             self._decoding = False
-        self.spliceRest()
 
     def _frameReceived(self, frame: Frame) -> None:
         if self.phase is Phase.ACTIVE:
@@ -271,9 +285,14 @@ class FarmConnection(Protocol):
         """
         splicer = self.farm.splicer
         session = self.session
-        if splicer is None or self.relayIn is not None or self._decoding or self.pvx1:
+        if (
+            splicer is None
+            or session is None
+            or self.relayIn is not None
+            or self._decoding
+            or self.pvx1
+        ):
             return
-        assert session is not None
         due = self._decoder.streamDue(b"DATA")
         if due < splicer.minimum and (due or session.relayRemaining < splicer.minimum):
             return
@@ -346,6 +365,25 @@ class FarmConnection(Protocol):
     # Sending
 
     def write(self, *parts: bytes) -> None:
+        if self.farm.corked and self.relayOut is None:
+            if not self.pending:
+                self.farm.dirty.append(self)
+            self.pending += parts
+            return
+        if self.pending:
+            parts = (*self.pending, *parts)
+            self.pending = []
+        self._send(parts)
+
+    def flush(self) -> None:
+        """
+        Send what was written while the farm was corked, now.
+        """
+        if self.pending:
+            parts, self.pending = self.pending, []
+            self._send(parts)
+
+    def _send(self, parts: tuple[bytes, ...] | list[bytes]) -> None:
         relay = self.relayOut
         if relay is not None:
             # Bytes of ours after the relay's, never between them.
@@ -386,6 +424,7 @@ class FarmConnection(Protocol):
             farewell = pvx1.NAK if session is None else session.farewell()  # type: ignore[attr-defined]
             if farewell:
                 self.write(farewell)
+        self.flush()
         self._shut()
         if self.relayOut is not None:
             self.relayOut.later(None)
@@ -393,6 +432,7 @@ class FarmConnection(Protocol):
             self.transport.loseConnection()
 
     def abort(self) -> None:
+        self.pending = []
         self._shut()
         self._dropRelays()
         self.transport.abortConnection()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import secrets
+from hashlib import blake2b
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -92,6 +93,31 @@ class Farm:
         self._drained: list[Deferred[None]] = []
         self.ledger = ledger
         self.splicer = splicer
+        self._idKey = secrets.token_bytes(32)
+        self._jobs = 0
+        #: While the bytes of one read are handled, connections' writes wait
+        #: (L{privox.farm.connection.FarmConnection.write}) and go out
+        #: together at the end: L{uncork}.
+        self.corked = False
+        self.dirty: list[Any] = []
+
+    def uncork(self) -> None:
+        """
+        Send what connections were written while corked, a write each.
+        """
+        self.corked = False
+        dirty, self.dirty = self.dirty, []
+        for connection in dirty:
+            connection.flush()
+
+    def _jobId(self) -> str:
+        """
+        A new job id: 16 hex digits, unique to this farm (a ledger's key)
+        and unguessable (a keyed hash of a counter, so ids say nothing of
+        how many jobs ran between two), without a system call per job.
+        """
+        self._jobs += 1
+        return blake2b(self._jobs.to_bytes(8, "big"), key=self._idKey, digest_size=8).hexdigest()
 
     @property
     def holdsAnswers(self) -> bool:
@@ -168,7 +194,7 @@ class Farm:
                 + " is connected",
                 ErrorCode.NO_PRODUCER,
             )
-        jobId = secrets.token_hex(8)
+        jobId = self._jobId()
         # Encoded once: what the producer gets, with the effective timeout.
         work = controlFrame(b"JOB_", dict(request.payload(jobId), timeout_s=timeout))
         if len(work) - HEADER_LEN > s.max_frame:
@@ -227,6 +253,14 @@ class Farm:
         seconds = self.clock.seconds() - job.started
         if self.observer is not None:
             self.observer.jobFinished(job, seconds)
+        if self.settings.log_jobs:
+            self._logJob(job, seconds)
+        if not self.jobs:
+            drained, self._drained = self._drained, []
+            for d in drained:
+                d.callback(None)
+
+    def _logJob(self, job: Job, seconds: float) -> None:
         log.info(
             "job {job_id} {service} {model} {outcome} in {ms} ms "
             "({bytes_in} bytes in, {bytes_out} bytes out)",
@@ -241,10 +275,6 @@ class Farm:
                 bytes_out=job.bytesOut,
             ),
         )
-        if not self.jobs:
-            drained, self._drained = self._drained, []
-            for d in drained:
-                d.callback(None)
 
     # Stats and shutdown
 

@@ -65,6 +65,9 @@ class _Side(Protocol):
 
 
 class ConsumerSide(_Side, Protocol):
+    def sendResult(self, fields: dict[str, Any], raw: bytes) -> None:
+        "The job's RSLT (C{raw}: its JSON, when the producer's will do)."
+
     def jobSubmitted(self, job: Job) -> None:
         "The job exists (queued or assigned)."
 
@@ -112,8 +115,11 @@ class JobEvents(Protocol):
     def consumerData(self, payload: bytes) -> None:
         "A DATA frame of the upload (before ASGN too, if small: early_upload)."
 
-    def result(self, fields: dict[str, Any], size: int) -> None:
-        "The producer's RSLT; C{size} bytes of DATA follow."
+    def result(self, fields: dict[str, Any], size: int, raw: bytes) -> None:
+        """
+        The producer's RSLT; C{size} bytes of DATA follow. C{raw}: its JSON
+        as the producer sent it (already with the job's id), or C{b""}.
+        """
 
     def resultData(self, payload: bytes) -> None:
         "A DATA frame of the result."
@@ -374,15 +380,15 @@ def _upload(events: JobEvents, job: Job, payload: bytes) -> None:
 
 
 @running.upon(JobEvents.result).to(returning)
-def _result(events: JobEvents, job: Job, fields: dict[str, Any], size: int) -> None:
+def _result(events: JobEvents, job: Job, fields: dict[str, Any], size: int, raw: bytes) -> None:
     assert job.consumer is not None
     job.resultDuration = fields.get("duration_s")
     fields["id"] = job.id
     job.resultSize = size
     if size:
-        job.consumer.sendControl(b"RSLT", fields)
+        job.consumer.sendResult(fields, raw)
     else:
-        job._held = (b"RSLT", fields)  # the whole answer: see recording
+        job._held = (b"RSLT", (fields, raw))  # the whole answer: see recording
     # The rest of the upload is moot now (_uploadAfterResult).
     job.uploadSink = None
     job.resultSink = job.consumer.connection
@@ -438,7 +444,7 @@ def _recorded(events: JobEvents, job: Job) -> None:
     if held is not None and job.consumer is not None:
         verb, body = held
         if verb == b"RSLT":
-            job.consumer.sendControl(verb, body)
+            job.consumer.sendResult(*body)
         else:
             job.consumer.sendData(body)
     job._close()
@@ -475,7 +481,9 @@ def _expireReturning(events: JobEvents, job: Job, code: str, message: str) -> No
 
 
 @abandoned.upon(JobEvents.result).loop()
-def _discardResult(events: JobEvents, job: Job, fields: dict[str, Any], size: int) -> None:
+def _discardResult(
+    events: JobEvents, job: Job, fields: dict[str, Any], size: int, raw: bytes
+) -> None:
     pass
 
 

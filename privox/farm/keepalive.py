@@ -3,9 +3,15 @@ Keeping idle producers honest: the one keepalive both kinds of producer
 session use (PVX/2's C{PING}/C{PONG} frames, PVX/1's C{ping}/C{pong}
 words).
 
-An idle producer is pinged every C{interval} seconds and must answer within
-C{patience}, or it is dropped (its job would go to a peer that is gone). A
-busy one is not pinged: its job's own timeout watches it.
+A producer idle for C{interval} seconds is pinged and must answer within
+C{patience}, or it is dropped (its next job would go to a peer that is
+gone). A busy one is not pinged: its job's own timeout watches it, and a
+ping it owed before its job is forgiven once the job ends.
+
+Producers go from idle to busy and back once a job, thousands of times a
+second on a busy farm, so that costs no timer: a producer has at most one
+timer, which, when it fires, looks at how long the producer has been idle
+and sets itself again if that is not long enough.
 """
 
 from __future__ import annotations
@@ -35,22 +41,36 @@ class Keepalive:
         self._ping = ping
         self._missed = missed
         self._timer: IDelayedCall | None = None
+        self._idle = False
+        #: When the producer last became idle (or answered while idle).
+        self._idleSince = 0.0
+        self._pingedAt = 0.0
         #: A ping was sent and its answer has not come.
         self.owed = False
 
     def idle(self) -> None:
         """
-        The producer has no job: ping it after C{interval}.
+        The producer has no job.
         """
-        self._cancel()
-        self._timer = self._clock.callLater(self._interval, self._send)
+        self._idle = True
+        self._idleSince = self._clock.seconds()
+        if self._timer is None:
+            self._timer = self._clock.callLater(self._interval, self._tick)
 
     def busy(self) -> None:
         """
-        The producer took a job (or is going): no more pings. An answer
-        still owed is still welcome (L{answered}).
+        The producer took a job (or is going): no pings until it is idle.
         """
-        self._cancel()
+        self._idle = False
+
+    def stop(self) -> None:
+        """
+        The producer is gone.
+        """
+        self._idle = False
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
 
     def answered(self) -> bool:
         """
@@ -60,21 +80,28 @@ class Keepalive:
         if not self.owed:
             return False
         self.owed = False
-        if self._timer is not None:  # still idle: the next ping in an interval
-            self.idle()
+        if self._idle:
+            self._idleSince = self._clock.seconds()
         return True
 
-    def _send(self) -> None:
+    def _tick(self) -> None:
+        self._timer = None
+        if not self._idle:
+            return  # idle() starts the next one
+        wait = self._idleSince + self._interval - self._clock.seconds()
+        if wait > 0:
+            self._timer = self._clock.callLater(wait, self._tick)
+            return
         self._ping()
         self.owed = True
+        self._pingedAt = self._clock.seconds()
         self._timer = self._clock.callLater(self._patience, self._late)
 
     def _late(self) -> None:
         self._timer = None
-        self._missed()
-
-    def _cancel(self) -> None:
-        if self._timer is not None:
-            if self._timer.active():
-                self._timer.cancel()
-            self._timer = None
+        if self.owed and self._idle and self._idleSince <= self._pingedAt:
+            self._missed()
+            return
+        # Answered, or busy since the ping (forgiven): a fresh start.
+        self.owed = False
+        self._tick()

@@ -292,15 +292,16 @@ class Pvx1Consumer(_Pvx1Session):
         self.job = None
         self.events.detached()
 
+    def sendResult(self, fields: dict[str, Any], raw: bytes) -> None:
+        self.events.answer(fields)
+
     def sendControl(self, verb: bytes, fields: dict[str, Any]) -> None:
-        if verb == b"RSLT":
-            self.events.answer(fields)
-        elif verb == b"FAIL":
+        if verb == b"FAIL":
             self.events.failed(fields)
 
     def sendData(self, payload: bytes) -> None:
         if self.service == "tts":
-            self.transport.write(payload)
+            self.connection.write(payload)
 
     def connectionLost(self) -> None:
         self._cancelQuiet()
@@ -406,7 +407,7 @@ def _assigned(events: ConsumerEvents, c: Pvx1Consumer, job: Job) -> None:
     if job.request.service == "stt":
         c._uploadRemaining = job.request.size
         c._farewell = b""
-        c.transport.write(ACK)
+        c.connection.write(ACK)
 
 
 @running.upon(ConsumerEvents.data).loop()
@@ -422,9 +423,9 @@ def _uploadData(events: ConsumerEvents, c: Pvx1Consumer, data: bytes) -> None:
 def _answer(events: ConsumerEvents, c: Pvx1Consumer, fields: dict[str, Any]) -> None:
     if c.service == "stt":
         text = fields.get("text")
-        c.transport.write(text.encode("utf-8") if isinstance(text, str) else b"")
+        c.connection.write(text.encode("utf-8") if isinstance(text, str) else b"")
     else:
-        c.transport.write(b"%08d" % fields.get("size", 0))
+        c.connection.write(b"%08d" % fields.get("size", 0))
     c._farewell = b""
 
 
@@ -514,7 +515,7 @@ class Pvx1Producer(_Pvx1Session):
             connection.farm.clock,
             self.settings.ping_interval,
             self.settings.ping_interval / 2,
-            lambda: self.transport.write(PING),
+            lambda: self.connection.write(PING),
             lambda: self.drop("did not answer ping in time"),
         )
 
@@ -553,7 +554,7 @@ class Pvx1Producer(_Pvx1Session):
         self.connection.abort()
 
     def connectionLost(self) -> None:
-        self._keepalive.busy()
+        self._keepalive.stop()
         self._cancelQuiet()
         self.connection.farm.producerLeft(self)
         job, self.job = self.job, None
@@ -590,7 +591,7 @@ class Pvx1Producer(_Pvx1Session):
     def _release(self) -> None:
         held, self._held, self._heldBytes = self._held, [], 0
         if held:
-            self.transport.writeSequence(held)
+            self.connection.write(*held)
 
     def _forget(self) -> None:
         self._held, self._heldBytes = [], 0
@@ -612,7 +613,7 @@ speaking = _producer.state("speaking")
 @idle.upon(ProducerEvents.start).to(waitingForAck)
 def _start(events: ProducerEvents, p: Pvx1Producer, job: Job) -> None:
     p._keepalive.busy()
-    p.transport.write(headerFor(job, p.aliases))
+    p.connection.write(headerFor(job, p.aliases))
 
 
 @idle.upon(ProducerEvents.more).loop()
@@ -635,7 +636,7 @@ def _holdUpload(events: ProducerEvents, p: Pvx1Producer, payload: bytes) -> None
 @sizing.upon(ProducerEvents.upload).loop()
 @speaking.upon(ProducerEvents.upload).loop()
 def _sendUpload(events: ProducerEvents, p: Pvx1Producer, payload: bytes) -> None:
-    p.transport.write(payload)
+    p.connection.write(payload)
 
 
 @waitingForAck.upon(ProducerEvents.more).loop()
@@ -698,7 +699,7 @@ def _transcribed(events: ProducerEvents, p: Pvx1Producer) -> None:
     del p._buffer[:TRANSCRIPT_CAP]
     job = p.job
     assert job is not None
-    job.events.result({"text": text}, 0)
+    job.events.result({"text": text}, 0, b"")
     job.events.resultComplete()
     events.more()
 
@@ -723,7 +724,7 @@ def _lengthBytes(events: ProducerEvents, p: Pvx1Producer) -> None:
 def _sized(events: ProducerEvents, p: Pvx1Producer, size: int) -> None:
     p._wavRemaining = size
     assert p.job is not None
-    p.job.events.result({"content_type": "audio/wav", "size": size}, size)
+    p.job.events.result({"content_type": "audio/wav", "size": size}, size, b"")
     if size == 0:
         events.spoken()
     else:

@@ -161,6 +161,14 @@ class ConsumerSession(Session):
         if self.job is not None:
             self.job.events.consumerData(payload)
 
+    def sendResult(self, fields: dict[str, Any], raw: bytes) -> None:
+        if raw:
+            # The producer's own JSON: its id is the job's (checked), and
+            # its fields go on unchanged, so it is not encoded again.
+            self.connection.write(encodeHeader(b"RSLT", len(raw)), raw)
+        else:
+            self.sendControl(b"RSLT", fields)
+
     def jobSubmitted(self, job: Job) -> None:
         self.job = job
 
@@ -168,7 +176,8 @@ class ConsumerSession(Session):
         self.job = job
         if not job.request.early:
             self._uploadRemaining = job.request.size
-        self.sendControl(b"ASGN", {"id": job.id})
+        # Formatted, not encoded: a job id is 16 hex digits.
+        self.connection.write(b'ASGN%08d{"id":"%s"}' % (len(job.id) + 9, job.id.encode()))
         # The upload starts with the next frame: a large one can be spliced
         # from its first byte.
         self.connection.spliceRest()
@@ -242,26 +251,29 @@ class ProducerSession(Session):
         elif verb == b"DATA":
             self._resultData(frame.payload)
         elif verb == b"RSLT":
-            self._answer(decodeObject(frame), isResult=True)
+            self._answer(decodeObject(frame), frame.payload)
         elif verb == b"FAIL":
-            self._answer(decodeObject(frame), isResult=False)
+            self._answer(decodeObject(frame), None)
         else:
             raise ProtocolViolation(f"a producer may not send {verb.decode()}")
 
-    def _answer(self, fields: dict[str, Any], isResult: bool) -> None:
+    def _answer(self, fields: dict[str, Any], raw: bytes | None) -> None:
+        """
+        RSLT (C{raw}: its payload) or FAIL (C{raw} is L{None}).
+        """
         job = self.job
         if job is None or self._resultRemaining:
             raise ProtocolViolation("RSLT or FAIL without a job to answer")
         if fields.get("id") != job.id:
             raise ProtocolViolation("RSLT or FAIL for another job id")
-        if not isResult:
+        if raw is None:
             job.events.producerFailed(fields)
             return
         size = resultSize(fields)
         if size > self.connection.farm.settings.max_job_bytes:
             raise ProtocolViolation("result larger than max_job_bytes")
         self._resultRemaining = size
-        job.events.result(fields, size)
+        job.events.result(fields, size, raw)
         if size == 0:
             job.events.resultComplete()
 
@@ -300,7 +312,7 @@ class ProducerSession(Session):
         self.connection.abort()
 
     def connectionLost(self) -> None:
-        self._keepalive.busy()
+        self._keepalive.stop()
         self.connection.farm.producerLeft(self)
         job, self.job = self.job, None
         if job is not None:

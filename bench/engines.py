@@ -96,6 +96,17 @@ def _makeEngine(spec: str) -> Any:
     return createEngine(parsed)
 
 
+def transcribeWhole(engine: Any, job: Any, audio: bytes) -> Any:
+    """
+    A whole upload through an STT engine, streaming (Vosk) or not (Whisper).
+    """
+    if hasattr(engine, "transcribe"):
+        return engine.transcribe(job, audio)
+    transcription = engine.transcription(job)
+    transcription.feed(audio)
+    return transcription.finish()
+
+
 def childMeasure(spec: str, reps: int, audioPath: str | None, saveWav: str | None) -> dict[str, Any]:
     """
     Load one engine, then run it 1 + C{reps} times.
@@ -108,7 +119,7 @@ def childMeasure(spec: str, reps: int, audioPath: str | None, saveWav: str | Non
     loadSeconds = time.perf_counter() - started
     rssLoad = _peakRssMB()
 
-    stt = hasattr(engine, "transcription")
+    stt = not hasattr(engine, "synthesize")
     audio = b""
     if stt:
         assert audioPath is not None
@@ -120,9 +131,7 @@ def childMeasure(spec: str, reps: int, audioPath: str | None, saveWav: str | Non
     for _ in range(1 + reps):
         if stt:
             t0 = time.perf_counter()
-            transcription = engine.transcription(STTJob(engine.name, None, "wav", len(audio)))
-            transcription.feed(audio)
-            transcript = transcription.finish()
+            transcript = transcribeWhole(engine, STTJob(engine.name, None, "wav", len(audio)), audio)
             elapsed = time.perf_counter() - t0
             audioSeconds = _wavSeconds(audio)
             output = transcript.text
@@ -365,9 +374,8 @@ async def nodeOverhead(reactor: Any, args: argparse.Namespace, speech: bytes) ->
         consumers = [stt, tts]
 
         def sttDirect(engine: Any) -> str:
-            transcription = engine.transcription(STTJob(engine.name, None, "wav", len(speech)))
-            transcription.feed(speech)
-            return str(transcription.finish().text)
+            job = STTJob(engine.name, None, "wav", len(speech))
+            return str(transcribeWhole(engine, job, speech).text)
 
         def ttsDirect(engine: Any) -> bytes:
             return bytes(engine.synthesize(TTSJob(engine.name, None, None, TEXT)))

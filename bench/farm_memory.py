@@ -207,11 +207,11 @@ def measureIdle(children: Children, count: int, batch: int, settle: float) -> di
 
 def slowProducer(reactor: Any, rate: float) -> Any:
     """
-    A DigestEngine producer that reads at most C{rate} bytes/s: it pauses
+    A DigestHandler producer that reads at most C{rate} bytes/s: it pauses
     its transport when it is ahead and resumes when the clock catches up,
     so the farm's writes to it back up and backpressure has to hold.
     """
-    from privox.node.echo import DigestEngine
+    from privox.node.echo import DigestHandler
     from privox.node.worker import ProducerProtocol
 
     class SlowProducer(ProducerProtocol):  # type: ignore[misc,valid-type]
@@ -240,7 +240,7 @@ def slowProducer(reactor: Any, rate: float) -> Any:
                 self._resume.cancel()
             super().connectionLost(reason)
 
-    return SlowProducer("stt", "", DigestEngine())
+    return SlowProducer("stt", "", DigestHandler())
 
 
 async def measureInFlight(

@@ -5,7 +5,7 @@ Runs, in one go and side by side:
 
   1. Small STT jobs (1 KB by default) through a farm: several persistent
      consumers in parallel, each submitting its next job as soon as the
-     previous result arrives, served by as many DigestEngine producers.
+     previous result arrives, served by as many DigestHandler producers.
      Baseline: the same consumer code talking straight to a minimal PVX/2
      server that is its own producer (no relaying).
   2. Large STT uploads (10 MB) through the farm, in MB/s. Baseline: the same
@@ -77,7 +77,7 @@ from twisted.internet.endpoints import (  # noqa: E402
 from twisted.internet.protocol import Factory, Protocol  # noqa: E402
 
 from privox.framing import tuneTransport  # noqa: E402
-from privox.node.echo import fingerprint  # noqa: E402
+from privox.engines.digest import fingerprint  # noqa: E402
 
 from processes import (  # noqa: E402
     TWISTD_CODE,
@@ -142,7 +142,7 @@ class DirectProducer(Protocol):
     """
     Baseline for small jobs: a "farm" that is its own producer. Greets
     C{who}, answers HELO with OKAY, each JOB_ with ASGN and, once the upload
-    is in, RSLT with the digest DigestEngine would give. No relaying, no
+    is in, RSLT with the digest DigestHandler would give. No relaying, no
     job machine, no timers.
     """
 
@@ -326,12 +326,12 @@ class Run:
 async def connectProducers(
     reactor: Any, endpoint: str, count: int, check: str = "sha256"
 ) -> list[Any]:
-    from privox.node.echo import DigestEngine
+    from privox.node.echo import DigestHandler
     from privox.node.worker import ProducerProtocol
 
     producers = []
     for _ in range(count):
-        p = ProducerProtocol("stt", "", DigestEngine(newHash=lambda: newHash(check)))
+        p = ProducerProtocol("stt", "", DigestHandler(newHash=lambda: newHash(check)))
         await connectProtocol(clientFromString(reactor, endpoint), p)
         await p.ready
         producers.append(p)
@@ -340,7 +340,7 @@ async def connectProducers(
 
 class Pvx1DigestNode(Protocol):
     """
-    A PVX/1 producer node: answers each STT job with the text DigestEngine
+    A PVX/1 producer node: answers each STT job with the text DigestHandler
     would give. The farm writes each job header in one piece and holds the
     audio until the node's C{ack}, so a read while idle is one header.
     """
@@ -1029,7 +1029,7 @@ def parseArgs(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--quick", action="store_true", help="a short run (about 20 s)")
     p.add_argument("--consumers", type=int, default=8, help="parallel consumers, small jobs [8]")
-    p.add_argument("--producers", type=int, default=8, help="DigestEngine producers [8]")
+    p.add_argument("--producers", type=int, default=8, help="DigestHandler producers [8]")
     p.add_argument("--small-bytes", type=int, default=1024, help="small job upload size [1024]")
     p.add_argument("--duration", type=float, help="seconds each small-job run is measured [10; quick 3]")
     p.add_argument("--warmup", type=float, help="seconds before measuring starts [1; quick 0.5]")

@@ -19,7 +19,7 @@ from privox.api.farms import FarmEntry
 from privox.consumer import ConsumerProtocol, connectConsumer
 from privox.engines.errors import EngineError
 from privox.messages import ErrorCode
-from privox.node.echo import DigestEngine
+from privox.node.echo import DigestHandler
 from privox.node.worker import Answer, ProducerProtocol
 from tests.loopbackfarm import LoopbackFarm
 
@@ -95,7 +95,7 @@ class LiveFarm:
         return self
 
     async def producer(self, service: str, handler: Any = None) -> ProducerProtocol:
-        protocol = await self.loopback.producer(service, handler or DigestEngine())
+        protocol = await self.loopback.producer(service, handler or DigestHandler())
         self.producers.append(protocol)
         if isinstance(handler, DroppingEngine):
             handler.protocol = protocol
@@ -199,9 +199,9 @@ async def hangUpServer(testCase: Any) -> int:
     return port.getHost().port
 
 
-class RecordingEngine(DigestEngine):
+class RecordingEngine(DigestHandler):
     """
-    A L{DigestEngine} that keeps the JOB_ fields it was given.
+    A L{DigestHandler} that keeps the JOB_ fields it was given.
     """
 
     def __init__(self, *args: Any) -> None:

@@ -20,7 +20,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from privox.api.errors import BadInput, TimedOut, Unavailable
 from privox.api.exchange import Transcribed
 from privox.api.farms import FarmEntry, FarmExchange, parseFarms, weightedChoice
-from privox.node.echo import DigestEngine, digestOf, toneFor
+from privox.engines.digest import digestOf, toneFor
+from privox.node.echo import DigestHandler
 from tests.apifarms import (
     CountingReactor,
     DroppingEngine,
@@ -265,8 +266,8 @@ class _LiveTestCase(TestCase):
 
     async def goodFarm(self, name: str, **settings: Any) -> LiveFarm:
         farm = await startFarm(self, name, **settings)
-        await farm.producer("stt", DigestEngine())
-        await farm.producer("tts", DigestEngine())
+        await farm.producer("stt", DigestHandler())
+        await farm.producer("tts", DigestHandler())
         return farm
 
 
@@ -291,7 +292,7 @@ class PoolTests(_LiveTestCase):
     async def test_concurrentJobsCappedByPoolSize(self) -> None:
         farm = await startFarm(self, "main")
         for _ in range(4):
-            await farm.producer("stt", DigestEngine())
+            await farm.producer("stt", DigestHandler())
         exchange = self.exchange([farm.entry()], poolSize=2)
         audios = [b"clip %d" % n for n in range(7)]
         results = await gatherResults(
@@ -326,7 +327,7 @@ class PoolTests(_LiveTestCase):
         farm = await self.goodFarm("main")
         exchange = self.exchange([farm.entry()])
         result = await exchange.transcribe("whisper:base", "de", b"hallo", "wav")
-        # DigestEngine answers text and model; language comes from the request
+        # DigestHandler answers text and model; language comes from the request
         # when the producer does not say.
         self.assertEqual(result, Transcribed(transcript(b"hallo"), "whisper:base", "de", None))
 
@@ -415,7 +416,7 @@ class RetryTests(_LiveTestCase):
     @coroutine
     async def test_unsupportedModelTriesAnotherFarm(self) -> None:
         other = await startFarm(self, "other")
-        await other.producer("stt", DigestEngine(("vosk:de",)))
+        await other.producer("stt", DigestHandler(("vosk:de",)))
         await self.viaFallback(other.entry())
 
     @coroutine
@@ -455,9 +456,9 @@ class RetryTests(_LiveTestCase):
         (its nodes may be dialling back in), after asking each farm once.
         """
         a = await startFarm(self, "a")
-        await a.producer("stt", DigestEngine(("vosk:de",)))
+        await a.producer("stt", DigestHandler(("vosk:de",)))
         b = await startFarm(self, "b")
-        await b.producer("stt", DigestEngine(("vosk:fr",)))
+        await b.producer("stt", DigestHandler(("vosk:fr",)))
         exchange = self.exchange([a.entry(), b.entry(fallback=True)])
         with self.assertRaises(Unavailable) as caught:
             await exchange.transcribe("whisper:tiny", None, b"x", "auto")
@@ -471,7 +472,7 @@ class RetryTests(_LiveTestCase):
         # Unsupported at one farm, no free producer at the other: the model
         # exists, so this is 503 (try later), not 422.
         a = await startFarm(self, "a")
-        await a.producer("stt", DigestEngine(("vosk:de",)))
+        await a.producer("stt", DigestHandler(("vosk:de",)))
         busy = await startFarm(self, "busy", queue_timeout=0.2)
         engine = HangingEngine()
         await busy.producer("stt", engine)
@@ -565,7 +566,7 @@ class DownFarmTests(_LiveTestCase):
         late = LiveFarm("late")
         await late.loopback.listen({"stt": sttPort, "tts": ttsPort})
         self.addCleanup(lambda: Deferred.fromCoroutine(late.stop()))
-        await late.producer("stt", DigestEngine())
+        await late.producer("stt", DigestHandler())
         with self.assertRaises(Unavailable):  # still within its backoff
             await exchange.transcribe("m", None, b"x", "auto")
         self.assertEqual(counting.attempts[sttPort], 1)
@@ -650,7 +651,7 @@ class DeadlineTests(_LiveTestCase):
         farm = await startFarm(self, "a")
         hanging = HangingEngine()
         await farm.producer("stt", hanging)  # idle longest: takes the first job
-        await farm.producer("stt", DigestEngine())
+        await farm.producer("stt", DigestHandler())
         exchange = self.exchange([farm.entry()], poolSize=1)
         pool = exchange.farms[0].pools["stt"]
         first = Deferred.fromCoroutine(exchange.transcribe("m", None, b"1", "auto"))

@@ -18,7 +18,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from privox import audiofile
 from privox.engines import audio
 from privox.engines.audio import PCMStream, decodeAudio, encodeWav, toInt16
-from privox.engines.base import Audio, BadAudio
+from privox.engines.audio import Audio
+from privox.engines.base import BadAudio
 from tests.audiofixtures import (
     chunk,
     declaringSize,

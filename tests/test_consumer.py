@@ -24,7 +24,8 @@ from privox.farm.settings import FarmSettings
 from privox.framing import FrameDecoder
 from privox.keys import OpenPolicy
 from privox.messages import controlFrame
-from privox.node.echo import DigestEngine, digestOf
+from privox.engines.digest import digestOf
+from privox.node.echo import DigestHandler
 from privox.node.worker import ProducerProtocol
 
 OKAY = {"protocol": 2, "farm": "f", "ping_interval": 10.0, "max_frame": 4096,
@@ -203,7 +204,7 @@ class ThroughAFarmTests(SynchronousTestCase):
         """
         farm = Farm(FarmSettings(stats_interval=0, **settings), Clock(), OpenPolicy(), OpenPolicy())
         factory = FarmFactory(farm, "stt")
-        peers: list[Any] = [ProducerProtocol("stt", "pk", DigestEngine()) for _ in range(producers)]
+        peers: list[Any] = [ProducerProtocol("stt", "pk", DigestHandler()) for _ in range(producers)]
         peers += [ConsumerProtocol("stt", "ck") for _ in range(consumers)]
         pumps = []
         for peer in peers:

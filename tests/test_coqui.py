@@ -26,7 +26,7 @@ from pathlib import Path
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from privox.engines.base import EngineError, ModelNotFound, TTSJob, Unsupported
+from privox.engines.base import Cancelled, EngineError, ModelNotFound, TTSJob, Unsupported
 from privox.engines.base import MAX_TEXT
 from privox.engines.coqui import CoquiEngine, _reachable
 from privox.engines.tinyvits import RATE, buildTinyVits
@@ -224,6 +224,27 @@ class SingleSpeakerTests(WavAssertions, SynchronousTestCase):
         frames = self.assertWav(engine.synthesize(job()))
         # ~1-2 s of audio for a short sentence, not a stray sample.
         self.assertGreater(frames, RATE // 4)
+
+    def test_cancelledBetweenSentences(self) -> None:
+        """
+        Sentences are spoken one at a time, as Coqui splits them; a job
+        whose stop is set during one speaks no further sentence.
+        """
+        engine = loaded("single")
+        tts = engine._tts
+        speak = tts.tts
+        said: list[str] = []
+        cancelled = job("The first sentence. The second one. And a third.")
+
+        def counting(text: str, **kwargs: object) -> object:
+            said.append(text)
+            cancelled.stop.set()
+            return speak(text=text, **kwargs)
+
+        self.patch(tts, "tts", counting)
+        e = self.assertRaises(Cancelled, engine.synthesize, cancelled)
+        self.assertEqual(e.code, ErrorCode.CANCELLED)
+        self.assertEqual(said, ["The first sentence."])
 
     def test_checkpointPath(self) -> None:
         """

@@ -32,7 +32,8 @@ from privox.api.farms import FarmEntry, FarmExchange
 from privox.consumer import JobFailed, connectConsumer
 from privox.farm.sessions import ProducerSession
 from privox.messages import ErrorCode
-from privox.node.echo import DigestEngine, digestOf, toneFor
+from privox.engines.digest import digestOf, toneFor
+from privox.node.echo import DigestHandler
 from privox.node.worker import Answer, Collected
 from tests.apifarms import DroppingEngine, HangingEngine, startFarm
 from tests.loopbackfarm import StallingUpload
@@ -141,8 +142,8 @@ class LoadTests(TestCase):
         """
         farm = await startFarm(self, "load", max_job_bytes=8 * 1024 * 1024)
         for _ in range(LOAD_PRODUCERS):
-            await farm.producer("stt", DigestEngine((STT_MODEL,)))
-            await farm.producer("tts", DigestEngine(("tone:x",)))
+            await farm.producer("stt", DigestHandler((STT_MODEL,)))
+            await farm.producer("tts", DigestHandler(("tone:x",)))
         stopAt = time.monotonic() + LOAD_SECONDS
         counts = {"stt": 0, "tts": 0, "bytes": 0}
 
@@ -364,7 +365,7 @@ class MisbehavingNodeTests(TestCase):
         good = await startFarm(self, "good")
         engine = HangingEngine()
         await hang.producer("stt", engine)
-        await good.producer("stt", DigestEngine())
+        await good.producer("stt", DigestHandler())
         consumer = await hang.consumer("stt")
         started = time.monotonic()
         with self.assertRaises(JobFailed) as caught:
@@ -408,7 +409,7 @@ class MisbehavingNodeTests(TestCase):
             await producer.disconnected.addTimeout(5, reactor)
             self.assertEqual(engine.started, 1)
             await poll(lambda: producerSessions(farm.farm) == 0, 5, "the garbage node dropped")
-        await farm.producer("stt", DigestEngine())
+        await farm.producer("stt", DigestHandler())
         answer = await consumer.stt(STT_MODEL, b"good audio")
         self.assertEqual(answer.text, transcriptOf(b"good audio"))
         self.assertEqual(farm.farm.counters.succeeded, 1)

@@ -39,7 +39,8 @@ from privox.farm.handshake import Phase
 from privox.framing import VERBS, FrameDecoder, FramingError, encodeFrame
 from privox.keys import OpenPolicy
 from privox.messages import controlFrame
-from privox.node.echo import DigestEngine, digestOf
+from privox.engines.digest import digestOf
+from privox.node.echo import DigestHandler
 from tests.audiofixtures import tone, wavFile, zipOfZeros, zipped
 from tests.farmharness import FarmHarness, Peer
 from tests.loopbackfarm import LoopbackFarm
@@ -530,7 +531,7 @@ class RealSocketFloodTests(TestCase):
         farm = LoopbackFarm(handshake_timeout=1.5)
         await farm.listen()
         self.addCleanup(farm.stop)
-        await farm.producer("stt", DigestEngine((MODEL,), ("en",)))
+        await farm.producer("stt", DigestHandler((MODEL,), ("en",)))
         port = farm.ports["stt"].getHost().port
         before = rssBytes()
         silent = []
@@ -599,7 +600,7 @@ class HttpTests(SynchronousTestCase):
         body, contentType = multipart({"key": "k"}, {"file": ("a.wav", WAV)})
         written = rawRequest(self.site, post("/stt", body, contentType))
         self.assertEqual(self.status(written), 200, written[:300])
-        self.assertTrue(written.endswith(b"\r\n\r\nhello world"), written[-100:])
+        self.assertTrue(written.endswith(b"\r\n\r\nhello world\n"), written[-100:])
         body, contentType = multipart({"key": "k", "text": "Hello."})
         written = rawRequest(self.site, post("/tts", body, contentType))
         self.assertEqual(self.status(written), 200, written[:300])

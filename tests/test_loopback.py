@@ -16,7 +16,8 @@ from twisted.trial.unittest import TestCase
 
 from privox.consumer import JobFailed, connectConsumer
 from privox.farm.sessions import ConsumerSession, ProducerSession
-from privox.node.echo import DigestEngine, digestOf, toneFor
+from privox.engines.digest import digestOf, toneFor
+from privox.node.echo import DigestHandler
 from privox.node.worker import Answer, Collected
 from tests.loopbackfarm import LoopbackFarm
 
@@ -29,8 +30,8 @@ class ManyPeersTests(TestCase):
         await farm.listen()
         self.addCleanup(lambda: Deferred.fromCoroutine(farm.stop()))
         for _ in range(8):
-            await farm.producer("stt", DigestEngine(("whisper:tiny.en",), ("en",)))
-            await farm.producer("tts", DigestEngine(("piper:en_US-joe-medium",), ("en",)))
+            await farm.producer("stt", DigestHandler(("whisper:tiny.en",), ("en",)))
+            await farm.producer("tts", DigestHandler(("piper:en_US-joe-medium",), ("en",)))
         rng = random.Random(1776)
 
         async def sttConsumer(n: int) -> int:
@@ -69,7 +70,7 @@ class ManyPeersTests(TestCase):
         farm = LoopbackFarm()
         await farm.listen()
         self.addCleanup(lambda: Deferred.fromCoroutine(farm.stop()))
-        await farm.producer("stt", DigestEngine(("whisper:tiny.en",), ("en",)))
+        await farm.producer("stt", DigestHandler(("whisper:tiny.en",), ("en",)))
         consumer = await connectConsumer(reactor, farm.endpoint("stt"), "stt")
         with self.assertRaises(JobFailed) as caught:
             await consumer.stt("vosk:ko", b"audio", language="ko")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from privox.engines.base import EngineError, ModelNotFound, TTSJob, Unsupported
+from privox.engines.base import Cancelled, EngineError, ModelNotFound, TTSJob, Unsupported
 from privox.engines.base import MAX_TEXT
 from privox.engines.piper import PiperEngine
 from privox.messages import ErrorCode
@@ -118,6 +118,28 @@ class SynthesisTests(SynchronousTestCase):
         short, _ = readWav(piper().synthesize(job("Hello.")))
         long, _ = readWav(piper().synthesize(job(SENTENCE + " " + SENTENCE)))
         self.assertGreater(long.nframes, 3 * short.nframes)
+
+    def test_cancelledBetweenSentences(self) -> None:
+        """
+        A job whose stop is set speaks no further sentence: Cancelled after
+        the one under way, not after the whole text.
+        """
+        engine = piper()
+        voice = engine._voice
+        spoken: list[object] = []
+
+        class Counting:
+            def synthesize(self, *args: object, **kwargs: object) -> object:
+                for chunk in voice.synthesize(*args, **kwargs):
+                    spoken.append(chunk)
+                    yield chunk
+
+        self.patch(engine, "_voice", Counting())
+        cancelled = job(" ".join([SENTENCE] * 5))
+        cancelled.stop.set()
+        e = self.assertRaises(Cancelled, engine.synthesize, cancelled)
+        self.assertEqual(e.code, ErrorCode.CANCELLED)
+        self.assertEqual(len(spoken), 1)
 
     def test_deterministic(self) -> None:
         """

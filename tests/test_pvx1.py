@@ -30,7 +30,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from privox.consumer import connectConsumer
 from privox.farm.pvx1 import Aliases, BadHeader, parseHeader
 from privox.keys import AllowListPolicy
-from privox.node.echo import DigestEngine, digestOf, toneFor
+from privox.engines.digest import digestOf, toneFor
+from privox.node.echo import DigestHandler
 from tests.farmharness import FarmHarness, ManualPolicy, Peer
 from tests.loopbackfarm import LoopbackFarm
 
@@ -514,7 +515,7 @@ class Pvx1ExchangeTests(SynchronousTestCase):
 class Pvx1Node(Protocol):
     """
     A PVX/1 producer node that answers STT jobs with the digest of the audio
-    (as DigestEngine does) and TTS jobs with toneFor(text).
+    (as DigestHandler does) and TTS jobs with toneFor(text).
     """
 
     def __init__(self) -> None:
@@ -668,9 +669,9 @@ class Pvx1SocketTests(TestCase):
         stt, tts = self.port(farm, "stt"), self.port(farm, "tts")
         nodes = [await pvx1Node(stt) for _ in range(4)]
         for _ in range(4):
-            await farm.producer("stt", DigestEngine(("whisper:tiny.en",), ("en",)))
+            await farm.producer("stt", DigestHandler(("whisper:tiny.en",), ("en",)))
         await pvx1Node(tts)
-        await farm.producer("tts", DigestEngine(("coqui:tts_models/en/vctk/vits",), ()))
+        await farm.producer("tts", DigestHandler(("coqui:tts_models/en/vctk/vits",), ()))
         await self._waitForProducers(farm, "stt", 8)
         rng = random.Random(1776)
 

@@ -13,7 +13,8 @@ import io
 import numpy as np
 from twisted.trial.unittest import SynchronousTestCase
 
-from privox.engines.base import Audio, TTSJob
+from privox.engines.audio import Audio
+from privox.engines.base import TTSJob
 from privox.engines.piper import PiperEngine
 from privox.engines.whisper import WhisperEngine
 from tests.wer import distance, wer, words

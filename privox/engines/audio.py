@@ -30,12 +30,26 @@ import numpy.typing as npt
 
 from privox.audiofile import MAX_DECODED_SECONDS, BadFile, ContainerAudio, unzipWav
 from privox.audiofile import sniff as _sniff
-from privox.engines.base import Audio, BadAudio
+from privox.engines.errors import BadAudio
 from privox.messages import AUDIO_FORMATS
 from privox.wav import UNKNOWN_SIZES, BadWav, WavFormat, WavHeader, pcmToWav, readWavHeader
 
 if TYPE_CHECKING:
     import av
+
+@dataclass(frozen=True)
+class Audio:
+    """
+    Decoded audio: mono float32 samples in [-1, 1] at C{rate} Hz.
+    """
+
+    samples: npt.NDArray[np.float32]
+    rate: int
+
+    @property
+    def seconds(self) -> float:
+        return len(self.samples) / self.rate if self.rate else 0.0
+
 
 #: The rate of C{pcm_s16le} uploads (mono, signed 16-bit little-endian).
 PCM_RATE = 16000

@@ -15,18 +15,15 @@ C{coqui:tts_models/en/vctk/vits}.
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
-import numpy as np
-import numpy.typing as npt
-
-from privox.engines.errors import BadAudio, EngineError, Unsupported
+from privox.engines.errors import BadAudio, Cancelled, EngineError, Unsupported
 from privox.messages import CONTROL_CHARACTERS, MAX_TEXT, ErrorCode
 
-__all__ = ["BadAudio", "EngineError", "Unsupported"]
-
+__all__ = ["BadAudio", "Cancelled", "EngineError", "Unsupported"]
 
 
 def checkText(engine: str, text: str) -> None:
@@ -52,18 +49,30 @@ class ModelNotFound(Exception):
     """
 
 
-@dataclass(frozen=True)
-class Audio:
+class Stop:
     """
-    Decoded audio: mono float32 samples in [-1, 1] at C{rate} Hz.
+    A job's cancellation: set from the reactor (CNCL, a consumer gone),
+    checked by its engine between two pieces of work (a Whisper segment, a
+    block of Vosk audio, a sentence), so cancelled work ends within about a
+    second instead of running on for minutes.
     """
 
-    samples: npt.NDArray[np.float32]
-    rate: int
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def set(self) -> None:
+        self._event.set()
 
     @property
-    def seconds(self) -> float:
-        return len(self.samples) / self.rate if self.rate else 0.0
+    def requested(self) -> bool:
+        return self._event.is_set()
+
+    def check(self) -> None:
+        """
+        @raise Cancelled: the job was cancelled.
+        """
+        if self._event.is_set():
+            raise Cancelled()
 
 
 @dataclass(frozen=True)
@@ -83,6 +92,7 @@ class STTJob:
     language: str | None
     format: str  # wav | pcm_s16le | zip | auto
     size: int
+    stop: Stop = field(default_factory=Stop, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -91,13 +101,14 @@ class TTSJob:
     language: str | None
     voice: str | None
     text: str
+    stop: Stop = field(default_factory=Stop, compare=False, repr=False)
 
 
 class Transcription(Protocol):
     """
-    One STT job in progress. The node calls L{feed} with the upload's bytes in
-    order as they arrive, then L{finish} once; all calls come from one worker
-    thread at a time.
+    One STT job of a streaming engine in progress. The node calls L{feed}
+    with the upload's bytes in order as they arrive, then L{finish} once;
+    all calls come from one worker thread at a time.
     """
 
     def feed(self, chunk: bytes) -> None: ...
@@ -106,6 +117,11 @@ class Transcription(Protocol):
 
 
 class STTEngine(Protocol):
+    """
+    An engine that needs the whole upload: the node collects it, then
+    calls L{transcribe} once in its thread pool.
+    """
+
     #: The advertised model name, e.g. "whisper:tiny.en".
     name: str
     #: Languages it serves; () means any.
@@ -118,9 +134,27 @@ class STTEngine(Protocol):
         @raise ModelNotFound: the model is missing or broken.
         """
 
+    def transcribe(self, job: STTJob, data: bytes) -> Transcript:
+        """
+        Transcribe the whole upload, checking C{job.stop} as it goes.
+
+        @raise EngineError: e.g. an unsupported language, bad audio.
+        """
+
+
+class StreamingSTTEngine(Protocol):
+    """
+    An engine that works while the upload is still arriving.
+    """
+
+    name: str
+    languages: tuple[str, ...]
+
+    def load(self) -> None: ...
+
     def transcription(self, job: STTJob) -> Transcription:
         """
-        Start a job.
+        Start a job (its transcription checks C{job.stop} as it goes).
 
         @raise EngineError: e.g. an unsupported language.
         """
@@ -136,7 +170,8 @@ class TTSEngine(Protocol):
 
     def synthesize(self, job: TTSJob) -> bytes:
         """
-        Return a complete WAV file (RIFF, PCM s16le).
+        Return a complete WAV file (RIFF, PCM s16le); C{job.stop} is checked
+        between sentences.
 
         @raise EngineError: unknown voice, unsupported language, text too long.
         """
@@ -155,28 +190,3 @@ def findPackaged(package: str, *parts: str) -> Path | None:
         if candidate.exists():
             return candidate
     return None
-
-
-class BufferedTranscription:
-    """
-    A L{Transcription} for engines that need the whole upload: it collects
-    the bytes, decodes them to 16 kHz mono once they are all here and hands
-    the L{Audio} to C{transcribe}.
-    """
-
-    def __init__(
-        self, job: STTJob, transcribe: Callable[[Audio, str | None], Transcript]
-    ) -> None:
-        self._job = job
-        self._transcribe = transcribe
-        self._chunks: list[bytes] = []
-
-    def feed(self, chunk: bytes) -> None:
-        self._chunks.append(chunk)
-
-    def finish(self) -> Transcript:
-        from privox.engines.audio import decodeAudio
-
-        audio = decodeAudio(b"".join(self._chunks), self._job.format, rate=16000)
-        self._chunks = []
-        return self._transcribe(audio, self._job.language)

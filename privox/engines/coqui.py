@@ -35,6 +35,7 @@ from privox.engines.audio import encodeWav, toInt16
 from privox.engines.base import (
     EngineError,
     ModelNotFound,
+    Stop,
     TTSJob,
     Unsupported,
     checkText,
@@ -255,7 +256,7 @@ class CoquiEngine:
                 # Prove the model speaks (its phonemizer, such as espeak-ng,
                 # may be missing) before the node advertises it, and let
                 # torch set itself up here rather than in the first job.
-                self._speak(WARM_UP_TEXT, self._speaker(None), self._language(None))
+                self._speak(WARM_UP_TEXT, self._speaker(None), self._language(None), Stop())
             except Exception as e:
                 self._tts = None
                 raise ModelNotFound(f"{self.name}: loaded, but cannot speak: {e}") from e
@@ -375,16 +376,29 @@ class CoquiEngine:
 
     # Synthesis
 
-    def _speak(self, text: str, speaker: str | None, language: str | None) -> np.ndarray:
+    def _speak(
+        self, text: str, speaker: str | None, language: str | None, stop: Stop
+    ) -> np.ndarray:
         """
-        Float samples of C{text}; the caller holds L{_lock}.
+        Float samples of C{text}, a sentence at a time as Coqui would split
+        it (each followed by its pause), so a cancelled job stops between
+        two; the caller holds L{_lock}.
         """
         import torch
 
         assert self._tts is not None
+        pieces = []
         with torch.inference_mode():
-            samples = self._tts.tts(text=text, speaker=speaker, language=language)
-        return np.asarray(samples, dtype=np.float32).reshape(-1)
+            for sentence in self._tts.synthesizer.split_into_sentences(text, language):
+                stop.check()
+                pieces.append(
+                    self._tts.tts(
+                        text=sentence, speaker=speaker, language=language, split_sentences=False
+                    )
+                )
+        if not pieces:
+            return np.zeros(0, np.float32)
+        return np.concatenate([np.asarray(p, dtype=np.float32).reshape(-1) for p in pieces])
 
     def _speaker(self, voice: str | None) -> str | None:
         if voice is None or voice.strip().lower() in DEFAULT_VOICES:
@@ -425,7 +439,9 @@ class CoquiEngine:
         checkText(self.name, job.text)
         with self._lock:
             try:
-                audio = self._speak(job.text, speaker, language)
+                audio = self._speak(job.text, speaker, language, job.stop)
+            except EngineError:
+                raise
             except Exception as e:
                 raise EngineError(f"{self.name} failed: {e}") from e
         if audio.size == 0:

@@ -8,11 +8,35 @@ that every answer belongs to its own request.
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 from privox.engines.base import STTJob, Transcript, TTSJob
 from privox.engines.errors import EngineError
 from privox.messages import ErrorCode
-from privox.node.echo import toneFor
+from privox.wav import pcmToWav
+
+
+def digestOf(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def fingerprint(hasher: Any, size: int) -> str:
+    """
+    The digest engine's transcript of C{size} bytes that went into C{hasher}
+    (a C{hashlib} object, or one with the same C{name} and C{hexdigest}).
+    """
+    return f"{hasher.name.lower()}:{hasher.hexdigest()} bytes:{size}"
+
+
+def toneFor(text: str, seconds: float = 0.1, rate: int = 16000) -> bytes:
+    """
+    A WAV whose samples are derived from C{text}: different texts give
+    different audio, the same text the same audio.
+    """
+    seed = hashlib.sha256(text.encode("utf-8")).digest()
+    frames = int(seconds * rate) * 2
+    samples = (seed * (frames // len(seed) + 1))[:frames]
+    return pcmToWav(samples, rate)
 
 
 class _DigestTranscription:
@@ -29,7 +53,7 @@ class _DigestTranscription:
         # A duration as if the bytes were 16 kHz 16-bit mono, so the ledger
         # and producer credit have something real to count in smoke tests.
         return Transcript(
-            f"sha256:{self._hash.hexdigest()} bytes:{self._size}",
+            fingerprint(self._hash, self._size),
             self._job.language,
             self._size / 32000,
         )

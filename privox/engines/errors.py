@@ -37,3 +37,13 @@ class Unsupported(EngineError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, ErrorCode.UNSUPPORTED_MODEL)
+
+
+class Cancelled(EngineError):
+    """
+    The job was cancelled (CNCL, or its consumer went away): its engine
+    stopped between two pieces of work.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("cancelled", ErrorCode.CANCELLED)

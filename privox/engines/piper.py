@@ -204,11 +204,14 @@ class PiperEngine:
             config.noise_scale = 0.0
             config.noise_w_scale = 0.0
         try:
-            # One chunk per sentence, all at the voice's rate.
-            chunks = [
-                chunk.audio_int16_array
-                for chunk in self._voice.synthesize(job.text, syn_config=config)
-            ]
+            # One chunk per sentence, all at the voice's rate; a cancelled
+            # job stops before the next sentence.
+            chunks = []
+            for chunk in self._voice.synthesize(job.text, syn_config=config):
+                chunks.append(chunk.audio_int16_array)
+                job.stop.check()
+        except EngineError:
+            raise
         except Exception as e:
             raise EngineError(f"{self.name} failed: {e}") from e
         if not chunks:

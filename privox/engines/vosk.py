@@ -13,6 +13,8 @@ name (C{vosk-model-small-en-us-0.15}) or language (C{en-us}) when online.
 
 from __future__ import annotations
 
+import functools
+
 import json
 import re
 import threading
@@ -29,6 +31,7 @@ from privox.engines.base import (
     EngineError,
     ModelNotFound,
     STTJob,
+    Stop,
     Transcript,
     Unsupported,
     findPackaged,
@@ -69,6 +72,22 @@ def _primary(language: str) -> str:
     The primary subtag of a language tag: C{ko-KR} -> C{ko}.
     """
     return re.split(r"[-_]", language, maxsplit=1)[0].lower()
+
+
+@functools.cache
+def _modelClass(vosk: Any) -> Any:
+    """
+    Vosk's Model, minus the "Exception ignored in __del__" it prints when
+    its constructor failed (an unknown name: sys.exit) before it had a
+    handle to free.
+    """
+
+    class Model(vosk.Model):  # type: ignore[misc,name-defined]
+        def __del__(self) -> None:
+            if hasattr(self, "_handle"):
+                super().__del__()
+
+    return Model
 
 
 class VoskEngine:
@@ -126,6 +145,13 @@ class VoskEngine:
         if where is not None:
             if not Path(where).is_dir():
                 raise ModelNotFound(f"{self.name}: no model directory at {where}")
+            # Checked here as Kaldi checks it, which would also print an
+            # ERROR line of its own on stderr.
+            if not any(Path(where, *mdl).is_file() for mdl in (("am", "final.mdl"), ("final.mdl",))):
+                raise ModelNotFound(
+                    f"{self.name}: cannot load the model in {where}: it holds no"
+                    " am/final.mdl (not a Vosk model directory)"
+                )
             try:
                 return vosk.Model(where)
             except Exception as e:
@@ -135,8 +161,8 @@ class VoskEngine:
         byLanguage = bool(_LANGUAGE_NAME.match(self._modelName))
         try:
             if byLanguage:
-                return vosk.Model(lang=self._modelName)
-            return vosk.Model(model_name=self._modelName)
+                return _modelClass(vosk)(lang=self._modelName)
+            return _modelClass(vosk)(model_name=self._modelName)
         except (Exception, SystemExit) as e:
             reason = "no such model" if isinstance(e, SystemExit) else " ".join(str(e).split())
             offline = ", ".join(
@@ -167,7 +193,9 @@ class VoskEngine:
 
         language = job.language or (self.languages[0] if len(self.languages) == 1 else None)
         stream = PCMStream(job.format, RATE)
-        return VoskTranscription(vosk.KaldiRecognizer(self._model, RATE), stream, language)
+        return VoskTranscription(
+            vosk.KaldiRecognizer(self._model, RATE), stream, language, job.stop
+        )
 
 
 class VoskTranscription:
@@ -175,8 +203,11 @@ class VoskTranscription:
     One job: upload bytes are decoded and recognized as they arrive.
     """
 
-    def __init__(self, recognizer: Any, stream: PCMStream, language: str | None) -> None:
+    def __init__(
+        self, recognizer: Any, stream: PCMStream, language: str | None, stop: Stop
+    ) -> None:
         self._recognizer = recognizer
+        self._stop = stop
         self._stream = stream
         self._language = language
         self._pending = bytearray()  # s16le samples short of a full block
@@ -200,6 +231,8 @@ class VoskTranscription:
         self._pending += samples.astype("<i2", copy=False).tobytes()
         block = 2 * BLOCK_SAMPLES
         while len(self._pending) >= block:
+            # A block is a quarter second of audio, recognized in a few ms.
+            self._stop.check()
             self._recognize(bytes(self._pending[:block]))
             del self._pending[:block]
 

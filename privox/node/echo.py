@@ -1,7 +1,8 @@
 """
-The digest engine: answers every job with a fingerprint of its input. It
-proves a farm relays the right bytes to the right peer (tests, benchmarks,
-and an operator's smoke test of a new farm) without loading a model.
+A node's job handler with no engine behind it: answers every job with a
+fingerprint of its input (L{privox.engines.digest}'s), on the reactor, with
+no thread pool. It proves a farm relays the right bytes to the right peer
+in tests and benchmarks, where the cost of a node must not count.
 """
 
 from __future__ import annotations
@@ -11,34 +12,12 @@ from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, succeed
 
+from privox.engines.digest import digestOf, fingerprint, toneFor
 from privox.node.worker import Answer, Collected, JobRun
-from privox.wav import pcmToWav, wavSeconds
+from privox.wav import wavSeconds
 
 
-def digestOf(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def fingerprint(hasher: Any, size: int) -> str:
-    """
-    The digest engine's transcript of C{size} bytes that went into C{hasher}
-    (a C{hashlib} object, or one with the same C{name} and C{hexdigest}).
-    """
-    return f"{hasher.name.lower()}:{hasher.hexdigest()} bytes:{size}"
-
-
-def toneFor(text: str, seconds: float = 0.1, rate: int = 16000) -> bytes:
-    """
-    A WAV whose samples are derived from C{text}: different texts give
-    different audio, the same text the same audio.
-    """
-    seed = hashlib.sha256(text.encode("utf-8")).digest()
-    frames = int(seconds * rate) * 2
-    samples = (seed * (frames // len(seed) + 1))[:frames]
-    return pcmToWav(samples, rate)
-
-
-class DigestEngine:
+class DigestHandler:
     """
     STT: the "transcript" is C{sha256:<hex> bytes:<n>} of the audio (with
     another C{newHash}, that hash's name and digest: see L{fingerprint}).

@@ -14,6 +14,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
+from privox.engines.base import STTJob, Transcript, TTSJob
 from privox.engines.errors import Unsupported
 from privox.logs import logFigures
 from privox.metrics import NodeMetrics
@@ -111,7 +112,10 @@ class EnginePool:
 
 
 def serviceOf(engine: Any) -> str:
-    return "stt" if hasattr(engine, "transcription") else "tts"
+    """
+    C{stt} for an L{STTEngine} or L{StreamingSTTEngine}, else C{tts}.
+    """
+    return "tts" if hasattr(engine, "synthesize") else "stt"
 
 
 def advertisedLanguages(engines: list[Any]) -> tuple[str, ...]:
@@ -146,23 +150,37 @@ class EngineHandler:
         return engine
 
     def start(self, job: dict[str, Any]) -> JobRun:
-        from privox.engines.base import STTJob, TTSJob
-
         engine = self._engine(job)
         if serviceOf(engine) == "stt":
-            return TranscriptionRun(
-                self._pool,
-                engine,
-                STTJob(job["model"], job.get("language"), job.get("format", "auto"), job["size"]),
-            )
+            stt = STTJob(job["model"], job.get("language"), job.get("format", "auto"), job["size"])
+            if hasattr(engine, "transcription"):
+                return TranscriptionRun(self._pool, engine, stt)
+            return Collected(lambda data: self._transcribe(engine, stt, data), stt.stop.set)
         tts = TTSJob(job["model"], job.get("language"), job.get("voice"), job.get("text") or "")
-        return Collected(lambda _: self._synthesize(engine, tts))
+        return Collected(lambda _: self._synthesize(engine, tts), tts.stop.set)
 
-    def _synthesize(self, engine: Any, tts: Any) -> Deferred[Answer]:
+    def _transcribe(self, engine: Any, stt: STTJob, data: bytes) -> Deferred[Answer]:
+        meter = EngineTime()
+        d = self._pool.timed(meter, engine.transcribe, stt, data)
+        d.addBoth(self._pool.report, stt.model, meter, stt.size)
+        return d.addCallback(transcriptAnswer, stt.model)
+
+    def _synthesize(self, engine: Any, tts: TTSJob) -> Deferred[Answer]:
         meter = EngineTime()
         d = self._pool.timed(meter, engine.synthesize, tts)
         d.addBoth(self._pool.report, tts.model, meter, len(tts.text.encode("utf-8")))
         return d.addCallback(_speech, tts)
+
+
+def transcriptAnswer(transcript: Transcript, model: str) -> Answer:
+    return Answer(
+        {
+            "text": transcript.text,
+            "language": transcript.language,
+            "duration_s": round(transcript.duration_s, 3),
+            "model": model,
+        }
+    )
 
 
 def _speech(wav: bytes, job: Any) -> Answer:
@@ -184,14 +202,14 @@ def speechFields(wav: bytes, model: str) -> dict[str, Any]:
 
 class TranscriptionRun:
     """
-    One STT job: every chunk goes to the engine's Transcription in order, in
-    the pool, while the rest of the upload is still arriving.
+    One STT job of a streaming engine: every chunk goes to the engine's
+    Transcription in order, in the pool, while the rest of the upload is
+    still arriving.
     """
 
-    def __init__(self, pool: EnginePool, engine: Any, job: Any) -> None:
+    def __init__(self, pool: EnginePool, engine: Any, job: STTJob) -> None:
         self._pool = pool
         self._job = job
-        self._cancelled = False
         self._meter = EngineTime()
         # A chain that runs one step at a time, in order: start, feeds, finish.
         self._chain: Deferred[Any] = pool.timed(self._meter, engine.transcription, job)
@@ -200,7 +218,7 @@ class TranscriptionRun:
         self._chain.addCallback(self._feed, chunk)
 
     def _feed(self, transcription: Any, chunk: bytes) -> Any:
-        if self._cancelled:
+        if self._job.stop.requested:
             return transcription
         return self._pool.timed(self._meter, transcription.feed, chunk).addCallback(
             lambda _: transcription
@@ -212,18 +230,8 @@ class TranscriptionRun:
                 lambda transcription: self._pool.timed(self._meter, transcription.finish)
             )
             .addBoth(self._pool.report, self._job.model, self._meter, self._job.size)
-            .addCallback(self._answer)
-        )
-
-    def _answer(self, transcript: Any) -> Answer:
-        return Answer(
-            {
-                "text": transcript.text,
-                "language": transcript.language,
-                "duration_s": round(transcript.duration_s, 3),
-                "model": self._job.model,
-            }
+            .addCallback(transcriptAnswer, self._job.model)
         )
 
     def cancel(self) -> None:
-        self._cancelled = True
+        self._job.stop.set()

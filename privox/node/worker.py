@@ -42,7 +42,7 @@ class JobRun(Protocol):
         "The upload is complete; fires with the answer or fails."
 
     def cancel(self) -> None:
-        "The consumer went away; the answer will be discarded."
+        "The consumer went away; the answer will be discarded: stop working."
 
 
 class JobHandler(Protocol):
@@ -59,12 +59,19 @@ class JobHandler(Protocol):
 
 class Collected:
     """
-    A L{JobRun} for work that needs the whole upload at once: C{work(data)}
-    returns an L{Answer} or a Deferred of one.
+    A L{JobRun} for work that needs the whole upload at once: the chunks
+    are kept on the reactor (no thread hop per chunk), then C{work(data)}
+    returns an L{Answer} or a Deferred of one. C{onCancel} tells work
+    already running to stop.
     """
 
-    def __init__(self, work: Callable[[bytes], Answer | Deferred[Answer]]) -> None:
+    def __init__(
+        self,
+        work: Callable[[bytes], Answer | Deferred[Answer]],
+        onCancel: Callable[[], None] = lambda: None,
+    ) -> None:
         self._work = work
+        self._onCancel = onCancel
         self._chunks: list[bytes] = []
 
     def feed(self, chunk: bytes) -> None:
@@ -77,6 +84,7 @@ class Collected:
 
     def cancel(self) -> None:
         self._chunks = []
+        self._onCancel()
 
 
 @dataclass

@@ -33,8 +33,12 @@ test: $(STAMP) $(COQUI_STAMP)
 
 # The whole exchange in one process (farm, API, a node with the bundled
 # models); it prints the URL and curl examples once it is ready.
+# `make run PORT=8090`, `make run RUN_ARGS='--deadline 600'` (see
+# `twistd privox-local --help` for every option).
+PORT ?= 8080
+RUN_ARGS ?=
 run: $(STAMP)
-	$(VENV)/bin/twistd --nodaemon --pidfile= --logfile=- privox-local
+	@$(VENV)/bin/twistd --nodaemon --pidfile= --logfile=- privox-local --port $(PORT) $(RUN_ARGS)
 
 # farm_relay.py checks large jobs with xxhash (see bench/README.rst).
 bench: $(STAMP)

@@ -56,10 +56,10 @@ BOUNDARY = "privox-bench"
 
 
 class InstantExchange:
-    async def transcribe(self, model: str, language: str | None, audio: bytes, format: str) -> Transcribed:
+    async def transcribe(self, model: str, language: str | None, audio: bytes, format: str, deadline: float) -> Transcribed:
         return Transcribed("hello", model, language, 1.0)
 
-    async def synthesize(self, model: str, language: str | None, voice: str | None, text: str) -> bytes:
+    async def synthesize(self, model: str, language: str | None, voice: str | None, text: str, deadline: float) -> bytes:
         return b""
 
     def health(self) -> dict[str, Any]:

@@ -823,25 +823,10 @@ def buildParser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentPa
     C{environ} (default L{os.environ}).
     """
     env = os.environ if environ is None else environ
+    # --api, --key and --timeout go before the command or after it; given
+    # after it (defaults suppressed there), they win.
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--api",
-        default=env.get("PRIVOX_API") or DEFAULT_API,
-        metavar="URL",
-        help="the Privox API (default: $PRIVOX_API, else %(default)s)",
-    )
-    common.add_argument(
-        "--key",
-        default=env.get("PRIVOX_KEY") or None,
-        help="your key (default: $PRIVOX_KEY; none: anonymous use, where the API allows it)",
-    )
-    common.add_argument(
-        "--timeout",
-        type=_positive,
-        default=DEFAULT_TIMEOUT,
-        metavar="SECONDS",
-        help="give up on a request after this long (default: %(default)g)",
-    )
+    _addConnectionOptions(common, env, afterCommand=True)
     quality = argparse.ArgumentParser(add_help=False)
     quality.add_argument(
         "--quality", choices=QUALITIES, help="transcription quality (the API's default: fast)"
@@ -853,6 +838,7 @@ def buildParser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentPa
     parser = argparse.ArgumentParser(
         prog="privox", description="Speech to text and text to speech through a Privox exchange."
     )
+    _addConnectionOptions(parser, env, afterCommand=False)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     stt = commands.add_parser(
@@ -928,6 +914,32 @@ def buildParser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentPa
     account.add_argument("--json", action="store_true", help="print the API's JSON")
     addKeysParser(commands, env)
     return parser
+
+
+def _addConnectionOptions(
+    parser: argparse.ArgumentParser, env: Mapping[str, str], afterCommand: bool
+) -> None:
+    def default(value: Any) -> Any:
+        return argparse.SUPPRESS if afterCommand else value
+
+    parser.add_argument(
+        "--api",
+        default=default(env.get("PRIVOX_API") or DEFAULT_API),
+        metavar="URL",
+        help=f"the Privox API (default: $PRIVOX_API, else {DEFAULT_API})",
+    )
+    parser.add_argument(
+        "--key",
+        default=default(env.get("PRIVOX_KEY") or None),
+        help="your key (default: $PRIVOX_KEY; none: anonymous use, where the API allows it)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=_positive,
+        default=default(DEFAULT_TIMEOUT),
+        metavar="SECONDS",
+        help=f"give up on a request after this long (default: {DEFAULT_TIMEOUT:g})",
+    )
 
 
 def parseArguments(

@@ -14,6 +14,7 @@ line (C{--blur-usage}) and C{true}/C{false} in the file.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import tomllib
 from typing import Any, Callable, TypeVar
 
@@ -141,6 +142,19 @@ def optionsFor(settingsType: type[T], description: str) -> type[usage.Options]:
         optParameters = parameters
         optFlags = flags
         settings: T
+
+        def parseOptions(self, options: Any = None) -> None:
+            try:
+                super().parseOptions(options)
+            except usage.UsageError as e:
+                if self.parent is None:
+                    raise
+                # Under twistd, which would print every option before it:
+                # the reason alone, on one line.
+                sys.stderr.write(
+                    f"twistd {self.parent.subCommand}: {e} (--help lists every option)\n"
+                )
+                raise SystemExit(1) from None
 
         def postOptions(self) -> None:
             path = self["config"]

@@ -12,17 +12,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.application.service import IService, Service
+from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ServerEndpoint, serverFromString
+from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.web.pages import errorPage
 
 from privox.accounts.store import DEFAULT_DSN, AccountStore
 from privox.api.farms import FarmEntry, FarmExchange
 from privox.api.models import DEFAULT_VOICES, OPENAI_VOICES, QUALITIES
 from privox.api.service import ApiSettings, TrackedFactory, buildApi
 from privox.config import optionsFor, setting
+from privox.daemon import ListenService, stopWithStatus
+from privox.engines.base import ModelNotFound
 from privox.engines.registry import ModelSpec, SpecError, createEngine
 from privox.farm.connection import FarmFactory
 from privox.farm.farm import Farm
@@ -32,6 +35,7 @@ from privox.keys import OpenPolicy
 from privox.farm.observe import farmStatus, instrumentFarm
 from privox.metrics import CollectorRegistry
 from privox.node.service import NodeService, NodeSettings
+from privox.web import PrivateSite
 
 log = Logger()
 
@@ -58,7 +62,12 @@ class LocalSettings:
     tts: str = setting("piper:en_US-joe-medium", "The TTS model every voice maps to.")
     slots: int = setting(1, "Concurrent jobs per service.")
     max_upload: int = setting(200 * 1024 * 1024, "Largest upload in bytes.")
-    deadline: float = setting(60.0, "Seconds a request may take in all.")
+    deadline: float = setting(
+        60.0, "Seconds a request may take, plus --deadline-per-second per second of audio."
+    )
+    deadline_per_second: float = setting(
+        1.0, "Seconds added to --deadline per second of audio (STT) or of speech (TTS)."
+    )
     blur_usage: bool = setting(False, "Round sizes and times in log lines (privacy).")
 
 
@@ -102,18 +111,21 @@ def apiSettings(s: LocalSettings) -> ApiSettings:
         keys=s.keys,
         max_upload=s.max_upload,
         deadline=s.deadline,
+        deadline_per_second=s.deadline_per_second,
         stt_model=tuple(f"{quality} {stt} {stt}" for quality in QUALITIES),
         voice=tuple(f"{name} {tts}" for name in voices),
     )
 
 
-class LocalExchange(Service):
+class LocalExchange(MultiService):
     """
-    Starts the parts in order: farm ports, then the node and the API that
-    need to know them.
+    Listens on the API's port first (so a taken port ends it at once,
+    before any model loads), answering 503 until ready; then starts the
+    parts in order: farm ports, then the node and the API that need them.
     """
 
     def __init__(self, settings: LocalSettings, reactor: Any) -> None:
+        super().__init__()
         self.settings = settings
         self._reactor = reactor
         farmSettings = FarmSettings(stats_interval=0.0, blur_usage=settings.blur_usage)
@@ -132,7 +144,16 @@ class LocalExchange(Service):
         self.node: NodeService | None = None
         self.exchange: FarmExchange | None = None
         self.store: AccountStore | None = None
-        self._http: TrackedFactory | None = None
+        self._http = TrackedFactory(
+            PrivateSite(errorPage(503, "Starting", "Privox is starting; try again in a moment."))
+        )
+        self.web = ListenService(
+            f"tcp:{settings.port}:interface={settings.interface}",
+            self._http,
+            reactor,
+            "--port (make run PORT=8090)",
+        )
+        self.web.setServiceParent(self)
         self.ready: Deferred[None] = Deferred()
         self.url = f"http://{settings.interface}:{settings.port}"
 
@@ -143,6 +164,8 @@ class LocalExchange(Service):
 
     async def _start(self) -> None:
         s = self.settings
+        web = await self.web.listening
+        self.url = f"http://{s.interface}:{web.getHost().port}"
         endpoints = {}
         for service in ("stt", "tts"):
             port = await TCP4ServerEndpoint(self._reactor, 0, interface="127.0.0.1").listen(
@@ -158,6 +181,7 @@ class LocalExchange(Service):
             ),
             [createEngine(ModelSpec.parse(s.stt)), createEngine(ModelSpec.parse(s.tts))],
             self._reactor,
+            stopOnFailure=False,  # said and handled here
             registry=self.registry,
         )
         self.node.startService()
@@ -186,30 +210,29 @@ class LocalExchange(Service):
             version = await self.store.migrate()
             log.info("account store {store} at schema version {version}",
                      store=self.store.description, version=version)
-        self._http = TrackedFactory(site)
-        web = await serverFromString(
-            self._reactor, f"tcp:{s.port}:interface={s.interface}"
-        ).listen(self._http)
-        self._ports.append(web)
-        self.url = f"http://{s.interface}:{web.getHost().port}"
+        # From now on new connections reach the API itself.
+        self._http.serve(site)
         for line in banner(self.url, s):
             log.info("{line}", line=line)
         self.ready.callback(None)
 
     def _failed(self, failure: Any) -> None:
-        log.failure("the local exchange could not start", failure)
+        if failure.check(ModelNotFound):
+            log.critical("the local exchange cannot start: {reason}", reason=str(failure.value))
+        else:
+            log.failure("the local exchange could not start", failure)
         self.ready.errback(failure)
-        self._reactor.stop()
+        stopWithStatus(self._reactor, 1)
 
     def stopService(self) -> Deferred[None]:
-        super().stopService()
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
+        # The API's port closes first (the children), then the farm's.
+        await super().stopService()
         for port in self._ports:
             await port.stopListening()
-        if self._http is not None:
-            await self._http.closeAll()
+        await self._http.closeAll()
         if self.exchange is not None:
             await self.exchange.stop()
         if self.node is not None:

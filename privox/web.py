@@ -40,6 +40,8 @@ class PrivateSite(Site):
     """
 
     protocol = PrivateHTTPChannel
+    # No "Starting factory <... at 0x...>" lines: the port's line says it.
+    noisy = False
 
     def log(self, request: Any) -> None:
         pass

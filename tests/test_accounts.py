@@ -328,9 +328,17 @@ class StoreTests:
             shown = await keys("show", kid[:8])
             self.assertIn("allowance: 90.0", shown)
             self.assertNotIn(key, shown)
+            # A key with the API's default allowance and no label says so,
+            # with no empty lines.
+            plain = accountId((await keys("create")).splitlines()[-1])[:12]
+            shown = (await keys("show", plain, "--default-hourly-seconds", "120")).splitlines()
+            self.assertIn("hourly seconds: 120 (the API's default)", shown)
+            self.assertEqual([line for line in shown if line.endswith(":")], [])
+            self.assertEqual([line for line in shown if line.startswith(("label", "revoked"))], [])
             self.assertEqual(await keys("revoke", kid), f"revoked key {kid}\n")
             self.assertEqual(await keys("revoke", kid), f"key {kid} was already revoked\n")
             self.assertIn("revoked 2", await keys("list"))
+            self.assertIn("revoked: ", await keys("show", kid))
             await self.assertFails(keys("show", "000000"), StoreError)
 
         return ensureDeferred(go())

@@ -49,13 +49,13 @@ class SecondsExchange:
         self.error: Exception | None = None
         self.jobs = 0
 
-    async def transcribe(self, model: str, language: str | None, audio: bytes, format: str) -> Transcribed:
+    async def transcribe(self, model: str, language: str | None, audio: bytes, format: str, deadline: float) -> Transcribed:
         self.jobs += 1
         if self.error is not None:
             raise self.error
         return Transcribed("hello", model, language, self.reported)
 
-    async def synthesize(self, model: str, language: str | None, voice: str | None, text: str) -> bytes:
+    async def synthesize(self, model: str, language: str | None, voice: str | None, text: str, deadline: float) -> bytes:
         self.jobs += 1
         if self.error is not None:
             raise self.error

@@ -42,6 +42,7 @@ from privox.api.errors import (
 )
 from privox.api.exchange import Transcribed
 from privox.api.farms import FarmExchange
+from privox.api.measure import spokenSeconds
 from privox.api.models import DEFAULT_STT, DEFAULT_VOICES, ModelTable
 from privox.api.service import (
     AccountsService,
@@ -77,19 +78,22 @@ class FakeExchange:
         self.error: Exception | None = None
         self.text = "hello world"
         self.language: str | None = "en"
+        self.deadlines: list[float] = []
 
     async def transcribe(
-        self, model: str, language: str | None, audio: bytes, format: str
+        self, model: str, language: str | None, audio: bytes, format: str, deadline: float
     ) -> Transcribed:
         self.calls.append(("transcribe", model, language, audio, format))
+        self.deadlines.append(deadline)
         if self.error is not None:
             raise self.error
         return Transcribed(self.text, model, self.language or language, 2.5)
 
     async def synthesize(
-        self, model: str, language: str | None, voice: str | None, text: str
+        self, model: str, language: str | None, voice: str | None, text: str, deadline: float
     ) -> bytes:
         self.calls.append(("synthesize", model, language, voice, text))
+        self.deadlines.append(deadline)
         if self.error is not None:
             raise self.error
         return SPOKEN
@@ -197,7 +201,9 @@ class SttTests(APITestCase):
         response, body = self.stt({})
         self.assertEqual(response.code, 200)
         self.assertEqual(self.header(response, "content-type"), "text/plain; charset=utf-8")
-        self.assertEqual(body, b"hello world")
+        # A line, as the original printed it: a shell prompt after curl
+        # starts on a line of its own.
+        self.assertEqual(body, b"hello world\n")
         self.assertEqual(self.exchange.calls, [("transcribe", "whisper:tiny.en", "en", WAV, "wav")])
 
     def test_urlencoded(self) -> None:
@@ -205,7 +211,7 @@ class SttTests(APITestCase):
         response, body = self.post(
             "/stt", data={"key": KEY, "file": short, "quality": "better", "language": "fr"}
         )
-        self.assertEqual((response.code, body), (200, b"hello world"))
+        self.assertEqual((response.code, body), (200, b"hello world\n"))
         self.assertEqual(self.exchange.calls, [("transcribe", "whisper:small", "fr", short, "wav")])
 
     def test_qualityAndLanguageToModel(self) -> None:
@@ -429,6 +435,27 @@ class TtsTests(APITestCase):
         response, body = self.post("/tts", data={"key": KEY, "text": "Hi."})
         self.assertPlainError(response, body, 504, "too slow")
 
+    def test_deadlineGrowsWithAudio(self) -> None:
+        """
+        A job may take --deadline plus --deadline-per-second for each second
+        of its audio (the upload's, or the most its text may take to say);
+        a timeout says how its deadline was made.
+        """
+        tenthSecond = pcmToWav(bytes(3200), 16000)
+        response, _ = self.postMultipart("/stt", {"key": KEY}, {"file": ("a.wav", tenthSecond)})
+        self.assertEqual(response.code, 200)
+        self.assertEqual(self.exchange.deadlines, [60.1])
+        response, _ = self.post("/tts", data={"key": KEY, "text": "Hi."})
+        self.assertEqual(response.code, 200)
+        self.assertEqual(self.exchange.deadlines[-1], 60.0 + spokenSeconds("Hi."))
+        self.exchange.error = TimedOut("no answer within 60.1 s")
+        response, body = self.postMultipart("/stt", {"key": KEY}, {"file": ("a.wav", tenthSecond)})
+        self.assertPlainError(
+            response, body, 504,
+            "no answer within 60.1 s: the deadline for 0.1 s of audio is 60 s"
+            " + 1 s per second of audio",
+        )
+
     def test_oversize(self) -> None:
         """
         A form without a file is capped far below --max-upload.
@@ -455,7 +482,7 @@ class TranscriptionTests(APITestCase):
     def test_text(self) -> None:
         response, body = self.transcribe({"model": "whisper-1", "response_format": "text"})
         self.assertEqual(self.header(response, "content-type"), "text/plain; charset=utf-8")
-        self.assertEqual(body, b"hello world")
+        self.assertEqual(body, b"hello world\n")
 
     def test_verboseJson(self) -> None:
         self.exchange.language = None
@@ -926,8 +953,8 @@ class SiteTests(SynchronousTestCase):
             + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body,
         )
         self.assertTrue(written.startswith(b"HTTP/1.1 200 "), written)
-        self.assertIn(b"Content-Length: 11\r\n", written)
-        self.assertTrue(written.endswith(b"\r\n\r\nhello world"), written)
+        self.assertIn(b"Content-Length: 12\r\n", written)
+        self.assertTrue(written.endswith(b"\r\n\r\nhello world\n"), written)
         self.assertEqual(self.seen[0].args, {})  # twisted.web did not parse it too
 
     def test_garbageMultipart(self) -> None:

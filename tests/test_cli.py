@@ -683,6 +683,21 @@ class ArgumentTests(SynchronousTestCase):
             ("http://h:1", "Hi", "x.wav", "voice2"),
         )
 
+    def test_optionsBeforeTheCommand(self) -> None:
+        """
+        --api, --key and --timeout may come before the command; after it
+        they win.
+        """
+        args = parseArguments(
+            ["--api", "http://h:1/", "--key", "k", "--timeout", "5", "status"],
+            {"PRIVOX_API": "http://ignored"},
+        )
+        self.assertEqual((args.api, args.key, args.timeout), ("http://h:1", "k", 5.0))
+        args = parseArguments(["--api", "http://h:1", "stt", "a.wav", "--api", "http://g:2"], {})
+        self.assertEqual(args.api, "http://g:2")
+        error = self.usageError(["--api", "localhost:8080", "status"])
+        self.assertIn("--api must be an http:// or https:// URL", error)
+
     def test_noKeyIsAnonymous(self) -> None:
         """
         Without a key (or with a blank one) requests go without one: the API

@@ -411,10 +411,10 @@ class JobTests(SynchronousTestCase):
     def test_producerGetsEffectiveTimeout(self) -> None:
         """
         The producer learns the job's real deadline: the consumer's wish
-        capped by max_job_timeout, or the cap when it asked for none.
+        capped by max_job_timeout, or job_timeout when it asked for none.
         """
-        for asked, effective in ((1000, 60), (7, 7), (None, 60)):
-            h = FarmHarness(max_job_timeout=60)
+        for asked, effective in ((1000, 60), (7, 7), (None, 30)):
+            h = FarmHarness(max_job_timeout=60, job_timeout=30)
             producer = h.producer()
             consumer = h.consumer()
             job = dict(STT_JOB) if asked is None else dict(STT_JOB, timeout_s=asked)

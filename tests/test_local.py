@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import io
 import json
+import socket
+import sys
 import wave
 
 from treq.client import HTTPClient
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.utils import getProcessOutputAndValue
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from privox.local import LocalExchange, LocalSettings, Options, apiSettings, banner
+from tests.test_e2e import ENV, REPO, TWISTD
 from tests.test_roundtrip import speak
 from tests.wer import wer
 
@@ -137,3 +141,76 @@ class LocalExchangeTests(TestCase):
 
     def test_curlExamples(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._curlExamples())
+
+
+class StartFailureTests(TestCase):
+    """
+    A daemon whose port is taken, or whose model cannot be had, says so in
+    one line and exits 1 (a taken port before it loads a model or dials a
+    farm).
+    """
+
+    timeout = 120
+
+    async def _fails(self, argv: list[str], *expected: str) -> str:
+        out, err, code = await getProcessOutputAndValue(
+            sys.executable,
+            ["-c", TWISTD, "-n", "--pidfile=", "--logfile=-", *argv],
+            # Never a download, even where the Hub can be reached.
+            env=dict(ENV, HF_HUB_OFFLINE="1"), path=REPO, reactor=reactor,
+        )
+        log = (out + err).decode()
+        self.assertEqual(code, 1, log)
+        self.assertNotIn("Traceback", log)
+        [line] = [line for line in log.splitlines() if "#critical]" in line]
+        for text in expected:
+            self.assertIn(text, line)
+        return line
+
+    async def _refused(self, *argv: str) -> str:
+        taken = socket.socket()
+        self.addCleanup(taken.close)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        args = [a.replace("PORT", str(port)) for a in argv]
+        return await self._fails(
+            args, f"cannot listen on tcp:{port}:interface=127.0.0.1: Address already in use"
+        )
+
+    async def test_local(self) -> None:
+        line = await self._refused("privox-local", "--port", "PORT")
+        self.assertIn("choose another with --port (make run PORT=8090)", line)
+
+    async def test_farm(self) -> None:
+        line = await self._refused(
+            "privox-farm", "--stt-listen", "tcp:PORT:interface=127.0.0.1", "--tts-listen", "none"
+        )
+        self.assertIn("choose another with --stt-listen", line)
+
+    async def test_api(self) -> None:
+        line = await self._refused(
+            "privox-api", "--listen", "tcp:PORT:interface=127.0.0.1",
+            "--farm", "f tcp:host=127.0.0.1:port=9 tcp:host=127.0.0.1:port=9",
+        )
+        self.assertIn("choose another with --listen", line)
+
+    async def test_modelNotHere(self) -> None:
+        for argv in (
+            ["privox-node", "--stt", "whisper:base", "--stt-farm", "tcp:host=127.0.0.1:port=9"],
+            ["privox-local", "--port", "0", "--stt", "whisper:base"],
+        ):
+            line = await self._fails(
+                argv,
+                "whisper:base: cannot load Whisper model 'base': it is not on this machine",
+                "Give a local CTranslate2 directory as whisper:base=PATH",
+            )
+            self.assertNotIn("snapshot", line)
+
+    async def test_makeRunPassesThePort(self) -> None:
+        out, err, code = await getProcessOutputAndValue(
+            "make", ["-n", "run", "PORT=8090", "RUN_ARGS=--deadline 600"],
+            env=ENV, path=REPO, reactor=reactor,
+        )
+        self.assertEqual(code, 0, err)
+        self.assertIn(b"privox-local --port 8090 --deadline 600", out)

@@ -23,6 +23,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from privox.api.farms import FarmEntry
 from privox.api.farmstatus import RemoteStatus, cleanStatus
 from privox.cli import statusTable
+from privox.daemon import ListenService
 from privox.config import resolve
 from privox.farm.connection import FarmFactory
 from privox.farm.settings import FarmSettings
@@ -372,7 +373,7 @@ class FarmEndpointTests(TestCase):
         top.startService()
         self.addCleanup(top.stopService)
         metrics = services[-1]
-        port = await metrics._waitingForPort
+        port = await metrics.listening
         base = f"http://127.0.0.1:{port.getHost().port}"
 
         response = await treq.get(base + "/metrics")
@@ -462,7 +463,7 @@ class FarmEndpointTests(TestCase):
         options.parseOptions(["--stt-listen", "tcp:0:interface=127.0.0.1", "--tts-listen", "none"])
         self.assertEqual(options.settings.metrics_listen, "none")
         # One port, the STT one; no metrics site.
-        ports = [s for s in makeFarmService(options, reactor) if hasattr(s, "factory")]
+        ports = [s for s in makeFarmService(options, reactor) if isinstance(s, ListenService)]
         self.assertEqual([type(p.factory) for p in ports], [FarmFactory])
 
 

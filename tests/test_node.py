@@ -23,7 +23,7 @@ from privox.engines.base import ModelNotFound, STTJob, Transcript
 from privox.engines.registry import ModelSpec, createEngine
 from privox.framing import FrameDecoder, encodeFrame
 from privox.messages import controlFrame
-from privox.node.echo import digestOf, toneFor
+from privox.engines.digest import digestOf, toneFor
 from privox.node.service import NodeService, NodeSettings, Options
 from tests.loopbackfarm import LoopbackFarm
 
@@ -193,7 +193,8 @@ class NodeServiceTests(TestCase):
         error = await node.ready.addErrback(lambda f: f.value)
         self.assertIsInstance(error, ModelNotFound)
         self.assertIn("nonexistent", str(error))
-        self.assertEqual(len(self.flushLoggedErrors(ModelNotFound)), 1)
+        # Said by whoever runs the node (twistd's: StartFailureTests).
+        self.assertEqual(self.flushLoggedErrors(ModelNotFound), [])
 
     def test_missingModelFailsStart(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._badModel())
@@ -333,7 +334,7 @@ class ProducerWireTests(SynchronousTestCase):
     def test_uploadInAnyPieces(self) -> None:
         from twisted.internet.testing import StringTransport
 
-        from privox.node.echo import DigestEngine
+        from privox.node.echo import DigestHandler
         from privox.node.worker import ProducerProtocol
 
         audio = bytes(range(256)) * 40
@@ -341,7 +342,7 @@ class ProducerWireTests(SynchronousTestCase):
                 + encodeFrame(b"DATA", audio[:7000]) + encodeFrame(b"DATA", b"")
                 + encodeFrame(b"DATA", audio[7000:]))
         for step in (len(wire), 4096, 1):
-            producer = ProducerProtocol("stt", "pk", DigestEngine())
+            producer = ProducerProtocol("stt", "pk", DigestHandler())
             transport = StringTransport()
             producer.makeConnection(transport)
             producer.dataReceived(b"who")
@@ -362,9 +363,9 @@ class ProducerWireTests(SynchronousTestCase):
         """
         import hashlib
 
-        from privox.node.echo import DigestEngine
+        from privox.node.echo import DigestHandler
 
-        run = DigestEngine(newHash=hashlib.md5).start({"id": "j1", "model": "m", "size": 6})
+        run = DigestHandler(newHash=hashlib.md5).start({"id": "j1", "model": "m", "size": 6})
         run.feed(b"abc")
         run.feed(b"def")
         answer = self.successResultOf(run.finish())

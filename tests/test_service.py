@@ -14,6 +14,7 @@ from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from privox.consumer import connectConsumer
+from privox.daemon import ListenService
 from privox.farm.farm import Farm
 from privox.farm.settings import FarmSettings
 from privox.keys import OpenPolicy
@@ -37,7 +38,7 @@ class ServiceTests(TestCase):
             resource.setrlimit, resource.RLIMIT_NOFILE, resource.getrlimit(resource.RLIMIT_NOFILE)
         )
         top.startService()
-        ports = [s._waitingForPort.result for s in top if hasattr(s, "_waitingForPort")]
+        ports = [s.port for s in top if isinstance(s, ListenService)]
         self.assertEqual(len(ports), 1)
         endpoint = f"tcp:host=127.0.0.1:port={ports[0].getHost().port}"
         with self.assertRaises(Denied) as caught:

@@ -143,8 +143,12 @@ async def _show(store: AccountStore, args: argparse.Namespace, out: TextIO) -> N
     if args.json:
         out.write(json.dumps(details, indent=2) + "\n")
         return
+    if account.hourlySeconds is None:
+        details["hourly_seconds"] = f"{base:g} (the API's default)"
     for name, value in details.items():
-        out.write(f"{name.replace('_', ' ')}: {'' if value is None else value}\n")
+        # Nothing said of what a key has not got (no label, not revoked).
+        if value not in (None, ""):
+            out.write(f"{name.replace('_', ' ')}: {value}\n")
 
 
 def _describe(a: Account) -> dict[str, Any]:

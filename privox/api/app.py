@@ -31,7 +31,7 @@ import functools
 import html
 import json
 from importlib import resources
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, TypeVar
 
 from klein import Klein
 from twisted.internet.defer import CancelledError, DeferredSemaphore, maybeDeferred
@@ -43,7 +43,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from privox.api import forms
 from privox.api.access import Access, Caller, Grant
-from privox.api.errors import ApiError, BadInput, errorBody
+from privox.api.errors import ApiError, BadInput, TimedOut, errorBody
 from privox.api.exchange import Exchange, Transcribed
 from privox.api.ledger import readLedger
 from privox.api.measure import spokenSeconds
@@ -65,6 +65,7 @@ HOLD_MARGIN = 5.0
 
 #: Runs C{f(*args)} in a thread and fires with its result.
 Runner = Callable[..., Any]
+T = TypeVar("T")
 
 #: How many requests' blocking work (parsing, measuring) may run at once;
 #: the rest wait their turn.
@@ -110,6 +111,7 @@ class PrivoxAPI:
         blurUsage: bool = False,
         deadline: float = 60.0,
         runInThread: Runner | None = None,
+        deadlinePerSecond: float = 1.0,
     ) -> None:
         """
         @param registry: where the request series go and what C{/metrics}
@@ -119,9 +121,10 @@ class PrivoxAPI:
             that farm's load (L{privox.farm.observe.farmStatus}), for C{/status};
             by default the exchange's own C{farmStatus}, if it has one.
         @param blurUsage: round sizes and times in the request log lines.
-        @param deadline: seconds a request may take (the exchange's); a
-            request's hold on its key's allowance expires L{HOLD_MARGIN}
-            seconds after it.
+        @param deadline: seconds a request may take, plus
+            C{deadlinePerSecond} for each second of its audio (the upload's,
+            or the most its text may take to say); its hold on its key's
+            allowance expires L{HOLD_MARGIN} seconds after that.
         @param runInThread: runs blocking work (parsing large bodies,
             measuring audio) off the reactor thread; default: the reactor's
             thread pool, at most L{BLOCKING_AT_ONCE} at a time (so that the
@@ -145,7 +148,8 @@ class PrivoxAPI:
         self.metrics = ApiMetrics(self.registry)
         self.farmStatus = farmStatus or getattr(exchange, "farmStatus", None)
         self.blurUsage = blurUsage
-        self.holdFor = deadline + HOLD_MARGIN
+        self.deadline = deadline
+        self.deadlinePerSecond = deadlinePerSecond
         self.runInThread = runInThread
 
     def site(self) -> ApiSite:
@@ -179,7 +183,7 @@ class PrivoxAPI:
                     "duration_s": round(result.duration_s or 0.0, 3),
                 },
             )
-        return _reply(request, _PLAIN, result.text.encode("utf-8"))
+        return _reply(request, _PLAIN, _line(result.text))
 
     @app.route("/tts", methods=["POST"])
     async def tts(self, request: IRequest) -> bytes:
@@ -209,7 +213,7 @@ class PrivoxAPI:
         done.model = self.models.openaiSttModel(form.model, form.language)
         result = await self._transcribe(form.caller, done.model, form.language, form.audio)
         if form.responseFormat == "text":
-            return _reply(request, _PLAIN, result.text.encode("utf-8"))
+            return _reply(request, _PLAIN, _line(result.text))
         if form.responseFormat == "verbose_json":
             return _json(
                 request,
@@ -268,10 +272,15 @@ class PrivoxAPI:
                 seconds = await self.runInThread(uploadSeconds, audio.data, audio.format)
             except BadFile as e:
                 raise BadInput(str(e)) from None
-        grant = await self.access.admit(caller, seconds, self.holdFor)
+        deadline = self._deadline(seconds)
+        grant = await self.access.admit(caller, seconds, deadline + HOLD_MARGIN)
         result: Transcribed = await _charged(
             grant,
-            self.exchange.transcribe(model, language, audio.data, audio.format),
+            self._within(
+                self.exchange.transcribe(model, language, audio.data, audio.format, deadline),
+                seconds,
+                "of audio",
+            ),
         )
         await grant.settle(seconds)
         return dataclasses.replace(result, duration_s=seconds)
@@ -283,9 +292,15 @@ class PrivoxAPI:
         # charged the audio's length, never more than that (a longer answer,
         # from a rogue producer or an estimate that fell short, is cut).
         need = spokenSeconds(text)
-        grant = await self.access.admit(caller, need, self.holdFor)
+        deadline = self._deadline(need)
+        grant = await self.access.admit(caller, need, deadline + HOLD_MARGIN)
         audio: bytes = await _charged(
-            grant, self.exchange.synthesize(model, language, voice, text)
+            grant,
+            self._within(
+                self.exchange.synthesize(model, language, voice, text, deadline),
+                need,
+                "of speech at most",
+            ),
         )
         try:
             audio, seconds = await self.runInThread(cutWav, audio, need)
@@ -294,6 +309,24 @@ class PrivoxAPI:
             raise ApiError("the producer's answer is not a WAV file") from None
         await grant.settle(seconds)
         return audio
+
+    def _deadline(self, seconds: float) -> float:
+        """
+        The seconds a job with C{seconds} of audio may take.
+        """
+        return round(self.deadline + self.deadlinePerSecond * seconds, 3)
+
+    async def _within(self, work: Awaitable[T], seconds: float, what: str) -> T:
+        """
+        C{work}'s result; a timeout says how its deadline was made.
+        """
+        try:
+            return await work
+        except TimedOut as e:
+            raise TimedOut(
+                f"{e.message}: the deadline for {seconds:.1f} s {what} is {self.deadline:g} s"
+                f" + {self.deadlinePerSecond:g} s per second of audio"
+            ) from None
 
     # -- accounts and the ledger ------------------------------------------
 
@@ -487,6 +520,14 @@ def _reply(request: IRequest, contentType: bytes, body: bytes) -> bytes:
     request.setHeader(b"Content-Type", contentType)
     request.setHeader(b"Content-Length", b"%d" % len(body))
     return body
+
+
+def _line(text: str) -> bytes:
+    """
+    A plain-text answer as a line, as the original printed it (a shell
+    prompt after curl then starts on a line of its own).
+    """
+    return text.encode("utf-8") + b"\n"
 
 
 def _json(request: IRequest, value: Any) -> bytes:

@@ -20,15 +20,17 @@ class Transcribed:
 
 class Exchange(Protocol):
     async def transcribe(
-        self, model: str, language: str | None, audio: bytes, format: str
+        self, model: str, language: str | None, audio: bytes, format: str, deadline: float
     ) -> Transcribed:
         """
         @param format: C{wav}, C{pcm_s16le}, C{zip} or C{auto} (PVX/2's).
-        @raise privox.api.errors.ApiError: the job could not be done.
+        @param deadline: seconds the job may take, every attempt included.
+        @raise privox.api.errors.ApiError: the job could not be done
+            (L{privox.api.errors.TimedOut} past C{deadline}).
         """
 
     async def synthesize(
-        self, model: str, language: str | None, voice: str | None, text: str
+        self, model: str, language: str | None, voice: str | None, text: str, deadline: float
     ) -> bytes:
         """
         @return: a WAV file.

@@ -560,13 +560,19 @@ class FarmExchange:
     # Exchange
 
     async def transcribe(
-        self, model: str, language: str | None, audio: bytes, format: str
+        self,
+        model: str,
+        language: str | None,
+        audio: bytes,
+        format: str,
+        deadline: float | None = None,
     ) -> Transcribed:
         result = await self._request(
             "stt",
             lambda conn, timeout: conn.stt(
                 model, audio, language=language, format=format, timeout_s=timeout
             ),
+            deadline,
         )
         fields = result.fields
         text = fields.get("text")
@@ -585,13 +591,19 @@ class FarmExchange:
         )
 
     async def synthesize(
-        self, model: str, language: str | None, voice: str | None, text: str
+        self,
+        model: str,
+        language: str | None,
+        voice: str | None,
+        text: str,
+        deadline: float | None = None,
     ) -> bytes:
         result = await self._request(
             "tts",
             lambda conn, timeout: conn.tts(
                 model, text, voice=voice, language=language, timeout_s=timeout
             ),
+            deadline,
         )
         if not result.data:
             raise ApiError("the farm's answer carried no audio")
@@ -636,10 +648,13 @@ class FarmExchange:
         self,
         service: str,
         send: Callable[[ConsumerProtocol, float], Deferred[JobResult]],
+        deadline: float | None = None,
     ) -> JobResult:
         if self.stopped:
             raise Unavailable("the API is shutting down")
-        deadlineAt = self.clock.seconds() + self.deadline
+        if deadline is None:
+            deadline = self.deadline
+        deadlineAt = self.clock.seconds() + deadline
         serving = [s for s in self.farms if service in s.pools]
         if not serving:
             raise Unavailable(f"no farm is configured for {service}")
@@ -669,9 +684,7 @@ class FarmExchange:
                 except _Unreachable:
                     unreachable += 1
         except _Expired:
-            raise TimedOut(
-                f"no answer within {self.deadline:g} s"
-            ) from None
+            raise TimedOut(f"no answer within {deadline:g} s") from None
         return self._finalError(service, serving, tried, fails, unreachable)
 
     def _next(

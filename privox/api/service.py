@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.application import strports
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.protocols.policies import WrappingFactory
@@ -27,6 +26,7 @@ from privox.api.farms import FarmEntry, FarmExchange
 from privox.api.farmstatus import RemoteStatus
 from privox.api.models import DEFAULT_STT, DEFAULT_VOICES, ModelTable
 from privox.config import optionsFor, setting
+from privox.daemon import ListenService
 from privox.fdlimit import OpenFileLimitService
 from privox.memory import TunedMallocService
 from privox.keys import KeyPolicyError, policyFromSpec
@@ -70,7 +70,16 @@ class ApiSettings:
         "or an http(s) validation URL.",
     )
     max_upload: int = setting(DEFAULT_MAX_UPLOAD, "Largest request body in bytes (413 beyond).")
-    deadline: float = setting(60.0, "Seconds a request may take, every farm attempt included.")
+    deadline: float = setting(
+        60.0,
+        "Seconds a request may take, every farm attempt included, plus"
+        " --deadline-per-second for each second of its audio.",
+    )
+    deadline_per_second: float = setting(
+        1.0,
+        "Seconds added to --deadline per second of audio: the upload's (STT), or"
+        " the most the text may take to say (TTS).",
+    )
     attempts: int = setting(3, "Most distinct (non-fallback) farms tried per request.")
     pool_size: int = setting(4, "Most open connections per farm and service.")
     stt_model: tuple[str, ...] = setting(
@@ -197,11 +206,11 @@ def buildApi(
         farmStatus=farmStatus,
         blurUsage=settings.blur_usage,
         deadline=settings.deadline,
+        deadlinePerSecond=settings.deadline_per_second,
     )
     log.info(
-        "API: {access}; {farms} farm(s); uploads up to {max} bytes",
+        "API: {access}; uploads up to {max} bytes",
         access=access.description,
-        farms=len(settings.farm),
         max=settings.max_upload,
     )
     return api, api.site()
@@ -238,6 +247,8 @@ class Options(_BaseOptions):  # type: ignore[misc,valid-type]
             raise usage.UsageError("--max-upload must be positive")
         if s.deadline <= 0:
             raise usage.UsageError("--deadline must be positive")
+        if s.deadline_per_second < 0:
+            raise usage.UsageError("--deadline-per-second must not be negative")
         if s.anonymous not in ("on", "off"):
             raise usage.UsageError("--anonymous must be on or off")
         if s.accounts != "none" and s.keys != "open":
@@ -258,6 +269,8 @@ class TrackedFactory(WrappingFactory):
     wait: a stopped listening port leaves accepted connections open.
     """
 
+    noisy = False
+
     def __init__(self, wrappedFactory: Any) -> None:
         super().__init__(wrappedFactory)
         self._emptied: list[Deferred[None]] = []
@@ -268,6 +281,15 @@ class TrackedFactory(WrappingFactory):
             waiting, self._emptied = self._emptied, []
             for d in waiting:
                 d.callback(None)
+
+    def serve(self, factory: Any) -> None:
+        """
+        Hand new connections to C{factory} from now on; the port stays.
+        """
+        old, self.wrappedFactory = self.wrappedFactory, factory
+        if self.numPorts:
+            factory.doStart()
+            old.doStop()
 
     def closeAll(self) -> Deferred[None]:
         if not self.protocols:
@@ -327,6 +349,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     AccountsService(api.access, reactor, http).setServiceParent(top)
     # Added first, stopped last: the port closes before the connections.
     ExchangeService(exchange, http).setServiceParent(top)
-    log.info("API listening on {endpoint}", endpoint=s.listen)
-    strports.service(s.listen, http, reactor=reactor).setServiceParent(top)
+    log.info("API listening on {endpoint}, using {farms} farm(s)",
+             endpoint=s.listen, farms=len(options.farms))
+    ListenService(s.listen, http, reactor, "--listen").setServiceParent(top)
     return top

@@ -471,6 +471,8 @@ class FarmFactory(Factory):
     Builds connections for one service (one listening port) of a farm.
     """
 
+    noisy = False
+
     def __init__(self, farm: Farm, service: str) -> None:
         self.farm = farm
         self.service = service

@@ -183,7 +183,7 @@ class Farm:
                 f"job of {request.size} bytes exceeds max_job_bytes {s.max_job_bytes}",
                 ErrorCode.TOO_LARGE,
             )
-        timeout = min(request.timeout_s or s.max_job_timeout, s.max_job_timeout)
+        timeout = min(request.timeout_s or s.job_timeout, s.max_job_timeout)
         dispatcher = self.dispatchers[request.service]
         if not dispatcher.canServe(request.model, request.language):
             # Not "unsupported": producers come and go (a farm that just

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.application import strports
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
@@ -22,6 +21,7 @@ from privox.farm.observe import farmStatus, instrumentFarm
 from privox.farm.pvx1 import Aliases
 from privox.farm.settings import FarmSettings
 from privox.farm.splice import splicerFor
+from privox.daemon import ListenService
 from privox.fdlimit import OpenFileLimitService
 from privox.keys import KeyPolicyError, policyFromSpec
 from privox.metrics import CollectorRegistry, metricsSite
@@ -40,7 +40,9 @@ class Options(_BaseOptions):  # type: ignore[misc,valid-type]
         s = self.settings
         if s.stt_listen == "none" and s.tts_listen == "none":
             raise usage.UsageError("both --stt-listen and --tts-listen are 'none'")
-        for name in ("queue_timeout", "ping_interval", "handshake_timeout", "max_job_timeout"):
+        for name in (
+            "queue_timeout", "ping_interval", "handshake_timeout", "job_timeout", "max_job_timeout"
+        ):
             if getattr(s, name) <= 0:
                 raise usage.UsageError(f"--{name.replace('_', '-')} must be positive")
         if s.max_frame < 1 or s.max_job_bytes < 1:
@@ -170,7 +172,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
             service=service,
             endpoint=endpoint,
         )
-        strports.service(endpoint, FarmFactory(farm, service), reactor=reactor).setServiceParent(top)
+        ListenService(endpoint, FarmFactory(farm, service), reactor, f"--{service}-listen").setServiceParent(top)
     if settings.metrics_listen != "none":
         metricsService(farm, settings.metrics_listen, reactor).setServiceParent(top)
     return top
@@ -184,6 +186,6 @@ def metricsService(farm: Farm, endpoint: str, reactor: Any) -> IService:
     registry = CollectorRegistry()
     instrumentFarm(farm, registry)
     log.info("farm metrics and status on {endpoint}", endpoint=endpoint)
-    return strports.service(
-        endpoint, metricsSite(registry, lambda: farmStatus(farm)), reactor=reactor
+    return ListenService(
+        endpoint, metricsSite(registry, lambda: farmStatus(farm)), reactor, "--metrics-listen"
     )

@@ -42,8 +42,14 @@ class FarmSettings:
     handshake_timeout: float = setting(
         10.0, "Seconds a new peer has to complete HELO."
     )
+    job_timeout: float = setting(
+        60.0,
+        "Timeout of a job whose consumer names none (PVX/1 peers), counted from JOB_.",
+    )
     max_job_timeout: float = setting(
-        60.0, "Upper bound (and default) of a job's timeout, counted from JOB_."
+        7200.0,
+        "Upper bound of the timeout a consumer may name, counted from JOB_ (the API"
+        " names one that grows with the audio's length).",
     )
     cancel_grace: float = setting(
         10.0, "Seconds a producer has to end a cancelled job before it is dropped."
@@ -55,7 +61,8 @@ class FarmSettings:
         1024 * 1024, "Largest frame payload in bytes (announced in OKAY)."
     )
     max_job_bytes: int = setting(
-        50 * 1024 * 1024, "Largest upload or result of one job in bytes."
+        200 * 1024 * 1024,
+        "Largest upload or result of one job in bytes (the API's --max-upload).",
     )
     early_upload: int = setting(
         64 * 1024,

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.application.internet import ClientService, backoffPolicy
-from twisted.application import strports
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IStreamClientEndpoint
@@ -21,6 +20,8 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from privox.config import optionsFor, setting
+from privox.daemon import ListenService, stopWithStatus
+from privox.engines.base import ModelNotFound
 from privox.engines.registry import ModelSpec, SpecError, createEngine
 from privox.metrics import CollectorRegistry, NodeMetrics, metricsSite
 from privox.node.pool import EnginePool
@@ -161,9 +162,11 @@ class Slot:
         self._endpoint = FailoverEndpoint(farms, reactor, ca)
         self.protocol: ProducerProtocol | None = None
         self._failback: Any = None
+        factory = Factory.forProtocol(self._newProtocol)
+        factory.noisy = False
         self.client = ClientService(
             self._endpoint,
-            Factory.forProtocol(self._newProtocol),
+            factory,
             retryPolicy=backoffPolicy(initialDelay=0.5, maxDelay=settings.retry_max),
             clock=reactor,
             prepareConnection=self._connected,
@@ -277,10 +280,17 @@ class NodeService(Service):
         self.ready.callback(None)
 
     def _startFailed(self, failure: Any) -> None:
-        log.failure("the node could not start", failure)
+        if not self._stopOnFailure:
+            # Whoever runs this node says it.
+            self.ready.errback(failure)
+            return
+        if failure.check(ModelNotFound):
+            # A configuration error, said in one line.
+            log.critical("the node cannot start: {reason}", reason=str(failure.value))
+        else:
+            log.failure("the node could not start", failure)
         self.ready.errback(failure)
-        if self._stopOnFailure:
-            self._reactor.stop()
+        stopWithStatus(self._reactor, 1)
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
@@ -310,7 +320,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     top = MultiService()
     NodeService(settings, engines, reactor, registry=registry).setServiceParent(top)
     log.info("node metrics on {endpoint}", endpoint=settings.metrics_listen)
-    strports.service(
-        settings.metrics_listen, metricsSite(registry), reactor=reactor
+    ListenService(
+        settings.metrics_listen, metricsSite(registry), reactor, "--metrics-listen"
     ).setServiceParent(top)
     return top

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 from typing import Any
 
 from twisted.internet import reactor
@@ -343,6 +344,34 @@ class StoreTests:
 
         return ensureDeferred(go())
 
+    def test_keysFromTheApiConfig(self) -> Any:
+        """
+        C{privox keys --config /etc/privox/api.toml} works on the store the
+        API uses, with its hourly seconds; a relative SQLite path there is
+        refused (relative to the API's working directory, unknown here).
+        """
+        async def go() -> None:
+            dsn = await self.dsn()
+            config = self.mktemp()
+            with open(config, "w") as f:
+                f.write(f'accounts = "{dsn}"\nhourly-seconds = 77.0\nlisten = "tcp:8080"\n')
+            parser = buildParser({})
+
+            async def keys(*argv: str) -> str:
+                out = io.StringIO()
+                await runKeys(reactor, parser.parse_args(["keys", *argv, "--config", config]), out)
+                return out.getvalue()
+
+            kid = accountId((await keys("create")).splitlines()[-1])[:12]
+            self.assertIn("hourly seconds: 77 (the API's default)", await keys("show", kid))
+            self.assertIn(kid, await keys("list"))
+            with open(config, "w") as f:
+                f.write('accounts = "sqlite:privox-accounts.sqlite3"\n')
+            e = await self.assertFails(keys("list"), StoreError)
+            self.assertIn("relative to the API's working directory", str(e))
+
+        return ensureDeferred(go())
+
     async def assertFails(self, work: Any, kind: type[BaseException]) -> Any:
         try:
             await work
@@ -353,7 +382,7 @@ class StoreTests:
 
 class SQLiteStoreTests(StoreTests, TestCase):
     async def dsn(self) -> str:
-        return "sqlite:" + self.mktemp()
+        return "sqlite:" + os.path.abspath(self.mktemp())
 
 
 class PostgreSQLStoreTests(StoreTests, TestCase):

@@ -8,6 +8,7 @@ C{twistd privox-api}'s options and service tree.
 from __future__ import annotations
 
 import dataclasses
+import html
 import io
 import json
 import runpy
@@ -19,7 +20,7 @@ from treq.testing import StubTreq
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock
-from twisted.internet.testing import MemoryReactor, StringTransport
+from twisted.internet.testing import MemoryReactor, MemoryReactorClock, StringTransport
 from twisted.python import usage
 from twisted.python.filepath import FilePath
 from twisted.internet.error import ConnectionDone
@@ -717,6 +718,30 @@ class OtherRouteTests(APITestCase):
         self.assertIn("Privox", page)
         self.assertIn("curl -s http://privox.test/stt -F key=KEY", page)
         self.assertIn("/v1/audio/transcriptions", page)
+        # Pickers from the API's own tables; a way to /status.
+        self.assertIn("<select id=\"voice\" name=\"voice\"><option selected>voice1</option>", page)
+        self.assertIn("<option selected>en</option>", page)
+        self.assertIn('<a href="/status">', page)
+        # Every example line fits the page (none runs off its right edge).
+        for block in page.split("<pre>")[1:]:
+            for line in block.split("</pre>")[0].splitlines():
+                self.assertLessEqual(len(html.unescape(line)), 90, line)
+
+    def test_frontPageSaysWhatKeyIsNeeded(self) -> None:
+        """
+        Where requests need no key (anonymous use), the examples pass none;
+        where any key works, they pass demo.
+        """
+        for keyExample, stt, note in (
+            (None, "curl -s http://privox.test/stt -F quality=fast", "No key is needed here"),
+            ("demo", "curl -s http://privox.test/stt -F key=demo", "Any key works here"),
+        ):
+            self.api.access.keyExample = keyExample
+            page = self.request("GET", "/")[1].decode("utf-8")
+            self.assertIn(stt, page)
+            self.assertIn(note, page)
+            if keyExample is None:
+                self.assertNotIn("Bearer", page)
 
     def test_frontPageEscapesHost(self) -> None:
         response, body = self.request("GET", "/", headers={"Host": "<script>x</script>"})
@@ -1080,7 +1105,7 @@ class BuildTests(SynchronousTestCase):
         self.assertIn("cannot read key allow-list file", str(e))
 
     def test_makeService(self) -> None:
-        reactor = MemoryReactor()
+        reactor = MemoryReactorClock()
         options = Options()
         options.parseOptions(["--farm", OptionsTests.FARM, "--listen", "tcp:8123"])
         top = makeService(options, reactor)

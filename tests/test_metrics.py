@@ -16,12 +16,16 @@ from twisted.internet import reactor
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.task import Clock
+from twisted.logger import Logger
 from twisted.python import usage as twusage
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from privox.api import service as apiService
 from privox.api.farms import FarmEntry
 from privox.api.farmstatus import RemoteStatus, cleanStatus
+from privox.api.service import UNSERVED_CHECK_AFTER, UnservedModels
 from privox.cli import statusTable
 from privox.daemon import ListenService
 from privox.config import resolve
@@ -35,7 +39,7 @@ from privox.farm.observe import farmStatus, instrumentFarm
 from privox.logs import blurBytes, blurMs, logFigures
 from privox.metrics import OTHER, CollectorRegistry, metricsSite, render
 from tests.farmharness import FarmHarness
-from tests.test_api_app import KEY, WAV, APITestCase
+from tests.test_api_app import KEY, MODELS, WAV, APITestCase
 
 def client() -> HTTPClient:
     """
@@ -552,9 +556,45 @@ class ApiMetricsTests(APITestCase):
         )
         self.assertNotIn(b"secret", body)
 
+        # The models the API's tables name that no producer serves.
+        self.assertEqual(
+            json.loads(body)["unserved"],
+            {"stt": sorted(MODELS.byService()["stt"] - {"whisper:tiny.en"}),
+             "tts": sorted(MODELS.byService()["tts"])},
+        )
+
         response, page = self.request("GET", "/status", headers={"Accept": "text/html"})
         self.assertEqual(self.header(response, "content-type"), "text/html; charset=utf-8")
         self.assertIn(b"<td>whisper:tiny.en</td><td>1</td><td>1</td><td>0</td>", page)
+        self.assertIn(b"<a href='/'>", page)
+        self.assertIn(b"No producer serves these models", page)
+
+    def test_unservedSaidAfterStart(self) -> None:
+        """
+        A while after it starts, the API logs a warning per service naming
+        the models no producer serves; without any known load, it says it
+        cannot tell.
+        """
+        h = FarmHarness(name="alpha-farm")
+        h.producer(models=["whisper:tiny.en"], key="producer-secret")
+        self.api.farmStatus = lambda: {"alpha": farmStatus(h.farm)}
+        events: list[dict[str, Any]] = []
+        self.patch(apiService, "log", Logger(observer=events.append))
+        clock = Clock()
+        service = UnservedModels(self.api, clock)
+        service.startService()
+        self.addCleanup(service.stopService)
+        clock.advance(UNSERVED_CHECK_AFTER)
+        said = {e["service"]: e["models"] for e in events if "service" in e}
+        self.assertEqual(said["tts"], ", ".join(sorted(MODELS.byService()["tts"])))
+        self.assertNotIn("whisper:tiny.en", said["stt"])
+
+        events.clear()
+        self.api.farmStatus = None
+        service.startService()
+        clock.advance(UNSERVED_CHECK_AFTER)
+        [event] = events
+        self.assertIn("cannot tell", event["log_format"])
 
     def test_statusProviderFails(self) -> None:
         def broken() -> Any:

@@ -149,6 +149,8 @@ class Seen:
     errorClass: str = ""
     playerAfterError: str = ""
     storedKey: str | None = None
+    examplesOverflow: bool = True
+    statusPage: dict[str, Any] = field(default_factory=dict)
     consoleErrors: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -202,6 +204,10 @@ def drive(url: str, key: str, mic: str, record: float, screenshot: str) -> Seen:
         find = lambda id: driver.find_element(By.ID, id)  # noqa: E731
 
         driver.get(url + "/")
+        # No example runs off the page's right edge.
+        seen.examplesOverflow = driver.execute_script(
+            "return [...document.querySelectorAll('pre')].some(p => p.scrollWidth > p.clientWidth)"
+        )
         keyField = find("key")
         keyField.clear()
         keyField.send_keys(key)
@@ -252,6 +258,15 @@ def drive(url: str, key: str, mic: str, record: float, screenshot: str) -> Seen:
         seen.errorStatus = find("status").text
         seen.errorClass = find("status").get_attribute("class")
         seen.playerAfterError = "unchanged" if find("player").get_attribute("src") == before else "changed"
+
+        # The status page, reached from the page's footer, and back.
+        driver.find_element(By.LINK_TEXT, "farms and their load").click()
+        wait.until(lambda d: d.title == "Privox status")
+        seen.statusPage = driver.execute_script(
+            "return {rows: document.querySelectorAll('tr').length,"
+            " styled: getComputedStyle(document.body).fontFamily.includes('system-ui'),"
+            " back: document.querySelector(\"a[href='/']\") !== null}"
+        )
 
         seen.consoleErrors = [
             entry["message"]
@@ -319,6 +334,8 @@ class TryItPageTests(TestCase):
         self.assertTrue(seen.errorStatus.startswith("Error 401: a key is required"), seen.errorStatus)
         self.assertEqual(seen.playerAfterError, "unchanged")
         self.assertEqual(seen.consoleErrors, [])
+        self.assertFalse(seen.examplesOverflow)
+        self.assertEqual(seen.statusPage, {"rows": 3, "styled": True, "back": True})
 
         self.assertTrue(shot.getsize() > 10_000)
         if os.environ.get("PRIVOX_UPDATE_SCREENSHOT") == "1":

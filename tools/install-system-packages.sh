@@ -3,7 +3,8 @@
 # (the try-it page; test tools' own browser downloads do not work on our
 # machines), systemd (systemd-analyze verify on the units, socket
 # activation) and PostgreSQL (tests/pgcluster.py runs a throwaway cluster
-# from /usr/lib/postgresql/NN/bin for the account-store tests). Quick when
+# from /usr/lib/postgresql/NN/bin for the account-store tests), and OpenSSL's
+# command (tests/test_operating.py makes a CA as docs/operating.rst does). Quick when
 # they are there; needs root (or sudo) otherwise.
 set -euo pipefail
 missing=()
@@ -11,6 +12,7 @@ missing=()
 [ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
 command -v systemd-analyze >/dev/null || missing+=(systemd)
 command -v systemd-socket-activate >/dev/null || missing+=(systemd)
+command -v openssl >/dev/null || missing+=(openssl)
 # Any major version will do; the metapackage pulls in Debian's current one.
 havePostgres=no
 for bin in /usr/lib/postgresql/*/bin/initdb; do

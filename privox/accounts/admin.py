@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+import tomllib
 from datetime import datetime, timezone
 from typing import Any, Mapping, TextIO
 
@@ -26,12 +28,19 @@ def addKeysParser(commands: Any, environ: Mapping[str, str]) -> None:
     Add C{keys} and its subcommands to the C{privox} command's subparsers.
     """
     store = argparse.ArgumentParser(add_help=False)
-    store.add_argument(
+    where = store.add_mutually_exclusive_group()
+    where.add_argument(
         "--accounts",
         default=environ.get("PRIVOX_ACCOUNTS") or DEFAULT_DSN,
         metavar="DSN",
         help="the account store: sqlite:PATH or postgresql://... "
         "(default: $PRIVOX_ACCOUNTS, else %(default)s)",
+    )
+    where.add_argument(
+        "--config",
+        metavar="FILE",
+        help="the API's TOML file (e.g. /etc/privox/api.toml): the store its accounts"
+        " setting names, and its hourly-seconds for show",
     )
     keys = commands.add_parser(
         "keys", help="create, list, revoke and show keys in an account store",
@@ -82,6 +91,10 @@ async def runKeys(reactor: Any, args: argparse.Namespace, out: TextIO | None = N
     @raise StoreError: a user error (bad DSN, unknown key), said in one line.
     """
     out = out or sys.stdout
+    if args.config:
+        args.accounts, hourly = apiStore(args.config)
+        if args.action == "show" and hourly is not None:
+            args.default_hourly_seconds = hourly
     store = AccountStore.open(args.accounts, reactor)
     try:
         try:
@@ -91,6 +104,33 @@ async def runKeys(reactor: Any, args: argparse.Namespace, out: TextIO | None = N
         await _ACTIONS[args.action](store, args, out)
     finally:
         store.close()
+
+
+def apiStore(path: str) -> tuple[str, float | None]:
+    """
+    The account store and hourly seconds an API's TOML file names.
+
+    @raise StoreError: the file cannot be read, keeps no accounts, or names
+        a SQLite file by a relative path (relative to the API's working
+        directory, which this command cannot know).
+    """
+    try:
+        with open(path, "rb") as f:
+            settings = tomllib.load(f)
+    except OSError as e:
+        raise StoreError(f"cannot read {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise StoreError(f"{path} is not valid TOML: {e}") from None
+    dsn = str(settings.get("accounts", DEFAULT_DSN))
+    if dsn == "none":
+        raise StoreError(f"{path} says accounts = \"none\": that API keeps no keys")
+    if dsn.startswith("sqlite:") and not os.path.isabs(dsn[len("sqlite:"):]):
+        raise StoreError(
+            f"{path} names the SQLite store {dsn!r} relative to the API's working directory;"
+            " give an absolute path there, or --accounts"
+        )
+    hourly = settings.get("hourly-seconds")
+    return dsn, float(hourly) if isinstance(hourly, (int, float)) else None
 
 
 async def _create(store: AccountStore, args: argparse.Namespace, out: TextIO) -> None:

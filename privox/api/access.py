@@ -35,7 +35,7 @@ from twisted.logger import Logger
 from privox.accounts import quota
 from privox.accounts.store import ANONYMOUS, Account, AccountStore, Reservation
 from privox.api.errors import NotServed, OverQuota, Unauthorized, Unavailable
-from privox.keys import KeyPolicy, keyId
+from privox.keys import KeyPolicy, OpenPolicy, keyId
 
 log = Logger()
 
@@ -80,6 +80,9 @@ class Grant(Protocol):
 
 class Access(Protocol):
     description: str
+    #: The key the front page's examples pass: L{None} where requests need
+    #: none (anonymous use), C{"demo"} where any key works, else C{"KEY"}.
+    keyExample: str | None
 
     async def authorize(self, key: str | None) -> Caller:
         """
@@ -149,6 +152,7 @@ class PolicyAccess:
     def __init__(self, policy: KeyPolicy) -> None:
         self.policy = policy
         self.description = f"user keys {policy.description}, no quotas"
+        self.keyExample = "demo" if isinstance(policy, OpenPolicy) else "KEY"
 
     async def authorize(self, key: str | None) -> Caller:
         if not key:
@@ -235,6 +239,7 @@ class AccountAccess:
         self.clock = clock
         self.hourlySeconds = hourlySeconds
         self.anonymousSeconds = anonymousSeconds
+        self.keyExample = None if anonymousSeconds is not None else "KEY"
         self.costOf = costOf
         self.window = window
         anonymous = "off" if anonymousSeconds is None else f"{anonymousSeconds:g} s/h shared"

@@ -27,10 +27,7 @@ headers. Audio is measured (L{privox.api.measure}) in a thread too.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import html
 import json
-from importlib import resources
 from typing import Any, Awaitable, Callable, TypeVar
 
 from klein import Klein
@@ -45,12 +42,13 @@ from privox.api import forms
 from privox.api.access import Access, Caller, Grant
 from privox.api.errors import ApiError, BadInput, TimedOut, errorBody
 from privox.api.exchange import Exchange, Transcribed
+from privox.api.farmstatus import unserved
 from privox.api.ledger import readLedger
 from privox.api.measure import spokenSeconds
 from privox.api.models import ModelTable
 from privox.api.site import ApiSite, bodyLimit
 from privox.audiofile import MAX_DECODED_SECONDS, BadFile, uploadSeconds
-from privox.api.statuspage import statusHtml
+from privox.api.pages import frontPage, static, statusHtml
 from privox.logs import logFigures
 from privox.metrics import CONTENT_TYPE_LATEST, ApiMetrics, CollectorRegistry, render
 from privox.wav import BadWav, cutWav, wavSeconds
@@ -384,14 +382,15 @@ class PrivoxAPI:
         host = request.getHeader(b"host")
         scheme = "https" if request.isSecure() else "http"
         base = f"{scheme}://" + (host.decode("latin-1") if host else "localhost:8080")
-        return _reply(request, _HTML, frontPage(base).encode("utf-8"))
+        page = frontPage(base, self.models, self.access.keyExample)
+        return _reply(request, _HTML, page.encode("utf-8"))
 
     @app.route("/static/page.js", methods=["GET"])
     async def pageScript(self, request: IRequest) -> bytes:
         return await self._serve(request, "/static/page.js", self._pageScript, openai=False)
 
     async def _pageScript(self, request: IRequest, done: _Done) -> bytes:
-        return _reply(request, _JS, _static("page.js").encode("utf-8"))
+        return _reply(request, _JS, static("page.js").encode("utf-8"))
 
     @app.route("/metrics", methods=["GET"])
     async def prometheus(self, request: IRequest) -> bytes:
@@ -405,6 +404,18 @@ class PrivoxAPI:
         return await self._serve(request, "/status", self._status, openai=False, quiet=True)
 
     async def _status(self, request: IRequest, done: _Done) -> bytes:
+        status = await self.statusReport()
+        accept = (request.getHeader(b"accept") or b"").decode("latin-1")
+        if "text/html" in accept:
+            return _reply(request, _HTML, statusHtml(status).encode("utf-8"))
+        return _json(request, status)
+
+    async def statusReport(self) -> dict[str, Any]:
+        """
+        The farms, each with its load where known, and (when any load is
+        known) C{unserved}: per service, the models the tables send jobs to
+        that no connected producer serves.
+        """
         farms = [dict(farm) for farm in self.exchange.health().get("farms", [])]
         loads: dict[str, Any] = {}
         if self.farmStatus is not None:
@@ -414,11 +425,11 @@ class PrivoxAPI:
                 self.log.failure("farm status failed")
         for farm in farms:
             farm["load"] = loads.get(farm.get("name"))
-        status = {"farms": farms}
-        accept = (request.getHeader(b"accept") or b"").decode("latin-1")
-        if "text/html" in accept:
-            return _reply(request, _HTML, statusHtml(status).encode("utf-8"))
-        return _json(request, status)
+        status: dict[str, Any] = {"farms": farms}
+        missing = unserved(self.models.byService(), {f["name"]: f["load"] for f in farms})
+        if missing is not None:
+            status["unserved"] = missing
+        return status
 
     # -- errors and logging -----------------------------------------------
 
@@ -532,20 +543,3 @@ def _line(text: str) -> bytes:
 
 def _json(request: IRequest, value: Any) -> bytes:
     return _reply(request, _JSON, json.dumps(value, ensure_ascii=False).encode("utf-8"))
-
-
-@functools.cache
-def _static(name: str) -> str:
-    """
-    A file of the try-it page, from C{privox/api/static}.
-    """
-    return (resources.files("privox.api") / "static" / name).read_text("utf-8")
-
-
-def frontPage(base: str) -> str:
-    """
-    The page at C{GET /}: the try-it page (record and transcribe, type and
-    hear: C{static/index.html} and its C{static/page.js}) and how to call
-    the API, with C{base} in its curl examples.
-    """
-    return _static("index.html").replace("{url}", html.escape(base))

@@ -54,6 +54,28 @@ def cleanStatus(raw: Any) -> dict[str, Any] | None:
     }
 
 
+def unserved(wanted: dict[str, set[str]], loads: dict[str, Any]) -> dict[str, list[str]] | None:
+    """
+    The models of C{wanted} (service -> models) that no producer on any
+    farm of C{loads} (farm name -> status, or None where unknown) serves:
+    jobs for them fail until one connects. L{None} when no farm's load is
+    known, so nothing can be said.
+    """
+    known = [load for load in loads.values() if load]
+    if not known:
+        return None
+    missing = {}
+    for service, models in sorted(wanted.items()):
+        served = {
+            model
+            for load in known
+            for model, counts in load.get("services", {}).get(service, {}).get("models", {}).items()
+            if counts.get("connected")
+        }
+        missing[service] = sorted(models - served)
+    return missing
+
+
 class RemoteStatus:
     """
     A C{farmStatus} provider for L{privox.api.app.PrivoxAPI}: farm name ->

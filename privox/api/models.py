@@ -144,6 +144,13 @@ class ModelTable:
             raise Unsupported(f"unknown model {model!r}")
         return chosen
 
+    def byService(self) -> dict[str, set[str]]:
+        """
+        The farm models this table sends jobs to, by service.
+        """
+        stt = {m for pair in self.stt.values() for m in pair} | set(self.sttLanguages.values())
+        return {"stt": stt, "tts": {v.model for v in self.voices.values()}}
+
     def models(self) -> list[str]:
         """
         Every model name a client may ask for, for GET /v1/models.

@@ -136,6 +136,55 @@ def accessFor(settings: ApiSettings, models: ModelTable, reactor: Any) -> Access
     )
 
 
+#: Seconds after start before the API says which models no producer serves
+#: (nodes dial in by then, reconnecting with backoff after a farm restart).
+UNSERVED_CHECK_AFTER = 15.0
+
+
+class UnservedModels(Service):
+    """
+    Once, a while after start: a warning naming the models the API's tables
+    send jobs to that no connected producer serves (every request for them
+    fails with 503 until one does). C{/status} says it at any time.
+    """
+
+    def __init__(self, api: PrivoxAPI, reactor: Any, after: float = UNSERVED_CHECK_AFTER) -> None:
+        self.api = api
+        self.reactor = reactor
+        self.after = after
+        self._call: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._call = self.reactor.callLater(
+            self.after, lambda: Deferred.fromCoroutine(self.check())
+        )
+
+    async def check(self) -> None:
+        status = await self.api.statusReport()
+        missing = status.get("unserved")
+        if missing is None:
+            log.info(
+                "no farm line names a status URL (status=...): the API cannot tell"
+                " which of its models producers serve"
+            )
+            return
+        for service, models in missing.items():
+            if models:
+                log.warn(
+                    "no producer serves {service} model(s) {models}: requests for them get"
+                    " 503 until a node serving them joins (check the stt-model and voice"
+                    " lines against your nodes; /status shows it)",
+                    service=service,
+                    models=", ".join(models),
+                )
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+
+
 class AccountsService(Service):
     """
     Brings the account store's schema up to date as the API starts, and
@@ -352,4 +401,5 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     log.info("API listening on {endpoint}, using {farms} farm(s)",
              endpoint=s.listen, farms=len(options.farms))
     ListenService(s.listen, http, reactor, "--listen").setServiceParent(top)
+    UnservedModels(api, reactor).setServiceParent(top)
     return top

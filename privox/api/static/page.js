@@ -24,7 +24,8 @@
   }
 
   async function post(path, form, accept) {
-    form.append("key", key.value.trim());
+    // No key field at all where none is given: anonymous use, if allowed.
+    if (key.value.trim()) form.append("key", key.value.trim());
     const response = await fetch(path, { method: "POST", body: form, headers: { Accept: accept } });
     if (!response.ok) throw new Error(await failure(response));
     return response;
@@ -62,6 +63,7 @@
     say("Transcribing…");
     const form = new FormData();
     form.append("quality", $("quality").value);
+    form.append("language", $("language").value);
     form.append("file", blob, "recording." + (blob.type.includes("ogg") ? "ogg" : "webm"));
     try {
       const result = await (await post("/stt", form, "application/json")).json();
@@ -81,6 +83,7 @@
     say("Speaking…");
     const form = new FormData();
     form.append("text", text);
+    form.append("voice", $("voice").value);
     try {
       const response = await post("/tts", form, "audio/wav");
       const type = (response.headers.get("Content-Type") || "").split(";")[0].trim();

@@ -20,7 +20,8 @@ from twisted.python import usage
 from twisted.web.pages import errorPage
 
 from privox.accounts.store import DEFAULT_DSN, AccountStore
-from privox.api.farms import FarmEntry, FarmExchange
+from privox.api.farmlist import FarmEntry
+from privox.api.farms import FarmExchange
 from privox.api.models import DEFAULT_VOICES, OPENAI_VOICES, QUALITIES
 from privox.api.service import ApiSettings, TrackedFactory, buildApi
 from privox.config import optionsFor, setting

@@ -15,7 +15,7 @@ from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 
-from privox.api.farms import FarmEntry
+from privox.api.farmlist import FarmEntry
 from privox.consumer import ConsumerProtocol, connectConsumer
 from privox.engines.errors import EngineError
 from privox.messages import ErrorCode

@@ -19,7 +19,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from privox.api.errors import BadInput, TimedOut, Unavailable
 from privox.api.exchange import Transcribed
-from privox.api.farms import FarmEntry, FarmExchange, parseFarms, weightedChoice
+from privox.api.farmlist import FarmEntry, parseFarms, weightedChoice
+from privox.api.farms import FarmExchange
 from privox.engines.digest import digestOf, toneFor
 from privox.node.echo import DigestHandler
 from tests.apifarms import (
@@ -209,27 +210,28 @@ class SelectionTests(SynchronousTestCase):
         clock = Clock()
         [entry] = entries("a tcp:host=h:port=1 none")
         exchange = FarmExchange([entry], clock, downBackoff=(1.0, 5.0))
-        [state] = exchange.farms
-        self.assertTrue(state.available(clock.seconds()))
+        [farm] = exchange.farms
+        health = farm.health
+        self.assertTrue(health.available(clock.seconds()))
         waits = []
         for _ in range(5):
-            state.markDown(clock.seconds(), "refused")
+            health.failed(clock.seconds(), "refused")
             start = clock.seconds()
-            self.assertFalse(state.up)
-            self.assertFalse(state.available(clock.seconds()))
+            self.assertFalse(health.isUp())
+            self.assertFalse(health.available(clock.seconds()))
             # Another failure while already down does not lengthen the wait.
-            state.markDown(clock.seconds(), "refused again")
-            while not state.available(clock.seconds()):
+            health.failed(clock.seconds(), "refused again")
+            while not health.available(clock.seconds()):
                 clock.advance(0.25)
             waits.append(clock.seconds() - start)
             # Backoff over: one probe at a time.
-            state.probing = True
-            self.assertFalse(state.available(clock.seconds()))
+            health.probe()
+            self.assertFalse(health.available(clock.seconds()))
         self.assertEqual(waits, [1.0, 2.0, 4.0, 5.0, 5.0])
-        state.markUp()
-        self.assertTrue(state.up and state.available(clock.seconds()))
-        state.markDown(clock.seconds(), "refused")
-        self.assertEqual(state.downUntil - clock.seconds(), 1.0)
+        health.reached()
+        self.assertTrue(health.isUp() and health.available(clock.seconds()))
+        health.failed(clock.seconds(), "refused")
+        self.assertEqual(health.retryIn(clock.seconds()), 1.0)
 
     def test_health(self) -> None:
         farms = entries(
@@ -237,7 +239,7 @@ class SelectionTests(SynchronousTestCase):
             "spare none tcp:host=secret.example:port=3 fallback",
         )
         exchange = FarmExchange(farms, Clock(), key="api-key-123")
-        exchange.farms[1].markDown(0.0, "refused")
+        exchange.farms[1].health.failed(0.0, "refused")
         health = exchange.health()
         self.assertEqual(
             health,

@@ -28,7 +28,8 @@ from twisted.internet.endpoints import clientFromString, connectProtocol
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
-from privox.api.farms import FarmEntry, FarmExchange
+from privox.api.farmlist import FarmEntry
+from privox.api.farms import FarmExchange
 from privox.consumer import JobFailed, connectConsumer
 from privox.farm.sessions import ProducerSession
 from privox.messages import ErrorCode

@@ -23,7 +23,7 @@ from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from privox.api import service as apiService
-from privox.api.farms import FarmEntry
+from privox.api.farmlist import FarmEntry
 from privox.api.farmstatus import RemoteStatus, cleanStatus
 from privox.api.service import UNSERVED_CHECK_AFTER, UnservedModels
 from privox.cli import statusTable

@@ -26,7 +26,8 @@ from twisted.python import usage
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from privox.api.farms import FarmEntry, FarmExchange
+from privox.api.farmlist import FarmEntry
+from privox.api.farms import FarmExchange
 from privox.api.service import Options as ApiOptions
 from privox.consumer import connectConsumer
 from privox.farm.connection import RELAY_BUFFER, FarmFactory

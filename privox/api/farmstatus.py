@@ -14,7 +14,7 @@ from typing import Any, Iterable
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import Logger
 
-from privox.api.farms import FarmEntry
+from privox.api.farmlist import FarmEntry
 
 log = Logger()
 

@@ -22,7 +22,8 @@ from privox.accounts.store import DEFAULT_DSN, AccountStore, StoreError
 from privox.api.access import Access, AccountAccess, PolicyAccess, modelCosts
 from privox.api.app import DEFAULT_MAX_UPLOAD, PrivoxAPI
 from privox.api.exchange import Exchange
-from privox.api.farms import FarmEntry, FarmExchange
+from privox.api.farmlist import FarmEntry
+from privox.api.farms import FarmExchange
 from privox.api.farmstatus import RemoteStatus
 from privox.api.models import DEFAULT_STT, DEFAULT_VOICES, ModelTable
 from privox.config import optionsFor, setting

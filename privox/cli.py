@@ -33,579 +33,33 @@ utterance is still transcribed and printed); a second one quits at once.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
-import mimetypes
 import os
 import signal
 import sys
 import tempfile
-import wave
-from collections import deque
-from dataclasses import dataclass, field
-from http import HTTPStatus
-from typing import Any, Awaitable, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 from urllib.parse import urlsplit
 
-from twisted.internet import error as netError
-from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.fdesc import setBlocking
-from twisted.internet.interfaces import IHalfCloseableProtocol
-from twisted.internet.protocol import Protocol
-from twisted.python.failure import Failure
-from zope.interface import implementer
+from twisted.internet.stdio import StandardIO
+from twisted.internet.task import react
 
 from privox.accounts.admin import addKeysParser, runKeys
 from privox.accounts.store import StoreError
 from privox.api.models import QUALITIES
-from privox.wav import pcmToWav
+from privox.caption import FRAME_MS, CaptionProtocol, Segmenter, Utterance, webrtcvadClassifier
+from privox.client import CliError, PrivoxClient, oneLine
+from privox.wav import BadWav, readWavHeader, wavSeconds
 
 #: Where the API is when neither C{--api} nor C{$PRIVOX_API} says.
 DEFAULT_API = "http://127.0.0.1:8080"
 #: Seconds a request may take (C{--timeout}).
 DEFAULT_TIMEOUT = 120.0
 
-#: What C{caption} reads: mono signed 16-bit little-endian PCM at this rate.
-CAPTION_RATE = 16000
-#: Frame lengths webrtcvad accepts, in milliseconds.
-FRAME_MS = (10, 20, 30)
-#: An utterance with less speech than this (a click, a cough) is not sent.
-MIN_SPEECH_MS = 120
-
 _EXIT_ERROR = 1
 _EXIT_USAGE = 2
-_EXIT_INTERRUPTED = 130
-
-
-class CliError(Exception):
-    """
-    A failure to report as one line on stderr, then exit 1.
-    """
-
-
-# -- talking to the API -----------------------------------------------------
-
-
-class PrivoxClient:
-    """
-    The API's original routes over treq, every failure turned into a
-    L{CliError} with a one-line message.
-    """
-
-    def __init__(self, reactor: Any, api: str, key: str | None, timeout: float) -> None:
-        from treq.client import HTTPClient
-        from twisted.web.client import Agent, HTTPConnectionPool
-
-        self.reactor = reactor
-        self.api = api
-        self.key = key
-        self.timeout = timeout
-        self._pool = HTTPConnectionPool(reactor, persistent=True)
-        self._http = HTTPClient(Agent(reactor, pool=self._pool))
-
-    async def stt(
-        self,
-        audio: bytes,
-        filename: str,
-        quality: str | None = None,
-        language: str | None = None,
-        asJson: bool = False,
-    ) -> str:
-        """
-        C{POST /stt}: the transcript (or, with C{asJson}, the API's JSON).
-        """
-        fields = self._keyField()
-        if quality:
-            fields["quality"] = quality
-        if language:
-            fields["language"] = language
-        contentType = mimetypes.guess_type(filename)[0] or "application/octet-stream"
-        headers = {"Accept": "application/json"} if asJson else {}
-        body = await self._post(
-            "/stt",
-            data=fields,
-            files={"file": (filename, contentType, io.BytesIO(audio))},
-            headers=headers,
-        )
-        return body.decode("utf-8", "replace")
-
-    async def tts(self, text: str, voice: str | None = None, language: str | None = None) -> bytes:
-        """
-        C{POST /tts}: the WAV file, checked to be one.
-        """
-        fields = dict(self._keyField(), text=text)
-        if voice:
-            fields["voice"] = voice
-        if language:
-            fields["language"] = language
-        audio = await self._post("/tts", data=fields)
-        try:
-            wavInfo(audio)
-        except CliError:
-            raise CliError(
-                f"the Privox API at {self.api} answered with something that is not a WAV file"
-            ) from None
-        return audio
-
-    async def status(self) -> dict[str, Any]:
-        """
-        C{GET /status}: the farms and their load.
-        """
-        body = await self._request("GET", "/status", headers={"Accept": "application/json"})
-        try:
-            status = json.loads(body)
-            if not isinstance(status, dict) or not isinstance(status.get("farms"), list):
-                raise ValueError
-        except ValueError:
-            raise CliError(
-                f"the Privox API at {self.api} answered /status with something that is not its JSON"
-            ) from None
-        return status
-
-    async def account(self) -> dict[str, Any]:
-        """
-        C{GET /v1/account}: this key's allowance, use and credit.
-        """
-        headers = {"Accept": "application/json"}
-        if self.key:
-            headers["Authorization"] = f"Bearer {self.key}"
-        body = await self._request("GET", "/v1/account", headers=headers)
-        try:
-            account = json.loads(body)
-            if not isinstance(account, dict) or not all(
-                isinstance(account.get(name), (int, float))
-                for name in ("allowance", "used", "earned", "remaining", "hourly_seconds")
-            ):
-                raise ValueError
-        except ValueError:
-            raise CliError(
-                f"the Privox API at {self.api} answered /v1/account with something that is "
-                "not its JSON"
-            ) from None
-        return account
-
-    def _keyField(self) -> dict[str, str]:
-        return {"key": self.key} if self.key else {}
-
-    async def _post(self, path: str, **kwargs: Any) -> bytes:
-        return await self._request("POST", path, **kwargs)
-
-    async def _request(self, method: str, path: str, **kwargs: Any) -> bytes:
-        async def request() -> tuple[Any, bytes]:
-            response = await self._http.request(method, self.api + path, **kwargs)
-            return response, await response.content()
-
-        d = Deferred.fromCoroutine(request())
-        timedOut = False
-
-        def timeOut() -> None:
-            nonlocal timedOut
-            timedOut = True
-            d.cancel()
-
-        timer = self.reactor.callLater(self.timeout, timeOut)
-        try:
-            response, body = await d
-        except Exception as e:
-            if timedOut:
-                raise CliError(
-                    f"no answer from the Privox API at {self.api} within {self.timeout:g} s"
-                ) from None
-            if isinstance(e, CancelledError):
-                raise
-            raise CliError(_connectionProblem(self.api, e)) from None
-        finally:
-            if timer.active():
-                timer.cancel()
-        if response.code != 200:
-            raise CliError(_httpProblem(response, body))
-        return body
-
-    async def close(self) -> None:
-        await self._pool.closeCachedConnections()
-
-
-def _connectionProblem(api: str, e: Exception) -> str:
-    from twisted.web.client import RequestTransmissionFailed, ResponseFailed, ResponseNeverReceived
-
-    if isinstance(e, netError.ConnectionRefusedError):
-        why = "connection refused"
-    elif isinstance(e, netError.DNSLookupError):
-        why = f"unknown host {urlsplit(api).hostname}"
-    elif isinstance(e, (netError.TCPTimedOutError, netError.TimeoutError)):
-        why = "the connection timed out"
-    elif isinstance(e, (ResponseNeverReceived, RequestTransmissionFailed, ResponseFailed)):
-        reasons = [r.getErrorMessage().rstrip(".") for r in e.reasons if isinstance(r, Failure)]
-        return f"the Privox API at {api} dropped the connection: " + (
-            "; ".join(filter(None, reasons)) or type(e).__name__
-        )
-    else:
-        why = _oneLine(str(e)) or type(e).__name__
-    return f"cannot reach the Privox API at {api}: {why}"
-
-
-def _httpProblem(response: Any, body: bytes) -> str:
-    """
-    An error response as a line: the API's reason, then the status.
-    """
-    code = response.code
-    reason = ""
-    contentType = (response.headers.getRawHeaders("content-type") or [""])[0]
-    text = body.decode("utf-8", "replace")
-    if contentType.startswith("application/json"):
-        try:
-            reason = str(json.loads(text)["error"]["message"])
-        except (ValueError, KeyError, TypeError):
-            pass
-    elif contentType.startswith("text/plain"):
-        reason = text
-    reason = _oneLine(reason)[:300]
-    if not reason:
-        try:
-            reason = HTTPStatus(code).phrase.lower()
-        except ValueError:
-            reason = "error"
-    status = f"HTTP {code}"
-    retryAfter = (response.headers.getRawHeaders("retry-after") or [None])[0]
-    if retryAfter:
-        status += f"; retry after {retryAfter} s"
-    return f"{reason} ({status})"
-
-
-def _oneLine(text: str) -> str:
-    return " ".join(text.split())
-
-
-# -- audio ------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class WavInfo:
-    rate: int
-    channels: int
-    frames: int
-
-    @property
-    def duration(self) -> float:
-        return self.frames / self.rate
-
-
-def wavInfo(data: bytes) -> WavInfo:
-    """
-    What a WAV file holds.
-
-    @raise CliError: it is not a (PCM) WAV file.
-    """
-    try:
-        with wave.open(io.BytesIO(data)) as w:
-            return WavInfo(w.getframerate(), w.getnchannels(), w.getnframes())
-    except (wave.Error, EOFError) as e:
-        raise CliError(f"not a WAV file: {e}") from None
-
-
-@dataclass(frozen=True)
-class Utterance:
-    """
-    A stretch of speech cut from the stream, with its padding.
-
-    @ivar pcm: its mono s16le samples.
-    @ivar start: where it starts in the stream, in seconds.
-    """
-
-    pcm: bytes = field(repr=False)
-    start: float
-    rate: int = CAPTION_RATE
-
-    @property
-    def duration(self) -> float:
-        return len(self.pcm) / 2 / self.rate
-
-    @property
-    def end(self) -> float:
-        return self.start + self.duration
-
-    def wav(self) -> bytes:
-        return pcmToWav(self.pcm, self.rate)
-
-
-class Segmenter:
-    """
-    Cuts a stream of mono s16le PCM into utterances, frame by frame.
-
-    A speech frame starts an utterance, which takes along up to
-    C{paddingMs} of the audio before it. The utterance ends once
-    C{silenceMs} of non-speech follow its last speech frame, keeping
-    C{paddingMs} of that silence; the rest becomes the next one's leading
-    padding. An utterance reaching C{maxSeconds} is cut there, and speech
-    going on starts another. Utterances with less than C{minSpeechMs} of
-    speech in them are dropped. The result does not depend on how the bytes
-    are split between L{feed} calls.
-
-    @param isSpeech: the classifier, given one frame's bytes (see
-        L{webrtcvadClassifier}).
-    """
-
-    def __init__(
-        self,
-        isSpeech: Callable[[bytes], bool],
-        rate: int = CAPTION_RATE,
-        frameMs: int = 30,
-        silenceMs: int = 600,
-        maxSeconds: float = 30.0,
-        paddingMs: int = 200,
-        minSpeechMs: int = MIN_SPEECH_MS,
-    ) -> None:
-        if frameMs not in FRAME_MS:
-            raise ValueError(f"frames must be 10, 20 or 30 ms, not {frameMs}")
-        if silenceMs <= 0 or maxSeconds <= 0 or paddingMs < 0:
-            raise ValueError("silenceMs and maxSeconds must be positive, paddingMs not negative")
-        self.isSpeech = isSpeech
-        self.rate = rate
-        self.frameMs = frameMs
-        self.frameBytes = rate * frameMs // 1000 * 2
-        self.silenceFrames = math.ceil(silenceMs / frameMs)
-        self.paddingFrames = paddingMs // frameMs
-        self.maxFrames = max(1, int(maxSeconds * 1000 // frameMs))
-        self.minSpeechFrames = math.ceil(minSpeechMs / frameMs)
-        self._partial = bytearray()
-        self._before: deque[bytes] = deque(maxlen=self.paddingFrames or None)
-        self._frames: list[bytes] | None = None
-        self._start = 0  # frame index of the utterance's first frame
-        self._lastSpeech = 0  # index in _frames of its last speech frame
-        self._voiced = 0
-        self._position = 0  # frames seen
-        self._finished = False
-
-    def feed(self, data: bytes) -> list[Utterance]:
-        """
-        Take the next bytes of the stream.
-
-        @return: the utterances they complete, in order.
-        """
-        if self._finished:
-            raise ValueError("feed() after finish()")
-        self._partial += data
-        done: list[Utterance] = []
-        whole = len(self._partial) - len(self._partial) % self.frameBytes
-        for offset in range(0, whole, self.frameBytes):
-            frame = bytes(self._partial[offset : offset + self.frameBytes])
-            utterance = self._frame(frame)
-            if utterance is not None:
-                done.append(utterance)
-        del self._partial[:whole]
-        return done
-
-    def finish(self) -> list[Utterance]:
-        """
-        The stream has ended: the utterance under way, if any. A last frame
-        too short to classify is dropped.
-        """
-        if self._finished:
-            raise ValueError("finish() called twice")
-        self._finished = True
-        self._partial.clear()
-        if self._frames is None:
-            return []
-        utterance = self._end(trim=True)
-        return [] if utterance is None else [utterance]
-
-    def _frame(self, frame: bytes) -> Utterance | None:
-        speech = self.isSpeech(frame)
-        self._position += 1
-        if self._frames is None:
-            if not speech:
-                if self.paddingFrames:
-                    self._before.append(frame)
-                return None
-            self._frames = [*self._before, frame]
-            self._start = self._position - len(self._frames)
-            self._before.clear()
-            self._lastSpeech = len(self._frames) - 1
-            self._voiced = 1
-            return None
-        self._frames.append(frame)
-        if speech:
-            self._lastSpeech = len(self._frames) - 1
-            self._voiced += 1
-        if len(self._frames) - 1 - self._lastSpeech >= self.silenceFrames:
-            return self._end(trim=True)
-        if len(self._frames) >= self.maxFrames:
-            return self._end(trim=False)
-        return None
-
-    def _end(self, trim: bool) -> Utterance | None:
-        frames = self._frames
-        assert frames is not None
-        self._frames = None
-        if trim:
-            keep = self._lastSpeech + 1 + self.paddingFrames
-            if self.paddingFrames:
-                self._before.extend(frames[keep:])
-            frames = frames[:keep]
-        if self._voiced < self.minSpeechFrames:
-            return None
-        return Utterance(b"".join(frames), self._start * self.frameMs / 1000, self.rate)
-
-
-def webrtcvadClassifier(aggressiveness: int, rate: int = CAPTION_RATE) -> Callable[[bytes], bool]:
-    """
-    webrtcvad's speech/non-speech decision for one frame.
-
-    @raise CliError: webrtcvad is not installed.
-    """
-    try:
-        import webrtcvad
-    except ImportError as e:
-        raise CliError(
-            f"privox caption needs webrtcvad ({e}): pip install webrtcvad-wheels"
-        ) from None
-    vad = webrtcvad.Vad(aggressiveness)
-
-    def isSpeech(frame: bytes) -> bool:
-        return bool(vad.is_speech(frame, rate))
-
-    return isSpeech
-
-
-# -- caption ----------------------------------------------------------------
-
-
-@implementer(IHalfCloseableProtocol)
-class CaptionProtocol(Protocol):
-    """
-    Reads PCM from its transport (stdin, through L{StandardIO}), sends each
-    utterance to C{transcribe} as soon as it is cut, and writes the
-    transcripts back to the transport (stdout), one line each, in order,
-    whatever order they come back in. Empty transcripts print nothing.
-
-    @ivar done: fires once every line is written and stdout is closed at the
-        end of input (or after L{interrupt}); fails with the first
-        L{CliError}, after the lines before it are written.
-    """
-
-    def __init__(
-        self, segmenter: Segmenter, transcribe: Callable[[Utterance], Awaitable[str]]
-    ) -> None:
-        self.segmenter = segmenter
-        self.transcribe = transcribe
-        self.done: Deferred[None] = Deferred()
-        self._tail: Deferred[None] = succeed(None)
-        self._jobs: set[Deferred[str]] = set()
-        self._error: Exception | None = None
-        self._reading = True
-        self._closing = False
-        self._writable = True
-        self._interrupted = False
-
-    # stdin
-
-    def dataReceived(self, data: bytes) -> None:
-        if not self._reading:
-            return
-        for utterance in self.segmenter.feed(data):
-            self._submit(utterance)
-
-    def readConnectionLost(self) -> None:
-        self._endOfInput()
-
-    def interrupt(self) -> None:
-        """
-        Ctrl-C: stop reading, as if the input had ended (it may have ended
-        already: Ctrl-C stops C{arecord} too); a second time, quit.
-        """
-        if not self._interrupted:
-            self._interrupted = True
-            if self._reading:
-                self.transport.pauseProducing()  # type: ignore[union-attr]
-                self._endOfInput()
-        elif not self.done.called:
-            self.done.errback(SystemExit(_EXIT_INTERRUPTED))
-            for job in list(self._jobs):
-                job.cancel()
-
-    def _endOfInput(self) -> None:
-        if not self._reading:
-            return
-        self._reading = False
-        for utterance in self.segmenter.finish():
-            self._submit(utterance)
-        self._tail.addCallback(lambda _: self._close())
-
-    # transcripts, in order
-
-    def _submit(self, utterance: Utterance) -> None:
-        job = Deferred.fromCoroutine(self.transcribe(utterance))
-        self._jobs.add(job)
-        job.addBoth(self._forget, job)
-        self._tail = Deferred.fromCoroutine(self._printAfter(self._tail, job))
-
-    def _forget(self, result: object, job: Deferred[str]) -> object:
-        self._jobs.discard(job)
-        return result
-
-    async def _printAfter(self, previous: Deferred[None], job: Deferred[str]) -> None:
-        """
-        Write C{job}'s line once the line before it is out. Never fails.
-        """
-        await previous
-        try:
-            text = await job
-        except CliError as e:
-            self._fail(e)
-            return
-        except CancelledError:
-            return
-        except Exception as e:
-            self._fail(CliError(f"unexpected error: {type(e).__name__}: {e}"))
-            return
-        line = _oneLine(text)
-        if self._error is None and line and self._writable:
-            self.transport.write(line.encode("utf-8") + b"\n")  # type: ignore[union-attr]
-
-    def _fail(self, error: CliError) -> None:
-        if self._error is not None:
-            return
-        self._error = error
-        self._reading = False
-        for job in list(self._jobs):
-            job.cancel()
-        self._close()
-
-    # stdout
-
-    def _close(self) -> None:
-        if self._closing:
-            return
-        self._closing = True
-        if self._writable:
-            self.transport.loseConnection()  # type: ignore[union-attr]  # flushes first
-        else:
-            self._finish()
-
-    def writeConnectionLost(self) -> None:
-        # Nobody reads our output any more (e.g. `privox caption | head -1`):
-        # that ends the work, quietly.
-        self._writable = False
-        self._reading = False
-        self._closing = True
-        for job in list(self._jobs):
-            job.cancel()
-        self.transport.pauseProducing()  # type: ignore[union-attr]
-        self._finish()
-
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        self._writable = False
-        self._reading = False
-        self._finish()
-
-    def _finish(self) -> None:
-        if self.done.called:
-            return
-        if self._error is not None:
-            self.done.errback(self._error)
-        else:
-            self.done.callback(None)
 
 
 # -- the commands -------------------------------------------------------------
@@ -635,9 +89,14 @@ async def runTts(reactor: Any, args: argparse.Namespace) -> None:
         audio = await client.tts(args.text, args.voice, args.language)
     finally:
         await client.close()
-    info = wavInfo(audio)
+    try:
+        header = readWavHeader(audio)
+    except BadWav as e:
+        raise CliError(str(e)) from None
+    seconds = wavSeconds(audio) or 0.0
+    rate = header.rate if header is not None else 0
     where = "the WAV to stdout" if toStdout else args.output
-    report = f"wrote {where}: {info.duration:.2f} s of audio at {info.rate} Hz\n"
+    report = f"wrote {where}: {seconds:.2f} s of audio at {rate} Hz\n"
     if toStdout:
         sys.stdout.buffer.write(audio)
         sys.stdout.flush()
@@ -649,8 +108,6 @@ async def runTts(reactor: Any, args: argparse.Namespace) -> None:
 
 
 async def runCaption(reactor: Any, args: argparse.Namespace) -> None:
-    from twisted.internet.stdio import StandardIO
-
     segmenter = Segmenter(
         webrtcvadClassifier(args.aggressiveness),
         frameMs=args.frame_ms,
@@ -983,7 +440,7 @@ async def _main(reactor: Any, args: argparse.Namespace) -> None:
     except (CliError, StoreError) as e:
         _fatal(str(e))
     except Exception as e:  # a bug: still one line, and exit 1
-        _fatal(f"unexpected error: {type(e).__name__}: {_oneLine(str(e))}")
+        _fatal(f"unexpected error: {type(e).__name__}: {oneLine(str(e))}")
 
 
 def _fatal(message: str) -> None:
@@ -997,8 +454,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     """
     The C{privox} console script.
     """
-    from twisted.internet.task import react
-
     react(_main, (parseArguments(argv),))
 
 

@@ -28,16 +28,9 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from privox.cli import (
-    CAPTION_RATE,
-    CaptionProtocol,
-    CliError,
-    Segmenter,
-    Utterance,
-    _httpProblem,
-    parseArguments,
-    webrtcvadClassifier,
-)
+from privox.caption import CAPTION_RATE, CaptionProtocol, Segmenter, Utterance, webrtcvadClassifier
+from privox.cli import parseArguments
+from privox.client import CliError, httpProblem
 from privox.engines.audio import decodeAudio, toInt16
 from privox.local import LocalExchange, LocalSettings
 from privox.wav import pcmToWav
@@ -745,7 +738,7 @@ class HttpProblemTests(SynchronousTestCase):
         response.headers = Headers(  # type: ignore[attr-defined]
             {"Content-Type": [contentType], **{k: [v] for k, v in headers.items()}}
         )
-        return _httpProblem(response, body)
+        return httpProblem(response, body)
 
     def test_shapes(self) -> None:
         self.assertEqual(

@@ -1,0 +1,335 @@
+"""
+Live captions: C{privox caption} reads 16 kHz mono s16le PCM (e.g. from
+C{arecord}), cuts it into utterances on silence with webrtcvad
+(L{Segmenter}), sends each to be transcribed as soon as it is cut and
+prints one line per utterance, in order (L{CaptionProtocol}).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable
+
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from privox.client import CliError, oneLine
+from privox.wav import pcmToWav
+
+#: What C{caption} reads: mono signed 16-bit little-endian PCM at this rate.
+CAPTION_RATE = 16000
+#: Frame lengths webrtcvad accepts, in milliseconds.
+FRAME_MS = (10, 20, 30)
+#: An utterance with less speech than this (a click, a cough) is not sent.
+MIN_SPEECH_MS = 120
+#: The exit status of a second Ctrl-C.
+EXIT_INTERRUPTED = 130
+
+
+@dataclass(frozen=True)
+class Utterance:
+    """
+    A stretch of speech cut from the stream, with its padding.
+
+    @ivar pcm: its mono s16le samples.
+    @ivar start: where it starts in the stream, in seconds.
+    """
+
+    pcm: bytes = field(repr=False)
+    start: float
+    rate: int = CAPTION_RATE
+
+    @property
+    def duration(self) -> float:
+        return len(self.pcm) / 2 / self.rate
+
+    @property
+    def end(self) -> float:
+        return self.start + self.duration
+
+    def wav(self) -> bytes:
+        return pcmToWav(self.pcm, self.rate)
+
+
+class Segmenter:
+    """
+    Cuts a stream of mono s16le PCM into utterances, frame by frame.
+
+    A speech frame starts an utterance, which takes along up to
+    C{paddingMs} of the audio before it. The utterance ends once
+    C{silenceMs} of non-speech follow its last speech frame, keeping
+    C{paddingMs} of that silence; the rest becomes the next one's leading
+    padding. An utterance reaching C{maxSeconds} is cut there, and speech
+    going on starts another. Utterances with less than C{minSpeechMs} of
+    speech in them are dropped. The result does not depend on how the bytes
+    are split between L{feed} calls.
+
+    @param isSpeech: the classifier, given one frame's bytes (see
+        L{webrtcvadClassifier}).
+    """
+
+    def __init__(
+        self,
+        isSpeech: Callable[[bytes], bool],
+        rate: int = CAPTION_RATE,
+        frameMs: int = 30,
+        silenceMs: int = 600,
+        maxSeconds: float = 30.0,
+        paddingMs: int = 200,
+        minSpeechMs: int = MIN_SPEECH_MS,
+    ) -> None:
+        if frameMs not in FRAME_MS:
+            raise ValueError(f"frames must be 10, 20 or 30 ms, not {frameMs}")
+        if silenceMs <= 0 or maxSeconds <= 0 or paddingMs < 0:
+            raise ValueError("silenceMs and maxSeconds must be positive, paddingMs not negative")
+        self.isSpeech = isSpeech
+        self.rate = rate
+        self.frameMs = frameMs
+        self.frameBytes = rate * frameMs // 1000 * 2
+        self.silenceFrames = math.ceil(silenceMs / frameMs)
+        self.paddingFrames = paddingMs // frameMs
+        self.maxFrames = max(1, int(maxSeconds * 1000 // frameMs))
+        self.minSpeechFrames = math.ceil(minSpeechMs / frameMs)
+        self._partial = bytearray()
+        self._before: deque[bytes] = deque(maxlen=self.paddingFrames or None)
+        self._frames: list[bytes] | None = None
+        self._start = 0  # frame index of the utterance's first frame
+        self._lastSpeech = 0  # index in _frames of its last speech frame
+        self._voiced = 0
+        self._position = 0  # frames seen
+        self._finished = False
+
+    def feed(self, data: bytes) -> list[Utterance]:
+        """
+        Take the next bytes of the stream.
+
+        @return: the utterances they complete, in order.
+        """
+        if self._finished:
+            raise ValueError("feed() after finish()")
+        self._partial += data
+        done: list[Utterance] = []
+        whole = len(self._partial) - len(self._partial) % self.frameBytes
+        for offset in range(0, whole, self.frameBytes):
+            frame = bytes(self._partial[offset : offset + self.frameBytes])
+            utterance = self._frame(frame)
+            if utterance is not None:
+                done.append(utterance)
+        del self._partial[:whole]
+        return done
+
+    def finish(self) -> list[Utterance]:
+        """
+        The stream has ended: the utterance under way, if any. A last frame
+        too short to classify is dropped.
+        """
+        if self._finished:
+            raise ValueError("finish() called twice")
+        self._finished = True
+        self._partial.clear()
+        if self._frames is None:
+            return []
+        utterance = self._end(trim=True)
+        return [] if utterance is None else [utterance]
+
+    def _frame(self, frame: bytes) -> Utterance | None:
+        speech = self.isSpeech(frame)
+        self._position += 1
+        if self._frames is None:
+            if not speech:
+                if self.paddingFrames:
+                    self._before.append(frame)
+                return None
+            self._frames = [*self._before, frame]
+            self._start = self._position - len(self._frames)
+            self._before.clear()
+            self._lastSpeech = len(self._frames) - 1
+            self._voiced = 1
+            return None
+        self._frames.append(frame)
+        if speech:
+            self._lastSpeech = len(self._frames) - 1
+            self._voiced += 1
+        if len(self._frames) - 1 - self._lastSpeech >= self.silenceFrames:
+            return self._end(trim=True)
+        if len(self._frames) >= self.maxFrames:
+            return self._end(trim=False)
+        return None
+
+    def _end(self, trim: bool) -> Utterance | None:
+        frames = self._frames
+        assert frames is not None
+        self._frames = None
+        if trim:
+            keep = self._lastSpeech + 1 + self.paddingFrames
+            if self.paddingFrames:
+                self._before.extend(frames[keep:])
+            frames = frames[:keep]
+        if self._voiced < self.minSpeechFrames:
+            return None
+        return Utterance(b"".join(frames), self._start * self.frameMs / 1000, self.rate)
+
+
+def webrtcvadClassifier(aggressiveness: int, rate: int = CAPTION_RATE) -> Callable[[bytes], bool]:
+    """
+    webrtcvad's speech/non-speech decision for one frame.
+
+    @raise CliError: webrtcvad is not installed.
+    """
+    try:
+        import webrtcvad
+    except ImportError as e:
+        raise CliError(
+            f"privox caption needs webrtcvad ({e}): pip install webrtcvad-wheels"
+        ) from None
+    vad = webrtcvad.Vad(aggressiveness)
+
+    def isSpeech(frame: bytes) -> bool:
+        return bool(vad.is_speech(frame, rate))
+
+    return isSpeech
+
+
+# -- caption ----------------------------------------------------------------
+
+
+@implementer(IHalfCloseableProtocol)
+class CaptionProtocol(Protocol):
+    """
+    Reads PCM from its transport (stdin, through L{StandardIO}), sends each
+    utterance to C{transcribe} as soon as it is cut, and writes the
+    transcripts back to the transport (stdout), one line each, in order,
+    whatever order they come back in. Empty transcripts print nothing.
+
+    @ivar done: fires once every line is written and stdout is closed at the
+        end of input (or after L{interrupt}); fails with the first
+        L{CliError}, after the lines before it are written.
+    """
+
+    def __init__(
+        self, segmenter: Segmenter, transcribe: Callable[[Utterance], Awaitable[str]]
+    ) -> None:
+        self.segmenter = segmenter
+        self.transcribe = transcribe
+        self.done: Deferred[None] = Deferred()
+        self._tail: Deferred[None] = succeed(None)
+        self._jobs: set[Deferred[str]] = set()
+        self._error: Exception | None = None
+        self._reading = True
+        self._closing = False
+        self._writable = True
+        self._interrupted = False
+
+    # stdin
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self._reading:
+            return
+        for utterance in self.segmenter.feed(data):
+            self._submit(utterance)
+
+    def readConnectionLost(self) -> None:
+        self._endOfInput()
+
+    def interrupt(self) -> None:
+        """
+        Ctrl-C: stop reading, as if the input had ended (it may have ended
+        already: Ctrl-C stops C{arecord} too); a second time, quit.
+        """
+        if not self._interrupted:
+            self._interrupted = True
+            if self._reading:
+                self.transport.pauseProducing()  # type: ignore[union-attr]
+                self._endOfInput()
+        elif not self.done.called:
+            self.done.errback(SystemExit(EXIT_INTERRUPTED))
+            for job in list(self._jobs):
+                job.cancel()
+
+    def _endOfInput(self) -> None:
+        if not self._reading:
+            return
+        self._reading = False
+        for utterance in self.segmenter.finish():
+            self._submit(utterance)
+        self._tail.addCallback(lambda _: self._close())
+
+    # transcripts, in order
+
+    def _submit(self, utterance: Utterance) -> None:
+        job = Deferred.fromCoroutine(self.transcribe(utterance))
+        self._jobs.add(job)
+        job.addBoth(self._forget, job)
+        self._tail = Deferred.fromCoroutine(self._printAfter(self._tail, job))
+
+    def _forget(self, result: object, job: Deferred[str]) -> object:
+        self._jobs.discard(job)
+        return result
+
+    async def _printAfter(self, previous: Deferred[None], job: Deferred[str]) -> None:
+        """
+        Write C{job}'s line once the line before it is out. Never fails.
+        """
+        await previous
+        try:
+            text = await job
+        except CliError as e:
+            self._fail(e)
+            return
+        except CancelledError:
+            return
+        except Exception as e:
+            self._fail(CliError(f"unexpected error: {type(e).__name__}: {e}"))
+            return
+        line = oneLine(text)
+        if self._error is None and line and self._writable:
+            self.transport.write(line.encode("utf-8") + b"\n")  # type: ignore[union-attr]
+
+    def _fail(self, error: CliError) -> None:
+        if self._error is not None:
+            return
+        self._error = error
+        self._reading = False
+        for job in list(self._jobs):
+            job.cancel()
+        self._close()
+
+    # stdout
+
+    def _close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        if self._writable:
+            self.transport.loseConnection()  # type: ignore[union-attr]  # flushes first
+        else:
+            self._finish()
+
+    def writeConnectionLost(self) -> None:
+        # Nobody reads our output any more (e.g. `privox caption | head -1`):
+        # that ends the work, quietly.
+        self._writable = False
+        self._reading = False
+        self._closing = True
+        for job in list(self._jobs):
+            job.cancel()
+        self.transport.pauseProducing()  # type: ignore[union-attr]
+        self._finish()
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self._writable = False
+        self._reading = False
+        self._finish()
+
+    def _finish(self) -> None:
+        if self.done.called:
+            return
+        if self._error is not None:
+            self.done.errback(self._error)
+        else:
+            self.done.callback(None)

@@ -228,7 +228,7 @@ class URLPolicy:
                 "key validation at {url} failed for key {keyId}: {why}",
                 url=self._safeURL,
                 keyId=keyId(key),
-                why=describeFailure(e),
+                why=webReason(e),
             )
             return False
         self._remember(digest, accepted)
@@ -325,7 +325,7 @@ def _timedOut(result: object, timeout: float) -> NoReturn:
     raise TimeoutError(f"no answer within {timeout:g} seconds")
 
 
-def describeFailure(e: BaseException) -> str:
+def webReason(e: BaseException) -> str:
     """
     A one-line reason for a validation failure, for the warning.
     """

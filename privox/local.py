@@ -190,7 +190,7 @@ class LocalExchange(MultiService):
         # Serve only once every slot has joined the farm, so the first
         # request cannot find the model missing.
         for slot in self.node.slots:
-            await slot.client.whenConnected()
+            await slot.joined()
         api = apiSettings(s)
         self.exchange = FarmExchange(
             [FarmEntry("local", endpoints["stt"], endpoints["tts"])],

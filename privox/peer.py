@@ -29,7 +29,7 @@ from privox.messages import (
     controlFrame,
     decodeObject,
 )
-from privox.tls import describeFailure
+from privox.tls import tlsReason
 
 
 class Denied(Exception):
@@ -155,7 +155,7 @@ class PeerProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = None) -> None:
         if not self.ready.called:
-            tls = describeFailure(reason)
+            tls = tlsReason(reason)
             self.ready.errback(
                 self._handshakeFailure
                 or ConnectionClosed(tls or "the farm closed the connection during the handshake")

@@ -264,7 +264,7 @@ class _Explaining:
         return connection
 
 
-def describeFailure(reason: Failure | None) -> str | None:
+def tlsReason(reason: Failure | None) -> str | None:
     """
     Why a connection was lost, in words, if it was TLS's doing; else L{None}.
     """

@@ -39,7 +39,7 @@ from privox.api.errors import (
     TimedOut,
     TooLarge,
     Unavailable,
-    Unsupported,
+    Unprocessable,
 )
 from privox.api.exchange import Transcribed
 from privox.api.farms import FarmExchange
@@ -348,7 +348,7 @@ class SttTests(APITestCase):
     def test_exchangeErrors(self) -> None:
         cases = [
             (BadInput("the audio could not be decoded"), 400, None),
-            (Unsupported("no farm serves whisper:tiny.en"), 422, None),
+            (Unprocessable("no farm serves whisper:tiny.en"), 422, None),
             (Unavailable("no producer is free"), 503, "5"),
             (Unavailable("farms refused us", retryAfter=30), 503, "30"),
             (TimedOut("no answer within 60 s"), 504, None),
@@ -570,7 +570,7 @@ class TranscriptionTests(APITestCase):
         self.exchange.error = TimedOut("too slow")
         response, body = self.transcribe({"model": "whisper-1"})
         self.assertJsonError(response, body, 504, "timeout", "too slow")
-        self.exchange.error = Unsupported("no farm serves it")
+        self.exchange.error = Unprocessable("no farm serves it")
         response, body = self.transcribe({"model": "whisper-1"})
         self.assertJsonError(response, body, 422, "unsupported")
 

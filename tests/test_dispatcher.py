@@ -4,7 +4,7 @@ Scheduling rules, with time passed in as plain numbers.
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from privox.farm.dispatcher import Capability, Dispatcher, Unsupported
+from privox.farm.dispatcher import Capability, Dispatcher, NoProducer
 
 WHISPER = Capability.of(["whisper:tiny.en"], ["en"])
 ANY_MODEL = Capability.of(["*"], [])
@@ -67,8 +67,8 @@ class DispatcherTests(SynchronousTestCase):
 
     def test_unsupportedFailsAtOnce(self) -> None:
         self.d.addProducer("en", WHISPER, now=0)
-        self.assertRaises(Unsupported, self.d.submit, "j", "vosk:ko", "ko", now=1)
-        self.assertRaises(Unsupported, self.d.submit, "j", "whisper:tiny.en", "de", now=1)
+        self.assertRaises(NoProducer, self.d.submit, "j", "vosk:ko", "ko", now=1)
+        self.assertRaises(NoProducer, self.d.submit, "j", "whisper:tiny.en", "de", now=1)
         self.assertEqual(self.d.queueDepth(), 0)
 
     def test_unsupportedCountsBusyProducers(self) -> None:
@@ -81,7 +81,7 @@ class DispatcherTests(SynchronousTestCase):
         self.assertEqual(self.d.queueDepth(), 1)
 
     def test_noProducersAtAll(self) -> None:
-        self.assertRaises(Unsupported, self.d.submit, "j", "m", None, now=0)
+        self.assertRaises(NoProducer, self.d.submit, "j", "m", None, now=0)
 
     def test_queueIsFifo(self) -> None:
         self.d.addProducer("p", WHISPER, now=0)

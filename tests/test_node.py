@@ -12,9 +12,12 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python import usage
+from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -24,7 +27,8 @@ from privox.engines.registry import ModelSpec, createEngine
 from privox.framing import FrameDecoder, encodeFrame
 from privox.messages import controlFrame
 from privox.engines.digest import digestOf, toneFor
-from privox.node.service import NodeService, NodeSettings, Options
+from privox.node.pool import EngineHandler
+from privox.node.service import NodeService, NodeSettings, Options, Slot
 from tests.loopbackfarm import LoopbackFarm
 
 
@@ -107,6 +111,54 @@ def startNode(test: TestCase, settings: NodeSettings, engines: list[Any] | None 
     test.addCleanup(lambda: node.stopService() if node.running else None)
     test.addCleanup(node._threadpool.stop)
     return node
+
+
+class RefusalBackoffTests(SynchronousTestCase):
+    """
+    A farm that refuses a slot's handshake (DENY, a bad certificate) ends
+    the connection at once: the slot's next try waits longer for each
+    refusal in a row (ClientService alone would count a connection made,
+    and retry at its first delay forever), and one let in starts over.
+    """
+
+    def handshake(self, reactor: MemoryReactorClock, answer: bytes) -> Any:
+        """
+        Accept the slot's pending connection as a farm that answers
+        C{answer} to its HELO; returns the slot's protocol.
+        """
+        factory = reactor.tcpClients.pop()[2]
+        protocol = factory.buildProtocol(None)
+        protocol.makeConnection(StringTransport())
+        protocol.dataReceived(b"who" + answer)
+        return protocol
+
+    def nextDelay(self, reactor: MemoryReactorClock) -> float:
+        [call] = reactor.getDelayedCalls()
+        delay = call.getTime() - reactor.seconds()
+        reactor.advance(delay)
+        return delay
+
+    def test_backoff(self) -> None:
+        reactor = MemoryReactorClock()
+        settings = nodeSettings(stt_farm=("tcp:host=127.0.0.1:port=9",), retry_max=8.0)
+        slot = Slot("stt", settings.stt_farm, EngineHandler(None, {}), settings, reactor)  # type: ignore[arg-type]
+        slot.client.startService()
+        deny = controlFrame(b"DENY", {"error": "unauthorized", "message": "unknown key"})
+        delays = []
+        for _ in range(5):
+            protocol = self.handshake(reactor, deny)
+            protocol.connectionLost(Failure(ConnectionDone()))
+            delays.append(self.nextDelay(reactor))
+        # backoffPolicy's 0.5 s * 1.5 ** refusals (and up to 1 s of jitter).
+        self.assertGreaterEqual(delays[-1], 0.5 * 1.5**5)
+        okay = controlFrame(b"OKAY", {"protocol": 2, "farm": "f", "ping_interval": 10.0,
+                                     "max_frame": 1048576, "max_job_bytes": 1000, "early_upload": 0})
+        joined = slot.joined()
+        protocol = self.handshake(reactor, okay)
+        self.assertIsNone(self.successResultOf(joined))
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertLessEqual(self.nextDelay(reactor), 0.5 * 1.5 + 1.0)
+        slot.client.stopService()
 
 
 class NodeServiceTests(TestCase):

@@ -43,7 +43,7 @@ class TooLarge(ApiError):
     kind = "request_too_large"
 
 
-class Unsupported(ApiError):
+class Unprocessable(ApiError):
     status = 422
     kind = "unsupported"
 
@@ -84,7 +84,7 @@ _BY_CODE: dict[str, type[ApiError]] = {
     ErrorCode.BAD_REQUEST: BadInput,
     ErrorCode.UNAUTHORIZED: Unavailable,  # the farm refused *us*: not the user's fault
     ErrorCode.TOO_LARGE: TooLarge,
-    ErrorCode.UNSUPPORTED_MODEL: Unsupported,
+    ErrorCode.UNSUPPORTED_MODEL: Unprocessable,
     ErrorCode.NO_PRODUCER: Unavailable,
     ErrorCode.PRODUCER_LOST: Unavailable,
     ErrorCode.SHUTTING_DOWN: Unavailable,

@@ -19,7 +19,7 @@ How a request is placed (L{FarmExchange}):
     C{producer_lost}, C{timeout}, C{shutting_down}). C{unsupported_model} is
     retried on other farms too, since another farm may have a producer for the
     model; only if I{every} farm that answered said C{unsupported_model} (and
-    none was unreachable) does the request end in L{Unsupported} (422).
+    none was unreachable) does the request end in L{Unprocessable} (422).
     C{bad_request}, C{too_large}, C{engine_error}, C{cancelled} and
     C{protocol} are final at once: the same request would fail the same way
     elsewhere.
@@ -49,7 +49,7 @@ from privox.api.errors import (
     ApiError,
     TimedOut,
     Unavailable,
-    Unsupported,
+    Unprocessable,
     fromFailCode,
 )
 from privox.api.exchange import Transcribed
@@ -311,7 +311,7 @@ class FarmExchange:
         if fails and not unreachable and all(
             f.code == ErrorCode.UNSUPPORTED_MODEL for f in fails
         ):
-            raise Unsupported(fails[-1].message)
+            raise Unprocessable(fails[-1].message)
         retryable = [f for f in fails if f.code != ErrorCode.UNSUPPORTED_MODEL]
         if retryable:
             last = retryable[-1]

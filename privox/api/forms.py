@@ -12,7 +12,7 @@ Every parser here raises an L{ApiError} subclass, never anything else:
   - L{Unauthorized} (401): no key (unless anonymous use is on), or one the
     API's L{Access} refuses (checked before the other fields, so a caller
     without a good key learns nothing about them);
-  - L{Unsupported} (422): a language, C{response_format} or other choice this
+  - L{Unprocessable} (422): a language, C{response_format} or other choice this
     API does not offer.
 
 The key comes from an C{Authorization: Bearer KEY} header or, without one,
@@ -41,7 +41,7 @@ from multipart import MultipartError, MultipartSegment, PushMultipartParser, par
 from twisted.web.iweb import IRequest
 
 from privox.api.access import Access, Caller
-from privox.api.errors import BadInput, TooLarge, Unsupported, tooLarge
+from privox.api.errors import BadInput, TooLarge, Unprocessable, tooLarge
 from privox.audiofile import sniff
 from privox.messages import CONTROL_CHARACTERS, MAX_TEXT
 
@@ -348,7 +348,7 @@ def _speakable(text: str | None, name: str) -> str | None:
 
 def _language(value: str | None) -> str | None:
     if value is not None and not _LANGUAGE.fullmatch(value):
-        raise Unsupported(f"unsupported language {value!r}: give a language code such as en or de")
+        raise Unprocessable(f"unsupported language {value!r}: give a language code such as en or de")
     return value
 
 
@@ -406,7 +406,7 @@ async def transcriptionForm(
             if responseFormat in UNSERVED_TRANSCRIPTION_FORMATS
             else "is unknown"
         )
-        raise Unsupported(
+        raise Unprocessable(
             f"response_format {responseFormat!r} {why}; "
             f"use one of {', '.join(TRANSCRIPTION_FORMATS)}"
         )
@@ -446,11 +446,11 @@ async def speechForm(request: IRequest, limit: int, access: Access) -> SpeechFor
         raise BadInput("input is required and must not be blank")
     responseFormat = string("response_format") or "wav"
     if responseFormat in UNSERVED_SPEECH_FORMATS:
-        raise Unsupported(
+        raise Unprocessable(
             "response_format 'pcm' (raw 24 kHz samples) is not supported; ask for wav"
         )
     if responseFormat not in SPEECH_FORMATS:
-        raise Unsupported(f"response_format {responseFormat!r} is unknown; ask for wav")
+        raise Unprocessable(f"response_format {responseFormat!r} is unknown; ask for wav")
     return SpeechForm(caller, text, string("model"), string("voice"), responseFormat)
 
 

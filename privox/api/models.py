@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from privox.api.errors import BadInput, Unsupported
+from privox.api.errors import BadInput, Unprocessable
 
 QUALITIES = ("fast", "normal", "better", "best", "xcribe", "xcribe2")
 
@@ -113,7 +113,7 @@ class ModelTable:
         if model and ":" in model:
             return model
         if model and model not in OPENAI_STT_MODELS and model not in self.stt:
-            raise Unsupported(f"unknown model {model!r}")
+            raise Unprocessable(f"unknown model {model!r}")
         return self.sttModel(model if model in self.stt else None, language)
 
     @property
@@ -124,7 +124,7 @@ class ModelTable:
         """
         @param strict: an unknown name is an error (the original API) rather
             than the default voice (OpenAI clients).
-        @raise Unsupported: an unknown voice, when C{strict}.
+        @raise Unprocessable: an unknown voice, when C{strict}.
         """
         if not name:
             return self.voices[self.defaultVoice]
@@ -133,7 +133,7 @@ class ModelTable:
         if name in OPENAI_VOICES and OPENAI_VOICES[name] in self.voices:
             return self.voices[OPENAI_VOICES[name]]
         if strict:
-            raise Unsupported(f"unknown voice {name!r}; voices: {', '.join(self.voices)}")
+            raise Unprocessable(f"unknown voice {name!r}; voices: {', '.join(self.voices)}")
         return self.voices[self.defaultVoice]
 
     def openaiTtsVoice(self, model: str | None, voice: str | None) -> Voice:
@@ -141,7 +141,7 @@ class ModelTable:
         if model and ":" in model:
             return Voice(model, chosen.speaker)
         if model and model not in OPENAI_TTS_MODELS:
-            raise Unsupported(f"unknown model {model!r}")
+            raise Unprocessable(f"unknown model {model!r}")
         return chosen
 
     def byService(self) -> dict[str, set[str]]:

@@ -21,7 +21,7 @@ from typing import Hashable, Iterable
 from privox.messages import ANY
 
 
-class Unsupported(Exception):
+class NoProducer(Exception):
     """
     No connected producer serves this model and language.
     """
@@ -138,10 +138,10 @@ class Dispatcher:
         Returns the producer the job is assigned to, now busy; or L{None} if
         the job was queued until C{now + queueTimeout}.
 
-        @raise Unsupported: no connected producer could ever serve it.
+        @raise NoProducer: no connected producer could ever serve it.
         """
         if not self.canServe(model, language):
-            raise Unsupported(model, language)
+            raise NoProducer(model, language)
         producer = self._longestIdle(model, language)
         if producer is None:
             self._queue[job] = _Waiting(model, language, now + self.queueTimeout)

@@ -43,7 +43,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from privox.keys import describeFailure, withoutSecrets
+from privox.keys import webReason, withoutSecrets
 
 log = Logger()
 
@@ -526,7 +526,7 @@ class HTTPLedger:
             if self._stopped:
                 self._shipping = False
                 return
-            self._failed(len(records), describeFailure(result.value))
+            self._failed(len(records), webReason(result.value))
             return
         code, content = result
         if code == 200:

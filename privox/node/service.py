@@ -162,50 +162,63 @@ class Slot:
         self._endpoint = FailoverEndpoint(farms, reactor, ca)
         self.protocol: ProducerProtocol | None = None
         self._failback: Any = None
+        self._backoff = backoffPolicy(initialDelay=0.5, maxDelay=settings.retry_max)
+        #: Handshakes refused in a row (DENY, a refused TLS certificate...).
+        self._refusals = 0
+        self._joined: list[Deferred[None]] = []
         factory = Factory.forProtocol(self._newProtocol)
         factory.noisy = False
+        # The handshake is not ClientService's prepareConnection: it has no
+        # transition for a connection lost while that runs (a DENY closes
+        # it). A refused handshake is a connection that ends at once, and
+        # the retry delay grows with the refusals in a row instead.
         self.client = ClientService(
-            self._endpoint,
-            factory,
-            retryPolicy=backoffPolicy(initialDelay=0.5, maxDelay=settings.retry_max),
-            clock=reactor,
-            prepareConnection=self._connected,
+            self._endpoint, factory, retryPolicy=self._retryDelay, clock=reactor
         )
 
+    def _retryDelay(self, attempt: int) -> float:
+        return self._backoff(max(attempt, self._refusals))  # type: ignore[no-any-return]
+
+    def joined(self) -> Deferred[None]:
+        """
+        Fires once this slot is let in by a farm (now, if it is).
+        """
+        if self.protocol is not None and not self.protocol.disconnected.called:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._joined.append(d)
+        return d
+
     def _newProtocol(self) -> ProducerProtocol:
-        return ProducerProtocol(self.service, self._settings.key, self._handler)
+        protocol = ProducerProtocol(self.service, self._settings.key, self._handler)
+        protocol.ready.addCallbacks(self._letIn, self._refused, (protocol,))
+        return protocol
 
-    def _connected(self, protocol: ProducerProtocol) -> Deferred[Any]:
+    def _letIn(self, okay: Any, protocol: ProducerProtocol) -> None:
         index = self._endpoint.lastIndex
-        farm = self._endpoint.descriptions[index]
-
-        def ready(okay: Any) -> None:
-            self.protocol = protocol
-            log.info(
-                "serving {service} through {farm} ({name})",
-                service=self.service,
-                farm=farm,
-                name=okay.farm,
+        self.protocol = protocol
+        self._refusals = 0
+        log.info(
+            "serving {service} through {farm} ({name})",
+            service=self.service,
+            farm=self._endpoint.descriptions[index],
+            name=okay.farm,
+        )
+        self._cancelFailback()
+        if index > 0:
+            # On a fallback farm: after a while, hang up when idle so the
+            # reconnection tries the preferred farm first again.
+            self._failback = self._reactor.callLater(
+                self._settings.failback_after, protocol.closeWhenIdle
             )
-            self._cancelFailback()
-            if index > 0:
-                # On a fallback farm: after a while, hang up when idle so the
-                # reconnection tries the preferred farm first again.
-                self._failback = self._reactor.callLater(
-                    self._settings.failback_after, protocol.closeWhenIdle
-                )
+        joined, self._joined = self._joined, []
+        for d in joined:
+            d.callback(None)
 
-        def denied(failure: Any) -> Any:
-            log.warn("farm {farm} refused this node: {why}", farm=farm, why=failure.value)
-            # The handshake failed because the connection was lost (DENY, a
-            # refused TLS certificate...), inside its connectionLost. Twisted's
-            # ClientService has no transition for a connection lost while
-            # prepareConnection runs: failing this attempt is all it needs, so
-            # its proxy must not report the loss as well (NoTransition).
-            protocol._lostNotification = lambda reason: None
-            return failure
-
-        return protocol.ready.addCallbacks(ready, denied)
+    def _refused(self, failure: Any) -> None:
+        self._refusals += 1
+        farm = self._endpoint.descriptions[self._endpoint.lastIndex]
+        log.warn("farm {farm} refused this node: {why}", farm=farm, why=failure.value)
 
     def _cancelFailback(self) -> None:
         if self._failback is not None and self._failback.active():

@@ -13,7 +13,6 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import deferLater
 
 from privox.api.farmlist import FarmEntry
 from privox.consumer import ConsumerProtocol, connectConsumer
@@ -22,6 +21,7 @@ from privox.messages import ErrorCode
 from privox.node.echo import DigestHandler
 from privox.node.worker import Answer, ProducerProtocol
 from tests.loopbackfarm import LoopbackFarm
+from tests.support import until
 
 
 class _HangingRun:
@@ -132,10 +132,7 @@ class LiveFarm:
         await DeferredList([c.disconnected for c in self.consumers])
         await self.loopback.stop()
         await DeferredList([p.disconnected for p in self.producers])
-        for _ in range(200):
-            if not self.farm.connections:
-                break
-            await deferLater(reactor, 0.01, lambda: None)
+        await until(lambda: not self.farm.connections, "the farm's connections closed", 2.0)
 
 
 async def startFarm(testCase: Any, name: str, **settings: Any) -> LiveFarm:
@@ -211,13 +208,3 @@ class RecordingEngine(DigestHandler):
     def start(self, job: dict[str, Any]) -> Any:
         self.jobs.append(job)
         return super().start(job)
-
-
-async def until(predicate: Any, seconds: float = 5.0) -> None:
-    """
-    Wait (on real sockets) until C{predicate()} holds, or C{seconds} pass.
-    """
-    for _ in range(int(seconds / 0.01)):
-        if predicate():
-            return
-        await deferLater(reactor, 0.01, lambda: None)

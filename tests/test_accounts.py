@@ -60,317 +60,281 @@ class StoreTests:
         await store.migrate()
         return store
 
-    def test_migrate(self) -> Any:
-        async def go() -> None:
-            store = await self.store()
-            latest = _migrations()[-1][0]
-            # Twice, as every start does: the second applies nothing.
-            self.assertEqual(await store.migrate(), latest)
-            self.assertEqual(await store.migrate(), latest)
-            self.assertEqual(await store.accounts(), [])
-            # The anonymous bucket exists but is nobody's key.
-            self.assertIsNotNone(await store.account(ANONYMOUS))
+    async def test_migrate(self) -> None:
+        store = await self.store()
+        latest = _migrations()[-1][0]
+        # Twice, as every start does: the second applies nothing.
+        self.assertEqual(await store.migrate(), latest)
+        self.assertEqual(await store.migrate(), latest)
+        self.assertEqual(await store.accounts(), [])
+        # The anonymous bucket exists but is nobody's key.
+        self.assertIsNotNone(await store.account(ANONYMOUS))
 
-        return ensureDeferred(go())
+    async def test_keysAreKeptAsHashes(self) -> None:
+        store = await self.store()
+        key, account = await store.createKey(10.0, label="alice", hourlySeconds=120.0)
+        self.assertTrue(key.startswith("pvx_"))
+        self.assertEqual(account.account, accountId(key))
+        self.assertEqual(account.keyId, accountId(key)[:12])
+        self.assertEqual(await store.authenticate(key), account)
+        self.assertIsNone(await store.authenticate(key + "x"))
+        self.assertIsNone(await store.authenticate(""))
+        [listed] = await store.accounts()
+        self.assertEqual((listed.label, listed.hourlySeconds, listed.role), ("alice", 120.0, "user"))
+        self.assertNotIn(key, repr(listed))
+        self.assertEqual(await store.find(account.keyId[:6]), account)
+        self.assertEqual(await store.find(key), account)
+        self.assertEqual(await store.find(account.account), account)
+        await self.assertFails(store.find("0123456789ab"), StoreError)
+        await self.assertFails(store.find("xyz"), StoreError)
 
-    def test_keysAreKeptAsHashes(self) -> Any:
-        async def go() -> None:
-            store = await self.store()
-            key, account = await store.createKey(10.0, label="alice", hourlySeconds=120.0)
-            self.assertTrue(key.startswith("pvx_"))
-            self.assertEqual(account.account, accountId(key))
-            self.assertEqual(account.keyId, accountId(key)[:12])
-            self.assertEqual(await store.authenticate(key), account)
-            self.assertIsNone(await store.authenticate(key + "x"))
-            self.assertIsNone(await store.authenticate(""))
-            [listed] = await store.accounts()
-            self.assertEqual((listed.label, listed.hourlySeconds, listed.role), ("alice", 120.0, "user"))
-            self.assertNotIn(key, repr(listed))
-            self.assertEqual(await store.find(account.keyId[:6]), account)
-            self.assertEqual(await store.find(key), account)
-            self.assertEqual(await store.find(account.account), account)
-            await self.assertFails(store.find("0123456789ab"), StoreError)
-            await self.assertFails(store.find("xyz"), StoreError)
+    async def test_revoke(self) -> None:
+        store = await self.store()
+        key, account = await store.createKey(10.0, role="farm")
+        self.assertTrue(await store.revoke(account.account, 20.0))
+        self.assertFalse(await store.revoke(account.account, 30.0))
+        revoked = await store.authenticate(key)
+        assert revoked is not None
+        self.assertEqual((revoked.active, revoked.revoked, revoked.role), (False, 20.0, "farm"))
 
-        return ensureDeferred(go())
+    async def test_reserveSettleRelease(self) -> None:
+        store = await self.store()
+        _, a = await store.createKey(0.0)
+        held = await store.reserve(a.account, 100.0, 30.0, 1000.0, 1100.0)
+        self.assertEqual(held.held, 30.0)
+        self.assertEqual(await store.settle(held, 12.5, 1000.5), 12.5)
+        failed = await store.reserve(a.account, 100.0, 40.0, 1001.0, 1101.0)
+        await store.release(failed)
+        state = await store.standing(a.account, 100.0, 1002.0)
+        self.assertEqual((state.used, state.remaining), (12.5, 87.5))
+        # A need must fit whole; the 12.5 s used in the minute from
+        # t=960 leave the window when that minute does.
+        e = await self.assertFails(
+            store.reserve(a.account, 100.0, 87.6, 1003.0, 1103.0), quota.QuotaExceeded
+        )
+        self.assertEqual(e.retryAfter, 1020 + 3600 - 1003)
+        big = await store.reserve(a.account, 100.0, 87.5, 1003.0, 1103.0)
+        self.assertEqual(big.held, 87.5)
+        e = await self.assertFails(
+            store.reserve(a.account, 100.0, 1.0, 1004.0, 1104.0), quota.QuotaExceeded
+        )
+        # Held until t=1103 (settled or not: the API may have died).
+        self.assertEqual(e.retryAfter, 99)
+        again = await store.reserve(a.account, 100.0, 80.0, 1103.0, 1203.0)
+        # Settling charges at most what was held, whatever was reported.
+        self.assertEqual(await store.settle(again, 5000.0, 1104.0), 80.0)
+        state = await store.standing(a.account, 100.0, 1105.0)
+        self.assertEqual(state.used, 92.5)
+        # An hour after their minutes, the seconds are free again.
+        state = await store.standing(a.account, 100.0, 1140.0 + 3600.0)
+        self.assertEqual(state.used, 0.0)
 
-    def test_revoke(self) -> Any:
-        async def go() -> None:
-            store = await self.store()
-            key, account = await store.createKey(10.0, role="farm")
-            self.assertTrue(await store.revoke(account.account, 20.0))
-            self.assertFalse(await store.revoke(account.account, 30.0))
-            revoked = await store.authenticate(key)
-            assert revoked is not None
-            self.assertEqual((revoked.active, revoked.revoked, revoked.role), (False, 20.0, "farm"))
-
-        return ensureDeferred(go())
-
-    def test_reserveSettleRelease(self) -> Any:
-        async def go() -> None:
-            store = await self.store()
-            _, a = await store.createKey(0.0)
-            held = await store.reserve(a.account, 100.0, 30.0, 1000.0, 1100.0)
-            self.assertEqual(held.held, 30.0)
-            self.assertEqual(await store.settle(held, 12.5, 1000.5), 12.5)
-            failed = await store.reserve(a.account, 100.0, 40.0, 1001.0, 1101.0)
-            await store.release(failed)
-            state = await store.standing(a.account, 100.0, 1002.0)
-            self.assertEqual((state.used, state.remaining), (12.5, 87.5))
-            # A need must fit whole; the 12.5 s used in the minute from
-            # t=960 leave the window when that minute does.
-            e = await self.assertFails(
-                store.reserve(a.account, 100.0, 87.6, 1003.0, 1103.0), quota.QuotaExceeded
-            )
-            self.assertEqual(e.retryAfter, 1020 + 3600 - 1003)
-            big = await store.reserve(a.account, 100.0, 87.5, 1003.0, 1103.0)
-            self.assertEqual(big.held, 87.5)
-            e = await self.assertFails(
-                store.reserve(a.account, 100.0, 1.0, 1004.0, 1104.0), quota.QuotaExceeded
-            )
-            # Held until t=1103 (settled or not: the API may have died).
-            self.assertEqual(e.retryAfter, 99)
-            again = await store.reserve(a.account, 100.0, 80.0, 1103.0, 1203.0)
-            # Settling charges at most what was held, whatever was reported.
-            self.assertEqual(await store.settle(again, 5000.0, 1104.0), 80.0)
-            state = await store.standing(a.account, 100.0, 1105.0)
-            self.assertEqual(state.used, 92.5)
-            # An hour after their minutes, the seconds are free again.
-            state = await store.standing(a.account, 100.0, 1140.0 + 3600.0)
-            self.assertEqual(state.used, 0.0)
-
-        return ensureDeferred(go())
-
-    def test_upgradeKeepsUseAndCredit(self) -> Any:
+    async def test_upgradeKeepsUseAndCredit(self) -> None:
         """
         A store of schema 1 (a row per request, credit read from the
         ledger) upgrades with its use and credit in the window intact.
         """
-        async def go() -> None:
-            store = AccountStore.open(await self.dsn(), reactor)
-            self.addCleanup(store.close)  # type: ignore[attr-defined]
-            version, script = _migrations()[0]
+        store = AccountStore.open(await self.dsn(), reactor)
+        self.addCleanup(store.close)  # type: ignore[attr-defined]
+        version, script = _migrations()[0]
 
-            def schemaOne(cursor: Any) -> None:
-                store._dialect.begin(cursor, write=True)
-                cursor.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
-                for statement in _statements(script):
-                    cursor.execute(statement)
-                sql = store._dialect.sql
-                cursor.execute(sql("INSERT INTO schema_version (version) VALUES (?)"), (version,))
-                for i, (at, seconds) in enumerate([(1000.0, 10.0), (1010.0, 5.0), (1100.0, 2.5)]):
-                    cursor.execute(
-                        sql("INSERT INTO usage (id, account, at, seconds) VALUES (?, ?, ?, ?)"),
-                        (f"u{i}", PRODUCER, at, seconds),
-                    )
+        def schemaOne(cursor: Any) -> None:
+            store._dialect.begin(cursor, write=True)
+            cursor.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+            for statement in _statements(script):
+                cursor.execute(statement)
+            sql = store._dialect.sql
+            cursor.execute(sql("INSERT INTO schema_version (version) VALUES (?)"), (version,))
+            for i, (at, seconds) in enumerate([(1000.0, 10.0), (1010.0, 5.0), (1100.0, 2.5)]):
                 cursor.execute(
-                    sql(
-                        "INSERT INTO transactions (farm_account, job_id, farm, at, service, model,"
-                        " input_bytes, output_bytes, audio_seconds, processing_ms, status,"
-                        " producer, consumer, qss, credited)"
-                        " VALUES (?, 'j1', 'f', 0, 'stt', 'm', 0, 0, 4, 1, 'ok', ?, NULL, 8, 1030)"
-                    ),
-                    (FARM, PRODUCER),
+                    sql("INSERT INTO usage (id, account, at, seconds) VALUES (?, ?, ?, ?)"),
+                    (f"u{i}", PRODUCER, at, seconds),
                 )
+            cursor.execute(
+                sql(
+                    "INSERT INTO transactions (farm_account, job_id, farm, at, service, model,"
+                    " input_bytes, output_bytes, audio_seconds, processing_ms, status,"
+                    " producer, consumer, qss, credited)"
+                    " VALUES (?, 'j1', 'f', 0, 'stt', 'm', 0, 0, 4, 1, 'ok', ?, NULL, 8, 1030)"
+                ),
+                (FARM, PRODUCER),
+            )
 
-            await store._run(schemaOne)
-            self.assertEqual(await store.migrate(), _migrations()[-1][0])
-            state = await store.standing(PRODUCER, 100.0, 1200.0)
-            self.assertEqual((state.used, state.earned), (17.5, 8.0))
+        await store._run(schemaOne)
+        self.assertEqual(await store.migrate(), _migrations()[-1][0])
+        state = await store.standing(PRODUCER, 100.0, 1200.0)
+        self.assertEqual((state.used, state.earned), (17.5, 8.0))
 
-        return ensureDeferred(go())
-
-    def test_historyDoesNotSlowTheCheck(self) -> Any:
+    async def test_historyDoesNotSlowTheCheck(self) -> None:
         """
         A key with many settled requests in the window costs a check no
         more rows than a minute's sums for the window: 10,000 requests in an
         hour leave at most 61 rows to read.
         """
-        async def go() -> None:
-            store = await self.store()
-            _, a = await store.createKey(0.0)
-            for i in range(200):
-                r = await store.reserve(a.account, 1e9, 1.0, 100.0 + i * 18.0, 1e6)
-                await store.settle(r, 1.0, 100.0 + i * 18.0)
-            now = 100.0 + 200 * 18.0
+        store = await self.store()
+        _, a = await store.createKey(0.0)
+        for i in range(200):
+            r = await store.reserve(a.account, 1e9, 1.0, 100.0 + i * 18.0, 1e6)
+            await store.settle(r, 1.0, 100.0 + i * 18.0)
+        now = 100.0 + 200 * 18.0
 
-            def count(cursor: Any) -> int:
-                cursor.execute(
-                    store._dialect.sql("SELECT COUNT(*) FROM quota_buckets WHERE account = ?"),
-                    (a.account,),
-                )
-                return int(cursor.fetchone()[0])
-
-            self.assertLessEqual(await store._run(count), 61)
-            state = await store.standing(a.account, 1e9, now)
-            # Every request but those whose minute has left the window.
-            self.assertEqual(state.used, 200.0)
-            await store.reserve(a.account, 1e9, 1.0, now + 3600.0, now + 3700.0)
-            self.assertLessEqual(await store._run(count), 1)
-
-        return ensureDeferred(go())
-
-    def test_ledgerIsIdempotentAndCredits(self) -> Any:
-        async def go() -> None:
-            store = await self.store()
-            cost = {"whisper:base.en": 2.0}.get
-            batch = [
-                record("j1"),
-                record("j2", audio_seconds=5.0, model="other"),
-                record("j3", status="timeout"),
-                record("j4", producer=None),
-            ]
-            self.assertEqual(
-                await store.record(FARM, batch, 50.0, lambda m: cost(m, 1.0)), (4, 0)
+        def count(cursor: Any) -> int:
+            cursor.execute(
+                store._dialect.sql("SELECT COUNT(*) FROM quota_buckets WHERE account = ?"),
+                (a.account,),
             )
-            # Sent again (a farm replaying its spool): nothing new.
-            self.assertEqual(await store.record(FARM, batch[:2], 60.0, lambda m: 1.0), (0, 2))
-            # Another farm may use the same job ids.
-            self.assertEqual(await store.record("fb" * 32, batch[:1], 60.0, lambda m: 1.0), (1, 0))
-            stored = {(t["farm"], t["job_id"]): t for t in await store.transactions()}
-            self.assertEqual(len(stored), 4)
-            self.assertEqual(stored[("farm-1", "j1")]["qss"], 20.0)
-            self.assertEqual(stored[("farm-1", "j2")]["qss"], 5.0)
-            self.assertEqual(stored[("farm-1", "j3")]["qss"], 0.0)
-            # 20 + 5 from farm-1, 10 more from the second farm's j1.
-            state = await store.standing(PRODUCER, 100.0, 70.0)
-            self.assertEqual((state.earned, state.allowance), (35.0, 135.0))
-            # Credit is dated when the API recorded it, and leaves the window.
-            self.assertEqual((await store.standing(PRODUCER, 100.0, 3650.0)).earned, 10.0)
+            return int(cursor.fetchone()[0])
 
-        return ensureDeferred(go())
+        self.assertLessEqual(await store._run(count), 61)
+        state = await store.standing(a.account, 1e9, now)
+        # Every request but those whose minute has left the window.
+        self.assertEqual(state.used, 200.0)
+        await store.reserve(a.account, 1e9, 1.0, now + 3600.0, now + 3700.0)
+        self.assertLessEqual(await store._run(count), 1)
 
-    def test_creditRaisesAllowance(self) -> Any:
-        async def go() -> None:
-            store = await self.store()
-            key, a = await store.createKey(0.0, hourlySeconds=10.0)
-            await store.reserve(a.account, 10.0, 10.0, 100.0, 500.0)
-            await self.assertFails(store.reserve(a.account, 10.0, 5.0, 101.0, 500.0), quota.QuotaExceeded)
-            await store.record(FARM, [record("p1", producer=a.account, audio_seconds=3.0)], 102.0,
-                               lambda m: 2.0)
-            held = await store.reserve(a.account, 10.0, 5.0, 103.0, 500.0)
-            self.assertEqual(held.held, 5.0)
-            await self.assertFails(store.reserve(a.account, 10.0, 1.5, 104.0, 500.0), quota.QuotaExceeded)
+    async def test_ledgerIsIdempotentAndCredits(self) -> None:
+        store = await self.store()
+        cost = {"whisper:base.en": 2.0}.get
+        batch = [
+            record("j1"),
+            record("j2", audio_seconds=5.0, model="other"),
+            record("j3", status="timeout"),
+            record("j4", producer=None),
+        ]
+        self.assertEqual(
+            await store.record(FARM, batch, 50.0, lambda m: cost(m, 1.0)), (4, 0)
+        )
+        # Sent again (a farm replaying its spool): nothing new.
+        self.assertEqual(await store.record(FARM, batch[:2], 60.0, lambda m: 1.0), (0, 2))
+        # Another farm may use the same job ids.
+        self.assertEqual(await store.record("fb" * 32, batch[:1], 60.0, lambda m: 1.0), (1, 0))
+        stored = {(t["farm"], t["job_id"]): t for t in await store.transactions()}
+        self.assertEqual(len(stored), 4)
+        self.assertEqual(stored[("farm-1", "j1")]["qss"], 20.0)
+        self.assertEqual(stored[("farm-1", "j2")]["qss"], 5.0)
+        self.assertEqual(stored[("farm-1", "j3")]["qss"], 0.0)
+        # 20 + 5 from farm-1, 10 more from the second farm's j1.
+        state = await store.standing(PRODUCER, 100.0, 70.0)
+        self.assertEqual((state.earned, state.allowance), (35.0, 135.0))
+        # Credit is dated when the API recorded it, and leaves the window.
+        self.assertEqual((await store.standing(PRODUCER, 100.0, 3650.0)).earned, 10.0)
 
-        return ensureDeferred(go())
+    async def test_creditRaisesAllowance(self) -> None:
+        store = await self.store()
+        key, a = await store.createKey(0.0, hourlySeconds=10.0)
+        await store.reserve(a.account, 10.0, 10.0, 100.0, 500.0)
+        await self.assertFails(store.reserve(a.account, 10.0, 5.0, 101.0, 500.0), quota.QuotaExceeded)
+        await store.record(FARM, [record("p1", producer=a.account, audio_seconds=3.0)], 102.0,
+                           lambda m: 2.0)
+        held = await store.reserve(a.account, 10.0, 5.0, 103.0, 500.0)
+        self.assertEqual(held.held, 5.0)
+        await self.assertFails(store.reserve(a.account, 10.0, 1.5, 104.0, 500.0), quota.QuotaExceeded)
 
-    def test_concurrentReservationsCannotOverspend(self) -> Any:
+    async def test_concurrentReservationsCannotOverspend(self) -> None:
         """
         Twenty requests of 10 s from one key at once, 35 s allowed: exactly
         three get through, whatever order the database runs them in.
         """
-        async def go() -> None:
-            store = await self.store()
-            _, a = await store.createKey(0.0)
-            attempts = [
-                ensureDeferred(store.reserve(a.account, 35.0, 10.0, 500.0 + i / 100, 600.0))
-                for i in range(20)
-            ]
-            results = await DeferredList(attempts, consumeErrors=True)
-            admitted = [r for ok, r in results if ok]
-            refused = [r for ok, r in results if not ok]
-            self.assertEqual(len(admitted), 3)
-            self.assertEqual(len(refused), 17)
-            for failure in refused:
-                failure.trap(quota.QuotaExceeded)
-            self.assertEqual((await store.standing(a.account, 35.0, 501.0)).used, 30.0)
+        store = await self.store()
+        _, a = await store.createKey(0.0)
+        attempts = [
+            ensureDeferred(store.reserve(a.account, 35.0, 10.0, 500.0 + i / 100, 600.0))
+            for i in range(20)
+        ]
+        results = await DeferredList(attempts, consumeErrors=True)
+        admitted = [r for ok, r in results if ok]
+        refused = [r for ok, r in results if not ok]
+        self.assertEqual(len(admitted), 3)
+        self.assertEqual(len(refused), 17)
+        for failure in refused:
+            failure.trap(quota.QuotaExceeded)
+        self.assertEqual((await store.standing(a.account, 35.0, 501.0)).used, 30.0)
 
-        return ensureDeferred(go())
-
-    def test_twoServersCannotOverspend(self) -> Any:
+    async def test_twoServersCannotOverspend(self) -> None:
         """
         Two API servers (two stores, two connection pools) on one database:
         requests from one key split between them still cannot overspend it.
         """
-        async def go() -> None:
-            dsn = await self.dsn()
-            stores = [AccountStore.open(dsn, reactor) for _ in range(2)]
-            for store in stores:
-                self.addCleanup(store.close)  # type: ignore[attr-defined]
-                await store.migrate()
-            _, a = await stores[0].createKey(0.0)
-            attempts = [
-                ensureDeferred(stores[i % 2].reserve(a.account, 45.0, 10.0, 500.0, 600.0))
-                for i in range(16)
-            ]
-            results = await DeferredList(attempts, consumeErrors=True)
-            self.assertEqual(sum(ok for ok, _ in results), 4)
-            for ok, failure in results:
-                if not ok:
-                    failure.trap(quota.QuotaExceeded)
-            self.assertEqual((await stores[1].standing(a.account, 45.0, 501.0)).used, 40.0)
+        dsn = await self.dsn()
+        stores = [AccountStore.open(dsn, reactor) for _ in range(2)]
+        for store in stores:
+            self.addCleanup(store.close)  # type: ignore[attr-defined]
+            await store.migrate()
+        _, a = await stores[0].createKey(0.0)
+        attempts = [
+            ensureDeferred(stores[i % 2].reserve(a.account, 45.0, 10.0, 500.0, 600.0))
+            for i in range(16)
+        ]
+        results = await DeferredList(attempts, consumeErrors=True)
+        self.assertEqual(sum(ok for ok, _ in results), 4)
+        for ok, failure in results:
+            if not ok:
+                failure.trap(quota.QuotaExceeded)
+        self.assertEqual((await stores[1].standing(a.account, 45.0, 501.0)).used, 40.0)
 
-        return ensureDeferred(go())
-
-    def test_keysCommand(self) -> Any:
+    async def test_keysCommand(self) -> None:
         """
         C{privox keys}: create prints the key alone on its last line; list,
         show and revoke name keys by id.
         """
-        async def go() -> None:
-            dsn = await self.dsn()
-            parser = buildParser({})
+        dsn = await self.dsn()
+        parser = buildParser({})
 
-            async def keys(*argv: str) -> str:
-                out = io.StringIO()
-                args: argparse.Namespace = parser.parse_args(["keys", *argv, "--accounts", dsn])
-                await runKeys(reactor, args, out)
-                return out.getvalue()
+        async def keys(*argv: str) -> str:
+            out = io.StringIO()
+            args: argparse.Namespace = parser.parse_args(["keys", *argv, "--accounts", dsn])
+            await runKeys(reactor, args, out)
+            return out.getvalue()
 
-            created = await keys("create", "--hourly-seconds", "90", "--label", "bob")
-            key = created.splitlines()[-1]
-            self.assertTrue(key.startswith("pvx_"))
-            kid = accountId(key)[:12]
-            self.assertIn(kid, created.splitlines()[0])
-            listed = await keys("list")
-            self.assertIn(kid, listed)
-            self.assertIn("bob", listed)
-            self.assertNotIn(key, listed)
-            shown = await keys("show", kid[:8])
-            self.assertIn("allowance: 90.0", shown)
-            self.assertNotIn(key, shown)
-            # A key with the API's default allowance and no label says so,
-            # with no empty lines.
-            plain = accountId((await keys("create")).splitlines()[-1])[:12]
-            shown = (await keys("show", plain, "--default-hourly-seconds", "120")).splitlines()
-            self.assertIn("hourly seconds: 120 (the API's default)", shown)
-            self.assertEqual([line for line in shown if line.endswith(":")], [])
-            self.assertEqual([line for line in shown if line.startswith(("label", "revoked"))], [])
-            self.assertEqual(await keys("revoke", kid), f"revoked key {kid}\n")
-            self.assertEqual(await keys("revoke", kid), f"key {kid} was already revoked\n")
-            self.assertIn("revoked 2", await keys("list"))
-            self.assertIn("revoked: ", await keys("show", kid))
-            await self.assertFails(keys("show", "000000"), StoreError)
+        created = await keys("create", "--hourly-seconds", "90", "--label", "bob")
+        key = created.splitlines()[-1]
+        self.assertTrue(key.startswith("pvx_"))
+        kid = accountId(key)[:12]
+        self.assertIn(kid, created.splitlines()[0])
+        listed = await keys("list")
+        self.assertIn(kid, listed)
+        self.assertIn("bob", listed)
+        self.assertNotIn(key, listed)
+        shown = await keys("show", kid[:8])
+        self.assertIn("allowance: 90.0", shown)
+        self.assertNotIn(key, shown)
+        # A key with the API's default allowance and no label says so,
+        # with no empty lines.
+        plain = accountId((await keys("create")).splitlines()[-1])[:12]
+        shown = (await keys("show", plain, "--default-hourly-seconds", "120")).splitlines()
+        self.assertIn("hourly seconds: 120 (the API's default)", shown)
+        self.assertEqual([line for line in shown if line.endswith(":")], [])
+        self.assertEqual([line for line in shown if line.startswith(("label", "revoked"))], [])
+        self.assertEqual(await keys("revoke", kid), f"revoked key {kid}\n")
+        self.assertEqual(await keys("revoke", kid), f"key {kid} was already revoked\n")
+        self.assertIn("revoked 2", await keys("list"))
+        self.assertIn("revoked: ", await keys("show", kid))
+        await self.assertFails(keys("show", "000000"), StoreError)
 
-        return ensureDeferred(go())
-
-    def test_keysFromTheApiConfig(self) -> Any:
+    async def test_keysFromTheApiConfig(self) -> None:
         """
         C{privox keys --config /etc/privox/api.toml} works on the store the
         API uses, with its hourly seconds; a relative SQLite path there is
         refused (relative to the API's working directory, unknown here).
         """
-        async def go() -> None:
-            dsn = await self.dsn()
-            config = self.mktemp()
-            with open(config, "w") as f:
-                f.write(f'accounts = "{dsn}"\nhourly-seconds = 77.0\nlisten = "tcp:8080"\n')
-            parser = buildParser({})
+        dsn = await self.dsn()
+        config = self.mktemp()
+        with open(config, "w") as f:
+            f.write(f'accounts = "{dsn}"\nhourly-seconds = 77.0\nlisten = "tcp:8080"\n')
+        parser = buildParser({})
 
-            async def keys(*argv: str) -> str:
-                out = io.StringIO()
-                await runKeys(reactor, parser.parse_args(["keys", *argv, "--config", config]), out)
-                return out.getvalue()
+        async def keys(*argv: str) -> str:
+            out = io.StringIO()
+            await runKeys(reactor, parser.parse_args(["keys", *argv, "--config", config]), out)
+            return out.getvalue()
 
-            kid = accountId((await keys("create")).splitlines()[-1])[:12]
-            self.assertIn("hourly seconds: 77 (the API's default)", await keys("show", kid))
-            self.assertIn(kid, await keys("list"))
-            with open(config, "w") as f:
-                f.write('accounts = "sqlite:privox-accounts.sqlite3"\n')
-            e = await self.assertFails(keys("list"), StoreError)
-            self.assertIn("relative to the API's working directory", str(e))
-
-        return ensureDeferred(go())
+        kid = accountId((await keys("create")).splitlines()[-1])[:12]
+        self.assertIn("hourly seconds: 77 (the API's default)", await keys("show", kid))
+        self.assertIn(kid, await keys("list"))
+        with open(config, "w") as f:
+            f.write('accounts = "sqlite:privox-accounts.sqlite3"\n')
+        e = await self.assertFails(keys("list"), StoreError)
+        self.assertIn("relative to the API's working directory", str(e))
 
     async def assertFails(self, work: Any, kind: type[BaseException]) -> Any:
         try:

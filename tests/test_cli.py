@@ -198,7 +198,11 @@ class CommandTests(TestCase):
     def run_(self, *args: str) -> Deferred[tuple[str, str, int]]:
         return Deferred.fromCoroutine(privox(*args, PRIVOX_API=self.local.url, PRIVOX_KEY=KEY))
 
-    async def _ttsThenStt(self) -> None:
+    async def test_ttsThenStt(self) -> None:
+        """
+        C{privox tts} writes a WAV file and says where and how long;
+        C{privox stt} on it prints the words, or the API's JSON.
+        """
         wav = os.path.join(self.folder, "fox.wav")
         out, err, code = await self.run_("tts", FIRST, "-o", wav, "--voice", "voice1")
         self.assertEqual((code, err), (0, ""))
@@ -219,14 +223,11 @@ class CommandTests(TestCase):
         self.assertEqual((answer["model"], answer["language"]), ("whisper:tiny.en", "en"))
         self.assertLessEqual(wer(FIRST, answer["text"]), MAX_WER, answer)
 
-    def test_ttsThenStt(self) -> Deferred[None]:
+    async def test_caption(self) -> None:
         """
-        C{privox tts} writes a WAV file and says where and how long;
-        C{privox stt} on it prints the words, or the API's JSON.
+        Two utterances separated by 1.5 s of silence on stdin: two lines, in
+        order, then exit 0 at the end of input.
         """
-        return Deferred.fromCoroutine(self._ttsThenStt())
-
-    async def _caption(self) -> None:
         pcm = (
             silence(0.5) + spoken16k(FIRST) + silence(1.5) + spoken16k(SECOND) + silence(1.0)
         )
@@ -237,16 +238,13 @@ class CommandTests(TestCase):
         self.assertLessEqual(wer(FIRST, lines[0]), MAX_WER, lines)
         self.assertLessEqual(wer(SECOND, lines[1]), MAX_WER, lines)
 
-    def test_caption(self) -> Deferred[None]:
+    async def test_captionInterrupted(self) -> None:
         """
-        Two utterances separated by 1.5 s of silence on stdin: two lines, in
-        order, then exit 0 at the end of input.
+        Ctrl-C ends capture like the end of input: the utterance under way
+        is still transcribed and printed, and the command exits 0. (The
+        command reads the whole pipe within milliseconds; the first line
+        takes a transcription.)
         """
-        return Deferred.fromCoroutine(self._caption())
-
-    async def _captionInterrupted(self) -> None:
-        # The second utterance is still under way (0.3 s of silence is not
-        # enough to end it) when Ctrl-C comes, and stdin stays open.
         pcm = spoken16k(FIRST) + silence(1.5) + spoken16k(SECOND) + silence(0.3)
 
         def interruptAfterFirstLine(feeder: _Feeder, out: bytes) -> None:
@@ -262,16 +260,12 @@ class CommandTests(TestCase):
         self.assertLessEqual(wer(FIRST, lines[0]), MAX_WER, lines)
         self.assertLessEqual(wer(SECOND, lines[1]), MAX_WER, lines)
 
-    def test_captionInterrupted(self) -> Deferred[None]:
+    async def test_refusals(self) -> None:
         """
-        Ctrl-C ends capture like the end of input: the utterance under way
-        is still transcribed and printed, and the command exits 0. (The
-        command reads the whole pipe within milliseconds; the first line
-        takes a transcription.)
+        A key the exchange does not take: the API's 401 reason on one line,
+        exit 1, and no file written by C{tts}; other HTTP errors likewise,
+        with their status.
         """
-        return Deferred.fromCoroutine(self._captionInterrupted())
-
-    async def _refusals(self) -> None:
         wav = os.path.join(self.folder, "hello.wav")
         with open(wav, "wb") as f:
             f.write(speak("Hello there."))
@@ -316,14 +310,6 @@ class CommandTests(TestCase):
             "privox: unsupported language 'e!': give a language code such as en or de (HTTP 422)"
         ])
 
-    def test_refusals(self) -> Deferred[None]:
-        """
-        A key the exchange does not take: the API's 401 reason on one line,
-        exit 1, and no file written by C{tts}; other HTTP errors likewise,
-        with their status.
-        """
-        return Deferred.fromCoroutine(self._refusals())
-
 
 # -- errors before any request succeeds ---------------------------------------------
 
@@ -331,7 +317,11 @@ class CommandTests(TestCase):
 class ErrorTests(TestCase):
     timeout = 60
 
-    async def _unreachable(self) -> None:
+    async def test_unreachable(self) -> None:
+        """
+        Nothing listening at C{--api}: one line naming the URL, exit 1 (for
+        C{caption}, as soon as the first utterance is sent).
+        """
         api = f"http://127.0.0.1:{await closedPort()}"
         line = f"privox: cannot reach the Privox API at {api}: connection refused\n"
         folder = os.path.abspath(self.mktemp())
@@ -352,14 +342,10 @@ class ErrorTests(TestCase):
             ("", line, 1),
         )
 
-    def test_unreachable(self) -> Deferred[None]:
+    async def test_noAnswer(self) -> None:
         """
-        Nothing listening at C{--api}: one line naming the URL, exit 1 (for
-        C{caption}, as soon as the first utterance is sent).
+        An API that takes the request and never answers: C{--timeout}.
         """
-        return Deferred.fromCoroutine(self._unreachable())
-
-    async def _noAnswer(self) -> None:
         port = reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         api = f"http://127.0.0.1:{port.getHost().port}"
@@ -371,13 +357,10 @@ class ErrorTests(TestCase):
             ("", f"privox: no answer from the Privox API at {api} within 0.5 s\n", 1),
         )
 
-    def test_noAnswer(self) -> Deferred[None]:
+    async def test_missingFile(self) -> None:
         """
-        An API that takes the request and never answers: C{--timeout}.
+        A file that is not there is reported before the API is called.
         """
-        return Deferred.fromCoroutine(self._noAnswer())
-
-    async def _missingFile(self) -> None:
         missing = os.path.join(os.path.abspath(self.mktemp()), "missing.wav")
         api = f"http://127.0.0.1:{await closedPort()}"
         self.assertEqual(
@@ -389,13 +372,10 @@ class ErrorTests(TestCase):
         self.assertEqual((out, code), ("", 1))
         self.assertTrue(err.startswith(f"privox: cannot write {nowhere}: no folder "), err)
 
-    def test_missingFile(self) -> Deferred[None]:
+    async def test_usage(self) -> None:
         """
-        A file that is not there is reported before the API is called.
+        Usage errors (no key, a bad choice, no command) exit 2.
         """
-        return Deferred.fromCoroutine(self._missingFile())
-
-    async def _usage(self) -> None:
         out, err, code = await privox("stt", "x.wav", "--quality", "perfect", "--key", KEY)
         self.assertEqual((out, code), ("", 2))
         self.assertIn("invalid choice: 'perfect'", err)
@@ -403,12 +383,6 @@ class ErrorTests(TestCase):
         self.assertEqual((out, code), ("", 2))
         out, err, code = await privox()
         self.assertEqual((out, code), ("", 2))
-
-    def test_usage(self) -> Deferred[None]:
-        """
-        Usage errors (no key, a bad choice, no command) exit 2.
-        """
-        return Deferred.fromCoroutine(self._usage())
 
 
 # -- without the network ------------------------------------------------------------

@@ -26,12 +26,12 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.protocol import ProcessProtocol, Protocol
-from twisted.internet.task import deferLater
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from privox.consumer import JobFailed, connectConsumer
+from tests.support import sleep
 from tests import pvx2_reference as ref
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -253,7 +253,7 @@ class EndToEndTests(TestCase):
         for attempt in range(retries + 1):
             code, out, err = await self.reference(*args, "--timeout", str(WAIT_S))
             if code == 1 and "no_producer" in err and attempt < retries:
-                await deferLater(reactor, delay, lambda: None)
+                await sleep(delay)
                 delay *= 2
                 continue
             return code, out, err
@@ -278,15 +278,12 @@ class EndToEndTests(TestCase):
 
     # --- tests -------------------------------------------------------------
 
-    def test_sttReferenceConsumerAndProducer(self) -> Deferred[None]:
+    async def test_sttReferenceConsumerAndProducer(self) -> None:
         """
         Two STT jobs, one of them larger than max_frame (several DATA frames),
         come back as the SHA-256 the reference producer computes; the farm's
         log holds hashed key ids but no key, audio or transcript.
         """
-        return Deferred.fromCoroutine(self._stt())
-
-    async def _stt(self) -> None:
         farm, sttPort, _ = await self.startFarm()
         consumerKey, producerKey = canary("consumer-secret"), canary("producer-secret")
         producer = await self.startProducer(farm, sttPort, "stt", producerKey, "--jobs", "2")
@@ -320,14 +317,11 @@ class EndToEndTests(TestCase):
             *(t.split(":")[1] for t in transcripts),
         )
 
-    def test_ttsReferenceConsumerAndProducer(self) -> Deferred[None]:
+    async def test_ttsReferenceConsumerAndProducer(self) -> None:
         """
         A TTS job whose WAV (larger than max_frame) is exactly the one the
         reference producer derives for the text, and a valid WAV.
         """
-        return Deferred.fromCoroutine(self._tts())
-
-    async def _tts(self) -> None:
         farm, _, ttsPort = await self.startFarm()
         consumerKey, producerKey = canary("consumer-secret"), canary("producer-secret")
         samples = 600_000  # 1.2 MB: more than one DATA frame at the default max_frame
@@ -358,14 +352,11 @@ class EndToEndTests(TestCase):
         self.assertIn(b"consumer %s joined tts" % keyId(consumerKey), farmLog)
         self.assertPrivate(farmLog, consumerKey, producerKey, text, "Privacy canary", wav[44:84])
 
-    def test_wrongServiceDenied(self) -> Deferred[None]:
+    async def test_wrongServiceDenied(self) -> None:
         """
         A HELO for TTS on the STT port (consumer or producer) gets DENY
         bad_request, and the farm keeps serving.
         """
-        return Deferred.fromCoroutine(self._wrongService())
-
-    async def _wrongService(self) -> None:
         farm, sttPort, ttsPort = await self.startFarm()
         consumerKey = canary("consumer-secret")
         code, out, err = await self.reference(
@@ -392,18 +383,15 @@ class EndToEndTests(TestCase):
         farmLog = await self.stopFarm(farm)
         self.assertPrivate(farmLog, consumerKey)
 
-    def test_referenceProducerAnswersPings(self) -> Deferred[None]:
+    async def test_referenceProducerAnswersPings(self) -> None:
         """
         With a short ping_interval the idle reference producer is pinged many
         times; it answers PONG, so it is still there for a job afterwards.
         """
-        return Deferred.fromCoroutine(self._pings())
-
-    async def _pings(self) -> None:
         farm, sttPort, _ = await self.startFarm("--ping-interval", "0.2")
         producer = await self.startProducer(farm, sttPort, "stt", canary("p"), "--jobs", "1")
         # ten ping intervals; a PONG is due within 0.1 s of each PING
-        await deferLater(reactor, 2.0, lambda: None)
+        await sleep(2.0)
         self.assertIsNone(producer.reason, producer._describe("ended"))
 
         directory = os.path.abspath(self.mktemp())
@@ -419,14 +407,11 @@ class EndToEndTests(TestCase):
         self.assertEqual(json.loads(out)["text"], ref.stt_transcript(audio))
         await self.producerDone(producer, 1)
 
-    def test_farmShutdownTellsIdleProducer(self) -> Deferred[None]:
+    async def test_farmShutdownTellsIdleProducer(self) -> None:
         """
         Stopping the farm (SIGTERM) sends an idle producer FAIL shutting_down
         with a null id (section 11, step 4); the farm exits cleanly.
         """
-        return Deferred.fromCoroutine(self._shutdown())
-
-    async def _shutdown(self) -> None:
         farm, sttPort, _ = await self.startFarm()
         producer = await self.startProducer(farm, sttPort, "stt", canary("p"))
         await self.stopFarm(farm)
@@ -435,15 +420,12 @@ class EndToEndTests(TestCase):
         self.assertEqual(reason.exitCode, 4)
         self.assertIn(b"FarmFailure: FAIL shutting_down (connection)", producer.output)
 
-    def test_consumerGoneCancelsJob(self) -> Deferred[None]:
+    async def test_consumerGoneCancelsJob(self) -> None:
         """
         A consumer that disconnects in the middle of its upload: the farm sends
         the reference producer CNCL, it answers FAIL cancelled (section 6.3)
         and is idle again for the next job.
         """
-        return Deferred.fromCoroutine(self._cancel())
-
-    async def _cancel(self) -> None:
         farm, sttPort, _ = await self.startFarm()
         producer = await self.startProducer(farm, sttPort, "stt", canary("p"), "--jobs", "2")
 
@@ -478,15 +460,12 @@ class EndToEndTests(TestCase):
         self.assertEqual([line.split()[-1] for line in log.splitlines() if line.startswith("job ")],
                          ["cancelled", "size=1000"])
 
-    def test_projectConsumerWithReferenceProducer(self) -> Deferred[None]:
+    async def test_projectConsumerWithReferenceProducer(self) -> None:
         """
         The project's own consumer (L{connectConsumer}) runs STT and TTS jobs,
         several on one connection, through the farm process against the
         reference producers.
         """
-        return Deferred.fromCoroutine(self._projectConsumer())
-
-    async def _projectConsumer(self) -> None:
         farm, sttPort, ttsPort = await self.startFarm()
         consumerKey = canary("consumer-secret")
         samples = 20_000
@@ -552,7 +531,11 @@ class EndToEndTests(TestCase):
         await node.waitFor(b"serving tts through", timeout=120)
         return node
 
-    async def _daemons(self) -> None:
+    async def test_farmAndNodeDaemons(self) -> None:
+        """
+        twistd privox-farm and twistd privox-node with the bundled models;
+        Piper speaks a sentence through them and Whisper hears it back.
+        """
         farm, sttPort, ttsPort = await self.startFarm()
         node = await self.startNode(sttPort, ttsPort)
         wav = os.path.abspath(self.mktemp()) + ".wav"
@@ -575,10 +558,3 @@ class EndToEndTests(TestCase):
         self.assertNotIn(b"Traceback", node.output)
         farmLog = await self.stopFarm(farm)
         self.assertPrivate(farmLog, "node-key", sentence)
-
-    def test_farmAndNodeDaemons(self) -> Deferred[None]:
-        """
-        twistd privox-farm and twistd privox-node with the bundled models;
-        Piper speaks a sentence through them and Whisper hears it back.
-        """
-        return Deferred.fromCoroutine(self._daemons())

@@ -20,12 +20,11 @@ import random
 import signal
 import sys
 import time
-from typing import Any, Callable
+from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.endpoints import clientFromString, connectProtocol
-from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from privox.api.farmlist import FarmEntry
@@ -38,6 +37,7 @@ from privox.node.echo import DigestHandler
 from privox.node.worker import Answer, Collected
 from tests.apifarms import DroppingEngine, HangingEngine, startFarm
 from tests.loopbackfarm import StallingUpload
+from tests.support import until
 from tests.test_e2e import CONFIG, ENV, REPO, TWISTD, WatchedProcess, freePorts
 
 SOAK = float(os.environ.get("PRIVOX_SOAK_SECONDS", "0") or 0)
@@ -57,18 +57,6 @@ def figures(line: str) -> None:
     sys.__stdout__.write(f"\n    [figures] {line}\n")
     sys.__stdout__.flush()
 
-
-async def poll(predicate: Callable[[], bool], seconds: float, what: str) -> float:
-    """
-    Wait until C{predicate()} holds; fail with C{what} after C{seconds}.
-    Returns the seconds it took.
-    """
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > seconds:
-            raise AssertionError(f"{what}: not within {seconds} s")
-        await deferLater(reactor, 0.01, lambda: None)
-    return time.monotonic() - start
 
 
 def transcriptOf(audio: bytes) -> str:
@@ -203,7 +191,7 @@ class NodeKilledTests(ProcessTestCase):
         """
         farm = await startFarm(self, "A", queue_timeout=1.0)
         doomed = await self.startNodeProcess("doomed", farm.port("stt"))
-        await poll(lambda: producerSessions(farm.farm) == 2, 10, "both slots joined")
+        await until(lambda: producerSessions(farm.farm) == 2, "both slots joined", 10)
 
         stalled = StallingUpload("stt")
         await connectProtocol(clientFromString(reactor, farm.loopback.endpoint("stt")), stalled)
@@ -214,7 +202,7 @@ class NodeKilledTests(ProcessTestCase):
         await stalled.assigned.addTimeout(10, reactor)
         # The other node joins only now, so the job is surely on the doomed one.
         survivor = await self.startNodeProcess("survivor", farm.port("stt"))
-        await poll(lambda: producerSessions(farm.farm) == 4, 10, "survivor joined")
+        await until(lambda: producerSessions(farm.farm) == 4, "survivor joined", 10)
 
         killedAt = time.monotonic()
         doomed.transport.signalProcess(signal.SIGKILL)
@@ -225,7 +213,7 @@ class NodeKilledTests(ProcessTestCase):
         self.assertLess(lostAfter, 2.0)
         reason = await doomed.whenEnded()
         self.assertEqual(getattr(reason, "signal", None), signal.SIGKILL)
-        await poll(lambda: producerSessions(farm.farm) == 2, 10, "doomed slots dropped")
+        await until(lambda: producerSessions(farm.farm) == 2, "doomed slots dropped", 10)
 
         # The farm keeps serving: a plain consumer, and the API through the
         # same farm, are served by the surviving node.
@@ -284,41 +272,54 @@ class FarmFailoverTests(ProcessTestCase):
 
         workers = [Deferred.fromCoroutine(worker(n)) for n in range(4)]
         try:
-            await poll(lambda: state["ok"] >= 40 or bool(errors), 20, "40 requests before the kill")
+            await until(
+                lambda: state["ok"] >= 40 or bool(errors),
+                "40 requests before the kill",
+                20,
+            )
             self.assertIn(b" ok in ", farmA.output)  # both farms were serving
             self.assertIn(b" ok in ", farmB.output)
             for cycle in range(FAILOVER_CYCLES):
                 self.assertEqual(errors, [])
                 # Kill A while the exchange has a job in flight on it.
                 busyOnA = exchange.farms[0].pools["stt"].busy
-                await poll(lambda: len(busyOnA) > 0, 20, "a request in flight on A")
+                await until(lambda: len(busyOnA) > 0, "a request in flight on A", 20)
                 state["inFlight"] += len(busyOnA)
                 farmA.transport.signalProcess(signal.SIGKILL)
                 reason = await farmA.whenEnded()
                 self.assertEqual(getattr(reason, "signal", None), signal.SIGKILL)
                 before = state["ok"]
                 phaseEnd = time.monotonic() + FAILOVER_PHASE_S
-                await poll(
-                    lambda: (state["ok"] >= before + 40 and time.monotonic() >= phaseEnd)
-                    or bool(errors),
-                    20 + FAILOVER_PHASE_S, "40 requests while A is down",
+                await until(
+                    lambda: (state["ok"] >= before + 40 and time.monotonic() >= phaseEnd) or bool(errors),
+                    "40 requests while A is down",
+                    20 + FAILOVER_PHASE_S,
                 )
                 self.assertEqual(errors, [])
                 # Restart A on the same ports; its node dials back in.
                 served = nodeA.output.count(b"serving stt through")
                 restartedAt = time.monotonic()
                 farmA, _, _ = await self.startFarmProcess("A", (sttA, ttsA), "--queue-timeout", "1", "--log-jobs")
-                await poll(lambda: nodeA.output.count(b"serving stt through") >= served + 2, 20,
-                           "node a back on the restarted farm")
+                await until(
+                    lambda: nodeA.output.count(b"serving stt through") >= served + 2,
+                    "node a back on the restarted farm",
+                    20,
+                )
                 # The restarted farm logs the jobs the exchange sends it.
-                await poll(lambda: b" ok in " in farmA.output or bool(errors), 20,
-                           "the restarted farm used again")
+                await until(
+                    lambda: b" ok in " in farmA.output or bool(errors),
+                    "the restarted farm used again",
+                    20,
+                )
                 usedAfter = time.monotonic() - restartedAt
                 self.assertEqual(errors, [])
                 self.assertTrue(exchange.health()["farms"][0]["up"])
                 phaseEnd = time.monotonic() + FAILOVER_PHASE_S
-                await poll(lambda: time.monotonic() >= phaseEnd or bool(errors),
-                           1 + FAILOVER_PHASE_S, "streaming with A back")
+                await until(
+                    lambda: time.monotonic() >= phaseEnd or bool(errors),
+                    "streaming with A back",
+                    1 + FAILOVER_PHASE_S,
+                )
                 self.assertEqual(errors, [])
         finally:
             state["stop"] = True
@@ -375,7 +376,7 @@ class MisbehavingNodeTests(TestCase):
         self.assertEqual(caught.exception.code, ErrorCode.TIMEOUT)
         self.assertGreaterEqual(waited, 0.3)
         self.assertLess(waited, 1.5)
-        await poll(lambda: engine.cancelled == 1, 5, "the hung job cancelled")
+        await until(lambda: engine.cancelled == 1, "the hung job cancelled", 5)
 
         exchange = FarmExchange(
             [hang.entry(), good.entry(fallback=True)], reactor, deadline=5.0, rng=random.Random(1)
@@ -409,7 +410,7 @@ class MisbehavingNodeTests(TestCase):
             self.assertEqual(caught.exception.code, ErrorCode.PRODUCER_LOST)
             await producer.disconnected.addTimeout(5, reactor)
             self.assertEqual(engine.started, 1)
-            await poll(lambda: producerSessions(farm.farm) == 0, 5, "the garbage node dropped")
+            await until(lambda: producerSessions(farm.farm) == 0, "the garbage node dropped", 5)
         await farm.producer("stt", DigestHandler())
         answer = await consumer.stt(STT_MODEL, b"good audio")
         self.assertEqual(answer.text, transcriptOf(b"good audio"))
@@ -482,7 +483,7 @@ class StallTests(ProcessTestCase):
             recent = history[-20:]
             return len(recent) == 20 and recent[0] == recent[-1] and recent[0] > 0
 
-        await poll(stalled, 20, "the producer's output stalled")
+        await until(stalled, "the producer's output stalled", 20)
         # The farm stopped reading the producer: most of the result is still
         # in the producer's own buffer, not in the farm.
         held = unsent()

@@ -27,7 +27,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from privox.api.access import PolicyAccess
@@ -45,6 +45,7 @@ from tests.audiofixtures import tone, wavFile, zipOfZeros, zipped
 from tests.farmharness import FarmHarness, Peer
 from tests.loopbackfarm import LoopbackFarm
 from tests.test_api_app import WAV, FakeExchange, multipart, rawRequest
+from tests.support import until
 
 FUZZ = settings(
     max_examples=150,
@@ -539,13 +540,11 @@ class RealSocketFloodTests(TestCase):
             protocol = _Silent()
             await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), protocol)
             silent.append(protocol)
-        while len(farm.farm.connections) < 301:
-            await deferLater(reactor, 0.01, lambda: None)
+        await until(lambda: len(farm.farm.connections) >= 301, "300 silent peers connected")
         self.assertLess(rssBytes() - before, 64 * 1024 * 1024)
         await self.realJob(farm)
         await DeferredList([p.closed for p in silent])
-        while len(farm.farm.connections) > 1:
-            await deferLater(reactor, 0.01, lambda: None)
+        await until(lambda: len(farm.farm.connections) <= 1, "the silent peers gone")
         await self.realJob(farm)
 
     async def realJob(self, farm: LoopbackFarm) -> None:

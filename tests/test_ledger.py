@@ -7,6 +7,7 @@ replay, against a fake API ledger that stores records by job id.
 from __future__ import annotations
 
 import json
+import threading
 import os
 from typing import Any, Callable
 
@@ -643,12 +644,10 @@ class ThreadedWriteTests(TestCase):
     The file writes really run in a thread pool.
     """
 
-    def test_jsonLinesInThreadPool(self) -> Deferred[None]:
+    async def test_jsonLinesInThreadPool(self) -> None:
         pool = ThreadPool(minthreads=1, maxthreads=2, name="ledger-test")
         pool.start()
         self.addCleanup(pool.stop)
-        import threading
-
         threads: list[str] = []
 
         def runner(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
@@ -663,9 +662,7 @@ class ThreadedWriteTests(TestCase):
         for i in range(50):
             sink.record(rec(f"j{i}"))
 
-        def check(_: None) -> None:
-            self.assertEqual([r["job_id"] for r in lines(path)], [f"j{i}" for i in range(50)])
-            self.assertTrue(threads)
-            self.assertNotIn(threading.current_thread().name, threads)
-
-        return sink.stop().addCallback(check)
+        await sink.stop()
+        self.assertEqual([r["job_id"] for r in lines(path)], [f"j{i}" for i in range(50)])
+        self.assertTrue(threads)
+        self.assertNotIn(threading.current_thread().name, threads)

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.internet.task import deferLater
+from twisted.internet.defer import ensureDeferred
 from twisted.web.client import Agent, HTTPConnectionPool
 from treq.client import HTTPClient
 
@@ -27,20 +26,11 @@ from privox.keys import accountId
 from privox.wav import pcmToWav
 from tests.test_api_app import multipart
 from tests.test_e2e import WatchedProcess, freePorts
+from tests.support import until
 from tests.test_faults import ProcessTestCase
 
 WAIT_S = 30.0
 
-
-async def eventually(check: Callable[[], Awaitable[bool]], what: str, timeout: float = WAIT_S) -> None:
-    """
-    Poll C{check} on the reactor (no sleeping thread) until it holds.
-    """
-    deadline = reactor.seconds() + timeout
-    while not await check():
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await deferLater(reactor, 0.1, lambda: None)
 
 
 class LedgerEndToEndTests(ProcessTestCase):
@@ -70,10 +60,7 @@ class LedgerEndToEndTests(ProcessTestCase):
         finally:
             store.close()
 
-    def test_creditAndLedgerAcrossAnOutage(self) -> Deferred[None]:
-        return ensureDeferred(self._outage())
-
-    async def _outage(self) -> None:
+    async def test_creditAndLedgerAcrossAnOutage(self) -> None:
         work = os.path.abspath(self.mktemp())
         os.makedirs(work)
         self.dsn = f"sqlite:{work}/accounts.sqlite3"
@@ -125,7 +112,7 @@ class LedgerEndToEndTests(ProcessTestCase):
         async def earned(amount: float) -> bool:
             return bool((await self.account(volunteer))["earned"] >= amount)
 
-        await eventually(lambda: earned(4.0), "the volunteer's credit")
+        await until(lambda: earned(4.0), "the volunteer's credit")
         # A producer-only key (0 s/h of its own) may now use what it earned.
         standing = await self.account(volunteer)
         self.assertEqual((standing["hourly_seconds"], standing["allowance"]), (0.0, standing["earned"]))
@@ -143,7 +130,7 @@ class LedgerEndToEndTests(ProcessTestCase):
 
         # Back again: everything spooled arrives, once.
         api = await self.startApi()
-        await eventually(
+        await until(
             lambda: ensureDeferred(self._delivered(jobs)), "the spooled records", timeout=90
         )
         records = await self.transactions()
@@ -156,7 +143,7 @@ class LedgerEndToEndTests(ProcessTestCase):
             # digest:x counts bytes as 16 kHz 16-bit audio: the WAV's header too.
             self.assertAlmostEqual(r["audio_seconds"], 1.0 if r["job_id"] in jobs else 4.0, places=2)
         self.assertAlmostEqual((await self.account(volunteer))["earned"], 4.0 + 5 * 1.0, places=2)
-        await eventually(
+        await until(
             lambda: ensureDeferred(_equal(os.path.getsize(spool), 0)), "the spool to empty"
         )
         # No record, log line or spool holds a key.

@@ -15,7 +15,6 @@ import wave
 from treq.client import HTTPClient
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -73,8 +72,7 @@ class OptionsTests(SynchronousTestCase):
 class LocalExchangeTests(TestCase):
     timeout = 120
 
-    async def _curlExamples(self) -> None:
-        # The defaults: accounts in SQLite, anonymous use on.
+    async def test_curlExamples(self) -> None:
         local = LocalExchange(LocalSettings(port=0, accounts=f"sqlite:{self.mktemp()}"), reactor)
         local.startService()
         self.addCleanup(local.stopService)
@@ -138,9 +136,6 @@ class LocalExchangeTests(TestCase):
 
         health = json.loads(await (await http.get(f"{url}/healthz")).text())
         self.assertEqual(health["farms"][0]["up"], True)
-
-    def test_curlExamples(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._curlExamples())
 
 
 class StartFailureTests(TestCase):

@@ -11,7 +11,6 @@ import random
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from privox.consumer import JobFailed, connectConsumer
@@ -20,12 +19,13 @@ from privox.engines.digest import digestOf, toneFor
 from privox.node.echo import DigestHandler
 from privox.node.worker import Answer, Collected
 from tests.loopbackfarm import LoopbackFarm
+from tests.support import until
 
 
 class ManyPeersTests(TestCase):
     timeout = 60
 
-    async def _manyToMany(self) -> None:
+    async def test_manyConsumersManyProducers(self) -> None:
         farm = LoopbackFarm()
         await farm.listen()
         self.addCleanup(lambda: Deferred.fromCoroutine(farm.stop()))
@@ -63,10 +63,7 @@ class ManyPeersTests(TestCase):
         self.assertEqual(sum(count for _, count in results), 24 * 6)
         self.assertEqual(farm.farm.counters.succeeded, 24 * 6)
 
-    def test_manyConsumersManyProducers(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._manyToMany())
-
-    async def _unsupported(self) -> None:
+    async def test_unsupportedThenGood(self) -> None:
         farm = LoopbackFarm()
         await farm.listen()
         self.addCleanup(lambda: Deferred.fromCoroutine(farm.stop()))
@@ -79,9 +76,6 @@ class ManyPeersTests(TestCase):
         result = await consumer.stt("whisper:tiny.en", b"audio")
         self.assertEqual(result.text, f"sha256:{digestOf(b'audio')} bytes:5")
         consumer.transport.loseConnection()
-
-    def test_unsupportedThenGood(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._unsupported())
 
 
 class StalledEngine:
@@ -106,9 +100,7 @@ class StalledEngine:
 class BackpressureTests(TestCase):
     timeout = 60
 
-    async def _stalledProducer(self) -> None:
-        # Through the farm's memory: tests/test_splice.py has the same
-        # stall with the upload spliced.
+    async def test_stalledProducerPausesConsumer(self) -> None:
         farm = LoopbackFarm(max_job_bytes=64 * 1024 * 1024, splice_min=0)
         await farm.listen()
         self.addCleanup(lambda: Deferred.fromCoroutine(farm.stop()))
@@ -121,12 +113,10 @@ class BackpressureTests(TestCase):
         result = Deferred.fromCoroutine(self._submit(consumer, audio))
 
         [farmSide] = [c for c in farm.farm.connections if isinstance(c.session, ConsumerSession)]
-        for _ in range(500):
-            if farmSide.transport not in reactor.getReaders():
-                break
-            await deferLater(reactor, 0.01, lambda: None)
-        # The farm stopped reading the consumer instead of buffering 32 MiB.
-        self.assertNotIn(farmSide.transport, reactor.getReaders())
+        # The farm stops reading the consumer instead of buffering 32 MiB.
+        await until(
+            lambda: farmSide.transport not in reactor.getReaders(), "the farm paused the consumer", 5
+        )
         [producerSide] = [c for c in farm.farm.connections if isinstance(c.session, ProducerSession)]
         buffered = len(producerSide.transport.dataBuffer) + producerSide.transport._tempDataLen
         self.assertLess(buffered, 4 * 1024 * 1024)
@@ -137,6 +127,3 @@ class BackpressureTests(TestCase):
 
     async def _submit(self, consumer, audio):
         return await consumer.stt("whisper:tiny.en", audio)
-
-    def test_stalledProducerPausesConsumer(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._stalledProducer())

@@ -14,7 +14,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.web.client import Agent, HTTPConnectionPool
-from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.task import Clock
 from twisted.logger import Logger
@@ -366,7 +365,7 @@ class FarmEndpointTests(TestCase):
     loopback socket.
     """
 
-    async def _scrape(self) -> None:
+    async def test_scrape(self) -> None:
         options = FarmOptions()
         options.parseOptions([
             "--stt-listen", "tcp:0:interface=127.0.0.1", "--tts-listen", "none",
@@ -398,10 +397,11 @@ class FarmEndpointTests(TestCase):
         self.assertEqual(response.code, 404)
         await response.content()
 
-    def test_scrape(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._scrape())
-
-    async def _remote(self) -> None:
+    async def test_remoteStatus(self) -> None:
+        """
+        The API reads a remote farm's /status from the URL its farm line
+        names, and keeps the answer a few seconds.
+        """
         h = FarmHarness(name="remote-farm")
         h.producer(models=["whisper:tiny.en"], key="producer-secret")
         port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
@@ -428,13 +428,6 @@ class FarmEndpointTests(TestCase):
         self.assertEqual(await remote(), loads)
         # Unreachable: left out, no error.
         self.assertEqual(await RemoteStatus(farms, reactor)(), {})
-
-    def test_remoteStatus(self) -> Deferred[None]:
-        """
-        The API reads a remote farm's /status from the URL its farm line
-        names, and keeps the answer a few seconds.
-        """
-        return Deferred.fromCoroutine(self._remote())
 
     def test_statusOption(self) -> None:
         entry = FarmEntry.parse("a tcp:host=f:port=1 none weight=2 status=https://f.example/status")
@@ -640,7 +633,7 @@ class LocalTests(TestCase):
 
     timeout = 240
 
-    async def _local(self) -> None:
+    async def test_local(self) -> None:
         from tests.test_cli import privox
 
         local = LocalExchange(LocalSettings(port=0, accounts="none"), reactor)
@@ -682,9 +675,6 @@ class LocalTests(TestCase):
         out, err, code = await privox("status", "--json", PRIVOX_API=local.url)
         self.assertEqual(code, 0)
         self.assertEqual(json.loads(out)["farms"][0]["name"], "local")
-
-    def test_local(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._local())
 
 
 class NodeMetricsTests(SynchronousTestCase):

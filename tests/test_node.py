@@ -14,7 +14,6 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import deferLater
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python import usage
 from twisted.python.failure import Failure
@@ -30,6 +29,7 @@ from privox.engines.digest import digestOf, toneFor
 from privox.node.pool import EngineHandler
 from privox.node.service import NodeService, NodeSettings, Options, Slot
 from tests.loopbackfarm import LoopbackFarm
+from tests.support import until
 
 
 class OptionsTests(SynchronousTestCase):
@@ -81,16 +81,6 @@ class OptionsTests(SynchronousTestCase):
             e = self.assertRaises(usage.UsageError, self.parse, *argv)
             self.assertIn(fragment, str(e))
 
-
-async def until(predicate: Any, what: str, seconds: float = 15.0) -> None:
-    """
-    Wait (without sleeping the reactor) for something a real socket does.
-    """
-    for _ in range(int(seconds / 0.02)):
-        if predicate():
-            return
-        await deferLater(reactor, 0.02, lambda: None)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def producers(farm: LoopbackFarm, service: str) -> int:
@@ -164,7 +154,7 @@ class RefusalBackoffTests(SynchronousTestCase):
 class NodeServiceTests(TestCase):
     timeout = 60
 
-    async def _serves(self) -> None:
+    async def test_servesThroughFarm(self) -> None:
         farm = LoopbackFarm()
         await farm.listen()
         self.addCleanup(lambda: Deferred.fromCoroutine(farm.stop()))
@@ -193,10 +183,7 @@ class NodeServiceTests(TestCase):
         await node.stopService()
         await until(lambda: producers(farm, "stt") == 0 and producers(farm, "tts") == 0, "node gone")
 
-    def test_servesThroughFarm(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._serves())
-
-    async def _restart(self) -> None:
+    async def test_survivesFarmRestart(self) -> None:
         farm = LoopbackFarm()
         await farm.listen()
         ports = {s: p.getHost().port for s, p in farm.ports.items()}
@@ -213,10 +200,7 @@ class NodeServiceTests(TestCase):
         consumer.transport.loseConnection()
         await node.stopService()
 
-    def test_survivesFarmRestart(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._restart())
-
-    async def _failover(self) -> None:
+    async def test_failoverAndFailback(self) -> None:
         preferred = LoopbackFarm()
         await preferred.listen()
         preferredPorts = {s: p.getHost().port for s, p in preferred.ports.items()}
@@ -237,19 +221,13 @@ class NodeServiceTests(TestCase):
         self.assertEqual(producers(fallback, "stt"), 0)
         await node.stopService()
 
-    def test_failoverAndFailback(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._failover())
-
-    async def _badModel(self) -> None:
+    async def test_missingModelFailsStart(self) -> None:
         node = startNode(self, nodeSettings(stt=("whisper:ghost=/nonexistent/model",), tts=(), stt_farm=("tcp:host=127.0.0.1:port=9",)))
         error = await node.ready.addErrback(lambda f: f.value)
         self.assertIsInstance(error, ModelNotFound)
         self.assertIn("nonexistent", str(error))
         # Said by whoever runs the node (twistd's: StartFailureTests).
         self.assertEqual(self.flushLoggedErrors(ModelNotFound), [])
-
-    def test_missingModelFailsStart(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._badModel())
 
 
 class BlockingEngine:
@@ -310,7 +288,7 @@ class ScriptedFarm(Protocol):
 class BusyEngineTests(TestCase):
     timeout = 60
 
-    async def _pingWhileBusy(self) -> None:
+    async def test_pingAnsweredWhileEngineBusy(self) -> None:
         scripted = ScriptedFarm()
         port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
             Factory.forProtocol(lambda: scripted)
@@ -342,9 +320,6 @@ class BusyEngineTests(TestCase):
         [result] = [f for f in scripted.frames if f.verb == b"RSLT"]
         self.assertIn(b'"text":"done"', result.payload)
         self.assertEqual(engine.loads, 1)
-
-    def test_pingAnsweredWhileEngineBusy(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._pingWhileBusy())
 
 
 class SpeechDurationTests(SynchronousTestCase):

@@ -17,7 +17,8 @@ from privox.consumer import JobFailed, connectConsumer
 from privox.node.service import NodeService, NodeSettings
 from privox.engines.registry import ModelSpec, createEngine
 from tests.loopbackfarm import LoopbackFarm
-from tests.test_node import producers, until
+from tests.support import until
+from tests.test_node import producers
 from tests.wer import wer
 
 SENTENCE = "Privacy matters to everyone who uses the internet."
@@ -26,7 +27,7 @@ SENTENCE = "Privacy matters to everyone who uses the internet."
 class RealEnginesTests(TestCase):
     timeout = 120
 
-    async def _exchange(self) -> None:
+    async def test_speakThenHear(self) -> None:
         farm = LoopbackFarm()
         await farm.listen()
         self.addCleanup(lambda: Deferred.fromCoroutine(farm.stop()))
@@ -70,6 +71,3 @@ class RealEnginesTests(TestCase):
         for consumer in (tts, stt):
             consumer.transport.loseConnection()
         await node.stopService()
-
-    def test_speakThenHear(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._exchange())

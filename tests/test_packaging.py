@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import sys
 
-from twisted.internet.defer import Deferred
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import TestCase
@@ -29,7 +28,7 @@ async def run(*argv: str) -> str:
 class FreshInstallTests(TestCase):
     timeout = 600
 
-    async def _install(self) -> None:
+    async def test_twistdListsPlugin(self) -> None:
         venv = FilePath(self.mktemp())
         await run(sys.executable, "-m", "venv", venv.path)
         bin = venv.child("bin")
@@ -58,6 +57,3 @@ class FreshInstallTests(TestCase):
         accounts = "sqlite:" + FilePath(self.mktemp()).path
         created = await run(bin.child("privox").path, "keys", "create", "--accounts", accounts)
         self.assertTrue(created.strip().splitlines()[-1].startswith("pvx_"))
-
-    def test_twistdListsPlugin(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._install())

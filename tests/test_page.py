@@ -28,7 +28,6 @@ from typing import Any
 
 import numpy as np
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import TestCase
@@ -282,7 +281,7 @@ def drive(url: str, key: str, mic: str, record: float, screenshot: str) -> Seen:
 class TryItPageTests(TestCase):
     timeout = 120
 
-    async def _tryIt(self) -> None:
+    async def test_tryIt(self) -> None:
         if importlib.util.find_spec("selenium") is None:
             self.fail("the try-it page test needs selenium: pip install '.[test]'")
         try:
@@ -340,6 +339,3 @@ class TryItPageTests(TestCase):
         self.assertTrue(shot.getsize() > 10_000)
         if os.environ.get("PRIVOX_UPDATE_SCREENSHOT") == "1":
             ROOT.child("docs").child("try-it.png").setContent(shot.getContent())
-
-    def test_tryIt(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._tryIt())

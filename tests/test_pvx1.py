@@ -24,7 +24,6 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
-from twisted.internet.task import deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from privox.consumer import connectConsumer
@@ -34,6 +33,7 @@ from privox.engines.digest import digestOf, toneFor
 from privox.node.echo import DigestHandler
 from tests.farmharness import FarmHarness, ManualPolicy, Peer
 from tests.loopbackfarm import LoopbackFarm
+from tests.support import until
 
 PKEY = b"producer-key-016"
 CKEY = b"consumer-key-016"
@@ -620,12 +620,14 @@ class Pvx1SocketTests(TestCase):
         return farm.ports[service].getHost().port
 
     async def _waitForProducers(self, farm: LoopbackFarm, service: str, count: int) -> None:
-        for _ in range(500):
-            if sum(c for c, _ in farm.farm.dispatchers[service].producersByModel().values()) >= count:
-                return
-            await deferLater(reactor, 0.01, lambda: None)
+        await until(
+            lambda: sum(c for c, _ in farm.farm.dispatchers[service].producersByModel().values())
+            >= count,
+            f"{count} {service} producer(s)",
+            5,
+        )
 
-    async def _exchanges(self) -> None:
+    async def test_exchangesOverSockets(self) -> None:
         farm = await self._farm()
         stt, tts = self.port(farm, "stt"), self.port(farm, "tts")
         await pvx1Node(stt)
@@ -640,18 +642,12 @@ class Pvx1SocketTests(TestCase):
         self.assertEqual(answer, b"%08d" % len(wav) + wav)
         self.assertEqual(await pvx1Job(stt, b"model=vosk:ko&len=3&lang=ko"), b"nak")
 
-    def test_exchangesOverSockets(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._exchanges())
-
-    async def _noNode(self) -> None:
+    async def test_nakWithoutNodeOverSockets(self) -> None:
         farm = await self._farm()
         self.assertEqual(await pvx1Job(self.port(farm, "stt"), b"model=tiny&len=3&lang=en", b"abc"), b"nak")
         self.assertEqual(await pvx1Job(self.port(farm, "tts"), b"model=tts_models/en/vctk/vits&text=x"), b"nak")
 
-    def test_nakWithoutNodeOverSockets(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._noNode())
-
-    async def _nodeLost(self) -> None:
+    async def test_nodeLostOverSockets(self) -> None:
         farm = await self._farm()
         stt = self.port(farm, "stt")
         node = await pvx1Node(stt)
@@ -661,10 +657,7 @@ class Pvx1SocketTests(TestCase):
         answer = await pvx1Job(stt, b"model=tiny&len=3&lang=en", b"abc")
         self.assertEqual(answer, b"")  # acked, then closed without a transcript
 
-    def test_nodeLostOverSockets(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._nodeLost())
-
-    async def _mixed(self) -> None:
+    async def test_mixedTrafficUnderLoad(self) -> None:
         farm = await self._farm()
         stt, tts = self.port(farm, "stt"), self.port(farm, "tts")
         nodes = [await pvx1Node(stt) for _ in range(4)]
@@ -707,6 +700,3 @@ class Pvx1SocketTests(TestCase):
         self.assertEqual(farm.farm.counters.succeeded, 16 * 6)
         # Both kinds of node did work.
         self.assertGreater(sum(node.jobs for node in nodes), 0)
-
-    def test_mixedTrafficUnderLoad(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._mixed())

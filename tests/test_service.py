@@ -26,7 +26,7 @@ from privox.peer import Denied
 class ServiceTests(TestCase):
     timeout = 30
 
-    async def _serve(self) -> None:
+    async def test_serveAndStop(self) -> None:
         options = Options()
         options.parseOptions(["--stt-listen", "tcp:0:interface=127.0.0.1", "--tts-listen", "none"])
         top = makeService(options, reactor)
@@ -50,9 +50,6 @@ class ServiceTests(TestCase):
         consumer.peerLost = closed.callback
         await top.stopService()
         await closed
-
-    def test_serveAndStop(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._serve())
 
     def test_badKeyFile(self) -> None:
         options = Options()

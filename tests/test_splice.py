@@ -301,17 +301,15 @@ class CutShortTests(SpliceTestCase):
         await self.nextJobSucceeds(farm)
         await self.assertQuiet(farm)
 
-    def test_consumerVanishesMidUpload(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self.consumerLeaves("abort"))
+    async def test_consumerVanishesMidUpload(self) -> None:
+        await self.consumerLeaves("abort")
 
-    def test_consumerClosesMidUpload(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self.consumerLeaves("close"))
+    async def test_consumerClosesMidUpload(self) -> None:
+        await self.consumerLeaves("close")
 
-    def test_consumerClosesMidFrame(self) -> Deferred[None]:
+    async def test_consumerClosesMidFrame(self) -> None:
         # A header for a MiB, a thousand of its bytes, the end.
-        return Deferred.fromCoroutine(
-            self.consumerLeaves("close", encodeHeader(b"DATA", MiB) + b"c" * 1000)
-        )
+        await self.consumerLeaves("close", encodeHeader(b"DATA", MiB) + b"c" * 1000)
 
     async def test_consumerStallsPastTimeout(self) -> None:
         farm = await startFarm(self, "splice")
@@ -375,18 +373,18 @@ class CutShortTests(SpliceTestCase):
         self.assertEqual(failure.code, ErrorCode.PROTOCOL)
         await self.nextJobSucceeds(farm)
 
-    def test_frameBeyondTheUpload(self) -> Deferred[None]:
+    async def test_frameBeyondTheUpload(self) -> None:
         # Half of 4 MiB - 2 sent, so a MiB - 1 still owed: a full MiB and
         # another are too much.
         frame = encodeHeader(b"DATA", MiB) + b"x" * MiB
-        return Deferred.fromCoroutine(self.consumerBreaksTheProtocol(frame * 2, 4 * MiB - 2))
+        await self.consumerBreaksTheProtocol(frame * 2, 4 * MiB - 2)
 
-    def test_garbageHeaderMidUpload(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self.consumerBreaksTheProtocol(b"NOPE00000010" + b"z" * 10))
+    async def test_garbageHeaderMidUpload(self) -> None:
+        await self.consumerBreaksTheProtocol(b"NOPE00000010" + b"z" * 10)
 
-    def test_jobFrameMidUpload(self) -> Deferred[None]:
+    async def test_jobFrameMidUpload(self) -> None:
         job = controlFrame(b"JOB_", {"model": "x", "size": 1})
-        return Deferred.fromCoroutine(self.consumerBreaksTheProtocol(job))
+        await self.consumerBreaksTheProtocol(job)
 
 
 class BackpressureTests(SpliceTestCase):

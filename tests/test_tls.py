@@ -39,7 +39,8 @@ from privox.keys import OpenPolicy
 from privox.engines.digest import digestOf, toneFor
 from privox.node.service import Options as NodeOptions
 from privox.tls import checkEndpoint, loadCA
-from tests.test_node import nodeSettings, producers, startNode, until
+from tests.support import until
+from tests.test_node import nodeSettings, producers, startNode
 
 _NOW = datetime.datetime.now(datetime.timezone.utc)
 _DAY = datetime.timedelta(days=1)
@@ -210,16 +211,16 @@ class _TLSTestCase(TestCase):
         return [m for m in (formatEvent(e) for e in self.events) if fragment in m]
 
 
-def _run(coroutine: Any) -> Deferred[Any]:
-    return Deferred.fromCoroutine(coroutine)
-
-
 class ConnectTests(_TLSTestCase):
     """
     A farm certificate from the exchange's CA, for localhost and 127.0.0.1.
     """
 
-    async def _node(self) -> None:
+    async def test_nodeServesWithCA(self) -> None:
+        """
+        A node whose C{ca} is the exchange's CA connects to the farm by
+        hostname and by IP address, and serves a job.
+        """
         farm = await self.farmWith(EXCHANGE_CA.issue())
         node = startNode(
             self,
@@ -245,14 +246,11 @@ class ConnectTests(_TLSTestCase):
         await node.stopService()
         self.assertTrue(self.logged("serving stt through tls:host=localhost"))
 
-    def test_nodeServesWithCA(self) -> Deferred[None]:
+    async def test_apiRunsJobsWithCA(self) -> None:
         """
-        A node whose C{ca} is the exchange's CA connects to the farm by
-        hostname and by IP address, and serves a job.
+        The API's farm exchange with the exchange's CA runs STT and TTS jobs
+        through a TLS farm.
         """
-        return _run(self._node())
-
-    async def _api(self) -> None:
         farm = await self.farmWith(EXCHANGE_CA.issue())
         # A producer over TLS too, with the CA given as the node would.
         node = startNode(
@@ -273,7 +271,12 @@ class ConnectTests(_TLSTestCase):
         self.assertEqual(wav, toneFor("over TLS"))
         await node.stopService()
 
-    async def _buffers(self) -> None:
+    async def test_socketBuffersUnderTLS(self) -> None:
+        """
+        The buffer sizes the farm and its peers set (L{tuneTransport}) reach
+        the TCP socket under TLS, not only the TLS wrapper: with Twisted's
+        64 KiB default a TLS relay paused its source every 64 KiB.
+        """
         farm = await self.farmWith(EXCHANGE_CA.issue())
         trustRoots = f":trustRoots={self.files.root.child('ca').path}"
         consumer = await connectConsumer(reactor, farm.endpoint("stt", extra=trustRoots), "stt")
@@ -283,21 +286,6 @@ class ConnectTests(_TLSTestCase):
                                (connection, RELAY_BUFFER)):
             self.assertIsInstance(protocol.transport, TLSMemoryBIOProtocol)
             self.assertEqual(socketTransport(protocol.transport).bufferSize, size)
-
-    def test_socketBuffersUnderTLS(self) -> Deferred[None]:
-        """
-        The buffer sizes the farm and its peers set (L{tuneTransport}) reach
-        the TCP socket under TLS, not only the TLS wrapper: with Twisted's
-        64 KiB default a TLS relay paused its source every 64 KiB.
-        """
-        return _run(self._buffers())
-
-    def test_apiRunsJobsWithCA(self) -> Deferred[None]:
-        """
-        The API's farm exchange with the exchange's CA runs STT and TTS jobs
-        through a TLS farm.
-        """
-        return _run(self._api())
 
 
 class RefusedTests(_TLSTestCase):
@@ -334,40 +322,42 @@ class RefusedTests(_TLSTestCase):
         self.assertTrue(lines, f"no log line saying {why!r} in {self.logged('')}")
         self.assertIn("farm secure unreachable (TLS", lines[0])
 
-    def test_wrongHostname(self) -> Deferred[None]:
+    async def test_wrongHostname(self) -> None:
         """
         A certificate for another host: the hostname check refuses it.
         """
         cert = EXCHANGE_CA.issue(names=("farm.elsewhere.example",), ips=())
         why = "does not match the hostname"
-        return _run(self._bothRefuse(cert, why, "localhost"))
+        await self._bothRefuse(cert, why, "localhost")
 
-    def test_wrongIPAddress(self) -> Deferred[None]:
+    async def test_wrongIPAddress(self) -> None:
         """
         Dialled by an IP address the certificate does not name.
         """
         cert = EXCHANGE_CA.issue(names=("localhost",), ips=())
-        return _run(self._bothRefuse(cert, "does not match the hostname", "127.0.0.1"))
+        await self._bothRefuse(cert, "does not match the hostname", "127.0.0.1")
 
-    def test_expired(self) -> Deferred[None]:
+    async def test_expired(self) -> None:
         cert = EXCHANGE_CA.issue(notBefore=_NOW - 30 * _DAY, notAfter=_NOW - _DAY)
-        return _run(self._bothRefuse(cert, "the farm's certificate has expired", "localhost"))
+        await self._bothRefuse(cert, "the farm's certificate has expired", "localhost")
 
-    def test_notYetValid(self) -> Deferred[None]:
+    async def test_notYetValid(self) -> None:
         cert = EXCHANGE_CA.issue(notBefore=_NOW + _DAY, notAfter=_NOW + 30 * _DAY)
-        return _run(self._bothRefuse(cert, "the farm's certificate is not valid yet", "localhost"))
+        await self._bothRefuse(cert, "the farm's certificate is not valid yet", "localhost")
 
-    def test_unknownCA(self) -> Deferred[None]:
+    async def test_unknownCA(self) -> None:
         cert = OTHER_CA.issue()
-        return _run(self._bothRefuse(cert, "is signed by an unknown CA", "localhost"))
+        await self._bothRefuse(cert, "is signed by an unknown CA", "localhost")
 
     async def _bothRefuse(self, cert: tuple[bytes, bytes], why: str, host: str) -> None:
         await self._nodeRefuses(cert, host, why)
         self.events.clear()
         await self._apiRefuses(cert, host, why)
 
-    async def _systemTrust(self) -> None:
-        # Without a ca setting, the system's CAs are used: ours is not one.
+    async def test_systemTrustByDefault(self) -> None:
+        """
+        Without C{ca}, a C{tls:} endpoint trusts the system's CAs only.
+        """
         farm = await self.farmWith(EXCHANGE_CA.issue())
         entry = FarmEntry.parse(f"secure {farm.endpoint('stt')} none")
         exchange = FarmExchange([entry], reactor)
@@ -377,14 +367,7 @@ class RefusedTests(_TLSTestCase):
         ).addErrback(lambda f: None)
         self.assertTrue(self.logged("is signed by an unknown CA"), self.logged(""))
 
-    def test_systemTrustByDefault(self) -> Deferred[None]:
-        """
-        Without C{ca}, a C{tls:} endpoint trusts the system's CAs only.
-        """
-        return _run(self._systemTrust())
-
-    async def _ownTrustRootsWin(self) -> None:
-        # An endpoint's own trustRoots=DIR overrides the ca setting.
+    async def test_endpointTrustRootsOverrideCA(self) -> None:
         farm = await self.farmWith(OTHER_CA.issue())
         other = self.files.write("other/other-ca.pem", OTHER_CA.pem())
         endpoint = farm.endpoint("stt", extra=f":trustRoots={FilePath(other).parent().path}")
@@ -399,9 +382,6 @@ class RefusedTests(_TLSTestCase):
         result = await exchange.transcribe("digest:x", "en", b"abc", "auto")
         self.assertEqual(result.text, f"sha256:{digestOf(b'abc')} bytes:3")
         await node.stopService()
-
-    def test_endpointTrustRootsOverrideCA(self) -> Deferred[None]:
-        return _run(self._ownTrustRootsWin())
 
 
 class SettingsTests(SynchronousTestCase):

@@ -55,6 +55,9 @@ setup(
         # The API measures the length of every compressed upload it charges
         # for by decoding it (privox.audiofile); the node decodes with it too.
         "av>=12",
+        # ...and converts uploads for the original nodes it relays to
+        # (privox.farm.pvx1convert), as the node's decoder does.
+        "numpy>=1.24",
         "prometheus_client>=0.20",
     ],
     entry_points={"console_scripts": ["privox = privox.cli:main"]},

@@ -289,7 +289,8 @@ def buildParser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentPa
         "--quality", choices=QUALITIES, help="transcription quality (the API's default: fast)"
     )
     quality.add_argument(
-        "--language", metavar="LANG", help="the language spoken, e.g. en (the API's default: en)"
+        "--language", metavar="LANG",
+        help="the language spoken, a name or code: English, en, de (the API's default: en)",
     )
 
     parser = argparse.ArgumentParser(
@@ -322,7 +323,9 @@ def buildParser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentPa
         help="the WAV file to write (- for stdout)",
     )
     tts.add_argument("--voice", help="the voice, e.g. voice1 (the API's default otherwise)")
-    tts.add_argument("--language", metavar="LANG", help="the text's language, e.g. en")
+    tts.add_argument(
+        "--language", metavar="LANG", help="the text's language, a name or code: English, en"
+    )
 
     caption = commands.add_parser(
         "caption", parents=[common, quality], help="live captions of 16 kHz PCM on stdin",

@@ -7,7 +7,8 @@ Producers and consumers each get their own L{KeyPolicy}. Three kinds exist:
   - L{AllowListPolicy} checks against a fixed set of keys read from a file
     once, at start-up;
   - L{URLPolicy} asks an HTTP validation endpoint, as the original Privox
-    network did, and caches the answers for a short while.
+    network did (by C{GET}, the key in the URL, where the URL has a
+    C{{key}} placeholder), and caches the answers for a short while.
 
 L{policyFromSpec} turns a command-line/config string into one of them.
 
@@ -21,7 +22,7 @@ import re
 from collections import OrderedDict
 from hashlib import sha256
 from typing import Any, NoReturn, Protocol
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import treq
 from twisted.internet.defer import CancelledError, Deferred, succeed
@@ -34,6 +35,9 @@ log = Logger()
 
 #: How many distinct keys L{URLPolicy} remembers answers for.
 DEFAULT_CACHE_SIZE = 10_000
+
+#: Where a validation URL takes the key, for endpoints asked by C{GET}.
+KEY_PLACEHOLDER = "{key}"
 
 # A plain ASCII decimal integer, optionally signed. int() alone would also
 # take "1_000" and non-ASCII digits, which no validation server means to send.
@@ -85,6 +89,8 @@ class HTTPClient(Protocol):
     The part of the C{treq} API L{URLPolicy} uses (C{treq} itself, or
     C{treq.testing.StubTreq} in tests).
     """
+
+    def get(self, url: str, **kwargs: Any) -> Deferred[Any]: ...
 
     def post(self, url: str, **kwargs: Any) -> Deferred[Any]: ...
 
@@ -170,10 +176,14 @@ class URLPolicy:
     Ask an HTTP endpoint about each key.
 
     The key is POSTed as a C{key=...} form body (not in the query string, so
-    it stays out of access logs). The stripped response body must be an
-    integer: positive admits, zero or negative refuses. Anything else -- a
-    connection error, a non-2xx status, a body that is not an integer, no
-    answer within C{timeoutSeconds} -- refuses and logs a warning.
+    it stays out of access logs), unless C{url} holds L{KEY_PLACEHOLDER}:
+    then the key, URL-quoted, takes its place and the check is a C{GET}
+    without a body, as the original network's endpoints expect
+    (C{https://host/cgi-bin/validate?key={key}}). The stripped response
+    body must be an integer: positive admits, zero or negative refuses.
+    Anything else -- a connection error, a non-2xx status, a body that is
+    not an integer, no answer within C{timeoutSeconds} -- refuses and logs a
+    warning.
 
     Answers (both yes and no) are cached per key for C{cacheSeconds}, so a
     flapping peer doesn't hammer the endpoint. Errors are not cached, so one
@@ -194,6 +204,7 @@ class URLPolicy:
         bearer: str | None = None,
     ) -> None:
         self.url = url
+        self._byGet = KEY_PLACEHOLDER in url
         self._headers = {"Authorization": f"Bearer {bearer}"} if bearer else None
         self._httpClient = httpClient
         self._clock = clock
@@ -204,8 +215,10 @@ class URLPolicy:
         # long-lived process doesn't hold every key it has seen in memory.
         # Insertion-ordered, so the first entry is the oldest.
         self._cache: OrderedDict[bytes, tuple[float, bool]] = OrderedDict()
+        # The template's, never a URL with the key in it.
         self._safeURL = withoutSecrets(url)
-        self.description = f"validation URL {self._safeURL}"
+        how = " (GET)" if self._byGet else ""
+        self.description = f"validation URL {self._safeURL}{how}"
 
     def check(self, key: str) -> Deferred[bool]:
         return Deferred.fromCoroutine(self._check(key))
@@ -263,13 +276,14 @@ class URLPolicy:
         return result
 
     async def _exchange(self, key: str) -> bool:
-        # A dict for data= makes treq send application/x-www-form-urlencoded.
-        if self._headers is None:
-            response = await self._httpClient.post(self.url, data={"key": key})
+        headers = {} if self._headers is None else {"headers": self._headers}
+        if self._byGet:
+            # safe="": a "/", "&", "?" or "#" in a key stays part of the key.
+            url = self.url.replace(KEY_PLACEHOLDER, quote(key, safe=""))
+            response = await self._httpClient.get(url, **headers)
         else:
-            response = await self._httpClient.post(
-                self.url, data={"key": key}, headers=self._headers
-            )
+            # A dict for data= makes treq send application/x-www-form-urlencoded.
+            response = await self._httpClient.post(self.url, data={"key": key}, **headers)
         body = await treq.content(response)
         if not 200 <= response.code < 300:
             raise _ValidationError(f"HTTP status {response.code}")
@@ -352,9 +366,11 @@ def policyFromSpec(
     Build a policy from a configuration string:
 
       - C{"open"}: L{OpenPolicy};
-      - C{"http://..."} or C{"https://..."}: L{URLPolicy} for that URL, using
-        C{httpClient} (default: the C{treq} module) and C{reactor} as clock,
-        sending C{bearer} (if any) as C{Authorization: Bearer};
+      - C{"http://..."} or C{"https://..."}: L{URLPolicy} for that URL (a
+        C{GET} with the key in place of C{{key}} where the URL has one, else
+        a C{POST}), using C{httpClient} (default: the C{treq} module) and
+        C{reactor} as clock, sending C{bearer} (if any) as
+        C{Authorization: Bearer};
       - anything else: the path of an allow-list file, see
         L{AllowListPolicy.fromFile}.
 

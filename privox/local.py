@@ -10,11 +10,13 @@ the API's C{/metrics} shows all three, and its C{/status} the farm's load.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.pages import errorPage
@@ -47,7 +49,8 @@ class LocalSettings:
     interface: str = setting("127.0.0.1", "Address the API listens on.")
     accounts: str = setting(
         DEFAULT_DSN,
-        "Account store (keys, quotas): sqlite:PATH, postgresql://..., or 'none' (no quotas).",
+        "Account store (keys, quotas; privox keys create/import manage it): sqlite:PATH,"
+        " postgresql://..., or 'none' (no quotas).",
     )
     anonymous: str = setting(
         "on", "'on': requests without a key share --anonymous-seconds; 'off': they get 401."
@@ -136,6 +139,7 @@ class LocalExchange(MultiService):
             OpenPolicy(),
             OpenPolicy(),
             splicer=splicerFor(farmSettings.splice_min, reactor),
+            runInThread=partial(deferToThreadPool, reactor, reactor.getThreadPool()),
         )
         # One registry for the farm, the node and the API: the API's
         # /metrics shows them all.

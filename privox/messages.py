@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from privox.framing import Frame, encodeFrame
+from privox.languages import UnknownLanguage, languageCode
 
 PROTOCOL_VERSION = 2
 GREETING = b"who"
@@ -148,6 +149,22 @@ def _count(obj: dict[str, Any], name: str, error: type[Exception], default: Any 
     return value
 
 
+def _advertised(languages: tuple[str, ...]) -> tuple[str, ...]:
+    """
+    A producer's languages as the codes jobs carry (C{en_US} -> C{en}), each
+    once. One L{languageCode} does not know stays as given: a node may speak
+    a language Whisper does not (a Coqui voice), and refusing the node, or
+    dropping the name (an empty list means any), would be wrong.
+    """
+    codes = []
+    for language in languages:
+        try:
+            codes.append(languageCode(language))
+        except UnknownLanguage:
+            codes.append(language)
+    return tuple(dict.fromkeys(codes))
+
+
 @dataclass(frozen=True)
 class Hello:
     role: str
@@ -175,7 +192,7 @@ class Hello:
             raise BadRequest(f"service must be one of {', '.join(SERVICES)}")
         key = _string(obj, "key", BadRequest, default="")
         models = _stringList(obj, "models", BadRequest)
-        languages = _stringList(obj, "languages", BadRequest)
+        languages = _advertised(_stringList(obj, "languages", BadRequest))
         if role == "producer" and not models:
             raise BadRequest("a producer must list the models it serves (or [\"*\"])")
         return cls(role, service, key, models, languages)
@@ -250,12 +267,20 @@ class JobRequest:
     @classmethod
     def parse(cls, service: str, obj: dict[str, Any]) -> JobRequest:
         """
-        @raise BadRequest: a required field is missing or has the wrong type.
+        C{language}, a name or code, becomes its code (L{languageCode}).
+
+        @raise BadRequest: a required field is missing or has the wrong type,
+            or the language is unknown.
         """
         model = _string(obj, "model", BadRequest)
         if not model:
             raise BadRequest("field 'model' must not be empty")
         language = _string(obj, "language", BadRequest, default=None)
+        if language is not None:
+            try:
+                language = languageCode(language)
+            except UnknownLanguage as e:
+                raise BadRequest(str(e)) from None
         size = _count(obj, "size", BadRequest)
         timeout = obj.get("timeout_s")
         if timeout is not None and (

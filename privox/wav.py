@@ -205,3 +205,34 @@ def pcmToWav(pcm: bytes, rate: int) -> bytes:
         w.setframerate(rate)
         w.writeframes(pcm)
     return out.getvalue()
+
+
+def joinWavs(parts: list[bytes]) -> bytes:
+    """
+    One PCM or float WAV file holding the audio of C{parts} in order (all
+    of one format: pieces of one text, spoken by one voice).
+
+    @raise BadWav: a part is not such a WAV, or its format differs.
+    """
+    headers = []
+    for part in parts:
+        header = readWavHeader(part)
+        if header is None or header.format is None:
+            raise BadWav("not a complete PCM WAV file")
+        headers.append(header)
+    if len(parts) == 1:
+        return parts[0]
+    fmt = headers[0].format
+    if any(h.format != fmt for h in headers):
+        raise BadWav("WAV pieces differ in format")
+    first = headers[0]
+    datas = [
+        part[h.dataStart : h.dataStart + h.dataBytes(len(part))]
+        for part, h in zip(parts, headers)
+    ]
+    size = sum(len(d) for d in datas)
+    out = bytearray(parts[0][: first.dataStart])
+    struct.pack_into("<I", out, 4, len(out) + size - 8)
+    struct.pack_into("<I", out, first.dataStart - 4, size)
+    out += b"".join(datas)
+    return bytes(out)

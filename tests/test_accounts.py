@@ -311,6 +311,101 @@ class StoreTests:
         self.assertIn("revoked: ", await keys("show", kid))
         await self.assertFails(keys("show", "000000"), StoreError)
 
+    async def test_keysImport(self) -> None:
+        """
+        C{privox keys import FILE}: the original's users keep their keys (of
+        any length up to 256) and allowances. Keys already in the store are
+        counted and left alone (a revoked one stays revoked); no key is ever
+        printed.
+        """
+        dsn = await self.dsn()
+        parser = buildParser({})
+
+        async def keys(*argv: str, stdin: bytes = b"") -> str:
+            out = io.StringIO()
+            args = parser.parse_args(["keys", *argv, "--accounts", dsn])
+            await runKeys(reactor, args, out, io.BytesIO(stdin))
+            return out.getvalue()
+
+        long = "k" * 256
+        lines = [
+            "# the original exchange's users",
+            "",
+            "orig-1234  7200  Alice Example",
+            "   orig/with+odd=chars&é  -  bob",
+            "short",
+            f"{long} 0.5",
+            "\t  # an indented comment",
+        ]
+        path = self.mktemp()  # type: ignore[attr-defined]
+        with open(path, "w", encoding="utf-8") as f:
+            f.write("\ufeff" + "\r\n".join(lines) + "\n")
+        output = await keys("import", path)
+        self.assertEqual(output, "imported 4 keys (0 already present)\n")
+        store = await self.opened(dsn)
+        alice = await store.authenticate("orig-1234")
+        assert alice is not None
+        self.assertEqual(
+            (alice.role, alice.hourlySeconds, alice.label, alice.active),
+            ("user", 7200.0, "Alice Example", True),
+        )
+        self.assertEqual(alice.keyId, accountId("orig-1234")[:12])
+        bob = await store.authenticate("orig/with+odd=chars&é")
+        assert bob is not None
+        self.assertEqual((bob.hourlySeconds, bob.label), (None, "bob"))
+        short = await store.authenticate("short")
+        assert short is not None
+        self.assertEqual((short.hourlySeconds, short.label), (None, ""))
+        self.assertEqual((await store.authenticate(long)).hourlySeconds, 0.5)  # type: ignore[union-attr]
+        self.assertIsNone(await store.authenticate("# the"))
+        # An imported key is named by itself too, as a made one is.
+        self.assertIn("hourly seconds: 7200", await keys("show", "orig-1234"))
+        self.assertEqual(await keys("revoke", "short"), f"revoked key {short.keyId}\n")
+
+        # Again, from stdin, with one new key and Alice's allowance changed:
+        # what the store has stays as it is.
+        again = "orig-1234 10\nshort\nnew-one 60 carol\n"
+        self.assertEqual(
+            await keys("import", "-", stdin=again.encode()), "imported 1 keys (2 already present)\n"
+        )
+        self.assertEqual((await store.authenticate("orig-1234")).hourlySeconds, 7200.0)  # type: ignore[union-attr]
+        self.assertFalse((await store.authenticate("short")).active)  # type: ignore[union-attr]
+        self.assertEqual((await store.authenticate("new-one")).label, "carol")  # type: ignore[union-attr]
+        for secret in ("orig-1234", "short", "new-one", long):
+            self.assertNotIn(secret, await keys("list"))
+
+    async def test_keysImportRefusesMalformed(self) -> None:
+        """
+        A malformed line fails the whole import, by its number and without
+        its text (it holds a key); nothing is written.
+        """
+        dsn = await self.dsn()
+        parser = buildParser({})
+
+        async def importing(text: str) -> str:
+            args = parser.parse_args(["keys", "import", "-", "--accounts", dsn])
+            e = await self.assertFails(
+                runKeys(reactor, args, io.StringIO(), io.BytesIO(text.encode())), StoreError
+            )
+            return str(e)
+
+        cases = [
+            ("good-key 60\n# fine\nsecret-key lots of seconds\n", "stdin line 3: the hourly seconds"),
+            ("good-key\nsecret-key -5\n", "stdin line 2: the hourly seconds"),
+            ("good-key\nsecret-key nan\n", "stdin line 2: the hourly seconds"),
+            ("good-key\nsecret-key inf\n", "stdin line 2: the hourly seconds"),
+            ("good-key\n" + "s" * 257 + "\n", "stdin line 2: a key is at most 256 characters"),
+        ]
+        for text, reason in cases:
+            message = await importing(text)
+            self.assertTrue(message.startswith(reason), message)
+            self.assertNotIn("secret-key", message)
+            self.assertNotIn("good-key", message)
+        self.assertEqual(await (await self.opened(dsn)).accounts(), [])
+        args = parser.parse_args(["keys", "import", self.mktemp(), "--accounts", dsn])  # type: ignore[attr-defined]
+        e = await self.assertFails(runKeys(reactor, args, io.StringIO()), StoreError)
+        self.assertIn("cannot read", str(e))
+
     async def test_keysFromTheApiConfig(self) -> None:
         """
         C{privox keys --config /etc/privox/api.toml} works on the store the
@@ -335,6 +430,15 @@ class StoreTests:
             f.write('accounts = "sqlite:privox-accounts.sqlite3"\n')
         e = await self.assertFails(keys("list"), StoreError)
         self.assertIn("relative to the API's working directory", str(e))
+
+    async def opened(self, dsn: str) -> AccountStore:
+        """
+        Another store on the database at C{dsn}, as a second process sees it.
+        """
+        store = AccountStore.open(dsn, reactor)
+        self.addCleanup(store.close)  # type: ignore[attr-defined]
+        await store.migrate()
+        return store
 
     async def assertFails(self, work: Any, kind: type[BaseException]) -> Any:
         try:

@@ -7,6 +7,7 @@ farms replaced by an in-test exchange and the quota's clock by a L{Clock}.
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import treq
@@ -69,7 +70,9 @@ class AccountsAPITests(TestCase):
     anonymous: float | None = None
 
     async def start(self, anonymous: float | None = None, hourly: float = 60.0) -> None:
-        self.store = AccountStore.open("sqlite:" + self.mktemp(), reactor)
+        # Absolute: a privox command run elsewhere opens it too.
+        self.dsn = "sqlite:" + os.path.abspath(self.mktemp())
+        self.store = AccountStore.open(self.dsn, reactor)
         self.addCleanup(self.store.close)
         await self.store.migrate()
         self.clock = Clock()
@@ -345,6 +348,23 @@ class AccountsAPITests(TestCase):
         standing = await self.account(volunteer)
         self.assertEqual((standing["earned"], standing["allowance"]), (30.0, 90.0))
         self.assertEqual((await self.stt(volunteer, wav(30)))[0], 200)
+
+    async def test_importedKeys(self) -> None:
+        """
+        Keys taken over with C{privox keys import} call the API at once,
+        each with its own hourly seconds or the API's default.
+        """
+        await self.start(hourly=60.0)
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w") as f:
+            f.write("# from the original exchange\nOrigKey-1 30 alice\nOrigKey-2 -\n")
+        out, err, code = await privox("keys", "import", path, "--accounts", self.dsn)
+        self.assertEqual((out, err, code), ("imported 2 keys (0 already present)\n", "", 0))
+        self.assertEqual((await self.account("OrigKey-1"))["allowance"], 30.0)
+        self.assertEqual((await self.account("OrigKey-2"))["allowance"], 60.0)
+        self.assertEqual((await self.stt("OrigKey-1", wav(20)))[0], 200)
+        self.assertEqual((await self.stt("OrigKey-1", wav(20)))[0], 429)
+        self.assertEqual((await self.stt("OrigKey-3", wav(1)))[0], 401)
 
     async def test_accountCommand(self) -> None:
         """

@@ -230,6 +230,41 @@ class SttTests(APITestCase):
             self.assertEqual(response.code, 200)
             self.assertEqual(self.exchange.calls[0][1], model, fields)
 
+    def test_languageNames(self) -> None:
+        """
+        The original clients send C{language=English}: it reaches the farm
+        as C{en} and picks the English model, exactly as C{en} does; other
+        names and region tags become their codes too.
+        """
+        cases = [
+            ({"language": "English"}, "whisper:tiny.en", "en"),
+            ({"language": "en"}, "whisper:tiny.en", "en"),
+            ({"quality": "best", "language": "ENGLISH"}, "whisper:medium.en", "en"),
+            ({"quality": "best", "language": "French"}, "whisper:medium", "fr"),
+            ({"language": " de "}, "whisper:tiny", "de"),
+            ({"language": "pt_BR"}, "whisper:tiny", "pt"),
+        ]
+        for fields, model, language in cases:
+            self.exchange.calls.clear()
+            response, body = self.stt(fields)
+            self.assertEqual(response.code, 200, body)
+            self.assertEqual(self.exchange.calls[0][1:3], (model, language), fields)
+
+    def test_originalPageProxy(self) -> None:
+        """
+        The original web page posts through a proxy that does
+        C{print(response.content)}, and then takes
+        C{s.substring(2, s.length - 4)}: the transcript, exactly, because
+        the body ends in exactly one newline (even where the producer's
+        text ended in line breaks of its own).
+        """
+        for transcript in ("hello world", "hello world\n", "it's done\r\n\n"):
+            self.exchange.text = transcript
+            response, body = self.stt({"language": "English"})
+            self.assertEqual(response.code, 200, body)
+            s = repr(body) + "\n"  # what print() wrote
+            self.assertEqual(s[2 : len(s) - 4], transcript.rstrip("\r\n"), body)
+
     def test_json(self) -> None:
         self.exchange.language = None
         response, body = self.stt(
@@ -321,8 +356,14 @@ class SttTests(APITestCase):
         self.assertPlainError(response, body, 400, "quality must be one of fast, normal")
 
     def test_unsupportedLanguage(self) -> None:
-        response, body = self.stt({"language": "english!"})
-        self.assertPlainError(response, body, 422, "unsupported language")
+        """
+        A language that is neither a name nor a code Whisper knows: 422,
+        saying both are accepted; nothing reaches the farm.
+        """
+        for language in ("english!", "Klingon", "xx-YY", "*"):
+            response, body = self.stt({"language": language})
+            self.assertPlainError(response, body, 422, "give a language name or code")
+        self.assertEqual(self.exchange.calls, [])
 
     def test_nonUtf8Field(self) -> None:
         response, body = self.stt({"quality": b"\xff\xfe"})
@@ -376,7 +417,8 @@ class TtsTests(APITestCase):
     def test_defaultVoice(self) -> None:
         response, body = self.post("/tts", data={"key": KEY, "text": "Hello there."})
         self.assertEqual(response.code, 200)
-        self.assertEqual(self.header(response, "content-type"), "audio/wav")
+        # What the original /tts answered (OpenAI's /v1/audio/speech: audio/wav).
+        self.assertEqual(self.header(response, "content-type"), "audio/x-wav")
         self.assertEqual(body, SPOKEN)
         self.assertEqual(
             self.exchange.calls,
@@ -391,6 +433,15 @@ class TtsTests(APITestCase):
             )
             self.assertEqual(response.code, 200)
             self.assertEqual(self.exchange.calls[0][2:4], ("en", speaker))
+
+    def test_languageName(self) -> None:
+        for given, code in (("English", "en"), ("german", "de"), ("en-GB", "en")):
+            self.exchange.calls.clear()
+            response, body = self.post("/tts", data={"key": KEY, "text": "Hi.", "language": given})
+            self.assertEqual(response.code, 200, body)
+            self.assertEqual(self.exchange.calls[0][2], code, given)
+        response, body = self.post("/tts", data={"key": KEY, "text": "Hi.", "language": "Elvish"})
+        self.assertPlainError(response, body, 422, "give a language name or code")
 
     def test_multipart(self) -> None:
         response, body = self.postMultipart("/tts", {"key": KEY, "text": "Grüße", "voice": "voice2"})
@@ -513,6 +564,8 @@ class TranscriptionTests(APITestCase):
             ({"model": "gpt-4o-transcribe", "language": "en"}, "whisper:tiny.en"),
             ({"model": "whisper:small"}, "whisper:small"),
             ({"model": "best", "language": "fr"}, "whisper:medium"),
+            ({"model": "whisper-1", "language": "English"}, "whisper:tiny.en"),
+            ({"model": "whisper-1", "language": "German"}, "whisper:tiny"),
             ({}, "whisper:tiny.en"),
         ]
         for fields, model in cases:
@@ -555,7 +608,7 @@ class TranscriptionTests(APITestCase):
         )
         self.assertJsonError(response, body, 400, "invalid_request_error", "the file field is required")
         response, body = self.transcribe({"language": "??"})
-        self.assertJsonError(response, body, 422, "unsupported", "unsupported language")
+        self.assertJsonError(response, body, 422, "unsupported", "give a language name or code")
 
     def test_oversize(self) -> None:
         response, body = self.transcribe({}, bytes(self.maxUpload))
@@ -789,6 +842,28 @@ class LoggingTests(APITestCase):
             for secret in (KEY, "wrong-key", "my secret diary", "hello world"):
                 self.assertNotIn(secret, text)
             self.assertNotIn(repr(WAV[:8])[2:-1], text)
+
+
+class ModelTableTests(SynchronousTestCase):
+    def test_pinnedLanguages(self) -> None:
+        """
+        A pinned language, given by code or name, serves every way of
+        naming it; English by name picks the English model as C{en} does.
+        """
+        for line in ("ko vosk:ko", "Korean vosk:ko", "ko-KR vosk:ko"):
+            table = ModelTable.parse(DEFAULT_STT, DEFAULT_VOICES, (line,))
+            self.assertEqual(table.sttLanguages, {"ko": "vosk:ko"}, line)
+            for language in ("ko", "Korean", "KO_kr"):
+                self.assertEqual(table.sttModel("best", language), "vosk:ko", (line, language))
+            for language in (None, "en", "English", "en-US"):
+                self.assertEqual(table.sttModel("best", language), "whisper:medium.en", language)
+            self.assertEqual(table.sttModel("best", "fr"), "whisper:medium")
+
+    def test_unknownPinnedLanguage(self) -> None:
+        e = self.assertRaises(
+            ValueError, ModelTable.parse, DEFAULT_STT, DEFAULT_VOICES, ("Klingon whisper:tiny",)
+        )
+        self.assertIn("language line 'Klingon whisper:tiny': unknown language", str(e))
 
 
 class FormTests(SynchronousTestCase):

@@ -307,7 +307,8 @@ class CommandTests(TestCase):
         out, err, code = await self.run_("stt", wav, "--language", "e!")
         self.assertEqual(code, 1)
         self.assertEqual(err.splitlines(), [
-            "privox: unsupported language 'e!': give a language code such as en or de (HTTP 422)"
+            "privox: unknown language 'e!': give a language name or code, such as English, en,"
+            " German or de (HTTP 422)"
         ])
 
 

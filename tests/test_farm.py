@@ -41,13 +41,14 @@ class HandshakeTests(SynchronousTestCase):
 
     def test_pvx1PeerAccepted(self) -> None:
         """
-        A peer answering C{who} with C{c} or C{s} and a 16-character key
-        speaks PVX/1: it is let in (tests/test_pvx1.py covers the rest), and
-        the farm sends it no PVX/2 frame.
+        A peer answering C{who} with C{c} or C{s} and a key speaks PVX/1:
+        it is let in once its key is all here (when it goes quiet; tests/
+        test_pvx1.py covers the rest), and the farm sends it no PVX/2 frame.
         """
         for first in (b"c", b"s"):
             peer = self.h.peer()
             peer.raw(first + b"0123456789abcdef")
+            self.h.clock.advance(self.h.farm.settings.pvx1_quiet)
             self.assertEqual(peer.transport.value(), b"")
             self.assertFalse(peer.closed)
             self.assertIsNotNone(peer.protocol.session)

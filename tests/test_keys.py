@@ -5,17 +5,20 @@ Tests for L{privox.keys}.
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, quote, urlsplit
 
+from treq.client import HTTPClient
 from treq.testing import StubTreq
+from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.filepath import FilePath
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request
+from twisted.web.server import NOT_DONE_YET, Request, Site
 
 import treq
 from privox.keys import (
@@ -390,6 +393,128 @@ class URLPolicyTests(SynchronousTestCase):
         self.assertEqual(
             policy.description, "validation URL https://auth.example.com:8443/v"
         )
+
+
+class URLPolicyByGetTests(SynchronousTestCase):
+    """
+    A validation URL with a C{{key}} placeholder: the original network's
+    endpoints, which take the key at the end of a C{GET} URL.
+    """
+
+    TEMPLATE = "https://auth.example.com/cgi-bin/validate?key={key}"
+
+    def setUp(self) -> None:
+        self.resource = RecordingResource()
+        self.clock = Clock()
+        self.policy = URLPolicy(self.TEMPLATE, StubTreq(self.resource), self.clock)
+
+    def test_keySentInGETURL(self) -> None:
+        """
+        The key, URL-quoted (every character that means something in a URL
+        included), takes the placeholder's place; there is no body.
+        """
+        key = "key with spaces&=+/?#é"
+        self.assertIs(self.successResultOf(self.policy.check(key)), True)
+        [request] = self.resource.requests
+        self.assertEqual(request["method"], b"GET")
+        self.assertEqual(
+            request["uri"],
+            b"/cgi-bin/validate?key=key%20with%20spaces%26%3D%2B%2F%3F%23%C3%A9",
+        )
+        self.assertEqual(parse_qs(urlsplit(request["uri"].decode()).query), {"key": [key]})
+        self.assertEqual((request["body"], request["contentType"]), (b"", None))
+
+    def test_keyInPath(self) -> None:
+        policy = URLPolicy("https://auth.example.com/keys/{key}/valid", StubTreq(self.resource), self.clock)
+        self.successResultOf(policy.check("a/b c"))
+        [request] = self.resource.requests
+        self.assertEqual((request["method"], request["uri"]), (b"GET", b"/keys/a%2Fb%20c/valid"))
+
+    def test_answers(self) -> None:
+        """
+        The same answers as a POST: an integer above zero admits, others
+        refuse; answers are cached per key.
+        """
+        for body, admitted in ((b"7\n", True), (b"0", False), (b"-1", False)):
+            self.resource.body = body
+            key = f"key-{body!r}"
+            self.assertIs(self.successResultOf(self.policy.check(key)), admitted, body)
+            self.assertIs(self.successResultOf(self.policy.check(key)), admitted, body)
+        self.assertEqual(len(self.resource.requests), 3)
+
+    def test_descriptionAndWarningsHideTheKey(self) -> None:
+        """
+        The policy is described, and its failures logged, by the template's
+        safe form: never with the key, quoted or not.
+        """
+        self.assertEqual(
+            self.policy.description, "validation URL https://auth.example.com/cgi-bin/validate (GET)"
+        )
+        events = captureLogs(self)
+        self.resource.code = 500
+        key = "s3cret key/0123456789"
+        self.assertIs(self.successResultOf(self.policy.check(key)), False)
+        [warning] = [e for e in events if "key validation at" in formatEvent(e)]
+        self.assertIn("https://auth.example.com/cgi-bin/validate", formatEvent(warning))
+        for event in events:
+            for secret in (key, quote(key, safe="")):
+                self.assertNotIn(secret, formatEvent(event))
+                self.assertNotIn(secret, repr(event))
+
+    def test_fromSpecWithBearer(self) -> None:
+        policy = policyFromSpec(
+            self.TEMPLATE, reactor=self.clock, httpClient=StubTreq(self.resource), bearer="farm-key-1"
+        )
+        self.assertIsInstance(policy, URLPolicy)
+        self.assertIs(self.successResultOf(policy.check("k")), True)
+        [request] = self.resource.requests
+        self.assertEqual(request["method"], b"GET")
+        self.assertEqual(request["uri"], b"/cgi-bin/validate?key=k")
+        self.assertEqual(request["authorization"], [b"Bearer farm-key-1"])
+
+
+class URLPolicyServerTests(TestCase):
+    """
+    L{URLPolicy} against a real HTTP server on loopback, both ways.
+    """
+
+    async def test_againstAServer(self) -> None:
+        known = "original key/1"
+        resource = KnownKeyResource(known)
+        port = reactor.listenTCP(0, Site(resource), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        base = f"http://127.0.0.1:{port.getHost().port}"
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        client = HTTPClient(Agent(reactor, pool=pool))
+        byGet = policyFromSpec(f"{base}/cgi-bin/validate?key={{key}}", reactor=reactor, httpClient=client)
+        byPost = policyFromSpec(f"{base}/v1/keys/validate", reactor=reactor, httpClient=client)
+        for policy in (byGet, byPost):
+            self.assertIs(await policy.check(known), True)
+            self.assertIs(await policy.check("someone else"), False)
+        self.assertEqual(
+            [(r["method"], r["uri"].split(b"?")[0]) for r in resource.requests],
+            [(b"GET", b"/cgi-bin/validate")] * 2 + [(b"POST", b"/v1/keys/validate")] * 2,
+        )
+
+
+class KnownKeyResource(RecordingResource):
+    """
+    A validation endpoint that knows one key, which it takes from the query
+    (C{GET}) or the form body (C{POST}).
+    """
+
+    def __init__(self, known: str) -> None:
+        super().__init__()
+        self.known = known
+
+    def render(self, request: Request) -> bytes | int:
+        super().render(request)
+        asked = self.requests[-1]
+        if asked["method"] == b"GET":
+            form = urlsplit(asked["uri"].decode("ascii")).query
+        else:
+            form = asked["body"].decode("ascii")
+        return b"1\n" if parse_qs(form).get("key") == [self.known] else b"0\n"
 
 
 class PolicyFromSpecTests(SynchronousTestCase):

@@ -92,7 +92,7 @@ class LocalExchangeTests(TestCase):
             f"{url}/tts", data={"voice": "voice1", "text": SENTENCE}
         )
         self.assertEqual(response.code, 200)
-        self.assertEqual(response.headers.getRawHeaders("content-type"), ["audio/wav"])
+        self.assertEqual(response.headers.getRawHeaders("content-type"), ["audio/x-wav"])
         spoken = await response.content()
         with wave.open(io.BytesIO(spoken)) as w:
             self.assertGreater(w.getnframes() / w.getframerate(), 1.0)
@@ -101,7 +101,8 @@ class LocalExchangeTests(TestCase):
         body, contentType = multipart({"quality": "fast"}, spoken)
         response = await http.post(f"{url}/stt", data=body, headers={"Content-Type": contentType})
         self.assertEqual(response.code, 200)
-        self.assertLessEqual(wer(SENTENCE, await response.text()), 0.25)
+        transcript = await response.text()
+        self.assertLessEqual(wer(SENTENCE, transcript), 0.25, transcript)
 
         # ... and a Piper WAV through the OpenAI endpoint, JSON out.
         clip = speak("The weather today is sunny with a light breeze.")

@@ -50,6 +50,22 @@ class HelloTests(SynchronousTestCase):
         self.assertEqual(hello, Hello("producer", "stt", "k", ("whisper:tiny.en",), ("en",)))
         self.assertEqual(Hello.parse(hello.payload()), hello)
 
+    def test_languagesAsCodes(self) -> None:
+        """
+        A producer's languages become the codes jobs carry, each once; one
+        Whisper does not know stays as given (the node may speak it), so
+        that the list never shrinks to an empty one, which means any.
+        """
+        hello = Hello.parse(
+            obj(protocol=2, role="producer", service="tts", key="k", models=["*"],
+                languages=["en", "en_US", "German", "ewe"])
+        )
+        self.assertEqual(hello.languages, ("en", "de", "ewe"))
+        hello = Hello.parse(
+            obj(protocol=2, role="producer", service="tts", key="k", models=["*"], languages=["*"])
+        )
+        self.assertEqual(hello.languages, ("*",))
+
     def test_consumerPayloadHasNoModels(self) -> None:
         payload = Hello("consumer", "tts", "k").payload()
         self.assertEqual(payload, {"protocol": 2, "role": "consumer", "service": "tts", "key": "k"})
@@ -80,6 +96,23 @@ class JobRequestTests(SynchronousTestCase):
             request.payload("id1"),
             {"id": "id1", "model": "m", "language": "en", "size": 10, "format": "wav"},
         )
+
+    def test_languageNames(self) -> None:
+        """
+        A language by name or with a region travels on as its code; an
+        unknown one fails the job.
+        """
+        for given in ("English", "ENGLISH", " en ", "en-US"):
+            request = JobRequest.parse("stt", obj(model="m", language=given, size=10))
+            self.assertEqual(request.language, "en", given)
+            self.assertEqual(request.payload("j")["language"], "en", given)
+        request = JobRequest.parse("tts", obj(model="m", language="French", text="Salut.", size=0))
+        self.assertEqual(request.language, "fr")
+        e = self.assertRaises(
+            BadRequest, JobRequest.parse, "stt", obj(model="m", language="Klingon", size=10)
+        )
+        self.assertEqual(e.code, ErrorCode.BAD_REQUEST)
+        self.assertIn("unknown language 'Klingon'", e.message)
 
     def test_sttDefaults(self) -> None:
         request = JobRequest.parse("stt", obj(model="m", size=1))

@@ -1,26 +1,34 @@
 """
-C{privox keys create|list|revoke|show --accounts DSN}: managing keys in an
-account store from the command line.
+C{privox keys create|import|list|revoke|show --accounts DSN}: managing keys
+in an account store from the command line.
 
 A new key is printed once, alone on the last line of C{create}'s output, so
 scripts can take it with C{tail -n 1}; the store keeps only its hash. Keys
 are named afterwards by their key id (the first 12 hex digits of that hash)
 or a unique prefix of it, as C{list} shows them.
+
+C{import} takes over keys another exchange gave out (the original's users
+keep their keys and allowances): a file of C{KEY [HOURLY-SECONDS|-]
+[LABEL...]} lines, all stored or none. It never prints a key.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
 import tomllib
 from datetime import datetime, timezone
-from typing import Any, Mapping, TextIO
+from typing import Any, BinaryIO, Mapping, TextIO
 
 from privox.accounts import quota
 from privox.accounts.store import DEFAULT_DSN, ROLES, Account, AccountStore, StoreError
+
+#: The longest key C{import} takes, in characters.
+MAX_KEY = 256
 
 
 def addKeysParser(commands: Any, environ: Mapping[str, str]) -> None:
@@ -43,7 +51,7 @@ def addKeysParser(commands: Any, environ: Mapping[str, str]) -> None:
         " setting names, and its hourly-seconds for show",
     )
     keys = commands.add_parser(
-        "keys", help="create, list, revoke and show keys in an account store",
+        "keys", help="create, import, list, revoke and show keys in an account store",
         description="Manage the keys of an account store (what privox-api --accounts uses).",
     )
     actions = keys.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -61,6 +69,13 @@ def addKeysParser(commands: Any, environ: Mapping[str, str]) -> None:
         help="user: calls the API and produces; farm: posts its ledger and checks keys "
         "(default: %(default)s)",
     )
+    imports = actions.add_parser(
+        "import", parents=[store], help="take over existing keys, e.g. the original exchange's",
+        description="Store existing keys as user keys, all or none. FILE has a line per key,"
+        " 'KEY [HOURLY-SECONDS|-] [LABEL...]' (- or nothing: the API's default allowance);"
+        " blank lines and # comments are skipped, as are keys already in the store.",
+    )
+    imports.add_argument("file", metavar="FILE", help="the keys; - reads them from stdin")
     listing = actions.add_parser("list", parents=[store], help="list the keys (ids, not keys)")
     listing.add_argument("--json", action="store_true", help="print JSON")
     revoke = actions.add_parser("revoke", parents=[store], help="revoke a key")
@@ -84,13 +99,21 @@ def _notNegative(text: str) -> float:
     return value
 
 
-async def runKeys(reactor: Any, args: argparse.Namespace, out: TextIO | None = None) -> None:
+async def runKeys(
+    reactor: Any, args: argparse.Namespace, out: TextIO | None = None,
+    stdin: BinaryIO | None = None,
+) -> None:
     """
     Run one C{privox keys} action.
 
-    @raise StoreError: a user error (bad DSN, unknown key), said in one line.
+    @param stdin: what C{import -} reads (default: the process's stdin).
+    @raise StoreError: a user error (bad DSN, unknown key, a malformed
+        import file), said in one line.
     """
     out = out or sys.stdout
+    if args.action == "import":
+        # Read and checked before the store is opened: a bad line writes nothing.
+        args.keys = readImport(args.file, stdin or sys.stdin.buffer)
     if args.config:
         args.accounts, hourly = apiStore(args.config)
         if args.action == "show" and hourly is not None:
@@ -141,6 +164,68 @@ async def _create(store: AccountStore, args: argparse.Namespace, out: TextIO) ->
     out.write(f"created {account.role} key {account.keyId} (hourly seconds: {hourly})\n")
     out.write("the key is shown once; the store keeps only its hash:\n")
     out.write(key + "\n")
+
+
+def readImport(path: str, stdin: BinaryIO) -> list[tuple[str, float | None, str]]:
+    """
+    The keys of an import file (C{-}: C{stdin}), as L{parseImport} reads them.
+
+    @raise StoreError: the file cannot be read, is not UTF-8, or has a
+        malformed line.
+    """
+    try:
+        if path == "-":
+            raw = stdin.read()
+        else:
+            with open(path, "rb") as f:
+                raw = f.read()
+    except OSError as e:
+        raise StoreError(f"cannot read {path}: {e.strerror or e}") from None
+    try:
+        # utf-8-sig: a BOM some editors write would otherwise join the first key.
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise StoreError(f"{path} is not UTF-8 (byte {e.start})") from None
+    return parseImport(text, "stdin" if path == "-" else path)
+
+
+def parseImport(text: str, name: str) -> list[tuple[str, float | None, str]]:
+    """
+    C{(key, hourly seconds or None, label)} for each line C{KEY
+    [HOURLY-SECONDS|-] [LABEL...]} of C{text}; blank lines and C{#}
+    comments are skipped. A key is 1 to L{MAX_KEY} characters other than
+    whitespace.
+
+    @param name: what to call C{text} in an error.
+    @raise StoreError: a malformed line, by its number (never its text,
+        which holds a key).
+    """
+    keys = []
+    # Lines end at \n only, so that numbers are the ones an editor shows.
+    for number, line in enumerate(text.split("\n"), 1):
+        fields = line.split()
+        if not fields or fields[0].startswith("#"):
+            continue
+        if len(fields[0]) > MAX_KEY:
+            raise StoreError(f"{name} line {number}: a key is at most {MAX_KEY} characters")
+        hourly: float | None = None
+        if len(fields) > 1 and fields[1] != "-":
+            try:
+                hourly = float(fields[1])
+            except ValueError:
+                hourly = -1.0
+            if not (math.isfinite(hourly) and hourly >= 0):
+                raise StoreError(
+                    f"{name} line {number}: the hourly seconds after the key must be"
+                    " a number >= 0, or - for the API's default"
+                )
+        keys.append((fields[0], hourly, " ".join(fields[2:])))
+    return keys
+
+
+async def _import(store: AccountStore, args: argparse.Namespace, out: TextIO) -> None:
+    new, present = await store.importKeys(args.keys, time.time())
+    out.write(f"imported {new} keys ({present} already present)\n")
 
 
 async def _list(store: AccountStore, args: argparse.Namespace, out: TextIO) -> None:
@@ -212,4 +297,6 @@ def _oneLine(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
-_ACTIONS = {"create": _create, "list": _list, "revoke": _revoke, "show": _show}
+_ACTIONS = {
+    "create": _create, "import": _import, "list": _list, "revoke": _revoke, "show": _show,
+}

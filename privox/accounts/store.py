@@ -261,6 +261,42 @@ class AccountStore:
         await self._run(insert)
         return key, account
 
+    async def importKeys(
+        self, keys: Sequence[tuple[str, float | None, str]], now: float
+    ) -> tuple[int, int]:
+        """
+        Take over existing keys (another exchange's users keep theirs) as
+        user keys, each C{(key, hourly seconds or None, label)}, in one
+        transaction: all or nothing. A key the store already has is left as
+        it is (its allowance, label and whether it is revoked), and counted.
+
+        @return: how many were new, and how many were already here.
+        @raise StoreError: an empty key, or negative hourly seconds.
+        """
+        rows = []
+        for key, hourlySeconds, label in keys:
+            if not key:
+                raise StoreError("a key must not be empty")
+            if hourlySeconds is not None and hourlySeconds < 0:
+                raise StoreError("hourly seconds must not be negative")
+            account = accountId(key)
+            rows.append((account, account[:12], "user", label, hourlySeconds, now, None))
+
+        def insert(cursor: Any) -> tuple[int, int]:
+            self._dialect.begin(cursor, write=True)
+            new = 0
+            for row in rows:
+                self._execute(
+                    cursor,
+                    f"INSERT INTO accounts ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"
+                    " ON CONFLICT (account) DO NOTHING",
+                    row,
+                )
+                new += cursor.rowcount > 0
+            return new, len(rows) - new
+
+        return await self._run(insert)  # type: ignore[no-any-return]
+
     async def authenticate(self, key: str) -> Account | None:
         """
         The account of C{key} (revoked or not), or L{None} if it has none.
@@ -293,8 +329,9 @@ class AccountStore:
 
     async def find(self, reference: str) -> Account:
         """
-        The account a person means: a key, its 64-digit account id, or a
-        unique prefix (at least 6 digits) of its key id.
+        The account a person means: a key (made here or imported), its
+        64-digit account id, or a unique prefix (at least 6 digits) of its
+        key id.
 
         @raise StoreError: none, or more than one, matches.
         """
@@ -303,9 +340,14 @@ class AccountStore:
             reference = accountId(reference)
         if _HEX64.fullmatch(reference):
             found = await self.account(reference)
-            if found is None:
-                raise StoreError("no such key")
+            if found is not None:
+                return found
+        # An imported key (L{importKeys}) has no prefix that says it is one.
+        found = await self.account(accountId(reference))
+        if found is not None:
             return found
+        if _HEX64.fullmatch(reference):
+            raise StoreError("no such key")
         if not re.fullmatch(r"[0-9a-f]{6,12}", reference):
             raise StoreError("give a key, or at least 6 hex digits of its key id")
         matches = [a for a in await self.accounts() if a.keyId.startswith(reference)]

@@ -72,6 +72,8 @@ BLOCKING_AT_ONCE = 2
 _PLAIN = b"text/plain; charset=utf-8"
 _JSON = b"application/json"
 _WAV = b"audio/wav"
+#: What the original C{/tts} answered (its CGI printed this header).
+_X_WAV = b"audio/x-wav"
 _HTML = b"text/html; charset=utf-8"
 _JS = b"text/javascript; charset=utf-8"
 
@@ -195,7 +197,7 @@ class PrivoxAPI:
         audio = await self._synthesize(
             form.caller, voice.model, form.language, voice.speaker, form.text
         )
-        return _reply(request, _WAV, audio)
+        return _reply(request, _X_WAV, audio)
 
     # -- OpenAI -----------------------------------------------------------
 
@@ -535,10 +537,12 @@ def _reply(request: IRequest, contentType: bytes, body: bytes) -> bytes:
 
 def _line(text: str) -> bytes:
     """
-    A plain-text answer as a line, as the original printed it (a shell
-    prompt after curl then starts on a line of its own).
+    A plain-text answer as one line ending in exactly one C{\\n}, as the
+    original printed it: a shell prompt after curl then starts on a line of
+    its own, and the original web page's proxy cuts a fixed four characters
+    off the C{repr} of the body (its C{\\n}, quote and a newline).
     """
-    return text.encode("utf-8") + b"\n"
+    return text.rstrip("\r\n").encode("utf-8") + b"\n"
 
 
 def _json(request: IRequest, value: Any) -> bytes:

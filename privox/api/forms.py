@@ -32,7 +32,6 @@ never on the reactor's. A form has at most L{MAX_FIELDS} fields.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from typing import IO, Any, Iterator
 from urllib.parse import unquote_to_bytes
@@ -43,6 +42,7 @@ from twisted.web.iweb import IRequest
 from privox.api.access import Access, Caller
 from privox.api.errors import BadInput, TooLarge, Unprocessable, tooLarge
 from privox.audiofile import sniff
+from privox.languages import ANY, UnknownLanguage, languageCode
 from privox.messages import CONTROL_CHARACTERS, MAX_TEXT
 
 #: The original API's default quality and language.
@@ -64,8 +64,6 @@ SPEECH_FORMATS = ("wav", "mp3", "opus", "aac", "flac")
 #: and a WAV (or another rate) in its place would play as noise.
 UNSERVED_SPEECH_FORMATS = ("pcm",)
 
-# A language tag: "en", "pt-BR", "zh_Hans", "yue".
-_LANGUAGE = re.compile(r"[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{1,8})*")
 _TRUE = ("1", "true", "yes", "on")
 # Over the API's malloc mmap threshold (privox.memory): each read is a
 # mapping of its own, returned when freed. Smaller reads would pile up in a
@@ -347,9 +345,22 @@ def _speakable(text: str | None, name: str) -> str | None:
 
 
 def _language(value: str | None) -> str | None:
-    if value is not None and not _LANGUAGE.fullmatch(value):
-        raise Unprocessable(f"unsupported language {value!r}: give a language code such as en or de")
-    return value
+    """
+    The code for a language given by name or code (C{English}, C{en-US}:
+    C{en}; see L{languageCode}), or L{None}.
+
+    @raise Unprocessable: a language Whisper does not know, or C{*}.
+    """
+    if value is None:
+        return None
+    try:
+        code = languageCode(value)
+    except UnknownLanguage as e:
+        raise Unprocessable(str(e)) from None
+    if code == ANY:
+        # PVX/2's "any" is for producers; engines take no job in it.
+        raise Unprocessable("give a language name or code, such as English or en, or none")
+    return code
 
 
 def _upload(fields: Fields) -> Upload:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from privox.api.errors import BadInput, Unprocessable
+from privox.languages import UnknownLanguage, languageCode
 
 QUALITIES = ("fast", "normal", "better", "best", "xcribe", "xcribe2")
 
@@ -43,7 +44,18 @@ class Voice:
 
 
 def isEnglish(language: str | None) -> bool:
-    return language is None or language.lower().replace("_", "-").split("-")[0] == "en"
+    """
+    Whether C{language} (a name or code; L{None}: the API's default) is
+    English, so that C{English}, C{en} and C{en-US} pick the same model.
+    """
+    return language is None or _code(language) == "en"
+
+
+def _code(language: str) -> str | None:
+    try:
+        return languageCode(language)
+    except UnknownLanguage:
+        return None
 
 
 @dataclass(frozen=True)
@@ -65,8 +77,8 @@ class ModelTable:
     ) -> ModelTable:
         """
         From configuration lines: C{"QUALITY MODEL ENGLISH-MODEL"} and
-        C{"VOICE MODEL [SPEAKER]"}; C{"LANGUAGE MODEL"} pins a language to a
-        model whatever the quality (e.g. C{"ko vosk:ko"}).
+        C{"VOICE MODEL [SPEAKER]"}; C{"LANGUAGE MODEL"} pins a language (a
+        code or name) to a model whatever the quality (e.g. C{"ko vosk:ko"}).
 
         @raise ValueError: a malformed line.
         """
@@ -87,7 +99,11 @@ class ModelTable:
             parts = line.split()
             if len(parts) != 2:
                 raise ValueError(f"language line {line!r} is not 'LANGUAGE MODEL'")
-            pinned[parts[0].lower()] = parts[1]
+            try:
+                # Keyed by code, as requests arrive: "Korean" pins what "ko" asks for.
+                pinned[languageCode(parts[0])] = parts[1]
+            except UnknownLanguage as e:
+                raise ValueError(f"language line {line!r}: {e}") from None
         if not sttTable or not voiceTable:
             raise ValueError("the STT and voice tables must not be empty")
         default = "fast" if "fast" in sttTable else next(iter(sttTable))
@@ -100,8 +116,9 @@ class ModelTable:
         quality = quality or self.defaultQuality
         if quality not in self.stt:
             raise BadInput(f"quality must be one of {', '.join(self.stt)}")
-        if language and language.lower() in self.sttLanguages:
-            return self.sttLanguages[language.lower()]
+        code = _code(language) if language else None
+        if code in self.sttLanguages:
+            return self.sttLanguages[code]
         anyLanguage, english = self.stt[quality]
         return english if isEnglish(language) else anyLanguage
 

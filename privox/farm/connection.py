@@ -91,6 +91,10 @@ class FarmConnection(Protocol):
         self._decoding = False
         #: What this connection was written while the farm was corked.
         self.pending: list[bytes] = []
+        #: Ends a PVX/1 peer's key when it goes quiet.
+        self._keyQuiet: IDelayedCall | None = None
+        #: Aborts a PVX/1 peer that does not close after the farm did.
+        self._closeTimer: IDelayedCall | None = None
 
     @property
     def pvx1(self) -> bool:
@@ -263,16 +267,36 @@ class FarmConnection(Protocol):
             return
         self._pvx1 += data
         if self.phase is Phase.GREETING:
-            introduced = pvx1.introduction(bytes(self._pvx1))
-            if introduced is None:
-                return
-            del self._pvx1[: 1 + pvx1.KEY_LEN]
-            self.handshake.introduced(*introduced)
-            if self.phase is not Phase.AUTHENTICATING:
-                return  # let in already (a key check that answered at once)
+            self._introduce(quiet=False)
+            return
         if len(self._pvx1) > pvx1.HEADER_CAP + 1:
             # Nothing that long can come before the farm answers (a consumer
             # given HEADER_CAP + 1 bytes is told nak by its session).
+            self.abort()
+
+    def _introduce(self, quiet: bool) -> None:
+        """
+        Let a PVX/1 peer introduce itself once its key is all here: a
+        consumer's ends where its header starts, a node's when it goes
+        quiet (original keys have any length).
+        """
+        assert self._pvx1 is not None
+        if self._keyQuiet is not None and self._keyQuiet.active():
+            self._keyQuiet.cancel()
+        self._keyQuiet = None
+        introduced = pvx1.introduction(bytes(self._pvx1), quiet)
+        if introduced is None:
+            if len(self._pvx1) > 1 + pvx1.KEY_CAP + pvx1.HEADER_CAP:
+                self.abort()
+            else:
+                self._keyQuiet = self.farm.clock.callLater(
+                    self.farm.settings.pvx1_quiet, self._introduce, True
+                )
+            return
+        role, key, used = introduced
+        del self._pvx1[:used]
+        self.handshake.introduced(role, key)
+        if self.phase is Phase.AUTHENTICATING and len(self._pvx1) > pvx1.HEADER_CAP + 1:
             self.abort()
 
     # Relaying through the kernel (privox.farm.splice)
@@ -428,13 +452,39 @@ class FarmConnection(Protocol):
         self._shut()
         if self.relayOut is not None:
             self.relayOut.later(None)
+        elif self._pvx1 is not None:
+            self._closeGently()
         else:
             self.transport.loseConnection()
 
     def abort(self) -> None:
         self.pending = []
+        if self._pvx1 is not None and self.phase is not Phase.CLOSED:
+            # Original peers die of a reset (their recv raises), and they
+            # reconnect after a close: they are never reset.
+            self._shut()
+            self._closeGently()
+            return
         self._shut()
         self._dropRelays()
+        self.transport.abortConnection()
+
+    def _closeGently(self) -> None:
+        """
+        Close a PVX/1 peer with a FIN only: half-close, read and discard
+        what it still sends (unread bytes at close would make the kernel
+        reset it), and let it close; one that never does is reset after
+        L{pvx1.CLOSE_GRACE}.
+        """
+        halfClose = getattr(self.transport, "loseWriteConnection", None)
+        if halfClose is None:  # TLS: its close_notify is as gentle
+            self.transport.loseConnection()
+            return
+        halfClose()
+        self._closeTimer = self.farm.clock.callLater(pvx1.CLOSE_GRACE, self._closeOverdue)
+
+    def _closeOverdue(self) -> None:
+        self._closeTimer = None
         self.transport.abortConnection()
 
     def _dropRelays(self) -> None:
@@ -461,6 +511,10 @@ class FarmConnection(Protocol):
             session.connectionLost()
 
     def connectionLost(self, reason: Failure = None) -> None:
+        for timer in (self._closeTimer, self._keyQuiet):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._closeTimer = self._keyQuiet = None
         self._shut()
         self._dropRelays()
         self.farm.connectionClosed(self)

@@ -124,6 +124,17 @@ class Dispatcher:
 
     # Jobs
 
+    def models(self, language: str | None) -> list[str]:
+        """
+        The models connected producers serve in C{language}, those that
+        came first first (a producer serving any model names none).
+        """
+        return [
+            model
+            for model, producers in self._byModel.items()
+            if model != ANY and any(self._capabilities[p].speaks(language) for p in producers)
+        ]
+
     def canServe(self, model: str, language: str | None) -> bool:
         for key in (model, ANY):
             for producer in self._byModel.get(key, ()):

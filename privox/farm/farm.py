@@ -11,9 +11,9 @@ import math
 import secrets
 from hashlib import blake2b
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
@@ -68,6 +68,9 @@ class Farm:
         L{None} records nothing.
     @param splicer: relays large DATA through the kernel
         (L{privox.farm.splice}); L{None} relays everything through memory.
+    @param runInThread: runs blocking work (converting audio for original
+        nodes) off the reactor and returns a L{Deferred} of its result; by
+        default it runs at once (tests driving a clock).
     """
 
     def __init__(
@@ -78,8 +81,10 @@ class Farm:
         consumerKeys: KeyPolicy,
         ledger: Sink | None = None,
         splicer: Splicer | None = None,
+        runInThread: Callable[..., Deferred[Any]] = maybeDeferred,
     ) -> None:
         self.settings = settings
+        self.runInThread = runInThread
         self.clock = clock
         self._keyPolicies = {"producer": producerKeys, "consumer": consumerKeys}
         self.dispatchers = {s: Dispatcher(settings.queue_timeout) for s in SERVICES}

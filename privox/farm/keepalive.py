@@ -80,8 +80,14 @@ class Keepalive:
         if not self.owed:
             return False
         self.owed = False
+        # The timer waits for a late answer, which this is not: the next
+        # ping is due an interval from now (patience may exceed it).
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
         if self._idle:
             self._idleSince = self._clock.seconds()
+            self._timer = self._clock.callLater(self._interval, self._tick)
         return True
 
     def _tick(self) -> None:

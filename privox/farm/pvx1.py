@@ -24,11 +24,13 @@ C{pvx1_tts_models}) maps the names they know to PVX/2 model names.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Iterable, Protocol
 
 from automat import TypeMachineBuilder
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from privox.automata import build
 from privox.farm.dispatcher import Capability
@@ -36,18 +38,30 @@ from privox.farm.handshake import Phase
 from privox.farm.job import Job
 from privox.farm.keepalive import Keepalive
 from privox.farm.sessions import Connection, Session
-from privox.messages import BadRequest, ErrorCode, JobRequest
+from privox.engines.errors import BadAudio
+from privox.farm import pvx1convert
+from privox.languages import UnknownLanguage, languageCode
+from privox.messages import ANY, BadRequest, ErrorCode, JobRequest
+from privox.wav import BadWav, joinWavs
 
 log = Logger()
 
 PRODUCER = b"c"
 CONSUMER = b"s"
-KEY_LEN = 16
+#: The longest key an original peer may send (its keys have any length).
+KEY_CAP = 255
 #: A consumer's header is complete at this many bytes, quiet or not.
 HEADER_CAP = 255
 #: The most text a PVX/1 node's transcript may have.
 TRANSCRIPT_CAP = 1024 * 1024
 LENGTH_DIGITS = 8
+#: How long a PVX/1 peer the farm closed (FIN) has to close its end.
+CLOSE_GRACE = 60.0
+#: How long after a node has its whole upload the farm pings it, if no
+#: transcript came yet: the node answers pong after its transcript, so the
+#: pong ends a transcript (an empty one sends no byte at all). Late enough
+#: that the node has read its upload, so the ping is not read as audio.
+PROBE_DELAY = 0.5
 
 ACK = b"ack"
 NAK = b"nak"
@@ -61,16 +75,23 @@ DEFAULT_SPEAKER = "p236"
 # it is the one field not split on '&'.
 _STT_KEYS = ("model", "len", "lang")
 _TTS_TAIL_KEYS = ("lang", "idx")
+_HEADER_START = b"model="
 
 
-def introduction(data: bytes) -> tuple[str, str] | None:
+def introduction(data: bytes, quiet: bool) -> tuple[str, str, int] | None:
     """
-    A PVX/1 peer's first bytes: its role and key, once all 17 are here.
+    A PVX/1 peer's role and key, and how many bytes of C{data} they took;
+    L{None} until the key is all here. Original keys have any length: a
+    consumer's ends where its header (C{model=}) starts, a node's when it
+    goes C{quiet}.
     """
-    if len(data) < 1 + KEY_LEN:
-        return None
     role = "producer" if data[:1] == PRODUCER else "consumer"
-    return role, data[1 : 1 + KEY_LEN].decode("utf-8", "replace")
+    end = data.find(_HEADER_START, 1) if role == "consumer" else -1
+    if end < 0:
+        if not quiet or len(data) > 1 + KEY_CAP:
+            return None
+        end = len(data)
+    return role, data[1:end].decode("utf-8", "replace"), end
 
 
 class BadHeader(ValueError):
@@ -169,43 +190,77 @@ def isComplete(service: str, fields: dict[str, str]) -> bool:
 
 def requestFrom(service: str, fields: dict[str, str], aliases: Aliases) -> JobRequest:
     """
-    The PVX/2 job a PVX/1 consumer's header asks for.
+    The PVX/2 job a PVX/1 consumer's header asks for. Its language may be a
+    name, as the original's clients send it (C{English}).
 
     @raise BadRequest: a missing or bad field.
     """
     if not isComplete(service, fields):
         raise BadRequest("PVX/1 header lacks a required field")
     model = aliases.pvx2Name(fields["model"])
+    try:
+        language = languageCode(fields["lang"]) if fields.get("lang") else None
+    except UnknownLanguage as e:
+        raise BadRequest(str(e)) from None
     if service == "stt":
         size = fields["len"]
         if not size.isascii() or not size.isdigit() or int(size) == 0:
             raise BadRequest("PVX/1 len must be a positive decimal number")
-        return JobRequest("stt", model, fields.get("lang") or None, int(size))
+        return JobRequest("stt", model, language, int(size))
     if not fields["text"].strip():
         raise BadRequest("PVX/1 text must not be blank")
     return JobRequest(
         "tts",
         model,
-        fields.get("lang") or DEFAULT_LANGUAGE,
+        language or DEFAULT_LANGUAGE,
         0,
         voice=fields.get("idx") or DEFAULT_SPEAKER,
         text=fields["text"],
     )
 
 
-def headerFor(job: Job, aliases: Aliases) -> bytes:
+def sttHeader(job: Job, aliases: Aliases, size: int) -> bytes:
     """
-    What a PVX/1 node is sent for C{job}.
+    What a PVX/1 node is sent for an STT job whose upload, as the node
+    reads it, has C{size} bytes.
+    """
+    r = job.request
+    model = aliases.pvx1Name(r.model)
+    return f"model={model}&len={size:08d}&lang={r.language or DEFAULT_LANGUAGE}".encode()
+
+
+def ttsHeaders(job: Job, aliases: Aliases) -> list[bytes]:
+    """
+    What a PVX/1 node is sent for a TTS job: a header for each piece of its
+    text, each short enough for the node's one read, with no C{&} or C{=}
+    in the text (L{pvx1convert}).
     """
     r = job.request
     model = aliases.pvx1Name(r.model)
     language = r.language or DEFAULT_LANGUAGE
-    if r.service == "stt":
-        return f"model={model}&len={r.size:08d}&lang={language}".encode()
-    voice = r.voice or DEFAULT_SPEAKER
-    return f"model={model}&text={r.text}&lang={language}&idx={voice}".encode()
+    head = f"model={model}&text="
+    tail = f"&lang={language}&idx={r.voice or DEFAULT_SPEAKER}"
+    room = pvx1convert.MAX_HEADER - len(head.encode()) - len(tail.encode())
+    text = pvx1convert.speakable(r.text or "", language)
+    return [f"{head}{piece}{tail}".encode() for piece in pvx1convert.textPieces(text, room)]
 
 
+def ttsSubstitute(farm: Any, request: JobRequest) -> JobRequest:
+    """
+    An original consumer's TTS job as the farm routes it: to the model it
+    names if a producer serves it, else to the first of C{pvx1_tts_fallback}
+    that one does, in the model's own default voice (the original's
+    speakers, C{p236}..., are Coqui VCTK's).
+    """
+    dispatcher = farm.dispatchers["tts"]
+    if dispatcher.canServe(request.model, request.language):
+        return request
+    for choice in farm.settings.pvx1_tts_fallback:
+        models = dispatcher.models(request.language) if choice == ANY else [choice]
+        for model in models:
+            if dispatcher.canServe(model, request.language):
+                return dataclasses.replace(request, model=model, voice=None)
+    return request
 
 
 class _Pvx1Session(Session):
@@ -349,6 +404,8 @@ class Pvx1Consumer(_Pvx1Session):
             except BadHeader as e:
                 raise BadRequest(str(e))
             request = requestFrom(service, fields, self.aliases)
+            if service == "tts":
+                request = ttsSubstitute(self.connection.farm, request)
             self.connection.farm.submit(self, request)
         except BadRequest as e:
             self._refuse(e.code, e.message)
@@ -461,28 +518,43 @@ ConsumerMachine = build(_consumer)
 
 # A PVX/1 node: pinged while idle; one job at a time, answered in PVX/1.
 #
-#   idle ──job──▶ waitingForAck ──ack──▶ transcribing (STT) ──quiet──▶ idle
-#                      │          └─ack──▶ sizing (TTS) ──length──▶ speaking ──WAV──▶ idle
-#                      └──nak──▶ idle
+#   idle ──transcribe──▶ collecting ──converted──▶ waitingForAck ──ack──▶ transcribing ──quiet──▶ idle
+#     └────speak─────────────────────────────────▶ waitingForAck ──ack──▶ sizing ──length──▶ speaking
+#                                        ▲   └──nak──▶ idle                                      │
+#                                        └──────────────── next piece ◀───────────────────────────┘
 #
-# The job lets go of the node when it ends, in any of them (detached): idle.
+# An STT upload is collected whole and converted to what the node reads
+# before the header (which carries its length) goes out; a TTS text goes in
+# pieces, whose WAVs are joined. No header goes to a node that owes a pong:
+# the original reads "ping" and a header in one read as a ping, and loses
+# the job. The job lets go of the node when it ends, in any state
+# (detached): idle.
 
 
 class ProducerEvents(Protocol):
-    def start(self, job: Job) -> None:
-        "The node is given a job."
+    def transcribe(self, job: Job) -> None:
+        "The node is given an STT job; its upload follows."
 
-    def more(self) -> None:
-        "Bytes from the node are waiting in the buffer."
+    def speak(self, job: Job) -> None:
+        "The node is given a TTS job."
 
     def upload(self, payload: bytes) -> None:
         "Upload bytes for the node."
+
+    def converted(self, audio: bytes | BadAudio) -> None:
+        "The upload as the node reads it, or why it is not audio."
+
+    def cancel(self) -> None:
+        "The job is cancelled (PVX/1 has no cancel of its own)."
+
+    def more(self) -> None:
+        "Bytes from the node are waiting in the buffer."
 
     def ackedToTranscribe(self) -> None:
         "The node said ack to an STT job."
 
     def ackedToSpeak(self) -> None:
-        "The node said ack to a TTS job."
+        "The node said ack to a TTS job (or one piece of it)."
 
     def refused(self) -> None:
         "The node said nak."
@@ -493,8 +565,11 @@ class ProducerEvents(Protocol):
     def sized(self, size: int) -> None:
         "The node said how long its WAV is."
 
+    def pieceSpoken(self) -> None:
+        "The WAV of one piece of the text is in; more pieces follow."
+
     def spoken(self) -> None:
-        "The node's whole WAV is in."
+        "The WAV of the whole text is in."
 
     def detached(self, healthy: bool) -> None:
         "The job let go of the node."
@@ -507,15 +582,28 @@ class Pvx1Producer(_Pvx1Session):
         super().__init__(connection, keyId, accountId)
         self.capability = self.aliases.capability()
         self._buffer = bytearray()
-        #: Upload bytes held until the node says ack.
-        self._held: list[bytes] = []
-        self._heldBytes = 0
+        #: An STT job's upload, collected whole before anything goes out.
+        self._upload: list[bytes] = []
+        self._uploadBytes = 0
+        #: The upload as the node reads it, sent after its ack.
+        self._audio = b""
+        #: A TTS job's headers still to send, one per piece of its text,
+        #: and the WAVs of the pieces spoken so far.
+        self._pieces: list[bytes] = []
+        self._wavs: list[bytes] = []
+        self._wav = bytearray()
         self._wavRemaining = 0
+        #: Pings the node has not answered yet.
+        self._pongsOwed = 0
+        #: A header waiting for those answers.
+        self._heldHeader: bytes | None = None
+        self._pongTimer: IDelayedCall | None = None
+        self._probe: IDelayedCall | None = None
         self._keepalive = Keepalive(
             connection.farm.clock,
             self.settings.ping_interval,
-            self.settings.ping_interval / 2,
-            lambda: self.connection.write(PING),
+            self.settings.pvx1_pong_timeout,
+            self._ping,
             lambda: self.drop("did not answer ping in time"),
         )
 
@@ -533,14 +621,19 @@ class Pvx1Producer(_Pvx1Session):
 
     def startJob(self, job: Job, upload: bytes) -> None:
         self.job = job
-        self.events.start(job)
+        if job.request.service == "stt":
+            self.events.transcribe(job)
+        else:
+            self.events.speak(job)
         if upload:
             self.events.upload(upload)
 
     def sendControl(self, verb: bytes, fields: dict[str, Any]) -> None:
-        # CNCL: PVX/1 cannot cancel. The node finishes, the farm discards its
+        # CNCL: PVX/1 cannot cancel. A node not yet sent the job is let go
+        # at once; one working on it finishes, the farm discards its
         # answer, and cancel_grace drops a node that never does.
-        pass
+        if verb == b"CNCL":
+            self.events.cancel()
 
     def sendData(self, payload: bytes) -> None:
         self.events.upload(payload)
@@ -556,6 +649,7 @@ class Pvx1Producer(_Pvx1Session):
     def connectionLost(self) -> None:
         self._keepalive.stop()
         self._cancelQuiet()
+        self._stopTimers()
         self.connection.farm.producerLeft(self)
         job, self.job = self.job, None
         if job is not None:
@@ -567,6 +661,10 @@ class Pvx1Producer(_Pvx1Session):
     def _reading(self) -> bool:
         return bool(self._buffer) and self.connection.phase is Phase.ACTIVE
 
+    def _ping(self) -> None:
+        self._pongsOwed += 1
+        self.connection.write(PING)
+
     def _takePongs(self) -> bool:
         """
         Consume the C{pong}s at the head of the buffer. False: the buffer
@@ -574,28 +672,85 @@ class Pvx1Producer(_Pvx1Session):
         """
         while self._buffer[:4] == PONG:
             del self._buffer[:4]
-            self._keepalive.answered()
+            self._ponged()
         return not self._buffer or PONG.startswith(bytes(self._buffer))
+
+    def _ponged(self) -> None:
+        self._keepalive.answered()
+        self._pongsOwed = max(0, self._pongsOwed - 1)
+        if not self._pongsOwed and self._heldHeader is not None:
+            header, self._heldHeader = self._heldHeader, None
+            self._stopPongTimer()
+            self.connection.write(header)
+
+    def _sendHeader(self, header: bytes) -> None:
+        if not self._pongsOwed:
+            self.connection.write(header)
+            return
+        self._heldHeader = header
+        self._pongTimer = self.connection.farm.clock.callLater(
+            self.settings.pvx1_pong_timeout, self.drop, "did not answer ping in time"
+        )
+
+    def _stopPongTimer(self) -> None:
+        if self._pongTimer is not None and self._pongTimer.active():
+            self._pongTimer.cancel()
+        self._pongTimer = None
+
+    def _stopTimers(self) -> None:
+        self._stopPongTimer()
+        if self._probe is not None and self._probe.active():
+            self._probe.cancel()
+        self._probe = None
 
     def _garbage(self, why: str) -> None:
         self._buffer.clear()
         self.drop(f"PVX/1 node sent garbage: {why}")
 
-    def _hold(self, payload: bytes) -> None:
-        self._heldBytes += len(payload)
-        if self._heldBytes > self.settings.max_job_bytes:
-            self.drop("held upload beyond max_job_bytes")
+    def _collect(self, payload: bytes) -> None:
+        job = self.job
+        assert job is not None
+        self._upload.append(payload)
+        self._uploadBytes += len(payload)
+        if self._uploadBytes < job.request.size:
             return
-        self._held.append(payload)
+        data, self._upload, self._uploadBytes = b"".join(self._upload), [], 0
+        converting = self.connection.farm.runInThread(
+            pvx1convert.readableAudio,
+            data,
+            job.request.format,
+            isinstance(job.consumer, Pvx1Consumer),
+        )
+        converting.addCallbacks(
+            lambda audio: self._converted(job, audio), lambda failure: self._notAudio(job, failure)
+        )
 
-    def _release(self) -> None:
-        held, self._held, self._heldBytes = self._held, [], 0
-        if held:
-            self.connection.write(*held)
+    def _converted(self, job: Job, audio: bytes | BadAudio) -> None:
+        if job is self.job:  # not a job that ended while it was converted
+            self.events.converted(audio)
+
+    def _notAudio(self, job: Job, failure: Failure) -> None:
+        if not failure.check(BadAudio):
+            log.failure("converting an upload for a PVX/1 node failed", failure)
+            failure = Failure(BadAudio("the upload could not be converted"))
+        self._converted(job, failure.value)
+
+    def _sendAudio(self) -> None:
+        audio, self._audio = self._audio, b""
+        self.connection.write(audio)
+        self._probe = self.connection.farm.clock.callLater(PROBE_DELAY, self._probeTranscript)
+
+    def _probeTranscript(self) -> None:
+        self._probe = None
+        if not self._buffer:
+            self._ping()
 
     def _forget(self) -> None:
-        self._held, self._heldBytes = [], 0
+        self._upload, self._uploadBytes, self._audio = [], 0, b""
+        self._pieces, self._wavs, self._wav = [], [], bytearray()
+        self._heldHeader = None
         self._cancelQuiet()
+        self._stopTimers()
 
     def _transcriptQuiet(self) -> None:
         self._quiet = None
@@ -604,16 +759,55 @@ class Pvx1Producer(_Pvx1Session):
 
 _producer = TypeMachineBuilder(ProducerEvents, Pvx1Producer)
 idle = _producer.state("idle")
+collecting = _producer.state("collecting")
 waitingForAck = _producer.state("waitingForAck")
 transcribing = _producer.state("transcribing")
 sizing = _producer.state("sizing")
 speaking = _producer.state("speaking")
 
 
-@idle.upon(ProducerEvents.start).to(waitingForAck)
-def _start(events: ProducerEvents, p: Pvx1Producer, job: Job) -> None:
+@idle.upon(ProducerEvents.transcribe).to(collecting)
+def _transcribe(events: ProducerEvents, p: Pvx1Producer, job: Job) -> None:
     p._keepalive.busy()
-    p.connection.write(headerFor(job, p.aliases))
+
+
+@idle.upon(ProducerEvents.speak).to(waitingForAck)
+def _speak(events: ProducerEvents, p: Pvx1Producer, job: Job) -> None:
+    p._keepalive.busy()
+    p._pieces = ttsHeaders(job, p.aliases)
+    p._sendHeader(p._pieces.pop(0))
+
+
+@collecting.upon(ProducerEvents.upload).loop()
+def _collectUpload(events: ProducerEvents, p: Pvx1Producer, payload: bytes) -> None:
+    p._collect(payload)
+
+
+@collecting.upon(ProducerEvents.converted).to(waitingForAck)
+def _convertedUpload(events: ProducerEvents, p: Pvx1Producer, audio: bytes | BadAudio) -> None:
+    job = p.job
+    assert job is not None
+    if isinstance(audio, BadAudio):
+        job.events.producerFailed({"error": audio.code, "message": audio.message})
+        return
+    p._audio = audio
+    p._sendHeader(sttHeader(job, p.aliases, len(audio)))
+
+
+@collecting.upon(ProducerEvents.cancel).loop()
+def _cancelUnsent(events: ProducerEvents, p: Pvx1Producer) -> None:
+    # The node has not heard of the job: it is free now.
+    assert p.job is not None
+    p.job.events.producerFailed({"error": ErrorCode.CANCELLED, "message": "cancelled"})
+
+
+@idle.upon(ProducerEvents.cancel).loop()
+@waitingForAck.upon(ProducerEvents.cancel).loop()
+@transcribing.upon(ProducerEvents.cancel).loop()
+@sizing.upon(ProducerEvents.cancel).loop()
+@speaking.upon(ProducerEvents.cancel).loop()
+def _cancelSent(events: ProducerEvents, p: Pvx1Producer) -> None:
+    pass
 
 
 @idle.upon(ProducerEvents.more).loop()
@@ -622,27 +816,28 @@ def _idleBytes(events: ProducerEvents, p: Pvx1Producer) -> None:
         p._garbage("unexpected bytes while idle")
 
 
+@collecting.upon(ProducerEvents.more).loop()
+def _collectingBytes(events: ProducerEvents, p: Pvx1Producer) -> None:
+    if p._reading and not p._takePongs():
+        p._garbage("unexpected bytes before its job")
+
+
 @idle.upon(ProducerEvents.upload).loop()
-def _staleUpload(events: ProducerEvents, p: Pvx1Producer, payload: bytes) -> None:
-    pass
-
-
 @waitingForAck.upon(ProducerEvents.upload).loop()
-def _holdUpload(events: ProducerEvents, p: Pvx1Producer, payload: bytes) -> None:
-    p._hold(payload)
-
-
 @transcribing.upon(ProducerEvents.upload).loop()
 @sizing.upon(ProducerEvents.upload).loop()
 @speaking.upon(ProducerEvents.upload).loop()
-def _sendUpload(events: ProducerEvents, p: Pvx1Producer, payload: bytes) -> None:
-    p.connection.write(payload)
+def _staleUpload(events: ProducerEvents, p: Pvx1Producer, payload: bytes) -> None:
+    pass  # collected already, or a job that ended
 
 
 @waitingForAck.upon(ProducerEvents.more).loop()
 def _ackBytes(events: ProducerEvents, p: Pvx1Producer) -> None:
     if not p._reading or p._takePongs():
         return  # nothing left, or the start of a pong
+    if p._heldHeader is not None:
+        p._garbage("bytes before its ping's pong")
+        return
     head = bytes(p._buffer[:3])
     if head == ACK:
         del p._buffer[:3]
@@ -662,13 +857,12 @@ def _ackBytes(events: ProducerEvents, p: Pvx1Producer) -> None:
 
 @waitingForAck.upon(ProducerEvents.ackedToTranscribe).to(transcribing)
 def _toTranscribe(events: ProducerEvents, p: Pvx1Producer) -> None:
-    p._release()
+    p._sendAudio()
     events.more()
 
 
 @waitingForAck.upon(ProducerEvents.ackedToSpeak).to(sizing)
 def _toSpeak(events: ProducerEvents, p: Pvx1Producer) -> None:
-    p._release()
     events.more()
 
 
@@ -695,11 +889,16 @@ def _transcriptBytes(events: ProducerEvents, p: Pvx1Producer) -> None:
 
 @transcribing.upon(ProducerEvents.transcribed).to(idle)
 def _transcribed(events: ProducerEvents, p: Pvx1Producer) -> None:
-    text = bytes(p._buffer[:TRANSCRIPT_CAP]).decode("utf-8", "replace")
+    text = bytes(p._buffer[:TRANSCRIPT_CAP])
     del p._buffer[:TRANSCRIPT_CAP]
+    if p._pongsOwed and text.endswith(PONG):
+        # The probe's answer, right behind the transcript (maybe empty).
+        text = text[: -len(PONG)]
+        p._ponged()
+    p._stopTimers()
     job = p.job
     assert job is not None
-    job.events.result({"text": text}, 0, b"")
+    job.events.result({"text": text.decode("utf-8", "replace")}, 0, b"")
     job.events.resultComplete()
     events.more()
 
@@ -714,7 +913,8 @@ def _lengthBytes(events: ProducerEvents, p: Pvx1Producer) -> None:
         return
     digits = bytes(p._buffer[:LENGTH_DIGITS])
     del p._buffer[:LENGTH_DIGITS]
-    if not digits.isdigit() or int(digits) > p.settings.max_job_bytes:
+    spoken = sum(len(w) for w in p._wavs)
+    if not digits.isdigit() or spoken + int(digits) > p.settings.max_job_bytes:
         p._garbage("bad WAV length")
         return
     events.sized(int(digits))
@@ -723,37 +923,54 @@ def _lengthBytes(events: ProducerEvents, p: Pvx1Producer) -> None:
 @sizing.upon(ProducerEvents.sized).to(speaking)
 def _sized(events: ProducerEvents, p: Pvx1Producer, size: int) -> None:
     p._wavRemaining = size
-    assert p.job is not None
-    p.job.events.result({"content_type": "audio/wav", "size": size}, size, b"")
-    if size == 0:
-        events.spoken()
-    else:
-        events.more()
+    events.more()
 
 
 @speaking.upon(ProducerEvents.more).loop()
 def _wavBytes(events: ProducerEvents, p: Pvx1Producer) -> None:
-    if not p._reading:
+    if p._wavRemaining and not p._reading:
         return
-    chunk = bytes(p._buffer[: p._wavRemaining])
+    chunk = p._buffer[: p._wavRemaining]
     del p._buffer[: len(chunk)]
+    p._wav += chunk
     p._wavRemaining -= len(chunk)
-    step = p.settings.max_frame
-    assert p.job is not None
-    for start in range(0, len(chunk), step):
-        p.job.events.resultData(chunk[start : start + step])
-    if p._wavRemaining == 0:
+    if p._wavRemaining:
+        return
+    p._wavs.append(bytes(p._wav))
+    p._wav = bytearray()
+    if p._pieces:
+        events.pieceSpoken()
+    else:
         events.spoken()
+
+
+@speaking.upon(ProducerEvents.pieceSpoken).to(waitingForAck)
+def _nextPiece(events: ProducerEvents, p: Pvx1Producer) -> None:
+    p._sendHeader(p._pieces.pop(0))
+    events.more()
 
 
 @speaking.upon(ProducerEvents.spoken).to(idle)
 def _spoken(events: ProducerEvents, p: Pvx1Producer) -> None:
-    assert p.job is not None
-    p.job.events.resultComplete()
+    wavs, p._wavs = p._wavs, []
+    job = p.job
+    assert job is not None
+    try:
+        wav = joinWavs(wavs)
+    except BadWav as e:
+        job.events.producerFailed({"error": ErrorCode.ENGINE_ERROR, "message": str(e)})
+        events.more()
+        return
+    job.events.result({"content_type": "audio/wav", "size": len(wav)}, len(wav), b"")
+    step = p.settings.max_frame
+    for start in range(0, len(wav), step):
+        job.events.resultData(wav[start : start + step])
+    job.events.resultComplete()
     events.more()
 
 
 @idle.upon(ProducerEvents.detached).loop()
+@collecting.upon(ProducerEvents.detached).to(idle)
 @waitingForAck.upon(ProducerEvents.detached).to(idle)
 @transcribing.upon(ProducerEvents.detached).to(idle)
 @sizing.upon(ProducerEvents.detached).to(idle)

@@ -4,6 +4,7 @@ C{twistd privox-farm}: options and the service tree.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from twisted.application.service import IService, MultiService, Service
@@ -132,6 +133,7 @@ def buildFarm(settings: FarmSettings, reactor: Any, ledger: Sink | None = None) 
             policyFromSpec(settings.consumer_keys, reactor=reactor, bearer=bearer),
             ledger=ledger,
             splicer=None if _allTLS(settings) else splicerFor(settings.splice_min, reactor),
+            runInThread=partial(deferToThreadPool, reactor, reactor.getThreadPool()),
         )
     except KeyPolicyError as e:
         raise usage.UsageError(str(e))

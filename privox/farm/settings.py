@@ -93,6 +93,17 @@ class FarmSettings:
     pvx1_tts_models: tuple[str, ...] = setting(
         DEFAULT_TTS_ALIASES, "PVX/1 TTS model alias, PVX1NAME=PVX2NAME."
     )
+    pvx1_tts_fallback: tuple[str, ...] = setting(
+        ("*",),
+        "PVX/1: TTS models an original consumer's job goes to, in this order, when no "
+        "producer serves the model it names (its speaker is then the model's default); "
+        "'*' is any connected TTS model in its language. Empty: none.",
+    )
+    pvx1_pong_timeout: float = setting(
+        30.0,
+        "PVX/1: seconds a node may take to answer a ping (the original farm waited "
+        "for ever; original nodes stall while they load a model).",
+    )
     metrics_listen: str = setting(
         "none", "Endpoint string serving /metrics (Prometheus) and /status over HTTP, or 'none'."
     )

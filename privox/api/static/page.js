@@ -86,9 +86,12 @@
     form.append("voice", $("voice").value);
     try {
       const response = await post("/tts", form, "audio/wav");
+      // /tts answers audio/x-wav, as the original did; either name is a WAV.
       const type = (response.headers.get("Content-Type") || "").split(";")[0].trim();
-      if (type !== "audio/wav") throw new Error(`Error: expected audio/wav, got ${type || "nothing"}`);
-      const blob = new Blob([await response.arrayBuffer()], { type });
+      if (type !== "audio/wav" && type !== "audio/x-wav") {
+        throw new Error(`Error: expected a WAV, got ${type || "nothing"}`);
+      }
+      const blob = new Blob([await response.arrayBuffer()], { type: "audio/wav" });
       if (audioUrl) URL.revokeObjectURL(audioUrl);
       audioUrl = URL.createObjectURL(blob);
       player.src = audioUrl;

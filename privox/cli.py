@@ -172,7 +172,7 @@ def statusTable(status: dict[str, Any]) -> str:
     """
     The API's C{/status} as a table: a row per farm, service and model.
     """
-    header = ["FARM", "STATE", "SERVICE", "MODEL", "PRODUCERS", "IDLE", "BUSY", "QUEUE"]
+    header = ["FARM", "STATE", "SERVICE", "MODEL", "PRODUCERS", "IDLE", "BUSY", "SEALING", "QUEUE"]
     rows: list[list[str]] = []
     for farm in status.get("farms", []):
         name = str(farm.get("name", "?")) + (" (fallback)" if farm.get("fallback") else "")
@@ -180,17 +180,18 @@ def statusTable(status: dict[str, Any]) -> str:
         load = farm.get("load")
         if not load:
             services = ",".join(farm.get("services", [])) or "-"
-            rows.append([name, state, services, "(no load figures)", "", "", "", ""])
+            rows.append([name, state, services, "(no load figures)", "", "", "", "", ""])
             continue
         for service, figures in sorted(load.get("services", {}).items()):
             queue = str(figures.get("queue", 0))
             models = figures.get("models") or {}
             if not models:
-                rows.append([name, state, service, "-", "0", "0", "0", queue])
+                rows.append([name, state, service, "-", "0", "0", "0", "0", queue])
             for model, counts in sorted(models.items()):
                 rows.append([
                     name, state, service, model, str(counts.get("connected", 0)),
-                    str(counts.get("idle", 0)), str(counts.get("busy", 0)), queue,
+                    str(counts.get("idle", 0)), str(counts.get("busy", 0)),
+                    str(counts.get("sealing", 0)), queue,
                 ])
     if not rows:
         return "no farms\n"

@@ -38,7 +38,22 @@ from privox.messages import (
     decodeObject,
     resultSize,
 )
+from privox.identity import ConnectionOffer, IdentityError, encodeKey
 from privox.peer import ConnectionClosed, PeerProtocol
+from privox.sealing import (
+    OFF,
+    RESULT,
+    UPLOAD,
+    Ephemeral,
+    JobKeys,
+    Opener,
+    SealBroken,
+    SealPolicy,
+    pack,
+    seal,
+    sealedSize,
+    unpack,
+)
 
 
 _TIOCOUTQ = getattr(termios, "TIOCOUTQ", None)
@@ -84,10 +99,33 @@ class JobResult:
         return self.fields.get("text")
 
 
+class SealRefused(JobFailed):
+    """
+    The farm could not be trusted with a sealed job: the node it assigned
+    had no seal offer the exchange vouches for (a farm putting its own key
+    in the node's place), or sealed content did not open. Another farm
+    should be tried, and this one avoided.
+    """
+
+    def __init__(self, message: str, jobId: str | None) -> None:
+        super().__init__(ErrorCode.SEAL_BROKEN, message, jobId)
+
+
+@dataclass
+class _Sealing:
+    policy: SealPolicy
+    ephemeral: Ephemeral
+    #: The job's content (its fields and its upload), packed, to be sealed
+    #: once the node is known.
+    plain: bytes
+    keys: JobKeys | None = None
+
+
 class _Pending:
-    def __init__(self, request: JobRequest, body: bytes) -> None:
+    def __init__(self, request: JobRequest, body: bytes, sealing: _Sealing | None = None) -> None:
         self.request = request
         self.body = body
+        self.sealing = sealing
         self.done: Deferred[JobResult] = Deferred()
         self.id: str | None = None
         self.result: dict[str, Any] | None = None
@@ -130,11 +168,34 @@ class ConsumerProtocol(PeerProtocol):
     def busy(self) -> bool:
         return self._pending is not None
 
-    def submit(self, request: JobRequest, body: bytes = b"") -> Deferred[JobResult]:
+    def submit(
+        self, request: JobRequest, body: bytes = b"", seal: SealPolicy | None = None
+    ) -> Deferred[JobResult]:
+        """
+        Send a job; its result (or L{JobFailed}) comes in the Deferred.
+
+        @param seal: seal the job's content for its node (unless C{off}):
+            the text goes in the upload, and the upload and the answer are
+            sealed (L{privox.sealing}); a node the exchange does not vouch
+            for gets nothing (L{SealRefused}).
+        """
         if self._pending is not None:
             raise RuntimeError("this connection already has a job in flight")
         if len(body) != request.size:
             raise ValueError("body length must equal request.size")
+        sealing = None
+        if seal is not None and seal.mode != OFF:
+            ephemeral = Ephemeral()
+            content = {} if request.text is None else {"text": request.text}
+            plain = pack(content, body)
+            sealing = _Sealing(seal, ephemeral, plain)
+            request = replace(
+                request,
+                text=None,
+                size=sealedSize(len(plain)),
+                seal={"ephemeral": encodeKey(ephemeral.public)},
+            )
+            body = b""  # sealed, after ASGN names the node
         early = bool(body) and self.okay is not None and len(body) <= self.okay.early_upload
         if early:
             # Small enough to go at once: a round trip less than waiting for
@@ -150,7 +211,7 @@ class ConsumerProtocol(PeerProtocol):
                 f" the farm takes at most {self.okay.max_frame} (text too long?)",
                 None,
             ))
-        pending = self._pending = _Pending(request, body)
+        pending = self._pending = _Pending(request, body, sealing)
         self._startWatching()
         self.transport.write(frame)
         if early:
@@ -158,16 +219,20 @@ class ConsumerProtocol(PeerProtocol):
         return pending.done
 
     def stt(self, model: str, audio: bytes, language: str | None = None,
-            format: str = "auto", timeout_s: float | None = None) -> Deferred[JobResult]:
+            format: str = "auto", timeout_s: float | None = None,
+            seal: SealPolicy | None = None) -> Deferred[JobResult]:
         return self.submit(
             JobRequest("stt", model, language, len(audio), format, timeout_s=timeout_s),
             audio,
+            seal,
         )
 
     def tts(self, model: str, text: str, voice: str | None = None,
-            language: str | None = None, timeout_s: float | None = None) -> Deferred[JobResult]:
+            language: str | None = None, timeout_s: float | None = None,
+            seal: SealPolicy | None = None) -> Deferred[JobResult]:
         return self.submit(
-            JobRequest("tts", model, language, 0, voice=voice, text=text, timeout_s=timeout_s)
+            JobRequest("tts", model, language, 0, voice=voice, text=text, timeout_s=timeout_s),
+            seal=seal,
         )
 
     # Liveness (see the module docstring)
@@ -270,19 +335,21 @@ class ConsumerProtocol(PeerProtocol):
             pending.chunks.append(frame.payload)
             pending.remaining -= len(frame.payload)
             if pending.remaining == 0:
-                self._finish(JobResult(pending.id or "", pending.result, b"".join(pending.chunks)))
+                self._answered(pending, b"".join(pending.chunks))
             return
         fields = decodeObject(frame)
         if frame.verb == b"ASGN":
             pending.id = fields.get("id")
+            if pending.sealing is not None:
+                self._sealFor(pending, pending.sealing, fields.get("seal"))
             # The whole upload goes now; the farm discards it if the job fails.
-            if pending.body and not pending.request.early:
+            elif pending.body and not pending.request.early:
                 self.sendData(pending.body)
         elif frame.verb == b"RSLT":
             pending.result = fields
             pending.remaining = resultSize(fields)
             if pending.remaining == 0:
-                self._finish(JobResult(fields.get("id", ""), fields))
+                self._answered(pending, b"")
         elif frame.verb == b"FAIL":
             failure = JobFailed(
                 str(fields.get("error", ErrorCode.PROTOCOL)),
@@ -295,6 +362,59 @@ class ConsumerProtocol(PeerProtocol):
             self._finish(failure)
         else:
             raise ProtocolViolation(f"unexpected {frame.verb.decode()}")
+
+    def _sealFor(self, pending: _Pending, sealing: _Sealing, offer: Any) -> None:
+        """
+        The node is assigned: check that the exchange vouches for it, then
+        send the content sealed to it; else give the job up on this farm.
+        """
+        jobId = pending.id if isinstance(pending.id, str) else ""
+        try:
+            exchange = sealing.policy.exchange
+            assert exchange is not None
+            _, nodeKey = ConnectionOffer.parse(offer).verify(exchange, self._clock.seconds())
+            sealing.keys = sealing.ephemeral.keys(jobId, nodeKey)
+        except (IdentityError, SealBroken) as e:
+            self._refuseFarm(f"the assigned node's seal does not hold: {e}")
+            return
+        sealed = seal(sealing.keys.upload, UPLOAD, sealing.plain)
+        sealing.plain = b""
+        self.sendData(sealed)
+
+    def _answered(self, pending: _Pending, data: bytes) -> None:
+        fields = pending.result
+        assert fields is not None
+        jobId = fields.get("id", "") or pending.id or ""
+        sealing = pending.sealing
+        if sealing is None:
+            self._finish(JobResult(jobId, fields, data))
+            return
+        if fields.get("sealed") is not True or sealing.keys is None:
+            self._refuseFarm("a sealed job was answered in the clear")
+            return
+        try:
+            opener = Opener(sealing.keys.result, RESULT, len(data))
+            plain = b"".join(opener.feed(data))
+            opener.finish()
+            content, body = unpack(plain)
+        except SealBroken as e:
+            self._refuseFarm(f"the sealed answer does not open: {e}")
+            return
+        # What the farm said beside the content (its duration) is not
+        # taken over what the node sealed.
+        opened = dict(fields, **content)
+        opened.pop("sealed", None)
+        opened["id"] = jobId
+        opened.pop("size", None)
+        self._finish(JobResult(jobId, opened, body))
+
+    def _refuseFarm(self, why: str) -> None:
+        pending = self._pending
+        assert pending is not None
+        self._finish(SealRefused(why, pending.id))
+        # The farm waits for an upload that will not come, or holds a job
+        # it tampered with: this connection is done.
+        self.transport.loseConnection()
 
     def _finish(self, outcome: JobResult | Exception) -> None:
         pending, self._pending = self._pending, None

@@ -1,8 +1,8 @@
 """
 What every Privox daemon does the same way under twistd: listen on its
 ports before the reactor runs, and end with one line and a non-zero exit
-status when a port cannot be had or a model cannot be loaded (rather than
-a traceback and status 0).
+status when a port cannot be had, a key file cannot be read or a model
+cannot be loaded (rather than a traceback and status 0).
 """
 
 from __future__ import annotations
@@ -92,6 +92,28 @@ class ListenService(Service):
             return succeed(None)
         port, self.port = self.port, None
         return maybeDeferred(port.stopListening)
+
+
+class CannotStart(Service):
+    """
+    What C{makeService} returns when it finds that the daemon cannot start
+    (a key file it cannot read): twistd's logging is not running yet then,
+    and an exception would be a traceback. Started, it says C{reason} in
+    one line and ends the daemon with exit status 1.
+    """
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def privilegedStartService(self) -> None:
+        self._fail()
+
+    def startService(self) -> None:
+        self._fail()
+
+    def _fail(self) -> None:
+        log.critical("{reason}", reason=self.reason)
+        raise SystemExit(1)
 
 
 def stopWithStatus(reactor: Any, status: int) -> None:

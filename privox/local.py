@@ -5,10 +5,17 @@ and the HTTP API on C{--port}. Every quality, language default and voice of
 the original API maps onto the bundled models, so its curl examples work as
 written. The farm, the node and the API count into one Prometheus registry:
 the API's C{/metrics} shows all three, and its C{/status} the farm's load.
+
+Blind farms (L{privox.identity}) hold here too: the exchange's key
+(C{privox-exchange.key}) and the node's identity
+(C{privox-node-state/identity.key}) are kept beside the SQLite account
+store (in the working directory by default), and the exchange certifies
+its node directly, with no HTTP between them.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -22,6 +29,7 @@ from twisted.python import usage
 from twisted.web.pages import errorPage
 
 from privox.accounts.store import DEFAULT_DSN, AccountStore
+from privox.api.enrolment import DEFAULT_EXCHANGE_KEY, ExchangeKey, ExchangeKeyError
 from privox.api.farmlist import FarmEntry
 from privox.api.farms import FarmExchange
 from privox.api.models import DEFAULT_VOICES, OPENAI_VOICES, QUALITIES
@@ -34,10 +42,17 @@ from privox.farm.connection import FarmFactory
 from privox.farm.farm import Farm
 from privox.farm.settings import FarmSettings
 from privox.farm.splice import splicerFor
-from privox.keys import OpenPolicy
+from privox.keys import OpenPolicy, keyId
 from privox.farm.observe import farmStatus, instrumentFarm
 from privox.metrics import CollectorRegistry
+from privox.node.enrolment import (
+    DEFAULT_STATE_DIR,
+    Enrolment,
+    IdentityFileError,
+    loadIdentity,
+)
 from privox.node.service import NodeService, NodeSettings
+from privox.sealing import MODES, REQUIRED, SealPolicy
 from privox.web import PrivateSite
 
 log = Logger()
@@ -73,6 +88,10 @@ class LocalSettings:
         1.0, "Seconds added to --deadline per second of audio (STT) or of speech (TTS)."
     )
     blur_usage: bool = setting(False, "Round sizes and times in log lines (privacy).")
+    e2e: str = setting(
+        REQUIRED,
+        "Seal jobs end to end between the API and the node: 'required', 'preferred' or 'off'.",
+    )
 
 
 _BaseOptions = optionsFor(
@@ -98,6 +117,18 @@ class Options(_BaseOptions):  # type: ignore[misc,valid-type]
             raise usage.UsageError("--keys applies only with --accounts none")
         if s.slots < 1:
             raise usage.UsageError("--slots must be at least 1")
+        if s.e2e not in MODES:
+            raise usage.UsageError(f"--e2e must be one of {', '.join(MODES)}")
+
+
+def keyDirectory(settings: LocalSettings) -> str:
+    """
+    Where the exchange's and the node's keys are kept: beside a SQLite
+    account store, else in the working directory.
+    """
+    if settings.accounts.startswith("sqlite:"):
+        return os.path.dirname(settings.accounts[len("sqlite:"):])
+    return ""
 
 
 def apiSettings(s: LocalSettings) -> ApiSettings:
@@ -147,6 +178,7 @@ class LocalExchange(MultiService):
         instrumentFarm(self.farm, self.registry)
         self._ports: list[Any] = []
         self.node: NodeService | None = None
+        self.enrolment: Enrolment | None = None
         self.exchange: FarmExchange | None = None
         self.store: AccountStore | None = None
         self._http = TrackedFactory(
@@ -178,6 +210,18 @@ class LocalExchange(MultiService):
             )
             self._ports.append(port)
             endpoints[service] = f"tcp:host=127.0.0.1:port={port.getHost().port}"
+        keys = keyDirectory(s)
+        exchangeKey, _ = ExchangeKey.load(os.path.join(keys, DEFAULT_EXCHANGE_KEY))
+        identity, _ = loadIdentity(os.path.join(keys, DEFAULT_STATE_DIR))
+        nodeKey = ""
+
+        async def certify(public: bytes) -> str:
+            # The exchange is here: no HTTP, no key to check.
+            return exchangeKey.issue(public, keyId(nodeKey), self._reactor.seconds()).text
+
+        self.enrolment = Enrolment(
+            identity, exchangeKey.public, certify, self._reactor, account=keyId(nodeKey)
+        )
         self.node = NodeService(
             NodeSettings(
                 stt_farm=(endpoints["stt"],), tts_farm=(endpoints["tts"],),
@@ -188,6 +232,7 @@ class LocalExchange(MultiService):
             self._reactor,
             stopOnFailure=False,  # said and handled here
             registry=self.registry,
+            sealer=self.enrolment,
         )
         self.node.startService()
         await self.node.ready
@@ -196,12 +241,15 @@ class LocalExchange(MultiService):
         for slot in self.node.slots:
             await slot.joined()
         api = apiSettings(s)
+        seal = SealPolicy(s.e2e, exchangeKey.public)
+        log.info("end-to-end sealing of jobs: {mode}", mode=seal.mode)
         self.exchange = FarmExchange(
             [FarmEntry("local", endpoints["stt"], endpoints["tts"])],
             self._reactor,
             deadline=api.deadline,
             attempts=1,
             poolSize=s.slots * 2,
+            seal=seal,
         )
         api, site = buildApi(
             api,
@@ -209,6 +257,7 @@ class LocalExchange(MultiService):
             self._reactor,
             registry=self.registry,
             farmStatus=lambda: {"local": farmStatus(self.farm)},
+            exchangeKey=exchangeKey,
         )
         self.store = getattr(api.access, "store", None)
         if self.store is not None:
@@ -222,7 +271,7 @@ class LocalExchange(MultiService):
         self.ready.callback(None)
 
     def _failed(self, failure: Any) -> None:
-        if failure.check(ModelNotFound):
+        if failure.check(ModelNotFound, ExchangeKeyError, IdentityFileError):
             log.critical("the local exchange cannot start: {reason}", reason=str(failure.value))
         else:
             log.failure("the local exchange could not start", failure)

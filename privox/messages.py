@@ -48,6 +48,9 @@ class ErrorCode:
     ENGINE_ERROR = "engine_error"
     CANCELLED = "cancelled"
     SHUTTING_DOWN = "shutting_down"
+    #: Sealed content that did not open, or a node whose seal offer the
+    #: consumer could not verify (docs/privacy.rst).
+    SEAL_BROKEN = "seal_broken"
 
     ALL = frozenset(
         [
@@ -62,6 +65,7 @@ class ErrorCode:
             ENGINE_ERROR,
             CANCELLED,
             SHUTTING_DOWN,
+            SEAL_BROKEN,
         ]
     )
 
@@ -172,6 +176,10 @@ class Hello:
     key: str
     models: tuple[str, ...] = ()
     languages: tuple[str, ...] = ()
+    #: A producer's offer to seal (privox.identity.ConnectionOffer's
+    #: fields), passed on to its consumers with ASGN; the farm only checks
+    #: its shape.
+    seal: dict[str, str] | None = None
 
     @classmethod
     def parse(cls, obj: dict[str, Any]) -> Hello:
@@ -195,7 +203,8 @@ class Hello:
         languages = _advertised(_stringList(obj, "languages", BadRequest))
         if role == "producer" and not models:
             raise BadRequest("a producer must list the models it serves (or [\"*\"])")
-        return cls(role, service, key, models, languages)
+        seal = _sealOffer(obj.get("seal")) if role == "producer" else None
+        return cls(role, service, key, models, languages, seal)
 
     def payload(self) -> dict[str, Any]:
         fields: dict[str, Any] = {
@@ -207,7 +216,49 @@ class Hello:
         if self.role == "producer":
             fields["models"] = list(self.models)
             fields["languages"] = list(self.languages)
+            if self.seal is not None:
+                fields["seal"] = self.seal
         return fields
+
+
+#: The longest field of a seal offer (a certificate is about 300 bytes).
+MAX_SEAL_FIELD = 1024
+_SEAL_OFFER = ("certificate", "key", "signature")
+
+
+def _sealOffer(value: Any) -> dict[str, str] | None:
+    """
+    A producer's seal offer, if its shape is right: what it proves is for
+    consumers to check (the farm holds no exchange key, and must not be
+    trusted to).
+
+    @raise BadRequest: a malformed offer.
+    """
+    if value is None:
+        return None
+    if (
+        not isinstance(value, dict)
+        or set(value) != set(_SEAL_OFFER)
+        or not all(isinstance(v, str) and 0 < len(v) <= MAX_SEAL_FIELD for v in value.values())
+    ):
+        raise BadRequest("seal must be an object of certificate, key and signature strings")
+    return {k: value[k] for k in _SEAL_OFFER}
+
+
+def _jobSeal(value: Any) -> dict[str, str] | None:
+    """
+    A consumer's seal for its job: its ephemeral key (privox.sealing).
+
+    @raise BadRequest: a malformed one.
+    """
+    if value is None:
+        return None
+    ephemeral = value.get("ephemeral") if isinstance(value, dict) else None
+    if set(value if isinstance(value, dict) else ()) != {"ephemeral"} or not (
+        isinstance(ephemeral, str) and 0 < len(ephemeral) <= 64
+    ):
+        raise BadRequest("seal must be an object with an ephemeral key")
+    return {"ephemeral": ephemeral}
 
 
 @dataclass(frozen=True)
@@ -263,6 +314,14 @@ class JobRequest:
     #: The consumer sends the upload right after C{JOB_}, not after C{ASGN}
     #: (§5.3, OKAY's C{early_upload}). Not forwarded to the producer.
     early: bool = False
+    #: Sealed end to end (§5.7): the consumer's ephemeral key. The content
+    #: (the text too) is then in the upload, and only producers that offered
+    #: to seal may take the job.
+    seal: dict[str, str] | None = None
+
+    @property
+    def sealed(self) -> bool:
+        return self.seal is not None
 
     @classmethod
     def parse(cls, service: str, obj: dict[str, Any]) -> JobRequest:
@@ -282,6 +341,7 @@ class JobRequest:
             except UnknownLanguage as e:
                 raise BadRequest(str(e)) from None
         size = _count(obj, "size", BadRequest)
+        seal = _jobSeal(obj.get("seal"))
         timeout = obj.get("timeout_s")
         if timeout is not None and (
             isinstance(timeout, bool)
@@ -296,7 +356,14 @@ class JobRequest:
             if size == 0:
                 raise BadRequest("an STT job needs audio: size must be > 0")
             return cls(service, model, language, size, fmt, timeout_s=timeout,
-                       early=obj.get("early") is True)
+                       early=obj.get("early") is True, seal=seal)
+        voice = _string(obj, "voice", BadRequest, default=None)
+        if seal is not None:
+            # The text is in the sealed upload.
+            if size == 0:
+                raise BadRequest("a sealed TTS job carries its text in the upload: size must be > 0")
+            return cls(service, model, language, size, "auto", voice, None, timeout,
+                       early=obj.get("early") is True, seal=seal)
         text = _string(obj, "text", BadRequest)
         if not text.strip():
             raise BadRequest("field 'text' must not be empty")
@@ -304,7 +371,6 @@ class JobRequest:
             raise BadRequest("field 'text' contains control characters")
         if size != 0:
             raise BadRequest("a TTS job carries its text in JOB_: size must be 0")
-        voice = _string(obj, "voice", BadRequest, default=None)
         return cls(service, model, language, 0, "auto", voice, text, timeout)
 
     def payload(self, jobId: str | None = None) -> dict[str, Any]:
@@ -317,10 +383,13 @@ class JobRequest:
         if self.service == "stt":
             fields["format"] = self.format
         else:
-            fields["text"] = self.text
+            if self.text is not None:
+                fields["text"] = self.text
             fields["voice"] = self.voice
         if self.timeout_s is not None:
             fields["timeout_s"] = self.timeout_s
+        if self.seal is not None:
+            fields["seal"] = self.seal
         if self.early and jobId is None:
             fields["early"] = True
         return fields

@@ -44,8 +44,8 @@ class LoopbackFarm:
     def endpoint(self, service: str) -> str:
         return f"tcp:host=127.0.0.1:port={self.ports[service].getHost().port}"
 
-    async def producer(self, service: str, handler) -> ProducerProtocol:
-        protocol = ProducerProtocol(service, "producer-key", handler)
+    async def producer(self, service: str, handler, sealer=None) -> ProducerProtocol:
+        protocol = ProducerProtocol(service, "producer-key", handler, sealer)
         port = self.ports[service].getHost().port
         await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), protocol)
         await protocol.ready

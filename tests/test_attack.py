@@ -122,6 +122,9 @@ class AttackTestCase(ProcessTestCase):
         args = [
             "privox-api", "--accounts", self.dsn, "--listen", f"tcp:{self.apiPort}:interface=127.0.0.1",
             "--stt-model", "fast digest:x digest:x", "--voice", f"voice1 {voice}",
+            # Quotas and limits, not sealing (tests/test_blind.py): nodes
+            # here enrol with no exchange.
+            "--e2e", "off",
         ]
         for name, stt, tts in farms:
             args += ["--farm", f"{name} tcp:host=127.0.0.1:port={stt} tcp:host=127.0.0.1:port={tts}"]

@@ -64,6 +64,7 @@ class CancelledWorkTests(ProcessTestCase):
             "--farm", f"f tcp:host=127.0.0.1:port={sttPort} tcp:host=127.0.0.1:port={ttsPort}",
             "--stt-model", f"fast {STT} {STT}", "--voice", f"voice1 {TTS}",
             "--deadline", str(DEADLINE), "--deadline-per-second", "0",
+            "--e2e", "off",  # no account store to enrol its node with
         )
         await api.waitFor(b"starting on %d" % port)
         return node, f"http://127.0.0.1:{port}"

@@ -17,9 +17,12 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.internet import reactor
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.python import usage
+from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from privox.local import LocalExchange, LocalSettings, Options, apiSettings, banner
+from privox.identity import Certificate, exchangePublicKey
+from privox.keys import keyId
+from privox.local import LocalExchange, LocalSettings, Options, apiSettings, banner, keyDirectory
 from tests.test_e2e import ENV, REPO, TWISTD
 from tests.test_roundtrip import speak
 from tests.wer import wer
@@ -51,6 +54,23 @@ class OptionsTests(SynchronousTestCase):
     def test_wrongService(self) -> None:
         self.assertRaises(usage.UsageError, Options().parseOptions, ["--stt", "piper:x"])
 
+    def test_e2e(self) -> None:
+        self.assertEqual(LocalSettings().e2e, "required")
+        options = Options()
+        options.parseOptions(["--e2e", "preferred"])
+        self.assertEqual(options.settings.e2e, "preferred")
+        e = self.assertRaises(usage.UsageError, Options().parseOptions, ["--e2e", "maybe"])
+        self.assertIn("--e2e must be one of required, preferred, off", str(e))
+
+    def test_keysBesideTheStore(self) -> None:
+        """
+        The exchange's and the node's keys live beside a SQLite store, else
+        in the working directory.
+        """
+        self.assertEqual(keyDirectory(LocalSettings()), "")
+        self.assertEqual(keyDirectory(LocalSettings(accounts="sqlite:/var/x/a.sqlite3")), "/var/x")
+        self.assertEqual(keyDirectory(LocalSettings(accounts="none")), "")
+
     def test_bannerSaysHowToAuthenticate(self) -> None:
         url = "http://127.0.0.1:8080"
         anonymous = "\n".join(banner(url, LocalSettings()))
@@ -73,7 +93,8 @@ class LocalExchangeTests(TestCase):
     timeout = 120
 
     async def test_curlExamples(self) -> None:
-        local = LocalExchange(LocalSettings(port=0, accounts=f"sqlite:{self.mktemp()}"), reactor)
+        store = FilePath(self.mktemp())
+        local = LocalExchange(LocalSettings(port=0, accounts=f"sqlite:{store.path}"), reactor)
         local.startService()
         self.addCleanup(local.stopService)
         await local.ready
@@ -137,6 +158,18 @@ class LocalExchangeTests(TestCase):
 
         health = json.loads(await (await http.get(f"{url}/healthz")).text())
         self.assertEqual(health["farms"][0]["up"], True)
+
+        # The node holds a certificate from this exchange, whose key
+        # /v1/exchange publishes; both keys are kept beside the store.
+        published = json.loads(await (await http.get(f"{url}/v1/exchange")).text())["key"]
+        assert local.enrolment is not None
+        certificate = local.enrolment.certificate
+        assert certificate is not None
+        Certificate.verify(certificate.text, exchangePublicKey(published), reactor.seconds())
+        self.assertEqual(certificate.account, keyId(""))
+        self.assertIsNotNone(local.enrolment.offer())
+        self.assertTrue(store.sibling("privox-exchange.key").exists())
+        self.assertTrue(store.sibling("privox-node-state").child("identity.key").exists())
 
 
 class StartFailureTests(TestCase):

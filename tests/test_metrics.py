@@ -74,6 +74,10 @@ def labelValues(text: bytes | str, name: str, label: str) -> set[str]:
     }
 
 
+# How many of privox-local's producers seal.
+SEALING_LOCAL = "1"
+
+
 class BlurTests(SynchronousTestCase):
     def test_bytes(self) -> None:
         """
@@ -352,10 +356,10 @@ class FarmMetricsTests(SynchronousTestCase):
         self.assertEqual(
             status["services"]["stt"],
             {"producers": 1, "queue": 0, "running": 1,
-             "models": {"whisper:tiny.en": {"connected": 1, "idle": 0, "busy": 1}}},
+             "models": {"whisper:tiny.en": {"connected": 1, "idle": 0, "busy": 1, "sealing": 0}}},
         )
         self.assertEqual(
-            status["services"]["tts"]["models"], {"piper:x": {"connected": 1, "idle": 1, "busy": 0}}
+            status["services"]["tts"]["models"], {"piper:x": {"connected": 1, "idle": 1, "busy": 0, "sealing": 0}}
         )
 
 
@@ -421,7 +425,7 @@ class FarmEndpointTests(TestCase):
         self.assertEqual(loads["far"]["name"], "remote-farm")
         self.assertEqual(
             loads["far"]["services"]["stt"]["models"],
-            {"whisper:tiny.en": {"connected": 1, "idle": 1, "busy": 0}},
+            {"whisper:tiny.en": {"connected": 1, "idle": 1, "busy": 0, "sealing": 0}},
         )
         # Kept a while: the farm is not asked again.
         await port.stopListening()
@@ -452,7 +456,7 @@ class FarmEndpointTests(TestCase):
             }),
             {"name": "f", "accepting": True, "jobs": {"total": 3, "succeeded": 0},
              "services": {"stt": {"producers": 2, "queue": 0, "running": 0,
-                                  "models": {"m": {"connected": 2, "idle": 0, "busy": 1}}}}},
+                                  "models": {"m": {"connected": 2, "idle": 0, "busy": 1, "sealing": 0}}}}},
         )
 
     def test_offByDefault(self) -> None:
@@ -545,7 +549,7 @@ class ApiMetricsTests(APITestCase):
         [farm] = json.loads(body)["farms"]
         self.assertEqual(
             farm["load"]["services"]["stt"]["models"],
-            {"whisper:tiny.en": {"connected": 1, "idle": 1, "busy": 0}},
+            {"whisper:tiny.en": {"connected": 1, "idle": 1, "busy": 0, "sealing": 0}},
         )
         self.assertNotIn(b"secret", body)
 
@@ -607,7 +611,7 @@ class StatusTableTests(SynchronousTestCase):
                 {"name": "local", "services": ["stt", "tts"], "up": True, "load": {
                     "services": {
                         "stt": {"queue": 2, "models": {
-                            "whisper:tiny.en": {"connected": 3, "idle": 1, "busy": 2}}},
+                            "whisper:tiny.en": {"connected": 3, "idle": 1, "busy": 2, "sealing": 3}}},
                         "tts": {"queue": 0, "models": {}},
                     }}},
                 {"name": "far", "services": ["stt"], "up": False, "fallback": True, "load": None},
@@ -616,9 +620,9 @@ class StatusTableTests(SynchronousTestCase):
         self.assertEqual(
             statusTable(status).splitlines(),
             [
-                "FARM            STATE  SERVICE  MODEL              PRODUCERS  IDLE  BUSY  QUEUE",
-                "local           up     stt      whisper:tiny.en    3          1     2     2",
-                "local           up     tts      -                  0          0     0     0",
+                "FARM            STATE  SERVICE  MODEL              PRODUCERS  IDLE  BUSY  SEALING  QUEUE",
+                "local           up     stt      whisper:tiny.en    3          1     2     3        2",
+                "local           up     tts      -                  0          0     0     0        0",
                 "far (fallback)  down   stt      (no load figures)",
             ],
         )
@@ -670,8 +674,9 @@ class LocalTests(TestCase):
         out, err, code = await privox("status", PRIVOX_API=local.url)
         self.assertEqual((err, code), ("", 0))
         lines = out.splitlines()
-        self.assertEqual(lines[0].split(), ["FARM", "STATE", "SERVICE", "MODEL", "PRODUCERS", "IDLE", "BUSY", "QUEUE"])
-        self.assertIn(["local", "up", "tts", tts, "1", "1", "0", "0"], [line.split() for line in lines])
+        self.assertEqual(lines[0].split(), ["FARM", "STATE", "SERVICE", "MODEL", "PRODUCERS", "IDLE", "BUSY", "SEALING", "QUEUE"])
+        # privox-local's node seals (its exchange vouches for it).
+        self.assertIn(["local", "up", "tts", tts, "1", "1", "0", SEALING_LOCAL, "0"], [line.split() for line in lines])
         out, err, code = await privox("status", "--json", PRIVOX_API=local.url)
         self.assertEqual(code, 0)
         self.assertEqual(json.loads(out)["farms"][0]["name"], "local")

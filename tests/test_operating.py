@@ -192,7 +192,33 @@ class OperatingGuideTests(ProcessTestCase):
         key = out.decode().splitlines()[-1]
         self.assertTrue(key.startswith("pvx_"))
 
-        # Requests through the API, the farm (TLS) and the node.
+        # §4 and §5: the node enrols with the API's exchange key, its key
+        # made a user key of the store (§9's import).
+        exchangeKey = root.descendant(["var", "lib", "privox-api", "exchange.key"])
+        self.assertEqual(exchangeKey.getPermissions().shorthand(), "rw-------")
+        [curl] = [b for b in guide.blocks if b.startswith("curl -s http://127.0.0.1:8080/v1/exchange")]
+        published = json.loads(await (await http.get(guide.here(curl).split()[-1])).text())["key"]
+        imported = root.child("node-key.txt")
+        imported.setContent(keys["THIS-NODE-PRODUCER-KEY"].encode() + b"\n")
+        out, err, code = await getProcessOutputAndValue(
+            sys.executable, ["-m", "privox.cli", "keys", "import", "--config", etc.child("api.toml").path, imported.path],
+            env=ENV, path=root.path, reactor=reactor,
+        )
+        self.assertEqual(code, 0, err)
+        enrolment = guide.block('exchange = "https://api.example.org"')
+        enrolment = enrolment.replace("https://api.example.org", url).replace("THE-EXCHANGE-KEY", published)
+        etc.child("node-main.toml").setContent(f"{nodeToml}\n{enrolment}\n".encode())
+        await self.kill(node)
+        node = self.start("node enrolled", "privox-node@.service", guide, "main")
+        await node.waitFor(b"enrolled with " + url.encode(), timeout=90)
+        identity = root.descendant(["var", "lib", "privox", "node-main", "identity.key"])
+        self.assertEqual(identity.getPermissions().shorthand(), "rw-------")
+        await apiProcess.waitFor(b"enrolled node")
+        for service in (b"stt", b"tts"):
+            await node.waitFor(b"serving %s through" % service, timeout=90)
+
+        # Requests through the API, the farm (TLS) and the node: sealed
+        # (the API's default, --e2e required).
         response = await http.post(url + "/tts", data={"key": key, "text": SENTENCE, "voice": "voice1"})
         spoken = await response.content()
         self.assertEqual(response.code, 200, spoken[:200])

@@ -299,6 +299,8 @@ class OriginalPeersTests(TestCase):
             "--listen", f"tcp:{port}:interface=127.0.0.1",
             "--farm", f"local tcp:host=127.0.0.1:port={sttPort} tcp:host=127.0.0.1:port={ttsPort}",
             "--accounts", "none", "--keys", "open",
+            # Original nodes cannot seal: sealed where a node can, else not.
+            "--e2e", "preferred",
         ]
         reactor.spawnProcess(api, sys.executable, args, env=ENV, path=REPO)
         self.addCleanup(self.stop, api)

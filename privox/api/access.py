@@ -34,7 +34,7 @@ from twisted.logger import Logger
 
 from privox.accounts import quota
 from privox.accounts.store import ANONYMOUS, Account, AccountStore, Reservation
-from privox.api.errors import NotServed, OverQuota, Unauthorized, Unavailable
+from privox.api.errors import Forbidden, NotServed, OverQuota, Unauthorized, Unavailable
 from privox.keys import KeyPolicy, OpenPolicy, keyId
 
 log = Logger()
@@ -123,6 +123,16 @@ class Access(Protocol):
         Whether C{key} is a good key (for farms checking their peers).
         """
 
+    async def authorizeNode(self, key: str | None) -> str:
+        """
+        A node enrolling (L{privox.api.enrolment}) with its producer key.
+
+        @return: the key's L{keyId}, the account its certificate names.
+        @raise Unauthorized: no key.
+        @raise Forbidden: a key that may not enrol a node (unknown, revoked,
+            a farm's), or an API that cannot tell (any key is let in).
+        """
+
     async def record(
         self, farmAccount: str, transactions: Sequence[dict[str, Any]]
     ) -> tuple[int, int]:
@@ -175,6 +185,19 @@ class PolicyAccess:
 
     async def validate(self, key: str) -> bool:
         raise NotServed("this API keeps no accounts (it runs with --accounts none)")
+
+    async def authorizeNode(self, key: str | None) -> str:
+        if not key:
+            raise Unauthorized(_NODE_KEY_NEEDED)
+        if isinstance(self.policy, OpenPolicy):
+            # Any key would do: a certificate would vouch for nobody.
+            raise Forbidden(
+                "enrolment needs an account store or a key policy: this API accepts"
+                " any key (--accounts none --keys open)"
+            )
+        if not await self.policy.check(key):
+            raise Forbidden("the key was not accepted, so this node cannot enrol")
+        return keyId(key)
 
     async def record(
         self, farmAccount: str, transactions: Sequence[dict[str, Any]]
@@ -314,12 +337,26 @@ class AccountAccess:
         account = await self._account(key)
         return account is not None and account.active
 
+    async def authorizeNode(self, key: str | None) -> str:
+        if not key:
+            raise Unauthorized(_NODE_KEY_NEEDED)
+        account = await self._account(key)
+        if account is None or not account.active or account.role != "user":
+            raise Forbidden(
+                "the key was not accepted (unknown, revoked, or not a user key),"
+                " so this node cannot enrol"
+            )
+        return account.keyId
+
     async def record(
         self, farmAccount: str, transactions: Sequence[dict[str, Any]]
     ) -> tuple[int, int]:
         return await _unavailableIfFails(  # type: ignore[no-any-return]
             self.store.record(farmAccount, transactions, self.clock.seconds(), self.costOf)
         )
+
+
+_NODE_KEY_NEEDED = "a node enrols with its producer key: Authorization: Bearer KEY"
 
 
 def _storeDown() -> Unavailable:

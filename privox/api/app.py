@@ -1,8 +1,9 @@
 """
 The HTTP API as a Klein app: the original Privox routes (C{/stt}, C{/tts}),
 OpenAI's audio routes (C{/v1/...}), a key's own C{/v1/account}, the farms'
-C{/v1/ledger} and C{/v1/keys/validate}, C{/healthz}, C{/status} (farms and
-their load, JSON or HTML), C{/metrics} (Prometheus) and a front page.
+C{/v1/ledger} and C{/v1/keys/validate}, the exchange's key and nodes'
+enrolment (C{/v1/exchange}, C{/v1/enroll}), C{/healthz}, C{/status} (farms
+and their load, JSON or HTML), C{/metrics} (Prometheus) and a front page.
 
 Routes stay thin: L{privox.api.forms} reads and checks requests,
 L{privox.api.access} says who may call and holds their audio seconds while
@@ -40,7 +41,8 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from privox.api import forms
 from privox.api.access import Access, Caller, Grant
-from privox.api.errors import ApiError, BadInput, TimedOut, errorBody
+from privox.api.enrolment import ExchangeKey, fingerprint, readIdentity
+from privox.api.errors import ApiError, BadInput, NotServed, TimedOut, errorBody
 from privox.api.exchange import Exchange, Transcribed
 from privox.api.farmstatus import unserved
 from privox.api.ledger import readLedger
@@ -112,6 +114,7 @@ class PrivoxAPI:
         deadline: float = 60.0,
         runInThread: Runner | None = None,
         deadlinePerSecond: float = 1.0,
+        exchangeKey: ExchangeKey | None = None,
     ) -> None:
         """
         @param registry: where the request series go and what C{/metrics}
@@ -129,6 +132,9 @@ class PrivoxAPI:
             measuring audio) off the reactor thread; default: the reactor's
             thread pool, at most L{BLOCKING_AT_ONCE} at a time (so that the
             rest of the pool, host name lookups included, stays free).
+        @param exchangeKey: the exchange's signing key, which
+            C{/v1/exchange} publishes and C{/v1/enroll} certifies nodes
+            with; without one both answer 404.
         """
         if clock is None:
             from twisted.internet import reactor as clock
@@ -151,6 +157,7 @@ class PrivoxAPI:
         self.deadline = deadline
         self.deadlinePerSecond = deadlinePerSecond
         self.runInThread = runInThread
+        self.exchangeKey = exchangeKey
 
     def site(self) -> ApiSite:
         return ApiSite(
@@ -366,6 +373,42 @@ class PrivoxAPI:
         valid = await self.access.validate(key)
         # The answer farms' URL key policies read: a positive integer admits.
         return _reply(request, _PLAIN, b"1\n" if valid else b"0\n")
+
+    # -- the exchange's key and nodes' certificates -----------------------
+
+    @app.route("/v1/exchange", methods=["GET"])
+    async def exchangeInfo(self, request: IRequest) -> bytes:
+        return await self._serve(request, "/v1/exchange", self._exchangeInfo)
+
+    async def _exchangeInfo(self, request: IRequest, done: _Done) -> bytes:
+        return _json(request, {"key": self._exchangeKey().publicText})
+
+    @app.route("/v1/enroll", methods=["POST"])
+    async def enroll(self, request: IRequest) -> bytes:
+        return await self._serve(request, "/v1/enroll", self._enroll)
+
+    async def _enroll(self, request: IRequest, done: _Done) -> bytes:
+        exchangeKey = self._exchangeKey()
+        # The key first, as on every route: a caller without a good one
+        # learns nothing about its body.
+        key = forms.findKey(request)
+        account = await self.access.authorizeNode(key)
+        done.caller = Caller(key)
+        size = forms.bodySize(request, self._limit(request))
+        identity = readIdentity(request.content.read() if size else b"")
+        certificate = exchangeKey.issue(identity, account, self.clock.seconds())
+        self.log.info(
+            "enrolled node {node} of key {keyId} until {expires}",
+            node=fingerprint(identity),
+            keyId=account,
+            expires=certificate.expires,
+        )
+        return _json(request, {"certificate": certificate.text, "expires": certificate.expires})
+
+    def _exchangeKey(self) -> ExchangeKey:
+        if self.exchangeKey is None:
+            raise NotServed("this API holds no exchange key")
+        return self.exchangeKey
 
     # -- the rest ---------------------------------------------------------
 

@@ -38,6 +38,15 @@ class Unauthorized(ApiError):
     kind = "authentication_error"
 
 
+class Forbidden(ApiError):
+    """
+    A key that may not do this: an unknown or revoked key enrolling a node.
+    """
+
+    status = 403
+    kind = "permission_error"
+
+
 class TooLarge(ApiError):
     status = 413
     kind = "request_too_large"
@@ -104,6 +113,7 @@ def fromFailCode(code: str, message: str) -> ApiError:
 _CODES = {
     400: "bad_request",
     401: "invalid_api_key",
+    403: "forbidden",
     413: "request_too_large",
     422: "unsupported",
     404: "not_found",

@@ -57,11 +57,15 @@ from privox.api.farmhealth import farmHealth
 from privox.api.farmlist import FarmEntry, weightedChoice
 from privox.api.farmpool import Dialing, Expired, FarmPool, Unreachable, race
 from privox.consumer import ConsumerProtocol, JobFailed, JobResult, Liveness, Unresponsive
+from privox.sealing import OFF, PREFERRED, SealPolicy
 from privox.messages import SERVICES, ErrorCode
 from privox.peer import ConnectionClosed
 from privox.tls import TrustRoot
 
 log = Logger()
+
+#: Sends one job on a connection: (connection, timeout, seal policy or None).
+Sender = Callable[[ConsumerProtocol, float, "SealPolicy | None"], Deferred[JobResult]]
 
 
 class Farm:
@@ -106,6 +110,11 @@ class FarmExchange:
     @param liveness: how long a farm may stay silent during a job before
         it is given up on (marked down, the job tried elsewhere); L{None}
         waits for the deadline.
+    @param seal: whether jobs are sealed for their nodes (privox-api
+        --e2e): a farm that assigns a node the exchange does not vouch for,
+        or whose relaying breaks a seal, is marked down and the job tried
+        elsewhere; with C{preferred}, a farm with no node that seals gets
+        the job in the clear.
     """
 
     def __init__(
@@ -122,7 +131,9 @@ class FarmExchange:
         clock: IReactorTime | None = None,
         ca: TrustRoot | None = None,
         liveness: Liveness | None = Liveness(),
+        seal: SealPolicy = SealPolicy(),
     ) -> None:
+        self.seal = seal
         names = [f.name for f in farms]
         if len(set(names)) != len(names):
             raise ValueError("farm names must be unique")
@@ -154,8 +165,8 @@ class FarmExchange:
     ) -> Transcribed:
         result = await self._request(
             "stt",
-            lambda conn, timeout: conn.stt(
-                model, audio, language=language, format=format, timeout_s=timeout
+            lambda conn, timeout, seal: conn.stt(
+                model, audio, language=language, format=format, timeout_s=timeout, seal=seal
             ),
             deadline,
         )
@@ -185,8 +196,8 @@ class FarmExchange:
     ) -> bytes:
         result = await self._request(
             "tts",
-            lambda conn, timeout: conn.tts(
-                model, text, voice=voice, language=language, timeout_s=timeout
+            lambda conn, timeout, seal: conn.tts(
+                model, text, voice=voice, language=language, timeout_s=timeout, seal=seal
             ),
             deadline,
         )
@@ -232,7 +243,7 @@ class FarmExchange:
     async def _request(
         self,
         service: str,
-        send: Callable[[ConsumerProtocol, float], Deferred[JobResult]],
+        send: Sender,
         deadline: float | None = None,
     ) -> JobResult:
         if self.stopped:
@@ -255,7 +266,7 @@ class FarmExchange:
                 if self.clock.seconds() >= deadlineAt:
                     raise Expired()
                 try:
-                    return await self._attempt(state, service, send, deadlineAt)
+                    return await self._sealedOrNot(state, service, send, deadlineAt)
                 except JobFailed as e:
                     if e.code not in RETRYABLE and e.code != ErrorCode.UNSUPPORTED_MODEL:
                         raise fromFailCode(e.code, e.message) from None
@@ -323,12 +334,33 @@ class FarmExchange:
             raise Unavailable(f"every {service} farm is down", retryAfter)
         raise Unavailable(f"no {service} farm could be reached", retryAfter)
 
+    async def _sealedOrNot(
+        self, state: Farm, service: str, send: Sender, deadlineAt: float
+    ) -> JobResult:
+        """
+        One farm's attempt, sealed as the policy says; with C{preferred}, in
+        the clear when the farm has no node that seals.
+        """
+        seal = self.seal if self.seal.mode != OFF else None
+        try:
+            return await self._attempt(state, service, send, deadlineAt, seal)
+        except JobFailed as e:
+            if seal is None or self.seal.mode != PREFERRED or e.code != ErrorCode.NO_PRODUCER:
+                raise
+        log.info(
+            "farm {farm} {service}: no node there seals; sending in the clear (e2e preferred)",
+            farm=state.entry.name,
+            service=service,
+        )
+        return await self._attempt(state, service, send, deadlineAt, None)
+
     async def _attempt(
         self,
         state: Farm,
         service: str,
-        send: Callable[[ConsumerProtocol, float], Deferred[JobResult]],
+        send: Sender,
         deadlineAt: float,
+        seal: SealPolicy | None = None,
     ) -> JobResult:
         pool = state.pools[service]
         conn = await pool.acquire(deadlineAt)
@@ -338,11 +370,22 @@ class FarmExchange:
             if remaining <= 0:
                 raise Expired()
             result = await race(
-                self.clock, send(conn, round(max(remaining, 0.001), 3)), deadlineAt
+                self.clock, send(conn, round(max(remaining, 0.001), 3), seal), deadlineAt
             )
             reusable = True
             return result
-        except JobFailed:
+        except JobFailed as e:
+            if e.code == ErrorCode.SEAL_BROKEN:
+                # The farm put a key of its own in a node's place, or
+                # tampered with sealed content: not to be used for a while.
+                log.warn(
+                    "farm {farm} {service}: a sealed job failed ({why}); trying another farm",
+                    farm=state.entry.name,
+                    service=service,
+                    why=e.message,
+                )
+                state.health.failed(self.clock.seconds(), "broke a seal")
+                raise Unreachable(e.message) from None
             # The farm answered; the connection carries on (unless the farm
             # closed it, which release notices).
             reusable = True

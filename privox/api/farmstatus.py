@@ -40,7 +40,9 @@ def cleanStatus(raw: Any) -> dict[str, Any] | None:
             "queue": _count(figures.get("queue")),
             "running": _count(figures.get("running")),
             "models": {
-                str(model)[:200]: {k: _count(c.get(k)) for k in ("connected", "idle", "busy")}
+                str(model)[:200]: {
+                    k: _count(c.get(k)) for k in ("connected", "idle", "busy", "sealing")
+                }
                 for model, c in (models.items() if isinstance(models, dict) else [])
                 if isinstance(c, dict)
             },

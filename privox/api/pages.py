@@ -109,16 +109,19 @@ def statusHtml(status: dict[str, Any]) -> str:
         if not load:
             rows.append(
                 f"<tr><td>{name}</td><td>{up}</td><td>{e(', '.join(farm.get('services', [])))}</td>"
-                "<td colspan=5>no load figures</td></tr>"
+                "<td colspan=6>no load figures</td></tr>"
             )
             continue
         for service, figures in sorted(load.get("services", {}).items()):
-            models = figures.get("models") or {"-": {"connected": 0, "idle": 0, "busy": 0}}
+            models = figures.get("models") or {
+                "-": {"connected": 0, "idle": 0, "busy": 0, "sealing": 0}
+            }
             for model, counts in sorted(models.items()):
                 rows.append(
                     f"<tr><td>{name}</td><td>{up}</td><td>{e(service)}</td><td>{e(model)}</td>"
                     f"<td>{counts['connected']}</td><td>{counts['idle']}</td>"
-                    f"<td>{counts['busy']}</td><td>{figures.get('queue', 0)}</td></tr>"
+                    f"<td>{counts['busy']}</td><td>{counts.get('sealing', 0)}</td>"
+                    f"<td>{figures.get('queue', 0)}</td></tr>"
                 )
     missing = [
         f"<li>{e(service)}: {e(', '.join(models))}</li>"
@@ -139,7 +142,7 @@ def statusHtml(status: dict[str, Any]) -> str:
         "<p><a href='/'>&larr; Privox</a></p><h1>Status</h1>"
         f"{unserved}<table>"
         "<tr><th>farm</th><th>state</th><th>service</th><th>model</th><th>producers</th>"
-        "<th>idle</th><th>busy</th><th>queue</th></tr>"
+        "<th>idle</th><th>busy</th><th>sealing</th><th>queue</th></tr>"
         + "".join(rows)
         + "</table><p>Clients that do not ask for HTML get this as JSON"
         " (<code>privox status</code> prints it).</p></body></html>"

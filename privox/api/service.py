@@ -21,16 +21,18 @@ from privox.accounts.quota import DEFAULT_HOURLY_SECONDS
 from privox.accounts.store import DEFAULT_DSN, AccountStore, StoreError
 from privox.api.access import Access, AccountAccess, PolicyAccess, modelCosts
 from privox.api.app import DEFAULT_MAX_UPLOAD, PrivoxAPI
+from privox.api.enrolment import DEFAULT_EXCHANGE_KEY, ExchangeKey, ExchangeKeyError
 from privox.api.exchange import Exchange
 from privox.api.farmlist import FarmEntry
 from privox.api.farms import FarmExchange
 from privox.api.farmstatus import RemoteStatus
 from privox.api.models import DEFAULT_STT, DEFAULT_VOICES, ModelTable
 from privox.config import optionsFor, setting
-from privox.daemon import ListenService
+from privox.daemon import CannotStart, ListenService
 from privox.fdlimit import OpenFileLimitService
 from privox.memory import TunedMallocService
 from privox.keys import KeyPolicyError, policyFromSpec
+from privox.sealing import MODES, REQUIRED, SealPolicy
 from privox.tls import loadCA
 
 log = Logger()
@@ -99,6 +101,18 @@ class ApiSettings:
     )
     blur_usage: bool = setting(
         False, "Round sizes and times in the request log lines (privacy)."
+    )
+    exchange_key: str = setting(
+        DEFAULT_EXCHANGE_KEY,
+        "File of the exchange's Ed25519 signing key, made (mode 0600) at first start; "
+        "every API of one exchange shares it (back it up). GET /v1/exchange publishes "
+        "its public half.",
+    )
+    e2e: str = setting(
+        REQUIRED,
+        "Seal jobs end to end between this API and the nodes, so farms relay only "
+        "ciphertext: 'required' (only nodes that can seal take them), 'preferred' "
+        "or 'off'.",
     )
 
 
@@ -235,12 +249,15 @@ def buildApi(
     reactor: Any,
     registry: Any = None,
     farmStatus: Any = None,
+    exchangeKey: ExchangeKey | None = None,
 ) -> tuple[PrivoxAPI, Site]:
     """
     The app for C{settings} over C{exchange}, and the site that serves it
     (with the upload cap applied as bodies arrive). C{registry}: the
     L{CollectorRegistry} its C{/metrics} serves (a new one if L{None});
-    C{farmStatus}: what C{/status} adds per farm (L{PrivoxAPI}).
+    C{farmStatus}: what C{/status} adds per farm (L{PrivoxAPI});
+    C{exchangeKey}: the exchange's signing key, for C{/v1/exchange} and
+    C{/v1/enroll} (L{loadExchangeKey}).
 
     @raise usage.UsageError: bad model tables or key policy.
     """
@@ -257,6 +274,7 @@ def buildApi(
         blurUsage=settings.blur_usage,
         deadline=settings.deadline,
         deadlinePerSecond=settings.deadline_per_second,
+        exchangeKey=exchangeKey,
     )
     log.info(
         "API: {access}; uploads up to {max} bytes",
@@ -264,6 +282,24 @@ def buildApi(
         max=settings.max_upload,
     )
     return api, api.site()
+
+
+def loadExchangeKey(path: str) -> ExchangeKey:
+    """
+    The exchange's signing key at C{path} (made there at first start), said
+    in a log line by its fingerprint.
+
+    @raise ExchangeKeyError: it cannot be read or made.
+    """
+    key, made = ExchangeKey.load(path)
+    log.info(
+        "{how} exchange key {fingerprint} in {path} (GET /v1/exchange publishes it;"
+        " every API of this exchange needs this file)",
+        how="made a new" if made else "the",
+        fingerprint=key.fingerprint,
+        path=path,
+    )
+    return key
 
 
 _BaseOptions = optionsFor(
@@ -307,6 +343,10 @@ class Options(_BaseOptions):  # type: ignore[misc,valid-type]
             raise usage.UsageError("--hourly-seconds and --anonymous-seconds must not be negative")
         if s.attempts < 1 or s.pool_size < 1:
             raise usage.UsageError("--attempts and --pool-size must be at least 1")
+        if s.e2e not in MODES:
+            raise usage.UsageError(f"--e2e must be one of {', '.join(MODES)}")
+        if not s.exchange_key.strip():
+            raise usage.UsageError("--exchange-key must name a file")
         try:
             self.ca = loadCA(s.ca) if s.ca else None
         except ValueError as e:
@@ -376,6 +416,12 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         from twisted.internet import reactor
     s = options.settings
     try:
+        exchangeKey = loadExchangeKey(s.exchange_key)
+    except ExchangeKeyError as e:
+        return CannotStart(f"{e} (--exchange-key)")
+    seal = SealPolicy(s.e2e, exchangeKey.public)
+    log.info("end-to-end sealing of jobs: {mode}", mode=seal.mode)
+    try:
         exchange = FarmExchange(
             options.farms,
             reactor,
@@ -384,12 +430,13 @@ def makeService(options: Options, reactor: Any = None) -> IService:
             attempts=s.attempts,
             poolSize=s.pool_size,
             ca=options.ca,
+            seal=seal,
         )
     except ValueError as e:
         raise usage.UsageError(str(e))
     # Farms whose lines name their status URL show their load on /status.
     remote = RemoteStatus(options.farms, reactor) if any(f.status for f in options.farms) else None
-    api, site = buildApi(s, exchange, reactor, farmStatus=remote)
+    api, site = buildApi(s, exchange, reactor, farmStatus=remote, exchangeKey=exchangeKey)
     http = TrackedFactory(site)
     top = MultiService()
     # A descriptor per HTTP client and farm connection: before the port.

@@ -39,7 +39,9 @@ LINGER_IDLE = 5.0
 LINGER_MAX = 30.0
 
 #: The routes a refusal is counted and logged under; anything else is "other".
-KNOWN_ROUTES = UPLOAD_ROUTES | {LEDGER_ROUTE, b"/tts", b"/v1/audio/speech", b"/v1/keys/validate"}
+KNOWN_ROUTES = UPLOAD_ROUTES | {
+    LEDGER_ROUTE, b"/tts", b"/v1/audio/speech", b"/v1/keys/validate", b"/v1/enroll"
+}
 
 log = Logger()
 

@@ -31,10 +31,15 @@ class NoProducer(Exception):
 class Capability:
     models: frozenset[str]
     languages: frozenset[str]
+    #: Whether the producer offered to seal (only those take sealed jobs).
+    seals: bool = False
 
     @classmethod
-    def of(cls, models: Iterable[str], languages: Iterable[str]) -> Capability:
-        return cls(frozenset(models), frozenset(languages))
+    def of(cls, models: Iterable[str], languages: Iterable[str], seals: bool = False) -> Capability:
+        return cls(frozenset(models), frozenset(languages), seals)
+
+    def takes(self, language: str | None, sealed: bool) -> bool:
+        return self.speaks(language) and (self.seals or not sealed)
 
     def speaks(self, language: str | None) -> bool:
         # An empty list or "*" means any language; a job without a language
@@ -46,8 +51,8 @@ class Capability:
             or language in self.languages
         )
 
-    def serves(self, model: str, language: str | None) -> bool:
-        return (model in self.models or ANY in self.models) and self.speaks(language)
+    def serves(self, model: str, language: str | None, sealed: bool = False) -> bool:
+        return (model in self.models or ANY in self.models) and self.takes(language, sealed)
 
 
 @dataclass(slots=True)
@@ -55,6 +60,7 @@ class _Waiting:
     model: str
     language: str | None
     deadline: float
+    sealed: bool
 
 
 class Dispatcher:
@@ -105,7 +111,7 @@ class Dispatcher:
         """
         capability = self._capabilities[producer]
         for job, waiting in self._queue.items():
-            if capability.serves(waiting.model, waiting.language):
+            if capability.serves(waiting.model, waiting.language, waiting.sealed):
                 del self._queue[job]
                 return job
         self._idleSince[producer] = now
@@ -135,39 +141,40 @@ class Dispatcher:
             if model != ANY and any(self._capabilities[p].speaks(language) for p in producers)
         ]
 
-    def canServe(self, model: str, language: str | None) -> bool:
+    def canServe(self, model: str, language: str | None, sealed: bool = False) -> bool:
         for key in (model, ANY):
             for producer in self._byModel.get(key, ()):
-                if self._capabilities[producer].speaks(language):
+                if self._capabilities[producer].takes(language, sealed):
                     return True
         return False
 
     def submit(
-        self, job: Hashable, model: str, language: str | None, now: float
+        self, job: Hashable, model: str, language: str | None, now: float, sealed: bool = False
     ) -> Hashable | None:
         """
         Returns the producer the job is assigned to, now busy; or L{None} if
-        the job was queued until C{now + queueTimeout}.
+        the job was queued until C{now + queueTimeout}. A C{sealed} job
+        goes only to a producer that seals.
 
         @raise NoProducer: no connected producer could ever serve it.
         """
-        if not self.canServe(model, language):
+        if not self.canServe(model, language, sealed):
             raise NoProducer(model, language)
-        producer = self._longestIdle(model, language)
+        producer = self._longestIdle(model, language, sealed)
         if producer is None:
-            self._queue[job] = _Waiting(model, language, now + self.queueTimeout)
+            self._queue[job] = _Waiting(model, language, now + self.queueTimeout, sealed)
         else:
             self._unidle(producer)
         return producer
 
-    def _longestIdle(self, model: str, language: str | None) -> Hashable | None:
+    def _longestIdle(self, model: str, language: str | None, sealed: bool) -> Hashable | None:
         best = None
         bestSince = None
         for key in (model, ANY):
             for producer, since in self._idle.get(key, {}).items():
                 if bestSince is not None and since >= bestSince:
                     break
-                if self._capabilities[producer].speaks(language):
+                if self._capabilities[producer].takes(language, sealed):
                     best, bestSince = producer, since
                     break
         return best
@@ -220,6 +227,15 @@ class Dispatcher:
 
     def isIdle(self, producer: Hashable) -> bool:
         return producer in self._idleSince
+
+    def sealingByModel(self) -> dict[str, int]:
+        """
+        Model name -> connected producers that seal (docs/privacy.rst).
+        """
+        return {
+            model: sum(1 for p in members if self._capabilities[p].seals)
+            for model, members in sorted(self._byModel.items())
+        }
 
     def producersByModel(self) -> dict[str, tuple[int, int]]:
         """

@@ -190,12 +190,13 @@ class Farm:
             )
         timeout = min(request.timeout_s or s.job_timeout, s.max_job_timeout)
         dispatcher = self.dispatchers[request.service]
-        if not dispatcher.canServe(request.model, request.language):
+        if not dispatcher.canServe(request.model, request.language, request.sealed):
             # Not "unsupported": producers come and go (a farm that just
             # restarted has none until its nodes dial back in).
             raise BadRequest(
                 f"no producer serving model {request.model!r}"
                 + (f" in language {request.language!r}" if request.language else "")
+                + (" that seals" if request.sealed else "")
                 + " is connected",
                 ErrorCode.NO_PRODUCER,
             )
@@ -212,7 +213,7 @@ class Farm:
         self.counters.jobs += 1
         consumer.jobSubmitted(job)
         producer = dispatcher.submit(
-            job, request.model, request.language, self.clock.seconds()
+            job, request.model, request.language, self.clock.seconds(), request.sealed
         )
         if producer is None:
             self._armQueueTimer(request.service)

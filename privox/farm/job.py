@@ -79,6 +79,9 @@ class ConsumerSide(_Side, Protocol):
 
 
 class ProducerSide(_Side, Protocol):
+    #: Its seal offer as JSON, if it can seal (privox.messages.Hello.seal).
+    sealOffer: bytes | None
+
     def startJob(self, job: Job, upload: bytes) -> None:
         "Send the job, with the part of its upload that came early."
 

@@ -148,19 +148,25 @@ def farmStatus(farm: Farm) -> dict[str, Any]:
     """
     The farm's load without identities: per service, the queue, the jobs
     running, the producers, and per model the connected, idle and busy
-    producers.
+    producers, and how many of them seal.
     """
     running: dict[str, int] = {s: 0 for s in farm.dispatchers}
     for job in farm.jobs:
         running[job.request.service] = running.get(job.request.service, 0) + 1
     services = {}
     for service, dispatcher in sorted(farm.dispatchers.items()):
+        sealing = dispatcher.sealingByModel()
         services[service] = {
             "producers": dispatcher.producerCount(),
             "queue": dispatcher.queueDepth(),
             "running": running.get(service, 0),
             "models": {
-                model: {"connected": connected, "idle": idle, "busy": connected - idle}
+                model: {
+                    "connected": connected,
+                    "idle": idle,
+                    "busy": connected - idle,
+                    "sealing": sealing.get(model, 0),
+                }
                 for model, (connected, idle) in boundedModels(
                     dispatcher.producersByModel()
                 ).items()

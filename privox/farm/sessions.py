@@ -12,6 +12,7 @@ writes, closing, and the splice relays belong to it.
 
 from __future__ import annotations
 
+import json
 from typing import Any, Protocol
 
 from twisted.logger import Logger
@@ -27,7 +28,6 @@ from privox.messages import (
     Hello,
     JobRequest,
     ProtocolViolation,
-    controlFrame,
     decodeObject,
     earlyUpload,
     failPayload,
@@ -69,6 +69,10 @@ class Session:
     What every session has: the connection it speaks through, its peer's
     key ids (hashed: never the key) and the job it is part of, if any.
     """
+
+    #: A producer's seal offer as JSON, for the ASGN of its sealed jobs
+    #: (L{privox.messages.Hello.seal}); L{None}: it cannot seal.
+    sealOffer: bytes | None = None
 
     def __init__(self, connection: Connection, keyId: str, accountId: str | None = None) -> None:
         self.connection = connection
@@ -177,7 +181,13 @@ class ConsumerSession(Session):
         if not job.request.early:
             self._uploadRemaining = job.request.size
         # Formatted, not encoded: a job id is 16 hex digits.
-        self.connection.write(b'ASGN%08d{"id":"%s"}' % (len(job.id) + 9, job.id.encode()))
+        if job.request.sealed:
+            # The producer's offer, for the consumer to check and seal to.
+            assert job.producer is not None and job.producer.sealOffer is not None
+            body = b'{"id":"%s","seal":%s}' % (job.id.encode(), job.producer.sealOffer)
+            self.connection.write(b"ASGN%08d" % len(body), body)
+        else:
+            self.connection.write(b'ASGN%08d{"id":"%s"}' % (len(job.id) + 9, job.id.encode()))
         # The upload starts with the next frame: a large one can be spliced
         # from its first byte.
         self.connection.spliceRest()
@@ -211,7 +221,9 @@ class ProducerSession(Session):
         self, connection: Connection, hello: Hello, keyId: str, accountId: str | None = None
     ) -> None:
         super().__init__(connection, keyId, accountId)
-        self.capability = Capability.of(hello.models, hello.languages)
+        self.capability = Capability.of(hello.models, hello.languages, hello.seal is not None)
+        if hello.seal is not None:
+            self.sealOffer = json.dumps(hello.seal, separators=(",", ":")).encode()
         self._resultRemaining = 0
         settings = connection.farm.settings
         self._keepalive = Keepalive(

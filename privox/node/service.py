@@ -1,13 +1,15 @@
 """
 C{twistd privox-node}: a volunteer's node. It loads its engines once, then
 keeps C{slots} connections open to its farms per service, each running one
-job at a time on the shared engine pool.
+job at a time on the shared engine pool. With C{--exchange}, it enrols its
+identity with the exchange (L{privox.node.enrolment}) so that consumers can
+seal jobs for it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import IService, MultiService, Service
@@ -17,18 +19,36 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
+from treq.client import HTTPClient
 from zope.interface import implementer
 
 from privox.config import optionsFor, setting
-from privox.daemon import ListenService, stopWithStatus
+from privox.daemon import CannotStart, ListenService, stopWithStatus
 from privox.engines.base import ModelNotFound
 from privox.engines.registry import ModelSpec, SpecError, createEngine
+from privox.identity import IdentityError, exchangePublicKey
+from privox.keys import keyId, withoutSecrets
 from privox.metrics import CollectorRegistry, NodeMetrics, metricsSite
+from privox.node.enrolment import (
+    DEFAULT_STATE_DIR,
+    Enrolment,
+    IdentityFileError,
+    httpEnrol,
+    loadIdentity,
+)
 from privox.node.pool import EnginePool
 from privox.node.worker import JobHandler, ProducerProtocol
 from privox.tls import TrustRoot, checkEndpoint, clientEndpoint, loadCA
 
+if TYPE_CHECKING:
+    from privox.sealing import Sealer
+
 log = Logger()
+
+#: The longest a starting node waits for its first enrolment before its
+#: slots dial their farms (a connection offers its sealing key as it joins).
+ENROL_WAIT = 10.0
 
 
 @dataclass(frozen=True)
@@ -59,7 +79,24 @@ class NodeSettings:
     ca: str = setting(
         "",
         "PEM file of the CA certificate(s) that tls: farm endpoints without their "
-        "own trustRoots= are verified against (default: the system's CAs).",
+        "own trustRoots= are verified against (default: the system's CAs, which "
+        "also verify an https --exchange).",
+    )
+    exchange: str = setting(
+        "none",
+        "The exchange's API base URL (https://api.example.org) this node enrols "
+        "with, so that consumers can seal jobs for it; 'none': it takes only "
+        "unsealed jobs.",
+    )
+    exchange_key: str = setting(
+        "",
+        "The exchange's public key (GET EXCHANGE/v1/exchange), pinned: a "
+        "certificate not signed by it is refused. Required with --exchange.",
+    )
+    state_dir: str = setting(
+        DEFAULT_STATE_DIR,
+        "Directory of the node's identity key (identity.key, made mode 0600 at "
+        "first start; keep it: it is who the node is).",
     )
 
 
@@ -104,6 +141,28 @@ class Options(_BaseOptions):  # type: ignore[misc,valid-type]
                 checkEndpoint(farm, ca)
             except ValueError as e:
                 raise usage.UsageError(f"bad farm endpoint {farm!r}: {e}")
+        if s.exchange != "none":
+            if not s.exchange.startswith(("http://", "https://")):
+                raise usage.UsageError(
+                    "--exchange must be the API's http(s) base URL, or 'none'"
+                )
+            if not s.exchange_key:
+                raise usage.UsageError(
+                    "--exchange needs --exchange-key: the exchange's public key,"
+                    f" as {withoutSecrets(s.exchange).rstrip('/')}/v1/exchange gives it"
+                )
+            if not s.key:
+                raise usage.UsageError("--exchange needs --key: the node enrols with its key")
+        if s.exchange_key:
+            try:
+                exchangePublicKey(s.exchange_key)
+            except (IdentityError, ValueError):
+                raise usage.UsageError(
+                    "--exchange-key is not an exchange's public key (43 characters of"
+                    " unpadded URL-safe base64)"
+                )
+        if not s.state_dir.strip():
+            raise usage.UsageError("--state-dir must name a directory")
 
 
 @implementer(IStreamClientEndpoint)
@@ -154,8 +213,10 @@ class Slot:
         settings: NodeSettings,
         reactor: Any,
         ca: TrustRoot | None = None,
+        sealer: Sealer | None = None,
     ) -> None:
         self.service = service
+        self._sealer = sealer
         self._handler = handler
         self._settings = settings
         self._reactor = reactor
@@ -179,6 +240,15 @@ class Slot:
     def _retryDelay(self, attempt: int) -> float:
         return self._backoff(max(attempt, self._refusals))  # type: ignore[no-any-return]
 
+    def refresh(self) -> None:
+        """
+        Connect again once idle: the connection offers a certificate this
+        node has renewed since (or none, made before its first).
+        """
+        protocol = self.protocol
+        if protocol is not None and not protocol.disconnected.called:
+            protocol.closeWhenIdle()
+
     def joined(self) -> Deferred[None]:
         """
         Fires once this slot is let in by a farm (now, if it is).
@@ -190,7 +260,12 @@ class Slot:
         return d
 
     def _newProtocol(self) -> ProducerProtocol:
-        protocol = ProducerProtocol(self.service, self._settings.key, self._handler)
+        protocol = ProducerProtocol(
+            self.service,
+            self._settings.key,
+            self._handler,
+            sealer=self._sealer,
+        )
         protocol.ready.addCallbacks(self._letIn, self._refused, (protocol,))
         return protocol
 
@@ -243,12 +318,17 @@ class NodeService(Service):
         reactor: Any,
         stopOnFailure: bool = True,
         registry: Any = None,
+        sealer: Sealer | None = None,
     ) -> None:
         """
         @param registry: a L{CollectorRegistry} to count engine time into.
+        @param sealer: what its farm connections seal with (an
+            L{Enrolment}, started and stopped with the node); L{None}: the
+            node takes only unsealed jobs.
         """
         self.settings = settings
         self._reactor = reactor
+        self.sealer = sealer
         # A node whose models do not load is useless: twistd should exit.
         self._stopOnFailure = stopOnFailure
         self._threadpool = ThreadPool(
@@ -268,11 +348,37 @@ class NodeService(Service):
         super().startService()
         self._threadpool.start()
         self._reactor.addSystemEventTrigger("during", "shutdown", self._threadpool.stop)
+        if isinstance(self.sealer, Enrolment):
+            # While the models load.
+            self.sealer.whenRenewed(self._refreshSlots)
+            self.sealer.startService()
+        elif self.sealer is None:
+            log.info(
+                "this node names no exchange (--exchange): it cannot seal, and takes only"
+                " unsealed jobs"
+            )
         d = Deferred.fromCoroutine(self._start())
         d.addErrback(self._startFailed)
 
     async def _start(self) -> None:
         await self.pool.load()
+        if isinstance(self.sealer, Enrolment):
+            # Its slots offer a sealing key as they join: enrolled first, if
+            # the exchange answers soon.
+            tried = self.sealer.tried()
+            tried.addTimeout(ENROL_WAIT, self._reactor)
+            try:
+                await tried
+            except Exception:
+                log.warn(
+                    "no answer from {where} in {wait:g} s: serving unsealed jobs meanwhile",
+                    where=self.sealer.where,
+                    wait=ENROL_WAIT,
+                )
+            if not self.running:
+                # Stopped while it waited: no slot to start.
+                self.ready.callback(None)
+                return
         s = self.settings
         ca = loadCA(s.ca) if s.ca else None
         for service, farms in (("stt", s.stt_farm), ("tts", s.tts_farm)):
@@ -287,10 +393,14 @@ class NodeService(Service):
                 farms=list(farms),
             )
             for _ in range(s.slots):
-                slot = Slot(service, farms, handler, s, self._reactor, ca)
+                slot = Slot(service, farms, handler, s, self._reactor, ca, self.sealer)
                 self.slots.append(slot)
                 slot.client.startService()
         self.ready.callback(None)
+
+    def _refreshSlots(self) -> None:
+        for slot in self.slots:
+            slot.refresh()
 
     def _startFailed(self, failure: Any) -> None:
         if not self._stopOnFailure:
@@ -320,18 +430,59 @@ class NodeService(Service):
                 log.warn("jobs still running after {s} s; closing", s=self.settings.shutdown_grace)
         for slot in self.slots:
             await slot.client.stopService()
+        if isinstance(self.sealer, Enrolment) and self.sealer.running:
+            self.sealer.stopService()
+
+
+def enrolmentFor(settings: NodeSettings, reactor: Any) -> Enrolment | None:
+    """
+    The node's enrolment with the exchange its settings name, its identity
+    loaded (or made); L{None} where they name none.
+
+    @raise IdentityFileError: the identity key cannot be read or made.
+    """
+    if settings.exchange == "none":
+        return None
+    identity, made = loadIdentity(settings.state_dir)
+    # A private exchange's CA, as for its farms. One request in hours: no
+    # connection kept open.
+    trust = loadCA(settings.ca) if settings.ca else None
+    http = HTTPClient(Agent(
+        reactor,
+        contextFactory=BrowserLikePolicyForHTTPS(trustRoot=trust),
+        pool=HTTPConnectionPool(reactor, persistent=False),
+    ))
+    enrolment = Enrolment(
+        identity,
+        exchangePublicKey(settings.exchange_key),
+        httpEnrol(settings.exchange, settings.key, reactor, http),
+        reactor,
+        where=withoutSecrets(settings.exchange),
+        account=keyId(settings.key),
+    )
+    if made:
+        log.info(
+            "made a new identity {node} for this node in {path}",
+            node=enrolment.fingerprint,
+            path=settings.state_dir,
+        )
+    return enrolment
 
 
 def makeService(options: Options, reactor: Any = None) -> IService:
     if reactor is None:
         from twisted.internet import reactor
     settings = options.settings
+    try:
+        enrolment = enrolmentFor(settings, reactor)
+    except IdentityFileError as e:
+        return CannotStart(f"{e} (--state-dir)")
     engines = [createEngine(s) for s in options.specs]
     if settings.metrics_listen == "none":
-        return NodeService(settings, engines, reactor)
+        return NodeService(settings, engines, reactor, sealer=enrolment)
     registry = CollectorRegistry()
     top = MultiService()
-    NodeService(settings, engines, reactor, registry=registry).setServiceParent(top)
+    NodeService(settings, engines, reactor, registry=registry, sealer=enrolment).setServiceParent(top)
     log.info("node metrics on {endpoint}", endpoint=settings.metrics_listen)
     ListenService(
         settings.metrics_listen, metricsSite(registry), reactor, "--metrics-listen"

@@ -12,14 +12,30 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
 from privox.engines.errors import EngineError
 from privox.framing import Frame
+from privox.identity import IdentityError, decodeKey
 from privox.messages import ErrorCode, Hello, ProtocolViolation, decodeObject, failPayload
 from privox.peer import PeerProtocol
+from privox.sealing import (
+    RESULT,
+    UPLOAD,
+    JobKeys,
+    Opener,
+    SealBroken,
+    Sealer,
+    Unpacker,
+    nodeKeys,
+    pack,
+    plainSize,
+    seal,
+)
 
 log = Logger()
 
@@ -87,18 +103,106 @@ class Collected:
         self._onCancel()
 
 
+class Unsealed(EngineError):
+    """
+    A sealed job's upload that does not open, or one this node cannot seal.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, ErrorCode.SEAL_BROKEN)
+
+
+class SealedRun:
+    """
+    A sealed job (docs/privacy.rst): its upload opens as it arrives; its
+    first bytes are the job's content fields (the TTS text...), with which
+    the handler's run starts; the rest is fed to that run.
+    """
+
+    def __init__(self, handler: JobHandler, job: dict[str, Any], keys: JobKeys, size: int) -> None:
+        self._handler = handler
+        self._job = job
+        self._opener = Opener(keys.upload, UPLOAD, size)
+        self._size = size
+        self._unpacker = Unpacker()
+        self._run: JobRun | None = None
+        self._failure: Failure | None = None
+        self.keys = keys
+
+    def feed(self, chunk: bytes) -> None:
+        if self._failure is not None:
+            return
+        try:
+            for plain in self._opener.feed(chunk):
+                body = self._unpacker.feed(plain)
+                if self._run is None and self._unpacker.fields is not None:
+                    self._run = self._handler.start(dict(self._job, **self._content()))
+                if body and self._run is not None:
+                    self._run.feed(body)
+        except SealBroken as e:
+            self._fail(Unsealed(str(e)))
+        except EngineError as e:
+            self._fail(e)
+
+    def _content(self) -> dict[str, Any]:
+        fields = self._unpacker.fields or {}
+        # What the farm saw stays as it was; the content comes from inside,
+        # and the size is the audio's, not the sealed upload's.
+        content = {k: v for k, v in fields.items() if k not in ("id", "size", "seal")}
+        content["size"] = plainSize(self._size) - self._unpacker.headerBytes
+        return content
+
+    def _fail(self, error: EngineError) -> None:
+        self._failure = Failure(error)
+        if self._run is not None:
+            self._run.cancel()
+
+    def finish(self) -> Deferred[Answer]:
+        if self._failure is None:
+            try:
+                self._opener.finish()
+                if self._run is None:
+                    raise SealBroken("the sealed content was cut short")
+            except SealBroken as e:
+                self._failure = Failure(Unsealed(str(e)))
+        if self._failure is not None:
+            return fail(self._failure)
+        assert self._run is not None
+        return self._run.finish()
+
+    def cancel(self) -> None:
+        if self._run is not None:
+            self._run.cancel()
+
+
 @dataclass
 class _Current:
     id: str
     run: JobRun
     remaining: int
     cancelled: bool = False
+    #: A sealed job's keys: its answer is sealed too.
+    keys: JobKeys | None = None
 
 
 class ProducerProtocol(PeerProtocol):
-    def __init__(self, service: str, key: str, handler: JobHandler) -> None:
+    """
+    @param sealer: where this connection's seal offer comes from (the
+        node's enrolment); without one, or while it has no certificate, the
+        node takes no sealed job.
+    """
+
+    def __init__(
+        self, service: str, key: str, handler: JobHandler, sealer: Sealer | None = None
+    ) -> None:
+        offered = sealer.offer() if sealer is not None else None
+        self._connectionKey: X25519PrivateKey | None = None
+        seal = None
+        if offered is not None:
+            self._connectionKey, offer = offered
+            seal = offer.fields()
         super().__init__(
-            Hello("producer", service, key, tuple(handler.models), tuple(handler.languages))
+            Hello("producer", service, key, tuple(handler.models), tuple(handler.languages), seal)
         )
         self.handler = handler
         self._current: _Current | None = None
@@ -145,13 +249,28 @@ class ProducerProtocol(PeerProtocol):
         if not isinstance(jobId, str) or not isinstance(size, int) or size < 0:
             raise ProtocolViolation("JOB_ without an id and a size")
         try:
-            run = self.handler.start(fields)
+            if fields.get("seal") is not None:
+                run: JobRun = self._sealedRun(jobId, fields, size)
+            else:
+                run = self.handler.start(fields)
         except EngineError as e:
             self._refuse(jobId, e)
             return
-        self._current = current = _Current(jobId, run, size)
+        keys = run.keys if isinstance(run, SealedRun) else None
+        self._current = current = _Current(jobId, run, size, keys=keys)
         if size == 0:
             self._finish(current)
+
+    def _sealedRun(self, jobId: str, fields: dict[str, Any], size: int) -> SealedRun:
+        if self._connectionKey is None:
+            raise Unsealed("this node offered no seal")
+        seal = fields["seal"]
+        try:
+            ephemeral = decodeKey(seal.get("ephemeral") if isinstance(seal, dict) else None)
+            keys = nodeKeys(self._connectionKey, jobId, ephemeral)
+        except (IdentityError, SealBroken) as e:
+            raise Unsealed(f"the job's seal: {e}") from None
+        return SealedRun(self.handler, fields, keys, size)
 
     def _refuse(self, jobId: str, error: EngineError) -> None:
         # No _Current: DATA that follows is stale and dropped.
@@ -165,6 +284,15 @@ class ProducerProtocol(PeerProtocol):
     def _answered(self, answer: Answer, current: _Current) -> None:
         if current.cancelled:
             self._answer(current, failPayload(current.id, ErrorCode.CANCELLED, "cancelled"))
+            return
+        if current.keys is not None:
+            # The farm sees the size, and the audio's length (its ledger
+            # credits the node by it); the content is sealed.
+            sealed = seal(current.keys.result, RESULT, pack(answer.fields, answer.body))
+            fields = {"id": current.id, "sealed": True, "size": len(sealed)}
+            if "duration_s" in answer.fields:
+                fields["duration_s"] = answer.fields["duration_s"]
+            self._answer(current, fields, sealed, verb=b"RSLT")
             return
         fields = dict(answer.fields, id=current.id)
         if answer.body:

@@ -1,0 +1,295 @@
+"""
+A job's content sealed between the consumer (the API) and the node, so the
+farm in between relays only ciphertext (docs/privacy.rst).
+
+Keys: the consumer makes an ephemeral X25519 key per job and names its
+public half in JOB_; once the farm assigns the job it learns the node's
+connection key (checked against the exchange, L{privox.identity}). Both
+sides then derive, with X25519 and HKDF-SHA256 bound to the job id and both
+public keys, one ChaCha20-Poly1305 key per direction (L{JobKeys}).
+
+Content: what a side sends (the upload; the answer) is one plaintext,
+L{pack}ed as its content fields (the TTS text, the transcript...) in JSON
+then its bytes (audio), and sealed as a stream of records, each a 4-byte
+length and a ciphertext of at most L{RECORD} plaintext bytes. Record I is
+sealed with nonce I and, as associated data, its direction, I and whether
+it is the last: a farm that drops, reorders, repeats, cuts short, flips a
+bit or replays a record of another job (other keys) makes L{Opener} fail.
+The stream's size is known before it is sent (L{sealedSize}), as PVX/2's
+JOB_ and RSLT announce it; its records need not match DATA frames.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.hashes import SHA256
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from privox.identity import ConnectionOffer, publicBytes
+
+#: Plaintext bytes per record: large enough that the per-record cost is
+#: noise, small enough that a streaming consumer gets pieces early.
+RECORD = 64 * 1024
+_TAG = 16
+_LENGTH = struct.Struct(">I")
+#: What each record adds to its plaintext.
+OVERHEAD = _LENGTH.size + _TAG
+UPLOAD = b"up"
+RESULT = b"down"
+_INFO = b"privox seal v1\x00"
+#: The most JSON a packed plaintext may start with.
+MAX_FIELDS = 64 * 1024
+
+
+#: The consumer's policies (privox-api --e2e).
+REQUIRED, PREFERRED, OFF = "required", "preferred", "off"
+MODES = (REQUIRED, PREFERRED, OFF)
+
+
+@dataclass(frozen=True)
+class SealPolicy:
+    """
+    Whether a consumer seals its jobs: C{required} (only nodes that can
+    seal take them), C{preferred} (sealed where the node can, else in the
+    clear: PVX/1 and older nodes) or C{off}; and the exchange key that the
+    nodes' certificates must be signed with.
+    """
+
+    mode: str = OFF
+    exchange: Ed25519PublicKey | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"e2e must be one of {', '.join(MODES)}")
+        if self.mode != OFF and self.exchange is None:
+            raise ValueError("sealing needs the exchange's public key")
+
+
+class Sealer(Protocol):
+    """
+    What a node seals with (L{privox.node.enrolment}): per connection, a
+    fresh key and its offer, or L{None} while it holds no certificate.
+    """
+
+    def offer(self) -> tuple[X25519PrivateKey, ConnectionOffer] | None: ...
+
+
+class SealBroken(Exception):
+    """
+    Sealed content that does not open: changed, reordered, cut short,
+    replayed, or sealed with other keys. The job must fail, not answer.
+    """
+
+
+@dataclass(frozen=True)
+class JobKeys:
+    upload: bytes
+    result: bytes
+
+
+def _derive(shared: bytes, jobId: str, ephemeral: bytes, node: bytes) -> JobKeys:
+    material = HKDF(
+        SHA256(), 64, salt=jobId.encode("utf-8"), info=_INFO + ephemeral + node
+    ).derive(shared)
+    return JobKeys(material[:32], material[32:])
+
+
+class Ephemeral:
+    """
+    A consumer's key for one job: its public half goes in JOB_, the keys
+    come once the node's connection key is known.
+    """
+
+    def __init__(self) -> None:
+        self._private = X25519PrivateKey.generate()
+        self.public = publicBytes(self._private.public_key())
+
+    def keys(self, jobId: str, node: X25519PublicKey) -> JobKeys:
+        """
+        @raise SealBroken: a node key no real node has (a low-order point).
+        """
+        try:
+            shared = self._private.exchange(node)
+        except ValueError:
+            raise SealBroken("the node's key is not a usable X25519 key") from None
+        return _derive(shared, jobId, self.public, publicBytes(node))
+
+
+def nodeKeys(connection: X25519PrivateKey, jobId: str, ephemeral: bytes) -> JobKeys:
+    """
+    The node's side of L{Ephemeral.keys}: its connection key and the
+    consumer's ephemeral public key from JOB_.
+
+    @raise SealBroken: not a usable X25519 key.
+    """
+    try:
+        shared = connection.exchange(X25519PublicKey.from_public_bytes(ephemeral))
+    except ValueError:
+        raise SealBroken("the consumer's key is not a usable X25519 key") from None
+    return _derive(shared, jobId, ephemeral, publicBytes(connection.public_key()))
+
+
+def _nonce(index: int) -> bytes:
+    return index.to_bytes(12, "big")
+
+
+def _aad(direction: bytes, index: int, last: bool) -> bytes:
+    return direction + index.to_bytes(8, "big") + (b"\x01" if last else b"\x00")
+
+
+def _records(size: int) -> int:
+    return max(1, -(-size // RECORD))
+
+
+def sealedSize(plainSize: int) -> int:
+    """
+    How many bytes L{seal} makes of C{plainSize} bytes.
+    """
+    return plainSize + _records(plainSize) * OVERHEAD
+
+
+def plainSize(sealed: int) -> int:
+    """
+    How many plaintext bytes a sealed stream of C{sealed} bytes holds.
+    """
+    return sealed - max(1, -(-sealed // (RECORD + OVERHEAD))) * OVERHEAD
+
+
+def seal(key: bytes, direction: bytes, plain: bytes) -> bytes:
+    """
+    C{plain} as a stream of sealed records.
+    """
+    aead = ChaCha20Poly1305(key)
+    count = _records(len(plain))
+    out = []
+    view = memoryview(plain)
+    for index in range(count):
+        piece = view[index * RECORD : (index + 1) * RECORD]
+        sealed = aead.encrypt(_nonce(index), piece, _aad(direction, index, index == count - 1))
+        out.append(_LENGTH.pack(len(sealed)))
+        out.append(sealed)
+    return b"".join(out)
+
+
+class Opener:
+    """
+    Opens a sealed stream of C{size} bytes as it arrives, in any pieces.
+    """
+
+    def __init__(self, key: bytes, direction: bytes, size: int) -> None:
+        self._aead = ChaCha20Poly1305(key)
+        self._direction = direction
+        self._remaining = size
+        self._buffer = bytearray()
+        self._index = 0
+        self._done = False
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """
+        The plaintext of the records C{data} completes.
+
+        @raise SealBroken: a record does not open, or more than was
+            announced arrives.
+        """
+        if len(data) > self._remaining:
+            raise SealBroken("more sealed bytes than were announced")
+        self._remaining -= len(data)
+        self._buffer += data
+        out = []
+        buffer = self._buffer
+        while len(buffer) >= _LENGTH.size:
+            (length,) = _LENGTH.unpack_from(buffer)
+            if not _TAG <= length <= RECORD + _TAG or self._done:
+                raise SealBroken("a sealed record is malformed")
+            if len(buffer) < _LENGTH.size + length:
+                break
+            sealed = bytes(buffer[_LENGTH.size : _LENGTH.size + length])
+            del buffer[: _LENGTH.size + length]
+            last = not self._remaining and not buffer
+            try:
+                out.append(self._aead.decrypt(
+                    _nonce(self._index), sealed, _aad(self._direction, self._index, last)
+                ))
+            except InvalidTag:
+                raise SealBroken("a sealed record does not open") from None
+            self._index += 1
+            self._done = last
+        return out
+
+    def finish(self) -> None:
+        """
+        The stream is over: it must have ended with its last record.
+
+        @raise SealBroken: it did not.
+        """
+        if not self._done:
+            raise SealBroken("the sealed content was cut short")
+
+
+def pack(fields: dict[str, Any], body: bytes = b"") -> bytes:
+    """
+    The plaintext of a side's content: its fields as JSON, then its bytes.
+    """
+    encoded = json.dumps(fields, separators=(",", ":")).encode("utf-8")
+    return _LENGTH.pack(len(encoded)) + encoded + body
+
+
+class Unpacker:
+    """
+    The fields, then the body bytes, of a packed plaintext as it opens.
+    """
+
+    def __init__(self) -> None:
+        self._head = bytearray()
+        self.fields: dict[str, Any] | None = None
+        #: The bytes before the body (its length, then the fields).
+        self.headerBytes = 0
+
+    def feed(self, plain: bytes) -> bytes:
+        """
+        The body bytes in C{plain}; L{fields} is set once they are whole.
+
+        @raise SealBroken: the fields are not a JSON object.
+        """
+        if self.fields is not None:
+            return plain
+        self._head += plain
+        if len(self._head) < _LENGTH.size:
+            return b""
+        (length,) = _LENGTH.unpack_from(self._head)
+        if length > MAX_FIELDS:
+            raise SealBroken("sealed fields too long")
+        if len(self._head) < _LENGTH.size + length:
+            return b""
+        try:
+            fields = json.loads(bytes(self._head[_LENGTH.size : _LENGTH.size + length]))
+        except ValueError:
+            fields = None
+        if not isinstance(fields, dict):
+            raise SealBroken("sealed fields are not a JSON object")
+        self.fields = fields
+        self.headerBytes = _LENGTH.size + length
+        body = bytes(self._head[_LENGTH.size + length :])
+        self._head = bytearray()
+        return body
+
+
+def unpack(plain: bytes) -> tuple[dict[str, Any], bytes]:
+    """
+    L{pack} undone, for a plaintext that is all here.
+
+    @raise SealBroken: it is not a packed plaintext.
+    """
+    unpacker = Unpacker()
+    body = unpacker.feed(plain)
+    if unpacker.fields is None:
+        raise SealBroken("the sealed content was cut short")
+    return unpacker.fields, body

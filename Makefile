@@ -40,7 +40,7 @@ RUN_ARGS ?=
 run: $(STAMP)
 	@$(VENV)/bin/twistd --nodaemon --pidfile= --logfile=- privox-local --port $(PORT) $(RUN_ARGS)
 
-# farm_relay.py checks large jobs with xxhash (see bench/README.rst).
+# farm_relay.py and sealing.py check large jobs with xxhash (see bench/README.rst).
 bench: $(STAMP)
 	$(PY) -c 'import xxhash' 2>/dev/null || $(PY) -m pip install --quiet 'xxhash>=3'
 	PYTHONPATH=. $(PY) bench/farm_relay.py
@@ -49,6 +49,7 @@ bench: $(STAMP)
 	PYTHONPATH=. $(PY) bench/api.py
 	PYTHONPATH=. $(PY) bench/quota.py
 	PYTHONPATH=. $(PY) bench/log_format.py
+	PYTHONPATH=. $(PY) bench/sealing.py
 
 # The long reliability runs (issue 9): load and fault scenarios scaled up;
 # prints figures. `make soak SOAK_SECONDS=60` for a shorter run.

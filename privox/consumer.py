@@ -49,7 +49,7 @@ from privox.sealing import (
     Opener,
     SealBroken,
     SealPolicy,
-    pack,
+    packed,
     seal,
     sealedSize,
     unpack,
@@ -115,9 +115,10 @@ class SealRefused(JobFailed):
 class _Sealing:
     policy: SealPolicy
     ephemeral: Ephemeral
-    #: The job's content (its fields and its upload), packed, to be sealed
-    #: once the node is known.
-    plain: bytes
+    #: The job's content, to be sealed once the node is known: its fields
+    #: (L{privox.sealing.packed}) and its upload.
+    head: bytes
+    body: bytes
     keys: JobKeys | None = None
 
 
@@ -187,12 +188,12 @@ class ConsumerProtocol(PeerProtocol):
         if seal is not None and seal.mode != OFF:
             ephemeral = Ephemeral()
             content = {} if request.text is None else {"text": request.text}
-            plain = pack(content, body)
-            sealing = _Sealing(seal, ephemeral, plain)
+            head = packed(content)
+            sealing = _Sealing(seal, ephemeral, head, body)
             request = replace(
                 request,
                 text=None,
-                size=sealedSize(len(plain)),
+                size=sealedSize(len(head) + len(body)),
                 seal={"ephemeral": encodeKey(ephemeral.public)},
             )
             body = b""  # sealed, after ASGN names the node
@@ -377,9 +378,9 @@ class ConsumerProtocol(PeerProtocol):
         except (IdentityError, SealBroken) as e:
             self._refuseFarm(f"the assigned node's seal does not hold: {e}")
             return
-        sealed = seal(sealing.keys.upload, UPLOAD, sealing.plain)
-        sealing.plain = b""
-        self.sendData(sealed)
+        records = seal(sealing.keys.upload, UPLOAD, sealing.head, sealing.body)
+        sealing.body = b""
+        self.sendData(*records)
 
     def _answered(self, pending: _Pending, data: bytes) -> None:
         fields = pending.result

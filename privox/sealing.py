@@ -163,20 +163,36 @@ def plainSize(sealed: int) -> int:
     return sealed - max(1, -(-sealed // (RECORD + OVERHEAD))) * OVERHEAD
 
 
-def seal(key: bytes, direction: bytes, plain: bytes) -> bytes:
+def seal(key: bytes, direction: bytes, *parts: bytes | memoryview) -> list[bytes]:
     """
-    C{plain} as a stream of sealed records.
+    The plaintext C{parts} (joined, without being copied together: a
+    L{packed} header and a MiB of audio) as a stream of sealed records:
+    each record's length, then its ciphertext. Left in pieces (no buffer of
+    the whole is made here): the frames they are sent in join them once
+    (L{privox.peer.PeerProtocol.sendData}).
     """
     aead = ChaCha20Poly1305(key)
-    count = _records(len(plain))
-    out = []
-    view = memoryview(plain)
+    size = sum(len(p) for p in parts)
+    count = _records(size)
+    views = [memoryview(p) for p in parts if len(p)]
+    out: list[bytes] = []
     for index in range(count):
-        piece = view[index * RECORD : (index + 1) * RECORD]
+        # The next RECORD bytes of the parts: a slice of one, or (where
+        # parts meet: the header and the first audio) a small join.
+        pieces: list[memoryview] = []
+        want = RECORD
+        while views and want:
+            head = views[0]
+            pieces.append(head[:want])
+            want -= len(pieces[-1])
+            if len(head) <= len(pieces[-1]):
+                views.pop(0)
+            else:
+                views[0] = head[len(pieces[-1]) :]
+        piece: bytes | memoryview = pieces[0] if len(pieces) == 1 else b"".join(pieces)
         sealed = aead.encrypt(_nonce(index), piece, _aad(direction, index, index == count - 1))
-        out.append(_LENGTH.pack(len(sealed)))
-        out.append(sealed)
-    return b"".join(out)
+        out += (_LENGTH.pack(len(sealed)), sealed)
+    return out
 
 
 class Opener:
@@ -202,26 +218,34 @@ class Opener:
         if len(data) > self._remaining:
             raise SealBroken("more sealed bytes than were announced")
         self._remaining -= len(data)
-        self._buffer += data
+        if self._buffer:
+            self._buffer += data
+            source: bytes | bytearray = self._buffer
+        else:
+            source = data  # whole records are opened where they lie
         out = []
-        buffer = self._buffer
-        while len(buffer) >= _LENGTH.size:
-            (length,) = _LENGTH.unpack_from(buffer)
-            if not _TAG <= length <= RECORD + _TAG or self._done:
-                raise SealBroken("a sealed record is malformed")
-            if len(buffer) < _LENGTH.size + length:
-                break
-            sealed = bytes(buffer[_LENGTH.size : _LENGTH.size + length])
-            del buffer[: _LENGTH.size + length]
-            last = not self._remaining and not buffer
-            try:
-                out.append(self._aead.decrypt(
-                    _nonce(self._index), sealed, _aad(self._direction, self._index, last)
-                ))
-            except InvalidTag:
-                raise SealBroken("a sealed record does not open") from None
-            self._index += 1
-            self._done = last
+        with memoryview(source) as view:
+            offset = 0
+            while len(view) - offset >= _LENGTH.size:
+                (length,) = _LENGTH.unpack_from(view, offset)
+                if not _TAG <= length <= RECORD + _TAG or self._done:
+                    raise SealBroken("a sealed record is malformed")
+                start = offset + _LENGTH.size
+                if len(view) - start < length:
+                    break
+                offset = start + length
+                last = not self._remaining and offset == len(view)
+                try:
+                    out.append(self._aead.decrypt(
+                        _nonce(self._index), view[start:offset],
+                        _aad(self._direction, self._index, last),
+                    ))
+                except InvalidTag:
+                    raise SealBroken("a sealed record does not open") from None
+                self._index += 1
+                self._done = last
+            rest = view[offset:].tobytes() if offset < len(view) else b""
+        self._buffer = bytearray(rest)
         return out
 
     def finish(self) -> None:
@@ -234,12 +258,22 @@ class Opener:
             raise SealBroken("the sealed content was cut short")
 
 
-def pack(fields: dict[str, Any], body: bytes = b"") -> bytes:
+def packed(fields: dict[str, Any]) -> bytes:
     """
-    The plaintext of a side's content: its fields as JSON, then its bytes.
+    What a side's content starts with: its fields as JSON, after their
+    length. Its bytes (audio) follow: L{seal}C{(key, direction,
+    packed(fields), body)}.
     """
     encoded = json.dumps(fields, separators=(",", ":")).encode("utf-8")
-    return _LENGTH.pack(len(encoded)) + encoded + body
+    return _LENGTH.pack(len(encoded)) + encoded
+
+
+def pack(fields: dict[str, Any], body: bytes = b"") -> bytes:
+    """
+    The plaintext of a side's content, whole: L{packed} fields, then its
+    bytes (for tests; L{seal} takes the two apart).
+    """
+    return packed(fields) + body
 
 
 class Unpacker:

@@ -33,12 +33,17 @@ from privox.sealing import (
     Unpacker,
     nodeKeys,
     pack,
+    packed,
     seal,
     sealedSize,
     unpack,
 )
 
 NOW = 1_800_000_000.0
+
+
+def sealBytes(key: bytes, direction: bytes, *parts: bytes) -> bytes:
+    return b"".join(seal(key, direction, *parts))
 
 
 def keysFor(jobId: str = "0123456789abcdef"):
@@ -67,20 +72,33 @@ class SealingTests(SynchronousTestCase):
         keys, _ = keysFor()
         for size in (0, 1, RECORD - 1, RECORD, RECORD + 1, 3 * RECORD + 17):
             plain = os.urandom(size)
-            sealed = seal(keys.upload, UPLOAD, plain)
+            sealed = sealBytes(keys.upload, UPLOAD, plain)
             self.assertEqual(len(sealed), sealedSize(size))
             self.assertEqual(openAll(keys.upload, UPLOAD, sealed), plain)
             # In any pieces, a byte at a time for the small ones.
             self.assertEqual(openAll(keys.upload, UPLOAD, sealed, len(sealed) if size < 200 else 7), plain)
 
+    def test_inParts(self) -> None:
+        """
+        Fields and audio sealed as two parts, not copied together first:
+        records straddle them, the stream is the same as of their join.
+        """
+        keys, _ = keysFor()
+        head = packed({"text": "x" * 100})
+        for size in (0, 5, RECORD - len(head), RECORD, 2 * RECORD + 3):
+            body = os.urandom(size)
+            sealed = sealBytes(keys.upload, UPLOAD, head, body)
+            self.assertEqual(len(sealed), sealedSize(len(head) + size))
+            self.assertEqual(unpack(openAll(keys.upload, UPLOAD, sealed, 5)), ({"text": "x" * 100}, body))
+
     def test_noPlaintextInside(self) -> None:
         keys, _ = keysFor()
         plain = b"the quick brown fox " * 100
-        self.assertNotIn(b"quick", seal(keys.upload, UPLOAD, plain))
+        self.assertNotIn(b"quick", sealBytes(keys.upload, UPLOAD, plain))
 
     def test_bitFlipped(self) -> None:
         keys, _ = keysFor()
-        sealed = bytearray(seal(keys.upload, UPLOAD, b"hello world"))
+        sealed = bytearray(sealBytes(keys.upload, UPLOAD, b"hello world"))
         sealed[10] ^= 1
         with self.assertRaises(SealBroken):
             openAll(keys.upload, UPLOAD, bytes(sealed))
@@ -95,7 +113,7 @@ class SealingTests(SynchronousTestCase):
 
     def test_reordered(self) -> None:
         keys, _ = keysFor()
-        records = self.records(seal(keys.upload, UPLOAD, os.urandom(3 * RECORD)))
+        records = self.records(sealBytes(keys.upload, UPLOAD, os.urandom(3 * RECORD)))
         swapped = records[1] + records[0] + records[2]
         with self.assertRaises(SealBroken):
             openAll(keys.upload, UPLOAD, swapped)
@@ -106,7 +124,7 @@ class SealingTests(SynchronousTestCase):
         the one before it was not sealed as the last.
         """
         keys, _ = keysFor()
-        records = self.records(seal(keys.upload, UPLOAD, os.urandom(2 * RECORD)))
+        records = self.records(sealBytes(keys.upload, UPLOAD, os.urandom(2 * RECORD)))
         with self.assertRaises(SealBroken):
             openAll(keys.upload, UPLOAD, records[0])
         opener = Opener(keys.upload, UPLOAD, len(records[0]) + len(records[1]))
@@ -116,7 +134,7 @@ class SealingTests(SynchronousTestCase):
 
     def test_repeated(self) -> None:
         keys, _ = keysFor()
-        records = self.records(seal(keys.upload, UPLOAD, os.urandom(2 * RECORD)))
+        records = self.records(sealBytes(keys.upload, UPLOAD, os.urandom(2 * RECORD)))
         with self.assertRaises(SealBroken):
             openAll(keys.upload, UPLOAD, records[0] + records[0] + records[1])
 
@@ -128,7 +146,7 @@ class SealingTests(SynchronousTestCase):
         first, second = Ephemeral(), Ephemeral()
         old = first.keys("job-one", node.public_key())
         new = nodeKeys(node, "job-two", second.public)
-        sealed = seal(old.upload, UPLOAD, b"transcribe me")
+        sealed = sealBytes(old.upload, UPLOAD, b"transcribe me")
         with self.assertRaises(SealBroken):
             openAll(new.upload, UPLOAD, sealed)
         # Nor does the same ephemeral key under another job id open it.
@@ -137,7 +155,7 @@ class SealingTests(SynchronousTestCase):
 
     def test_directionsDiffer(self) -> None:
         keys, _ = keysFor()
-        sealed = seal(keys.upload, UPLOAD, b"x")
+        sealed = sealBytes(keys.upload, UPLOAD, b"x")
         with self.assertRaises(SealBroken):
             openAll(keys.result, RESULT, sealed)
         with self.assertRaises(SealBroken):
@@ -145,7 +163,7 @@ class SealingTests(SynchronousTestCase):
 
     def test_moreThanAnnounced(self) -> None:
         keys, _ = keysFor()
-        sealed = seal(keys.upload, UPLOAD, b"x")
+        sealed = sealBytes(keys.upload, UPLOAD, b"x")
         opener = Opener(keys.upload, UPLOAD, len(sealed) - 1)
         with self.assertRaises(SealBroken):
             opener.feed(sealed)

@@ -32,7 +32,7 @@ from privox.sealing import (
     Sealer,
     Unpacker,
     nodeKeys,
-    pack,
+    packed,
     plainSize,
     seal,
 )
@@ -288,11 +288,11 @@ class ProducerProtocol(PeerProtocol):
         if current.keys is not None:
             # The farm sees the size, and the audio's length (its ledger
             # credits the node by it); the content is sealed.
-            sealed = seal(current.keys.result, RESULT, pack(answer.fields, answer.body))
-            fields = {"id": current.id, "sealed": True, "size": len(sealed)}
+            records = seal(current.keys.result, RESULT, packed(answer.fields), answer.body)
+            fields = {"id": current.id, "sealed": True, "size": sum(len(r) for r in records)}
             if "duration_s" in answer.fields:
                 fields["duration_s"] = answer.fields["duration_s"]
-            self._answer(current, fields, sealed, verb=b"RSLT")
+            self._answer(current, fields, *records, verb=b"RSLT")
             return
         fields = dict(answer.fields, id=current.id)
         if answer.body:
@@ -310,14 +310,14 @@ class ProducerProtocol(PeerProtocol):
         self._answer(current, failPayload(current.id, code, message))
 
     def _answer(
-        self, current: _Current, fields: dict[str, Any], body: bytes = b"", verb: bytes = b"FAIL"
+        self, current: _Current, fields: dict[str, Any], *body: bytes, verb: bytes = b"FAIL"
     ) -> None:
         if self._current is not current:
             return  # already answered (cancelled mid-upload)
         self._current = None
         self.sendControl(verb, fields)
-        if body:
-            self.sendData(body)
+        if any(body):
+            self.sendData(*body)
         self._becameIdle()
 
     # Graceful stop

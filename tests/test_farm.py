@@ -6,8 +6,10 @@ privacy and shutdown.
 
 import json
 
+from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 
+from privox.farm.farm import BLOCKING_AT_ONCE
 from privox.keys import AllowListPolicy
 from tests.farmharness import FarmHarness, ManualPolicy
 
@@ -887,3 +889,25 @@ class ShutdownTests(SynchronousTestCase):
         self.assertEqual((verb, body["error"], closing), ("FAIL", "shutting_down", "FAIL"))
         self.assertIsNotNone(body["id"])
         self.assertTrue(consumer.closed and producer.closed)
+
+
+class BlockingWorkTests(SynchronousTestCase):
+    def test_fewAtOnce(self) -> None:
+        """
+        Blocking work (converting uploads for original nodes) runs at most
+        BLOCKING_AT_ONCE pieces at a time; the rest wait their turn.
+        """
+        started: list[Deferred[str]] = []
+
+        def runInThread(f, *args):
+            d: Deferred[str] = Deferred()
+            started.append(d)
+            return d
+
+        h = FarmHarness()
+        h.farm.runInThread = runInThread
+        results = [h.farm.runBlocking(str, n) for n in range(BLOCKING_AT_ONCE + 2)]
+        self.assertEqual(len(started), BLOCKING_AT_ONCE)
+        started[0].callback("done")
+        self.assertEqual(self.successResultOf(results[0]), "done")
+        self.assertEqual(len(started), BLOCKING_AT_ONCE + 1)

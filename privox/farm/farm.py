@@ -13,7 +13,7 @@ from hashlib import blake2b
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, DeferredSemaphore, maybeDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
@@ -62,6 +62,11 @@ class JobObserver(Protocol):
     def jobFinished(self, job: Job, seconds: float) -> None: ...
 
 
+#: Blocking pieces of work (converting an upload for an original node) the
+#: farm runs at once; the others wait their turn.
+BLOCKING_AT_ONCE = 2
+
+
 class Farm:
     """
     @param ledger: where ended jobs are recorded (L{privox.farm.ledger});
@@ -70,7 +75,8 @@ class Farm:
         (L{privox.farm.splice}); L{None} relays everything through memory.
     @param runInThread: runs blocking work (converting audio for original
         nodes) off the reactor and returns a L{Deferred} of its result; by
-        default it runs at once (tests driving a clock).
+        default it runs at once (tests driving a clock). L{runBlocking}
+        runs at most L{BLOCKING_AT_ONCE} such pieces at a time.
     """
 
     def __init__(
@@ -85,6 +91,9 @@ class Farm:
     ) -> None:
         self.settings = settings
         self.runInThread = runInThread
+        # Decoding a 200 MiB upload holds about a GB: a farm is a relay, and
+        # a few of those at once must not take its memory.
+        self._blocking = DeferredSemaphore(BLOCKING_AT_ONCE)
         self.clock = clock
         self._keyPolicies = {"producer": producerKeys, "consumer": consumerKeys}
         self.dispatchers = {s: Dispatcher(settings.queue_timeout) for s in SERVICES}
@@ -105,6 +114,12 @@ class Farm:
         #: together at the end: L{uncork}.
         self.corked = False
         self.dirty: list[Any] = []
+
+    def runBlocking(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        """
+        C{f(*args)} in a thread, once fewer than L{BLOCKING_AT_ONCE} are.
+        """
+        return self._blocking.run(self.runInThread, f, *args)
 
     def uncork(self) -> None:
         """

@@ -715,7 +715,7 @@ class Pvx1Producer(_Pvx1Session):
         if self._uploadBytes < job.request.size:
             return
         data, self._upload, self._uploadBytes = b"".join(self._upload), [], 0
-        converting = self.connection.farm.runInThread(
+        converting = self.connection.farm.runBlocking(
             pvx1convert.readableAudio,
             data,
             job.request.format,

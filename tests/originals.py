@@ -524,6 +524,8 @@ def run_node(kind: type[_Node], banner: str, args: argparse.Namespace) -> None:
             node.process()
         print(f"{kind.LOOP_NAME} exited, reason = {node.status}, msg = {node.err_msg}", flush=True)
         print(f"Exhausted all producer farms, sleeping for {args.retry_sleep} seconds", flush=True)
+        # The original's own blocking wait between rounds of farms (this is
+        # a peer process reproducing it, not a test waiting on the clock).
         time.sleep(args.retry_sleep)
 
 

@@ -147,6 +147,7 @@ def apiSettings(s: LocalSettings) -> ApiSettings:
         max_upload=s.max_upload,
         deadline=s.deadline,
         deadline_per_second=s.deadline_per_second,
+        e2e=s.e2e,
         stt_model=tuple(f"{quality} {stt} {stt}" for quality in QUALITIES),
         voice=tuple(f"{name} {tts}" for name in voices),
     )

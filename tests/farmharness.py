@@ -84,11 +84,15 @@ class FarmHarness:
         return Peer(self.farm, service)
 
     def producer(
-        self, service: str = "stt", models: list[str] = ["*"], languages: list[str] = [], key: str = "pk"
+        self, service: str = "stt", models: list[str] = ["*"], languages: list[str] = [], key: str = "pk",
+        seal: dict[str, str] | None = None,
     ) -> Peer:
         peer = self.peer(service)
-        peer.send(b"HELO", {"protocol": 2, "role": "producer", "service": service,
-                            "key": key, "models": models, "languages": languages})
+        hello = {"protocol": 2, "role": "producer", "service": service,
+                 "key": key, "models": models, "languages": languages}
+        if seal is not None:
+            hello["seal"] = seal  # its shape is all a farm checks
+        peer.send(b"HELO", hello)
         [(verb, _)] = peer.messages()
         assert verb == "OKAY", verb
         return peer

@@ -566,6 +566,22 @@ class ApiMetricsTests(APITestCase):
         self.assertIn(b"<a href='/'>", page)
         self.assertIn(b"No producer serves these models", page)
 
+    def test_unservedWhenSealingRequired(self) -> None:
+        """
+        With sealing required, a model served only by producers that do not
+        seal is unserved: its jobs would fail no_producer.
+        """
+        h = FarmHarness(name="alpha-farm")
+        h.producer(models=["whisper:tiny.en"], key="producer-secret")
+        self.api.farmStatus = lambda: {"alpha": farmStatus(h.farm)}
+        self.api.sealRequired = True
+        _, body = self.request("GET", "/status")
+        self.assertIn("whisper:tiny.en", json.loads(body)["unserved"]["stt"])
+        h.producer(models=["whisper:tiny.en"], key="sealing-node",
+                   seal={"certificate": "c", "key": "k", "signature": "s"})
+        _, body = self.request("GET", "/status")
+        self.assertNotIn("whisper:tiny.en", json.loads(body)["unserved"]["stt"])
+
     def test_unservedSaidAfterStart(self) -> None:
         """
         A while after it starts, the API logs a warning per service naming

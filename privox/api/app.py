@@ -115,6 +115,7 @@ class PrivoxAPI:
         runInThread: Runner | None = None,
         deadlinePerSecond: float = 1.0,
         exchangeKey: ExchangeKey | None = None,
+        sealRequired: bool = False,
     ) -> None:
         """
         @param registry: where the request series go and what C{/metrics}
@@ -132,6 +133,9 @@ class PrivoxAPI:
             measuring audio) off the reactor thread; default: the reactor's
             thread pool, at most L{BLOCKING_AT_ONCE} at a time (so that the
             rest of the pool, host name lookups included, stays free).
+        @param sealRequired: jobs go only to nodes that seal (--e2e
+            required): C{/status} calls a model served by none of those
+            unserved.
         @param exchangeKey: the exchange's signing key, which
             C{/v1/exchange} publishes and C{/v1/enroll} certifies nodes
             with; without one both answer 404.
@@ -158,6 +162,7 @@ class PrivoxAPI:
         self.deadlinePerSecond = deadlinePerSecond
         self.runInThread = runInThread
         self.exchangeKey = exchangeKey
+        self.sealRequired = sealRequired
 
     def site(self) -> ApiSite:
         return ApiSite(
@@ -471,7 +476,9 @@ class PrivoxAPI:
         for farm in farms:
             farm["load"] = loads.get(farm.get("name"))
         status: dict[str, Any] = {"farms": farms}
-        missing = unserved(self.models.byService(), {f["name"]: f["load"] for f in farms})
+        missing = unserved(
+            self.models.byService(), {f["name"]: f["load"] for f in farms}, self.sealRequired
+        )
         if missing is not None:
             status["unserved"] = missing
         return status

@@ -56,13 +56,16 @@ def cleanStatus(raw: Any) -> dict[str, Any] | None:
     }
 
 
-def unserved(wanted: dict[str, set[str]], loads: dict[str, Any]) -> dict[str, list[str]] | None:
+def unserved(
+    wanted: dict[str, set[str]], loads: dict[str, Any], sealed: bool = False
+) -> dict[str, list[str]] | None:
     """
     The models of C{wanted} (service -> models) that no producer on any
-    farm of C{loads} (farm name -> status, or None where unknown) serves:
-    jobs for them fail until one connects. L{None} when no farm's load is
-    known, so nothing can be said.
+    farm of C{loads} (farm name -> status, or None where unknown) serves
+    (that seals, if C{sealed}): jobs for them fail until one connects.
+    L{None} when no farm's load is known, so nothing can be said.
     """
+    serving = "sealing" if sealed else "connected"
     known = [load for load in loads.values() if load]
     if not known:
         return None
@@ -72,7 +75,7 @@ def unserved(wanted: dict[str, set[str]], loads: dict[str, Any]) -> dict[str, li
             model
             for load in known
             for model, counts in load.get("services", {}).get(service, {}).get("models", {}).items()
-            if counts.get("connected")
+            if counts.get(serving)
         }
         missing[service] = sorted(models - served)
     return missing

@@ -275,6 +275,7 @@ def buildApi(
         deadline=settings.deadline,
         deadlinePerSecond=settings.deadline_per_second,
         exchangeKey=exchangeKey,
+        sealRequired=settings.e2e == REQUIRED,
     )
     log.info(
         "API: {access}; uploads up to {max} bytes",

@@ -27,6 +27,8 @@ EXTRAS["test"] = (
     + EXTRAS["cli"]
     + EXTRAS["postgresql"]
     + ["hypothesis>=6.100", "docutils>=0.20", "selenium>=4.11"]
+    # The stock OpenAI SDK, a real client of the OpenAI routes.
+    + ["openai>=1.40"]
 )
 
 setup(

@@ -16,6 +16,7 @@ import tomllib
 from typing import Any
 from urllib.parse import quote_from_bytes
 
+import av
 from treq.testing import StubTreq
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -643,7 +644,9 @@ class SpeechTests(APITestCase):
     def test_tts1(self) -> None:
         for model in ("tts-1", "tts-1-hd", "gpt-4o-mini-tts"):
             self.exchange.calls.clear()
-            response, body = self.speak({"model": model, "input": "Hello.", "voice": "alloy"})
+            response, body = self.speak(
+                {"model": model, "input": "Hello.", "voice": "alloy", "response_format": "wav"}
+            )
             self.assertEqual(response.code, 200)
             self.assertEqual(self.header(response, "content-type"), "audio/wav")
             self.assertEqual(body, SPOKEN)
@@ -680,18 +683,38 @@ class SpeechTests(APITestCase):
 
     def test_responseFormats(self) -> None:
         """
-        No format, wav, and the compressed formats stock clients ask for all
-        get the WAV, labelled as such; pcm and unknown formats are refused.
+        Every format OpenAI offers is encoded as asked, labelled as such,
+        and decodes back to mono audio at least as long as what was spoken
+        (mp3 when none is named, as OpenAI answers); pcm is raw 24 kHz
+        16-bit samples; unknown formats are refused.
         """
-        for format in (None, "wav", "mp3", "opus", "aac", "flac"):
+        spoken = 300 / 16000  # SPOKEN's 300 samples
+        cases = [
+            (None, "audio/mpeg", "mp3", 16000),
+            ("mp3", "audio/mpeg", "mp3", 16000),
+            ("opus", "audio/ogg", "opus", 48000),
+            ("aac", "audio/aac", "aac", 16000),
+            ("flac", "audio/flac", "flac", 16000),
+        ]
+        for format, contentType, codec, rate in cases:
             request = {"model": "tts-1", "input": "Hi."}
             if format is not None:
                 request["response_format"] = format
             response, body = self.speak(request)
-            self.assertEqual((response.code, body), (200, SPOKEN), format)
-            self.assertEqual(self.header(response, "content-type"), "audio/wav")
+            self.assertEqual(response.code, 200, format)
+            self.assertEqual(self.header(response, "content-type"), contentType)
+            with av.open(io.BytesIO(body)) as decoded:
+                stream = decoded.streams.audio[0]
+                self.assertEqual((stream.codec_context.name.replace("float", ""), stream.rate,
+                                  stream.codec_context.channels), (codec, rate, 1), format)
+                seconds = sum(frame.samples for frame in decoded.decode(audio=0)) / rate
+            self.assertGreaterEqual(seconds, spoken * 0.95, format)
+        response, body = self.speak({"model": "tts-1", "input": "Hi.", "response_format": "wav"})
+        self.assertEqual((self.header(response, "content-type"), body), ("audio/wav", SPOKEN))
         response, body = self.speak({"model": "tts-1", "input": "Hi.", "response_format": "pcm"})
-        self.assertJsonError(response, body, 422, "unsupported", "'pcm'")
+        self.assertEqual(self.header(response, "content-type"), "audio/pcm")
+        self.assertEqual(len(body) % 2, 0)
+        self.assertAlmostEqual(len(body) / 2 / 24000, spoken, delta=0.003)
         response, body = self.speak({"model": "tts-1", "input": "Hi.", "response_format": "ogg"})
         self.assertJsonError(response, body, 422, "unsupported", "'ogg' is unknown")
 

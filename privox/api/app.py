@@ -46,6 +46,7 @@ from privox.api.errors import ApiError, BadInput, NotServed, TimedOut, errorBody
 from privox.api.exchange import Exchange, Transcribed
 from privox.api.farmstatus import unserved
 from privox.api.ledger import readLedger
+from privox.api.speech import CONTENT_TYPES, SpeechEncodingError, encodeSpeech
 from privox.api.measure import spokenSeconds
 from privox.api.models import ModelTable
 from privox.api.site import ApiSite, bodyLimit
@@ -249,8 +250,11 @@ class PrivoxAPI:
         voice = self.models.openaiTtsVoice(form.model, form.voice)
         done.model = voice.model
         audio = await self._synthesize(form.caller, voice.model, None, voice.speaker, form.text)
-        # Always a WAV, whatever format was asked for (see forms.SPEECH_FORMATS).
-        return _reply(request, _WAV, audio)
+        try:
+            encoded = await self.runInThread(encodeSpeech, audio, form.responseFormat)
+        except SpeechEncodingError as e:
+            raise ApiError(str(e)) from None
+        return _reply(request, CONTENT_TYPES[form.responseFormat].encode(), encoded)
 
     @app.route("/v1/models", methods=["GET"])
     async def listModels(self, request: IRequest) -> bytes:

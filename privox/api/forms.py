@@ -41,6 +41,7 @@ from twisted.web.iweb import IRequest
 
 from privox.api.access import Access, Caller
 from privox.api.errors import BadInput, TooLarge, Unprocessable, tooLarge
+from privox.api.speech import CONTENT_TYPES, DEFAULT_FORMAT
 from privox.audiofile import sniff
 from privox.languages import ANY, UnknownLanguage, languageCode
 from privox.messages import CONTROL_CHARACTERS, MAX_TEXT
@@ -54,15 +55,8 @@ TRANSCRIPTION_FORMATS = ("json", "text", "verbose_json")
 #: OpenAI transcription formats that exist but are not served here.
 UNSERVED_TRANSCRIPTION_FORMATS = ("srt", "vtt")
 
-#: OpenAI speech formats answered with a WAV file (C{Content-Type: audio/wav}).
-#: OpenAI's own default is mp3 and some clients ask for it by name; a WAV in
-#: its place plays everywhere those bytes are handed to a player or browser,
-#: which sniff the container, where a refusal would break the client. The
-#: response's Content-Type always says what it really is.
-SPEECH_FORMATS = ("wav", "mp3", "opus", "aac", "flac")
-#: OpenAI speech formats refused (422): C{pcm} is headerless 24 kHz samples,
-#: and a WAV (or another rate) in its place would play as noise.
-UNSERVED_SPEECH_FORMATS = ("pcm",)
+#: OpenAI's speech formats, each encoded as asked (L{privox.api.speech}).
+SPEECH_FORMATS = tuple(CONTENT_TYPES)
 
 _TRUE = ("1", "true", "yes", "on")
 # Over the API's malloc mmap threshold (privox.memory): each read is a
@@ -136,17 +130,16 @@ class TranscriptionForm:
 @dataclass(frozen=True)
 class SpeechForm:
     """
-    C{POST /v1/audio/speech} (OpenAI), a JSON body. The answer is always a
-    WAV file; C{responseFormat} is what the client asked for (see
-    L{SPEECH_FORMATS}). C{speed} and C{instructions} are accepted and
-    ignored.
+    C{POST /v1/audio/speech} (OpenAI), a JSON body. C{responseFormat} is
+    one of L{SPEECH_FORMATS} (OpenAI's default: mp3). C{speed} and
+    C{instructions} are accepted and ignored.
     """
 
     caller: Caller
     text: str = field(repr=False)
     model: str | None = None
     voice: str | None = None
-    responseFormat: str = "wav"
+    responseFormat: str = DEFAULT_FORMAT
 
 
 @dataclass
@@ -455,13 +448,12 @@ async def speechForm(request: IRequest, limit: int, access: Access) -> SpeechFor
     text = _speakable(string("input"), "input")
     if text is None:
         raise BadInput("input is required and must not be blank")
-    responseFormat = string("response_format") or "wav"
-    if responseFormat in UNSERVED_SPEECH_FORMATS:
-        raise Unprocessable(
-            "response_format 'pcm' (raw 24 kHz samples) is not supported; ask for wav"
-        )
+    responseFormat = string("response_format") or DEFAULT_FORMAT
     if responseFormat not in SPEECH_FORMATS:
-        raise Unprocessable(f"response_format {responseFormat!r} is unknown; ask for wav")
+        raise Unprocessable(
+            f"response_format {responseFormat!r} is unknown; ask for one of"
+            f" {', '.join(SPEECH_FORMATS)}"
+        )
     return SpeechForm(caller, text, string("model"), string("voice"), responseFormat)
 
 

@@ -83,7 +83,7 @@ def frontPage(base: str, models: ModelTable, keyExample: str | None) -> str:
             "  -F model=whisper-1 -F file=@hello.wav\n"
             f"curl -s {base}/v1/audio/speech{header} \\\n"
             "  -H 'Content-Type: application/json' \\\n"
-            """  -d '{"model": "tts-1", "voice": "alloy", "input": "Hello."}' -o hello.wav\n"""
+            """  -d '{"model": "tts-1", "voice": "alloy", "input": "Hello."}' -o hello.mp3\n"""
             f"curl -s {base}/v1/models"
         ),
         "{url}": url,

@@ -1,0 +1,76 @@
+"""
+The stock OpenAI Python SDK against a real privox-local (its bundled models,
+sealed jobs): speech in every format OpenAI offers, decoded back with PyAV,
+and that speech transcribed back. The SDK is blocking: its calls run in a
+thread while the exchange runs on the reactor.
+"""
+
+from __future__ import annotations
+
+import io
+
+import av
+import openai
+from twisted.internet import reactor
+from twisted.internet.threads import deferToThread
+from twisted.python.filepath import FilePath
+from twisted.trial.unittest import TestCase
+
+from privox.local import LocalExchange, LocalSettings
+from tests.wer import wer
+
+SENTENCE = "Please remember to water the garden before the evening storm."
+
+
+class OpenAISDKTests(TestCase):
+    timeout = 180
+
+    async def test_speechFormatsAndTranscription(self) -> None:
+        store = FilePath(self.mktemp())
+        local = LocalExchange(LocalSettings(port=0, accounts=f"sqlite:{store.path}"), reactor)
+        local.startService()
+        self.addCleanup(local.stopService)
+        await local.ready
+        assert local.store is not None
+        key, _ = await local.store.createKey(reactor.seconds())
+        client = openai.OpenAI(base_url=local.url + "/v1", api_key=key, max_retries=0, timeout=60)
+
+        def speak(**kwargs: str) -> tuple[bytes, str]:
+            response = client.audio.speech.create(model="tts-1", voice="alloy", input=SENTENCE, **kwargs)
+            return response.content, response.response.headers["content-type"]
+
+        # The SDK's default (no format named): mp3, as OpenAI answers.
+        formats = {
+            None: ("audio/mpeg", "mp3"),
+            "mp3": ("audio/mpeg", "mp3"),
+            "opus": ("audio/ogg", "opus"),
+            "aac": ("audio/aac", "aac"),
+            "flac": ("audio/flac", "flac"),
+            "wav": ("audio/wav", "pcm_s16le"),
+        }
+        lengths = {}
+        for format, (contentType, codec) in formats.items():
+            kwargs = {} if format is None else {"response_format": format}
+            body, served = await deferToThread(speak, **kwargs)
+            self.assertEqual(served, contentType, format)
+            with av.open(io.BytesIO(body)) as decoded:
+                stream = decoded.streams.audio[0]
+                self.assertEqual(stream.codec_context.name.replace("float", ""), codec, format)
+                self.assertEqual(stream.codec_context.channels, 1, format)
+                lengths[format] = sum(f.samples for f in decoded.decode(audio=0)) / stream.rate
+        self.assertGreater(lengths["wav"], 1.5)
+        for format, seconds in lengths.items():
+            # The same sentence, whatever its encoding (Piper's timing varies
+            # a little from one synthesis to the next; codecs pad a little).
+            self.assertLess(abs(seconds / lengths["wav"] - 1), 0.15, format)
+        pcm, served = await deferToThread(speak, response_format="pcm")
+        self.assertEqual(served, "audio/pcm")
+        self.assertEqual(len(pcm) % 2, 0)
+        self.assertLess(abs(len(pcm) / 2 / 24000 / lengths["wav"] - 1), 0.15)
+
+        # That speech back through the SDK's transcription, from the mp3.
+        mp3, _ = await deferToThread(speak)
+        transcript = await deferToThread(
+            client.audio.transcriptions.create, model="whisper-1", file=("speech.mp3", mp3)
+        )
+        self.assertLessEqual(wer(SENTENCE, transcript.text), 0.25, transcript.text)

@@ -42,7 +42,7 @@ from privox.api.errors import (
     Unavailable,
     Unprocessable,
 )
-from privox.api.exchange import Transcribed
+from privox.api.exchange import TimedText, Transcribed
 from privox.api.farms import FarmExchange
 from privox.api.measure import spokenSeconds
 from privox.api.models import DEFAULT_STT, DEFAULT_VOICES, ModelTable
@@ -80,6 +80,7 @@ class FakeExchange:
         self.error: Exception | None = None
         self.text = "hello world"
         self.language: str | None = "en"
+        self.segments: tuple[TimedText, ...] = ()
         self.deadlines: list[float] = []
 
     async def transcribe(
@@ -89,7 +90,7 @@ class FakeExchange:
         self.deadlines.append(deadline)
         if self.error is not None:
             raise self.error
-        return Transcribed(self.text, model, self.language or language, 2.5)
+        return Transcribed(self.text, model, self.language or language, 2.5, self.segments)
 
     async def synthesize(
         self, model: str, language: str | None, voice: str | None, text: str, deadline: float
@@ -549,14 +550,47 @@ class TranscriptionTests(APITestCase):
                 "language": "de",
                 "duration": 0.1,
                 "text": "hello world",
-                "segments": [],
+                # The producer gave no segments: the whole is one, as long
+                # as the audio the API measured (0.1 s).
+                "segments": [
+                    {"id": 0, "seek": 0, "start": 0.0, "end": 0.1, "text": "hello world",
+                     "tokens": [], "temperature": 0.0, "avg_logprob": 0.0,
+                     "compression_ratio": 0.0, "no_speech_prob": 0.0},
+                ],
             },
         )
 
+    def test_timedSegments(self) -> None:
+        """
+        A producer's segments, in verbose_json, SubRip and WebVTT; none past
+        the audio's measured length (0.1 s here).
+        """
+        self.exchange.segments = (
+            TimedText(0.0, 0.04, "hello", -0.25, 0.01),
+            TimedText(0.04, 0.5, "world --> on\ntwo lines", -0.5, 0.02),
+        )
+        _, body = self.transcribe({"model": "whisper-1", "response_format": "verbose_json"})
+        segments = json.loads(body)["segments"]
+        self.assertEqual([(s["id"], s["start"], s["end"], s["text"]) for s in segments],
+                         [(0, 0.0, 0.04, "hello"), (1, 0.04, 0.1, "world --> on\ntwo lines")])
+        self.assertEqual((segments[0]["avg_logprob"], segments[1]["no_speech_prob"]), (-0.25, 0.02))
+        response, body = self.transcribe({"model": "whisper-1", "response_format": "srt"})
+        self.assertEqual(self.header(response, "content-type"), "text/plain; charset=utf-8")
+        self.assertEqual(body.decode(), (
+            "1\n00:00:00,000 --> 00:00:00,040\nhello\n\n"
+            "2\n00:00:00,040 --> 00:00:00,100\nworld -> on two lines\n\n"
+        ))
+        response, body = self.transcribe({"model": "whisper-1", "response_format": "vtt"})
+        self.assertEqual(self.header(response, "content-type"), "text/vtt; charset=utf-8")
+        self.assertEqual(body.decode(), (
+            "WEBVTT\n\n"
+            "00:00:00.000 --> 00:00:00.040\nhello\n\n"
+            "00:00:00.040 --> 00:00:00.100\nworld -> on two lines\n\n"
+        ))
+
     def test_unsupportedFormats(self) -> None:
-        for format, reason in (("srt", "no subtitle formats"), ("xml", "is unknown")):
-            response, body = self.transcribe({"model": "whisper-1", "response_format": format})
-            self.assertJsonError(response, body, 422, "unsupported", reason)
+        response, body = self.transcribe({"model": "whisper-1", "response_format": "xml"})
+        self.assertJsonError(response, body, 422, "unsupported", "is unknown")
         self.assertEqual(self.exchange.calls, [])
 
     def test_models(self) -> None:

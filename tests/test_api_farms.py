@@ -16,7 +16,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from privox.api.errors import BadInput, TimedOut, Unavailable
-from privox.api.exchange import Transcribed
+from privox.api.exchange import MAX_SEGMENTS, TimedText, Transcribed, readSegments
 from privox.api.farmlist import FarmEntry, parseFarms, weightedChoice
 from privox.api.farms import FarmExchange
 from privox.engines.digest import digestOf, toneFor
@@ -637,3 +637,29 @@ class DeadlineTests(_LiveTestCase):
         result = await second
         self.assertEqual(result.text, transcript(b"2"))
         self.assertEqual((pool.opened, len(pool.idle), len(pool.waiters)), (2, 1, 0))
+
+
+class SegmentsTests(SynchronousTestCase):
+    """
+    A producer's timed segments are passed on only when they make sense.
+    """
+
+    def test_good(self) -> None:
+        segments = readSegments([
+            {"start": 0, "end": 1.5, "text": " one ", "avg_logprob": -0.2, "no_speech_prob": 0.1},
+            {"start": 1.5, "end": 3, "text": "two"},
+        ])
+        self.assertEqual(segments, (
+            TimedText(0.0, 1.5, "one", -0.2, 0.1), TimedText(1.5, 3.0, "two", None, None),
+        ))
+
+    def test_bad(self) -> None:
+        for value in (
+            None, "x", [1], [{"start": 0, "end": 1}], [{"start": 2, "end": 1, "text": "x"}],
+            [{"start": -1, "end": 1, "text": "x"}], [{"start": True, "end": 1, "text": "x"}],
+            [{"start": 0, "end": float("inf"), "text": "x"}],
+            [{"start": 0, "end": 2, "text": "a"}, {"start": 1, "end": 3, "text": "b"}],
+            [{"start": 0, "end": 1, "text": "x"}] * (MAX_SEGMENTS + 1),
+        ):
+            self.assertEqual(readSegments(value), (), value if not isinstance(value, list) else value[:2])
+

@@ -1,7 +1,8 @@
 """
 The stock OpenAI Python SDK against a real privox-local (its bundled models,
 sealed jobs): speech in every format OpenAI offers, decoded back with PyAV,
-and that speech transcribed back. The SDK is blocking: its calls run in a
+and that speech transcribed back, with timed segments (verbose_json, srt,
+vtt). The SDK is blocking: its calls run in a
 thread while the exchange runs on the reactor.
 """
 
@@ -74,3 +75,23 @@ class OpenAISDKTests(TestCase):
             client.audio.transcriptions.create, model="whisper-1", file=("speech.mp3", mp3)
         )
         self.assertLessEqual(wer(SENTENCE, transcript.text), 0.25, transcript.text)
+
+        # Timed segments: verbose_json, SubRip, WebVTT.
+        def transcribe(format: str) -> object:
+            return client.audio.transcriptions.create(
+                model="whisper-1", file=("speech.mp3", mp3), response_format=format
+            )
+
+        verbose = await deferToThread(transcribe, "verbose_json")
+        self.assertEqual(verbose.text, transcript.text)
+        self.assertGreaterEqual(len(verbose.segments), 1)
+        starts = [s.start for s in verbose.segments]
+        self.assertEqual(starts, sorted(starts))
+        self.assertTrue(all(s.start < s.end <= verbose.duration + 0.01 for s in verbose.segments))
+        self.assertEqual(" ".join(s.text for s in verbose.segments), verbose.text)
+        srt = await deferToThread(transcribe, "srt")
+        vtt = await deferToThread(transcribe, "vtt")
+        self.assertTrue(srt.startswith("1\n00:00:0"), srt)
+        self.assertTrue(vtt.startswith("WEBVTT\n\n00:00:0"), vtt)
+        self.assertEqual(srt.count(" --> "), len(verbose.segments))
+        self.assertEqual(vtt.count(" --> "), len(verbose.segments))

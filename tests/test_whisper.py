@@ -99,6 +99,15 @@ class TranscriptionTests(SynchronousTestCase):
         self.assertLessEqual(wer(SENTENCE, transcript.text), 0.25, transcript.text)
         self.assertEqual(transcript.language, "en")
         self.assertTrue(1.5 < transcript.duration_s < 6.0, transcript.duration_s)
+        # Timed segments, in order, within the audio, making up the text.
+        segments = transcript.segments
+        self.assertGreaterEqual(len(segments), 1)
+        self.assertEqual(" ".join(s.text for s in segments), transcript.text)
+        ends = [0.0] + [s.end for s in segments]
+        for segment, previous in zip(segments, ends):
+            self.assertTrue(previous - 0.01 <= segment.start < segment.end, segments)
+        self.assertLessEqual(segments[-1].end, transcript.duration_s + 0.5)
+        self.assertTrue(all(s.avg_logprob is not None and s.avg_logprob <= 0 for s in segments))
 
     def test_languageDefault(self) -> None:
         """

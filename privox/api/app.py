@@ -39,7 +39,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
-from privox.api import forms
+from privox.api import forms, subtitles
 from privox.api.access import Access, Caller, Grant
 from privox.api.enrolment import ExchangeKey, fingerprint, readIdentity
 from privox.api.errors import ApiError, BadInput, NotServed, TimedOut, errorBody
@@ -78,6 +78,7 @@ _WAV = b"audio/wav"
 #: What the original C{/tts} answered (its CGI printed this header).
 _X_WAV = b"audio/x-wav"
 _HTML = b"text/html; charset=utf-8"
+_VTT = b"text/vtt; charset=utf-8"
 _JS = b"text/javascript; charset=utf-8"
 
 class _Done:
@@ -227,6 +228,10 @@ class PrivoxAPI:
         result = await self._transcribe(form.caller, done.model, form.language, form.audio)
         if form.responseFormat == "text":
             return _reply(request, _PLAIN, _line(result.text))
+        if form.responseFormat == "srt":
+            return _reply(request, _PLAIN, subtitles.srt(subtitles.segmentsOf(result)).encode())
+        if form.responseFormat == "vtt":
+            return _reply(request, _VTT, subtitles.vtt(subtitles.segmentsOf(result)).encode())
         if form.responseFormat == "verbose_json":
             return _json(
                 request,
@@ -235,7 +240,7 @@ class PrivoxAPI:
                     "language": result.language or form.language,
                     "duration": result.duration_s,
                     "text": result.text,
-                    "segments": [],
+                    "segments": subtitles.verboseSegments(subtitles.segmentsOf(result)),
                 },
             )
         return _json(request, {"text": result.text})

@@ -52,7 +52,7 @@ from privox.api.errors import (
     Unprocessable,
     fromFailCode,
 )
-from privox.api.exchange import Transcribed
+from privox.api.exchange import Transcribed, readSegments
 from privox.api.farmhealth import farmHealth
 from privox.api.farmlist import FarmEntry, weightedChoice
 from privox.api.farmpool import Dialing, Expired, FarmPool, Unreachable, race
@@ -184,6 +184,7 @@ class FarmExchange:
             float(duration)
             if isinstance(duration, (int, float)) and not isinstance(duration, bool)
             else None,
+            readSegments(fields.get("segments")),
         )
 
     async def synthesize(

@@ -50,10 +50,8 @@ from privox.messages import CONTROL_CHARACTERS, MAX_TEXT
 DEFAULT_QUALITY = "fast"
 DEFAULT_LANGUAGE = "en"
 
-#: OpenAI transcription formats served; the default is C{json}.
-TRANSCRIPTION_FORMATS = ("json", "text", "verbose_json")
-#: OpenAI transcription formats that exist but are not served here.
-UNSERVED_TRANSCRIPTION_FORMATS = ("srt", "vtt")
+#: OpenAI's transcription formats; the default is C{json}.
+TRANSCRIPTION_FORMATS = ("json", "text", "verbose_json", "srt", "vtt")
 
 #: OpenAI's speech formats, each encoded as asked (L{privox.api.speech}).
 SPEECH_FORMATS = tuple(CONTENT_TYPES)
@@ -405,13 +403,8 @@ async def transcriptionForm(
     audio = _upload(fields)
     responseFormat = fields.text("response_format") or "json"
     if responseFormat not in TRANSCRIPTION_FORMATS:
-        why = (
-            "is not supported (no subtitle formats)"
-            if responseFormat in UNSERVED_TRANSCRIPTION_FORMATS
-            else "is unknown"
-        )
         raise Unprocessable(
-            f"response_format {responseFormat!r} {why}; "
+            f"response_format {responseFormat!r} is unknown; "
             f"use one of {', '.join(TRANSCRIPTION_FORMATS)}"
         )
     return TranscriptionForm(

@@ -76,10 +76,26 @@ class Stop:
 
 
 @dataclass(frozen=True)
+class Segment:
+    """
+    A stretch of a transcript and when it was said (seconds from the start).
+    """
+
+    start: float
+    end: float
+    text: str
+    avg_logprob: float | None = None
+    no_speech_prob: float | None = None
+
+
+@dataclass(frozen=True)
 class Transcript:
     text: str
     language: str | None
     duration_s: float
+    #: In order; empty where the engine gives none (then the API makes one
+    #: segment of the whole).
+    segments: tuple[Segment, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from privox.engines.audio import Audio, decodeAudio
 from privox.engines.base import (
     EngineError,
     ModelNotFound,
+    Segment,
     STTJob,
     Stop,
     Transcript,
@@ -199,18 +200,25 @@ class WhisperEngine:
         if code is None and self.englishOnly:
             code = "en"
         stop = stop or Stop()
-        texts = []
+        found: list[Segment] = []
         try:
             segments, info = model.transcribe(
                 audio.samples, language=code, beam_size=5, vad_filter=False
             )
             # A generator: each segment is decoded as it is asked for.
             for segment in segments:
-                texts.append(segment.text.strip())
+                text = segment.text.strip()
+                if text:
+                    found.append(Segment(
+                        round(segment.start, 3), round(segment.end, 3), text,
+                        round(segment.avg_logprob, 4), round(segment.no_speech_prob, 4),
+                    ))
                 stop.check()
         except EngineError:
             raise
         except Exception as e:
             raise EngineError(f"{self.name} failed: {e}") from e
-        text = " ".join(texts).strip()
-        return Transcript(text=text, language=code or info.language, duration_s=audio.seconds)
+        text = " ".join(s.text for s in found).strip()
+        return Transcript(
+            text=text, language=code or info.language, duration_s=audio.seconds, segments=tuple(found)
+        )

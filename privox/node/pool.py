@@ -5,6 +5,7 @@ so the reactor stays free to answer PING while a model works.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any, Callable, TypeVar
 
@@ -173,14 +174,15 @@ class EngineHandler:
 
 
 def transcriptAnswer(transcript: Transcript, model: str) -> Answer:
-    return Answer(
-        {
-            "text": transcript.text,
-            "language": transcript.language,
-            "duration_s": round(transcript.duration_s, 3),
-            "model": model,
-        }
-    )
+    fields: dict[str, Any] = {
+        "text": transcript.text,
+        "language": transcript.language,
+        "duration_s": round(transcript.duration_s, 3),
+        "model": model,
+    }
+    if transcript.segments:
+        fields["segments"] = [dataclasses.asdict(s) for s in transcript.segments]
+    return Answer(fields)
 
 
 def _speech(wav: bytes, job: Any) -> Answer:

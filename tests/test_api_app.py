@@ -11,8 +11,10 @@ import dataclasses
 import html
 import io
 import json
+import math
 import runpy
 import tomllib
+import wave
 from typing import Any
 from urllib.parse import quote_from_bytes
 
@@ -65,6 +67,11 @@ ETC = FilePath(__file__).parent().parent().child("etc")
 #: A tenth of a second of silence (uploads are measured: they must be real audio).
 WAV = pcmToWav(bytes(3200), 16000)
 SPOKEN = pcmToWav(b"spoken" * 100, 16000)
+#: A second of 440 Hz at 16 kHz, 16-bit.
+TONE = b"".join(
+    int(8000 * math.sin(2 * math.pi * 440 * n / 16000)).to_bytes(2, "little", signed=True)
+    for n in range(16000)
+)
 KEY = "good-key"
 MODELS = ModelTable.parse(DEFAULT_STT, DEFAULT_VOICES)
 
@@ -81,6 +88,7 @@ class FakeExchange:
         self.text = "hello world"
         self.language: str | None = "en"
         self.segments: tuple[TimedText, ...] = ()
+        self.speech = SPOKEN
         self.deadlines: list[float] = []
 
     async def transcribe(
@@ -99,7 +107,7 @@ class FakeExchange:
         self.deadlines.append(deadline)
         if self.error is not None:
             raise self.error
-        return SPOKEN
+        return self.speech
 
     def health(self) -> dict[str, Any]:
         return {"farms": [{"name": "alpha", "services": ["stt", "tts"], "up": True}]}
@@ -753,10 +761,31 @@ class SpeechTests(APITestCase):
         self.assertJsonError(response, body, 422, "unsupported", "'ogg' is unknown")
 
     def test_ignoredFields(self) -> None:
-        response, _ = self.speak(
-            {"model": "tts-1", "input": "Hi.", "speed": 1.5, "instructions": "Cheerfully."}
-        )
+        response, _ = self.speak({"model": "tts-1", "input": "Hi.", "instructions": "Cheerfully."})
         self.assertEqual(response.code, 200)
+
+    def test_speed(self) -> None:
+        """
+        C{speed} changes how long the speech lasts (at its pitch), from 0.25
+        to 4; other values are refused.
+        """
+        self.exchange.speech = pcmToWav(TONE, 16000)  # a second of 440 Hz
+
+        def seconds(speed: float | None) -> float:
+            request: dict[str, Any] = {"model": "tts-1", "input": "Hi.", "response_format": "wav"}
+            if speed is not None:
+                request["speed"] = speed
+            response, body = self.speak(request)
+            self.assertEqual(response.code, 200, body[:200])
+            with wave.open(io.BytesIO(body)) as w:
+                return w.getnframes() / w.getframerate()
+
+        self.assertEqual(seconds(None), 1.0)
+        for speed in (0.25, 0.5, 2.0, 4.0):
+            self.assertLess(abs(seconds(speed) * speed - 1.0), 0.05, speed)
+        for bad in (0.2, 4.5, "fast", True):
+            response, body = self.speak({"model": "tts-1", "input": "Hi.", "speed": bad})
+            self.assertJsonError(response, body, 400, "invalid_request_error", "speed must be")
 
     def test_badBodies(self) -> None:
         cases = [

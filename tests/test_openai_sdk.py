@@ -1,9 +1,9 @@
 """
 The stock OpenAI Python SDK against a real privox-local (its bundled models,
-sealed jobs): speech in every format OpenAI offers, decoded back with PyAV,
-and that speech transcribed back, with timed segments (verbose_json, srt,
-vtt). The SDK is blocking: its calls run in a
-thread while the exchange runs on the reactor.
+sealed jobs): speech in every format OpenAI offers, and at another speed,
+decoded back with PyAV; that speech transcribed back, with timed segments
+(verbose_json, srt, vtt). The SDK is blocking: its calls run in a thread
+while the exchange runs on the reactor.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class OpenAISDKTests(TestCase):
         key, _ = await local.store.createKey(reactor.seconds())
         client = openai.OpenAI(base_url=local.url + "/v1", api_key=key, max_retries=0, timeout=60)
 
-        def speak(**kwargs: str) -> tuple[bytes, str]:
+        def speak(**kwargs: object) -> tuple[bytes, str]:
             response = client.audio.speech.create(model="tts-1", voice="alloy", input=SENTENCE, **kwargs)
             return response.content, response.response.headers["content-type"]
 
@@ -64,6 +64,12 @@ class OpenAISDKTests(TestCase):
             # The same sentence, whatever its encoding (Piper's timing varies
             # a little from one synthesis to the next; codecs pad a little).
             self.assertLess(abs(seconds / lengths["wav"] - 1), 0.15, format)
+        # speed: the same sentence twice as fast lasts about half as long.
+        fast, _ = await deferToThread(speak, response_format="wav", speed=2.0)
+        with av.open(io.BytesIO(fast)) as decoded:
+            rate = decoded.streams.audio[0].rate
+            seconds = sum(f.samples for f in decoded.decode(audio=0)) / rate
+        self.assertLess(abs(seconds / lengths["wav"] - 0.5), 0.1, seconds)
         pcm, served = await deferToThread(speak, response_format="pcm")
         self.assertEqual(served, "audio/pcm")
         self.assertEqual(len(pcm) % 2, 0)

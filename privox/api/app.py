@@ -256,7 +256,9 @@ class PrivoxAPI:
         done.model = voice.model
         audio = await self._synthesize(form.caller, voice.model, None, voice.speaker, form.text)
         try:
-            encoded = await self.runInThread(encodeSpeech, audio, form.responseFormat)
+            encoded = await self.runInThread(
+                encodeSpeech, audio, form.responseFormat, form.speed
+            )
         except SpeechEncodingError as e:
             raise ApiError(str(e)) from None
         return _reply(request, CONTENT_TYPES[form.responseFormat].encode(), encoded)

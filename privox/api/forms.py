@@ -41,7 +41,7 @@ from twisted.web.iweb import IRequest
 
 from privox.api.access import Access, Caller
 from privox.api.errors import BadInput, TooLarge, Unprocessable, tooLarge
-from privox.api.speech import CONTENT_TYPES, DEFAULT_FORMAT
+from privox.api.speech import CONTENT_TYPES, DEFAULT_FORMAT, MAX_SPEED, MIN_SPEED
 from privox.audiofile import sniff
 from privox.languages import ANY, UnknownLanguage, languageCode
 from privox.messages import CONTROL_CHARACTERS, MAX_TEXT
@@ -129,8 +129,8 @@ class TranscriptionForm:
 class SpeechForm:
     """
     C{POST /v1/audio/speech} (OpenAI), a JSON body. C{responseFormat} is
-    one of L{SPEECH_FORMATS} (OpenAI's default: mp3). C{speed} and
-    C{instructions} are accepted and ignored.
+    one of L{SPEECH_FORMATS} (OpenAI's default: mp3); C{speed} from 0.25 to
+    4. C{instructions} is accepted and ignored.
     """
 
     caller: Caller
@@ -138,6 +138,7 @@ class SpeechForm:
     model: str | None = None
     voice: str | None = None
     responseFormat: str = DEFAULT_FORMAT
+    speed: float = 1.0
 
 
 @dataclass
@@ -447,7 +448,18 @@ async def speechForm(request: IRequest, limit: int, access: Access) -> SpeechFor
             f"response_format {responseFormat!r} is unknown; ask for one of"
             f" {', '.join(SPEECH_FORMATS)}"
         )
-    return SpeechForm(caller, text, string("model"), string("voice"), responseFormat)
+    speed = decoded.get("speed", 1.0)
+    if speed is None:
+        speed = 1.0
+    if (
+        isinstance(speed, bool)
+        or not isinstance(speed, (int, float))
+        or not MIN_SPEED <= speed <= MAX_SPEED
+    ):
+        raise BadInput(f"speed must be a number from {MIN_SPEED:g} to {MAX_SPEED:g}")
+    return SpeechForm(
+        caller, text, string("model"), string("voice"), responseFormat, float(speed)
+    )
 
 
 def wantsJson(request: IRequest) -> bool:

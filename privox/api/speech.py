@@ -1,13 +1,14 @@
 """
 Synthesized speech in the formats OpenAI's C{/v1/audio/speech} offers:
-the WAV a producer answers, encoded with PyAV (FFmpeg) as the client asked.
-Blocking: the app runs L{encodeSpeech} in its thread pool.
+the WAV a producer answers, at the speed asked for (a pitch-keeping time
+stretch, FFmpeg's C{atempo}), encoded with PyAV (FFmpeg) as the client
+asked. Blocking: the app runs L{encodeSpeech} in its thread pool.
 """
 
 from __future__ import annotations
 
 import io
-from typing import Any
+from typing import Any, Iterable
 
 import av
 
@@ -24,6 +25,8 @@ CONTENT_TYPES = {
 DEFAULT_FORMAT = "mp3"
 #: C{pcm}: raw signed 16-bit little-endian mono samples at this rate.
 PCM_RATE = 24000
+#: The speeds OpenAI takes (1: as synthesized).
+MIN_SPEED, MAX_SPEED = 0.25, 4.0
 
 # response_format -> (container, encoder, rate or None for the speech's own).
 _ENCODINGS: dict[str, tuple[str, str, int | None]] = {
@@ -31,7 +34,11 @@ _ENCODINGS: dict[str, tuple[str, str, int | None]] = {
     "opus": ("ogg", "libopus", 48000),  # Opus runs at 48 kHz (or 24, 16...)
     "aac": ("adts", "aac", None),
     "flac": ("flac", "flac", None),
+    "wav": ("wav", "pcm_s16le", None),
 }
+# One atempo filter changes the tempo by 0.5 to 2 (older FFmpegs): slower
+# or faster speeds chain several.
+_ATEMPO_RANGE = (0.5, 2.0)
 
 
 class SpeechEncodingError(ValueError):
@@ -40,55 +47,83 @@ class SpeechEncodingError(ValueError):
     """
 
 
-def encodeSpeech(wav: bytes, format: str) -> bytes:
+def encodeSpeech(wav: bytes, format: str, speed: float = 1.0) -> bytes:
     """
-    The speech in C{wav} (a producer's WAV) as C{format}, one of
-    L{CONTENT_TYPES}: mono, at the speech's own rate (Opus: 48 kHz; C{pcm}:
-    24 kHz, headerless).
+    The speech in C{wav} (a producer's WAV) at C{speed} as C{format}, one
+    of L{CONTENT_TYPES}: mono, at the speech's own rate (Opus: 48 kHz;
+    C{pcm}: 24 kHz, headerless).
 
     @raise SpeechEncodingError: C{wav} does not decode.
     """
-    if format == "wav":
+    if format == "wav" and speed == 1.0:
         return wav
     try:
-        if format == "pcm":
-            return b"".join(
-                bytes(frame.planes[0])[: frame.samples * 2]
-                for frame in _decoded(wav, "s16", PCM_RATE)
-            )
-        container, codec, rate = _ENCODINGS[format]
-        return _encoded(wav, container, codec, rate)
+        with av.open(io.BytesIO(wav)) as source:
+            stream = source.streams.audio[0]
+            rate = int(stream.rate)
+            frames = source.decode(stream)
+            if speed != 1.0:
+                frames = _stretched(frames, stream, speed)
+            if format == "pcm":
+                return b"".join(
+                    bytes(f.planes[0])[: f.samples * 2] for f in _resampled(frames, "s16", PCM_RATE)
+                )
+            container, codec, encodedRate = _ENCODINGS[format]
+            return _encoded(frames, container, codec, encodedRate or rate)
     except av.FFmpegError as e:
         raise SpeechEncodingError(f"the synthesized audio does not decode: {e}") from None
 
 
-def _speechRate(wav: bytes) -> int:
-    with av.open(io.BytesIO(wav)) as source:
-        return int(source.streams.audio[0].rate)
-
-
-def _decoded(wav: bytes, sampleFormat: str, rate: int) -> list[Any]:
+def _stretched(frames: Iterable[Any], stream: Any, speed: float) -> list[Any]:
     """
-    The frames of C{wav}, resampled to mono C{sampleFormat} at C{rate}.
+    C{frames} played C{speed} times as fast, at the same pitch.
+    """
+    factors = []
+    low, high = _ATEMPO_RANGE
+    while speed < low:
+        factors.append(low)
+        speed /= low
+    while speed > high:
+        factors.append(high)
+        speed /= high
+    factors.append(speed)
+    graph = av.filter.Graph()
+    nodes = [graph.add_abuffer(template=stream)]
+    nodes += [graph.add("atempo", f"{factor:.6f}") for factor in factors]
+    nodes.append(graph.add("abuffersink"))
+    graph.link_nodes(*nodes).configure()
+    out: list[Any] = []
+    for frame in [*frames, None]:
+        graph.push(frame)
+        while True:
+            try:
+                out.append(graph.pull())
+            except (av.BlockingIOError, av.EOFError):
+                break
+    return out
+
+
+def _resampled(frames: Iterable[Any], sampleFormat: str, rate: int) -> list[Any]:
+    """
+    C{frames} resampled to mono C{sampleFormat} at C{rate}.
     """
     resampler = av.AudioResampler(format=sampleFormat, layout="mono", rate=rate)
-    frames: list[Any] = []
-    with av.open(io.BytesIO(wav)) as source:
-        for frame in source.decode(audio=0):
-            frames += resampler.resample(frame)
-    frames += resampler.resample(None)
-    return frames
+    out: list[Any] = []
+    for frame in frames:
+        frame.pts = None
+        out += resampler.resample(frame)
+    out += resampler.resample(None)
+    return out
 
 
-def _encoded(wav: bytes, container: str, codec: str, rate: int | None) -> bytes:
-    rate = rate or _speechRate(wav)
+def _encoded(frames: Iterable[Any], container: str, codec: str, rate: int) -> bytes:
     out = io.BytesIO()
     with av.open(out, "w", format=container) as target:
         stream = target.add_stream(codec, rate=rate, layout="mono")
         context = stream.codec_context
         # Encoders such as AAC and Opus take frames of one size only.
         fifo = av.AudioFifo()
-        for frame in _decoded(wav, context.format.name, rate):
+        for frame in _resampled(frames, context.format.name, rate):
             fifo.write(frame)
         size = context.frame_size or 1024
         while fifo.samples:

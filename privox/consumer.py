@@ -221,9 +221,9 @@ class ConsumerProtocol(PeerProtocol):
 
     def stt(self, model: str, audio: bytes, language: str | None = None,
             format: str = "auto", timeout_s: float | None = None,
-            seal: SealPolicy | None = None) -> Deferred[JobResult]:
+            seal: SealPolicy | None = None, task: str | None = None) -> Deferred[JobResult]:
         return self.submit(
-            JobRequest("stt", model, language, len(audio), format, timeout_s=timeout_s),
+            JobRequest("stt", model, language, len(audio), format, timeout_s=timeout_s, task=task),
             audio,
             seal,
         )

@@ -25,6 +25,12 @@ ROLES = ("producer", "consumer")
 SERVICES = ("stt", "tts")
 AUDIO_FORMATS = ("wav", "pcm_s16le", "zip", "auto")
 ANY = "*"
+#: What a producer may offer beyond the plain job, and a job may need
+#: (privox.farm.dispatcher.Capability): sealing (§5.7), translating (§5.1).
+SEAL = "seal"
+TRANSLATE = "translate"
+#: STT tasks: C{transcribe} (the default), C{translate} (to English).
+TASKS = ("transcribe", TRANSLATE)
 #: The longest text a TTS job may ask for, in characters.
 MAX_TEXT = 5000
 #: Characters no text to speak may hold: control characters other than tab
@@ -180,6 +186,15 @@ class Hello:
     #: fields), passed on to its consumers with ASGN; the farm only checks
     #: its shape.
     seal: dict[str, str] | None = None
+    #: The STT tasks a producer does beyond transcribing (C{translate}).
+    tasks: tuple[str, ...] = ()
+
+    @property
+    def features(self) -> frozenset[str]:
+        """
+        What this producer offers jobs that need more than the plain job.
+        """
+        return frozenset(self.tasks) | ({SEAL} if self.seal is not None else frozenset())
 
     @classmethod
     def parse(cls, obj: dict[str, Any]) -> Hello:
@@ -204,7 +219,8 @@ class Hello:
         if role == "producer" and not models:
             raise BadRequest("a producer must list the models it serves (or [\"*\"])")
         seal = _sealOffer(obj.get("seal")) if role == "producer" else None
-        return cls(role, service, key, models, languages, seal)
+        tasks = tuple(t for t in _stringList(obj, "tasks", BadRequest) if t in TASKS[1:])
+        return cls(role, service, key, models, languages, seal, tasks)
 
     def payload(self) -> dict[str, Any]:
         fields: dict[str, Any] = {
@@ -218,6 +234,8 @@ class Hello:
             fields["languages"] = list(self.languages)
             if self.seal is not None:
                 fields["seal"] = self.seal
+            if self.tasks:
+                fields["tasks"] = list(self.tasks)
         return fields
 
 
@@ -318,10 +336,22 @@ class JobRequest:
     #: (the text too) is then in the upload, and only producers that offered
     #: to seal may take the job.
     seal: dict[str, str] | None = None
+    #: STT: C{transcribe} (None: the default) or C{translate} (to English).
+    task: str | None = None
 
     @property
     def sealed(self) -> bool:
         return self.seal is not None
+
+    @property
+    def needs(self) -> frozenset[str]:
+        """
+        What the producer must offer beyond the plain job.
+        """
+        needs = {SEAL} if self.seal is not None else set()
+        if self.task == TRANSLATE:
+            needs.add(TRANSLATE)
+        return frozenset(needs)
 
     @classmethod
     def parse(cls, service: str, obj: dict[str, Any]) -> JobRequest:
@@ -355,8 +385,12 @@ class JobRequest:
                 raise BadRequest(f"format must be one of {', '.join(AUDIO_FORMATS)}")
             if size == 0:
                 raise BadRequest("an STT job needs audio: size must be > 0")
+            task = _string(obj, "task", BadRequest, default=None)
+            if task is not None and task not in TASKS:
+                raise BadRequest(f"task must be one of {', '.join(TASKS)}")
             return cls(service, model, language, size, fmt, timeout_s=timeout,
-                       early=obj.get("early") is True, seal=seal)
+                       early=obj.get("early") is True, seal=seal,
+                       task=None if task == "transcribe" else task)
         voice = _string(obj, "voice", BadRequest, default=None)
         if seal is not None:
             # The text is in the sealed upload.
@@ -382,6 +416,8 @@ class JobRequest:
         fields["size"] = self.size
         if self.service == "stt":
             fields["format"] = self.format
+            if self.task is not None:
+                fields["task"] = self.task
         else:
             if self.text is not None:
                 fields["text"] = self.text

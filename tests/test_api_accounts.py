@@ -50,7 +50,10 @@ class SecondsExchange:
         self.error: Exception | None = None
         self.jobs = 0
 
-    async def transcribe(self, model: str, language: str | None, audio: bytes, format: str, deadline: float) -> Transcribed:
+    async def transcribe(
+        self, model: str, language: str | None, audio: bytes, format: str, deadline: float,
+        task: str | None = None,
+    ) -> Transcribed:
         self.jobs += 1
         if self.error is not None:
             raise self.error

@@ -39,6 +39,7 @@ from privox.api.site import FORM_LIMIT, LINGER_IDLE, ApiRequest, ApiSite
 from privox.api.errors import (
     ApiError,
     BadInput,
+    NoProducer,
     TimedOut,
     TooLarge,
     Unavailable,
@@ -92,9 +93,13 @@ class FakeExchange:
         self.deadlines: list[float] = []
 
     async def transcribe(
-        self, model: str, language: str | None, audio: bytes, format: str, deadline: float
+        self, model: str, language: str | None, audio: bytes, format: str, deadline: float,
+        task: str | None = None,
     ) -> Transcribed:
-        self.calls.append(("transcribe", model, language, audio, format))
+        if task is not None:
+            self.calls.append(("translate", model, language, audio, format))
+        else:
+            self.calls.append(("transcribe", model, language, audio, format))
         self.deadlines.append(deadline)
         if self.error is not None:
             raise self.error
@@ -524,6 +529,39 @@ class TtsTests(APITestCase):
         """
         response, body = self.post("/tts", data={"key": KEY, "text": "x" * FORM_LIMIT})
         self.assertPlainError(response, body, 413, f"the limit is {FORM_LIMIT} bytes")
+
+
+class TranslationTests(APITestCase):
+    BEARER = {"Authorization": f"Bearer {KEY}"}
+
+    def translate(self, fields: dict[str, str | bytes]) -> tuple[Any, bytes]:
+        return self.postMultipart(
+            "/v1/audio/translations", fields, {"file": ("speech.wav", WAV)}, headers=self.BEARER
+        )
+
+    def test_translate(self) -> None:
+        """
+        OpenAI's translations go to a model that can (the quality's
+        any-language one, never an English-only one), as a translate job.
+        """
+        response, body = self.translate({"model": "whisper-1"})
+        self.assertEqual((response.code, json.loads(body)), (200, {"text": "hello world"}))
+        self.assertEqual(self.exchange.calls, [("translate", "whisper:tiny", None, WAV, "wav")])
+        self.exchange.calls.clear()
+        response, body = self.translate({"model": "best", "response_format": "verbose_json"})
+        self.assertEqual(json.loads(body)["task"], "translate")
+        self.assertEqual(self.exchange.calls[0][1], "whisper:medium")
+        response, body = self.translate({"model": "whisper:small"})
+        self.assertEqual(self.exchange.calls[1][1], "whisper:small")
+
+    def test_noTranslatingNode(self) -> None:
+        self.exchange.error = NoProducer("no producer serving model 'whisper:tiny' that can translate")
+        response, body = self.translate({"model": "whisper-1"})
+        self.assertJsonError(response, body, 422, "unsupported", "no connected node translates with whisper:tiny")
+
+    def test_unknownModel(self) -> None:
+        response, body = self.translate({"model": "tts-1"})
+        self.assertJsonError(response, body, 422, "unsupported", "unknown model 'tts-1'")
 
 
 class TranscriptionTests(APITestCase):

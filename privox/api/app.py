@@ -42,17 +42,26 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 from privox.api import forms, subtitles
 from privox.api.access import Access, Caller, Grant
 from privox.api.enrolment import ExchangeKey, fingerprint, readIdentity
-from privox.api.errors import ApiError, BadInput, NotServed, TimedOut, errorBody
+from privox.api.errors import (
+    ApiError,
+    BadInput,
+    NoProducer,
+    NotServed,
+    TimedOut,
+    Unprocessable,
+    errorBody,
+)
 from privox.api.exchange import Exchange, Transcribed
 from privox.api.farmstatus import unserved
 from privox.api.ledger import readLedger
-from privox.api.speech import CONTENT_TYPES, SpeechEncodingError, encodeSpeech
 from privox.api.measure import spokenSeconds
 from privox.api.models import ModelTable
-from privox.api.site import ApiSite, bodyLimit
-from privox.audiofile import MAX_DECODED_SECONDS, BadFile, uploadSeconds
 from privox.api.pages import frontPage, static, statusHtml
+from privox.api.site import ApiSite, bodyLimit
+from privox.api.speech import CONTENT_TYPES, SpeechEncodingError, encodeSpeech
+from privox.audiofile import MAX_DECODED_SECONDS, BadFile, uploadSeconds
 from privox.logs import logFigures
+from privox.messages import TRANSLATE
 from privox.metrics import CONTENT_TYPE_LATEST, ApiMetrics, CollectorRegistry, render
 from privox.wav import BadWav, cutWav, wavSeconds
 
@@ -226,18 +235,52 @@ class PrivoxAPI:
         done.caller = form.caller
         done.model = self.models.openaiSttModel(form.model, form.language)
         result = await self._transcribe(form.caller, done.model, form.language, form.audio)
-        if form.responseFormat == "text":
+        return self._transcript(request, form.responseFormat, result, form.language)
+
+    @app.route("/v1/audio/translations", methods=["POST"])
+    async def translations(self, request: IRequest) -> bytes:
+        return await self._serve(request, "/v1/audio/translations", self._translations)
+
+    async def _translations(self, request: IRequest, done: _Done) -> bytes:
+        form = await forms.transcriptionForm(
+            request, self._limit(request), self.access, self.runInThread
+        )
+        done.caller = form.caller
+        done.model = self.models.translationModel(form.model)
+        try:
+            result = await self._transcribe(
+                form.caller, done.model, None, form.audio, TRANSLATE
+            )
+        except NoProducer:
+            raise Unprocessable(
+                f"no connected node translates with {done.model}: translating needs a"
+                " multilingual model (Whisper's, not an English-only .en one) on a node"
+            ) from None
+        return self._transcript(request, form.responseFormat, result, "en", "translate")
+
+    def _transcript(
+        self,
+        request: IRequest,
+        responseFormat: str,
+        result: Transcribed,
+        language: str | None,
+        task: str = "transcribe",
+    ) -> bytes:
+        """
+        A transcript (or translation) in OpenAI's C{response_format}.
+        """
+        if responseFormat == "text":
             return _reply(request, _PLAIN, _line(result.text))
-        if form.responseFormat == "srt":
+        if responseFormat == "srt":
             return _reply(request, _PLAIN, subtitles.srt(subtitles.segmentsOf(result)).encode())
-        if form.responseFormat == "vtt":
+        if responseFormat == "vtt":
             return _reply(request, _VTT, subtitles.vtt(subtitles.segmentsOf(result)).encode())
-        if form.responseFormat == "verbose_json":
+        if responseFormat == "verbose_json":
             return _json(
                 request,
                 {
-                    "task": "transcribe",
-                    "language": result.language or form.language,
+                    "task": task,
+                    "language": result.language or language,
                     "duration": result.duration_s,
                     "text": result.text,
                     "segments": subtitles.verboseSegments(subtitles.segmentsOf(result)),
@@ -282,7 +325,12 @@ class PrivoxAPI:
     # -- charging for jobs -------------------------------------------------
 
     async def _transcribe(
-        self, caller: Caller, model: str, language: str | None, audio: forms.Upload
+        self,
+        caller: Caller,
+        model: str,
+        language: str | None,
+        audio: forms.Upload,
+        task: str | None = None,
     ) -> Transcribed:
         # What the upload really is decides what it costs, whatever its
         # header or the producer says. Decoding costs CPU: not for a caller
@@ -300,7 +348,9 @@ class PrivoxAPI:
         result: Transcribed = await _charged(
             grant,
             self._within(
-                self.exchange.transcribe(model, language, audio.data, audio.format, deadline),
+                self.exchange.transcribe(
+                    model, language, audio.data, audio.format, deadline, task
+                ),
                 seconds,
                 "of audio",
             ),

@@ -79,6 +79,13 @@ class Unavailable(ApiError):
         super().__init__(message, retryAfter)
 
 
+class NoProducer(Unavailable):
+    """
+    No connected producer serves what the job asks for (a farm's
+    C{no_producer}): nodes may be reconnecting, or none does it at all.
+    """
+
+
 class TimedOut(ApiError):
     status = 504
     kind = "timeout"
@@ -94,7 +101,7 @@ _BY_CODE: dict[str, type[ApiError]] = {
     ErrorCode.UNAUTHORIZED: Unavailable,  # the farm refused *us*: not the user's fault
     ErrorCode.TOO_LARGE: TooLarge,
     ErrorCode.UNSUPPORTED_MODEL: Unprocessable,
-    ErrorCode.NO_PRODUCER: Unavailable,
+    ErrorCode.NO_PRODUCER: NoProducer,
     ErrorCode.PRODUCER_LOST: Unavailable,
     ErrorCode.SHUTTING_DOWN: Unavailable,
     ErrorCode.TIMEOUT: TimedOut,

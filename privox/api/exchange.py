@@ -75,10 +75,17 @@ def _number(value: Any, negative: bool = False) -> bool:
 
 class Exchange(Protocol):
     async def transcribe(
-        self, model: str, language: str | None, audio: bytes, format: str, deadline: float
+        self,
+        model: str,
+        language: str | None,
+        audio: bytes,
+        format: str,
+        deadline: float,
+        task: str | None = None,
     ) -> Transcribed:
         """
         @param format: C{wav}, C{pcm_s16le}, C{zip} or C{auto} (PVX/2's).
+        @param task: C{translate} (to English), or L{None} to transcribe.
         @param deadline: seconds the job may take, every attempt included.
         @raise privox.api.errors.ApiError: the job could not be done
             (L{privox.api.errors.TimedOut} past C{deadline}).

@@ -162,11 +162,13 @@ class FarmExchange:
         audio: bytes,
         format: str,
         deadline: float | None = None,
+        task: str | None = None,
     ) -> Transcribed:
         result = await self._request(
             "stt",
             lambda conn, timeout, seal: conn.stt(
-                model, audio, language=language, format=format, timeout_s=timeout, seal=seal
+                model, audio, language=language, format=format, timeout_s=timeout, seal=seal,
+                task=task,
             ),
             deadline,
         )

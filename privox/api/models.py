@@ -133,6 +133,22 @@ class ModelTable:
             raise Unprocessable(f"unknown model {model!r}")
         return self.sttModel(model if model in self.stt else None, language)
 
+    def translationModel(self, model: str | None) -> str:
+        """
+        The model that translates for OpenAI's C{/v1/audio/translations}: a
+        Privox model name (C{ENGINE:MODEL}) as it is; OpenAI's names and
+        the qualities, that quality's any-language model (English-only
+        models cannot translate).
+
+        @raise Unprocessable: an unknown model.
+        """
+        if model and ":" in model:
+            return model
+        if model and model not in OPENAI_STT_MODELS and model not in self.stt:
+            raise Unprocessable(f"unknown model {model!r}")
+        quality = model if model in self.stt else self.defaultQuality
+        return self.stt[quality][0]
+
     @property
     def defaultVoice(self) -> str:
         return next(iter(self.voices))

@@ -26,7 +26,7 @@ from privox.api.errors import errorBody, tooLarge
 from privox.web import PrivateHTTPChannel, PrivateSite
 
 #: Routes whose bodies carry an audio file: up to the API's --max-upload.
-UPLOAD_ROUTES = frozenset([b"/stt", b"/v1/audio/transcriptions"])
+UPLOAD_ROUTES = frozenset([b"/stt", b"/v1/audio/transcriptions", b"/v1/audio/translations"])
 #: A farm's batch of ledger records (500 records are about 150 KB).
 LEDGER_ROUTE = b"/v1/ledger"
 LEDGER_LIMIT = 4 * 1024 * 1024

@@ -109,6 +109,9 @@ class STTJob:
     format: str  # wav | pcm_s16le | zip | auto
     size: int
     stop: Stop = field(default_factory=Stop, compare=False, repr=False)
+    #: C{transcribe}, or C{translate} (to English: engines whose
+    #: C{translates} is true).
+    task: str = "transcribe"
 
 
 @dataclass(frozen=True)

@@ -52,17 +52,19 @@ class _DigestTranscription:
     def finish(self) -> Transcript:
         # A duration as if the bytes were 16 kHz 16-bit mono, so the ledger
         # and producer credit have something real to count in smoke tests.
-        return Transcript(
-            fingerprint(self._hash, self._size),
-            self._job.language,
-            self._size / 32000,
-        )
+        text = fingerprint(self._hash, self._size)
+        if self._job.task == "translate":
+            # A model-free stand-in: says it translated, and what.
+            return Transcript(f"translated {text}", "en", self._size / 32000)
+        return Transcript(text, self._job.language, self._size / 32000)
 
 
 class DigestEngine:
     def __init__(self, model: str, path: str | None = None) -> None:
         self.name = f"digest:{model}"
         self.languages: tuple[str, ...] = ()
+        #: It "translates" (for tests of the route, with no model).
+        self.translates = True
 
     def load(self) -> None:
         pass

@@ -181,10 +181,21 @@ class WhisperEngine:
         self._checkLanguage(job.language)
         audio = decodeAudio(data, job.format, rate=RATE)
         job.stop.check()
-        return self.transcribeAudio(audio, job.language, job.stop)
+        return self.transcribeAudio(audio, job.language, job.stop, job.task)
+
+    @property
+    def translates(self) -> bool:
+        """
+        Whether this model translates to English (the multilingual ones).
+        """
+        return not self.englishOnly
 
     def transcribeAudio(
-        self, audio: Audio, language: str | None = None, stop: Stop | None = None
+        self,
+        audio: Audio,
+        language: str | None = None,
+        stop: Stop | None = None,
+        task: str = "transcribe",
     ) -> Transcript:
         """
         Transcribe decoded 16 kHz mono audio (blocking), checking C{stop}
@@ -202,8 +213,10 @@ class WhisperEngine:
         stop = stop or Stop()
         found: list[Segment] = []
         try:
+            if task == "translate" and self.englishOnly:
+                raise Unsupported(f"{self.name} is English-only: it cannot translate")
             segments, info = model.transcribe(
-                audio.samples, language=code, beam_size=5, vad_filter=False
+                audio.samples, language=code, beam_size=5, vad_filter=False, task=task
             )
             # A generator: each segment is decoded as it is asked for.
             for segment in segments:

@@ -18,7 +18,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Hashable, Iterable
 
-from privox.messages import ANY
+from privox.messages import ANY, SEAL
 
 
 class NoProducer(Exception):
@@ -31,15 +31,23 @@ class NoProducer(Exception):
 class Capability:
     models: frozenset[str]
     languages: frozenset[str]
-    #: Whether the producer offered to seal (only those take sealed jobs).
-    seals: bool = False
+    #: What the producer can do beyond the plain job: C{seal} (it offered
+    #: to, docs/privacy.rst), C{translate}. A job that needs one goes only
+    #: to producers that have it.
+    features: frozenset[str] = frozenset()
 
     @classmethod
-    def of(cls, models: Iterable[str], languages: Iterable[str], seals: bool = False) -> Capability:
-        return cls(frozenset(models), frozenset(languages), seals)
+    def of(
+        cls, models: Iterable[str], languages: Iterable[str], features: Iterable[str] = ()
+    ) -> Capability:
+        return cls(frozenset(models), frozenset(languages), frozenset(features))
 
-    def takes(self, language: str | None, sealed: bool) -> bool:
-        return self.speaks(language) and (self.seals or not sealed)
+    @property
+    def seals(self) -> bool:
+        return SEAL in self.features
+
+    def takes(self, language: str | None, needs: frozenset[str]) -> bool:
+        return self.speaks(language) and needs <= self.features
 
     def speaks(self, language: str | None) -> bool:
         # An empty list or "*" means any language; a job without a language
@@ -51,8 +59,8 @@ class Capability:
             or language in self.languages
         )
 
-    def serves(self, model: str, language: str | None, sealed: bool = False) -> bool:
-        return (model in self.models or ANY in self.models) and self.takes(language, sealed)
+    def serves(self, model: str, language: str | None, needs: frozenset[str] = frozenset()) -> bool:
+        return (model in self.models or ANY in self.models) and self.takes(language, needs)
 
 
 @dataclass(slots=True)
@@ -60,7 +68,7 @@ class _Waiting:
     model: str
     language: str | None
     deadline: float
-    sealed: bool
+    needs: frozenset[str]
 
 
 class Dispatcher:
@@ -111,7 +119,7 @@ class Dispatcher:
         """
         capability = self._capabilities[producer]
         for job, waiting in self._queue.items():
-            if capability.serves(waiting.model, waiting.language, waiting.sealed):
+            if capability.serves(waiting.model, waiting.language, waiting.needs):
                 del self._queue[job]
                 return job
         self._idleSince[producer] = now
@@ -141,40 +149,49 @@ class Dispatcher:
             if model != ANY and any(self._capabilities[p].speaks(language) for p in producers)
         ]
 
-    def canServe(self, model: str, language: str | None, sealed: bool = False) -> bool:
+    def canServe(
+        self, model: str, language: str | None, needs: frozenset[str] = frozenset()
+    ) -> bool:
         for key in (model, ANY):
             for producer in self._byModel.get(key, ()):
-                if self._capabilities[producer].takes(language, sealed):
+                if self._capabilities[producer].takes(language, needs):
                     return True
         return False
 
     def submit(
-        self, job: Hashable, model: str, language: str | None, now: float, sealed: bool = False
+        self,
+        job: Hashable,
+        model: str,
+        language: str | None,
+        now: float,
+        needs: frozenset[str] = frozenset(),
     ) -> Hashable | None:
         """
         Returns the producer the job is assigned to, now busy; or L{None} if
-        the job was queued until C{now + queueTimeout}. A C{sealed} job
-        goes only to a producer that seals.
+        the job was queued until C{now + queueTimeout}. A job that C{needs}
+        features (C{seal}, C{translate}) goes only to a producer with them.
 
         @raise NoProducer: no connected producer could ever serve it.
         """
-        if not self.canServe(model, language, sealed):
+        if not self.canServe(model, language, needs):
             raise NoProducer(model, language)
-        producer = self._longestIdle(model, language, sealed)
+        producer = self._longestIdle(model, language, needs)
         if producer is None:
-            self._queue[job] = _Waiting(model, language, now + self.queueTimeout, sealed)
+            self._queue[job] = _Waiting(model, language, now + self.queueTimeout, needs)
         else:
             self._unidle(producer)
         return producer
 
-    def _longestIdle(self, model: str, language: str | None, sealed: bool) -> Hashable | None:
+    def _longestIdle(
+        self, model: str, language: str | None, needs: frozenset[str]
+    ) -> Hashable | None:
         best = None
         bestSince = None
         for key in (model, ANY):
             for producer, since in self._idle.get(key, {}).items():
                 if bestSince is not None and since >= bestSince:
                     break
-                if self._capabilities[producer].takes(language, sealed):
+                if self._capabilities[producer].takes(language, needs):
                     best, bestSince = producer, since
                     break
         return best

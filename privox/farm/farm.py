@@ -205,13 +205,13 @@ class Farm:
             )
         timeout = min(request.timeout_s or s.job_timeout, s.max_job_timeout)
         dispatcher = self.dispatchers[request.service]
-        if not dispatcher.canServe(request.model, request.language, request.sealed):
+        if not dispatcher.canServe(request.model, request.language, request.needs):
             # Not "unsupported": producers come and go (a farm that just
             # restarted has none until its nodes dial back in).
             raise BadRequest(
                 f"no producer serving model {request.model!r}"
                 + (f" in language {request.language!r}" if request.language else "")
-                + (" that seals" if request.sealed else "")
+                + "".join(f" that can {need}" for need in sorted(request.needs))
                 + " is connected",
                 ErrorCode.NO_PRODUCER,
             )
@@ -228,7 +228,7 @@ class Farm:
         self.counters.jobs += 1
         consumer.jobSubmitted(job)
         producer = dispatcher.submit(
-            job, request.model, request.language, self.clock.seconds(), request.sealed
+            job, request.model, request.language, self.clock.seconds(), request.needs
         )
         if producer is None:
             self._armQueueTimer(request.service)

@@ -221,7 +221,7 @@ class ProducerSession(Session):
         self, connection: Connection, hello: Hello, keyId: str, accountId: str | None = None
     ) -> None:
         super().__init__(connection, keyId, accountId)
-        self.capability = Capability.of(hello.models, hello.languages, hello.seal is not None)
+        self.capability = Capability.of(hello.models, hello.languages, hello.features)
         if hello.seal is not None:
             self.sealOffer = json.dumps(hello.seal, separators=(",", ":")).encode()
         self._resultRemaining = 0

@@ -18,6 +18,7 @@ from twisted.python.threadpool import ThreadPool
 from privox.engines.base import STTJob, Transcript, TTSJob
 from privox.engines.errors import Unsupported
 from privox.logs import logFigures
+from privox.messages import TRANSLATE
 from privox.metrics import NodeMetrics
 from privox.node.worker import Answer, Collected, JobRun
 from privox.wav import wavSeconds
@@ -143,6 +144,10 @@ class EngineHandler:
         self._engines = engines
         self.models = tuple(sorted(engines))
         self.languages = advertisedLanguages(list(engines.values()))
+        #: STT tasks beyond transcribing that some engine here does.
+        self.tasks: tuple[str, ...] = (
+            (TRANSLATE,) if any(getattr(e, "translates", False) for e in engines.values()) else ()
+        )
 
     def _engine(self, job: dict[str, Any]) -> Any:
         engine = self._engines.get(job.get("model"))
@@ -153,7 +158,12 @@ class EngineHandler:
     def start(self, job: dict[str, Any]) -> JobRun:
         engine = self._engine(job)
         if serviceOf(engine) == "stt":
-            stt = STTJob(job["model"], job.get("language"), job.get("format", "auto"), job["size"])
+            task = job.get("task") or "transcribe"
+            if task == TRANSLATE and not getattr(engine, "translates", False):
+                raise Unsupported(f"{job['model']} cannot translate (an English-only model?)")
+            stt = STTJob(
+                job["model"], job.get("language"), job.get("format", "auto"), job["size"], task=task
+            )
             if hasattr(engine, "transcription"):
                 return TranscriptionRun(self._pool, engine, stt)
             return Collected(lambda data: self._transcribe(engine, stt, data), stt.stop.set)

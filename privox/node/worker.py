@@ -202,7 +202,10 @@ class ProducerProtocol(PeerProtocol):
             self._connectionKey, offer = offered
             seal = offer.fields()
         super().__init__(
-            Hello("producer", service, key, tuple(handler.models), tuple(handler.languages), seal)
+            Hello(
+                "producer", service, key, tuple(handler.models), tuple(handler.languages), seal,
+                tuple(getattr(handler, "tasks", ())),
+            )
         )
         self.handler = handler
         self._current: _Current | None = None

@@ -187,12 +187,18 @@ class ConsumerProtocol(PeerProtocol):
         sealing = None
         if seal is not None and seal.mode != OFF:
             ephemeral = Ephemeral()
-            content = {} if request.text is None else {"text": request.text}
+            # The content fields travel sealed, with the upload.
+            content = {
+                name: value
+                for name, value in (("text", request.text), ("prompt", request.prompt))
+                if value is not None
+            }
             head = packed(content)
             sealing = _Sealing(seal, ephemeral, head, body)
             request = replace(
                 request,
                 text=None,
+                prompt=None,
                 size=sealedSize(len(head) + len(body)),
                 seal={"ephemeral": encodeKey(ephemeral.public)},
             )
@@ -221,9 +227,11 @@ class ConsumerProtocol(PeerProtocol):
 
     def stt(self, model: str, audio: bytes, language: str | None = None,
             format: str = "auto", timeout_s: float | None = None,
-            seal: SealPolicy | None = None, task: str | None = None) -> Deferred[JobResult]:
+            seal: SealPolicy | None = None, task: str | None = None,
+            prompt: str | None = None, temperature: float | None = None) -> Deferred[JobResult]:
         return self.submit(
-            JobRequest("stt", model, language, len(audio), format, timeout_s=timeout_s, task=task),
+            JobRequest("stt", model, language, len(audio), format, timeout_s=timeout_s, task=task,
+                       prompt=prompt, temperature=temperature),
             audio,
             seal,
         )

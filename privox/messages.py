@@ -33,6 +33,8 @@ TRANSLATE = "translate"
 TASKS = ("transcribe", TRANSLATE)
 #: The longest text a TTS job may ask for, in characters.
 MAX_TEXT = 5000
+#: The longest prompt an STT job may carry, in characters.
+MAX_PROMPT = 2000
 #: Characters no text to speak may hold: control characters other than tab
 #: and line breaks (a NUL ends a string in the C code under the engines).
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
@@ -338,6 +340,10 @@ class JobRequest:
     seal: dict[str, str] | None = None
     #: STT: C{transcribe} (None: the default) or C{translate} (to English).
     task: str | None = None
+    #: STT: text that goes before the audio (names, spellings: Whisper's
+    #: initial prompt), and the sampling temperature, 0 to 1.
+    prompt: str | None = None
+    temperature: float | None = None
 
     @property
     def sealed(self) -> bool:
@@ -388,9 +394,20 @@ class JobRequest:
             task = _string(obj, "task", BadRequest, default=None)
             if task is not None and task not in TASKS:
                 raise BadRequest(f"task must be one of {', '.join(TASKS)}")
+            prompt = _string(obj, "prompt", BadRequest, default=None)
+            if prompt is not None and len(prompt) > MAX_PROMPT:
+                raise BadRequest(f"field 'prompt' is longer than {MAX_PROMPT} characters")
+            temperature = obj.get("temperature")
+            if temperature is not None and not (
+                isinstance(temperature, (int, float))
+                and not isinstance(temperature, bool)
+                and 0 <= temperature <= 1
+            ):
+                raise BadRequest("field 'temperature' must be a number from 0 to 1")
             return cls(service, model, language, size, fmt, timeout_s=timeout,
                        early=obj.get("early") is True, seal=seal,
-                       task=None if task == "transcribe" else task)
+                       task=None if task == "transcribe" else task,
+                       prompt=prompt, temperature=temperature)
         voice = _string(obj, "voice", BadRequest, default=None)
         if seal is not None:
             # The text is in the sealed upload.
@@ -418,6 +435,10 @@ class JobRequest:
             fields["format"] = self.format
             if self.task is not None:
                 fields["task"] = self.task
+            if self.prompt is not None:
+                fields["prompt"] = self.prompt
+            if self.temperature is not None:
+                fields["temperature"] = self.temperature
         else:
             if self.text is not None:
                 fields["text"] = self.text

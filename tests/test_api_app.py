@@ -94,8 +94,9 @@ class FakeExchange:
 
     async def transcribe(
         self, model: str, language: str | None, audio: bytes, format: str, deadline: float,
-        task: str | None = None,
+        task: str | None = None, prompt: str | None = None, temperature: float | None = None,
     ) -> Transcribed:
+        self.options = (prompt, temperature)
         if task is not None:
             self.calls.append(("translate", model, language, audio, format))
         else:
@@ -578,6 +579,19 @@ class TranscriptionTests(APITestCase):
         self.assertEqual(self.header(response, "content-type"), "application/json")
         self.assertEqual(json.loads(body), {"text": "hello world"})
         self.assertEqual(self.exchange.calls, [("transcribe", "whisper:tiny.en", None, WAV, "wav")])
+
+    def test_promptAndTemperature(self) -> None:
+        """
+        C{prompt} and C{temperature} go to the engine; a temperature out of
+        0 to 1 is refused.
+        """
+        self.transcribe({"model": "whisper-1", "prompt": "Privox, Twisted", "temperature": "0.2"})
+        self.assertEqual(self.exchange.options, ("Privox, Twisted", 0.2))
+        self.transcribe({"model": "whisper-1"})
+        self.assertEqual(self.exchange.options, (None, None))
+        for bad in ("1.5", "-1", "warm", "nan"):
+            response, body = self.transcribe({"model": "whisper-1", "temperature": bad})
+            self.assertJsonError(response, body, 400, "invalid_request_error", "temperature must be")
 
     def test_text(self) -> None:
         response, body = self.transcribe({"model": "whisper-1", "response_format": "text"})

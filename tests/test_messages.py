@@ -114,6 +114,22 @@ class JobRequestTests(SynchronousTestCase):
         self.assertEqual(e.code, ErrorCode.BAD_REQUEST)
         self.assertIn("unknown language 'Klingon'", e.message)
 
+    def test_sttTaskPromptTemperature(self) -> None:
+        request = JobRequest.parse(
+            "stt", obj(model="m", size=1, task="translate", prompt="Names.", temperature=0.5)
+        )
+        self.assertEqual((request.task, request.prompt, request.temperature, request.needs),
+                         ("translate", "Names.", 0.5, frozenset({"translate"})))
+        payload = request.payload("j")
+        self.assertEqual((payload["task"], payload["prompt"], payload["temperature"]),
+                         ("translate", "Names.", 0.5))
+        plain = JobRequest.parse("stt", obj(model="m", size=1, task="transcribe"))
+        self.assertEqual((plain.task, plain.needs), (None, frozenset()))
+        self.assertNotIn("task", plain.payload("j"))
+        for bad in ({"task": "summarize"}, {"temperature": 2}, {"temperature": True},
+                    {"prompt": 7}, {"prompt": "x" * 2001}):
+            self.assertRaises(BadRequest, JobRequest.parse, "stt", obj(model="m", size=1, **bad))
+
     def test_sttDefaults(self) -> None:
         request = JobRequest.parse("stt", obj(model="m", size=1))
         self.assertEqual((request.language, request.format, request.timeout_s), (None, "auto", None))

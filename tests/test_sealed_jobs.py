@@ -100,6 +100,25 @@ class SealedJobTests(TestCase):
         self.assertEqual(handler.jobs[0]["size"], len(audio))
         self.assertIn("seal", handler.jobs[0])
 
+    async def test_promptSealed(self) -> None:
+        """
+        An STT job's prompt is content: it travels sealed, not in JOB_.
+        """
+        exchange = Exchange()
+        farm = await self.farm()
+        handler = RecordingHandler((STT,), ("en",))
+        await farm.producer("stt", handler, exchange.node())
+        seen: list[dict] = []
+        submit = farm.farm.submit
+        farm.farm.submit = lambda consumer, request: (seen.append(request.payload("x")), submit(consumer, request))[1]
+        consumer = await self.consumer(farm, "stt")
+        await consumer.stt(STT, b"audio", language="en", seal=exchange.policy(),
+                           prompt="Kubernetes, Twisted", temperature=0.2)
+        self.assertNotIn("prompt", seen[0])
+        self.assertEqual(seen[0]["temperature"], 0.2)
+        self.assertEqual((handler.jobs[0]["prompt"], handler.jobs[0]["temperature"]),
+                         ("Kubernetes, Twisted", 0.2))
+
     async def test_sealedTts(self) -> None:
         exchange = Exchange()
         farm = await self.farm()

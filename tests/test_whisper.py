@@ -109,6 +109,16 @@ class TranscriptionTests(SynchronousTestCase):
         self.assertLessEqual(segments[-1].end, transcript.duration_s + 0.5)
         self.assertTrue(all(s.avg_logprob is not None and s.avg_logprob <= 0 for s in segments))
 
+    def test_promptAndTemperature(self) -> None:
+        """
+        A prompt and a temperature reach faster-whisper (the transcript
+        stays right with them).
+        """
+        transcript = whisper().transcribeAudio(
+            resample16k(speak(SENTENCE)), "en", prompt="A sentence read aloud.", temperature=0.0
+        )
+        self.assertLessEqual(wer(SENTENCE, transcript.text), 0.25, transcript.text)
+
     def test_languageDefault(self) -> None:
         """
         An English-only model assumes English when the job names none.

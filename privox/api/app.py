@@ -234,7 +234,10 @@ class PrivoxAPI:
         )
         done.caller = form.caller
         done.model = self.models.openaiSttModel(form.model, form.language)
-        result = await self._transcribe(form.caller, done.model, form.language, form.audio)
+        result = await self._transcribe(
+            form.caller, done.model, form.language, form.audio,
+            prompt=form.prompt, temperature=form.temperature,
+        )
         return self._transcript(request, form.responseFormat, result, form.language)
 
     @app.route("/v1/audio/translations", methods=["POST"])
@@ -249,7 +252,8 @@ class PrivoxAPI:
         done.model = self.models.translationModel(form.model)
         try:
             result = await self._transcribe(
-                form.caller, done.model, None, form.audio, TRANSLATE
+                form.caller, done.model, None, form.audio, TRANSLATE,
+                prompt=form.prompt, temperature=form.temperature,
             )
         except NoProducer:
             raise Unprocessable(
@@ -331,6 +335,8 @@ class PrivoxAPI:
         language: str | None,
         audio: forms.Upload,
         task: str | None = None,
+        prompt: str | None = None,
+        temperature: float | None = None,
     ) -> Transcribed:
         # What the upload really is decides what it costs, whatever its
         # header or the producer says. Decoding costs CPU: not for a caller
@@ -349,7 +355,7 @@ class PrivoxAPI:
             grant,
             self._within(
                 self.exchange.transcribe(
-                    model, language, audio.data, audio.format, deadline, task
+                    model, language, audio.data, audio.format, deadline, task, prompt, temperature
                 ),
                 seconds,
                 "of audio",

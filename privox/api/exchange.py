@@ -82,10 +82,14 @@ class Exchange(Protocol):
         format: str,
         deadline: float,
         task: str | None = None,
+        prompt: str | None = None,
+        temperature: float | None = None,
     ) -> Transcribed:
         """
         @param format: C{wav}, C{pcm_s16le}, C{zip} or C{auto} (PVX/2's).
         @param task: C{translate} (to English), or L{None} to transcribe.
+        @param prompt: text before the audio, for the engine (names, style).
+        @param temperature: the engine's sampling temperature, 0 to 1.
         @param deadline: seconds the job may take, every attempt included.
         @raise privox.api.errors.ApiError: the job could not be done
             (L{privox.api.errors.TimedOut} past C{deadline}).

@@ -163,12 +163,14 @@ class FarmExchange:
         format: str,
         deadline: float | None = None,
         task: str | None = None,
+        prompt: str | None = None,
+        temperature: float | None = None,
     ) -> Transcribed:
         result = await self._request(
             "stt",
             lambda conn, timeout, seal: conn.stt(
                 model, audio, language=language, format=format, timeout_s=timeout, seal=seal,
-                task=task,
+                task=task, prompt=prompt, temperature=temperature,
             ),
             deadline,
         )

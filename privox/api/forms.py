@@ -32,6 +32,7 @@ never on the reactor's. A form has at most L{MAX_FIELDS} fields.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import IO, Any, Iterator
 from urllib.parse import unquote_to_bytes
@@ -44,7 +45,7 @@ from privox.api.errors import BadInput, TooLarge, Unprocessable, tooLarge
 from privox.api.speech import CONTENT_TYPES, DEFAULT_FORMAT, MAX_SPEED, MIN_SPEED
 from privox.audiofile import sniff
 from privox.languages import ANY, UnknownLanguage, languageCode
-from privox.messages import CONTROL_CHARACTERS, MAX_TEXT
+from privox.messages import CONTROL_CHARACTERS, MAX_PROMPT, MAX_TEXT
 
 #: The original API's default quality and language.
 DEFAULT_QUALITY = "fast"
@@ -114,8 +115,9 @@ class TtsForm:
 @dataclass(frozen=True)
 class TranscriptionForm:
     """
-    C{POST /v1/audio/transcriptions} (OpenAI). C{prompt}, C{temperature} and
-    the like are accepted and ignored.
+    C{POST /v1/audio/transcriptions} and C{/v1/audio/translations}
+    (OpenAI). C{prompt} and C{temperature} go to the engine; other fields
+    are accepted and ignored.
     """
 
     caller: Caller
@@ -123,6 +125,8 @@ class TranscriptionForm:
     model: str | None = None
     language: str | None = None
     responseFormat: str = "json"
+    prompt: str | None = None
+    temperature: float | None = None
 
 
 @dataclass(frozen=True)
@@ -408,8 +412,20 @@ async def transcriptionForm(
             f"response_format {responseFormat!r} is unknown; "
             f"use one of {', '.join(TRANSCRIPTION_FORMATS)}"
         )
+    prompt = _speakable(fields.text("prompt"), "prompt")
+    if prompt is not None and len(prompt) > MAX_PROMPT:
+        raise TooLarge(f"prompt is {len(prompt)} characters; at most {MAX_PROMPT} are taken")
+    temperature = None
+    if fields.text("temperature"):
+        try:
+            temperature = float(fields.text("temperature") or "")
+        except ValueError:
+            temperature = math.nan
+        if not 0 <= temperature <= 1:
+            raise BadInput("temperature must be a number from 0 to 1")
     return TranscriptionForm(
-        caller, audio, fields.text("model"), _language(fields.text("language")), responseFormat
+        caller, audio, fields.text("model"), _language(fields.text("language")), responseFormat,
+        prompt, temperature,
     )
 
 

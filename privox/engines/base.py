@@ -112,6 +112,10 @@ class STTJob:
     #: C{transcribe}, or C{translate} (to English: engines whose
     #: C{translates} is true).
     task: str = "transcribe"
+    #: Text before the audio (names, spellings), and the sampling
+    #: temperature: for engines that have them (Whisper).
+    prompt: str | None = None
+    temperature: float | None = None
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from twisted.logger import Logger
 
@@ -181,7 +181,9 @@ class WhisperEngine:
         self._checkLanguage(job.language)
         audio = decodeAudio(data, job.format, rate=RATE)
         job.stop.check()
-        return self.transcribeAudio(audio, job.language, job.stop, job.task)
+        return self.transcribeAudio(
+            audio, job.language, job.stop, job.task, job.prompt, job.temperature
+        )
 
     @property
     def translates(self) -> bool:
@@ -196,6 +198,8 @@ class WhisperEngine:
         language: str | None = None,
         stop: Stop | None = None,
         task: str = "transcribe",
+        prompt: str | None = None,
+        temperature: float | None = None,
     ) -> Transcript:
         """
         Transcribe decoded 16 kHz mono audio (blocking), checking C{stop}
@@ -215,8 +219,12 @@ class WhisperEngine:
         try:
             if task == "translate" and self.englishOnly:
                 raise Unsupported(f"{self.name} is English-only: it cannot translate")
+            # faster-whisper's own temperatures (its fallback ladder) unless
+            # the job names one.
+            options: dict[str, Any] = {} if temperature is None else {"temperature": temperature}
             segments, info = model.transcribe(
-                audio.samples, language=code, beam_size=5, vad_filter=False, task=task
+                audio.samples, language=code, beam_size=5, vad_filter=False, task=task,
+                initial_prompt=prompt, **options,
             )
             # A generator: each segment is decoded as it is asked for.
             for segment in segments:

@@ -161,8 +161,14 @@ class EngineHandler:
             task = job.get("task") or "transcribe"
             if task == TRANSLATE and not getattr(engine, "translates", False):
                 raise Unsupported(f"{job['model']} cannot translate (an English-only model?)")
+            prompt, temperature = job.get("prompt"), job.get("temperature")
             stt = STTJob(
-                job["model"], job.get("language"), job.get("format", "auto"), job["size"], task=task
+                job["model"], job.get("language"), job.get("format", "auto"), job["size"], task=task,
+                prompt=prompt if isinstance(prompt, str) else None,
+                temperature=float(temperature)
+                if isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
+                and 0 <= temperature <= 1
+                else None,
             )
             if hasattr(engine, "transcription"):
                 return TranscriptionRun(self._pool, engine, stt)

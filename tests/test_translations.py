@@ -8,6 +8,8 @@ that says what is missing.
 
 from __future__ import annotations
 
+import os
+
 import openai
 from twisted.internet.threads import deferToThread
 
@@ -33,7 +35,8 @@ class TranslationProcessTests(ProcessTestCase):
             "--farm", f"f tcp:host=127.0.0.1:port={stt} tcp:host=127.0.0.1:port={tts}",
             "--stt-model", "fast digest:x digest:x",
             "--e2e", "off",  # translating, not sealing: this node enrols nowhere
-            "--exchange-key", self.mktemp(),
+            # Absolute: the API runs in the checkout, not in trial's directory.
+            "--exchange-key", os.path.abspath(self.mktemp()),
         )
         await api.waitFor(b"starting on %d" % port)
         client = openai.OpenAI(

@@ -38,7 +38,7 @@ from privox.messages import (
     decodeObject,
     resultSize,
 )
-from privox.identity import ConnectionOffer, IdentityError, encodeKey
+from privox.identity import IdentityError, encodeKey
 from privox.peer import ConnectionClosed, PeerProtocol
 from privox.sealing import (
     OFF,
@@ -379,9 +379,7 @@ class ConsumerProtocol(PeerProtocol):
         """
         jobId = pending.id if isinstance(pending.id, str) else ""
         try:
-            exchange = sealing.policy.exchange
-            assert exchange is not None
-            _, nodeKey = ConnectionOffer.parse(offer).verify(exchange, self._clock.seconds())
+            nodeKey = sealing.policy.nodeKey(offer, self._clock.seconds())
             sealing.keys = sealing.ephemeral.keys(jobId, nodeKey)
         except (IdentityError, SealBroken) as e:
             self._refuseFarm(f"the assigned node's seal does not hold: {e}")

@@ -8,9 +8,9 @@ connection key (checked against the exchange, L{privox.identity}). Both
 sides then derive, with X25519 and HKDF-SHA256 bound to the job id and both
 public keys, one ChaCha20-Poly1305 key per direction (L{JobKeys}).
 
-Content: what a side sends (the upload; the answer) is one plaintext,
-L{pack}ed as its content fields (the TTS text, the transcript...) in JSON
-then its bytes (audio), and sealed as a stream of records, each a 4-byte
+Content: what a side sends (the upload; the answer) is one plaintext: its
+content fields (the TTS text, the transcript...) as JSON (L{packed}), then
+its bytes (audio); it is sealed as a stream of records, each a 4-byte
 length and a ciphertext of at most L{RECORD} plaintext bytes. Record I is
 sealed with nonce I and, as associated data, its direction, I and whether
 it is the last: a farm that drops, reorders, repeats, cuts short, flips a
@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import json
 import struct
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from cryptography.exceptions import InvalidTag
@@ -33,7 +34,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from privox.identity import ConnectionOffer, publicBytes
+from privox.identity import ConnectionOffer, encodeKey, publicBytes
 
 #: Plaintext bytes per record: large enough that the per-record cost is
 #: noise, small enough that a streaming consumer gets pieces early.
@@ -65,12 +66,38 @@ class SealPolicy:
 
     mode: str = OFF
     exchange: Ed25519PublicKey | None = None
+    #: Offers already checked: a node's connection offers the same one for
+    #: every job it takes, and checking costs two Ed25519 verifies.
+    _checked: OrderedDict[tuple[str, ...], tuple[float, X25519PublicKey]] = field(
+        default_factory=OrderedDict, compare=False, repr=False
+    )
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"e2e must be one of {', '.join(MODES)}")
         if self.mode != OFF and self.exchange is None:
             raise ValueError("sealing needs the exchange's public key")
+
+    def nodeKey(self, offer: Any, now: float) -> X25519PublicKey:
+        """
+        The connection key of the node that made C{offer} (a seal offer from
+        ASGN), if the exchange vouches for the node and the node signed the
+        key (L{ConnectionOffer.verify}); an offer checked before is not
+        checked again until its certificate expires.
+
+        @raise IdentityError: it does not hold.
+        """
+        parsed = ConnectionOffer.parse(offer)
+        cacheKey = (parsed.certificate, encodeKey(parsed.key), encodeKey(parsed.signature))
+        known = self._checked.get(cacheKey)
+        if known is not None and now < known[0]:
+            return known[1]
+        assert self.exchange is not None
+        certificate, key = parsed.verify(self.exchange, now)
+        self._checked[cacheKey] = (certificate.expires, key)
+        while len(self._checked) > MAX_CHECKED_OFFERS:
+            self._checked.popitem(last=False)
+        return key
 
 
 class Sealer(Protocol):
@@ -80,6 +107,10 @@ class Sealer(Protocol):
     """
 
     def offer(self) -> tuple[X25519PrivateKey, ConnectionOffer] | None: ...
+
+
+#: How many checked offers a policy remembers (a node connection each).
+MAX_CHECKED_OFFERS = 4096
 
 
 class SealBroken(Exception):
@@ -266,14 +297,6 @@ def packed(fields: dict[str, Any]) -> bytes:
     """
     encoded = json.dumps(fields, separators=(",", ":")).encode("utf-8")
     return _LENGTH.pack(len(encoded)) + encoded
-
-
-def pack(fields: dict[str, Any], body: bytes = b"") -> bytes:
-    """
-    The plaintext of a side's content, whole: L{packed} fields, then its
-    bytes (for tests; L{seal} takes the two apart).
-    """
-    return packed(fields) + body
 
 
 class Unpacker:

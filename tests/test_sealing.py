@@ -25,14 +25,15 @@ from privox.identity import (
 )
 from privox.sealing import (
     RECORD,
+    REQUIRED,
     RESULT,
     UPLOAD,
     Ephemeral,
     Opener,
     SealBroken,
+    SealPolicy,
     Unpacker,
     nodeKeys,
-    pack,
     packed,
     seal,
     sealedSize,
@@ -174,7 +175,7 @@ class SealingTests(SynchronousTestCase):
             Ephemeral().keys("job", zero)
 
     def test_packing(self) -> None:
-        plain = pack({"text": "Grüße"}, b"\x00\x01audio")
+        plain = packed({"text": "Grüße"}) + b"\x00\x01audio"
         self.assertEqual(unpack(plain), ({"text": "Grüße"}, b"\x00\x01audio"))
         unpacker = Unpacker()
         body = b"".join(unpacker.feed(plain[i : i + 1]) for i in range(len(plain)))
@@ -236,6 +237,26 @@ class IdentityTests(SynchronousTestCase):
         body, signature = text.split(".")
         with self.assertRaises(IdentityError):
             Certificate.verify(body[:-2] + "AA." + signature, self.exchange.public_key(), NOW)
+
+    def test_policyChecksAnOfferOnce(self) -> None:
+        """
+        The offer a node's connection makes for every job is checked once,
+        until its certificate expires; any other offer is checked afresh.
+        """
+        policy = SealPolicy(REQUIRED, self.exchange.public_key())
+        private, offer = ConnectionOffer.make(self.node, self.certificate)
+        verified = []
+        real = ConnectionOffer.verify
+        self.patch(ConnectionOffer, "verify", lambda o, *a: verified.append(o) or real(o, *a))
+        for _ in range(3):
+            key = policy.nodeKey(offer.fields(), NOW)
+        self.assertEqual(publicBytes(key), publicBytes(private.public_key()))
+        self.assertEqual(len(verified), 1)
+        swapped = dict(offer.fields(), key=encodeKey(publicBytes(X25519PrivateKey.generate().public_key())))
+        with self.assertRaises(IdentityError):
+            policy.nodeKey(swapped, NOW)
+        with self.assertRaises(IdentityError):
+            policy.nodeKey(offer.fields(), NOW + CERTIFICATE_LIFETIME)  # expired: checked again
 
     def test_exchangeKeyText(self) -> None:
         text = encodeKey(publicBytes(self.exchange.public_key()))

@@ -20,7 +20,7 @@ import fcntl
 import struct
 import termios
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.endpoints import clientFromString, connectProtocol
@@ -49,6 +49,8 @@ from privox.sealing import (
     Opener,
     SealBroken,
     SealPolicy,
+    StreamOpener,
+    StreamSealer,
     packed,
     seal,
     sealedSize,
@@ -122,6 +124,35 @@ class _Sealing:
     keys: JobKeys | None = None
 
 
+#: Where a streaming job's pieces go: (PART fields, the bytes they announced).
+PartListener = Callable[[dict[str, Any], bytes], None]
+
+
+def _sealing(request: JobRequest, seal: SealPolicy | None, body: bytes) -> _Sealing | None:
+    """
+    How C{request}'s content will be sealed, if C{seal} says it should be:
+    its content fields (the text, the prompt) travel sealed, with the
+    upload.
+    """
+    if seal is None or seal.mode == OFF:
+        return None
+    content = {
+        name: value
+        for name, value in (("text", request.text), ("prompt", request.prompt))
+        if value is not None
+    }
+    return _Sealing(seal, Ephemeral(), packed(content), body)
+
+
+def _withoutContent(request: JobRequest, sealing: _Sealing) -> JobRequest:
+    """
+    The JOB_ of a sealed job: its content gone, the consumer's key in.
+    """
+    return replace(
+        request, text=None, prompt=None, seal={"ephemeral": encodeKey(sealing.ephemeral.public)}
+    )
+
+
 class _Pending:
     def __init__(self, request: JobRequest, body: bytes, sealing: _Sealing | None = None) -> None:
         self.request = request
@@ -132,6 +163,41 @@ class _Pending:
         self.result: dict[str, Any] | None = None
         self.remaining = 0
         self.chunks: list[bytes] = []
+        #: A streaming job (§5.8): its pieces' listener, the upload written
+        #: before ASGN, whether its end was asked for and sent, the PART
+        #: whose bytes are arriving, and (sealed) the two record streams.
+        self.onPart: PartListener | None = None
+        self.early: list[bytes] = []
+        self.ended = False
+        self.endSent = False
+        self.part: dict[str, Any] | None = None
+        self.sealer: StreamSealer | None = None
+        self.opener: StreamOpener | None = None
+
+
+class Stream:
+    """
+    A streaming job in flight (L{ConsumerProtocol.stream}): C{write} its
+    upload as it is captured, C{end} it; pieces of the answer reach the
+    listener meanwhile, the whole answer comes in L{done}.
+    """
+
+    def __init__(self, protocol: ConsumerProtocol, pending: _Pending) -> None:
+        self._protocol = protocol
+        self._pending = pending
+        self.done = pending.done
+
+    @property
+    def assigned(self) -> bool:
+        "Whether a producer took the job (its upload is flowing)."
+        return self._pending.id is not None
+
+    def write(self, data: bytes) -> None:
+        if data:
+            self._protocol._streamWrite(self._pending, data)
+
+    def end(self) -> None:
+        self._protocol._streamEnd(self._pending)
 
 
 @implementer(IPushProducer)
@@ -184,23 +250,11 @@ class ConsumerProtocol(PeerProtocol):
             raise RuntimeError("this connection already has a job in flight")
         if len(body) != request.size:
             raise ValueError("body length must equal request.size")
-        sealing = None
-        if seal is not None and seal.mode != OFF:
-            ephemeral = Ephemeral()
-            # The content fields travel sealed, with the upload.
-            content = {
-                name: value
-                for name, value in (("text", request.text), ("prompt", request.prompt))
-                if value is not None
-            }
-            head = packed(content)
-            sealing = _Sealing(seal, ephemeral, head, body)
+        sealing = _sealing(request, seal, body)
+        if sealing is not None:
             request = replace(
-                request,
-                text=None,
-                prompt=None,
-                size=sealedSize(len(head) + len(body)),
-                seal={"ephemeral": encodeKey(ephemeral.public)},
+                _withoutContent(request, sealing),
+                size=sealedSize(len(sealing.head) + len(body)),
             )
             body = b""  # sealed, after ASGN names the node
         early = bool(body) and self.okay is not None and len(body) <= self.okay.early_upload
@@ -243,6 +297,97 @@ class ConsumerProtocol(PeerProtocol):
             JobRequest("tts", model, language, 0, voice=voice, text=text, timeout_s=timeout_s),
             seal=seal,
         )
+
+    def stream(
+        self, request: JobRequest, onPart: PartListener, seal: SealPolicy | None = None
+    ) -> Stream:
+        """
+        Start a streaming job (C{request.stream}, size 0): the farm must
+        take them (OKAY's C{stream}). Its upload goes with L{Stream.write}
+        (held until ASGN), each PART reaches C{onPart}, sealed ones opened.
+        """
+        if self._pending is not None:
+            raise RuntimeError("this connection already has a job in flight")
+        if not request.stream or request.size:
+            raise ValueError("a streaming request has stream set and size 0")
+        sealing = _sealing(request, seal, b"")
+        if sealing is not None:
+            request = _withoutContent(request, sealing)
+        pending = self._pending = _Pending(request, b"", sealing)
+        pending.onPart = onPart
+        self._startWatching()
+        self.transport.write(controlFrame(b"JOB_", request.payload()))
+        return Stream(self, pending)
+
+    def _streamWrite(self, pending: _Pending, data: bytes) -> None:
+        if pending.ended or pending.endSent:
+            return
+        if pending.id is None:
+            pending.early.append(data)
+        else:
+            self._streamSend(pending, data)
+
+    def _streamSend(self, pending: _Pending, data: bytes) -> None:
+        if pending.sealer is not None:
+            self.sendData(*pending.sealer.seal(data))
+        elif pending.sealing is None:
+            self.sendData(data)
+
+    def _streamEnd(self, pending: _Pending) -> None:
+        pending.ended = True
+        if pending.id is not None:
+            self._sendEnd(pending)
+
+    def _sendEnd(self, pending: _Pending) -> None:
+        """
+        The stream's upload is over (asked for, or moot: the job ended):
+        the empty DATA that says so is owed either way.
+        """
+        if pending.endSent or self.transport is None:
+            return
+        pending.endSent = True
+        if pending.sealer is not None and pending.ended and self._pending is pending:
+            self.sendData(*pending.sealer.close())
+        self.transport.write(encodeHeader(b"DATA", 0))
+
+    def _streamAssigned(self, pending: _Pending, offer: Any) -> None:
+        sealing = pending.sealing
+        if sealing is not None:
+            if not self._checkSeal(pending, sealing, offer):
+                return
+            assert sealing.keys is not None
+            pending.sealer = StreamSealer(sealing.keys.upload, UPLOAD)
+            pending.opener = StreamOpener(sealing.keys.result, RESULT)
+            self.sendData(*pending.sealer.seal(sealing.head))
+        early, pending.early = pending.early, []
+        for data in early:
+            self._streamSend(pending, data)
+        if pending.ended:
+            self._sendEnd(pending)
+
+    def _partReceived(self, pending: _Pending, fields: dict[str, Any]) -> None:
+        if pending.onPart is None or pending.id is None or pending.part is not None:
+            raise ProtocolViolation("PART the consumer did not expect")
+        pending.part = fields
+        pending.remaining = resultSize(fields)
+        if pending.remaining == 0:
+            self._partComplete(pending, b"")
+
+    def _partComplete(self, pending: _Pending, data: bytes) -> None:
+        fields, pending.part = pending.part, None
+        assert fields is not None and pending.onPart is not None
+        if pending.opener is not None:
+            try:
+                if fields.get("sealed") is not True:
+                    raise SealBroken("a piece of a sealed stream came in the clear")
+                plain = b"".join(pending.opener.feed(data))
+                if not pending.opener.atEdge:
+                    raise SealBroken("a sealed piece ends mid-record")
+                fields, data = unpack(plain)
+            except SealBroken as e:
+                self._refuseFarm(f"the sealed stream does not open: {e}")
+                return
+        pending.onPart(fields, data)
 
     # Liveness (see the module docstring)
 
@@ -339,6 +484,15 @@ class ConsumerProtocol(PeerProtocol):
         if pending is None:
             raise ProtocolViolation(f"{frame.verb.decode()} with no job in flight")
         if frame.verb == b"DATA":
+            if pending.part is not None:
+                if len(frame.payload) > pending.remaining:
+                    raise ProtocolViolation("DATA beyond the size a PART announced")
+                pending.chunks.append(frame.payload)
+                pending.remaining -= len(frame.payload)
+                if pending.remaining == 0:
+                    data, pending.chunks = b"".join(pending.chunks), []
+                    self._partComplete(pending, data)
+                return
             if pending.result is None or not pending.remaining or len(frame.payload) > pending.remaining:
                 raise ProtocolViolation("DATA the consumer did not expect")
             pending.chunks.append(frame.payload)
@@ -347,14 +501,20 @@ class ConsumerProtocol(PeerProtocol):
                 self._answered(pending, b"".join(pending.chunks))
             return
         fields = decodeObject(frame)
-        if frame.verb == b"ASGN":
+        if frame.verb == b"PART":
+            self._partReceived(pending, fields)
+        elif frame.verb == b"ASGN":
             pending.id = fields.get("id")
-            if pending.sealing is not None:
+            if pending.request.stream:
+                self._streamAssigned(pending, fields.get("seal"))
+            elif pending.sealing is not None:
                 self._sealFor(pending, pending.sealing, fields.get("seal"))
             # The whole upload goes now; the farm discards it if the job fails.
             elif pending.body and not pending.request.early:
                 self.sendData(pending.body)
         elif frame.verb == b"RSLT":
+            if pending.part is not None:
+                raise ProtocolViolation("RSLT before a PART's bytes")
             pending.result = fields
             pending.remaining = resultSize(fields)
             if pending.remaining == 0:
@@ -377,16 +537,26 @@ class ConsumerProtocol(PeerProtocol):
         The node is assigned: check that the exchange vouches for it, then
         send the content sealed to it; else give the job up on this farm.
         """
+        if not self._checkSeal(pending, sealing, offer):
+            return
+        assert sealing.keys is not None
+        records = seal(sealing.keys.upload, UPLOAD, sealing.head, sealing.body)
+        sealing.body = b""
+        self.sendData(*records)
+
+    def _checkSeal(self, pending: _Pending, sealing: _Sealing, offer: Any) -> bool:
+        """
+        Whether the exchange vouches for the assigned node (then
+        C{sealing.keys} are the job's); if not, the farm is given up.
+        """
         jobId = pending.id if isinstance(pending.id, str) else ""
         try:
             nodeKey = sealing.policy.nodeKey(offer, self._clock.seconds())
             sealing.keys = sealing.ephemeral.keys(jobId, nodeKey)
         except (IdentityError, SealBroken) as e:
             self._refuseFarm(f"the assigned node's seal does not hold: {e}")
-            return
-        records = seal(sealing.keys.upload, UPLOAD, sealing.head, sealing.body)
-        sealing.body = b""
-        self.sendData(*records)
+            return False
+        return True
 
     def _answered(self, pending: _Pending, data: bytes) -> None:
         fields = pending.result
@@ -400,7 +570,7 @@ class ConsumerProtocol(PeerProtocol):
             self._refuseFarm("a sealed job was answered in the clear")
             return
         try:
-            opener = Opener(sealing.keys.result, RESULT, len(data))
+            opener = pending.opener or Opener(sealing.keys.result, RESULT, len(data))
             plain = b"".join(opener.feed(data))
             opener.finish()
             content, body = unpack(plain)
@@ -424,8 +594,12 @@ class ConsumerProtocol(PeerProtocol):
         self.transport.loseConnection()
 
     def _finish(self, outcome: JobResult | Exception) -> None:
-        pending, self._pending = self._pending, None
+        pending = self._pending
         assert pending is not None
+        if pending.request.stream and pending.id is not None and not self.disconnected.called:
+            # The job is over; its upload's end is still owed (§5.8).
+            self._sendEnd(pending)
+        self._pending = None
         self._stopWatching()
         if isinstance(outcome, Exception):
             pending.done.errback(outcome)

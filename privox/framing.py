@@ -32,6 +32,7 @@ VERBS = frozenset(
         b"RSLT",
         b"FAIL",
         b"CNCL",
+        b"PART",
     ]
 )
 

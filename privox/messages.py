@@ -29,6 +29,9 @@ ANY = "*"
 #: (privox.farm.dispatcher.Capability): sealing (§5.7), translating (§5.1).
 SEAL = "seal"
 TRANSLATE = "translate"
+#: Streaming jobs (§5.8): the upload's length is unknown, pieces of the
+#: answer (PART) come back while it arrives.
+STREAM = "stream"
 #: STT tasks: C{transcribe} (the default), C{translate} (to English).
 TASKS = ("transcribe", TRANSLATE)
 #: The longest text a TTS job may ask for, in characters.
@@ -190,13 +193,19 @@ class Hello:
     seal: dict[str, str] | None = None
     #: The STT tasks a producer does beyond transcribing (C{translate}).
     tasks: tuple[str, ...] = ()
+    #: A producer that takes streaming jobs (§5.8).
+    stream: bool = False
 
     @property
     def features(self) -> frozenset[str]:
         """
         What this producer offers jobs that need more than the plain job.
         """
-        return frozenset(self.tasks) | ({SEAL} if self.seal is not None else frozenset())
+        return (
+            frozenset(self.tasks)
+            | ({SEAL} if self.seal is not None else frozenset())
+            | ({STREAM} if self.stream else frozenset())
+        )
 
     @classmethod
     def parse(cls, obj: dict[str, Any]) -> Hello:
@@ -222,7 +231,8 @@ class Hello:
             raise BadRequest("a producer must list the models it serves (or [\"*\"])")
         seal = _sealOffer(obj.get("seal")) if role == "producer" else None
         tasks = tuple(t for t in _stringList(obj, "tasks", BadRequest) if t in TASKS[1:])
-        return cls(role, service, key, models, languages, seal, tasks)
+        stream = role == "producer" and obj.get("stream") is True
+        return cls(role, service, key, models, languages, seal, tasks, stream)
 
     def payload(self) -> dict[str, Any]:
         fields: dict[str, Any] = {
@@ -238,6 +248,8 @@ class Hello:
                 fields["seal"] = self.seal
             if self.tasks:
                 fields["tasks"] = list(self.tasks)
+            if self.stream:
+                fields["stream"] = True
         return fields
 
 
@@ -290,16 +302,24 @@ class Okay:
     #: The largest upload a consumer may send right after its C{JOB_},
     #: without waiting for C{ASGN} (0, or absent: always wait).
     early_upload: int = 0
+    #: Streaming jobs (§5.8): the longest a stream may last, and the longest
+    #: gap between two pieces of its upload, in seconds; L{None}: the farm
+    #: takes no streaming job.
+    stream: StreamLimits | None = None
 
     @classmethod
     def parse(cls, obj: dict[str, Any]) -> Okay:
         try:
+            stream = obj.get("stream")
             return cls(
                 str(obj["farm"]),
                 float(obj["ping_interval"]),
                 int(obj["max_frame"]),
                 int(obj["max_job_bytes"]),
                 max(0, int(obj.get("early_upload", 0))),
+                StreamLimits(float(stream["max_s"]), float(stream["idle_s"]))
+                if isinstance(stream, dict)
+                else None,
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ProtocolViolation(f"bad OKAY: {e}")
@@ -312,7 +332,15 @@ class Okay:
             "max_frame": self.max_frame,
             "max_job_bytes": self.max_job_bytes,
             "early_upload": self.early_upload,
+            **({"stream": {"max_s": self.stream.max_s, "idle_s": self.stream.idle_s}}
+               if self.stream is not None else {}),
         }
+
+
+@dataclass(frozen=True)
+class StreamLimits:
+    max_s: float
+    idle_s: float
 
 
 @dataclass(frozen=True)
@@ -344,6 +372,9 @@ class JobRequest:
     #: initial prompt), and the sampling temperature, 0 to 1.
     prompt: str | None = None
     temperature: float | None = None
+    #: A streaming job (§5.8): the upload goes on until an empty DATA,
+    #: pieces of the answer (PART) come back meanwhile.
+    stream: bool = False
 
     @property
     def sealed(self) -> bool:
@@ -357,6 +388,8 @@ class JobRequest:
         needs = {SEAL} if self.seal is not None else set()
         if self.task == TRANSLATE:
             needs.add(TRANSLATE)
+        if self.stream:
+            needs.add(STREAM)
         return frozenset(needs)
 
     @classmethod
@@ -378,6 +411,9 @@ class JobRequest:
                 raise BadRequest(str(e)) from None
         size = _count(obj, "size", BadRequest)
         seal = _jobSeal(obj.get("seal"))
+        stream = obj.get("stream") is True
+        if stream and (size != 0 or obj.get("early") is True):
+            raise BadRequest("a streaming job's upload has no size: size must be 0, not early")
         timeout = obj.get("timeout_s")
         if timeout is not None and (
             isinstance(timeout, bool)
@@ -389,8 +425,10 @@ class JobRequest:
             fmt = _string(obj, "format", BadRequest, default="auto")
             if fmt not in AUDIO_FORMATS:
                 raise BadRequest(f"format must be one of {', '.join(AUDIO_FORMATS)}")
-            if size == 0:
+            if size == 0 and not stream:
                 raise BadRequest("an STT job needs audio: size must be > 0")
+            if stream and fmt == "zip":
+                raise BadRequest("a stream's audio is wav or pcm_s16le, not zip")
             task = _string(obj, "task", BadRequest, default=None)
             if task is not None and task not in TASKS:
                 raise BadRequest(f"task must be one of {', '.join(TASKS)}")
@@ -407,8 +445,15 @@ class JobRequest:
             return cls(service, model, language, size, fmt, timeout_s=timeout,
                        early=obj.get("early") is True, seal=seal,
                        task=None if task == "transcribe" else task,
-                       prompt=prompt, temperature=temperature)
+                       prompt=prompt, temperature=temperature, stream=stream)
         voice = _string(obj, "voice", BadRequest, default=None)
+        if stream:
+            # The text may come in pieces, in the upload (sealed: all of it).
+            text = None if seal is not None else _string(obj, "text", BadRequest, default=None)
+            if text is not None and CONTROL_CHARACTERS.search(text):
+                raise BadRequest("field 'text' contains control characters")
+            return cls(service, model, language, 0, "auto", voice, text, timeout,
+                       seal=seal, stream=True)
         if seal is not None:
             # The text is in the sealed upload.
             if size == 0:
@@ -447,6 +492,8 @@ class JobRequest:
             fields["timeout_s"] = self.timeout_s
         if self.seal is not None:
             fields["seal"] = self.seal
+        if self.stream:
+            fields["stream"] = True
         if self.early and jobId is None:
             fields["early"] = True
         return fields

@@ -289,6 +289,92 @@ class Opener:
             raise SealBroken("the sealed content was cut short")
 
 
+class StreamSealer:
+    """
+    Seals a stream whose length is not known in advance (docs/protocol.rst
+    §5.8): each piece as it comes, as records with at least one byte each,
+    and at the end one empty record, the only one marked last.
+    """
+
+    def __init__(self, key: bytes, direction: bytes) -> None:
+        self._aead = ChaCha20Poly1305(key)
+        self._direction = direction
+        self._index = 0
+
+    def _record(self, plain: bytes | memoryview, last: bool) -> list[bytes]:
+        sealed = self._aead.encrypt(
+            _nonce(self._index), plain, _aad(self._direction, self._index, last)
+        )
+        self._index += 1
+        return [_LENGTH.pack(len(sealed)), sealed]
+
+    def seal(self, *parts: bytes) -> list[bytes]:
+        data = b"".join(parts)
+        out: list[bytes] = []
+        with memoryview(data) as view:
+            for offset in range(0, len(view), RECORD):
+                out += self._record(view[offset : offset + RECORD], False)
+        return out
+
+    def close(self) -> list[bytes]:
+        return self._record(b"", True)
+
+
+class StreamOpener:
+    """
+    Opens what a L{StreamSealer} made, in any pieces: an empty record ends
+    the stream.
+    """
+
+    def __init__(self, key: bytes, direction: bytes) -> None:
+        self._aead = ChaCha20Poly1305(key)
+        self._direction = direction
+        self._buffer = bytearray()
+        self._index = 0
+        self.ended = False
+
+    @property
+    def atEdge(self) -> bool:
+        "Whether every byte fed so far was part of a whole record."
+        return not self._buffer
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """
+        @raise SealBroken: a record does not open, or bytes follow the end.
+        """
+        self._buffer += data
+        out = []
+        offset = 0
+        buffer = self._buffer
+        while len(buffer) - offset >= _LENGTH.size:
+            (length,) = _LENGTH.unpack_from(buffer, offset)
+            if not _TAG <= length <= RECORD + _TAG or self.ended:
+                raise SealBroken("a sealed record is malformed")
+            start = offset + _LENGTH.size
+            if len(buffer) - start < length:
+                break
+            offset = start + length
+            last = length == _TAG
+            try:
+                out.append(self._aead.decrypt(
+                    _nonce(self._index), bytes(buffer[start:offset]),
+                    _aad(self._direction, self._index, last),
+                ))
+            except InvalidTag:
+                raise SealBroken("a sealed record does not open") from None
+            self._index += 1
+            self.ended = last
+        del buffer[:offset]
+        return [plain for plain in out if plain]
+
+    def finish(self) -> None:
+        """
+        @raise SealBroken: the stream did not end with its last record.
+        """
+        if not self.ended or self._buffer:
+            raise SealBroken("the sealed stream was cut short")
+
+
 def packed(fields: dict[str, Any]) -> bytes:
     """
     What a side's content starts with: its fields as JSON, after their

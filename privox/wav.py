@@ -236,3 +236,17 @@ def joinWavs(parts: list[bytes]) -> bytes:
     struct.pack_into("<I", out, first.dataStart - 4, size)
     out += b"".join(datas)
     return bytes(out)
+
+
+def wavPCM(data: bytes) -> tuple[bytes, int]:
+    """
+    The samples of a mono s16le WAV file (what engines make) and its rate.
+
+    @raise BadWav: not such a WAV file.
+    """
+    header = readWavHeader(data)
+    fmt = header.format if header is not None else None
+    if header is None or fmt is None or fmt.kind != "int" or fmt.width != 2 or fmt.channels != 1:
+        raise BadWav("not a complete mono 16-bit PCM WAV file")
+    start = header.dataStart
+    return data[start : start + header.dataBytes(len(data))], fmt.rate

@@ -28,11 +28,12 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from privox.caption import CAPTION_RATE, CaptionProtocol, Segmenter, Utterance, webrtcvadClassifier
+from privox.caption import CaptionProtocol
 from privox.cli import parseArguments
 from privox.client import CliError, httpProblem
 from privox.engines.audio import decodeAudio, toInt16
 from privox.local import LocalExchange, LocalSettings
+from privox.utterances import Segmenter, Utterance, webrtcvadClassifier
 from privox.wav import pcmToWav
 from tests.test_roundtrip import speak
 from tests.wer import wer
@@ -329,7 +330,7 @@ class ErrorTests(TestCase):
         os.makedirs(folder)
         wav = os.path.join(folder, "tone.wav")
         with open(wav, "wb") as f:
-            f.write(pcmToWav(voiced(1.0), CAPTION_RATE))
+            f.write(pcmToWav(voiced(1.0), RATE))
 
         self.assertEqual(await privox("stt", wav, "--api", api, "--key", KEY), ("", line, 1))
         target = os.path.join(folder, "out.wav")
@@ -352,7 +353,7 @@ class ErrorTests(TestCase):
         api = f"http://127.0.0.1:{port.getHost().port}"
         wav = os.path.join(os.path.abspath(self.mktemp()) + ".wav")
         with open(wav, "wb") as f:
-            f.write(pcmToWav(voiced(1.0), CAPTION_RATE))
+            f.write(pcmToWav(voiced(1.0), RATE))
         self.assertEqual(
             await privox("stt", wav, "--api", api, "--key", KEY, "--timeout", "0.5"),
             ("", f"privox: no answer from the Privox API at {api} within 0.5 s\n", 1),

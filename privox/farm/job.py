@@ -13,6 +13,11 @@ the job. The connections feed it events; it decides what each side is told.
        │              abandoned (producer finishing; output discarded)─────────────┤
        └──timeout/gone/shutdown────────────────────────────────────────────────────┘
 
+A streaming job (docs/protocol.rst §5.8) is the same machine: its upload
+runs until an empty DATA (each piece due within the farm's stream idle
+gap), and while it runs the producer's PART frames, and their DATA, go
+straight on to the consumer.
+
 The end of the answer (an STT job's RSLT, the last bytes of a result) is
 held while the job's ledger record is written (L{recording}): a consumer
 never has an answer whose record a crash of the farm could still lose.
@@ -77,6 +82,9 @@ class ConsumerSide(_Side, Protocol):
     def jobDetached(self, job: Job) -> None:
         "The job is over for this consumer."
 
+    def sendPart(self, raw: bytes) -> None:
+        "A streaming job's PART, as the producer sent it (its id checked)."
+
 
 class ProducerSide(_Side, Protocol):
     #: Its seal offer as JSON, if it can seal (privox.messages.Hello.seal).
@@ -100,6 +108,8 @@ class JobHost(Protocol):
     clock: IReactorTime
     #: Seconds a producer has to end a cancelled job.
     cancelGrace: float
+    #: Longest gap between two pieces of a stream's upload (§5.8).
+    streamIdle: float
 
     def withdraw(self, job: Job) -> None:
         "Take a queued job out of the queue."
@@ -116,7 +126,16 @@ class JobEvents(Protocol):
         "The dispatcher picked a producer."
 
     def consumerData(self, payload: bytes) -> None:
-        "A DATA frame of the upload (before ASGN too, if small: early_upload)."
+        """
+        A DATA frame of the upload (before ASGN too, if small:
+        early_upload); for a stream, an empty one ends it.
+        """
+
+    def partial(self, raw: bytes) -> None:
+        "A stream's PART from the producer (its JSON, id checked)."
+
+    def partialData(self, payload: bytes) -> None:
+        "A DATA frame that a PART announced."
 
     def result(self, fields: dict[str, Any], size: int, raw: bytes) -> None:
         """
@@ -201,6 +220,8 @@ class Job:
         self.consumer: ConsumerSide | None = consumer
         self.producer: ProducerSide | None = None
         self.started = host.clock.seconds()
+        #: The upload's bytes (a stream's, as they came) and the answer's.
+        self.bytesIn = request.size
         self.bytesOut = 0
         self.outcome = "queued"
         #: For the ledger (L{privox.farm.ledger}): the account ids (hashed
@@ -229,6 +250,8 @@ class Job:
             timeout, self._timedOut
         )
         self._grace: IDelayedCall | None = None
+        #: A stream's upload must keep coming (L{JobHost.streamIdle}).
+        self._idle: IDelayedCall | None = None
 
     def __repr__(self) -> str:
         return f"<Job {self.id} {self.request.service} {self.request.model}>"
@@ -236,6 +259,25 @@ class Job:
     def _timedOut(self) -> None:
         self._timeout = None
         self.events.expire(ErrorCode.TIMEOUT, "the job ran out of time")
+
+    def _streamIdle(self) -> None:
+        self._idle = None
+        self.events.expire(
+            ErrorCode.TIMEOUT,
+            f"the stream sent nothing for {self.host.streamIdle:g} s (the farm's stream_idle_s)",
+        )
+
+    def _streamed(self, payload: bytes) -> None:
+        """
+        A piece of a stream's upload came: wait for the next one, unless it
+        was the end.
+        """
+        self.bytesIn += len(payload)
+        if self._idle is not None and self._idle.active():
+            self._idle.cancel()
+        self._idle = (
+            self.host.clock.callLater(self.host.streamIdle, self._streamIdle) if payload else None
+        )
 
     # Helpers the transitions share.
 
@@ -247,6 +289,8 @@ class Job:
         producer.startJob(self, early)
         self.uploadSink = producer.connection
         self.consumer.jobAssigned(self)
+        if self.request.stream:
+            self._idle = self.host.clock.callLater(self.host.streamIdle, self._streamIdle)
         self._links = [
             _PauseLink(self.consumer.connection, producer.transport),
             _PauseLink(producer.connection, self.consumer.transport),
@@ -289,6 +333,9 @@ class Job:
 
     def _cancelProducer(self, sendCancel: bool) -> None:
         assert self.producer is not None
+        if self._idle is not None and self._idle.active():
+            self._idle.cancel()
+        self._idle = None
         if sendCancel:
             self.producer.sendControl(b"CNCL", {"id": self.id})
         self._grace = self.host.clock.callLater(self.host.cancelGrace, self._graceOver)
@@ -298,10 +345,10 @@ class Job:
         self.events.cancelGraceOver()
 
     def _stopTimers(self) -> None:
-        for call in (self._timeout, self._grace):
+        for call in (self._timeout, self._grace, self._idle):
             if call is not None and call.active():
                 call.cancel()
-        self._timeout = self._grace = None
+        self._timeout = self._grace = self._idle = None
 
     def _record(self, outcome: str, releaseProducer: bool) -> Deferred[None]:
         """
@@ -379,7 +426,22 @@ def _earlyUpload(events: JobEvents, job: Job, payload: bytes) -> None:
 @running.upon(JobEvents.consumerData).loop()
 def _upload(events: JobEvents, job: Job, payload: bytes) -> None:
     assert job.producer is not None
+    if job.request.stream:
+        job._streamed(payload)
     job.producer.sendData(payload)
+
+
+@running.upon(JobEvents.partial).loop()
+def _partial(events: JobEvents, job: Job, raw: bytes) -> None:
+    assert job.consumer is not None
+    job.consumer.sendPart(raw)
+
+
+@running.upon(JobEvents.partialData).loop()
+def _partialData(events: JobEvents, job: Job, payload: bytes) -> None:
+    assert job.consumer is not None
+    job.bytesOut += len(payload)
+    job.consumer.sendData(payload)
 
 
 @running.upon(JobEvents.result).to(returning)
@@ -394,6 +456,9 @@ def _result(events: JobEvents, job: Job, fields: dict[str, Any], size: int, raw:
         job._held = (b"RSLT", (fields, raw))  # the whole answer: see recording
     # The rest of the upload is moot now (_uploadAfterResult).
     job.uploadSink = None
+    if job._idle is not None and job._idle.active():
+        job._idle.cancel()
+    job._idle = None
     job.resultSink = job.consumer.connection
 
 
@@ -491,7 +556,13 @@ def _discardResult(
 
 
 @abandoned.upon(JobEvents.resultData).loop()
+@abandoned.upon(JobEvents.partialData).loop()
 def _discardData(events: JobEvents, job: Job, payload: bytes) -> None:
+    pass
+
+
+@abandoned.upon(JobEvents.partial).loop()
+def _discardPart(events: JobEvents, job: Job, raw: bytes) -> None:
     pass
 
 

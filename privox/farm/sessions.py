@@ -132,6 +132,10 @@ class ConsumerSession(Session):
     def __init__(self, connection: Connection, keyId: str, accountId: str | None = None) -> None:
         super().__init__(connection, keyId, accountId)
         self._uploadRemaining = 0
+        #: A stream's upload is owed until its empty DATA (§5.8), counted
+        #: against max_job_bytes.
+        self._streaming = False
+        self._streamed = 0
 
     def frameReceived(self, frame: Frame) -> None:
         if frame.verb == b"DATA":
@@ -144,7 +148,7 @@ class ConsumerSession(Session):
             raise ProtocolViolation(f"a consumer may not send {frame.verb.decode()}")
 
     def _jobReceived(self, fields: dict[str, Any]) -> None:
-        if self.job is not None or self._uploadRemaining:
+        if self.job is not None or self._uploadRemaining or self._streaming:
             raise ProtocolViolation("JOB_ sent before the previous job ended")
         farm = self.connection.farm
         # A small upload may follow JOB_ at once. It is owed from now on,
@@ -158,12 +162,29 @@ class ConsumerSession(Session):
             self.sendControl(b"FAIL", failPayload(None, e.code, e.message))
 
     def _dataReceived(self, payload: bytes) -> None:
+        if self._streaming:
+            self._streamReceived(payload)
+            return
         if not self._uploadRemaining or len(payload) > self._uploadRemaining:
             raise ProtocolViolation("DATA beyond the size announced in JOB_")
         self._uploadRemaining -= len(payload)
         # After a job-level FAIL the rest of the upload is discarded here.
         if self.job is not None:
             self.job.events.consumerData(payload)
+
+    def _streamReceived(self, payload: bytes) -> None:
+        if not payload:
+            self._streaming = False
+        else:
+            self._streamed += len(payload)
+            if self._streamed > self.connection.farm.settings.max_job_bytes:
+                raise ProtocolViolation("a stream longer than max_job_bytes")
+        # After a job-level FAIL the rest of the stream is discarded here.
+        if self.job is not None:
+            self.job.events.consumerData(payload)
+
+    def sendPart(self, raw: bytes) -> None:
+        self.connection.write(encodeHeader(b"PART", len(raw)), raw)
 
     def sendResult(self, fields: dict[str, Any], raw: bytes) -> None:
         if raw:
@@ -178,7 +199,9 @@ class ConsumerSession(Session):
 
     def jobAssigned(self, job: Job) -> None:
         self.job = job
-        if not job.request.early:
+        if job.request.stream:
+            self._streaming, self._streamed = True, 0
+        elif not job.request.early:
             self._uploadRemaining = job.request.size
         # Formatted, not encoded: a job id is 16 hex digits.
         if job.request.sealed:
@@ -225,6 +248,10 @@ class ProducerSession(Session):
         if hello.seal is not None:
             self.sealOffer = json.dumps(hello.seal, separators=(",", ":")).encode()
         self._resultRemaining = 0
+        #: Whether the DATA due (L{_resultRemaining}) is a PART's, and what
+        #: a stream's answer has sent so far (max_job_bytes bounds it).
+        self._partRemaining = False
+        self._answered = 0
         settings = connection.farm.settings
         self._keepalive = Keepalive(
             connection.farm.clock,
@@ -245,6 +272,7 @@ class ProducerSession(Session):
     def startJob(self, job: Job, upload: bytes) -> None:
         self._keepalive.busy()
         self.job = job
+        self._answered = 0
         if upload:
             # The job and its early upload in one write.
             self.connection.write(job.work, encodeHeader(b"DATA", len(upload)), upload)
@@ -266,8 +294,26 @@ class ProducerSession(Session):
             self._answer(decodeObject(frame), frame.payload)
         elif verb == b"FAIL":
             self._answer(decodeObject(frame), None)
+        elif verb == b"PART":
+            self._part(decodeObject(frame), frame.payload)
         else:
             raise ProtocolViolation(f"a producer may not send {verb.decode()}")
+
+    def _part(self, fields: dict[str, Any], raw: bytes) -> None:
+        job = self.job
+        if job is None or not job.request.stream or self._resultRemaining:
+            raise ProtocolViolation("PART outside a streaming job's answer")
+        if fields.get("id") != job.id:
+            raise ProtocolViolation("PART for another job id")
+        size = self._counted(resultSize(fields))
+        self._resultRemaining, self._partRemaining = size, bool(size)
+        job.events.partial(raw)
+
+    def _counted(self, size: int) -> int:
+        self._answered += size
+        if self._answered > self.connection.farm.settings.max_job_bytes:
+            raise ProtocolViolation("result larger than max_job_bytes")
+        return size
 
     def _answer(self, fields: dict[str, Any], raw: bytes | None) -> None:
         """
@@ -281,9 +327,7 @@ class ProducerSession(Session):
         if raw is None:
             job.events.producerFailed(fields)
             return
-        size = resultSize(fields)
-        if size > self.connection.farm.settings.max_job_bytes:
-            raise ProtocolViolation("result larger than max_job_bytes")
+        size = self._counted(resultSize(fields))
         self._resultRemaining = size
         job.events.result(fields, size, raw)
         if size == 0:
@@ -294,12 +338,16 @@ class ProducerSession(Session):
         if job is None or not self._resultRemaining or len(payload) > self._resultRemaining:
             raise ProtocolViolation("DATA beyond the size announced in RSLT")
         self._resultRemaining -= len(payload)
+        if self._partRemaining:
+            self._partRemaining = self._resultRemaining > 0
+            job.events.partialData(payload)
+            return
         job.events.resultData(payload)
         if self._resultRemaining == 0:
             job.events.resultComplete()
 
     def relaySink(self) -> Any:
-        if self.job is None or not self._resultRemaining:
+        if self.job is None or not self._resultRemaining or self._partRemaining:
             return None
         return self.job.resultSink
 

@@ -51,6 +51,16 @@ class FarmSettings:
         "Upper bound of the timeout a consumer may name, counted from JOB_ (the API"
         " names one that grows with the audio's length).",
     )
+    max_stream_s: float = setting(
+        600.0,
+        "Longest a streaming job may last, counted from JOB_ (announced in OKAY; 0:"
+        " the farm takes no streaming job).",
+    )
+    stream_idle_s: float = setting(
+        15.0,
+        "Longest gap between two pieces of a stream's upload before the job times"
+        " out (announced in OKAY).",
+    )
     cancel_grace: float = setting(
         10.0, "Seconds a producer has to end a cancelled job before it is dropped."
     )

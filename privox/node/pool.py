@@ -20,6 +20,7 @@ from privox.engines.errors import Unsupported
 from privox.logs import logFigures
 from privox.messages import TRANSLATE
 from privox.metrics import NodeMetrics
+from privox.node.streams import LiveRun, SpeechRun
 from privox.node.worker import Answer, Collected, JobRun
 from privox.wav import wavSeconds
 
@@ -148,6 +149,11 @@ class EngineHandler:
         self.tasks: tuple[str, ...] = (
             (TRANSLATE,) if any(getattr(e, "translates", False) for e in engines.values()) else ()
         )
+        #: Streaming jobs: every TTS engine speaks sentence by sentence; STT
+        #: engines need a live transcription.
+        self.streams = bool(engines) and all(
+            serviceOf(e) == "tts" or hasattr(e, "liveTranscription") for e in engines.values()
+        )
 
     def _engine(self, job: dict[str, Any]) -> Any:
         engine = self._engines.get(job.get("model"))
@@ -170,11 +176,29 @@ class EngineHandler:
                 and 0 <= temperature <= 1
                 else None,
             )
+            if job.get("stream") is True:
+                return self._live(engine, stt)
             if hasattr(engine, "transcription"):
                 return TranscriptionRun(self._pool, engine, stt)
             return Collected(lambda data: self._transcribe(engine, stt, data), stt.stop.set)
         tts = TTSJob(job["model"], job.get("language"), job.get("voice"), job.get("text") or "")
+        if job.get("stream") is True:
+            meter = EngineTime()
+            return SpeechRun(
+                lambda f, *a: self._pool.timed(meter, f, *a), engine, tts,
+                lambda result: self._pool.report(result, tts.model, meter, 0),
+            )
         return Collected(lambda _: self._synthesize(engine, tts), tts.stop.set)
+
+    def _live(self, engine: Any, stt: STTJob) -> JobRun:
+        if not hasattr(engine, "liveTranscription"):
+            raise Unsupported(f"{stt.model} cannot transcribe a stream")
+        meter = EngineTime()
+        return LiveRun(
+            lambda f, *a: self._pool.timed(meter, f, *a), engine, stt,
+            lambda transcript: transcriptAnswer(transcript, stt.model),
+            lambda result: self._pool.report(result, stt.model, meter, stt.size),
+        )
 
     def _transcribe(self, engine: Any, stt: STTJob, data: bytes) -> Deferred[Answer]:
         meter = EngineTime()

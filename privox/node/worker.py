@@ -4,11 +4,14 @@ one job at a time.
 
 A L{JobHandler} starts a L{JobRun} per job; the upload reaches the run as it
 arrives (so a streaming engine works while the consumer is still sending),
-then the run's answer goes back as RSLT (+DATA) or FAIL.
+then the run's answer goes back as RSLT (+DATA) or FAIL. A streaming job's
+run (docs/protocol.rst §5.8) also sends pieces of its answer while the
+upload goes on: each goes back as PART (+DATA).
 """
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
@@ -30,6 +33,8 @@ from privox.sealing import (
     Opener,
     SealBroken,
     Sealer,
+    StreamOpener,
+    StreamSealer,
     Unpacker,
     nodeKeys,
     packed,
@@ -61,9 +66,21 @@ class JobRun(Protocol):
         "The consumer went away; the answer will be discarded: stop working."
 
 
+#: Where a streaming run sends the pieces of its answer, as they come.
+PartSink = Callable[[Answer], None]
+
+
+class StreamRun(JobRun, Protocol):
+    def parts(self, send: PartSink) -> None:
+        "Where the pieces go (set once, before any chunk is fed)."
+
+
 class JobHandler(Protocol):
     models: tuple[str, ...]
     languages: tuple[str, ...]
+    #: Whether it takes streaming jobs (then C{start} makes a L{StreamRun}
+    #: of a job that says C{"stream": true}).
+    streams: bool
 
     def start(self, job: dict[str, Any]) -> JobRun:
         """
@@ -122,12 +139,19 @@ class SealedRun:
     def __init__(self, handler: JobHandler, job: dict[str, Any], keys: JobKeys, size: int) -> None:
         self._handler = handler
         self._job = job
-        self._opener = Opener(keys.upload, UPLOAD, size)
+        self._stream = job.get("stream") is True
+        self._opener: Opener | StreamOpener = (
+            StreamOpener(keys.upload, UPLOAD) if self._stream else Opener(keys.upload, UPLOAD, size)
+        )
         self._size = size
         self._unpacker = Unpacker()
         self._run: JobRun | None = None
         self._failure: Failure | None = None
+        self._parts: PartSink | None = None
         self.keys = keys
+
+    def parts(self, send: PartSink) -> None:
+        self._parts = send
 
     def feed(self, chunk: bytes) -> None:
         if self._failure is not None:
@@ -137,6 +161,8 @@ class SealedRun:
                 body = self._unpacker.feed(plain)
                 if self._run is None and self._unpacker.fields is not None:
                     self._run = self._handler.start(dict(self._job, **self._content()))
+                    if self._parts is not None:
+                        typing.cast(StreamRun, self._run).parts(self._parts)
                 if body and self._run is not None:
                     self._run.feed(body)
         except SealBroken as e:
@@ -148,8 +174,12 @@ class SealedRun:
         fields = self._unpacker.fields or {}
         # What the farm saw stays as it was; the content comes from inside,
         # and the size is the audio's, not the sealed upload's.
-        content = {k: v for k, v in fields.items() if k not in ("id", "size", "seal")}
-        content["size"] = plainSize(self._size) - self._unpacker.headerBytes
+        content = {
+            k: v for k, v in fields.items() if k not in ("id", "size", "seal", "stream")
+        }
+        content["size"] = (
+            0 if self._stream else plainSize(self._size) - self._unpacker.headerBytes
+        )
         return content
 
     def _fail(self, error: EngineError) -> None:
@@ -183,6 +213,11 @@ class _Current:
     cancelled: bool = False
     #: A sealed job's keys: its answer is sealed too.
     keys: JobKeys | None = None
+    #: A streaming job: its upload ends with an empty DATA, and its answer
+    #: (sealed: one record stream of PARTs and RSLT) goes in pieces.
+    stream: bool = False
+    ended: bool = False
+    sealer: StreamSealer | None = None
 
 
 class ProducerProtocol(PeerProtocol):
@@ -204,7 +239,7 @@ class ProducerProtocol(PeerProtocol):
         super().__init__(
             Hello(
                 "producer", service, key, tuple(handler.models), tuple(handler.languages), seal,
-                tuple(getattr(handler, "tasks", ())),
+                tuple(getattr(handler, "tasks", ())), bool(getattr(handler, "streams", False)),
             )
         )
         self.handler = handler
@@ -219,9 +254,16 @@ class ProducerProtocol(PeerProtocol):
     def frameReceived(self, frame: Frame) -> None:
         current = self._current
         if frame.verb == b"DATA":
-            if current is None:
+            if current is None or current.ended:
                 # Sent by the farm before it saw our early answer or our
                 # FAIL: stale, and harmless.
+                return
+            if current.stream:
+                if frame.payload:
+                    current.run.feed(frame.payload)
+                else:
+                    current.ended = True
+                    self._finish(current)
                 return
             if len(frame.payload) > current.remaining:
                 raise ProtocolViolation("DATA beyond the size announced in JOB_")
@@ -239,7 +281,7 @@ class ProducerProtocol(PeerProtocol):
                 return  # crossed our answer on the wire
             current.cancelled = True
             current.run.cancel()
-            if current.remaining:
+            if current.remaining or (current.stream and not current.ended):
                 # The farm sends no more DATA after CNCL.
                 self._answer(current, failPayload(current.id, ErrorCode.CANCELLED, "cancelled"))
         elif frame.verb in (b"PONG", b"FAIL"):
@@ -251,7 +293,10 @@ class ProducerProtocol(PeerProtocol):
         jobId, size = fields.get("id"), fields.get("size")
         if not isinstance(jobId, str) or not isinstance(size, int) or size < 0:
             raise ProtocolViolation("JOB_ without an id and a size")
+        stream = fields.get("stream") is True
         try:
+            if stream and not getattr(self.handler, "streams", False):
+                raise EngineError("this node takes no streaming job", ErrorCode.UNSUPPORTED_MODEL)
             if fields.get("seal") is not None:
                 run: JobRun = self._sealedRun(jobId, fields, size)
             else:
@@ -260,8 +305,13 @@ class ProducerProtocol(PeerProtocol):
             self._refuse(jobId, e)
             return
         keys = run.keys if isinstance(run, SealedRun) else None
-        self._current = current = _Current(jobId, run, size, keys=keys)
-        if size == 0:
+        self._current = current = _Current(
+            jobId, run, size, keys=keys, stream=stream,
+            sealer=StreamSealer(keys.result, RESULT) if stream and keys is not None else None,
+        )
+        if stream:
+            typing.cast(StreamRun, run).parts(lambda answer: self._part(current, answer))
+        elif size == 0:
             self._finish(current)
 
     def _sealedRun(self, jobId: str, fields: dict[str, Any], size: int) -> SealedRun:
@@ -284,9 +334,38 @@ class ProducerProtocol(PeerProtocol):
             self._answered, self._failed, (current,), None, (current,), None
         )
 
+    def _part(self, current: _Current, answer: Answer) -> None:
+        """
+        A piece of a streaming job's answer: PART (+DATA), sealed if the
+        job is.
+        """
+        if self._current is not current or current.cancelled:
+            return  # answered, or cancelled: the piece is moot
+        if current.sealer is not None:
+            records = current.sealer.seal(packed(answer.fields), answer.body)
+            self.sendControl(
+                b"PART", {"id": current.id, "sealed": True, "size": sum(map(len, records))}
+            )
+            self.sendData(*records)
+            return
+        fields = dict(answer.fields, id=current.id)
+        if answer.body:
+            fields["size"] = len(answer.body)
+        self.sendControl(b"PART", fields)
+        if answer.body:
+            self.sendData(answer.body)
+
     def _answered(self, answer: Answer, current: _Current) -> None:
         if current.cancelled:
             self._answer(current, failPayload(current.id, ErrorCode.CANCELLED, "cancelled"))
+            return
+        if current.sealer is not None:
+            records = current.sealer.seal(packed(answer.fields), answer.body)
+            records += current.sealer.close()
+            fields = {"id": current.id, "sealed": True, "size": sum(map(len, records))}
+            if "duration_s" in answer.fields:
+                fields["duration_s"] = answer.fields["duration_s"]
+            self._answer(current, fields, *records, verb=b"RSLT")
             return
         if current.keys is not None:
             # The farm sees the size, and the audio's length (its ledger

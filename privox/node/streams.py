@@ -1,0 +1,262 @@
+"""
+Streaming jobs on a node (docs/protocol.rst §5.8): runs that answer in
+pieces while their upload still arrives.
+
+  - L{LiveRun}: STT. The audio goes to the engine's live transcription in
+    its thread as it comes (pieces that arrive while the engine is busy
+    are taken together, so a slow decode never builds a queue), and every
+    piece of transcript it recognizes goes back as a PART at once.
+  - L{SpeechRun}: TTS. Text arrives in pieces (an LLM writing); each
+    sentence is spoken as soon as it is complete, one after another, and
+    its audio goes back as a PART (mono s16le PCM at the voice's rate).
+"""
+
+from __future__ import annotations
+
+import codecs
+import dataclasses
+import re
+from typing import Any, Callable
+
+from twisted.internet.defer import Deferred, succeed
+
+from privox.engines.base import STTJob, TTSJob, checkText
+from privox.engines.errors import EngineError
+from privox.messages import MAX_TEXT, ErrorCode
+from privox.node.worker import Answer, PartSink
+from privox.wav import BadWav, wavPCM
+
+#: Runs a blocking call in the node's thread pool (metered): a Deferred.
+InThread = Callable[..., Deferred[Any]]
+
+#: Where a sentence ends: its punctuation, then a space; or a line break.
+_SENTENCE_END = re.compile(r"(?<=[.!?…。！？])[\"'”’)\]]*\s+|\n+")
+#: Past this many characters with no sentence end, the text is cut at its
+#: last comma or space anyway, so that speaking never waits for long.
+LONGEST_SENTENCE = 300
+
+
+class LiveRun:
+    """
+    One streaming STT job of an engine with C{liveTranscription}.
+
+    @param answer: makes the RSLT of the final transcript.
+    @param report: called (on the reactor) with the outcome of the last
+        step, result or failure, which it passes on.
+    """
+
+    def __init__(
+        self,
+        inThread: InThread,
+        engine: Any,
+        job: STTJob,
+        answer: Callable[[Any], Answer],
+        report: Callable[[Any], Any],
+    ) -> None:
+        self._inThread = inThread
+        self._job = job
+        self._answer = answer
+        self._report = report
+        self._send: PartSink = lambda answer: None
+        self._waiting = bytearray()
+        self._busy = True  # until the engine's transcription exists
+        self._ended: Deferred[Answer] | None = None
+        self._failure: Any = None
+        self._transcription: Any = None
+        inThread(engine.liveTranscription, job).addCallbacks(self._started, self._failed)
+
+    def parts(self, send: PartSink) -> None:
+        self._send = send
+
+    def _started(self, transcription: Any) -> None:
+        self._transcription = transcription
+        self._next()
+
+    def _failed(self, failure: Any) -> None:
+        self._failure = failure
+        self._busy = False
+        self._waiting = bytearray()
+        self._wrapUp()
+
+    def feed(self, chunk: bytes) -> None:
+        if self._failure is not None:
+            return
+        self._waiting += chunk
+        if not self._busy:
+            self._next()
+
+    def _next(self) -> None:
+        """
+        Feed the engine what waits, or finish once the stream ended.
+        """
+        if self._waiting and not self._job.stop.requested:
+            chunk, self._waiting = bytes(self._waiting), bytearray()
+            self._busy = True
+            d = self._inThread(self._transcription.feed, chunk)
+            d.addCallbacks(self._heard, self._failed)
+            return
+        self._busy = False
+        self._wrapUp()
+
+    def _heard(self, partials: list[Any]) -> None:
+        for partial in partials:
+            self._send(Answer(dataclasses.asdict(partial)))
+        self._next()
+
+    def _wrapUp(self) -> None:
+        if self._ended is None or self._busy:
+            return
+        ended, self._ended = self._ended, None
+        if self._failure is not None:
+            d: Deferred[Any] = Deferred()
+            d.errback(self._failure)
+        else:
+            d = self._inThread(self._transcription.finish)
+        d.addBoth(self._report).addCallback(self._answer).chainDeferred(ended)
+
+    def finish(self) -> Deferred[Answer]:
+        self._ended = Deferred()
+        ended = self._ended
+        self._wrapUp()
+        return ended
+
+    def cancel(self) -> None:
+        self._job.stop.set()
+
+
+class SentenceCutter:
+    """
+    Text in pieces in, complete sentences out (what is left waits for more,
+    or for L{rest}).
+    """
+
+    def __init__(self) -> None:
+        self._text = ""
+
+    def feed(self, text: str) -> list[str]:
+        self._text += text
+        out = []
+        while True:
+            match = _SENTENCE_END.search(self._text)
+            if match is None:
+                break
+            out.append(self._text[: match.end()].strip())
+            self._text = self._text[match.end():]
+        while len(self._text) > LONGEST_SENTENCE:
+            head = self._text[:LONGEST_SENTENCE]
+            cut = max(head.rfind(","), head.rfind(" "))
+            cut = cut + 1 if cut > 0 else LONGEST_SENTENCE
+            out.append(self._text[:cut].strip())
+            self._text = self._text[cut:]
+        return [s for s in out if s.strip()]
+
+    def rest(self) -> str:
+        rest, self._text = self._text.strip(), ""
+        return rest
+
+
+class SpeechRun:
+    """
+    One streaming TTS job: the JOB_'s C{text} (if any), then the upload's
+    UTF-8 text pieces, spoken sentence by sentence.
+    """
+
+    def __init__(
+        self,
+        inThread: InThread,
+        engine: Any,
+        job: TTSJob,
+        report: Callable[[Any], Any],
+    ) -> None:
+        self._inThread = inThread
+        self._engine = engine
+        self._job = job
+        self._report = report
+        self._send: PartSink = lambda answer: None
+        self._decoder = codecs.getincrementaldecoder("utf-8")()
+        self._cutter = SentenceCutter()
+        self._said = 0  # characters taken, against MAX_TEXT
+        self._seconds = 0.0
+        self._rate: int | None = None
+        self._failure: Any = None
+        self._chain: Deferred[None] = succeed(None)
+        self._first = job.text
+
+    def parts(self, send: PartSink) -> None:
+        self._send = send
+        if self._first:
+            self._take(self._first)
+
+    def feed(self, chunk: bytes) -> None:
+        try:
+            self._take(self._decoder.decode(chunk))
+        except UnicodeDecodeError:
+            self._fail(EngineError("the text is not UTF-8", ErrorCode.BAD_REQUEST))
+
+    def _take(self, text: str) -> None:
+        if self._failure is not None:
+            return
+        self._said += len(text)
+        if self._said > MAX_TEXT * 10:
+            self._fail(EngineError(f"a stream may say at most {MAX_TEXT * 10} characters",
+                                   ErrorCode.TOO_LARGE))
+            return
+        for sentence in self._cutter.feed(text):
+            self._queue(sentence)
+
+    def _fail(self, error: EngineError) -> None:
+        if self._failure is None:
+            self._failure = error
+            self._job.stop.set()
+
+    def _queue(self, sentence: str) -> None:
+        self._chain.addCallback(lambda _: self._speak(sentence))
+
+    def _speak(self, sentence: str) -> Deferred[None] | None:
+        if self._failure is not None or self._job.stop.requested:
+            return None
+        try:
+            checkText(self._engine.name, sentence)
+        except EngineError:
+            return None  # punctuation alone: nothing to say
+        job = dataclasses.replace(self._job, text=sentence)
+        d = self._inThread(self._engine.synthesize, job)
+        d.addCallback(self._spoken)
+        d.addErrback(lambda f: self._fail(f.value if f.check(EngineError) else EngineError(
+            "the engine failed", ErrorCode.ENGINE_ERROR)))
+        return d
+
+    def _spoken(self, wav: bytes) -> None:
+        try:
+            pcm, rate = wavPCM(wav)
+        except BadWav:
+            self._fail(EngineError("the engine made no PCM WAV", ErrorCode.ENGINE_ERROR))
+            return
+        self._rate = rate
+        self._seconds += len(pcm) / 2 / rate
+        self._send(Answer(
+            {"content_type": "audio/pcm", "rate": rate, "duration_s": round(len(pcm) / 2 / rate, 3)},
+            pcm,
+        ))
+
+    def finish(self) -> Deferred[Answer]:
+        rest = self._cutter.rest()
+        if rest:
+            self._queue(rest)
+        self._chain.addCallback(lambda _: self._done())
+        return self._chain.addBoth(self._report)
+
+    def _done(self) -> Answer:
+        if self._failure is not None:
+            raise self._failure
+        if not self._seconds:
+            raise EngineError("there is no text to speak", ErrorCode.BAD_REQUEST)
+        return Answer({
+            "content_type": "audio/pcm",
+            "rate": self._rate,
+            "model": self._job.model,
+            "duration_s": round(self._seconds, 3),
+        })
+
+    def cancel(self) -> None:
+        self._job.stop.set()

@@ -1,0 +1,404 @@
+"""
+Streaming jobs (docs/protocol.rst §5.8): the farm's rules, frame by frame
+on in-memory transports; and real streams through a farm on loopback
+sockets, in the clear and sealed, with the digest node answering every
+piece of the upload at once.
+"""
+
+from __future__ import annotations
+
+import random
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from privox.api.exchange import Heard
+from privox.api.farmlist import FarmEntry
+from privox.api.farms import FarmExchange
+from privox.api.farmstreams import wholeWav
+from privox.consumer import JobFailed
+from privox.engines.digest import digestOf, toneFor
+from privox.messages import JobRequest
+from privox.node.echo import DigestHandler
+from privox.node.streams import LiveRun, SentenceCutter
+from privox.node.worker import Answer
+from privox.wav import wavPCM
+from tests.farmharness import FarmHarness
+from tests.loopbackfarm import LoopbackFarm
+from tests.support import sleep, until
+from tests.test_sealed_jobs import Exchange, OnLoopback
+
+STT = "whisper:tiny.en"
+TTS = "piper:en_US-joe-medium"
+
+
+def streamJob(**fields) -> dict:
+    return {"model": STT, "size": 0, "stream": True, "format": "pcm_s16le", **fields}
+
+
+class FarmStreamTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.h = FarmHarness(max_job_bytes=10_000, stream_idle_s=3, max_stream_s=60)
+
+    def streamingProducer(self, service: str = "stt"):
+        peer = self.h.peer(service)
+        peer.send(b"HELO", {"protocol": 2, "role": "producer", "service": service, "key": "pk",
+                            "models": ["*"], "languages": [], "stream": True})
+        [(verb, okay)] = peer.messages()
+        assert verb == "OKAY"
+        return peer
+
+    def assigned(self):
+        producer = self.streamingProducer()
+        consumer = self.h.consumer()
+        consumer.send(b"JOB_", streamJob())
+        [(verb, asgn)] = consumer.messages()
+        self.assertEqual(verb, "ASGN")
+        [(verb, job)] = producer.messages()
+        self.assertEqual((verb, job["stream"], job["size"]), ("JOB_", True, 0))
+        return consumer, producer, asgn["id"]
+
+    def test_okayAnnouncesLimits(self) -> None:
+        peer = self.h.peer()
+        peer.send(b"HELO", {"protocol": 2, "role": "consumer", "service": "stt", "key": "ck"})
+        [(verb, okay)] = peer.messages()
+        self.assertEqual(okay["stream"], {"max_s": 60, "idle_s": 3})
+
+    def test_onlyStreamingProducers(self) -> None:
+        """
+        A producer that did not say C{stream} in HELO never gets a stream.
+        """
+        self.h.producer()
+        consumer = self.h.consumer()
+        consumer.send(b"JOB_", streamJob())
+        [(verb, fail)] = consumer.messages()
+        self.assertEqual((verb, fail["error"], fail["id"]), ("FAIL", "no_producer", None))
+
+    def test_sizeMustBeZero(self) -> None:
+        self.streamingProducer()
+        consumer = self.h.consumer()
+        consumer.send(b"JOB_", streamJob(size=10))
+        [(verb, fail)] = consumer.messages()
+        self.assertEqual(fail["error"], "bad_request")
+
+    def test_relayed(self) -> None:
+        """
+        The upload goes on piece by piece until an empty DATA; PARTs and
+        their bytes come back as they are sent; the RSLT ends the job, and
+        the connection takes another. Fed byte by byte, the same.
+        """
+        for byByte in (False, True):
+            self.setUp()
+            consumer, producer, jobId = self.assigned()
+            send = consumer.raw
+            if byByte:
+                send = lambda data: [consumer.raw(data[i:i + 1]) for i in range(len(data))]
+            send(b"DATA00000003abc")
+            self.assertEqual(b"".join(d for v, d in producer.messages() if v == "DATA"), b"abc")
+            producer.send(b"PART", {"id": jobId, "text": "a", "final": False, "size": 2})
+            producer.data(b"xy")
+            self.assertEqual(consumer.messages(), [
+                ("PART", {"id": jobId, "text": "a", "final": False, "size": 2}), ("DATA", b"xy"),
+            ])
+            send(b"DATA00000002de" + b"DATA00000000")
+            relayed = producer.messages()
+            self.assertEqual(b"".join(d for v, d in relayed), b"de")
+            self.assertEqual(relayed[-1], ("DATA", b""))
+            producer.send(b"RSLT", {"id": jobId, "text": "abcde", "duration_s": 0.1})
+            [(verb, result)] = consumer.messages()
+            self.assertEqual((verb, result["text"]), ("RSLT", "abcde"))
+            self.assertFalse(consumer.closed)
+
+    def test_idleGap(self) -> None:
+        """
+        A stream whose upload stops coming times out; its producer is
+        cancelled; the rest of the upload, up to its end, is discarded.
+        """
+        consumer, producer, jobId = self.assigned()
+        consumer.data(b"abc")
+        self.h.clock.advance(2.5)
+        consumer.data(b"def")
+        self.h.clock.advance(2.5)
+        self.assertEqual(consumer.messages(), [])
+        self.h.clock.advance(0.6)
+        [(verb, fail)] = consumer.messages()
+        self.assertEqual((verb, fail["error"], fail["id"]), ("FAIL", "timeout", jobId))
+        self.assertEqual(producer.messages()[-1], ("CNCL", {"id": jobId}))
+        consumer.data(b"late")
+        consumer.raw(b"DATA00000000")
+        self.assertEqual(producer.messages(), [])
+        producer.send(b"FAIL", {"id": jobId, "error": "cancelled", "message": "cancelled"})
+        consumer.send(b"JOB_", streamJob())
+        self.assertEqual(consumer.messages()[0][0], "ASGN")
+
+    def test_jobBeforeEnd(self) -> None:
+        """
+        The stream's end is owed even when the job is over.
+        """
+        consumer, producer, jobId = self.assigned()
+        producer.send(b"FAIL", {"id": jobId, "error": "engine_error", "message": "x"})
+        consumer.messages()
+        consumer.send(b"JOB_", streamJob())
+        [(verb, fail)] = consumer.messages()
+        self.assertEqual((verb, fail["error"]), ("FAIL", "protocol"))
+
+    def test_longerThanMaxJobBytes(self) -> None:
+        consumer, producer, jobId = self.assigned()
+        consumer.data(b"x" * 6000)
+        consumer.data(b"x" * 6000)
+        self.assertTrue(consumer.closed)
+
+    def test_partOutsideStream(self) -> None:
+        producer = self.h.producer()
+        consumer = self.h.consumer()
+        consumer.send(b"JOB_", {"model": STT, "size": 3, "format": "wav"})
+        [(_, asgn)] = consumer.messages()
+        producer.send(b"PART", {"id": asgn["id"], "text": "x"})
+        self.assertTrue(producer.closed)
+
+    def test_partForAnotherJob(self) -> None:
+        consumer, producer, jobId = self.assigned()
+        producer.send(b"PART", {"id": "0" * 16, "text": "x"})
+        self.assertTrue(producer.closed)
+        [(verb, fail)] = consumer.messages()
+        self.assertEqual(fail["error"], "producer_lost")
+
+
+class SentenceTests(SynchronousTestCase):
+    def test_pieces(self) -> None:
+        cutter = SentenceCutter()
+        self.assertEqual(cutter.feed("Hello there. How a"), ["Hello there."])
+        self.assertEqual(cutter.feed("re you? I am"), ["How are you?"])
+        self.assertEqual(cutter.feed(" fine"), [])
+        self.assertEqual(cutter.rest(), "I am fine")
+
+    def test_longWithoutEnd(self) -> None:
+        cutter = SentenceCutter()
+        out = cutter.feed("word, " * 100)
+        self.assertTrue(out and all(len(s) <= 300 for s in out))
+
+
+class RelayedStreamTests(OnLoopback, TestCase):
+    async def sttStream(self, seal=None, node=None) -> None:
+        farm = await self.farm()
+        await farm.producer("stt", DigestHandler((STT,)), node)
+        consumer = await self.consumer(farm, "stt")
+        self.assertIsNotNone(consumer.okay.stream)
+        parts: list = []
+        stream = consumer.stream(
+            JobRequest("stt", STT, "en", 0, "pcm_s16le", stream=True),
+            lambda fields, data: parts.append(fields), seal,
+        )
+        pieces = [random.Random(i).randbytes(100 + i * 500) for i in range(6)]
+        for i, piece in enumerate(pieces):
+            stream.write(piece)
+            # Each piece is answered while the stream is still open.
+            await until(lambda: len(parts) == i + 1, "a PART per piece")
+        stream.end()
+        result = await stream.done
+        self.assertEqual([p["text"] for p in parts], [digestOf(p) for p in pieces])
+        whole = b"".join(pieces)
+        self.assertEqual(result.text, f"sha256:{digestOf(whole)} bytes:{len(whole)}")
+        # The connection takes the next job.
+        again = await consumer.stt(STT, b"more audio")
+        self.assertTrue(again.text.startswith("sha256:"))
+
+    async def test_stt(self) -> None:
+        await self.sttStream()
+
+    async def test_sttSealed(self) -> None:
+        exchange = Exchange()
+        await self.sttStream(exchange.policy(), exchange.node())
+
+    async def test_writtenBeforeAssigned(self) -> None:
+        """
+        What is written, and the end, before ASGN waits for it.
+        """
+        farm = await self.farm()
+        await farm.producer("stt", DigestHandler((STT,)))
+        consumer = await self.consumer(farm, "stt")
+        stream = consumer.stream(
+            JobRequest("stt", STT, "en", 0, "pcm_s16le", stream=True), lambda f, d: None
+        )
+        stream.write(b"early")
+        stream.end()
+        self.assertFalse(stream.assigned)
+        result = await stream.done
+        self.assertEqual(result.text, f"sha256:{digestOf(b'early')} bytes:5")
+
+    async def test_noStreamingNode(self) -> None:
+        farm = await self.farm()
+
+        class Plain(DigestHandler):
+            streams = False
+
+        await farm.producer("stt", Plain((STT,)))
+        consumer = await self.consumer(farm, "stt")
+        stream = consumer.stream(
+            JobRequest("stt", STT, "en", 0, "pcm_s16le", stream=True), lambda f, d: None
+        )
+        failure = await self.assertFailure(stream.done, JobFailed)
+        self.assertEqual(failure.code, "no_producer")
+
+    async def ttsStream(self, seal=None, node=None) -> None:
+        farm = await self.farm()
+        await farm.producer("tts", DigestHandler((TTS,)), node)
+        consumer = await self.consumer(farm, "tts")
+        audio: list = []
+        stream = consumer.stream(
+            JobRequest("tts", TTS, "en", 0, text="Hello. ", stream=True),
+            lambda fields, data: audio.append((fields, data)), seal,
+        )
+        for piece in ("How are ", "you? ", "Fine."):
+            stream.write(piece.encode())
+        stream.end()
+        result = await stream.done
+        self.assertEqual(
+            [fields["text_sha256"] for fields, data in audio],
+            [digestOf(p.encode()) for p in ("How are ", "you? ", "Fine.")],
+        )
+        self.assertEqual(
+            [data for fields, data in audio],
+            [wavPCM(toneFor(p))[0] for p in ("How are ", "you? ", "Fine.")],
+        )
+        self.assertEqual(result.fields["text_sha256"], digestOf(b"Hello. How are you? Fine."))
+        wavPCM(result.data)
+
+    async def test_tts(self) -> None:
+        await self.ttsStream()
+
+    async def test_ttsSealed(self) -> None:
+        exchange = Exchange()
+        await self.ttsStream(exchange.policy(), exchange.node())
+
+
+class ExchangeStreamTests(TestCase):
+    """
+    The API's side: L{FarmExchange}'s live jobs over a real farm.
+    """
+
+    timeout = 30
+
+    async def exchange(self, **settings):
+        farm = LoopbackFarm(queue_timeout=2, **settings)
+        await farm.listen()
+        self.addCleanup(lambda: Deferred.fromCoroutine(farm.stop()))
+        await farm.producer("stt", DigestHandler((STT,)))
+        await farm.producer("tts", DigestHandler((TTS,)))
+        exchange = FarmExchange(
+            [FarmEntry("a", farm.endpoint("stt"), farm.endpoint("tts"))], reactor, key="ck",
+        )
+        self.addCleanup(exchange.stop)
+        return exchange
+
+    async def test_transcribeLive(self) -> None:
+        exchange = await self.exchange()
+        heard: list[Heard] = []
+        live = exchange.transcribeLive(STT, "en", 30, heard.append)
+        pieces = [b"one" * 100, b"two" * 200]
+        live.write(pieces[0])
+        await until(lambda: len(heard) == 1, "the first piece heard")
+        live.write(pieces[1])
+        live.end()
+        result = await live.done
+        self.assertEqual([h.text for h in heard], [digestOf(p) for p in pieces])
+        self.assertTrue(all(h.final for h in heard))
+        whole = b"".join(pieces)
+        self.assertEqual(result.text, f"sha256:{digestOf(whole)} bytes:{len(whole)}")
+
+    async def test_farmWithoutStreams(self) -> None:
+        """
+        An older farm gets the whole recording, as a WAV, once it ended;
+        its transcript is heard as one final piece.
+        """
+        exchange = await self.exchange(max_stream_s=0)
+        heard: list[Heard] = []
+        live = exchange.transcribeLive(STT, "en", 30, heard.append)
+        live.write(b"\x01\x00" * 800)
+        live.end()
+        result = await live.done
+        wav = wholeWav(b"\x01\x00" * 800)
+        self.assertEqual(result.text, f"sha256:{digestOf(wav)} bytes:{len(wav)}")
+        self.assertEqual([(h.text, h.final) for h in heard], [(result.text, True)])
+
+    async def test_noStreamingProducer(self) -> None:
+        """
+        Where only producers that take no streams are connected (original
+        nodes, older ones), the whole recording goes as one job.
+        """
+        farm = LoopbackFarm(queue_timeout=2)
+        await farm.listen()
+        self.addCleanup(lambda: Deferred.fromCoroutine(farm.stop()))
+
+        class Plain(DigestHandler):
+            streams = False
+
+        await farm.producer("stt", Plain((STT,)))
+        exchange = FarmExchange(
+            [FarmEntry("a", farm.endpoint("stt"), farm.endpoint("tts"))], reactor, key="ck",
+        )
+        self.addCleanup(exchange.stop)
+        heard: list[Heard] = []
+        live = exchange.transcribeLive(STT, "en", 30, heard.append)
+        live.write(b"\x02\x00" * 400)
+        await sleep(0.1)
+        live.end()
+        result = await live.done
+        wav = wholeWav(b"\x02\x00" * 400)
+        self.assertEqual(result.text, f"sha256:{digestOf(wav)} bytes:{len(wav)}")
+        self.assertEqual(len(heard), 1)
+
+    async def test_synthesizeLive(self) -> None:
+        exchange = await self.exchange()
+        spoken: list = []
+        live = exchange.synthesizeLive(TTS, "en", None, 30, lambda pcm, rate: spoken.append((pcm, rate)))
+        live.write("Hello there. ")
+        live.write("Bye.")
+        live.end()
+        seconds = await live.done
+        self.assertEqual([pcm for pcm, rate in spoken],
+                         [wavPCM(toneFor(p))[0] for p in ("Hello there. ", "Bye.")])
+        self.assertGreater(seconds, 0)
+
+
+class LiveRunTests(SynchronousTestCase):
+    """
+    L{LiveRun}'s order of work, with the thread pool's calls held by hand.
+    """
+
+    def setUp(self) -> None:
+        self.calls: list = []
+
+    def inThread(self, f, *args):
+        d = Deferred()
+        self.calls.append((f, args, d))
+        return d
+
+    def test_finishWhileBusy(self) -> None:
+        """
+        The stream can end while the engine still starts, or decodes: the
+        answer comes once it is done; pieces that came meanwhile are fed
+        together.
+        """
+        transcription = type("T", (), {"feed": lambda self, c: [], "finish": lambda self: "done"})()
+        engine = type("E", (), {"liveTranscription": lambda self, job: transcription})()
+        from privox.engines.base import Partial, STTJob
+        run = LiveRun(self.inThread, engine, STTJob(STT, None, "pcm_s16le", 0),
+                      lambda t: Answer({"text": t}), lambda r: r)
+        sent: list = []
+        run.parts(sent.append)
+        run.feed(b"ab")
+        run.feed(b"cd")
+        answer = run.finish()
+        [(f, args, started)] = self.calls
+        started.callback(transcription)
+        [_, (f, args, fed)] = self.calls
+        self.assertEqual(args, (b"abcd",))
+        self.assertNoResult(answer)
+        fed.callback([Partial("ab", False, 0, 1)])
+        [_, _, (f, args, finished)] = self.calls
+        self.assertEqual(f, transcription.finish)
+        finished.callback("all")
+        self.assertEqual(self.successResultOf(answer).fields, {"text": "all"})
+        self.assertEqual(sent, [Answer({"text": "ab", "final": False, "start": 0, "end": 1})])

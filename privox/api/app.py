@@ -53,12 +53,15 @@ from privox.api.errors import (
 )
 from privox.api.exchange import Exchange, Transcribed
 from privox.api.farmstatus import unserved
+from privox.api.live import LiveJobs
 from privox.api.ledger import readLedger
 from privox.api.measure import spokenSeconds
 from privox.api.models import ModelTable
 from privox.api.pages import frontPage, static, statusHtml
+from privox.api.realtime import realtimeResource
 from privox.api.site import ApiSite, bodyLimit
 from privox.api.speech import CONTENT_TYPES, SpeechEncodingError, encodeSpeech
+from privox.api.streaming import streamSpeech, streamTranscript
 from privox.audiofile import MAX_DECODED_SECONDS, BadFile, uploadSeconds
 from privox.logs import logFigures
 from privox.messages import TRANSLATE
@@ -174,6 +177,10 @@ class PrivoxAPI:
         self.runInThread = runInThread
         self.exchangeKey = exchangeKey
         self.sealRequired = sealRequired
+        #: Streaming jobs (the streaming routes, the Wyoming server).
+        self.live = LiveJobs(exchange, access, clock)
+        #: OpenAI's realtime transcription sessions, over a WebSocket.
+        self.realtimeSessions = realtimeResource(self.live, access, models, clock, blurUsage)
 
     def site(self) -> ApiSite:
         return ApiSite(
@@ -234,6 +241,11 @@ class PrivoxAPI:
         )
         done.caller = form.caller
         done.model = self.models.openaiSttModel(form.model, form.language)
+        if form.stream:
+            return await streamTranscript(
+                request, self.live, self.runInThread, form.caller, done.model, form.language,
+                form.audio,
+            )
         result = await self._transcribe(
             form.caller, done.model, form.language, form.audio,
             prompt=form.prompt, temperature=form.temperature,
@@ -301,6 +313,16 @@ class PrivoxAPI:
         done.caller = form.caller
         voice = self.models.openaiTtsVoice(form.model, form.voice)
         done.model = voice.model
+        if form.streamFormat == "sse" and form.speed != 1.0:
+            raise BadInput("speed cannot be changed with stream_format sse")
+        if form.speed == 1.0:
+            # Sentence by sentence: the first audio goes out once the first
+            # sentence is spoken.
+            return await streamSpeech(
+                request, self.live, self.runInThread, form.caller, voice.model, voice.speaker,
+                form.text, spokenSeconds(form.text), form.responseFormat,
+                form.streamFormat == "sse",
+            )
         audio = await self._synthesize(form.caller, voice.model, None, voice.speaker, form.text)
         try:
             encoded = await self.runInThread(
@@ -309,6 +331,11 @@ class PrivoxAPI:
         except SpeechEncodingError as e:
             raise ApiError(str(e)) from None
         return _reply(request, CONTENT_TYPES[form.responseFormat].encode(), encoded)
+
+    @app.route("/v1/realtime", methods=["GET"])
+    def realtime(self, request: IRequest) -> Any:
+        # Klein renders the resource: it upgrades the request to a WebSocket.
+        return self.realtimeSessions
 
     @app.route("/v1/models", methods=["GET"])
     async def listModels(self, request: IRequest) -> bytes:

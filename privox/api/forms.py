@@ -127,6 +127,8 @@ class TranscriptionForm:
     responseFormat: str = "json"
     prompt: str | None = None
     temperature: float | None = None
+    #: Server-sent events as the transcript is heard (OpenAI's C{stream}).
+    stream: bool = False
 
 
 @dataclass(frozen=True)
@@ -143,6 +145,9 @@ class SpeechForm:
     voice: str | None = None
     responseFormat: str = DEFAULT_FORMAT
     speed: float = 1.0
+    #: C{audio}: the audio itself, in chunks as it is spoken; C{sse}:
+    #: server-sent events (OpenAI's C{stream_format}).
+    streamFormat: str = "audio"
 
 
 @dataclass
@@ -423,9 +428,12 @@ async def transcriptionForm(
             temperature = math.nan
         if not 0 <= temperature <= 1:
             raise BadInput("temperature must be a number from 0 to 1")
+    stream = (fields.text("stream") or "false").strip().lower()
+    if stream not in ("true", "false", "1", "0"):
+        raise BadInput("stream must be true or false")
     return TranscriptionForm(
         caller, audio, fields.text("model"), _language(fields.text("language")), responseFormat,
-        prompt, temperature,
+        prompt, temperature, stream in ("true", "1"),
     )
 
 
@@ -473,8 +481,12 @@ async def speechForm(request: IRequest, limit: int, access: Access) -> SpeechFor
         or not MIN_SPEED <= speed <= MAX_SPEED
     ):
         raise BadInput(f"speed must be a number from {MIN_SPEED:g} to {MAX_SPEED:g}")
+    streamFormat = string("stream_format") or "audio"
+    if streamFormat not in ("audio", "sse"):
+        raise BadInput("stream_format must be audio or sse")
     return SpeechForm(
-        caller, text, string("model"), string("voice"), responseFormat, float(speed)
+        caller, text, string("model"), string("voice"), responseFormat, float(speed),
+        streamFormat,
     )
 
 

@@ -8,9 +8,12 @@ asked. Blocking: the app runs L{encodeSpeech} in its thread pool.
 from __future__ import annotations
 
 import io
+import struct
 from typing import Any, Iterable
 
 import av
+
+from privox.wav import pcmToWav
 
 #: response_format -> Content-Type, as OpenAI names them.
 CONTENT_TYPES = {
@@ -134,3 +137,88 @@ def _encoded(frames: Iterable[Any], container: str, codec: str, rate: int) -> by
         for packet in stream.encode(None):
             target.mux(packet)
     return out.getvalue()
+
+
+class SpeechEncoder:
+    """
+    Speech encoded as it is synthesized, sentence by sentence, for a
+    streamed answer: each L{feed} returns the encoded bytes it made ready,
+    L{close} the rest. Blocking: run each call in a thread, one at a time.
+    A container that rewrites its header at the end (WAV's sizes, FLAC's
+    totals) is sent as first written: players take it as a stream.
+    """
+
+    def __init__(self, format: str) -> None:
+        self._format = format
+        self._out = io.BytesIO()
+        self._sent = 0
+        self._target: Any = None
+        self._stream: Any = None
+        self._resampler: Any = None
+        self._fifo: Any = None
+        self._rate: int | None = None
+
+    def _open(self, rate: int) -> bytes:
+        self._rate = rate
+        if self._format == "wav":
+            # Sizes unknown (all ones): the samples run to the end.
+            header = bytearray(pcmToWav(b"", rate))
+            struct.pack_into("<I", header, 4, 0xFFFFFFFF)
+            struct.pack_into("<I", header, len(header) - 4, 0xFFFFFFFF)
+            return bytes(header)
+        if self._format == "pcm":
+            self._resampler = av.AudioResampler(format="s16", layout="mono", rate=PCM_RATE)
+            return b""
+        container, codec, encodedRate = _ENCODINGS[self._format]
+        # Ogg holds packets back until a page is full (a second): each
+        # sentence's should go out with it.
+        options = {"page_duration": "20000", "flush_packets": "1"} if container == "ogg" else {}
+        self._target = av.open(self._out, "w", format=container, options=options)
+        self._stream = self._target.add_stream(codec, rate=encodedRate or rate, layout="mono")
+        context = self._stream.codec_context
+        self._resampler = av.AudioResampler(
+            format=context.format.name, layout="mono", rate=encodedRate or rate
+        )
+        self._fifo = av.AudioFifo()
+        return b""
+
+    def feed(self, pcm: bytes, rate: int) -> bytes:
+        """
+        @raise SpeechEncodingError: the rate changed mid-stream.
+        """
+        header = b""
+        if self._rate is None:
+            header = self._open(rate)
+        elif rate != self._rate:
+            raise SpeechEncodingError("the speech changed its rate mid-stream")
+        if self._format == "wav":
+            return header + pcm[: len(pcm) // 2 * 2]
+        frame = av.AudioFrame(format="s16", layout="mono", samples=len(pcm) // 2)
+        frame.planes[0].update(pcm[: len(pcm) // 2 * 2])
+        frame.sample_rate = rate
+        return self._encode(self._resampler.resample(frame), final=False)
+
+    def close(self) -> bytes:
+        if self._rate is None or self._format == "wav":
+            return b""
+        return self._encode(self._resampler.resample(None), final=True)
+
+    def _encode(self, frames: list[Any], final: bool) -> bytes:
+        if self._format == "pcm":
+            return b"".join(bytes(f.planes[0])[: f.samples * 2] for f in frames)
+        for frame in frames:
+            frame.pts = None
+            self._fifo.write(frame)
+        size = self._stream.codec_context.frame_size or 1024
+        while self._fifo.samples >= size or (final and self._fifo.samples):
+            chunk = self._fifo.read(size, partial=final)
+            chunk.pts = None
+            for packet in self._stream.encode(chunk):
+                self._target.mux(packet)
+        if final:
+            for packet in self._stream.encode(None):
+                self._target.mux(packet)
+            self._target.close()
+        data = self._out.getvalue()
+        ready, self._sent = data[self._sent :], len(data)
+        return ready

@@ -1,0 +1,180 @@
+"""
+Answers that stream over HTTP, as OpenAI's SDK reads them:
+
+  - C{POST /v1/audio/transcriptions} with C{stream=true}: server-sent events,
+    a C{transcript.text.delta} for each utterance as it is heard, then
+    C{transcript.text.done} with the whole text;
+  - C{POST /v1/audio/speech}: the audio in chunks (chunked transfer) as each
+    sentence is spoken, or with C{stream_format: "sse"} C{speech.audio.delta}
+    events (base64 audio) and C{speech.audio.done}.
+
+Once the first byte is out the status is sent: a failure after it ends the
+stream with an C{error} event (SSE), or cuts the audio short.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any, Callable
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
+from twisted.web.iweb import IRequest
+
+from privox.api.access import Caller
+from privox.api.errors import ApiError, BadInput
+from privox.api.exchange import Heard
+from privox.api.forms import Upload
+from privox.api.live import LiveJobs
+from privox.api.speech import CONTENT_TYPES, SpeechEncoder, SpeechEncodingError
+from privox.engines.audio import decodeAudio, toInt16
+from privox.engines.errors import BadAudio
+
+log = Logger()
+
+#: Runs C{f(*args)} in a thread and fires with its result.
+Runner = Callable[..., Any]
+
+
+def sseEvent(fields: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(fields, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _startEvents(request: IRequest) -> None:
+    request.setHeader(b"Content-Type", b"text/event-stream; charset=utf-8")
+    request.setHeader(b"Cache-Control", b"no-cache")
+
+
+def _errorEvent(error: ApiError) -> bytes:
+    return sseEvent({"type": "error", "error": {"message": error.message, "type": error.kind}})
+
+
+def pcm16k(data: bytes, format: str) -> bytes:
+    """
+    An upload as 16 kHz mono s16le (blocking: run in a thread).
+
+    @raise BadInput: it does not decode.
+    """
+    try:
+        return toInt16(decodeAudio(data, format, 16000).samples).tobytes()
+    except BadAudio as e:
+        raise BadInput(str(e)) from None
+
+
+async def streamTranscript(
+    request: IRequest,
+    live: LiveJobs,
+    runInThread: Runner,
+    caller: Caller,
+    model: str,
+    language: str | None,
+    audio: Upload,
+) -> bytes:
+    """
+    The transcript of C{audio} as server-sent events, utterance by
+    utterance. Errors before the first event are raised, as usual.
+    """
+    pcm = await runInThread(pcm16k, audio.data, audio.format)
+    started = False
+
+    def heard(piece: Heard) -> None:
+        nonlocal started
+        if not piece.final or not piece.text:
+            return
+        if not started:
+            _startEvents(request)
+            started = True
+        request.write(sseEvent({"type": "transcript.text.delta", "delta": piece.text + " "}))
+
+    job = await live.transcribe(caller, model, language, heard, need=len(pcm) / 32000)
+    job.write(pcm)
+    job.end()
+    try:
+        result = await job.done
+    except ApiError as e:
+        if not started:
+            raise
+        return _errorEvent(e)
+    if not started:
+        _startEvents(request)
+    return sseEvent({"type": "transcript.text.done", "text": result.text})
+
+
+class _SpeechOut:
+    """
+    Each sentence's audio, encoded in a thread, written in order.
+    """
+
+    def __init__(self, request: IRequest, runInThread: Runner, format: str, sse: bool) -> None:
+        self._request = request
+        self._runInThread = runInThread
+        self._encoder = SpeechEncoder(format)
+        self._format = format
+        self._sse = sse
+        self._chain: Deferred[Any] = succeed(None)
+        self.started = False
+        self.failure: Exception | None = None
+
+    def spoken(self, pcm: bytes, rate: int) -> None:
+        self._chain.addCallback(lambda _: self._runInThread(self._encoder.feed, pcm, rate))
+        self._chain.addCallback(self._write)
+
+    def _begin(self) -> None:
+        if not self.started:
+            self.started = True
+            self._request.setHeader(
+                b"Content-Type",
+                b"text/event-stream; charset=utf-8" if self._sse else self._contentType(),
+            )
+
+    def _write(self, data: bytes) -> None:
+        if data:
+            self._begin()
+            self._request.write(self._wrap(data))
+
+    def _contentType(self) -> bytes:
+        return CONTENT_TYPES[self._format].encode()
+
+    def _wrap(self, data: bytes) -> bytes:
+        if not self._sse:
+            return data
+        return sseEvent({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
+
+    async def close(self) -> bytes:
+        await self._chain
+        rest = await self._runInThread(self._encoder.close)
+        self._begin()
+        if not self._sse:
+            return rest
+        tail = self._wrap(rest) if rest else b""
+        return tail + sseEvent({"type": "speech.audio.done"})
+
+
+async def streamSpeech(
+    request: IRequest,
+    live: LiveJobs,
+    runInThread: Runner,
+    caller: Caller,
+    model: str,
+    voice: str | None,
+    text: str,
+    need: float,
+    format: str,
+    sse: bool,
+) -> bytes:
+    """
+    C{text} spoken, sentence by sentence, as C{format} (raw chunks, or SSE).
+    """
+    out = _SpeechOut(request, runInThread, format, sse)
+    job = await live.speak(caller, model, None, voice, out.spoken, need=need)
+    job.write(text)
+    job.end()
+    try:
+        await job.done
+        return await out.close()
+    except (ApiError, SpeechEncodingError) as e:
+        if not out.started:
+            raise ApiError(str(e)) if isinstance(e, SpeechEncodingError) else e
+        log.info("a streamed answer was cut short: {why}", why=str(e))
+        return _errorEvent(e if isinstance(e, ApiError) else ApiError(str(e))) if sse else b""

@@ -21,19 +21,22 @@ from functools import partial
 from typing import Any
 
 from twisted.application.service import IService, MultiService
-from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.endpoints import TCP4ServerEndpoint, serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.pages import errorPage
 
 from privox.accounts.store import DEFAULT_DSN, AccountStore
+from privox.api import wyoming
 from privox.api.enrolment import DEFAULT_EXCHANGE_KEY, ExchangeKey, ExchangeKeyError
 from privox.api.farmlist import FarmEntry
 from privox.api.farms import FarmExchange
 from privox.api.models import DEFAULT_VOICES, OPENAI_VOICES, QUALITIES
 from privox.api.service import ApiSettings, TrackedFactory, buildApi
+from privox.api.wyoming import Announcement, WyomingFactory
 from privox.config import optionsFor, setting
 from privox.daemon import ListenService, stopWithStatus
 from privox.engines.base import ModelNotFound
@@ -56,6 +59,15 @@ from privox.sealing import MODES, REQUIRED, SealPolicy
 from privox.web import PrivateSite
 
 log = Logger()
+
+
+class CannotServe(Exception):
+    "A port named on the command line cannot be had (said in one line)."
+
+
+#: Where privox-local serves Wyoming unless told otherwise (the port
+#: wyoming-faster-whisper uses: Home Assistant's examples name it).
+DEFAULT_WYOMING = "tcp:10300:interface=127.0.0.1"
 
 
 @dataclass(frozen=True)
@@ -92,6 +104,19 @@ class LocalSettings:
         REQUIRED,
         "Seal jobs end to end between the API and the node: 'required', 'preferred' or 'off'.",
     )
+    wyoming_listen: str = setting(
+        DEFAULT_WYOMING,
+        "Twisted server endpoint string of the Wyoming server (Home Assistant's Assist: STT"
+        " and TTS on one port); 'none': no Wyoming server.",
+    )
+    wyoming_key: str = setting(
+        "", "The key whose account Wyoming clients spend (they send none); empty: anonymous use."
+    )
+    wyoming_zeroconf: str = setting(
+        "",
+        "Announce the Wyoming port over mDNS (_wyoming._tcp, which Home Assistant discovers)"
+        " under this name; needs python-zeroconf.",
+    )
 
 
 _BaseOptions = optionsFor(
@@ -119,6 +144,9 @@ class Options(_BaseOptions):  # type: ignore[misc,valid-type]
             raise usage.UsageError("--slots must be at least 1")
         if s.e2e not in MODES:
             raise usage.UsageError(f"--e2e must be one of {', '.join(MODES)}")
+        wyomingError = wyoming.optionError(s.wyoming_listen, s.wyoming_zeroconf)
+        if wyomingError:
+            raise usage.UsageError(wyomingError)
 
 
 def keyDirectory(settings: LocalSettings) -> str:
@@ -182,6 +210,10 @@ class LocalExchange(MultiService):
         self.enrolment: Enrolment | None = None
         self.exchange: FarmExchange | None = None
         self.store: AccountStore | None = None
+        self.wyoming: WyomingFactory | None = None
+        #: The Wyoming server's listening port, once it listens.
+        self.wyomingPort: Any = None
+        self._announcement: Announcement | None = None
         self._http = TrackedFactory(
             PrivateSite(errorPage(503, "Starting", "Privox is starting; try again in a moment."))
         )
@@ -269,10 +301,57 @@ class LocalExchange(MultiService):
         self._http.serve(site)
         for line in banner(self.url, s):
             log.info("{line}", line=line)
+        if wyoming.serving(s.wyoming_listen):
+            await self._serveWyoming(api)
         self.ready.callback(None)
 
+    async def _serveWyoming(self, api: Any) -> None:
+        """
+        The Wyoming server, for Home Assistant. The default port taken (by
+        another Wyoming server, say) is a warning; a port named that cannot
+        be had ends the exchange.
+        """
+        s = self.settings
+        self.wyoming = WyomingFactory(
+            api.live, api.access, api.models, self._reactor, key=s.wyoming_key or None
+        )
+        try:
+            self.wyomingPort = await serverFromString(self._reactor, s.wyoming_listen).listen(
+                self.wyoming
+            )
+        except CannotListenError as e:
+            reason = getattr(e.socketError, "strerror", None) or str(e.socketError)
+            if s.wyoming_listen != DEFAULT_WYOMING:
+                raise CannotServe(
+                    f"cannot listen on {s.wyoming_listen} for Wyoming: {reason}; choose"
+                    " another with --wyoming-listen, or 'none'"
+                ) from None
+            log.warn(
+                "no Wyoming server: cannot listen on {endpoint}: {reason} (another Wyoming"
+                " server?); choose another port with --wyoming-listen, or 'none'",
+                endpoint=s.wyoming_listen, reason=reason,
+            )
+            return
+        host = self.wyomingPort.getHost()
+        log.info(
+            "Home Assistant (Wyoming) can use this exchange at {host} port {port}",
+            host=host.host, port=host.port,
+        )
+        if not s.wyoming_key and (s.accounts == "none" or s.anonymous != "on"):
+            log.warn(
+                "Wyoming clients send no key and this exchange refuses requests without one:"
+                " give --wyoming-key KEY (whose account they spend)"
+            )
+        if s.wyoming_zeroconf:
+            self._announcement = Announcement(
+                s.wyoming_zeroconf,
+                succeed(self.wyomingPort),
+                partial(deferToThreadPool, self._reactor, self._reactor.getThreadPool()),
+            )
+            self._announcement.startService()
+
     def _failed(self, failure: Any) -> None:
-        if failure.check(ModelNotFound, ExchangeKeyError, IdentityFileError):
+        if failure.check(ModelNotFound, ExchangeKeyError, IdentityFileError, CannotServe):
             log.critical("the local exchange cannot start: {reason}", reason=str(failure.value))
         else:
             log.failure("the local exchange could not start", failure)
@@ -285,6 +364,12 @@ class LocalExchange(MultiService):
     async def _stop(self) -> None:
         # The API's port closes first (the children), then the farm's.
         await super().stopService()
+        if self._announcement is not None:
+            await self._announcement.stopService()
+        if self.wyomingPort is not None:
+            await self.wyomingPort.stopListening()
+        if self.wyoming is not None:
+            await self.wyoming.closeAll()
         for port in self._ports:
             await port.stopListening()
         await self._http.closeAll()

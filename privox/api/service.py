@@ -8,10 +8,12 @@ L{Exchange} in, the Klein app and its site out.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.threads import deferToThreadPool
 from twisted.protocols.policies import WrappingFactory
 from twisted.logger import Logger
 from twisted.python import usage
@@ -19,6 +21,7 @@ from twisted.web.server import Site
 
 from privox.accounts.quota import DEFAULT_HOURLY_SECONDS
 from privox.accounts.store import DEFAULT_DSN, AccountStore, StoreError
+from privox.api import wyoming
 from privox.api.access import Access, AccountAccess, PolicyAccess, modelCosts
 from privox.api.app import DEFAULT_MAX_UPLOAD, PrivoxAPI
 from privox.api.enrolment import DEFAULT_EXCHANGE_KEY, ExchangeKey, ExchangeKeyError
@@ -113,6 +116,21 @@ class ApiSettings:
         "Seal jobs end to end between this API and the nodes, so farms relay only "
         "ciphertext: 'required' (only nodes that can seal take them), 'preferred' "
         "or 'off'.",
+    )
+    wyoming_listen: str = setting(
+        "",
+        "Twisted server endpoint string a Wyoming server (Home Assistant's Assist: STT and "
+        "TTS on one port) listens on; empty or 'none': no Wyoming server.",
+    )
+    wyoming_key: str = setting(
+        "",
+        "The key whose account Wyoming clients spend (they send none); empty: anonymous "
+        "use, which needs --anonymous on.",
+    )
+    wyoming_zeroconf: str = setting(
+        "",
+        "Announce the Wyoming port over mDNS (_wyoming._tcp, which Home Assistant "
+        "discovers) under this name; needs python-zeroconf. Empty: not announced.",
     )
 
 
@@ -352,6 +370,18 @@ class Options(_BaseOptions):  # type: ignore[misc,valid-type]
             self.ca = loadCA(s.ca) if s.ca else None
         except ValueError as e:
             raise usage.UsageError(f"--ca: {e}")
+        wyomingError = wyoming.optionError(s.wyoming_listen, s.wyoming_zeroconf)
+        if wyomingError:
+            raise usage.UsageError(wyomingError)
+        if (
+            wyoming.serving(s.wyoming_listen)
+            and not s.wyoming_key
+            and (s.accounts == "none" or s.anonymous != "on")
+        ):
+            raise usage.UsageError(
+                "--wyoming-listen: Wyoming clients send no key; give --wyoming-key KEY"
+                " (whose account they spend), or allow anonymous use (--anonymous on)"
+            )
 
 
 class TrackedFactory(WrappingFactory):
@@ -412,6 +442,24 @@ class ExchangeService(Service):
         await self.exchange.stop()
 
 
+def wyomingService(settings: ApiSettings, api: PrivoxAPI, reactor: Any) -> IService:
+    """
+    The Wyoming server on C{--wyoming-listen}, over the API's live jobs,
+    for the account of C{--wyoming-key}.
+    """
+    factory = wyoming.WyomingFactory(
+        api.live, api.access, api.models, reactor, key=settings.wyoming_key or None
+    )
+    return wyoming.WyomingService(
+        settings.wyoming_listen,
+        factory,
+        reactor,
+        "--wyoming-listen",
+        zeroconfName=settings.wyoming_zeroconf or None,
+        runInThread=partial(deferToThreadPool, reactor, reactor.getThreadPool()),
+    )
+
+
 def makeService(options: Options, reactor: Any = None) -> IService:
     if reactor is None:
         from twisted.internet import reactor
@@ -450,5 +498,10 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     log.info("API listening on {endpoint}, using {farms} farm(s)",
              endpoint=s.listen, farms=len(options.farms))
     ListenService(s.listen, http, reactor, "--listen").setServiceParent(top)
+    if wyoming.serving(s.wyoming_listen):
+        # After ExchangeService: stopped before it, so that its clients'
+        # jobs are cancelled while the farms are still there.
+        log.info("Wyoming (Home Assistant) listening on {endpoint}", endpoint=s.wyoming_listen)
+        wyomingService(s, api, reactor).setServiceParent(top)
     UnservedModels(api, reactor).setServiceParent(top)
     return top

@@ -40,9 +40,12 @@ RUN_ARGS ?=
 run: $(STAMP)
 	@$(VENV)/bin/twistd --nodaemon --pidfile= --logfile=- privox-local --port $(PORT) $(RUN_ARGS)
 
-# farm_relay.py and sealing.py check large jobs with xxhash (see bench/README.rst).
+# farm_relay.py and sealing.py check large jobs with xxhash; wyoming.py runs the
+# Wyoming servers Home Assistant users run beside Privox's (see bench/README.rst).
 bench: $(STAMP)
 	$(PY) -c 'import xxhash' 2>/dev/null || $(PY) -m pip install --quiet 'xxhash>=3'
+	$(PY) -c 'import wyoming_faster_whisper, wyoming_piper' 2>/dev/null || \
+		$(PY) -m pip install --quiet 'wyoming-faster-whisper>=3.8,<4' 'wyoming-piper>=2.5,<3'
 	PYTHONPATH=. $(PY) bench/farm_relay.py
 	PYTHONPATH=. $(PY) bench/farm_memory.py
 	PYTHONPATH=. $(PY) bench/engines.py
@@ -50,6 +53,7 @@ bench: $(STAMP)
 	PYTHONPATH=. $(PY) bench/quota.py
 	PYTHONPATH=. $(PY) bench/log_format.py
 	PYTHONPATH=. $(PY) bench/sealing.py
+	PYTHONPATH=. $(PY) bench/wyoming.py
 
 # The long reliability runs (issue 9): load and fault scenarios scaled up;
 # prints figures. `make soak SOAK_SECONDS=60` for a shorter run.

@@ -106,6 +106,16 @@ class Segmenter:
             return None
         return self._utterance(self._frames)
 
+    @property
+    def quietMs(self) -> int:
+        """
+        The non-speech since the last speech of the utterance under way, in
+        milliseconds (0 while there is none).
+        """
+        if self._frames is None:
+            return 0
+        return (len(self._frames) - 1 - self._lastSpeech) * self.frameMs
+
     def feed(self, data: bytes) -> list[Utterance]:
         """
         Take the next bytes of the stream.

@@ -327,3 +327,22 @@ class VoskLiveTests(SynchronousTestCase):
         live.feed(VOICED[: RATE * 2])
         job.stop.set()
         self.assertRaises(Cancelled, live.feed, b"\0")
+
+
+class QuietTests(SynchronousTestCase):
+    def test_quietMs(self) -> None:
+        """
+        L{Segmenter.quietMs}: the non-speech since the open utterance's last
+        speech (what tells live Whisper a partial would say nothing new).
+        """
+        from privox.utterances import Segmenter
+
+        segmenter = Segmenter(lambda frame: any(frame), silenceMs=600)
+        frame = 480 * 2  # 30 ms at 16 kHz
+        self.assertEqual(segmenter.quietMs, 0)
+        segmenter.feed(b"\x01" * frame * 5)
+        self.assertEqual(segmenter.quietMs, 0)
+        segmenter.feed(b"\x00" * frame * 4)
+        self.assertEqual(segmenter.quietMs, 120)
+        segmenter.feed(b"\x01" * frame)
+        self.assertEqual(segmenter.quietMs, 0)

@@ -21,9 +21,9 @@ from privox.consumer import JobFailed
 from privox.engines.digest import digestOf, toneFor
 from privox.messages import JobRequest
 from privox.node.echo import DigestHandler
-from privox.node.streams import LiveRun, SentenceCutter
+from privox.node.streams import LiveRun, SentenceCutter, SpeechRun
 from privox.node.worker import Answer
-from privox.wav import wavPCM
+from privox.wav import pcmToWav, wavPCM
 from tests.farmharness import FarmHarness
 from tests.loopbackfarm import LoopbackFarm
 from tests.support import sleep, until
@@ -402,3 +402,55 @@ class LiveRunTests(SynchronousTestCase):
         finished.callback("all")
         self.assertEqual(self.successResultOf(answer).fields, {"text": "all"})
         self.assertEqual(sent, [Answer({"text": "ab", "final": False, "start": 0, "end": 1})])
+
+
+class SpeechRunTests(SynchronousTestCase):
+    """
+    L{SpeechRun}: sentences spoken in order as the text completes them; one
+    that may be complete is spoken at once, its audio held until the text
+    after it says it was a sentence, or dropped.
+    """
+
+    def setUp(self) -> None:
+        self.calls: list = []
+        self.sent: list = []
+        engine = type("E", (), {"name": "piper:x", "synthesize": None})()
+        from privox.engines.base import TTSJob
+        self.run = SpeechRun(self.inThread, engine, TTSJob(TTS, None, None, ""), lambda r: r)
+        self.run.parts(lambda answer: self.sent.append(answer.body))
+
+    def inThread(self, f, job):
+        d = Deferred()
+        self.calls.append((job.text, d))
+        return d
+
+    def speak(self, index: int) -> None:
+        text, d = self.calls[index]
+        d.callback(pcmToWav(text.encode().ljust(20, b"_")[:20], 16000))
+
+    def test_guessHeld(self) -> None:
+        self.run.feed(b"Hello there.")
+        # Spoken on the chance it is a sentence...
+        self.assertEqual([t for t, _ in self.calls], ["Hello there."])
+        self.speak(0)
+        self.assertEqual(self.sent, [])  # ...but held: "Hello there.5"?
+        self.run.feed(b" How are you?")
+        self.assertEqual(self.sent, [b"Hello there.________"[:20]])
+        self.assertEqual([t for t, _ in self.calls], ["Hello there.", "How are you?"])
+        answer = self.run.finish()
+        self.speak(1)
+        self.assertEqual(len(self.sent), 2)
+        self.assertEqual(self.successResultOf(answer).fields["content_type"], "audio/pcm")
+
+    def test_guessDropped(self) -> None:
+        self.run.feed(b"It costs 3.")
+        self.run.feed(b"5 euros. Bye")
+        # The real sentence waits for the guess to be made (and dropped).
+        self.assertEqual([t for t, _ in self.calls], ["It costs 3."])
+        self.speak(0)
+        self.assertEqual(self.sent, [])
+        self.run.finish()
+        self.speak(1)
+        self.speak(2)
+        self.assertEqual([t for t, _ in self.calls], ["It costs 3.", "It costs 3.5 euros.", "Bye"])
+        self.assertEqual(len(self.sent), 2)

@@ -58,7 +58,7 @@ PACKAGED: dict[str, tuple[str, ...]] = {
 
 #: Live jobs: an utterance ends after this much non-speech, or is cut at
 #: this length (Whisper decodes 30 s windows).
-LIVE_SILENCE_MS = 540
+LIVE_SILENCE_MS = 450
 LIVE_MAX_SECONDS = 25.0
 #: How readily webrtcvad calls a frame non-speech (0-3), as privox caption.
 LIVE_AGGRESSIVENESS = 2
@@ -66,6 +66,9 @@ LIVE_AGGRESSIVENESS = 2
 #: and how much of its end that re-decoding takes at most.
 PARTIAL_EVERY_S = 0.6
 PARTIAL_WINDOW_S = 20.0
+#: A speaker quiet this long may be done: no partial then (nothing new was
+#: said), so the final, due soon, does not wait behind one.
+PARTIAL_QUIET_MS = 150
 
 
 def normalizeLanguage(language: str | None) -> str | None:
@@ -392,7 +395,7 @@ class WhisperLiveTranscription:
         start, length = self._sketched
         if going.start != start:
             length = 0.0  # a new utterance
-        if going.duration - length < PARTIAL_EVERY_S:
+        if going.duration - length < PARTIAL_EVERY_S or self._segmenter.quietMs >= PARTIAL_QUIET_MS:
             return []
         self._sketched = (going.start, going.duration)
         # Decoding grows with the text: a long utterance's partial covers

@@ -9,6 +9,10 @@ pieces while their upload still arrives.
   - L{SpeechRun}: TTS. Text arrives in pieces (an LLM writing); each
     sentence is spoken as soon as it is complete, one after another, and
     its audio goes back as a PART (mono s16le PCM at the voice's rate).
+    A sentence is only known to be complete once the text after it starts
+    (C{"Mr."}, C{"3."}); one whose text ends as a sentence does is spoken
+    at once, on the chance it is one, and its audio held until the next
+    piece of text says so (or thrown away if it does not).
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ InThread = Callable[..., Deferred[Any]]
 
 #: Where a sentence ends: its punctuation, then a space; or a line break.
 _SENTENCE_END = re.compile(r"(?<=[.!?…。！？])[\"'”’)\]]*\s+|\n+")
+#: Text that may be a whole sentence, if what follows it is a space.
+_MAY_END = re.compile(r"[.!?…。！？][\"'”’)\]]*$")
 #: Past this many characters with no sentence end, the text is cut at its
 #: last comma or space anyway, so that speaking never waits for long.
 LONGEST_SENTENCE = 300
@@ -154,6 +160,27 @@ class SentenceCutter:
         rest, self._text = self._text.strip(), ""
         return rest
 
+    def maybe(self) -> str | None:
+        """
+        The text waiting, if it ends as a sentence would (the next piece
+        may say it does).
+        """
+        text = self._text.strip()
+        return text if text and _MAY_END.search(text) else None
+
+
+class _Sentence:
+    """
+    A sentence queued to be spoken: said for sure, or on the chance that
+    the text after it starts a new one (then its audio waits for that).
+    """
+
+    def __init__(self, text: str, sure: bool) -> None:
+        self.text = text
+        self.sure = sure
+        self.dropped = False
+        self.audio: tuple[bytes, int] | None = None
+
 
 class SpeechRun:
     """
@@ -181,6 +208,9 @@ class SpeechRun:
         self._failure: Any = None
         self._chain: Deferred[None] = succeed(None)
         self._first = job.text
+        #: The sentence spoken on the chance it is one, until the text
+        #: after it says whether it is.
+        self._guess: _Sentence | None = None
 
     def parts(self, send: PartSink) -> None:
         self._send = send
@@ -202,36 +232,67 @@ class SpeechRun:
                                    ErrorCode.TOO_LARGE))
             return
         for sentence in self._cutter.feed(text):
-            self._queue(sentence)
+            self._complete(sentence)
+        self._guessed(self._cutter.maybe())
+
+    def _complete(self, sentence: str) -> None:
+        """
+        A sentence is complete: the guess, if it was this one, or spoken.
+        """
+        guess, self._guess = self._guess, None
+        if guess is not None and guess.text == sentence:
+            guess.sure = True
+            self._release(guess)
+            return
+        if guess is not None:
+            guess.dropped = True
+        self._queue(_Sentence(sentence, True))
+
+    def _guessed(self, maybe: str | None) -> None:
+        if self._guess is not None and self._guess.text != maybe:
+            self._guess.dropped = True  # "Mr." went on: " Smith"
+            self._guess = None
+        if maybe is not None and self._guess is None:
+            self._guess = _Sentence(maybe, False)
+            self._queue(self._guess)
 
     def _fail(self, error: EngineError) -> None:
         if self._failure is None:
             self._failure = error
             self._job.stop.set()
 
-    def _queue(self, sentence: str) -> None:
+    def _queue(self, sentence: _Sentence) -> None:
         self._chain.addCallback(lambda _: self._speak(sentence))
 
-    def _speak(self, sentence: str) -> Deferred[None] | None:
-        if self._failure is not None or self._job.stop.requested:
+    def _speak(self, sentence: _Sentence) -> Deferred[None] | None:
+        if self._failure is not None or self._job.stop.requested or sentence.dropped:
             return None
         try:
-            checkText(self._engine.name, sentence)
+            checkText(self._engine.name, sentence.text)
         except EngineError:
             return None  # punctuation alone: nothing to say
-        job = dataclasses.replace(self._job, text=sentence)
+        job = dataclasses.replace(self._job, text=sentence.text)
         d = self._inThread(self._engine.synthesize, job)
-        d.addCallback(self._spoken)
+        d.addCallback(self._spoken, sentence)
         d.addErrback(lambda f: self._fail(f.value if f.check(EngineError) else EngineError(
             "the engine failed", ErrorCode.ENGINE_ERROR)))
         return d
 
-    def _spoken(self, wav: bytes) -> None:
+    def _spoken(self, wav: bytes, sentence: _Sentence) -> None:
         try:
-            pcm, rate = wavPCM(wav)
+            sentence.audio = wavPCM(wav)
         except BadWav:
             self._fail(EngineError("the engine made no PCM WAV", ErrorCode.ENGINE_ERROR))
             return
+        self._release(sentence)
+
+    def _release(self, sentence: _Sentence) -> None:
+        """
+        Send a sentence's audio once it is both made and known to be said.
+        """
+        if sentence.audio is None or not sentence.sure or sentence.dropped:
+            return
+        (pcm, rate), sentence.audio = sentence.audio, None
         self._rate = rate
         self._seconds += len(pcm) / 2 / rate
         self._send(Answer(
@@ -242,7 +303,7 @@ class SpeechRun:
     def finish(self) -> Deferred[Answer]:
         rest = self._cutter.rest()
         if rest:
-            self._queue(rest)
+            self._complete(rest)
         self._chain.addCallback(lambda _: self._done())
         return self._chain.addBoth(self._report)
 

@@ -12,7 +12,7 @@ unknown inputs included (Automat still says so).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from automat import TypeMachineBuilder
 
@@ -35,3 +35,45 @@ def build(builder: TypeMachineBuilder[Any, Any]) -> Any:
 
     automaton.outputForInput = outputForInput
     return machine
+
+
+class Transitions:
+    """
+    A machine's transitions written several states at a time
+    (C{@transitions.on([a, b], Events.input, to)}), and, for a machine
+    whose peer may send anything at any time, every pair not written made
+    to do nothing (L{ignoreTheRest}): each is then either handled or
+    ignored on purpose, never an Automat error on a live connection.
+    """
+
+    def __init__(self) -> None:
+        self._written: set[tuple[str, str]] = set()
+
+    def on(
+        self, states: list[Any], input: Callable[..., None], to: Any = None
+    ) -> Callable[[Any], Any]:
+        """
+        Register the decorated output for C{input} in each of C{states},
+        going C{to} a state (or staying, without one).
+        """
+
+        def register(output: Any) -> Any:
+            for state in states:
+                registrar = state.upon(input)
+                (registrar.loop() if to is None else registrar.to(to))(output)
+                self._written.add((state.name, input.__name__))
+            return output
+
+        return register
+
+    def ignoreTheRest(
+        self, states: list[Any], inputs: list[Callable[..., None]], ignore: Any
+    ) -> None:
+        """
+        Every (state, input) not registered with L{on} stays put, doing
+        C{ignore}.
+        """
+        for state in states:
+            for input in inputs:
+                if (state.name, input.__name__) not in self._written:
+                    state.upon(input).loop()(ignore)

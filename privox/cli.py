@@ -4,9 +4,11 @@ The C{privox} command: a client of the exchange's HTTP API.
   - C{privox stt FILE} prints what the file says;
   - C{privox tts "TEXT" -o out.wav} writes speech to a WAV file;
   - C{privox caption} reads 16 kHz mono s16le PCM from stdin (e.g.
-    C{arecord -f S16_LE -r 16000 -c 1 | privox caption}), cuts it into
-    utterances on silence with webrtcvad and prints one line per utterance,
-    in order, as each is transcribed;
+    C{arecord -f S16_LE -r 16000 -c 1 | privox caption}), streams it to the
+    API's live transcription WebSocket and prints a line per utterance once
+    it is final (on a terminal, its hypothesis in place until then; with
+    C{--whole}, or from an API without the WebSocket, utterances cut here
+    with webrtcvad, each transcribed whole);
   - C{privox status} prints the exchange's farms and their load (C{GET
     /status}) as a table;
   - C{privox account} prints the key's allowance, use and credit in the
@@ -19,9 +21,9 @@ C{http://127.0.0.1:8080}), C{--key KEY} (default C{$PRIVOX_KEY}; without one,
 requests go without a key, which an API with anonymous use on accepts) and
 C{--timeout SECONDS} (for each request).
 
-HTTP goes through treq on the reactor (L{react}); stdin is read with
-L{StandardIO}, so reading never blocks the reactor and transcriptions run
-while capture goes on.
+HTTP goes through treq, the WebSocket through autobahn, both on the
+reactor (L{react}); stdin is read with L{StandardIO}, so reading never
+blocks the reactor and transcriptions run while capture goes on.
 
 Exit status: 0 on success; 1 with one line on stderr when something goes
 wrong (the API cannot be reached, refuses the key, answers with another
@@ -36,12 +38,14 @@ import argparse
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import tempfile
 from typing import Any, Mapping, Sequence
 from urllib.parse import urlsplit
 
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.fdesc import setBlocking
 from twisted.internet.stdio import StandardIO
 from twisted.internet.task import react
@@ -49,7 +53,19 @@ from twisted.internet.task import react
 from privox.accounts.admin import addKeysParser, runKeys
 from privox.accounts.store import StoreError
 from privox.api.models import QUALITIES
-from privox.caption import FRAME_MS, CaptionProtocol, Segmenter, Utterance, webrtcvadClassifier
+from privox.caption import (
+    EXIT_INTERRUPTED,
+    FRAME_MS,
+    CaptionProtocol,
+    Captioner,
+    NoRealtime,
+    Screen,
+    Segmenter,
+    Utterance,
+    UtteranceCaptioner,
+    openLive,
+    webrtcvadClassifier,
+)
 from privox.client import CliError, PrivoxClient, oneLine
 from privox.wav import BadWav, readWavHeader, wavSeconds
 
@@ -108,6 +124,48 @@ async def runTts(reactor: Any, args: argparse.Namespace) -> None:
 
 
 async def runCaption(reactor: Any, args: argparse.Namespace) -> None:
+    protocol: CaptionProtocol | None = None
+    opening = Deferred.fromCoroutine(openCaptioner(reactor, args))
+
+    def interrupt() -> None:
+        if protocol is None:
+            opening.cancel()
+        else:
+            protocol.interrupt()
+
+    def onInterrupt(signum: int, frame: Any) -> None:
+        reactor.callFromThread(interrupt)
+
+    # After the reactor's own handlers are in place (reactor.run installs them).
+    reactor.callWhenRunning(signal.signal, signal.SIGINT, onInterrupt)
+    try:
+        captioner = await opening
+    except CancelledError:
+        raise SystemExit(EXIT_INTERRUPTED) from None
+    protocol = CaptionProtocol(captioner, Screen(terminalWidth()))
+    StandardIO(protocol, reactor=reactor)
+    try:
+        await protocol.done
+    finally:
+        await captioner.close()
+        try:
+            setBlocking(0)  # StandardIO made stdin non-blocking; leave it as found
+        except OSError:
+            pass
+
+
+async def openCaptioner(reactor: Any, args: argparse.Namespace) -> Captioner:
+    """
+    The API's live session; utterances cut here, each transcribed whole,
+    with C{--whole} or where the API has no live session.
+    """
+    if not args.whole:
+        try:
+            return await openLive(
+                reactor, args.api, args.key, args.timeout, args.quality, args.language
+            )
+        except NoRealtime:
+            pass  # an API from before /v1/realtime
     segmenter = Segmenter(
         webrtcvadClassifier(args.aggressiveness),
         frameMs=args.frame_ms,
@@ -120,22 +178,16 @@ async def runCaption(reactor: Any, args: argparse.Namespace) -> None:
     async def transcribe(utterance: Utterance) -> str:
         return await client.stt(utterance.wav(), "utterance.wav", args.quality, args.language)
 
-    protocol = CaptionProtocol(segmenter, transcribe)
-    StandardIO(protocol, reactor=reactor)
+    return UtteranceCaptioner(segmenter, transcribe, client.close)
 
-    def onInterrupt(signum: int, frame: Any) -> None:
-        reactor.callFromThread(protocol.interrupt)
 
-    # After the reactor's own handlers are in place (reactor.run installs them).
-    reactor.callWhenRunning(signal.signal, signal.SIGINT, onInterrupt)
-    try:
-        await protocol.done
-    finally:
-        await client.close()
-        try:
-            setBlocking(0)  # StandardIO made stdin non-blocking; leave it as found
-        except OSError:
-            pass
+def terminalWidth() -> int | None:
+    """
+    The columns of stdout, where it is a terminal that can draw in place.
+    """
+    if not sys.stdout.isatty() or os.environ.get("TERM") == "dumb":
+        return None
+    return shutil.get_terminal_size().columns
 
 
 async def runStatus(reactor: Any, args: argparse.Namespace) -> None:
@@ -332,9 +384,17 @@ def buildParser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentPa
         "caption", parents=[common, quality], help="live captions of 16 kHz PCM on stdin",
         description=(
             "Read 16 kHz mono signed 16-bit little-endian PCM from stdin (e.g. "
-            "arecord -f S16_LE -r 16000 -c 1 | privox caption), cut it into utterances "
-            "on silence and print one line per utterance. Ctrl-C ends capture and "
-            "prints what is left; a second Ctrl-C quits at once."
+            "arecord -f S16_LE -r 16000 -c 1 | privox caption), stream it to the API's live "
+            "transcription (/v1/realtime) and print a line per utterance once it is final; on a "
+            "terminal, what is being said is shown in place, dim, until then. Ctrl-C ends "
+            "capture and prints what is left; a second Ctrl-C quits at once."
+        ),
+    )
+    caption.add_argument(
+        "--whole", action="store_true",
+        help=(
+            "cut utterances here, on silence, and send each whole (no partials): what an API "
+            "without /v1/realtime gets anyway; the options below are for this"
         ),
     )
     caption.add_argument(

@@ -159,7 +159,7 @@ class PrivoxClient:
                 ) from None
             if isinstance(e, CancelledError):
                 raise
-            raise CliError(_connectionProblem(self.api, e)) from None
+            raise CliError(connectionProblem(self.api, e)) from None
         finally:
             if timer.active():
                 timer.cancel()
@@ -171,7 +171,7 @@ class PrivoxClient:
         await self._pool.closeCachedConnections()
 
 
-def _connectionProblem(api: str, e: Exception) -> str:
+def connectionProblem(api: str, e: Exception) -> str:
     if isinstance(e, netError.ConnectionRefusedError):
         why = "connection refused"
     elif isinstance(e, netError.DNSLookupError):

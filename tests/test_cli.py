@@ -3,18 +3,29 @@ The C{privox} command.
 
 End to end: the real command, run as a subprocess (C{python -m privox.cli}),
 against a L{LocalExchange} in this process (real sockets, the bundled Piper
-and Whisper models, an allow-list of keys). Without the network: the VAD
-segmentation on synthetic PCM, the caption protocol's ordering and endings,
-argument checking and error lines.
+and Whisper models, an allow-list of keys); C{caption} also with its stdout
+on a pseudo-terminal, and against an API from before the live WebSocket.
+Without the network: the VAD segmentation on synthetic PCM, argument
+checking and error lines. (The caption's life: tests/test_caption.py.)
 """
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import io
 import json
+import math
 import os
+import pty
+import re
+import struct
+import subprocess
 import sys
+import termios
+import threading
+import time
+import tty
 import wave
 from typing import Any, Callable
 
@@ -23,14 +34,15 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
-from twisted.internet.testing import StringTransport
+from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.resource import Resource
+from twisted.web.server import Site
 
-from privox.caption import CaptionProtocol
 from privox.cli import parseArguments
-from privox.client import CliError, httpProblem
+from privox.client import httpProblem
 from privox.engines.audio import decodeAudio, toInt16
 from privox.local import LocalExchange, LocalSettings
 from privox.utterances import Segmenter, Utterance, webrtcvadClassifier
@@ -174,6 +186,99 @@ async def closedPort() -> int:
     return number
 
 
+def onATerminal(
+    pcm: bytes, environ: dict[str, str], *args: str
+) -> tuple[list[tuple[float, bytes]], str, int, float]:
+    """
+    Run C{privox caption ARGS} with its stdout on a pseudo-terminal (200
+    columns) and C{pcm} written to its stdin at real-time pace, 100 ms at a
+    time: what the terminal got (each read with the seconds since the audio
+    began), stderr, the exit status and when it exited. It blocks: run it
+    in a thread.
+    """
+    master, slave = pty.openpty()
+    tty.setraw(slave)  # the bytes as written: no \n made \r\n
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 200, 0, 0))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "privox.cli", "caption", *args],
+        stdin=subprocess.PIPE, stdout=slave, stderr=subprocess.PIPE, env=environ, cwd=REPO,
+    )
+    os.close(slave)
+    assert process.stdin is not None and process.stderr is not None
+    reads: list[tuple[float, bytes]] = []
+    start = time.monotonic()
+
+    def read() -> None:
+        while True:
+            try:
+                data = os.read(master, 4096)
+            except OSError:  # EIO: the command let go of the terminal
+                return
+            if not data:
+                return
+            reads.append((time.monotonic() - start, data))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    chunk = RATE // 10 * 2
+    try:
+        for n, at in enumerate(range(0, len(pcm), chunk)):
+            delay = start + n * 0.1 - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            process.stdin.write(pcm[at : at + chunk])
+            process.stdin.flush()
+        process.stdin.close()
+        err = process.stderr.read().decode("utf-8")
+        code = process.wait(timeout=120)
+        exited = time.monotonic() - start
+    finally:
+        if process.poll() is None:
+            process.kill()
+        reader.join(10)
+        os.close(master)
+    return reads, err, code, exited
+
+
+#: What C{privox caption} writes to a terminal: the line erased, a
+#: hypothesis drawn dim, a final line.
+_DRAWN = re.compile(
+    rb"(?P<erase>\r\x1b\[2K)|\x1b\[2m(?P<partial>[^\x1b]*)\x1b\[0m|(?P<line>[^\r\x1b\n]*)\n"
+)
+
+
+def drawn(output: bytes) -> list[tuple[str, str]]:
+    """
+    What a terminal showed, in order: C{("partial", text)} for each
+    hypothesis drawn in place, C{("line", text)} for each final line.
+
+    @raise ValueError: anything else, or something written over a
+        hypothesis without erasing it first.
+    """
+    shown: list[tuple[str, str]] = []
+    at = 0
+    erased, dirty = False, False
+    for match in _DRAWN.finditer(output):
+        if match.start() != at:
+            break
+        at = match.end()
+        if match["erase"] is not None:
+            erased, dirty = True, False
+        elif match["partial"] is not None:
+            if not erased:
+                raise ValueError(f"a hypothesis drawn over the line: {output[:at]!r}")
+            shown.append(("partial", match["partial"].decode("utf-8")))
+            erased, dirty = False, True
+        else:
+            if dirty:
+                raise ValueError(f"a line written over a hypothesis: {output[:at]!r}")
+            shown.append(("line", match["line"].decode("utf-8")))
+            erased = False
+    if at != len(output):
+        raise ValueError(f"unexpected output: {output[at : at + 60]!r}")
+    return shown
+
+
 # -- against a running local exchange ---------------------------------------------
 
 
@@ -238,6 +343,62 @@ class CommandTests(TestCase):
         self.assertEqual(len(lines), 2, out)
         self.assertLessEqual(wer(FIRST, lines[0]), MAX_WER, lines)
         self.assertLessEqual(wer(SECOND, lines[1]), MAX_WER, lines)
+        # Into a pipe: the finals only, no control characters.
+        self.assertIsNone(re.search(r"[\x00-\x09\x0b-\x1f\x7f]", out), repr(out))
+
+    async def test_captionWhole(self) -> None:
+        """
+        C{--whole}: utterances cut on silence here, each transcribed whole.
+        """
+        pcm = (
+            silence(0.5) + spoken16k(FIRST) + silence(1.5) + spoken16k(SECOND) + silence(1.0)
+        )
+        out, err, code = await caption(pcm, "--whole", PRIVOX_API=self.local.url, PRIVOX_KEY=KEY)
+        self.assertEqual((code, err), (0, ""))
+        lines = out.splitlines()
+        self.assertEqual(len(lines), 2, out)
+        self.assertLessEqual(wer(FIRST, lines[0]), MAX_WER, lines)
+        self.assertLessEqual(wer(SECOND, lines[1]), MAX_WER, lines)
+
+    async def test_captionOnATerminal(self) -> None:
+        """
+        stdout on a terminal, the audio at real-time pace: while each
+        utterance is said its hypothesis is drawn in place, then its final
+        replaces it as a line.
+        """
+        lead, pause = 0.5, 1.5
+        pcm = (
+            silence(lead) + spoken16k(FIRST) + silence(pause) + spoken16k(SECOND) + silence(1.0)
+        )
+        reads, err, code, exited = await deferToThread(
+            onATerminal, pcm, env(PRIVOX_API=self.local.url, PRIVOX_KEY=KEY, TERM="xterm")
+        )
+        self.assertEqual((code, err), (0, ""))
+        shown = drawn(b"".join(data for _, data in reads))
+        kinds = [kind for kind, _ in shown]
+        lines = [text for kind, text in shown if kind == "line"]
+        self.assertEqual(len(lines), 2, shown)
+        self.assertLessEqual(wer(FIRST, lines[0]), MAX_WER, shown)
+        self.assertLessEqual(wer(SECOND, lines[1]), MAX_WER, shown)
+        first = kinds.index("line")
+        self.assertIn("partial", kinds[:first], shown)
+        self.assertIn("partial", kinds[first + 1 :], shown)
+
+        def when(marker: bytes) -> float:
+            for seconds, data in reads:
+                if marker in data:
+                    return seconds
+            return math.nan
+
+        firstPartial = when(b"\x1b[2m") - lead
+        firstFinal = when(b"\n") - (lead + len(spoken16k(FIRST)) / 2 / RATE)
+        audioEnds = len(pcm) / 2 / RATE
+        print(
+            f"\n{kinds.count('partial')} hypotheses drawn; the first {firstPartial:.2f} s after"
+            f" speech began; the first final {firstFinal:.2f} s after its sentence ended; the"
+            f" last {reads[-1][0] - audioEnds:+.2f} s and the exit {exited - audioEnds:+.2f} s"
+            " after the audio ended"
+        )
 
     async def test_captionInterrupted(self) -> None:
         """
@@ -321,8 +482,7 @@ class ErrorTests(TestCase):
 
     async def test_unreachable(self) -> None:
         """
-        Nothing listening at C{--api}: one line naming the URL, exit 1 (for
-        C{caption}, as soon as the first utterance is sent).
+        Nothing listening at C{--api}: one line naming the URL, exit 1.
         """
         api = f"http://127.0.0.1:{await closedPort()}"
         line = f"privox: cannot reach the Privox API at {api}: connection refused\n"
@@ -385,6 +545,46 @@ class ErrorTests(TestCase):
         self.assertEqual((out, code), ("", 2))
         out, err, code = await privox()
         self.assertEqual((out, code), ("", 2))
+
+
+class OldApi(Resource):
+    """
+    An API from before C{/v1/realtime}: 404 there; C{POST /stt} answers
+    the same transcript whatever it hears.
+    """
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.paths: list[str] = []
+
+    def render(self, request: Any) -> bytes:
+        self.paths.append(request.path.decode())
+        if request.method == b"POST" and request.path == b"/stt":
+            request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+            return b"hello from an old API\n"
+        request.setResponseCode(404)
+        request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+        return b"not found\n"
+
+
+class OldApiTests(TestCase):
+    timeout = 60
+
+    async def test_fallBack(self) -> None:
+        """
+        An API without the live WebSocket: utterances are cut here, and
+        each is transcribed whole.
+        """
+        api = OldApi()
+        port = reactor.listenTCP(0, Site(api), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        url = f"http://127.0.0.1:{port.getHost().port}"
+        pcm = silence(0.5) + voiced(1.0) + silence(1.5) + voiced(1.0) + silence(1.0)
+        out, err, code = await caption(pcm, "--api", url, "--key", KEY)
+        self.assertEqual((out, err, code), ("hello from an old API\n" * 2, "", 0))
+        self.assertEqual(api.paths, ["/v1/realtime", "/stt", "/stt"])
 
 
 # -- without the network ------------------------------------------------------------
@@ -507,119 +707,6 @@ class WebrtcvadTests(SynchronousTestCase):
         self.assertEqual(segmenter.feed(silence(3.0)) + segmenter.finish(), [])
 
 
-class _Stdio(StringTransport):
-    """
-    What L{CaptionProtocol} sees of L{StandardIO}: closing stdout ends it.
-    """
-
-    def loseConnection(self) -> None:
-        super().loseConnection()
-        self.protocol.connectionLost(None)
-
-
-class CaptionProtocolTests(SynchronousTestCase):
-    """
-    L{CaptionProtocol} with transcriptions that finish when the test says.
-    """
-
-    def setUp(self) -> None:
-        self.jobs: list[tuple[Utterance, Deferred[str]]] = []
-        self.protocol = CaptionProtocol(
-            Segmenter(nonZero, minSpeechMs=30), self.transcribe
-        )
-        self.transport = _Stdio()
-        self.transport.protocol = self.protocol
-        self.protocol.makeConnection(self.transport)
-
-    async def transcribe(self, utterance: Utterance) -> str:
-        d: Deferred[str] = Deferred()
-        self.jobs.append((utterance, d))
-        return await d
-
-    def speak(self, seconds: float = 0.3) -> None:
-        self.protocol.dataReceived(loud(seconds) + silence(0.7))
-
-    def test_linesInOrder(self) -> None:
-        """
-        Lines come out in the order of the utterances, however the
-        transcriptions finish; empty ones print nothing.
-        """
-        for _ in range(3):
-            self.speak()
-        self.assertEqual(len(self.jobs), 3)
-        self.jobs[2][1].callback("three")
-        self.jobs[1][1].callback("  \n")
-        self.assertEqual(self.transport.value(), b"")
-        self.jobs[0][1].callback("one\nline")
-        self.assertEqual(self.transport.value(), b"one line\nthree\n")
-        self.protocol.readConnectionLost()
-        self.assertEqual(self.successResultOf(self.protocol.done), None)
-        self.assertTrue(self.transport.disconnecting)
-
-    def test_endOfInputWaits(self) -> None:
-        """
-        At the end of input the last utterance is sent, and C{done} waits
-        for every line.
-        """
-        self.speak()
-        self.protocol.dataReceived(loud(0.3))
-        self.protocol.readConnectionLost()
-        self.assertEqual(len(self.jobs), 2)
-        self.assertNoResult(self.protocol.done)
-        self.jobs[1][1].callback("two")
-        self.jobs[0][1].callback("one")
-        self.assertEqual(self.transport.value(), b"one\ntwo\n")
-        self.successResultOf(self.protocol.done)
-
-    def test_failure(self) -> None:
-        """
-        A failed transcription ends it all: the lines before it are printed,
-        the ones after it cancelled, C{done} fails with the error.
-        """
-        for _ in range(3):
-            self.speak()
-        self.jobs[1][1].errback(CliError("the key was not accepted (HTTP 401)"))
-        self.jobs[0][1].callback("one")
-        self.assertEqual(self.transport.value(), b"one\n")
-        self.failureResultOf(self.protocol.done, CliError)
-        self.assertTrue(self.jobs[2][1].called)  # cancelled
-        self.protocol.dataReceived(loud(0.3) + silence(1.0))
-        self.assertEqual(len(self.jobs), 3)
-
-    def test_interrupt(self) -> None:
-        """
-        Ctrl-C sends the utterance under way, stops reading, and ends once
-        its line is out; a second Ctrl-C quits at once with status 130.
-        """
-        self.protocol.dataReceived(loud(0.3))
-        self.protocol.interrupt()
-        self.assertEqual(self.transport.producerState, "paused")
-        self.assertEqual(len(self.jobs), 1)
-        self.protocol.dataReceived(loud(0.3) + silence(1.0))
-        self.assertEqual(len(self.jobs), 1)
-        self.jobs[0][1].callback("last words")
-        self.assertEqual(self.transport.value(), b"last words\n")
-        self.successResultOf(self.protocol.done)
-
-    def test_interruptTwice(self) -> None:
-        self.speak()
-        self.protocol.readConnectionLost()  # Ctrl-C stopped arecord too
-        self.protocol.interrupt()
-        self.assertNoResult(self.protocol.done)
-        self.protocol.interrupt()
-        self.assertEqual(self.failureResultOf(self.protocol.done, SystemExit).value.code, 130)
-        self.assertTrue(self.jobs[0][1].called)  # cancelled
-
-    def test_stdoutClosed(self) -> None:
-        """
-        Nobody reading the lines (C{privox caption | head -1}): stop, quietly.
-        """
-        self.speak()
-        self.protocol.writeConnectionLost()
-        self.successResultOf(self.protocol.done)
-        self.assertTrue(self.jobs[0][1].called)  # cancelled
-
-
 class ArgumentTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.stderr = io.StringIO()
@@ -642,7 +729,8 @@ class ArgumentTests(SynchronousTestCase):
             (args.api, args.key, args.aggressiveness, args.frame_ms, args.silence_ms),
             ("https://x.example", "k", 2, 30, 600),
         )
-        self.assertEqual((args.max_seconds, args.padding_ms), (30.0, 200))
+        self.assertEqual((args.max_seconds, args.padding_ms, args.whole), (30.0, 200, False))
+        self.assertTrue(parseArguments(["caption", "--whole"], {}).whole)
         args = parseArguments(
             ["tts", "Hi", "-o", "x.wav", "--voice", "voice2", "--api", "http://h:1"],
             {"PRIVOX_KEY": "k", "PRIVOX_API": "http://ignored"},

@@ -30,7 +30,8 @@ what was said, but its last, which may still change, or C{""}:
 L{privox.api.deltas.AppendOnly}; a Privox extension, C{text}: the whole
 hypothesis), then, once it is final,
 C{committed} and C{completed} with its C{transcript}. C{commit} ends the
-job (its last utterances still come); the next C{append} starts another.
+job (its last utterances still come, then a Privox extension,
+C{privox.transcription.done}); the next C{append} starts another.
 A job that reaches C{maxSeconds} is ended the same way and the next one
 started, so a session may run for as long as its caller's allowance lasts.
 While a job starts, or ends, the audio that comes is kept (at most
@@ -79,7 +80,7 @@ from privox.api.deltas import AppendOnly
 from privox.api.errors import ApiError, BadInput, TooLarge, Unprocessable, errorBody
 from privox.api.exchange import Heard, Transcribed
 from privox.api.models import ModelTable
-from privox.automata import build
+from privox.automata import Transitions, build
 from privox.languages import UnknownLanguage, languageCode
 from privox.logs import logFigures
 
@@ -732,6 +733,10 @@ class RealtimeProtocol(WebSocketServerProtocol):
             elif not self._heardAny and result.text.strip():
                 self._item = _id("item_")
                 self._complete(" ".join(result.text.split()), None)
+        if not self._rolled:
+            # A Privox extension: all the audio committed is transcribed
+            # (OpenAI's sessions never say; a client that ends wants to know).
+            self.send("privox.transcription.done")
         self._jobDone()
 
     def fail(self, error: ApiError) -> None:
@@ -828,18 +833,8 @@ _INPUTS = [
     Session.append, Session.commit, Session.started, Session.heard, Session.finished,
     Session.failed, Session.lost,
 ]
-_defined: set[tuple[str, str]] = set()
-
-
-def _on(states: list[Any], input: Callable[..., None], to: Any = None) -> Callable[[Any], Any]:
-    def register(output: Any) -> Any:
-        for state in states:
-            registrar = state.upon(input)
-            (registrar.loop() if to is None else registrar.to(to))(output)
-            _defined.add((state.name, input.__name__))
-        return output
-
-    return register
+_transitions = Transitions()
+_on = _transitions.on
 
 
 @_on([idle], Session.append, starting)
@@ -943,10 +938,7 @@ def _ignore(session: Session, p: RealtimeProtocol, *ignored: object) -> None:
     pass
 
 
-for _state in _STATES:
-    for _input in _INPUTS:
-        if (_state.name, _input.__name__) not in _defined:
-            _state.upon(_input).loop()(_ignore)
+_transitions.ignoreTheRest(_STATES, _INPUTS, _ignore)
 
 _newSession = build(_builder)
 

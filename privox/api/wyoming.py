@@ -91,7 +91,7 @@ from privox.api.errors import ApiError, BadInput, TooLarge, Unprocessable
 from privox.api.exchange import Heard, Transcribed
 from privox.api.measure import spokenSeconds
 from privox.api.models import ModelTable
-from privox.automata import build
+from privox.automata import Transitions, build
 from privox.daemon import ListenService
 from privox.languages import LANGUAGES, UnknownLanguage, languageCode
 from privox.messages import CONTROL_CHARACTERS, MAX_TEXT
@@ -1226,18 +1226,8 @@ _STATES = [
     idle, hearingStarting, hearing, hearingEnding, hearingDiscard, speakingStarting,
     speaking, streamStarting, streaming, streamEnding, streamDiscard, closed,
 ]
-_defined: set[tuple[str, str]] = set()
-
-
-def _on(states: list[Any], input: Callable[..., None], to: Any = None) -> Callable[[Any], Any]:
-    def register(output: Any) -> Any:
-        for state in states:
-            registrar = state.upon(input)
-            (registrar.loop() if to is None else registrar.to(to))(output)
-            _defined.add((state.name, input.__name__))
-        return output
-
-    return register
+_transitions = Transitions()
+_on = _transitions.on
 
 
 # A new utterance: audio-start, or (a client that sends none) its first chunk.
@@ -1420,15 +1410,12 @@ def _ignore(session: Session, p: WyomingProtocol, *ignored: object) -> None:
     pass
 
 
-for _state in _STATES:
-    for _input in (
-        Session.audioStart, Session.audioChunk, Session.audioStop, Session.synthesize,
-        Session.synthesizeStart, Session.synthesizeChunk, Session.synthesizeStop,
-        Session.started, Session.heard, Session.spoken, Session.finished, Session.failed,
-        Session.lost,
-    ):
-        if (_state.name, _input.__name__) not in _defined:
-            _state.upon(_input).loop()(_ignore)
+_transitions.ignoreTheRest(_STATES, [
+    Session.audioStart, Session.audioChunk, Session.audioStop, Session.synthesize,
+    Session.synthesizeStart, Session.synthesizeChunk, Session.synthesizeStop,
+    Session.started, Session.heard, Session.spoken, Session.finished, Session.failed,
+    Session.lost,
+], _ignore)
 
 _newSession = build(_builder)
 

@@ -56,7 +56,11 @@ BOUNDARY = "privox-bench"
 
 
 class InstantExchange:
-    async def transcribe(self, model: str, language: str | None, audio: bytes, format: str, deadline: float) -> Transcribed:
+    async def transcribe(
+        self, model: str, language: str | None, audio: bytes, format: str, deadline: float,
+        task: str | None = None, prompt: str | None = None, temperature: float | None = None,
+        words: bool = False,
+    ) -> Transcribed:
         return Transcribed("hello", model, language, 1.0)
 
     async def synthesize(self, model: str, language: str | None, voice: str | None, text: str, deadline: float) -> bytes:

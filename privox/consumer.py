@@ -282,10 +282,11 @@ class ConsumerProtocol(PeerProtocol):
     def stt(self, model: str, audio: bytes, language: str | None = None,
             format: str = "auto", timeout_s: float | None = None,
             seal: SealPolicy | None = None, task: str | None = None,
-            prompt: str | None = None, temperature: float | None = None) -> Deferred[JobResult]:
+            prompt: str | None = None, temperature: float | None = None,
+            words: bool = False) -> Deferred[JobResult]:
         return self.submit(
             JobRequest("stt", model, language, len(audio), format, timeout_s=timeout_s, task=task,
-                       prompt=prompt, temperature=temperature),
+                       prompt=prompt, temperature=temperature, words=words),
             audio,
             seal,
         )

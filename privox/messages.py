@@ -375,6 +375,10 @@ class JobRequest:
     #: A streaming job (§5.8): the upload goes on until an empty DATA,
     #: pieces of the answer (PART) come back meanwhile.
     stream: bool = False
+    #: STT: time each word of the transcript (RSLT segments' C{words},
+    #: §6.2). Travels in the clear, sealed or not; producers that do not
+    #: know it give no words.
+    words: bool = False
 
     @property
     def sealed(self) -> bool:
@@ -442,10 +446,14 @@ class JobRequest:
                 and 0 <= temperature <= 1
             ):
                 raise BadRequest("field 'temperature' must be a number from 0 to 1")
+            words = obj.get("words")
+            if words is not None and not isinstance(words, bool):
+                raise BadRequest("field 'words' must be true or false")
             return cls(service, model, language, size, fmt, timeout_s=timeout,
                        early=obj.get("early") is True, seal=seal,
                        task=None if task == "transcribe" else task,
-                       prompt=prompt, temperature=temperature, stream=stream)
+                       prompt=prompt, temperature=temperature, stream=stream,
+                       words=words is True)
         voice = _string(obj, "voice", BadRequest, default=None)
         if stream:
             # The text may come in pieces, in the upload (sealed: all of it).
@@ -484,6 +492,8 @@ class JobRequest:
                 fields["prompt"] = self.prompt
             if self.temperature is not None:
                 fields["temperature"] = self.temperature
+            if self.words:
+                fields["words"] = True
         else:
             if self.text is not None:
                 fields["text"] = self.text

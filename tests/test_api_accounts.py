@@ -53,6 +53,7 @@ class SecondsExchange:
     async def transcribe(
         self, model: str, language: str | None, audio: bytes, format: str, deadline: float,
         task: str | None = None, prompt: str | None = None, temperature: float | None = None,
+        words: bool = False,
     ) -> Transcribed:
         self.jobs += 1
         if self.error is not None:

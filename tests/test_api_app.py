@@ -45,7 +45,7 @@ from privox.api.errors import (
     Unavailable,
     Unprocessable,
 )
-from privox.api.exchange import Heard, TimedText, Transcribed
+from privox.api.exchange import Heard, TimedText, TimedWord, Transcribed
 from privox.api.farms import FarmExchange
 from privox.api.measure import spokenSeconds
 from privox.api.models import DEFAULT_STT, DEFAULT_VOICES, ModelTable
@@ -89,14 +89,17 @@ class FakeExchange:
         self.text = "hello world"
         self.language: str | None = "en"
         self.segments: tuple[TimedText, ...] = ()
+        self.words = False
         self.speech = SPOKEN
         self.deadlines: list[float] = []
 
     async def transcribe(
         self, model: str, language: str | None, audio: bytes, format: str, deadline: float,
         task: str | None = None, prompt: str | None = None, temperature: float | None = None,
+        words: bool = False,
     ) -> Transcribed:
         self.options = (prompt, temperature)
+        self.words = words
         if task is not None:
             self.calls.append(("translate", model, language, audio, format))
         else:
@@ -175,20 +178,22 @@ class FakeExchange:
 
 
 def multipart(
-    fields: dict[str, str | bytes], files: dict[str, tuple[str, bytes]] | None = None
+    fields: dict[str, str | bytes | list[str]], files: dict[str, tuple[str, bytes]] | None = None
 ) -> tuple[bytes, str]:
     """
-    A multipart/form-data body (StubTreq cannot make one) and its type.
+    A multipart/form-data body (StubTreq cannot make one) and its type; a
+    list is a field repeated, as OpenAI's SDK sends one.
     """
     boundary = "privox-test-boundary"
     parts = []
-    for name, value in fields.items():
-        raw = value.encode("utf-8") if isinstance(value, str) else value
-        parts.append(
-            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode()
-            + raw
-            + b"\r\n"
-        )
+    for name, given in fields.items():
+        for value in given if isinstance(given, list) else [given]:
+            raw = value.encode("utf-8") if isinstance(value, str) else value
+            parts.append(
+                f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode()
+                + raw
+                + b"\r\n"
+            )
     for name, (filename, data) in (files or {}).items():
         parts.append(
             (
@@ -610,6 +615,17 @@ class TranslationTests(APITestCase):
         response, body = self.translate({"model": "whisper:small"})
         self.assertEqual(self.exchange.calls[1][1], "whisper:small")
 
+    def test_translationWords(self) -> None:
+        """
+        A translation's words, as a transcript's.
+        """
+        self.exchange.segments = (TimedText(0.0, 0.1, "hello", None, None, (TimedWord(0.0, 0.1, "hello"),)),)
+        response, body = self.translate({
+            "model": "whisper-1", "response_format": "verbose_json", "timestamp_granularities[]": "word",
+        })
+        self.assertEqual(json.loads(body)["words"], [{"word": "hello", "start": 0.0, "end": 0.1}])
+        self.assertTrue(self.exchange.words)
+
     def test_noTranslatingNode(self) -> None:
         self.exchange.error = NoProducer("no producer serving model 'whisper:tiny' that can translate")
         response, body = self.translate({"model": "whisper-1"})
@@ -765,9 +781,97 @@ class TranscriptionTests(APITestCase):
 
     def test_ignoredFields(self) -> None:
         response, _ = self.transcribe(
-            {"model": "whisper-1", "prompt": "Privox", "temperature": "0.2", "timestamp_granularities[]": "word"}
+            {"model": "whisper-1", "prompt": "Privox", "temperature": "0.2", "user": "someone"}
         )
         self.assertEqual(response.code, 200)
+
+    def test_wordTimestamps(self) -> None:
+        """
+        C{timestamp_granularities[]=word} (verbose_json): the job asks for
+        words, and they come as OpenAI's top-level C{words}, in order,
+        none past the audio's measured length (0.1 s); alone, without the
+        segments, as OpenAI answers.
+        """
+        self.exchange.segments = (
+            TimedText(0.0, 0.04, "hello", -0.25, 0.01, (TimedWord(0.0, 0.04, "hello", 0.9),)),
+            TimedText(0.04, 0.5, "big world", -0.5, 0.02, (
+                TimedWord(0.04, 0.07, "big", 0.8), TimedWord(0.07, 0.5, "world", None),
+            )),
+        )
+        words = [{"word": "hello", "start": 0.0, "end": 0.04},
+                 {"word": "big", "start": 0.04, "end": 0.07},
+                 {"word": "world", "start": 0.07, "end": 0.1}]
+        response, body = self.transcribe({
+            "model": "whisper-1", "response_format": "verbose_json",
+            "timestamp_granularities[]": "word",
+        })
+        self.assertEqual(response.code, 200, body)
+        self.assertTrue(self.exchange.words)
+        answer = json.loads(body)
+        self.assertEqual(answer["words"], words)
+        self.assertNotIn("segments", answer)
+        self.assertEqual(answer["text"], "hello world")
+        # Both, repeated as the SDK sends a list (and once more: no matter).
+        _, body = self.transcribe({
+            "model": "whisper-1", "response_format": "verbose_json",
+            "timestamp_granularities[]": ["segment", "word", "word"],
+        })
+        answer = json.loads(body)
+        self.assertEqual(answer["words"], words)
+        self.assertEqual([s["text"] for s in answer["segments"]], ["hello", "big world"])
+        # Segments alone (or no granularity): no words asked for, none given.
+        for fields in ({"timestamp_granularities[]": "segment"}, {"timestamp_granularities": "segment"}, {}):
+            _, body = self.transcribe({"model": "whisper-1", "response_format": "verbose_json", **fields})
+            self.assertFalse(self.exchange.words, fields)
+            self.assertNotIn("words", json.loads(body), fields)
+            self.assertEqual(len(json.loads(body)["segments"]), 2, fields)
+        # curl's -F without the brackets works too.
+        _, body = self.transcribe({"model": "whisper-1", "response_format": "verbose_json",
+                                   "timestamp_granularities": "word"})
+        self.assertTrue(self.exchange.words)
+        self.assertEqual(json.loads(body)["words"], words)
+
+    def test_noWordsTimed(self) -> None:
+        """
+        A producer that timed no words (an older node): C{words} is empty,
+        never made up from the segments or the text.
+        """
+        for segments in ((), (TimedText(0.0, 0.1, "hello world"),)):
+            self.exchange.segments = segments
+            _, body = self.transcribe({
+                "model": "whisper-1", "response_format": "verbose_json",
+                "timestamp_granularities[]": ["word", "segment"],
+            })
+            answer = json.loads(body)
+            self.assertEqual(answer["words"], [])
+            self.assertEqual([s["text"] for s in answer["segments"]], ["hello world"])
+
+    def test_badGranularities(self) -> None:
+        """
+        OpenAI's rules: granularities only with verbose_json; only
+        C{segment} and C{word}; here, no words in a stream either. Nothing
+        is transcribed.
+        """
+        for format in ("json", "text", "srt", "vtt", None):
+            fields = {"model": "whisper-1", "timestamp_granularities[]": "word"}
+            if format is not None:
+                fields["response_format"] = format
+            response, body = self.transcribe(fields)
+            self.assertJsonError(
+                response, body, 400, "invalid_request_error",
+                "timestamp_granularities[] is only supported with response_format verbose_json",
+            )
+        response, body = self.transcribe({
+            "model": "whisper-1", "response_format": "verbose_json",
+            "timestamp_granularities[]": ["word", "char"],
+        })
+        self.assertJsonError(response, body, 400, "invalid_request_error", "'char' is unknown")
+        response, body = self.transcribe({
+            "model": "whisper-1", "response_format": "verbose_json", "stream": "true",
+            "timestamp_granularities[]": "word",
+        })
+        self.assertJsonError(response, body, 400, "invalid_request_error", "cannot be streamed")
+        self.assertEqual(self.exchange.calls, [])
 
     def test_keys(self) -> None:
         response, body = self.postMultipart(
@@ -1156,6 +1260,20 @@ class FormTests(SynchronousTestCase):
 
         Gone.content.close()
         self.assertEqual(_received(Gone()), 0)
+
+    def test_repeatedFields(self) -> None:
+        """
+        Every value of a repeated field, in order, blank ones left out; the
+        first is still what C{text} gives.
+        """
+        fields = forms.Fields()
+        for value in (b"segment", b"  ", b" word "):
+            fields.add("timestamp_granularities[]", value)
+        self.assertEqual(fields.texts("timestamp_granularities[]"), ["segment", "word"])
+        self.assertEqual(fields.text("timestamp_granularities[]"), "segment")
+        self.assertEqual(fields.texts("absent"), [])
+        fields.add("bad", b"\xff")
+        self.assertRaises(BadInput, fields.texts, "bad")
 
     def test_urlencodedBytes(self) -> None:
         fields = forms._readUrlencoded(b"a=1+2&b=%FF%00&c&=x&&d=%zz")

@@ -16,11 +16,20 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from privox.api.errors import BadInput, TimedOut, Unavailable
-from privox.api.exchange import MAX_SEGMENTS, TimedText, Transcribed, readSegments
+from privox.api.exchange import (
+    MAX_SEGMENTS,
+    MAX_WORDS,
+    TimedText,
+    TimedWord,
+    Transcribed,
+    readSegments,
+)
 from privox.api.farmlist import FarmEntry, parseFarms, weightedChoice
 from privox.api.farms import FarmExchange
+from privox.engines.base import Segment, STTJob, Transcript, Word
 from privox.engines.digest import digestOf, toneFor
 from privox.node.echo import DigestHandler
+from privox.node.pool import EnginePool, transcriptAnswer
 from tests.apifarms import (
     CountingReactor,
     DroppingEngine,
@@ -37,6 +46,29 @@ from tests.support import until
 
 def transcript(audio: bytes) -> str:
     return f"sha256:{digestOf(audio)} bytes:{len(audio)}"
+
+
+class WordsEngine:
+    """
+    An STT engine that hears "hello world", timing its words when the job
+    asks; it keeps the jobs it was given.
+    """
+
+    name = "fake:words"
+    languages = ()
+
+    def __init__(self) -> None:
+        self.jobs: list[STTJob] = []
+
+    def load(self) -> None:
+        pass
+
+    def transcribe(self, job: STTJob, data: bytes) -> Transcript:
+        self.jobs.append(job)
+        words = (Word(0.0, 0.4, "hello", 0.9), Word(0.45, 0.9, "world", None)) if job.words else ()
+        return Transcript(
+            "hello world", "en", 1.0, (Segment(0.0, 1.0, "hello world", -0.1, 0.01, words),)
+        )
 
 
 # Configuration
@@ -318,6 +350,44 @@ class PoolTests(_LiveTestCase):
         # DigestHandler answers text and model; language comes from the request
         # when the producer does not say.
         self.assertEqual(result, Transcribed(transcript(b"hallo"), "whisper:base", "de", None))
+
+    async def test_words(self) -> None:
+        """
+        C{words=True} reaches the node's engine (its STTJob), and the words
+        it timed come back in the segments; without it the job asks for
+        none, and RSLT segments carry no C{words} at all.
+        """
+        farm = await startFarm(self, "main")
+        engine = WordsEngine()
+        await farm.producer("stt", EnginePool([engine], reactor, reactor.getThreadPool()).handler("stt"))
+        exchange = self.exchange([farm.entry()])
+        result = await exchange.transcribe("fake:words", None, b"audio", "auto", words=True)
+        self.assertTrue(engine.jobs[0].words)
+        self.assertEqual(result.segments, (TimedText(
+            0.0, 1.0, "hello world", -0.1, 0.01,
+            (TimedWord(0.0, 0.4, "hello", 0.9), TimedWord(0.45, 0.9, "world", None)),
+        ),))
+        result = await exchange.transcribe("fake:words", None, b"audio", "auto")
+        self.assertFalse(engine.jobs[1].words)
+        self.assertEqual(result.segments, (TimedText(0.0, 1.0, "hello world", -0.1, 0.01),))
+        [plain] = transcriptAnswer(engine.transcribe(engine.jobs[1], b""), "m").fields["segments"]
+        self.assertEqual(plain, {"start": 0.0, "end": 1.0, "text": "hello world",
+                                 "avg_logprob": -0.1, "no_speech_prob": 0.01})
+
+    async def test_wordsToOlderProducers(self) -> None:
+        """
+        A producer that knows nothing of words gets the flag in its JOB_
+        (and ignores it): the transcript comes back without words.
+        """
+        farm = await startFarm(self, "main")
+        engine = RecordingEngine()
+        await farm.producer("stt", engine)
+        exchange = self.exchange([farm.entry()])
+        result = await exchange.transcribe("m", None, b"x", "auto", words=True)
+        self.assertIs(engine.jobs[0]["words"], True)
+        self.assertEqual(result.text, transcript(b"x"))
+        await exchange.transcribe("m", None, b"x", "auto")
+        self.assertNotIn("words", engine.jobs[1])
 
     async def test_timeoutSentIsTimeLeft(self) -> None:
         farm = await startFarm(self, "main")
@@ -663,3 +733,67 @@ class SegmentsTests(SynchronousTestCase):
         ):
             self.assertEqual(readSegments(value), (), value if not isinstance(value, list) else value[:2])
 
+
+    def test_words(self) -> None:
+        """
+        Words come with their segments: stripped, probabilities kept when
+        from 0 to 1; a little rounding over a segment's edges, or between
+        two words, is allowed.
+        """
+        segments = readSegments([
+            {"start": 0, "end": 1.0, "text": "hello world", "words": [
+                {"start": 0, "end": 0.5, "word": " hello", "probability": 0.9},
+                {"start": 0.495, "end": 1.005, "word": "world", "probability": 1.5},
+            ]},
+            {"start": 1.0, "end": 2.0, "text": "again", "words": []},
+            {"start": 2.0, "end": 3.0, "text": "bye", "words": [
+                {"start": 1.995, "end": 2.5, "word": "bye", "probability": None},
+            ]},
+            {"start": 3.0, "end": 4.0, "text": "no words"},
+        ])
+        self.assertEqual([s.words for s in segments], [
+            (TimedWord(0.0, 0.5, "hello", 0.9), TimedWord(0.495, 1.005, "world", None)),
+            (), (TimedWord(1.995, 2.5, "bye", None),), (),
+        ])
+        self.assertEqual([s.text for s in segments], ["hello world", "again", "bye", "no words"])
+
+    def test_hostileWords(self) -> None:
+        """
+        One malformed word costs every word of the answer, never the
+        transcript: its segments stand.
+        """
+        good = {"start": 0.2, "end": 0.4, "word": "fine"}
+        for bad in (
+            "words", [1], [None], [{"start": 0.1, "end": 0.2}],
+            [{"start": 0.1, "end": 0.2, "word": 7}],
+            [{"start": 0.1, "end": 0.2, "word": "   "}],
+            [{"start": 0.1, "end": 0.2, "word": "x" * 201}],
+            [{"start": float("nan"), "end": 0.2, "word": "x"}],
+            [{"start": 0.1, "end": float("inf"), "word": "x"}],
+            [{"start": -0.5, "end": 0.2, "word": "x"}],
+            [{"start": True, "end": 0.2, "word": "x"}],
+            [{"start": "0.1", "end": 0.2, "word": "x"}],
+            [{"start": 0.3, "end": 0.2, "word": "x"}],
+            # Before its segment, past it, or before the word before ends.
+            [{"start": 0.05, "end": 0.2, "word": "x"}],
+            [{"start": 0.2, "end": 1.2, "word": "x"}],
+            [good, {"start": 0.3, "end": 0.5, "word": "back"}],
+            [good] * (MAX_WORDS + 1),
+        ):
+            segments = readSegments([
+                {"start": 0.0, "end": 0.1, "text": "first", "words": [
+                    {"start": 0.0, "end": 0.1, "word": "first"},
+                ]},
+                {"start": 0.1, "end": 1.0, "text": "second", "words": bad},
+            ])
+            self.assertEqual(
+                segments,
+                (TimedText(0.0, 0.1, "first"), TimedText(0.1, 1.0, "second")),
+                bad if not isinstance(bad, list) else bad[:2],
+            )
+        # Words out of order across segments, too (each within its own).
+        segments = readSegments([
+            {"start": 0, "end": 1, "text": "a", "words": [{"start": 0.5, "end": 1.01, "word": "a"}]},
+            {"start": 1, "end": 2, "text": "b", "words": [{"start": 0.995, "end": 1.5, "word": "b"}]},
+        ])
+        self.assertEqual([s.words for s in segments], [(), ()])

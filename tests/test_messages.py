@@ -130,6 +130,34 @@ class JobRequestTests(SynchronousTestCase):
                     {"prompt": 7}, {"prompt": "x" * 2001}):
             self.assertRaises(BadRequest, JobRequest.parse, "stt", obj(model="m", size=1, **bad))
 
+    def test_sttWords(self) -> None:
+        """
+        C{"words": true} asks the producer to time each word: parsed and
+        forwarded in the clear (sealed jobs too); absent or false, it is
+        not sent at all; anything else fails the job. TTS jobs have none.
+        """
+        request = JobRequest.parse("stt", obj(model="m", size=1, words=True))
+        self.assertTrue(request.words)
+        self.assertIs(request.payload("j")["words"], True)
+        self.assertEqual(JobRequest.parse("stt", request.payload("j")), request)
+        sealed = JobRequest.parse(
+            "stt", obj(model="m", size=9, words=True, seal={"ephemeral": "k"})
+        )
+        self.assertIs(sealed.payload("j")["words"], True)
+        for fields in (obj(model="m", size=1), obj(model="m", size=1, words=False),
+                       obj(model="m", size=1, words=None)):
+            request = JobRequest.parse("stt", fields)
+            self.assertFalse(request.words, fields)
+            self.assertNotIn("words", request.payload("j"))
+        for bad in ("true", 1, 0, [True], {}):
+            e = self.assertRaises(
+                BadRequest, JobRequest.parse, "stt", obj(model="m", size=1, words=bad)
+            )
+            self.assertEqual(e.message, "field 'words' must be true or false")
+        tts = JobRequest.parse("tts", obj(model="m", size=0, text="Hi.", words=True))
+        self.assertFalse(tts.words)
+        self.assertNotIn("words", tts.payload("j"))
+
     def test_sttDefaults(self) -> None:
         request = JobRequest.parse("stt", obj(model="m", size=1))
         self.assertEqual((request.language, request.format, request.timeout_s), (None, "auto", None))

@@ -2,7 +2,7 @@
 The stock OpenAI Python SDK against a real privox-local (its bundled models,
 sealed jobs): speech in every format OpenAI offers, and at another speed,
 decoded back with PyAV; that speech transcribed back, with timed segments
-(verbose_json, srt, vtt). The SDK is blocking: its calls run in a thread
+(verbose_json, srt, vtt) and words (timestamp_granularities). The SDK is blocking: its calls run in a thread
 while the exchange runs on the reactor.
 """
 
@@ -110,6 +110,62 @@ class OpenAISDKTests(TestCase):
         self.assertTrue(vtt.startswith("WEBVTT\n\n00:00:0"), vtt)
         self.assertEqual(srt.count(" --> "), len(verbose.segments))
         self.assertEqual(vtt.count(" --> "), len(verbose.segments))
+
+    async def test_wordTimestamps(self) -> None:
+        """
+        C{timestamp_granularities=["word"]} with verbose_json, as the SDK
+        sends it (C{timestamp_granularities[]}), on Piper's speech: the
+        words in order, covering the audio, making up the text; the
+        segments too when asked for both.
+        """
+        client = await self.client()
+        text = " ".join([SENTENCE, "The forecast says heavy rain."])
+
+        def speak() -> bytes:
+            return client.audio.speech.create(
+                model="tts-1", voice="alloy", input=text, response_format="wav"
+            ).content
+
+        def transcribe(wav: bytes, granularities: list[str]) -> object:
+            return client.audio.transcriptions.create(
+                model="whisper-1", file=("speech.wav", wav), response_format="verbose_json",
+                timestamp_granularities=granularities,
+            )
+
+        wav = await deferToThread(speak)
+        verbose = await deferToThread(transcribe, wav, ["word"])
+        self.assertLessEqual(wer(text, verbose.text), 0.25, verbose.text)
+        self.assertIsNone(verbose.segments)
+        words = verbose.words
+        self.assertGreaterEqual(len(words), 10, words)
+        last = 0.0
+        for word in words:
+            self.assertTrue(last <= word.start <= word.end <= verbose.duration, (word, words))
+            last = word.end
+        # Covering the speech: Piper leaves little silence at either end.
+        self.assertLess(words[0].start, 0.6, words)
+        self.assertGreater(words[-1].end, verbose.duration * 0.8, (words[-1], verbose.duration))
+        joined = " ".join(w.word for w in words)
+        self.assertEqual(wer(verbose.text, joined), 0.0, joined)
+        self.assertLessEqual(wer(text, joined), 0.25, joined)
+
+        both = await deferToThread(transcribe, wav, ["segment", "word"])
+        self.assertEqual([(w.word, w.start, w.end) for w in both.words],
+                         [(w.word, w.start, w.end) for w in words])
+        self.assertGreaterEqual(len(both.segments), 1)
+        self.assertEqual(" ".join(s.text for s in both.segments), both.text)
+
+        def refused() -> Exception:
+            try:
+                client.audio.transcriptions.create(
+                    model="whisper-1", file=("speech.wav", wav), timestamp_granularities=["word"]
+                )
+            except openai.BadRequestError as e:
+                return e
+            raise AssertionError("word timestamps without verbose_json were accepted")
+
+        error = await deferToThread(refused)
+        self.assertIn("verbose_json", str(error))
 
     async def test_streaming(self) -> None:
         """

@@ -58,17 +58,18 @@ def seedKaldi(seed: int = 1) -> None:
     ctypes.CDLL(ctypes.util.find_library("c")).srand(seed)
 
 
-def job(format: str = "pcm_s16le", language: str | None = "ko") -> STTJob:
-    return STTJob(model="vosk:ko", language=language, format=format, size=0)
+def job(format: str = "pcm_s16le", language: str | None = "ko", words: bool = False) -> STTJob:
+    return STTJob(model="vosk:ko", language=language, format=format, size=0, words=words)
 
 
 def transcribe(
-    data: bytes, format: str = "pcm_s16le", size: int | None = None, language: str | None = "ko"
+    data: bytes, format: str = "pcm_s16le", size: int | None = None, language: str | None = "ko",
+    words: bool = False,
 ) -> Transcript:
     """
     Run one job on the shared engine, the upload fed in chunks of C{size}.
     """
-    t = engine().transcription(job(format, language))
+    t = engine().transcription(job(format, language, words))
     size = size or len(data) or 1
     for i in range(0, len(data), size):
         t.feed(data[i : i + size])
@@ -217,6 +218,70 @@ class TranscriptionTests(SynchronousTestCase):
         result = t.finish()
         self.assertTrue(result.text.startswith(first + " "), result.text)
         self.assertEqual(result.duration_s, 6.0)
+
+    def assertWellTimed(self, result: Transcript) -> None:
+        """
+        C{result} has a segment per utterance, each with its words: in
+        order, within it and the audio, making up its text.
+        """
+        self.assertTrue(result.segments)
+        last = 0.0
+        for segment in result.segments:
+            self.assertTrue(segment.words, segment)
+            self.assertEqual(" ".join(w.word for w in segment.words), segment.text)
+            for word in segment.words:
+                self.assertTrue(
+                    last <= word.start <= word.end and segment.start <= word.start
+                    and word.end <= segment.end <= result.duration_s, (word, segment),
+                )
+                self.assertTrue(word.probability is not None and 0 <= word.probability <= 1)
+                last = word.end
+        self.assertEqual(" ".join(s.text for s in result.segments), result.text)
+
+    def test_words(self) -> None:
+        """
+        A job that asks for words has a segment per utterance, with Vosk's
+        own word times (from the start of the audio, not the utterance);
+        however the upload is cut. Without words, a whole job has no
+        segments, as before.
+        """
+        voiced = vowels(2.0)
+        data = pcm16(np.concatenate([voiced, np.zeros(16000 * 2), voiced]))
+        result = transcribe(data, words=True)
+        self.assertWellTimed(result)
+        self.assertGreaterEqual(len(result.segments), 2, result.segments)
+        # The second utterance's words are in the second half of the audio.
+        self.assertGreater(result.segments[-1].words[0].start, 3.0, result.segments)
+        seedKaldi()
+        self.assertEqual(transcribe(data, size=7, words=True), result)
+        seedKaldi()
+        plain = transcribe(data)
+        self.assertEqual((plain.text, plain.segments), (result.text, ()))
+        self.assertEqual(transcribe(pcm16(np.zeros(16000)), words=True), Transcript("", "ko", 1.0))
+
+    def test_liveWords(self) -> None:
+        """
+        A live job asked for words gives the same pieces as without, and its
+        transcript's segments carry their words.
+        """
+        voiced = vowels(2.0)
+        data = pcm16(np.concatenate([voiced, np.zeros(16000 * 2), voiced]))
+
+        def live(words: bool) -> tuple[list, Transcript]:
+            seedKaldi()
+            t = engine().liveTranscription(job(words=words))
+            pieces = []
+            for i in range(0, len(data), 3200):
+                pieces += t.feed(data[i : i + 3200])
+            return pieces, t.finish()
+
+        pieces, timed = live(True)
+        self.assertWellTimed(timed)
+        plainPieces, plain = live(False)
+        self.assertEqual(pieces, plainPieces)
+        self.assertEqual([(s.start, s.end, s.text) for s in timed.segments],
+                         [(s.start, s.end, s.text) for s in plain.segments])
+        self.assertEqual([s.words for s in plain.segments], [()] * len(plain.segments))
 
     def test_wavResampled(self) -> None:
         """

@@ -109,6 +109,39 @@ class TranscriptionTests(SynchronousTestCase):
         self.assertLessEqual(segments[-1].end, transcript.duration_s + 0.5)
         self.assertTrue(all(s.avg_logprob is not None and s.avg_logprob <= 0 for s in segments))
 
+    def test_words(self) -> None:
+        """
+        Asked for (a job's C{words}), each segment times its words: in
+        order, within their segment and the audio, making up its text.
+        Not asked for, there are none (they cost time).
+        """
+        data = speak(SENTENCE)
+        job = STTJob("whisper:tiny.en", "en", "wav", len(data), words=True)
+        transcript = whisper().transcribe(job, data)
+        self.assertLessEqual(wer(SENTENCE, transcript.text), 0.25, transcript.text)
+        words = [w for s in transcript.segments for w in s.words]
+        self.assertGreaterEqual(len(words), 7, words)
+        last = 0.0
+        for segment in transcript.segments:
+            self.assertTrue(segment.words, segment)
+            self.assertEqual(" ".join(w.word for w in segment.words), segment.text)
+            for word in segment.words:
+                self.assertTrue(
+                    last <= word.start <= word.end and segment.start <= word.start
+                    and word.end <= segment.end, (word, segment),
+                )
+                self.assertEqual(word.word, word.word.strip())
+                self.assertTrue(0 <= word.probability <= 1, word)
+                self.assertIs(type(word.start), float)
+                last = word.end
+        self.assertLessEqual(words[-1].end, transcript.duration_s + 0.01)
+        # They cover the speech: from its first half second to its end.
+        self.assertLess(words[0].start, 0.5, words)
+        self.assertGreater(words[-1].end, transcript.duration_s * 0.7, words)
+        self.assertEqual(wer(transcript.text, " ".join(w.word for w in words)), 0.0)
+        plain = whisper().transcribeAudio(resample16k(data), "en")
+        self.assertEqual([s.words for s in plain.segments], [()] * len(plain.segments))
+
     def test_promptAndTemperature(self) -> None:
         """
         A prompt and a temperature reach faster-whisper (the transcript

@@ -248,9 +248,9 @@ class PrivoxAPI:
             )
         result = await self._transcribe(
             form.caller, done.model, form.language, form.audio,
-            prompt=form.prompt, temperature=form.temperature,
+            prompt=form.prompt, temperature=form.temperature, words=form.words,
         )
-        return self._transcript(request, form.responseFormat, result, form.language)
+        return self._transcript(request, form, result, form.language)
 
     @app.route("/v1/audio/translations", methods=["POST"])
     async def translations(self, request: IRequest) -> bytes:
@@ -265,26 +265,29 @@ class PrivoxAPI:
         try:
             result = await self._transcribe(
                 form.caller, done.model, None, form.audio, TRANSLATE,
-                prompt=form.prompt, temperature=form.temperature,
+                prompt=form.prompt, temperature=form.temperature, words=form.words,
             )
         except NoProducer:
             raise Unprocessable(
                 f"no connected node translates with {done.model}: translating needs a"
                 " multilingual model (Whisper's, not an English-only .en one) on a node"
             ) from None
-        return self._transcript(request, form.responseFormat, result, "en", "translate")
+        return self._transcript(request, form, result, "en", "translate")
 
     def _transcript(
         self,
         request: IRequest,
-        responseFormat: str,
+        form: forms.TranscriptionForm,
         result: Transcribed,
         language: str | None,
         task: str = "transcribe",
     ) -> bytes:
         """
-        A transcript (or translation) in OpenAI's C{response_format}.
+        A transcript (or translation) in OpenAI's C{response_format}; in
+        C{verbose_json}, its segments and words as its
+        C{timestamp_granularities[]} ask.
         """
+        responseFormat = form.responseFormat
         if responseFormat == "text":
             return _reply(request, _PLAIN, _line(result.text))
         if responseFormat == "srt":
@@ -292,16 +295,19 @@ class PrivoxAPI:
         if responseFormat == "vtt":
             return _reply(request, _VTT, subtitles.vtt(subtitles.segmentsOf(result)).encode())
         if responseFormat == "verbose_json":
-            return _json(
-                request,
-                {
-                    "task": task,
-                    "language": result.language or language,
-                    "duration": result.duration_s,
-                    "text": result.text,
-                    "segments": subtitles.verboseSegments(subtitles.segmentsOf(result)),
-                },
-            )
+            segments = subtitles.segmentsOf(result)
+            verbose: dict[str, Any] = {
+                "task": task,
+                "language": result.language or language,
+                "duration": result.duration_s,
+                "text": result.text,
+            }
+            if form.segments:
+                verbose["segments"] = subtitles.verboseSegments(segments)
+            if form.words:
+                # None where the producer timed none: never made up.
+                verbose["words"] = subtitles.verboseWords(segments)
+            return _json(request, verbose)
         return _json(request, {"text": result.text})
 
     @app.route("/v1/audio/speech", methods=["POST"])
@@ -364,6 +370,7 @@ class PrivoxAPI:
         task: str | None = None,
         prompt: str | None = None,
         temperature: float | None = None,
+        words: bool = False,
     ) -> Transcribed:
         # What the upload really is decides what it costs, whatever its
         # header or the producer says. Decoding costs CPU: not for a caller
@@ -382,7 +389,8 @@ class PrivoxAPI:
             grant,
             self._within(
                 self.exchange.transcribe(
-                    model, language, audio.data, audio.format, deadline, task, prompt, temperature
+                    model, language, audio.data, audio.format, deadline, task, prompt, temperature,
+                    words,
                 ),
                 seconds,
                 "of audio",

@@ -6,6 +6,7 @@ real one (farms over PVX/2, with retry and fallback).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
@@ -14,12 +15,33 @@ from twisted.internet.defer import Deferred
 
 #: The most segments an answer is taken with (a 2-hour recording has ~1,500).
 MAX_SEGMENTS = 20_000
+#: The most words an answer is taken with, all segments together (a 2-hour
+#: recording has ~20,000), and the longest word.
+MAX_WORDS = 200_000
+MAX_WORD = 200
+#: How far a word may stray outside its segment's times, and start before
+#: the word before it ends (seconds): engines round their times.
+WORD_SLACK = 0.01
+
+
+@dataclass(frozen=True)
+class TimedWord:
+    """
+    A word of a transcript and when it was said (seconds).
+    """
+
+    start: float
+    end: float
+    word: str
+    probability: float | None = None
 
 
 @dataclass(frozen=True)
 class TimedText:
     """
-    A segment of a transcript: when it was said (seconds) and what.
+    A segment of a transcript: when it was said (seconds) and what; its
+    words, in order, where the job asked for them and the producer timed
+    them.
     """
 
     start: float
@@ -27,6 +49,7 @@ class TimedText:
     text: str
     avg_logprob: float | None = None
     no_speech_prob: float | None = None
+    words: tuple[TimedWord, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -43,7 +66,8 @@ def readSegments(value: Any) -> tuple[TimedText, ...]:
     """
     A producer's C{segments}, if they are what they should be (in order,
     times that make sense); else none (a producer is a stranger: its
-    malformed segments are not passed on).
+    malformed segments are not passed on). Their C{words} likewise: if any
+    is malformed, no segment keeps its words (the transcript stands).
     """
     if not isinstance(value, list) or len(value) > MAX_SEGMENTS:
         return ()
@@ -63,7 +87,59 @@ def readSegments(value: Any) -> tuple[TimedText, ...]:
             float(start), float(end), text.strip()[:10_000],
             *(float(v) if _number(v, negative=True) else None for v in scores),
         ))
-    return tuple(out)
+    words = _readWords(value, out)
+    if words is None:
+        return tuple(out)
+    return tuple(
+        dataclasses.replace(segment, words=timed) if timed else segment
+        for segment, timed in zip(out, words)
+    )
+
+
+def _readWords(
+    items: list[dict[str, Any]], segments: list[TimedText]
+) -> list[tuple[TimedWord, ...]] | None:
+    """
+    Each segment's words (C{items} are the producer's segments, read into
+    C{segments}): finite times, in order across the whole transcript,
+    within their segment (give or take L{WORD_SLACK}); L{None} if any is
+    malformed, or there are too many.
+    """
+    out: list[tuple[TimedWord, ...]] = []
+    count = 0
+    last = 0.0
+    for item, segment in zip(items, segments):
+        value = item.get("words")
+        if value is None:
+            out.append(())
+            continue
+        if not isinstance(value, list):
+            return None
+        count += len(value)
+        if count > MAX_WORDS:
+            return None
+        words = []
+        for word in value:
+            if not isinstance(word, dict):
+                return None
+            start, end, text = word.get("start"), word.get("end"), word.get("word")
+            if not (_number(start) and _number(end) and isinstance(text, str)):
+                return None
+            text = text.strip()
+            if not text or len(text) > MAX_WORD:
+                return None
+            if not (
+                max(last, segment.start) - WORD_SLACK <= start <= end <= segment.end + WORD_SLACK
+            ):
+                return None
+            last = end
+            probability = word.get("probability")
+            words.append(TimedWord(
+                float(start), float(end), text,
+                float(probability) if _number(probability) and probability <= 1 else None,
+            ))
+        out.append(tuple(words))
+    return out
 
 
 def _number(value: Any, negative: bool = False) -> bool:
@@ -143,12 +219,15 @@ class Exchange(Protocol):
         task: str | None = None,
         prompt: str | None = None,
         temperature: float | None = None,
+        words: bool = False,
     ) -> Transcribed:
         """
         @param format: C{wav}, C{pcm_s16le}, C{zip} or C{auto} (PVX/2's).
         @param task: C{translate} (to English), or L{None} to transcribe.
         @param prompt: text before the audio, for the engine (names, style).
         @param temperature: the engine's sampling temperature, 0 to 1.
+        @param words: ask the producer to time each word (its segments'
+            C{words}; a producer that cannot gives none).
         @param deadline: seconds the job may take, every attempt included.
         @raise privox.api.errors.ApiError: the job could not be done
             (L{privox.api.errors.TimedOut} past C{deadline}).

@@ -265,12 +265,13 @@ class FarmExchange:
         task: str | None = None,
         prompt: str | None = None,
         temperature: float | None = None,
+        words: bool = False,
     ) -> Transcribed:
         result = await self._request(
             "stt",
             lambda conn, timeout, seal: conn.stt(
                 model, audio, language=language, format=format, timeout_s=timeout, seal=seal,
-                task=task, prompt=prompt, temperature=temperature,
+                task=task, prompt=prompt, temperature=temperature, words=words,
             ),
             deadline,
         )

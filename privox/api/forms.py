@@ -54,6 +54,9 @@ DEFAULT_LANGUAGE = "en"
 #: OpenAI's transcription formats; the default is C{json}.
 TRANSCRIPTION_FORMATS = ("json", "text", "verbose_json", "srt", "vtt")
 
+#: OpenAI's C{timestamp_granularities[]}: what C{verbose_json} times.
+GRANULARITIES = ("segment", "word")
+
 #: OpenAI's speech formats, each encoded as asked (L{privox.api.speech}).
 SPEECH_FORMATS = tuple(CONTENT_TYPES)
 
@@ -116,8 +119,8 @@ class TtsForm:
 class TranscriptionForm:
     """
     C{POST /v1/audio/transcriptions} and C{/v1/audio/translations}
-    (OpenAI). C{prompt} and C{temperature} go to the engine; other fields
-    are accepted and ignored.
+    (OpenAI). C{prompt}, C{temperature} and a C{word} granularity go to the
+    engine; other fields are accepted and ignored.
     """
 
     caller: Caller
@@ -129,6 +132,25 @@ class TranscriptionForm:
     temperature: float | None = None
     #: Server-sent events as the transcript is heard (OpenAI's C{stream}).
     stream: bool = False
+    #: OpenAI's C{timestamp_granularities[]} (L{GRANULARITIES}), each once,
+    #: in order; only with C{verbose_json}. Empty: segments, as asked for
+    #: C{segment} alone.
+    granularities: tuple[str, ...] = ()
+
+    @property
+    def words(self) -> bool:
+        """
+        Whether C{verbose_json} times each word (the job asks for them).
+        """
+        return "word" in self.granularities
+
+    @property
+    def segments(self) -> bool:
+        """
+        Whether C{verbose_json} has its C{segments}: unless only words were
+        asked for, as OpenAI answers.
+        """
+        return not self.granularities or "segment" in self.granularities
 
 
 @dataclass(frozen=True)
@@ -177,6 +199,16 @@ class Fields:
         if found is None:
             return None
         return decodeText(found[0], name).strip() or None
+
+    def texts(self, name: str) -> list[str]:
+        """
+        Every value of a repeated field (C{name[]=a&name[]=b}, as OpenAI's
+        SDK sends a list), as text, stripped, in order; blank ones left out.
+
+        @raise BadInput: one is not UTF-8.
+        """
+        found = (decodeText(value, name).strip() for value, _ in self.values.get(name, ()))
+        return [value for value in found if value]
 
 
 def decodeText(value: bytes, name: str) -> str:
@@ -431,10 +463,35 @@ async def transcriptionForm(
     stream = (fields.text("stream") or "false").strip().lower()
     if stream not in ("true", "false", "1", "0"):
         raise BadInput("stream must be true or false")
+    granularities = _granularities(fields, responseFormat)
+    if "word" in granularities and stream in ("true", "1"):
+        raise BadInput("timestamp_granularities[] word cannot be streamed: ask without stream")
     return TranscriptionForm(
         caller, audio, fields.text("model"), _language(fields.text("language")), responseFormat,
-        prompt, temperature, stream in ("true", "1"),
+        prompt, temperature, stream in ("true", "1"), granularities,
     )
+
+
+def _granularities(fields: Fields, responseFormat: str) -> tuple[str, ...]:
+    """
+    OpenAI's C{timestamp_granularities[]}, repeated as its SDK sends a list
+    (or without the brackets, as a C{curl -F} may), each once.
+
+    @raise BadInput: an unknown one, or any with a C{response_format}
+        other than C{verbose_json} (OpenAI's rule).
+    """
+    given = fields.texts("timestamp_granularities[]") + fields.texts("timestamp_granularities")
+    for value in given:
+        if value not in GRANULARITIES:
+            raise BadInput(
+                f"timestamp_granularities[] {value[:40]!r} is unknown; use segment or word"
+            )
+    if given and responseFormat != "verbose_json":
+        raise BadInput(
+            "timestamp_granularities[] is only supported with response_format verbose_json,"
+            f" not {responseFormat}"
+        )
+    return tuple(dict.fromkeys(given))
 
 
 async def speechForm(request: IRequest, limit: int, access: Access) -> SpeechForm:

@@ -1,15 +1,15 @@
 """
 A transcript's timed segments in OpenAI's transcription formats: the
-segments of C{verbose_json}, SubRip (C{srt}) and WebVTT (C{vtt}). Every
-engine gets every format: where a producer gave no segments, the whole
-transcript is one.
+segments and words of C{verbose_json}, SubRip (C{srt}) and WebVTT (C{vtt}).
+Every engine gets every format: where a producer gave no segments, the
+whole transcript is one (with no words: none is invented).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from privox.api.exchange import TimedText, Transcribed
+from privox.api.exchange import TimedText, TimedWord, Transcribed
 
 
 def segmentsOf(result: Transcribed) -> tuple[TimedText, ...]:
@@ -25,9 +25,23 @@ def segmentsOf(result: Transcribed) -> tuple[TimedText, ...]:
     if duration is None:
         return result.segments
     return tuple(
-        TimedText(min(s.start, duration), min(s.end, duration), s.text, s.avg_logprob, s.no_speech_prob)
+        TimedText(
+            min(s.start, duration), min(s.end, duration), s.text, s.avg_logprob, s.no_speech_prob,
+            tuple(
+                TimedWord(min(w.start, duration), min(w.end, duration), w.word, w.probability)
+                for w in s.words
+            ),
+        )
         for s in result.segments
     )
+
+
+def verboseWords(segments: tuple[TimedText, ...]) -> list[dict[str, Any]]:
+    """
+    The C{words} of OpenAI's C{verbose_json} (C{timestamp_granularities[]}
+    C{word}): every segment's, in order.
+    """
+    return [{"word": w.word, "start": w.start, "end": w.end} for s in segments for w in s.words]
 
 
 def verboseSegments(segments: tuple[TimedText, ...]) -> list[dict[str, Any]]:

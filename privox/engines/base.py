@@ -15,10 +15,11 @@ C{coqui:tts_models/en/vctk/vits}.
 from __future__ import annotations
 
 import importlib.util
+import math
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Iterable, Protocol
 
 from privox.engines.errors import BadAudio, Cancelled, EngineError, Unsupported
 from privox.messages import CONTROL_CHARACTERS, MAX_TEXT, ErrorCode
@@ -76,9 +77,54 @@ class Stop:
 
 
 @dataclass(frozen=True)
+class Word:
+    """
+    One word of a segment and when it was said (seconds from the start of
+    the audio, within its segment's times), with the engine's confidence
+    in it (0 to 1) where it has one. C{word} has no surrounding spaces.
+    """
+
+    start: float
+    end: float
+    word: str
+    probability: float | None = None
+
+
+def fitWords(
+    timed: Iterable[tuple[float, float, str, float | None]], start: float, end: float
+) -> tuple[Word, ...]:
+    """
+    An engine's words (start, end, text, probability) as a segment from
+    C{start} to C{end} carries them: the text stripped, blank ones left
+    out, times rounded to the millisecond, each within the segment and
+    starting no earlier than the one before ends; the probability from 0
+    to 1.
+    """
+    out = []
+    last = start
+    for first, stop, text, probability in timed:
+        text = text.strip()
+        if not text or not (math.isfinite(first) and math.isfinite(stop)):
+            continue
+        # float(): engines hand over NumPy's floats.
+        first = min(max(round(float(first), 3), last), end)
+        stop = min(max(round(float(stop), 3), first), end)
+        out.append(Word(
+            first, stop, text,
+            round(min(max(float(probability), 0.0), 1.0), 4)
+            if probability is not None and math.isfinite(probability)
+            else None,
+        ))
+        last = stop
+    return tuple(out)
+
+
+@dataclass(frozen=True)
 class Segment:
     """
-    A stretch of a transcript and when it was said (seconds from the start).
+    A stretch of a transcript and when it was said (seconds from the start),
+    with its words where the job asked for them (L{STTJob.words}) and the
+    engine can time them.
     """
 
     start: float
@@ -86,6 +132,7 @@ class Segment:
     text: str
     avg_logprob: float | None = None
     no_speech_prob: float | None = None
+    words: tuple[Word, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -116,6 +163,9 @@ class STTJob:
     #: temperature: for engines that have them (Whisper).
     prompt: str | None = None
     temperature: float | None = None
+    #: Time each word too (L{Segment.words}): it costs Whisper extra work,
+    #: so only when asked. Live Whisper finals ignore it.
+    words: bool = False
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,9 @@ from privox.engines.base import (
     Stop,
     Transcript,
     Unsupported,
+    Word,
     findPackaged,
+    fitWords,
 )
 
 #: The rate the recognizer runs at (what the packaged models were trained on).
@@ -196,7 +198,7 @@ class VoskEngine:
         """
         return VoskLiveTranscription(*self._recognition(job))
 
-    def _recognition(self, job: STTJob) -> tuple[Any, PCMStream, str | None, Stop]:
+    def _recognition(self, job: STTJob) -> tuple[Any, PCMStream, str | None, Stop, bool]:
         if self._model is None:
             raise EngineError(f"{self.name} is not loaded")
         if job.language and self.languages and _primary(job.language) not in self.languages:
@@ -207,25 +209,39 @@ class VoskEngine:
 
         language = job.language or (self.languages[0] if len(self.languages) == 1 else None)
         stream = PCMStream(job.format, RATE)
-        return vosk.KaldiRecognizer(self._model, RATE), stream, language, job.stop
+        recognizer = vosk.KaldiRecognizer(self._model, RATE)
+        if job.words:
+            # Each result then times its words ("result"), from the start
+            # of the stream.
+            recognizer.SetWords(True)
+        return recognizer, stream, language, job.stop, job.words
 
 
 class _Recognition:
     """
     A recognizer fed a decoded stream in fixed blocks, keeping the text of
-    each utterance it closes.
+    each utterance it closes (and, where it keeps segments, a segment per
+    utterance: its words in it when the job asked for them).
     """
 
+    #: Whether every utterance becomes a segment (else only when the job
+    #: asked for words).
+    segmented = False
+
     def __init__(
-        self, recognizer: Any, stream: PCMStream, language: str | None, stop: Stop
+        self, recognizer: Any, stream: PCMStream, language: str | None, stop: Stop,
+        words: bool = False,
     ) -> None:
         self._recognizer = recognizer
         self._stop = stop
         self._stream = stream
         self._language = language
+        self._words = words
         self._pending = bytearray()  # s16le samples short of a full block
         self._recognized = 0  # samples handed to the recognizer
+        self._opened = 0  # sample where the open utterance started
         self._texts: list[str] = []
+        self._segments: list[Segment] = []
 
     def _accept(self, samples: npt.NDArray[np.int16]) -> None:
         self._pending += samples.astype("<i2", copy=False).tobytes()
@@ -241,7 +257,7 @@ class _Recognition:
         # At an endpoint (a pause) Vosk closes an utterance: its text must be
         # collected now, as FinalResult() only has the last one.
         if self._recognizer.AcceptWaveform(pcm):
-            self._closed(json.loads(self._recognizer.Result())["text"])
+            self._close(json.loads(self._recognizer.Result()))
         else:
             self._goingOn()
 
@@ -255,24 +271,57 @@ class _Recognition:
         self._accept(self._stream.finish())
         if self._pending:
             self._recognize(bytes(self._pending))
-        self._closed(json.loads(self._recognizer.FinalResult())["text"])
+        self._close(json.loads(self._recognizer.FinalResult()))
 
-    def _closed(self, text: str) -> None:
+    def _close(self, result: dict[str, Any]) -> None:
+        """
+        Vosk closed an utterance: C{result} is its C{Result()}.
+        """
+        text = result.get("text") or ""
         self._texts.append(text)
+        # Times count the samples recognized: right to a block.
+        start, end = self._opened / RATE, self._recognized / RATE
+        if text and (self.segmented or self._words):
+            self._segments.append(Segment(start, end, text, words=_timed(result, start, end)))
+        self._closed(text, start, end)
+        self._opened = self._recognized
+
+    def _closed(self, text: str, start: float, end: float) -> None:
+        """
+        An utterance from C{start} to C{end} (seconds) said C{text}.
+        """
 
     def _goingOn(self) -> None:
         """
         A block went by without an endpoint.
         """
 
-    def _transcript(self, segments: tuple[Segment, ...] = ()) -> Transcript:
+    def _transcript(self) -> Transcript:
         text = " ".join(t for t in self._texts if t)
-        return Transcript(text, self._language, self._stream.samples / RATE, segments)
+        return Transcript(
+            text, self._language, self._stream.samples / RATE, tuple(self._segments)
+        )
+
+
+def _timed(result: dict[str, Any], start: float, end: float) -> tuple[Word, ...]:
+    """
+    The words of a Vosk result (with C{SetWords}), within their utterance;
+    none where it has none.
+    """
+    timed = []
+    for word in result.get("result") or ():
+        try:
+            timed.append((float(word["start"]), float(word["end"]), str(word["word"]),
+                          float(word["conf"]) if "conf" in word else None))
+        except (KeyError, TypeError, ValueError):
+            return ()
+    return fitWords(timed, start, end)
 
 
 class VoskTranscription(_Recognition):
     """
-    One job: upload bytes are decoded and recognized as they arrive.
+    One job: upload bytes are decoded and recognized as they arrive. It
+    has a segment per utterance when the job asks for words.
     """
 
     def feed(self, chunk: bytes) -> None:
@@ -291,16 +340,17 @@ class VoskLiveTranscription(_Recognition):
     One live job: after each block, the utterance Vosk closed (a final
     L{Partial}) or its hypothesis of the open one, when that changed.
     Times count the samples recognized, so they are right to a block (a
-    quarter second).
+    quarter second); words, when asked for, are Vosk's own times.
     """
 
+    segmented = True
+
     def __init__(
-        self, recognizer: Any, stream: PCMStream, language: str | None, stop: Stop
+        self, recognizer: Any, stream: PCMStream, language: str | None, stop: Stop,
+        words: bool = False,
     ) -> None:
-        super().__init__(recognizer, stream, language, stop)
+        super().__init__(recognizer, stream, language, stop, words)
         self._out: list[Partial] = []
-        self._segments: list[Segment] = []
-        self._opened = 0  # sample where the open utterance started
         self._hypothesis = ""  # the last partial text given
 
     def feed(self, chunk: bytes) -> list[Partial]:
@@ -314,17 +364,12 @@ class VoskLiveTranscription(_Recognition):
         @raise BadAudio: empty, truncated or undecodable audio.
         """
         self._end()
-        return self._transcript(tuple(self._segments))
+        return self._transcript()
 
-    def _closed(self, text: str) -> None:
-        super()._closed(text)
-        start, end = self._opened / RATE, self._recognized / RATE
+    def _closed(self, text: str, start: float, end: float) -> None:
         # An empty final still replaces a hypothesis the client was shown.
         if text or self._hypothesis:
             self._out.append(Partial(text, True, start, end))
-        if text:
-            self._segments.append(Segment(start, end, text))
-        self._opened = self._recognized
         self._hypothesis = ""
 
     def _goingOn(self) -> None:

@@ -39,6 +39,7 @@ from privox.engines.base import (
     Transcript,
     Unsupported,
     findPackaged,
+    fitWords,
 )
 from privox.utterances import Segmenter, Utterance, webrtcvadClassifier
 
@@ -219,7 +220,7 @@ class WhisperEngine:
         audio = decodeAudio(data, job.format, rate=RATE)
         job.stop.check()
         return self.transcribeAudio(
-            audio, job.language, job.stop, job.task, job.prompt, job.temperature
+            audio, job.language, job.stop, job.task, job.prompt, job.temperature, job.words
         )
 
     @property
@@ -237,12 +238,16 @@ class WhisperEngine:
         task: str = "transcribe",
         prompt: str | None = None,
         temperature: float | None = None,
+        words: bool = False,
     ) -> Transcript:
         """
         Transcribe decoded 16 kHz mono audio (blocking), checking C{stop}
         before each segment.
 
         @param language: the spoken language, or None to detect it.
+        @param words: time each word too (faster-whisper's
+            C{word_timestamps}: an alignment pass per segment, which costs
+            time).
         @raise Cancelled: C{stop} was set.
         """
         model = self._loaded()
@@ -257,15 +262,21 @@ class WhisperEngine:
             options: dict[str, Any] = {} if temperature is None else {"temperature": temperature}
             segments, info = model.transcribe(
                 audio.samples, language=code, beam_size=5, vad_filter=False, task=task,
-                initial_prompt=prompt, **options,
+                initial_prompt=prompt, word_timestamps=words, **options,
             )
             # A generator: each segment is decoded as it is asked for.
             for segment in segments:
                 text = segment.text.strip()
                 if text:
+                    # With words, faster-whisper's times are NumPy floats.
+                    start, end = round(float(segment.start), 3), round(float(segment.end), 3)
                     found.append(Segment(
-                        round(segment.start, 3), round(segment.end, 3), text,
+                        start, end, text,
                         round(segment.avg_logprob, 4), round(segment.no_speech_prob, 4),
+                        fitWords(
+                            ((w.start, w.end, w.word, w.probability) for w in segment.words or ()),
+                            start, end,
+                        ),
                     ))
                 stop.check()
         except EngineError:

@@ -15,7 +15,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from privox.engines.base import STTJob, Transcript, TTSJob
+from privox.engines.base import Segment, STTJob, Transcript, TTSJob
 from privox.engines.errors import Unsupported
 from privox.logs import logFigures
 from privox.messages import TRANSLATE
@@ -175,6 +175,7 @@ class EngineHandler:
                 if isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
                 and 0 <= temperature <= 1
                 else None,
+                words=job.get("words") is True,
             )
             if job.get("stream") is True:
                 return self._live(engine, stt)
@@ -221,8 +222,20 @@ def transcriptAnswer(transcript: Transcript, model: str) -> Answer:
         "model": model,
     }
     if transcript.segments:
-        fields["segments"] = [dataclasses.asdict(s) for s in transcript.segments]
+        fields["segments"] = [_segment(s) for s in transcript.segments]
     return Answer(fields)
+
+
+def _segment(segment: Segment) -> dict[str, Any]:
+    """
+    A segment as RSLT carries it (§6.2): C{words} only where it has some.
+    """
+    fields = dataclasses.asdict(segment)
+    if segment.words:
+        fields["words"] = list(fields["words"])
+    else:
+        del fields["words"]
+    return fields
 
 
 def _speech(wav: bytes, job: Any) -> Answer:

@@ -128,6 +128,20 @@ class _Sealing:
 PartListener = Callable[[dict[str, Any], bytes], None]
 
 
+def _piece(plain: bytes, kind: str) -> tuple[dict[str, Any], bytes]:
+    """
+    A sealed stream's piece opened: its fields and bytes, if it is the
+    C{kind} of piece it says it is, with the bytes it says (a farm joining,
+    cutting or moving pieces changes what they say).
+
+    @raise SealBroken: it is not.
+    """
+    fields, body = unpack(plain)
+    if fields.pop("piece", None) != kind or fields.pop("bytes", None) != len(body):
+        raise SealBroken(f"a sealed stream's {kind} was joined, cut or moved")
+    return fields, body
+
+
 def _sealing(request: JobRequest, seal: SealPolicy | None, body: bytes) -> _Sealing | None:
     """
     How C{request}'s content will be sealed, if C{seal} says it should be:
@@ -173,6 +187,8 @@ class _Pending:
         self.part: dict[str, Any] | None = None
         self.sealer: StreamSealer | None = None
         self.opener: StreamOpener | None = None
+        #: The content goes to the producer (ASGN came; a seal checked).
+        self.flowing = False
 
 
 class Stream:
@@ -189,8 +205,8 @@ class Stream:
 
     @property
     def assigned(self) -> bool:
-        "Whether a producer took the job (its upload is flowing)."
-        return self._pending.id is not None
+        "Whether a producer took the job and its upload flows to it."
+        return self._pending.flowing
 
     def write(self, data: bytes) -> None:
         if data:
@@ -321,8 +337,8 @@ class ConsumerProtocol(PeerProtocol):
         return Stream(self, pending)
 
     def _streamWrite(self, pending: _Pending, data: bytes) -> None:
-        if pending.ended or pending.endSent:
-            return
+        if pending.ended or pending.endSent or self._pending is not pending:
+            return  # over: refused, failed, or its connection gone
         if pending.id is None:
             pending.early.append(data)
         else:
@@ -360,6 +376,7 @@ class ConsumerProtocol(PeerProtocol):
             pending.sealer = StreamSealer(sealing.keys.upload, UPLOAD)
             pending.opener = StreamOpener(sealing.keys.result, RESULT)
             self.sendData(*pending.sealer.seal(sealing.head))
+        pending.flowing = True
         early, pending.early = pending.early, []
         for data in early:
             self._streamSend(pending, data)
@@ -384,7 +401,7 @@ class ConsumerProtocol(PeerProtocol):
                 plain = b"".join(pending.opener.feed(data))
                 if not pending.opener.atEdge:
                     raise SealBroken("a sealed piece ends mid-record")
-                fields, data = unpack(plain)
+                fields, data = _piece(plain, "part")
             except SealBroken as e:
                 self._refuseFarm(f"the sealed stream does not open: {e}")
                 return
@@ -574,7 +591,10 @@ class ConsumerProtocol(PeerProtocol):
             opener = pending.opener or Opener(sealing.keys.result, RESULT, len(data))
             plain = b"".join(opener.feed(data))
             opener.finish()
-            content, body = unpack(plain)
+            if pending.opener is not None:
+                content, body = _piece(plain, "answer")
+            else:
+                content, body = unpack(plain)
         except SealBroken as e:
             self._refuseFarm(f"the sealed answer does not open: {e}")
             return

@@ -676,6 +676,19 @@ class TranscriptionTests(APITestCase):
         self.assertEqual((call, model), ("transcribeLive", "whisper:tiny.en"))
         self.assertEqual(len(pcm), len(wavPCM(WAV)[0]) * 16000 // wavPCM(WAV)[1])
 
+    def test_streamWhole(self) -> None:
+        """
+        What a live job cannot take (a prompt; audio longer than it may
+        be) is transcribed whole, and sent as one delta.
+        """
+        response, body = self.transcribe({"model": "whisper-1", "stream": "true", "prompt": "Privox"})
+        self.assertEqual(self.sseEvents(body), [
+            {"type": "transcript.text.delta", "delta": "hello world"},
+            {"type": "transcript.text.done", "text": "hello world"},
+        ])
+        self.assertEqual(self.exchange.calls[-1][0], "transcribe")
+        self.assertEqual(self.exchange.options, ("Privox", None))
+
     def test_streamErrors(self) -> None:
         """
         A failure before any event is an ordinary error answer.

@@ -100,6 +100,23 @@ class LiveJobsTests(TestCase):
         await self.assertFailure(job.done, OverQuota)
         self.assertEqual((await access.standing(caller))["used"], 0)
 
+    async def test_failedAfterHeard(self) -> None:
+        """
+        A stream that fails, or is given up, after something was heard is
+        charged the seconds sent (else the captions, then a failure made on
+        purpose, would cost nothing).
+        """
+        access, caller = await self.access()
+        exchange = StreamExchange()
+        live = LiveJobs(exchange, access, self.clock, maxSeconds=30.0)
+        job = await live.transcribe(caller, "whisper:tiny.en", None, lambda h: None)
+        [(deadline, inner, heard)] = exchange.jobs
+        job.write(b"\0" * 32000 * 9)
+        heard(Heard("nine seconds of captions", True, 0.0, 9.0))
+        job.cancel()
+        await self.assertFailure(job.done, Exception)
+        self.assertEqual((await access.standing(caller))["used"], 9)
+
     async def test_speechCut(self) -> None:
         """
         Speech stops at what was held, is charged what was heard, and the

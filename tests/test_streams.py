@@ -7,17 +7,25 @@ piece of the upload at once.
 
 from __future__ import annotations
 
+import json
 import random
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from privox.api.exchange import Heard
 from privox.api.farmlist import FarmEntry
 from privox.api.farms import FarmExchange
 from privox.api.farmstreams import wholeWav
-from privox.consumer import JobFailed
+from privox.consumer import ConsumerProtocol, JobFailed, JobResult, SealRefused
+from privox.framing import FrameDecoder, encodeFrame
+from privox.identity import decodeKey, encodeKey
+from privox.messages import controlFrame
+from privox.node.worker import ProducerProtocol
+from privox.sealing import RESULT, Ephemeral, StreamSealer, nodeKeys, packed
 from privox.engines.digest import digestOf, toneFor
 from privox.messages import JobRequest
 from privox.node.echo import DigestHandler
@@ -369,6 +377,10 @@ class LiveRunTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.calls: list = []
+        self.failures: list = []
+
+    def fail(self, error) -> None:
+        self.failures.append(error)
 
     def inThread(self, f, *args):
         d = Deferred()
@@ -387,7 +399,7 @@ class LiveRunTests(SynchronousTestCase):
         run = LiveRun(self.inThread, engine, STTJob(STT, None, "pcm_s16le", 0),
                       lambda t: Answer({"text": t}), lambda r: r)
         sent: list = []
-        run.parts(sent.append)
+        run.parts(sent.append, self.fail)
         run.feed(b"ab")
         run.feed(b"cd")
         answer = run.finish()
@@ -417,7 +429,8 @@ class SpeechRunTests(SynchronousTestCase):
         engine = type("E", (), {"name": "piper:x", "synthesize": None})()
         from privox.engines.base import TTSJob
         self.run = SpeechRun(self.inThread, engine, TTSJob(TTS, None, None, ""), lambda r: r)
-        self.run.parts(lambda answer: self.sent.append(answer.body))
+        self.failed: list = []
+        self.run.parts(lambda answer: self.sent.append(answer.body), self.failed.append)
 
     def inThread(self, f, job):
         d = Deferred()
@@ -454,3 +467,170 @@ class SpeechRunTests(SynchronousTestCase):
         self.speak(2)
         self.assertEqual([t for t, _ in self.calls], ["It costs 3.", "It costs 3.5 euros.", "Bye"])
         self.assertEqual(len(self.sent), 2)
+
+
+OKAY = {"protocol": 2, "farm": "f", "ping_interval": 10.0, "max_frame": 1 << 20,
+        "max_job_bytes": 10_000_000, "stream": {"max_s": 600, "idle_s": 15}}
+
+
+class SealedPieceTests(SynchronousTestCase):
+    """
+    A farm that joins, cuts or moves a sealed stream's pieces (their
+    records still open, in order) is caught: each piece says, sealed, what
+    it is and how many bytes follow its fields.
+    """
+
+    def setUp(self) -> None:
+        exchange = Exchange()
+        connectionKey, offer = exchange.node().offer()
+        clock = Clock()
+        clock.advance(reactor.seconds())
+        self.consumer = ConsumerProtocol("stt", clock=clock)
+        self.transport = StringTransport()
+        self.consumer.makeConnection(self.transport)
+        self.consumer.dataReceived(b"who" + controlFrame(b"OKAY", OKAY))
+        self.transport.clear()
+        self.parts: list = []
+        self.stream = self.consumer.stream(
+            JobRequest("stt", STT, "en", 0, "pcm_s16le", stream=True),
+            lambda fields, data: self.parts.append(fields), exchange.policy(),
+        )
+        [job] = FrameDecoder().feed(self.transport.value())
+        ephemeral = json.loads(job.payload)["seal"]["ephemeral"]
+        self.consumer.dataReceived(controlFrame(b"ASGN", {"id": "j1", "seal": offer.fields()}))
+        keys = nodeKeys(connectionKey, "j1", decodeKey(ephemeral))
+        self.sealer = StreamSealer(keys.result, RESULT)
+
+    def piece(self, kind: str, **fields) -> list[bytes]:
+        return self.sealer.seal(packed(dict(fields, piece=kind, bytes=0)))
+
+    def send(self, verb: bytes, records: list[bytes]) -> None:
+        size = sum(map(len, records))
+        self.consumer.dataReceived(controlFrame(verb, {"id": "j1", "sealed": True, "size": size}))
+        self.consumer.dataReceived(encodeFrame(b"DATA", b"".join(records)))
+
+    def test_pieces(self) -> None:
+        self.send(b"PART", self.piece("part", text="one", final=True))
+        self.send(b"PART", self.piece("part", text="two", final=True))
+        self.stream.end()
+        self.send(b"RSLT", self.piece("answer", text="one two") + self.sealer.close())
+        self.assertEqual([p["text"] for p in self.parts], ["one", "two"])
+        self.assertEqual(self.successResultOf(self.stream.done).fields["text"], "one two")
+
+    def test_joined(self) -> None:
+        both = self.piece("part", text="one", final=True) + self.piece("part", text="two", final=True)
+        self.send(b"PART", both)
+        self.failureResultOf(self.stream.done, SealRefused)
+        self.assertEqual(self.parts, [])
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_movedIntoTheAnswer(self) -> None:
+        records = self.piece("part", text="only the last bit", final=True)
+        records += self.piece("answer", text="the whole transcript") + self.sealer.close()
+        self.stream.end()
+        self.send(b"RSLT", records)
+        self.failureResultOf(self.stream.done, SealRefused)
+
+
+class ReviewedTests(TestCase):
+    """
+    What a review of streams found, each shown fixed.
+    """
+
+    async def test_producerLostAfterAssign(self) -> None:
+        """
+        A producer's no_producer once the stream flowed does not start the
+        stream over as a whole job (on what is left of it).
+        """
+        from privox.api.errors import Unavailable
+        from privox.api.farmstreams import FarmStream
+        from privox.messages import Okay, StreamLimits
+
+        class Flowing:
+            assigned = True
+            done: Deferred = Deferred()
+
+            def write(self, data: bytes) -> None:
+                pass
+
+            def end(self) -> None:
+                pass
+
+        flowing = Flowing()
+
+        class Connection:
+            okay = Okay("f", 10, 1 << 20, 10 ** 7, 0, StreamLimits(600, 15))
+
+            def stream(self, request, onPart, seal):
+                return flowing
+
+        async def place(service, send, deadline):
+            return await send(Connection(), deadline, None)
+
+        wholes: list = []
+
+        async def whole(data, seconds):
+            wholes.append(data)
+
+        stream = FarmStream(place, "stt", JobRequest("stt", STT, None, 0, "pcm_s16le", stream=True),
+                            60, whole, reactor)
+        stream.write(b"A" * 10)
+        flowing.done.errback(JobFailed("no_producer", "a hostile producer says so", "j1"))
+        stream.end()
+        await self.assertFailure(stream.done, Unavailable)
+        self.assertEqual(wholes, [])
+
+    def test_emptyFinal(self) -> None:
+        """
+        An empty final (a partial that came to nothing) is no segment: the
+        utterances the producer had not given as pieces are still heard.
+        """
+        from privox.api.farms import _Transcription
+
+        class Placed:
+            onPart = None
+            done: Deferred = Deferred()
+
+        placed = Placed()
+        heard: list[Heard] = []
+        _Transcription(placed, STT, "en", heard.append)
+        placed.onPart({"text": "uh", "final": False, "start": 0, "end": 1}, b"")
+        placed.onPart({"text": "", "final": True, "start": 0, "end": 1}, b"")
+        placed.onPart({"text": "hello", "final": True, "start": 2, "end": 3}, b"")
+        placed.done.callback(JobResult("j", {"text": "hello bye", "segments": [
+            {"start": 2, "end": 3, "text": "hello"}, {"start": 4, "end": 5, "text": "bye"}]}))
+        self.assertEqual([h.text for h in heard if h.final], ["", "hello", "bye"])
+
+    def test_partsCounted(self) -> None:
+        """
+        PARTs' own bytes count against max_job_bytes: a producer cannot
+        flood its consumer with PARTs of no size.
+        """
+        farm = FarmStreamTests("test_relayed")
+        farm.setUp()  # max_job_bytes 10_000
+        consumer, producer, jobId = farm.assigned()
+        for _ in range(3):
+            producer.send(b"PART", {"id": jobId, "text": "x" * 5000, "final": False})
+        self.assertTrue(producer.closed)
+
+    def test_sealedJobReplayed(self) -> None:
+        """
+        A node refuses a sealed job its connection has seen (a farm
+        replaying it would have it answered under the same keys).
+        """
+        exchange = Exchange()
+        node = ProducerProtocol("stt", "pk", DigestHandler((STT,)), exchange.node())
+        transport = StringTransport()
+        node.makeConnection(transport)
+        node.dataReceived(b"who" + controlFrame(b"OKAY", OKAY))
+        ephemeral = Ephemeral()
+        job = {"model": STT, "language": None, "size": 100, "format": "auto",
+               "seal": {"ephemeral": encodeKey(ephemeral.public)}}
+        transport.clear()
+        node.dataReceived(controlFrame(b"JOB_", dict(job, id="a" * 16)))
+        self.assertEqual(transport.value(), b"")  # taken: the upload is awaited
+        node.dataReceived(controlFrame(b"CNCL", {"id": "a" * 16}))
+        transport.clear()
+        node.dataReceived(controlFrame(b"JOB_", dict(job, id="b" * 16)))
+        [fail] = FrameDecoder().feed(transport.value())
+        self.assertEqual((fail.verb, json.loads(fail.payload)["error"]), (b"FAIL", "seal_broken"))

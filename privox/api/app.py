@@ -240,11 +240,16 @@ class PrivoxAPI:
             request, self._limit(request), self.access, self.runInThread
         )
         done.caller = form.caller
-        done.model = self.models.openaiSttModel(form.model, form.language)
+        model = done.model = self.models.openaiSttModel(form.model, form.language)
         if form.stream:
             return await streamTranscript(
-                request, self.live, self.runInThread, form.caller, done.model, form.language,
+                request, self.live, self.runInThread, form.caller, model, form.language,
                 form.audio,
+                lambda: self._transcribe(
+                    form.caller, model, form.language, form.audio,
+                    prompt=form.prompt, temperature=form.temperature,
+                ),
+                asWhole=form.prompt is not None or form.temperature is not None,
             )
         result = await self._transcribe(
             form.caller, done.model, form.language, form.audio,

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Any, Awaitable, Callable
+from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IReactorTime
@@ -53,7 +53,14 @@ from privox.api.errors import (
     fromFailCode,
 )
 from privox.api.exchange import Heard, LiveSpeech, LiveTranscription, Transcribed, readSegments
-from privox.api.farmstreams import FarmStream, heardOf, spokenOf, wholeWav
+from privox.api.farmstreams import (
+    FarmStream,
+    SealBrokenMidStream,
+    Whole,
+    heardOf,
+    spokenOf,
+    wholeWav,
+)
 from privox.api.farmhealth import farmHealth
 from privox.api.farmlist import FarmEntry, weightedChoice
 from privox.api.farmpool import Dialing, Expired, FarmPool, Unreachable, race
@@ -134,7 +141,8 @@ class _Transcription:
     def _part(self, fields: dict[str, Any], data: bytes) -> None:
         heard = heardOf(fields)
         if heard is not None:
-            self._finals += heard.final
+            # An empty final (a partial that came to nothing) is no segment.
+            self._finals += heard.final and bool(heard.text)
             self._heard(heard)
 
     def _ended(self, result: JobResult, model: str, language: str | None) -> Transcribed:
@@ -301,14 +309,14 @@ class FarmExchange:
     ) -> LiveTranscription:
         request = JobRequest("stt", model, language, 0, "pcm_s16le", stream=True)
 
-        async def whole(pcm: bytes) -> JobResult:
+        async def whole(pcm: bytes, seconds: float) -> JobResult:
             return await self._request(
                 "stt",
                 lambda conn, timeout, seal: conn.stt(
                     model, wholeWav(pcm), language=language, format="wav", timeout_s=timeout,
                     seal=seal,
                 ),
-                deadline,
+                seconds,
             )
 
         return _Transcription(self._stream("stt", request, deadline, whole), model, language, heard)
@@ -323,14 +331,14 @@ class FarmExchange:
     ) -> LiveSpeech:
         request = JobRequest("tts", model, language, 0, voice=voice, stream=True)
 
-        async def whole(text: bytes) -> JobResult:
+        async def whole(text: bytes, seconds: float) -> JobResult:
             result = await self._request(
                 "tts",
                 lambda conn, timeout, seal: conn.tts(
                     model, text.decode("utf-8", "replace"), voice=voice, language=language,
                     timeout_s=timeout, seal=seal,
                 ),
-                deadline,
+                seconds,
             )
             try:
                 pcm, rate = wavPCM(result.data)
@@ -346,11 +354,11 @@ class FarmExchange:
         service: str,
         request: JobRequest,
         deadline: float,
-        whole: Callable[[bytes], Awaitable[JobResult]],
+        whole: Whole,
     ) -> FarmStream:
         if self.stopped:
             raise Unavailable("the API is shutting down")
-        return FarmStream(self._request, service, request, deadline, whole)
+        return FarmStream(self._request, service, request, deadline, whole, self.clock)
 
     def health(self) -> dict[str, Any]:
         return {
@@ -543,6 +551,15 @@ class FarmExchange:
                 farm=state.entry.name,
                 service=service,
             )
+            raise
+        except SealBrokenMidStream as e:
+            log.warn(
+                "farm {farm} {service}: a sealed stream broke ({why})",
+                farm=state.entry.name,
+                service=service,
+                why=e.message,
+            )
+            state.health.failed(self.clock.seconds(), "broke a seal")
             raise
         except Unresponsive as e:
             # Frozen or cut off: other requests should not wait on it either.

@@ -19,12 +19,14 @@ import math
 from typing import Any, Awaitable, Callable
 
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from privox.api.errors import ApiError, NoProducer, fromFailCode
+from privox.api.errors import ApiError, NoProducer, TimedOut, Unavailable, fromFailCode
+from privox.api.farmpool import Expired, race
 from privox.api.exchange import Heard
 from privox.consumer import ConsumerProtocol, JobFailed, JobResult, Stream
-from privox.messages import JobRequest
+from privox.messages import ErrorCode, JobRequest
 from privox.peer import ConnectionClosed
 from privox.sealing import SealPolicy
 from privox.wav import pcmToWav
@@ -35,11 +37,20 @@ log = Logger()
 MIN_RATE, MAX_RATE = 8000, 96000
 #: Places a job: (service, sender, deadline) -> the result (FarmExchange._request).
 Placer = Callable[[str, Callable[..., Deferred[JobResult]], float], Awaitable[JobResult]]
+#: The whole upload as one job, within the seconds given.
+Whole = Callable[[bytes, float], Awaitable[JobResult]]
 
 
 class CannotStream(Exception):
     """
     The farm takes no streaming jobs (an older farm).
+    """
+
+
+class SealBrokenMidStream(ApiError):
+    """
+    Sealed content did not open once the stream was under way: the farm
+    is not to be used for a while, and the stream cannot move elsewhere.
     """
 
 
@@ -50,7 +61,8 @@ class FarmStream:
     with the final L{JobResult}.
 
     @param whole: what to do instead with the whole upload (joined), once
-        ended, when a farm takes no streams.
+        ended, within the seconds left, where no farm or producer takes
+        streams.
     """
 
     def __init__(
@@ -59,9 +71,11 @@ class FarmStream:
         service: str,
         request: JobRequest,
         deadline: float,
-        whole: Callable[[bytes], Awaitable[JobResult]],
+        whole: Whole,
+        clock: IReactorTime,
     ) -> None:
         self._request = request
+        self._clock = clock
         self.onPart: Callable[[dict[str, Any], bytes], None] = lambda fields, data: None
         self._whole = whole
         #: Written, while no producer has the stream yet (another farm may
@@ -70,18 +84,28 @@ class FarmStream:
         self._ended = False
         self._endedWaiting: Deferred[None] | None = None
         self._stream: Stream | None = None
+        #: Whether a producer ever had the stream (then it cannot go whole).
+        self._flowed = False
         self.done: Deferred[JobResult] = Deferred.fromCoroutine(
             self._run(place, service, deadline)
         )
 
     async def _run(self, place: Placer, service: str, deadline: float) -> JobResult:
+        endsBy = self._clock.seconds() + deadline
         try:
             return await place(service, self._start, deadline)
         except (CannotStream, NoProducer):
-            if not self._ended:
-                self._endedWaiting = Deferred()
-                await self._endedWaiting
-            return await self._whole(b"".join(self._written))
+            if self._flowed:
+                raise
+        self._stream = None
+        if not self._ended:
+            self._endedWaiting = Deferred()
+            try:
+                await race(self._clock, self._endedWaiting, endsBy)
+            except Expired:
+                raise TimedOut(f"the stream did not end within {deadline:g} s") from None
+        remaining = max(0.001, endsBy - self._clock.seconds())
+        return await self._whole(b"".join(self._written), remaining)
 
     def _start(
         self, conn: ConsumerProtocol, timeout: float, seal: SealPolicy | None
@@ -101,11 +125,19 @@ class FarmStream:
         return stream.done.addErrback(self._failed, stream)
 
     def _failed(self, failure: Any, stream: Stream) -> Any:
-        # Before ASGN another farm may take the stream; after, it is lost.
+        # Before its content flows another farm may take the stream (a
+        # node whose seal does not hold included); after, it is lost.
         if not stream.assigned or failure.check(CancelledError):
             return failure
+        self._flowed = True
         if failure.check(JobFailed):
-            raise fromFailCode(failure.value.code, failure.value.message)
+            code, message = failure.value.code, failure.value.message
+            if code == ErrorCode.SEAL_BROKEN:
+                raise SealBrokenMidStream(message)
+            error = fromFailCode(code, message)
+            # Not "no producer" (the whole job would start over on what is
+            # left): the one it had is gone.
+            raise Unavailable(message) if isinstance(error, NoProducer) else error
         if failure.check(ConnectionClosed):
             raise ApiError("the connection to the farm broke mid-stream")
         return failure
@@ -117,6 +149,7 @@ class FarmStream:
         if stream is None or not stream.assigned:
             self._written.append(data)
         else:
+            self._flowed = True
             self._written = []
         if stream is not None:
             stream.write(data)

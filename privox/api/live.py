@@ -75,8 +75,18 @@ class LiveJobs:
         @param need: the audio's seconds, where they are known (a file).
         """
         grant, need = await self._hold(caller, need)
-        live = self.exchange.transcribeLive(model, language, need + DEADLINE_MARGIN, heard)
-        return _ChargedTranscription(live, grant, need)
+        charged: _ChargedTranscription
+
+        def metered(piece: Heard) -> None:
+            charged.heard(piece, heard)
+
+        try:
+            live = self.exchange.transcribeLive(model, language, need + DEADLINE_MARGIN, metered)
+        except BaseException:
+            await grant.release()
+            raise
+        charged = _ChargedTranscription(live, grant, need)
+        return charged
 
     async def speak(
         self,
@@ -99,7 +109,13 @@ class LiveJobs:
         def metered(pcm: bytes, rate: int) -> None:
             charged.spoken(pcm, rate, spoken)
 
-        live = self.exchange.synthesizeLive(model, language, voice, need + DEADLINE_MARGIN, metered)
+        try:
+            live = self.exchange.synthesizeLive(
+                model, language, voice, need + DEADLINE_MARGIN, metered
+            )
+        except BaseException:
+            await grant.release()
+            raise
         charged = _ChargedSpeech(live, grant, need)
         return charged
 
@@ -115,7 +131,9 @@ def _released(grant: Grant, failure: Failure) -> Deferred[Any]:
 class _ChargedTranscription:
     """
     A live STT job that ends itself at the seconds it holds, and settles
-    the seconds sent.
+    the seconds sent: when it succeeds, and when it fails or is given up
+    after something was heard (else a client could take the captions and
+    then make the job fail).
     """
 
     def __init__(self, live: LiveTranscription, grant: Grant, need: float) -> None:
@@ -123,14 +141,20 @@ class _ChargedTranscription:
         self._limit = int(need * BYTES_PER_SECOND) & ~1
         self._sent = 0
         self._ended = False
+        self._heard = False
         self.done: Deferred[Transcribed] = live.done.addCallbacks(
             lambda result: _settled(grant, self._sent / BYTES_PER_SECOND, result),
-            lambda failure: _released(grant, failure),
+            lambda failure: _settled(grant, self._sent / BYTES_PER_SECOND, failure)
+            if self._heard else _released(grant, failure),
         )
+
+    def heard(self, piece: Heard, deliver: Callable[[Heard], None]) -> None:
+        self._heard = True
+        deliver(piece)
 
     def write(self, pcm: bytes) -> None:
         room = self._limit - self._sent
-        if room <= 0:
+        if room <= 0 or self._ended:
             return
         pcm = pcm[:room]
         self._sent += len(pcm)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import base64
 import json
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
@@ -24,7 +24,7 @@ from twisted.web.iweb import IRequest
 
 from privox.api.access import Caller
 from privox.api.errors import ApiError, BadInput
-from privox.api.exchange import Heard
+from privox.api.exchange import Heard, Transcribed
 from privox.api.forms import Upload
 from privox.api.live import LiveJobs
 from privox.api.speech import CONTENT_TYPES, SpeechEncoder, SpeechEncodingError
@@ -70,12 +70,23 @@ async def streamTranscript(
     model: str,
     language: str | None,
     audio: Upload,
+    whole: Callable[[], Awaitable[Transcribed]],
+    asWhole: bool = False,
 ) -> bytes:
     """
     The transcript of C{audio} as server-sent events, utterance by
-    utterance. Errors before the first event are raised, as usual.
+    utterance. Errors before the first event are raised, as usual. Audio
+    longer than a live job may be (or C{asWhole}: what a live job cannot
+    take, a prompt...) is transcribed by C{whole}, and its text sent as one
+    delta.
     """
     pcm = await runInThread(pcm16k, audio.data, audio.format)
+    if asWhole or len(pcm) / 32000 > live.maxSeconds:
+        result = await whole()
+        _startEvents(request)
+        return sseEvent({"type": "transcript.text.delta", "delta": result.text}) + sseEvent(
+            {"type": "transcript.text.done", "text": result.text}
+        )
     started = False
 
     def heard(piece: Heard) -> None:

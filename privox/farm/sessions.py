@@ -305,7 +305,10 @@ class ProducerSession(Session):
             raise ProtocolViolation("PART outside a streaming job's answer")
         if fields.get("id") != job.id:
             raise ProtocolViolation("PART for another job id")
+        # Its JSON counts too: a producer may not flood the consumer with
+        # PARTs of no size.
         size = self._counted(resultSize(fields))
+        self._counted(len(raw))
         self._resultRemaining, self._partRemaining = size, bool(size)
         job.events.partial(raw)
 

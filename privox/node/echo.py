@@ -96,7 +96,7 @@ class _Echoing:
         self._text = bytearray(job.get("text") or "", "utf-8")
         self._send: PartSink = lambda answer: None
 
-    def parts(self, send: PartSink) -> None:
+    def parts(self, send: PartSink, fail: Any) -> None:
         self._send = send
 
     def feed(self, chunk: bytes) -> None:

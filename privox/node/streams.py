@@ -23,12 +23,15 @@ import re
 from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
 
 from privox.engines.base import STTJob, TTSJob, checkText
-from privox.engines.errors import EngineError
+from privox.engines.errors import Cancelled, EngineError
 from privox.messages import MAX_TEXT, ErrorCode
-from privox.node.worker import Answer, PartSink
+from privox.node.worker import Answer, FailSink, PartSink
 from privox.wav import BadWav, wavPCM
+
+log = Logger()
 
 #: Runs a blocking call in the node's thread pool (metered): a Deferred.
 InThread = Callable[..., Deferred[Any]]
@@ -64,6 +67,7 @@ class LiveRun:
         self._answer = answer
         self._report = report
         self._send: PartSink = lambda answer: None
+        self._tell: FailSink = lambda error: None
         self._waiting = bytearray()
         self._busy = True  # until the engine's transcription exists
         self._ended: Deferred[Answer] | None = None
@@ -71,8 +75,8 @@ class LiveRun:
         self._transcription: Any = None
         inThread(engine.liveTranscription, job).addCallbacks(self._started, self._failed)
 
-    def parts(self, send: PartSink) -> None:
-        self._send = send
+    def parts(self, send: PartSink, fail: FailSink) -> None:
+        self._send, self._tell = send, fail
 
     def _started(self, transcription: Any) -> None:
         self._transcription = transcription
@@ -82,6 +86,14 @@ class LiveRun:
         self._failure = failure
         self._busy = False
         self._waiting = bytearray()
+        # The consumer is told now (the job is answered), not at the end.
+        if failure.check(Cancelled):
+            pass  # the job is answered already
+        elif failure.check(EngineError):
+            self._tell(failure.value)
+        else:
+            log.failure("a live transcription failed", failure)
+            self._tell(EngineError("the engine failed", ErrorCode.ENGINE_ERROR))
         self._wrapUp()
 
     def feed(self, chunk: bytes) -> None:
@@ -200,6 +212,7 @@ class SpeechRun:
         self._job = job
         self._report = report
         self._send: PartSink = lambda answer: None
+        self._tell: FailSink = lambda error: None
         self._decoder = codecs.getincrementaldecoder("utf-8")()
         self._cutter = SentenceCutter()
         self._said = 0  # characters taken, against MAX_TEXT
@@ -212,8 +225,8 @@ class SpeechRun:
         #: after it says whether it is.
         self._guess: _Sentence | None = None
 
-    def parts(self, send: PartSink) -> None:
-        self._send = send
+    def parts(self, send: PartSink, fail: FailSink) -> None:
+        self._send, self._tell = send, fail
         if self._first:
             self._take(self._first)
 
@@ -260,6 +273,7 @@ class SpeechRun:
         if self._failure is None:
             self._failure = error
             self._job.stop.set()
+            self._tell(error)
 
     def _queue(self, sentence: _Sentence) -> None:
         self._chain.addCallback(lambda _: self._speak(sentence))

@@ -44,6 +44,10 @@ from privox.sealing import (
 
 log = Logger()
 
+#: Sealed jobs one connection takes before it is closed, when idle, for a
+#: new one (and a new key): what bounds the memory of those already seen.
+MAX_SEALED_PER_CONNECTION = 100_000
+
 
 @dataclass(frozen=True)
 class Answer:
@@ -68,11 +72,17 @@ class JobRun(Protocol):
 
 #: Where a streaming run sends the pieces of its answer, as they come.
 PartSink = Callable[[Answer], None]
+#: Where it says, as soon as it knows, that the job cannot succeed.
+FailSink = Callable[[EngineError], None]
 
 
 class StreamRun(JobRun, Protocol):
-    def parts(self, send: PartSink) -> None:
-        "Where the pieces go (set once, before any chunk is fed)."
+    def parts(self, send: PartSink, fail: FailSink) -> None:
+        """
+        Where the pieces go, and where a failure is told at once (the job
+        is then answered with FAIL, whatever is still to come); set once,
+        before any chunk is fed.
+        """
 
 
 class JobHandler(Protocol):
@@ -147,11 +157,11 @@ class SealedRun:
         self._unpacker = Unpacker()
         self._run: JobRun | None = None
         self._failure: Failure | None = None
-        self._parts: PartSink | None = None
+        self._parts: tuple[PartSink, FailSink] | None = None
         self.keys = keys
 
-    def parts(self, send: PartSink) -> None:
-        self._parts = send
+    def parts(self, send: PartSink, fail: FailSink) -> None:
+        self._parts = (send, fail)
 
     def feed(self, chunk: bytes) -> None:
         if self._failure is not None:
@@ -162,7 +172,7 @@ class SealedRun:
                 if self._run is None and self._unpacker.fields is not None:
                     self._run = self._handler.start(dict(self._job, **self._content()))
                     if self._parts is not None:
-                        typing.cast(StreamRun, self._run).parts(self._parts)
+                        typing.cast(StreamRun, self._run).parts(*self._parts)
                 if body and self._run is not None:
                     self._run.feed(body)
         except SealBroken as e:
@@ -186,6 +196,8 @@ class SealedRun:
         self._failure = Failure(error)
         if self._run is not None:
             self._run.cancel()
+        if self._parts is not None:
+            self._parts[1](error)  # a stream is told now, not at its end
 
     def finish(self) -> Deferred[Answer]:
         if self._failure is None:
@@ -203,6 +215,15 @@ class SealedRun:
     def cancel(self) -> None:
         if self._run is not None:
             self._run.cancel()
+
+
+def _piece(answer: Answer, kind: str) -> bytes:
+    """
+    A sealed stream's piece, packed: its fields say, sealed, which piece it
+    is and how many bytes follow, so that the farm cannot join, cut or
+    move pieces (their records would still open) undetected.
+    """
+    return packed(dict(answer.fields, piece=kind, bytes=len(answer.body)))
 
 
 @dataclass
@@ -243,6 +264,8 @@ class ProducerProtocol(PeerProtocol):
             )
         )
         self.handler = handler
+        #: The consumers' keys of the sealed jobs taken on this connection.
+        self._sealedFor: set[bytes] = set()
         self._current: _Current | None = None
         self._idle: list[Deferred[None]] = []
         self._closeWhenIdle = False
@@ -310,7 +333,10 @@ class ProducerProtocol(PeerProtocol):
             sealer=StreamSealer(keys.result, RESULT) if stream and keys is not None else None,
         )
         if stream:
-            typing.cast(StreamRun, run).parts(lambda answer: self._part(current, answer))
+            typing.cast(StreamRun, run).parts(
+                lambda answer: self._part(current, answer),
+                lambda error: self._failNow(current, error),
+            )
         elif size == 0:
             self._finish(current)
 
@@ -323,6 +349,14 @@ class ProducerProtocol(PeerProtocol):
             keys = nodeKeys(self._connectionKey, jobId, ephemeral)
         except (IdentityError, SealBroken) as e:
             raise Unsealed(f"the job's seal: {e}") from None
+        # The same job sealed again (a farm replaying it) would be answered
+        # under the same keys and nonces: never.
+        if ephemeral in self._sealedFor:
+            raise Unsealed("a sealed job this connection has seen before")
+        if len(self._sealedFor) >= MAX_SEALED_PER_CONNECTION:
+            # A new connection has a new key; this one has served enough.
+            self._closeWhenIdle = True
+        self._sealedFor.add(ephemeral)
         return SealedRun(self.handler, fields, keys, size)
 
     def _refuse(self, jobId: str, error: EngineError) -> None:
@@ -342,7 +376,7 @@ class ProducerProtocol(PeerProtocol):
         if self._current is not current or current.cancelled:
             return  # answered, or cancelled: the piece is moot
         if current.sealer is not None:
-            records = current.sealer.seal(packed(answer.fields), answer.body)
+            records = current.sealer.seal(_piece(answer, "part"), answer.body)
             self.sendControl(
                 b"PART", {"id": current.id, "sealed": True, "size": sum(map(len, records))}
             )
@@ -355,12 +389,22 @@ class ProducerProtocol(PeerProtocol):
         if answer.body:
             self.sendData(answer.body)
 
+    def _failNow(self, current: _Current, error: EngineError) -> None:
+        """
+        A streaming job that cannot succeed: FAIL now (what still comes of
+        its upload is then stale, and dropped).
+        """
+        if self._current is not current or current.cancelled:
+            return
+        current.run.cancel()
+        self._answer(current, failPayload(current.id, error.code, error.message))
+
     def _answered(self, answer: Answer, current: _Current) -> None:
         if current.cancelled:
             self._answer(current, failPayload(current.id, ErrorCode.CANCELLED, "cancelled"))
             return
         if current.sealer is not None:
-            records = current.sealer.seal(packed(answer.fields), answer.body)
+            records = current.sealer.seal(_piece(answer, "answer"), answer.body)
             records += current.sealer.close()
             fields = {"id": current.id, "sealed": True, "size": sum(map(len, records))}
             if "duration_s" in answer.fields:

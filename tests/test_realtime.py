@@ -33,6 +33,7 @@ from privox.api.exchange import Heard, Transcribed
 from privox.api.models import DEFAULT_STT, DEFAULT_VOICES, ModelTable
 from privox.api.realtime import (
     MAX_PENDING_SECONDS,
+    RETRY_AFTER,
     RealtimeFactory,
     RealtimeResource,
     Resampler,
@@ -265,6 +266,22 @@ async def connect(
 
 async def tick(seconds: float = 0.05) -> None:
     await deferLater(reactor, seconds, lambda: None)
+
+
+class ShiftedClock:
+    """
+    The reactor's clock, its C{seconds} moved on by hand (its calls are
+    the reactor's): time passes for a session without a test waiting.
+    """
+
+    def __init__(self) -> None:
+        self.shift = 0.0
+
+    def seconds(self) -> float:
+        return reactor.seconds() + self.shift
+
+    def callLater(self, delay: float, f: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return reactor.callLater(delay, f, *args, **kwargs)
 
 
 class ProtocolTests(TestCase):
@@ -510,7 +527,8 @@ class ProtocolTests(TestCase):
     async def test_failure(self) -> None:
         """
         A job that fails is an error; audio is dropped until the client
-        commits; then the next append starts a job again.
+        commits (or the back-off is over: test_failureBacksOff); then the
+        next append starts a job again.
         """
         self.jobs.refuse = NoProducer("no producer serves whisper:tiny.en")
         client = await self.open()
@@ -527,6 +545,76 @@ class ProtocolTests(TestCase):
         [_, error] = await client.count("error", 2)
         self.assertEqual(error["error"]["message"], "the producer was lost")
         self.assertTrue(job.cancelled)
+
+    async def test_failureBacksOff(self) -> None:
+        """
+        A client that never commits (server VAD) is heard again after a
+        failure: audio is dropped for RETRY_AFTER from it, without a new
+        job or error; then the next append starts a job, its audio with
+        it. Each failure backs off again: one error, one try a back-off.
+        """
+        clock = ShiftedClock()
+        self.factory.clock = clock  # type: ignore[assignment]
+        self.jobs.refuse = NoProducer("no producer serves whisper:tiny.en")
+        client = await self.open()
+        updates = 0
+
+        async def handled() -> None:
+            # What the client sent before is handled once this is answered.
+            nonlocal updates
+            updates += 1
+            client.send("transcription_session.update", session={"input_audio_rate": 16000})
+            await client.count("transcription_session.updated", updates)
+
+        await handled()
+        client.append(tone(0.2, 16000))
+        [error] = await client.count("error")
+        self.assertEqual(error["error"]["code"], "no_capacity")
+        # Within the back-off: dropped, no try, no error.
+        clock.shift += RETRY_AFTER - 0.5
+        for _ in range(3):
+            client.append(tone(0.1, 16000))
+        await handled()
+        self.assertEqual((len(self.jobs.callers), len(client.of("error"))), (1, 1))
+        # After it: the next append starts a job, with its audio.
+        clock.shift += 0.5
+        audio = tone(0.3, 16000, hz=300)
+        client.append(audio)
+        job = await self.job()
+        await handled()
+        self.assertEqual(len(self.jobs.callers), 2)
+        self.assertEqual(bytes(job.audio), audio)
+        client.append(audio)
+        await handled()
+        self.assertEqual(bytes(job.audio), audio * 2)
+
+        # It fails (the exchange's stream idle timeout): one error, a new
+        # back-off counted from the failure.
+        clock.shift += 60
+        job.done.errback(ApiError("the stream was idle"))
+        [_, error] = await client.count("error", 2)
+        self.assertEqual(error["error"]["message"], "the stream was idle")
+        self.assertTrue(job.cancelled)
+        clock.shift += RETRY_AFTER - 0.5
+        client.append(audio)
+        await handled()
+        self.assertEqual((len(self.jobs.callers), len(client.of("error"))), (2, 2))
+        # A try that fails again backs off again: one error, one try.
+        clock.shift += 0.5
+        self.jobs.refuse = NoProducer("no producer serves whisper:tiny.en")
+        for _ in range(3):
+            client.append(audio)
+        await handled()
+        self.assertEqual((len(self.jobs.callers), len(client.of("error"))), (3, 3))
+        clock.shift += RETRY_AFTER
+        client.append(audio)
+        second = await self.job(2)
+        await handled()
+        self.assertEqual(bytes(second.audio), audio)
+        self.assertEqual((len(self.jobs.callers), len(client.of("error"))), (4, 3))
+        second.heard(Heard("heard again", True, 0.0, 0.3))
+        [completed] = await client.count("conversation.item.input_audio_transcription.completed")
+        self.assertEqual(completed["transcript"], "heard again")
 
     async def test_closeEndsJob(self) -> None:
         """

@@ -36,7 +36,14 @@ A job that reaches C{maxSeconds} is ended the same way and the next one
 started, so a session may run for as long as its caller's allowance lasts.
 While a job starts, or ends, the audio that comes is kept (at most
 L{MAX_PENDING_SECONDS}) for it, or for the next. A job that fails is
-reported as an C{error}; audio is then dropped until the client commits.
+reported as an C{error}; audio is then dropped for L{RETRY_AFTER} seconds
+from the failure, or until the client commits, whichever comes first; the
+next C{append} after that starts a new job. Clients that leave the cutting
+to the server never commit: a passing failure (the exchange's stream idle
+timeout after the client paused, a producer lost) must not leave them
+unheard. A failure is one C{error}, and a back-off one new try at most: an
+exchange with no producer for the model is not asked for a job, nor
+reported, at every append.
 C{clear} ends the job too, and drops what it has still to say. Closing
 the socket ends the job: what was sent is paid for, what is still heard is
 dropped.
@@ -95,6 +102,8 @@ log = Logger()
 MAX_MESSAGE = 1024 * 1024
 #: Audio kept for a job that is starting, or for the next while one ends.
 MAX_PENDING_SECONDS = 30.0
+#: Seconds audio is dropped after a job fails, before an append tries again.
+RETRY_AFTER = 2.0
 #: Seconds a socket may stay silent, with no job, before it is closed.
 IDLE_TIMEOUT = 300.0
 #: Messages a client may send before its key is checked.
@@ -286,6 +295,9 @@ class Session(TypingProtocol):
     def failed(self, error: ApiError) -> None:
         "The job failed, or could not start."
 
+    def retry(self, pcm: bytes) -> None:
+        "The back-off after a failure is over: C{pcm} starts a new job."
+
     def lost(self) -> None:
         "The socket is gone."
 
@@ -322,6 +334,9 @@ class RealtimeProtocol(WebSocketServerProtocol):
         self._jobBytes = 0
         self._offset = 0.0
         self._discard = False
+        # When the last job failed (the session's clock): audio is dropped
+        # for RETRY_AFTER from it.
+        self._failedAt = 0.0
         # The job was ended at its longest: what comes goes to the next.
         self._rolled = False
         self._overflowed = False
@@ -752,6 +767,19 @@ class RealtimeProtocol(WebSocketServerProtocol):
         if job is not None:
             job.cancel()
 
+    def backOff(self) -> None:
+        "A job failed: audio is dropped for a while, counted from now."
+        self._failedAt = self.factory.clock.seconds()
+
+    def dropped(self, pcm: bytes) -> None:
+        """
+        Audio after a failure: dropped during the back-off; after it, it
+        starts a new job (a client that never commits is heard again).
+        """
+        if self.factory.clock.seconds() - self._failedAt >= self.factory.retryAfter:
+            assert self.session is not None
+            self.session.retry(pcm)
+
     def _jobDone(self) -> None:
         self._offset += self._jobBytes / (RATE * 2)
         self._token = None
@@ -825,13 +853,14 @@ starting = _builder.state("starting")
 startingEnded = _builder.state("startingEnded")
 running = _builder.state("running")
 ending = _builder.state("ending")
-# A job failed: audio is dropped until the client commits.
+# A job failed: audio is dropped until the back-off is over, or the client
+# commits.
 discarding = _builder.state("discarding")
 closed = _builder.state("closed")
 _STATES = [idle, starting, startingEnded, running, ending, discarding, closed]
 _INPUTS = [
     Session.append, Session.commit, Session.started, Session.heard, Session.finished,
-    Session.failed, Session.lost,
+    Session.failed, Session.retry, Session.lost,
 ]
 _transitions = Transitions()
 _on = _transitions.on
@@ -909,12 +938,24 @@ def _finished(session: Session, p: RealtimeProtocol, result: Transcribed) -> Non
 @_on([starting, running], Session.failed, discarding)
 def _failed(session: Session, p: RealtimeProtocol, error: ApiError) -> None:
     p.fail(error)
+    p.backOff()
 
 
 @_on([startingEnded, ending], Session.failed, idle)
 def _failedEnding(session: Session, p: RealtimeProtocol, error: ApiError) -> None:
     p.fail(error)
     p.startNext()
+
+
+@_on([discarding], Session.append)
+def _drop(session: Session, p: RealtimeProtocol, pcm: bytes) -> None:
+    p.dropped(pcm)
+
+
+@_on([discarding], Session.retry, starting)
+def _retry(session: Session, p: RealtimeProtocol, pcm: bytes) -> None:
+    # As from idle: the one try this back-off allows.
+    p.openJob(pcm)
 
 
 @_on([discarding], Session.commit, idle)
@@ -933,8 +974,7 @@ def _lostRunning(session: Session, p: RealtimeProtocol) -> None:
 
 
 def _ignore(session: Session, p: RealtimeProtocol, *ignored: object) -> None:
-    # Audio after a failure, news of a job that is over, anything once the
-    # socket is gone.
+    # News of a job that is over, anything once the socket is gone.
     pass
 
 
@@ -949,7 +989,8 @@ _newSession = build(_builder)
 class RealtimeFactory(WebSocketServerFactory):
     """
     Realtime sessions, served by C{jobs} for the callers C{access} lets in,
-    with the models of C{models}. Knows its open sessions.
+    with the models of C{models}, on C{clock}; after a job fails, a session
+    drops audio for C{retryAfter} seconds. Knows its open sessions.
     """
 
     protocol = RealtimeProtocol
@@ -963,6 +1004,7 @@ class RealtimeFactory(WebSocketServerFactory):
         blurUsage: bool = False,
         idleTimeout: float = IDLE_TIMEOUT,
         maxMessage: int = MAX_MESSAGE,
+        retryAfter: float = RETRY_AFTER,
     ) -> None:
         super().__init__(server="Privox")
         self.jobs = jobs
@@ -971,6 +1013,7 @@ class RealtimeFactory(WebSocketServerFactory):
         self.clock = clock
         self.blurUsage = blurUsage
         self.idleTimeout = idleTimeout
+        self.retryAfter = retryAfter
         self.sessions: set[RealtimeProtocol] = set()
         self.defaults = Settings(
             DEFAULT_MODEL, None, "", RATES[0], models.openaiSttModel(DEFAULT_MODEL, None)

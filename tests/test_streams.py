@@ -11,7 +11,7 @@ import json
 import random
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -370,6 +370,24 @@ class ExchangeStreamTests(TestCase):
         self.assertGreater(seconds, 0)
 
 
+class Sink:
+    """
+    A L{StreamSink} that keeps what it is given; writable when told.
+    """
+
+    def __init__(self, send, fail) -> None:
+        self.send = send
+        self.fail = fail
+        self.blocked: list | None = None
+
+    def writable(self) -> Deferred:
+        if self.blocked is None:
+            return succeed(None)
+        d: Deferred = Deferred()
+        self.blocked.append(d)
+        return d
+
+
 class LiveRunTests(SynchronousTestCase):
     """
     L{LiveRun}'s order of work, with the thread pool's calls held by hand.
@@ -399,7 +417,7 @@ class LiveRunTests(SynchronousTestCase):
         run = LiveRun(self.inThread, engine, STTJob(STT, None, "pcm_s16le", 0),
                       lambda t: Answer({"text": t}), lambda r: r)
         sent: list = []
-        run.parts(sent.append, self.fail)
+        run.parts(Sink(sent.append, self.fail))
         run.feed(b"ab")
         run.feed(b"cd")
         answer = run.finish()
@@ -430,7 +448,8 @@ class SpeechRunTests(SynchronousTestCase):
         from privox.engines.base import TTSJob
         self.run = SpeechRun(self.inThread, engine, TTSJob(TTS, None, None, ""), lambda r: r)
         self.failed: list = []
-        self.run.parts(lambda answer: self.sent.append(answer.body), self.failed.append)
+        self.sink = Sink(lambda answer: self.sent.append(answer.body), self.failed.append)
+        self.run.parts(self.sink)
 
     def inThread(self, f, job):
         d = Deferred()
@@ -454,6 +473,18 @@ class SpeechRunTests(SynchronousTestCase):
         self.speak(1)
         self.assertEqual(len(self.sent), 2)
         self.assertEqual(self.successResultOf(answer).fields["content_type"], "audio/pcm")
+
+    def test_heldBack(self) -> None:
+        """
+        While the farm reads nothing of what was sent, no sentence is made.
+        """
+        self.sink.blocked = []
+        self.run.feed(b"One. Two. ")
+        self.assertEqual(self.calls, [])
+        [d] = self.sink.blocked
+        self.sink.blocked = None
+        d.callback(None)
+        self.assertEqual([t for t, _ in self.calls], ["One."])
 
     def test_guessDropped(self) -> None:
         self.run.feed(b"It costs 3.")

@@ -13,7 +13,7 @@ from typing import Any, Callable
 from twisted.internet.defer import Deferred, succeed
 
 from privox.engines.digest import digestOf, fingerprint, toneFor
-from privox.node.worker import Answer, Collected, JobRun, PartSink
+from privox.node.worker import Answer, Collected, JobRun, StreamSink
 from privox.wav import wavPCM, wavSeconds
 
 
@@ -94,10 +94,14 @@ class _Echoing:
         # The farm forwards C{format} with STT jobs only.
         self._tts = "format" not in job
         self._text = bytearray(job.get("text") or "", "utf-8")
-        self._send: PartSink = lambda answer: None
+        self._sink: StreamSink | None = None
 
-    def parts(self, send: PartSink, fail: Any) -> None:
-        self._send = send
+    def parts(self, sink: StreamSink) -> None:
+        self._sink = sink
+
+    def _send(self, answer: Answer) -> None:
+        if self._sink is not None:
+            self._sink.send(answer)
 
     def feed(self, chunk: bytes) -> None:
         self._digesting.feed(chunk)

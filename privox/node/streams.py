@@ -28,7 +28,7 @@ from twisted.logger import Logger
 from privox.engines.base import STTJob, TTSJob, checkText
 from privox.engines.errors import Cancelled, EngineError
 from privox.messages import MAX_TEXT, ErrorCode
-from privox.node.worker import Answer, FailSink, PartSink
+from privox.node.worker import Answer, StreamSink
 from privox.wav import BadWav, wavPCM
 
 log = Logger()
@@ -66,8 +66,7 @@ class LiveRun:
         self._job = job
         self._answer = answer
         self._report = report
-        self._send: PartSink = lambda answer: None
-        self._tell: FailSink = lambda error: None
+        self._sink: StreamSink | None = None
         self._waiting = bytearray()
         self._busy = True  # until the engine's transcription exists
         self._ended: Deferred[Answer] | None = None
@@ -75,8 +74,8 @@ class LiveRun:
         self._transcription: Any = None
         inThread(engine.liveTranscription, job).addCallbacks(self._started, self._failed)
 
-    def parts(self, send: PartSink, fail: FailSink) -> None:
-        self._send, self._tell = send, fail
+    def parts(self, sink: StreamSink) -> None:
+        self._sink = sink
 
     def _started(self, transcription: Any) -> None:
         self._transcription = transcription
@@ -87,13 +86,13 @@ class LiveRun:
         self._busy = False
         self._waiting = bytearray()
         # The consumer is told now (the job is answered), not at the end.
-        if failure.check(Cancelled):
+        if failure.check(Cancelled) or self._sink is None:
             pass  # the job is answered already
         elif failure.check(EngineError):
-            self._tell(failure.value)
+            self._sink.fail(failure.value)
         else:
             log.failure("a live transcription failed", failure)
-            self._tell(EngineError("the engine failed", ErrorCode.ENGINE_ERROR))
+            self._sink.fail(EngineError("the engine failed", ErrorCode.ENGINE_ERROR))
         self._wrapUp()
 
     def feed(self, chunk: bytes) -> None:
@@ -118,7 +117,8 @@ class LiveRun:
 
     def _heard(self, partials: list[Any]) -> None:
         for partial in partials:
-            self._send(Answer(dataclasses.asdict(partial)))
+            if self._sink is not None:
+                self._sink.send(Answer(dataclasses.asdict(partial)))
         self._next()
 
     def _wrapUp(self) -> None:
@@ -211,8 +211,7 @@ class SpeechRun:
         self._engine = engine
         self._job = job
         self._report = report
-        self._send: PartSink = lambda answer: None
-        self._tell: FailSink = lambda error: None
+        self._sink: StreamSink | None = None
         self._decoder = codecs.getincrementaldecoder("utf-8")()
         self._cutter = SentenceCutter()
         self._said = 0  # characters taken, against MAX_TEXT
@@ -225,8 +224,8 @@ class SpeechRun:
         #: after it says whether it is.
         self._guess: _Sentence | None = None
 
-    def parts(self, send: PartSink, fail: FailSink) -> None:
-        self._send, self._tell = send, fail
+    def parts(self, sink: StreamSink) -> None:
+        self._sink = sink
         if self._first:
             self._take(self._first)
 
@@ -273,7 +272,8 @@ class SpeechRun:
         if self._failure is None:
             self._failure = error
             self._job.stop.set()
-            self._tell(error)
+            if self._sink is not None:
+                self._sink.fail(error)
 
     def _queue(self, sentence: _Sentence) -> None:
         self._chain.addCallback(lambda _: self._speak(sentence))
@@ -286,7 +286,10 @@ class SpeechRun:
         except EngineError:
             return None  # punctuation alone: nothing to say
         job = dataclasses.replace(self._job, text=sentence.text)
-        d = self._inThread(self._engine.synthesize, job)
+        # The next sentence is made once the farm takes more: a consumer
+        # that stops reading holds the synthesis back, not the audio.
+        d = self._sink.writable() if self._sink is not None else succeed(None)
+        d.addCallback(lambda _: self._inThread(self._engine.synthesize, job))
         d.addCallback(self._spoken, sentence)
         d.addErrback(lambda f: self._fail(f.value if f.check(EngineError) else EngineError(
             "the engine failed", ErrorCode.ENGINE_ERROR)))
@@ -309,10 +312,12 @@ class SpeechRun:
         (pcm, rate), sentence.audio = sentence.audio, None
         self._rate = rate
         self._seconds += len(pcm) / 2 / rate
-        self._send(Answer(
-            {"content_type": "audio/pcm", "rate": rate, "duration_s": round(len(pcm) / 2 / rate, 3)},
-            pcm,
-        ))
+        if self._sink is not None:
+            self._sink.send(Answer(
+                {"content_type": "audio/pcm", "rate": rate,
+                 "duration_s": round(len(pcm) / 2 / rate, 3)},
+                pcm,
+            ))
 
     def finish(self) -> Deferred[Answer]:
         rest = self._cutter.rest()

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.interfaces import IPushProducer
+from zope.interface import implementer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -70,19 +72,28 @@ class JobRun(Protocol):
         "The consumer went away; the answer will be discarded: stop working."
 
 
-#: Where a streaming run sends the pieces of its answer, as they come.
-PartSink = Callable[[Answer], None]
-#: Where it says, as soon as it knows, that the job cannot succeed.
-FailSink = Callable[[EngineError], None]
+class StreamSink(Protocol):
+    """
+    Where a streaming run's answer goes while its upload still comes.
+    """
+
+    def send(self, answer: Answer) -> None:
+        "A piece of the answer (PART, and its bytes)."
+
+    def fail(self, error: EngineError) -> None:
+        "The job cannot succeed: it is answered with FAIL now."
+
+    def writable(self) -> Deferred[None]:
+        """
+        Fires once the farm takes more (at once, unless it is not reading
+        what was sent): work that makes large pieces waits for it, so a
+        consumer that does not read holds the work back, not memory.
+        """
 
 
 class StreamRun(JobRun, Protocol):
-    def parts(self, send: PartSink, fail: FailSink) -> None:
-        """
-        Where the pieces go, and where a failure is told at once (the job
-        is then answered with FAIL, whatever is still to come); set once,
-        before any chunk is fed.
-        """
+    def parts(self, sink: StreamSink) -> None:
+        "Where the answer goes (set once, before any chunk is fed)."
 
 
 class JobHandler(Protocol):
@@ -157,11 +168,11 @@ class SealedRun:
         self._unpacker = Unpacker()
         self._run: JobRun | None = None
         self._failure: Failure | None = None
-        self._parts: tuple[PartSink, FailSink] | None = None
+        self._sink: StreamSink | None = None
         self.keys = keys
 
-    def parts(self, send: PartSink, fail: FailSink) -> None:
-        self._parts = (send, fail)
+    def parts(self, sink: StreamSink) -> None:
+        self._sink = sink
 
     def feed(self, chunk: bytes) -> None:
         if self._failure is not None:
@@ -171,8 +182,8 @@ class SealedRun:
                 body = self._unpacker.feed(plain)
                 if self._run is None and self._unpacker.fields is not None:
                     self._run = self._handler.start(dict(self._job, **self._content()))
-                    if self._parts is not None:
-                        typing.cast(StreamRun, self._run).parts(*self._parts)
+                    if self._sink is not None:
+                        typing.cast(StreamRun, self._run).parts(self._sink)
                 if body and self._run is not None:
                     self._run.feed(body)
         except SealBroken as e:
@@ -196,8 +207,8 @@ class SealedRun:
         self._failure = Failure(error)
         if self._run is not None:
             self._run.cancel()
-        if self._parts is not None:
-            self._parts[1](error)  # a stream is told now, not at its end
+        if self._sink is not None:
+            self._sink.fail(error)  # a stream is told now, not at its end
 
     def finish(self) -> Deferred[Answer]:
         if self._failure is None:
@@ -241,6 +252,26 @@ class _Current:
     sealer: StreamSealer | None = None
 
 
+class _Sink:
+    """
+    A streaming job's L{StreamSink} on its connection.
+    """
+
+    def __init__(self, protocol: ProducerProtocol, current: _Current) -> None:
+        self._protocol = protocol
+        self._current = current
+
+    def send(self, answer: Answer) -> None:
+        self._protocol._part(self._current, answer)
+
+    def fail(self, error: EngineError) -> None:
+        self._protocol._failNow(self._current, error)
+
+    def writable(self) -> Deferred[None]:
+        return self._protocol.writable()
+
+
+@implementer(IPushProducer)
 class ProducerProtocol(PeerProtocol):
     """
     @param sealer: where this connection's seal offer comes from (the
@@ -266,6 +297,8 @@ class ProducerProtocol(PeerProtocol):
         self.handler = handler
         #: The consumers' keys of the sealed jobs taken on this connection.
         self._sealedFor: set[bytes] = set()
+        #: While the farm reads none of what we send: who waits to send more.
+        self._blocked: list[Deferred[None]] | None = None
         self._current: _Current | None = None
         self._idle: list[Deferred[None]] = []
         self._closeWhenIdle = False
@@ -273,6 +306,28 @@ class ProducerProtocol(PeerProtocol):
     @property
     def busy(self) -> bool:
         return self._current is not None
+
+    # Backpressure for streaming answers (registered while one runs; a TLS
+    # transport does not close while a producer is registered).
+
+    def pauseProducing(self) -> None:
+        if self._blocked is None:
+            self._blocked = []
+
+    def resumeProducing(self) -> None:
+        waiting, self._blocked = self._blocked or [], None
+        for d in waiting:
+            d.callback(None)
+
+    def stopProducing(self) -> None:
+        self.resumeProducing()  # closing: what waits learns it from the job
+
+    def writable(self) -> Deferred[None]:
+        if self._blocked is None:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._blocked.append(d)
+        return d
 
     def frameReceived(self, frame: Frame) -> None:
         current = self._current
@@ -333,10 +388,9 @@ class ProducerProtocol(PeerProtocol):
             sealer=StreamSealer(keys.result, RESULT) if stream and keys is not None else None,
         )
         if stream:
-            typing.cast(StreamRun, run).parts(
-                lambda answer: self._part(current, answer),
-                lambda error: self._failNow(current, error),
-            )
+            # The farm's reading of the answer paces the work (writable).
+            self.transport.registerProducer(self, True)
+            typing.cast(StreamRun, run).parts(_Sink(self, current))
         elif size == 0:
             self._finish(current)
 
@@ -441,6 +495,9 @@ class ProducerProtocol(PeerProtocol):
         if self._current is not current:
             return  # already answered (cancelled mid-upload)
         self._current = None
+        if current.stream and self.transport is not None:
+            self.transport.unregisterProducer()
+            self.resumeProducing()
         self.sendControl(verb, fields)
         if any(body):
             self.sendData(*body)

@@ -392,3 +392,45 @@ class ModelNameTests(SynchronousTestCase):
         self.assertIn("coqui:tts_models/en/vctk/vits=/path/to/dir", message)
         store = Path(os.environ["TTS_HOME"])
         self.assertFalse(store.exists() and any(store.iterdir()))
+
+
+class StreamingTests(SynchronousTestCase):
+    """
+    Coqui speaks a stream sentence by sentence, as every TTS engine does
+    through the node (privox.node.streams.SpeechRun): text in pieces in,
+    each sentence's samples out as soon as it is complete.
+    """
+
+    def test_sentences(self) -> None:
+        from twisted.internet.defer import maybeDeferred, succeed
+
+        from privox.engines.base import TTSJob
+        from privox.node.streams import SpeechRun
+
+        engine = loaded("single")
+        parts: list = []
+        failures: list = []
+
+        class Sink:
+            send = parts.append
+            fail = failures.append
+
+            def writable(self):
+                return succeed(None)
+
+        run = SpeechRun(
+            lambda f, *a: maybeDeferred(f, *a), engine, TTSJob("coqui:tiny-vits", None, None, ""),
+            lambda result: result,
+        )
+        run.parts(Sink())
+        run.feed("Hello there. How ".encode())
+        self.assertEqual(len(parts), 1)  # the first sentence, before the text ends
+        run.feed("are you?".encode())
+        answer = self.successResultOf(run.finish())
+        self.assertEqual((len(parts), failures), (2, []))
+        for part in parts:
+            self.assertEqual((part.fields["content_type"], part.fields["rate"]), ("audio/pcm", RATE))
+            self.assertGreater(len(part.body), RATE // 10)
+        self.assertAlmostEqual(
+            answer.fields["duration_s"], sum(len(p.body) / 2 / RATE for p in parts), places=2
+        )

@@ -54,6 +54,7 @@ bench: $(STAMP)
 	PYTHONPATH=. $(PY) bench/log_format.py
 	PYTHONPATH=. $(PY) bench/sealing.py
 	PYTHONPATH=. $(PY) bench/wyoming.py
+	PYTHONPATH=. $(PY) bench/fanout.py
 
 # The long reliability runs (issue 9): load and fault scenarios scaled up;
 # prints figures. `make soak SOAK_SECONDS=60` for a shorter run.

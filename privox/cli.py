@@ -1,7 +1,9 @@
 """
 The C{privox} command: a client of the exchange's HTTP API.
 
-  - C{privox stt FILE} prints what the file says;
+  - C{privox stt FILE} prints what the file says (a long recording, which
+    the API cuts into pieces transcribed at once, with a progress bar of
+    pieces done on stderr where that is a terminal);
   - C{privox tts "TEXT" -o out.wav} writes speech to a WAV file;
   - C{privox caption} reads 16 kHz mono s16le PCM from stdin (e.g.
     C{arecord -f S16_LE -r 16000 -c 1 | privox caption}), streams it to the
@@ -71,6 +73,9 @@ from privox.wav import BadWav, readWavHeader, wavSeconds
 
 #: Where the API is when neither C{--api} nor C{$PRIVOX_API} says.
 DEFAULT_API = "http://127.0.0.1:8080"
+#: Files longer than this many seconds are transcribed with a progress bar
+#: on a terminal (the API's default C{--fanout-above}).
+PROGRESS_ABOVE = 60.0
 #: Seconds a request may take (C{--timeout}).
 DEFAULT_TIMEOUT = 120.0
 
@@ -84,14 +89,85 @@ _EXIT_USAGE = 2
 async def runStt(reactor: Any, args: argparse.Namespace) -> None:
     audio = readFile(args.file)
     client = PrivoxClient(reactor, args.api, args.key, args.timeout)
+    name = os.path.basename(args.file) or "audio"
+    width = None if args.json else barWidth()
     try:
-        text = await client.stt(
-            audio, os.path.basename(args.file) or "audio", args.quality, args.language, args.json
-        )
+        if width is not None and (audioSeconds(audio) or 0) > PROGRESS_ABOVE:
+            bar = ProgressBar(sys.stderr, width)
+            try:
+                text = await client.sttProgress(
+                    audio, name, args.quality, args.language, bar.show
+                )
+            finally:
+                bar.clear()
+        else:
+            text = await client.stt(audio, name, args.quality, args.language, args.json)
     finally:
         await client.close()
     sys.stdout.write(text.strip() + "\n")
     sys.stdout.flush()
+
+
+def audioSeconds(audio: bytes) -> float | None:
+    """
+    How long a file is, from its header (a WAV's, or a container's as PyAV
+    reads it), without decoding it; L{None} where that does not say.
+    """
+    seconds = wavSeconds(audio)
+    if seconds is not None:
+        return seconds
+    try:
+        import io
+
+        import av
+
+        with av.open(io.BytesIO(audio)) as container:
+            duration = container.duration
+    except Exception:
+        return None
+    return duration / 1_000_000 if duration else None
+
+
+def barWidth() -> int | None:
+    """
+    The columns of stderr, where it is a terminal that can draw a bar.
+    """
+    if not sys.stderr.isatty() or os.environ.get("TERM") == "dumb":
+        return None
+    return shutil.get_terminal_size().columns
+
+
+def progressLine(done: int, total: int, width: int) -> str:
+    """
+    C{[#####     ] 5/10 pieces} in at most C{width - 1} columns.
+    """
+    label = f" {done}/{total} pieces"
+    room = max(width - 1 - len(label) - 2, 0)
+    filled = room * done // total if total else 0
+    bar = f"[{'#' * filled}{' ' * (room - filled)}]" if room >= 4 else ""
+    return (bar + label)[: max(width - 1, 0)]
+
+
+class ProgressBar:
+    """
+    Pieces done of a long transcription, redrawn in place on a terminal.
+    """
+
+    def __init__(self, out: Any, width: int) -> None:
+        self.out = out
+        self.width = width
+        self.shown = False
+
+    def show(self, done: int, total: int) -> None:
+        self.out.write("\r\x1b[K" + progressLine(done, total, self.width))
+        self.out.flush()
+        self.shown = True
+
+    def clear(self) -> None:
+        if self.shown:
+            self.out.write("\r\x1b[K")
+            self.out.flush()
+            self.shown = False
 
 
 async def runTts(reactor: Any, args: argparse.Namespace) -> None:

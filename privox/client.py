@@ -11,9 +11,10 @@ import io
 import json
 import mimetypes
 from http import HTTPStatus
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import urlsplit
 
+from treq import collect
 from treq.client import HTTPClient
 from twisted.internet import error as netError
 from twisted.internet.defer import CancelledError, Deferred
@@ -74,6 +75,74 @@ class PrivoxClient:
             headers=headers,
         )
         return body.decode("utf-8", "replace")
+
+    async def sttProgress(
+        self,
+        audio: bytes,
+        filename: str,
+        quality: str | None,
+        language: str | None,
+        progress: Callable[[int, int], None],
+    ) -> str:
+        """
+        C{POST /v1/audio/transcriptions} with C{stream=true}: the transcript,
+        C{progress(done, total)} hearing of each C{privox.progress} event
+        (pieces of a long recording transcribed) as it comes. C{timeout}
+        here is the longest the API may stay silent, not the whole request.
+        """
+        fields = {"stream": "true", "language": language or "en"}
+        if quality:
+            fields["model"] = quality
+        headers = {"Authorization": f"Bearer {self.key}"} if self.key else {}
+        contentType = mimetypes.guess_type(filename)[0] or "application/octet-stream"
+        events = _Events(progress)
+        timer: Any = None
+        timedOut = False
+
+        def timeOut() -> None:
+            nonlocal timedOut
+            timedOut = True
+            d.cancel()
+
+        def heard(data: bytes) -> None:
+            timer.reset(self.timeout)
+            events.feed(data)
+
+        async def request() -> tuple[Any, bytes]:
+            response = await self._http.request(
+                "POST", self.api + "/v1/audio/transcriptions", data=fields,
+                files={"file": (filename, contentType, io.BytesIO(audio))}, headers=headers,
+            )
+            if response.code != 200 or not (
+                (response.headers.getRawHeaders("content-type") or [""])[0]
+                .startswith("text/event-stream")
+            ):
+                return response, await response.content()
+            await collect(response, heard)
+            return response, b""
+
+        d = Deferred.fromCoroutine(request())
+        timer = self.reactor.callLater(self.timeout, timeOut)
+        try:
+            response, body = await d
+        except Exception as e:
+            if timedOut:
+                raise CliError(
+                    f"no word from the Privox API at {self.api} for {self.timeout:g} s"
+                ) from None
+            if isinstance(e, CancelledError):
+                raise
+            raise CliError(connectionProblem(self.api, e)) from None
+        finally:
+            if timer.active():
+                timer.cancel()
+        if response.code != 200:
+            raise CliError(httpProblem(response, body))
+        if body:
+            raise CliError(
+                f"the Privox API at {self.api} answered a streamed transcription with no events"
+            )
+        return events.result(self.api)
 
     async def tts(self, text: str, voice: str | None = None, language: str | None = None) -> bytes:
         """
@@ -169,6 +238,55 @@ class PrivoxClient:
 
     async def close(self) -> None:
         await self._pool.closeCachedConnections()
+
+
+class _Events:
+    """
+    A transcription's server-sent events, read as they arrive.
+    """
+
+    def __init__(self, progress: Callable[[int, int], None]) -> None:
+        self._progress = progress
+        self._buffer = b""
+        self._deltas: list[str] = []
+        self._text: str | None = None
+        self._error: str | None = None
+
+    def feed(self, data: bytes) -> None:
+        self._buffer += data.replace(b"\r\n", b"\n")
+        *events, self._buffer = self._buffer.split(b"\n\n")
+        for event in events:
+            for line in event.split(b"\n"):
+                if line.startswith(b"data:"):
+                    self._event(line[5:].strip())
+
+    def _event(self, data: bytes) -> None:
+        try:
+            event = json.loads(data)
+        except ValueError:
+            return
+        if not isinstance(event, dict):
+            return
+        kind = event.get("type")
+        if kind == "privox.progress":
+            done, total = event.get("done"), event.get("total")
+            if isinstance(done, int) and isinstance(total, int) and 0 <= done <= total:
+                self._progress(done, total)
+        elif kind == "transcript.text.delta" and isinstance(event.get("delta"), str):
+            self._deltas.append(event["delta"])
+        elif kind == "transcript.text.done" and isinstance(event.get("text"), str):
+            self._text = event["text"]
+        elif kind == "error":
+            error = event.get("error")
+            message = error.get("message") if isinstance(error, dict) else None
+            self._error = oneLine(str(message or "error"))[:300]
+
+    def result(self, api: str) -> str:
+        if self._error is not None:
+            raise CliError(f"{self._error} (the Privox API at {api}, mid-stream)")
+        if self._text is None:
+            raise CliError(f"the Privox API at {api} ended the transcript before it was done")
+        return self._text
 
 
 def connectionProblem(api: str, e: Exception) -> str:

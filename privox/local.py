@@ -99,6 +99,10 @@ class LocalSettings:
     deadline_per_second: float = setting(
         1.0, "Seconds added to --deadline per second of audio (STT) or of speech (TTS)."
     )
+    fanout: int = setting(8, "Pieces of a long recording transcribed at once.")
+    fanout_above: float = setting(
+        60.0, "Recordings longer than this many seconds are cut into pieces of about 30 s."
+    )
     blur_usage: bool = setting(False, "Round sizes and times in log lines (privacy).")
     e2e: str = setting(
         REQUIRED,
@@ -142,6 +146,8 @@ class Options(_BaseOptions):  # type: ignore[misc,valid-type]
             raise usage.UsageError("--keys applies only with --accounts none")
         if s.slots < 1:
             raise usage.UsageError("--slots must be at least 1")
+        if s.fanout < 1 or s.fanout_above <= 0:
+            raise usage.UsageError("--fanout must be at least 1, --fanout-above positive")
         if s.e2e not in MODES:
             raise usage.UsageError(f"--e2e must be one of {', '.join(MODES)}")
         wyomingError = wyoming.optionError(s.wyoming_listen, s.wyoming_zeroconf)
@@ -175,6 +181,8 @@ def apiSettings(s: LocalSettings) -> ApiSettings:
         max_upload=s.max_upload,
         deadline=s.deadline,
         deadline_per_second=s.deadline_per_second,
+        fanout=s.fanout,
+        fanout_above=s.fanout_above,
         e2e=s.e2e,
         stt_model=tuple(f"{quality} {stt} {stt}" for quality in QUALITIES),
         voice=tuple(f"{name} {tts}" for name in voices),
@@ -281,7 +289,7 @@ class LocalExchange(MultiService):
             self._reactor,
             deadline=api.deadline,
             attempts=1,
-            poolSize=s.slots * 2,
+            poolSize=max(s.slots * 2, s.fanout),
             seal=seal,
         )
         api, site = buildApi(

@@ -52,6 +52,7 @@ from privox.api.errors import (
     errorBody,
 )
 from privox.api.exchange import Exchange, Transcribed
+from privox.api.fanout import DEFAULT_AT_ONCE, FanOut, InOrder, Progress
 from privox.api.farmstatus import unserved
 from privox.api.live import LiveJobs
 from privox.api.ledger import readLedger
@@ -61,7 +62,7 @@ from privox.api.pages import frontPage, static, statusHtml
 from privox.api.realtime import realtimeResource
 from privox.api.site import ApiSite, bodyLimit
 from privox.api.speech import CONTENT_TYPES, SpeechEncodingError, encodeSpeech
-from privox.api.streaming import streamSpeech, streamTranscript
+from privox.api.streaming import pcm16k, streamSpeech, streamTranscript
 from privox.audiofile import MAX_DECODED_SECONDS, BadFile, uploadSeconds
 from privox.logs import logFigures
 from privox.messages import TRANSLATE
@@ -75,6 +76,10 @@ DEFAULT_MAX_UPLOAD = 200 * 1024 * 1024
 #: that it is settled, not expired, when the job ends just in time; and an
 #: API that died mid-request holds nothing much longer than that).
 HOLD_MARGIN = 5.0
+
+#: Audio longer than this many seconds is cut into pieces transcribed by
+#: several producers at once (L{privox.api.fanout}; C{--fanout-above}).
+DEFAULT_FANOUT_ABOVE = 60.0
 
 #: Runs C{f(*args)} in a thread and fires with its result.
 Runner = Callable[..., Any]
@@ -130,6 +135,8 @@ class PrivoxAPI:
         deadlinePerSecond: float = 1.0,
         exchangeKey: ExchangeKey | None = None,
         sealRequired: bool = False,
+        fanout: int = DEFAULT_AT_ONCE,
+        fanoutAbove: float = DEFAULT_FANOUT_ABOVE,
     ) -> None:
         """
         @param registry: where the request series go and what C{/metrics}
@@ -153,6 +160,11 @@ class PrivoxAPI:
         @param exchangeKey: the exchange's signing key, which
             C{/v1/exchange} publishes and C{/v1/enroll} certifies nodes
             with; without one both answer 404.
+        @param fanout: pieces of a long recording in flight at once.
+        @param fanoutAbove: recordings longer than this many seconds are
+            cut into pieces of about 30 s transcribed at once
+            (L{privox.api.fanout}), each with the deadline of its own
+            length.
         """
         if clock is None:
             from twisted.internet import reactor as clock
@@ -177,6 +189,8 @@ class PrivoxAPI:
         self.runInThread = runInThread
         self.exchangeKey = exchangeKey
         self.sealRequired = sealRequired
+        self.fanoutAbove = fanoutAbove
+        self.fanout = FanOut(exchange, clock, runInThread, atOnce=fanout)
         #: Streaming jobs (the streaming routes, the Wyoming server).
         self.live = LiveJobs(exchange, access, clock)
         #: OpenAI's realtime transcription sessions, over a WebSocket.
@@ -250,6 +264,12 @@ class PrivoxAPI:
                     prompt=form.prompt, temperature=form.temperature,
                 ),
                 asWhole=form.prompt is not None or form.temperature is not None,
+                longAbove=self.fanoutAbove,
+                long=lambda pcm, progress, inOrder: self._transcribe(
+                    form.caller, model, form.language, form.audio,
+                    prompt=form.prompt, temperature=form.temperature,
+                    pcm=pcm, progress=progress, inOrder=inOrder,
+                ),
             )
         result = await self._transcribe(
             form.caller, done.model, form.language, form.audio,
@@ -376,7 +396,17 @@ class PrivoxAPI:
         prompt: str | None = None,
         temperature: float | None = None,
         words: bool = False,
+        pcm: bytes | None = None,
+        progress: Progress | None = None,
+        inOrder: InOrder | None = None,
     ) -> Transcribed:
+        """
+        The transcript of C{audio}, charged to C{caller}: held on its
+        allowance while the job runs, settled at the upload's length.
+        Audio longer than C{fanoutAbove} is fanned out (C{pcm}: the upload
+        already decoded to 16 kHz mono s16le, if it is), C{progress} and
+        C{inOrder} hearing of its pieces.
+        """
         # What the upload really is decides what it costs, whatever its
         # header or the producer says. Decoding costs CPU: not for a caller
         # with nothing left.
@@ -390,19 +420,44 @@ class PrivoxAPI:
                 raise BadInput(str(e)) from None
         deadline = self._deadline(seconds)
         grant = await self.access.admit(caller, seconds, deadline + HOLD_MARGIN)
-        result: Transcribed = await _charged(
-            grant,
-            self._within(
-                self.exchange.transcribe(
-                    model, language, audio.data, audio.format, deadline, task, prompt, temperature,
-                    words,
-                ),
-                seconds,
-                "of audio",
-            ),
-        )
+        if seconds > self.fanoutAbove:
+            work = self._fanOut(
+                audio, pcm, model, language, deadline, task, prompt, temperature, words,
+                progress, inOrder,
+            )
+        else:
+            work = self.exchange.transcribe(
+                model, language, audio.data, audio.format, deadline, task, prompt, temperature,
+                words,
+            )
+        result: Transcribed = await _charged(grant, self._within(work, seconds, "of audio"))
         await grant.settle(seconds)
         return dataclasses.replace(result, duration_s=seconds)
+
+    async def _fanOut(
+        self,
+        audio: forms.Upload,
+        pcm: bytes | None,
+        model: str,
+        language: str | None,
+        deadline: float,
+        task: str | None,
+        prompt: str | None,
+        temperature: float | None,
+        words: bool,
+        progress: Progress | None,
+        inOrder: InOrder | None,
+    ) -> Transcribed:
+        """
+        A long recording's transcript, its pieces transcribed at once
+        (L{privox.api.fanout}), each within the deadline of its length.
+        """
+        if pcm is None:
+            pcm = await self.runInThread(pcm16k, audio.data, audio.format)
+        return await self.fanout.transcribe(
+            pcm, model, language, deadline, self._deadline, task, prompt, temperature, words,
+            progress, inOrder,
+        )
 
     async def _synthesize(
         self, caller: Caller, model: str, language: str | None, voice: str | None, text: str

@@ -88,6 +88,14 @@ class ApiSettings:
     )
     attempts: int = setting(3, "Most distinct (non-fallback) farms tried per request.")
     pool_size: int = setting(4, "Most open connections per farm and service.")
+    fanout: int = setting(
+        8, "Pieces of a long recording transcribed at once, by as many producers."
+    )
+    fanout_above: float = setting(
+        60.0,
+        "Recordings longer than this many seconds are cut at silences into pieces of about"
+        " 30 s, transcribed at once.",
+    )
     stt_model: tuple[str, ...] = setting(
         DEFAULT_STT, "STT quality: 'QUALITY MODEL [ENGLISH-MODEL]'."
     )
@@ -292,6 +300,8 @@ def buildApi(
         blurUsage=settings.blur_usage,
         deadline=settings.deadline,
         deadlinePerSecond=settings.deadline_per_second,
+        fanout=settings.fanout,
+        fanoutAbove=settings.fanout_above,
         exchangeKey=exchangeKey,
         sealRequired=settings.e2e == REQUIRED,
     )
@@ -362,6 +372,8 @@ class Options(_BaseOptions):  # type: ignore[misc,valid-type]
             raise usage.UsageError("--hourly-seconds and --anonymous-seconds must not be negative")
         if s.attempts < 1 or s.pool_size < 1:
             raise usage.UsageError("--attempts and --pool-size must be at least 1")
+        if s.fanout < 1 or s.fanout_above <= 0:
+            raise usage.UsageError("--fanout must be at least 1, --fanout-above positive")
         if s.e2e not in MODES:
             raise usage.UsageError(f"--e2e must be one of {', '.join(MODES)}")
         if not s.exchange_key.strip():

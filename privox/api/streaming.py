@@ -3,7 +3,10 @@ Answers that stream over HTTP, as OpenAI's SDK reads them:
 
   - C{POST /v1/audio/transcriptions} with C{stream=true}: server-sent events,
     a C{transcript.text.delta} for each utterance as it is heard, then
-    C{transcript.text.done} with the whole text;
+    C{transcript.text.done} with the whole text; for a long recording, cut
+    into pieces transcribed at once (L{privox.api.fanout}), a Privox
+    C{privox.progress} event (C{done}, C{total} pieces) as pieces finish and
+    a delta for each piece's text, in order;
   - C{POST /v1/audio/speech}: the audio in chunks (chunked transfer) as each
     sentence is spoken, or with C{stream_format: "sse"} C{speech.audio.delta}
     events (base64 audio) and C{speech.audio.done}.
@@ -25,6 +28,7 @@ from twisted.web.iweb import IRequest
 from privox.api.access import Caller
 from privox.api.errors import ApiError, BadInput
 from privox.api.exchange import Heard, Transcribed
+from privox.api.fanout import InOrder, Piece, Progress
 from privox.api.forms import Upload
 from privox.api.live import LiveJobs
 from privox.api.speech import CONTENT_TYPES, SpeechEncoder, SpeechEncodingError
@@ -72,15 +76,21 @@ async def streamTranscript(
     audio: Upload,
     whole: Callable[[], Awaitable[Transcribed]],
     asWhole: bool = False,
+    longAbove: float | None = None,
+    long: Callable[[bytes, Progress, InOrder], Awaitable[Transcribed]] | None = None,
 ) -> bytes:
     """
     The transcript of C{audio} as server-sent events, utterance by
     utterance. Errors before the first event are raised, as usual. Audio
-    longer than a live job may be (or C{asWhole}: what a live job cannot
-    take, a prompt...) is transcribed by C{whole}, and its text sent as one
-    delta.
+    longer than C{longAbove} seconds is transcribed by C{long} (given the
+    decoded PCM, a progress and an in-order callback: see
+    L{streamPieces}). Audio longer than a live job may be (or C{asWhole}:
+    what a live job cannot take, a prompt...) is transcribed by C{whole},
+    and its text sent as one delta.
     """
     pcm = await runInThread(pcm16k, audio.data, audio.format)
+    if long is not None and longAbove is not None and len(pcm) / 32000 > longAbove:
+        return await streamPieces(request, pcm, long)
     if asWhole or len(pcm) / 32000 > live.maxSeconds:
         result = await whole()
         _startEvents(request)
@@ -109,6 +119,53 @@ async def streamTranscript(
         return _errorEvent(e)
     if not started:
         _startEvents(request)
+    return sseEvent({"type": "transcript.text.done", "text": result.text})
+
+
+async def streamPieces(
+    request: IRequest,
+    pcm: bytes,
+    long: Callable[[bytes, Progress, InOrder], Awaitable[Transcribed]],
+) -> bytes:
+    """
+    A long recording's transcript as its pieces finish: a
+    C{{"type": "privox.progress", "done": n, "total": m}} event each time
+    one does (the first, with C{done} 0, once it is cut and the job
+    admitted), a C{transcript.text.delta} with each piece's text in the
+    recording's order, then C{transcript.text.done}. A failure after the
+    first event ends the stream with an C{error} event.
+    """
+    started = False
+    spoke = False
+
+    def begin() -> None:
+        nonlocal started
+        if not started:
+            _startEvents(request)
+            started = True
+
+    def progress(done: int, total: int) -> None:
+        begin()
+        request.write(sseEvent({"type": "privox.progress", "done": done, "total": total}))
+
+    def inOrder(piece: Piece, result: Transcribed) -> None:
+        nonlocal spoke
+        text = result.text.strip()
+        if not text:
+            return
+        begin()
+        request.write(sseEvent({"type": "transcript.text.delta",
+                                "delta": (" " if spoke else "") + text}))
+        spoke = True
+
+    try:
+        result = await long(pcm, progress, inOrder)
+    except ApiError as e:
+        if not started:
+            raise
+        log.info("a streamed transcript was cut short: {why}", why=e.message)
+        return _errorEvent(e)
+    begin()
     return sseEvent({"type": "transcript.text.done", "text": result.text})
 
 

@@ -3,17 +3,25 @@ Engines that need no model: C{digest} (STT) answers with a fingerprint of
 the audio bytes, C{tone} (TTS) with a short WAV derived from the text. They
 let an operator smoke-test a farm and a node end to end, and let tests check
 that every answer belongs to its own request.
+
+C{sleep:RTF} (STT) takes time in proportion to the audio, as a real engine
+does: it sleeps C{RTF} seconds per second of audio (C{sleep:0.1}: a minute
+in 6 s), checking the job's stop as it goes, and answers with a
+fingerprint of the samples (L{sleepTranscript}) and one segment of the
+whole: for tests and benchmarks of fanning long recordings out
+(L{privox.api.fanout}).
 """
 
 from __future__ import annotations
 
 import hashlib
+import time
 from typing import Any
 
-from privox.engines.base import STTJob, Transcript, TTSJob
+from privox.engines.base import ModelNotFound, Segment, STTJob, Transcript, TTSJob
 from privox.engines.errors import EngineError
 from privox.messages import ErrorCode
-from privox.wav import pcmToWav
+from privox.wav import BadWav, pcmToWav, wavPCM
 
 
 def digestOf(data: bytes) -> str:
@@ -86,3 +94,57 @@ class ToneEngine:
         if not job.text.strip():
             raise EngineError("no text to speak", ErrorCode.BAD_REQUEST)
         return toneFor(job.text)
+
+
+#: The longest the sleep engine sleeps between two checks of a job's stop.
+SLEEP_STEP = 0.05
+
+
+def sleepTranscript(pcm: bytes, rate: int = 16000) -> str:
+    """
+    What the sleep engine says of C{pcm} (mono s16le samples at C{rate}).
+    """
+    return f"pcm:{hashlib.sha256(pcm).hexdigest()[:16]} seconds:{len(pcm) / 2 / rate:.2f}"
+
+
+class SleepEngine:
+    """
+    C{sleep:RTF}: sleeps C{RTF} seconds per second of audio (in the node's
+    thread pool, where every engine call runs), then answers with
+    L{sleepTranscript} of the WAV's samples (or of the bytes, taken as
+    16 kHz s16le, when they are not a WAV).
+    """
+
+    def __init__(self, model: str, path: str | None = None) -> None:
+        self.name = f"sleep:{model}"
+        self.languages: tuple[str, ...] = ()
+        self.translates = True
+        self._model = model
+        self.rtf = 0.0
+
+    def load(self) -> None:
+        try:
+            rtf = float(self._model)
+        except ValueError:
+            rtf = -1.0
+        if not 0 <= rtf <= 100:
+            raise ModelNotFound(
+                f"{self.name}: the model is the real-time factor, a number from 0 to 100"
+            )
+        self.rtf = rtf
+
+    def transcribe(self, job: STTJob, data: bytes) -> Transcript:
+        try:
+            pcm, rate = wavPCM(data)
+        except BadWav:
+            pcm, rate = data[: len(data) - len(data) % 2], 16000
+        seconds = len(pcm) / 2 / rate
+        until = time.monotonic() + self.rtf * seconds
+        while True:
+            job.stop.check()
+            left = until - time.monotonic()
+            if left <= 0:
+                break
+            time.sleep(min(left, SLEEP_STEP))
+        text = sleepTranscript(pcm, rate)
+        return Transcript(text, job.language, seconds, (Segment(0.0, round(seconds, 3), text),))

@@ -22,6 +22,8 @@ ENGINES: dict[str, tuple[str, str, str]] = {
     "coqui": ("privox.engines.coqui", "CoquiEngine", "tts"),
     "digest": ("privox.engines.digest", "DigestEngine", "stt"),
     "tone": ("privox.engines.digest", "ToneEngine", "tts"),
+    # sleep:RTF: sleeps RTF seconds per second of audio (tests, benchmarks).
+    "sleep": ("privox.engines.digest", "SleepEngine", "stt"),
 }
 
 

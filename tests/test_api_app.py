@@ -1117,6 +1117,33 @@ class OtherRouteTests(APITestCase):
         for model in listing["data"]:
             self.assertEqual((model["object"], model["owned_by"]), ("model", "privox"))
 
+    def test_modelsServedNow(self) -> None:
+        """
+        Where the farms' load is known, only the names whose model a
+        connected producer serves are listed, each with that model.
+        """
+        def load(stt: list[str], tts: list[str]) -> dict[str, Any]:
+            return {"services": {
+                service: {"models": {m: {"connected": 1, "sealing": 1} for m in models}}
+                for service, models in (("stt", stt), ("tts", tts))
+            }}
+
+        self.api.farmStatus = lambda: {"alpha": load(["whisper:tiny.en"], [])}
+        response, body = self.request("GET", "/v1/models")
+        listing = {m["id"]: m for m in json.loads(body)["data"]}
+        self.assertEqual(set(listing), {"whisper-1", "gpt-4o-transcribe",
+                                        "gpt-4o-mini-transcribe", "whisper:tiny.en"})
+        self.assertEqual(listing["whisper-1"]["privox_model"], "whisper:tiny.en")
+        self.assertTrue(all(m["served"] for m in listing.values()))
+
+    def test_modelHeader(self) -> None:
+        """
+        Every answer that ran a job says which model it went to.
+        """
+        response, body = self.post("/v1/audio/speech", json={"model": "tts-1", "input": "Hi."},
+                                   headers={"Authorization": f"Bearer {KEY}"})
+        self.assertEqual(self.header(response, "x-privox-model"), "coqui:tts_models/en/vctk/vits")
+
     def test_healthz(self) -> None:
         response, body = self.request("GET", "/healthz")
         self.assertEqual(response.code, 200)

@@ -65,6 +65,9 @@ class CancelledWorkTests(ProcessTestCase):
             "--stt-model", f"fast {STT} {STT}", "--voice", f"voice1 {TTS}",
             "--deadline", str(DEADLINE), "--deadline-per-second", "0",
             "--e2e", "off",  # no account store to enrol its node with
+            # One job, whole, so that its engine has work to be stopped in
+            # (long audio cut into pieces: tests/test_fanout.py).
+            "--fanout-above", "100000",
         )
         await api.waitFor(b"starting on %d" % port)
         return node, f"http://127.0.0.1:{port}"

@@ -100,12 +100,25 @@ _JS = b"text/javascript; charset=utf-8"
 
 class _Done:
     """
-    What a route did, for its log line.
+    What a route did, for its log line. The model it sends the job to is
+    also told to the client (C{X-Privox-Model}), as soon as it is chosen:
+    before a streamed answer's first byte.
     """
 
-    def __init__(self) -> None:
-        self.model: str | None = None
+    def __init__(self, request: IRequest) -> None:
+        self._request = request
+        self._model: str | None = None
         self.caller: Caller | None = None
+
+    @property
+    def model(self) -> str | None:
+        return self._model
+
+    @model.setter
+    def model(self, model: str | None) -> None:
+        self._model = model
+        if model is not None:
+            self._request.setHeader(b"X-Privox-Model", model.encode("utf-8", "replace"))
 
 
 Handler = Callable[[IRequest, _Done], Awaitable[bytes]]
@@ -373,16 +386,23 @@ class PrivoxAPI:
         return await self._serve(request, "/v1/models", self._models)
 
     async def _models(self, request: IRequest, done: _Done) -> bytes:
-        return _json(
-            request,
-            {
-                "object": "list",
-                "data": [
-                    {"id": name, "object": "model", "created": 0, "owned_by": "privox"}
-                    for name in self.models.models()
-                ],
-            },
-        )
+        """
+        The names a client may ask for whose model a connected producer
+        serves now (each with the farm model it goes to); every name the
+        tables know, with C{"served": null}, where no farm's load is known.
+        """
+        missing = (await self.statusReport()).get("unserved")
+        data = []
+        for name in self.models.models():
+            service, model = self.models.farmModel(name)
+            served = None if missing is None else model not in missing.get(service, ())
+            if served is False:
+                continue
+            data.append({
+                "id": name, "object": "model", "created": 0, "owned_by": "privox",
+                "privox_model": model, "service": service, "served": served,
+            })
+        return _json(request, {"object": "list", "data": data})
 
     # -- charging for jobs -------------------------------------------------
 
@@ -673,7 +693,7 @@ class PrivoxAPI:
         (unless C{quiet}: scrapes are counted, not logged).
         """
         started = self.clock.seconds()
-        done = _Done()
+        done = _Done(request)
         try:
             body = await handler(request, done)
         except ApiError as e:

@@ -184,6 +184,19 @@ class ModelTable:
         stt = {m for pair in self.stt.values() for m in pair} | set(self.sttLanguages.values())
         return {"stt": stt, "tts": {v.model for v in self.voices.values()}}
 
+    def farmModel(self, name: str) -> tuple[str, str]:
+        """
+        The service and the farm model a client's model name sends its job
+        to (OpenAI's names: the default quality, in English; the default
+        voice).
+        """
+        if name in OPENAI_TTS_MODELS:
+            return "tts", self.voice(None).model
+        if name in OPENAI_STT_MODELS:
+            return "stt", self.sttModel(None, None)
+        service = "tts" if name in self.byService()["tts"] else "stt"
+        return service, name
+
     def models(self) -> list[str]:
         """
         Every model name a client may ask for, for GET /v1/models.

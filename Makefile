@@ -53,6 +53,7 @@ bench: $(STAMP)
 	PYTHONPATH=. $(PY) bench/quota.py
 	PYTHONPATH=. $(PY) bench/log_format.py
 	PYTHONPATH=. $(PY) bench/sealing.py
+	PYTHONPATH=. $(PY) bench/speech_encoding.py
 	PYTHONPATH=. $(PY) bench/wyoming.py
 	PYTHONPATH=. $(PY) bench/fanout.py
 

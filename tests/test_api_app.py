@@ -1280,12 +1280,14 @@ class FormTests(SynchronousTestCase):
 
         class Bare:
             content = io.BytesIO(b"x" * 200)
+            path = b"/v1/audio/transcriptions"
 
             def getHeader(self, name: bytes) -> None:
                 return None
 
         e = self.assertRaises(TooLarge, forms.bodySize, Bare(), 100)
         self.assertIn("the request is 200 bytes; the limit is 100 bytes", e.message)
+        self.assertIn("--max-upload", e.message)
         self.assertEqual(forms.bodySize(Bare(), 200), 200)
 
     def test_goneClientsBody(self) -> None:

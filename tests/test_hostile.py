@@ -627,7 +627,10 @@ class HttpTests(SynchronousTestCase):
         self.assertTrue(written.startswith(b"HTTP/1.1 413 "), written)
         self.assertNotIn(b"100 Continue", written)
         self.assertIn(b"Connection: close", written)
-        self.assertTrue(written.endswith(b"the limit is 4096 bytes\n"), written)
+        self.assertTrue(
+            written.endswith(b"the limit is 4096 bytes (this API's --max-upload;"
+                             b" long recordings go to the farms in pieces)\n"), written
+        )
         # Within the cap, the invitation comes as before.
         body = b"--b--\r\n"
         written = rawRequest(

@@ -145,5 +145,8 @@ def errorBody(error: ApiError, openai: bool) -> tuple[bytes, bytes]:
     return b"text/plain; charset=utf-8", (message + "\n").encode("utf-8")
 
 
-def tooLarge(size: int, limit: int) -> TooLarge:
-    return TooLarge(f"the request is {size} bytes; the limit is {limit} bytes")
+def tooLarge(size: int, limit: int, name: str) -> TooLarge:
+    """
+    @param name: which limit it is (C{--max-upload}...), for the reason.
+    """
+    return TooLarge(f"the request is {size} bytes; the limit is {limit} bytes ({name})")

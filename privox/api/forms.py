@@ -42,6 +42,7 @@ from twisted.web.iweb import IRequest
 
 from privox.api.access import Access, Caller
 from privox.api.errors import BadInput, TooLarge, Unprocessable, tooLarge
+from privox.api.site import limitName
 from privox.api.speech import CONTENT_TYPES, DEFAULT_FORMAT, MAX_SPEED, MIN_SPEED
 from privox.audiofile import sniff
 from privox.languages import ANY, UnknownLanguage, languageCode
@@ -243,13 +244,13 @@ def bodySize(request: IRequest, maxUpload: int) -> int:
         except ValueError:
             length = 0  # twisted.web has already refused a malformed one
         if length > maxUpload:
-            raise tooLarge(length, maxUpload)
+            raise tooLarge(length, maxUpload, limitName(request.path))
     content = request.content
     content.seek(0, 2)
     size = content.tell()
     content.seek(0, 0)
     if size > maxUpload:
-        raise tooLarge(size, maxUpload)
+        raise tooLarge(size, maxUpload, limitName(request.path))
     return size
 
 

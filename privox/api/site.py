@@ -55,6 +55,18 @@ def routeOf(path: bytes) -> str:
     return route.decode("ascii") if route in KNOWN_ROUTES else "other"
 
 
+def limitName(path: bytes) -> str:
+    """
+    Which limit a request for C{path} is held to, for a 413's reason.
+    """
+    route = path.split(b"?", 1)[0]
+    if route in UPLOAD_ROUTES:
+        return "this API's --max-upload; long recordings go to the farms in pieces"
+    if route == LEDGER_ROUTE:
+        return "a ledger post's"
+    return "a form's"
+
+
 def bodyLimit(path: bytes, maxUpload: int) -> int:
     """
     The largest body a request for C{path} may bring.
@@ -121,7 +133,7 @@ class ApiChannel(PrivateHTTPChannel):
         )
         self.site.refused(route)
         contentType, body = errorBody(
-            tooLarge(size, limit), openai=self._path.startswith(b"/v1/")
+            tooLarge(size, limit, limitName(self._path)), openai=self._path.startswith(b"/v1/")
         )
         self.transport.write(
             b"HTTP/1.1 413 Request Entity Too Large\r\nContent-Type: %s\r\n"

@@ -207,7 +207,7 @@ class Farm:
             raise BadRequest("the farm is shutting down", ErrorCode.SHUTTING_DOWN)
         if request.size > s.max_job_bytes:
             raise BadRequest(
-                f"job of {request.size} bytes exceeds max_job_bytes {s.max_job_bytes}",
+                f"job of {request.size} bytes exceeds this farm's max_job_bytes {s.max_job_bytes}",
                 ErrorCode.TOO_LARGE,
             )
         if request.stream:

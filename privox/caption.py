@@ -269,6 +269,9 @@ class LiveCaptioner:
             piece = pcm[offset : offset + APPEND_BYTES]
             self._send("input_audio_buffer.append", audio=base64.b64encode(piece).decode("ascii"))
         self._sent += len(pcm)
+        # A job that ended by itself (the most one may hold) said "done"
+        # for its audio, not for what comes now.
+        self._done = False
         self._uncommitted = self._uncommitted or bool(pcm)
 
     def _commit(self) -> None:

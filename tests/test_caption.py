@@ -585,6 +585,22 @@ class LiveCaptionerTests(SynchronousTestCase):
         )
         self.assertTrue(socket.hungUp)
 
+    def test_doneForEarlierAudio(self) -> None:
+        """
+        A "done" for a job that ended by itself (at the most one holds)
+        does not end the caption: audio sent after it is still awaited.
+        """
+        captioner, socket = self.live()
+        captioner.feed(loud(1.0))
+        captioner.session.news({"type": "privox.transcription.done"})
+        captioner.feed(loud(2.0))
+        captioner.end()
+        self.clock.advance(1.0)
+        self.assertEqual(self.listener.reports, [])
+        captioner.session.news({"type": "privox.transcription.done"})
+        self.clock.advance(0)
+        self.assertEqual(self.listener.reports, [("linesDone", None)])
+
     def test_endOfNothing(self) -> None:
         """
         With no audio sent, nothing is committed (the API would refuse it)

@@ -260,13 +260,40 @@ class FanOutTests(SynchronousTestCase):
         self.assertEqual(len(self.exchange.jobs), 3)
         self.assertEqual(self.exchange.jobs[2][0], self.exchange.jobs[0][0])
         self.exchange.jobs[2][2].errback(NoProducer("none"))
-        self.clock.advance(1.0)
+        # Every producer is busy with this recording's other piece: the
+        # piece waits for it, no try spent (however long that takes).
+        self.clock.advance(5.0)
+        self.assertEqual(len(self.exchange.jobs), 3)
+        self.exchange.jobs[1][2].callback(Transcribed("x", "m", None, None))
+        self.assertEqual(self.exchange.jobs[3][0], self.exchange.jobs[0][0])
         self.exchange.jobs[3][2].errback(TimedOut("slow"))
         self.clock.advance(2.0)
         while any(not j[2].called for j in self.exchange.jobs):
             for audio, _, job in list(self.exchange.jobs):
                 if not job.called:
                     job.callback(Transcribed(str(len(self.exchange.jobs)), "m", None, None))
+        self.assertEqual(len(self.successResultOf(d).segments), 5)
+
+    def test_fewerProducersThanPieces(self) -> None:
+        """
+        One producer for a recording's pieces: those the farm finds no free
+        producer for wait for the running one, however often, and the job
+        completes (they do not spend their tries on it).
+        """
+        d = self.start()
+        for _ in range(4):
+            # The piece just sent finds no free producer; the one before it
+            # still runs.
+            self.exchange.jobs[-1][2].errback(NoProducer("none free"))
+            self.clock.advance(100.0)
+            self.assertNoResult(d)
+            [running] = [job for _, _, job in self.exchange.jobs if not job.called]
+            running.callback(Transcribed("x", "m", None, None))
+        while any(not j[2].called for j in self.exchange.jobs):
+            for audio, _, job in list(self.exchange.jobs):
+                if not job.called:
+                    job.callback(Transcribed("x", "m", None, None))
+                    break
         self.assertEqual(len(self.successResultOf(d).segments), 5)
 
     def test_givesUp(self) -> None:

@@ -391,7 +391,9 @@ class PrivoxAPI:
         serves now (each with the farm model it goes to); every name the
         tables know, with C{"served": null}, where no farm's load is known.
         """
-        missing = (await self.statusReport()).get("unserved")
+        status = await self.statusReport()
+        # A farm whose load is not known may serve what the others do not.
+        missing = None if any(f["load"] is None for f in status["farms"]) else status.get("unserved")
         data = []
         for name in self.models.models():
             service, model = self.models.farmModel(name)
@@ -440,17 +442,27 @@ class PrivoxAPI:
                 raise BadInput(str(e)) from None
         deadline = self._deadline(seconds)
         grant = await self.access.admit(caller, seconds, deadline + HOLD_MARGIN)
+        delivered = [0.0]  # seconds of pieces whose text the caller has
         if seconds > self.fanoutAbove:
             work = self._fanOut(
                 audio, pcm, model, language, deadline, task, prompt, temperature, words,
-                progress, inOrder,
+                progress, None if inOrder is None else _counted(inOrder, delivered),
             )
         else:
             work = self.exchange.transcribe(
                 model, language, audio.data, audio.format, deadline, task, prompt, temperature,
                 words,
             )
-        result: Transcribed = await _charged(grant, self._within(work, seconds, "of audio"))
+        try:
+            result: Transcribed = await self._within(work, seconds, "of audio")
+        except BaseException:
+            # What the caller was sent is paid for (a stream read to its
+            # last piece, then dropped, is not free); the rest is not.
+            if delivered[0]:
+                await grant.settle(min(seconds, delivered[0]))
+            else:
+                await grant.release()
+            raise
         await grant.settle(seconds)
         return dataclasses.replace(result, duration_s=seconds)
 
@@ -733,6 +745,18 @@ class PrivoxAPI:
             ),
             keyId=done.caller.keyId if done.caller is not None else None,
         )
+
+
+def _counted(inOrder: InOrder, delivered: list[float]) -> InOrder:
+    """
+    C{inOrder}, adding up the seconds of the pieces it is given.
+    """
+
+    def told(piece: Any, result: Transcribed) -> None:
+        delivered[0] += piece.seconds
+        inOrder(piece, result)
+
+    return told
 
 
 async def _charged(grant: Grant, work: Awaitable[Any]) -> Any:

@@ -31,11 +31,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, ensureDeferred
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
-from privox.api.errors import ApiError, TimedOut, Unavailable
+from privox.api.errors import ApiError, NoProducer, TimedOut, Unavailable
+from privox.api.farmpool import Expired, race
 from privox.api.exchange import Exchange, TimedText, TimedWord, Transcribed
 from privox.wav import pcmToWav
 
@@ -331,12 +333,17 @@ class FanOut:
         if not pieces:
             return Transcribed("", model, language, 0.0)
         total = len(pieces)
-        log.info("fan-out: {seconds:.0f} s in {total} pieces, {atOnce} at once",
-                 seconds=sum(p.seconds for p in pieces), total=total, atOnce=self.atOnce)
         if progress is not None:
             progress(0, total)
         results: list[Transcribed | None] = [None] * total
-        state = {"next": 0, "done": 0, "sent": 0}
+        state = {"next": 0, "done": 0, "sent": 0, "running": 0}
+        # Pieces waiting for one of this recording's others to finish.
+        waiting: list[Deferred[None]] = []
+
+        def finishedOne() -> None:
+            woken, waiting[:] = list(waiting), []
+            for d in woken:
+                d.callback(None)
         inFlight: set[Deferred[Any]] = set()
         failure: list[ApiError] = []
 
@@ -350,10 +357,12 @@ class FanOut:
         async def one(piece: Piece) -> Transcribed:
             wav = piece.wav()
             delay = self.backoff
-            for attempt in range(1, self.tries + 1):
+            attempt = 0
+            while True:
                 left = endsAt - self.clock.seconds()
                 if left <= 0:
                     raise TimedOut(f"piece {piece.index + 1} of {total} was not done in time")
+                state["running"] += 1
                 try:
                     return await self.exchange.transcribe(
                         model, language, wav, "wav",
@@ -361,16 +370,31 @@ class FanOut:
                         task, prompt, temperature, words,
                     )
                 except ApiError as e:
-                    left = endsAt - self.clock.seconds()
-                    if not retryable(e) or attempt == self.tries or left <= delay:
-                        raise
-                    log.info(
-                        "fan-out: piece {n} of {total} failed ({why}); trying again",
-                        n=piece.index + 1, total=total, why=e.message,
-                    )
+                    error = e
+                finally:
+                    state["running"] -= 1
+                if isinstance(error, NoProducer) and state["running"]:
+                    # Every producer is busy with this recording's other
+                    # pieces: wait for one of them, no try spent.
+                    woken: Deferred[None] = Deferred()
+                    waiting.append(woken)
+                    try:
+                        await race(self.clock, woken, endsAt)
+                    except Expired:
+                        raise TimedOut(
+                            f"piece {piece.index + 1} of {total} was not done in time"
+                        ) from None
+                    continue
+                attempt += 1
+                left = endsAt - self.clock.seconds()
+                if not retryable(error) or attempt >= self.tries or left <= delay:
+                    raise error
+                log.info(
+                    "fan-out: piece {n} of {total} failed ({code}); trying again",
+                    n=piece.index + 1, total=total, code=error.kind,
+                )
                 await deferLater(self.clock, delay, lambda: None)
                 delay *= 2
-            raise AssertionError("unreachable")
 
         async def worker() -> None:
             while not failure and state["next"] < total:
@@ -380,15 +404,21 @@ class FanOut:
                 inFlight.add(d)
                 try:
                     result = await d
-                except ApiError as e:
+                except CancelledError:
+                    raise
+                except Exception as e:
                     if not failure:
-                        failure.append(e)
+                        failure.append(e if isinstance(e, ApiError) else ApiError(
+                            "a piece of the recording failed"))
+                        if not isinstance(e, ApiError):
+                            log.failure("fan-out: a piece failed", Failure(e))
                         for other in list(inFlight):
                             if other is not d:
                                 other.cancel()
                     return
                 finally:
                     inFlight.discard(d)
+                    finishedOne()
                 results[piece.index] = moved(result, piece)
                 state["done"] += 1
                 if progress is not None:

@@ -163,7 +163,7 @@ async def streamPieces(
     except ApiError as e:
         if not started:
             raise
-        log.info("a streamed transcript was cut short: {why}", why=e.message)
+        log.info("a streamed transcript was cut short: {kind}", kind=e.kind)
         return _errorEvent(e)
     begin()
     return sseEvent({"type": "transcript.text.done", "text": result.text})
@@ -244,5 +244,5 @@ async def streamSpeech(
     except (ApiError, SpeechEncodingError) as e:
         if not out.started:
             raise ApiError(str(e)) if isinstance(e, SpeechEncodingError) else e
-        log.info("a streamed answer was cut short: {why}", why=str(e))
+        log.info("a streamed answer was cut short: {kind}", kind=type(e).__name__)
         return _errorEvent(e if isinstance(e, ApiError) else ApiError(str(e))) if sse else b""

@@ -97,12 +97,6 @@ class PrivoxClient:
         contentType = mimetypes.guess_type(filename)[0] or "application/octet-stream"
         events = _Events(progress)
         timer: Any = None
-        timedOut = False
-
-        def timeOut() -> None:
-            nonlocal timedOut
-            timedOut = True
-            d.cancel()
 
         def heard(data: bytes) -> None:
             timer.reset(self.timeout)
@@ -122,20 +116,10 @@ class PrivoxClient:
             return response, b""
 
         d = Deferred.fromCoroutine(request())
-        timer = self.reactor.callLater(self.timeout, timeOut)
-        try:
-            response, body = await d
-        except Exception as e:
-            if timedOut:
-                raise CliError(
-                    f"no word from the Privox API at {self.api} for {self.timeout:g} s"
-                ) from None
-            if isinstance(e, CancelledError):
-                raise
-            raise CliError(connectionProblem(self.api, e)) from None
-        finally:
-            if timer.active():
-                timer.cancel()
+        timer = self.reactor.callLater(self.timeout, d.cancel)
+        response, body = await self._answer(
+            d, timer, f"no word from the Privox API at {self.api} for {self.timeout:g} s"
+        )
         if response.code != 200:
             raise CliError(httpProblem(response, body))
         if body:
@@ -211,30 +195,32 @@ class PrivoxClient:
             return response, await response.content()
 
         d = Deferred.fromCoroutine(request())
-        timedOut = False
+        timer = self.reactor.callLater(self.timeout, d.cancel)
+        response, body = await self._answer(
+            d, timer, f"no answer from the Privox API at {self.api} within {self.timeout:g} s"
+        )
+        if response.code != 200:
+            raise CliError(httpProblem(response, body))
+        return body
 
-        def timeOut() -> None:
-            nonlocal timedOut
-            timedOut = True
-            d.cancel()
-
-        timer = self.reactor.callLater(self.timeout, timeOut)
+    async def _answer(
+        self, d: Deferred[tuple[Any, bytes]], timer: Any, silent: str
+    ) -> tuple[Any, bytes]:
+        """
+        C{d}'s response, or one line saying why not: C{silent} when C{timer}
+        cancelled it, else what broke the connection.
+        """
         try:
-            response, body = await d
+            return await d
         except Exception as e:
-            if timedOut:
-                raise CliError(
-                    f"no answer from the Privox API at {self.api} within {self.timeout:g} s"
-                ) from None
+            if timer.called:  # it fired: the request was cut off
+                raise CliError(silent) from None
             if isinstance(e, CancelledError):
                 raise
             raise CliError(connectionProblem(self.api, e)) from None
         finally:
             if timer.active():
                 timer.cancel()
-        if response.code != 200:
-            raise CliError(httpProblem(response, body))
-        return body
 
     async def close(self) -> None:
         await self._pool.closeCachedConnections()

@@ -1136,6 +1136,36 @@ class OtherRouteTests(APITestCase):
         self.assertEqual(listing["whisper-1"]["privox_model"], "whisper:tiny.en")
         self.assertTrue(all(m["served"] for m in listing.values()))
 
+    def test_fallback(self) -> None:
+        """
+        A model nobody serves goes to the fallback the configuration names
+        (and the answer says so); with none named, it stays itself.
+        """
+        serving = {"alpha": {"services": {"stt": {"models": {
+            "whisper:tiny.en": {"connected": 1, "sealing": 1}}}}}}
+        self.api.farmStatus = lambda: serving
+        self.api.models = dataclasses.replace(
+            MODELS, sttFallbacks={"whisper:small.en": "whisper:tiny.en"}
+        )
+        response, body = self.postMultipart(
+            "/stt", {"key": KEY, "quality": "better"}, {"file": ("a.wav", WAV)}
+        )
+        self.assertEqual(response.code, 200, body)
+        self.assertEqual(self.exchange.calls[-1][1], "whisper:tiny.en")
+        self.assertEqual(self.header(response, "x-privox-fallback"),
+                         "whisper:small.en -> whisper:tiny.en")
+        self.assertEqual(self.header(response, "x-privox-model"), "whisper:tiny.en")
+        # Not named: the job goes to the model asked for.
+        self.postMultipart("/stt", {"key": KEY, "quality": "best"}, {"file": ("a.wav", WAV)})
+        self.assertEqual(self.exchange.calls[-1][1], "whisper:medium.en")
+        # Served: no fallback.
+        serving["alpha"]["services"]["stt"]["models"]["whisper:small.en"] = {"connected": 1}
+        response, body = self.postMultipart(
+            "/stt", {"key": KEY, "quality": "better"}, {"file": ("a.wav", WAV)}
+        )
+        self.assertEqual(self.exchange.calls[-1][1], "whisper:small.en")
+        self.assertIsNone(response.headers.getRawHeaders("x-privox-fallback"))
+
     def test_modelHeader(self) -> None:
         """
         Every answer that ran a job says which model it went to.

@@ -229,6 +229,8 @@ class PrivoxAPI:
         form = await forms.sttForm(request, self._limit(request), self.access, self.runInThread)
         done.caller = form.caller
         done.model = self.models.sttModel(form.quality, form.language)
+        await self._fallBack(request, done)
+        assert done.model is not None
         result = await self._transcribe(form.caller, done.model, form.language, form.audio)
         if forms.wantsJson(request):
             return _json(
@@ -267,7 +269,10 @@ class PrivoxAPI:
             request, self._limit(request), self.access, self.runInThread
         )
         done.caller = form.caller
-        model = done.model = self.models.openaiSttModel(form.model, form.language)
+        done.model = self.models.openaiSttModel(form.model, form.language)
+        await self._fallBack(request, done)
+        model = done.model
+        assert model is not None
         if form.stream:
             return await streamTranscript(
                 request, self.live, self.runInThread, form.caller, model, form.language,
@@ -405,6 +410,25 @@ class PrivoxAPI:
                 "privox_model": model, "service": service, "served": served,
             })
         return _json(request, {"object": "list", "data": data})
+
+    async def _fallBack(self, request: IRequest, done: _Done) -> None:
+        """
+        C{done.model}, or the fallback the configuration names for it while
+        no connected producer serves it (saying so: C{X-Privox-Fallback}).
+        The farms' status is asked only where there is a fallback.
+        """
+        model = done.model
+        fallback = self.models.sttFallbacks.get(model or "")
+        if model is None or fallback is None:
+            return
+        status = await self.statusReport()
+        missing = status.get("unserved")
+        if missing is None or any(f["load"] is None for f in status["farms"]):
+            return  # not known: the job goes to its own model
+        unserved = missing.get("stt", ())
+        if model in unserved and fallback not in unserved:
+            done.model = fallback
+            request.setHeader(b"X-Privox-Fallback", f"{model} -> {fallback}".encode())
 
     # -- charging for jobs -------------------------------------------------
 

@@ -70,10 +70,17 @@ class ModelTable:
     defaultQuality: str = "fast"
     defaultLanguage: str = "en"
     sttLanguages: dict[str, str] = field(default_factory=dict)
+    #: STT model -> the model its jobs go to instead while no producer
+    #: serves it (only where the configuration says so).
+    sttFallbacks: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def parse(
-        cls, stt: tuple[str, ...], voices: tuple[str, ...], sttLanguages: tuple[str, ...] = ()
+        cls,
+        stt: tuple[str, ...],
+        voices: tuple[str, ...],
+        sttLanguages: tuple[str, ...] = (),
+        sttFallbacks: tuple[str, ...] = (),
     ) -> ModelTable:
         """
         From configuration lines: C{"QUALITY MODEL ENGLISH-MODEL"} and
@@ -104,10 +111,16 @@ class ModelTable:
                 pinned[languageCode(parts[0])] = parts[1]
             except UnknownLanguage as e:
                 raise ValueError(f"language line {line!r}: {e}") from None
+        fallbacks: dict[str, str] = {}
+        for line in sttFallbacks:
+            parts = line.split()
+            if len(parts) != 2 or parts[0] == parts[1]:
+                raise ValueError(f"fallback line {line!r} is not 'MODEL OTHER-MODEL'")
+            fallbacks[parts[0]] = parts[1]
         if not sttTable or not voiceTable:
             raise ValueError("the STT and voice tables must not be empty")
         default = "fast" if "fast" in sttTable else next(iter(sttTable))
-        return cls(sttTable, voiceTable, default, "en", pinned)
+        return cls(sttTable, voiceTable, default, "en", pinned, fallbacks)
 
     def sttModel(self, quality: str | None, language: str | None) -> str:
         """

@@ -102,6 +102,12 @@ class ApiSettings:
     stt_language: tuple[str, ...] = setting(
         (), "A language pinned to a model whatever the quality: 'LANGUAGE MODEL'."
     )
+    stt_fallback: tuple[str, ...] = setting(
+        (),
+        "'MODEL OTHER-MODEL': while no connected producer serves MODEL (as the farms'"
+        " status says), its jobs go to OTHER-MODEL, and the answer says so"
+        " (X-Privox-Fallback). Without one, they wait for MODEL.",
+    )
     voice: tuple[str, ...] = setting(
         DEFAULT_VOICES, "TTS voice: 'VOICE MODEL [SPEAKER]'; the first is the default."
     )
@@ -147,7 +153,9 @@ def modelTable(settings: ApiSettings) -> ModelTable:
     @raise usage.UsageError: a malformed model or voice line.
     """
     try:
-        return ModelTable.parse(settings.stt_model, settings.voice, settings.stt_language)
+        return ModelTable.parse(
+            settings.stt_model, settings.voice, settings.stt_language, settings.stt_fallback
+        )
     except ValueError as e:
         raise usage.UsageError(str(e))
 

@@ -47,7 +47,7 @@ from twisted.web.client import Agent, HTTPConnectionPool  # noqa: E402
 from privox.accounts.store import AccountStore  # noqa: E402
 from privox.api.access import AccountAccess, PolicyAccess  # noqa: E402
 from privox.api.app import PrivoxAPI  # noqa: E402
-from privox.api.exchange import Transcribed  # noqa: E402
+from privox.api.exchange import Spoken, Transcribed  # noqa: E402
 from privox.api.models import DEFAULT_STT, DEFAULT_VOICES, ModelTable  # noqa: E402
 from privox.keys import OpenPolicy  # noqa: E402
 from privox.wav import pcmToWav  # noqa: E402
@@ -63,8 +63,11 @@ class InstantExchange:
     ) -> Transcribed:
         return Transcribed("hello", model, language, 1.0)
 
-    async def synthesize(self, model: str, language: str | None, voice: str | None, text: str, deadline: float) -> bytes:
-        return b""
+    async def synthesize(
+        self, model: str, language: str | None, voice: str | None, text: str, deadline: float,
+        speed: float = 1.0,
+    ) -> Spoken:
+        return Spoken(b"")
 
     def health(self) -> dict[str, Any]:
         return {"farms": []}

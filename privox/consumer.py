@@ -309,9 +309,10 @@ class ConsumerProtocol(PeerProtocol):
 
     def tts(self, model: str, text: str, voice: str | None = None,
             language: str | None = None, timeout_s: float | None = None,
-            seal: SealPolicy | None = None) -> Deferred[JobResult]:
+            seal: SealPolicy | None = None, speed: float | None = None) -> Deferred[JobResult]:
         return self.submit(
-            JobRequest("tts", model, language, 0, voice=voice, text=text, timeout_s=timeout_s),
+            JobRequest("tts", model, language, 0, voice=voice, text=text, timeout_s=timeout_s,
+                       speed=speed),
             seal=seal,
         )
 

@@ -38,6 +38,8 @@ TASKS = ("transcribe", TRANSLATE)
 MAX_TEXT = 5000
 #: The longest prompt an STT job may carry, in characters.
 MAX_PROMPT = 2000
+#: The speeds a TTS job may ask for (OpenAI's range; 1: the voice's own).
+MIN_SPEED, MAX_SPEED = 0.25, 4.0
 #: Characters no text to speak may hold: control characters other than tab
 #: and line breaks (a NUL ends a string in the C code under the engines).
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
@@ -379,6 +381,10 @@ class JobRequest:
     #: §6.2). Travels in the clear, sealed or not; producers that do not
     #: know it give no words.
     words: bool = False
+    #: TTS: how fast to speak, L{MIN_SPEED} to L{MAX_SPEED} (None: 1).
+    #: Travels in the clear; a producer whose engine paces its speech says
+    #: so in RSLT's C{speed}, the others ignore it (§5.1).
+    speed: float | None = None
 
     @property
     def sealed(self) -> bool:
@@ -455,6 +461,7 @@ class JobRequest:
                        prompt=prompt, temperature=temperature, stream=stream,
                        words=words is True)
         voice = _string(obj, "voice", BadRequest, default=None)
+        speed = parseSpeed(obj.get("speed"), BadRequest)
         if stream:
             # The text may come in pieces, in the upload (sealed: all of it).
             text = None if seal is not None else _string(obj, "text", BadRequest, default=None)
@@ -467,7 +474,7 @@ class JobRequest:
             if size == 0:
                 raise BadRequest("a sealed TTS job carries its text in the upload: size must be > 0")
             return cls(service, model, language, size, "auto", voice, None, timeout,
-                       early=obj.get("early") is True, seal=seal)
+                       early=obj.get("early") is True, seal=seal, speed=speed)
         text = _string(obj, "text", BadRequest)
         if not text.strip():
             raise BadRequest("field 'text' must not be empty")
@@ -475,7 +482,7 @@ class JobRequest:
             raise BadRequest("field 'text' contains control characters")
         if size != 0:
             raise BadRequest("a TTS job carries its text in JOB_: size must be 0")
-        return cls(service, model, language, 0, "auto", voice, text, timeout)
+        return cls(service, model, language, 0, "auto", voice, text, timeout, speed=speed)
 
     def payload(self, jobId: str | None = None) -> dict[str, Any]:
         fields: dict[str, Any] = {}
@@ -498,6 +505,8 @@ class JobRequest:
             if self.text is not None:
                 fields["text"] = self.text
             fields["voice"] = self.voice
+            if self.speed is not None:
+                fields["speed"] = self.speed
         if self.timeout_s is not None:
             fields["timeout_s"] = self.timeout_s
         if self.seal is not None:
@@ -507,6 +516,23 @@ class JobRequest:
         if self.early and jobId is None:
             fields["early"] = True
         return fields
+
+
+def parseSpeed(value: Any, error: type[Exception]) -> float | None:
+    """
+    A TTS C{speed} field: None where absent or null.
+
+    @raise error: not a number from L{MIN_SPEED} to L{MAX_SPEED}.
+    """
+    if value is None:
+        return None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not MIN_SPEED <= value <= MAX_SPEED
+    ):
+        raise error(f"speed must be a number from {MIN_SPEED:g} to {MAX_SPEED:g}")
+    return float(value)
 
 
 def failPayload(jobId: str | None, error: str, message: str) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from privox.accounts.store import AccountStore
 from privox.api.access import AccountAccess, PolicyAccess, modelCosts
 from privox.api.app import PrivoxAPI
 from privox.api.errors import Unavailable
-from privox.api.exchange import Transcribed
+from privox.api.exchange import Spoken, Transcribed
 from privox.api.measure import spokenSeconds
 from privox.api.models import DEFAULT_STT, DEFAULT_VOICES, ModelTable
 from privox.keys import OpenPolicy, accountId
@@ -60,11 +60,14 @@ class SecondsExchange:
             raise self.error
         return Transcribed("hello", model, language, self.reported)
 
-    async def synthesize(self, model: str, language: str | None, voice: str | None, text: str, deadline: float) -> bytes:
+    async def synthesize(
+        self, model: str, language: str | None, voice: str | None, text: str, deadline: float,
+        speed: float = 1.0,
+    ) -> Spoken:
         self.jobs += 1
         if self.error is not None:
             raise self.error
-        return wav(self.spoken)
+        return Spoken(wav(self.spoken))
 
     def health(self) -> dict[str, Any]:
         return {"farms": []}

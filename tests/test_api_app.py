@@ -45,7 +45,7 @@ from privox.api.errors import (
     Unavailable,
     Unprocessable,
 )
-from privox.api.exchange import Heard, TimedText, TimedWord, Transcribed
+from privox.api.exchange import Heard, Spoken, TimedText, TimedWord, Transcribed
 from privox.api.farms import FarmExchange
 from privox.api.measure import spokenSeconds
 from privox.api.models import DEFAULT_STT, DEFAULT_VOICES, ModelTable
@@ -91,6 +91,8 @@ class FakeExchange:
         self.segments: tuple[TimedText, ...] = ()
         self.words = False
         self.speech = SPOKEN
+        self.paces = False
+        self.speeds: list[float] = []
         self.deadlines: list[float] = []
 
     async def transcribe(
@@ -110,13 +112,21 @@ class FakeExchange:
         return Transcribed(self.text, model, self.language or language, 2.5, self.segments)
 
     async def synthesize(
-        self, model: str, language: str | None, voice: str | None, text: str, deadline: float
-    ) -> bytes:
+        self, model: str, language: str | None, voice: str | None, text: str, deadline: float,
+        speed: float = 1.0,
+    ) -> Spoken:
         self.calls.append(("synthesize", model, language, voice, text))
         self.deadlines.append(deadline)
+        self.speeds.append(speed)
         if self.error is not None:
             raise self.error
-        return self.speech
+        if self.paces:
+            # A producer whose engine paces its speech (Piper), up to twice
+            # as fast: the speech at that speed, and it says so.
+            paced = min(speed, 2.0)
+            pcm, rate = wavPCM(self.speech)
+            return Spoken(pcmToWav(pcm[: int(len(pcm) / paced) // 2 * 2], rate), paced)
+        return Spoken(self.speech)
 
     def transcribeLive(self, model, language, deadline, heard):
         exchange = self
@@ -1021,6 +1031,31 @@ class SpeechTests(APITestCase):
         response, body = self.speak({"model": "tts-1", "input": "Hi.", "response_format": "ogg"})
         self.assertJsonError(response, body, 422, "unsupported", "'ogg' is unknown")
 
+    def test_speedPacedByTheProducer(self) -> None:
+        """
+        Speech a producer spoke at the speed asked (Piper's length scale)
+        is encoded as it is, not stretched again; at a speed the producer
+        got only part of the way to, the API stretches the rest. Slower
+        speech may take longer than the text would at its own pace, and is
+        not cut.
+        """
+        self.exchange.speech = pcmToWav(TONE, 16000)
+        self.exchange.paces = True
+        for speed, expected in ((2.0, 0.5), (0.5, 1.0), (4.0, 0.25)):
+            response, body = self.speak(
+                {"model": "tts-1", "input": "Hi.", "response_format": "wav", "speed": speed}
+            )
+            self.assertEqual(response.code, 200, body[:200])
+            pcm, rate = wavPCM(body)
+            self.assertLess(abs(len(pcm) / 2 / rate - expected), 0.01, speed)
+        self.exchange.speech = pcmToWav(TONE * 8, 16000)  # 8 s: "Hi." takes less
+        response, body = self.speak(
+            {"model": "tts-1", "input": "Hi.", "response_format": "wav", "speed": 0.5}
+        )
+        pcm, rate = wavPCM(body)
+        # Cut at what "Hi." may take at half speed: twice its own bound.
+        self.assertLess(abs(len(pcm) / 2 / rate - 2 * spokenSeconds("Hi.")), 0.01)
+
     def test_ignoredFields(self) -> None:
         response, _ = self.speak({"model": "tts-1", "input": "Hi.", "instructions": "Cheerfully."})
         self.assertEqual(response.code, 200)
@@ -1044,6 +1079,9 @@ class SpeechTests(APITestCase):
         self.assertEqual(seconds(None), 1.0)
         for speed in (0.25, 0.5, 2.0, 4.0):
             self.assertLess(abs(seconds(speed) * speed - 1.0), 0.05, speed)
+        # The speed was asked of the producer each time; this one did not
+        # pace its speech, so the API stretched it.
+        self.assertEqual(self.exchange.speeds, [0.25, 0.5, 2.0, 4.0])
         for bad in (0.2, 4.5, "fast", True):
             response, body = self.speak({"model": "tts-1", "input": "Hi.", "speed": bad})
             self.assertJsonError(response, body, 400, "invalid_request_error", "speed must be")

@@ -13,12 +13,14 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, gatherResults
 from twisted.internet.task import Clock
+from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from privox.api.errors import BadInput, TimedOut, Unavailable
 from privox.api.exchange import (
     MAX_SEGMENTS,
     MAX_WORDS,
+    Spoken,
     TimedText,
     TimedWord,
     Transcribed,
@@ -27,9 +29,11 @@ from privox.api.exchange import (
 from privox.api.farmlist import FarmEntry, parseFarms, weightedChoice
 from privox.api.farms import FarmExchange
 from privox.engines.base import Segment, STTJob, Transcript, Word
-from privox.engines.digest import digestOf, toneFor
+from privox.engines.digest import ToneEngine, digestOf, toneFor
+from privox.engines.piper import PiperEngine
 from privox.node.echo import DigestHandler
 from privox.node.pool import EnginePool, transcriptAnswer
+from privox.wav import wavSeconds
 from tests.apifarms import (
     CountingReactor,
     DroppingEngine,
@@ -303,8 +307,8 @@ class PoolTests(_LiveTestCase):
             audio = b"audio %d" % n
             result = await exchange.transcribe("whisper:tiny.en", "en", audio, "auto")
             self.assertEqual(result.text, transcript(audio))
-            wav = await exchange.synthesize("piper:x", "en", None, f"sentence {n}")
-            self.assertEqual(wav, toneFor(f"sentence {n}"))
+            spoken = await exchange.synthesize("piper:x", "en", None, f"sentence {n}")
+            self.assertEqual(spoken, Spoken(toneFor(f"sentence {n}")))
         self.assertEqual(farm.consumerConnections(), 2)  # one per service
         pools = exchange.farms[0].pools
         self.assertEqual((pools["stt"].opened, pools["tts"].opened), (1, 1))
@@ -388,6 +392,48 @@ class PoolTests(_LiveTestCase):
         self.assertEqual(result.text, transcript(b"x"))
         await exchange.transcribe("m", None, b"x", "auto")
         self.assertNotIn("words", engine.jobs[1])
+
+    async def test_speed(self) -> None:
+        """
+        A TTS job's C{speed} reaches the node: Piper speaks at it (its
+        length scale) and says so; an engine that cannot pace speech gets
+        the same job and answers at its own pace, which the answer says too.
+        """
+        farm = await startFarm(self, "main")
+        piper = PiperEngine("en_US-joe-medium", deterministic=True)
+        tone = ToneEngine("x")
+        await deferToThread(piper.load)
+        await farm.producer(
+            "tts", EnginePool([piper, tone], reactor, reactor.getThreadPool()).handler("tts")
+        )
+        exchange = self.exchange([farm.entry()])
+        text = "Please remember to water the garden."
+        own = await exchange.synthesize(piper.name, "en", None, text)
+        self.assertEqual(own.speed, 1.0)
+        seconds = wavSeconds(own.wav)
+        for speed in (0.5, 2.0, 4.0):
+            spoken = await exchange.synthesize(piper.name, "en", None, text, speed=speed)
+            self.assertEqual(spoken.speed, round(piper.pacedSpeed(speed), 3))
+            self.assertLess(abs(seconds / wavSeconds(spoken.wav) / spoken.speed - 1), 0.15)
+        # Beyond the voice's reach: as fast as it goes, the rest for the API.
+        self.assertTrue(1.5 < spoken.speed < 4.0, spoken.speed)
+        toned = await exchange.synthesize(tone.name, "en", None, text, speed=2.0)
+        self.assertEqual(toned, Spoken(toneFor(text), 1.0))
+
+    async def test_speedToOlderProducers(self) -> None:
+        """
+        A producer that knows nothing of speed gets it in its JOB_ and
+        ignores it: the answer is taken at its own pace.
+        """
+        farm = await startFarm(self, "main")
+        engine = RecordingEngine(("m",))
+        await farm.producer("tts", engine)
+        exchange = self.exchange([farm.entry()])
+        spoken = await exchange.synthesize("m", None, None, "Hi.", speed=4.0)
+        self.assertEqual(engine.jobs[0]["speed"], 4.0)
+        self.assertEqual(spoken.speed, 1.0)
+        await exchange.synthesize("m", None, None, "Hi.")
+        self.assertNotIn("speed", engine.jobs[1])
 
     async def test_timeoutSentIsTimeLeft(self) -> None:
         farm = await startFarm(self, "main")
@@ -494,7 +540,7 @@ class RetryTests(_LiveTestCase):
         self.assertEqual(spare.consumerConnections(), 0)
         self.assertEqual(exchange.farms[1].pools["tts"].opened, 0)
         # The refusal left the connection usable.
-        self.assertEqual(await exchange.synthesize("piper:x", "en", None, "ok"), toneFor("ok"))
+        self.assertEqual((await exchange.synthesize("piper:x", "en", None, "ok")).wav, toneFor("ok"))
         self.assertEqual(exchange.farms[0].pools["tts"].opened, 1)
 
     async def test_noFarmHasTheModel(self) -> None:
@@ -797,3 +843,30 @@ class SegmentsTests(SynchronousTestCase):
             {"start": 1, "end": 2, "text": "b", "words": [{"start": 0.995, "end": 1.5, "word": "b"}]},
         ])
         self.assertEqual([s.words for s in segments], [(), ()])
+
+
+class SpokenTests(SynchronousTestCase):
+    """
+    The speed a producer says it spoke at is believed only where it is the
+    speed asked for: the API then stretches the rest of the way, never
+    further on a producer's word.
+    """
+
+    def test_answered(self) -> None:
+        cases = [
+            ({"speed": 2.0}, 2.0, 2.0),
+            ({"speed": 2}, 2.0, 2.0),
+            ({}, 2.0, 1.0),
+            ({"speed": 4.0}, 2.0, 1.0),
+            ({"speed": "2"}, 2.0, 1.0),
+            ({"speed": True}, 1.0, 1.0),
+            ({"speed": 0.5}, 1.0, 1.0),
+            # As near as the producer's engine goes: the API stretches the rest.
+            ({"speed": 1.6}, 2.0, 1.6),
+            ({"speed": 0.3}, 0.25, 0.3),
+            ({"speed": 0.2}, 0.25, 1.0),
+            ({"speed": 0.9}, 2.0, 1.0),
+            ({"speed": float("nan")}, 2.0, 1.0),
+        ]
+        for fields, asked, expected in cases:
+            self.assertEqual(Spoken.answered(b"w", fields, asked), Spoken(b"w", expected), fields)

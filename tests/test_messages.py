@@ -172,6 +172,30 @@ class JobRequestTests(SynchronousTestCase):
              "text": "Hi.", "voice": "p236", "timeout_s": 3},
         )
 
+    def test_ttsSpeed(self) -> None:
+        """
+        A TTS job's C{speed}, 0.25 to 4, forwarded in the clear (sealed
+        jobs too); absent or null, none is sent; anything else fails the
+        job.
+        """
+        request = JobRequest.parse("tts", obj(model="m", size=0, text="Hi.", speed=2))
+        self.assertEqual(request.speed, 2.0)
+        self.assertEqual(request.payload("j")["speed"], 2.0)
+        self.assertEqual(JobRequest.parse("tts", request.payload("j")), request)
+        sealed = JobRequest.parse("tts", obj(model="m", size=9, speed=0.25, seal={"ephemeral": "k"}))
+        self.assertEqual(sealed.payload("j")["speed"], 0.25)
+        for fields in (obj(model="m", size=0, text="Hi."), obj(model="m", size=0, text="Hi.", speed=None)):
+            request = JobRequest.parse("tts", fields)
+            self.assertIsNone(request.speed)
+            self.assertNotIn("speed", request.payload("j"))
+        for bad in (0.2, 4.01, "2", True, [2], float("nan")):
+            e = self.assertRaises(
+                BadRequest, JobRequest.parse, "tts", obj(model="m", size=0, text="Hi.", speed=bad)
+            )
+            self.assertEqual(e.message, "speed must be a number from 0.25 to 4")
+        stt = JobRequest.parse("stt", obj(model="m", size=1, speed=2))
+        self.assertNotIn("speed", stt.payload("j"))
+
     def test_badRequests(self) -> None:
         cases = [
             ("stt", obj(size=1)),

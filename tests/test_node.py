@@ -337,6 +337,11 @@ class SpeechDurationTests(SynchronousTestCase):
             speechFields(wav, "piper:x"),
             {"content_type": "audio/wav", "model": "piper:x", "duration_s": 2.0},
         )
+        # Spoken faster or slower than the voice's own pace: it says so.
+        self.assertEqual(
+            speechFields(wav, "piper:x", 1.5),
+            {"content_type": "audio/wav", "model": "piper:x", "speed": 1.5, "duration_s": 2.0},
+        )
         # Unreadable: no duration rather than a wrong one.
         self.assertEqual(
             speechFields(b"not a wav", "piper:x"),

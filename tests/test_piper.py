@@ -114,6 +114,32 @@ class SynthesisTests(SynchronousTestCase):
         self.assertTrue(1.5 < seconds < 6.0, seconds)
         self.assertGreater(max(frames), 0)  # not silence
 
+    def test_speed(self) -> None:
+        """
+        A job's C{speed} scales how long each phoneme lasts, measured once
+        so that the speech lasts about as long as asked (within 15 %: the
+        measure is of another sentence) where the voice can
+        go (L{PiperEngine.pacedSpeed} says the speed it speaks at; beyond
+        its reach, the nearest), at the voice's own rate.
+        """
+        engine = piper()
+        text = "Please call me back when you get this message."  # not the measured one
+        own, _ = readWav(engine.synthesize(job(text)))
+        self.assertEqual(engine.pacedSpeed(1.0), 1.0)
+        for speed in (0.25, 0.5, 0.75, 1.5, 2.0, 4.0):
+            paced = engine.pacedSpeed(speed)
+            if 0.5 <= speed <= 2:
+                self.assertEqual(paced, speed)
+            else:
+                # As near as it goes, never past what was asked.
+                self.assertTrue(min(speed, 1) < paced < max(speed, 1), (speed, paced))
+            params, frames = readWav(engine.synthesize(
+                TTSJob("piper:" + MODEL, None, None, text, speed=speed)
+            ))
+            self.assertEqual(params.framerate, own.framerate)
+            self.assertLess(abs(own.nframes / params.nframes / paced - 1), 0.15, (speed, paced))
+            self.assertGreater(max(frames), 0)
+
     def test_longerTextLongerAudio(self) -> None:
         short, _ = readWav(piper().synthesize(job("Hello.")))
         long, _ = readWav(piper().synthesize(job(SENTENCE + " " + SENTENCE)))

@@ -88,3 +88,16 @@ class RoundTripTests(SynchronousTestCase):
         overall = errors / total
         print(f"overall WER {overall:.1%} ({errors} errors in {total} words)")
         self.assertLessEqual(overall, MAX_WER)
+
+    def test_fasterSpeechUnderstood(self) -> None:
+        """
+        Piper's paced speech (speed 1.5: its length scale) is still
+        speech: Whisper writes it down about as well.
+        """
+        errors = total = 0
+        for sentence in SENTENCES:
+            fast = piper().synthesize(TTSJob("piper:en_US-joe-medium", "en", None, sentence, speed=1.5))
+            heard = whisper().transcribeAudio(resample16k(fast), "en").text
+            errors += distance(words(sentence), words(heard))
+            total += len(words(sentence))
+        self.assertLessEqual(errors / total, MAX_WER)

@@ -267,8 +267,8 @@ class ConnectTests(_TLSTestCase):
         audio = b"speech" * 100
         result = await exchange.transcribe("digest:x", "en", audio, "auto")
         self.assertEqual(result.text, f"sha256:{digestOf(audio)} bytes:{len(audio)}")
-        wav = await exchange.synthesize("tone:x", "en", None, "over TLS")
-        self.assertEqual(wav, toneFor("over TLS"))
+        spoken = await exchange.synthesize("tone:x", "en", None, "over TLS")
+        self.assertEqual(spoken.wav, toneFor("over TLS"))
         await node.stopService()
 
     async def test_socketBuffersUnderTLS(self) -> None:

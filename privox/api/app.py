@@ -51,7 +51,7 @@ from privox.api.errors import (
     Unprocessable,
     errorBody,
 )
-from privox.api.exchange import Exchange, Transcribed
+from privox.api.exchange import Exchange, Spoken, Transcribed
 from privox.api.fanout import DEFAULT_AT_ONCE, FanOut, InOrder, Progress
 from privox.api.farmstatus import unserved
 from privox.api.live import LiveJobs
@@ -253,10 +253,10 @@ class PrivoxAPI:
         done.caller = form.caller
         voice = self.models.voice(form.voice)
         done.model = voice.model
-        audio = await self._synthesize(
+        spoken = await self._synthesize(
             form.caller, voice.model, form.language, voice.speaker, form.text
         )
-        return _reply(request, _X_WAV, audio)
+        return _reply(request, _X_WAV, spoken.wav)
 
     # -- OpenAI -----------------------------------------------------------
 
@@ -372,10 +372,14 @@ class PrivoxAPI:
                 form.text, spokenSeconds(form.text), form.responseFormat,
                 form.streamFormat == "sse",
             )
-        audio = await self._synthesize(form.caller, voice.model, None, voice.speaker, form.text)
+        # The producer's engine paces the speech where it can (Piper); the
+        # rest of the way is a pitch-keeping stretch here.
+        spoken = await self._synthesize(
+            form.caller, voice.model, None, voice.speaker, form.text, form.speed
+        )
         try:
             encoded = await self.runInThread(
-                encodeSpeech, audio, form.responseFormat, form.speed
+                encodeSpeech, spoken.wav, form.responseFormat, form.speed / spoken.speed
             )
         except SpeechEncodingError as e:
             raise ApiError(str(e)) from None
@@ -516,29 +520,32 @@ class PrivoxAPI:
         )
 
     async def _synthesize(
-        self, caller: Caller, model: str, language: str | None, voice: str | None, text: str
-    ) -> bytes:
-        # Admitted on what the text may take at most to say; given and
-        # charged the audio's length, never more than that (a longer answer,
-        # from a rogue producer or an estimate that fell short, is cut).
+        self, caller: Caller, model: str, language: str | None, voice: str | None, text: str,
+        speed: float = 1.0,
+    ) -> Spoken:
+        # Admitted on what the text may take at most to say (slower, if the
+        # producer paces it); given and charged the audio's length, never
+        # more than that at the speed it was spoken (a longer answer, from a
+        # rogue producer or an estimate that fell short, is cut).
         need = spokenSeconds(text)
-        deadline = self._deadline(need)
-        grant = await self.access.admit(caller, need, deadline + HOLD_MARGIN)
-        audio: bytes = await _charged(
+        most = need / min(speed, 1.0)
+        deadline = self._deadline(most)
+        grant = await self.access.admit(caller, most, deadline + HOLD_MARGIN)
+        spoken: Spoken = await _charged(
             grant,
             self._within(
-                self.exchange.synthesize(model, language, voice, text, deadline),
-                need,
+                self.exchange.synthesize(model, language, voice, text, deadline, speed),
+                most,
                 "of speech at most",
             ),
         )
         try:
-            audio, seconds = await self.runInThread(cutWav, audio, need)
+            audio, seconds = await self.runInThread(cutWav, spoken.wav, need / spoken.speed)
         except BadWav:
             await grant.release()
             raise ApiError("the producer's answer is not a WAV file") from None
         await grant.settle(seconds)
-        return audio
+        return Spoken(audio, spoken.speed)
 
     def _deadline(self, seconds: float) -> float:
         """

@@ -62,6 +62,32 @@ class Transcribed:
     segments: tuple[TimedText, ...] = ()
 
 
+
+@dataclass(frozen=True)
+class Spoken:
+    """
+    A TTS answer: a WAV file, and the speed it was spoken at (the producer's
+    RSLT C{speed}: 1 where its engine does not pace speech, and the API
+    stretches the audio the rest of the way).
+    """
+
+    wav: bytes
+    speed: float = 1.0
+
+    @classmethod
+    def answered(cls, wav: bytes, fields: dict[str, Any], asked: float) -> Spoken:
+        """
+        The speed a producer says it spoke at (RSLT's C{speed}) counts only
+        from 1 to the speed asked for: the API then stretches the audio the
+        rest of the way, never further than asked on a producer's word.
+        Anything else is taken as 1.
+        """
+        said = fields.get("speed")
+        if _number(said) and min(1.0, asked) <= said <= max(1.0, asked):
+            return cls(wav, float(said))
+        return cls(wav, 1.0)
+
+
 def readSegments(value: Any) -> tuple[TimedText, ...]:
     """
     A producer's C{segments}, if they are what they should be (in order,
@@ -234,10 +260,13 @@ class Exchange(Protocol):
         """
 
     async def synthesize(
-        self, model: str, language: str | None, voice: str | None, text: str, deadline: float
-    ) -> bytes:
+        self, model: str, language: str | None, voice: str | None, text: str, deadline: float,
+        speed: float = 1.0,
+    ) -> Spoken:
         """
-        @return: a WAV file.
+        @param speed: how fast to speak, where the producer's engine paces
+            its speech (the answer says whether it did).
+        @return: a WAV file, and the speed it was spoken at.
         @raise privox.api.errors.ApiError: the job could not be done.
         """
 

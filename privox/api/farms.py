@@ -52,7 +52,9 @@ from privox.api.errors import (
     Unprocessable,
     fromFailCode,
 )
-from privox.api.exchange import Heard, LiveSpeech, LiveTranscription, Transcribed, readSegments
+from privox.api.exchange import (
+    Heard, LiveSpeech, LiveTranscription, Spoken, Transcribed, readSegments,
+)
 from privox.api.farmstreams import (
     FarmStream,
     SealBrokenMidStream,
@@ -292,17 +294,19 @@ class FarmExchange:
         voice: str | None,
         text: str,
         deadline: float | None = None,
-    ) -> bytes:
+        speed: float = 1.0,
+    ) -> Spoken:
         result = await self._request(
             "tts",
             lambda conn, timeout, seal: conn.tts(
-                model, text, voice=voice, language=language, timeout_s=timeout, seal=seal
+                model, text, voice=voice, language=language, timeout_s=timeout, seal=seal,
+                speed=None if speed == 1.0 else speed,
             ),
             deadline,
         )
         if not result.data:
             raise ApiError("the farm's answer carried no audio")
-        return result.data
+        return Spoken.answered(result.data, result.fields, speed)
 
     def transcribeLive(
         self, model: str, language: str | None, deadline: float, heard: Callable[[Heard], None]

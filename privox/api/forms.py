@@ -43,10 +43,10 @@ from twisted.web.iweb import IRequest
 from privox.api.access import Access, Caller
 from privox.api.errors import BadInput, TooLarge, Unprocessable, tooLarge
 from privox.api.site import limitName
-from privox.api.speech import CONTENT_TYPES, DEFAULT_FORMAT, MAX_SPEED, MIN_SPEED
+from privox.api.speech import CONTENT_TYPES, DEFAULT_FORMAT
 from privox.audiofile import sniff
 from privox.languages import ANY, UnknownLanguage, languageCode
-from privox.messages import CONTROL_CHARACTERS, MAX_PROMPT, MAX_TEXT
+from privox.messages import CONTROL_CHARACTERS, MAX_PROMPT, MAX_TEXT, parseSpeed
 
 #: The original API's default quality and language.
 DEFAULT_QUALITY = "fast"
@@ -530,20 +530,12 @@ async def speechForm(request: IRequest, limit: int, access: Access) -> SpeechFor
             f"response_format {responseFormat!r} is unknown; ask for one of"
             f" {', '.join(SPEECH_FORMATS)}"
         )
-    speed = decoded.get("speed", 1.0)
-    if speed is None:
-        speed = 1.0
-    if (
-        isinstance(speed, bool)
-        or not isinstance(speed, (int, float))
-        or not MIN_SPEED <= speed <= MAX_SPEED
-    ):
-        raise BadInput(f"speed must be a number from {MIN_SPEED:g} to {MAX_SPEED:g}")
+    speed = parseSpeed(decoded.get("speed"), BadInput) or 1.0
     streamFormat = string("stream_format") or "audio"
     if streamFormat not in ("audio", "sse"):
         raise BadInput("stream_format must be audio or sse")
     return SpeechForm(
-        caller, text, string("model"), string("voice"), responseFormat, float(speed),
+        caller, text, string("model"), string("voice"), responseFormat, speed,
         streamFormat,
     )
 

@@ -28,8 +28,6 @@ CONTENT_TYPES = {
 DEFAULT_FORMAT = "mp3"
 #: C{pcm}: raw signed 16-bit little-endian mono samples at this rate.
 PCM_RATE = 24000
-#: The speeds OpenAI takes (1: as synthesized).
-MIN_SPEED, MAX_SPEED = 0.25, 4.0
 
 # response_format -> (container, encoder, rate or None for the speech's own).
 _ENCODINGS: dict[str, tuple[str, str, int | None]] = {

@@ -175,6 +175,9 @@ class TTSJob:
     voice: str | None
     text: str
     stop: Stop = field(default_factory=Stop, compare=False, repr=False)
+    #: How fast to speak (1: the voice's own pace), for engines that have
+    #: C{pacedSpeed}; the node gives the others 1.
+    speed: float = 1.0
 
 
 class Transcription(Protocol):
@@ -282,6 +285,13 @@ class StreamingSTTEngine(Protocol):
 
 
 class TTSEngine(Protocol):
+    """
+    An engine may also pace its speech itself: its C{pacedSpeed(speed)}
+    says the speed it speaks at when a job's C{speed} asks for C{speed}
+    (blocking; called in a worker thread after L{synthesize}). Without it,
+    the job's speed is 1 and the API stretches the speech instead.
+    """
+
     name: str
     languages: tuple[str, ...]
     #: Voice names it accepts (None means its default voice); () = only default.

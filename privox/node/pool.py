@@ -18,7 +18,7 @@ from twisted.python.threadpool import ThreadPool
 from privox.engines.base import Segment, STTJob, Transcript, TTSJob
 from privox.engines.errors import Unsupported
 from privox.logs import logFigures
-from privox.messages import TRANSLATE
+from privox.messages import TRANSLATE, parseSpeed
 from privox.metrics import NodeMetrics
 from privox.node.streams import LiveRun, SpeechRun
 from privox.node.worker import Answer, Collected, JobRun
@@ -182,7 +182,10 @@ class EngineHandler:
             if hasattr(engine, "transcription"):
                 return TranscriptionRun(self._pool, engine, stt)
             return Collected(lambda data: self._transcribe(engine, stt, data), stt.stop.set)
-        tts = TTSJob(job["model"], job.get("language"), job.get("voice"), job.get("text") or "")
+        tts = TTSJob(
+            job["model"], job.get("language"), job.get("voice"), job.get("text") or "",
+            speed=_speed(job.get("speed")) if hasattr(engine, "pacedSpeed") else 1.0,
+        )
         if job.get("stream") is True:
             meter = EngineTime()
             return SpeechRun(
@@ -209,9 +212,9 @@ class EngineHandler:
 
     def _synthesize(self, engine: Any, tts: TTSJob) -> Deferred[Answer]:
         meter = EngineTime()
-        d = self._pool.timed(meter, engine.synthesize, tts)
+        d = self._pool.timed(meter, _spoken, engine, tts)
         d.addBoth(self._pool.report, tts.model, meter, len(tts.text.encode("utf-8")))
-        return d.addCallback(_speech, tts)
+        return d.addCallback(_speech, tts.model)
 
 
 def transcriptAnswer(transcript: Transcript, model: str) -> Answer:
@@ -238,17 +241,40 @@ def _segment(segment: Segment) -> dict[str, Any]:
     return fields
 
 
-def _speech(wav: bytes, job: Any) -> Answer:
-    return Answer(speechFields(wav, job.model), wav)
-
-
-def speechFields(wav: bytes, model: str) -> dict[str, Any]:
+def _speed(value: Any) -> float:
     """
-    The RSLT fields of a TTS answer: its type, model and, when the WAV's
-    header can be read, C{duration_s} (seconds of audio synthesized), which
-    the farm's ledger credits.
+    A job's C{speed} as the engine takes it: 1 where absent or out of
+    range (the farm checked it; a PVX/1 bridge may not have).
+    """
+    try:
+        return parseSpeed(value, ValueError) or 1.0
+    except ValueError:
+        return 1.0
+
+
+def _spoken(engine: Any, tts: TTSJob) -> tuple[bytes, float]:
+    """
+    The engine's speech, and the speed it spoke at (in its thread).
+    """
+    wav = engine.synthesize(tts)
+    return wav, engine.pacedSpeed(tts.speed) if tts.speed != 1.0 else 1.0
+
+
+def _speech(spoken: tuple[bytes, float], model: str) -> Answer:
+    wav, speed = spoken
+    return Answer(speechFields(wav, model, speed), wav)
+
+
+def speechFields(wav: bytes, model: str, speed: float = 1.0) -> dict[str, Any]:
+    """
+    The RSLT fields of a TTS answer: its type, model, the speed it was
+    spoken at where not 1 (§6.2) and, when the WAV's header can be read,
+    C{duration_s} (seconds of audio synthesized), which the farm's ledger
+    credits.
     """
     fields: dict[str, Any] = {"content_type": "audio/wav", "model": model}
+    if speed != 1.0:
+        fields["speed"] = round(speed, 3)
     seconds = wavSeconds(wav)
     if seconds is not None:
         fields["duration_s"] = round(seconds, 3)

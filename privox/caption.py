@@ -34,7 +34,6 @@ from twisted.internet.ssl import optionsForClientTLS
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from privox import utterances
 from privox.automata import Transitions, build
 from privox.client import CliError, connectionProblem, oneLine
 from privox.utterances import FRAME_MS, RATE, Segmenter, Utterance
@@ -45,20 +44,8 @@ EXIT_INTERRUPTED = 130
 # FRAME_MS and the segmenter are part of what privox.cli builds a caption from.
 __all__ = [
     "FRAME_MS", "Captioner", "CaptionProtocol", "NoRealtime", "Screen", "Segmenter", "Utterance",
-    "UtteranceCaptioner", "openLive", "webrtcvadClassifier",
+    "UtteranceCaptioner", "openLive",
 ]
-
-
-def webrtcvadClassifier(aggressiveness: int) -> Callable[[bytes], bool]:
-    """
-    webrtcvad's speech/non-speech decision for one frame of caption's input.
-
-    @raise CliError: webrtcvad is not installed.
-    """
-    try:
-        return utterances.webrtcvadClassifier(aggressiveness)
-    except ImportError as e:
-        raise CliError(f"privox caption: {e}") from None
 
 
 # -- what the captions come from ----------------------------------------------

@@ -66,9 +66,9 @@ from privox.caption import (
     Utterance,
     UtteranceCaptioner,
     openLive,
-    webrtcvadClassifier,
 )
 from privox.client import CliError, PrivoxClient, oneLine
+from privox.utterances import webrtcvadClassifier
 from privox.wav import BadWav, readWavHeader, wavSeconds
 
 #: Where the API is when neither C{--api} nor C{$PRIVOX_API} says.

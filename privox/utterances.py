@@ -12,6 +12,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
+import webrtcvad
+
 from privox.wav import pcmToWav
 
 #: The rate utterances are cut at: mono signed 16-bit little-endian PCM.
@@ -195,13 +197,7 @@ def webrtcvadClassifier(aggressiveness: int, rate: int = RATE) -> Callable[[byte
     webrtcvad's speech/non-speech decision for one frame.
 
     @param aggressiveness: 0 to 3, how readily a frame is called non-speech.
-    @raise ImportError: webrtcvad is not installed (the message says how to
-        install it).
     """
-    try:
-        import webrtcvad
-    except ImportError as e:
-        raise ImportError(f"webrtcvad is missing ({e}): pip install webrtcvad-wheels") from None
     vad = webrtcvad.Vad(aggressiveness)
 
     def isSpeech(frame: bytes) -> bool:

@@ -15,6 +15,7 @@ import sys
 import time
 from typing import Any
 
+import numpy
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.internet.task import Clock
@@ -27,7 +28,6 @@ from privox.api.exchange import TimedText, TimedWord, Transcribed
 from privox.api.fanout import (
     FanOut,
     Piece,
-    _energyClassifier,
     cutPieces,
     moved,
     stitch,
@@ -38,7 +38,7 @@ from privox.engines.registry import ModelSpec, createEngine
 from privox.wav import pcmToWav, wavPCM
 from tests.apifarms import startFarm
 from tests.support import until
-from tests.test_api_app import APITestCase, FakeExchange, KEY
+from tests.test_api_app import APITestCase, FakeExchange, KEY, multipart
 from tests.test_faults import ProcessTestCase, figures, producerSessions
 
 RATE = 16000
@@ -79,7 +79,13 @@ def recording(*parts: tuple[str, float]) -> bytes:
     )
 
 
-SPEECH = _energyClassifier()
+def SPEECH(frame: bytes) -> bool:
+    """
+    Loud frames are speech: a classifier whose answers these tests can
+    plan (webrtcvad's own are tested once, in CuttingTests).
+    """
+    samples = numpy.frombuffer(frame, dtype="<i2").astype(numpy.float32)
+    return bool(samples.size) and float(numpy.sqrt(numpy.mean(samples**2))) > 300.0
 
 
 def inThread(f: Any, *args: Any) -> Any:
@@ -416,6 +422,37 @@ class RouteTests(APITestCase):
             {"type": "transcript.text.done", "text": "piece1 piece2 piece3"},
         ])
         self.assertEqual(len(self.exchange.calls), 3)
+
+    def test_streamKeptAlive(self) -> None:
+        """
+        While its pieces wait for producers, a streamed recording's events
+        have an SSE comment every 15 s, which clients skip; none once the
+        stream has ended.
+        """
+        pending = Pending()
+        self.api.exchange = self.api.fanout.exchange = pending
+        body, contentType = multipart(
+            {"model": "whisper-1", "stream": "true"},
+            {"file": ("long.wav", pcmToWav(self.pcm, RATE))},
+        )
+        answered = self.treq.request(
+            "POST", "http://privox.test/v1/audio/transcriptions", data=body,
+            headers={"Content-Type": contentType, **self.BEARER},
+        )
+        self.assertEqual(len(pending.jobs), 3)
+        self.clock.pump([15, 15, 1])
+        for n, (_, _, d) in enumerate(pending.jobs, 1):
+            d.callback(Transcribed(f"piece{n}", "m", "en", 25.0))
+        self.treq.flush()
+        response = self.successResultOf(answered)
+        content = self.treq.content(response)
+        self.treq.flush()
+        text = self.successResultOf(content).decode()
+        self.assertEqual(text.count(": keep-alive\n\n"), 2)
+        chunks = text.split("\n\n")
+        self.assertEqual(chunks[1:3], [": keep-alive", ": keep-alive"])
+        self.assertIn('"type":"transcript.text.done"', chunks[-2])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_streamFails(self) -> None:
         """

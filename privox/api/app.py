@@ -459,9 +459,11 @@ class PrivoxAPI:
         """
         # What the upload really is decides what it costs, whatever its
         # header or the producer says. Decoding costs CPU: not for a caller
-        # with nothing left.
+        # with nothing left, and not twice (C{pcm}: decoded already).
         seconds = wavSeconds(audio.data)  # a PCM WAV's header: read at once
-        if seconds is None or not 0 < seconds <= MAX_DECODED_SECONDS:
+        if pcm is not None:
+            seconds = len(pcm) / 32000
+        elif seconds is None or not 0 < seconds <= MAX_DECODED_SECONDS:
             # Decoded (or refused, saying why) in a thread.
             await self.access.check(caller)
             try:

@@ -31,6 +31,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+import numpy
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, ensureDeferred
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -39,6 +40,7 @@ from twisted.python.failure import Failure
 from privox.api.errors import ApiError, NoProducer, TimedOut, Unavailable
 from privox.api.farmpool import Expired, race
 from privox.api.exchange import Exchange, TimedText, TimedWord, Transcribed
+from privox.utterances import webrtcvadClassifier
 from privox.wav import pcmToWav
 
 log = Logger()
@@ -94,32 +96,11 @@ class Piece:
         return pcmToWav(self.pcm, self.rate)
 
 
-def _energyClassifier(threshold: float = 300.0) -> Callable[[bytes], bool]:
-    """
-    Speech where a frame's RMS passes C{threshold} (where webrtcvad is
-    missing).
-    """
-    import numpy
-
-    def isSpeech(frame: bytes) -> bool:
-        samples = numpy.frombuffer(frame, dtype="<i2").astype(numpy.float32)
-        return bool(samples.size) and float(numpy.sqrt(numpy.mean(samples**2))) > threshold
-
-    return isSpeech
-
-
 def defaultClassifier(rate: int = RATE) -> Callable[[bytes], bool]:
-    try:
-        from privox.utterances import webrtcvadClassifier
-
-        return webrtcvadClassifier(VAD_AGGRESSIVENESS, rate)
-    except ImportError:
-        return _energyClassifier()
+    return webrtcvadClassifier(VAD_AGGRESSIVENESS, rate)
 
 
 def _frameEnergies(pcm: bytes, frameBytes: int) -> list[float]:
-    import numpy
-
     whole = len(pcm) - len(pcm) % frameBytes
     if not whole:
         return []

@@ -12,7 +12,10 @@ Answers that stream over HTTP, as OpenAI's SDK reads them:
     events (base64 audio) and C{speech.audio.done}.
 
 Once the first byte is out the status is sent: a failure after it ends the
-stream with an C{error} event (SSE), or cuts the audio short.
+stream with an C{error} event (SSE), or cuts the audio short. A long
+recording's events are kept alive (an SSE comment every L{KEEP_ALIVE}
+seconds) while its pieces wait for producers, so that no proxy between
+takes the quiet for a dead stream.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import json
 from typing import Any, Awaitable, Callable
 
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
@@ -39,6 +44,10 @@ log = Logger()
 
 #: Runs C{f(*args)} in a thread and fires with its result.
 Runner = Callable[..., Any]
+
+#: Seconds between two SSE comments on a long recording's quiet stream
+#: (under the 30 to 60 s a proxy commonly waits for a byte).
+KEEP_ALIVE = 15.0
 
 
 def sseEvent(fields: dict[str, Any]) -> bytes:
@@ -90,7 +99,7 @@ async def streamTranscript(
     """
     pcm = await runInThread(pcm16k, audio.data, audio.format)
     if long is not None and longAbove is not None and len(pcm) / 32000 > longAbove:
-        return await streamPieces(request, pcm, long)
+        return await streamPieces(request, pcm, long, live.clock)
     if asWhole or len(pcm) / 32000 > live.maxSeconds:
         result = await whole()
         _startEvents(request)
@@ -126,23 +135,28 @@ async def streamPieces(
     request: IRequest,
     pcm: bytes,
     long: Callable[[bytes, Progress, InOrder], Awaitable[Transcribed]],
+    clock: IReactorTime,
 ) -> bytes:
     """
     A long recording's transcript as its pieces finish: a
     C{{"type": "privox.progress", "done": n, "total": m}} event each time
     one does (the first, with C{done} 0, once it is cut and the job
     admitted), a C{transcript.text.delta} with each piece's text in the
-    recording's order, then C{transcript.text.done}. A failure after the
-    first event ends the stream with an C{error} event.
+    recording's order, then C{transcript.text.done}; an SSE comment every
+    L{KEEP_ALIVE} seconds between. A failure after the first event ends
+    the stream with an C{error} event.
     """
     started = False
     spoke = False
+    keepAlive = LoopingCall(request.write, b": keep-alive\n\n")
+    keepAlive.clock = clock
 
     def begin() -> None:
         nonlocal started
         if not started:
             _startEvents(request)
             started = True
+            keepAlive.start(KEEP_ALIVE, now=False)
 
     def progress(done: int, total: int) -> None:
         begin()
@@ -165,7 +179,11 @@ async def streamPieces(
             raise
         log.info("a streamed transcript was cut short: {kind}", kind=e.kind)
         return _errorEvent(e)
-    begin()
+    finally:
+        if keepAlive.running:
+            keepAlive.stop()
+    if not started:
+        _startEvents(request)
     return sseEvent({"type": "transcript.text.done", "text": result.text})
 
 

@@ -247,6 +247,7 @@ class TranscriptionTests(SynchronousTestCase):
         """
         voiced = vowels(2.0)
         data = pcm16(np.concatenate([voiced, np.zeros(16000 * 2), voiced]))
+        seedKaldi()
         result = transcribe(data, words=True)
         self.assertWellTimed(result)
         self.assertGreaterEqual(len(result.segments), 2, result.segments)

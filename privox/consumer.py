@@ -599,11 +599,9 @@ class ConsumerProtocol(PeerProtocol):
         except SealBroken as e:
             self._refuseFarm(f"the sealed answer does not open: {e}")
             return
-        # What the farm said beside the content (its duration) is not
-        # taken over what the node sealed.
-        opened = dict(fields, **content)
-        opened.pop("sealed", None)
-        opened["id"] = jobId
+        # Only what the node sealed: a field the farm put beside it (a
+        # speed, segments...) would change the answer unseen.
+        opened = dict(content, id=jobId)
         opened.pop("size", None)
         self._finish(JobResult(jobId, opened, body))
 

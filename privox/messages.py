@@ -462,6 +462,9 @@ class JobRequest:
                        words=words is True)
         voice = _string(obj, "voice", BadRequest, default=None)
         speed = parseSpeed(obj.get("speed"), BadRequest)
+        if stream and speed is not None:
+            # Its sentences are spoken as they come: no one pace to stretch.
+            raise BadRequest("a streaming TTS job has no speed")
         if stream:
             # The text may come in pieces, in the upload (sealed: all of it).
             text = None if seal is not None else _string(obj, "text", BadRequest, default=None)

@@ -46,6 +46,8 @@ class SecondsExchange:
 
     def __init__(self) -> None:
         self.spoken = 2.0
+        #: Speaks at the speed asked (as Piper does), else at its own pace.
+        self.paces = False
         self.reported: float | None = None
         self.error: Exception | None = None
         self.jobs = 0
@@ -67,6 +69,8 @@ class SecondsExchange:
         self.jobs += 1
         if self.error is not None:
             raise self.error
+        if self.paces:
+            return Spoken(wav(self.spoken / speed), speed)
         return Spoken(wav(self.spoken))
 
     def health(self) -> dict[str, Any]:
@@ -287,6 +291,28 @@ class AccountsAPITests(TestCase):
         served = wavSeconds(audio)
         self.assertAlmostEqual(served, spokenSeconds("Hello there."), places=3)
         self.assertAlmostEqual((await self.account(key))["used"], served, places=3)
+
+    async def test_speechPaysItsOwnPace(self) -> None:
+        """
+        Speech at another speed costs what it would at the voice's own
+        pace, whether the producer paced it or the API stretched it.
+        """
+        await self.start()
+        key = await self.key()
+        for paces in (False, True):
+            self.exchange.paces = paces
+            for speed in (0.5, 2.0):
+                before = (await self.account(key))["used"]
+                code, body = await self.post(
+                    "/v1/audio/speech", key,
+                    json={"model": "tts-1", "input": "Hello there.", "speed": speed,
+                          "response_format": "wav"},
+                )
+                self.assertEqual(code, 200, body)
+                # (a stretch's length is within a few hundredths of a second)
+                self.assertLess(abs(wavSeconds(body) * speed - 2.0), 0.05, (paces, speed))
+                used = (await self.account(key))["used"] - before
+                self.assertLess(abs(used - 2.0), 0.001, (paces, speed, used))
 
     async def test_anonymous(self) -> None:
         await self.start(anonymous=30.0)

@@ -413,7 +413,7 @@ class PoolTests(_LiveTestCase):
         seconds = wavSeconds(own.wav)
         for speed in (0.5, 2.0, 4.0):
             spoken = await exchange.synthesize(piper.name, "en", None, text, speed=speed)
-            self.assertEqual(spoken.speed, round(piper.pacedSpeed(speed), 3))
+            self.assertEqual(spoken.speed, piper.pacedSpeed(speed))
             self.assertLess(abs(seconds / wavSeconds(spoken.wav) / spoken.speed - 1), 0.15)
         # Beyond the voice's reach: as fast as it goes, the rest for the API.
         self.assertTrue(1.5 < spoken.speed < 4.0, spoken.speed)
@@ -867,6 +867,11 @@ class SpokenTests(SynchronousTestCase):
             ({"speed": 0.2}, 0.25, 1.0),
             ({"speed": 0.9}, 2.0, 1.0),
             ({"speed": float("nan")}, 2.0, 1.0),
+            # A claim a rounding past the speed asked: taken as that speed.
+            ({"speed": 0.333}, 1 / 3, 1 / 3),
+            ({"speed": 1.334}, 1.3336, 1.3336),
+            ({"speed": 0.7}, 0.1 * 7, 0.1 * 7),
+            ({"speed": 0.999}, 1.5, 1.0),
         ]
         for fields, asked, expected in cases:
             self.assertEqual(Spoken.answered(b"w", fields, asked), Spoken(b"w", expected), fields)

@@ -195,6 +195,11 @@ class JobRequestTests(SynchronousTestCase):
             self.assertEqual(e.message, "speed must be a number from 0.25 to 4")
         stt = JobRequest.parse("stt", obj(model="m", size=1, speed=2))
         self.assertNotIn("speed", stt.payload("j"))
+        # A stream's sentences are spoken as they come: no speed.
+        e = self.assertRaises(
+            BadRequest, JobRequest.parse, "tts", obj(model="m", size=0, stream=True, speed=2)
+        )
+        self.assertEqual(e.message, "a streaming TTS job has no speed")
 
     def test_badRequests(self) -> None:
         cases = [

@@ -19,9 +19,10 @@ from twisted.trial.unittest import TestCase
 from privox.api.farmlist import FarmEntry
 from privox.api.farms import FarmExchange
 from privox.consumer import JobFailed, SealRefused, connectConsumer
-from privox.engines.digest import digestOf, toneFor
+from privox.engines.digest import ToneEngine, digestOf, toneFor
 from privox.identity import Certificate, ConnectionOffer, publicBytes
 from privox.node.echo import DigestHandler
+from privox.node.pool import EnginePool
 from privox.sealing import OFF, PREFERRED, REQUIRED, SealPolicy
 from tests.loopbackfarm import LoopbackFarm
 from tests.support import until
@@ -71,6 +72,23 @@ class RecordingHandler(DigestHandler):
     def start(self, job):
         self.jobs.append(dict(job))
         return super().start(job)
+
+
+class PacedTone(ToneEngine):
+    """
+    The tone engine, as if it paced its speech as Piper does (up to 2x).
+    """
+
+    def __init__(self) -> None:
+        super().__init__("paced")
+        self.speeds: list[float] = []
+
+    def synthesize(self, job):
+        self.speeds.append(job.speed)
+        return super().synthesize(job)
+
+    def pacedSpeed(self, speed: float) -> float:
+        return min(speed, 2.0)
 
 
 class OnLoopback:
@@ -136,6 +154,40 @@ class SealedJobTests(OnLoopback, TestCase):
         result = await consumer.tts(TTS, text, language="en", seal=exchange.policy())
         self.assertEqual(result.data, toneFor(text))
         self.assertEqual(handler.jobs[0]["text"], text)
+
+    async def test_sealedSpeed(self) -> None:
+        """
+        A speech's speed goes to the node in the clear, and the speed it
+        spoke at comes back inside the seal; a speed the farm adds beside a
+        sealed answer is not taken.
+        """
+        exchange = Exchange()
+        farm = await self.farm()
+        engine = PacedTone()
+        pool = EnginePool([engine], reactor, reactor.getThreadPool())
+        await farm.producer("tts", pool.handler("tts"), exchange.node())
+        consumer = await self.consumer(farm, "tts")
+        result = await consumer.tts(engine.name, "Hi there.", speed=2.0, seal=exchange.policy())
+        self.assertEqual((result.fields["speed"], engine.speeds), (2.0, [2.0]))
+        self.assertEqual(result.data, toneFor("Hi there."))
+
+        [session] = [
+            c.session for c in farm.farm.connections
+            if c.session is not None and c._role == "consumer"
+        ]
+        honest = session.sendResult
+
+        def addSpeed(fields: dict, raw: bytes) -> None:
+            honest(dict(fields, speed=4.0), b"")
+
+        session.sendResult = addSpeed
+        result = await consumer.tts(engine.name, "Hi there.", speed=4.0, seal=exchange.policy())
+        self.assertEqual(result.fields["speed"], 2.0)  # what the node sealed
+        plain = ToneEngine("x")
+        await farm.producer("tts", EnginePool([plain], reactor, reactor.getThreadPool()).handler("tts"),
+                            exchange.node())
+        result = await consumer.tts(plain.name, "Hi there.", speed=4.0, seal=exchange.policy())
+        self.assertNotIn("speed", result.fields)
 
     async def test_requiredNeedsANodeThatSeals(self) -> None:
         exchange = Exchange()

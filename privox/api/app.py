@@ -525,14 +525,15 @@ class PrivoxAPI:
         self, caller: Caller, model: str, language: str | None, voice: str | None, text: str,
         speed: float = 1.0,
     ) -> Spoken:
-        # Admitted on what the text may take at most to say (slower, if the
-        # producer paces it); given and charged the audio's length, never
-        # more than that at the speed it was spoken (a longer answer, from a
-        # rogue producer or an estimate that fell short, is cut).
+        # Admitted on what the text may take at most to say; given the
+        # audio, never longer than that at the speed it was spoken (a longer
+        # answer, from a rogue producer or an estimate that fell short, is
+        # cut), and charged its length at the voice's own pace: the same for
+        # any speed and any engine, paced or stretched.
         need = spokenSeconds(text)
         most = need / min(speed, 1.0)
         deadline = self._deadline(most)
-        grant = await self.access.admit(caller, most, deadline + HOLD_MARGIN)
+        grant = await self.access.admit(caller, need, deadline + HOLD_MARGIN)
         spoken: Spoken = await _charged(
             grant,
             self._within(
@@ -546,7 +547,7 @@ class PrivoxAPI:
         except BadWav:
             await grant.release()
             raise ApiError("the producer's answer is not a WAV file") from None
-        await grant.settle(seconds)
+        await grant.settle(min(need, seconds * spoken.speed))
         return Spoken(audio, spoken.speed)
 
     def _deadline(self, seconds: float) -> float:

@@ -19,6 +19,10 @@ MAX_SEGMENTS = 20_000
 #: recording has ~20,000), and the longest word.
 MAX_WORDS = 200_000
 MAX_WORD = 200
+#: How far (a factor) a producer's claimed speed may stray past the range
+#: it must be in (1 to the speed asked) and still be taken, as the nearest
+#: edge: a claim rounded on its way.
+SPEED_SLACK = 1.01
 #: How far a word may stray outside its segment's times, and start before
 #: the word before it ends (seconds): engines round their times.
 WORD_SLACK = 0.01
@@ -83,8 +87,10 @@ class Spoken:
         Anything else is taken as 1.
         """
         said = fields.get("speed")
-        if _number(said) and min(1.0, asked) <= said <= max(1.0, asked):
-            return cls(wav, float(said))
+        low, high = min(1.0, asked), max(1.0, asked)
+        if _number(said) and low / SPEED_SLACK <= said <= high * SPEED_SLACK:
+            # A claim a rounding away from the range is taken as its edge.
+            return cls(wav, min(max(float(said), low), high))
         return cls(wav, 1.0)
 
 

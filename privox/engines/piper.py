@@ -207,7 +207,8 @@ class PiperEngine:
         same, as near as its measure tells (within about 10 %), where the
         voice can; else the nearest it can (from about 0.3 to 2). The
         consumer stretches the audio the rest of the way. The first call
-        measures the voice (blocking, about a second): call it in a thread.
+        measures the voice (blocking, one to two seconds, counted in that
+        job's engine time): call it in a thread.
         """
         return speed if speed == 1.0 else self._pace(speed)[1]
 
@@ -242,10 +243,13 @@ class PiperEngine:
                 for scale in PACE_SCALES:
                     config = SynthesisConfig(length_scale=self._scale * scale, noise_scale=0.0,
                                              noise_w_scale=0.0)
-                    lengths.append(sum(
-                        len(chunk.audio_int16_array)
-                        for chunk in self._voice.synthesize(PACE_TEXT, syn_config=config)
-                    ))
+                    try:
+                        lengths.append(sum(
+                            len(chunk.audio_int16_array)
+                            for chunk in self._voice.synthesize(PACE_TEXT, syn_config=config)
+                        ))
+                    except Exception as e:
+                        raise EngineError(f"{self.name} failed to measure its pace: {e}") from e
                 own = lengths[PACE_SCALES.index(1.0)]
                 self._paces = [(scale, own / n) for scale, n in zip(PACE_SCALES, lengths)]
                 log.info(

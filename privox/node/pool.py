@@ -274,7 +274,7 @@ def speechFields(wav: bytes, model: str, speed: float = 1.0) -> dict[str, Any]:
     """
     fields: dict[str, Any] = {"content_type": "audio/wav", "model": model}
     if speed != 1.0:
-        fields["speed"] = round(speed, 3)
+        fields["speed"] = speed
     seconds = wavSeconds(wav)
     if seconds is not None:
         fields["duration_s"] = round(seconds, 3)

@@ -19,6 +19,7 @@ from privox.accounts import quota
 from privox.accounts.admin import runKeys
 from privox.accounts.store import (
     ANONYMOUS,
+    HISTORY,
     AccountStore,
     StoreError,
     _migrations,
@@ -189,8 +190,48 @@ class StoreTests:
         state = await store.standing(a.account, 1e9, now)
         # Every request but those whose minute has left the window.
         self.assertEqual(state.used, 200.0)
+        # Sums are kept a day (the account page's chart), then dropped.
         await store.reserve(a.account, 1e9, 1.0, now + 3600.0, now + 3700.0)
+        self.assertEqual(await store._run(count), 61)
+        await store.reserve(a.account, 1e9, 1.0, now + HISTORY, now + HISTORY + 100.0)
         self.assertLessEqual(await store._run(count), 1)
+
+    async def test_accountPagesQueries(self) -> None:
+        """
+        What the account pages read: use and credit per hour, an account's
+        records (paged, by role and service, newest first), what its nodes
+        served, and jobs per hour over all accounts.
+        """
+        store = await self.store()
+        now = 10 * 3600.0 + 1800.0
+        consumer = "cd" * 32
+        r = await store.reserve(consumer, 100.0, 5.0, now - 3600.0, now)
+        await store.settle(r, 4.0, now - 3600.0)
+        records = [record(f"j{n}", time=now - 2 * 3600 - n) for n in range(3)]
+        records.append(record("t0", time=now - 10, service="tts", producer=None, consumer=consumer))
+        await store.record(FARM, records, now, lambda model: 2.0)
+        hourly = await store.hourly(PRODUCER, now)
+        self.assertEqual(len(hourly), 24)
+        self.assertEqual(hourly[-1], (10 * 3600.0, 0.0, 60.0))
+        self.assertEqual((await store.hourly(consumer, now))[-2], (9 * 3600.0, 4.0, 0.0))
+        rows, total = await store.accountLedger(PRODUCER, limit=2)
+        self.assertEqual(([r["job_id"] for r in rows], total), (["j0", "j1"], 3))
+        self.assertEqual({r["role"] for r in rows}, {"producer"})
+        rows, total = await store.accountLedger(PRODUCER, offset=2)
+        self.assertEqual([r["job_id"] for r in rows], ["j2"])
+        self.assertEqual((await store.accountLedger(PRODUCER, role="consumer"))[1], 0)
+        self.assertEqual((await store.accountLedger(consumer, service="tts"))[0][0]["role"],
+                         "consumer")
+        self.assertEqual((await store.accountLedger(consumer, service="stt"))[1], 0)
+        [served] = await store.producing(PRODUCER)
+        self.assertEqual(
+            served,
+            {"farm": "farm-1", "service": "stt", "model": "whisper:base.en", "jobs": 3.0,
+             "ok": 3.0, "audio_seconds": 30.0, "qss": 60.0, "first": now - 7202, "last": now - 7200},
+        )
+        perHour = await store.jobsPerHour(now)
+        self.assertEqual((perHour[-1], perHour[-3]), ((10 * 3600.0, 1), (8 * 3600.0, 3)))
+        self.assertEqual(await store.jobsSince(now - 60), 1)
 
     async def test_ledgerIsIdempotentAndCredits(self) -> None:
         store = await self.store()

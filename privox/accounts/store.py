@@ -41,6 +41,10 @@ ROLES = ("user", "farm")
 #: The default DSN: a SQLite file in the working directory.
 DEFAULT_DSN = "sqlite:privox-accounts.sqlite3"
 
+#: Seconds of per-minute sums kept (past the quota's window, which is all a
+#: check reads): the account page charts the last day of them.
+HISTORY = 24 * 3600.0
+
 _COLUMNS = "account, key_id, role, label, hourly_seconds, created, revoked"
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
@@ -446,13 +450,14 @@ class AccountStore:
         def reserve(cursor: Any) -> Reservation:
             self._dialect.begin(cursor, write=True)
             self._dialect.lockAccount(cursor, account)
-            # What has left the window is done with; drop it as we pass.
+            # Expired holds, and sums older than the page's chart (L{HISTORY}),
+            # are done with; drop them as we pass.
             self._execute(
                 cursor, "DELETE FROM holds WHERE account = ? AND expires <= ?", (account, now)
             )
             self._execute(
                 cursor, "DELETE FROM quota_buckets WHERE account = ? AND bucket < ?",
-                (account, quota.bucketOf(now - window)),
+                (account, quota.bucketOf(now - max(window, HISTORY))),
             )
             used, earned = self._rows(cursor, account, now, window)
             held = quota.admit(base, used, earned, need, now, window)
@@ -544,7 +549,7 @@ class AccountStore:
                 self._add(cursor, producer, now, 0.0, credit[producer])
                 self._execute(
                     cursor, "DELETE FROM quota_buckets WHERE account = ? AND bucket < ?",
-                    (producer, quota.bucketOf(now - quota.WINDOW)),
+                    (producer, quota.bucketOf(now - max(quota.WINDOW, HISTORY))),
                 )
             return new, len(transactions) - new
 
@@ -566,6 +571,135 @@ class AccountStore:
                 (limit,),
             )
             return [dict(zip(names, row)) for row in cursor.fetchall()]
+
+        return await self._run(select)  # type: ignore[no-any-return]
+
+    # What the account pages show (L{privox.api.accountpages})
+
+    async def hourly(
+        self, account: str, now: float, hours: int = 24
+    ) -> list[tuple[float, float, float]]:
+        """
+        The account's settled use and earned credit per hour, from its
+        per-minute sums (kept for L{HISTORY}), oldest first.
+
+        @return: C{hours} rows C{(start of the hour, used, earned)}, the
+            last one the hour C{now} is in.
+        """
+        last = int(now // 3600)
+        first = last - hours + 1
+
+        def select(cursor: Any) -> list[tuple[float, float, float]]:
+            self._execute(
+                cursor,
+                "SELECT bucket, used, earned FROM quota_buckets WHERE account = ? AND bucket >= ?",
+                (account, quota.bucketOf(first * 3600.0)),
+            )
+            sums = {hour: [0.0, 0.0] for hour in range(first, last + 1)}
+            for bucket, used, earned in cursor.fetchall():
+                hour = int(bucket * quota.BUCKET // 3600)
+                if hour in sums:
+                    sums[hour][0] += float(used or 0)
+                    sums[hour][1] += float(earned or 0)
+            return [(hour * 3600.0, u, e) for hour, (u, e) in sorted(sums.items())]
+
+        return await self._run(select)  # type: ignore[no-any-return]
+
+    async def accountLedger(
+        self, account: str, role: str | None = None, service: str | None = None,
+        offset: int = 0, limit: int = 20,
+    ) -> tuple[list[dict[str, Any]], int]:
+        """
+        The ledger records an account took part in (as C{role}: "consumer",
+        "producer", or either), newest first: one page of them, and how
+        many there are in all. Each has C{role} added; no other account.
+        """
+        if role == "consumer":
+            where, params = "consumer = ?", [account]
+        elif role == "producer":
+            where, params = "producer = ?", [account]
+        else:
+            where, params = "(producer = ? OR consumer = ?)", [account, account]
+        if service:
+            where += " AND service = ?"
+            params.append(service)
+        names = (
+            "job_id", "at", "service", "model", "audio_seconds", "processing_ms", "status",
+            "qss", "producer",
+        )
+
+        def select(cursor: Any) -> tuple[list[dict[str, Any]], int]:
+            self._execute(cursor, f"SELECT COUNT(*) FROM transactions WHERE {where}", params)
+            total = int(cursor.fetchone()[0])
+            self._execute(
+                cursor,
+                f"SELECT {', '.join(names)} FROM transactions WHERE {where}"
+                " ORDER BY at DESC, job_id LIMIT ? OFFSET ?",
+                (*params, limit, offset),
+            )
+            rows = []
+            for row in cursor.fetchall():
+                record = dict(zip(names, row))
+                record["role"] = "producer" if record.pop("producer") == account else "consumer"
+                rows.append(record)
+            return rows, total
+
+        return await self._run(select)  # type: ignore[no-any-return]
+
+    async def producing(self, account: str) -> list[dict[str, Any]]:
+        """
+        What an account's nodes served, per farm, service and model: jobs,
+        jobs that succeeded, audio seconds, QSS earned, the first and the
+        latest job.
+        """
+        def select(cursor: Any) -> list[dict[str, Any]]:
+            self._execute(
+                cursor,
+                "SELECT farm, service, model, COUNT(*),"
+                " SUM(CASE WHEN status = 'ok' THEN 1 ELSE 0 END),"
+                " SUM(COALESCE(audio_seconds, 0)), SUM(qss), MIN(at), MAX(at)"
+                " FROM transactions WHERE producer = ?"
+                " GROUP BY farm, service, model ORDER BY MAX(at) DESC",
+                (account,),
+            )
+            names = ("farm", "service", "model", "jobs", "ok", "audio_seconds", "qss", "first", "last")
+            return [
+                {k: (v if k in ("farm", "service", "model") else float(v or 0)) for k, v in zip(names, row)}
+                for row in cursor.fetchall()
+            ]
+
+        return await self._run(select)  # type: ignore[no-any-return]
+
+    async def jobsPerHour(self, now: float, hours: int = 24) -> list[tuple[float, int]]:
+        """
+        Jobs in the ledger per hour (by when they ended), over all
+        accounts, oldest first: C{hours} rows C{(start of the hour, jobs)}.
+        """
+        last = int(now // 3600)
+        first = last - hours + 1
+
+        def select(cursor: Any) -> list[tuple[float, int]]:
+            # floor() written so that SQLite's CAST (truncates) and
+            # PostgreSQL's (rounds) agree, as in migration 0002.
+            self._execute(
+                cursor,
+                "SELECT h, COUNT(*) FROM (SELECT CAST(at / 3600 AS BIGINT) - CASE WHEN"
+                " CAST(at / 3600 AS BIGINT) > at / 3600 THEN 1 ELSE 0 END AS h"
+                " FROM transactions WHERE at >= ?) AS t GROUP BY h",
+                (first * 3600.0,),
+            )
+            counts = {int(h): int(n) for h, n in cursor.fetchall()}
+            return [(hour * 3600.0, counts.get(hour, 0)) for hour in range(first, last + 1)]
+
+        return await self._run(select)  # type: ignore[no-any-return]
+
+    async def jobsSince(self, since: float) -> int:
+        """
+        How many jobs the ledger has that ended at or after C{since}.
+        """
+        def select(cursor: Any) -> int:
+            self._execute(cursor, "SELECT COUNT(*) FROM transactions WHERE at >= ?", (since,))
+            return int(cursor.fetchone()[0])
 
         return await self._run(select)  # type: ignore[no-any-return]
 

@@ -41,6 +41,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from privox.api import forms, subtitles
 from privox.api.access import Access, Caller, Grant
+from privox.api.accountpages import AccountPages
 from privox.api.enrolment import ExchangeKey, fingerprint, readIdentity
 from privox.api.errors import (
     ApiError,
@@ -208,6 +209,10 @@ class PrivoxAPI:
         self.live = LiveJobs(exchange, access, clock)
         #: OpenAI's realtime transcription sessions, over a WebSocket.
         self.realtimeSessions = realtimeResource(self.live, access, models, clock, blurUsage)
+        #: /signup, /signin, /account and /about, for people in a browser.
+        self.accountPages = AccountPages(
+            getattr(access, "store", None), access, clock, self.statusReport
+        )
 
     def site(self) -> ApiSite:
         return ApiSite(
@@ -662,6 +667,28 @@ class PrivoxAPI:
         base = f"{scheme}://" + (host.decode("latin-1") if host else "localhost:8080")
         page = frontPage(base, self.models, self.access.keyExample)
         return _reply(request, _HTML, page.encode("utf-8"))
+
+    # -- the account pages (privox.api.accountpages) ----------------------
+
+    @app.route("/signup", methods=["GET", "POST"])
+    async def signupPage(self, request: IRequest) -> bytes:
+        return await self._serve(request, "/signup", self.accountPages.signup, openai=False)
+
+    @app.route("/signin", methods=["GET", "POST"])
+    async def signinPage(self, request: IRequest) -> bytes:
+        return await self._serve(request, "/signin", self.accountPages.signin, openai=False)
+
+    @app.route("/signout", methods=["POST"])
+    async def signoutPage(self, request: IRequest) -> bytes:
+        return await self._serve(request, "/signout", self.accountPages.signout, openai=False)
+
+    @app.route("/account", methods=["GET"])
+    async def accountPage(self, request: IRequest) -> bytes:
+        return await self._serve(request, "/account", self.accountPages.account, openai=False)
+
+    @app.route("/about", methods=["GET"])
+    async def aboutPage(self, request: IRequest) -> bytes:
+        return await self._serve(request, "/about", self.accountPages.about, openai=False)
 
     @app.route("/static/page.js", methods=["GET"])
     async def pageScript(self, request: IRequest) -> bytes:

@@ -71,6 +71,29 @@ class StoreTests:
         # The anonymous bucket exists but is nobody's key.
         self.assertIsNotNone(await store.account(ANONYMOUS))
 
+    async def test_farmDirectory(self) -> None:
+        """
+        The farms that joined, shared by API servers: a name is the first
+        farm key's; registering again moves it and notes when; only its
+        own key unlists it.
+        """
+        store = await self.store()
+        self.assertTrue(await store.listFarm("alpha", "tcp:host=a:port=1", None, "key1", 10.0))
+        self.assertFalse(await store.listFarm("alpha", "tcp:host=evil:port=1", None, "key2", 11.0))
+        self.assertTrue(await store.listFarm("alpha", "tcp:host=a2:port=1", "tcp:host=a2:port=2",
+                                             "key1", 12.0))
+        self.assertTrue(await store.listFarm("beta", None, "tcp:host=b:port=2", "key2", 13.0))
+        self.assertEqual(
+            sorted((f["name"], f["stt"], f["tts"], f["account"], f["seen"])
+                   for f in await store.listedFarms()),
+            [("alpha", "tcp:host=a2:port=1", "tcp:host=a2:port=2", "key1", 12.0),
+             ("beta", None, "tcp:host=b:port=2", "key2", 13.0)],
+        )
+        await store.unlistFarm("alpha", "key2")
+        self.assertEqual(len(await store.listedFarms()), 2)
+        await store.unlistFarm("alpha", "key1")
+        self.assertEqual([f["name"] for f in await store.listedFarms()], ["beta"])
+
     async def test_keysAreKeptAsHashes(self) -> None:
         store = await self.store()
         key, account = await store.createKey(10.0, label="alice", hourlySeconds=120.0)

@@ -1617,7 +1617,9 @@ class OptionsTests(SynchronousTestCase):
 
     def test_refused(self) -> None:
         cases = [
-            ((), "no farms"),
+            (("--farm-registration", "off"), "no farms"),
+            (("--farm-registration", "all"), "--farm-registration must be one of"),
+            (("--farm-refresh", "0"), "--farm-refresh must be positive"),
             (("--farm", "alpha"), "farm line"),
             (("--farm", self.FARM, "--farm", self.FARM), "unique"),
             (("--farm", self.FARM, "--voice", "lonely"), "voice line"),

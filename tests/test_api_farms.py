@@ -198,6 +198,31 @@ class SelectionTests(SynchronousTestCase):
         self.assertNotIn("spare", picks)  # however heavy, a fallback is never drawn
         self.assertTrue(0.88 < picks.count("b") / len(picks) < 0.92)
 
+    def test_drawsFollowHowFarmsServed(self) -> None:
+        """
+        A farm that lost the jobs it was given lately is drawn less, in
+        proportion, but never not at all; answering again brings it back.
+        """
+        farms = entries("a tcp:host=h:port=1 none", "b tcp:host=h:port=2 none")
+        exchange = FarmExchange(farms, Clock(), rng=random.Random(5))
+        a, b = exchange.farms
+
+        def shareOfA() -> float:
+            picks = [exchange._next(exchange.farms, set(), 0) for _ in range(10000)]
+            return picks.count(a) / len(picks)
+
+        self.assertTrue(0.48 < shareOfA() < 0.52)
+        for _ in range(20):
+            a.served.record(False)
+        self.assertAlmostEqual(a.served.rate, 0.95 ** 20)
+        self.assertTrue(0.23 < shareOfA() < 0.28, shareOfA())  # 0.36 against 1
+        for _ in range(200):
+            a.served.record(False)
+        self.assertTrue(0.03 < shareOfA() < 0.07)  # the floor: 0.05 against 1
+        for _ in range(100):
+            a.served.record(True)
+        self.assertTrue(0.48 < shareOfA() < 0.52)
+
     def test_distinctPrimariesThenFallbacksInOrder(self) -> None:
         farms = entries(
             *(f"p{i} tcp:host=h:port={i + 1} none" for i in range(5)),

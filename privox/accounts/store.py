@@ -574,6 +574,52 @@ class AccountStore:
 
         return await self._run(select)  # type: ignore[no-any-return]
 
+    # Farms that joined by themselves (L{privox.api.farmdirectory})
+
+    async def listFarm(
+        self, name: str, stt: str | None, tts: str | None, account: str, seen: float
+    ) -> bool:
+        """
+        List the farm C{name} (or note that it registered again), unless
+        another farm key holds that name.
+
+        @return: whether it is listed for C{account} now.
+        """
+
+        def upsert(cursor: Any) -> bool:
+            self._dialect.begin(cursor, write=True)
+            self._execute(
+                cursor,
+                "INSERT INTO farm_directory (name, stt, tts, account, seen) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET stt = excluded.stt, tts = excluded.tts,"
+                " seen = excluded.seen WHERE farm_directory.account = excluded.account",
+                (name, stt, tts, account, seen),
+            )
+            self._execute(cursor, "SELECT account FROM farm_directory WHERE name = ?", (name,))
+            return bool(cursor.fetchone()[0] == account)
+
+        return await self._run(upsert)  # type: ignore[no-any-return]
+
+    async def unlistFarm(self, name: str, account: str) -> None:
+        def delete(cursor: Any) -> None:
+            self._execute(
+                cursor, "DELETE FROM farm_directory WHERE name = ? AND account = ?", (name, account)
+            )
+
+        await self._run(delete)
+
+    async def listedFarms(self) -> list[dict[str, Any]]:
+        """
+        Every listed farm: C{name}, C{stt}, C{tts}, C{account}, C{seen}.
+        """
+
+        def select(cursor: Any) -> list[dict[str, Any]]:
+            self._execute(cursor, "SELECT name, stt, tts, account, seen FROM farm_directory")
+            names = ("name", "stt", "tts", "account", "seen")
+            return [dict(zip(names, row)) for row in cursor.fetchall()]
+
+        return await self._run(select)  # type: ignore[no-any-return]
+
     # What the account pages show (L{privox.api.accountpages})
 
     async def hourly(

@@ -54,6 +54,7 @@ from privox.api.errors import (
 )
 from privox.api.exchange import Exchange, Spoken, Transcribed
 from privox.api.fanout import DEFAULT_AT_ONCE, FanOut, InOrder, Progress
+from privox.api.farmdirectory import FarmDirectory
 from privox.api.farmstatus import unserved
 from privox.api.live import LiveJobs
 from privox.api.ledger import readLedger
@@ -151,6 +152,7 @@ class PrivoxAPI:
         sealRequired: bool = False,
         fanout: int = DEFAULT_AT_ONCE,
         fanoutAbove: float = DEFAULT_FANOUT_ABOVE,
+        farmDirectory: FarmDirectory | None = None,
     ) -> None:
         """
         @param registry: where the request series go and what C{/metrics}
@@ -204,6 +206,8 @@ class PrivoxAPI:
         self.exchangeKey = exchangeKey
         self.sealRequired = sealRequired
         self.fanoutAbove = fanoutAbove
+        #: Farms that joined by themselves, and the directory nodes read.
+        self.farmDirectory = farmDirectory
         self.fanout = FanOut(exchange, clock, runInThread, atOnce=fanout)
         #: Streaming jobs (the streaming routes, the Wyoming server).
         self.live = LiveJobs(exchange, access, clock)
@@ -642,6 +646,34 @@ class PrivoxAPI:
             expires=certificate.expires,
         )
         return _json(request, {"certificate": certificate.text, "expires": certificate.expires})
+
+    # -- farms that join, and their signed directory (issue 22) ----------
+
+    @app.route("/v1/farms", methods=["GET"])
+    async def farms(self, request: IRequest) -> bytes:
+        return await self._serve(request, "/v1/farms", self._farms, openai=False)
+
+    async def _farms(self, request: IRequest, done: _Done) -> bytes:
+        return _json(request, self._directory().signed(self.clock.seconds()))
+
+    @app.route("/v1/farms", methods=["POST"])
+    async def registerFarm(self, request: IRequest) -> bytes:
+        return await self._serve(request, "/v1/farms", self._registerFarm, openai=False)
+
+    async def _registerFarm(self, request: IRequest, done: _Done) -> bytes:
+        directory = self._directory()
+        account = await self.access.authorizeFarm(forms.findKey(request))
+        size = forms.bodySize(request, min(self._limit(request), 4096))
+        try:
+            fields = json.loads(request.content.read() if size else b"")
+        except ValueError:
+            raise BadInput("a farm registers with a JSON object: name, stt, tts") from None
+        return _json(request, await directory.register(account[:12], fields))
+
+    def _directory(self) -> FarmDirectory:
+        if self.farmDirectory is None:
+            raise NotServed("farms do not join this API by themselves")
+        return self.farmDirectory
 
     def _exchangeKey(self) -> ExchangeKey:
         if self.exchangeKey is None:

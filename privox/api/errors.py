@@ -62,6 +62,15 @@ class NotServed(ApiError):
     kind = "not_found"
 
 
+class Conflict(ApiError):
+    """
+    A name already someone else's (a farm registering another's name).
+    """
+
+    status = 409
+    kind = "conflict"
+
+
 class OverQuota(ApiError):
     """
     The key's audio allowance for the rolling hour is used up.

@@ -190,3 +190,26 @@ def farmHealth(
     A farm's health, up to begin with.
     """
     return _newHealth(HealthCore(name, downBackoff, wentDown))  # type: ignore[no-any-return]
+
+
+class SuccessRate:
+    """
+    How well a farm has served the API's jobs lately: the share it
+    answered (an answer or a refusal of the job itself) of those it was
+    given, not those it lost or that found it unreachable, as an
+    exponentially weighted average over about C{memory} jobs. A farm starts
+    trusted (1); the draw among farms weighs each by it, never below
+    L{FLOOR}, so that a farm that recovers is tried again.
+    """
+
+    FLOOR = 0.05
+
+    def __init__(self, memory: int = 20) -> None:
+        self.rate = 1.0
+        self._alpha = 1.0 / memory
+
+    def record(self, served: bool) -> None:
+        self.rate += self._alpha * ((1.0 if served else 0.0) - self.rate)
+
+    def weight(self) -> float:
+        return max(self.FLOOR, self.rate)

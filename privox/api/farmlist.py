@@ -15,12 +15,14 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Any, Callable, Iterable, TypeVar
 
 from privox.messages import SERVICES
 from privox.tls import checkEndpoint
 
 _NONE = "none"
+
+T = TypeVar("T", bound=Any)
 
 
 @dataclass(frozen=True)
@@ -165,16 +167,19 @@ def parseFarms(lines: Iterable[str]) -> list[FarmEntry]:
     return farms
 
 
-def weightedChoice(entries: list[FarmEntry], rng: random.Random) -> FarmEntry:
+def weightedChoice(
+    entries: list[T], rng: random.Random, weight: Callable[[T], float] = lambda e: e.weight
+) -> T:
     """
-    Draw one of C{entries} with probability proportional to its weight.
+    Draw one of C{entries} with probability proportional to its C{weight}
+    (a farm line's own, by default).
     """
     if not entries:
         raise ValueError("nothing to choose from")
-    total = sum(e.weight for e in entries)
+    total = sum(weight(e) for e in entries)
     point = rng.random() * total
     for entry in entries:
-        point -= entry.weight
+        point -= weight(entry)
         if point < 0:
             return entry
     return entries[-1]

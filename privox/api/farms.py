@@ -63,7 +63,7 @@ from privox.api.farmstreams import (
     spokenOf,
     wholeWav,
 )
-from privox.api.farmhealth import farmHealth
+from privox.api.farmhealth import SuccessRate, farmHealth
 from privox.api.farmlist import FarmEntry, weightedChoice
 from privox.api.farmpool import Dialing, Expired, FarmPool, Unreachable, race
 from privox.consumer import ConsumerProtocol, JobFailed, JobResult, Liveness, Unresponsive
@@ -88,6 +88,8 @@ class Farm:
     def __init__(self, entry: FarmEntry, dialing: Dialing, downBackoff: tuple[float, float]) -> None:
         self.entry = entry
         self.health = farmHealth(entry.name, downBackoff, self._wentDown)
+        #: Of the jobs it was given lately, how many it answered.
+        self.served = SuccessRate()
         self.pools = {
             service: FarmPool(dialing, self.health, service, endpoint)
             for service in SERVICES
@@ -260,8 +262,27 @@ class FarmExchange:
         self.rng = rng if rng is not None else random.Random()
         self.downBackoff = (float(first), float(longest))
         self.stopped = False
-        dialing = Dialing(reactor, self.clock, key, poolSize, connectTimeout, ca, liveness)
-        self.farms = [Farm(entry, dialing, self.downBackoff) for entry in farms]
+        self._dialing = Dialing(reactor, self.clock, key, poolSize, connectTimeout, ca, liveness)
+        self.farms = [Farm(entry, self._dialing, self.downBackoff) for entry in farms]
+
+    # The directory of farms that join by themselves (privox.api.farmdirectory)
+
+    def join(self, entry: FarmEntry) -> None:
+        """
+        Take C{entry} from now on, in place of a farm of the same name.
+        """
+        self.leave(entry.name)
+        self.farms.append(Farm(entry, self._dialing, self.downBackoff))
+
+    def leave(self, name: str) -> None:
+        """
+        Take no more jobs to the farm C{name}; its connections close (a job
+        on one goes elsewhere, as from a farm that went down).
+        """
+        for state in [s for s in self.farms if s.entry.name == name]:
+            self.farms.remove(state)
+            for pool in state.pools.values():
+                pool.stop()
 
     # Exchange
 
@@ -425,8 +446,12 @@ class FarmExchange:
                 if self.clock.seconds() >= deadlineAt:
                     raise Expired()
                 try:
-                    return await self._sealedOrNot(state, service, send, deadlineAt)
+                    result = await self._sealedOrNot(state, service, send, deadlineAt)
+                    state.served.record(True)
+                    return result
                 except JobFailed as e:
+                    # Lost, timed out, no producer: it did not serve the job.
+                    state.served.record(e.code not in RETRYABLE)
                     if e.code not in RETRYABLE and e.code != ErrorCode.UNSUPPORTED_MODEL:
                         raise fromFailCode(e.code, e.message) from None
                     fails.append(e)
@@ -437,6 +462,7 @@ class FarmExchange:
                         code=e.code,
                     )
                 except Unreachable:
+                    state.served.record(False)
                     unreachable += 1
         except Expired:
             raise TimedOut(f"no answer within {deadline:g} s") from None
@@ -456,8 +482,10 @@ class FarmExchange:
                 if not s.entry.fallback and s.entry.name not in tried and s.health.available(now)
             ]
             if candidates:
-                chosen = weightedChoice([s.entry for s in candidates], self.rng)
-                return next(s for s in candidates if s.entry is chosen)
+                # Its own weight, as well as it has served lately.
+                return weightedChoice(
+                    candidates, self.rng, lambda s: s.entry.weight * s.served.weight()
+                )
         for state in serving:
             if (
                 not self.stopped

@@ -26,6 +26,7 @@ from privox.api.access import Access, AccountAccess, PolicyAccess, modelCosts
 from privox.api.app import DEFAULT_MAX_UPLOAD, PrivoxAPI
 from privox.api.enrolment import DEFAULT_EXCHANGE_KEY, ExchangeKey, ExchangeKeyError
 from privox.api.exchange import Exchange
+from privox.api.farmdirectory import FarmDirectory, farmProber
 from privox.api.farmlist import FarmEntry
 from privox.api.farms import FarmExchange
 from privox.api.farmstatus import RemoteStatus
@@ -38,6 +39,9 @@ from privox.keys import KeyPolicyError, policyFromSpec
 from privox.sealing import MODES, REQUIRED, SealPolicy
 from privox.tls import loadCA
 
+#: The values of --farm-registration.
+REGISTRATION = ("public", "any", "off")
+
 log = Logger()
 
 
@@ -47,9 +51,20 @@ class ApiSettings:
     farm: tuple[str, ...] = setting(
         (),
         "A farm: 'NAME STT-ENDPOINT TTS-ENDPOINT [weight=N] [fallback] [status=URL]' "
-        "(at least one; an endpoint may be 'none').",
+        "(an endpoint may be 'none'). None at all: only farms that join by themselves.",
     )
     farm_key: str = setting("", "This API's own consumer key, presented to the farms.")
+    farm_registration: str = setting(
+        "public",
+        "Farms that may join by themselves with a farm key (POST /v1/farms; probed "
+        "first, listed in the signed GET /v1/farms): 'public' (at public addresses), "
+        "'any' (private and loopback ones too: a private network), or 'off'.",
+    )
+    farm_refresh: float = setting(
+        60.0,
+        "Seconds between a joined farm's registrations (it is told) and the API's "
+        "probes of it; a farm silent for three is dropped.",
+    )
     accounts: str = setting(
         DEFAULT_DSN,
         "Account store for keys, quotas and the ledger: sqlite:PATH, postgresql://..., "
@@ -352,8 +367,12 @@ class Options(_BaseOptions):  # type: ignore[misc,valid-type]
     def postOptions(self) -> None:
         super().postOptions()
         s = self.settings
-        if not s.farm:
-            raise usage.UsageError("no farms: give at least one --farm")
+        if s.farm_registration not in REGISTRATION:
+            raise usage.UsageError(f"--farm-registration must be one of {', '.join(REGISTRATION)}")
+        if s.farm_refresh <= 0:
+            raise usage.UsageError("--farm-refresh must be positive")
+        if not s.farm and s.farm_registration == "off":
+            raise usage.UsageError("no farms: give at least one --farm, or let farms join")
         self.farms = []
         for line in s.farm:
             try:
@@ -462,6 +481,23 @@ class ExchangeService(Service):
         await self.exchange.stop()
 
 
+class DirectoryService(Service):
+    """
+    Probes the farms that joined, while the API runs.
+    """
+
+    def __init__(self, directory: FarmDirectory) -> None:
+        self.directory = directory
+
+    def startService(self) -> None:
+        super().startService()
+        self.directory.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.directory.stop()
+
+
 def wyomingService(settings: ApiSettings, api: PrivoxAPI, reactor: Any) -> IService:
     """
     The Wyoming server on C{--wyoming-listen}, over the API's live jobs,
@@ -508,6 +544,18 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     api, site = buildApi(s, exchange, reactor, farmStatus=remote, exchangeKey=exchangeKey)
     http = TrackedFactory(site)
     top = MultiService()
+    if s.farm_registration != "off":
+        api.farmDirectory = FarmDirectory(
+            exchange,
+            farmProber(reactor, s.farm_key, options.ca, private=s.farm_registration == "any"),
+            reactor,
+            exchangeKey.private,
+            options.farms,
+            refresh=s.farm_refresh,
+            # Shared with the exchange's other API servers.
+            store=getattr(api.access, "store", None),
+        )
+        DirectoryService(api.farmDirectory).setServiceParent(top)
     # A descriptor per HTTP client and farm connection: before the port.
     OpenFileLimitService().setServiceParent(top)
     TunedMallocService().setServiceParent(top)

@@ -20,6 +20,7 @@ from privox.farm.farm import Counters, Farm
 from privox.farm.ledger import Sink, ledgerFromSettings
 from privox.farm.observe import farmStatus, instrumentFarm
 from privox.farm.pvx1 import Aliases
+from privox.farm.registration import Registration, parsePublic
 from privox.farm.settings import FarmSettings
 from privox.farm.splice import splicerFor
 from privox.daemon import ListenService
@@ -63,6 +64,15 @@ class Options(_BaseOptions):  # type: ignore[misc,valid-type]
             raise usage.UsageError("an http(s) --ledger needs --api-key (the farm's key)")
         if not s.ledger:
             raise usage.UsageError("--ledger must be 'none', a file path or an http(s) URL")
+        if s.exchange != "none":
+            if not s.exchange.startswith(("http://", "https://")):
+                raise usage.UsageError("--exchange must be the API's http(s) base URL, or 'none'")
+            if not s.api_key:
+                raise usage.UsageError("--exchange needs --api-key: the farm's key")
+            try:
+                parsePublic(s.public)
+            except ValueError as e:
+                raise usage.UsageError(str(e))
 
 
 class FarmService(Service):
@@ -177,6 +187,12 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         ListenService(endpoint, FarmFactory(farm, service), reactor, f"--{service}-listen").setServiceParent(top)
     if settings.metrics_listen != "none":
         metricsService(farm, settings.metrics_listen, reactor).setServiceParent(top)
+    if settings.exchange != "none":
+        # Last: once the ports listen; stopped first.
+        Registration(
+            settings.exchange, settings.api_key, settings.name, parsePublic(settings.public),
+            reactor,
+        ).setServiceParent(top)
     return top
 
 

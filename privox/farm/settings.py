@@ -136,11 +136,22 @@ class FarmSettings:
         "privox-farm-ledger.spool",
         "File where records for an http(s) ledger wait until the API confirms them.",
     )
+    exchange: str = setting(
+        "none",
+        "The http(s) base URL of an exchange's API this farm joins by itself (it "
+        "registers there with --api-key and --public, and again while it runs), or 'none'.",
+    )
+    public: str = setting(
+        "",
+        "With --exchange: 'STT-ENDPOINT TTS-ENDPOINT', the client endpoints API servers "
+        "and nodes dial to reach this farm (tcp:host=HOST:port=PORT or tls:...; 'none' "
+        "for a service it does not offer).",
+    )
     api_key: str = dataclasses.field(
         default="",
         repr=False,  # a secret: never in a repr or a log line
         metadata={
-            "help": "This farm's key, sent as Authorization: Bearer to the ledger URL "
-            "and to key-validation URLs."
+            "help": "This farm's key, sent as Authorization: Bearer to the ledger URL, "
+            "to key-validation URLs and to the --exchange it joins."
         },
     )

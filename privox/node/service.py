@@ -37,6 +37,7 @@ from privox.node.enrolment import (
     httpEnrol,
     loadIdentity,
 )
+from privox.node.farmfinder import FarmFinder, spread
 from privox.node.pool import EnginePool
 from privox.node.worker import JobHandler, ProducerProtocol
 from privox.tls import TrustRoot, checkEndpoint, clientEndpoint, loadCA
@@ -126,10 +127,14 @@ class Options(_BaseOptions):  # type: ignore[misc,valid-type]
                 self.specs.append(spec)
         if not self.specs:
             raise usage.UsageError("no engines: give at least one --stt or --tts model")
-        if s.stt and not s.stt_farm:
-            raise usage.UsageError("--stt models need at least one --stt-farm")
-        if s.tts and not s.tts_farm:
-            raise usage.UsageError("--tts models need at least one --tts-farm")
+        if s.stt and not s.stt_farm and s.exchange == "none":
+            raise usage.UsageError(
+                "--stt models need at least one --stt-farm, or an --exchange to find them"
+            )
+        if s.tts and not s.tts_farm and s.exchange == "none":
+            raise usage.UsageError(
+                "--tts models need at least one --tts-farm, or an --exchange to find them"
+            )
         if s.slots < 1:
             raise usage.UsageError("--slots must be at least 1")
         try:
@@ -175,8 +180,17 @@ class FailoverEndpoint:
     def __init__(
         self, descriptions: tuple[str, ...], reactor: Any, ca: TrustRoot | None = None
     ) -> None:
+        self._reactor = reactor
+        self._ca = ca
+        self.lastIndex = 0
+        self.setFarms(descriptions)
+
+    def setFarms(self, descriptions: tuple[str, ...]) -> None:
+        """
+        Connect to these from the next attempt on.
+        """
         self.descriptions = descriptions
-        self._endpoints = [clientEndpoint(reactor, d, ca) for d in descriptions]
+        self._endpoints = [clientEndpoint(self._reactor, d, self._ca) for d in descriptions]
         self.lastIndex = 0
 
     def connect(self, factory: Factory) -> Deferred[Any]:
@@ -239,6 +253,18 @@ class Slot:
 
     def _retryDelay(self, attempt: int) -> float:
         return self._backoff(max(attempt, self._refusals))  # type: ignore[no-any-return]
+
+    def setFarms(self, farms: tuple[str, ...]) -> None:
+        """
+        The farms this slot dials from now on (the directory changed): one
+        connected to a farm no longer among them hangs up once idle.
+        """
+        if farms == self._endpoint.descriptions:
+            return
+        current = self._endpoint.descriptions[self._endpoint.lastIndex] if self.protocol else None
+        self._endpoint.setFarms(farms)
+        if current is not None and current not in farms:
+            self.refresh()
 
     def refresh(self) -> None:
         """
@@ -319,12 +345,14 @@ class NodeService(Service):
         stopOnFailure: bool = True,
         registry: Any = None,
         sealer: Sealer | None = None,
+        http: Any = None,
     ) -> None:
         """
         @param registry: a L{CollectorRegistry} to count engine time into.
         @param sealer: what its farm connections seal with (an
             L{Enrolment}, started and stopped with the node); L{None}: the
             node takes only unsealed jobs.
+        @param http: treq or its like, for the exchange's directory.
         """
         self.settings = settings
         self._reactor = reactor
@@ -343,6 +371,17 @@ class NodeService(Service):
         )
         self.slots: list[Slot] = []
         self.ready: Deferred[None] = Deferred()
+        #: The services' handlers, once the models are loaded.
+        self._handlers: dict[str, Any] = {}
+        self._ca: TrustRoot | None = None
+        #: Farms from the exchange's directory, for a service given none.
+        self.finder: FarmFinder | None = None
+        unplaced = (settings.stt and not settings.stt_farm) or (settings.tts and not settings.tts_farm)
+        if settings.exchange != "none" and unplaced:
+            self.finder = FarmFinder(
+                settings.exchange, exchangePublicKey(settings.exchange_key), reactor,
+                self._directoryFound, **({} if http is None else {"http": http}),
+            )
 
     def startService(self) -> None:
         super().startService()
@@ -352,6 +391,8 @@ class NodeService(Service):
             # While the models load.
             self.sealer.whenRenewed(self._refreshSlots)
             self.sealer.startService()
+        if self.finder is not None:
+            self.finder.startService()
         elif self.sealer is None:
             log.info(
                 "this node names no exchange (--exchange): it cannot seal, and takes only"
@@ -380,23 +421,55 @@ class NodeService(Service):
                 self.ready.callback(None)
                 return
         s = self.settings
-        ca = loadCA(s.ca) if s.ca else None
-        for service, farms in (("stt", s.stt_farm), ("tts", s.tts_farm)):
+        self._ca = loadCA(s.ca) if s.ca else None
+        for service in ("stt", "tts"):
             handler = self.pool.handler(service)
-            if not handler.models:
-                continue
-            log.info(
-                "{service}: {slots} slot(s) for {models} via {farms}",
-                service=service,
-                slots=s.slots,
-                models=list(handler.models),
-                farms=list(farms),
-            )
-            for _ in range(s.slots):
-                slot = Slot(service, farms, handler, s, self._reactor, ca, self.sealer)
-                self.slots.append(slot)
-                slot.client.startService()
+            if handler.models:
+                self._handlers[service] = handler
+                self._placeSlots(service)
         self.ready.callback(None)
+
+    def _farmsFor(self, service: str) -> tuple[str, ...]:
+        configured = self.settings.stt_farm if service == "stt" else self.settings.tts_farm
+        if configured or self.finder is None or self.finder.directory is None:
+            return configured
+        return self.finder.directory.serving(service)
+
+    def _placeSlots(self, service: str) -> None:
+        """
+        Start C{service}'s slots on its farms, or point them at the farms
+        the directory lists now.
+        """
+        farms = self._farmsFor(service)
+        placed = [slot for slot in self.slots if slot.service == service]
+        if placed:
+            for index, slot in enumerate(placed):
+                slot.setFarms(spread(farms, index) if farms else farms)
+            return
+        handler = self._handlers[service]
+        if not farms:
+            log.info("{service}: no farm to serve {models} through yet",
+                     service=service, models=list(handler.models))
+            return
+        log.info(
+            "{service}: {slots} slot(s) for {models} via {farms}",
+            service=service,
+            slots=self.settings.slots,
+            models=list(handler.models),
+            farms=list(farms),
+        )
+        for index in range(self.settings.slots):
+            slot = Slot(service, spread(farms, index), handler, self.settings, self._reactor,
+                        self._ca, self.sealer)
+            self.slots.append(slot)
+            slot.client.startService()
+
+    def _directoryFound(self, directory: Any) -> None:
+        if not self.running:
+            return
+        for service in self._handlers:
+            if self._farmsFor(service):
+                self._placeSlots(service)
 
     def _refreshSlots(self) -> None:
         for slot in self.slots:
@@ -428,10 +501,25 @@ class NodeService(Service):
                 await drained
             except Exception:
                 log.warn("jobs still running after {s} s; closing", s=self.settings.shutdown_grace)
+        if self.finder is not None and self.finder.running:
+            self.finder.stopService()
         for slot in self.slots:
             await slot.client.stopService()
         if isinstance(self.sealer, Enrolment) and self.sealer.running:
             self.sealer.stopService()
+
+
+def exchangeHttp(settings: NodeSettings, reactor: Any) -> HTTPClient:
+    """
+    An HTTP client for the exchange: a private exchange's CA, as for its
+    farms. A request a minute at most: no connection kept open.
+    """
+    trust = loadCA(settings.ca) if settings.ca else None
+    return HTTPClient(Agent(
+        reactor,
+        contextFactory=BrowserLikePolicyForHTTPS(trustRoot=trust),
+        pool=HTTPConnectionPool(reactor, persistent=False),
+    ))
 
 
 def enrolmentFor(settings: NodeSettings, reactor: Any) -> Enrolment | None:
@@ -444,18 +532,10 @@ def enrolmentFor(settings: NodeSettings, reactor: Any) -> Enrolment | None:
     if settings.exchange == "none":
         return None
     identity, made = loadIdentity(settings.state_dir)
-    # A private exchange's CA, as for its farms. One request in hours: no
-    # connection kept open.
-    trust = loadCA(settings.ca) if settings.ca else None
-    http = HTTPClient(Agent(
-        reactor,
-        contextFactory=BrowserLikePolicyForHTTPS(trustRoot=trust),
-        pool=HTTPConnectionPool(reactor, persistent=False),
-    ))
     enrolment = Enrolment(
         identity,
         exchangePublicKey(settings.exchange_key),
-        httpEnrol(settings.exchange, settings.key, reactor, http),
+        httpEnrol(settings.exchange, settings.key, reactor, exchangeHttp(settings, reactor)),
         reactor,
         where=withoutSecrets(settings.exchange),
         account=keyId(settings.key),
@@ -478,11 +558,14 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     except IdentityFileError as e:
         return CannotStart(f"{e} (--state-dir)")
     engines = [createEngine(s) for s in options.specs]
+    http = exchangeHttp(settings, reactor) if settings.exchange != "none" else None
     if settings.metrics_listen == "none":
-        return NodeService(settings, engines, reactor, sealer=enrolment)
+        return NodeService(settings, engines, reactor, sealer=enrolment, http=http)
     registry = CollectorRegistry()
     top = MultiService()
-    NodeService(settings, engines, reactor, registry=registry, sealer=enrolment).setServiceParent(top)
+    NodeService(
+        settings, engines, reactor, registry=registry, sealer=enrolment, http=http
+    ).setServiceParent(top)
     log.info("node metrics on {endpoint}", endpoint=settings.metrics_listen)
     ListenService(
         settings.metrics_listen, metricsSite(registry), reactor, "--metrics-listen"

@@ -1,0 +1,327 @@
+"""
+Farms that join the exchange by themselves (C{POST /v1/farms}), and the
+signed directory of them that nodes read (C{GET /v1/farms},
+L{privox.directory}).
+
+A volunteer's farm registers with its farm key and the client endpoints
+API servers and nodes should dial (C{privox-farm --exchange URL --public
+'STT TTS'}), and registers again every L{privox.directory.REFRESH} seconds
+while it runs. Before it is listed, the API probes it: the handshake on
+each port, then a canary job for a model no producer serves, which a farm
+that works refuses at once (C{no_producer}). A listed farm takes the API's
+jobs as its configured ones do (L{FarmExchange.join}); it is probed again
+on every refresh and dropped when a probe fails or when it stops
+registering, and only a new registration, probed again, lists it back.
+Reserved (fallback) farms stay in the API's own configuration, out of the
+directory.
+
+Several API servers of one exchange share the directory through their
+account store (table C{farm_directory}): the one a farm registers with
+lists it there, and on every refresh each takes the farms listed there,
+probing them itself first, and lets go of those no longer listed. A name
+belongs to the farm key that first listed it.
+
+Who runs a farm is not published: the directory holds names and endpoints
+only, and the API logs a registering farm's key id, never its key.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
+
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import connectProtocol
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from privox.api.errors import BadInput, Conflict, Unprocessable
+from privox.api.farmlist import FarmEntry
+from privox.api.farms import FarmExchange
+from privox.consumer import ConsumerProtocol, JobFailed
+from privox.directory import MAX_FIELD, REFRESH, Directory, ListedFarm
+from privox.messages import SERVICES, ErrorCode, JobRequest
+from privox.tls import TrustRoot, clientEndpoint
+
+log = Logger()
+
+#: The endpoints a farm may register: plain host and port, TCP or TLS (the
+#: API's own CAs verify a TLS farm's certificate).
+_REGISTRABLE = re.compile(r"(tcp|tls):host=[A-Za-z0-9.\-]{1,253}:port=[0-9]{1,5}")
+
+#: The model a probe's canary job names: no producer serves it.
+CANARY_MODEL = "privox:canary"
+#: A farm not heard from in this many refresh periods leaves the directory.
+MISSED_REFRESHES = 3
+#: Longest a probe may take, handshakes and canaries together.
+PROBE_TIMEOUT = 10.0
+
+
+class ProbeFailed(Exception):
+    """
+    A farm did not behave as a farm must; the message says how.
+    """
+
+
+#: Probes a farm; fires with its slowest handshake's seconds.
+Probe = Callable[[FarmEntry], Awaitable[float]]
+
+
+def farmProber(reactor: Any, key: str, ca: TrustRoot | None = None,
+               timeout: float = PROBE_TIMEOUT, private: bool = False) -> Probe:
+    """
+    A L{Probe} that dials each of a farm's ports as a consumer with C{key}.
+
+    @param private: farms at private, loopback or link-local addresses may
+        join too (a private exchange, tests); else such a farm fails its
+        probe, so that registering cannot make the API dial its own network.
+    """
+
+    async def probe(entry: FarmEntry) -> float:
+        slowest = 0.0
+        for service in SERVICES:
+            endpoint = entry.endpoint(service)
+            if endpoint is not None:
+                d = Deferred.fromCoroutine(
+                    _probePort(reactor, service, endpoint, key, ca, private)
+                )
+                d.addTimeout(timeout, reactor)
+                try:
+                    slowest = max(slowest, await d)
+                except ProbeFailed:
+                    raise
+                except Exception as e:
+                    raise ProbeFailed(f"{service} port: {e.__class__.__name__}: {e}") from None
+        return slowest
+
+    return probe
+
+
+async def _probePort(
+    reactor: Any, service: str, endpoint: str, key: str, ca: TrustRoot | None, private: bool
+) -> float:
+    started = reactor.seconds()
+    protocol = ConsumerProtocol(service, key)
+    await connectProtocol(clientEndpoint(reactor, endpoint, ca), protocol)
+    try:
+        if not private and not _public(protocol.transport.getPeer().host):
+            # Where the name led, not what it says: checked once connected.
+            raise ProbeFailed(f"{service} port is not at a public address")
+        await protocol.ready
+        latency = reactor.seconds() - started
+        canary = (
+            JobRequest("stt", CANARY_MODEL, None, 2, "pcm_s16le", early=True)
+            if service == "stt"
+            else JobRequest("tts", CANARY_MODEL, None, 0, text="canary")
+        )
+        try:
+            await protocol.submit(canary, b"\0\0" if service == "stt" else b"")
+        except JobFailed as e:
+            if e.code != ErrorCode.NO_PRODUCER:
+                raise ProbeFailed(f"{service} port refused the canary job with {e.code}") from None
+        else:
+            raise ProbeFailed(f"{service} port answered a job no producer serves")
+        return latency
+    finally:
+        protocol.transport.loseConnection()
+
+
+def _public(host: str) -> bool:
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return address.is_global
+
+
+@dataclass
+class Registered:
+    entry: FarmEntry
+    #: The farm key's id that registered it.
+    account: str
+    #: When it last registered.
+    seen: float
+    #: Its slowest port's handshake, at the last probe (seconds).
+    latency: float
+
+
+class FarmDirectory:
+    """
+    The farms registered with this API, probed and listed.
+
+    @param exchange: where listed farms take jobs.
+    @param probe: checks a farm before it is listed, and on every refresh.
+    @param signer: signs the directory (the exchange key's private half).
+    @param configured: the API's own farms (from its configuration).
+    @param store: the account store the exchange's API servers share the
+        directory through, if any.
+    """
+
+    def __init__(
+        self,
+        exchange: FarmExchange,
+        probe: Probe,
+        clock: IReactorTime,
+        signer: Any,
+        configured: list[FarmEntry],
+        refresh: float = REFRESH,
+        store: Any = None,
+    ) -> None:
+        self.exchange = exchange
+        self.probe = probe
+        self.clock = clock
+        self.signer = signer
+        self.configured = configured
+        self.refresh = refresh
+        self.store = store
+        self.listed: dict[str, Registered] = {}
+        self._loop = LoopingCall(self._reprobe)
+        self._loop.clock = clock
+
+    def start(self) -> None:
+        self._loop.start(self.refresh, now=False)
+
+    def stop(self) -> None:
+        if self._loop.running:
+            self._loop.stop()
+
+    async def register(self, account: str, fields: Any) -> dict[str, Any]:
+        """
+        A farm's registration (C{POST /v1/farms}): C{{"name", "stt", "tts"}}.
+
+        @raise BadInput: malformed, or an endpoint that cannot be dialled.
+        @raise Conflict: the name is another farm's.
+        @raise ApiError: the farm did not pass its probe (422).
+        """
+        entry = _entry(fields)
+        if any(f.name == entry.name for f in self.configured):
+            raise Conflict(f"farm name {entry.name!r} is taken")
+        now = self.clock.seconds()
+        known = self.listed.get(entry.name)
+        if known is not None and known.account != account:
+            raise Conflict(f"farm name {entry.name!r} is taken")
+        if known is not None and known.entry == entry:
+            known.seen = now
+            await self._share(entry, account, now)
+            return self._answer(entry)
+        try:
+            latency = await self.probe(entry)
+        except ProbeFailed as e:
+            log.info("farm {name} of key {account} failed its probe: {why}",
+                     name=entry.name, account=account, why=str(e))
+            raise Unprocessable(f"the farm did not pass its probe: {e}") from None
+        now = self.clock.seconds()
+        await self._share(entry, account, now)
+        self._list(Registered(entry, account, now, latency))
+        return self._answer(entry)
+
+    async def _share(self, entry: FarmEntry, account: str, now: float) -> None:
+        if self.store is not None and not await self.store.listFarm(
+            entry.name, entry.stt, entry.tts, account, now
+        ):
+            raise Conflict(f"farm name {entry.name!r} is taken")
+
+    def _list(self, farm: Registered) -> None:
+        self.listed[farm.entry.name] = farm
+        self.exchange.join(farm.entry)
+        log.info("farm {name} of key {account} joined the directory ({ms:.0f} ms handshake)",
+                 name=farm.entry.name, account=farm.account, ms=farm.latency * 1000)
+
+    def _answer(self, entry: FarmEntry) -> dict[str, Any]:
+        return {"name": entry.name, "listed": True, "refresh_s": self.refresh}
+
+    def drop(self, name: str, why: str, shared: bool = True) -> None:
+        """
+        Take the farm C{name} out (and out of the shared directory, unless
+        it is gone from there already).
+        """
+        farm = self.listed.pop(name, None)
+        if farm is not None:
+            self.exchange.leave(name)
+            log.info("farm {name} left the directory: {why}", name=name, why=why)
+            if shared and self.store is not None:
+                Deferred.fromCoroutine(self.store.unlistFarm(name, farm.account)).addErrback(
+                    lambda f: log.failure("cannot unlist farm {name}", f, name=name)
+                )
+
+    async def _reprobe(self) -> None:
+        taken: set[str] = set()
+        if self.store is not None:
+            try:
+                taken = await self._sync(await self.store.listedFarms())
+            except Exception:
+                log.failure("cannot read the shared farm directory")
+        now = self.clock.seconds()
+        for name, farm in [(n, f) for n, f in self.listed.items() if n not in taken]:
+            if now - farm.seen > MISSED_REFRESHES * self.refresh:
+                self.drop(name, "it stopped registering")
+                continue
+            try:
+                farm.latency = await self.probe(farm.entry)
+            except ProbeFailed as e:
+                if self.listed.get(name) is farm:
+                    self.drop(name, f"its probe failed ({e})")
+
+    async def _sync(self, shared: list[dict[str, Any]]) -> set[str]:
+        """
+        Take the farms another API server listed (once they pass a probe of
+        ours), note when each last registered, and let go of those no
+        longer listed.
+
+        @return: the names taken now (probed already).
+        """
+        taken = set()
+        byName = {row["name"]: row for row in shared}
+        for name in [n for n in self.listed if n not in byName]:
+            self.drop(name, "another API server dropped it", shared=False)
+        for name, row in byName.items():
+            farm = self.listed.get(name)
+            if farm is not None:
+                farm.seen = max(farm.seen, float(row["seen"]))
+                continue
+            try:
+                entry = FarmEntry(name, row["stt"], row["tts"])
+                latency = await self.probe(entry)
+            except (ProbeFailed, ValueError):
+                continue  # its own API server decides whether it stays
+            if name not in self.listed:
+                self._list(Registered(entry, row["account"], float(row["seen"]), latency))
+                taken.add(name)
+        return taken
+
+    def signed(self, now: float) -> dict[str, Any]:
+        """
+        C{GET /v1/farms}: the API's own primary farms and the listed ones,
+        signed.
+        """
+        farms = [
+            ListedFarm(f.name, f.stt, f.tts) for f in self.configured if not f.fallback
+        ] + [ListedFarm(r.entry.name, r.entry.stt, r.entry.tts) for r in self.listed.values()]
+        return Directory.issue(farms, now).signed(self.signer)
+
+
+def _entry(fields: Any) -> FarmEntry:
+    if not isinstance(fields, dict):
+        raise BadInput("a farm registers with a JSON object: name, stt, tts")
+    name = fields.get("name")
+    if not isinstance(name, str) or not name.strip() or len(name) > MAX_FIELD or " " in name:
+        raise BadInput("name must be a farm name without spaces")
+    ports = []
+    for service in SERVICES:
+        value = fields.get(service)
+        if value is not None and (not isinstance(value, str) or len(value) > MAX_FIELD):
+            raise BadInput(f"{service} must be a client endpoint string, or null")
+        if value is not None and not _REGISTRABLE.fullmatch(value):
+            # Nothing else: another endpoint type or parameter would have
+            # the API read its own files or dial its own sockets.
+            raise BadInput(
+                f"{service} must be tcp:host=HOST:port=PORT or tls:host=HOST:port=PORT"
+            )
+        ports.append(value or None)
+    try:
+        return FarmEntry(name, ports[0], ports[1])
+    except ValueError as e:
+        raise BadInput(str(e)) from None

@@ -1,0 +1,113 @@
+"""
+A volunteer's farm joining an exchange by itself: C{privox-farm --exchange
+URL --api-key FARM-KEY --public 'STT-ENDPOINT TTS-ENDPOINT'} registers with
+the exchange's API (C{POST URL/v1/farms}) once it listens, and again every
+L{privox.directory.REFRESH} seconds while it runs. The API probes the farm
+before listing it, and drops it when it stops registering.
+
+C{--public} names the client endpoints API servers and nodes should dial
+(C{tcp:host=farm.example.org:port=1776}, or C{tls:...}; C{none} for a service
+the farm does not offer): what the farm listens on may be behind a NAT or
+a proxy, so only its operator knows them.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import treq
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+
+from privox.directory import REFRESH
+from privox.keys import webReason, withoutSecrets
+from privox.periodic import Periodic
+
+#: Longest wait for the API's answer (its probe of the farm included).
+REQUEST_TIMEOUT = 30.0
+#: The range of refresh periods an API may ask for (seconds).
+MIN_REFRESH, MAX_REFRESH = 1.0, 3600.0
+
+
+def parsePublic(text: str) -> tuple[str | None, str | None]:
+    """
+    C{--public}: 'STT-ENDPOINT TTS-ENDPOINT', either C{none}.
+
+    @raise ValueError: not two endpoints, or both C{none}.
+    """
+    parts = text.split()
+    if len(parts) != 2:
+        raise ValueError("--public must be 'STT-ENDPOINT TTS-ENDPOINT' (either may be 'none')")
+    stt, tts = (None if p == "none" else p for p in parts)
+    if stt is None and tts is None:
+        raise ValueError("--public names no endpoint")
+    return stt, tts
+
+
+class Registration(Periodic):
+    """
+    Registers the farm C{name} at C{url} with C{key}, now and every
+    C{refresh} seconds (or as often as the API asks). C{http}: treq or its
+    like.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        key: str,
+        name: str,
+        public: tuple[str | None, str | None],
+        clock: IReactorTime,
+        http: Any = treq,
+        refresh: float = REFRESH,
+    ) -> None:
+        super().__init__(clock, refresh, self._register)
+        self.target = url.rstrip("/") + "/v1/farms"
+        self.where = withoutSecrets(url)
+        self.key = key
+        self.body = {"name": name, "stt": public[0], "tts": public[1]}
+        self.http = http
+
+    async def _register(self) -> None:
+        d = Deferred.fromCoroutine(self._post())
+        d.addTimeout(REQUEST_TIMEOUT, self.clock)
+        try:
+            code, body = await d
+        except Exception as e:
+            self.say(f"cannot reach the exchange at {self.where} ({webReason(e)}); trying again")
+            return
+        if code == 200:
+            self.say(f"listed in the directory of {self.where}", warn=False)
+            self._pace(body)
+            return
+        try:
+            # A JSON error, or the one line of text the API's own routes answer.
+            error = json.loads(body).get("error", {})
+            message = str(error.get("message", ""))
+        except (ValueError, AttributeError):
+            message = body.decode("utf-8", "replace")
+        message = " ".join(message.split())[:300]
+        self.say(f"the exchange at {self.where} refused this farm: HTTP {code}"
+                 + (f": {message}" if message else ""))
+
+    def _pace(self, body: bytes) -> None:
+        """
+        Register as often as the API asks (its C{refresh_s}, within
+        bounds): it drops a farm that misses a few.
+        """
+        try:
+            asked = json.loads(body).get("refresh_s")
+        except (ValueError, AttributeError):
+            return
+        if (
+            isinstance(asked, (int, float)) and not isinstance(asked, bool)
+            and MIN_REFRESH <= asked <= MAX_REFRESH
+        ):
+            self.every = float(asked)
+
+    async def _post(self) -> tuple[int, bytes]:
+        response = await self.http.post(
+            self.target, json=self.body, headers={"Authorization": f"Bearer {self.key}"}
+        )
+        return response.code, await response.content()

@@ -1,0 +1,85 @@
+"""
+A node that names no farm finds them in its exchange's signed directory
+(L{privox.directory}): C{GET EXCHANGE/v1/farms}, checked against the pinned
+exchange key (C{--exchange-key}) and its expiry, read again every
+L{privox.directory.REFRESH} seconds. A directory that does not check out
+is refused, and the node keeps the farms it has.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable
+
+import treq
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+
+from privox.directory import REFRESH, Directory, DirectoryError
+from privox.keys import webReason, withoutSecrets
+from privox.periodic import Periodic
+
+#: Longest wait for the directory.
+REQUEST_TIMEOUT = 30.0
+
+
+def spread(farms: tuple[str, ...], index: int) -> tuple[str, ...]:
+    """
+    The farms in the order slot C{index} prefers them: each slot starts at
+    another farm, so that a node's slots spread over the farms.
+    """
+    if not farms:
+        return farms
+    start = index % len(farms)
+    return farms[start:] + farms[:start]
+
+
+class FarmFinder(Periodic):
+    """
+    Reads the directory at C{url} now and every C{refresh} seconds; calls
+    C{found} with each good one that lists other farms than the last.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        exchange: Ed25519PublicKey,
+        clock: IReactorTime,
+        found: Callable[[Directory], None],
+        http: Any = treq,
+        refresh: float = REFRESH,
+    ) -> None:
+        super().__init__(clock, refresh, self.read)
+        self.target = url.rstrip("/") + "/v1/farms"
+        self.where = withoutSecrets(url)
+        self.exchange = exchange
+        self.found = found
+        self.http = http
+        self.directory: Directory | None = None
+
+    async def read(self) -> None:
+        d = Deferred.fromCoroutine(self._get())
+        d.addTimeout(REQUEST_TIMEOUT, self.clock)
+        try:
+            code, body = await d
+            if code != 200:
+                raise DirectoryError(f"HTTP {code}")
+            directory = Directory.verify(json.loads(body), self.exchange, self.clock.seconds())
+        except DirectoryError as e:
+            self.say(f"refused the directory of {self.where}: {e}")
+            return
+        except ValueError:
+            self.say(f"refused the directory of {self.where}: not JSON")
+            return
+        except Exception as e:
+            self.say(f"cannot read the directory of {self.where} ({webReason(e)}); trying again")
+            return
+        before, self.directory = self.directory, directory
+        self.say(f"the directory of {self.where} lists {len(directory.farms)} farm(s)", warn=False)
+        if before is None or before.farms != directory.farms:
+            self.found(directory)
+
+    async def _get(self) -> tuple[int, bytes]:
+        response = await self.http.get(self.target)
+        return response.code, await response.content()

@@ -1,0 +1,359 @@
+"""
+The open exchange's pieces, each alone: the signed directory
+(L{privox.directory}), the API's directory of farms that join
+(L{privox.api.farmdirectory}), a farm registering (L{privox.farm.registration})
+and a node finding farms (L{privox.node.farmfinder}). The whole, with real
+processes, is in C{tests/test_open_exchange.py}.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import Clock, deferLater
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from privox.accounts.store import AccountStore
+from privox.api.errors import BadInput, Conflict, Unprocessable
+from privox.api.farmdirectory import FarmDirectory, ProbeFailed
+from privox.api.farmlist import FarmEntry
+from privox.api.farms import FarmExchange
+from privox.directory import Directory, DirectoryError, ListedFarm
+from privox.farm.registration import Registration, parsePublic
+from privox.node.farmfinder import FarmFinder, spread
+
+A = {"name": "alpha", "stt": "tcp:host=alpha.example:port=1776", "tts": None}
+B = {"name": "beta", "stt": "tcp:host=beta.example:port=1776",
+     "tts": "tls:host=beta.example:port=1777"}
+
+
+class SignedDirectoryTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.key = Ed25519PrivateKey.generate()
+        self.farms = [ListedFarm.parse(B), ListedFarm.parse(A)]
+        self.signed = Directory.issue(self.farms, 1000.0, lifetime=600).signed(self.key)
+
+    def test_roundTrip(self) -> None:
+        directory = Directory.verify(json.loads(json.dumps(self.signed)), self.key.public_key(), 1001)
+        self.assertEqual([f.name for f in directory.farms], ["alpha", "beta"])  # sorted
+        self.assertEqual(directory.serving("stt"), (A["stt"], B["stt"]))
+        self.assertEqual(directory.serving("tts"), (B["tts"],))
+        self.assertEqual((directory.issued, directory.expires), (1000.0, 1600.0))
+
+    def test_refused(self) -> None:
+        def refused(fields: Any, now: float = 1001, key: Any = None) -> str:
+            e = self.assertRaises(
+                DirectoryError, Directory.verify, fields, key or self.key.public_key(), now
+            )
+            return str(e)
+
+        tampered = dict(self.signed, farms=[dict(A, stt="tcp:host=evil.example:port=1776"), B])
+        self.assertEqual(refused(tampered), "the directory is not signed by this exchange")
+        longer = dict(self.signed, expires=99999.0)
+        self.assertEqual(refused(longer), "the directory is not signed by this exchange")
+        self.assertEqual(refused(self.signed, now=1600), "the directory has expired")
+        self.assertEqual(refused(self.signed, now=500), "the directory was issued in the future")
+        other = Ed25519PrivateKey.generate().public_key()
+        self.assertEqual(refused(self.signed, key=other),
+                         "the directory is not signed by this exchange")
+        self.assertIn("not signed", refused(dict(self.signed, signature="x")))
+        self.assertIn("version", refused(dict(self.signed, v=2)))
+        self.assertIn("no name", refused(dict(self.signed, farms=[{"stt": "tcp:host=a:port=1"}])))
+        self.assertIn("neither", refused(dict(self.signed, farms=[{"name": "n"}])))
+        self.assertIn("not a JSON object", refused([]))
+
+
+class Probes:
+    """
+    A probe whose answers the test decides: a farm name in C{failing}
+    fails, anything else passes in 5 ms.
+    """
+
+    def __init__(self) -> None:
+        self.failing: set[str] = set()
+        self.probed: list[str] = []
+
+    def __call__(self, entry: FarmEntry) -> Deferred[float]:
+        self.probed.append(entry.name)
+        if entry.name in self.failing:
+            return fail(ProbeFailed("stt port refused the canary job with unauthorized"))
+        return succeed(0.005)
+
+
+class FarmDirectoryTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.exchange = FarmExchange(
+            [FarmEntry("own", "tcp:host=own.example:port=1776", None),
+             FarmEntry("reserve", "tcp:host=reserve.example:port=1776", None, fallback=True)],
+            reactor, clock=self.clock,
+        )
+        self.probes = Probes()
+        self.key = Ed25519PrivateKey.generate()
+        self.directory = FarmDirectory(
+            self.exchange, self.probes, self.clock, self.key, list(self.exchange.farms[i].entry
+                                                                  for i in range(2)),
+            refresh=10.0,
+        )
+        self.directory.start()
+        self.addCleanup(self.directory.stop)
+
+    def register(self, fields: Any, account: str = "farmkey1") -> dict[str, Any]:
+        return self.successResultOf(Deferred.fromCoroutine(self.directory.register(account, fields)))
+
+    def refused(self, kind: type, fields: Any, account: str = "farmkey1") -> str:
+        failure = self.failureResultOf(
+            Deferred.fromCoroutine(self.directory.register(account, fields)), kind
+        )
+        return failure.value.message
+
+    def listed(self) -> list[str]:
+        signed = self.directory.signed(self.clock.seconds())
+        return [f.name for f in Directory.verify(signed, self.key.public_key(), self.clock.seconds()).farms]
+
+    def test_joins(self) -> None:
+        """
+        A farm that passes its probe takes jobs and is listed, beside the
+        API's own primary farms (not its reserved ones).
+        """
+        self.assertEqual(self.listed(), ["own"])
+        self.assertEqual(self.register(A), {"name": "alpha", "listed": True, "refresh_s": 10.0})
+        self.assertEqual([f.entry.name for f in self.exchange.farms], ["own", "reserve", "alpha"])
+        self.assertEqual(self.listed(), ["alpha", "own"])
+        # Registering again refreshes it without a new probe.
+        self.register(A)
+        self.assertEqual(self.probes.probed, ["alpha"])
+
+    def test_probeFails(self) -> None:
+        self.probes.failing.add("alpha")
+        message = self.refused(Unprocessable, A)
+        self.assertEqual(
+            message,
+            "the farm did not pass its probe: stt port refused the canary job with unauthorized",
+        )
+        self.assertEqual(self.listed(), ["own"])
+        self.assertEqual(len(self.exchange.farms), 2)
+
+    def test_names(self) -> None:
+        self.register(A)
+        self.assertIn("is taken", self.refused(Conflict, A, account="farmkey2"))
+        self.assertIn("is taken", self.refused(Conflict, dict(A, name="own")))
+        self.assertIn("is taken", self.refused(Conflict, dict(A, name="reserve")))
+        # Its own farm may move: a new probe, then the new endpoints.
+        moved = dict(A, stt="tcp:host=alpha2.example:port=1776")
+        self.register(moved)
+        self.assertEqual(self.probes.probed, ["alpha", "alpha"])
+        [alpha] = [f for f in self.exchange.farms if f.entry.name == "alpha"]
+        self.assertEqual(alpha.entry.stt, moved["stt"])
+
+    def test_badRegistrations(self) -> None:
+        cases = [
+            [],
+            {"stt": A["stt"]},
+            dict(A, name="two words"),
+            dict(A, stt=None),
+            dict(A, stt="unix:path=/run/privox.sock"),
+            dict(A, stt="tcp:host=a.example:port=1776:bindAddress=127.0.0.1"),
+            dict(A, stt="tls:host=a.example:port=1776:trustRoots=/etc/ssl"),
+            dict(A, stt="tls:host=a.example:port=1776:certificate=/root/key.pem"),
+            dict(A, stt=7),
+        ]
+        for fields in cases:
+            self.refused(BadInput, fields)
+        self.assertEqual(self.probes.probed, [])
+
+    def test_dropped(self) -> None:
+        """
+        A listed farm whose probe fails, or that stops registering, leaves
+        the directory and the exchange; only a new probe lists it back.
+        """
+        self.register(A)
+        self.register(dict(B))
+        self.probes.failing.add("alpha")
+        self.clock.advance(10)
+        self.assertEqual(self.listed(), ["beta", "own"])
+        self.assertNotIn("alpha", [f.entry.name for f in self.exchange.farms])
+        self.assertIn("beta", [f.entry.name for f in self.exchange.farms])
+        # beta stops registering: three refreshes later it is gone.
+        self.clock.pump([10, 10, 10])
+        self.assertEqual(self.listed(), ["own"])
+        self.probes.failing.clear()
+        self.register(A)
+        self.assertEqual(self.listed(), ["alpha", "own"])
+
+
+class SharedDirectoryTests(TestCase):
+    """
+    Two API servers of one exchange, one account store: a farm that joins
+    one is probed and taken by the other; dropped by one, let go by both.
+    """
+
+    async def test_shared(self) -> None:
+        store = AccountStore.open("sqlite:" + os.path.abspath(self.mktemp()), reactor)
+        self.addCleanup(store.close)
+        await store.migrate()
+        clock = Clock()
+        key = Ed25519PrivateKey.generate()
+        apis = []
+        for _ in range(2):
+            probes = Probes()
+            exchange = FarmExchange([], reactor, clock=clock)
+            apis.append((FarmDirectory(exchange, probes, clock, key, [], refresh=10, store=store),
+                         probes, exchange))
+        (first, firstProbes, _), (second, secondProbes, secondExchange) = apis
+        await first.register("farmkey1", A)
+        self.assertEqual(secondProbes.probed, [])
+        await second._reprobe()
+        self.assertEqual(secondProbes.probed, ["alpha"])
+        self.assertEqual([f.entry.name for f in secondExchange.farms], ["alpha"])
+        # The name is the first key's, at either API server.
+        with self.assertRaises(Conflict):
+            await second.register("farmkey2", dict(A, stt="tcp:host=evil.example:port=1"))
+        # Its probe fails at the first: gone from both.
+        firstProbes.failing.add("alpha")
+        clock.advance(5)
+        await first._reprobe()
+        for _ in range(500):  # its unlisting runs in the store's thread
+            if not await store.listedFarms():
+                break
+            await deferLater(reactor, 0.01)
+        self.assertEqual(await store.listedFarms(), [])
+        await second._reprobe()
+        self.assertEqual(second.listed, {})
+        self.assertEqual(secondExchange.farms, [])
+
+
+class FakeHttp:
+    """
+    treq's get and post, answering what the test set.
+    """
+
+    def __init__(self) -> None:
+        self.code = 200
+        self.body = b"{}"
+        self.requests: list[tuple[str, str, Any]] = []
+        self.error: Exception | None = None
+
+    def _answer(self) -> Deferred[Any]:
+        if self.error is not None:
+            return fail(self.error)
+        body = self.body
+
+        class Response:
+            code = self.code
+
+            def content(self) -> Deferred[bytes]:
+                return succeed(body)
+
+        return succeed(Response())
+
+    def get(self, url: str) -> Deferred[Any]:
+        self.requests.append(("GET", url, None))
+        return self._answer()
+
+    def post(self, url: str, json: Any, headers: dict[str, str]) -> Deferred[Any]:
+        self.requests.append(("POST", url, (json, headers)))
+        return self._answer()
+
+
+class FarmFinderTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.key = Ed25519PrivateKey.generate()
+        self.http = FakeHttp()
+        self.found: list[Directory] = []
+        self.finder = FarmFinder("https://api.example/", self.key.public_key(), self.clock,
+                                 self.found.append, http=self.http, refresh=60)
+        self.finder.startService()
+        self.addCleanup(self.finder.stopService)
+
+    def serve(self, farms: list[dict[str, Any]], key: Any = None, issued: float | None = None) -> None:
+        now = self.clock.seconds() if issued is None else issued
+        directory = Directory.issue([ListedFarm.parse(f) for f in farms], now)
+        self.http.body = json.dumps(directory.signed(key or self.key)).encode()
+
+    def test_found(self) -> None:
+        self.serve([A])
+        self.clock.advance(0)
+        self.assertEqual(self.http.requests, [("GET", "https://api.example/v1/farms", None)])
+        [directory] = self.found
+        self.assertEqual(directory.serving("stt"), (A["stt"],))
+        # The same farms again: nothing new; another farm: told.
+        self.clock.advance(60)
+        self.assertEqual(len(self.found), 1)
+        self.serve([A, B])
+        self.clock.advance(60)
+        self.assertEqual(self.found[-1].serving("stt"), (A["stt"], B["stt"]))
+
+    def test_refused(self) -> None:
+        """
+        A tampered, foreign or expired directory is refused; the node
+        keeps what it had.
+        """
+        self.serve([A])
+        self.clock.advance(0)
+        good = self.finder.directory
+        body = json.loads(self.http.body)
+        body["farms"][0]["stt"] = "tcp:host=evil.example:port=1776"
+        self.http.body = json.dumps(body).encode()
+        self.clock.advance(60)
+        self.serve([B], key=Ed25519PrivateKey.generate())
+        self.clock.advance(60)
+        self.serve([B], issued=self.clock.seconds() - 700)
+        self.clock.advance(60)
+        self.http.code, self.http.body = 503, b"{}"
+        self.clock.advance(60)
+        self.http.error = ConnectionRefusedError()
+        self.clock.advance(60)
+        self.assertIs(self.finder.directory, good)
+        self.assertEqual(len(self.found), 1)
+        self.assertEqual(len(self.http.requests), 6)
+
+    def test_spread(self) -> None:
+        farms = ("a", "b", "c")
+        self.assertEqual([spread(farms, i) for i in range(4)],
+                         [("a", "b", "c"), ("b", "c", "a"), ("c", "a", "b"), ("a", "b", "c")])
+        self.assertEqual(spread((), 3), ())
+
+
+class RegistrationTests(SynchronousTestCase):
+    def test_registers(self) -> None:
+        """
+        Now and every refresh, with the farm key; as often as the API asks.
+        """
+        clock = Clock()
+        http = FakeHttp()
+        http.body = json.dumps({"name": "alpha", "listed": True, "refresh_s": 5}).encode()
+        registration = Registration(
+            "https://api.example", "farmkey", "alpha", parsePublic(f"{A['stt']} none"), clock,
+            http=http, refresh=60,
+        )
+        registration.startService()
+        clock.advance(0)
+        [(method, url, (body, headers))] = http.requests
+        self.assertEqual((method, url), ("POST", "https://api.example/v1/farms"))
+        self.assertEqual(body, {"name": "alpha", "stt": A["stt"], "tts": None})
+        self.assertEqual(headers, {"Authorization": "Bearer farmkey"})
+        clock.advance(5)
+        self.assertEqual(len(http.requests), 2)
+        # Refused, or unreachable: tried again all the same.
+        http.code = 422
+        clock.advance(5)
+        http.error = ConnectionRefusedError()
+        clock.advance(5)
+        self.assertEqual(len(http.requests), 4)
+        registration.stopService()
+        clock.advance(60)
+        self.assertEqual(len(http.requests), 4)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_public(self) -> None:
+        self.assertEqual(parsePublic("tcp:host=a:port=1 none"), ("tcp:host=a:port=1", None))
+        for bad in ("", "one", "none none", "a b c"):
+            self.assertRaises(ValueError, parsePublic, bad)

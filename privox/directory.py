@@ -21,6 +21,7 @@ lines.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +40,11 @@ REFRESH = 60.0
 #: The most farms a directory may list, and the longest name or endpoint.
 MAX_FARMS = 1000
 MAX_FIELD = 300
+#: The endpoints a directory may name: plain host and port, TCP or TLS (the
+#: dialler's own CAs verify a TLS farm's certificate). Nothing else: another
+#: endpoint type or parameter would have an API or a node read its own
+#: files or dial its own sockets.
+PLAIN_ENDPOINT = re.compile(r"(tcp|tls):host=([A-Za-z0-9.\-]{1,253}):port=([0-9]{1,5})")
 
 
 class DirectoryError(Exception):
@@ -77,7 +83,7 @@ class ListedFarm:
         ports = []
         for service in SERVICES:
             value = fields.get(service)
-            if value is not None and (not isinstance(value, str) or not value or len(value) > MAX_FIELD):
+            if value is not None and (not isinstance(value, str) or not PLAIN_ENDPOINT.fullmatch(value)):
                 raise DirectoryError(f"farm {name!r}: bad {service} endpoint")
             ports.append(value)
         if ports == [None, None]:
@@ -129,8 +135,10 @@ class Directory:
             raise DirectoryError(f"directory version {fields.get('v')!r} is not {VERSION}")
         farms = fields.get("farms")
         issued, expires = fields.get("issued"), fields.get("expires")
-        if not isinstance(farms, list) or len(farms) > MAX_FARMS:
+        if not isinstance(farms, list):
             raise DirectoryError("the directory lists no farms")
+        if len(farms) > MAX_FARMS:
+            raise DirectoryError(f"the directory lists more than {MAX_FARMS} farms")
         if not all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in (issued, expires)):
             raise DirectoryError("the directory has no issue or expiry time")
         directory = cls(tuple(ListedFarm.parse(f) for f in farms), issued, expires)

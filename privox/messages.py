@@ -38,6 +38,9 @@ TASKS = ("transcribe", TRANSLATE)
 MAX_TEXT = 5000
 #: The longest prompt an STT job may carry, in characters.
 MAX_PROMPT = 2000
+#: Models named so are the exchange's own (its canary job, docs/protocol.rst
+#: §5.2): no producer serves one, whatever it advertises.
+RESERVED_MODELS = "privox:"
 #: The speeds a TTS job may ask for (OpenAI's range; 1: the voice's own).
 MIN_SPEED, MAX_SPEED = 0.25, 4.0
 #: Characters no text to speak may hold: control characters other than tab

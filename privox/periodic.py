@@ -14,13 +14,13 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-log = Logger()
-
-
 class Periodic(Service):
     """
     Runs C{work} while running. C{every} may change between runs.
     """
+
+    #: Its lines are in the namespace of the class that does the work.
+    log = Logger()
 
     def __init__(
         self, clock: IReactorTime, every: float, work: Callable[[], Awaitable[Any]]
@@ -44,7 +44,7 @@ class Periodic(Service):
     def _run(self) -> None:
         self._next = None
         d = Deferred.fromCoroutine(self._work())
-        d.addErrback(lambda failure: log.failure("a periodic task failed", failure))
+        d.addErrback(lambda failure: self.log.failure("a periodic task failed", failure))
         d.addBoth(self._again)
 
     def _again(self, result: object) -> None:
@@ -57,4 +57,4 @@ class Periodic(Service):
         """
         if what != self._said:
             self._said = what
-            (log.warn if warn else log.info)("{what}", what=what)
+            (self.log.warn if warn else self.log.info)("{what}", what=what)

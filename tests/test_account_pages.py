@@ -104,8 +104,11 @@ class AccountPagesTests(TestCase):
         response = await self.http.get(self.url + path, headers=headers, allow_redirects=False)
         return response.code, response.headers, (await response.content()).decode("utf-8")
 
-    async def post(self, path: str, cookie: str | None = None, **data: str) -> tuple[int, Any, str]:
-        headers = {"Cookie": cookie} if cookie else {}
+    async def post(
+        self, path: str, cookie: str | None = None, headers: dict[str, str] | None = None,
+        **data: str,
+    ) -> tuple[int, Any, str]:
+        headers = dict(headers or {}, **({"Cookie": cookie} if cookie else {}))
         response = await self.http.post(self.url + path, data=data, headers=headers,
                                         allow_redirects=False)
         return response.code, response.headers, (await response.content()).decode("utf-8")
@@ -168,6 +171,26 @@ class AccountPagesTests(TestCase):
         code, headers, _ = await self.post("/signout", f"privox_key={key}")
         self.assertEqual(code, 303)
         self.assertIn("privox_key=; Expires=Thu, 01 Jan 1970", self.cookies(headers)["privox_key"])
+
+    async def test_crossSiteFormsRefused(self) -> None:
+        """
+        A form another site had a browser post (to sign its visitor in as
+        someone, out, or up) is refused; this site's own is taken.
+        """
+        await self.start()
+        key, _ = await self.store.createKey(NOW)
+        host = self.url.split("://", 1)[1]
+        for headers in ({"Origin": "https://evil.example"}, {"Sec-Fetch-Site": "cross-site"},
+                        {"Sec-Fetch-Site": "same-site"}):
+            for path, data in (("/signin", {"key": key}), ("/signup", {}), ("/signout", {})):
+                code, responseHeaders, page = await self.post(path, headers=headers, **data)
+                self.assertEqual(code, 403, (path, headers))
+                self.assertIn("sent from another site", page)
+                self.assertEqual(responseHeaders.getRawHeaders("set-cookie"), None)
+        code, _, _ = await self.post(
+            "/signin", headers={"Origin": self.url, "Sec-Fetch-Site": "same-origin"}, key=key
+        )
+        self.assertEqual((code, host.startswith("127.0.0.1")), (303, True))
 
     async def test_signInRefused(self) -> None:
         await self.start()

@@ -89,10 +89,15 @@ class StoreTests:
             [("alpha", "tcp:host=a2:port=1", "tcp:host=a2:port=2", "key1", 12.0),
              ("beta", None, "tcp:host=b:port=2", "key2", 13.0)],
         )
-        await store.unlistFarm("alpha", "key2")
+        await store.unlistFarm("alpha", "key2", 20.0)
+        await store.unlistFarm("alpha", "key1", 11.0)  # it registered again since
         self.assertEqual(len(await store.listedFarms()), 2)
-        await store.unlistFarm("alpha", "key1")
+        await store.unlistFarm("alpha", "key1", 12.0)
         self.assertEqual([f["name"] for f in await store.listedFarms()], ["beta"])
+        await store.unlistStaleFarms(13.0)
+        self.assertEqual(len(await store.listedFarms()), 1)
+        await store.unlistStaleFarms(13.5)
+        self.assertEqual(await store.listedFarms(), [])
 
     async def test_keysAreKeptAsHashes(self) -> None:
         store = await self.store()

@@ -19,7 +19,8 @@ from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from privox.accounts.store import AccountStore
-from privox.api.errors import BadInput, Conflict, Unprocessable
+from privox.api import farmdirectory
+from privox.api.errors import BadInput, Conflict, Unavailable, Unprocessable
 from privox.api.farmdirectory import FarmDirectory, ProbeFailed
 from privox.api.farmlist import FarmEntry
 from privox.api.farms import FarmExchange
@@ -151,11 +152,33 @@ class FarmDirectoryTests(SynchronousTestCase):
         [alpha] = [f for f in self.exchange.farms if f.entry.name == "alpha"]
         self.assertEqual(alpha.entry.stt, moved["stt"])
 
+    def test_oneKeyOneFarm(self) -> None:
+        """
+        A farm key lists one farm, an endpoint is one farm's, and the
+        directory has a size: no key floods it.
+        """
+        self.register(A)
+        self.assertEqual(
+            self.refused(Conflict, dict(B, name="alpha2")), "this farm key lists farm 'alpha' already"
+        )
+        self.assertEqual(self.refused(Conflict, dict(A, name="gamma"), account="farmkey2"),
+                         "another farm lists that endpoint")
+        own = dict(A, name="gamma", stt="tcp:host=own.example:port=1776")
+        self.assertEqual(self.refused(Conflict, own, account="farmkey2"),
+                         "another farm lists that endpoint")
+        self.patch(farmdirectory, "MAX_LISTED", 2)  # alpha and own
+        self.assertIn("full", self.refused(Unavailable, B, account="farmkey2"))
+        self.assertEqual(self.probes.probed, ["alpha"])
+
     def test_badRegistrations(self) -> None:
         cases = [
             [],
             {"stt": A["stt"]},
             dict(A, name="two words"),
+            dict(A, name="new\nline"),
+            dict(A, name="-dash"),
+            dict(A, name="x" * 65),
+            dict(A, name="\u202eevil"),
             dict(A, stt=None),
             dict(A, stt="unix:path=/run/privox.sock"),
             dict(A, stt="tcp:host=a.example:port=1776:bindAddress=127.0.0.1"),
@@ -173,7 +196,7 @@ class FarmDirectoryTests(SynchronousTestCase):
         the directory and the exchange; only a new probe lists it back.
         """
         self.register(A)
-        self.register(dict(B))
+        self.register(B, account="farmkey2")
         self.probes.failing.add("alpha")
         self.clock.advance(10)
         self.assertEqual(self.listed(), ["beta", "own"])
@@ -311,9 +334,18 @@ class FarmFinderTests(SynchronousTestCase):
         self.clock.advance(60)
         self.http.error = ConnectionRefusedError()
         self.clock.advance(60)
+        self.http.error = None
+        self.http.code = 200
+        self.serve([A, B], issued=self.clock.seconds() - 400)  # good, but older than the last
+        self.clock.advance(60)
+        # An endpoint a node must not dial: refused before its signature.
+        self.http.body = json.dumps(
+            Directory.issue([ListedFarm("beta", B["stt"], None)], self.clock.seconds()).signed(self.key)
+        ).replace(B["stt"], "unix:path=/run/privox.sock").encode()
+        self.clock.advance(60)
         self.assertIs(self.finder.directory, good)
         self.assertEqual(len(self.found), 1)
-        self.assertEqual(len(self.http.requests), 6)
+        self.assertEqual(len(self.http.requests), 8)
 
     def test_spread(self) -> None:
         farms = ("a", "b", "c")

@@ -5,7 +5,8 @@ of its own, two volunteers' farms that join it by themselves
 the API (C{privox-node --exchange URL --exchange-key KEY}, no farm named),
 which finds the farms in the signed directory. Jobs flow, sealed end to
 end; a stopped farm leaves the directory while jobs keep flowing through
-the other; a farm whose canary job fails is never listed.
+the other; a farm whose canary job fails is never listed; a node served a
+forged or expired directory dials none of its farms.
 """
 
 from __future__ import annotations
@@ -14,15 +15,22 @@ import json
 import os
 import re
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Factory, Protocol
 from twisted.python.filepath import FilePath
 from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+from twisted.web.static import Data
 from treq.client import HTTPClient
 
-from privox.directory import Directory
+from privox.directory import Directory, ListedFarm
 from privox.engines.digest import digestOf
-from privox.identity import exchangePublicKey
+from privox.framing import FrameDecoder
+from privox.identity import encodeKey, exchangePublicKey, publicBytes
+from privox.messages import GREETING, Okay, controlFrame
 from privox.node.echo import DigestHandler
 from privox.node.worker import ProducerProtocol
 from privox.wav import pcmToWav
@@ -30,6 +38,28 @@ from tests.support import until
 from tests.test_cli import privox
 from tests.test_e2e import freePorts
 from tests.test_faults import ProcessTestCase
+
+
+class LyingFarm(Protocol):
+    """
+    A "farm" that lets anyone in and answers every job itself.
+    """
+
+    def connectionMade(self) -> None:
+        self.decoder = FrameDecoder(1 << 20)
+        self.transport.write(GREETING)
+
+    def dataReceived(self, data: bytes) -> None:
+        for frame in self.decoder.feed(data):
+            if frame.verb == b"HELO":
+                self.transport.write(controlFrame(b"OKAY", Okay("liar", 30, 1 << 20, 1 << 20).payload()))
+            elif frame.verb == b"JOB_":
+                self.transport.write(controlFrame(b"ASGN", {"id": "j1"}))
+                self.transport.write(controlFrame(b"RSLT", {"id": "j1", "text": "anything"}))
+
+
+class LyingFarmFactory(Factory):
+    protocol = LyingFarm
 
 
 class OpenExchangeTests(ProcessTestCase):
@@ -76,7 +106,7 @@ class OpenExchangeTests(ProcessTestCase):
 
         # Two volunteers' farms join by themselves.
         first, _ = await self.volunteerFarm("first")
-        second, _ = await self.volunteerFarm("second")
+        second, secondStt = await self.volunteerFarm("second")
         for farm, name in ((first, b"first"), (second, b"second")):
             await farm.waitFor(b"listed in the directory of " + self.url.encode())
             await api.waitFor(b"farm " + name + b" of key ")
@@ -122,19 +152,64 @@ class OpenExchangeTests(ProcessTestCase):
         for n in range(4, 10):
             await transcribe(n)
 
-        # A farm whose canary is answered (a producer there claims every
-        # model): never listed.
-        liar, liarPort = await self.volunteerFarm("liar")
-        claimsAll = ProducerProtocol("stt", "any", DigestHandler(("*",)))
-        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", liarPort), claimsAll)
+        # A node that claims every model cannot get an honest farm dropped:
+        # the farm refuses the canary's reserved model itself.
+        claimsAll = ProducerProtocol("stt", nodeKey, DigestHandler(("*",)))
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", secondStt), claimsAll)
         await claimsAll.ready
         self.addCleanup(claimsAll.transport.loseConnection)
-        await liar.waitFor(b"refused this farm: HTTP 422")
-        self.assertIn(b"answered a job no producer serves", liar.output)
-        await api.waitFor(b"farm liar of key ")
-        self.assertNotIn(b"farm liar of key", re.sub(rb"farm liar of key \w+ failed", b"",
-                                                      bytes(api.output)))
+        # Two of the API's probes (each a consumer joining each port) since.
+        joined = second.output.count(b"consumer ")
+        await until(lambda: second.output.count(b"consumer ") >= joined + 4, "two probes", 10)
+        self.assertNotIn(b"farm second left", api.output)
+        self.assertEqual([f.name for f in (await self.directory()).farms], ["second"])
+
+        # A farm that answers a job no producer can serve: never listed.
+        liar = reactor.listenTCP(0, LyingFarmFactory(), interface="127.0.0.1")
+        self.addCleanup(liar.stopListening)
+        endpoint = f"tcp:host=127.0.0.1:port={liar.getHost().port}"
+        response = await self.http.post(
+            self.url + "/v1/farms", json={"name": "liar", "stt": endpoint, "tts": None},
+            headers={"Authorization": f"Bearer {await self.key('farm')}"},
+        )
+        self.assertEqual(response.code, 422)
+        self.assertIn(b"stt port answered a job no producer serves", await response.content())
         self.assertEqual([f.name for f in (await self.directory()).farms], ["second"])
         # Nothing of the jobs' content or the farms' keys in the logs.
         for output in (api.output, node.output, second.output):
             self.assertNotIn(userKey.encode(), output)
+
+    async def test_nodeRefusesAForgedDirectory(self) -> None:
+        """
+        A node whose exchange's directory comes back changed on the way (a
+        farm swapped in), or expired, dials none of its farms.
+        """
+        exchange = Ed25519PrivateKey.generate()
+        directory = Directory.issue([ListedFarm("honest", "tcp:host=127.0.0.1:port=9", None)],
+                                    reactor.seconds())
+        forged = directory.signed(exchange)
+        forged["farms"][0]["stt"] = "tcp:host=127.0.0.1:port=10"
+        stale = Directory.issue([ListedFarm("honest", "tcp:host=127.0.0.1:port=9", None)],
+                                reactor.seconds() - 3600).signed(exchange)
+        for name, served, why in (
+            ("forged", forged, b"the directory is not signed by this exchange"),
+            ("stale", stale, b"the directory has expired"),
+        ):
+            root = Resource()
+            v1 = Resource()
+            root.putChild(b"v1", v1)
+            v1.putChild(b"farms", Data(json.dumps(served).encode(), "application/json"))
+            port = reactor.listenTCP(0, Site(root), interface="127.0.0.1")
+            self.addCleanup(port.stopListening)
+            url = f"http://127.0.0.1:{port.getHost().port}"
+            node = self.spawn(
+                f"node {name}", "privox-node", "--stt", "digest:x",
+                "--exchange", url, "--exchange-key", encodeKey(publicBytes(exchange.public_key())),
+                "--key", "node-key", "--state-dir", os.path.abspath(self.mktemp()),
+                "--shutdown-grace", "1",
+            )
+            await node.waitFor(b"refused the directory of " + url.encode() + b": " + why)
+            await node.waitFor(b"stt: no farm to serve")
+            self.assertNotIn(b"serving stt through", node.output)
+            self.assertNotIn(b"port=10", node.output)
+            await node.stop()

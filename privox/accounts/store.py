@@ -600,11 +600,28 @@ class AccountStore:
 
         return await self._run(upsert)  # type: ignore[no-any-return]
 
-    async def unlistFarm(self, name: str, account: str) -> None:
+    async def unlistFarm(self, name: str, account: str, seen: float) -> None:
+        """
+        Unlist the farm C{name} of C{account}, unless it registered again
+        since C{seen}.
+        """
+
         def delete(cursor: Any) -> None:
             self._execute(
-                cursor, "DELETE FROM farm_directory WHERE name = ? AND account = ?", (name, account)
+                cursor,
+                "DELETE FROM farm_directory WHERE name = ? AND account = ? AND seen <= ?",
+                (name, account, seen),
             )
+
+        await self._run(delete)
+
+    async def unlistStaleFarms(self, before: float) -> None:
+        """
+        Unlist the farms that have not registered since C{before}.
+        """
+
+        def delete(cursor: Any) -> None:
+            self._execute(cursor, "DELETE FROM farm_directory WHERE seen < ?", (before,))
 
         await self._run(delete)
 

@@ -109,6 +109,24 @@ class SignupLimiter:
         return None
 
 
+def _fromHere(request: IRequest) -> bool:
+    """
+    Whether a POST came from this site's own pages. A browser that says
+    where a request comes from (C{Sec-Fetch-Site}) must say here; else an
+    C{Origin} must be this host (pages sent with no referrer make it
+    C{null}, as for a form of ours); one that says nothing (curl, an old
+    browser) is taken at its word.
+    """
+    site = request.getHeader(b"sec-fetch-site")
+    if site is not None:
+        return site in (b"same-origin", b"none")
+    origin = request.getHeader(b"origin")
+    if origin is None or origin == b"null":
+        return True
+    host = request.getHeader(b"host") or b""
+    return origin.split(b"://", 1)[-1] == host
+
+
 def _when(at: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(at))
 
@@ -234,6 +252,19 @@ class AccountPages:
                    " no sign-up and no account page here.", **{"class": "error"}),
         )
 
+    async def _crossSite(self, request: IRequest, title: str) -> bytes | None:
+        """
+        The refusal of a form another site had a browser post (signing
+        someone in as another, out, or up); L{None} for one of ours.
+        """
+        if _fromHere(request):
+            return None
+        request.setResponseCode(403)
+        return await self._page(
+            request, title,
+            tags.p("This form was sent from another site; use this one's.", **{"class": "error"}),
+        )
+
     def _form(self, request: IRequest) -> forms.Fields:
         size = forms.bodySize(request, FORM_LIMIT)
         return forms.readForm(request, size)
@@ -244,7 +275,7 @@ class AccountPages:
         if self.store is None:
             return await self._unavailable(request, "Sign up")
         if request.method == b"POST":
-            return await self._createKey(request)
+            return await self._crossSite(request, "Sign up") or await self._createKey(request)
         return await self._page(
             request, "Sign up",
             tags.p("A key of your own: its allowance is its own, and your nodes' work earns it"
@@ -286,9 +317,14 @@ class AccountPages:
             return await self._unavailable(request, "Sign in")
         message = None
         if request.method == b"POST":
+            refused = await self._crossSite(request, "Sign in")
+            if refused is not None:
+                return refused
             key = self._form(request).text("key")
             try:
-                await self.access.authorize(key or "")
+                if not key:
+                    raise Unauthorized("no key")
+                await self.access.authorize(key)
             except Unauthorized:
                 request.setResponseCode(403)
                 message = "That key was not accepted (unknown, revoked, or not a user key)."
@@ -314,6 +350,9 @@ class AccountPages:
         )
 
     async def signout(self, request: IRequest, done: Any) -> bytes:
+        refused = await self._crossSite(request, "Sign out")
+        if refused is not None:
+            return refused
         self._clear(request, KEY_COOKIE)
         request.setResponseCode(303)
         request.setHeader(b"Location", b"/signin")

@@ -32,32 +32,37 @@ import re
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredSemaphore, gatherResults
 from twisted.internet.endpoints import connectProtocol
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from privox.api.errors import BadInput, Conflict, Unprocessable
+from privox.api.errors import BadInput, Conflict, Unavailable, Unprocessable
 from privox.api.farmlist import FarmEntry
 from privox.api.farms import FarmExchange
 from privox.consumer import ConsumerProtocol, JobFailed
-from privox.directory import MAX_FIELD, REFRESH, Directory, ListedFarm
+from privox.directory import MAX_FIELD, PLAIN_ENDPOINT, REFRESH, Directory, ListedFarm
 from privox.messages import SERVICES, ErrorCode, JobRequest
 from privox.tls import TrustRoot, clientEndpoint
 
 log = Logger()
 
-#: The endpoints a farm may register: plain host and port, TCP or TLS (the
-#: API's own CAs verify a TLS farm's certificate).
-_REGISTRABLE = re.compile(r"(tcp|tls):host=[A-Za-z0-9.\-]{1,253}:port=[0-9]{1,5}")
+#: A farm's name: a few plain characters (no control or look-alike ones in
+#: logs and pages).
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+#: Farm names one farm key may list, and farms the directory holds in all.
+NAMES_PER_KEY = 1
+MAX_LISTED = 500
 
 #: The model a probe's canary job names: no producer serves it.
 CANARY_MODEL = "privox:canary"
 #: A farm not heard from in this many refresh periods leaves the directory.
 MISSED_REFRESHES = 3
-#: Longest a probe may take, handshakes and canaries together.
+#: Longest a probe of one port may take, its handshake and canary together.
 PROBE_TIMEOUT = 10.0
+#: Probes of listed farms run at once, at most.
+PROBES_AT_ONCE = 8
 
 
 class ProbeFailed(Exception):
@@ -104,12 +109,21 @@ async def _probePort(
     reactor: Any, service: str, endpoint: str, key: str, ca: TrustRoot | None, private: bool
 ) -> float:
     started = reactor.seconds()
+    if not private:
+        # Where the name leads, checked before anything is dialled (no port
+        # of the API's own network is tried); a plain TCP farm is then
+        # dialled at that address.
+        match = PLAIN_ENDPOINT.fullmatch(endpoint)
+        assert match is not None  # registrations are checked
+        kind, host, port = match.groups()
+        address = await reactor.resolve(host)
+        if not _public(address):
+            raise ProbeFailed(f"{service} port is not at a public address")
+        if kind == "tcp":
+            endpoint = f"tcp:host={address}:port={port}"
     protocol = ConsumerProtocol(service, key)
     await connectProtocol(clientEndpoint(reactor, endpoint, ca), protocol)
     try:
-        if not private and not _public(protocol.transport.getPeer().host):
-            # Where the name led, not what it says: checked once connected.
-            raise ProbeFailed(f"{service} port is not at a public address")
         await protocol.ready
         latency = reactor.seconds() - started
         canary = (
@@ -178,6 +192,7 @@ class FarmDirectory:
         self.refresh = refresh
         self.store = store
         self.listed: dict[str, Registered] = {}
+        self._limit = DeferredSemaphore(PROBES_AT_ONCE)
         self._loop = LoopingCall(self._reprobe)
         self._loop.clock = clock
 
@@ -207,6 +222,7 @@ class FarmDirectory:
             known.seen = now
             await self._share(entry, account, now)
             return self._answer(entry)
+        await self._mayList(entry, account)
         try:
             latency = await self.probe(entry)
         except ProbeFailed as e:
@@ -217,6 +233,29 @@ class FarmDirectory:
         await self._share(entry, account, now)
         self._list(Registered(entry, account, now, latency))
         return self._answer(entry)
+
+    async def _mayList(self, entry: FarmEntry, account: str) -> None:
+        """
+        Before a probe: one key may hold L{NAMES_PER_KEY} names, an
+        endpoint is one farm's, and the directory has room.
+
+        @raise Conflict: it may not.
+        @raise Unavailable: the directory is full.
+        """
+        claims = [(f.entry.name, f.account, f.entry.stt, f.entry.tts) for f in self.listed.values()]
+        if self.store is not None:
+            claims += [(r["name"], r["account"], r["stt"], r["tts"])
+                       for r in await self.store.listedFarms()]
+        claims += [(f.name, None, f.stt, f.tts) for f in self.configured]
+        others = [c for c in claims if c[0] != entry.name]
+        mine = sorted({name for name, owner, _, _ in others if owner == account})
+        if len(mine) >= NAMES_PER_KEY:
+            raise Conflict(f"this farm key lists farm {mine[0]!r} already")
+        held = {e for _, _, stt, tts in others for e in (stt, tts) if e}
+        if held & {entry.stt, entry.tts}:
+            raise Conflict("another farm lists that endpoint")
+        if len({name for name, _, _, _ in others}) >= MAX_LISTED:
+            raise Unavailable("the directory of farms is full", retryAfter=3600)
 
     async def _share(self, entry: FarmEntry, account: str, now: float) -> None:
         if self.store is not None and not await self.store.listFarm(
@@ -243,27 +282,47 @@ class FarmDirectory:
             self.exchange.leave(name)
             log.info("farm {name} left the directory: {why}", name=name, why=why)
             if shared and self.store is not None:
-                Deferred.fromCoroutine(self.store.unlistFarm(name, farm.account)).addErrback(
+                # Unless it registered again meanwhile.
+                unlisted = self.store.unlistFarm(name, farm.account, farm.seen)
+                Deferred.fromCoroutine(unlisted).addErrback(
                     lambda f: log.failure("cannot unlist farm {name}", f, name=name)
                 )
 
     async def _reprobe(self) -> None:
+        # Never raises: the loop would stop for good.
+        try:
+            await self._reprobeAll()
+        except Exception:
+            log.failure("probing the farms that joined failed")
+
+    async def _reprobeAll(self) -> None:
         taken: set[str] = set()
         if self.store is not None:
             try:
+                await self.store.unlistStaleFarms(self.clock.seconds() - self._patience)
                 taken = await self._sync(await self.store.listedFarms())
             except Exception:
                 log.failure("cannot read the shared farm directory")
         now = self.clock.seconds()
+        due = []
         for name, farm in [(n, f) for n, f in self.listed.items() if n not in taken]:
-            if now - farm.seen > MISSED_REFRESHES * self.refresh:
+            if now - farm.seen > self._patience:
                 self.drop(name, "it stopped registering")
-                continue
-            try:
-                farm.latency = await self.probe(farm.entry)
-            except ProbeFailed as e:
-                if self.listed.get(name) is farm:
-                    self.drop(name, f"its probe failed ({e})")
+            else:
+                due.append(farm)
+        # At once, a few at a time: a farm that hangs holds up no other.
+        await gatherResults([self._limit.run(self._reprobeOne, farm) for farm in due])
+
+    async def _reprobeOne(self, farm: Registered) -> None:
+        try:
+            farm.latency = await self.probe(farm.entry)
+        except ProbeFailed as e:
+            if self.listed.get(farm.entry.name) is farm:
+                self.drop(farm.entry.name, f"its probe failed ({e})")
+
+    @property
+    def _patience(self) -> float:
+        return MISSED_REFRESHES * self.refresh
 
     async def _sync(self, shared: list[dict[str, Any]]) -> set[str]:
         """
@@ -273,23 +332,30 @@ class FarmDirectory:
 
         @return: the names taken now (probed already).
         """
-        taken = set()
-        byName = {row["name"]: row for row in shared}
+        taken: set[str] = set()
+        own = {f.name for f in self.configured}
+        byName = {row["name"]: row for row in shared if row["name"] not in own}
         for name in [n for n in self.listed if n not in byName]:
             self.drop(name, "another API server dropped it", shared=False)
+        new = []
         for name, row in byName.items():
             farm = self.listed.get(name)
-            if farm is not None:
+            if farm is not None and (farm.entry.stt, farm.entry.tts) == (row["stt"], row["tts"]):
                 farm.seen = max(farm.seen, float(row["seen"]))
-                continue
+            else:
+                # New here, or moved (another server probed it there).
+                new.append(row)
+
+        async def take(row: dict[str, Any]) -> None:
             try:
-                entry = FarmEntry(name, row["stt"], row["tts"])
+                entry = FarmEntry(row["name"], row["stt"], row["tts"])
                 latency = await self.probe(entry)
             except (ProbeFailed, ValueError):
-                continue  # its own API server decides whether it stays
-            if name not in self.listed:
-                self._list(Registered(entry, row["account"], float(row["seen"]), latency))
-                taken.add(name)
+                return  # the server it registered with decides whether it stays
+            self._list(Registered(entry, row["account"], float(row["seen"]), latency))
+            taken.add(entry.name)
+
+        await gatherResults([self._limit.run(take, row) for row in new])
         return taken
 
     def signed(self, now: float) -> dict[str, Any]:
@@ -298,7 +364,11 @@ class FarmDirectory:
         signed.
         """
         farms = [
-            ListedFarm(f.name, f.stt, f.tts) for f in self.configured if not f.fallback
+            ListedFarm(f.name, f.stt, f.tts) for f in self.configured
+            # Reserved farms stay private; nodes dial plain endpoints only.
+            if not f.fallback and all(
+                e is None or PLAIN_ENDPOINT.fullmatch(e) for e in (f.stt, f.tts)
+            )
         ] + [ListedFarm(r.entry.name, r.entry.stt, r.entry.tts) for r in self.listed.values()]
         return Directory.issue(farms, now).signed(self.signer)
 
@@ -307,14 +377,14 @@ def _entry(fields: Any) -> FarmEntry:
     if not isinstance(fields, dict):
         raise BadInput("a farm registers with a JSON object: name, stt, tts")
     name = fields.get("name")
-    if not isinstance(name, str) or not name.strip() or len(name) > MAX_FIELD or " " in name:
-        raise BadInput("name must be a farm name without spaces")
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise BadInput("name must be 1 to 64 letters, digits, '.', '_' or '-'")
     ports = []
     for service in SERVICES:
         value = fields.get(service)
         if value is not None and (not isinstance(value, str) or len(value) > MAX_FIELD):
             raise BadInput(f"{service} must be a client endpoint string, or null")
-        if value is not None and not _REGISTRABLE.fullmatch(value):
+        if value is not None and not PLAIN_ENDPOINT.fullmatch(value):
             # Nothing else: another endpoint type or parameter would have
             # the API read its own files or dial its own sockets.
             raise BadInput(

@@ -269,10 +269,15 @@ class FarmExchange:
 
     def join(self, entry: FarmEntry) -> None:
         """
-        Take C{entry} from now on, in place of a farm of the same name.
+        Take C{entry} from now on, in place of a farm of the same name (how
+        well that one served goes with the name).
         """
+        before = [s for s in self.farms if s.entry.name == entry.name]
         self.leave(entry.name)
-        self.farms.append(Farm(entry, self._dialing, self.downBackoff))
+        farm = Farm(entry, self._dialing, self.downBackoff)
+        if before:
+            farm.served = before[0].served
+        self.farms.append(farm)
 
     def leave(self, name: str) -> None:
         """
@@ -449,6 +454,10 @@ class FarmExchange:
                     result = await self._sealedOrNot(state, service, send, deadlineAt)
                     state.served.record(True)
                     return result
+                except Expired:
+                    # It held the job until the deadline: it did not serve it.
+                    state.served.record(False)
+                    raise
                 except JobFailed as e:
                     # Lost, timed out, no producer: it did not serve the job.
                     state.served.record(e.code not in RETRYABLE)

@@ -25,7 +25,8 @@ from privox.framing import HEADER_LEN
 from privox.keys import KeyPolicy
 from privox.logs import logFigures
 from privox.messages import (
-    SERVICES, BadRequest, ErrorCode, JobRequest, Okay, StreamLimits, controlFrame,
+    RESERVED_MODELS, SERVICES, BadRequest, ErrorCode, JobRequest, Okay, StreamLimits,
+    controlFrame,
 )
 
 if TYPE_CHECKING:
@@ -217,7 +218,9 @@ class Farm:
         else:
             timeout = min(request.timeout_s or s.job_timeout, s.max_job_timeout)
         dispatcher = self.dispatchers[request.service]
-        if not dispatcher.canServe(request.model, request.language, request.needs):
+        if request.model.startswith(RESERVED_MODELS) or not dispatcher.canServe(
+            request.model, request.language, request.needs
+        ):
             # Not "unsupported": producers come and go (a farm that just
             # restarted has none until its nodes dial back in).
             raise BadRequest(

@@ -75,10 +75,18 @@ class FarmFinder(Periodic):
         except Exception as e:
             self.say(f"cannot read the directory of {self.where} ({webReason(e)}); trying again")
             return
-        before, self.directory = self.directory, directory
+        before = self.directory
+        if before is not None and directory.issued < before.issued:
+            # An older one replayed, to undo a change while it is still good.
+            self.say(f"refused the directory of {self.where}: older than the one it has")
+            return
+        self.directory = directory
         self.say(f"the directory of {self.where} lists {len(directory.farms)} farm(s)", warn=False)
         if before is None or before.farms != directory.farms:
-            self.found(directory)
+            try:
+                self.found(directory)
+            except Exception:
+                self.log.failure("following the directory of {where} failed", where=self.where)
 
     async def _get(self) -> tuple[int, bytes]:
         response = await self.http.get(self.target)

@@ -8,6 +8,7 @@ seal jobs for it.
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +26,7 @@ from zope.interface import implementer
 
 from privox.config import optionsFor, setting
 from privox.daemon import CannotStart, ListenService, stopWithStatus
+from privox.directory import MAX_FARMS
 from privox.engines.base import ModelNotFound
 from privox.engines.registry import ModelSpec, SpecError, createEngine
 from privox.identity import IdentityError, exchangePublicKey
@@ -174,7 +176,8 @@ class Options(_BaseOptions):  # type: ignore[misc,valid-type]
 class FailoverEndpoint:
     """
     Connects to the first of several farms that answers, in order of
-    preference. C{lastIndex} says which one the last connection reached.
+    preference. C{reached} says which one the last connection reached, and
+    C{lastIndex} where it was in the list then.
     """
 
     def __init__(
@@ -182,15 +185,17 @@ class FailoverEndpoint:
     ) -> None:
         self._reactor = reactor
         self._ca = ca
-        self.lastIndex = 0
+        self.reached: str | None = None
         self.setFarms(descriptions)
 
     def setFarms(self, descriptions: tuple[str, ...]) -> None:
         """
         Connect to these from the next attempt on.
+
+        @raise ValueError: one is not an endpoint (nothing changes then).
         """
-        self.descriptions = descriptions
-        self._endpoints = [clientEndpoint(self._reactor, d, self._ca) for d in descriptions]
+        endpoints = [clientEndpoint(self._reactor, d, self._ca) for d in descriptions]
+        self.descriptions, self._endpoints = descriptions, endpoints
         self.lastIndex = 0
 
     def connect(self, factory: Factory) -> Deferred[Any]:
@@ -198,16 +203,15 @@ class FailoverEndpoint:
 
     async def _connect(self, factory: Factory) -> Any:
         failure: Exception | None = None
-        for index, endpoint in enumerate(self._endpoints):
+        # This attempt's list, whatever the directory says meanwhile.
+        for index, (description, endpoint) in enumerate(zip(self.descriptions, self._endpoints)):
             try:
                 protocol = await endpoint.connect(factory)
             except Exception as e:
-                log.info(
-                    "farm {farm} unreachable: {why}", farm=self.descriptions[index], why=e
-                )
+                log.info("farm {farm} unreachable: {why}", farm=description, why=e)
                 failure = e
                 continue
-            self.lastIndex = index
+            self.lastIndex, self.reached = index, description
             return protocol
         assert failure is not None
         raise failure
@@ -261,7 +265,7 @@ class Slot:
         """
         if farms == self._endpoint.descriptions:
             return
-        current = self._endpoint.descriptions[self._endpoint.lastIndex] if self.protocol else None
+        current = self._endpoint.reached
         self._endpoint.setFarms(farms)
         if current is not None and current not in farms:
             self.refresh()
@@ -302,7 +306,7 @@ class Slot:
         log.info(
             "serving {service} through {farm} ({name})",
             service=self.service,
-            farm=self._endpoint.descriptions[index],
+            farm=self._endpoint.reached,
             name=okay.farm,
         )
         self._cancelFailback()
@@ -318,7 +322,7 @@ class Slot:
 
     def _refused(self, failure: Any) -> None:
         self._refusals += 1
-        farm = self._endpoint.descriptions[self._endpoint.lastIndex]
+        farm = self._endpoint.reached
         log.warn("farm {farm} refused this node: {why}", farm=farm, why=failure.value)
 
     def _cancelFailback(self) -> None:
@@ -374,8 +378,11 @@ class NodeService(Service):
         #: The services' handlers, once the models are loaded.
         self._handlers: dict[str, Any] = {}
         self._ca: TrustRoot | None = None
-        #: Farms from the exchange's directory, for a service given none.
+        #: Farms from the exchange's directory, for a service given none;
+        #: this node's slots start at a farm of their own (not all nodes at
+        #: the directory's first).
         self.finder: FarmFinder | None = None
+        self._offset = random.randrange(MAX_FARMS)
         unplaced = (settings.stt and not settings.stt_farm) or (settings.tts and not settings.tts_farm)
         if settings.exchange != "none" and unplaced:
             self.finder = FarmFinder(
@@ -444,7 +451,7 @@ class NodeService(Service):
         placed = [slot for slot in self.slots if slot.service == service]
         if placed:
             for index, slot in enumerate(placed):
-                slot.setFarms(spread(farms, index) if farms else farms)
+                slot.setFarms(spread(farms, self._offset + index))
             return
         handler = self._handlers[service]
         if not farms:
@@ -459,8 +466,8 @@ class NodeService(Service):
             farms=list(farms),
         )
         for index in range(self.settings.slots):
-            slot = Slot(service, spread(farms, index), handler, self.settings, self._reactor,
-                        self._ca, self.sealer)
+            slot = Slot(service, spread(farms, self._offset + index), handler, self.settings,
+                        self._reactor, self._ca, self.sealer)
             self.slots.append(slot)
             slot.client.startService()
 

@@ -20,7 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from privox.accounts.store import AccountStore
 from privox.api import farmdirectory
-from privox.api.errors import BadInput, Conflict, Unavailable, Unprocessable
+from privox.api.errors import BadInput, Conflict, OverQuota, Unavailable, Unprocessable
 from privox.api.farmdirectory import FarmDirectory, ProbeFailed
 from privox.api.farmlist import FarmEntry
 from privox.api.farms import FarmExchange
@@ -147,8 +147,13 @@ class FarmDirectoryTests(SynchronousTestCase):
         self.assertIn("is taken", self.refused(Conflict, dict(A, name="reserve")))
         # Its own farm may move: a new probe, then the new endpoints.
         moved = dict(A, stt="tcp:host=alpha2.example:port=1776")
+        # Not probed again at once: a key may not have the API dial for it
+        # as fast as it likes.
+        self.assertIn("probed just now", self.refused(OverQuota, moved))
+        self.clock.advance(10)
         self.register(moved)
-        self.assertEqual(self.probes.probed, ["alpha", "alpha"])
+        # Listed, its refresh probe, then the move's.
+        self.assertEqual(self.probes.probed, ["alpha", "alpha", "alpha"])
         [alpha] = [f for f in self.exchange.farms if f.entry.name == "alpha"]
         self.assertEqual(alpha.entry.stt, moved["stt"])
 

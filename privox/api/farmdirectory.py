@@ -38,7 +38,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from privox.api.errors import BadInput, Conflict, Unavailable, Unprocessable
+from privox.api.errors import BadInput, Conflict, OverQuota, Unavailable, Unprocessable
 from privox.api.farmlist import FarmEntry
 from privox.api.farms import FarmExchange
 from privox.consumer import ConsumerProtocol, JobFailed
@@ -63,6 +63,8 @@ MISSED_REFRESHES = 3
 PROBE_TIMEOUT = 10.0
 #: Probes of listed farms run at once, at most.
 PROBES_AT_ONCE = 8
+#: Seconds between two probes a farm key's registrations may ask for.
+PROBE_SPACING = 10.0
 
 
 class ProbeFailed(Exception):
@@ -192,6 +194,8 @@ class FarmDirectory:
         self.refresh = refresh
         self.store = store
         self.listed: dict[str, Registered] = {}
+        #: When each farm key's last registration was probed.
+        self._probedFor: dict[str, float] = {}
         self._limit = DeferredSemaphore(PROBES_AT_ONCE)
         self._loop = LoopingCall(self._reprobe)
         self._loop.clock = clock
@@ -223,6 +227,13 @@ class FarmDirectory:
             await self._share(entry, account, now)
             return self._answer(entry)
         await self._mayList(entry, account)
+        last = self._probedFor.get(account)
+        if last is not None and now - last < PROBE_SPACING:
+            # Each probe dials out: a key may not have the API dial for it
+            # as fast as it likes.
+            raise OverQuota("this farm key's farm was probed just now; register again later",
+                            retryAfter=int(PROBE_SPACING))
+        self._probedFor[account] = now
         try:
             latency = await self.probe(entry)
         except ProbeFailed as e:

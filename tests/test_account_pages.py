@@ -11,9 +11,11 @@ from __future__ import annotations
 import html
 import os
 import re
+import time
 from typing import Any
 
 import treq
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from twisted.internet import reactor
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -23,6 +25,8 @@ from privox.accounts.store import AccountStore
 from privox.api.access import AccountAccess, PolicyAccess, modelCosts
 from privox.api.accountpages import PAGE_SIZE, SignupLimiter, barChart
 from privox.api.app import PrivoxAPI
+from privox.api.enrolment import ExchangeKey, fingerprint
+from privox.identity import encodeKey, publicBytes
 from privox.keys import OpenPolicy, accountId
 from tests.test_api_accounts import MODELS, SecondsExchange, wav
 from tests.test_api_app import multipart
@@ -92,7 +96,8 @@ class AccountPagesTests(TestCase):
             )
         else:
             access = PolicyAccess(OpenPolicy())
-        self.api = PrivoxAPI(self.exchange, MODELS, access, clock=self.clock)
+        self.api = PrivoxAPI(self.exchange, MODELS, access, clock=self.clock,
+                             exchangeKey=ExchangeKey(Ed25519PrivateKey.generate()))
         port = reactor.listenTCP(0, self.api.site(), interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         self.url = f"http://127.0.0.1:{port.getHost().port}"
@@ -191,6 +196,37 @@ class AccountPagesTests(TestCase):
             "/signin", headers={"Origin": self.url, "Sec-Fetch-Site": "same-origin"}, key=key
         )
         self.assertEqual((code, host.startswith("127.0.0.1")), (303, True))
+
+    async def test_enrolledNodes(self) -> None:
+        """
+        The nodes enrolled under the key, on its own page only: each by
+        its identity's fingerprint, with its certificate's times.
+        """
+        await self.start()
+        key, _ = await self.store.createKey(NOW)
+        other, _ = await self.store.createKey(NOW)
+        identity = publicBytes(Ed25519PrivateKey.generate().public_key())
+        response = await self.http.post(
+            self.url + "/v1/enroll", json={"identity": encodeKey(identity)},
+            headers={"Authorization": f"Bearer {key}"},
+        )
+        self.assertEqual(response.code, 200, await response.content())
+        self.clock.advance(3600)
+        await self.http.post(
+            self.url + "/v1/enroll", json={"identity": encodeKey(identity)},
+            headers={"Authorization": f"Bearer {key}"},
+        )
+        _, _, page = await self.get("/account", f"privox_key={key}")
+        node = fingerprint(identity)
+        row = re.search(r'<table id="enrolled">.*?</table>', page, re.S).group(0)
+        self.assertIn(node, row)
+        self.assertEqual(row.count("<code>"), 1)
+        self.assertIn(time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(NOW)), row)  # first
+        self.assertIn(time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(NOW + 3600)), row)
+        self.assertIn("<td>enrolled</td>", row)
+        _, _, page = await self.get("/account", f"privox_key={other}")
+        self.assertNotIn(node, page)
+        self.assertIn("No node has enrolled with this key yet.", page)
 
     async def test_signInRefused(self) -> None:
         await self.start()

@@ -574,6 +574,42 @@ class AccountStore:
 
         return await self._run(select)  # type: ignore[no-any-return]
 
+    # Nodes enrolled with the exchange (L{privox.api.enrolment})
+
+    async def recordEnrolment(self, node: str, keyId: str, now: float, expires: float) -> None:
+        """
+        The node C{node} (its identity's fingerprint) got a certificate for
+        the key C{keyId}, good until C{expires}.
+        """
+
+        def upsert(cursor: Any) -> None:
+            self._execute(
+                cursor,
+                "INSERT INTO enrolments (node, key_id, first, last, expires) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (node) DO UPDATE SET key_id = excluded.key_id,"
+                " last = excluded.last, expires = excluded.expires",
+                (node, keyId, now, now, expires),
+            )
+
+        await self._run(upsert)
+
+    async def enrolments(self, keyId: str) -> list[dict[str, Any]]:
+        """
+        The nodes enrolled under C{keyId}, latest first: C{node},
+        C{first}, C{last}, C{expires}.
+        """
+
+        def select(cursor: Any) -> list[dict[str, Any]]:
+            self._execute(
+                cursor,
+                "SELECT node, first, last, expires FROM enrolments WHERE key_id = ?"
+                " ORDER BY last DESC",
+                (keyId,),
+            )
+            return [dict(zip(("node", "first", "last", "expires"), row)) for row in cursor.fetchall()]
+
+        return await self._run(select)  # type: ignore[no-any-return]
+
     # Farms that joined by themselves (L{privox.api.farmdirectory})
 
     async def listFarm(

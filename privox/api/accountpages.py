@@ -377,6 +377,7 @@ class AccountPages:
         standing = await self.access.standing(caller)
         hourly = await store.hourly(account, now)
         producing = await store.producing(account)
+        enrolled = await store.enrolments(caller.keyId)
         role = _choice(request, b"role", ("consumer", "producer"))
         service = _choice(request, b"service", ("stt", "tts"))
         page = _number(request, b"page")
@@ -412,6 +413,7 @@ class AccountPages:
             barChart("QSS earned per hour", [h for h, _, _ in hourly],
                      [("earned", "#2f9e5a", [e for _, _, e in hourly])], "QSS"),
             tags.h2("Your nodes"),
+            _enrolled(enrolled, now),
             _producing(producing, now),
             tags.h2("Your transactions"),
             _filters(role, service),
@@ -476,6 +478,29 @@ def _query(role: str | None, service: str | None, page: int = 1) -> str:
     if page > 1:
         fields["page"] = str(page)
     return "/account" + ("?" + urlencode(fields) if fields else "")
+
+
+def _enrolled(enrolled: list[dict[str, Any]], now: float) -> Tag:
+    """
+    The nodes enrolled under the key: a node renews its day-long
+    certificate at half-life, so one whose certificate is good is running
+    (or stopped less than a day ago).
+    """
+    if not enrolled:
+        return tags.p("No node has enrolled with this key yet.", id="enrolled")
+    return tags.table(
+        tags.tr(*[tags.th(h) for h in ("node", "first enrolled", "latest certificate",
+                                      "good until", "now")]),
+        *[
+            tags.tr(
+                tags.td(tags.code(e["node"])), tags.td(_when(e["first"])),
+                tags.td(_when(e["last"])), tags.td(_when(e["expires"])),
+                tags.td("enrolled" if e["expires"] > now else "expired"),
+            )
+            for e in enrolled
+        ],
+        id="enrolled",
+    )
 
 
 def _producing(producing: list[dict[str, Any]], now: float) -> Tag:

@@ -639,6 +639,12 @@ class PrivoxAPI:
         size = forms.bodySize(request, self._limit(request))
         identity = readIdentity(request.content.read() if size else b"")
         certificate = exchangeKey.issue(identity, account, self.clock.seconds())
+        store = getattr(self.access, "store", None)
+        if store is not None:
+            # For the key's own account page.
+            await store.recordEnrolment(
+                fingerprint(identity), account, self.clock.seconds(), certificate.expires
+            )
         self.log.info(
             "enrolled node {node} of key {keyId} until {expires}",
             node=fingerprint(identity),

@@ -21,9 +21,10 @@ lines.
 from __future__ import annotations
 
 import json
+import random
 import re
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Iterable
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -53,22 +54,60 @@ class DirectoryError(Exception):
     """
 
 
+#: The most models a farm's producer counts may name.
+MAX_MODELS = 200
+
+
+def readProducers(value: Any) -> dict[str, dict[str, int]]:
+    """
+    A farm's producers per service and model (C{{"stt": {"whisper:tiny.en":
+    3}}}), as it says; {} where absent.
+
+    @raise ValueError: malformed.
+    """
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not set(value) <= set(SERVICES):
+        raise ValueError("producers must map stt and tts to models")
+    out: dict[str, dict[str, int]] = {}
+    for service, models in value.items():
+        if not isinstance(models, dict) or len(models) > MAX_MODELS:
+            raise ValueError(f"producers: bad {service} models")
+        for model, count in models.items():
+            if not (isinstance(model, str) and 0 < len(model) <= MAX_FIELD
+                    and isinstance(count, int) and not isinstance(count, bool)
+                    and 0 <= count <= 1_000_000):
+                raise ValueError(f"producers: bad {service} model count")
+        out[service] = dict(models)
+    return out
+
+
 @dataclass(frozen=True)
 class ListedFarm:
     """
-    A farm as the directory lists it: its name and the client endpoint of
-    each port it serves (None: it does not serve that service).
+    A farm as the directory lists it: its name, the client endpoint of each
+    port it serves (None: it does not serve that service), and how many
+    producers it had per service and model when it last registered (what
+    nodes go by to find the farms that need them most).
     """
 
     name: str
     stt: str | None
     tts: str | None
+    producers: dict[str, dict[str, int]] = field(default_factory=dict, compare=False)
 
     def endpoint(self, service: str) -> str | None:
         return self.stt if service == "stt" else self.tts
 
     def fields(self) -> dict[str, Any]:
-        return {"name": self.name, "stt": self.stt, "tts": self.tts}
+        return {"name": self.name, "stt": self.stt, "tts": self.tts, "producers": self.producers}
+
+    def serving(self, service: str, models: Iterable[str]) -> int:
+        """
+        How many of its producers serve one of C{models} (or any model).
+        """
+        counts = self.producers.get(service, {})
+        return sum(counts.get(m, 0) for m in {*models, "*"})
 
     @classmethod
     def parse(cls, fields: Any) -> ListedFarm:
@@ -88,7 +127,11 @@ class ListedFarm:
             ports.append(value)
         if ports == [None, None]:
             raise DirectoryError(f"farm {name!r} serves neither stt nor tts")
-        return cls(name, ports[0], ports[1])
+        try:
+            producers = readProducers(fields.get("producers"))
+        except ValueError as e:
+            raise DirectoryError(f"farm {name!r}: {e}") from None
+        return cls(name, ports[0], ports[1], producers)
 
 
 @dataclass(frozen=True)
@@ -158,3 +201,23 @@ class Directory:
         order.
         """
         return tuple(e for farm in self.farms if (e := farm.endpoint(service)) is not None)
+
+    def byNeed(self, service: str, models: Iterable[str], rng: random.Random) -> tuple[str, ...]:
+        """
+        The endpoints of the farms that serve C{service}, those with the
+        fewest producers of C{models} first, drawn (a farm with C{n} of them
+        weighs 1/(1+n)) so that nodes reading the same directory spread
+        over the farms instead of all taking the first.
+        """
+        models = tuple(models)
+        left = [f for f in self.farms if f.endpoint(service) is not None]
+        order = []
+        while left:
+            weights = [1.0 / (1 + f.serving(service, models)) for f in left]
+            point = rng.random() * sum(weights)
+            for index, weight in enumerate(weights):
+                point -= weight
+                if point < 0 or index == len(left) - 1:
+                    order.append(left.pop(index))
+                    break
+        return tuple(f.endpoint(service) for f in order)  # type: ignore[misc]

@@ -83,6 +83,11 @@ class StoreTests:
         self.assertTrue(await store.listFarm("alpha", "tcp:host=a2:port=1", "tcp:host=a2:port=2",
                                              "key1", 12.0))
         self.assertTrue(await store.listFarm("beta", None, "tcp:host=b:port=2", "key2", 13.0))
+        await store.listFarm("alpha", "tcp:host=a2:port=1", "tcp:host=a2:port=2", "key1", 12.0,
+                             '{"stt": {"m": 2}}')
+        self.assertEqual(
+            sorted(f["producers"] for f in await store.listedFarms()), ['{"stt": {"m": 2}}', "{}"]
+        )
         self.assertEqual(
             sorted((f["name"], f["stt"], f["tts"], f["account"], f["seen"])
                    for f in await store.listedFarms()),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -26,7 +27,7 @@ from privox.api.farmlist import FarmEntry
 from privox.api.farms import FarmExchange
 from privox.directory import Directory, DirectoryError, ListedFarm
 from privox.farm.registration import Registration, parsePublic
-from privox.node.farmfinder import FarmFinder, spread
+from privox.node.farmfinder import FarmFinder
 
 A = {"name": "alpha", "stt": "tcp:host=alpha.example:port=1776", "tts": None}
 B = {"name": "beta", "stt": "tcp:host=beta.example:port=1776",
@@ -123,12 +124,21 @@ class FarmDirectoryTests(SynchronousTestCase):
         API's own primary farms (not its reserved ones).
         """
         self.assertEqual(self.listed(), ["own"])
-        self.assertEqual(self.register(A), {"name": "alpha", "listed": True, "refresh_s": 10.0})
+        self.assertEqual(
+            self.register(dict(A, producers={"stt": {"whisper:tiny.en": 3}})),
+            {"name": "alpha", "listed": True, "refresh_s": 10.0},
+        )
         self.assertEqual([f.entry.name for f in self.exchange.farms], ["own", "reserve", "alpha"])
         self.assertEqual(self.listed(), ["alpha", "own"])
-        # Registering again refreshes it without a new probe.
-        self.register(A)
+        # Registering again refreshes it (and its producers) without a new probe.
+        self.register(dict(A, producers={"stt": {"whisper:tiny.en": 5}}))
         self.assertEqual(self.probes.probed, ["alpha"])
+        signed = self.directory.signed(self.clock.seconds())
+        [alpha] = [f for f in Directory.verify(signed, self.key.public_key(), 0).farms
+                   if f.name == "alpha"]
+        self.assertEqual(alpha.producers, {"stt": {"whisper:tiny.en": 5}})
+        self.refused(BadInput, dict(A, producers={"stt": {"m": -1}}))
+        self.refused(BadInput, dict(A, producers={"xyz": {}}))
 
     def test_probeFails(self) -> None:
         self.probes.failing.add("alpha")
@@ -352,11 +362,28 @@ class FarmFinderTests(SynchronousTestCase):
         self.assertEqual(len(self.found), 1)
         self.assertEqual(len(self.http.requests), 8)
 
-    def test_spread(self) -> None:
-        farms = ("a", "b", "c")
-        self.assertEqual([spread(farms, i) for i in range(4)],
-                         [("a", "b", "c"), ("b", "c", "a"), ("c", "a", "b"), ("a", "b", "c")])
-        self.assertEqual(spread((), 3), ())
+    def test_byNeed(self) -> None:
+        """
+        Farms with fewer producers of a node's models come first, drawn
+        by 1/(1+producers): nodes spread, and the neediest gets the most.
+        """
+        farms = [
+            ListedFarm("busy", "tcp:host=busy:port=1", None, {"stt": {"whisper:tiny.en": 9}}),
+            ListedFarm("any", "tcp:host=any:port=1", None, {"stt": {"*": 1}}),
+            ListedFarm("empty", "tcp:host=empty:port=1", None),
+            ListedFarm("tts", None, "tcp:host=tts:port=1"),
+        ]
+        directory = Directory.issue(farms, 0.0)
+        rng = random.Random(4)
+        firsts = [directory.byNeed("stt", ["whisper:tiny.en"], rng)[0] for _ in range(10000)]
+        shares = {e.split("=")[1].split(":")[0]: firsts.count(e) / len(firsts) for e in set(firsts)}
+        # Weights 1/10, 1/2 and 1: shares 1/16, 5/16, 10/16.
+        self.assertLess(abs(shares["busy"] - 1 / 16), 0.01, shares)
+        self.assertLess(abs(shares["any"] - 5 / 16), 0.015, shares)
+        self.assertLess(abs(shares["empty"] - 10 / 16), 0.015, shares)
+        self.assertEqual(sorted(directory.byNeed("stt", [], rng)),
+                         sorted(directory.serving("stt")))
+        self.assertEqual(directory.byNeed("tts", ["x"], rng), ("tcp:host=tts:port=1",))
 
 
 class RegistrationTests(SynchronousTestCase):
@@ -369,13 +396,14 @@ class RegistrationTests(SynchronousTestCase):
         http.body = json.dumps({"name": "alpha", "listed": True, "refresh_s": 5}).encode()
         registration = Registration(
             "https://api.example", "farmkey", "alpha", parsePublic(f"{A['stt']} none"), clock,
-            http=http, refresh=60,
+            http=http, refresh=60, producers=lambda: {"stt": {"whisper:tiny.en": 2}},
         )
         registration.startService()
         clock.advance(0)
         [(method, url, (body, headers))] = http.requests
         self.assertEqual((method, url), ("POST", "https://api.example/v1/farms"))
-        self.assertEqual(body, {"name": "alpha", "stt": A["stt"], "tts": None})
+        self.assertEqual(body, {"name": "alpha", "stt": A["stt"], "tts": None,
+                                "producers": {"stt": {"whisper:tiny.en": 2}}})
         self.assertEqual(headers, {"Authorization": "Bearer farmkey"})
         clock.advance(5)
         self.assertEqual(len(http.requests), 2)

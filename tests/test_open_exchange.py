@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
 from twisted.python.filepath import FilePath
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.resource import Resource
@@ -127,6 +128,14 @@ class OpenExchangeTests(ProcessTestCase):
                     "both slots serving", 30)
         served = set(re.findall(rb"serving stt through \S+ \((\w+)\)", bytes(node.output)))
         self.assertEqual(served, {b"first", b"second"})
+        # The farms tell the directory their producers: one each now.
+        for _ in range(100):
+            counts = {f.name: f.producers for f in (await self.directory()).farms}
+            if all(c.get("stt", {}).get("digest:x") == 1 for c in counts.values()):
+                break
+            await deferLater(reactor, 0.1)
+        self.assertEqual(counts, {"first": {"stt": {"digest:x": 1}, "tts": {}},
+                                  "second": {"stt": {"digest:x": 1}, "tts": {}}})
 
         userKey = await self.key("user")
 

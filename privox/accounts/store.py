@@ -613,7 +613,8 @@ class AccountStore:
     # Farms that joined by themselves (L{privox.api.farmdirectory})
 
     async def listFarm(
-        self, name: str, stt: str | None, tts: str | None, account: str, seen: float
+        self, name: str, stt: str | None, tts: str | None, account: str, seen: float,
+        producers: str = "{}",
     ) -> bool:
         """
         List the farm C{name} (or note that it registered again), unless
@@ -626,10 +627,12 @@ class AccountStore:
             self._dialect.begin(cursor, write=True)
             self._execute(
                 cursor,
-                "INSERT INTO farm_directory (name, stt, tts, account, seen) VALUES (?, ?, ?, ?, ?)"
+                "INSERT INTO farm_directory (name, stt, tts, account, seen, producers)"
+                " VALUES (?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (name) DO UPDATE SET stt = excluded.stt, tts = excluded.tts,"
-                " seen = excluded.seen WHERE farm_directory.account = excluded.account",
-                (name, stt, tts, account, seen),
+                " seen = excluded.seen, producers = excluded.producers"
+                " WHERE farm_directory.account = excluded.account",
+                (name, stt, tts, account, seen, producers),
             )
             self._execute(cursor, "SELECT account FROM farm_directory WHERE name = ?", (name,))
             return bool(cursor.fetchone()[0] == account)
@@ -663,12 +666,15 @@ class AccountStore:
 
     async def listedFarms(self) -> list[dict[str, Any]]:
         """
-        Every listed farm: C{name}, C{stt}, C{tts}, C{account}, C{seen}.
+        Every listed farm: C{name}, C{stt}, C{tts}, C{account}, C{seen},
+        C{producers} (JSON).
         """
 
         def select(cursor: Any) -> list[dict[str, Any]]:
-            self._execute(cursor, "SELECT name, stt, tts, account, seen FROM farm_directory")
-            names = ("name", "stt", "tts", "account", "seen")
+            self._execute(
+                cursor, "SELECT name, stt, tts, account, seen, producers FROM farm_directory"
+            )
+            names = ("name", "stt", "tts", "account", "seen", "producers")
             return [dict(zip(names, row)) for row in cursor.fetchall()]
 
         return await self._run(select)  # type: ignore[no-any-return]

@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
 from twisted.internet.defer import Deferred, DeferredSemaphore, gatherResults
@@ -42,7 +43,9 @@ from privox.api.errors import BadInput, Conflict, OverQuota, Unavailable, Unproc
 from privox.api.farmlist import FarmEntry
 from privox.api.farms import FarmExchange
 from privox.consumer import ConsumerProtocol, JobFailed
-from privox.directory import MAX_FIELD, PLAIN_ENDPOINT, REFRESH, Directory, ListedFarm
+from privox.directory import (
+    MAX_FIELD, PLAIN_ENDPOINT, REFRESH, Directory, ListedFarm, readProducers,
+)
 from privox.messages import SERVICES, ErrorCode, JobRequest
 from privox.tls import TrustRoot, clientEndpoint
 
@@ -162,6 +165,9 @@ class Registered:
     seen: float
     #: Its slowest port's handshake, at the last probe (seconds).
     latency: float
+    #: Its producers per service and model, as it said when it last
+    #: registered (what nodes choose farms by).
+    producers: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 class FarmDirectory:
@@ -216,6 +222,10 @@ class FarmDirectory:
         @raise ApiError: the farm did not pass its probe (422).
         """
         entry = _entry(fields)
+        try:
+            producers = readProducers(fields.get("producers"))
+        except ValueError as e:
+            raise BadInput(str(e)) from None
         if any(f.name == entry.name for f in self.configured):
             raise Conflict(f"farm name {entry.name!r} is taken")
         now = self.clock.seconds()
@@ -223,8 +233,8 @@ class FarmDirectory:
         if known is not None and known.account != account:
             raise Conflict(f"farm name {entry.name!r} is taken")
         if known is not None and known.entry == entry:
-            known.seen = now
-            await self._share(entry, account, now)
+            known.seen, known.producers = now, producers
+            await self._share(entry, account, now, producers)
             return self._answer(entry)
         await self._mayList(entry, account)
         last = self._probedFor.get(account)
@@ -241,8 +251,8 @@ class FarmDirectory:
                      name=entry.name, account=account, why=str(e))
             raise Unprocessable(f"the farm did not pass its probe: {e}") from None
         now = self.clock.seconds()
-        await self._share(entry, account, now)
-        self._list(Registered(entry, account, now, latency))
+        await self._share(entry, account, now, producers)
+        self._list(Registered(entry, account, now, latency, producers))
         return self._answer(entry)
 
     async def _mayList(self, entry: FarmEntry, account: str) -> None:
@@ -268,9 +278,11 @@ class FarmDirectory:
         if len({name for name, _, _, _ in others}) >= MAX_LISTED:
             raise Unavailable("the directory of farms is full", retryAfter=3600)
 
-    async def _share(self, entry: FarmEntry, account: str, now: float) -> None:
+    async def _share(
+        self, entry: FarmEntry, account: str, now: float, producers: dict[str, dict[str, int]]
+    ) -> None:
         if self.store is not None and not await self.store.listFarm(
-            entry.name, entry.stt, entry.tts, account, now
+            entry.name, entry.stt, entry.tts, account, now, json.dumps(producers)
         ):
             raise Conflict(f"farm name {entry.name!r} is taken")
 
@@ -352,7 +364,8 @@ class FarmDirectory:
         for name, row in byName.items():
             farm = self.listed.get(name)
             if farm is not None and (farm.entry.stt, farm.entry.tts) == (row["stt"], row["tts"]):
-                farm.seen = max(farm.seen, float(row["seen"]))
+                if float(row["seen"]) > farm.seen:
+                    farm.seen, farm.producers = float(row["seen"]), _storedProducers(row)
             else:
                 # New here, or moved (another server probed it there).
                 new.append(row)
@@ -363,7 +376,8 @@ class FarmDirectory:
                 latency = await self.probe(entry)
             except (ProbeFailed, ValueError):
                 return  # the server it registered with decides whether it stays
-            self._list(Registered(entry, row["account"], float(row["seen"]), latency))
+            self._list(Registered(entry, row["account"], float(row["seen"]), latency,
+                                  _storedProducers(row)))
             taken.add(entry.name)
 
         await gatherResults([self._limit.run(take, row) for row in new])
@@ -380,8 +394,18 @@ class FarmDirectory:
             if not f.fallback and all(
                 e is None or PLAIN_ENDPOINT.fullmatch(e) for e in (f.stt, f.tts)
             )
-        ] + [ListedFarm(r.entry.name, r.entry.stt, r.entry.tts) for r in self.listed.values()]
+        ] + [
+            ListedFarm(r.entry.name, r.entry.stt, r.entry.tts, r.producers)
+            for r in self.listed.values()
+        ]
         return Directory.issue(farms, now).signed(self.signer)
+
+
+def _storedProducers(row: dict[str, Any]) -> dict[str, dict[str, int]]:
+    try:
+        return readProducers(json.loads(row.get("producers") or "{}"))
+    except ValueError:
+        return {}
 
 
 def _entry(fields: Any) -> FarmEntry:

@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from privox.directory import MAX_FIELD
 from privox.farm.farm import Farm
 from privox.farm.job import Job
 from privox.messages import ANY, SERVICES, ErrorCode
@@ -177,4 +178,18 @@ def farmStatus(farm: Farm) -> dict[str, Any]:
         "accepting": farm.accepting,
         "jobs": {"total": farm.counters.jobs, "succeeded": farm.counters.succeeded},
         "services": services,
+    }
+
+
+def producerCounts(farm: Farm) -> dict[str, dict[str, int]]:
+    """
+    The farm's connected producers per service and model, as it tells the
+    exchange it joined (L{privox.farm.registration}).
+    """
+    return {
+        service: {model: connected for model, (connected, _) in
+                  boundedModels(dispatcher.producersByModel()).items()
+                  # A name the directory would refuse is left out, not the farm.
+                  if len(model) <= MAX_FIELD}
+        for service, dispatcher in sorted(farm.dispatchers.items())
     }

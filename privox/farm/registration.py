@@ -14,7 +14,7 @@ a proxy, so only its operator knows them.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Callable
 
 import treq
 from twisted.internet.defer import Deferred
@@ -61,12 +61,18 @@ class Registration(Periodic):
         clock: IReactorTime,
         http: Any = treq,
         refresh: float = REFRESH,
+        producers: Callable[[], dict[str, dict[str, int]]] = dict,
     ) -> None:
+        """
+        @param producers: the farm's producers per service and model now,
+            which the directory shows nodes choosing a farm.
+        """
         super().__init__(clock, refresh, self._register)
         self.target = url.rstrip("/") + "/v1/farms"
         self.where = withoutSecrets(url)
         self.key = key
         self.body = {"name": name, "stt": public[0], "tts": public[1]}
+        self.producers = producers
         self.http = http
 
     async def _register(self) -> None:
@@ -108,6 +114,7 @@ class Registration(Periodic):
 
     async def _post(self) -> tuple[int, bytes]:
         response = await self.http.post(
-            self.target, json=self.body, headers={"Authorization": f"Bearer {self.key}"}
+            self.target, json=dict(self.body, producers=self.producers()),
+            headers={"Authorization": f"Bearer {self.key}"},
         )
         return response.code, await response.content()

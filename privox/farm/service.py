@@ -18,7 +18,7 @@ from privox.config import optionsFor
 from privox.farm.connection import FarmFactory
 from privox.farm.farm import Counters, Farm
 from privox.farm.ledger import Sink, ledgerFromSettings
-from privox.farm.observe import farmStatus, instrumentFarm
+from privox.farm.observe import farmStatus, instrumentFarm, producerCounts
 from privox.farm.pvx1 import Aliases
 from privox.farm.registration import Registration, parsePublic
 from privox.farm.settings import FarmSettings
@@ -191,7 +191,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         # Last: once the ports listen; stopped first.
         Registration(
             settings.exchange, settings.api_key, settings.name, parsePublic(settings.public),
-            reactor,
+            reactor, producers=lambda: producerCounts(farm),
         ).setServiceParent(top)
     return top
 

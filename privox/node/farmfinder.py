@@ -24,17 +24,6 @@ from privox.periodic import Periodic
 REQUEST_TIMEOUT = 30.0
 
 
-def spread(farms: tuple[str, ...], index: int) -> tuple[str, ...]:
-    """
-    The farms in the order slot C{index} prefers them: each slot starts at
-    another farm, so that a node's slots spread over the farms.
-    """
-    if not farms:
-        return farms
-    start = index % len(farms)
-    return farms[start:] + farms[:start]
-
-
 class FarmFinder(Periodic):
     """
     Reads the directory at C{url} now and every C{refresh} seconds; calls

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Collection
 
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import IService, MultiService, Service
@@ -26,7 +26,6 @@ from zope.interface import implementer
 
 from privox.config import optionsFor, setting
 from privox.daemon import CannotStart, ListenService, stopWithStatus
-from privox.directory import MAX_FARMS
 from privox.engines.base import ModelNotFound
 from privox.engines.registry import ModelSpec, SpecError, createEngine
 from privox.identity import IdentityError, exchangePublicKey
@@ -39,7 +38,7 @@ from privox.node.enrolment import (
     httpEnrol,
     loadIdentity,
 )
-from privox.node.farmfinder import FarmFinder, spread
+from privox.node.farmfinder import FarmFinder
 from privox.node.pool import EnginePool
 from privox.node.worker import JobHandler, ProducerProtocol
 from privox.tls import TrustRoot, checkEndpoint, clientEndpoint, loadCA
@@ -378,11 +377,10 @@ class NodeService(Service):
         #: The services' handlers, once the models are loaded.
         self._handlers: dict[str, Any] = {}
         self._ca: TrustRoot | None = None
-        #: Farms from the exchange's directory, for a service given none;
-        #: this node's slots start at a farm of their own (not all nodes at
-        #: the directory's first).
+        #: Farms from the exchange's directory, for a service given none.
         self.finder: FarmFinder | None = None
-        self._offset = random.randrange(MAX_FARMS)
+        #: Draws each slot's farms from the directory, by need.
+        self._rng = random.Random()
         unplaced = (settings.stt and not settings.stt_farm) or (settings.tts and not settings.tts_farm)
         if settings.exchange != "none" and unplaced:
             self.finder = FarmFinder(
@@ -436,11 +434,19 @@ class NodeService(Service):
                 self._placeSlots(service)
         self.ready.callback(None)
 
-    def _farmsFor(self, service: str) -> tuple[str, ...]:
+    def _farmsFor(self, service: str, taken: Collection[str] = ()) -> tuple[str, ...]:
+        """
+        The farms a slot of C{service} dials, most preferred first: those
+        named, in their order; else the directory's, those with the fewest
+        producers of this node's models first (drawn anew for each slot, so
+        that nodes spread over the farms that need them), the farms this
+        node's other slots prefer (C{taken}) last.
+        """
         configured = self.settings.stt_farm if service == "stt" else self.settings.tts_farm
         if configured or self.finder is None or self.finder.directory is None:
             return configured
-        return self.finder.directory.serving(service)
+        drawn = self.finder.directory.byNeed(service, self._handlers[service].models, self._rng)
+        return tuple(sorted(drawn, key=lambda farm: farm in taken))
 
     def _placeSlots(self, service: str) -> None:
         """
@@ -449,9 +455,12 @@ class NodeService(Service):
         """
         farms = self._farmsFor(service)
         placed = [slot for slot in self.slots if slot.service == service]
+        taken: set[str] = set()
         if placed:
-            for index, slot in enumerate(placed):
-                slot.setFarms(spread(farms, self._offset + index))
+            for slot in placed:
+                preferred = self._farmsFor(service, taken)
+                slot.setFarms(preferred)
+                taken.update(preferred[:1])
             return
         handler = self._handlers[service]
         if not farms:
@@ -465,9 +474,11 @@ class NodeService(Service):
             models=list(handler.models),
             farms=list(farms),
         )
-        for index in range(self.settings.slots):
-            slot = Slot(service, spread(farms, self._offset + index), handler, self.settings,
-                        self._reactor, self._ca, self.sealer)
+        for _ in range(self.settings.slots):
+            preferred = self._farmsFor(service, taken)
+            taken.update(preferred[:1])
+            slot = Slot(service, preferred, handler, self.settings, self._reactor, self._ca,
+                        self.sealer)
             self.slots.append(slot)
             slot.client.startService()
 

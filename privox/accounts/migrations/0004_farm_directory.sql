@@ -9,5 +9,6 @@ CREATE TABLE farm_directory (
     stt TEXT,                            -- client endpoint strings, or NULL
     tts TEXT,
     account TEXT NOT NULL,               -- the farm key's id
-    seen DOUBLE PRECISION NOT NULL       -- when it last registered, anywhere
+    seen DOUBLE PRECISION NOT NULL,      -- when it last registered, anywhere
+    producers TEXT NOT NULL DEFAULT '{}' -- JSON: its producers per service and model then
 );

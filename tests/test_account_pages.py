@@ -66,6 +66,14 @@ class SignupLimiterTests(SynchronousTestCase):
         self.assertNotIn(b"192.0.2.77", repr(limiter.__dict__).encode())
         self.assertEqual([len(c) for c in limiter._clients], [16])
 
+    def test_ipv6ClientIsItsSlash64(self) -> None:
+        limiter = SignupLimiter(perClient=1, secret=b"k" * 32)
+        self.assertIsNone(limiter.admit("2001:db8:1:2::1", 0.0))
+        self.assertIsNotNone(limiter.admit("2001:db8:1:2:ffff::9", 1.0))
+        self.assertIsNone(limiter.admit("2001:db8:1:3::1", 2.0))
+        self.assertIsNone(limiter.admit("192.0.2.1", 3.0))
+        self.assertIsNotNone(limiter.admit("192.0.2.1", 4.0))
+
     def test_chart(self) -> None:
         """
         One bar per hour and series, scaled to the highest, with its figure.
@@ -135,14 +143,16 @@ class AccountPagesTests(TestCase):
         set = self.cookies(headers)
         keyCookie = set["privox_key"].split(";")[0]
         revealCookie = set["privox_new"].split(";")[0]
-        code, _, page = await self.get("/account", f"{keyCookie}; {revealCookie}")
+        self.assertIn("Max-Age=600", set["privox_new"])
+        code, headers, page = await self.get("/account", f"{keyCookie}; {revealCookie}")
         self.assertEqual(code, 200)
         shown = re.search(r'<pre id="new-key">(pvx_[\w-]+)</pre>', page)
         assert shown is not None, page
         key = shown.group(1)
         self.assertEqual(keyCookie, f"privox_key={key}")
-        # Shown once: the same request again shows no key.
-        code, _, again = await self.get("/account", f"{keyCookie}; {revealCookie}")
+        # Shown once: the page clears the flag, and without it shows no key.
+        self.assertIn("privox_new=; Expires=Thu, 01 Jan 1970", self.cookies(headers)["privox_new"])
+        code, _, again = await self.get("/account", keyCookie)
         self.assertEqual(code, 200)
         self.assertNotIn(key, again)
         self.assertNotIn("new-key", again)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import secrets
 import time
 from collections import deque
@@ -77,6 +78,14 @@ class SignupLimiter:
         self._all: deque[float] = deque()
 
     def _client(self, address: str) -> bytes:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            pass
+        else:
+            if ip.version == 6:
+                # One client is one /64: a host has a whole one to pick from.
+                address = str(ipaddress.ip_network(f"{ip}/64", strict=False))
         return hmac.new(self._secret, address.encode("utf-8", "replace"), hashlib.sha256).digest()[:16]
 
     def _forget(self, now: float) -> None:
@@ -205,7 +214,6 @@ class AccountPages:
         self.status = status
         self.limiter = limiter or SignupLimiter()
         #: New keys waiting to be shown once: token -> (key, until when).
-        self._reveal: dict[str, tuple[str, float]] = {}
 
     # -- rendering --------------------------------------------------------
 
@@ -297,13 +305,12 @@ class AccountPages:
             )
         key, account = await self.store.createKey(self.clock.seconds(), label="signed up")
         log.info("signed up key {keyId}", keyId=account.keyId)
-        token = secrets.token_urlsafe(16)
-        now = self.clock.seconds()
-        self._reveal = {t: v for t, v in self._reveal.items() if v[1] > now}
-        self._reveal[token] = (key, now + REVEAL_FOR)
         self._setKey(request, key)
-        request.addCookie(REVEAL_COOKIE, token.encode("ascii"), path=b"/account", httpOnly=True,
-                          secure=request.isSecure(), sameSite="strict")
+        # Only a flag: the key itself is in its own cookie, so any API
+        # server of the exchange shows it, once, and none keeps it.
+        request.addCookie(REVEAL_COOKIE, b"1", path=b"/account", httpOnly=True,
+                          secure=request.isSecure(), sameSite="strict",
+                          max_age=str(int(REVEAL_FOR)))
         # Post/redirect/get: reloading the account page shows no key and
         # makes none.
         request.setResponseCode(303)
@@ -385,16 +392,13 @@ class AccountPages:
             account, role, service, (page - 1) * PAGE_SIZE, PAGE_SIZE
         )
         body: list[Any] = []
-        reveal = request.getCookie(REVEAL_COOKIE)
-        if reveal is not None:
-            shown = self._reveal.pop(reveal.decode("ascii", "replace"), None)
+        if request.getCookie(REVEAL_COOKIE) is not None:
             self._clear(request, REVEAL_COOKIE, b"/account")
-            if shown is not None and shown[1] > now:
-                body.append(tags.div(
-                    tags.p("Your new key. Copy it now: it is not shown again, and the exchange"
-                           " keeps only its hash."),
-                    tags.pre(shown[0], id="new-key"), id="reveal", **{"class": "reveal"},
-                ))
+            body.append(tags.div(
+                tags.p("Your new key. Copy it now: it is not shown again, and the exchange"
+                       " keeps only its hash."),
+                tags.pre(key, id="new-key"), id="reveal", **{"class": "reveal"},
+            ))
         body += [
             tags.p("Key id ", tags.code(standing["key_id"], id="key-id"),
                    f" · figures for the last {standing['window_seconds'] / 60:g} minutes"),

@@ -17,6 +17,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock, deferLater
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.iweb import UNKNOWN_LENGTH
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from privox.accounts.store import AccountStore
@@ -284,9 +288,16 @@ class FakeHttp:
 
         class Response:
             code = self.code
+            length = UNKNOWN_LENGTH
 
             def content(self) -> Deferred[bytes]:
                 return succeed(body)
+
+            def deliverBody(self, protocol: Any) -> None:
+                protocol.makeConnection(StringTransport())
+                for start in range(0, len(body), 65536):
+                    protocol.dataReceived(body[start:start + 65536])
+                protocol.connectionLost(Failure(ResponseDone()))
 
         return succeed(Response())
 
@@ -350,6 +361,9 @@ class FarmFinderTests(SynchronousTestCase):
         self.http.error = ConnectionRefusedError()
         self.clock.advance(60)
         self.http.error = None
+        self.http.body = b"[" + b" " * 3_000_000 + b"]"  # not read to its end
+        self.clock.advance(60)
+        self.assertIn("longer than 2000000 bytes", self.finder._said)
         self.http.code = 200
         self.serve([A, B], issued=self.clock.seconds() - 400)  # good, but older than the last
         self.clock.advance(60)
@@ -360,7 +374,7 @@ class FarmFinderTests(SynchronousTestCase):
         self.clock.advance(60)
         self.assertIs(self.finder.directory, good)
         self.assertEqual(len(self.found), 1)
-        self.assertEqual(len(self.http.requests), 8)
+        self.assertEqual(len(self.http.requests), 9)
 
     def test_byNeed(self) -> None:
         """

@@ -20,8 +20,10 @@ from privox.directory import REFRESH, Directory, DirectoryError
 from privox.keys import webReason, withoutSecrets
 from privox.periodic import Periodic
 
-#: Longest wait for the directory.
+#: Longest wait for the directory, and the most bytes one may take (about
+#: ten times the longest a thousand farms make).
 REQUEST_TIMEOUT = 30.0
+MAX_BODY = 2_000_000
 
 
 class FarmFinder(Periodic):
@@ -79,4 +81,17 @@ class FarmFinder(Periodic):
 
     async def _get(self) -> tuple[int, bytes]:
         response = await self.http.get(self.target)
-        return response.code, await response.content()
+        chunks: list[bytes] = []
+        size = 0
+
+        def collect(data: bytes) -> None:
+            # Read no more than a directory can be: a longer answer is
+            # dropped as it comes, not held.
+            nonlocal size
+            size += len(data)
+            if size > MAX_BODY:
+                raise DirectoryError(f"the directory is longer than {MAX_BODY} bytes")
+            chunks.append(data)
+
+        await treq.collect(response, collect)
+        return response.code, b"".join(chunks)

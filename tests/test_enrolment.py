@@ -74,13 +74,19 @@ FARM_KEY = "pvx_a-farm-key"
 
 class KeyTable:
     """
-    The part of an account store that enrolment asks: who a key is.
+    The part of an account store that enrolment asks: who a key is; and
+    where it notes the nodes enrolled.
     """
 
     description = "a key table"
 
     def __init__(self) -> None:
         self.accounts: dict[str, Account] = {}
+        self.enrolled: list[tuple[str, str, float, float]] = []
+
+    def recordEnrolment(self, node: str, keyId: str, now: float, expires: float) -> Deferred[None]:
+        self.enrolled.append((node, keyId, now, expires))
+        return succeed(None)
 
     def add(self, key: str, role: str = "user", revoked: float | None = None) -> None:
         account = accountId(key)
@@ -169,6 +175,11 @@ class RouteTests(SynchronousTestCase):
         self.assertEqual(certificate.account, keyId(NODE_KEY))
         self.assertEqual(body["expires"], certificate.expires)
         self.assertEqual(certificate.expires, NOW + CERTIFICATE_LIFETIME)
+        # Noted for the key's account page, by the node's fingerprint.
+        self.assertEqual(
+            self.store.enrolled,
+            [(encodeKey(public)[:16], keyId(NODE_KEY), NOW, NOW + CERTIFICATE_LIFETIME)],
+        )
         # Logged by fingerprints and key id; never the key.
         text = messages(self.events)
         self.assertIn(f"enrolled node {encodeKey(public)[:16]} of key {keyId(NODE_KEY)}", text)

@@ -106,8 +106,8 @@ class FarmDirectoryTests(SynchronousTestCase):
                                                                   for i in range(2)),
             refresh=10.0,
         )
-        self.directory.start()
-        self.addCleanup(self.directory.stop)
+        self.directory.prober.startService()
+        self.addCleanup(self.directory.prober.stopService)
 
     def register(self, fields: Any, account: str = "farmkey1") -> dict[str, Any]:
         return self.successResultOf(Deferred.fromCoroutine(self.directory.register(account, fields)))

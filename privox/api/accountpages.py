@@ -118,6 +118,15 @@ class SignupLimiter:
         return None
 
 
+def _seeOther(request: IRequest, where: bytes) -> bytes:
+    """
+    Answer a form's POST with a redirect to the page C{where}.
+    """
+    request.setResponseCode(303)
+    request.setHeader(b"Location", where)
+    return b""
+
+
 def _fromHere(request: IRequest) -> bool:
     """
     Whether a POST came from this site's own pages. A browser that says
@@ -313,9 +322,7 @@ class AccountPages:
                           max_age=str(int(REVEAL_FOR)))
         # Post/redirect/get: reloading the account page shows no key and
         # makes none.
-        request.setResponseCode(303)
-        request.setHeader(b"Location", b"/account")
-        return b""
+        return _seeOther(request, b"/account")
 
     # -- signing in and out ----------------------------------------------
 
@@ -338,9 +345,7 @@ class AccountPages:
             else:
                 assert key is not None
                 self._setKey(request, key)
-                request.setResponseCode(303)
-                request.setHeader(b"Location", b"/account")
-                return b""
+                return _seeOther(request, b"/account")
         return await self._signinForm(request, message)
 
     async def _signinForm(self, request: IRequest, message: str | None) -> bytes:
@@ -361,9 +366,7 @@ class AccountPages:
         if refused is not None:
             return refused
         self._clear(request, KEY_COOKIE)
-        request.setResponseCode(303)
-        request.setHeader(b"Location", b"/signin")
-        return b""
+        return _seeOther(request, b"/signin")
 
     # -- the account page -------------------------------------------------
 

@@ -36,7 +36,6 @@ from typing import Any, Awaitable, Callable
 from twisted.internet.defer import Deferred, DeferredSemaphore, gatherResults
 from twisted.internet.endpoints import connectProtocol
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from privox.api.errors import BadInput, Conflict, OverQuota, Unavailable, Unprocessable
@@ -47,6 +46,7 @@ from privox.directory import (
     MAX_FIELD, PLAIN_ENDPOINT, REFRESH, Directory, ListedFarm, readProducers,
 )
 from privox.messages import SERVICES, ErrorCode, JobRequest
+from privox.periodic import Periodic
 from privox.tls import TrustRoot, clientEndpoint
 
 log = Logger()
@@ -203,15 +203,9 @@ class FarmDirectory:
         #: When each farm key's last registration was probed.
         self._probedFor: dict[str, float] = {}
         self._limit = DeferredSemaphore(PROBES_AT_ONCE)
-        self._loop = LoopingCall(self._reprobe)
-        self._loop.clock = clock
-
-    def start(self) -> None:
-        self._loop.start(self.refresh, now=False)
-
-    def stop(self) -> None:
-        if self._loop.running:
-            self._loop.stop()
+        #: Probes the listed farms (and takes the shared ones) now and every
+        #: C{refresh} seconds, while it runs: the API's service runs it.
+        self.prober = Periodic(clock, refresh, self._reprobe)
 
     async def register(self, account: str, fields: Any) -> dict[str, Any]:
         """
@@ -312,13 +306,6 @@ class FarmDirectory:
                 )
 
     async def _reprobe(self) -> None:
-        # Never raises: the loop would stop for good.
-        try:
-            await self._reprobeAll()
-        except Exception:
-            log.failure("probing the farms that joined failed")
-
-    async def _reprobeAll(self) -> None:
         taken: set[str] = set()
         if self.store is not None:
             try:

@@ -481,23 +481,6 @@ class ExchangeService(Service):
         await self.exchange.stop()
 
 
-class DirectoryService(Service):
-    """
-    Probes the farms that joined, while the API runs.
-    """
-
-    def __init__(self, directory: FarmDirectory) -> None:
-        self.directory = directory
-
-    def startService(self) -> None:
-        super().startService()
-        self.directory.start()
-
-    def stopService(self) -> None:
-        super().stopService()
-        self.directory.stop()
-
-
 def wyomingService(settings: ApiSettings, api: PrivoxAPI, reactor: Any) -> IService:
     """
     The Wyoming server on C{--wyoming-listen}, over the API's live jobs,
@@ -555,7 +538,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
             # Shared with the exchange's other API servers.
             store=getattr(api.access, "store", None),
         )
-        DirectoryService(api.farmDirectory).setServiceParent(top)
+        api.farmDirectory.prober.setServiceParent(top)
     # A descriptor per HTTP client and farm connection: before the port.
     OpenFileLimitService().setServiceParent(top)
     TunedMallocService().setServiceParent(top)

@@ -68,6 +68,14 @@ def decodeKey(text: Any, length: int = 32) -> bytes:
     return raw
 
 
+def fingerprint(public: bytes) -> str:
+    """
+    A public key, short enough for a log line: the first 16 characters of
+    its base64.
+    """
+    return encodeKey(public)[:16]
+
+
 def publicBytes(key: Ed25519PublicKey | X25519PublicKey) -> bytes:
     return key.public_bytes(Encoding.Raw, PublicFormat.Raw)
 
@@ -78,7 +86,12 @@ def exchangePublicKey(text: str) -> Ed25519PublicKey:
 
     @raise IdentityError: not such a key.
     """
-    return Ed25519PublicKey.from_public_bytes(decodeKey(text.strip()))
+    try:
+        return Ed25519PublicKey.from_public_bytes(decodeKey(text.strip()))
+    except (IdentityError, ValueError):
+        raise IdentityError(
+            "not an exchange's public key (43 characters of unpadded URL-safe base64)"
+        ) from None
 
 
 def loadOrCreateKey(path: str) -> Ed25519PrivateKey:

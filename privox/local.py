@@ -45,7 +45,7 @@ from privox.farm.connection import FarmFactory
 from privox.farm.farm import Farm
 from privox.farm.settings import FarmSettings
 from privox.farm.splice import splicerFor
-from privox.keys import OpenPolicy, keyId
+from privox.keys import OpenPolicy, accountId, keyId
 from privox.farm.observe import farmStatus, instrumentFarm
 from privox.metrics import CollectorRegistry
 from privox.node.enrolment import (
@@ -258,7 +258,7 @@ class LocalExchange(MultiService):
 
         async def certify(public: bytes) -> str:
             # The exchange is here: no HTTP, no key to check.
-            return exchangeKey.issue(public, keyId(nodeKey), self._reactor.seconds()).text
+            return exchangeKey.issue(public, accountId(nodeKey), self._reactor.seconds()).text
 
         self.enrolment = Enrolment(
             identity, exchangeKey.public, certify, self._reactor, account=keyId(nodeKey)

@@ -172,7 +172,7 @@ class RouteTests(SynchronousTestCase):
             body["certificate"], exchangePublicKey(published["key"]), self.clock.seconds()
         )
         self.assertEqual(certificate.identity, public)
-        self.assertEqual(certificate.account, keyId(NODE_KEY))
+        self.assertEqual(certificate.account, accountId(NODE_KEY))
         self.assertEqual(body["expires"], certificate.expires)
         self.assertEqual(certificate.expires, NOW + CERTIFICATE_LIFETIME)
         # Noted for the key's account page, by the node's fingerprint.
@@ -230,7 +230,7 @@ class RouteTests(SynchronousTestCase):
         code, answer = self.enrol(NODE_KEY, body, listed)
         self.assertEqual(code, 200, answer)
         certificate = Certificate.verify(answer["certificate"], self.exchangeKey.public, NOW)
-        self.assertEqual(certificate.account, keyId(NODE_KEY))
+        self.assertEqual(certificate.account, accountId(NODE_KEY))
         self.assertError(self.enrol("pvx_other", body, listed), 403, "permission_error")
         anyone = self.app(PolicyAccess(OpenPolicy()))
         self.assertError(
@@ -568,7 +568,7 @@ class HttpEnrolTests(SynchronousTestCase):
     def test_certified(self) -> None:
         text = self.successResultOf(self.enrol(NODE_KEY))
         certificate = Certificate.verify(text, self.exchangeKey.public, NOW)
-        self.assertEqual((certificate.identity, certificate.account), (self.public, keyId(NODE_KEY)))
+        self.assertEqual((certificate.identity, certificate.account), (self.public, accountId(NODE_KEY)))
 
     def test_enrolmentOverHttp(self) -> None:
         enrolment = Enrolment(

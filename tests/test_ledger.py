@@ -627,7 +627,7 @@ class OptionsTests(SynchronousTestCase):
     def test_defaults(self) -> None:
         s = self.parse().settings
         self.assertEqual(
-            (s.ledger, s.ledger_spool, s.api_key), ("none", "privox-farm-ledger.spool", "")
+            (s.ledger, s.ledger_spool, s.api_key), ("exchange", "privox-farm-ledger.spool", "")
         )
 
     def test_sinks(self) -> None:
@@ -637,6 +637,22 @@ class OptionsTests(SynchronousTestCase):
         self.assertIsInstance(L.ledgerFromSettings(s, Clock(), L.runInline), L.JsonLinesLedger)
         s = self.parse().settings
         self.assertIsInstance(L.ledgerFromSettings(s, Clock(), L.runInline), L.NoLedger)
+        s = self.parse("--ledger", "none", "--exchange", "https://api.example.org/",
+                       "--api-key", FARM_KEY, "--public", "tcp:host=farm.example.org:port=1 none").settings
+        self.assertIsInstance(L.ledgerFromSettings(s, Clock(), L.runInline), L.NoLedger)
+
+    def test_exchangesLedger(self) -> None:
+        """
+        By default a farm that joins an exchange posts its ledger there,
+        so the nodes it serves earn their credit; one that joins none keeps
+        no ledger.
+        """
+        s = self.parse("--exchange", "https://api.example.org/", "--api-key", FARM_KEY,
+                       "--public", "tcp:host=farm.example.org:port=1 none").settings
+        self.assertEqual(L.ledgerTarget(s), "https://api.example.org/v1/ledger")
+        sink = L.ledgerFromSettings(s, Clock(), L.runInline)
+        self.assertIsInstance(sink, L.HTTPLedger)
+        self.assertEqual(L.ledgerTarget(self.parse().settings), "none")
 
 
 class ThreadedWriteTests(TestCase):

@@ -21,7 +21,7 @@ from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from privox.identity import Certificate, exchangePublicKey
-from privox.keys import keyId
+from privox.keys import accountId
 from privox.local import LocalExchange, LocalSettings, Options, apiSettings, banner, keyDirectory
 from tests.test_e2e import ENV, REPO, TWISTD
 from tests.test_roundtrip import speak
@@ -166,7 +166,7 @@ class LocalExchangeTests(TestCase):
         certificate = local.enrolment.certificate
         assert certificate is not None
         Certificate.verify(certificate.text, exchangePublicKey(published), reactor.seconds())
-        self.assertEqual(certificate.account, keyId(""))
+        self.assertEqual(certificate.account, accountId(""))
         self.assertIsNotNone(local.enrolment.offer())
         self.assertTrue(store.sibling("privox-exchange.key").exists())
         self.assertTrue(store.sibling("privox-node-state").child("identity.key").exists())

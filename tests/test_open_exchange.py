@@ -79,9 +79,17 @@ class OpenExchangeTests(ProcessTestCase):
 
     async def volunteerFarm(self, name: str) -> tuple[object, int]:
         stt, tts = freePorts(2)
+        here = FilePath(os.path.abspath(self.mktemp()))
+        here.makedirs()
+        # The farm lets in producers by key only if they hold this one: a
+        # node that finds the farm in the directory gets in by its
+        # certificate, naming no key at all.
+        here.child("producers").setContent(self.handKey.encode() + b"\n")
         farm, _, _ = await self.startFarmProcess(
             name, (stt, tts), "--exchange", self.url, "--api-key", await self.key("farm"),
             "--public", f"tcp:host=127.0.0.1:port={stt} tcp:host=127.0.0.1:port={tts}",
+            "--producer-keys", here.child("producers").path,
+            "--ledger-spool", here.child("ledger.spool").path,
         )
         return farm, stt
 
@@ -106,9 +114,12 @@ class OpenExchangeTests(ProcessTestCase):
         self.assertEqual((await self.directory()).farms, ())
 
         # Two volunteers' farms join by themselves.
+        self.handKey = await self.key("user")
         first, _ = await self.volunteerFarm("first")
         second, secondStt = await self.volunteerFarm("second")
         for farm, name in ((first, b"first"), (second, b"second")):
+            # The exchange's key, read before registering, is the one it publishes.
+            await farm.waitFor(b"signs with key " + published["key"][:16].encode())
             await farm.waitFor(b"listed in the directory of " + self.url.encode())
             await api.waitFor(b"farm " + name + b" of key ")
         self.assertRegex(bytes(api.output), rb"farm first of key \w{12} joined the directory")
@@ -154,6 +165,17 @@ class OpenExchangeTests(ProcessTestCase):
         for n in range(4):
             await transcribe(n)
 
+        # The farms never saw the node's key (they let in no key but
+        # handKey), yet their ledgers, posted to the exchange by default,
+        # credit the node's account by its certificate.
+        async def credited() -> bool:
+            response = await self.http.get(self.url + "/v1/account",
+                                           headers={"Authorization": f"Bearer {nodeKey}"})
+            # Four jobs of 0.1 s of audio, at the "fast" model's cost of 1.
+            return float(json.loads(await response.content())["earned"]) >= 0.4 - 1e-6
+
+        await until(credited, "the node's credit", 30, every=0.2)
+
         # One farm stops: it leaves the directory, and jobs keep flowing.
         await first.stop()
         await api.waitFor(b"farm first left the directory")
@@ -163,7 +185,7 @@ class OpenExchangeTests(ProcessTestCase):
 
         # A node that claims every model cannot get an honest farm dropped:
         # the farm refuses the canary's reserved model itself.
-        claimsAll = ProducerProtocol("stt", nodeKey, DigestHandler(("*",)))
+        claimsAll = ProducerProtocol("stt", self.handKey, DigestHandler(("*",)))
         await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", secondStt), claimsAll)
         await claimsAll.ready
         self.addCleanup(claimsAll.transport.loseConnection)

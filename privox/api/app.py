@@ -42,7 +42,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 from privox.api import forms, subtitles
 from privox.api.access import Access, Caller, Grant
 from privox.api.accountpages import AccountPages
-from privox.api.enrolment import ExchangeKey, fingerprint, readIdentity
+from privox.api.enrolment import ExchangeKey, readIdentity
 from privox.api.errors import (
     ApiError,
     BadInput,
@@ -66,6 +66,8 @@ from privox.api.site import ApiSite, bodyLimit
 from privox.api.speech import CONTENT_TYPES, SpeechEncodingError, encodeSpeech
 from privox.api.streaming import pcm16k, streamSpeech, streamTranscript
 from privox.audiofile import MAX_DECODED_SECONDS, BadFile, uploadSeconds
+from privox.identity import fingerprint
+from privox.keys import accountId
 from privox.logs import logFigures
 from privox.messages import TRANSLATE
 from privox.metrics import CONTENT_TYPE_LATEST, ApiMetrics, CollectorRegistry, render
@@ -638,7 +640,10 @@ class PrivoxAPI:
         done.caller = Caller(key)
         size = forms.bodySize(request, self._limit(request))
         identity = readIdentity(request.content.read() if size else b"")
-        certificate = exchangeKey.issue(identity, account, self.clock.seconds())
+        # The whole account id (not the key id): a farm that knows the
+        # exchange credits the node by it without ever seeing its key.
+        assert key is not None  # authorizeNode refuses none
+        certificate = exchangeKey.issue(identity, accountId(key), self.clock.seconds())
         store = getattr(self.access, "store", None)
         if store is not None:
             # For the key's own account page.

@@ -27,6 +27,7 @@ from privox.identity import (
     IdentityError,
     decodeKey,
     encodeKey,
+    fingerprint,
     loadOrCreateKey,
     publicBytes,
 )
@@ -40,14 +41,6 @@ class ExchangeKeyError(Exception):
     """
     The exchange key file cannot be read or made; the message is one line.
     """
-
-
-def fingerprint(public: bytes) -> str:
-    """
-    A public key, short enough for a log line: the first 16 characters of
-    its base64.
-    """
-    return encodeKey(public)[:16]
 
 
 @dataclass(frozen=True)

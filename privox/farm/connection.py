@@ -34,6 +34,7 @@ from privox.framing import (
     sendNow,
     tuneTransport,
 )
+from privox.identity import IdentityError
 from privox.keys import accountId
 from privox.messages import (
     GREETING,
@@ -72,9 +73,10 @@ class FarmConnection(Protocol):
         #: Set when the peer speaks PVX/1: its first bytes, until let in.
         self._pvx1: bytearray | None = None
         self._hello: Hello | None = None
-        #: Who the peer says it is (once introduced): its role and key.
+        #: Who the peer says it is (once introduced): its role, and the
+        #: account its key or its exchange certificate names.
         self._role: str | None = None
-        self._key = ""
+        self._account = ""
         # DATA is relayed piece by piece as it arrives (cut-through): the
         # farm never holds a whole upload or result frame.
         self._decoder = FrameDecoder(farm.settings.max_frame, streamVerbs=BULK_VERBS)
@@ -128,7 +130,20 @@ class FarmConnection(Protocol):
     # The handshake's actions (privox.farm.handshake.HandshakeCore)
 
     def checkKey(self, role: str, key: str) -> None:
-        self._role, self._key = role, key
+        self._role = role
+        vouching = self.farm.vouching
+        if role == "producer" and not key and self._hello is not None and vouching is not None:
+            # A node of the farm's exchange, proving its account without
+            # handing this farm its key (privox.farm.vouching).
+            try:
+                self._account = vouching.account(self._hello.seal, self.farm.clock.seconds())
+            except IdentityError as e:
+                self._account = accountId(key)
+                self._keyChecked(False, f"certificate refused: {e}")
+            else:
+                self._keyChecked(True)
+            return
+        self._account = accountId(key)
         d = self.farm.keyPolicy(role).check(key)
         d.addErrback(self._keyCheckFailed)
         d.addCallback(self._keyChecked)
@@ -137,15 +152,16 @@ class FarmConnection(Protocol):
         log.failure("key check failed; rejecting", failure)
         return False
 
-    def _keyChecked(self, accepted: bool) -> None:
+    def _keyChecked(self, accepted: bool, why: str = "key rejected") -> None:
         if not accepted:
             log.info(
-                "denied {protocol}{role} with key {key_id}",
+                "denied {protocol}{role} with key {key_id}: {why}",
                 protocol="PVX/1 " if self.pvx1 else "",
                 role=self._role,
-                key_id=accountId(self._key)[:12],
+                key_id=self._account[:12],
+                why=why,
             )
-            self.handshake.refused(ErrorCode.UNAUTHORIZED, "key rejected")
+            self.handshake.refused(ErrorCode.UNAUTHORIZED, why)
         elif not self.farm.accepting:
             self.handshake.refused(ErrorCode.SHUTTING_DOWN, "the farm is shutting down")
         else:
@@ -154,7 +170,7 @@ class FarmConnection(Protocol):
     def letIn(self) -> None:
         role = self._role
         assert role is not None
-        account = accountId(self._key)
+        account = self._account
         kid = account[:12]
         if self._pvx1 is None:
             assert self._hello is not None

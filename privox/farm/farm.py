@@ -21,6 +21,7 @@ from privox.farm.dispatcher import Capability, Dispatcher
 from privox.farm.job import ConsumerSide, Job, ProducerSide, newJob
 from privox.farm.ledger import Sink, Transaction
 from privox.farm.settings import FarmSettings
+from privox.farm.vouching import Vouching
 from privox.framing import HEADER_LEN
 from privox.keys import KeyPolicy
 from privox.logs import logFigures
@@ -91,8 +92,12 @@ class Farm:
         ledger: Sink | None = None,
         splicer: Splicer | None = None,
         runInThread: Callable[..., Deferred[Any]] = maybeDeferred,
+        vouching: Vouching | None = None,
     ) -> None:
         self.settings = settings
+        #: The exchange this farm joined (C{--exchange}): it admits nodes
+        #: that offer its certificate in place of a key.
+        self.vouching = vouching
         self.runInThread = runInThread
         # Decoding a 200 MiB upload holds about a GB: a farm is a relay, and
         # a few of those at once must not take its memory.

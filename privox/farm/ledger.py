@@ -588,6 +588,18 @@ class HTTPLedger:
         self._retry = self._clock.callLater(delay, self._next)
 
 
+def ledgerTarget(settings: Any) -> str:
+    """
+    What C{settings.ledger} names, C{exchange} resolved: the joined
+    exchange's C{/v1/ledger}, or C{none} for a farm that joins none.
+    """
+    if settings.ledger != "exchange":
+        return str(settings.ledger)
+    if settings.exchange == "none":
+        return "none"
+    return str(settings.exchange).rstrip("/") + "/v1/ledger"
+
+
 def ledgerFromSettings(
     settings: Any,
     clock: IReactorTime,
@@ -599,7 +611,7 @@ def ledgerFromSettings(
     at C{settings.ledger_spool}, sent with C{settings.api_key}), or the path
     of a JSON-lines file.
     """
-    spec = settings.ledger
+    spec = ledgerTarget(settings)
     if spec == "none":
         return NoLedger()
     if spec.lower().startswith(("http://", "https://")):

@@ -5,6 +5,10 @@ the exchange's API (C{POST URL/v1/farms}) once it listens, and again every
 L{privox.directory.REFRESH} seconds while it runs. The API probes the farm
 before listing it, and drops it when it stops registering.
 
+Before its first registration it reads the exchange's public key (C{GET
+URL/v1/exchange}) unless C{--exchange-key} pins it: the farm then lets in
+the nodes the exchange certified without their keys (L{privox.farm.vouching}).
+
 C{--public} names the client endpoints API servers and nodes should dial
 (C{tcp:host=farm.example.org:port=1776}, or C{tls:...}; C{none} for a service
 the farm does not offer): what the farm listens on may be behind a NAT or
@@ -21,6 +25,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
 from privox.directory import REFRESH
+from privox.farm.vouching import Vouching
+from privox.identity import IdentityError, exchangePublicKey, fingerprint, publicBytes
 from privox.keys import webReason, withoutSecrets
 from privox.periodic import Periodic
 
@@ -62,10 +68,13 @@ class Registration(Periodic):
         http: Any = treq,
         refresh: float = REFRESH,
         producers: Callable[[], dict[str, dict[str, int]]] = dict,
+        vouching: Vouching | None = None,
     ) -> None:
         """
         @param producers: the farm's producers per service and model now,
             which the directory shows nodes choosing a farm.
+        @param vouching: where the farm keeps the exchange's key; one
+            without it is read from the exchange first.
         """
         super().__init__(clock, refresh, self._register)
         self.target = url.rstrip("/") + "/v1/farms"
@@ -74,8 +83,13 @@ class Registration(Periodic):
         self.body = {"name": name, "stt": public[0], "tts": public[1]}
         self.producers = producers
         self.http = http
+        self.vouching = vouching
+        self.keyURL = url.rstrip("/") + "/v1/exchange"
 
     async def _register(self) -> None:
+        if self.vouching is not None and self.vouching.exchange is None:
+            if not await self._readExchangeKey():
+                return
         d = Deferred.fromCoroutine(self._post())
         d.addTimeout(REQUEST_TIMEOUT, self.clock)
         try:
@@ -96,6 +110,34 @@ class Registration(Periodic):
         message = " ".join(message.split())[:300]
         self.say(f"the exchange at {self.where} refused this farm: HTTP {code}"
                  + (f": {message}" if message else ""))
+
+    async def _readExchangeKey(self) -> bool:
+        assert self.vouching is not None
+        d = Deferred.fromCoroutine(self._get())
+        d.addTimeout(REQUEST_TIMEOUT, self.clock)
+        try:
+            code, body = await d
+            if code != 200:
+                raise ValueError(f"HTTP {code}")
+            key = exchangePublicKey(str(json.loads(body)["key"]))
+        except (IdentityError, ValueError, KeyError, TypeError) as e:
+            self.say(f"the exchange at {self.where} gave no key it could sign with ({e})")
+            return False
+        except Exception as e:
+            self.say(f"cannot reach the exchange at {self.where} ({webReason(e)}); trying again")
+            return False
+        self.vouching.exchange = key
+        self.log.info(
+            "the exchange at {where} signs with key {fingerprint}: its certified nodes"
+            " join without their keys",
+            where=self.where,
+            fingerprint=fingerprint(publicBytes(key)),
+        )
+        return True
+
+    async def _get(self) -> tuple[int, bytes]:
+        response = await self.http.get(self.keyURL)
+        return response.code, await response.content()
 
     def _pace(self, body: bytes) -> None:
         """

@@ -17,14 +17,16 @@ from twisted.python import usage
 from privox.config import optionsFor
 from privox.farm.connection import FarmFactory
 from privox.farm.farm import Counters, Farm
-from privox.farm.ledger import Sink, ledgerFromSettings
+from privox.farm.ledger import Sink, ledgerFromSettings, ledgerTarget
 from privox.farm.observe import farmStatus, instrumentFarm, producerCounts
 from privox.farm.pvx1 import Aliases
 from privox.farm.registration import Registration, parsePublic
 from privox.farm.settings import FarmSettings
 from privox.farm.splice import splicerFor
+from privox.farm.vouching import Vouching
 from privox.daemon import ListenService
 from privox.fdlimit import OpenFileLimitService
+from privox.identity import IdentityError, exchangePublicKey
 from privox.keys import KeyPolicyError, policyFromSpec
 from privox.metrics import CollectorRegistry, metricsSite
 
@@ -63,7 +65,7 @@ class Options(_BaseOptions):  # type: ignore[misc,valid-type]
         if s.ledger.lower().startswith(("http://", "https://")) and not s.api_key:
             raise usage.UsageError("an http(s) --ledger needs --api-key (the farm's key)")
         if not s.ledger:
-            raise usage.UsageError("--ledger must be 'none', a file path or an http(s) URL")
+            raise usage.UsageError("--ledger must be 'none', 'exchange', a file path or an http(s) URL")
         if s.exchange != "none":
             if not s.exchange.startswith(("http://", "https://")):
                 raise usage.UsageError("--exchange must be the API's http(s) base URL, or 'none'")
@@ -73,6 +75,13 @@ class Options(_BaseOptions):  # type: ignore[misc,valid-type]
                 parsePublic(s.public)
             except ValueError as e:
                 raise usage.UsageError(str(e))
+        if s.exchange_key:
+            if s.exchange == "none":
+                raise usage.UsageError("--exchange-key is the key of the --exchange this farm joins")
+            try:
+                exchangePublicKey(s.exchange_key)
+            except IdentityError as e:
+                raise usage.UsageError(f"--exchange-key is {e}")
 
 
 class FarmService(Service):
@@ -144,9 +153,20 @@ def buildFarm(settings: FarmSettings, reactor: Any, ledger: Sink | None = None) 
             ledger=ledger,
             splicer=None if _allTLS(settings) else splicerFor(settings.splice_min, reactor),
             runInThread=partial(deferToThreadPool, reactor, reactor.getThreadPool()),
+            vouching=vouchingFor(settings),
         )
     except KeyPolicyError as e:
         raise usage.UsageError(str(e))
+
+
+def vouchingFor(settings: FarmSettings) -> Vouching | None:
+    """
+    A farm that joins an exchange lets in the nodes it vouches for: by the
+    pinned key, or by the one it reads there before registering.
+    """
+    if settings.exchange == "none":
+        return None
+    return Vouching(exchangePublicKey(settings.exchange_key) if settings.exchange_key else None)
 
 
 def buildLedger(settings: FarmSettings, reactor: Any) -> Sink | None:
@@ -154,7 +174,7 @@ def buildLedger(settings: FarmSettings, reactor: Any) -> Sink | None:
     The farm's ledger sink (None for 'none'), writing files in the reactor's
     thread pool.
     """
-    if settings.ledger == "none":
+    if ledgerTarget(settings) == "none":
         return None
 
     def runner(f: Any, *args: Any) -> Deferred[Any]:
@@ -191,7 +211,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         # Last: once the ports listen; stopped first.
         Registration(
             settings.exchange, settings.api_key, settings.name, parsePublic(settings.public),
-            reactor, producers=lambda: producerCounts(farm),
+            reactor, producers=lambda: producerCounts(farm), vouching=farm.vouching,
         ).setServiceParent(top)
     return top
 

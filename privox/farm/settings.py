@@ -128,9 +128,10 @@ class FarmSettings:
         "count jobs either way.",
     )
     ledger: str = setting(
-        "none",
+        "exchange",
         "Where the farm records one transaction per job: 'none', a JSON-lines "
-        "file path, or the http(s) URL of an API's /v1/ledger.",
+        "file path, the http(s) URL of an API's /v1/ledger, or 'exchange': the "
+        "/v1/ledger of the --exchange it joins (none if it joins none).",
     )
     ledger_spool: str = setting(
         "privox-farm-ledger.spool",
@@ -146,6 +147,12 @@ class FarmSettings:
         "With --exchange: 'STT-ENDPOINT TTS-ENDPOINT', the client endpoints API servers "
         "and nodes dial to reach this farm (tcp:host=HOST:port=PORT or tls:...; 'none' "
         "for a service it does not offer).",
+    )
+    exchange_key: str = setting(
+        "",
+        "With --exchange: the exchange's public key (GET EXCHANGE/v1/exchange), pinned; "
+        "empty: read from the exchange before registering (its fingerprint is logged). "
+        "Nodes that name no key are let in by its certificate.",
     )
     api_key: str = dataclasses.field(
         default="",

@@ -39,6 +39,7 @@ from privox.identity import (
     ConnectionOffer,
     IdentityError,
     encodeKey,
+    fingerprint,
     loadOrCreateKey,
     publicBytes,
 )
@@ -84,14 +85,6 @@ class EnrolmentFailed(Exception):
     No certificate this time (an error, an answer that is not one): try
     again.
     """
-
-
-def fingerprint(public: bytes) -> str:
-    """
-    A public key, short enough for a log line: the first 16 characters of
-    its base64.
-    """
-    return encodeKey(public)[:16]
 
 
 def loadIdentity(stateDir: str) -> tuple[Ed25519PrivateKey, bool]:
@@ -360,7 +353,7 @@ class Enrolment(Service):
             " {hours:.1f} h, renewed in {renewal:.0f} s",
             node=self.fingerprint,
             where=self.where,
-            account=certificate.account,
+            account=certificate.account[:12],
             hours=(certificate.expires - now) / 3600,
             renewal=renewal,
         )

@@ -162,11 +162,8 @@ class Options(_BaseOptions):  # type: ignore[misc,valid-type]
         if s.exchange_key:
             try:
                 exchangePublicKey(s.exchange_key)
-            except (IdentityError, ValueError):
-                raise usage.UsageError(
-                    "--exchange-key is not an exchange's public key (43 characters of"
-                    " unpadded URL-safe base64)"
-                )
+            except IdentityError as e:
+                raise usage.UsageError(f"--exchange-key is {e}")
         if not s.state_dir.strip():
             raise usage.UsageError("--state-dir must name a directory")
 
@@ -231,9 +228,16 @@ class Slot:
         reactor: Any,
         ca: TrustRoot | None = None,
         sealer: Sealer | None = None,
+        key: str | None = None,
     ) -> None:
+        """
+        @param key: what its HELO names: the node's key (by default), or
+            C{""} on farms from the directory, which learn the node's
+            account from its certificate instead (privox.farm.vouching).
+        """
         self.service = service
         self._sealer = sealer
+        self._key = settings.key if key is None else key
         self._handler = handler
         self._settings = settings
         self._reactor = reactor
@@ -291,7 +295,7 @@ class Slot:
     def _newProtocol(self) -> ProducerProtocol:
         protocol = ProducerProtocol(
             self.service,
-            self._settings.key,
+            self._key,
             self._handler,
             sealer=self._sealer,
         )
@@ -442,11 +446,17 @@ class NodeService(Service):
         that nodes spread over the farms that need them), the farms this
         node's other slots prefer (C{taken}) last.
         """
-        configured = self.settings.stt_farm if service == "stt" else self.settings.tts_farm
+        configured = self._named(service)
         if configured or self.finder is None or self.finder.directory is None:
             return configured
         drawn = self.finder.directory.byNeed(service, self._handlers[service].models, self._rng)
         return tuple(sorted(drawn, key=lambda farm: farm in taken))
+
+    def _named(self, service: str) -> tuple[str, ...]:
+        """
+        The farms given for C{service} by hand (C{--stt-farm}, C{--tts-farm}).
+        """
+        return tuple(self.settings.stt_farm if service == "stt" else self.settings.tts_farm)
 
     def _placeSlots(self, service: str) -> None:
         """
@@ -477,8 +487,10 @@ class NodeService(Service):
         for _ in range(self.settings.slots):
             preferred = self._farmsFor(service, taken)
             taken.update(preferred[:1])
+            # A stranger's farm from the directory never sees the key.
+            key = None if self._named(service) else ""
             slot = Slot(service, preferred, handler, self.settings, self._reactor, self._ca,
-                        self.sealer)
+                        self.sealer, key)
             self.slots.append(slot)
             slot.client.startService()
 

@@ -1,0 +1,217 @@
+"""
+A farm that joined an exchange lets in the nodes the exchange certified
+without their keys (privox.farm.vouching), on in-memory transports; and a
+farm that joins reads the exchange's key before it registers.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from twisted.internet.task import Clock
+from twisted.python.usage import UsageError
+from twisted.trial.unittest import SynchronousTestCase
+from treq.testing import StubTreq
+from twisted.web.resource import Resource
+from twisted.web.static import Data
+
+from privox.farm.registration import Registration
+from privox.farm.service import Options as FarmOptions, vouchingFor
+from privox.farm.vouching import Vouching
+from privox.identity import Certificate, ConnectionOffer, encodeKey, publicBytes
+from privox.keys import accountId
+from privox.node.echo import DigestHandler
+from privox.node.worker import ProducerProtocol
+from tests.farmharness import FarmHarness, ManualPolicy
+
+NODE_KEY = "pvx_the-nodes-own-key"
+
+
+class Node:
+    def __init__(self, exchange: Ed25519PrivateKey, now: float, account: str = accountId(NODE_KEY),
+                 lifetime: float = 86400.0) -> None:
+        self.identity = Ed25519PrivateKey.generate()
+        self.certificate = Certificate.issue(
+            exchange, publicBytes(self.identity.public_key()), account, now, lifetime
+        )
+
+    def offer(self) -> Any:
+        return ConnectionOffer.make(self.identity, self.certificate)
+
+
+class VouchedProducerTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.exchange = Ed25519PrivateKey.generate()
+        self.keys = ManualPolicy()
+        self.h = FarmHarness(producerKeys=self.keys)
+        self.h.clock.advance(1_000_000)
+        self.h.farm.vouching = Vouching(self.exchange.public_key())
+
+    def hello(self, node: Node | None, key: str = "") -> Any:
+        peer = self.h.peer()
+        fields: dict[str, Any] = {"protocol": 2, "role": "producer", "service": "stt",
+                                  "key": key, "models": ["*"]}
+        if node is not None:
+            fields["seal"] = node.offer()[1].fields()
+        peer.send(b"HELO", fields)
+        return peer
+
+    def assertDenied(self, peer: Any, why: str) -> None:
+        [(verb, body)] = peer.messages()
+        self.assertEqual((verb, body["error"]), ("DENY", "unauthorized"))
+        self.assertIn(why, body["message"])
+        self.assertTrue(peer.closed)
+
+    def test_certifiedNodeNamesNoKey(self) -> None:
+        """
+        A node that names no key is let in by its certificate, without the
+        key policy, and its session is the certificate's account.
+        """
+        peer = self.hello(Node(self.exchange, self.h.clock.seconds()))
+        [(verb, _)] = peer.messages()
+        self.assertEqual(verb, "OKAY")
+        self.assertEqual(self.keys.pending, [])
+        session = peer.protocol.session
+        self.assertEqual((session.accountId, session.keyId),
+                         (accountId(NODE_KEY), accountId(NODE_KEY)[:12]))
+
+    def test_refused(self) -> None:
+        """
+        Another exchange's certificate, an expired one, one whose
+        connection key its node did not sign, one that names a key id
+        rather than an account, and no offer at all: each is refused,
+        saying why.
+        """
+        now = self.h.clock.seconds()
+        other = Node(Ed25519PrivateKey.generate(), now)
+        self.assertDenied(self.hello(other), "certificate not signed by this exchange")
+        expired = Node(self.exchange, now - 100, lifetime=50)
+        self.assertDenied(self.hello(expired), "certificate expired")
+        old = Node(self.exchange, now, account=accountId(NODE_KEY)[:12])
+        self.assertDenied(self.hello(old), "names no account id")
+        self.assertDenied(self.hello(None), "must offer its exchange certificate")
+        swapped = Node(self.exchange, now)
+        peer = self.h.peer()
+        _, offer = ConnectionOffer.make(Ed25519PrivateKey.generate(), swapped.certificate)
+        peer.send(b"HELO", {"protocol": 2, "role": "producer", "service": "stt", "key": "",
+                            "models": ["*"], "seal": offer.fields()})
+        self.assertDenied(peer, "connection key not signed by the certified node")
+        self.assertEqual(self.keys.pending, [])
+        self.assertEqual(self.h.farm.dispatchers["stt"].producerCount(), 0)
+
+    def test_keyBeforeItsExchangeKey(self) -> None:
+        """
+        Until the farm knows its exchange's key, a keyless node is refused
+        (and tries again later).
+        """
+        self.h.farm.vouching = Vouching()
+        peer = self.hello(Node(self.exchange, self.h.clock.seconds()))
+        self.assertDenied(peer, "does not know its exchange's key yet")
+
+    def test_namedKeysStillGoToThePolicy(self) -> None:
+        """
+        A producer that names a key is checked by the key policy, as on any
+        farm, certificate or not; so is a keyless one on a farm that joined
+        no exchange.
+        """
+        self.hello(Node(self.exchange, self.h.clock.seconds()), key=NODE_KEY)
+        self.hello(None, key="hand-given")
+        self.h.farm.vouching = None
+        self.hello(Node(self.exchange, self.h.clock.seconds()))
+        self.assertEqual([k for k, _ in self.keys.pending], [NODE_KEY, "hand-given", ""])
+
+
+class DirectorySlotTests(SynchronousTestCase):
+    def test_helloNamesNoKey(self) -> None:
+        """
+        The HELO a slot on a farm from the directory sends carries the
+        node's certificate and no key.
+        """
+        node = Node(Ed25519PrivateKey.generate(), 0.0)
+
+        class Sealer:
+            def offer(self) -> Any:
+                return node.offer()
+
+        protocol = ProducerProtocol("stt", "", DigestHandler(("digest:x",)), sealer=Sealer())
+        hello = protocol.hello.payload()
+        self.assertEqual(hello["key"], "")
+        self.assertEqual(hello["seal"]["certificate"], node.certificate.text)
+
+
+class ExchangeKeyTests(SynchronousTestCase):
+    def registration(self, published: bytes, vouching: Vouching) -> tuple[Registration, list[Any]]:
+        posted: list[Any] = []
+
+        class Farms(Resource):
+            isLeaf = True
+
+            def render_POST(self, request: Any) -> bytes:
+                posted.append(json.loads(request.content.read()))
+                return b'{"listed": true}'
+
+        root = Resource()
+        v1 = Resource()
+        root.putChild(b"v1", v1)
+        v1.putChild(b"exchange", Data(published, "application/json"))
+        v1.putChild(b"farms", Farms())
+        registration = Registration(
+            "http://exchange.test", "farm-key", "volunteer", ("tcp:host=farm.test:port=1", None),
+            Clock(), http=StubTreq(root), vouching=vouching,
+        )
+        return registration, posted
+
+    def test_readBeforeRegistering(self) -> None:
+        exchange = Ed25519PrivateKey.generate()
+        vouching = Vouching()
+        text = encodeKey(publicBytes(exchange.public_key()))
+        registration, posted = self.registration(json.dumps({"key": text}).encode(), vouching)
+        registration.startService()
+        registration.clock.advance(0)
+        self.assertEqual(publicBytes(vouching.exchange), publicBytes(exchange.public_key()))
+        self.assertEqual(len(posted), 1)
+        registration.stopService()
+
+    def test_noKeyNoRegistration(self) -> None:
+        """
+        An exchange that publishes no usable key gets no registration: a
+        farm listed there could let in none of its nodes.
+        """
+        vouching = Vouching()
+        registration, posted = self.registration(b'{"key": "not a key"}', vouching)
+        registration.startService()
+        registration.clock.advance(0)
+        self.assertIsNone(vouching.exchange)
+        self.assertEqual(posted, [])
+        registration.stopService()
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+
+class FarmOptionsTests(SynchronousTestCase):
+    JOIN = ("--exchange", "https://api.example.org", "--api-key", "farm-key",
+            "--public", "tcp:host=farm.example.org:port=1776 none")
+
+    def parse(self, *args: str) -> Any:
+        options = FarmOptions()
+        options.parseOptions(list(args))
+        return options.settings
+
+    def test_pinned(self) -> None:
+        exchange = Ed25519PrivateKey.generate().public_key()
+        settings = self.parse(*self.JOIN, "--exchange-key", encodeKey(publicBytes(exchange)))
+        vouching = vouchingFor(settings)
+        assert vouching is not None and vouching.exchange is not None
+        self.assertEqual(publicBytes(vouching.exchange), publicBytes(exchange))
+        # Not pinned: read from the exchange later. Not joined: none.
+        self.assertIsNone(vouchingFor(self.parse(*self.JOIN)).exchange)  # type: ignore[union-attr]
+        self.assertIsNone(vouchingFor(self.parse()))
+
+    def test_refused(self) -> None:
+        e = self.assertRaises(UsageError, self.parse, *self.JOIN, "--exchange-key", "nonsense")
+        self.assertEqual(str(e), "--exchange-key is not an exchange's public key"
+                                 " (43 characters of unpadded URL-safe base64)")
+        key = encodeKey(publicBytes(Ed25519PrivateKey.generate().public_key()))
+        e = self.assertRaises(UsageError, self.parse, "--exchange-key", key)
+        self.assertIn("the key of the --exchange this farm joins", str(e))

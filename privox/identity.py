@@ -13,6 +13,10 @@ Who a node is, vouched for by the exchange rather than by any farm.
     checks both signatures against the pinned exchange key before it seals
     anything for that node (L{privox.sealing}): a farm cannot put a key of
     its own in their place.
+  - Farms that joined the exchange by themselves (strangers' machines) are
+    shown no key: a node names none there and is let in by its
+    certificate, and the API shows a L{ConsumerPass} the exchange signed
+    for that farm alone (privox.farm.vouching).
 
 Keys travel as unpadded URL-safe base64; a certificate is the base64 of its
 JSON body, a dot, and the base64 of the exchange's signature of that body.
@@ -37,9 +41,14 @@ CERTIFICATE_LIFETIME = 24 * 3600.0
 CLOCK_SKEW = 300.0
 #: What a node's identity signs, before its connection key.
 _OFFER_CONTEXT = b"privox connection key v1\x00"
-_CERTIFICATE_VERSION = 1
 #: The longest certificate text accepted (a HELO field).
 MAX_CERTIFICATE = 1024
+#: How long a consumer pass is good for (an API makes one per connection).
+PASS_LIFETIME = 3600.0
+#: What a consumer's HELO key starts with when it is a pass.
+PASS_PREFIX = "pass:"
+#: What the exchange signs, before a pass's body (never a certificate's).
+_PASS_CONTEXT = b"privox consumer pass v1\x00"
 
 
 class IdentityError(ValueError):
@@ -120,11 +129,53 @@ def loadOrCreateKey(path: str) -> Ed25519PrivateKey:
         raise IdentityError(f"{path} holds no Ed25519 key") from None
 
 
+def _signed(exchange: Ed25519PrivateKey, fields: dict[str, Any], context: bytes) -> str:
+    """
+    C{fields} as JSON, signed by the exchange after C{context}: the base64
+    of the body, a dot, the base64 of the signature.
+    """
+    body = json.dumps(fields, separators=(",", ":"), sort_keys=True).encode()
+    return encodeKey(body) + "." + encodeKey(exchange.sign(context + body))
+
+
+def _opened(
+    text: Any, exchange: Ed25519PublicKey, context: bytes, what: str, now: float
+) -> tuple[dict[str, Any], float, float]:
+    """
+    The fields of a L{_signed} C{text} (a C{what}) of version 1 that names an
+    account, with its times, if the exchange signed it and it is good at
+    C{now}.
+
+    @raise IdentityError: it is not.
+    """
+    if not isinstance(text, str) or len(text) > MAX_CERTIFICATE or text.count(".") != 1:
+        raise IdentityError(f"malformed {what}")
+    bodyText, signatureText = text.split(".")
+    body = _decodeBlob(bodyText, what)
+    try:
+        exchange.verify(decodeKey(signatureText, 64), context + body)
+    except InvalidSignature:
+        raise IdentityError(f"{what} not signed by this exchange") from None
+    try:
+        fields = json.loads(body)
+        issued, expires = float(fields["issued"]), float(fields["expires"])
+    except (ValueError, KeyError, TypeError):
+        raise IdentityError(f"malformed {what}") from None
+    if fields.get("v") != 1 or not isinstance(fields.get("account"), str):
+        raise IdentityError(f"malformed {what}")
+    if now >= expires:
+        raise IdentityError(f"{what} expired")
+    if issued > now + CLOCK_SKEW:
+        raise IdentityError(f"{what} issued in the future")
+    return fields, issued, expires
+
+
 @dataclass(frozen=True)
 class Certificate:
     """
     The exchange's word that C{identity} (an Ed25519 public key) is a node
-    of the account C{account} (a key id), from C{issued} until C{expires}.
+    of the account C{account} (an account id), from C{issued} until
+    C{expires}.
     """
 
     identity: bytes
@@ -142,19 +193,10 @@ class Certificate:
         now: float,
         lifetime: float = CERTIFICATE_LIFETIME,
     ) -> Certificate:
-        body = json.dumps(
-            {
-                "v": _CERTIFICATE_VERSION,
-                "identity": encodeKey(identity),
-                "account": account,
-                "issued": round(now, 3),
-                "expires": round(now + lifetime, 3),
-            },
-            separators=(",", ":"),
-            sort_keys=True,
-        ).encode()
-        text = encodeKey(body) + "." + encodeKey(exchange.sign(body))
-        return cls(identity, account, round(now, 3), round(now + lifetime, 3), text)
+        issued, expires = round(now, 3), round(now + lifetime, 3)
+        fields = {"v": 1, "identity": encodeKey(identity), "account": account,
+                  "issued": issued, "expires": expires}
+        return cls(identity, account, issued, expires, _signed(exchange, fields, b""))
 
     @classmethod
     def verify(cls, text: Any, exchange: Ed25519PublicKey, now: float) -> Certificate:
@@ -164,34 +206,62 @@ class Certificate:
 
         @raise IdentityError: it is not.
         """
-        if not isinstance(text, str) or len(text) > MAX_CERTIFICATE or text.count(".") != 1:
-            raise IdentityError("malformed certificate")
-        bodyText, signatureText = text.split(".")
-        body = _decodeBlob(bodyText)
+        fields, issued, expires = _opened(text, exchange, b"", "certificate", now)
         try:
-            exchange.verify(decodeKey(signatureText, 64), body)
-        except InvalidSignature:
-            raise IdentityError("certificate not signed by this exchange") from None
-        try:
-            fields = json.loads(body)
-            identity = decodeKey(fields["identity"])
-            account, issued, expires = fields["account"], float(fields["issued"]), float(fields["expires"])
-        except (ValueError, KeyError, TypeError):
+            identity = decodeKey(fields.get("identity"))
+        except IdentityError:
             raise IdentityError("malformed certificate") from None
-        if fields.get("v") != _CERTIFICATE_VERSION or not isinstance(account, str):
-            raise IdentityError("malformed certificate")
-        if now >= expires:
-            raise IdentityError("certificate expired")
-        if issued > now + CLOCK_SKEW:
-            raise IdentityError("certificate issued in the future")
-        return cls(identity, account, issued, expires, text)
+        return cls(identity, fields["account"], issued, expires, text)
 
 
-def _decodeBlob(text: str) -> bytes:
+@dataclass(frozen=True)
+class ConsumerPass:
+    """
+    The exchange's word that whoever shows it is the exchange's API (of
+    account C{account}), at the farm of key id C{farm} only, from C{issued}
+    until C{expires}: a farm that joined the exchange takes it in place of a
+    consumer key, so the API's key never reaches a stranger's farm, and a
+    farm cannot use the pass anywhere else.
+    """
+
+    farm: str
+    account: str
+    issued: float
+    expires: float
+    text: str
+
+    @classmethod
+    def issue(
+        cls,
+        exchange: Ed25519PrivateKey,
+        farm: str,
+        account: str,
+        now: float,
+        lifetime: float = PASS_LIFETIME,
+    ) -> ConsumerPass:
+        issued, expires = round(now, 3), round(now + lifetime, 3)
+        fields = {"v": 1, "farm": farm, "account": account, "issued": issued, "expires": expires}
+        return cls(farm, account, issued, expires, _signed(exchange, fields, _PASS_CONTEXT))
+
+    @classmethod
+    def verify(cls, text: str, exchange: Ed25519PublicKey, farm: str, now: float) -> ConsumerPass:
+        """
+        The pass C{text}, if the exchange signed it for C{farm} and it is
+        good at C{now}.
+
+        @raise IdentityError: it is not.
+        """
+        fields, issued, expires = _opened(text, exchange, _PASS_CONTEXT, "pass", now)
+        if fields.get("farm") != farm:
+            raise IdentityError("the pass is for another farm")
+        return cls(farm, fields["account"], issued, expires, text)
+
+
+def _decodeBlob(text: str, what: str = "certificate") -> bytes:
     try:
         return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
     except ValueError:
-        raise IdentityError("malformed certificate") from None
+        raise IdentityError(f"malformed {what}") from None
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from twisted.web.server import Site
 from twisted.web.static import Data
 from treq.client import HTTPClient
 
+from privox.consumer import ConsumerProtocol
 from privox.directory import Directory, ListedFarm
 from privox.engines.digest import digestOf
 from privox.framing import FrameDecoder
@@ -34,6 +35,7 @@ from privox.identity import encodeKey, exchangePublicKey, publicBytes
 from privox.messages import GREETING, Okay, controlFrame
 from privox.node.echo import DigestHandler
 from privox.node.worker import ProducerProtocol
+from privox.peer import Denied
 from privox.wav import pcmToWav
 from tests.support import until
 from tests.test_cli import privox
@@ -97,6 +99,7 @@ class OpenExchangeTests(ProcessTestCase):
         root = FilePath(os.path.abspath(self.mktemp()))
         root.makedirs()
         self.dsn = "sqlite:" + root.child("accounts.sqlite3").path
+        self.apiKey = await self.key("user")
         [port] = freePorts(1)
         self.url = f"http://127.0.0.1:{port}"
         api = self.spawn(
@@ -106,6 +109,8 @@ class OpenExchangeTests(ProcessTestCase):
             # Loopback farms may join (a private network), checked every second.
             "--farm-registration", "any", "--farm-refresh", "1",
             "--stt-model", "fast digest:x digest:x",
+            # Its consumer key: only the farms of its own configuration see it.
+            "--farm-key", self.apiKey,
         )
         await api.waitFor(b"starting on %d" % port)
         self.http = HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
@@ -176,6 +181,16 @@ class OpenExchangeTests(ProcessTestCase):
 
         await until(credited, "the node's credit", 30, every=0.2)
 
+        # The farms were shown no consumer key either (the API shows each a
+        # pass the exchange signed for it alone), and take no one else's: a
+        # user dialing a farm straight, to skip the exchange's quotas, is
+        # refused.
+        direct = ConsumerProtocol("stt", userKey)
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", secondStt), direct)
+        denied = await self.assertFailure(direct.ready, Denied)
+        self.assertEqual(denied.code, "unauthorized")
+        self.assertIn("only its exchange's API", denied.message)
+
         # One farm stops: it leaves the directory, and jobs keep flowing.
         await first.stop()
         await api.waitFor(b"farm first left the directory")
@@ -209,6 +224,7 @@ class OpenExchangeTests(ProcessTestCase):
         # Nothing of the jobs' content or the farms' keys in the logs.
         for output in (api.output, node.output, second.output):
             self.assertNotIn(userKey.encode(), output)
+            self.assertNotIn(self.apiKey.encode(), output)
 
     async def test_nodeRefusesAForgedDirectory(self) -> None:
         """

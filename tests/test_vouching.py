@@ -10,6 +10,7 @@ import json
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from twisted.internet import reactor
 from twisted.internet.task import Clock
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
@@ -18,15 +19,25 @@ from twisted.web.resource import Resource
 from twisted.web.static import Data
 
 from privox.farm.registration import Registration
-from privox.farm.service import Options as FarmOptions, vouchingFor
-from privox.farm.vouching import Vouching
-from privox.identity import Certificate, ConnectionOffer, encodeKey, publicBytes
-from privox.keys import accountId
+from privox.farm.service import Options as FarmOptions, buildFarm, vouchingFor
+from privox.farm.vouching import ExchangeOnly, Vouching
+from privox.identity import (
+    PASS_PREFIX,
+    Certificate,
+    ConnectionOffer,
+    ConsumerPass,
+    encodeKey,
+    publicBytes,
+)
+from privox.keys import OpenPolicy, accountId, keyId
 from privox.node.echo import DigestHandler
 from privox.node.worker import ProducerProtocol
 from tests.farmharness import FarmHarness, ManualPolicy
 
 NODE_KEY = "pvx_the-nodes-own-key"
+API_KEY = "pvx_the-apis-own-key"
+#: The farm's key id at its exchange.
+FARM = keyId("the-farms-key")
 
 
 class Node:
@@ -47,7 +58,7 @@ class VouchedProducerTests(SynchronousTestCase):
         self.keys = ManualPolicy()
         self.h = FarmHarness(producerKeys=self.keys)
         self.h.clock.advance(1_000_000)
-        self.h.farm.vouching = Vouching(self.exchange.public_key())
+        self.h.farm.vouching = Vouching(FARM, self.exchange.public_key())
 
     def hello(self, node: Node | None, key: str = "") -> Any:
         peer = self.h.peer()
@@ -90,7 +101,7 @@ class VouchedProducerTests(SynchronousTestCase):
         expired = Node(self.exchange, now - 100, lifetime=50)
         self.assertDenied(self.hello(expired), "certificate expired")
         old = Node(self.exchange, now, account=accountId(NODE_KEY)[:12])
-        self.assertDenied(self.hello(old), "names no account id")
+        self.assertDenied(self.hello(old), "certificate refused: it names no account id")
         self.assertDenied(self.hello(None), "must offer its exchange certificate")
         swapped = Node(self.exchange, now)
         peer = self.h.peer()
@@ -106,7 +117,7 @@ class VouchedProducerTests(SynchronousTestCase):
         Until the farm knows its exchange's key, a keyless node is refused
         (and tries again later).
         """
-        self.h.farm.vouching = Vouching()
+        self.h.farm.vouching = Vouching(FARM)
         peer = self.hello(Node(self.exchange, self.h.clock.seconds()))
         self.assertDenied(peer, "does not know its exchange's key yet")
 
@@ -121,6 +132,76 @@ class VouchedProducerTests(SynchronousTestCase):
         self.h.farm.vouching = None
         self.hello(Node(self.exchange, self.h.clock.seconds()))
         self.assertEqual([k for k, _ in self.keys.pending], [NODE_KEY, "hand-given", ""])
+
+
+class ConsumerPassTests(SynchronousTestCase):
+    """
+    The exchange's API names a pass the exchange signed for this farm, in
+    place of its key.
+    """
+
+    def setUp(self) -> None:
+        self.exchange = Ed25519PrivateKey.generate()
+        self.keys = ManualPolicy()
+        self.h = FarmHarness(consumerKeys=self.keys)
+        self.h.clock.advance(1_000_000)
+        self.h.farm.vouching = Vouching(FARM, self.exchange.public_key())
+
+    def hello(self, key: str) -> Any:
+        peer = self.h.peer()
+        peer.send(b"HELO", {"protocol": 2, "role": "consumer", "service": "stt", "key": key})
+        return peer
+
+    def passFor(self, farm: str = FARM, signer: Ed25519PrivateKey | None = None,
+                at: float | None = None, lifetime: float = 3600.0) -> str:
+        now = self.h.clock.seconds() if at is None else at
+        issued = ConsumerPass.issue(signer or self.exchange, farm, accountId(API_KEY), now, lifetime)
+        return PASS_PREFIX + issued.text
+
+    def test_letIn(self) -> None:
+        """
+        The API's pass lets it in, as its account, without the key policy.
+        """
+        peer = self.hello(self.passFor())
+        [(verb, _)] = peer.messages()
+        self.assertEqual(verb, "OKAY")
+        self.assertEqual(peer.protocol.session.accountId, accountId(API_KEY))
+        self.assertEqual(self.keys.pending, [])
+
+    def test_refused(self) -> None:
+        """
+        A pass for another farm (the one it was shown, replayed here),
+        another exchange's, an expired one, one from the future, or a
+        node's certificate passed off as one: each refused, saying why.
+        """
+        now = self.h.clock.seconds()
+        node = Node(self.exchange, now)
+        for key, why in (
+            (self.passFor(farm=keyId("another-farm")), "pass refused: the pass is for another farm"),
+            (self.passFor(signer=Ed25519PrivateKey.generate()), "pass not signed by this exchange"),
+            (self.passFor(at=now - 100, lifetime=50), "pass expired"),
+            (self.passFor(at=now + 3600), "pass issued in the future"),
+            (PASS_PREFIX + node.certificate.text, "pass not signed by this exchange"),
+            (PASS_PREFIX + "nonsense", "malformed pass"),
+        ):
+            peer = self.hello(key)
+            [(verb, body)] = peer.messages()
+            self.assertEqual((verb, body["error"]), ("DENY", "unauthorized"))
+            self.assertIn(why, body["message"])
+        self.assertEqual(self.keys.pending, [])
+
+    def test_exchangeOnly(self) -> None:
+        """
+        With the default policy (C{exchange}), a farm that joined lets in no
+        key, and says so.
+        """
+        self.h.farm._keyPolicies["consumer"] = ExchangeOnly()
+        peer = self.hello(API_KEY)
+        [(verb, body)] = peer.messages()
+        self.assertEqual((verb, body["error"]), ("DENY", "unauthorized"))
+        self.assertIn("only its exchange's API (by pass)", body["message"])
+        [(verb, _)] = self.hello(self.passFor()).messages()
+        self.assertEqual(verb, "OKAY")
 
 
 class DirectorySlotTests(SynchronousTestCase):
@@ -165,7 +246,7 @@ class ExchangeKeyTests(SynchronousTestCase):
 
     def test_readBeforeRegistering(self) -> None:
         exchange = Ed25519PrivateKey.generate()
-        vouching = Vouching()
+        vouching = Vouching(FARM)
         text = encodeKey(publicBytes(exchange.public_key()))
         registration, posted = self.registration(json.dumps({"key": text}).encode(), vouching)
         registration.startService()
@@ -179,7 +260,7 @@ class ExchangeKeyTests(SynchronousTestCase):
         An exchange that publishes no usable key gets no registration: a
         farm listed there could let in none of its nodes.
         """
-        vouching = Vouching()
+        vouching = Vouching(FARM)
         registration, posted = self.registration(b'{"key": "not a key"}', vouching)
         registration.startService()
         registration.clock.advance(0)
@@ -215,3 +296,17 @@ class FarmOptionsTests(SynchronousTestCase):
         key = encodeKey(publicBytes(Ed25519PrivateKey.generate().public_key()))
         e = self.assertRaises(UsageError, self.parse, "--exchange-key", key)
         self.assertIn("the key of the --exchange this farm joins", str(e))
+
+    def test_defaultPolicies(self) -> None:
+        """
+        C{exchange}, the default: a farm that joins one lets in no key; one
+        that joins none is open.
+        """
+        joined = buildFarm(self.parse(*self.JOIN), reactor)
+        alone = buildFarm(self.parse(), reactor)
+        for role in ("producer", "consumer"):
+            self.assertIsInstance(joined.keyPolicy(role), ExchangeOnly)
+            self.assertIsInstance(alone.keyPolicy(role), OpenPolicy)
+        self.assertIsNone(alone.vouching)
+        assert joined.vouching is not None
+        self.assertEqual(joined.vouching.farm, keyId("farm-key"))

@@ -30,7 +30,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Awaitable, Callable
 
 from twisted.internet.defer import Deferred, DeferredSemaphore, gatherResults
@@ -80,10 +80,12 @@ class ProbeFailed(Exception):
 Probe = Callable[[FarmEntry], Awaitable[float]]
 
 
-def farmProber(reactor: Any, key: str, ca: TrustRoot | None = None,
+def farmProber(reactor: Any, keyFor: Callable[[FarmEntry], str], ca: TrustRoot | None = None,
                timeout: float = PROBE_TIMEOUT, private: bool = False) -> Probe:
     """
-    A L{Probe} that dials each of a farm's ports as a consumer with C{key}.
+    A L{Probe} that dials each of a farm's ports as a consumer naming
+    C{keyFor(farm)} (L{privox.api.farms.FarmExchange.keyFor}: the pass a
+    farm that joined is shown).
 
     @param private: farms at private, loopback or link-local addresses may
         join too (a private exchange, tests); else such a farm fails its
@@ -92,6 +94,7 @@ def farmProber(reactor: Any, key: str, ca: TrustRoot | None = None,
 
     async def probe(entry: FarmEntry) -> float:
         slowest = 0.0
+        key = keyFor(entry)
         for service in SERVICES:
             endpoint = entry.endpoint(service)
             if endpoint is not None:
@@ -215,7 +218,7 @@ class FarmDirectory:
         @raise Conflict: the name is another farm's.
         @raise ApiError: the farm did not pass its probe (422).
         """
-        entry = _entry(fields)
+        entry = replace(_entry(fields), member=account)
         try:
             producers = readProducers(fields.get("producers"))
         except ValueError as e:
@@ -359,7 +362,7 @@ class FarmDirectory:
 
         async def take(row: dict[str, Any]) -> None:
             try:
-                entry = FarmEntry(row["name"], row["stt"], row["tts"])
+                entry = FarmEntry(row["name"], row["stt"], row["tts"], member=row["account"])
                 latency = await self.probe(entry)
             except (ProbeFailed, ValueError):
                 return  # the server it registered with decides whether it stays

@@ -37,6 +37,8 @@ class FarmEntry:
     @ivar status: http(s) URL of the farm's C{/status} (its
         C{--metrics-listen} endpoint), shown on the API's C{/status}; or
         C{None}.
+    @ivar member: the key id of a farm that joined by itself
+        (privox.api.farmdirectory): shown a pass, never the API's key.
     """
 
     name: str
@@ -45,6 +47,7 @@ class FarmEntry:
     weight: float = 1.0
     fallback: bool = False
     status: str | None = None
+    member: str | None = None
 
     def __post_init__(self) -> None:
         if not self.name:

@@ -14,6 +14,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import connectProtocol
 from twisted.internet.interfaces import IReactorTime
@@ -21,6 +22,8 @@ from twisted.python.failure import Failure
 
 from privox.api.farmhealth import FarmHealth
 from privox.consumer import ConsumerProtocol, Liveness
+from privox.identity import PASS_PREFIX, ConsumerPass
+from privox.keys import accountId
 from privox.tls import TrustRoot, clientEndpoint
 
 T = TypeVar("T")
@@ -48,6 +51,8 @@ class Dialing:
     @ivar connectTimeout: longest wait for a connection and its handshake.
     @ivar ca: trust root for C{tls:} endpoints naming none of their own.
     @ivar liveness: how long a farm may stay silent during a job.
+    @ivar exchange: the exchange's signing key, for the passes shown to
+        farms that joined by themselves; L{None}: they are shown C{key}.
     """
 
     reactor: Any
@@ -57,6 +62,18 @@ class Dialing:
     connectTimeout: float
     ca: TrustRoot | None
     liveness: Liveness | None
+    exchange: Ed25519PrivateKey | None = None
+
+    def keyFor(self, member: str | None) -> str:
+        """
+        The key a consumer names to a farm: C{key} to the API's own farms;
+        to the farm of key id C{member}, which joined by itself, a pass the
+        exchange signs for it alone (privox.farm.vouching).
+        """
+        if member is None or self.exchange is None:
+            return self.key
+        issued = ConsumerPass.issue(self.exchange, member, accountId(self.key), self.clock.seconds())
+        return PASS_PREFIX + issued.text
 
 
 def _usable(conn: ConsumerProtocol) -> bool:
@@ -75,9 +92,11 @@ class FarmPool:
     """
 
     def __init__(
-        self, dialing: Dialing, health: FarmHealth, service: str, endpoint: str
+        self, dialing: Dialing, health: FarmHealth, service: str, endpoint: str,
+        member: str | None = None,
     ) -> None:
         self.dialing = dialing
+        self.member = member
         self.health = health
         self.service = service
         self.endpoint = endpoint
@@ -123,7 +142,7 @@ class FarmPool:
         dialing = self.dialing
         clock = dialing.clock
         self.health.probe()
-        protocol = ConsumerProtocol(self.service, dialing.key, dialing.liveness, clock)
+        protocol = ConsumerProtocol(self.service, dialing.keyFor(self.member), dialing.liveness, clock)
         connecting = connectProtocol(
             clientEndpoint(dialing.reactor, self.endpoint, dialing.ca), protocol
         )

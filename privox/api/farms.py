@@ -40,6 +40,7 @@ import math
 import random
 from typing import Any, Callable
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -91,7 +92,7 @@ class Farm:
         #: Of the jobs it was given lately, how many it answered.
         self.served = SuccessRate()
         self.pools = {
-            service: FarmPool(dialing, self.health, service, endpoint)
+            service: FarmPool(dialing, self.health, service, endpoint, entry.member)
             for service in SERVICES
             if (endpoint := entry.endpoint(service)) is not None
         }
@@ -222,6 +223,8 @@ class FarmExchange:
     @param liveness: how long a farm may stay silent during a job before
         it is given up on (marked down, the job tried elsewhere); L{None}
         waits for the deadline.
+    @param exchange: the exchange's signing key: farms that joined by
+        themselves are shown a pass it signs for each, not C{key}.
     @param seal: whether jobs are sealed for their nodes (privox-api
         --e2e): a farm that assigns a node the exchange does not vouch for,
         or whose relaying breaks a seal, is marked down and the job tried
@@ -244,6 +247,7 @@ class FarmExchange:
         ca: TrustRoot | None = None,
         liveness: Liveness | None = Liveness(),
         seal: SealPolicy = SealPolicy(),
+        exchange: Ed25519PrivateKey | None = None,
     ) -> None:
         self.seal = seal
         names = [f.name for f in farms]
@@ -262,7 +266,9 @@ class FarmExchange:
         self.rng = rng if rng is not None else random.Random()
         self.downBackoff = (float(first), float(longest))
         self.stopped = False
-        self._dialing = Dialing(reactor, self.clock, key, poolSize, connectTimeout, ca, liveness)
+        self._dialing = Dialing(
+            reactor, self.clock, key, poolSize, connectTimeout, ca, liveness, exchange
+        )
         self.farms = [Farm(entry, self._dialing, self.downBackoff) for entry in farms]
 
     # The directory of farms that join by themselves (privox.api.farmdirectory)
@@ -278,6 +284,12 @@ class FarmExchange:
         if before:
             farm.served = before[0].served
         self.farms.append(farm)
+
+    def keyFor(self, entry: FarmEntry) -> str:
+        """
+        The key this API names to the farm C{entry} (L{Dialing.keyFor}).
+        """
+        return self._dialing.keyFor(entry.member)
 
     def leave(self, name: str) -> None:
         """

@@ -519,6 +519,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
             poolSize=s.pool_size,
             ca=options.ca,
             seal=seal,
+            exchange=exchangeKey.private,
         )
     except ValueError as e:
         raise usage.UsageError(str(e))
@@ -530,7 +531,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     if s.farm_registration != "off":
         api.farmDirectory = FarmDirectory(
             exchange,
-            farmProber(reactor, s.farm_key, options.ca, private=s.farm_registration == "any"),
+            farmProber(reactor, exchange.keyFor, options.ca, private=s.farm_registration == "any"),
             reactor,
             exchangeKey.private,
             options.farms,

@@ -24,6 +24,7 @@ from privox.farm.farm import Farm
 from privox.farm.handshake import Phase, newHandshake
 from privox.farm.sessions import Session, newSession
 from privox.farm.splice import spliceable
+from privox.farm.vouching import ExchangeOnly
 from privox.framing import (
     BULK_VERBS,
     HEADER_LEN,
@@ -132,19 +133,25 @@ class FarmConnection(Protocol):
     def checkKey(self, role: str, key: str) -> None:
         self._role = role
         vouching = self.farm.vouching
-        if role == "producer" and not key and self._hello is not None and vouching is not None:
-            # A node of the farm's exchange, proving its account without
-            # handing this farm its key (privox.farm.vouching).
+        hello = self._hello
+        if vouching is not None and hello is not None and vouching.speaksFor(role, key):
+            # The farm's exchange's API or one of its nodes, proving its
+            # account without handing this farm a key (privox.farm.vouching).
             try:
-                self._account = vouching.account(self._hello.seal, self.farm.clock.seconds())
+                self._account = vouching.account(role, key, hello.seal, self.farm.clock.seconds())
             except IdentityError as e:
                 self._account = accountId(key)
-                self._keyChecked(False, f"certificate refused: {e}")
+                what = "certificate" if role == "producer" else "pass"
+                self._keyChecked(False, f"{what} refused: {e}")
             else:
                 self._keyChecked(True)
             return
         self._account = accountId(key)
-        d = self.farm.keyPolicy(role).check(key)
+        policy = self.farm.keyPolicy(role)
+        if isinstance(policy, ExchangeOnly):
+            self._keyChecked(False, policy.refusal)
+            return
+        d = policy.check(key)
         d.addErrback(self._keyCheckFailed)
         d.addCallback(self._keyChecked)
 

@@ -23,11 +23,11 @@ from privox.farm.pvx1 import Aliases
 from privox.farm.registration import Registration, parsePublic
 from privox.farm.settings import FarmSettings
 from privox.farm.splice import splicerFor
-from privox.farm.vouching import Vouching
+from privox.farm.vouching import ExchangeOnly, Vouching
 from privox.daemon import ListenService
 from privox.fdlimit import OpenFileLimitService
 from privox.identity import IdentityError, exchangePublicKey
-from privox.keys import KeyPolicyError, policyFromSpec
+from privox.keys import KeyPolicy, KeyPolicyError, OpenPolicy, keyId, policyFromSpec
 from privox.metrics import CollectorRegistry, metricsSite
 
 log = Logger()
@@ -144,12 +144,18 @@ def _allTLS(settings: FarmSettings) -> bool:
 
 def buildFarm(settings: FarmSettings, reactor: Any, ledger: Sink | None = None) -> Farm:
     bearer = settings.api_key or None
+
+    def policy(spec: str) -> KeyPolicy:
+        if spec == "exchange":
+            return OpenPolicy() if settings.exchange == "none" else ExchangeOnly()
+        return policyFromSpec(spec, reactor=reactor, bearer=bearer)
+
     try:
         return Farm(
             settings,
             reactor,
-            policyFromSpec(settings.producer_keys, reactor=reactor, bearer=bearer),
-            policyFromSpec(settings.consumer_keys, reactor=reactor, bearer=bearer),
+            policy(settings.producer_keys),
+            policy(settings.consumer_keys),
             ledger=ledger,
             splicer=None if _allTLS(settings) else splicerFor(settings.splice_min, reactor),
             runInThread=partial(deferToThreadPool, reactor, reactor.getThreadPool()),
@@ -166,7 +172,8 @@ def vouchingFor(settings: FarmSettings) -> Vouching | None:
     """
     if settings.exchange == "none":
         return None
-    return Vouching(exchangePublicKey(settings.exchange_key) if settings.exchange_key else None)
+    pinned = exchangePublicKey(settings.exchange_key) if settings.exchange_key else None
+    return Vouching(keyId(settings.api_key), pinned)
 
 
 def buildLedger(settings: FarmSettings, reactor: Any) -> Sink | None:

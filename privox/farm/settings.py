@@ -86,10 +86,14 @@ class FarmSettings:
         "through the farm's memory; 0 turns it off.",
     )
     producer_keys: str = setting(
-        "open", "Producer key policy: 'open', an allow-list file, or a validation URL."
+        "exchange",
+        "Producer key policy: 'open', an allow-list file, a validation URL, or 'exchange': "
+        "with --exchange only the nodes it certified (they name no key), else open.",
     )
     consumer_keys: str = setting(
-        "open", "Consumer key policy: 'open', an allow-list file, or a validation URL."
+        "exchange",
+        "Consumer key policy: 'open', an allow-list file, a validation URL, or 'exchange': "
+        "with --exchange only its API (by the pass it signs for this farm), else open.",
     )
     stats_interval: float = setting(
         60.0, "Seconds between stats log lines (0 turns them off)."

@@ -47,6 +47,7 @@ from twisted.internet.abstract import isIPAddress, isIPv6Address
 # here exactly what it means to Twisted.
 from twisted.internet.endpoints import (
     HostnameEndpoint,
+    TCP4ClientEndpoint,
     _parse,
     clientFromString,
     wrapClientTLS,
@@ -114,6 +115,22 @@ def clientEndpoint(
     if not args or str(args[0]).lower() != "tls":
         return clientFromString(reactor, description)
     return _tlsEndpoint(reactor, ca, *args[1:], **kwargs)
+
+
+def pinnedEndpoint(
+    reactor: Any, tls: bool, host: str, address: str, port: int, ca: TrustRoot | None = None,
+    timeout: float = 30,
+) -> IStreamClientEndpoint:
+    """
+    Dial C{address} (an IPv4 address C{host} resolved to), and with C{tls}
+    verify the farm's certificate against the name C{host} (and C{ca}, else
+    the platform's CAs), as C{tls:host=HOST:port=PORT} would: what is
+    checked about the address is what is dialled.
+    """
+    tcp = TCP4ClientEndpoint(reactor, address, port, timeout)
+    if not tls:
+        return tcp
+    return wrapClientTLS(_Explaining(optionsForClientTLS(host, trustRoot=ca), host), tcp)
 
 
 def _tlsEndpoint(

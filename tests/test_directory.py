@@ -17,7 +17,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock, deferLater
-from twisted.internet.testing import StringTransport
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.iweb import UNKNOWN_LENGTH
@@ -26,11 +27,14 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from privox.accounts.store import AccountStore
 from privox.api import farmdirectory
 from privox.api.errors import BadInput, Conflict, OverQuota, Unavailable, Unprocessable
-from privox.api.farmdirectory import FarmDirectory, ProbeFailed
+from privox.api.farmdirectory import FarmDirectory, ProbeFailed, farmProber
+from privox.api.farmhealth import farmHealth
 from privox.api.farmlist import FarmEntry
+from privox.api.farmpool import Dialing, FarmPool, Unreachable, publicEndpoint
 from privox.api.farms import FarmExchange
 from privox.directory import Directory, DirectoryError, ListedFarm
 from privox.farm.registration import Registration, parsePublic
+from privox.identity import PASS_PREFIX, ConsumerPass
 from privox.node.farmfinder import FarmFinder
 
 A = {"name": "alpha", "stt": "tcp:host=alpha.example:port=1776", "tts": None}
@@ -436,3 +440,93 @@ class RegistrationTests(SynchronousTestCase):
         self.assertEqual(parsePublic("tcp:host=a:port=1 none"), ("tcp:host=a:port=1", None))
         for bad in ("", "one", "none none", "a b c"):
             self.assertRaises(ValueError, parsePublic, bad)
+
+
+class ResolvingReactor(MemoryReactorClock):
+    """
+    A memory reactor whose names lead where the test says, as they may
+    change between a probe and a job (DNS rebinding).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.addresses: dict[str, str] = {}
+
+    def resolve(self, name: str, timeout: Any = None) -> Deferred[str]:
+        return succeed(self.addresses[name])
+
+
+class PublicDialingTests(SynchronousTestCase):
+    """
+    A farm that joined by itself is dialled only where its name leads to a
+    public address, checked at every connection and at every probe.
+    """
+
+    def setUp(self) -> None:
+        self.reactor = ResolvingReactor()
+        self.exchange = Ed25519PrivateKey.generate()
+
+    def pool(self, endpoint: str, member: str | None = "farmkeyid123", publicOnly: bool = True) -> FarmPool:
+        dialing = Dialing(self.reactor, self.reactor, "api-key", 2, 10.0, None, None,
+                          self.exchange, publicOnly)
+        health = farmHealth("joined", (1.0, 60.0), lambda: None)
+        return FarmPool(dialing, health, "stt", endpoint, member)
+
+    def test_dialsTheCheckedAddress(self) -> None:
+        self.reactor.addresses["farm.example"] = "93.184.216.34"
+        pool = self.pool("tcp:host=farm.example:port=1776")
+        Deferred.fromCoroutine(pool.acquire(self.reactor.seconds() + 5))
+        [(host, port, factory, _, _)] = self.reactor.tcpClients
+        self.assertEqual((host, port), ("93.184.216.34", 1776))
+        # And it is shown a pass for that farm, not the API's key.
+        protocol = factory.buildProtocol(None)._wrappedProtocol
+        self.assertTrue(protocol.hello.key.startswith(PASS_PREFIX))
+        ConsumerPass.verify(protocol.hello.key[len(PASS_PREFIX):], self.exchange.public_key(),
+                            "farmkeyid123", self.reactor.seconds())
+
+    def test_tlsKeepsItsName(self) -> None:
+        self.reactor.addresses["farm.example"] = "93.184.216.34"
+        endpoint = self.successResultOf(
+            publicEndpoint(self.reactor, "tls:host=farm.example:port=1777", None)
+        )
+        endpoint.connect(Factory.forProtocol(Protocol))
+        [(host, port, _, _, _)] = self.reactor.tcpClients
+        self.assertEqual((host, port), ("93.184.216.34", 1777))
+        self.assertEqual(endpoint._wrappedEndpoint._host, "93.184.216.34")
+
+    def test_rebound(self) -> None:
+        """
+        A name that leads into the API's own network now (whatever it led
+        to at the probe) is not dialled: the farm counts as unreachable.
+        """
+        for address in ("10.0.0.7", "127.0.0.1", "169.254.169.254", "192.168.1.1"):
+            self.reactor.addresses["farm.example"] = address
+            pool = self.pool("tcp:host=farm.example:port=1776")
+            acquired = Deferred.fromCoroutine(pool.acquire(self.reactor.seconds() + 5))
+            failure = self.failureResultOf(acquired, Unreachable)
+            self.assertIn("not public", str(failure.value))
+        self.assertEqual(self.reactor.tcpClients, [])
+
+    def test_configuredFarmsAsTheySay(self) -> None:
+        """
+        The API's own farms (and every farm of an API that lets private
+        farms join) are dialled as their lines say, with its key.
+        """
+        for member, publicOnly in ((None, True), ("farmkeyid123", False)):
+            pool = self.pool("tcp:host=127.0.0.1:port=1776", member, publicOnly)
+            Deferred.fromCoroutine(pool.acquire(self.reactor.seconds() + 5))
+        self.assertEqual([c[:2] for c in self.reactor.tcpClients],
+                         [("127.0.0.1", 1776), ("127.0.0.1", 1776)])
+        key = self.reactor.tcpClients[0][2].buildProtocol(None)._wrappedProtocol.hello.key
+        self.assertEqual(key, "api-key")
+
+    def test_probe(self) -> None:
+        self.reactor.addresses["farm.example"] = "10.1.2.3"
+        probe = farmProber(self.reactor, lambda entry: "api-key")
+        entry = FarmEntry("joined", "tcp:host=farm.example:port=1776", None, member="k")
+        failure = self.failureResultOf(Deferred.fromCoroutine(probe(entry)), ProbeFailed)
+        self.assertEqual(str(failure.value), "stt port is not at a public address")
+        self.assertEqual(self.reactor.tcpClients, [])
+        self.reactor.addresses["farm.example"] = "93.184.216.34"
+        Deferred.fromCoroutine(probe(entry))
+        self.assertEqual([c[:2] for c in self.reactor.tcpClients], [("93.184.216.34", 1776)])

@@ -27,7 +27,6 @@ only, and the API logs a registering farm's key id, never its key.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 import json
 from dataclasses import dataclass, field, replace
@@ -41,6 +40,7 @@ from twisted.logger import Logger
 from privox.api.errors import BadInput, Conflict, OverQuota, Unavailable, Unprocessable
 from privox.api.farmlist import FarmEntry
 from privox.api.farms import FarmExchange
+from privox.api.farmpool import NotPublic, publicEndpoint
 from privox.consumer import ConsumerProtocol, JobFailed
 from privox.directory import (
     MAX_FIELD, PLAIN_ENDPOINT, REFRESH, Directory, ListedFarm, readProducers,
@@ -117,20 +117,17 @@ async def _probePort(
     reactor: Any, service: str, endpoint: str, key: str, ca: TrustRoot | None, private: bool
 ) -> float:
     started = reactor.seconds()
-    if not private:
+    if private:
+        dialled = clientEndpoint(reactor, endpoint, ca)
+    else:
         # Where the name leads, checked before anything is dialled (no port
-        # of the API's own network is tried); a plain TCP farm is then
-        # dialled at that address.
-        match = PLAIN_ENDPOINT.fullmatch(endpoint)
-        assert match is not None  # registrations are checked
-        kind, host, port = match.groups()
-        address = await reactor.resolve(host)
-        if not _public(address):
-            raise ProbeFailed(f"{service} port is not at a public address")
-        if kind == "tcp":
-            endpoint = f"tcp:host={address}:port={port}"
+        # of the API's own network is tried), and that address dialled.
+        try:
+            dialled = await publicEndpoint(reactor, endpoint, ca)
+        except NotPublic:
+            raise ProbeFailed(f"{service} port is not at a public address") from None
     protocol = ConsumerProtocol(service, key)
-    await connectProtocol(clientEndpoint(reactor, endpoint, ca), protocol)
+    await connectProtocol(dialled, protocol)
     try:
         await protocol.ready
         latency = reactor.seconds() - started
@@ -149,14 +146,6 @@ async def _probePort(
         return latency
     finally:
         protocol.transport.loseConnection()
-
-
-def _public(host: str) -> bool:
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return address.is_global
 
 
 @dataclass

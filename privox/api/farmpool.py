@@ -10,6 +10,7 @@ down, and while it is down its pools keep no idle connection.
 
 from __future__ import annotations
 
+import ipaddress
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
@@ -17,14 +18,15 @@ from typing import Any, Callable, TypeVar
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import connectProtocol
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.python.failure import Failure
 
 from privox.api.farmhealth import FarmHealth
 from privox.consumer import ConsumerProtocol, Liveness
+from privox.directory import PLAIN_ENDPOINT
 from privox.identity import PASS_PREFIX, ConsumerPass
 from privox.keys import accountId
-from privox.tls import TrustRoot, clientEndpoint
+from privox.tls import TrustRoot, clientEndpoint, pinnedEndpoint
 
 T = TypeVar("T")
 
@@ -53,6 +55,8 @@ class Dialing:
     @ivar liveness: how long a farm may stay silent during a job.
     @ivar exchange: the exchange's signing key, for the passes shown to
         farms that joined by themselves; L{None}: they are shown C{key}.
+    @ivar publicOnly: farms that joined by themselves are dialled only at
+        public addresses (L{publicEndpoint}).
     """
 
     reactor: Any
@@ -63,6 +67,7 @@ class Dialing:
     ca: TrustRoot | None
     liveness: Liveness | None
     exchange: Ed25519PrivateKey | None = None
+    publicOnly: bool = False
 
     def keyFor(self, member: str | None) -> str:
         """
@@ -74,6 +79,41 @@ class Dialing:
             return self.key
         issued = ConsumerPass.issue(self.exchange, member, accountId(self.key), self.clock.seconds())
         return PASS_PREFIX + issued.text
+
+
+class NotPublic(Exception):
+    """
+    A farm's name leads to an address the API must not dial for a stranger
+    (private, loopback, link-local...).
+    """
+
+
+def isPublic(host: str) -> bool:
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return address.is_global
+
+
+async def publicEndpoint(reactor: Any, endpoint: str, ca: TrustRoot | None) -> IStreamClientEndpoint:
+    """
+    The endpoint that dials a farm that joined by itself (C{endpoint}:
+    C{tcp:} or C{tls:host=H:port=P}, as registrations are) at the address
+    its name leads to now, if that is a public one; so that a name made to
+    lead into the API's own network after the farm passed its probe (DNS
+    rebinding) has the API dial nothing there.
+
+    @raise NotPublic: it leads elsewhere.
+    """
+    match = PLAIN_ENDPOINT.fullmatch(endpoint)
+    if match is None:
+        raise NotPublic("not a plain tcp: or tls: endpoint")
+    kind, host, port = match.groups()
+    address = await reactor.resolve(host)
+    if not isPublic(address):
+        raise NotPublic("its name leads to an address that is not public")
+    return pinnedEndpoint(reactor, kind == "tls", host, address, int(port), ca)
 
 
 def _usable(conn: ConsumerProtocol) -> bool:
@@ -143,9 +183,7 @@ class FarmPool:
         clock = dialing.clock
         self.health.probe()
         protocol = ConsumerProtocol(self.service, dialing.keyFor(self.member), dialing.liveness, clock)
-        connecting = connectProtocol(
-            clientEndpoint(dialing.reactor, self.endpoint, dialing.ca), protocol
-        )
+        connecting = Deferred.fromCoroutine(self._dial(protocol))
         connecting.addCallback(lambda _: protocol.ready)
         self.connecting[protocol] = connecting
         connectBy = min(deadlineAt, clock.seconds() + dialing.connectTimeout)
@@ -184,6 +222,16 @@ class FarmPool:
             raise Unreachable("the exchange is stopping")
         self.busy.add(protocol)
         return protocol
+
+    async def _dial(self, protocol: ConsumerProtocol) -> None:
+        dialing = self.dialing
+        if self.member is not None and dialing.publicOnly:
+            # A stranger's farm: where its name leads is checked at each
+            # connection, not only at its probe.
+            endpoint = await publicEndpoint(dialing.reactor, self.endpoint, dialing.ca)
+        else:
+            endpoint = clientEndpoint(dialing.reactor, self.endpoint, dialing.ca)
+        await connectProtocol(endpoint, protocol)
 
     def _failed(self, why: str) -> None:
         """

@@ -225,6 +225,9 @@ class FarmExchange:
         waits for the deadline.
     @param exchange: the exchange's signing key: farms that joined by
         themselves are shown a pass it signs for each, not C{key}.
+    @param publicOnly: farms that joined by themselves are dialled only
+        where their names lead to a public address, checked at each
+        connection.
     @param seal: whether jobs are sealed for their nodes (privox-api
         --e2e): a farm that assigns a node the exchange does not vouch for,
         or whose relaying breaks a seal, is marked down and the job tried
@@ -248,6 +251,7 @@ class FarmExchange:
         liveness: Liveness | None = Liveness(),
         seal: SealPolicy = SealPolicy(),
         exchange: Ed25519PrivateKey | None = None,
+        publicOnly: bool = False,
     ) -> None:
         self.seal = seal
         names = [f.name for f in farms]
@@ -267,7 +271,7 @@ class FarmExchange:
         self.downBackoff = (float(first), float(longest))
         self.stopped = False
         self._dialing = Dialing(
-            reactor, self.clock, key, poolSize, connectTimeout, ca, liveness, exchange
+            reactor, self.clock, key, poolSize, connectTimeout, ca, liveness, exchange, publicOnly
         )
         self.farms = [Farm(entry, self._dialing, self.downBackoff) for entry in farms]
 

@@ -11,6 +11,13 @@ Blind farms (L{privox.identity}) hold here too: the exchange's key
 (C{privox-node-state/identity.key}) are kept beside the SQLite account
 store (in the working directory by default), and the exchange certifies
 its node directly, with no HTTP between them.
+
+A person can lend their own machine to it as on an open exchange: the API
+publishes its one farm in its signed directory (C{GET /v1/farms}), and
+the farm lets in the nodes the exchange certified (as a farm that joined
+one does) and writes its ledger into the account store (L{StoreLedger}),
+so a node run with a user's key earns that key credit, shown on
+C{/account}. The banner says how.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from functools import partial
 from typing import Any
 
 from twisted.application.service import IService, MultiService
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.endpoints import TCP4ServerEndpoint, serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.threads import deferToThreadPool
@@ -32,6 +39,8 @@ from twisted.web.pages import errorPage
 from privox.accounts.store import DEFAULT_DSN, AccountStore
 from privox.api import wyoming
 from privox.api.enrolment import DEFAULT_EXCHANGE_KEY, ExchangeKey, ExchangeKeyError
+from privox.api.ledger import readRecord
+from privox.api.farmdirectory import FarmDirectory, farmProber
 from privox.api.farmlist import FarmEntry
 from privox.api.farms import FarmExchange
 from privox.api.models import DEFAULT_VOICES, OPENAI_VOICES, QUALITIES
@@ -45,6 +54,7 @@ from privox.farm.connection import FarmFactory
 from privox.farm.farm import Farm
 from privox.farm.settings import FarmSettings
 from privox.farm.splice import splicerFor
+from privox.farm.vouching import Vouching
 from privox.keys import OpenPolicy, accountId, keyId
 from privox.farm.observe import farmStatus, instrumentFarm
 from privox.metrics import CollectorRegistry
@@ -155,6 +165,10 @@ class Options(_BaseOptions):  # type: ignore[misc,valid-type]
             raise usage.UsageError(wyomingError)
 
 
+#: The account the local farm's ledger records are the farm's of.
+LOCAL_FARM = accountId("privox-local farm")
+
+
 def keyDirectory(settings: LocalSettings) -> str:
     """
     Where the exchange's and the node's keys are kept: beside a SQLite
@@ -200,7 +214,7 @@ class LocalExchange(MultiService):
         super().__init__()
         self.settings = settings
         self._reactor = reactor
-        farmSettings = FarmSettings(stats_interval=0.0, blur_usage=settings.blur_usage)
+        farmSettings = FarmSettings(name="local", stats_interval=0.0, blur_usage=settings.blur_usage)
         self.farm = Farm(
             farmSettings,
             reactor,
@@ -253,6 +267,8 @@ class LocalExchange(MultiService):
             endpoints[service] = f"tcp:host=127.0.0.1:port={port.getHost().port}"
         keys = keyDirectory(s)
         exchangeKey, _ = ExchangeKey.load(os.path.join(keys, DEFAULT_EXCHANGE_KEY))
+        # Nodes the exchange certified name no key here (privox.farm.vouching).
+        self.farm.vouching = Vouching(LOCAL_FARM[:12], exchangeKey.public)
         identity, _ = loadIdentity(os.path.join(keys, DEFAULT_STATE_DIR))
         nodeKey = ""
 
@@ -283,9 +299,10 @@ class LocalExchange(MultiService):
             await slot.joined()
         api = apiSettings(s)
         seal = SealPolicy(s.e2e, exchangeKey.public)
+        entry = FarmEntry("local", endpoints["stt"], endpoints["tts"])
         log.info("end-to-end sealing of jobs: {mode}", mode=seal.mode)
         self.exchange = FarmExchange(
-            [FarmEntry("local", endpoints["stt"], endpoints["tts"])],
+            [entry],
             self._reactor,
             deadline=api.deadline,
             attempts=1,
@@ -305,9 +322,15 @@ class LocalExchange(MultiService):
             version = await self.store.migrate()
             log.info("account store {store} at schema version {version}",
                      store=self.store.description, version=version)
+            self.farm.ledger = StoreLedger(api.access)
+        # Its one farm, for nodes that find farms in the directory.
+        api.farmDirectory = FarmDirectory(
+            self.exchange, farmProber(self._reactor, self.exchange.keyFor, private=True),
+            self._reactor, exchangeKey.private, [entry],
+        )
         # From now on new connections reach the API itself.
         self._http.serve(site)
-        for line in banner(self.url, s):
+        for line in banner(self.url, s, exchangeKey.publicText):
             log.info("{line}", line=line)
         if wyoming.serving(s.wyoming_listen):
             await self._serveWyoming(api)
@@ -390,7 +413,39 @@ class LocalExchange(MultiService):
             self.store.close()
 
 
-def banner(url: str, settings: LocalSettings) -> list[str]:
+class StoreLedger:
+    """
+    The farm's ledger, straight into the account store, as a farm's C{POST
+    /v1/ledger} puts it there: the jobs a node served under a user's key
+    earn that key credit.
+
+    Not durable: answers do not wait for the store (a record or two lost
+    to a crash of a local exchange costs less than every answer waiting).
+    """
+
+    description = "the account store"
+    durable = False
+
+    def __init__(self, access: Any) -> None:
+        self._access = access
+        self._writing: set[Deferred[None]] = set()
+
+    def record(self, transaction: dict[str, Any]) -> Deferred[None]:
+        d = Deferred.fromCoroutine(self._access.record(LOCAL_FARM, [readRecord(transaction)]))
+        d.addErrback(lambda f: log.failure("cannot put a job in the account store's ledger", f))
+        d.addCallback(lambda _: None)
+        self._writing.add(d)
+        d.addBoth(lambda result: (self._writing.discard(d), result)[1])
+        return d
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> Deferred[None]:
+        return DeferredList(list(self._writing)).addCallback(lambda _: None)
+
+
+def banner(url: str, settings: LocalSettings, exchangeKey: str | None = None) -> list[str]:
     """
     The lines that tell a new user where the exchange is and how to call it.
     """
@@ -414,7 +469,14 @@ def banner(url: str, settings: LocalSettings) -> list[str]:
             "Keys and quotas:",
             f"  privox keys create --accounts {settings.accounts}",
             f"  curl -s {url}/v1/account -H 'Authorization: Bearer KEY'",
+            f"Your account in a browser: {url}/signup",
         ]
+        if exchangeKey is not None:
+            lines += [
+                "Lend this exchange a node of your own, and earn its credit (on /account):",
+                f"  .venv/bin/twistd -n privox-node --exchange {url} --exchange-key {exchangeKey}"
+                f" --key YOUR-KEY --stt {settings.stt} --state-dir my-node",
+            ]
     return lines
 
 

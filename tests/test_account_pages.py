@@ -26,6 +26,7 @@ from privox.api.access import AccountAccess, PolicyAccess, modelCosts
 from privox.api.accountpages import PAGE_SIZE, SignupLimiter, barChart
 from privox.api.app import PrivoxAPI
 from privox.api.enrolment import ExchangeKey, fingerprint
+from privox.api.proxies import TrustedProxies
 from privox.identity import encodeKey, publicBytes
 from privox.keys import OpenPolicy, accountId
 from tests.test_api_accounts import MODELS, SecondsExchange, wav
@@ -90,7 +91,7 @@ class SignupLimiterTests(SynchronousTestCase):
 
 
 class AccountPagesTests(TestCase):
-    async def start(self, accounts: bool = True) -> None:
+    async def start(self, accounts: bool = True, proxies: TrustedProxies | None = None) -> None:
         self.clock = Clock()
         self.clock.advance(NOW)
         self.exchange = SecondsExchange()
@@ -105,7 +106,8 @@ class AccountPagesTests(TestCase):
         else:
             access = PolicyAccess(OpenPolicy())
         self.api = PrivoxAPI(self.exchange, MODELS, access, clock=self.clock,
-                             exchangeKey=ExchangeKey(Ed25519PrivateKey.generate()))
+                             exchangeKey=ExchangeKey(Ed25519PrivateKey.generate()),
+                             proxies=proxies)
         port = reactor.listenTCP(0, self.api.site(), interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         self.url = f"http://127.0.0.1:{port.getHost().port}"
@@ -263,6 +265,75 @@ class AccountPagesTests(TestCase):
         self.assertEqual(len(await self.store.accounts()), 2)
         self.clock.advance(3601)
         self.assertEqual((await self.post("/signup"))[0], 303)
+
+    async def test_signUpLimitedPerClientBehindProxy(self) -> None:
+        """
+        Behind a trusted proxy (here the loopback the test connects from),
+        each client its X-Forwarded-For names has its own allowance, and
+        the addresses a client writes to the left of its own change
+        nothing.
+        """
+        await self.start(proxies=TrustedProxies(["127.0.0.1"]))
+        self.api.accountPages.limiter = SignupLimiter(perClient=1, inAll=10, period=3600.0)
+
+        async def signUpAs(forwardedFor: str) -> int:
+            code, _, _ = await self.post("/signup", headers={"X-Forwarded-For": forwardedFor})
+            return code
+
+        self.assertEqual(await signUpAs("203.0.113.1"), 303)
+        self.assertEqual(await signUpAs("203.0.113.1"), 429)
+        self.assertEqual(await signUpAs("203.0.113.2"), 303)
+        # 203.0.113.2 again, claiming to be a new client behind it: still itself.
+        self.assertEqual(await signUpAs("198.51.100.7, 203.0.113.2"), 429)
+        # A chain through another trusted hop: the client past it.
+        self.assertEqual(await signUpAs("203.0.113.3, 127.0.0.1"), 303)
+        self.assertEqual(len(await self.store.accounts()), 3)
+
+    async def test_secureCookieBehindProxy(self) -> None:
+        """
+        Behind a trusted proxy that says the client came over TLS
+        (X-Forwarded-Proto: https), the key's cookies are Secure, and the
+        front page's examples say https; without the header they are not.
+        """
+        await self.start(proxies=TrustedProxies(["127.0.0.0/8", "::1"]))
+        tls = {"X-Forwarded-For": "203.0.113.1", "X-Forwarded-Proto": "https"}
+        code, headers, _ = await self.post("/signup", headers=tls)
+        self.assertEqual(code, 303)
+        cookies = self.cookies(headers)
+        self.assertIn("Secure", cookies["privox_key"])
+        self.assertIn("Secure", cookies["privox_new"])
+        key, _ = await self.store.createKey(NOW)
+        code, headers, _ = await self.post("/signin", headers=tls, key=key)
+        self.assertEqual(code, 303)
+        self.assertIn("Secure", self.cookies(headers)["privox_key"])
+        code, headers, _ = await self.post("/signout", f"privox_key={key}", headers=tls)
+        self.assertIn("Secure", self.cookies(headers)["privox_key"])
+        code, headers, _ = await self.post("/signin", key=key)
+        self.assertNotIn("Secure", self.cookies(headers)["privox_key"])
+        response = await self.http.get(self.url + "/", headers={"X-Forwarded-Proto": "https"})
+        self.assertIn(f"curl -s https://{self.url.split('://', 1)[1]}/v1/models",
+                      (await response.content()).decode("utf-8"))
+
+    async def test_untrustedPeerHeadersIgnored(self) -> None:
+        """
+        From a peer that is no trusted proxy (by default, none is), the
+        forwarding headers change nothing: one client, whatever its
+        X-Forwarded-For says, and no Secure cookie over plain HTTP.
+        """
+        await self.start()
+        self.api.accountPages.limiter = SignupLimiter(perClient=1, inAll=10, period=3600.0)
+        code, headers, _ = await self.post(
+            "/signup", headers={"X-Forwarded-For": "203.0.113.1", "X-Forwarded-Proto": "https"}
+        )
+        self.assertEqual(code, 303)
+        self.assertNotIn("Secure", self.cookies(headers)["privox_key"])
+        code, _, _ = await self.post("/signup", headers={"X-Forwarded-For": "203.0.113.2"})
+        self.assertEqual(code, 429)
+        # Trusting another network changes nothing for this peer either.
+        self.api.accountPages.proxies = TrustedProxies(["10.0.0.0/8"])
+        code, _, _ = await self.post("/signup", headers={"X-Forwarded-For": "203.0.113.3"})
+        self.assertEqual(code, 429)
+        self.assertEqual(len(await self.store.accounts()), 1)
 
     async def test_noAccountStore(self) -> None:
         await self.start(accounts=False)
@@ -493,8 +564,10 @@ class AccountPagesInChromiumTests(TestCase):
                             for r in seen["producerRows"]), seen["producerRows"])
         self.assertEqual(seen["pager"], "Page 1 of 1 (3 in all)")
         self.assertIn("tts piper", seen["capacity"])
-        self.assertIn("(3 jobs)", seen["rate"])
-        self.assertEqual(seen["jobBars"][-1], 3)
+        # The volunteer farm's three, and the speech request's: the local
+        # farm writes its own ledger into the store.
+        self.assertIn("(4 jobs)", seen["rate"])
+        self.assertEqual(seen["jobBars"][-1], 4)
         self.assertEqual(seen["scripts"], 0)
         self.assertEqual(seen["console"], [])
         for name in ("account-page.png", "about-page.png"):

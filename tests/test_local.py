@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import socket
 import sys
 import wave
@@ -23,7 +24,9 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from privox.identity import Certificate, exchangePublicKey
 from privox.keys import accountId
 from privox.local import LocalExchange, LocalSettings, Options, apiSettings, banner, keyDirectory
+from tests.support import until
 from tests.test_e2e import ENV, REPO, TWISTD
+from tests.test_faults import ProcessTestCase
 from tests.test_roundtrip import speak
 from tests.wer import wer
 
@@ -243,3 +246,52 @@ class StartFailureTests(TestCase):
         )
         self.assertEqual(code, 0, err)
         self.assertIn(b"privox-local --port 8090 --deadline 600", out)
+
+
+class LendANodeTests(ProcessTestCase):
+    """
+    A person lends C{make run}'s exchange a node of their own, as its
+    banner says, and sees that node's credit on their account.
+    """
+
+    timeout = 180
+
+    async def test_bannersNodeEarns(self) -> None:
+        store = FilePath(os.path.abspath(self.mktemp()))
+        local = LocalExchange(LocalSettings(port=0, accounts=f"sqlite:{store.path}"), reactor)
+        local.startService()
+        self.addCleanup(local.stopService)
+        await local.ready
+        assert local.store is not None
+        key, _ = await local.store.createKey(reactor.seconds())
+        treq = HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
+        published = json.loads(await (await treq.get(f"{local.url}/v1/exchange")).text())["key"]
+        [command] = [line for line in banner(local.url, local.settings, published)
+                     if "privox-node" in line]
+        args = command.split("twistd -n ", 1)[1].replace("YOUR-KEY", key).split()
+        args[args.index("--state-dir") + 1] = os.path.abspath(self.mktemp())
+        self.assertIn(published, args)
+        node = self.spawn("node", *args)
+        await node.waitFor(b"the directory of " + local.url.encode() + b" lists 1 farm(s)")
+        await node.waitFor(b"serving stt through", timeout=60)
+        # The farm saw no key: the node's certificate says whose it is.
+        self.assertNotIn(key.encode(), node.output)
+
+        clip = speak("The weather today is sunny with a light breeze.")
+
+        async def credited() -> bool:
+            # Jobs go to the idle node served longest ago: this one soon.
+            body, contentType = multipart({"quality": "fast"}, clip)
+            response = await treq.post(f"{local.url}/stt", data=body,
+                                       headers={"Content-Type": contentType})
+            self.assertEqual(response.code, 200, await response.text())
+            account = json.loads(await (await treq.get(
+                f"{local.url}/v1/account", headers={"Authorization": f"Bearer {key}"}
+            )).text())
+            return bool(account["earned"] > 0)
+
+        await until(credited, "the lent node's credit", 60, every=0.1)
+        [served] = await local.store.producing(accountId(key))
+        self.assertEqual((served["farm"], served["service"], served["model"]),
+                         ("local", "stt", "whisper:tiny.en"))
+        await node.stop()

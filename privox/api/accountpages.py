@@ -7,7 +7,8 @@ nodes served, its ledger records) and C{/about} (the network's capacity).
 Rendered on the server with C{twisted.web.template}, charts as inline SVG:
 no script, nothing from elsewhere. The key lives in a cookie that is
 HttpOnly, SameSite=Strict (so no other site can post a form with it) and
-Secure over TLS.
+Secure over TLS. Behind reverse proxies named in C{--trusted-proxies}, the
+client and its TLS are what they say (L{privox.api.proxies}).
 
 Privacy: a page shows only the signed-in key's own figures and its key id,
 never another account, an address or content. Sign-ups are limited per
@@ -35,6 +36,7 @@ from privox.api import forms
 from privox.api.access import Access
 from privox.api.errors import Unauthorized
 from privox.api.pages import static
+from privox.api.proxies import TrustedProxies
 from privox.api.site import FORM_LIMIT
 
 log = Logger()
@@ -210,18 +212,22 @@ class AccountPages:
         there is no sign-up and no account page).
     @param status: fires with the API's status report (farms and their
         load).
+    @param proxies: the reverse proxies whose word on the client's
+        address and TLS is taken (none by default).
     """
 
     def __init__(
         self, store: AccountStore | None, access: Access, clock: Any,
         status: Callable[[], Awaitable[dict[str, Any]]],
         limiter: SignupLimiter | None = None,
+        proxies: TrustedProxies | None = None,
     ) -> None:
         self.store = store
         self.access = access
         self.clock = clock
         self.status = status
         self.limiter = limiter or SignupLimiter()
+        self.proxies = proxies if proxies is not None else TrustedProxies()
         #: New keys waiting to be shown once: token -> (key, until when).
 
     # -- rendering --------------------------------------------------------
@@ -249,15 +255,21 @@ class AccountPages:
         )
         return head.encode("utf-8") + content + b"</html>"
 
+    def _secure(self, request: IRequest) -> bool:
+        """
+        Whether the browser reached us over TLS (its cookies then Secure).
+        """
+        return self.proxies.ofRequest(request).secure
+
     def _setKey(self, request: IRequest, key: str) -> None:
         request.addCookie(
             KEY_COOKIE, key.encode("utf-8"), path=b"/", httpOnly=True,
-            secure=request.isSecure(), sameSite="strict",
+            secure=self._secure(request), sameSite="strict",
         )
 
     def _clear(self, request: IRequest, name: bytes, path: bytes = b"/") -> None:
         request.addCookie(
-            name, b"", path=path, httpOnly=True, secure=request.isSecure(), sameSite="strict",
+            name, b"", path=path, httpOnly=True, secure=self._secure(request), sameSite="strict",
             expires=b"Thu, 01 Jan 1970 00:00:00 GMT",
         )
 
@@ -302,7 +314,8 @@ class AccountPages:
 
     async def _createKey(self, request: IRequest) -> bytes:
         assert self.store is not None
-        address = getattr(request.getClientAddress(), "host", "") or ""
+        # The client behind any trusted proxy; hashed by the limiter, never logged.
+        address = self.proxies.ofRequest(request).address
         wait = self.limiter.admit(address, self.clock.seconds())
         if wait is not None:
             request.setResponseCode(429)
@@ -318,7 +331,7 @@ class AccountPages:
         # Only a flag: the key itself is in its own cookie, so any API
         # server of the exchange shows it, once, and none keeps it.
         request.addCookie(REVEAL_COOKIE, b"1", path=b"/account", httpOnly=True,
-                          secure=request.isSecure(), sameSite="strict",
+                          secure=self._secure(request), sameSite="strict",
                           max_age=str(int(REVEAL_FOR)))
         # Post/redirect/get: reloading the account page shows no key and
         # makes none.

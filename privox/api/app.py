@@ -61,6 +61,7 @@ from privox.api.ledger import readLedger
 from privox.api.measure import spokenSeconds
 from privox.api.models import ModelTable
 from privox.api.pages import frontPage, static, statusHtml
+from privox.api.proxies import TrustedProxies
 from privox.api.realtime import realtimeResource
 from privox.api.site import ApiSite, bodyLimit
 from privox.api.speech import CONTENT_TYPES, SpeechEncodingError, encodeSpeech
@@ -155,6 +156,7 @@ class PrivoxAPI:
         fanout: int = DEFAULT_AT_ONCE,
         fanoutAbove: float = DEFAULT_FANOUT_ABOVE,
         farmDirectory: FarmDirectory | None = None,
+        proxies: TrustedProxies | None = None,
     ) -> None:
         """
         @param registry: where the request series go and what C{/metrics}
@@ -183,6 +185,10 @@ class PrivoxAPI:
             cut into pieces of about 30 s transcribed at once
             (L{privox.api.fanout}), each with the deadline of its own
             length.
+        @param proxies: the reverse proxies (C{--trusted-proxies}) whose
+            C{X-Forwarded-For} and C{X-Forwarded-Proto} say who the client
+            is and whether it came over TLS (L{privox.api.proxies}); none
+            by default.
         """
         if clock is None:
             from twisted.internet import reactor as clock
@@ -208,6 +214,7 @@ class PrivoxAPI:
         self.exchangeKey = exchangeKey
         self.sealRequired = sealRequired
         self.fanoutAbove = fanoutAbove
+        self.proxies = proxies if proxies is not None else TrustedProxies()
         #: Farms that joined by themselves, and the directory nodes read.
         self.farmDirectory = farmDirectory
         self.fanout = FanOut(exchange, clock, runInThread, atOnce=fanout)
@@ -217,7 +224,8 @@ class PrivoxAPI:
         self.realtimeSessions = realtimeResource(self.live, access, models, clock, blurUsage)
         #: /signup, /signin, /account and /about, for people in a browser.
         self.accountPages = AccountPages(
-            getattr(access, "store", None), access, clock, self.statusReport
+            getattr(access, "store", None), access, clock, self.statusReport,
+            proxies=self.proxies,
         )
 
     def site(self) -> ApiSite:
@@ -706,7 +714,7 @@ class PrivoxAPI:
 
     async def _home(self, request: IRequest, done: _Done) -> bytes:
         host = request.getHeader(b"host")
-        scheme = "https" if request.isSecure() else "http"
+        scheme = "https" if self.proxies.ofRequest(request).secure else "http"
         base = f"{scheme}://" + (host.decode("latin-1") if host else "localhost:8080")
         page = frontPage(base, self.models, self.access.keyExample)
         return _reply(request, _HTML, page.encode("utf-8"))

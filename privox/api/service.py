@@ -31,6 +31,7 @@ from privox.api.farmlist import FarmEntry
 from privox.api.farms import FarmExchange
 from privox.api.farmstatus import RemoteStatus
 from privox.api.models import DEFAULT_STT, DEFAULT_VOICES, ModelTable
+from privox.api.proxies import TrustedProxies
 from privox.config import optionsFor, setting
 from privox.daemon import CannotStart, ListenService
 from privox.fdlimit import OpenFileLimitService
@@ -91,6 +92,13 @@ class ApiSettings:
         "or an http(s) validation URL.",
     )
     max_upload: int = setting(DEFAULT_MAX_UPLOAD, "Largest request body in bytes (413 beyond).")
+    trusted_proxies: tuple[str, ...] = setting(
+        (),
+        "A reverse proxy (an IP address or CIDR network) whose X-Forwarded-For and "
+        "X-Forwarded-Proto say who the client is and whether it came over TLS (sign-up "
+        "limits, Secure cookies); repeat it, or separate several with commas. None: no proxy is "
+        "believed.",
+    )
     deadline: float = setting(
         60.0,
         "Seconds a request may take, every farm attempt included, plus"
@@ -173,6 +181,17 @@ def modelTable(settings: ApiSettings) -> ModelTable:
         )
     except ValueError as e:
         raise usage.UsageError(str(e))
+
+
+def trustedProxies(settings: ApiSettings) -> TrustedProxies:
+    """
+    @raise usage.UsageError: a --trusted-proxies item that is not an IP
+        address or network.
+    """
+    try:
+        return TrustedProxies(settings.trusted_proxies)
+    except ValueError as e:
+        raise usage.UsageError(f"--trusted-proxies: {e}")
 
 
 def accessFor(settings: ApiSettings, models: ModelTable, reactor: Any) -> Access:
@@ -311,6 +330,7 @@ def buildApi(
     @raise usage.UsageError: bad model tables or key policy.
     """
     models = modelTable(settings)
+    proxies = trustedProxies(settings)
     access = accessFor(settings, models, reactor)
     api = PrivoxAPI(
         exchange,
@@ -327,12 +347,19 @@ def buildApi(
         fanoutAbove=settings.fanout_above,
         exchangeKey=exchangeKey,
         sealRequired=settings.e2e == REQUIRED,
+        proxies=proxies,
     )
     log.info(
         "API: {access}; uploads up to {max} bytes",
         access=access.description,
         max=settings.max_upload,
     )
+    if len(proxies):
+        log.info(
+            "believing X-Forwarded-For and X-Forwarded-Proto from {n} trusted proxy"
+            " network(s)",
+            n=len(proxies),
+        )
     return api, api.site()
 
 
@@ -383,6 +410,7 @@ class Options(_BaseOptions):  # type: ignore[misc,valid-type]
         if len(set(names)) != len(names):
             raise usage.UsageError("farm names must be unique")
         modelTable(s)
+        trustedProxies(s)
         if not s.listen.strip():
             raise usage.UsageError("--listen must not be empty")
         if s.max_upload < 1:
@@ -520,6 +548,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
             ca=options.ca,
             seal=seal,
             exchange=exchangeKey.private,
+            publicOnly=s.farm_registration == "public",
         )
     except ValueError as e:
         raise usage.UsageError(str(e))

@@ -56,6 +56,9 @@ class DirectoryError(Exception):
 
 #: The most models a farm's producer counts may name.
 MAX_MODELS = 200
+#: The most nodes a farm's registration says are online (never listed in
+#: the directory: only the exchange's account pages use them).
+MAX_NODES = 1000
 
 
 def readProducers(value: Any) -> dict[str, dict[str, int]]:

@@ -56,7 +56,7 @@ from privox.farm.settings import FarmSettings
 from privox.farm.splice import splicerFor
 from privox.farm.vouching import Vouching
 from privox.keys import OpenPolicy, accountId, keyId
-from privox.farm.observe import farmStatus, instrumentFarm
+from privox.farm.observe import farmStatus, instrumentFarm, onlineNodes
 from privox.metrics import CollectorRegistry
 from privox.node.enrolment import (
     DEFAULT_STATE_DIR,
@@ -65,6 +65,7 @@ from privox.node.enrolment import (
     loadIdentity,
 )
 from privox.node.service import NodeService, NodeSettings
+from privox.periodic import Periodic
 from privox.sealing import MODES, REQUIRED, SealPolicy
 from privox.web import PrivateSite
 
@@ -165,6 +166,8 @@ class Options(_BaseOptions):  # type: ignore[misc,valid-type]
             raise usage.UsageError(wyomingError)
 
 
+#: Seconds between two notes of the nodes online at the local farm.
+ONLINE_EVERY = 5.0
 #: The account the local farm's ledger records are the farm's of.
 LOCAL_FARM = accountId("privox-local farm")
 
@@ -323,6 +326,9 @@ class LocalExchange(MultiService):
             log.info("account store {store} at schema version {version}",
                      store=self.store.description, version=version)
             self.farm.ledger = StoreLedger(api.access)
+            # Its nodes online now, for /account, as a farm that joined an
+            # exchange says them when it registers.
+            Periodic(self._reactor, ONLINE_EVERY, self._noteOnline).setServiceParent(self)
         # Its one farm, for nodes that find farms in the directory.
         api.farmDirectory = FarmDirectory(
             self.exchange, farmProber(self._reactor, self.exchange.keyFor, private=True),
@@ -335,6 +341,10 @@ class LocalExchange(MultiService):
         if wyoming.serving(s.wyoming_listen):
             await self._serveWyoming(api)
         self.ready.callback(None)
+
+    async def _noteOnline(self) -> None:
+        assert self.store is not None
+        await self.store.noteOnline("local", onlineNodes(self.farm), self._reactor.seconds())
 
     async def _serveWyoming(self, api: Any) -> None:
         """

@@ -235,10 +235,27 @@ class AccountPagesTests(TestCase):
         self.assertEqual(row.count("<code>"), 1)
         self.assertIn(time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(NOW)), row)  # first
         self.assertIn(time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(NOW + 3600)), row)
-        self.assertIn("<td>enrolled</td>", row)
+        self.assertIn("<td>enrolled, not connected</td>", row)
         _, _, page = await self.get("/account", f"privox_key={other}")
         self.assertNotIn(node, page)
         self.assertIn("No node has enrolled with this key yet.", page)
+
+        # Online now: as farms say when they register; a farm's word holds
+        # a few minutes, and the next word replaces it.
+        now = self.clock.seconds()
+        await self.store.noteOnline("farm-a", {node: 2, "someoneElsesNode": 1}, now)
+        await self.store.noteOnline("farm-b", {node: 1}, now - 3600)
+        _, _, page = await self.get("/account", f"privox_key={key}")
+        row = re.search(r'<table id="enrolled">.*?</table>', page, re.S).group(0)
+        self.assertIn("<td>online: 2 connections at 1 farm</td>", row)
+        self.assertNotIn("someoneElsesNode", page)
+        await self.store.noteOnline("farm-b", {node: 1}, now)
+        _, _, page = await self.get("/account", f"privox_key={key}")
+        self.assertIn("<td>online: 3 connections at 2 farms</td>", page)
+        await self.store.noteOnline("farm-a", {}, now)
+        await self.store.noteOnline("farm-b", {}, now)
+        _, _, page = await self.get("/account", f"privox_key={key}")
+        self.assertIn("<td>enrolled, not connected</td>", page)
 
     async def test_signInRefused(self) -> None:
         await self.start()

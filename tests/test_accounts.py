@@ -104,6 +104,34 @@ class StoreTests:
         await store.unlistStaleFarms(13.5)
         self.assertEqual(await store.listedFarms(), [])
 
+    async def test_onlineNodes(self) -> None:
+        """
+        A key's enrolled nodes, with where farms last said each is online;
+        a farm's next word replaces its last, and leaves with it.
+        """
+        store = await self.store()
+        await store.recordEnrolment("node-a", "key1", 10.0, 100.0)
+        await store.recordEnrolment("node-b", "key1", 11.0, 100.0)
+        await store.recordEnrolment("node-c", "key2", 11.0, 100.0)
+
+        async def online(since: float) -> dict[str, tuple[int, int]]:
+            return {e["node"]: (e["farms"], e["connections"])
+                    for e in await store.enrolments("key1", since)}
+
+        self.assertEqual(await online(0.0), {"node-a": (0, 0), "node-b": (0, 0)})
+        self.assertTrue(await store.listFarm("alpha", "tcp:host=a:port=1", None, "fk1", 20.0))
+        self.assertTrue(await store.listFarm("beta", "tcp:host=b:port=1", None, "fk2", 20.0))
+        await store.noteOnline("alpha", {"node-a": 2, "node-c": 1}, 20.0)
+        await store.noteOnline("beta", {"node-a": 1}, 15.0)
+        self.assertEqual(await online(0.0), {"node-a": (2, 3), "node-b": (0, 0)})
+        self.assertEqual(await online(18.0), {"node-a": (1, 2), "node-b": (0, 0)})
+        await store.noteOnline("alpha", {"node-b": 1}, 21.0)
+        self.assertEqual(await online(18.0), {"node-a": (0, 0), "node-b": (1, 1)})
+        await store.unlistFarm("alpha", "fk1", 21.0)
+        self.assertEqual(await online(0.0), {"node-a": (1, 1), "node-b": (0, 0)})
+        await store.unlistStaleFarms(30.0)
+        self.assertEqual(await online(0.0), {"node-a": (0, 0), "node-b": (0, 0)})
+
     async def test_keysAreKeptAsHashes(self) -> None:
         store = await self.store()
         key, account = await store.createKey(10.0, label="alice", hourlySeconds=120.0)

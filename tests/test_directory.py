@@ -147,6 +147,13 @@ class FarmDirectoryTests(SynchronousTestCase):
         self.assertEqual(alpha.producers, {"stt": {"whisper:tiny.en": 5}})
         self.refused(BadInput, dict(A, producers={"stt": {"m": -1}}))
         self.refused(BadInput, dict(A, producers={"xyz": {}}))
+        # Online nodes: fingerprints and positive counts, a bounded many;
+        # never in the directory.
+        self.register(dict(A, nodes={"nodeFingerprint1": 2}))
+        self.assertNotIn("nodeFingerprint1", json.dumps(self.directory.signed(self.clock.seconds())))
+        for nodes in ({"short": 1}, {"nodeFingerprint1": 0}, {"nodeFingerprint1": True},
+                      ["nodeFingerprint1"], {f"node{n:012d}": 1 for n in range(1001)}):
+            self.assertIn("nodes", self.refused(BadInput, dict(A, nodes=nodes)))
 
     def test_probeFails(self) -> None:
         self.probes.failing.add("alpha")
@@ -252,7 +259,12 @@ class SharedDirectoryTests(TestCase):
             apis.append((FarmDirectory(exchange, probes, clock, key, [], refresh=10, store=store),
                          probes, exchange))
         (first, firstProbes, _), (second, secondProbes, secondExchange) = apis
-        await first.register("farmkey1", A)
+        node = "nodeFingerprint1"
+        await store.recordEnrolment(node, "nodekeyid123", clock.seconds(), clock.seconds() + 86400)
+        await first.register("farmkey1", dict(A, nodes={node: 2}))
+        # Its nodes are online, for their owners' pages.
+        [enrolled] = await store.enrolments("nodekeyid123", clock.seconds() - 300)
+        self.assertEqual((enrolled["farms"], enrolled["connections"]), (1, 2))
         self.assertEqual(secondProbes.probed, [])
         await second._reprobe()
         self.assertEqual(secondProbes.probed, ["alpha"])
@@ -269,6 +281,8 @@ class SharedDirectoryTests(TestCase):
                 break
             await deferLater(reactor, 0.01)
         self.assertEqual(await store.listedFarms(), [])
+        [enrolled] = await store.enrolments("nodekeyid123", clock.seconds() - 300)
+        self.assertEqual((enrolled["farms"], enrolled["connections"]), (0, 0))
         await second._reprobe()
         self.assertEqual(second.listed, {})
         self.assertEqual(secondExchange.farms, [])
@@ -415,13 +429,15 @@ class RegistrationTests(SynchronousTestCase):
         registration = Registration(
             "https://api.example", "farmkey", "alpha", parsePublic(f"{A['stt']} none"), clock,
             http=http, refresh=60, producers=lambda: {"stt": {"whisper:tiny.en": 2}},
+            online=lambda: {"nodeFingerprint1": 2},
         )
         registration.startService()
         clock.advance(0)
         [(method, url, (body, headers))] = http.requests
         self.assertEqual((method, url), ("POST", "https://api.example/v1/farms"))
         self.assertEqual(body, {"name": "alpha", "stt": A["stt"], "tts": None,
-                                "producers": {"stt": {"whisper:tiny.en": 2}}})
+                                "producers": {"stt": {"whisper:tiny.en": 2}},
+                                "nodes": {"nodeFingerprint1": 2}})
         self.assertEqual(headers, {"Authorization": "Bearer farmkey"})
         clock.advance(5)
         self.assertEqual(len(http.requests), 2)

@@ -291,6 +291,13 @@ class LendANodeTests(ProcessTestCase):
             return bool(account["earned"] > 0)
 
         await until(credited, "the lent node's credit", 60, every=0.1)
+        # Its owner's page says it is online, and where.
+        async def online() -> bool:
+            page = await (await treq.get(f"{local.url}/account",
+                                         headers={"Cookie": f"privox_key={key}"})).text()
+            return "online: 1 connection at 1 farm" in page
+
+        await until(online, "the lent node online on /account", 20, every=0.2)
         [served] = await local.store.producing(accountId(key))
         self.assertEqual((served["farm"], served["service"], served["model"]),
                          ("local", "stt", "whisper:tiny.en"))

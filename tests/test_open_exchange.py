@@ -153,6 +153,14 @@ class OpenExchangeTests(ProcessTestCase):
         self.assertEqual(counts, {"first": {"stt": {"digest:x": 1}, "tts": {}},
                                   "second": {"stt": {"digest:x": 1}, "tts": {}}})
 
+        # And that the node is online there, which its owner's page shows.
+        async def online() -> bool:
+            response = await self.http.get(self.url + "/account",
+                                           headers={"Cookie": f"privox_key={nodeKey}"})
+            return "online: 2 connections at 2 farms" in (await response.text())
+
+        await until(online, "the node online on its owner's page", 20, every=0.2)
+
         userKey = await self.key("user")
 
         async def transcribe(n: int) -> None:

@@ -19,6 +19,7 @@ from twisted.web.resource import Resource
 from twisted.web.static import Data
 
 from privox.farm.registration import Registration
+from privox.farm.observe import onlineNodes
 from privox.farm.service import Options as FarmOptions, buildFarm, vouchingFor
 from privox.farm.vouching import ExchangeOnly, Vouching
 from privox.identity import (
@@ -27,6 +28,7 @@ from privox.identity import (
     ConnectionOffer,
     ConsumerPass,
     encodeKey,
+    fingerprint,
     publicBytes,
 )
 from privox.keys import OpenPolicy, accountId, keyId
@@ -80,13 +82,23 @@ class VouchedProducerTests(SynchronousTestCase):
         A node that names no key is let in by its certificate, without the
         key policy, and its session is the certificate's account.
         """
-        peer = self.hello(Node(self.exchange, self.h.clock.seconds()))
+        node = Node(self.exchange, self.h.clock.seconds())
+        peer = self.hello(node)
         [(verb, _)] = peer.messages()
         self.assertEqual(verb, "OKAY")
         self.assertEqual(self.keys.pending, [])
         session = peer.protocol.session
         self.assertEqual((session.accountId, session.keyId),
                          (accountId(NODE_KEY), accountId(NODE_KEY)[:12]))
+        # Online, by its identity's fingerprint (what its owner's account
+        # page shows); a producer let in by key is not counted.
+        self.hello(node).messages()
+        self.hello(None, key="hand-given")
+        self.keys.pending[0][1].callback(True)
+        online = fingerprint(node.certificate.identity)
+        self.assertEqual(onlineNodes(self.h.farm), {online: 2})
+        peer.lose()
+        self.assertEqual(onlineNodes(self.h.farm), {online: 1})
 
     def test_refused(self) -> None:
         """

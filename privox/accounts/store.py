@@ -593,22 +593,45 @@ class AccountStore:
 
         await self._run(upsert)
 
-    async def enrolments(self, keyId: str) -> list[dict[str, Any]]:
+    async def enrolments(self, keyId: str, onlineSince: float) -> list[dict[str, Any]]:
         """
         The nodes enrolled under C{keyId}, latest first: C{node},
-        C{first}, C{last}, C{expires}.
+        C{first}, C{last}, C{expires}, and where it is online (as farms
+        said since C{onlineSince}): C{farms}, C{connections}.
         """
 
         def select(cursor: Any) -> list[dict[str, Any]]:
             self._execute(
                 cursor,
-                "SELECT node, first, last, expires FROM enrolments WHERE key_id = ?"
-                " ORDER BY last DESC",
-                (keyId,),
+                "SELECT e.node, e.first, e.last, e.expires, COUNT(o.farm),"
+                " COALESCE(SUM(o.connections), 0)"
+                " FROM enrolments e LEFT JOIN online_nodes o ON o.node = e.node AND o.seen >= ?"
+                " WHERE e.key_id = ? GROUP BY e.node, e.first, e.last, e.expires"
+                " ORDER BY e.last DESC",
+                (onlineSince, keyId),
             )
-            return [dict(zip(("node", "first", "last", "expires"), row)) for row in cursor.fetchall()]
+            names = ("node", "first", "last", "expires", "farms", "connections")
+            return [dict(zip(names, row)) for row in cursor.fetchall()]
 
         return await self._run(select)  # type: ignore[no-any-return]
+
+    async def noteOnline(self, farm: str, nodes: dict[str, int], now: float) -> None:
+        """
+        The farm C{farm} has these nodes connected now (fingerprint:
+        connections), and no other.
+        """
+
+        def replace(cursor: Any) -> None:
+            self._dialect.begin(cursor, write=True)
+            self._execute(cursor, "DELETE FROM online_nodes WHERE farm = ?", (farm,))
+            for node, connections in sorted(nodes.items()):
+                self._execute(
+                    cursor,
+                    "INSERT INTO online_nodes (farm, node, connections, seen) VALUES (?, ?, ?, ?)",
+                    (farm, node, connections, now),
+                )
+
+        await self._run(replace)
 
     # Farms that joined by themselves (L{privox.api.farmdirectory})
 
@@ -646,11 +669,14 @@ class AccountStore:
         """
 
         def delete(cursor: Any) -> None:
+            self._dialect.begin(cursor, write=True)
             self._execute(
                 cursor,
                 "DELETE FROM farm_directory WHERE name = ? AND account = ? AND seen <= ?",
                 (name, account, seen),
             )
+            if cursor.rowcount > 0:
+                self._execute(cursor, "DELETE FROM online_nodes WHERE farm = ?", (name,))
 
         await self._run(delete)
 
@@ -660,7 +686,9 @@ class AccountStore:
         """
 
         def delete(cursor: Any) -> None:
+            self._dialect.begin(cursor, write=True)
             self._execute(cursor, "DELETE FROM farm_directory WHERE seen < ?", (before,))
+            self._execute(cursor, "DELETE FROM online_nodes WHERE seen < ?", (before,))
 
         await self._run(delete)
 

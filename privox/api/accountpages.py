@@ -53,6 +53,9 @@ SIGNUP_PERIOD = 3600.0
 #: latest job makes it "serving now".
 REVEAL_FOR = 600.0
 ONLINE_WITHIN = 600.0
+#: How long a farm's word that a node is connected holds (farms say it each
+#: time they register: every minute by default).
+ONLINE_SAID = 300.0
 #: Ledger records per page.
 PAGE_SIZE = 20
 
@@ -400,7 +403,7 @@ class AccountPages:
         standing = await self.access.standing(caller)
         hourly = await store.hourly(account, now)
         producing = await store.producing(account)
-        enrolled = await store.enrolments(caller.keyId)
+        enrolled = await store.enrolments(caller.keyId, now - ONLINE_SAID)
         role = _choice(request, b"role", ("consumer", "producer"))
         service = _choice(request, b"service", ("stt", "tts"))
         page = _number(request, b"page")
@@ -502,9 +505,11 @@ def _query(role: str | None, service: str | None, page: int = 1) -> str:
 
 def _enrolled(enrolled: list[dict[str, Any]], now: float) -> Tag:
     """
-    The nodes enrolled under the key: a node renews its day-long
-    certificate at half-life, so one whose certificate is good is running
-    (or stopped less than a day ago).
+    The nodes enrolled under the key, and whether each is online now: the
+    farms of the exchange that let it in by its certificate say so as they
+    register (privox.farm.observe.onlineNodes). A node renews its day-long
+    certificate at half-life, so one whose certificate is good but that no
+    farm has is between farms, or stopped less than a day ago.
     """
     if not enrolled:
         return tags.p("No node has enrolled with this key yet.", id="enrolled")
@@ -515,12 +520,20 @@ def _enrolled(enrolled: list[dict[str, Any]], now: float) -> Tag:
             tags.tr(
                 tags.td(tags.code(e["node"])), tags.td(_when(e["first"])),
                 tags.td(_when(e["last"])), tags.td(_when(e["expires"])),
-                tags.td("enrolled" if e["expires"] > now else "expired"),
+                tags.td(_online(e, now)),
             )
             for e in enrolled
         ],
         id="enrolled",
     )
+
+
+def _online(enrolment: dict[str, Any], now: float) -> str:
+    farms, connections = int(enrolment["farms"]), int(enrolment["connections"])
+    if farms:
+        return (f"online: {connections} connection{'s' * (connections != 1)}"
+                f" at {farms} farm{'s' * (farms != 1)}")
+    return "enrolled, not connected" if enrolment["expires"] > now else "expired"
 
 
 def _producing(producing: list[dict[str, Any]], now: float) -> Tag:

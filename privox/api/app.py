@@ -54,7 +54,7 @@ from privox.api.errors import (
 )
 from privox.api.exchange import Exchange, Spoken, Transcribed
 from privox.api.fanout import DEFAULT_AT_ONCE, FanOut, InOrder, Progress
-from privox.api.farmdirectory import FarmDirectory
+from privox.api.farmdirectory import REGISTRATION_LIMIT, FarmDirectory
 from privox.api.farmstatus import unserved
 from privox.api.live import LiveJobs
 from privox.api.ledger import readLedger
@@ -682,7 +682,7 @@ class PrivoxAPI:
     async def _registerFarm(self, request: IRequest, done: _Done) -> bytes:
         directory = self._directory()
         account = await self.access.authorizeFarm(forms.findKey(request))
-        size = forms.bodySize(request, min(self._limit(request), 4096))
+        size = forms.bodySize(request, min(self._limit(request), REGISTRATION_LIMIT))
         try:
             fields = json.loads(request.content.read() if size else b"")
         except ValueError:

@@ -43,7 +43,7 @@ from privox.api.farms import FarmExchange
 from privox.api.farmpool import NotPublic, publicEndpoint
 from privox.consumer import ConsumerProtocol, JobFailed
 from privox.directory import (
-    MAX_FIELD, PLAIN_ENDPOINT, REFRESH, Directory, ListedFarm, readProducers,
+    MAX_FIELD, MAX_NODES, PLAIN_ENDPOINT, REFRESH, Directory, ListedFarm, readProducers,
 )
 from privox.messages import SERVICES, ErrorCode, JobRequest
 from privox.periodic import Periodic
@@ -68,6 +68,10 @@ PROBE_TIMEOUT = 10.0
 PROBES_AT_ONCE = 8
 #: Seconds between two probes a farm key's registrations may ask for.
 PROBE_SPACING = 10.0
+#: The largest registration body (its producers' models and online nodes).
+REGISTRATION_LIMIT = 64 * 1024
+#: A node's fingerprint (privox.identity.fingerprint): 16 base64 characters.
+FINGERPRINT = re.compile(r"[A-Za-z0-9_-]{16}")
 
 
 class ProbeFailed(Exception):
@@ -210,6 +214,7 @@ class FarmDirectory:
         entry = replace(_entry(fields), member=account)
         try:
             producers = readProducers(fields.get("producers"))
+            nodes = readNodes(fields.get("nodes"))
         except ValueError as e:
             raise BadInput(str(e)) from None
         if any(f.name == entry.name for f in self.configured):
@@ -220,7 +225,7 @@ class FarmDirectory:
             raise Conflict(f"farm name {entry.name!r} is taken")
         if known is not None and known.entry == entry:
             known.seen, known.producers = now, producers
-            await self._share(entry, account, now, producers)
+            await self._share(entry, account, now, producers, nodes)
             return self._answer(entry)
         await self._mayList(entry, account)
         last = self._probedFor.get(account)
@@ -237,7 +242,7 @@ class FarmDirectory:
                      name=entry.name, account=account, why=str(e))
             raise Unprocessable(f"the farm did not pass its probe: {e}") from None
         now = self.clock.seconds()
-        await self._share(entry, account, now, producers)
+        await self._share(entry, account, now, producers, nodes)
         self._list(Registered(entry, account, now, latency, producers))
         return self._answer(entry)
 
@@ -265,12 +270,17 @@ class FarmDirectory:
             raise Unavailable("the directory of farms is full", retryAfter=3600)
 
     async def _share(
-        self, entry: FarmEntry, account: str, now: float, producers: dict[str, dict[str, int]]
+        self, entry: FarmEntry, account: str, now: float, producers: dict[str, dict[str, int]],
+        nodes: dict[str, int],
     ) -> None:
-        if self.store is not None and not await self.store.listFarm(
+        if self.store is None:
+            return
+        if not await self.store.listFarm(
             entry.name, entry.stt, entry.tts, account, now, json.dumps(producers)
         ):
             raise Conflict(f"farm name {entry.name!r} is taken")
+        # For the account pages' "online now" (no directory names a node).
+        await self.store.noteOnline(entry.name, nodes, now)
 
     def _list(self, farm: Registered) -> None:
         self.listed[farm.entry.name] = farm
@@ -378,6 +388,25 @@ class FarmDirectory:
             for r in self.listed.values()
         ]
         return Directory.issue(farms, now).signed(self.signer)
+
+
+def readNodes(value: Any) -> dict[str, int]:
+    """
+    The nodes a farm says are online (C{{FINGERPRINT: connections}},
+    L{privox.farm.observe.onlineNodes}); {} where absent.
+
+    @raise ValueError: malformed.
+    """
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or len(value) > MAX_NODES:
+        raise ValueError(f"nodes must map at most {MAX_NODES} node fingerprints to connections")
+    for node, connections in value.items():
+        if not (isinstance(node, str) and FINGERPRINT.fullmatch(node)
+                and isinstance(connections, int) and not isinstance(connections, bool)
+                and 0 < connections <= 1_000_000):
+            raise ValueError("nodes: a node is a fingerprint, its connections a positive count")
+    return dict(value)
 
 
 def _storedProducers(row: dict[str, Any]) -> dict[str, dict[str, int]]:

@@ -78,6 +78,9 @@ class FarmConnection(Protocol):
         #: account its key or its exchange certificate names.
         self._role: str | None = None
         self._account = ""
+        #: A node the farm's exchange vouched for: its identity's
+        #: fingerprint (privox.farm.vouching).
+        self.node: str | None = None
         # DATA is relayed piece by piece as it arrives (cut-through): the
         # farm never holds a whole upload or result frame.
         self._decoder = FrameDecoder(farm.settings.max_frame, streamVerbs=BULK_VERBS)
@@ -138,7 +141,9 @@ class FarmConnection(Protocol):
             # The farm's exchange's API or one of its nodes, proving its
             # account without handing this farm a key (privox.farm.vouching).
             try:
-                self._account = vouching.account(role, key, hello.seal, self.farm.clock.seconds())
+                self._account, self.node = vouching.account(
+                    role, key, hello.seal, self.farm.clock.seconds()
+                )
             except IdentityError as e:
                 self._account = accountId(key)
                 what = "certificate" if role == "producer" else "pass"

@@ -12,9 +12,10 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from privox.directory import MAX_FIELD
+from privox.directory import MAX_FIELD, MAX_NODES
 from privox.farm.farm import Farm
 from privox.farm.job import Job
+from privox.farm.sessions import ProducerSession
 from privox.messages import ANY, SERVICES, ErrorCode
 from privox.metrics import LATENCY_BUCKETS, MAX_MODELS, OTHER
 
@@ -179,6 +180,22 @@ def farmStatus(farm: Farm) -> dict[str, Any]:
         "jobs": {"total": farm.counters.jobs, "succeeded": farm.counters.succeeded},
         "services": services,
     }
+
+
+def onlineNodes(farm: Farm) -> dict[str, int]:
+    """
+    The nodes the farm's exchange vouched for that are connected now (by
+    their identity's fingerprint) and their connections, at most
+    L{MAX_NODES} of them: what the exchange's account pages call "online
+    now".
+    """
+    online: dict[str, int] = {}
+    for connection in farm.connections:
+        node = connection.node
+        if node is not None and isinstance(connection.session, ProducerSession):
+            if node in online or len(online) < MAX_NODES:
+                online[node] = online.get(node, 0) + 1
+    return online
 
 
 def producerCounts(farm: Farm) -> dict[str, dict[str, int]]:

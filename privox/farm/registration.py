@@ -69,10 +69,13 @@ class Registration(Periodic):
         refresh: float = REFRESH,
         producers: Callable[[], dict[str, dict[str, int]]] = dict,
         vouching: Vouching | None = None,
+        online: Callable[[], dict[str, int]] = dict,
     ) -> None:
         """
         @param producers: the farm's producers per service and model now,
             which the directory shows nodes choosing a farm.
+        @param online: the exchange's nodes connected now (fingerprint:
+            connections), which their owners' account pages show.
         @param vouching: where the farm keeps the exchange's key; one
             without it is read from the exchange first.
         """
@@ -82,6 +85,7 @@ class Registration(Periodic):
         self.key = key
         self.body = {"name": name, "stt": public[0], "tts": public[1]}
         self.producers = producers
+        self.online = online
         self.http = http
         self.vouching = vouching
         self.keyURL = url.rstrip("/") + "/v1/exchange"
@@ -156,7 +160,7 @@ class Registration(Periodic):
 
     async def _post(self) -> tuple[int, bytes]:
         response = await self.http.post(
-            self.target, json=dict(self.body, producers=self.producers()),
+            self.target, json=dict(self.body, producers=self.producers(), nodes=self.online()),
             headers={"Authorization": f"Bearer {self.key}"},
         )
         return response.code, await response.content()

@@ -18,7 +18,7 @@ from privox.config import optionsFor
 from privox.farm.connection import FarmFactory
 from privox.farm.farm import Counters, Farm
 from privox.farm.ledger import Sink, ledgerFromSettings, ledgerTarget
-from privox.farm.observe import farmStatus, instrumentFarm, producerCounts
+from privox.farm.observe import farmStatus, instrumentFarm, onlineNodes, producerCounts
 from privox.farm.pvx1 import Aliases
 from privox.farm.registration import Registration, parsePublic
 from privox.farm.settings import FarmSettings
@@ -219,6 +219,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         Registration(
             settings.exchange, settings.api_key, settings.name, parsePublic(settings.public),
             reactor, producers=lambda: producerCounts(farm), vouching=farm.vouching,
+            online=lambda: onlineNodes(farm),
         ).setServiceParent(top)
     return top
 

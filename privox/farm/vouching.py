@@ -30,7 +30,7 @@ import re
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from twisted.internet.defer import Deferred, succeed
 
-from privox.identity import PASS_PREFIX, ConnectionOffer, ConsumerPass, IdentityError
+from privox.identity import PASS_PREFIX, ConnectionOffer, ConsumerPass, IdentityError, fingerprint
 
 #: An account id as the ledger takes it (L{privox.keys.accountId}).
 _ACCOUNT = re.compile(r"[0-9a-f]{64}")
@@ -53,25 +53,31 @@ class Vouching:
         """
         return not key if role == "producer" else key.startswith(PASS_PREFIX)
 
-    def account(self, role: str, key: str, offer: dict[str, str] | None, now: float) -> str:
+    def account(
+        self, role: str, key: str, offer: dict[str, str] | None, now: float
+    ) -> tuple[str, str | None]:
         """
         The account of a peer L{speaksFor} covers: a producer's from its
-        seal offer, a consumer's from its pass.
+        seal offer, a consumer's from its pass; and a producer's node (its
+        identity's fingerprint), which the farm tells the exchange is
+        online.
 
         @raise IdentityError: the exchange does not vouch for it, or this
             farm does not know the exchange's key yet.
         """
         if self.exchange is None:
             raise IdentityError("this farm does not know its exchange's key yet")
+        node = None
         if role == "consumer":
             account = ConsumerPass.verify(key[len(PASS_PREFIX):], self.exchange, self.farm, now).account
         elif offer is None:
             raise IdentityError("a producer without a key must offer its exchange certificate")
         else:
-            account = ConnectionOffer.parse(offer).verify(self.exchange, now)[0].account
+            certificate, _ = ConnectionOffer.parse(offer).verify(self.exchange, now)
+            account, node = certificate.account, fingerprint(certificate.identity)
         if not _ACCOUNT.fullmatch(account):
             raise IdentityError("it names no account id (enrol again)")
-        return account
+        return account, node
 
 
 class ExchangeOnly:

@@ -1,0 +1,16 @@
+-- The exchange's nodes online now, as the farms that joined it say each
+-- time they register (privox.farm.observe.onlineNodes): by each node
+-- identity's fingerprint, its connections to that farm. Only the account
+-- pages read it ("online now", for a key's own nodes); the directory never
+-- names a node.
+-- Portable SQL: SQLite and PostgreSQL.
+
+CREATE TABLE online_nodes (
+    farm TEXT NOT NULL,                  -- the farm's name in the directory
+    node TEXT NOT NULL,                  -- the identity key's fingerprint
+    connections INTEGER NOT NULL,
+    seen DOUBLE PRECISION NOT NULL,      -- when the farm last said so
+    PRIMARY KEY (farm, node)
+);
+
+CREATE INDEX online_nodes_node ON online_nodes (node);

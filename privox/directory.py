@@ -54,6 +54,8 @@ class DirectoryError(Exception):
     """
 
 
+#: A farm's key id at the exchange (privox.keys.keyId).
+MEMBER = re.compile(r"[0-9a-f]{12}")
 #: The most models a farm's producer counts may name.
 MAX_MODELS = 200
 #: The most nodes a farm's registration says are online (never listed in
@@ -92,18 +94,28 @@ class ListedFarm:
     port it serves (None: it does not serve that service), and how many
     producers it had per service and model when it last registered (what
     nodes go by to find the farms that need them most).
+
+    C{member}: the key id of a farm that joined by itself (a stranger's), or
+    that vouches as those do: a node shows it no key, only its certificate,
+    in an offer bound to that key id (privox.farm.vouching). L{None}: one of
+    the exchange's own farms, which takes the node's key as its key policy
+    says.
     """
 
     name: str
     stt: str | None
     tts: str | None
     producers: dict[str, dict[str, int]] = field(default_factory=dict, compare=False)
+    member: str | None = None
 
     def endpoint(self, service: str) -> str | None:
         return self.stt if service == "stt" else self.tts
 
     def fields(self) -> dict[str, Any]:
-        return {"name": self.name, "stt": self.stt, "tts": self.tts, "producers": self.producers}
+        fields = {"name": self.name, "stt": self.stt, "tts": self.tts, "producers": self.producers}
+        if self.member is not None:
+            fields["member"] = self.member
+        return fields
 
     def serving(self, service: str, models: Iterable[str]) -> int:
         """
@@ -134,7 +146,10 @@ class ListedFarm:
             producers = readProducers(fields.get("producers"))
         except ValueError as e:
             raise DirectoryError(f"farm {name!r}: {e}") from None
-        return cls(name, ports[0], ports[1], producers)
+        member = fields.get("member")
+        if member is not None and not (isinstance(member, str) and MEMBER.fullmatch(member)):
+            raise DirectoryError(f"farm {name!r}: bad member key id")
+        return cls(name, ports[0], ports[1], producers, member)
 
 
 @dataclass(frozen=True)
@@ -204,6 +219,16 @@ class Directory:
         order.
         """
         return tuple(e for farm in self.farms if (e := farm.endpoint(service)) is not None)
+
+    def member(self, endpoint: str) -> str | None:
+        """
+        The key id of the farm that joined by itself at C{endpoint}, or
+        L{None} for one of the exchange's own farms (or one not listed).
+        """
+        for farm in self.farms:
+            if endpoint in (farm.stt, farm.tts):
+                return farm.member
+        return None
 
     def byNeed(self, service: str, models: Iterable[str], rng: random.Random) -> tuple[str, ...]:
         """

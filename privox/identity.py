@@ -39,12 +39,16 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 CERTIFICATE_LIFETIME = 24 * 3600.0
 #: The most a certificate may claim it was issued in the future (clocks).
 CLOCK_SKEW = 300.0
+#: What a node's identity signs, before the farm's key id and its
+#: connection key, for a farm that lets it in by its certificate.
+_BOUND_OFFER_CONTEXT = b"privox connection key for farm v1\x00"
 #: What a node's identity signs, before its connection key.
 _OFFER_CONTEXT = b"privox connection key v1\x00"
 #: The longest certificate text accepted (a HELO field).
 MAX_CERTIFICATE = 1024
-#: How long a consumer pass is good for (an API makes one per connection).
-PASS_LIFETIME = 3600.0
+#: How long a consumer pass is good for: an API makes one per connection,
+#: shown once at its handshake, so a pass seen on the way is soon no use.
+PASS_LIFETIME = 300.0
 #: What a consumer's HELO key starts with when it is a pass.
 PASS_PREFIX = "pass:"
 #: What the exchange signs, before a pass's body (never a certificate's).
@@ -269,29 +273,40 @@ class ConnectionOffer:
     """
     What a node's HELO offers for sealing: its certificate, a fresh X25519
     key for this connection, and its identity's signature of that key.
+
+    An offer to a farm that lets the node in by it (a farm that joined the
+    exchange: privox.farm.vouching) is bound to that farm: C{farm} is its
+    key id, and the signature covers it too, so a farm shown the offer
+    cannot be let in with it anywhere else.
     """
 
     certificate: str
     key: bytes
     signature: bytes
+    farm: str | None = None
 
     @classmethod
     def make(
-        cls, identity: Ed25519PrivateKey, certificate: Certificate
+        cls, identity: Ed25519PrivateKey, certificate: Certificate, farm: str | None = None
     ) -> tuple[X25519PrivateKey, ConnectionOffer]:
         """
-        A fresh connection key and the offer of its public half.
+        A fresh connection key and the offer of its public half (bound to
+        C{farm}, if given).
         """
         private = X25519PrivateKey.generate()
         key = publicBytes(private.public_key())
-        return private, cls(certificate.text, key, identity.sign(_OFFER_CONTEXT + key))
+        signature = identity.sign(_signedOffer(key, farm))
+        return private, cls(certificate.text, key, signature, farm)
 
     def fields(self) -> dict[str, str]:
-        return {
+        fields = {
             "certificate": self.certificate,
             "key": encodeKey(self.key),
             "signature": encodeKey(self.signature),
         }
+        if self.farm is not None:
+            fields["farm"] = self.farm
+        return fields
 
     @classmethod
     def parse(cls, fields: Any) -> ConnectionOffer:
@@ -300,23 +315,37 @@ class ConnectionOffer:
         """
         if not isinstance(fields, dict):
             raise IdentityError("a seal offer must be an object")
-        certificate = fields.get("certificate")
+        certificate, farm = fields.get("certificate"), fields.get("farm")
         if not isinstance(certificate, str) or len(certificate) > MAX_CERTIFICATE:
             raise IdentityError("malformed certificate")
-        return cls(certificate, decodeKey(fields.get("key")), decodeKey(fields.get("signature"), 64))
+        if farm is not None and not (isinstance(farm, str) and 0 < len(farm) <= 64):
+            raise IdentityError("malformed seal offer")
+        return cls(
+            certificate, decodeKey(fields.get("key")), decodeKey(fields.get("signature"), 64), farm
+        )
 
     def verify(self, exchange: Ed25519PublicKey, now: float) -> tuple[Certificate, X25519PublicKey]:
         """
         The node's certificate and connection key, if the exchange vouches
-        for the node and the node signed this key.
+        for the node and the node signed this key (and the farm it names).
 
         @raise IdentityError: either does not hold.
         """
         certificate = Certificate.verify(self.certificate, exchange, now)
         try:
             Ed25519PublicKey.from_public_bytes(certificate.identity).verify(
-                self.signature, _OFFER_CONTEXT + self.key
+                self.signature, _signedOffer(self.key, self.farm)
             )
         except InvalidSignature:
             raise IdentityError("connection key not signed by the certified node") from None
         return certificate, X25519PublicKey.from_public_bytes(self.key)
+
+
+def _signedOffer(key: bytes, farm: str | None) -> bytes:
+    """
+    What a node's identity signs for an offer of C{key}: bound to C{farm}
+    under a context of its own, so neither form passes for the other.
+    """
+    if farm is None:
+        return _OFFER_CONTEXT + key
+    return _BOUND_OFFER_CONTEXT + farm.encode("utf-8") + b"\x00" + key

@@ -152,6 +152,14 @@ def _string(obj: dict[str, Any], name: str, error: type[Exception], default: Any
     return value
 
 
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate, which JSON can carry
+        return False
+    return True
+
+
 def _stringList(obj: dict[str, Any], name: str, error: type[Exception]) -> tuple[str, ...]:
     value = obj.get(name, [])
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -230,6 +238,8 @@ class Hello:
         if service not in SERVICES:
             raise BadRequest(f"service must be one of {', '.join(SERVICES)}")
         key = _string(obj, "key", BadRequest, default="")
+        if not key.isascii() and not _encodable(key):
+            raise BadRequest("key must be text (UTF-8)")
         models = _stringList(obj, "models", BadRequest)
         languages = _advertised(_stringList(obj, "languages", BadRequest))
         if role == "producer" and not models:
@@ -275,11 +285,13 @@ def _sealOffer(value: Any) -> dict[str, str] | None:
         return None
     if (
         not isinstance(value, dict)
-        or set(value) != set(_SEAL_OFFER)
+        or not set(_SEAL_OFFER) <= set(value) <= set(_SEAL_OFFER) | {"farm"}
         or not all(isinstance(v, str) and 0 < len(v) <= MAX_SEAL_FIELD for v in value.values())
     ):
-        raise BadRequest("seal must be an object of certificate, key and signature strings")
-    return {k: value[k] for k in _SEAL_OFFER}
+        raise BadRequest(
+            "seal must be an object of certificate, key and signature strings (and a farm's)"
+        )
+    return {k: value[k] for k in (*_SEAL_OFFER, "farm") if k in value}
 
 
 def _jobSeal(value: Any) -> dict[str, str] | None:

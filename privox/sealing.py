@@ -106,7 +106,8 @@ class Sealer(Protocol):
     fresh key and its offer, or L{None} while it holds no certificate.
     """
 
-    def offer(self) -> tuple[X25519PrivateKey, ConnectionOffer] | None: ...
+    def offer(self, farm: str | None = None) -> tuple[X25519PrivateKey, ConnectionOffer] | None:
+        "Bound to C{farm} (its key id), if given: a farm that lets the node in by it."
 
 
 #: How many checked offers a policy remembers (a node connection each).

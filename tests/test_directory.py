@@ -27,7 +27,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from privox.accounts.store import AccountStore
 from privox.api import farmdirectory
 from privox.api.errors import BadInput, Conflict, OverQuota, Unavailable, Unprocessable
-from privox.api.farmdirectory import FarmDirectory, ProbeFailed, farmProber
+from privox.api.farmdirectory import PROBE_SPACING, FarmDirectory, ProbeFailed, farmProber
 from privox.api.farmhealth import farmHealth
 from privox.api.farmlist import FarmEntry
 from privox.api.farmpool import Dialing, FarmPool, Unreachable, publicEndpoint
@@ -113,10 +113,10 @@ class FarmDirectoryTests(SynchronousTestCase):
         self.directory.prober.startService()
         self.addCleanup(self.directory.prober.stopService)
 
-    def register(self, fields: Any, account: str = "farmkey1") -> dict[str, Any]:
+    def register(self, fields: Any, account: str = "f00d00000001") -> dict[str, Any]:
         return self.successResultOf(Deferred.fromCoroutine(self.directory.register(account, fields)))
 
-    def refused(self, kind: type, fields: Any, account: str = "farmkey1") -> str:
+    def refused(self, kind: type, fields: Any, account: str = "f00d00000001") -> str:
         failure = self.failureResultOf(
             Deferred.fromCoroutine(self.directory.register(account, fields)), kind
         )
@@ -138,6 +138,14 @@ class FarmDirectoryTests(SynchronousTestCase):
         )
         self.assertEqual([f.entry.name for f in self.exchange.farms], ["own", "reserve", "alpha"])
         self.assertEqual(self.listed(), ["alpha", "own"])
+        # A joined farm is listed with its key id (nodes show it no key, and
+        # bind their offers to it; the API shows it passes for it); the
+        # API's own farms are not.
+        signed = self.directory.signed(self.clock.seconds())
+        members = {f.name: f.member for f in Directory.verify(
+            signed, self.key.public_key(), self.clock.seconds()).farms}
+        self.assertEqual(members, {"alpha": "f00d00000001", "own": None})
+        self.assertEqual(self.exchange.farms[2].entry.member, "f00d00000001")
         # Registering again refreshes it (and its producers) without a new probe.
         self.register(dict(A, producers={"stt": {"whisper:tiny.en": 5}}))
         self.assertEqual(self.probes.probed, ["alpha"])
@@ -167,7 +175,7 @@ class FarmDirectoryTests(SynchronousTestCase):
 
     def test_names(self) -> None:
         self.register(A)
-        self.assertIn("is taken", self.refused(Conflict, A, account="farmkey2"))
+        self.assertIn("is taken", self.refused(Conflict, A, account="f00d00000002"))
         self.assertIn("is taken", self.refused(Conflict, dict(A, name="own")))
         self.assertIn("is taken", self.refused(Conflict, dict(A, name="reserve")))
         # Its own farm may move: a new probe, then the new endpoints.
@@ -191,13 +199,13 @@ class FarmDirectoryTests(SynchronousTestCase):
         self.assertEqual(
             self.refused(Conflict, dict(B, name="alpha2")), "this farm key lists farm 'alpha' already"
         )
-        self.assertEqual(self.refused(Conflict, dict(A, name="gamma"), account="farmkey2"),
+        self.assertEqual(self.refused(Conflict, dict(A, name="gamma"), account="f00d00000002"),
                          "another farm lists that endpoint")
         own = dict(A, name="gamma", stt="tcp:host=own.example:port=1776")
-        self.assertEqual(self.refused(Conflict, own, account="farmkey2"),
+        self.assertEqual(self.refused(Conflict, own, account="f00d00000002"),
                          "another farm lists that endpoint")
         self.patch(farmdirectory, "MAX_LISTED", 2)  # alpha and own
-        self.assertIn("full", self.refused(Unavailable, B, account="farmkey2"))
+        self.assertIn("full", self.refused(Unavailable, B, account="f00d00000002"))
         self.assertEqual(self.probes.probed, ["alpha"])
 
     def test_badRegistrations(self) -> None:
@@ -226,7 +234,7 @@ class FarmDirectoryTests(SynchronousTestCase):
         the directory and the exchange; only a new probe lists it back.
         """
         self.register(A)
-        self.register(B, account="farmkey2")
+        self.register(B, account="f00d00000002")
         self.probes.failing.add("alpha")
         self.clock.advance(10)
         self.assertEqual(self.listed(), ["beta", "own"])
@@ -253,15 +261,15 @@ class SharedDirectoryTests(TestCase):
         clock = Clock()
         key = Ed25519PrivateKey.generate()
         apis = []
-        for _ in range(2):
+        for _ in range(3):
             probes = Probes()
             exchange = FarmExchange([], reactor, clock=clock)
             apis.append((FarmDirectory(exchange, probes, clock, key, [], refresh=10, store=store),
                          probes, exchange))
-        (first, firstProbes, _), (second, secondProbes, secondExchange) = apis
+        (first, firstProbes, _), (second, secondProbes, secondExchange), (third, _, _) = apis
         node = "nodeFingerprint1"
         await store.recordEnrolment(node, "nodekeyid123", clock.seconds(), clock.seconds() + 86400)
-        await first.register("farmkey1", dict(A, nodes={node: 2}))
+        await first.register("f00d00000001", dict(A, nodes={node: 2}))
         # Its nodes are online, for their owners' pages.
         [enrolled] = await store.enrolments("nodekeyid123", clock.seconds() - 300)
         self.assertEqual((enrolled["farms"], enrolled["connections"]), (1, 2))
@@ -269,9 +277,10 @@ class SharedDirectoryTests(TestCase):
         await second._reprobe()
         self.assertEqual(secondProbes.probed, ["alpha"])
         self.assertEqual([f.entry.name for f in secondExchange.farms], ["alpha"])
+        self.assertEqual(secondExchange.farms[0].entry.member, "f00d00000001")
         # The name is the first key's, at either API server.
         with self.assertRaises(Conflict):
-            await second.register("farmkey2", dict(A, stt="tcp:host=evil.example:port=1"))
+            await second.register("f00d00000002", dict(A, stt="tcp:host=evil.example:port=1"))
         # Its probe fails at the first: gone from both.
         firstProbes.failing.add("alpha")
         clock.advance(5)
@@ -286,6 +295,20 @@ class SharedDirectoryTests(TestCase):
         await second._reprobe()
         self.assertEqual(second.listed, {})
         self.assertEqual(secondExchange.farms, [])
+
+        # Listed at both again; then another key holds the name at the same
+        # endpoints (it went stale, and the address went to someone else):
+        # the second server probes it anew and shows it passes for that key.
+        firstProbes.failing.clear()
+        clock.advance(PROBE_SPACING)
+        await first.register("f00d00000001", A)
+        await second._reprobe()
+        self.assertEqual(secondExchange.farms[0].entry.member, "f00d00000001")
+        await store.unlistFarm("alpha", "f00d00000001", clock.seconds())
+        await third.register("f00d00000003", A)
+        await second._reprobe()
+        self.assertEqual(secondProbes.probed, ["alpha", "alpha", "alpha"])
+        self.assertEqual([f.entry.member for f in secondExchange.farms], ["f00d00000003"])
 
 
 class FakeHttp:

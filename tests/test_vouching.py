@@ -12,6 +12,8 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from twisted.internet import reactor
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 from treq.testing import StubTreq
@@ -33,7 +35,7 @@ from privox.identity import (
 )
 from privox.keys import OpenPolicy, accountId, keyId
 from privox.node.echo import DigestHandler
-from privox.node.worker import ProducerProtocol
+from privox.node.service import NodeSettings, Slot
 from tests.farmharness import FarmHarness, ManualPolicy
 
 NODE_KEY = "pvx_the-nodes-own-key"
@@ -50,8 +52,8 @@ class Node:
             exchange, publicBytes(self.identity.public_key()), account, now, lifetime
         )
 
-    def offer(self) -> Any:
-        return ConnectionOffer.make(self.identity, self.certificate)
+    def offer(self, farm: str | None = FARM) -> Any:
+        return ConnectionOffer.make(self.identity, self.certificate, farm)
 
 
 class VouchedProducerTests(SynchronousTestCase):
@@ -62,12 +64,12 @@ class VouchedProducerTests(SynchronousTestCase):
         self.h.clock.advance(1_000_000)
         self.h.farm.vouching = Vouching(FARM, self.exchange.public_key())
 
-    def hello(self, node: Node | None, key: str = "") -> Any:
+    def hello(self, node: Node | None, key: str = "", farm: str | None = FARM) -> Any:
         peer = self.h.peer()
         fields: dict[str, Any] = {"protocol": 2, "role": "producer", "service": "stt",
                                   "key": key, "models": ["*"]}
         if node is not None:
-            fields["seal"] = node.offer()[1].fields()
+            fields["seal"] = node.offer(farm)[1].fields()
         peer.send(b"HELO", fields)
         return peer
 
@@ -114,10 +116,21 @@ class VouchedProducerTests(SynchronousTestCase):
         self.assertDenied(self.hello(expired), "certificate expired")
         old = Node(self.exchange, now, account=accountId(NODE_KEY)[:12])
         self.assertDenied(self.hello(old), "certificate refused: it names no account id")
-        self.assertDenied(self.hello(None), "must offer its exchange certificate")
+        # An offer another farm was shown (bound to it): whoever holds it
+        # cannot get in here as that node.
+        good = Node(self.exchange, now)
+        self.assertDenied(self.hello(good, farm=keyId("another-farm")),
+                          "certificate refused: the offer is not bound to this farm")
+        # A pass offered as a certificate.
+        peer = self.h.peer()
+        passed = ConsumerPass.issue(self.exchange, FARM, accountId(NODE_KEY), now).text
+        offer = dict(good.offer()[1].fields(), certificate=passed)
+        peer.send(b"HELO", {"protocol": 2, "role": "producer", "service": "stt", "key": "",
+                            "models": ["*"], "seal": offer})
+        self.assertDenied(peer, "certificate refused: certificate not signed by this exchange")
         swapped = Node(self.exchange, now)
         peer = self.h.peer()
-        _, offer = ConnectionOffer.make(Ed25519PrivateKey.generate(), swapped.certificate)
+        _, offer = ConnectionOffer.make(Ed25519PrivateKey.generate(), swapped.certificate, FARM)
         peer.send(b"HELO", {"protocol": 2, "role": "producer", "service": "stt", "key": "",
                             "models": ["*"], "seal": offer.fields()})
         self.assertDenied(peer, "connection key not signed by the certified node")
@@ -136,14 +149,28 @@ class VouchedProducerTests(SynchronousTestCase):
     def test_namedKeysStillGoToThePolicy(self) -> None:
         """
         A producer that names a key is checked by the key policy, as on any
-        farm, certificate or not; so is a keyless one on a farm that joined
-        no exchange.
+        farm, certificate or not; so is a keyless one that offers no offer
+        bound to a farm (an unbound one is shown to any farm), and a
+        keyless one on a farm that joined no exchange.
         """
-        self.hello(Node(self.exchange, self.h.clock.seconds()), key=NODE_KEY)
+        now = self.h.clock.seconds()
+        self.hello(Node(self.exchange, now), key=NODE_KEY)
         self.hello(None, key="hand-given")
+        self.hello(None)
+        self.hello(Node(self.exchange, now), farm=None)
         self.h.farm.vouching = None
-        self.hello(Node(self.exchange, self.h.clock.seconds()))
-        self.assertEqual([k for k, _ in self.keys.pending], [NODE_KEY, "hand-given", ""])
+        self.hello(Node(self.exchange, now))
+        self.assertEqual([k for k, _ in self.keys.pending], [NODE_KEY, "hand-given", "", "", ""])
+
+    def test_exchangeOnly(self) -> None:
+        """
+        With the default policy (C{exchange}), a farm that joined refuses
+        producers by key, and keyless ones without a bound offer, saying so.
+        """
+        self.h.farm._keyPolicies["producer"] = ExchangeOnly()
+        for peer in (self.hello(None, key=NODE_KEY), self.hello(None),
+                     self.hello(Node(self.exchange, self.h.clock.seconds()), farm=None)):
+            self.assertDenied(peer, "only its exchange's API (by pass) and certified nodes")
 
 
 class ConsumerPassTests(SynchronousTestCase):
@@ -217,21 +244,39 @@ class ConsumerPassTests(SynchronousTestCase):
 
 
 class DirectorySlotTests(SynchronousTestCase):
-    def test_helloNamesNoKey(self) -> None:
+    def test_keyPerFarm(self) -> None:
         """
-        The HELO a slot on a farm from the directory sends carries the
-        node's certificate and no key.
+        A slot whose farms are a stranger's that joined the exchange (the
+        directory says which) and the exchange's own: the first is shown
+        no key and an offer bound to it, the other the node's key.
         """
         node = Node(Ed25519PrivateKey.generate(), 0.0)
 
         class Sealer:
-            def offer(self) -> Any:
-                return node.offer()
+            def offer(self, farm: str | None = None) -> Any:
+                return node.offer(farm)
 
-        protocol = ProducerProtocol("stt", "", DigestHandler(("digest:x",)), sealer=Sealer())
-        hello = protocol.hello.payload()
+        reactor = MemoryReactorClock()
+        joined, own = "tcp:host=10.0.0.1:port=1776", "tcp:host=10.0.0.2:port=1776"
+        slot = Slot("stt", (joined, own), DigestHandler(("digest:x",)),
+                    NodeSettings(key=NODE_KEY, stt=("digest:x",), stt_farm=(own,)), reactor,
+                    sealer=Sealer(), memberOf={joined: FARM}.get)
+        slot.client.startService()
+        self.addCleanup(slot.client.stopService)
+        reactor.advance(0)
+        [(host, _, factory, _, _)] = reactor.tcpClients
+        self.assertEqual(host, "10.0.0.1")
+        hello = factory.buildProtocol(None)._wrappedProtocol.hello.payload()
         self.assertEqual(hello["key"], "")
-        self.assertEqual(hello["seal"]["certificate"], node.certificate.text)
+        self.assertEqual((hello["seal"]["certificate"], hello["seal"]["farm"]),
+                         (node.certificate.text, FARM))
+        # The joined farm does not answer: the next attempt is the own one.
+        factory.clientConnectionFailed(None, Failure(ConnectionRefusedError()))
+        [_, (host, _, factory, _, _)] = reactor.tcpClients
+        self.assertEqual(host, "10.0.0.2")
+        hello = factory.buildProtocol(None)._wrappedProtocol.hello.payload()
+        self.assertEqual(hello["key"], NODE_KEY)
+        self.assertNotIn("farm", hello["seal"])
 
 
 class ExchangeKeyTests(SynchronousTestCase):
@@ -322,3 +367,41 @@ class FarmOptionsTests(SynchronousTestCase):
         self.assertIsNone(alone.vouching)
         assert joined.vouching is not None
         self.assertEqual(joined.vouching.farm, keyId("farm-key"))
+
+
+class ExpiryTests(SynchronousTestCase):
+    """
+    A node let in by its certificate serves while the exchange vouches
+    for it: when its certificate expires it takes no more jobs.
+    """
+
+    def setUp(self) -> None:
+        self.exchange = Ed25519PrivateKey.generate()
+        self.h = FarmHarness()
+        self.h.clock.advance(1_000_000)
+        self.h.farm.vouching = Vouching(FARM, self.exchange.public_key())
+        node = Node(self.exchange, self.h.clock.seconds(), lifetime=100)
+        self.producer = self.h.producer(key="", seal=node.offer()[1].fields())
+
+    def test_idleClosed(self) -> None:
+        self.h.clock.advance(99)
+        self.assertFalse(self.producer.closed)
+        self.h.clock.advance(1)
+        [(verb, fields)] = [m for m in self.producer.messages() if m[0] != "PING"]
+        self.assertEqual((verb, fields["error"]), ("FAIL", "unauthorized"))
+        self.assertIn("certificate expired", fields["message"])
+        self.assertTrue(self.producer.closed)
+
+    def test_busyFinishesItsJob(self) -> None:
+        consumer = self.h.consumer()
+        self.h.clock.advance(50)
+        consumer.send(b"JOB_", {"model": "m", "format": "wav", "size": 2})
+        consumer.data(b"\0\0")
+        [(_, assigned)] = consumer.messages()
+        self.assertEqual([v for v, _ in self.producer.messages() if v != "PING"], ["JOB_", "DATA"])
+        self.h.clock.advance(50)
+        self.assertFalse(self.producer.closed)
+        self.producer.send(b"RSLT", {"id": assigned["id"], "text": "words"})
+        self.assertTrue(self.producer.closed)
+        [(verb, answer)] = consumer.messages()
+        self.assertEqual((verb, answer["text"]), ("RSLT", "words"))

@@ -352,11 +352,15 @@ class FarmDirectory:
         new = []
         for name, row in byName.items():
             farm = self.listed.get(name)
-            if farm is not None and (farm.entry.stt, farm.entry.tts) == (row["stt"], row["tts"]):
+            if farm is not None and (farm.entry.stt, farm.entry.tts, farm.account) == (
+                row["stt"], row["tts"], row["account"]
+            ):
                 if float(row["seen"]) > farm.seen:
                     farm.seen, farm.producers = float(row["seen"]), _storedProducers(row)
             else:
-                # New here, or moved (another server probed it there).
+                # New here, moved (another server probed it there), or
+                # another farm key's now: passes name the key, so it is
+                # probed, and shown them, as that key's.
                 new.append(row)
 
         async def take(row: dict[str, Any]) -> None:
@@ -378,13 +382,13 @@ class FarmDirectory:
         signed.
         """
         farms = [
-            ListedFarm(f.name, f.stt, f.tts) for f in self.configured
+            ListedFarm(f.name, f.stt, f.tts, member=f.member) for f in self.configured
             # Reserved farms stay private; nodes dial plain endpoints only.
             if not f.fallback and all(
                 e is None or PLAIN_ENDPOINT.fullmatch(e) for e in (f.stt, f.tts)
             )
         ] + [
-            ListedFarm(r.entry.name, r.entry.stt, r.entry.tts, r.producers)
+            ListedFarm(r.entry.name, r.entry.stt, r.entry.tts, r.producers, r.account)
             for r in self.listed.values()
         ]
         return Directory.issue(farms, now).signed(self.signer)

@@ -38,7 +38,8 @@ class FarmEntry:
         C{--metrics-listen} endpoint), shown on the API's C{/status}; or
         C{None}.
     @ivar member: the key id of a farm that joined by itself
-        (privox.api.farmdirectory): shown a pass, never the API's key.
+        (privox.api.farmdirectory), or of one that vouches as those do
+        (privox-local's): shown a pass, never the API's key.
     """
 
     name: str

@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 from privox.farm import pvx1
 from privox.farm.farm import Farm
 from privox.farm.handshake import Phase, newHandshake
-from privox.farm.sessions import Session, newSession
+from privox.farm.sessions import ProducerSession, Session, newSession
 from privox.farm.splice import spliceable
 from privox.farm.vouching import ExchangeOnly
 from privox.framing import (
@@ -101,6 +101,8 @@ class FarmConnection(Protocol):
         self._keyQuiet: IDelayedCall | None = None
         #: Aborts a PVX/1 peer that does not close after the farm did.
         self._closeTimer: IDelayedCall | None = None
+        #: Retires a node let in by its certificate when that expires.
+        self._vouchedUntil: IDelayedCall | None = None
 
     @property
     def pvx1(self) -> bool:
@@ -137,19 +139,25 @@ class FarmConnection(Protocol):
         self._role = role
         vouching = self.farm.vouching
         hello = self._hello
-        if vouching is not None and hello is not None and vouching.speaksFor(role, key):
+        if vouching is not None and hello is not None and vouching.speaksFor(role, key, hello.seal):
             # The farm's exchange's API or one of its nodes, proving its
             # account without handing this farm a key (privox.farm.vouching).
+            now = self.farm.clock.seconds()
             try:
-                self._account, self.node = vouching.account(
-                    role, key, hello.seal, self.farm.clock.seconds()
-                )
+                vouched = vouching.vouched(role, key, hello.seal, now)
             except IdentityError as e:
                 self._account = accountId(key)
                 what = "certificate" if role == "producer" else "pass"
                 self._keyChecked(False, f"{what} refused: {e}")
-            else:
-                self._keyChecked(True)
+                return
+            self._account, self.node = vouched.account, vouched.node
+            if role == "producer":
+                # It serves while the exchange vouches for it (a node renews
+                # at half-life, and connects again with the new one).
+                self._vouchedUntil = self.farm.clock.callLater(
+                    max(0.0, vouched.until - now), self._certificateExpired
+                )
+            self._keyChecked(True)
             return
         self._account = accountId(key)
         policy = self.farm.keyPolicy(role)
@@ -159,6 +167,14 @@ class FarmConnection(Protocol):
         d = policy.check(key)
         d.addErrback(self._keyCheckFailed)
         d.addCallback(self._keyChecked)
+
+    def _certificateExpired(self) -> None:
+        self._vouchedUntil = None
+        session = self.session
+        if isinstance(session, ProducerSession):
+            session.retire(ErrorCode.UNAUTHORIZED, "certificate expired: enrol again")
+        else:
+            self.close(ErrorCode.UNAUTHORIZED, "certificate expired: enrol again")
 
     def _keyCheckFailed(self, failure: Failure) -> bool:
         log.failure("key check failed; rejecting", failure)
@@ -539,10 +555,10 @@ class FarmConnection(Protocol):
             session.connectionLost()
 
     def connectionLost(self, reason: Failure = None) -> None:
-        for timer in (self._closeTimer, self._keyQuiet):
+        for timer in (self._closeTimer, self._keyQuiet, self._vouchedUntil):
             if timer is not None and timer.active():
                 timer.cancel()
-        self._closeTimer = self._keyQuiet = None
+        self._closeTimer = self._keyQuiet = self._vouchedUntil = None
         self._shut()
         self._dropRelays()
         self.farm.connectionClosed(self)

@@ -89,6 +89,8 @@ class Registration(Periodic):
         self.http = http
         self.vouching = vouching
         self.keyURL = url.rstrip("/") + "/v1/exchange"
+        #: Whether the exchange's key was pinned (else it is read there).
+        self.pinned = vouching is not None and vouching.exchange is not None
 
     async def _register(self) -> None:
         if self.vouching is not None and self.vouching.exchange is None:
@@ -114,9 +116,16 @@ class Registration(Periodic):
         message = " ".join(message.split())[:300]
         self.say(f"the exchange at {self.where} refused this farm: HTTP {code}"
                  + (f": {message}" if message else ""))
+        if "pass refused" in message and not self.pinned and self.vouching is not None:
+            # The API's passes are signed by a key this farm does not hold:
+            # the exchange's key changed. Read it again before registering.
+            self.vouching.exchange = None
 
     async def _readExchangeKey(self) -> bool:
         assert self.vouching is not None
+        if not self.keyURL.startswith("https://"):
+            self.say(f"reading the exchange's key from {self.where} over plain HTTP: anyone on the"
+                     " way could give another; pin it with --exchange-key")
         d = Deferred.fromCoroutine(self._get())
         d.addTimeout(REQUEST_TIMEOUT, self.clock)
         try:

@@ -248,6 +248,8 @@ class ProducerSession(Session):
         if hello.seal is not None:
             self.sealOffer = json.dumps(hello.seal, separators=(",", ":")).encode()
         self._resultRemaining = 0
+        #: Why it closes once its job ends (L{retire}), if it does.
+        self._retiring: tuple[str, str] | None = None
         #: Whether the DATA due (L{_resultRemaining}) is a PART's, and what
         #: a stream's answer has sent so far (max_job_bytes bounds it).
         self._partRemaining = False
@@ -267,6 +269,15 @@ class ProducerSession(Session):
     def becameIdle(self) -> None:
         self._keepalive.idle()
 
+    def retire(self, code: str, message: str) -> None:
+        """
+        Take no more jobs: close now if idle, else once its job ends.
+        """
+        if self.job is None:
+            self.connection.close(code, message)
+        else:
+            self._retiring = (code, message)
+
     # Jobs
 
     def startJob(self, job: Job, upload: bytes) -> None:
@@ -281,7 +292,9 @@ class ProducerSession(Session):
 
     def jobDetached(self, job: Job, healthy: bool) -> None:
         self.job = None
-        if healthy and self.connection.phase is Phase.ACTIVE:
+        if self._retiring is not None:
+            self.connection.close(*self._retiring)
+        elif healthy and self.connection.phase is Phase.ACTIVE:
             self.connection.farm.producerIdle(self)
 
     def frameReceived(self, frame: Frame) -> None:

@@ -19,13 +19,15 @@ or read from C{GET EXCHANGE/v1/exchange} before it registers). By default
 in no one else, so that its nodes serve the exchange's users only, by the
 exchange's rules.
 
-A farm that replays a node's offer elsewhere gets a producer whose sealed
-jobs it cannot open, credited to that node's account: nothing to gain.
+A node's offer here is bound to this farm (its key id, signed by the
+node's identity), and a pass names it: what one farm is shown lets nobody
+in at another.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from twisted.internet.defer import Deferred, succeed
@@ -34,6 +36,18 @@ from privox.identity import PASS_PREFIX, ConnectionOffer, ConsumerPass, Identity
 
 #: An account id as the ledger takes it (L{privox.keys.accountId}).
 _ACCOUNT = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class Vouched:
+    """
+    A peer the exchange vouches for: its account, a node's identity
+    fingerprint (L{None} for the API), and when the exchange's word ends.
+    """
+
+    account: str
+    node: str | None
+    until: float
 
 
 class Vouching:
@@ -46,16 +60,20 @@ class Vouching:
         self.farm = farm
         self.exchange = exchange
 
-    def speaksFor(self, role: str, key: str) -> bool:
+    def speaksFor(self, role: str, key: str, offer: dict[str, str] | None) -> bool:
         """
-        Whether a PVX/2 peer of C{role} naming C{key} is to be let in by
-        the exchange's word rather than by a key policy.
+        Whether a PVX/2 peer of C{role} naming C{key} (a producer offering
+        C{offer}) is to be let in by the exchange's word rather than by a
+        key policy: a producer with no key and an offer bound to a farm, a
+        consumer with a pass.
         """
-        return not key if role == "producer" else key.startswith(PASS_PREFIX)
+        if role == "producer":
+            return not key and offer is not None and "farm" in offer
+        return key.startswith(PASS_PREFIX)
 
-    def account(
+    def vouched(
         self, role: str, key: str, offer: dict[str, str] | None, now: float
-    ) -> tuple[str, str | None]:
+    ) -> Vouched:
         """
         The account of a peer L{speaksFor} covers: a producer's from its
         seal offer, a consumer's from its pass; and a producer's node (its
@@ -69,15 +87,21 @@ class Vouching:
             raise IdentityError("this farm does not know its exchange's key yet")
         node = None
         if role == "consumer":
-            account = ConsumerPass.verify(key[len(PASS_PREFIX):], self.exchange, self.farm, now).account
-        elif offer is None:
-            raise IdentityError("a producer without a key must offer its exchange certificate")
+            shown = ConsumerPass.verify(key[len(PASS_PREFIX):], self.exchange, self.farm, now)
+            account, until = shown.account, shown.expires
         else:
-            certificate, _ = ConnectionOffer.parse(offer).verify(self.exchange, now)
+            assert offer is not None
+            parsed = ConnectionOffer.parse(offer)
+            if parsed.farm != self.farm:
+                # Shown to another farm, or made for none: a farm that was
+                # shown it must not be let in with it here.
+                raise IdentityError("the offer is not bound to this farm")
+            certificate, _ = parsed.verify(self.exchange, now)
             account, node = certificate.account, fingerprint(certificate.identity)
+            until = certificate.expires
         if not _ACCOUNT.fullmatch(account):
-            raise IdentityError("it names no account id (enrol again)")
-        return account, node
+            raise IdentityError("it names no account id")
+        return Vouched(account, node, until)
 
 
 class ExchangeOnly:

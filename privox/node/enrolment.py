@@ -227,10 +227,11 @@ class Enrolment(Service):
             return None
         return certificate
 
-    def offer(self) -> tuple[X25519PrivateKey, ConnectionOffer] | None:
+    def offer(self, farm: str | None = None) -> tuple[X25519PrivateKey, ConnectionOffer] | None:
         """
-        A fresh connection key and its offer, or L{None} while this node
-        holds no good certificate.
+        A fresh connection key and its offer (bound to the farm of key id
+        C{farm}, if given), or L{None} while this node holds no good
+        certificate.
         """
         certificate = self.certificate
         if certificate is None:
@@ -242,7 +243,7 @@ class Enrolment(Service):
                     node=self.fingerprint,
                 )
             return None
-        return ConnectionOffer.make(self._identity, certificate)
+        return ConnectionOffer.make(self._identity, certificate, farm)
 
     def whenRenewed(self, callback: Callable[[], None]) -> None:
         """

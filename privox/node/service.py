@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Collection
+from typing import TYPE_CHECKING, Any, Callable, Collection
 
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import IService, MultiService, Service
@@ -182,6 +182,8 @@ class FailoverEndpoint:
         self._reactor = reactor
         self._ca = ca
         self.reached: str | None = None
+        #: The farm the attempt under way dials.
+        self.trying: str | None = None
         self.setFarms(descriptions)
 
     def setFarms(self, descriptions: tuple[str, ...]) -> None:
@@ -201,6 +203,9 @@ class FailoverEndpoint:
         failure: Exception | None = None
         # This attempt's list, whatever the directory says meanwhile.
         for index, (description, endpoint) in enumerate(zip(self.descriptions, self._endpoints)):
+            # The protocol is built while this attempt connects: it may ask
+            # which farm it is for.
+            self.trying = description
             try:
                 protocol = await endpoint.connect(factory)
             except Exception as e:
@@ -228,16 +233,18 @@ class Slot:
         reactor: Any,
         ca: TrustRoot | None = None,
         sealer: Sealer | None = None,
-        key: str | None = None,
+        memberOf: Callable[[str], str | None] = lambda farm: None,
     ) -> None:
         """
-        @param key: what its HELO names: the node's key (by default), or
-            C{""} on farms from the directory, which learn the node's
-            account from its certificate instead (privox.farm.vouching).
+        @param memberOf: the key id of the farm at an endpoint if it joined
+            the exchange by itself (a stranger's: the directory says so),
+            else L{None}. Such a farm is shown no key: the node's account is
+            in its certificate, offered bound to that farm
+            (privox.farm.vouching); any other is shown the node's key.
         """
         self.service = service
         self._sealer = sealer
-        self._key = settings.key if key is None else key
+        self._memberOf = memberOf
         self._handler = handler
         self._settings = settings
         self._reactor = reactor
@@ -293,11 +300,13 @@ class Slot:
         return d
 
     def _newProtocol(self) -> ProducerProtocol:
+        farm = self._endpoint.trying
         protocol = ProducerProtocol(
             self.service,
-            self._key,
+            self._settings.key,
             self._handler,
             sealer=self._sealer,
+            farm=None if farm is None else self._memberOf(farm),
         )
         protocol.ready.addCallbacks(self._letIn, self._refused, (protocol,))
         return protocol
@@ -421,7 +430,8 @@ class NodeService(Service):
                 await tried
             except Exception:
                 log.warn(
-                    "no answer from {where} in {wait:g} s: serving unsealed jobs meanwhile",
+                    "no answer from {where} in {wait:g} s: serving unsealed jobs meanwhile (a farm"
+                    " that joined the exchange lets it in only once it holds a certificate)",
                     where=self.sealer.where,
                     wait=ENROL_WAIT,
                 )
@@ -451,6 +461,15 @@ class NodeService(Service):
             return configured
         drawn = self.finder.directory.byNeed(service, self._handlers[service].models, self._rng)
         return tuple(sorted(drawn, key=lambda farm: farm in taken))
+
+    def _memberOf(self, farm: str) -> str | None:
+        """
+        The key id of the farm at C{farm} if the directory lists it as one
+        that joined by itself (it is shown no key).
+        """
+        if self.finder is None or self.finder.directory is None:
+            return None
+        return self.finder.directory.member(farm)
 
     def _named(self, service: str) -> tuple[str, ...]:
         """
@@ -487,10 +506,8 @@ class NodeService(Service):
         for _ in range(self.settings.slots):
             preferred = self._farmsFor(service, taken)
             taken.update(preferred[:1])
-            # A stranger's farm from the directory never sees the key.
-            key = None if self._named(service) else ""
             slot = Slot(service, preferred, handler, self.settings, self._reactor, self._ca,
-                        self.sealer, key)
+                        self.sealer, self._memberOf)
             self.slots.append(slot)
             slot.client.startService()
 

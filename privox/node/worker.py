@@ -280,9 +280,19 @@ class ProducerProtocol(PeerProtocol):
     """
 
     def __init__(
-        self, service: str, key: str, handler: JobHandler, sealer: Sealer | None = None
+        self, service: str, key: str, handler: JobHandler, sealer: Sealer | None = None,
+        farm: str | None = None,
     ) -> None:
-        offered = sealer.offer() if sealer is not None else None
+        """
+        @param farm: the key id of the farm dialled, if it lets the node in
+            by its certificate (a farm that joined the exchange): the HELO
+            then names no key, and the offer is bound to that farm.
+        """
+        if farm is not None:
+            key = ""
+            offered = sealer.offer(farm) if sealer is not None else None
+        else:
+            offered = sealer.offer() if sealer is not None else None
         self._connectionKey: X25519PrivateKey | None = None
         seal = None
         if offered is not None:

@@ -38,6 +38,7 @@ from privox.api.errors import Unauthorized
 from privox.api.pages import static
 from privox.api.proxies import TrustedProxies
 from privox.api.site import FORM_LIMIT
+from privox.cached import Cached
 
 log = Logger()
 
@@ -56,6 +57,9 @@ ONLINE_WITHIN = 600.0
 #: How long a farm's word that a node is connected holds (farms say it each
 #: time they register: every minute by default).
 ONLINE_SAID = 300.0
+#: Seconds /about's figures are kept: a day of the ledger is counted at
+#: most this often, however often the page is asked for.
+ABOUT_FRESH = 10.0
 #: Ledger records per page.
 PAGE_SIZE = 20
 
@@ -231,6 +235,8 @@ class AccountPages:
         self.status = status
         self.limiter = limiter or SignupLimiter()
         self.proxies = proxies if proxies is not None else TrustedProxies()
+        #: /about's figures, shared by whoever asks within ABOUT_FRESH s.
+        self.network: Cached[list[Any]] = Cached(clock, ABOUT_FRESH, self._network)
         #: New keys waiting to be shown once: token -> (key, until when).
 
     # -- rendering --------------------------------------------------------
@@ -448,6 +454,14 @@ class AccountPages:
     # -- the network ------------------------------------------------------
 
     async def about(self, request: IRequest, done: Any) -> bytes:
+        return await self._page(request, "The network", *await self.network.get())
+
+    async def _network(self) -> list[Any]:
+        """
+        The network's figures: the farms' status and a day of the ledger
+        counted, at most every L{ABOUT_FRESH} seconds however often anyone
+        asks (L{network}).
+        """
         report = await self.status()
         now = self.clock.seconds()
         models: dict[tuple[str, str], list[int]] = {}
@@ -483,7 +497,7 @@ class AccountPages:
                 barChart("Jobs per hour", [h for h, _ in perHour],
                          [("jobs", "#2a4fb0", [float(n) for _, n in perHour])], "jobs"),
             ]
-        return await self._page(request, "The network", *body)
+        return body
 
 
 def _choice(request: IRequest, name: bytes, allowed: tuple[str, ...]) -> str | None:

@@ -25,9 +25,9 @@ from privox.accounts.store import AccountStore
 from privox.api.access import AccountAccess, PolicyAccess, modelCosts
 from privox.api.accountpages import PAGE_SIZE, SignupLimiter, barChart
 from privox.api.app import PrivoxAPI
-from privox.api.enrolment import ExchangeKey, fingerprint
+from privox.api.enrolment import ExchangeKey
 from privox.api.proxies import TrustedProxies
-from privox.identity import encodeKey, publicBytes
+from privox.identity import encodeKey, fingerprint, publicBytes
 from privox.keys import OpenPolicy, accountId
 from tests.test_api_accounts import MODELS, SecondsExchange, wav
 from tests.test_api_app import multipart
@@ -485,6 +485,7 @@ def _browse(driver: Any, url: str, steps: str, key: str = "") -> dict[str, Any]:
         "return [...document.querySelectorAll('rect[data-series=used]')]"
         ".map(r => [+r.dataset.value, r.getBoundingClientRect().height])")
     seen["nodes"] = driver.find_element(By.ID, "nodes").text
+    seen["enrolled"] = driver.find_element(By.ID, "enrolled").text
     seen["rows"] = [r.text for r in driver.find_elements(By.CSS_SELECTOR, "tr.transaction")]
     seen["pager"] = driver.find_element(By.ID, "pager").text
     driver.save_screenshot(os.path.abspath("account-page.png"))
@@ -560,6 +561,14 @@ class AccountPagesInChromiumTests(TestCase):
             headers={"Authorization": f"Bearer {farm}", "Content-Type": "application/json"},
         )
         self.assertEqual(json.loads(await response.content()), {"recorded": 3, "duplicates": 0})
+        # A node of the key's, enrolled, and held by a farm of the exchange.
+        identity = publicBytes(Ed25519PrivateKey.generate().public_key())
+        response = await http.post(
+            local.url + "/v1/enroll", json.dumps({"identity": encodeKey(identity)}).encode(),
+            headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+        )
+        self.assertEqual(response.code, 200, await response.content())
+        await local.store.noteOnline("farm-a", {fingerprint(identity): 2}, reactor.seconds())
 
         seen = await deferToThread(_browse, driver, local.url, "account", key)
         print(f"\naccount page: used {seen['used']}, earned {seen['earned']}; {seen['rate']}")
@@ -575,6 +584,8 @@ class AccountPagesInChromiumTests(TestCase):
         self.assertGreater(seen["usedBars"][-1][1], 50)
         self.assertIn("farm-a stt whisper:tiny.en 3 3 6.0 192", seen["nodes"])
         self.assertIn("serving", seen["nodes"])
+        self.assertIn(fingerprint(identity), seen["enrolled"])
+        self.assertIn("online: 2 connections at 1 farm", seen["enrolled"])
         self.assertEqual(len(seen["rows"]), 3)
         self.assertEqual(len(seen["producerRows"]), 3)
         self.assertTrue(all(" producer stt whisper:tiny.en 2.0 150 ok 64.0" in r

@@ -30,20 +30,25 @@ class Cached(Generic[T]):
         now = self.clock.seconds()
         if self._kept is not None and now - self._kept[0] < self.seconds:
             return self._kept[1]
+        d: Deferred[T] = Deferred()
         if self._waiting is not None:
-            d: Deferred[T] = Deferred()
             self._waiting.append(d)
-            return await d
-        self._waiting = []
+        else:
+            # The work is no one asker's: one that gives up (a client gone)
+            # cancels only its own wait. (It may be done at once.)
+            self._waiting = [d]
+            Deferred.fromCoroutine(self._refresh(now))
+        return await d
+
+    async def _refresh(self, now: float) -> None:
         try:
             value = await self._work()
         except BaseException as e:
-            waiting, self._waiting = self._waiting, None
+            waiting, self._waiting = self._waiting or [], None
             for d in waiting:
                 d.errback(e)
-            raise
+            return
         self._kept = (now, value)
-        waiting, self._waiting = self._waiting, None
+        waiting, self._waiting = self._waiting or [], None
         for d in waiting:
             d.callback(value)
-        return value

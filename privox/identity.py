@@ -143,12 +143,13 @@ def _signed(exchange: Ed25519PrivateKey, fields: dict[str, Any], context: bytes)
 
 
 def _opened(
-    text: Any, exchange: Ed25519PublicKey, context: bytes, what: str, now: float
+    text: Any, exchange: Ed25519PublicKey, context: bytes, what: str, now: float,
+    grace: float = 0.0,
 ) -> tuple[dict[str, Any], float, float]:
     """
     The fields of a L{_signed} C{text} (a C{what}) of version 1 that names an
     account, with its times, if the exchange signed it and it is good at
-    C{now}.
+    C{now} (or was, C{grace} seconds ago: clocks differ).
 
     @raise IdentityError: it is not.
     """
@@ -167,7 +168,7 @@ def _opened(
         raise IdentityError(f"malformed {what}") from None
     if fields.get("v") != 1 or not isinstance(fields.get("account"), str):
         raise IdentityError(f"malformed {what}")
-    if now >= expires:
+    if now >= expires + grace:
         raise IdentityError(f"{what} expired")
     if issued > now + CLOCK_SKEW:
         raise IdentityError(f"{what} issued in the future")
@@ -255,7 +256,9 @@ class ConsumerPass:
 
         @raise IdentityError: it is not.
         """
-        fields, issued, expires = _opened(text, exchange, _PASS_CONTEXT, "pass", now)
+        # A pass lives minutes: a farm's clock a little ahead must not
+        # refuse every one.
+        fields, issued, expires = _opened(text, exchange, _PASS_CONTEXT, "pass", now, CLOCK_SKEW)
         if fields.get("farm") != farm:
             raise IdentityError("the pass is for another farm")
         return cls(farm, fields["account"], issued, expires, text)

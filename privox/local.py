@@ -40,7 +40,7 @@ from privox.accounts.store import DEFAULT_DSN, AccountStore
 from privox.api import wyoming
 from privox.api.enrolment import DEFAULT_EXCHANGE_KEY, ExchangeKey, ExchangeKeyError
 from privox.api.ledger import readRecord
-from privox.api.farmdirectory import FarmDirectory, farmProber
+from privox.api.farmdirectory import FarmDirectory, farmProber, readNodes
 from privox.api.farmlist import FarmEntry
 from privox.api.farms import FarmExchange
 from privox.api.models import DEFAULT_VOICES, OPENAI_VOICES, QUALITIES
@@ -314,6 +314,7 @@ class LocalExchange(MultiService):
             attempts=1,
             poolSize=max(s.slots * 2, s.fanout),
             seal=seal,
+            exchange=exchangeKey.private,
         )
         api, site = buildApi(
             api,
@@ -335,7 +336,7 @@ class LocalExchange(MultiService):
         # Its one farm, for nodes that find farms in the directory.
         api.farmDirectory = FarmDirectory(
             self.exchange, farmProber(self._reactor, self.exchange.keyFor, private=True),
-            self._reactor, exchangeKey.private, [entry],
+            self._reactor, exchangeKey.private, [entry], joining=False,
         )
         # From now on new connections reach the API itself.
         self._http.serve(site)
@@ -347,7 +348,8 @@ class LocalExchange(MultiService):
 
     async def _noteOnline(self) -> None:
         assert self.store is not None
-        await self.store.noteOnline("local", onlineNodes(self.farm), self._reactor.seconds())
+        online = readNodes(onlineNodes(self.farm))
+        await self.store.noteOnline("local", online, self._reactor.seconds())
 
     async def _serveWyoming(self, api: Any) -> None:
         """
@@ -422,6 +424,8 @@ class LocalExchange(MultiService):
         if self.node is not None:
             await self.node.stopService()
         await self.farm.shutdown()
+        if self.farm.ledger is not None:
+            await self.farm.ledger.stop()
         if self.store is not None:
             self.store.close()
 
@@ -444,12 +448,17 @@ class StoreLedger:
         self._writing: set[Deferred[None]] = set()
 
     def record(self, transaction: dict[str, Any]) -> Deferred[None]:
-        d = Deferred.fromCoroutine(self._access.record(LOCAL_FARM, [readRecord(transaction)]))
-        d.addErrback(lambda f: log.failure("cannot put a job in the account store's ledger", f))
-        d.addCallback(lambda _: None)
+        d = Deferred.fromCoroutine(self._write(transaction))
         self._writing.add(d)
-        d.addBoth(lambda result: (self._writing.discard(d), result)[1])
-        return d
+        d.addBoth(lambda _: self._writing.discard(d))
+        # The answer does not wait for it.
+        return succeed(None)
+
+    async def _write(self, transaction: dict[str, Any]) -> None:
+        try:
+            await self._access.record(LOCAL_FARM, [readRecord(transaction)])
+        except Exception:
+            log.failure("cannot put a job in the account store's ledger")
 
     def start(self) -> None:
         pass

@@ -243,17 +243,19 @@ class AccountPagesTests(TestCase):
         # Online now: as farms say when they register; a farm's word holds
         # a few minutes, and the next word replaces it.
         now = self.clock.seconds()
-        await self.store.noteOnline("farm-a", {node: 2, "someoneElsesNode": 1}, now)
-        await self.store.noteOnline("farm-b", {node: 1}, now - 3600)
+        mine = accountId(key)[:12]
+        await self.store.noteOnline("farm-a", [(node, mine, 2), ("someoneElsesNode", mine, 1),
+                                               (node, accountId(other)[:12], 5)], now)
+        await self.store.noteOnline("farm-b", [(node, mine, 1)], now - 3600)
         _, _, page = await self.get("/account", f"privox_key={key}")
         row = re.search(r'<table id="enrolled">.*?</table>', page, re.S).group(0)
         self.assertIn("<td>online: 2 connections at 1 farm</td>", row)
         self.assertNotIn("someoneElsesNode", page)
-        await self.store.noteOnline("farm-b", {node: 1}, now)
+        await self.store.noteOnline("farm-b", [(node, mine, 1)], now)
         _, _, page = await self.get("/account", f"privox_key={key}")
         self.assertIn("<td>online: 3 connections at 2 farms</td>", page)
-        await self.store.noteOnline("farm-a", {}, now)
-        await self.store.noteOnline("farm-b", {}, now)
+        await self.store.noteOnline("farm-a", [], now)
+        await self.store.noteOnline("farm-b", [], now)
         _, _, page = await self.get("/account", f"privox_key={key}")
         self.assertIn("<td>enrolled, not connected</td>", page)
 
@@ -568,7 +570,9 @@ class AccountPagesInChromiumTests(TestCase):
             headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
         )
         self.assertEqual(response.code, 200, await response.content())
-        await local.store.noteOnline("farm-a", {fingerprint(identity): 2}, reactor.seconds())
+        await local.store.noteOnline(
+            "farm-a", [(fingerprint(identity), accountId(key)[:12], 2)], reactor.seconds()
+        )
 
         seen = await deferToThread(_browse, driver, local.url, "account", key)
         print(f"\naccount page: used {seen['used']}, earned {seen['earned']}; {seen['rate']}")

@@ -121,11 +121,17 @@ class StoreTests:
         self.assertEqual(await online(0.0), {"node-a": (0, 0), "node-b": (0, 0)})
         self.assertTrue(await store.listFarm("alpha", "tcp:host=a:port=1", None, "fk1", 20.0))
         self.assertTrue(await store.listFarm("beta", "tcp:host=b:port=1", None, "fk2", 20.0))
-        await store.noteOnline("alpha", {"node-a": 2, "node-c": 1}, 20.0)
-        await store.noteOnline("beta", {"node-a": 1}, 15.0)
+        # node-b as another key's certificate names it: not key1's to see.
+        await store.noteOnline(
+            "alpha", [("node-a", "key1", 2), ("node-c", "key2", 1), ("node-b", "key2", 4)], 20.0
+        )
+        await store.noteOnline("beta", [("node-a", "key1", 1)], 15.0)
         self.assertEqual(await online(0.0), {"node-a": (2, 3), "node-b": (0, 0)})
         self.assertEqual(await online(18.0), {"node-a": (1, 2), "node-b": (0, 0)})
-        await store.noteOnline("alpha", {"node-b": 1}, 21.0)
+        await store.noteOnline("alpha", [("node-b", "key1", 1)], 21.0)
+        self.assertEqual(await online(18.0), {"node-a": (0, 0), "node-b": (1, 1)})
+        # An unlisting older than the farm's latest registration keeps it.
+        await store.unlistFarm("alpha", "fk1", 19.0)
         self.assertEqual(await online(18.0), {"node-a": (0, 0), "node-b": (1, 1)})
         await store.unlistFarm("alpha", "fk1", 21.0)
         self.assertEqual(await online(0.0), {"node-a": (1, 1), "node-b": (0, 0)})

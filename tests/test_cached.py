@@ -5,7 +5,7 @@ meanwhile share the answer; a failure is not kept.
 
 from __future__ import annotations
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -49,3 +49,22 @@ class CachedTests(SynchronousTestCase):
         self.assertEqual(len(self.pending), 2)
         self.pending[1].callback(3)
         self.assertEqual(self.successResultOf(third), 3)
+
+    def test_anAskerGivesUp(self) -> None:
+        """
+        One asker cancelled (its client went away) stops neither the work
+        nor the others' answer.
+        """
+        first, second = self.ask(), self.ask()
+        first.cancel()
+        self.failureResultOf(first, CancelledError)
+        self.pending[0].callback(5)
+        self.assertEqual(self.successResultOf(second), 5)
+        self.assertEqual(self.successResultOf(self.ask()), 5)
+
+    def test_doneAtOnce(self) -> None:
+        async def now() -> int:
+            return 4
+
+        cached = Cached(self.clock, 10.0, now)
+        self.assertEqual(self.successResultOf(Deferred.fromCoroutine(cached.get())), 4)

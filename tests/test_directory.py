@@ -157,10 +157,13 @@ class FarmDirectoryTests(SynchronousTestCase):
         self.refused(BadInput, dict(A, producers={"xyz": {}}))
         # Online nodes: fingerprints and positive counts, a bounded many;
         # never in the directory.
-        self.register(dict(A, nodes={"nodeFingerprint1": 2}))
+        one = {"node": "nodeFingerprint1", "account": "f00d00000009", "connections": 2}
+        self.register(dict(A, nodes=[one]))
         self.assertNotIn("nodeFingerprint1", json.dumps(self.directory.signed(self.clock.seconds())))
-        for nodes in ({"short": 1}, {"nodeFingerprint1": 0}, {"nodeFingerprint1": True},
-                      ["nodeFingerprint1"], {f"node{n:012d}": 1 for n in range(1001)}):
+        for nodes in ({"nodeFingerprint1": 2}, [dict(one, node="short")],
+                      [dict(one, connections=0)], [dict(one, connections=True)],
+                      [dict(one, account="not-hex")], ["nodeFingerprint1"],
+                      [dict(one, node=f"node{n:012d}") for n in range(1001)]):
             self.assertIn("nodes", self.refused(BadInput, dict(A, nodes=nodes)))
 
     def test_probeFails(self) -> None:
@@ -268,10 +271,14 @@ class SharedDirectoryTests(TestCase):
                          probes, exchange))
         (first, firstProbes, _), (second, secondProbes, secondExchange), (third, _, _) = apis
         node = "nodeFingerprint1"
-        await store.recordEnrolment(node, "nodekeyid123", clock.seconds(), clock.seconds() + 86400)
-        await first.register("f00d00000001", dict(A, nodes={node: 2}))
+        await store.recordEnrolment(node, "abcdef123456", clock.seconds(), clock.seconds() + 86400)
+        await first.register("f00d00000001", dict(A, nodes=[
+            {"node": node, "account": "abcdef123456", "connections": 2},
+            # The same node under another key's certificate: not this key's.
+            {"node": node, "account": "0123456789ab", "connections": 1},
+        ]))
         # Its nodes are online, for their owners' pages.
-        [enrolled] = await store.enrolments("nodekeyid123", clock.seconds() - 300)
+        [enrolled] = await store.enrolments("abcdef123456", clock.seconds() - 300)
         self.assertEqual((enrolled["farms"], enrolled["connections"]), (1, 2))
         self.assertEqual(secondProbes.probed, [])
         await second._reprobe()
@@ -290,7 +297,7 @@ class SharedDirectoryTests(TestCase):
                 break
             await deferLater(reactor, 0.01)
         self.assertEqual(await store.listedFarms(), [])
-        [enrolled] = await store.enrolments("nodekeyid123", clock.seconds() - 300)
+        [enrolled] = await store.enrolments("abcdef123456", clock.seconds() - 300)
         self.assertEqual((enrolled["farms"], enrolled["connections"]), (0, 0))
         await second._reprobe()
         self.assertEqual(second.listed, {})
@@ -452,7 +459,7 @@ class RegistrationTests(SynchronousTestCase):
         registration = Registration(
             "https://api.example", "farmkey", "alpha", parsePublic(f"{A['stt']} none"), clock,
             http=http, refresh=60, producers=lambda: {"stt": {"whisper:tiny.en": 2}},
-            online=lambda: {"nodeFingerprint1": 2},
+            online=lambda: [{"node": "nodeFingerprint1", "account": "f00d00000009", "connections": 2}],
         )
         registration.startService()
         clock.advance(0)
@@ -460,7 +467,8 @@ class RegistrationTests(SynchronousTestCase):
         self.assertEqual((method, url), ("POST", "https://api.example/v1/farms"))
         self.assertEqual(body, {"name": "alpha", "stt": A["stt"], "tts": None,
                                 "producers": {"stt": {"whisper:tiny.en": 2}},
-                                "nodes": {"nodeFingerprint1": 2}})
+                                "nodes": [{"node": "nodeFingerprint1", "account": "f00d00000009",
+                                           "connections": 2}]})
         self.assertEqual(headers, {"Authorization": "Bearer farmkey"})
         clock.advance(5)
         self.assertEqual(len(http.requests), 2)

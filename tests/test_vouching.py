@@ -97,10 +97,11 @@ class VouchedProducerTests(SynchronousTestCase):
         self.hello(node).messages()
         self.hello(None, key="hand-given")
         self.keys.pending[0][1].callback(True)
-        online = fingerprint(node.certificate.identity)
-        self.assertEqual(onlineNodes(self.h.farm), {online: 2})
+        online = {"node": fingerprint(node.certificate.identity),
+                  "account": accountId(NODE_KEY)[:12]}
+        self.assertEqual(onlineNodes(self.h.farm), [dict(online, connections=2)])
         peer.lose()
-        self.assertEqual(onlineNodes(self.h.farm), {online: 1})
+        self.assertEqual(onlineNodes(self.h.farm), [dict(online, connections=1)])
 
     def test_refused(self) -> None:
         """
@@ -218,7 +219,7 @@ class ConsumerPassTests(SynchronousTestCase):
         for key, why in (
             (self.passFor(farm=keyId("another-farm")), "pass refused: the pass is for another farm"),
             (self.passFor(signer=Ed25519PrivateKey.generate()), "pass not signed by this exchange"),
-            (self.passFor(at=now - 100, lifetime=50), "pass expired"),
+            (self.passFor(at=now - 400, lifetime=50), "pass expired"),
             (self.passFor(at=now + 3600), "pass issued in the future"),
             (PASS_PREFIX + node.certificate.text, "pass not signed by this exchange"),
             (PASS_PREFIX + "nonsense", "malformed pass"),
@@ -228,6 +229,17 @@ class ConsumerPassTests(SynchronousTestCase):
             self.assertEqual((verb, body["error"]), ("DENY", "unauthorized"))
             self.assertIn(why, body["message"])
         self.assertEqual(self.keys.pending, [])
+
+    def test_clocksDiffer(self) -> None:
+        """
+        A pass a few minutes past its time (this farm's clock is ahead) is
+        still good; one well past it is not.
+        """
+        now = self.h.clock.seconds()
+        [(verb, _)] = self.hello(self.passFor(at=now - 400, lifetime=300)).messages()
+        self.assertEqual(verb, "OKAY")
+        [(verb, _)] = self.hello(self.passFor(at=now - 601, lifetime=300)).messages()
+        self.assertEqual(verb, "DENY")
 
     def test_exchangeOnly(self) -> None:
         """
@@ -260,7 +272,7 @@ class DirectorySlotTests(SynchronousTestCase):
         joined, own = "tcp:host=10.0.0.1:port=1776", "tcp:host=10.0.0.2:port=1776"
         slot = Slot("stt", (joined, own), DigestHandler(("digest:x",)),
                     NodeSettings(key=NODE_KEY, stt=("digest:x",), stt_farm=(own,)), reactor,
-                    sealer=Sealer(), memberOf={joined: FARM}.get)
+                    sealer=Sealer(), members={joined: FARM, own: None})
         slot.client.startService()
         self.addCleanup(slot.client.stopService)
         reactor.advance(0)
@@ -277,6 +289,35 @@ class DirectorySlotTests(SynchronousTestCase):
         hello = factory.buildProtocol(None)._wrappedProtocol.hello.payload()
         self.assertEqual(hello["key"], NODE_KEY)
         self.assertNotIn("farm", hello["seal"])
+
+    def test_strangerStaysAStranger(self) -> None:
+        """
+        What a slot shows each farm is what the directory it drew them
+        from said: a joined farm that a later directory no longer lists
+        (or whose attempt was under way meanwhile) is still shown no key.
+        """
+        node = Node(Ed25519PrivateKey.generate(), 0.0)
+
+        class Sealer:
+            def offer(self, farm: str | None = None) -> Any:
+                return node.offer(farm)
+
+        reactor = MemoryReactorClock()
+        joined, other = "tcp:host=10.0.0.1:port=1776", "tcp:host=10.0.0.3:port=1776"
+        settings = NodeSettings(key=NODE_KEY, stt=("digest:x",), stt_farm=(joined,))
+        slot = Slot("stt", (joined,), DigestHandler(("digest:x",)), settings, reactor,
+                    sealer=Sealer(), members={joined: FARM})
+        slot.client.startService()
+        self.addCleanup(slot.client.stopService)
+        reactor.advance(0)
+        # The directory changes while the attempt is under way.
+        slot.setFarms((other,), {other: None})
+        [(_, _, factory, _, _)] = reactor.tcpClients
+        hello = factory.buildProtocol(None)._wrappedProtocol.hello.payload()
+        self.assertEqual(hello["key"], "")
+        # A directory that no longer lists it, nor any other: kept, as is.
+        slot.setFarms((joined,), {joined: FARM})
+        self.assertEqual(slot._endpoint.members, {joined: FARM})
 
 
 class ExchangeKeyTests(SynchronousTestCase):

@@ -24,7 +24,7 @@ import re
 import secrets
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from twisted.enterprise import adbapi
 
@@ -605,7 +605,8 @@ class AccountStore:
                 cursor,
                 "SELECT e.node, e.first, e.last, e.expires, COUNT(o.farm),"
                 " COALESCE(SUM(o.connections), 0)"
-                " FROM enrolments e LEFT JOIN online_nodes o ON o.node = e.node AND o.seen >= ?"
+                " FROM enrolments e LEFT JOIN online_nodes o"
+                " ON o.node = e.node AND o.key_id = e.key_id AND o.seen >= ?"
                 " WHERE e.key_id = ? GROUP BY e.node, e.first, e.last, e.expires"
                 " ORDER BY e.last DESC",
                 (onlineSince, keyId),
@@ -615,20 +616,26 @@ class AccountStore:
 
         return await self._run(select)  # type: ignore[no-any-return]
 
-    async def noteOnline(self, farm: str, nodes: dict[str, int], now: float) -> None:
+    async def noteOnline(
+        self, farm: str, nodes: Iterable[tuple[str, str, int]], now: float
+    ) -> None:
         """
-        The farm C{farm} has these nodes connected now (fingerprint:
-        connections), and no other.
+        The farm C{farm} has these nodes connected now (fingerprint, the key
+        id its certificate names, connections), and no other.
         """
+        rows = [(farm, node, keyId, connections, now) for node, keyId, connections in nodes]
 
         def replace(cursor: Any) -> None:
             self._dialect.begin(cursor, write=True)
             self._execute(cursor, "DELETE FROM online_nodes WHERE farm = ?", (farm,))
-            for node, connections in sorted(nodes.items()):
-                self._execute(
-                    cursor,
-                    "INSERT INTO online_nodes (farm, node, connections, seen) VALUES (?, ?, ?, ?)",
-                    (farm, node, connections, now),
+            if rows:
+                cursor.executemany(
+                    self._dialect.sql(
+                        "INSERT INTO online_nodes (farm, node, key_id, connections, seen)"
+                        " VALUES (?, ?, ?, ?, ?) ON CONFLICT (farm, node, key_id) DO UPDATE"
+                        " SET connections = excluded.connections, seen = excluded.seen"
+                    ),
+                    rows,
                 )
 
         await self._run(replace)

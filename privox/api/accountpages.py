@@ -235,6 +235,9 @@ class AccountPages:
         self.status = status
         self.limiter = limiter or SignupLimiter()
         self.proxies = proxies if proxies is not None else TrustedProxies()
+        #: How long a farm's word that a node is connected holds: a few of
+        #: its registrations (privox-api sets it from --farm-refresh).
+        self.onlineSaid = ONLINE_SAID
         #: /about's figures, shared by whoever asks within ABOUT_FRESH s.
         self.network: Cached[list[Any]] = Cached(clock, ABOUT_FRESH, self._network)
         #: New keys waiting to be shown once: token -> (key, until when).
@@ -409,7 +412,7 @@ class AccountPages:
         standing = await self.access.standing(caller)
         hourly = await store.hourly(account, now)
         producing = await store.producing(account)
-        enrolled = await store.enrolments(caller.keyId, now - ONLINE_SAID)
+        enrolled = await store.enrolments(caller.keyId, now - self.onlineSaid)
         role = _choice(request, b"role", ("consumer", "producer"))
         service = _choice(request, b"service", ("stt", "tts"))
         page = _number(request, b"page")
@@ -520,10 +523,12 @@ def _query(role: str | None, service: str | None, page: int = 1) -> str:
 def _enrolled(enrolled: list[dict[str, Any]], now: float) -> Tag:
     """
     The nodes enrolled under the key, and whether each is online now: the
-    farms of the exchange that let it in by its certificate say so as they
-    register (privox.farm.observe.onlineNodes). A node renews its day-long
-    certificate at half-life, so one whose certificate is good but that no
-    farm has is between farms, or stopped less than a day ago.
+    farms that joined the exchange (and privox-local's) say so as they
+    register, for the nodes they let in by certificate
+    (privox.farm.observe.onlineNodes); the exchange's own farms do not. A
+    node renews its day-long certificate at half-life, so one whose
+    certificate is good but that no such farm has is at the exchange's own
+    farms, between farms, or stopped less than a day ago.
     """
     if not enrolled:
         return tags.p("No node has enrolled with this key yet.", id="enrolled")

@@ -27,8 +27,9 @@ only, and the API logs a registering farm's key id, never its key.
 
 from __future__ import annotations
 
-import re
 import json
+import math
+import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Awaitable, Callable
 
@@ -37,13 +38,16 @@ from twisted.internet.endpoints import connectProtocol
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from privox.api.errors import BadInput, Conflict, OverQuota, Unavailable, Unprocessable
+from privox.api.errors import (
+    BadInput, Conflict, NotServed, OverQuota, Unavailable, Unprocessable,
+)
 from privox.api.farmlist import FarmEntry
 from privox.api.farms import FarmExchange
 from privox.api.farmpool import NotPublic, publicEndpoint
 from privox.consumer import ConsumerProtocol, JobFailed
 from privox.directory import (
-    MAX_FIELD, MAX_NODES, PLAIN_ENDPOINT, REFRESH, Directory, ListedFarm, readProducers,
+    MAX_FIELD, MAX_NODES, MEMBER, PLAIN_ENDPOINT, REFRESH, Directory, ListedFarm,
+    readProducers,
 )
 from privox.messages import SERVICES, ErrorCode, JobRequest
 from privox.periodic import Periodic
@@ -68,6 +72,8 @@ PROBE_TIMEOUT = 10.0
 PROBES_AT_ONCE = 8
 #: Seconds between two probes a farm key's registrations may ask for.
 PROBE_SPACING = 10.0
+#: Seconds between two notes of a farm's online nodes in the store.
+ONLINE_SPACING = 10.0
 #: The largest registration body (its producers' models and online nodes).
 REGISTRATION_LIMIT = 64 * 1024
 #: A node's fingerprint (privox.identity.fingerprint): 16 base64 characters.
@@ -176,6 +182,8 @@ class FarmDirectory:
     @param configured: the API's own farms (from its configuration).
     @param store: the account store the exchange's API servers share the
         directory through, if any.
+    @param joining: whether farms may register (privox-local lists its
+        own farm only).
     """
 
     def __init__(
@@ -187,6 +195,7 @@ class FarmDirectory:
         configured: list[FarmEntry],
         refresh: float = REFRESH,
         store: Any = None,
+        joining: bool = True,
     ) -> None:
         self.exchange = exchange
         self.probe = probe
@@ -195,6 +204,9 @@ class FarmDirectory:
         self.configured = configured
         self.refresh = refresh
         self.store = store
+        self.joining = joining
+        #: When each farm's online nodes were last noted in the store.
+        self._notedAt: dict[str, float] = {}
         self.listed: dict[str, Registered] = {}
         #: When each farm key's last registration was probed.
         self._probedFor: dict[str, float] = {}
@@ -210,7 +222,10 @@ class FarmDirectory:
         @raise BadInput: malformed, or an endpoint that cannot be dialled.
         @raise Conflict: the name is another farm's.
         @raise ApiError: the farm did not pass its probe (422).
+        @raise NotServed: farms do not join this exchange (privox-local).
         """
+        if not self.joining:
+            raise NotServed("farms do not join this exchange by themselves")
         entry = replace(_entry(fields), member=account)
         try:
             producers = readProducers(fields.get("producers"))
@@ -271,7 +286,7 @@ class FarmDirectory:
 
     async def _share(
         self, entry: FarmEntry, account: str, now: float, producers: dict[str, dict[str, int]],
-        nodes: dict[str, int],
+        nodes: list[tuple[str, str, int]],
     ) -> None:
         if self.store is None:
             return
@@ -279,8 +294,11 @@ class FarmDirectory:
             entry.name, entry.stt, entry.tts, account, now, json.dumps(producers)
         ):
             raise Conflict(f"farm name {entry.name!r} is taken")
-        # For the account pages' "online now" (no directory names a node).
-        await self.store.noteOnline(entry.name, nodes, now)
+        # For the account pages' "online now" (no directory names a node),
+        # at most every ONLINE_SPACING s however often a farm registers.
+        if now - self._notedAt.get(entry.name, -math.inf) >= ONLINE_SPACING:
+            self._notedAt[entry.name] = now
+            await self.store.noteOnline(entry.name, nodes, now)
 
     def _list(self, farm: Registered) -> None:
         self.listed[farm.entry.name] = farm
@@ -394,23 +412,30 @@ class FarmDirectory:
         return Directory.issue(farms, now).signed(self.signer)
 
 
-def readNodes(value: Any) -> dict[str, int]:
+def readNodes(value: Any) -> list[tuple[str, str, int]]:
     """
-    The nodes a farm says are online (C{{FINGERPRINT: connections}},
-    L{privox.farm.observe.onlineNodes}); {} where absent.
+    The nodes a farm says are online (C{[{"node": FINGERPRINT, "account":
+    KEYID, "connections": N}]}, L{privox.farm.observe.onlineNodes}); none
+    where absent.
 
     @raise ValueError: malformed.
     """
     if value is None:
-        return {}
-    if not isinstance(value, dict) or len(value) > MAX_NODES:
-        raise ValueError(f"nodes must map at most {MAX_NODES} node fingerprints to connections")
-    for node, connections in value.items():
+        return []
+    if not isinstance(value, list) or len(value) > MAX_NODES:
+        raise ValueError(f"nodes must list at most {MAX_NODES} nodes")
+    nodes = []
+    for item in value:
+        node, account, connections = (
+            item.get(k) for k in ("node", "account", "connections")
+        ) if isinstance(item, dict) else (None, None, None)
         if not (isinstance(node, str) and FINGERPRINT.fullmatch(node)
+                and isinstance(account, str) and MEMBER.fullmatch(account)
                 and isinstance(connections, int) and not isinstance(connections, bool)
-                and 0 < connections <= 1_000_000):
-            raise ValueError("nodes: a node is a fingerprint, its connections a positive count")
-    return dict(value)
+                and 0 < connections <= 1_000):
+            raise ValueError("nodes: each a node's fingerprint, its key id and its connections")
+        nodes.append((node, account, connections))
+    return nodes
 
 
 def _storedProducers(row: dict[str, Any]) -> dict[str, dict[str, int]]:

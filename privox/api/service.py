@@ -23,10 +23,11 @@ from privox.accounts.quota import DEFAULT_HOURLY_SECONDS
 from privox.accounts.store import DEFAULT_DSN, AccountStore, StoreError
 from privox.api import wyoming
 from privox.api.access import Access, AccountAccess, PolicyAccess, modelCosts
+from privox.api.accountpages import ONLINE_SAID
 from privox.api.app import DEFAULT_MAX_UPLOAD, PrivoxAPI
 from privox.api.enrolment import DEFAULT_EXCHANGE_KEY, ExchangeKey, ExchangeKeyError
 from privox.api.exchange import Exchange
-from privox.api.farmdirectory import FarmDirectory, farmProber
+from privox.api.farmdirectory import MISSED_REFRESHES, FarmDirectory, farmProber
 from privox.api.farmlist import FarmEntry
 from privox.api.farms import FarmExchange
 from privox.api.farmstatus import RemoteStatus
@@ -569,6 +570,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
             store=getattr(api.access, "store", None),
         )
         api.farmDirectory.prober.setServiceParent(top)
+        api.accountPages.onlineSaid = max(ONLINE_SAID, MISSED_REFRESHES * s.farm_refresh)
     # A descriptor per HTTP client and farm connection: before the port.
     OpenFileLimitService().setServiceParent(top)
     TunedMallocService().setServiceParent(top)

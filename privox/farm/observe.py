@@ -182,20 +182,22 @@ def farmStatus(farm: Farm) -> dict[str, Any]:
     }
 
 
-def onlineNodes(farm: Farm) -> dict[str, int]:
+def onlineNodes(farm: Farm) -> list[dict[str, Any]]:
     """
-    The nodes the farm's exchange vouched for that are connected now (by
-    their identity's fingerprint) and their connections, at most
-    L{MAX_NODES} of them: what the exchange's account pages call "online
-    now".
+    The nodes the farm's exchange vouched for that are connected now: each
+    identity's fingerprint, the key id its certificate names, and its
+    connections; at most L{MAX_NODES} of them. What the exchange's account
+    pages call "online now" (for that key only).
     """
-    online: dict[str, int] = {}
+    online: dict[tuple[str, str], int] = {}
     for connection in farm.connections:
-        node = connection.node
-        if node is not None and isinstance(connection.session, ProducerSession):
-            if node in online or len(online) < MAX_NODES:
-                online[node] = online.get(node, 0) + 1
-    return online
+        session, node = connection.session, connection.node
+        if node is not None and isinstance(session, ProducerSession):
+            which = (node, session.keyId)
+            if which in online or len(online) < MAX_NODES:
+                online[which] = online.get(which, 0) + 1
+    return [{"node": node, "account": keyId, "connections": n}
+            for (node, keyId), n in sorted(online.items())]
 
 
 def producerCounts(farm: Farm) -> dict[str, dict[str, int]]:

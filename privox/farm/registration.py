@@ -69,13 +69,13 @@ class Registration(Periodic):
         refresh: float = REFRESH,
         producers: Callable[[], dict[str, dict[str, int]]] = dict,
         vouching: Vouching | None = None,
-        online: Callable[[], dict[str, int]] = dict,
+        online: Callable[[], list[dict[str, Any]]] = list,
     ) -> None:
         """
         @param producers: the farm's producers per service and model now,
             which the directory shows nodes choosing a farm.
-        @param online: the exchange's nodes connected now (fingerprint:
-            connections), which their owners' account pages show.
+        @param online: the exchange's nodes connected now (fingerprint, key
+            id, connections), which their owners' account pages show.
         @param vouching: where the farm keeps the exchange's key; one
             without it is read from the exchange first.
         """
@@ -116,10 +116,12 @@ class Registration(Periodic):
         message = " ".join(message.split())[:300]
         self.say(f"the exchange at {self.where} refused this farm: HTTP {code}"
                  + (f": {message}" if message else ""))
-        if "pass refused" in message and not self.pinned and self.vouching is not None:
+        if "pass not signed by this exchange" in message and not self.pinned:
             # The API's passes are signed by a key this farm does not hold:
-            # the exchange's key changed. Read it again before registering.
+            # the exchange's key changed. Read it again.
+            assert self.vouching is not None
             self.vouching.exchange = None
+            await self._readExchangeKey()
 
     async def _readExchangeKey(self) -> bool:
         assert self.vouching is not None

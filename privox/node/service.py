@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Collection
+from typing import TYPE_CHECKING, Any, Collection, Mapping
 
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import IService, MultiService, Service
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -177,23 +177,31 @@ class FailoverEndpoint:
     """
 
     def __init__(
-        self, descriptions: tuple[str, ...], reactor: Any, ca: TrustRoot | None = None
+        self, descriptions: tuple[str, ...], reactor: Any, ca: TrustRoot | None = None,
+        members: Mapping[str, str | None] | None = None,
     ) -> None:
         self._reactor = reactor
         self._ca = ca
         self.reached: str | None = None
-        #: The farm the attempt under way dials.
+        #: The farm the attempt under way dials, and its key id if it
+        #: joined the exchange by itself.
         self.trying: str | None = None
-        self.setFarms(descriptions)
+        self.tryingMember: str | None = None
+        self.setFarms(descriptions, members)
 
-    def setFarms(self, descriptions: tuple[str, ...]) -> None:
+    def setFarms(
+        self, descriptions: tuple[str, ...], members: Mapping[str, str | None] | None = None
+    ) -> None:
         """
-        Connect to these from the next attempt on.
+        Connect to these from the next attempt on; C{members}: the key id of
+        each that joined the exchange by itself, as the directory they came
+        from says (L{Slot}).
 
         @raise ValueError: one is not an endpoint (nothing changes then).
         """
         endpoints = [clientEndpoint(self._reactor, d, self._ca) for d in descriptions]
         self.descriptions, self._endpoints = descriptions, endpoints
+        self.members = {d: (members or {}).get(d) for d in descriptions}
         self.lastIndex = 0
 
     def connect(self, factory: Factory) -> Deferred[Any]:
@@ -202,12 +210,16 @@ class FailoverEndpoint:
     async def _connect(self, factory: Factory) -> Any:
         failure: Exception | None = None
         # This attempt's list, whatever the directory says meanwhile.
+        members = self.members
         for index, (description, endpoint) in enumerate(zip(self.descriptions, self._endpoints)):
+            member = members[description]
             # The protocol is built while this attempt connects: it may ask
             # which farm it is for.
-            self.trying = description
+            self.trying, self.tryingMember = description, member
             try:
                 protocol = await endpoint.connect(factory)
+            except CancelledError:
+                raise
             except Exception as e:
                 log.info("farm {farm} unreachable: {why}", farm=description, why=e)
                 failure = e
@@ -233,22 +245,21 @@ class Slot:
         reactor: Any,
         ca: TrustRoot | None = None,
         sealer: Sealer | None = None,
-        memberOf: Callable[[str], str | None] = lambda farm: None,
+        members: Mapping[str, str | None] | None = None,
     ) -> None:
         """
-        @param memberOf: the key id of the farm at an endpoint if it joined
-            the exchange by itself (a stranger's: the directory says so),
-            else L{None}. Such a farm is shown no key: the node's account is
+        @param members: the key id of each of C{farms} that joined the
+            exchange by itself (a stranger's), as the directory that listed
+            them says. Such a farm is shown no key: the node's account is
             in its certificate, offered bound to that farm
             (privox.farm.vouching); any other is shown the node's key.
         """
         self.service = service
         self._sealer = sealer
-        self._memberOf = memberOf
         self._handler = handler
         self._settings = settings
         self._reactor = reactor
-        self._endpoint = FailoverEndpoint(farms, reactor, ca)
+        self._endpoint = FailoverEndpoint(farms, reactor, ca, members)
         self.protocol: ProducerProtocol | None = None
         self._failback: Any = None
         self._backoff = backoffPolicy(initialDelay=0.5, maxDelay=settings.retry_max)
@@ -268,15 +279,16 @@ class Slot:
     def _retryDelay(self, attempt: int) -> float:
         return self._backoff(max(attempt, self._refusals))  # type: ignore[no-any-return]
 
-    def setFarms(self, farms: tuple[str, ...]) -> None:
+    def setFarms(self, farms: tuple[str, ...], members: Mapping[str, str | None] | None = None) -> None:
         """
         The farms this slot dials from now on (the directory changed): one
         connected to a farm no longer among them hangs up once idle.
         """
-        if farms == self._endpoint.descriptions:
+        wanted = {farm: (members or {}).get(farm) for farm in farms}
+        if farms == self._endpoint.descriptions and wanted == self._endpoint.members:
             return
         current = self._endpoint.reached
-        self._endpoint.setFarms(farms)
+        self._endpoint.setFarms(farms, members)
         if current is not None and current not in farms:
             self.refresh()
 
@@ -300,13 +312,12 @@ class Slot:
         return d
 
     def _newProtocol(self) -> ProducerProtocol:
-        farm = self._endpoint.trying
         protocol = ProducerProtocol(
             self.service,
             self._settings.key,
             self._handler,
             sealer=self._sealer,
-            farm=None if farm is None else self._memberOf(farm),
+            farm=self._endpoint.tryingMember,
         )
         protocol.ready.addCallbacks(self._letIn, self._refused, (protocol,))
         return protocol
@@ -462,14 +473,17 @@ class NodeService(Service):
         drawn = self.finder.directory.byNeed(service, self._handlers[service].models, self._rng)
         return tuple(sorted(drawn, key=lambda farm: farm in taken))
 
-    def _memberOf(self, farm: str) -> str | None:
+    def _members(self, farms: tuple[str, ...]) -> dict[str, str | None]:
         """
-        The key id of the farm at C{farm} if the directory lists it as one
-        that joined by itself (it is shown no key).
+        The key id of each of C{farms} that the directory they were drawn
+        from (the one held now) lists as joined by itself: they are shown
+        no key. A slot keeps this with its farms, whatever later
+        directories say (a farm dropped from one is still a stranger's).
         """
-        if self.finder is None or self.finder.directory is None:
-            return None
-        return self.finder.directory.member(farm)
+        directory = None if self.finder is None else self.finder.directory
+        if directory is None:
+            return {}
+        return {farm: directory.member(farm) for farm in farms}
 
     def _named(self, service: str) -> tuple[str, ...]:
         """
@@ -488,7 +502,7 @@ class NodeService(Service):
         if placed:
             for slot in placed:
                 preferred = self._farmsFor(service, taken)
-                slot.setFarms(preferred)
+                slot.setFarms(preferred, self._members(preferred))
                 taken.update(preferred[:1])
             return
         handler = self._handlers[service]
@@ -507,7 +521,7 @@ class NodeService(Service):
             preferred = self._farmsFor(service, taken)
             taken.update(preferred[:1])
             slot = Slot(service, preferred, handler, self.settings, self._reactor, self._ca,
-                        self.sealer, self._memberOf)
+                        self.sealer, self._members(preferred))
             self.slots.append(slot)
             slot.client.startService()
 

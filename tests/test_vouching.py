@@ -56,6 +56,19 @@ class Node:
         return ConnectionOffer.make(self.identity, self.certificate, farm)
 
 
+class NodeSealer:
+    """
+    A node's sealer (privox.node.enrolment.Enrolment) holding C{node}'s
+    certificate.
+    """
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    def offer(self, farm: str | None = None) -> Any:
+        return self.node.offer(farm)
+
+
 class VouchedProducerTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.exchange = Ed25519PrivateKey.generate()
@@ -264,15 +277,11 @@ class DirectorySlotTests(SynchronousTestCase):
         """
         node = Node(Ed25519PrivateKey.generate(), 0.0)
 
-        class Sealer:
-            def offer(self, farm: str | None = None) -> Any:
-                return node.offer(farm)
-
         reactor = MemoryReactorClock()
         joined, own = "tcp:host=10.0.0.1:port=1776", "tcp:host=10.0.0.2:port=1776"
         slot = Slot("stt", (joined, own), DigestHandler(("digest:x",)),
                     NodeSettings(key=NODE_KEY, stt=("digest:x",), stt_farm=(own,)), reactor,
-                    sealer=Sealer(), members={joined: FARM, own: None})
+                    sealer=NodeSealer(node), members={joined: FARM, own: None})
         slot.client.startService()
         self.addCleanup(slot.client.stopService)
         reactor.advance(0)
@@ -298,15 +307,11 @@ class DirectorySlotTests(SynchronousTestCase):
         """
         node = Node(Ed25519PrivateKey.generate(), 0.0)
 
-        class Sealer:
-            def offer(self, farm: str | None = None) -> Any:
-                return node.offer(farm)
-
         reactor = MemoryReactorClock()
         joined, other = "tcp:host=10.0.0.1:port=1776", "tcp:host=10.0.0.3:port=1776"
         settings = NodeSettings(key=NODE_KEY, stt=("digest:x",), stt_farm=(joined,))
         slot = Slot("stt", (joined,), DigestHandler(("digest:x",)), settings, reactor,
-                    sealer=Sealer(), members={joined: FARM})
+                    sealer=NodeSealer(node), members={joined: FARM})
         slot.client.startService()
         self.addCleanup(slot.client.stopService)
         reactor.advance(0)

@@ -42,6 +42,8 @@ CLOCK_SKEW = 300.0
 #: What a node's identity signs, before the farm's key id and its
 #: connection key, for a farm that lets it in by its certificate.
 _BOUND_OFFER_CONTEXT = b"privox connection key for farm v1\x00"
+#: What a node's identity signs, before the account it enrols with.
+_ENROL_CONTEXT = b"privox enrol v1\x00"
 #: What a node's identity signs, before its connection key.
 _OFFER_CONTEXT = b"privox connection key v1\x00"
 #: The longest certificate text accepted (a HELO field).
@@ -105,6 +107,27 @@ def exchangePublicKey(text: str) -> Ed25519PublicKey:
         raise IdentityError(
             "not an exchange's public key (43 characters of unpadded URL-safe base64)"
         ) from None
+
+
+def enrolmentProof(identity: Ed25519PrivateKey, account: str) -> str:
+    """
+    A node's proof, when it enrols with the key of C{account} (an account
+    id), that it holds C{identity}: so that no other key can enrol it.
+    """
+    return encodeKey(identity.sign(_ENROL_CONTEXT + account.encode("ascii")))
+
+
+def checkEnrolmentProof(identity: bytes, account: str, proof: Any) -> None:
+    """
+    @raise IdentityError: C{proof} is not C{identity}'s L{enrolmentProof}
+        for C{account}.
+    """
+    try:
+        Ed25519PublicKey.from_public_bytes(identity).verify(
+            decodeKey(proof, 64), _ENROL_CONTEXT + account.encode("ascii")
+        )
+    except (InvalidSignature, ValueError):
+        raise IdentityError("not signed by that identity") from None
 
 
 def loadOrCreateKey(path: str) -> Ed25519PrivateKey:

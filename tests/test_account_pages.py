@@ -27,7 +27,7 @@ from privox.api.accountpages import PAGE_SIZE, SignupLimiter, barChart
 from privox.api.app import PrivoxAPI
 from privox.api.enrolment import ExchangeKey
 from privox.api.proxies import TrustedProxies
-from privox.identity import encodeKey, fingerprint, publicBytes
+from privox.identity import encodeKey, enrolmentProof, fingerprint, publicBytes
 from privox.keys import OpenPolicy, accountId
 from tests.test_api_accounts import MODELS, SecondsExchange, wav
 from tests.test_api_app import multipart
@@ -217,16 +217,16 @@ class AccountPagesTests(TestCase):
         await self.start()
         key, _ = await self.store.createKey(NOW)
         other, _ = await self.store.createKey(NOW)
-        identity = publicBytes(Ed25519PrivateKey.generate().public_key())
+        private = Ed25519PrivateKey.generate()
+        identity = publicBytes(private.public_key())
+        body = {"identity": encodeKey(identity), "proof": enrolmentProof(private, accountId(key))}
         response = await self.http.post(
-            self.url + "/v1/enroll", json={"identity": encodeKey(identity)},
-            headers={"Authorization": f"Bearer {key}"},
+            self.url + "/v1/enroll", json=body, headers={"Authorization": f"Bearer {key}"},
         )
         self.assertEqual(response.code, 200, await response.content())
         self.clock.advance(3600)
         await self.http.post(
-            self.url + "/v1/enroll", json={"identity": encodeKey(identity)},
-            headers={"Authorization": f"Bearer {key}"},
+            self.url + "/v1/enroll", json=body, headers={"Authorization": f"Bearer {key}"},
         )
         _, _, page = await self.get("/account", f"privox_key={key}")
         node = fingerprint(identity)
@@ -564,9 +564,11 @@ class AccountPagesInChromiumTests(TestCase):
         )
         self.assertEqual(json.loads(await response.content()), {"recorded": 3, "duplicates": 0})
         # A node of the key's, enrolled, and held by a farm of the exchange.
-        identity = publicBytes(Ed25519PrivateKey.generate().public_key())
+        private = Ed25519PrivateKey.generate()
+        identity = publicBytes(private.public_key())
+        body = {"identity": encodeKey(identity), "proof": enrolmentProof(private, accountId(key))}
         response = await http.post(
-            local.url + "/v1/enroll", json.dumps({"identity": encodeKey(identity)}).encode(),
+            local.url + "/v1/enroll", json.dumps(body).encode(),
             headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
         )
         self.assertEqual(response.code, 200, await response.content())

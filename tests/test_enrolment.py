@@ -41,6 +41,7 @@ from privox.identity import (
     Certificate,
     ConnectionOffer,
     encodeKey,
+    enrolmentProof,
     exchangePublicKey,
     publicBytes,
 )
@@ -99,6 +100,14 @@ class KeyTable:
 def nodeIdentity() -> tuple[Ed25519PrivateKey, bytes]:
     identity = Ed25519PrivateKey.generate()
     return identity, publicBytes(identity.public_key())
+
+
+def enrolBody(identity: Ed25519PrivateKey, key: str = "") -> dict[str, str]:
+    """
+    What a node posts to C{/v1/enroll} with C{key} (its default: NODE_KEY).
+    """
+    return {"identity": encodeKey(publicBytes(identity.public_key())),
+            "proof": enrolmentProof(identity, accountId(key or NODE_KEY))}
 
 
 def messages(events: list[dict[str, Any]]) -> str:
@@ -164,8 +173,8 @@ class RouteTests(SynchronousTestCase):
         A user key's node gets a certificate of its identity, in that key's
         id, which verifies against what C{/v1/exchange} publishes.
         """
-        _, public = nodeIdentity()
-        code, body = self.enrol(NODE_KEY, {"identity": encodeKey(public)})
+        identity, public = nodeIdentity()
+        code, body = self.enrol(NODE_KEY, enrolBody(identity))
         self.assertEqual(code, 200, body)
         _, published = self.request("GET", "/v1/exchange")
         certificate = Certificate.verify(
@@ -190,8 +199,8 @@ class RouteTests(SynchronousTestCase):
         """
         A revoked key, an unknown one, a farm's: 403. No key: 401.
         """
-        _, public = nodeIdentity()
-        body = {"identity": encodeKey(public)}
+        identity, _ = nodeIdentity()
+        body = enrolBody(identity)
         for key in (REVOKED_KEY, "pvx_nobody-made-this", FARM_KEY):
             self.assertError(self.enrol(key, body), 403, "permission_error", "cannot enrol")
         self.assertError(self.enrol(None, body), 401, "authentication_error", "Bearer")
@@ -214,6 +223,24 @@ class RouteTests(SynchronousTestCase):
         ):
             self.assertError(self.enrol(NODE_KEY, body), 400, "invalid_request_error", "")
 
+    def test_proofOfIdentity(self) -> None:
+        """
+        A key cannot enrol a node it does not run: the body proves the
+        identity's holder signed the enrolling key's account (not another's,
+        not another identity's signature, not none).
+        """
+        identity, public = nodeIdentity()
+        other, _ = nodeIdentity()
+        for body in (
+            {"identity": encodeKey(public)},
+            dict(enrolBody(identity), proof="nonsense"),
+            enrolBody(identity, key="pvx_someone-else"),
+            dict(enrolBody(identity), proof=enrolBody(other)["proof"]),
+        ):
+            self.assertError(self.enrol(NODE_KEY, body), 400, "invalid_request_error",
+                             "proof must be the node identity's signature")
+        self.assertEqual(self.store.enrolled, [])
+
     def test_readIdentity(self) -> None:
         _, public = nodeIdentity()
         self.assertEqual(readIdentity(json.dumps({"identity": encodeKey(public)}).encode()), public)
@@ -224,8 +251,8 @@ class RouteTests(SynchronousTestCase):
         With C{--accounts none}: the key policy decides; an open policy,
         which lets any key in, enrols nobody.
         """
-        _, public = nodeIdentity()
-        body = {"identity": encodeKey(public)}
+        identity, _ = nodeIdentity()
+        body = enrolBody(identity)
         listed = self.app(PolicyAccess(AllowListPolicy("keys", frozenset([NODE_KEY]))))
         code, answer = self.enrol(NODE_KEY, body, listed)
         self.assertEqual(code, 200, answer)
@@ -244,8 +271,8 @@ class RouteTests(SynchronousTestCase):
         """
         bare = self.app(PolicyAccess(OpenPolicy()), exchangeKey=None)
         self.assertError(self.request("GET", "/v1/exchange", bare), 404, "not_found", "exchange key")
-        _, public = nodeIdentity()
-        self.assertError(self.enrol(NODE_KEY, {"identity": encodeKey(public)}, bare), 404, "not_found")
+        identity, _ = nodeIdentity()
+        self.assertError(self.enrol(NODE_KEY, enrolBody(identity), bare), 404, "not_found")
 
     def test_methods(self) -> None:
         self.assertError(self.request("GET", "/v1/enroll"), 405, "method_not_allowed")
@@ -562,7 +589,7 @@ class HttpEnrolTests(SynchronousTestCase):
         self.identity, self.public = nodeIdentity()
 
     def enrol(self, key: str, http: Any = None) -> Deferred[str]:
-        enrol = httpEnrol("http://api.test/", key, self.clock, http or self.http)
+        enrol = httpEnrol("http://api.test/", key, self.identity, self.clock, http or self.http)
         return Deferred.fromCoroutine(enrol(self.public))  # type: ignore[arg-type]
 
     def test_certified(self) -> None:
@@ -573,7 +600,7 @@ class HttpEnrolTests(SynchronousTestCase):
     def test_enrolmentOverHttp(self) -> None:
         enrolment = Enrolment(
             self.identity, self.exchangeKey.public,
-            httpEnrol("http://api.test", NODE_KEY, self.clock, self.http), self.clock,
+            httpEnrol("http://api.test", NODE_KEY, self.identity, self.clock, self.http), self.clock,
         )
         enrolment.startService()
         self.addCleanup(enrolment.stopService)

@@ -42,7 +42,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 from privox.api import forms, subtitles
 from privox.api.access import Access, Caller, Grant
 from privox.api.accountpages import AccountPages
-from privox.api.enrolment import ExchangeKey, readIdentity
+from privox.api.enrolment import ExchangeKey, provenIdentity
 from privox.api.errors import (
     ApiError,
     BadInput,
@@ -647,10 +647,10 @@ class PrivoxAPI:
         account = await self.access.authorizeNode(key)
         done.caller = Caller(key)
         size = forms.bodySize(request, self._limit(request))
-        identity = readIdentity(request.content.read() if size else b"")
+        assert key is not None  # authorizeNode refuses none
+        identity = provenIdentity(request.content.read() if size else b"", accountId(key))
         # The whole account id (not the key id): a farm that knows the
         # exchange credits the node by it without ever seeing its key.
-        assert key is not None  # authorizeNode refuses none
         certificate = exchangeKey.issue(identity, accountId(key), self.clock.seconds())
         store = getattr(self.access, "store", None)
         if store is not None:

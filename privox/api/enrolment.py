@@ -25,6 +25,7 @@ from privox.identity import (
     CERTIFICATE_LIFETIME,
     Certificate,
     IdentityError,
+    checkEnrolmentProof,
     decodeKey,
     encodeKey,
     fingerprint,
@@ -95,6 +96,25 @@ class ExchangeKey:
 
     def issue(self, identity: bytes, account: str, now: float) -> Certificate:
         return Certificate.issue(self.private, identity, account, now, self.lifetime)
+
+
+def provenIdentity(body: bytes, account: str) -> bytes:
+    """
+    The node identity a C{POST /v1/enroll} body names, if its C{proof}
+    shows the node holds it (L{privox.identity.enrolmentProof} for the
+    enrolling key's C{account}): a key cannot enrol a node it does not run.
+
+    @raise BadInput: anything else.
+    """
+    identity = readIdentity(body)
+    try:
+        checkEnrolmentProof(identity, account, json.loads(body).get("proof"))
+    except IdentityError:
+        raise BadInput(
+            "proof must be the node identity's signature of the enrolling key's account"
+            " (the node signs it; upgrade a node that sends none)"
+        ) from None
+    return identity
 
 
 def readIdentity(body: bytes) -> bytes:

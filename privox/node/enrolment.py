@@ -39,11 +39,12 @@ from privox.identity import (
     ConnectionOffer,
     IdentityError,
     encodeKey,
+    enrolmentProof,
     fingerprint,
     loadOrCreateKey,
     publicBytes,
 )
-from privox.keys import webReason, withoutSecrets
+from privox.keys import accountId, webReason, withoutSecrets
 
 log = Logger()
 
@@ -107,11 +108,13 @@ def loadIdentity(stateDir: str) -> tuple[Ed25519PrivateKey, bool]:
 
 
 def httpEnrol(
-    url: str, key: str, clock: IReactorTime, http: Any = None, timeout: float = REQUEST_TIMEOUT
+    url: str, key: str, identity: Ed25519PrivateKey, clock: IReactorTime, http: Any = None,
+    timeout: float = REQUEST_TIMEOUT,
 ) -> Enrol:
     """
     Enrolment over HTTP: C{POST URL/v1/enroll} with C{key} as the Bearer
-    token. C{http}: treq or its like (C{StubTreq} in tests).
+    token, and C{identity}'s proof that it is the node's (no other key can
+    enrol it). C{http}: treq or its like (C{StubTreq} in tests).
 
     @raise EnrolmentRefused: 401, 403 or 404.
     @raise EnrolmentFailed: no answer in C{timeout} seconds, another
@@ -121,10 +124,12 @@ def httpEnrol(
     if http is None:
         import treq as http
 
-    async def post(identity: bytes) -> tuple[int, bytes]:
+    proof = enrolmentProof(identity, accountId(key))
+
+    async def post(public: bytes) -> tuple[int, bytes]:
         response = await http.post(
             target,
-            json={"identity": encodeKey(identity)},
+            json={"identity": encodeKey(public), "proof": proof},
             headers={"Authorization": f"Bearer {key}"},
         )
         return response.code, await response.content()

@@ -596,7 +596,7 @@ def enrolmentFor(settings: NodeSettings, reactor: Any) -> Enrolment | None:
     enrolment = Enrolment(
         identity,
         exchangePublicKey(settings.exchange_key),
-        httpEnrol(settings.exchange, settings.key, reactor, exchangeHttp(settings, reactor)),
+        httpEnrol(settings.exchange, settings.key, identity, reactor, exchangeHttp(settings, reactor)),
         reactor,
         where=withoutSecrets(settings.exchange),
         account=keyId(settings.key),

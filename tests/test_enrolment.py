@@ -675,9 +675,6 @@ class NodeSettingsTests(SynchronousTestCase):
         cases = [
             (["--exchange", "api.example.org", "--exchange-key", self.EXCHANGE_KEY, "--key", "k"],
              "--exchange must be the API's http(s) base URL"),
-            (["--exchange", "https://api.example.org/", "--key", "k"],
-             "--exchange needs --exchange-key: the exchange's public key, as"
-             " https://api.example.org/v1/exchange gives it"),
             (["--exchange", "https://api.example.org", "--exchange-key", self.EXCHANGE_KEY],
              "--exchange needs --key"),
             (["--exchange", "https://api.example.org", "--exchange-key", "short", "--key", "k"],

@@ -130,14 +130,18 @@ class OpenExchangeTests(ProcessTestCase):
         self.assertRegex(bytes(api.output), rb"farm first of key \w{12} joined the directory")
         self.assertEqual([f.name for f in (await self.directory()).farms], ["first", "second"])
 
-        # A node that knows only the exchange finds them, its two slots on both.
+        # A node that knows only the exchange's URL and its own key finds
+        # them, its two slots on both; it pins the exchange's key on first use.
         nodeKey = await self.key("user")
         node = self.spawn(
             "node", "privox-node", "--stt", "digest:x", "--slots", "2",
-            "--exchange", self.url, "--exchange-key", published["key"], "--key", nodeKey,
+            "--exchange", self.url, "--key", nodeKey,
             "--state-dir", root.child("node").path, "--retry-max", "0.5",
             "--shutdown-grace", "1",
         )
+        await node.waitFor(b"pinned the exchange key " + published["key"][:16].encode())
+        self.assertEqual(root.child("node").child("exchange.pub").getContent().strip(),
+                         published["key"].encode())
         await node.waitFor(b"the directory of " + self.url.encode() + b" lists 2 farm(s)")
         await node.waitFor(b"enrolled with " + self.url.encode())
         await until(lambda: len(re.findall(rb"serving stt through", bytes(node.output))) >= 2,

@@ -26,7 +26,8 @@ from twisted.internet.interfaces import IReactorTime
 
 from privox.directory import REFRESH
 from privox.farm.vouching import Vouching
-from privox.identity import IdentityError, exchangePublicKey, fingerprint, publicBytes
+from privox.exchangekey import ExchangeKeyUnread, readExchangeKey
+from privox.identity import fingerprint, publicBytes
 from privox.keys import webReason, withoutSecrets
 from privox.periodic import Periodic
 
@@ -88,7 +89,7 @@ class Registration(Periodic):
         self.online = online
         self.http = http
         self.vouching = vouching
-        self.keyURL = url.rstrip("/") + "/v1/exchange"
+        self.url = url
         #: Whether the exchange's key was pinned (else it is read there).
         self.pinned = vouching is not None and vouching.exchange is not None
 
@@ -125,21 +126,13 @@ class Registration(Periodic):
 
     async def _readExchangeKey(self) -> bool:
         assert self.vouching is not None
-        if not self.keyURL.startswith("https://"):
+        if not self.url.startswith("https://"):
             self.say(f"reading the exchange's key from {self.where} over plain HTTP: anyone on the"
                      " way could give another; pin it with --exchange-key")
-        d = Deferred.fromCoroutine(self._get())
-        d.addTimeout(REQUEST_TIMEOUT, self.clock)
         try:
-            code, body = await d
-            if code != 200:
-                raise ValueError(f"HTTP {code}")
-            key = exchangePublicKey(str(json.loads(body)["key"]))
-        except (IdentityError, ValueError, KeyError, TypeError) as e:
-            self.say(f"the exchange at {self.where} gave no key it could sign with ({e})")
-            return False
-        except Exception as e:
-            self.say(f"cannot reach the exchange at {self.where} ({webReason(e)}); trying again")
+            key = await readExchangeKey(self.url, self.http, self.clock)
+        except ExchangeKeyUnread as e:
+            self.say(f"cannot read the exchange's key from {self.where} ({e}); trying again")
             return False
         self.vouching.exchange = key
         self.log.info(
@@ -149,10 +142,6 @@ class Registration(Periodic):
             fingerprint=fingerprint(publicBytes(key)),
         )
         return True
-
-    async def _get(self) -> tuple[int, bytes]:
-        response = await self.http.get(self.keyURL)
-        return response.code, await response.content()
 
     def _pace(self, body: bytes) -> None:
         """

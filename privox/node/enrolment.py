@@ -191,7 +191,7 @@ class Enrolment(Service):
     def __init__(
         self,
         identity: Ed25519PrivateKey,
-        exchange: Ed25519PublicKey,
+        exchange: Ed25519PublicKey | None,
         enrol: Enrol,
         clock: IReactorTime,
         where: str = "the exchange",
@@ -203,7 +203,9 @@ class Enrolment(Service):
         self._identity = identity
         self.public = publicBytes(identity.public_key())
         self.fingerprint = fingerprint(self.public)
-        self._exchange = exchange
+        #: The exchange's key; L{None} until the node has learnt it
+        #: (privox.node.exchangekey), and then it is started.
+        self.exchange = exchange
         self._enrol = enrol
         self._clock = clock
         self.where = where
@@ -335,7 +337,8 @@ class Enrolment(Service):
             return
         now = self._clock.seconds()
         try:
-            certificate = Certificate.verify(text, self._exchange, now)
+            assert self.exchange is not None  # started once it is known
+            certificate = Certificate.verify(text, self.exchange, now)
             if certificate.identity != self.public:
                 raise IdentityError("the certificate names another node")
         except IdentityError as e:

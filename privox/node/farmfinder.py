@@ -35,7 +35,7 @@ class FarmFinder(Periodic):
     def __init__(
         self,
         url: str,
-        exchange: Ed25519PublicKey,
+        exchange: Ed25519PublicKey | None,
         clock: IReactorTime,
         found: Callable[[Directory], None],
         http: Any = treq,
@@ -56,6 +56,7 @@ class FarmFinder(Periodic):
             code, body = await d
             if code != 200:
                 raise DirectoryError(f"HTTP {code}")
+            assert self.exchange is not None  # started once it is known
             directory = Directory.verify(json.loads(body), self.exchange, self.clock.seconds())
         except DirectoryError as e:
             self.say(f"refused the directory of {self.where}: {e}")

@@ -17,6 +17,8 @@ from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
@@ -28,6 +30,7 @@ from privox.config import optionsFor, setting
 from privox.daemon import CannotStart, ListenService, stopWithStatus
 from privox.engines.base import ModelNotFound
 from privox.engines.registry import ModelSpec, SpecError, createEngine
+from privox.exchangekey import ExchangeKeyUnread, keep, keptKey, logLearnt, readExchangeKey
 from privox.identity import IdentityError, exchangePublicKey
 from privox.keys import keyId, withoutSecrets
 from privox.metrics import CollectorRegistry, NodeMetrics, metricsSite
@@ -93,7 +96,9 @@ class NodeSettings:
     exchange_key: str = setting(
         "",
         "The exchange's public key (GET EXCHANGE/v1/exchange), pinned: a "
-        "certificate not signed by it is refused. Required with --exchange.",
+        "certificate or directory not signed by it is refused. Empty: read from the "
+        "exchange at the first start and kept in --state-dir (exchange.pub), then "
+        "pinned as if given.",
     )
     state_dir: str = setting(
         DEFAULT_STATE_DIR,
@@ -151,11 +156,6 @@ class Options(_BaseOptions):  # type: ignore[misc,valid-type]
             if not s.exchange.startswith(("http://", "https://")):
                 raise usage.UsageError(
                     "--exchange must be the API's http(s) base URL, or 'none'"
-                )
-            if not s.exchange_key:
-                raise usage.UsageError(
-                    "--exchange needs --exchange-key: the exchange's public key,"
-                    f" as {withoutSecrets(s.exchange).rstrip('/')}/v1/exchange gives it"
                 )
             if not s.key:
                 raise usage.UsageError("--exchange needs --key: the node enrols with its key")
@@ -405,10 +405,20 @@ class NodeService(Service):
         self.finder: FarmFinder | None = None
         #: Draws each slot's farms from the directory, by need.
         self._rng = random.Random()
+        #: Waits between tries at the exchange's key, while it is unread.
+        self._keyBackoff = backoffPolicy(initialDelay=1.0, maxDelay=60.0)
+        #: The exchange's key: pinned, kept from a first start, or learnt at
+        #: this one (privox.node.exchangekey) before enrolling and reading
+        #: the directory.
+        self.exchangeKey = (
+            exchangePublicKey(settings.exchange_key) if settings.exchange_key
+            else keptKey(settings.state_dir) if settings.exchange != "none" else None
+        )
+        self._http = http
         unplaced = (settings.stt and not settings.stt_farm) or (settings.tts and not settings.tts_farm)
         if settings.exchange != "none" and unplaced:
             self.finder = FarmFinder(
-                settings.exchange, exchangePublicKey(settings.exchange_key), reactor,
+                settings.exchange, self.exchangeKey, reactor,
                 self._directoryFound, **({} if http is None else {"http": http}),
             )
 
@@ -417,18 +427,56 @@ class NodeService(Service):
         self._threadpool.start()
         self._reactor.addSystemEventTrigger("during", "shutdown", self._threadpool.stop)
         if isinstance(self.sealer, Enrolment):
-            # While the models load.
             self.sealer.whenRenewed(self._refreshSlots)
-            self.sealer.startService()
-        if self.finder is not None:
-            self.finder.startService()
-        elif self.sealer is None:
+        if self.settings.exchange != "none" and self.exchangeKey is None:
+            Deferred.fromCoroutine(self._learnExchangeKey())
+        else:
+            self._joinExchange()
+        if self.finder is None and self.sealer is None:
             log.info(
                 "this node names no exchange (--exchange): it cannot seal, and takes only"
                 " unsealed jobs"
             )
         d = Deferred.fromCoroutine(self._start())
         d.addErrback(self._startFailed)
+
+    def _joinExchange(self) -> None:
+        """
+        Enrol, and read the directory, while the models load.
+        """
+        if isinstance(self.sealer, Enrolment):
+            if self.exchangeKey is not None:  # else its own (privox-local's)
+                self.sealer.exchange = self.exchangeKey
+            self.sealer.startService()
+        if self.finder is not None:
+            self.finder.exchange = self.exchangeKey
+            self.finder.startService()
+
+    async def _learnExchangeKey(self) -> None:
+        """
+        No key given or kept: ask the exchange (again, with backoff, until
+        it answers or the node stops), keep what it says, then join.
+        """
+        s, attempt = self.settings, 0
+        where = withoutSecrets(s.exchange)
+        http = self._http if self._http is not None else exchangeHttp(s, self._reactor)
+        while self.running:
+            try:
+                key = await readExchangeKey(s.exchange, http, self._reactor)
+            except ExchangeKeyUnread as e:
+                delay = self._keyBackoff(attempt)
+                attempt += 1
+                log.warn("cannot read the exchange's key from {where} ({why}); trying again"
+                         " in {delay:.0f} s", where=where, why=str(e), delay=delay)
+                await deferLater(self._reactor, delay)
+                continue
+            if not self.running:
+                return
+            await deferToThreadPool(self._reactor, self._threadpool, keep, s.state_dir, key)
+            logLearnt(key, where, s.state_dir)
+            self.exchangeKey = key
+            self._joinExchange()
+            return
 
     async def _start(self) -> None:
         await self.pool.load()
@@ -595,7 +643,7 @@ def enrolmentFor(settings: NodeSettings, reactor: Any) -> Enrolment | None:
     identity, made = loadIdentity(settings.state_dir)
     enrolment = Enrolment(
         identity,
-        exchangePublicKey(settings.exchange_key),
+        None,  # the node's (NodeService.exchangeKey), once it is known
         httpEnrol(settings.exchange, settings.key, identity, reactor, exchangeHttp(settings, reactor)),
         reactor,
         where=withoutSecrets(settings.exchange),
@@ -616,8 +664,15 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     settings = options.settings
     try:
         enrolment = enrolmentFor(settings, reactor)
+        if settings.exchange != "none" and not settings.exchange_key:
+            keptKey(settings.state_dir)
     except IdentityFileError as e:
         return CannotStart(f"{e} (--state-dir)")
+    except (IdentityError, OSError) as e:
+        return CannotStart(
+            f"cannot read the exchange key kept in {settings.state_dir}: {e}"
+            " (remove exchange.pub, or give --exchange-key)"
+        )
     engines = [createEngine(s) for s in options.specs]
     http = exchangeHttp(settings, reactor) if settings.exchange != "none" else None
     if settings.metrics_listen == "none":

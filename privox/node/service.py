@@ -408,13 +408,15 @@ class NodeService(Service):
         #: Waits between tries at the exchange's key, while it is unread.
         self._keyBackoff = backoffPolicy(initialDelay=1.0, maxDelay=60.0)
         #: The exchange's key: pinned, kept from a first start, or learnt at
-        #: this one (privox.node.exchangekey) before enrolling and reading
-        #: the directory.
+        #: this one (privox.exchangekey) before enrolling and reading the
+        #: directory.
         self.exchangeKey = (
             exchangePublicKey(settings.exchange_key) if settings.exchange_key
             else keptKey(settings.state_dir) if settings.exchange != "none" else None
         )
         self._http = http
+        #: Reading the exchange's key, while it is read (cancelled on stop).
+        self._learning: Deferred[None] | None = None
         unplaced = (settings.stt and not settings.stt_farm) or (settings.tts and not settings.tts_farm)
         if settings.exchange != "none" and unplaced:
             self.finder = FarmFinder(
@@ -429,7 +431,8 @@ class NodeService(Service):
         if isinstance(self.sealer, Enrolment):
             self.sealer.whenRenewed(self._refreshSlots)
         if self.settings.exchange != "none" and self.exchangeKey is None:
-            Deferred.fromCoroutine(self._learnExchangeKey())
+            self._learning = Deferred.fromCoroutine(self._learnExchangeKey())
+            self._learning.addErrback(lambda f: f.trap(CancelledError))
         else:
             self._joinExchange()
         if self.finder is None and self.sealer is None:
@@ -472,7 +475,11 @@ class NodeService(Service):
                 continue
             if not self.running:
                 return
-            await deferToThreadPool(self._reactor, self._threadpool, keep, s.state_dir, key)
+            try:
+                await deferToThreadPool(self._reactor, self._threadpool, keep, s.state_dir, key)
+            except OSError as e:
+                log.warn("cannot keep the exchange's key in {path} ({why}): it is read again"
+                         " at the next start", path=s.state_dir, why=e.strerror or str(e))
             logLearnt(key, where, s.state_dir)
             self.exchangeKey = key
             self._joinExchange()
@@ -602,6 +609,8 @@ class NodeService(Service):
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
+        if self._learning is not None:
+            self._learning.cancel()
         if self.slots:
             log.info("stopping: finishing running jobs")
             drained = DeferredList([slot.drain() for slot in self.slots], consumeErrors=True)

@@ -27,6 +27,7 @@ from privox.local import LocalExchange, LocalSettings, Options, apiSettings, ban
 from tests.support import until
 from tests.test_e2e import ENV, REPO, TWISTD
 from tests.test_faults import ProcessTestCase
+from tests.test_page import localExchange
 from tests.test_roundtrip import speak
 from tests.wer import wer
 
@@ -257,13 +258,8 @@ class LendANodeTests(ProcessTestCase):
     timeout = 180
 
     async def test_bannersNodeEarns(self) -> None:
-        store = FilePath(os.path.abspath(self.mktemp()))
-        local = LocalExchange(LocalSettings(port=0, accounts=f"sqlite:{store.path}"), reactor)
-        local.startService()
-        self.addCleanup(local.stopService)
-        await local.ready
+        local, key = await localExchange(self)
         assert local.store is not None
-        key, _ = await local.store.createKey(reactor.seconds())
         treq = HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
         published = json.loads(await (await treq.get(f"{local.url}/v1/exchange")).text())["key"]
         [command] = [line for line in banner(local.url, local.settings, published)
@@ -283,7 +279,7 @@ class LendANodeTests(ProcessTestCase):
 
         async def credited() -> bool:
             # Jobs go to the idle node served longest ago: this one soon.
-            body, contentType = multipart({"quality": "fast"}, clip)
+            body, contentType = multipart({"quality": "fast", "key": key}, clip)
             response = await treq.post(f"{local.url}/stt", data=body,
                                        headers={"Content-Type": contentType})
             self.assertEqual(response.code, 200, await response.text())

@@ -183,9 +183,8 @@ class FailoverEndpoint:
         self._reactor = reactor
         self._ca = ca
         self.reached: str | None = None
-        #: The farm the attempt under way dials, and its key id if it
-        #: joined the exchange by itself.
-        self.trying: str | None = None
+        #: The key id of the farm the attempt under way dials, if it joined
+        #: the exchange by itself.
         self.tryingMember: str | None = None
         self.setFarms(descriptions, members)
 
@@ -215,7 +214,7 @@ class FailoverEndpoint:
             member = members[description]
             # The protocol is built while this attempt connects: it may ask
             # which farm it is for.
-            self.trying, self.tryingMember = description, member
+            self.tryingMember = member
             try:
                 protocol = await endpoint.connect(factory)
             except CancelledError:

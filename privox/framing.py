@@ -9,8 +9,7 @@ checking each header before it buffers or hands out a body.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from twisted.internet.tcp import Connection
 from twisted.protocols.policies import ProtocolWrapper
@@ -53,8 +52,9 @@ class FramingError(Exception):
     """
 
 
-@dataclass(frozen=True, slots=True)
-class Frame:
+class Frame(NamedTuple):
+    # A tuple: made per frame on every relayed job, and a frozen
+    # dataclass's __init__ costs several times as much.
     verb: bytes
     payload: bytes
 

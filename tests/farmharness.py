@@ -28,6 +28,7 @@ class Peer:
     """
 
     def __init__(self, farm: Farm, service: str) -> None:
+        self._clock = farm.clock
         self.transport = StringTransport()
         self.protocol: FarmConnection = FarmFactory(farm, service).buildProtocol(None)
         self.protocol.makeConnection(self.transport)
@@ -37,6 +38,8 @@ class Peer:
 
     def raw(self, data: bytes) -> None:
         self.protocol.dataReceived(data)
+        # The reactor's turn ends: what the farm wrote goes out (Farm.cork).
+        self._clock.advance(0)
 
     def send(self, verb: bytes, fields: dict[str, Any] | None = None) -> None:
         self.raw(controlFrame(verb, fields) if fields is not None else encodeFrame(verb))

@@ -781,10 +781,28 @@ class BackpressureTests(SynchronousTestCase):
         consumer.transport.producer.pauseProducing()
         self.assertEqual(producer.transport.producerState, "paused")
         producer.raw(b"garbage!garbage!")
+        # The closed connection no longer produces for its transport; the
+        # open one stays its own transport's producer, linked to no one.
         self.assertIsNone(producer.transport.producer)
-        self.assertIsNone(consumer.transport.producer)
+        self.assertIs(consumer.transport.producer, consumer.protocol)
+        self.assertEqual(producer.transport.producerState, "producing")
+        consumer.transport.producer.resumeProducing()
+        consumer.transport.producer.pauseProducing()
         self.assertEqual(producer.transport.producerState, "producing")
         self.assertEqual(consumer.messages()[0][1]["error"], "producer_lost")
+
+    def test_pausedConnectionCloses(self) -> None:
+        """
+        A connection is its transport's producer for its whole life; one
+        whose writes are backed up when the farm closes it stops being
+        one, so Twisted's loseConnection is not held open by it.
+        """
+        h = FarmHarness()
+        producer = h.producer()
+        producer.transport.producer.pauseProducing()
+        producer.raw(b"garbage!garbage!")
+        self.assertIsNone(producer.transport.producer)
+        self.assertTrue(producer.transport.disconnecting)
 
     def test_jobEndResumesPausedPeer(self) -> None:
         h = FarmHarness()
@@ -796,8 +814,11 @@ class BackpressureTests(SynchronousTestCase):
         producer.send(b"FAIL", {"id": asgn["id"], "error": "engine_error", "message": "x"})
         # The consumer must be able to finish its (discarded) upload.
         self.assertEqual(consumer.transport.producerState, "producing")
-        self.assertIsNone(producer.transport.producer)
-        self.assertIsNone(consumer.transport.producer)
+        # Unlinked: the producer's writes backing up again hold no one.
+        producer.transport.producer.resumeProducing()
+        producer.transport.producer.pauseProducing()
+        self.assertEqual(consumer.transport.producerState, "producing")
+        self.assertIs(producer.transport.producer, producer.protocol)
 
 
 class CutThroughTests(SynchronousTestCase):

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from privox.farm import pvx1
 from privox.farm.farm import Farm
@@ -63,7 +64,14 @@ RELAY_BUFFER = 512 * 1024
 _PONG = encodeHeader(b"PONG", 0)
 
 
+@implementer(IPushProducer)
 class FarmConnection(Protocol):
+    """
+    Also its own transport's producer, for the life of the connection:
+    while its writes back up, the connection feeding it (L{feedFrom})
+    waits. One registration per connection, not two per job.
+    """
+
     phase: Phase
 
     def __init__(self, farm: Farm, service: str) -> None:
@@ -88,6 +96,11 @@ class FarmConnection(Protocol):
         #: Who holds this connection's reading paused, if anyone:
         #: backpressure links, a splice relay reading the socket itself.
         self._readHolds: set[object] | None = None
+        #: The connection whose bytes this one writes now (its job's other
+        #: side), and whether this one's write buffer is full.
+        self._feeder: FarmConnection | None = None
+        self._writesBlocked = False
+        self._producing = False
         #: The splice relays reading from and writing to this connection
         #: (L{privox.farm.splice}).
         self.relayIn: SpliceRelay | None = None
@@ -113,6 +126,8 @@ class FarmConnection(Protocol):
 
     def connectionMade(self) -> None:
         tuneTransport(self.transport, self.farm.settings.max_frame, RELAY_BUFFER)
+        self.transport.registerProducer(self, True)
+        self._producing = True
         self.write(GREETING)
         self._handshakeTimer = self.farm.clock.callLater(
             self.farm.settings.handshake_timeout, self._handshakeTimedOut
@@ -230,16 +245,11 @@ class FarmConnection(Protocol):
     # Receiving
 
     def dataReceived(self, data: bytes) -> None:
-        if self.farm.corked:
-            self._received(data)
-            return
-        # What handling these bytes writes, to any peer, goes out at the end
-        # of it, a write a peer: a job's JOB_ and its early upload together.
-        self.farm.corked = True
-        try:
-            self._received(data)
-        finally:
-            self.farm.uncork()
+        # What handling these bytes writes, to any peer, goes out once the
+        # reactor's turn ends, a write a peer: a job's JOB_ and its early
+        # upload together.
+        self.farm.cork()
+        self._received(data)
         self.spliceRest()
 
     def _received(self, data: bytes) -> None:
@@ -374,6 +384,9 @@ class FarmConnection(Protocol):
             or not spliceable(sink.transport)
         ):
             return
+        # The relay writes to the sink's socket itself: what the farm wrote
+        # the sink (the job's JOB_) goes first.
+        sink.flush()
         splicer.relay(self, sink)
 
     def relayDue(self, sink: FarmConnection) -> int | None:
@@ -429,6 +442,34 @@ class FarmConnection(Protocol):
             if not holds:
                 self._readHolds = None
                 self.transport.resumeProducing()
+
+    # Backpressure: this connection is its transport's (streaming) producer
+
+    def feedFrom(self, source: FarmConnection | None) -> None:
+        """
+        Hold C{source}'s reading while this connection's writes back up
+        (L{None}: no one's).
+        """
+        old, self._feeder = self._feeder, source
+        if self._writesBlocked:
+            if old is not None:
+                old.releaseReading(self)
+            if source is not None:
+                source.holdReading(self)
+
+    def pauseProducing(self) -> None:
+        self._writesBlocked = True
+        if self._feeder is not None:
+            self._feeder.holdReading(self)
+
+    def resumeProducing(self) -> None:
+        self._writesBlocked = False
+        if self._feeder is not None:
+            self._feeder.releaseReading(self)
+
+    def stopProducing(self) -> None:
+        # The transport is going; connectionLost follows.
+        pass
 
     # Sending
 
@@ -553,6 +594,12 @@ class FarmConnection(Protocol):
         session, self.session = self.session, None
         if session is not None:
             session.connectionLost()
+        # A streaming producer paused at close would hold a loseConnection
+        # open until it resumed.
+        self.feedFrom(None)
+        if self._producing:
+            self._producing = False
+            self.transport.unregisterProducer()
 
     def connectionLost(self, reason: Failure = None) -> None:
         for timer in (self._closeTimer, self._keyQuiet, self._vouchedUntil):

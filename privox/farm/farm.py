@@ -117,9 +117,9 @@ class Farm:
         self.splicer = splicer
         self._idKey = secrets.token_bytes(32)
         self._jobs = 0
-        #: While the bytes of one read are handled, connections' writes wait
-        #: (L{privox.farm.connection.FarmConnection.write}) and go out
-        #: together at the end: L{uncork}.
+        #: While the reads of one turn of the reactor are handled,
+        #: connections' writes wait (L{privox.farm.connection.FarmConnection.write})
+        #: and go out together at the end: L{cork}.
         self.corked = False
         self.dirty: list[Any] = []
 
@@ -128,6 +128,19 @@ class Farm:
         C{f(*args)} in a thread, once fewer than L{BLOCKING_AT_ONCE} are.
         """
         return self._blocking.run(self.runInThread, f, *args)
+
+    def cork(self) -> None:
+        """
+        Hold what connections are written until the reactor has handled
+        every socket that was ready with this one: a call for 0 seconds
+        from now runs right after that, before the reactor waits again.
+        Each connection then gets one C{sendmsg} for all its frames, and
+        the system calls come after the Python work instead of between its
+        steps (bench/README.rst: about a tenth of the CPU per small job).
+        """
+        if not self.corked:
+            self.corked = True
+            self.clock.callLater(0, self.uncork)
 
     def uncork(self) -> None:
         """
@@ -278,13 +291,13 @@ class Farm:
             )
         self._armQueueTimer(service)
 
-    def record(self, job: Job) -> Deferred[None]:
+    def record(self, job: Job) -> Deferred[None] | None:
         """
         Put a job that has ended in the ledger; fires once its record is
-        durable.
+        durable (L{None} without a ledger: a Deferred per job for nothing).
         """
         if self.ledger is None:
-            return succeed(None)
+            return None
         return self.ledger.record(transaction(job, self.settings.name, self.clock.seconds()))
 
     def jobFinished(self, job: Job) -> None:

@@ -33,10 +33,9 @@ from typing import Any, Protocol
 
 from automat import TypeMachineBuilder
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from privox.automata import build
 
@@ -47,15 +46,16 @@ log = Logger()
 
 class Relayed(Protocol):
     """
-    A connection a job relays between: its reading can be held while the
-    other side's writes back up (L{_PauseLink}).
+    A connection a job relays between: while its writes back up, the
+    reading of the connection that feeds it waits.
     """
 
     transport: Any
 
-    def holdReading(self, holder: object) -> None: ...
+    def feedFrom(self, source: Relayed | None) -> None:
+        "Hold C{source}'s reading while this connection's writes back up."
 
-    def releaseReading(self, holder: object) -> None: ...
+    def abort(self) -> None: ...
 
 
 class _Side(Protocol):
@@ -114,8 +114,11 @@ class JobHost(Protocol):
     def withdraw(self, job: Job) -> None:
         "Take a queued job out of the queue."
 
-    def record(self, job: Job) -> Deferred[None]:
-        "Put the ended job in the ledger; fires once that is durable."
+    def record(self, job: Job) -> Deferred[None] | None:
+        """
+        Put the ended job in the ledger; fires once that is durable.
+        L{None}: the farm keeps no ledger, and nothing is waited for.
+        """
 
     def jobFinished(self, job: Job) -> None:
         "The job is over: forget it."
@@ -168,34 +171,6 @@ class JobEvents(Protocol):
         "A cancelled producer did not finish in time."
 
 
-@implementer(IPushProducer)
-class _PauseLink:
-    """
-    Backpressure from one connection to another: registered as the producer
-    of C{sink}'s transport, it holds C{source}'s reading while C{sink}'s
-    write buffer is full. Detaching lets go of C{source}.
-    """
-
-    def __init__(self, source: Relayed, sink: Any) -> None:
-        self._source = source
-        self._sink = sink
-        sink.registerProducer(self, True)
-
-    def pauseProducing(self) -> None:
-        self._source.holdReading(self)
-
-    def resumeProducing(self) -> None:
-        self._source.releaseReading(self)
-
-    def stopProducing(self) -> None:
-        # The sink is closing; its own connectionLost tells the job.
-        pass
-
-    def detach(self) -> None:
-        self._sink.unregisterProducer()
-        self.resumeProducing()
-
-
 class Job:
     """
     The state a job's machine works on. L{events} is the machine: feed it.
@@ -245,7 +220,8 @@ class Job:
         #: start and end forwarding each, which the relay follows.
         self.uploadSink: Relayed | None = None
         self.resultSink: Relayed | None = None
-        self._links: list[_PauseLink] = []
+        #: The two connections fed by each other while the job runs.
+        self._linked: tuple[Relayed, Relayed] | None = None
         self._timeout: IDelayedCall | None = host.clock.callLater(
             timeout, self._timedOut
         )
@@ -291,15 +267,17 @@ class Job:
         self.consumer.jobAssigned(self)
         if self.request.stream:
             self._idle = self.host.clock.callLater(self.host.streamIdle, self._streamIdle)
-        self._links = [
-            _PauseLink(self.consumer.connection, producer.transport),
-            _PauseLink(producer.connection, self.consumer.transport),
-        ]
+        # Backpressure both ways: the upload, then the answer.
+        consumer, producing = self.consumer.connection, producer.connection
+        producing.feedFrom(consumer)
+        consumer.feedFrom(producing)
+        self._linked = (consumer, producing)
 
     def _unlink(self) -> None:
-        for link in self._links:
-            link.detach()
-        self._links = []
+        linked, self._linked = self._linked, None
+        if linked is not None:
+            for connection in linked:
+                connection.feedFrom(None)
 
     def _failConsumer(self, code: str, message: str, withId: bool = True) -> None:
         consumer = self._detachConsumer()
@@ -350,10 +328,11 @@ class Job:
                 call.cancel()
         self._timeout = self._grace = self._idle = None
 
-    def _record(self, outcome: str, releaseProducer: bool) -> Deferred[None]:
+    def _record(self, outcome: str, releaseProducer: bool) -> Deferred[None] | None:
         """
         The job has ended with C{outcome}: record it, then let its producer
-        go (back to work, or dropped). Fires once the record is durable.
+        go (back to work, or dropped). Fires once the record is durable
+        (L{None}: no ledger).
         """
         self.outcome = outcome
         self._early = []
@@ -502,6 +481,9 @@ def _resultData(events: JobEvents, job: Job, payload: bytes) -> None:
 @returning.upon(JobEvents.resultComplete).to(recording)
 def _resultComplete(events: JobEvents, job: Job) -> None:
     recorded = job._record("ok", releaseProducer=True)
+    if recorded is None:
+        job.events.recorded()
+        return
     recorded.addCallback(lambda _: job.events.recorded())
     recorded.addErrback(job._recordingFailed)
 

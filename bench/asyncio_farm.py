@@ -12,7 +12,13 @@ backpressure (a peer whose write buffer is full pauses the reading of the
 peer that feeds it). It keeps no ledger, metrics or logs, speaks no PVX/1
 and checks little: a lean program doing the same work on the same wire.
 
+With C{--reactor twisted} the same farm runs on Twisted's reactor instead,
+its peers carried by Twisted TCP connections (L{TwistedPeer}): what this
+design costs on Twisted, beside what it costs on asyncio, says how much of
+privox-farm's cost is its own work and how much is the event loop's.
+
     python bench/asyncio_farm.py PORT [--max-frame N] [--early-upload N]
+        [--reactor asyncio|twisted]
 """
 
 from __future__ import annotations
@@ -24,6 +30,11 @@ import json
 import os
 import socket
 from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Factory, Protocol
+from zope.interface import implementer
 
 HEADER = 12
 GREETING = b"who"
@@ -52,9 +63,10 @@ class Job:
 
 
 class Farm:
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, loop: Any) -> None:
         self.args = args
-        self.loop = asyncio.get_running_loop()
+        #: What the farm asks of its event loop: time() and call_later().
+        self.loop = loop
         self.producers: set[Peer] = set()
         #: Idle producers, longest idle first.
         self.idle: collections.OrderedDict[Peer, None] = collections.OrderedDict()
@@ -344,8 +356,93 @@ class Peer(asyncio.Protocol):
             self.ping = None
 
 
+class TwistedLoop:
+    """
+    time() and call_later() from Twisted's reactor.
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+
+    def time(self) -> float:
+        return self.reactor.seconds()
+
+    def call_later(self, delay: float, f: Any, *args: Any) -> _TwistedHandle:
+        return _TwistedHandle(self.reactor.callLater(delay, f, *args))
+
+
+class _TwistedHandle:
+    def __init__(self, call: Any) -> None:
+        self.call = call
+
+    def cancel(self) -> None:
+        # As asyncio's: cancelling a call that ran does nothing.
+        if self.call.active():
+            self.call.cancel()
+
+
+class _TwistedTransport:
+    """
+    A Twisted TCP transport, as a Peer uses asyncio's.
+    """
+
+    def __init__(self, transport: Any) -> None:
+        self.transport = transport
+        self.write = transport.write
+        self.pause_reading = transport.pauseProducing
+        self.resume_reading = transport.resumeProducing
+        self.abort = transport.abortConnection
+
+    def get_extra_info(self, name: str) -> Any:
+        assert name == "socket"
+        return self.transport.getHandle()
+
+    def set_write_buffer_limits(self, high: int) -> None:
+        # Twisted's one size: the most a read takes and the write buffer's
+        # high-water mark (privox.framing.tuneTransport sets it the same).
+        self.transport.bufferSize = high
+
+
+@implementer(IPushProducer)
+class TwistedPeer(Protocol):
+    """
+    Carries a Peer over a Twisted TCP connection: what asyncio's transport
+    calls on a Peer, Twisted's calls here.
+    """
+
+    def __init__(self, farm: Farm) -> None:
+        self.peer = Peer(farm)
+
+    def connectionMade(self) -> None:
+        # Twisted tells its producer when the write buffer fills.
+        self.transport.registerProducer(self, True)
+        self.peer.connection_made(_TwistedTransport(self.transport))
+
+    def dataReceived(self, data: bytes) -> None:
+        self.peer.data_received(data)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.peer.connection_lost(None)
+
+    def pauseProducing(self) -> None:
+        self.peer.pause_writing()
+
+    def resumeProducing(self) -> None:
+        self.peer.resume_writing()
+
+    def stopProducing(self) -> None:
+        pass
+
+
+def serveTwisted(args: argparse.Namespace) -> None:
+    farm = Farm(args, TwistedLoop(reactor))
+    factory = Factory.forProtocol(lambda: TwistedPeer(farm))
+    reactor.listenTCP(args.port, factory, backlog=1024, interface="127.0.0.1")
+    reactor.run()
+
+
 async def serve(args: argparse.Namespace) -> None:
-    farm = Farm(args)
+    farm = Farm(args, asyncio.get_running_loop())
     server = await asyncio.get_running_loop().create_server(
         lambda: Peer(farm), "127.0.0.1", args.port, backlog=1024
     )
@@ -362,7 +459,12 @@ def main() -> None:
     p.add_argument("--ping-interval", type=float, default=10.0)
     p.add_argument("--queue-timeout", type=float, default=5.0)
     p.add_argument("--job-timeout", type=float, default=60.0)
-    asyncio.run(serve(p.parse_args()))
+    p.add_argument("--reactor", choices=["asyncio", "twisted"], default="asyncio")
+    args = p.parse_args()
+    if args.reactor == "twisted":
+        serveTwisted(args)
+    else:
+        asyncio.run(serve(args))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,9 @@ Runs, in one go and side by side:
      a compact PVX/2 farm on asyncio, under the same load (64 consumers on
      reused connections, 8 producers; 32 KB jobs, then 1 MB jobs): the CPU
      each spends per job and per MB (issue 17: privox-farm must spend no
-     more than it).
+     more than it). The same compact farm also runs on Twisted's reactor
+     (C{--reactor twisted}): the part of the difference that is the event
+     loop's, not the farm's.
 
 Every party has a process of its own: the farm, started as its systemd unit
 starts it (``twistd -n --pidfile= --logger privox.logs.textStdout privox-farm
@@ -749,10 +751,10 @@ def measure(children: Children, phase: Phase, args: argparse.Namespace,
 
 
 def table(
-    rows: list[tuple[str, str, str, str]],
-    header: tuple[str, str, str, str] = ("measurement", "farm", "baseline", "ratio"),
+    rows: list[tuple[str, ...]],
+    header: tuple[str, ...] = ("measurement", "farm", "baseline", "ratio"),
 ) -> str:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     line = "  ".join("-" * w for w in widths)
     out = [
         "  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths))),
@@ -780,24 +782,27 @@ def compareTable(runs: dict[tuple[str, str], Run]) -> str:
         return (f"{r.cpu['serverUser'] / r.jobs * 1e6:.0f} + {r.cpu['serverSys'] / r.jobs * 1e6:.0f}"
                 if r.jobs else "-")
 
-    f32, a32, f1, a1 = (runs["farm", "32k"], runs["asyncio", "32k"],
-                        runs["farm", "1mb"], runs["asyncio", "1mb"])
+    f32, a32, t32, f1, a1, t1 = (runs["farm", "32k"], runs["asyncio", "32k"], runs["twisted", "32k"],
+                                 runs["farm", "1mb"], runs["asyncio", "1mb"], runs["twisted", "1mb"])
+
+    def row(label: str, f: float, a: float, t: float, fmt: str) -> tuple[str, ...]:
+        return (label, format(f, fmt), format(a, fmt), ratio(f, a), format(t, fmt), ratio(t, a))
+
     rows = [
-        ("32 KB jobs/s (64c x 8p)", f"{f32.jobs / f32.seconds:,.0f}", f"{a32.jobs / a32.seconds:,.0f}",
-         ratio(f32.jobs / f32.seconds, a32.jobs / a32.seconds)),
-        ("32 KB: server CPU per job (us)", f"{perJob(f32):.0f}", f"{perJob(a32):.0f}",
-         ratio(perJob(f32), perJob(a32))),
-        ("  of which user + system (us)", split(f32), split(a32), ""),
-        ("1 MB jobs: MB/s (64c x 8p)", f"{f1.bytes / MB / f1.seconds:,.0f}",
-         f"{a1.bytes / MB / a1.seconds:,.0f}", ratio(f1.bytes / f1.seconds, a1.bytes / a1.seconds)),
-        ("1 MB jobs: server CPU per MB (ms)", f"{perMB(f1):.2f}", f"{perMB(a1):.2f}",
-         ratio(perMB(f1), perMB(a1))),
-        ("1 MB jobs: server CPU per job (us)", f"{perJob(f1):.0f}", f"{perJob(a1):.0f}",
-         ratio(perJob(f1), perJob(a1))),
+        row("32 KB jobs/s (64c x 8p)", f32.jobs / f32.seconds, a32.jobs / a32.seconds,
+            t32.jobs / t32.seconds, ",.0f"),
+        row("32 KB: server CPU per job (us)", perJob(f32), perJob(a32), perJob(t32), ".0f"),
+        ("  of which user + system (us)", split(f32), split(a32), "", split(t32), ""),
+        row("1 MB jobs: MB/s (64c x 8p)", f1.bytes / MB / f1.seconds, a1.bytes / MB / a1.seconds,
+            t1.bytes / MB / t1.seconds, ",.0f"),
+        row("1 MB jobs: server CPU per MB (ms)", perMB(f1), perMB(a1), perMB(t1), ".2f"),
+        row("1 MB jobs: server CPU per job (us)", perJob(f1), perJob(a1), perJob(t1), ".0f"),
     ]
     return ("privox-farm against bench/asyncio_farm.py, same load, same run (CPU ratios "
-            "below 1: the farm spends less):\n"
-            + table(rows, ("measurement", "privox-farm", "asyncio farm", "ratio")))
+            "below 1: the farm spends less); the last two columns: the asyncio farm's "
+            "code on Twisted's reactor, and its ratio to the asyncio farm:\n"
+            + table(rows, ("measurement", "privox-farm", "asyncio farm", "ratio",
+                           "same on Twisted", "ratio")))
 
 
 def ratio(farm: float, base: float) -> str:
@@ -856,11 +861,14 @@ def benchmark(args: argparse.Namespace) -> None:
         compare = not (args.tls or args.pvx1) and args.only in (None, "compare")
         if compare:
             asyncioPort = freePort()
-            children.start("asyncio", [
-                sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "asyncio_farm.py"),
-                str(asyncioPort), "--max-job-bytes", str(max(20_000_000, 2 * args.large_bytes)),
-            ])
+            lean = os.path.join(os.path.dirname(os.path.abspath(__file__)), "asyncio_farm.py")
+            leanJobBytes = str(max(20_000_000, 2 * args.large_bytes))
+            children.start("asyncio", [sys.executable, lean, str(asyncioPort), "--max-job-bytes", leanJobBytes])
+            twistedPort = freePort()
+            children.start("twisted", [sys.executable, lean, str(twistedPort), "--max-job-bytes", leanJobBytes,
+                                       "--reactor", "twisted"])
             children.waitForPort("asyncio", asyncioPort)
+            children.waitForPort("twisted", twistedPort)
         children.waitForPort("farm", farmPort)
         children.waitForPort("baseline", jobsPort)
         children.waitForPort("baseline", pipePort)
@@ -983,8 +991,10 @@ def benchmark(args: argparse.Namespace) -> None:
             runs = {}
             for label, kind, size, check in (("32k", "small", 32 * 1024, "sha256"),
                                              ("1mb", "large", MB, args.large_check)):
-                for server, port in (("farm", farmPort), ("asyncio", asyncioPort)):
-                    print(f"{size // 1024} KB jobs through {'privox-farm' if server == 'farm' else 'the asyncio farm'}"
+                for server, port, name in (("farm", farmPort, "privox-farm"),
+                                           ("asyncio", asyncioPort, "the asyncio farm"),
+                                           ("twisted", twistedPort, "the asyncio farm's code on Twisted")):
+                    print(f"{size // 1024} KB jobs through {name}"
                           f" (64c x 8p, {args.duration:g} s)...", flush=True)
                     runs[server, label] = measure(children, Phase(
                         f"{server}-{label}", server, port, kind, 64, bytes=size, producers=8,

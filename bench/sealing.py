@@ -46,9 +46,10 @@ import struct
 import sys
 import tempfile
 import time
+import urllib.request
 from collections import Counter
 from dataclasses import asdict
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, NamedTuple
 
 _BENCH = os.path.dirname(os.path.abspath(__file__))
 _REPO = os.path.dirname(_BENCH)
@@ -97,6 +98,7 @@ from farm_relay import (  # noqa: E402
     shares,
     sleepUntil,
 )
+from api import CONTENT_TYPE, multipart, smallWav  # noqa: E402
 from processes import (  # noqa: E402
     TWISTD_CODE,
     Children,
@@ -108,6 +110,11 @@ from processes import (  # noqa: E402
 MB = 1_000_000
 KB = 1024
 MODES = ("clear", "sealed")
+#: Part 4's keys (an allow-list: no quotas to run out of) and the API's
+#: quality whose model is the node's model-free STT engine.
+DAEMON_USER_KEY = "bench-user-key-0123456789"
+DAEMON_NODE_KEY = "bench-node-key-0123456789"
+DAEMON_QUALITY = "bench"
 
 
 # --------------------------------------------------------------------------
@@ -265,10 +272,66 @@ async def pacedLoop(reactor: Any, clients: list[Any], nextJob: Any, begin: float
     return run
 
 
+class Answer(NamedTuple):
+    text: str
+
+
+class HttpSTT:
+    """
+    A user of the API, as L{pacedLoop} calls its clients: C{POST /stt},
+    multipart, as C{curl -F} sends it, over a pool of persistent
+    connections. The answer is the digest engine's text (or the error).
+    """
+
+    def __init__(self, http: Any, url: str, key: str) -> None:
+        self.http = http
+        self.url = url
+        self.key = key
+
+    def stt(self, model: str, audio: bytes) -> Deferred[Answer]:
+        return Deferred.fromCoroutine(self._post(audio))
+
+    async def _post(self, audio: bytes) -> Answer:
+        response = await self.http.post(
+            self.url, data=multipart({"key": self.key, "quality": DAEMON_QUALITY}, audio),
+            headers={"Content-Type": CONTENT_TYPE},
+        )
+        text = await response.text()
+        return Answer(text.rstrip("\n") if response.code == 200 else f"{response.code}: {text}")
+
+
+async def runHttpClients(reactor: Any, args: argparse.Namespace) -> None:
+    from treq.client import HTTPClient
+    from twisted.internet.threads import deferToThread
+    from twisted.web.client import Agent, HTTPConnectionPool
+
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = args.count
+    pool.retryAutomatically = False
+    http = HTTPClient(Agent(reactor, pool=pool))
+    clients = [HttpSTT(http, args.api + "/stt", DAEMON_USER_KEY) for _ in range(args.count)]
+    template, offset = smallWav(args.bytes)
+    first = args.first
+
+    def nextJob(index: int, seq: int) -> tuple[bytes, str]:
+        # A WAV unlike every other (across processes too): an answer given
+        # to the wrong request cannot match.
+        wav = template[:offset] + struct.pack(">QQ", first + index, seq) + template[offset + 16:]
+        return wav, expectedText(wav, "sha256")
+
+    _tell("ready")
+    begin, end = map(float, (await deferToThread(sys.stdin.readline)).split())
+    run = await pacedLoop(reactor, clients, nextJob, begin, end, args.rate, first, args.total)
+    _tell(json.dumps(asdict(run)))
+    await pool.closeCachedConnections()
+
+
 async def loadProcess(reactor: Any, args: argparse.Namespace) -> None:
     endpoint = f"tcp:127.0.0.1:{args.port}"
     if args.load == "producers":
         await runProducers(reactor, args, endpoint)
+    elif args.load == "http":
+        await runHttpClients(reactor, args)
     else:
         await runConsumers(reactor, args, endpoint)
 
@@ -297,7 +360,7 @@ class Exchange:
         return f"{encodeKey(identity.private_bytes_raw())}:{certificate.text}"
 
 
-def startFarm(children: Children, args: argparse.Namespace) -> int:
+def startFarm(children: Children, args: argparse.Namespace, name: str = "farm") -> int:
     port = freePort()
     twistd = ["-n", "--pidfile=", "--logger", "privox.logs.textStdout", "privox-farm",
               "--stt-listen", f"tcp:{port}:interface=127.0.0.1",
@@ -306,8 +369,8 @@ def startFarm(children: Children, args: argparse.Namespace) -> int:
               "--max-job-bytes", str(max(20_000_000, 2 * args.large_bytes))]
     if args.early_upload is not None:
         twistd += ["--early-upload", str(args.early_upload)]
-    children.start("farm", [sys.executable, "-c", TWISTD_CODE, *twistd])
-    children.waitForPort("farm", port)
+    children.start(name, [sys.executable, "-c", TWISTD_CODE, *twistd])
+    children.waitForPort(name, port)
     return port
 
 
@@ -386,6 +449,101 @@ def measure(children: Children, args: argparse.Namespace, exchange: Exchange, po
     # Every job a producer ran: sealed ones in the sealed window, none else.
     run.cpu["sealedJobs"] = float(seen["sealed"])
     run.cpu["clearJobs"] = float(seen["clear"])
+    return run
+
+
+class Daemons(NamedTuple):
+    #: The API's base URL for each mode: one API seals (--e2e required),
+    #: the other does not (--e2e off); the same node serves both.
+    urls: dict[str, str]
+
+
+def waitForText(children: Children, name: str, marker: bytes, timeout: float = 60.0) -> None:
+    proc = children.procs[name]
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with {proc.returncode}:\n{children.tail(name)}")
+        with open(children.path(name, "out"), "rb") as f:
+            if marker in f.read():
+                return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{name} did not say {marker!r}:\n{children.tail(name)}")
+        time.sleep(0.05)
+
+
+def startDaemons(children: Children, args: argparse.Namespace) -> Daemons:
+    """
+    Part 4's exchange, each daemon a process of its own, as an operator
+    runs them: C{twistd privox-farm}, two C{privox-api} (sealing required,
+    and off) and a C{privox-node} with the model-free C{digest} engine,
+    enrolled with the first API. Keys come from an allow-list.
+    """
+    farmPort = startFarm(children, args, "dfarm")
+    keys = children.path("keys", "txt")
+    with open(keys, "w") as f:
+        f.write(f"{DAEMON_USER_KEY}\n{DAEMON_NODE_KEY}\n")
+    farm = f"bench tcp:host=127.0.0.1:port={farmPort} none"
+    urls = {}
+    for mode, e2e in (("sealed", "required"), ("clear", "off")):
+        port = freePort()
+        name = f"api-{mode}"
+        children.start(name, [sys.executable, "-c", TWISTD_CODE, "-n", "--pidfile=",
+                              "privox-api", "--listen", f"tcp:{port}:interface=127.0.0.1",
+                              "--accounts", "none", "--keys", keys, "--farm", farm,
+                              "--exchange-key", children.path("exchange", "key"),
+                              "--e2e", e2e, "--stt-model", f"{DAEMON_QUALITY} digest:bench"])
+        waitForText(children, name, b"starting on %d" % port)
+        urls[mode] = f"http://127.0.0.1:{port}"
+    with urllib.request.urlopen(urls["sealed"] + "/v1/exchange") as response:
+        exchangeKey = json.load(response)["key"]
+    children.start("node", [sys.executable, "-c", TWISTD_CODE, "-n", "--pidfile=",
+                            "privox-node", "--stt", "digest:bench",
+                            "--stt-farm", f"tcp:host=127.0.0.1:port={farmPort}",
+                            "--slots", str(args.node_slots), "--key", DAEMON_NODE_KEY,
+                            "--exchange", urls["sealed"], "--exchange-key", exchangeKey,
+                            "--state-dir", children.path("node", "state")])
+    waitForText(children, "node", b"enrolled with")
+    waitForText(children, "node", b"serving stt through")
+    return Daemons(urls)
+
+
+def measureDaemons(children: Children, args: argparse.Namespace, daemons: Daemons,
+                   name: str, size: int, rate: float, mode: str) -> Run:
+    """
+    One window of part 4: HTTP users post WAVs to the API of C{mode}; the
+    CPU time of that API, the node and the farm is read at its edges.
+    """
+    label = f"{name}-users"
+    children.start(label, [sys.executable, os.path.abspath(__file__), "--load", "http",
+                           "--api", daemons.urls[mode], "--count", str(args.users),
+                           "--bytes", str(size), "--rate", repr(rate),
+                           "--total", str(args.users)], piped=True)
+    if children.readLine(label).strip() != "ready":
+        raise RuntimeError(f"{label} did not start:\n{children.tail(label)}")
+    begin = time.time() + args.warmup
+    end = begin + args.duration
+    stdin = children.procs[label].stdin
+    assert stdin is not None
+    stdin.write(f"{begin!r} {end!r}\n".encode())
+    stdin.flush()
+    watched = {"api": f"api-{mode}", "node": "node", "farm": "dfarm"}
+
+    def cpu() -> dict[str, float]:
+        out = {who: sum(cpuTimes(children.pid(n))) for who, n in watched.items()}
+        out.update({who + "System": cpuTimes(children.pid(n))[1] for who, n in watched.items()})
+        out.update({who + "Faults": minorFaults(children.pid(n)) for who, n in watched.items()})
+        return out
+
+    sleepUntil(begin)
+    before = cpu()
+    sleepUntil(end)
+    after = cpu()
+    run = Run(**json.loads(children.readLine(label)))
+    run.seconds = args.duration
+    children.procs[label].wait(30)
+    del children.procs[label]
+    run.cpu = {k: after[k] - before[k] for k in before}
     return run
 
 
@@ -680,12 +838,7 @@ def report(args: argparse.Namespace, runs: dict[tuple[str, str], list[Run]],
                          f"{100 * plus / perMB(c, who):+.0f} %",
                          rounds("large", lambda c, s: perMB(s, who) - perMB(c, who), "+.2f")))
         for who, side in sides:
-            rows.append((f"  {side}: of which system (ms)", f"{perMB(c, who + 'System'):.2f}",
-                         f"{perMB(s, who + 'System'):.2f}",
-                         f"{perMB(s, who + 'System') - perMB(c, who + 'System'):+.2f}", "", ""))
-            faults = (c.cpu[who + "Faults"] / (c.bytes / MB), s.cpu[who + "Faults"] / (s.bytes / MB))
-            rows.append((f"  {side}: page faults per MB", f"{faults[0]:.0f}", f"{faults[1]:.0f}",
-                         f"{faults[1] - faults[0]:+.0f}", "", ""))
+            rows += systemAndFaults(c, s, who, side)
         if ("small", "clear") in total:
             # Per MB beyond the per-job cost: what a large job adds over a
             # small one, per MB of the difference in their sizes.
@@ -753,6 +906,75 @@ def report(args: argparse.Namespace, runs: dict[tuple[str, str], list[Run]],
     return ok
 
 
+def systemAndFaults(c: Run, s: Run, who: str, name: str) -> list[tuple[str, ...]]:
+    """
+    Two rows of a table of large jobs: C{who}'s system CPU and page faults
+    per MB, clear (C{c}) and sealed (C{s}).
+    """
+    system = (perMB(c, who + "System"), perMB(s, who + "System"))
+    faults = (c.cpu[who + "Faults"] / (c.bytes / MB), s.cpu[who + "Faults"] / (s.bytes / MB))
+    return [
+        (f"  {name}: of which system (ms)", f"{system[0]:.2f}", f"{system[1]:.2f}",
+         f"{system[1] - system[0]:+.2f}", "", ""),
+        (f"  {name}: page faults per MB", f"{faults[0]:.0f}", f"{faults[1]:.0f}",
+         f"{faults[1] - faults[0]:+.0f}", "", ""),
+    ]
+
+
+def reportDaemons(args: argparse.Namespace, runs: dict[tuple[str, str], list[Run]]) -> bool:
+    """
+    Part 4's table and verdict: what sealing adds to privox-api and
+    privox-node themselves; whether every answer matched its upload.
+    """
+    total = {key: merged(rs) for key, rs in runs.items()}
+    small = f"{args.small_bytes / KB:g} KiB"
+    large = f"{args.large_bytes / MB:g} MB"
+    rows: list[tuple[str, ...]] = []
+    added: dict[str, float] = {}
+    sides = (("api", "privox-api"), ("node", "privox-node"), ("farm", "privox-farm"))
+
+    def rounds(size: str, fn: Callable[[Run, Run], float], form: str) -> str:
+        return ", ".join(format(fn(c, s), form) for c, s in zip(runs[size, "clear"], runs[size, "sealed"]))
+
+    c, s = total["small", "clear"], total["small", "sealed"]
+    rows.append((f"{small} WAVs: requests/s (paced at {args.daemon_small_rate:g})",
+                 f"{c.jobs / c.seconds:,.0f}", f"{s.jobs / s.seconds:,.0f}", "", "", ""))
+    rows.append((f"{small} WAVs: latency p50 (ms)", f"{c.percentile(50) * 1e3:.1f}",
+                 f"{s.percentile(50) * 1e3:.1f}", f"{(s.percentile(50) - c.percentile(50)) * 1e3:+.1f}",
+                 "", ""))
+    for who, name in sides:
+        plus = added[f"{who} job"] = perJob(s, who) - perJob(c, who)
+        rows.append((f"{small} WAVs: {name} CPU per request (us)", f"{perJob(c, who):.0f}",
+                     f"{perJob(s, who):.0f}", f"{plus:+.0f}", f"{100 * plus / perJob(c, who):+.0f} %",
+                     rounds("small", lambda c, s: perJob(s, who) - perJob(c, who), "+.0f")))
+    c, s = total["large", "clear"], total["large", "sealed"]
+    rows.append((f"{large} WAVs: MB/s (paced at {args.daemon_large_rate:g})",
+                 f"{c.bytes / MB / c.seconds:,.1f}", f"{s.bytes / MB / s.seconds:,.1f}", "", "", ""))
+    for who, name in sides:
+        plus = added[f"{who} MB"] = perMB(s, who) - perMB(c, who)
+        added[f"{who} MB %"] = 100 * plus / perMB(c, who)
+        rows.append((f"{large} WAVs: {name} CPU per MB (ms)", f"{perMB(c, who):.2f}",
+                     f"{perMB(s, who):.2f}", f"{plus:+.2f}", f"{added[f'{who} MB %']:+.1f} %",
+                     rounds("large", lambda c, s: perMB(s, who) - perMB(c, who), "+.2f")))
+    for who, name in sides[:2]:
+        rows += systemAndFaults(c, s, who, name)
+    print("4. The daemons themselves: privox-api (sealing required, and off) and privox-node, "
+          "HTTP users posting WAVs, answered by the digest engine (sealed - clear):")
+    print(tableN(rows, ("measurement", "clear", "sealed", "added", "added %", "each round")))
+    verified = sum(r.verified for rs in runs.values() for r in rs)
+    mismatched = sum(r.mismatched for rs in runs.values() for r in rs)
+    worstJob = max(added["api job"], added["node job"]) / 1e3
+    worstMB = max(added["api MB %"], added["node MB %"])
+    print(f"answers checked: {verified} matched their upload's sha256, {mismatched} did not. "
+          f"sealing, the daemons: added CPU per request: API {added['api job'] / 1e3:+.2f} ms, "
+          f"node {added['node job'] / 1e3:+.2f} ms (target <= 2 ms: "
+          f"{'met' if worstJob <= 2 else 'NOT met'}); added CPU per MB: API "
+          f"{added['api MB']:+.2f} ms ({added['api MB %']:+.1f} %), node {added['node MB']:+.2f} ms "
+          f"({added['node MB %']:+.1f} %) (target <= 5 %: {'met' if worstMB <= 5 else 'NOT met'}); "
+          f"farm CPU per MB x{perMB(s, 'farm') / perMB(c, 'farm'):.2f}.")
+    return mismatched == 0 and all(r.jobs for rs in runs.values() for r in rs)
+
+
 def tableN(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
 
@@ -761,6 +983,23 @@ def tableN(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
                          for i, (c, w) in enumerate(zip(r, widths))).rstrip()
 
     return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, rows)])
+
+
+def windows(
+    args: argparse.Namespace, smallRate: float, largeRate: float
+) -> Iterator[tuple[int, str, int, float, str]]:
+    """
+    Each window's round, size, bytes, rate (jobs a second; C{largeRate} is
+    in MB a second) and mode: sealed and clear take turns, in an order that
+    flips each round. C{--only small} or C{large}: that size alone.
+    """
+    sizes = [("small", args.small_bytes, smallRate),
+             ("large", args.large_bytes, largeRate * MB / args.large_bytes)]
+    sizes = [size for size in sizes if args.only in (None, "farm", "daemons", size[0])]
+    for n in range(args.rounds):
+        for size, nbytes, rate in sizes:
+            for mode in MODES if n % 2 == 0 else MODES[::-1]:
+                yield n, size, nbytes, rate, mode
 
 
 def benchmark(args: argparse.Namespace) -> None:
@@ -776,28 +1015,38 @@ def benchmark(args: argparse.Namespace) -> None:
             micro = microcosts(args.quick)
         runs: dict[tuple[str, str], list[Run]] = {}
         load0 = os.getloadavg()[0]
-        if args.only != "micro":
+        if args.only not in ("micro", "daemons"):
             exchange = Exchange()
             port = startFarm(children, args)
             print(f"farm pid {children.pid('farm')} on port {port}; {os.cpu_count()} cores; "
                   f"{args.consumers} consumers and {args.producers} producers in up to "
                   f"{args.load_procs} processes each; {args.rounds} round(s) of "
                   f"{args.duration:g} s windows", flush=True)
-            sizes = [("small", args.small_bytes, args.small_rate),
-                     ("large", args.large_bytes, args.large_rate * MB / args.large_bytes)]
-            sizes = [size for size in sizes if args.only in (None, "farm", size[0])]
-            for n in range(args.rounds):
-                for size, nbytes, rate in sizes:
-                    modes = MODES if n % 2 == 0 else MODES[::-1]
-                    for mode in modes:
-                        pace = f"{rate:g} jobs/s" if rate else "flat out"
-                        label = f"{nbytes / KB:g} KiB" if size == "small" else f"{nbytes / MB:g} MB"
-                        print(f"round {n + 1}/{args.rounds}: {label} jobs, {pace}, {mode}...", flush=True)
-                        run = measure(children, args, exchange, port, f"{size}-{mode}-{n}",
-                                      nbytes, rate, mode == "sealed")
-                        runs.setdefault((size, mode), []).append(run)
+            for n, size, nbytes, rate, mode in windows(args, args.small_rate, args.large_rate):
+                pace = f"{rate:g} jobs/s" if rate else "flat out"
+                label = f"{nbytes / KB:g} KiB" if size == "small" else f"{nbytes / MB:g} MB"
+                print(f"round {n + 1}/{args.rounds}: {label} jobs, {pace}, {mode}...", flush=True)
+                run = measure(children, args, exchange, port, f"{size}-{mode}-{n}",
+                              nbytes, rate, mode == "sealed")
+                runs.setdefault((size, mode), []).append(run)
+        daemonRuns: dict[tuple[str, str], list[Run]] = {}
+        if args.only in (None, "daemons"):
+            daemons = startDaemons(children, args)
+            print(f"part 4: privox-api pids {children.pid('api-sealed')} (sealing required) and "
+                  f"{children.pid('api-clear')} (off), privox-node pid {children.pid('node')} "
+                  f"({args.node_slots} slots, digest:bench), farm pid {children.pid('dfarm')}; "
+                  f"{args.users} HTTP users", flush=True)
+            for n, size, nbytes, rate, mode in windows(args, args.daemon_small_rate,
+                                                        args.daemon_large_rate):
+                print(f"round {n + 1}/{args.rounds}: POST /stt of {nbytes / KB:g} KiB WAVs, "
+                      f"{rate:g}/s, {mode}...", flush=True)
+                run = measureDaemons(children, args, daemons, f"d{size}-{mode}-{n}", nbytes, rate, mode)
+                daemonRuns.setdefault((size, mode), []).append(run)
         print()
         failed = not report(args, runs, micro, load0)
+        if daemonRuns:
+            print()
+            failed = not reportDaemons(args, daemonRuns) or failed
         print(f"({time.time() - started:.0f} s)")
     finally:
         children.finish(failed)
@@ -831,11 +1080,18 @@ def parseArgs(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--early-upload", type=int, metavar="BYTES",
                    help="the farm's --early-upload (its default: 65536). A sealed job always "
                    "waits for ASGN (its keys need the node); 0 makes clear jobs wait too")
-    p.add_argument("--only", choices=["farm", "small", "large", "micro"],
+    p.add_argument("--only", choices=["farm", "small", "large", "micro", "daemons"],
                    help="only the runs through the farm (of both sizes, small or large "
-                   "jobs), or only the in-process timings")
+                   "jobs), only the in-process timings, or only part 4 (the daemons)")
+    p.add_argument("--users", type=int, default=8, help="part 4: HTTP users in flight [8]")
+    p.add_argument("--node-slots", type=int, default=4, help="part 4: the node's --slots [4]")
+    p.add_argument("--daemon-small-rate", type=float, default=100.0, metavar="REQUESTS/S",
+                   help="part 4: small WAVs posted per second [100]")
+    p.add_argument("--daemon-large-rate", type=float, default=20.0, metavar="MB/S",
+                   help="part 4: MB of large WAVs posted per second [20]")
     # A load process (started by the benchmark itself).
-    p.add_argument("--load", choices=["consumers", "producers"], help=argparse.SUPPRESS)
+    p.add_argument("--load", choices=["consumers", "producers", "http"], help=argparse.SUPPRESS)
+    p.add_argument("--api", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     p.add_argument("--count", type=int, help=argparse.SUPPRESS)
     p.add_argument("--first", type=int, default=0, help=argparse.SUPPRESS)

@@ -242,7 +242,9 @@ class Opener:
 
     def feed(self, data: bytes) -> list[bytes]:
         """
-        The plaintext of the records C{data} completes.
+        The plaintext of the records C{data} completes. Whole records are
+        opened where they lie; only a record cut between two pieces is
+        joined (reads of up to 512 KiB each cut one).
 
         @raise SealBroken: a record does not open, or more than was
             announced arrives.
@@ -250,35 +252,58 @@ class Opener:
         if len(data) > self._remaining:
             raise SealBroken("more sealed bytes than were announced")
         self._remaining -= len(data)
-        if self._buffer:
-            self._buffer += data
-            source: bytes | bytearray = self._buffer
-        else:
-            source = data  # whole records are opened where they lie
-        out = []
-        with memoryview(source) as view:
-            offset = 0
+        out: list[bytes] = []
+        with memoryview(data) as view:
+            offset = self._complete(view, out)
             while len(view) - offset >= _LENGTH.size:
-                (length,) = _LENGTH.unpack_from(view, offset)
-                if not _TAG <= length <= RECORD + _TAG or self._done:
-                    raise SealBroken("a sealed record is malformed")
                 start = offset + _LENGTH.size
+                length = self._length(view, offset)
                 if len(view) - start < length:
                     break
                 offset = start + length
-                last = not self._remaining and offset == len(view)
-                try:
-                    out.append(self._aead.decrypt(
-                        _nonce(self._index), view[start:offset],
-                        _aad(self._direction, self._index, last),
-                    ))
-                except InvalidTag:
-                    raise SealBroken("a sealed record does not open") from None
-                self._index += 1
-                self._done = last
-            rest = view[offset:].tobytes() if offset < len(view) else b""
-        self._buffer = bytearray(rest)
+                out.append(self._open(view[start:offset], offset == len(view)))
+            if offset < len(view):
+                self._buffer += view[offset:]
         return out
+
+    def _complete(self, view: memoryview, out: list[bytes]) -> int:
+        """
+        Add to the record an earlier piece began what C{view} has of it,
+        opening it if that is all; how many bytes of C{view} it took.
+        """
+        buffer = self._buffer
+        if not buffer:
+            return 0
+        taken = min(max(0, _LENGTH.size - len(buffer)), len(view))
+        buffer += view[:taken]
+        if len(buffer) < _LENGTH.size:
+            return taken
+        more = min(_LENGTH.size + self._length(buffer, 0) - len(buffer), len(view) - taken)
+        buffer += view[taken : taken + more]
+        taken += more
+        if len(buffer) == _LENGTH.size + self._length(buffer, 0):
+            self._buffer = bytearray()
+            out.append(self._open(memoryview(buffer)[_LENGTH.size :], taken == len(view)))
+        return taken
+
+    def _length(self, source: memoryview | bytearray, offset: int) -> int:
+        (length,) = _LENGTH.unpack_from(source, offset)
+        if not _TAG <= length <= RECORD + _TAG or self._done:
+            raise SealBroken("a sealed record is malformed")
+        return length
+
+    def _open(self, record: memoryview, endsPiece: bool) -> bytes:
+        # The last record is the one that ends the last piece.
+        last = not self._remaining and endsPiece
+        try:
+            plain = self._aead.decrypt(
+                _nonce(self._index), record, _aad(self._direction, self._index, last)
+            )
+        except InvalidTag:
+            raise SealBroken("a sealed record does not open") from None
+        self._index += 1
+        self._done = last
+        return plain
 
     def finish(self) -> None:
         """

@@ -11,6 +11,7 @@ import stat
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from twisted.internet.defer import Deferred, succeed
 from twisted.trial.unittest import SynchronousTestCase
 
 from privox.identity import (
@@ -23,6 +24,7 @@ from privox.identity import (
     loadOrCreateKey,
     publicBytes,
 )
+from privox.node.worker import SealedRun
 from privox.sealing import (
     RECORD,
     REQUIRED,
@@ -183,6 +185,73 @@ class SealingTests(SynchronousTestCase):
         for bad in (b"\x00\x00\x00\x02[]", b"\x00\x00\x00\x03{x}", b"\x00\x10\x00\x00{}"):
             with self.assertRaises(SealBroken):
                 unpack(bad)
+
+
+class RecordingRun:
+    """
+    A job run that keeps what it is fed, a feed each.
+    """
+
+    def __init__(self, job: dict) -> None:
+        self.job = job
+        self.feeds: list[bytes] = []
+
+    def feed(self, chunk: bytes) -> None:
+        self.feeds.append(chunk)
+
+    def finish(self) -> Deferred:
+        return succeed(b"".join(self.feeds))
+
+
+class RecordingHandler:
+    models = ("digest:test",)
+    languages = ()
+    streams = False
+
+    def __init__(self) -> None:
+        self.runs: list[RecordingRun] = []
+
+    def start(self, job: dict) -> RecordingRun:
+        self.runs.append(RecordingRun(job))
+        return self.runs[-1]
+
+
+class SealedRunTests(SynchronousTestCase):
+    """
+    A node's sealed job (L{privox.node.worker.SealedRun}) opens its upload
+    as it arrives and feeds the engine's run.
+    """
+
+    def sealedJob(self, size: int) -> tuple[bytes, bytes, SealedRun, RecordingHandler]:
+        consumer, node = keysFor()
+        body = os.urandom(size)
+        sealed = sealBytes(consumer.upload, UPLOAD, packed({"language": "en"}), body)
+        handler = RecordingHandler()
+        run = SealedRun(handler, {"id": "j", "size": len(sealed), "seal": {}}, node, len(sealed))
+        return body, sealed, run, handler
+
+    def test_oneFeedPerChunk(self) -> None:
+        """
+        A chunk holding several records is one feed, not one per record: a
+        streaming engine takes each feed in a thread of its own.
+        """
+        body, sealed, run, handler = self.sealedJob(3 * RECORD + 100)
+        run.feed(sealed)
+        [started] = handler.runs
+        self.assertEqual(started.feeds, [body])
+        self.assertEqual(started.job["language"], "en")
+        self.assertEqual(started.job["size"], len(body))
+
+    def test_inPieces(self) -> None:
+        """
+        Fed in pieces that cut records anywhere (7 bytes, and a byte at a
+        time near the start), the engine gets the body whole and in order.
+        """
+        body, sealed, run, handler = self.sealedJob(2 * RECORD + 3)
+        cuts = [*range(0, 64), *range(64, len(sealed), 7919), len(sealed)]
+        for start, end in zip(cuts, cuts[1:]):
+            run.feed(sealed[start:end])
+        self.assertEqual(self.successResultOf(run.finish()), body)
 
 
 class IdentityTests(SynchronousTestCase):

@@ -178,6 +178,7 @@ class SealedRun:
         if self._failure is not None:
             return
         try:
+            bodies = []
             for plain in self._opener.feed(chunk):
                 body = self._unpacker.feed(plain)
                 if self._run is None and self._unpacker.fields is not None:
@@ -185,7 +186,12 @@ class SealedRun:
                     if self._sink is not None:
                         typing.cast(StreamRun, self._run).parts(self._sink)
                 if body and self._run is not None:
-                    self._run.feed(body)
+                    bodies.append(body)
+            if bodies:
+                # One feed per chunk, not per record: a streaming engine
+                # takes each feed in its thread (a MiB is 16 records).
+                assert self._run is not None
+                self._run.feed(bodies[0] if len(bodies) == 1 else b"".join(bodies))
         except SealBroken as e:
             self._fail(Unsealed(str(e)))
         except EngineError as e:

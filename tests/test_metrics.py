@@ -727,6 +727,7 @@ class NodeMetricsTests(SynchronousTestCase):
     def test_metricsListen(self) -> None:
         from twisted.application.service import MultiService
 
+        from privox.memory import NODE, TunedMallocService
         from privox.node.service import NodeService
         from privox.node.service import Options as NodeOptions
         from privox.node.service import makeService as makeNodeService
@@ -735,13 +736,17 @@ class NodeMetricsTests(SynchronousTestCase):
         options = NodeOptions()
         options.parseOptions(argv)
         self.assertEqual(options.settings.metrics_listen, "none")
-        self.assertIsInstance(makeNodeService(options, reactor), NodeService)
+        [tuning, node] = list(makeNodeService(options, reactor))
+        self.assertIsInstance(node, NodeService)
+        self.assertIsNone(node.pool.metrics)
         options = NodeOptions()
         options.parseOptions(argv + ["--metrics-listen", "tcp:0:interface=127.0.0.1", "--blur-usage"])
         self.assertTrue(options.settings.blur_usage)
         top = makeNodeService(options, reactor)
         self.assertIsInstance(top, MultiService)
-        [node, metrics] = list(top)
+        [tuning, node, metrics] = list(top)
+        self.assertIsInstance(tuning, TunedMallocService)
+        self.assertEqual(tuning.tuning, NODE)
         self.assertIsInstance(node, NodeService)
         self.assertIsNotNone(node.pool.metrics)
         self.assertTrue(node.pool.blurUsage)

@@ -33,6 +33,7 @@ from privox.engines.registry import ModelSpec, SpecError, createEngine
 from privox.exchangekey import ExchangeKeyUnread, keep, keptKey, logLearnt, readExchangeKey
 from privox.identity import IdentityError, exchangePublicKey
 from privox.keys import keyId, withoutSecrets
+from privox.memory import NODE, TunedMallocService
 from privox.metrics import CollectorRegistry, NodeMetrics, metricsSite
 from privox.node.enrolment import (
     DEFAULT_STATE_DIR,
@@ -683,13 +684,15 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         )
     engines = [createEngine(s) for s in options.specs]
     http = exchangeHttp(settings, reactor) if settings.exchange != "none" else None
-    if settings.metrics_listen == "none":
-        return NodeService(settings, engines, reactor, sealer=enrolment, http=http)
-    registry = CollectorRegistry()
     top = MultiService()
+    # Before the engines' first arrays and the first upload.
+    TunedMallocService(NODE).setServiceParent(top)
+    registry = CollectorRegistry() if settings.metrics_listen != "none" else None
     NodeService(
         settings, engines, reactor, registry=registry, sealer=enrolment, http=http
     ).setServiceParent(top)
+    if registry is None:
+        return top
     log.info("node metrics on {endpoint}", endpoint=settings.metrics_listen)
     ListenService(
         settings.metrics_listen, metricsSite(registry), reactor, "--metrics-listen"

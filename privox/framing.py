@@ -9,6 +9,8 @@ checking each header before it buffers or hands out a body.
 
 from __future__ import annotations
 
+import os
+
 from typing import Any, NamedTuple
 
 from twisted.internet.tcp import Connection
@@ -44,6 +46,9 @@ _MAX_LENGTH_FIELD = 99_999_999
 #: Whole frames with at least this much payload are gathered as a list of
 #: pieces while they arrive; smaller ones wait in the buffer.
 _COLLECT_MIN = 64 * 1024
+
+#: The most buffers one sendmsg takes (POSIX guarantees 16; Linux: 1024).
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 16
 
 
 class FramingError(Exception):
@@ -282,17 +287,19 @@ def socketTransport(transport: Any) -> Any:
     return transport
 
 
-def sendNow(transport: Any, *parts: bytes) -> None:
+def sendNow(transport: Any, *parts: bytes | memoryview) -> None:
     """
     C{transport.write} of C{parts}, in order, but sent at once (one
-    C{sendmsg}, the parts gathered by the kernel) when nothing is waiting to
-    go out before them: a Twisted TCP transport otherwise buffers every
-    write and sends it on the reactor's next turn, after registering for
-    writability and before unregistering again (two epoll calls and a trip
-    through the reactor per frame: a fifth of the farm's CPU per small job).
-    What the socket does not take at once is buffered as usual; an error is
-    left for the transport to find as it would have.
+    C{sendmsg}, the parts gathered by the kernel, none copied) when nothing
+    is waiting to go out before them: a Twisted TCP transport otherwise
+    buffers every write and sends it on the reactor's next turn, after
+    registering for writability and before unregistering again (two epoll
+    calls and a trip through the reactor per frame: a fifth of the farm's
+    CPU per small job), and joins what it buffered into one copy first.
+    What the socket does not take at once is joined and buffered, one
+    write; an error is left for the transport to find as it would have.
     """
+    sent = 0
     if (
         isinstance(transport, Connection)
         and transport.connected
@@ -301,15 +308,20 @@ def sendNow(transport: Any, *parts: bytes) -> None:
         and len(transport.dataBuffer) == transport.offset
     ):
         try:
-            sent = transport.socket.sendmsg(parts) if len(parts) > 1 else transport.socket.send(parts[0])
+            if len(parts) == 1:
+                sent = transport.socket.send(parts[0])
+            else:
+                sent = transport.socket.sendmsg(parts[:_IOV_MAX])
         except OSError:
             sent = 0  # full, or broken: the transport finds out which
-        for part in parts:
-            if sent >= len(part):
-                sent -= len(part)
-                continue
-            transport.write(part[sent:] if sent else part)
-            sent = 0
-        return
+    rest: list[bytes | memoryview] = []
     for part in parts:
-        transport.write(part)
+        if sent >= len(part):
+            sent -= len(part)
+        else:
+            rest.append(memoryview(part)[sent:] if sent else part)
+            sent = 0
+    if len(rest) == 1 and isinstance(rest[0], bytes):
+        transport.write(rest[0])
+    elif rest:
+        transport.write(b"".join(rest))

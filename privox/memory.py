@@ -6,9 +6,11 @@ with mmap is freed (up to 32 MB), so after one 100 MB upload the megabyte
 pieces of the next ones come from the heap instead, and a heap is returned
 to the system only from its top: the API went from 70 to 172 MB after one
 such upload and stayed there. L{tuneMalloc} fixes the threshold, so any
-block over it is its own mapping and is unmapped when freed, trims the heap
-when its free top passes a megabyte, and keeps to two arenas however many
-threads parse and measure uploads. Measured on the API (tests/test_attack):
+block over it (128 KiB) is its own mapping and is unmapped when freed,
+trims the heap when its free top passes 4 MB (the records of a sealed
+upload, 64 KiB each, a MB of them freed at once, are not given back and
+taken again per upload), and keeps to two arenas however many threads
+parse and measure uploads. Measured on the API (tests/test_attack):
 RSS back within a few MB of where it was after 100 MB uploads.
 
 The API calls it as it starts. The farm does not: it reads its sockets
@@ -52,7 +54,7 @@ class MallocTuning:
 
 
 #: The API's: big buffers given back as soon as they are freed.
-API = MallocTuning(128 * 1024, 1024 * 1024, 2)
+API = MallocTuning(128 * 1024, 4 * 1024 * 1024, 2)
 #: The node's: the heap kept, not trimmed and grown again per upload.
 NODE = MallocTuning(32 * 1024 * 1024, 64 * 1024 * 1024, None)
 

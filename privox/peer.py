@@ -19,6 +19,7 @@ from privox.framing import (
     FrameDecoder,
     FramingError,
     encodeHeader,
+    sendNow,
     tuneTransport,
 )
 from privox.messages import (
@@ -133,7 +134,7 @@ class PeerProtocol(Protocol):
         step = self.okay.max_frame
         size = sum(len(p) for p in payload)
         if len(payload) == 1 and size <= step:
-            self.transport.writeSequence([encodeHeader(b"DATA", size), payload[0]])
+            sendNow(self.transport, encodeHeader(b"DATA", size), payload[0])
             return
         frames = _frames([memoryview(p) for p in payload if p], step)
         if isinstance(self.transport, TLSMemoryBIOProtocol):
@@ -143,14 +144,13 @@ class PeerProtocol(Protocol):
             for frame in frames:
                 self.transport.write(encodeHeader(b"DATA", sum(len(c) for c in frame)) + b"".join(frame))
             return
-        # Plain TCP: frames and headers joined into one buffer here, one copy
-        # of the payload. Slices of it would be a copy each, and Twisted joins
-        # what it is given before it sends: a second copy, and a third buffer.
+        # Plain TCP: frames and headers gathered by the kernel where the
+        # socket takes them, what it does not joined once (sendNow).
         parts: list[bytes | memoryview] = []
         for frame in frames:
             parts.append(encodeHeader(b"DATA", sum(len(c) for c in frame)))
             parts += frame
-        self.transport.write(b"".join(parts))
+        sendNow(self.transport, *parts)
 
     def frameReceived(self, frame: Frame) -> None:
         raise NotImplementedError

@@ -3,9 +3,16 @@ PVX/2 framing: whole frames out of any way TCP slices the bytes, and garbage
 refused as early as it can be recognised.
 """
 
+import os
+import socket
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
+from twisted.internet.protocol import Factory, Protocol
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from privox.framing import (
     HEADER_LEN,
@@ -15,6 +22,7 @@ from privox.framing import (
     FramingError,
     encodeFrame,
     encodeHeader,
+    sendNow,
 )
 
 FRAMES = [
@@ -294,3 +302,70 @@ class LargeFrameTests(SynchronousTestCase):
                     self.assertLessEqual(len(frame.payload), 32)
         except FramingError:
             return
+
+
+class Collector(Protocol):
+    """
+    Keeps what it reads; C{whenHas(n)} fires once it holds C{n} bytes.
+    """
+
+    def __init__(self) -> None:
+        self.received = bytearray()
+        self._waiting: tuple[int, Deferred[bytes]] | None = None
+
+    def connectionMade(self) -> None:
+        self.factory.connected.callback(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        if self._waiting is not None and len(self.received) >= self._waiting[0]:
+            waiting, self._waiting = self._waiting[1], None
+            waiting.callback(bytes(self.received))
+
+    def whenHas(self, size: int) -> Deferred[bytes]:
+        waiting: Deferred[bytes] = Deferred()
+        self._waiting = (size, waiting)
+        self.dataReceived(b"")  # it may hold them already
+        return waiting
+
+
+class SendNowTests(TestCase):
+    """
+    L{sendNow} over real loopback TCP: what the socket takes goes at once,
+    gathered from the parts; the rest is buffered, in order.
+    """
+
+    async def connected(self) -> tuple[Protocol, Collector]:
+        factory = Factory.forProtocol(Collector)
+        factory.connected = Deferred()
+        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+        self.addCleanup(port.stopListening)
+        client = await connectProtocol(
+            TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), Protocol()
+        )
+        server = await factory.connected
+        self.addCleanup(client.transport.loseConnection)
+        self.addCleanup(server.transport.loseConnection)
+        return client, server
+
+    async def test_partsInOrderPastAFullSocket(self) -> None:
+        client, server = await self.connected()
+        # A small send buffer and a reader that waits: the socket cannot take
+        # a MiB at once, so most of it is buffered by the transport.
+        client.transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        server.transport.pauseProducing()
+        big = os.urandom(1 << 20)
+        parts = [b"head", memoryview(big)[3:], b"", big[:1000], b"tail"]
+        sendNow(client.transport, *parts)
+        sendNow(client.transport, b"after")  # behind what was buffered
+        expected = b"".join(bytes(p) for p in parts) + b"after"
+        self.assertLess(len(server.received), len(expected))
+        server.transport.resumeProducing()
+        self.assertEqual(await server.whenHas(len(expected)), expected)
+
+    async def test_moreBuffersThanOneSendmsgTakes(self) -> None:
+        client, server = await self.connected()
+        parts = [b"%05d" % i for i in range(3000)]
+        sendNow(client.transport, *parts)
+        expected = b"".join(parts)
+        self.assertEqual(await server.whenHas(len(expected)), expected)

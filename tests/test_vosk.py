@@ -53,8 +53,11 @@ def seedKaldi(seed: int = 1) -> None:
     """
     Make the next results reproducible. Kaldi dithers its features with
     libc's C{rand()} (this model's mfcc.conf leaves dither on), so the same
-    audio can give other words from one run to the next.
+    audio can give other words from one run to the next. Loading the model
+    draws from C{rand()} too: it is loaded first, so that the seed is
+    followed by the same draws whichever test loads it.
     """
+    engine()
     ctypes.CDLL(ctypes.util.find_library("c")).srand(seed)
 
 

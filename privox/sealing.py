@@ -227,6 +227,21 @@ def seal(key: bytes, direction: bytes, *parts: bytes | memoryview) -> list[bytes
     return out
 
 
+def _openRecord(
+    aead: ChaCha20Poly1305, direction: bytes, index: int, record: bytes | memoryview, last: bool
+) -> bytes:
+    """
+    The plaintext of the C{index}th record of a sealed stream.
+
+    @raise SealBroken: it does not open (changed, moved, replayed, or its
+        end claimed falsely).
+    """
+    try:
+        return aead.decrypt(_nonce(index), record, _aad(direction, index, last))
+    except InvalidTag:
+        raise SealBroken("a sealed record does not open") from None
+
+
 class Opener:
     """
     Opens a sealed stream of C{size} bytes as it arrives, in any pieces.
@@ -295,12 +310,7 @@ class Opener:
     def _open(self, record: memoryview, endsPiece: bool) -> bytes:
         # The last record is the one that ends the last piece.
         last = not self._remaining and endsPiece
-        try:
-            plain = self._aead.decrypt(
-                _nonce(self._index), record, _aad(self._direction, self._index, last)
-            )
-        except InvalidTag:
-            raise SealBroken("a sealed record does not open") from None
+        plain = _openRecord(self._aead, self._direction, self._index, record, last)
         self._index += 1
         self._done = last
         return plain
@@ -381,13 +391,9 @@ class StreamOpener:
                 break
             offset = start + length
             last = length == _TAG
-            try:
-                out.append(self._aead.decrypt(
-                    _nonce(self._index), bytes(buffer[start:offset]),
-                    _aad(self._direction, self._index, last),
-                ))
-            except InvalidTag:
-                raise SealBroken("a sealed record does not open") from None
+            out.append(_openRecord(
+                self._aead, self._direction, self._index, bytes(buffer[start:offset]), last
+            ))
             self._index += 1
             self.ended = last
         del buffer[:offset]

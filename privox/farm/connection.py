@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.interfaces import IDelayedCall, IPushProducer
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -48,6 +48,7 @@ from privox.messages import (
     decodeObject,
     failPayload,
 )
+from privox.timers import Timer
 
 if TYPE_CHECKING:
     from privox.farm.splice import SpliceRelay
@@ -92,7 +93,7 @@ class FarmConnection(Protocol):
         # DATA is relayed piece by piece as it arrives (cut-through): the
         # farm never holds a whole upload or result frame.
         self._decoder = FrameDecoder(farm.settings.max_frame, streamVerbs=BULK_VERBS)
-        self._handshakeTimer: IDelayedCall | None = None
+        self._handshakeTimer: Timer | None = None
         #: Who holds this connection's reading paused, if anyone:
         #: backpressure links, a splice relay reading the socket itself.
         self._readHolds: set[object] | None = None
@@ -111,11 +112,11 @@ class FarmConnection(Protocol):
         #: What this connection was written while the farm was corked.
         self.pending: list[bytes] = []
         #: Ends a PVX/1 peer's key when it goes quiet.
-        self._keyQuiet: IDelayedCall | None = None
+        self._keyQuiet: Timer | None = None
         #: Aborts a PVX/1 peer that does not close after the farm did.
-        self._closeTimer: IDelayedCall | None = None
+        self._closeTimer: Timer | None = None
         #: Retires a node let in by its certificate when that expires.
-        self._vouchedUntil: IDelayedCall | None = None
+        self._vouchedUntil: Timer | None = None
 
     @property
     def pvx1(self) -> bool:
@@ -129,7 +130,7 @@ class FarmConnection(Protocol):
         self.transport.registerProducer(self, True)
         self._producing = True
         self.write(GREETING)
-        self._handshakeTimer = self.farm.clock.callLater(
+        self._handshakeTimer = self.farm.timers.callLater(
             self.farm.settings.handshake_timeout, self._handshakeTimedOut
         )
         self.farm.connectionOpened(self)
@@ -169,7 +170,7 @@ class FarmConnection(Protocol):
             if role == "producer":
                 # It serves while the exchange vouches for it (a node renews
                 # at half-life, and connects again with the new one).
-                self._vouchedUntil = self.farm.clock.callLater(
+                self._vouchedUntil = self.farm.timers.callLater(
                     max(0.0, vouched.until - now), self._certificateExpired
                 )
             self._keyChecked(True)
@@ -343,7 +344,7 @@ class FarmConnection(Protocol):
             if len(self._pvx1) > 1 + pvx1.KEY_CAP + pvx1.HEADER_CAP:
                 self.abort()
             else:
-                self._keyQuiet = self.farm.clock.callLater(
+                self._keyQuiet = self.farm.timers.callLater(
                     self.farm.settings.pvx1_quiet, self._introduce, True
                 )
             return
@@ -566,7 +567,7 @@ class FarmConnection(Protocol):
             self.transport.loseConnection()
             return
         halfClose()
-        self._closeTimer = self.farm.clock.callLater(pvx1.CLOSE_GRACE, self._closeOverdue)
+        self._closeTimer = self.farm.timers.callLater(pvx1.CLOSE_GRACE, self._closeOverdue)
 
     def _closeOverdue(self) -> None:
         self._closeTimer = None

@@ -173,14 +173,37 @@ class Dispatcher:
 
         @raise NoProducer: no connected producer could ever serve it.
         """
-        if not self.canServe(model, language, needs):
-            raise NoProducer(model, language)
-        producer = self._longestIdle(model, language, needs)
+        producer = self.take(model, language, needs)
         if producer is None:
-            self._queue[job] = _Waiting(model, language, now + self.queueTimeout, needs)
-        else:
+            self.enqueue(job, model, language, now, needs)
+        return producer
+
+    def take(self, model: str, language: str | None, needs: frozenset[str]) -> Hashable | None:
+        """
+        The idle producer that would take such a job, now busy; L{None} if
+        none is idle.
+        """
+        producer = self._longestIdle(model, language, needs)
+        if producer is not None:
             self._unidle(producer)
         return producer
+
+    def enqueue(
+        self,
+        job: Hashable,
+        model: str,
+        language: str | None,
+        now: float,
+        needs: frozenset[str] = frozenset(),
+    ) -> None:
+        """
+        Queue a job no idle producer could take, until C{now + queueTimeout}.
+
+        @raise NoProducer: no connected producer could ever serve it.
+        """
+        if not self.canServe(model, language, needs):
+            raise NoProducer(model, language)
+        self._queue[job] = _Waiting(model, language, now + self.queueTimeout, needs)
 
     def _longestIdle(
         self, model: str, language: str | None, needs: frozenset[str]

@@ -29,6 +29,7 @@ from privox.messages import (
     RESERVED_MODELS, SERVICES, BadRequest, ErrorCode, JobRequest, Okay, StreamLimits,
     controlFrame,
 )
+from privox.timers import Timers
 
 if TYPE_CHECKING:
     from privox.farm.splice import Splicer
@@ -71,6 +72,18 @@ class JobObserver(Protocol):
 BLOCKING_AT_ONCE = 2
 
 
+def _noProducer(request: JobRequest) -> BadRequest:
+    # Not "unsupported": producers come and go (a farm that just restarted
+    # has none until its nodes dial back in).
+    return BadRequest(
+        f"no producer serving model {request.model!r}"
+        + (f" in language {request.language!r}" if request.language else "")
+        + "".join(f" that can {need}" for need in sorted(request.needs))
+        + " is connected",
+        ErrorCode.NO_PRODUCER,
+    )
+
+
 class Farm:
     """
     @param ledger: where ended jobs are recorded (L{privox.farm.ledger});
@@ -103,6 +116,7 @@ class Farm:
         # a few of those at once must not take its memory.
         self._blocking = DeferredSemaphore(BLOCKING_AT_ONCE)
         self.clock = clock
+        self.timers = Timers(clock)
         self._keyPolicies = {"producer": producerKeys, "consumer": consumerKeys}
         self.dispatchers = {s: Dispatcher(settings.queue_timeout) for s in SERVICES}
         self._queueTimers: dict[str, IDelayedCall] = {}
@@ -115,7 +129,8 @@ class Farm:
         self._drained: list[Deferred[None]] = []
         self.ledger = ledger
         self.splicer = splicer
-        self._idKey = secrets.token_bytes(32)
+        #: Keyed once: a copy of it is cheaper than keying a hash per job.
+        self._idHash = blake2b(key=secrets.token_bytes(32), digest_size=8)
         self._jobs = 0
         #: While the reads of one turn of the reactor are handled,
         #: connections' writes wait (L{privox.farm.connection.FarmConnection.write})
@@ -158,7 +173,9 @@ class Farm:
         how many jobs ran between two), without a system call per job.
         """
         self._jobs += 1
-        return blake2b(self._jobs.to_bytes(8, "big"), key=self._idKey, digest_size=8).hexdigest()
+        idHash = self._idHash.copy()
+        idHash.update(self._jobs.to_bytes(8, "big"))
+        return idHash.hexdigest()
 
     @property
     def holdsAnswers(self) -> bool:
@@ -235,19 +252,8 @@ class Farm:
             timeout = min(request.timeout_s or s.max_stream_s, s.max_stream_s)
         else:
             timeout = min(request.timeout_s or s.job_timeout, s.max_job_timeout)
-        dispatcher = self.dispatchers[request.service]
-        if request.model.startswith(RESERVED_MODELS) or not dispatcher.canServe(
-            request.model, request.language, request.needs
-        ):
-            # Not "unsupported": producers come and go (a farm that just
-            # restarted has none until its nodes dial back in).
-            raise BadRequest(
-                f"no producer serving model {request.model!r}"
-                + (f" in language {request.language!r}" if request.language else "")
-                + "".join(f" that can {need}" for need in sorted(request.needs))
-                + " is connected",
-                ErrorCode.NO_PRODUCER,
-            )
+        if request.model.startswith(RESERVED_MODELS):
+            raise _noProducer(request)
         jobId = self._jobId()
         # Encoded once: what the producer gets, with the effective timeout.
         work = controlFrame(b"JOB_", dict(request.payload(jobId), timeout_s=timeout))
@@ -256,14 +262,18 @@ class Farm:
                 f"JOB_ does not fit in max_frame {s.max_frame} once forwarded",
                 ErrorCode.TOO_LARGE,
             )
+        dispatcher = self.dispatchers[request.service]
+        needs = request.needs
+        # An idle producer that takes it can serve it: no other check then.
+        producer = dispatcher.take(request.model, request.language, needs)
+        if producer is None and not dispatcher.canServe(request.model, request.language, needs):
+            raise _noProducer(request)
         job = newJob(self, jobId, request, consumer, timeout, work)
         self.jobs.add(job)
         self.counters.jobs += 1
         consumer.jobSubmitted(job)
-        producer = dispatcher.submit(
-            job, request.model, request.language, self.clock.seconds(), request.needs
-        )
         if producer is None:
+            dispatcher.enqueue(job, request.model, request.language, self.clock.seconds(), needs)
             self._armQueueTimer(request.service)
         else:
             job.events.assign(producer)

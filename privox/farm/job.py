@@ -33,13 +33,14 @@ from typing import Any, Protocol
 
 from automat import TypeMachineBuilder
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from privox.automata import build
 
 from privox.messages import ErrorCode, JobRequest, failPayload
+from privox.timers import Timer, Timers
 
 log = Logger()
 
@@ -106,6 +107,8 @@ class JobHost(Protocol):
     """
 
     clock: IReactorTime
+    #: The jobs' timeouts, most of which are cancelled (privox.timers).
+    timers: Timers
     #: Seconds a producer has to end a cancelled job.
     cancelGrace: float
     #: Longest gap between two pieces of a stream's upload (§5.8).
@@ -222,12 +225,12 @@ class Job:
         self.resultSink: Relayed | None = None
         #: The two connections fed by each other while the job runs.
         self._linked: tuple[Relayed, Relayed] | None = None
-        self._timeout: IDelayedCall | None = host.clock.callLater(
+        self._timeout: Timer | None = host.timers.callLater(
             timeout, self._timedOut
         )
-        self._grace: IDelayedCall | None = None
+        self._grace: Timer | None = None
         #: A stream's upload must keep coming (L{JobHost.streamIdle}).
-        self._idle: IDelayedCall | None = None
+        self._idle: Timer | None = None
 
     def __repr__(self) -> str:
         return f"<Job {self.id} {self.request.service} {self.request.model}>"
@@ -252,7 +255,7 @@ class Job:
         if self._idle is not None and self._idle.active():
             self._idle.cancel()
         self._idle = (
-            self.host.clock.callLater(self.host.streamIdle, self._streamIdle) if payload else None
+            self.host.timers.callLater(self.host.streamIdle, self._streamIdle) if payload else None
         )
 
     # Helpers the transitions share.
@@ -266,7 +269,7 @@ class Job:
         self.uploadSink = producer.connection
         self.consumer.jobAssigned(self)
         if self.request.stream:
-            self._idle = self.host.clock.callLater(self.host.streamIdle, self._streamIdle)
+            self._idle = self.host.timers.callLater(self.host.streamIdle, self._streamIdle)
         # Backpressure both ways: the upload, then the answer.
         consumer, producing = self.consumer.connection, producer.connection
         producing.feedFrom(consumer)
@@ -316,7 +319,7 @@ class Job:
         self._idle = None
         if sendCancel:
             self.producer.sendControl(b"CNCL", {"id": self.id})
-        self._grace = self.host.clock.callLater(self.host.cancelGrace, self._graceOver)
+        self._grace = self.host.timers.callLater(self.host.cancelGrace, self._graceOver)
 
     def _graceOver(self) -> None:
         self._grace = None

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from privox.timers import Timer, Timers
 
 
 class Keepalive:
@@ -29,7 +29,7 @@ class Keepalive:
 
     def __init__(
         self,
-        clock: IReactorTime,
+        clock: Timers,
         interval: float,
         patience: float,
         ping: Callable[[], None],
@@ -40,7 +40,7 @@ class Keepalive:
         self._patience = patience
         self._ping = ping
         self._missed = missed
-        self._timer: IDelayedCall | None = None
+        self._timer: Timer | None = None
         self._idle = False
         #: When the producer last became idle (or answered while idle).
         self._idleSince = 0.0

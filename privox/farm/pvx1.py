@@ -28,7 +28,6 @@ import dataclasses
 from typing import Any, Iterable, Protocol
 
 from automat import TypeMachineBuilder
-from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -42,6 +41,7 @@ from privox.engines.errors import BadAudio
 from privox.farm import pvx1convert
 from privox.languages import UnknownLanguage, languageCode
 from privox.messages import ANY, BadRequest, ErrorCode, JobRequest
+from privox.timers import Timer
 from privox.wav import BadWav, joinWavs
 
 log = Logger()
@@ -268,11 +268,11 @@ class _Pvx1Session(Session):
         super().__init__(connection, keyId, accountId)
         self.settings = connection.farm.settings
         self.aliases = aliasesFor(self.settings, connection.service)
-        self._quiet: IDelayedCall | None = None
+        self._quiet: Timer | None = None
 
     def _armQuiet(self, then: Any) -> None:
         self._cancelQuiet()
-        self._quiet = self.connection.farm.clock.callLater(self.settings.pvx1_quiet, then)
+        self._quiet = self.connection.farm.timers.callLater(self.settings.pvx1_quiet, then)
 
     def _cancelQuiet(self) -> None:
         if self._quiet is not None:
@@ -597,10 +597,10 @@ class Pvx1Producer(_Pvx1Session):
         self._pongsOwed = 0
         #: A header waiting for those answers.
         self._heldHeader: bytes | None = None
-        self._pongTimer: IDelayedCall | None = None
-        self._probe: IDelayedCall | None = None
+        self._pongTimer: Timer | None = None
+        self._probe: Timer | None = None
         self._keepalive = Keepalive(
-            connection.farm.clock,
+            connection.farm.timers,
             self.settings.ping_interval,
             self.settings.pvx1_pong_timeout,
             self._ping,
@@ -688,7 +688,7 @@ class Pvx1Producer(_Pvx1Session):
             self.connection.write(header)
             return
         self._heldHeader = header
-        self._pongTimer = self.connection.farm.clock.callLater(
+        self._pongTimer = self.connection.farm.timers.callLater(
             self.settings.pvx1_pong_timeout, self.drop, "did not answer ping in time"
         )
 
@@ -738,7 +738,7 @@ class Pvx1Producer(_Pvx1Session):
     def _sendAudio(self) -> None:
         audio, self._audio = self._audio, b""
         self.connection.write(audio)
-        self._probe = self.connection.farm.clock.callLater(PROBE_DELAY, self._probeTranscript)
+        self._probe = self.connection.farm.timers.callLater(PROBE_DELAY, self._probeTranscript)
 
     def _probeTranscript(self) -> None:
         self._probe = None

@@ -256,7 +256,7 @@ class ProducerSession(Session):
         self._answered = 0
         settings = connection.farm.settings
         self._keepalive = Keepalive(
-            connection.farm.clock,
+            connection.farm.timers,
             settings.ping_interval,
             settings.ping_interval / 2,
             lambda: connection.write(_PING),

@@ -7,7 +7,10 @@ dataclasses: about 6 us an input for a job's machine of 31 transitions, the
 single largest cost of relaying a small job (bench/farm_relay.py
 --profile-farm). L{build} builds a machine as Automat does and gives its
 automaton a dict of the same transitions; what it answers is unchanged,
-unknown inputs included (Automat still says so).
+unknown inputs included (Automat still says so). The dict is keyed by each
+state object's identity: a machine only ever holds the states its builder
+made, and hashing one (a frozen dataclass: Python code) cost as much as the
+lookup itself.
 """
 
 from __future__ import annotations
@@ -24,13 +27,14 @@ def build(builder: TypeMachineBuilder[Any, Any]) -> Any:
     machine = builder.build()
     automaton = machine.__automat_automaton__
     table = {
-        (inState, inputSymbol): (outState, tuple(outputs))
+        (id(inState), inputSymbol): (outState, tuple(outputs))
         for inState, inputSymbol, outState, outputs in automaton.allTransitions()
     }
+    # The states stay alive with the machine, so their ids stay theirs.
     scan = automaton.outputForInput
 
     def outputForInput(inState: Any, inputSymbol: Any) -> tuple[Any, Any]:
-        found = table.get((inState, inputSymbol))
+        found = table.get((id(inState), inputSymbol))
         return scan(inState, inputSymbol) if found is None else found
 
     automaton.outputForInput = outputForInput

@@ -169,10 +169,12 @@ class FrameDecoder:
         streamVerbs = self._streamVerbs
         # One copy per payload (or piece): slices of the memoryview.
         while end - offset >= HEADER_LEN:
-            verb = view[offset : offset + 4].tobytes()
+            # One copy of the header, sliced: a memoryview slice costs more.
+            header = view[offset : offset + HEADER_LEN].tobytes()
+            verb = header[:4]
             if verb not in VERBS:
                 raise FramingError(f"unknown verb {verb!r}")
-            length = _parseLength(view[offset + 4 : offset + HEADER_LEN].tobytes())
+            length = _parseLength(header[4:])
             if length > self.maxFrame:
                 raise FramingError(
                     f"{verb.decode()} payload of {length} bytes exceeds "

@@ -40,6 +40,31 @@ class DecodeObjectTests(SynchronousTestCase):
         for bad in (b"{", b"\xff\xfe", b"[1,2]", b'"s"', b"3"):
             self.assertRaises(ProtocolViolation, decodeObject, Frame(b"JOB_", bad))
 
+    def test_notStrictJson(self) -> None:
+        """
+        What Python's json would take but JSON is not: NaN and Infinity,
+        numbers beyond a double, lone surrogates, UTF-16.
+        """
+        for bad in (
+            b'{"a":NaN}', b'{"a":-Infinity}', b'{"a":1e400}', b'{"a":"\\ud800"}',
+            '{"a":1}'.encode("utf-16"),
+        ):
+            with self.assertRaises(ProtocolViolation, msg=bad) as caught:
+                decodeObject(Frame(b"JOB_", bad))
+            self.assertIn("not valid JSON", str(caught.exception))
+
+    def test_nestedTooDeeply(self) -> None:
+        with self.assertRaises(ProtocolViolation) as caught:
+            decodeObject(Frame(b"JOB_", b"[" * 100_000))
+        self.assertIn("nested too deeply", str(caught.exception))
+
+    def test_encodesNoNaN(self) -> None:
+        """
+        A number JSON has no word for goes as null, never as NaN.
+        """
+        [frame] = FrameDecoder().feed(controlFrame(b"RSLT", {"x": float("nan"), "t": "\u2028é"}))
+        self.assertEqual(frame.payload, '{"x":null,"t":"\u2028é"}'.encode())
+
 
 class HelloTests(SynchronousTestCase):
     def test_producer(self) -> None:

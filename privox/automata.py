@@ -11,6 +11,14 @@ unknown inputs included (Automat still says so). The dict is keyed by each
 state object's identity: a machine only ever holds the states its builder
 made, and hashing one (a frozen dataclass: Python code) cost as much as the
 lookup itself.
+
+Each input of such a machine then runs its transition straight from that
+dict: the state changes and the outputs are called, in order, with what
+Automat would give them. Whatever Automat does beyond that, it still does
+itself: an input that comes while another is being handled (postponed
+until that one is done), a traced machine, an input the state has no
+transition for, and outputs of data states. Automat's own path cost about
+1.5 us an input, five inputs a relayed job; this one a third of that.
 """
 
 from __future__ import annotations
@@ -18,11 +26,13 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from automat import TypeMachineBuilder
+from automat._typed import MethodOutput
 
 
 def build(builder: TypeMachineBuilder[Any, Any]) -> Any:
     """
-    C{builder.build()}, with transitions looked up in a dict.
+    C{builder.build()}, with transitions looked up in a dict, and inputs
+    that run them from it.
     """
     machine = builder.build()
     automaton = machine.__automat_automaton__
@@ -38,7 +48,47 @@ def build(builder: TypeMachineBuilder[Any, Any]) -> Any:
         return scan(inState, inputSymbol) if found is None else found
 
     automaton.outputForInput = outputForInput
+    # The transitions whose outputs are all plain methods, as the methods.
+    direct = {
+        key: (outState, tuple(output.method for output in outputs))
+        for key, (outState, outputs) in table.items()
+        if all(type(output) is MethodOutput and not output.requiresData for output in outputs)
+    }
+    implementer = machine.__automat_type__
+    for name in {inputSymbol for _, inputSymbol in table}:
+        setattr(implementer, name, _directInput(name, getattr(implementer, name), direct))
     return machine
+
+
+def _directInput(name: str, automats: Callable[..., Any], direct: dict[Any, Any]) -> Any:
+    """
+    The input C{name}, run from C{direct} when it can be, else by Automat's
+    own implementation, C{automats}.
+    """
+
+    def input(self: Any, *args: Any, **kwargs: Any) -> Any:
+        transitioner = self.__automat_transitioner__
+        if self.__automat_postponed__ is not None or transitioner._tracer is not None:
+            return automats(self, *args, **kwargs)
+        found = direct.get((id(transitioner._state), name))
+        if found is None:
+            return automats(self, *args, **kwargs)
+        transitioner._state, methods = found
+        core = self.__automat_core__
+        # Inputs that the outputs give wait until they are all done.
+        postponed = self.__automat_postponed__ = []
+        result = None
+        try:
+            for method in methods:
+                result = method(self, core, *args, **kwargs)
+        finally:
+            self.__automat_postponed__ = None
+        while postponed:
+            postponed.pop(0)()
+        return result
+
+    input.__name__ = input.__qualname__ = name
+    return input
 
 
 class Transitions:

@@ -767,17 +767,34 @@ def table(
     return "\n".join(out)
 
 
+def perJob(r: Run) -> float:
+    "The server's CPU per job, in microseconds."
+    return r.cpu["server"] / r.jobs * 1e6 if r.jobs else float("nan")
+
+
+def perMB(r: Run) -> float:
+    "The server's CPU per MB relayed, in milliseconds."
+    return r.cpu["server"] / (r.bytes / MB) * 1e3 if r.bytes else float("nan")
+
+
+def merged(parts: list[Run]) -> Run:
+    """
+    Several windows of one server under one load, as one run.
+    """
+    run = Run()
+    for part in parts:
+        run.add(part)
+        run.seconds += part.seconds
+        for key, value in part.cpu.items():
+            run.cpu[key] = run.cpu.get(key, 0.0) + value
+    return run
+
+
 def compareTable(runs: dict[tuple[str, str], Run]) -> str:
     """
     privox-farm against the asyncio farm on the same loads: the CPU each
     server spent per job and per MB, and the work per wall-clock second.
     """
-    def perJob(r: Run) -> float:
-        return r.cpu["server"] / r.jobs * 1e6 if r.jobs else float("nan")
-
-    def perMB(r: Run) -> float:
-        return r.cpu["server"] / (r.bytes / MB) * 1e3 if r.bytes else float("nan")
-
     def split(r: Run) -> str:
         return (f"{r.cpu['serverUser'] / r.jobs * 1e6:.0f} + {r.cpu['serverSys'] / r.jobs * 1e6:.0f}"
                 if r.jobs else "-")
@@ -987,18 +1004,31 @@ def benchmark(args: argparse.Namespace) -> None:
         verified = fs.verified + bs.verified + fl.verified
         mismatched = fs.mismatched + bs.mismatched + fl.mismatched
         if compare:
-            lean = dict(seconds=args.duration, warmup=args.warmup)
+            # The servers take turns, a short window each, several rounds,
+            # each round starting with the next server: the machine's drift
+            # (its other tenants) then weighs on all of them alike.
+            rounds = args.compare_rounds
+            lean = dict(seconds=args.duration / rounds, warmup=args.warmup)
+            servers = [("farm", farmPort, "privox-farm"),
+                       ("asyncio", asyncioPort, "the asyncio farm"),
+                       ("twisted", twistedPort, "the asyncio farm's code on Twisted")]
             runs = {}
+            windows: dict[tuple[str, str], list[Run]] = {}
             for label, kind, size, check in (("32k", "small", 32 * 1024, "sha256"),
                                              ("1mb", "large", MB, args.large_check)):
-                for server, port, name in (("farm", farmPort, "privox-farm"),
-                                           ("asyncio", asyncioPort, "the asyncio farm"),
-                                           ("twisted", twistedPort, "the asyncio farm's code on Twisted")):
-                    print(f"{size // 1024} KB jobs through {name}"
-                          f" (64c x 8p, {args.duration:g} s)...", flush=True)
-                    runs[server, label] = measure(children, Phase(
-                        f"{server}-{label}", server, port, kind, 64, bytes=size, producers=8,
-                        check=check, **lean), args, profile)
+                print(f"{size // 1024} KB jobs through privox-farm, the asyncio farm and its code"
+                      f" on Twisted (64c x 8p), {rounds} rounds of"
+                      f" {args.duration / rounds:g} s each...", flush=True)
+                for r in range(rounds):
+                    for server, port, name in servers[r % 3:] + servers[:r % 3]:
+                        windows.setdefault((server, label), []).append(measure(children, Phase(
+                            f"{server}-{label}", server, port, kind, 64, bytes=size,
+                            producers=8, check=check, **lean), args, profile))
+            runs = {key: merged(parts) for key, parts in windows.items()}
+            print()
+            print("privox-farm / asyncio farm, CPU per 32 KB job, each round: "
+                  + ", ".join(ratio(perJob(f), perJob(a)) for f, a in
+                              zip(windows["farm", "32k"], windows["asyncio", "32k"])))
             print()
             print(compareTable(runs))
             print()
@@ -1054,6 +1084,9 @@ def parseArgs(argv: list[str]) -> argparse.Namespace:
                    "0.6 CPU-s per GB, a third of what the load may use) [xxh3_128]")
     p.add_argument("--load-procs", type=int, default=2,
                    help="processes the consumers are spread over, and as many for the producers [2]")
+    p.add_argument("--compare-rounds", type=int, default=5,
+                   help="the servers compared take turns this many times, each for"
+                        " --duration / rounds seconds a turn [5]")
     p.add_argument("--only", choices=["small", "large", "compare"],
                    help="measure only the small jobs, the large jobs or the comparison with "
                    "the asyncio farm (all three by default)")

@@ -8,7 +8,8 @@ reactor call each costs a L{DelayedCall}, a place in the reactor's heap
 clean-up; and the bigger that heap, the more the farm's one call per turn of
 the reactor costs too (L{privox.farm.farm.Farm.cork}). L{Timers} keeps its
 own heap of plain tuples, compared in C, and holds one reactor call, for the
-earliest of them (bench/README.rst: about 5 % of a small relayed job's CPU).
+earliest of them (bench/README.rst: 4 % of the instructions a farm spends
+on a small relayed job).
 """
 
 from __future__ import annotations

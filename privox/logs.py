@@ -8,6 +8,9 @@ Log observers for the daemons, for C{twistd --logger}:
   - C{privox.logs.jsonFile}: the same, appended to C{privox.log.json} in
     the working directory.
 
+A connection a daemon accepts logs without its peer's address:
+L{withoutPeerAddress}.
+
 The events carry the same named fields as the text lines (route, status,
 model, sizes, milliseconds, key ids); with C{--blur-usage} sizes and times
 are rounded in both (L{logFigures}).
@@ -40,6 +43,7 @@ from twisted.logger import (
     formatEventAsClassicLogText,
     formatTime,
 )
+from twisted.protocols.policies import ProtocolWrapper
 from zope.interface import implementer
 
 #: Seconds a line may wait before the background thread writes it.
@@ -52,6 +56,22 @@ _URGENT = frozenset([LogLevel.warn, LogLevel.error, LogLevel.critical])
 
 
 # Sizes and times in log lines, blurred on request.
+
+
+def withoutPeerAddress(transport: Any) -> None:
+    """
+    Twisted logs what a connection's reads raise (an unhandled error, with
+    its traceback), and any line of its older log API they cause, with the
+    connection's log prefix as the line's system: for an accepted TCP
+    connection C{Protocol,7,203.0.113.9}, the peer's address. Called as a
+    connection is made, this keeps the protocol and the connection's number
+    only. Over TLS the prefix is the TCP connection's, under the wrapper.
+    """
+    while isinstance(transport, ProtocolWrapper):
+        transport = transport.transport
+    prefix = getattr(transport, "logstr", None)
+    if isinstance(prefix, str) and prefix.count(",") >= 2:
+        transport.logstr = prefix.rsplit(",", 1)[0]
 
 
 def blurBytes(n: int) -> int:

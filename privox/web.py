@@ -13,14 +13,20 @@ from twisted.logger import Logger
 from twisted.web.http import HTTPChannel
 from twisted.web.server import Site
 
+from privox.logs import withoutPeerAddress
+
 
 class PrivateHTTPChannel(HTTPChannel):
     """
-    An HTTP connection whose idle timeout is logged without the peer's
-    address (twisted.web's own line names it).
+    An HTTP connection whose idle timeout, and whatever its reads raise, is
+    logged without the peer's address (twisted.web's own line names it).
     """
 
     _log = Logger()
+
+    def connectionMade(self) -> None:
+        withoutPeerAddress(self.transport)
+        super().connectionMade()
 
     def timeoutConnection(self) -> None:
         self._log.info("closing an idle HTTP connection")

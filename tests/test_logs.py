@@ -1,16 +1,29 @@
 """
-L{privox.logs.ClassicText}: the text twistd's own log would have, faster.
+L{privox.logs.ClassicText}: the text twistd's own log would have, faster;
+and L{privox.logs.withoutPeerAddress}: no peer's address in the log.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from twisted.logger import LogLevel, Logger, formatEventAsClassicLogText
+from twisted.internet import reactor
+from twisted.internet.endpoints import clientFromString, connectProtocol
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import LogLevel, Logger, formatEventAsClassicLogText, globalLogPublisher
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.resource import Resource
 
-from privox.logs import ClassicText
+from privox.farm.connection import FarmFactory
+from privox.farm.farm import Farm
+from privox.farm.settings import FarmSettings
+from privox.keys import OpenPolicy
+from privox.logs import ClassicText, withoutPeerAddress
+from privox.api.wyoming import WyomingFactory
+from privox.web import PrivateSite
+from tests.support import until
+from tests.test_wyoming import TABLE, FakeAccess, FakeJobs
 
 
 class _Thing:
@@ -86,3 +99,137 @@ class ClassicTextTests(SynchronousTestCase):
         for when in (base + 0.1, base + 0.9, base + 1.0, base + 0.5, base + 3601.25):
             event = {"log_format": "tick", "log_time": when, "log_system": "-"}
             self.assertEqual(classic(event), formatEventAsClassicLogText(event))
+
+
+
+class _Broken(Protocol):
+    """
+    A server whose reads raise: Twisted logs that as an unhandled error.
+    """
+
+    def connectionMade(self) -> None:
+        withoutPeerAddress(self.transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        raise ZeroDivisionError("a bug")
+
+
+class _RecordingFarmFactory(FarmFactory):
+    def __init__(self, farm: Any, made: list[Any]) -> None:
+        super().__init__(farm, "stt")
+        self._made = made
+
+    def buildProtocol(self, addr: Any) -> Any:
+        connection = super().buildProtocol(addr)
+        self._made.append(connection)
+        return connection
+
+
+def breakReads(connection: Any) -> None:
+    "Make a farm connection's reads raise, as a bug would."
+
+    def broken(data: bytes) -> None:
+        raise ZeroDivisionError("a bug")
+
+    connection._received = broken
+
+
+async def unhandledError(test: TestCase, seen: list[dict[str, Any]]) -> dict[str, Any]:
+    """
+    The error a read raised, once it is logged (by the reactor's older log
+    API, as "failure"; by twisted.web's, as "log_failure").
+    """
+    await until(
+        lambda: any("failure" in e or "log_failure" in e for e in seen), "the error logged"
+    )
+    test.flushLoggedErrors(ZeroDivisionError)
+    [event] = [e for e in seen if "failure" in e or "log_failure" in e]
+    return event
+
+
+def assertNoAddress(test: TestCase, seen: list[dict[str, Any]]) -> None:
+    """
+    No event names the peer's address, in its text or its system.
+    """
+    for event in seen:
+        text = formatEventAsClassicLogText(event) or ""
+        test.assertNotIn("127.0.0.1", text + repr(event.get("log_system")))
+
+
+class WithoutPeerAddressTests(TestCase):
+    """
+    What a connection's reads raise is logged with no peer address, over
+    real TCP: a plain protocol, Privox's HTTP sites, a farm (over TLS:
+    tests.test_tls) and the API's Wyoming server.
+    """
+
+    def setUp(self) -> None:
+        self.seen: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(self.seen.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.seen.append)
+
+    def listen(self, factory: Factory) -> int:
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        return port.getHost().port
+
+    async def connect(self, port: int) -> Protocol:
+        endpoint = clientFromString(reactor, f"tcp:127.0.0.1:{port}")
+        client = await connectProtocol(endpoint, Protocol())
+        self.addCleanup(client.transport.abortConnection)
+        return client
+
+    async def test_protocol(self) -> None:
+        client = await self.connect(self.listen(Factory.forProtocol(_Broken)))
+        client.transport.write(b"x")
+        event = await unhandledError(self, self.seen)
+        self.assertRegex(event["log_system"], r"^_Broken,\d+$")
+        assertNoAddress(self, self.seen)
+
+    async def test_httpSite(self) -> None:
+        made: list[Any] = []
+
+        class Recording(PrivateSite):
+            def buildProtocol(self, addr: Any) -> Any:
+                channel = super().buildProtocol(addr)
+                made.append(channel)
+                return channel
+
+        client = await self.connect(self.listen(Recording(Resource())))
+        await until(lambda: bool(made), "the site's channel")
+        made[0].dataReceived = _Broken.dataReceived.__get__(made[0])
+        client.transport.write(b"GET / HTTP/1.1\r\n")
+        event = await unhandledError(self, self.seen)
+        self.assertRegex(event["log_system"], r"^PrivateHTTPChannel,\d+$")
+        assertNoAddress(self, self.seen)
+
+    async def test_farm(self) -> None:
+        farm = Farm(FarmSettings(stats_interval=0.0), reactor, OpenPolicy(), OpenPolicy())
+        made: list[Any] = []
+        client = await self.connect(self.listen(_RecordingFarmFactory(farm, made)))
+        await until(lambda: bool(made), "the farm's connection")
+        breakReads(made[0])
+        client.transport.write(b"x")
+        event = await unhandledError(self, self.seen)
+        self.assertRegex(event["log_system"], r"^FarmConnection,\d+$")
+        assertNoAddress(self, self.seen)
+
+    async def test_wyoming(self) -> None:
+        made: list[Any] = []
+
+        class Recording(WyomingFactory):
+            def buildProtocol(self, addr: Any) -> Any:
+                protocol = super().buildProtocol(addr)
+                made.append(protocol)
+                return protocol
+
+        factory = Recording(FakeJobs(), FakeAccess(), TABLE, reactor)  # type: ignore[arg-type]
+        client = await self.connect(self.listen(factory))
+        await until(lambda: bool(made), "the Wyoming connection")
+        made[0].dataReceived = _Broken.dataReceived.__get__(made[0])
+        client.transport.write(b"x")
+        event = await unhandledError(self, self.seen)
+        self.assertRegex(event["log_system"], r"^WyomingProtocol,\d+$")
+        assertNoAddress(self, self.seen)
+        made[0].setTimeout(None)
+

@@ -40,6 +40,7 @@ from privox.engines.digest import digestOf, toneFor
 from privox.node.service import Options as NodeOptions
 from privox.tls import checkEndpoint, loadCA
 from tests.support import until
+from tests.test_logs import assertNoAddress, breakReads, unhandledError
 from tests.test_node import nodeSettings, producers, startNode
 
 _NOW = datetime.datetime.now(datetime.timezone.utc)
@@ -286,6 +287,23 @@ class ConnectTests(_TLSTestCase):
                                (connection, RELAY_BUFFER)):
             self.assertIsInstance(protocol.transport, TLSMemoryBIOProtocol)
             self.assertEqual(socketTransport(protocol.transport).bufferSize, size)
+
+
+    async def test_errorsNameNoAddress(self) -> None:
+        """
+        What a TLS peer's connection raises is logged without its address
+        (the prefix of the TCP connection under the wrapper is the one used).
+        """
+        farm = await self.farmWith(EXCHANGE_CA.issue())
+        trustRoots = f":trustRoots={self.files.root.child('ca').path}"
+        consumer = await connectConsumer(reactor, farm.endpoint("stt", extra=trustRoots), "stt")
+        self.addCleanup(consumer.transport.loseConnection)
+        [connection] = farm.connections
+        breakReads(connection)
+        consumer.transport.write(b"PING00000000")
+        event = await unhandledError(self, self.events)
+        self.assertRegex(event["log_system"], r"^FarmConnection \(BufferingTLSTransport\),\d+$")
+        assertNoAddress(self, self.events)
 
 
 class RefusedTests(_TLSTestCase):

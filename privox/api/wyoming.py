@@ -94,6 +94,7 @@ from privox.api.models import ModelTable
 from privox.automata import Transitions, build
 from privox.daemon import ListenService
 from privox.languages import LANGUAGES, UnknownLanguage, languageCode
+from privox.logs import withoutPeerAddress
 from privox.messages import CONTROL_CHARACTERS, MAX_TEXT
 
 if TYPE_CHECKING:
@@ -639,6 +640,7 @@ class WyomingProtocol(Protocol, TimeoutMixin):
     # -- the connection --
 
     def connectionMade(self) -> None:
+        withoutPeerAddress(self.transport)
         self.callLater = self.factory.clock.callLater  # type: ignore[method-assign]
         self.setTimeout(self.factory.idleTimeout)
         self.transport.registerProducer(self, True)

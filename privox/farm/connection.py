@@ -38,6 +38,7 @@ from privox.framing import (
 )
 from privox.identity import IdentityError
 from privox.keys import accountId
+from privox.logs import withoutPeerAddress
 from privox.messages import (
     GREETING,
     BadRequest,
@@ -126,6 +127,7 @@ class FarmConnection(Protocol):
         return self._pvx1 is not None
 
     def connectionMade(self) -> None:
+        withoutPeerAddress(self.transport)
         tuneTransport(self.transport, self.farm.settings.max_frame, RELAY_BUFFER)
         self.transport.registerProducer(self, True)
         self._producing = True

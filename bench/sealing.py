@@ -93,6 +93,7 @@ from farm_relay import (  # noqa: E402
     disconnect,
     expectedText,
     jobLoop,
+    merged,
     newHash,
     ratio,
     shares,
@@ -569,16 +570,6 @@ def minorFaults(pid: int) -> int:
     """
     with open(f"/proc/{pid}/stat") as f:
         return int(f.read().rsplit(")", 1)[1].split()[7])
-
-
-def merged(runs: list[Run]) -> Run:
-    total = Run()
-    for r in runs:
-        total.add(r)
-        total.seconds += r.seconds
-        for k, v in r.cpu.items():
-            total.cpu[k] = total.cpu.get(k, 0.0) + v
-    return total
 
 
 def perJob(r: Run, who: str) -> float:

@@ -117,9 +117,10 @@ def decodeObject(frame: Frame) -> dict[str, Any]:
     The JSON object a control frame carries.
 
     orjson, not json: a farm decodes and encodes four control frames per
-    job, and json spent about 3.5 us on each (an eighth of a small job's
-    CPU; bench/README.rst). It is also the stricter reader: only UTF-8, no
-    NaN, Infinity or numbers beyond a double, no lone surrogates.
+    job, and json spent about 3.5 us on each (a twelfth of the farm's
+    instructions per small job; bench/README.rst). It is also the stricter
+    reader: only UTF-8, no NaN, Infinity or numbers beyond a double, no
+    lone surrogates.
 
     @raise ProtocolViolation: the payload is not one UTF-8 JSON object.
     """

@@ -45,9 +45,6 @@ class Timer:
         self._args = args
         self._state = Timer._PENDING
 
-    def getTime(self) -> float:
-        return self.time
-
     def active(self) -> bool:
         return self._state == Timer._PENDING
 

@@ -1,7 +1,8 @@
 """
 What tests share for waiting on the real reactor: L{until} polls a
 condition (plain or async) without blocking the reactor, and fails loudly
-when it does not come true in time.
+when it does not come true in time; L{recorded} keeps the protocols a
+listening factory builds.
 """
 
 from __future__ import annotations
@@ -43,3 +44,18 @@ async def sleep(seconds: float) -> None:
     condition: use L{until} for that).
     """
     await deferLater(reactor, seconds, lambda: None)
+
+
+def recorded(factory: Any, made: list[Any]) -> Any:
+    """
+    C{factory}, appending each protocol it builds to C{made}.
+    """
+    build = factory.buildProtocol
+
+    def buildProtocol(addr: Any) -> Any:
+        protocol = build(addr)
+        made.append(protocol)
+        return protocol
+
+    factory.buildProtocol = buildProtocol
+    return factory

@@ -22,7 +22,7 @@ from privox.keys import OpenPolicy
 from privox.logs import ClassicText, withoutPeerAddress
 from privox.api.wyoming import WyomingFactory
 from privox.web import PrivateSite
-from tests.support import until
+from tests.support import recorded, until
 from tests.test_wyoming import TABLE, FakeAccess, FakeJobs
 
 
@@ -114,24 +114,9 @@ class _Broken(Protocol):
         raise ZeroDivisionError("a bug")
 
 
-class _RecordingFarmFactory(FarmFactory):
-    def __init__(self, farm: Any, made: list[Any]) -> None:
-        super().__init__(farm, "stt")
-        self._made = made
-
-    def buildProtocol(self, addr: Any) -> Any:
-        connection = super().buildProtocol(addr)
-        self._made.append(connection)
-        return connection
-
-
-def breakReads(connection: Any) -> None:
-    "Make a farm connection's reads raise, as a bug would."
-
-    def broken(data: bytes) -> None:
-        raise ZeroDivisionError("a bug")
-
-    connection._received = broken
+def breakReads(protocol: Any) -> None:
+    "Make a connection's reads raise, as a bug would."
+    protocol.dataReceived = _Broken.dataReceived.__get__(protocol)
 
 
 async def unhandledError(test: TestCase, seen: list[dict[str, Any]]) -> dict[str, Any]:
@@ -186,50 +171,27 @@ class WithoutPeerAddressTests(TestCase):
         self.assertRegex(event["log_system"], r"^_Broken,\d+$")
         assertNoAddress(self, self.seen)
 
-    async def test_httpSite(self) -> None:
+    async def brokenServer(self, factory: Factory, protocol: str) -> None:
+        """
+        A connection to C{factory} whose reads raise names C{protocol} and
+        no address.
+        """
         made: list[Any] = []
-
-        class Recording(PrivateSite):
-            def buildProtocol(self, addr: Any) -> Any:
-                channel = super().buildProtocol(addr)
-                made.append(channel)
-                return channel
-
-        client = await self.connect(self.listen(Recording(Resource())))
-        await until(lambda: bool(made), "the site's channel")
-        made[0].dataReceived = _Broken.dataReceived.__get__(made[0])
-        client.transport.write(b"GET / HTTP/1.1\r\n")
-        event = await unhandledError(self, self.seen)
-        self.assertRegex(event["log_system"], r"^PrivateHTTPChannel,\d+$")
-        assertNoAddress(self, self.seen)
-
-    async def test_farm(self) -> None:
-        farm = Farm(FarmSettings(stats_interval=0.0), reactor, OpenPolicy(), OpenPolicy())
-        made: list[Any] = []
-        client = await self.connect(self.listen(_RecordingFarmFactory(farm, made)))
-        await until(lambda: bool(made), "the farm's connection")
+        client = await self.connect(self.listen(recorded(factory, made)))
+        await until(lambda: bool(made), "the server's connection")
         breakReads(made[0])
         client.transport.write(b"x")
         event = await unhandledError(self, self.seen)
-        self.assertRegex(event["log_system"], r"^FarmConnection,\d+$")
+        self.assertRegex(event["log_system"], rf"^{protocol},\d+$")
         assertNoAddress(self, self.seen)
+
+    async def test_httpSite(self) -> None:
+        await self.brokenServer(PrivateSite(Resource()), "PrivateHTTPChannel")
+
+    async def test_farm(self) -> None:
+        farm = Farm(FarmSettings(stats_interval=0.0), reactor, OpenPolicy(), OpenPolicy())
+        await self.brokenServer(FarmFactory(farm, "stt"), "FarmConnection")
 
     async def test_wyoming(self) -> None:
-        made: list[Any] = []
-
-        class Recording(WyomingFactory):
-            def buildProtocol(self, addr: Any) -> Any:
-                protocol = super().buildProtocol(addr)
-                made.append(protocol)
-                return protocol
-
-        factory = Recording(FakeJobs(), FakeAccess(), TABLE, reactor)  # type: ignore[arg-type]
-        client = await self.connect(self.listen(factory))
-        await until(lambda: bool(made), "the Wyoming connection")
-        made[0].dataReceived = _Broken.dataReceived.__get__(made[0])
-        client.transport.write(b"x")
-        event = await unhandledError(self, self.seen)
-        self.assertRegex(event["log_system"], r"^WyomingProtocol,\d+$")
-        assertNoAddress(self, self.seen)
-        made[0].setTimeout(None)
-
+        factory = WyomingFactory(FakeJobs(), FakeAccess(), TABLE, reactor)  # type: ignore[arg-type]
+        await self.brokenServer(factory, "WyomingProtocol")

@@ -39,7 +39,7 @@ from privox.keys import OpenPolicy
 from privox.engines.digest import digestOf, toneFor
 from privox.node.service import Options as NodeOptions
 from privox.tls import checkEndpoint, loadCA
-from tests.support import until
+from tests.support import recorded, until
 from tests.test_logs import assertNoAddress, breakReads, unhandledError
 from tests.test_node import nodeSettings, producers, startNode
 
@@ -168,7 +168,9 @@ class TLSFarm:
     async def start(self) -> None:
         for service in ("stt", "tts"):
             endpoint = serverFromString(reactor, self.listen)
-            self.ports[service] = await endpoint.listen(_RecordingFactory(self, service))
+            self.ports[service] = await endpoint.listen(
+                recorded(FarmFactory(self.farm, service), self.connections)
+            )
 
     def endpoint(self, service: str, host: str = "localhost", extra: str = "") -> str:
         return f"tls:host={host}:port={self.ports[service].getHost().port}{extra}"
@@ -177,17 +179,6 @@ class TLSFarm:
         for port in self.ports.values():
             await port.stopListening()
         await self.farm.shutdown()
-
-
-class _RecordingFactory(FarmFactory):
-    def __init__(self, farm: TLSFarm, service: str) -> None:
-        super().__init__(farm.farm, service)
-        self._connections = farm.connections
-
-    def buildProtocol(self, addr: Any) -> Any:
-        protocol = super().buildProtocol(addr)
-        self._connections.append(protocol)
-        return protocol
 
 
 class _TLSTestCase(TestCase):

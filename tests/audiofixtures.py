@@ -35,6 +35,15 @@ def vowels(seconds: float, rate: int = 16000) -> Signal:
     return voiced * (np.sin(2 * np.pi * 2.5 * t) > 0)
 
 
+def hiss(seconds: float, rate: int = 16000) -> Signal:
+    """
+    A microphone's noise floor (about 1 in 32768, the same every call): what
+    a recognizer hears in a pause, where exact zeros are a sound no real
+    capture makes.
+    """
+    return np.random.default_rng(0).normal(0, 1 / 32768, round(seconds * rate))
+
+
 def dominantFrequency(samples: npt.NDArray[np.floating], rate: int) -> float:
     spectrum = np.abs(np.fft.rfft(samples))
     return float(np.fft.rfftfreq(len(samples), 1 / rate)[np.argmax(spectrum)])

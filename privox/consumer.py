@@ -19,6 +19,7 @@ from __future__ import annotations
 import fcntl
 import struct
 import termios
+from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
@@ -122,6 +123,9 @@ class _Sealing:
     head: bytes
     body: bytes
     keys: JobKeys | None = None
+    #: The connection key of the node the upload went sealed for with
+    #: C{JOB_} (§5.7), if it did.
+    target: str | None = None
 
 
 #: Where a streaming job's pieces go: (PART fields, the bytes they announced).
@@ -160,11 +164,17 @@ def _sealing(request: JobRequest, seal: SealPolicy | None, body: bytes) -> _Seal
 
 def _withoutContent(request: JobRequest, sealing: _Sealing) -> JobRequest:
     """
-    The JOB_ of a sealed job: its content gone, the consumer's key in.
+    The JOB_ of a sealed job: its content gone, the consumer's key in (and
+    the node's its upload is sealed for, if it goes early).
     """
-    return replace(
-        request, text=None, prompt=None, seal={"ephemeral": encodeKey(sealing.ephemeral.public)}
-    )
+    seal = {"ephemeral": encodeKey(sealing.ephemeral.public)}
+    if sealing.target is not None:
+        seal["for"] = sealing.target
+    return replace(request, text=None, prompt=None, seal=seal)
+
+
+#: How many models' last nodes a connection remembers to seal early for.
+MAX_EARLY_NODES = 16
 
 
 class _Pending:
@@ -246,6 +256,11 @@ class ConsumerProtocol(PeerProtocol):
         self._pinged = False
         #: The kernel's unacknowledged bytes at the last check.
         self._queued: int | None = None
+        #: Model -> the seal offer of the node that last answered a sealed
+        #: job of it here, if that node opens uploads sealed early: the
+        #: next such job's small upload goes sealed for it with the JOB_
+        #: (§5.7), and the farm gives it that node if it is free.
+        self._earlyNodes: OrderedDict[str, Any] = OrderedDict()
 
     @property
     def busy(self) -> bool:
@@ -267,13 +282,12 @@ class ConsumerProtocol(PeerProtocol):
         if len(body) != request.size:
             raise ValueError("body length must equal request.size")
         sealing = _sealing(request, seal, body)
+        upload: list[bytes] = [body] if body else []
         if sealing is not None:
-            request = replace(
-                _withoutContent(request, sealing),
-                size=sealedSize(len(sealing.head) + len(body)),
-            )
-            body = b""  # sealed, after ASGN names the node
-        early = bool(body) and self.okay is not None and len(body) <= self.okay.early_upload
+            size = sealedSize(len(sealing.head) + len(body))
+            upload = self._sealEarly(request.model, sealing, size)
+            request = replace(_withoutContent(request, sealing), size=size)
+        early = bool(upload) and self.okay is not None and request.size <= self.okay.early_upload
         if early:
             # Small enough to go at once: a round trip less than waiting for
             # ASGN, and the farm reads JOB_ and DATA together.
@@ -292,8 +306,28 @@ class ConsumerProtocol(PeerProtocol):
         self._startWatching()
         self.transport.write(frame)
         if early:
-            self.sendData(body)
+            self.sendData(*upload)
         return pending.done
+
+    def _sealEarly(self, model: str, sealing: _Sealing, size: int) -> list[bytes]:
+        """
+        The sealed upload, if it can go with the C{JOB_}: small enough, and
+        sealed for the node that last answered this model here, while the
+        exchange still vouches for it. Otherwise nothing: it is sealed
+        once ASGN names the node.
+        """
+        offer = self._earlyNodes.get(model)
+        if offer is None or self.okay is None or size > self.okay.early_upload:
+            return []
+        try:
+            nodeKey = sealing.policy.nodeKey(offer, self._clock.seconds())
+            sealing.keys = sealing.ephemeral.keys(None, nodeKey)
+        except (IdentityError, SealBroken):
+            del self._earlyNodes[model]
+            return []
+        sealing.target = offer["key"]
+        # The body stays until ASGN: another node may take the job.
+        return seal(sealing.keys.upload, UPLOAD, sealing.head, sealing.body)
 
     def stt(self, model: str, audio: bytes, language: str | None = None,
             format: str = "auto", timeout_s: float | None = None,
@@ -527,7 +561,8 @@ class ConsumerProtocol(PeerProtocol):
             if pending.request.stream:
                 self._streamAssigned(pending, fields.get("seal"))
             elif pending.sealing is not None:
-                self._sealFor(pending, pending.sealing, fields.get("seal"))
+                self._sealFor(pending, pending.sealing, fields.get("seal"),
+                              fields.get("early_seal") is True)
             # The whole upload goes now; the farm discards it if the job fails.
             elif pending.body and not pending.request.early:
                 self.sendData(pending.body)
@@ -551,27 +586,45 @@ class ConsumerProtocol(PeerProtocol):
         else:
             raise ProtocolViolation(f"unexpected {frame.verb.decode()}")
 
-    def _sealFor(self, pending: _Pending, sealing: _Sealing, offer: Any) -> None:
+    def _sealFor(self, pending: _Pending, sealing: _Sealing, offer: Any, early: bool) -> None:
         """
         The node is assigned: check that the exchange vouches for it, then
-        send the content sealed to it; else give the job up on this farm.
+        send the content sealed to it, unless it went early, sealed for this
+        node; else give the job up on this farm. A node that opens uploads
+        sealed early is remembered for the next job of this model.
         """
-        if not self._checkSeal(pending, sealing, offer):
+        target = sealing.target
+        if not self._checkSeal(pending, sealing, offer, target):
+            return
+        if early:
+            self._earlyNodes[pending.request.model] = offer
+            self._earlyNodes.move_to_end(pending.request.model)
+            while len(self._earlyNodes) > MAX_EARLY_NODES:
+                self._earlyNodes.popitem(last=False)
+        if target is not None and offer["key"] == target:
+            sealing.body = b""  # It went with the JOB_, sealed for this node.
             return
         assert sealing.keys is not None
+        # Sealed again for the node that took the job (the farm dropped an
+        # upload sealed for another).
         records = seal(sealing.keys.upload, UPLOAD, sealing.head, sealing.body)
         sealing.body = b""
         self.sendData(*records)
 
-    def _checkSeal(self, pending: _Pending, sealing: _Sealing, offer: Any) -> bool:
+    def _checkSeal(
+        self, pending: _Pending, sealing: _Sealing, offer: Any, target: str | None = None
+    ) -> bool:
         """
         Whether the exchange vouches for the assigned node (then
         C{sealing.keys} are the job's); if not, the farm is given up.
+        C{target}: the node the upload went sealed for with the JOB_; its
+        keys stand if that node is the one assigned.
         """
         jobId = pending.id if isinstance(pending.id, str) else ""
         try:
             nodeKey = sealing.policy.nodeKey(offer, self._clock.seconds())
-            sealing.keys = sealing.ephemeral.keys(jobId, nodeKey)
+            if target is None or offer["key"] != target:
+                sealing.keys = sealing.ephemeral.keys(jobId, nodeKey)
         except (IdentityError, SealBroken) as e:
             self._refuseFarm(f"the assigned node's seal does not hold: {e}")
             return False

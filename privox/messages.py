@@ -11,7 +11,7 @@ fails).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
@@ -33,6 +33,9 @@ TRANSLATE = "translate"
 #: Streaming jobs (§5.8): the upload's length is unknown, pieces of the
 #: answer (PART) come back while it arrives.
 STREAM = "stream"
+#: Jobs sealed before their node is known (§5.7): a producer that takes
+#: them opens an upload that came with the JOB_, sealed for its key.
+EARLY_SEAL = "early_seal"
 #: STT tasks: C{transcribe} (the default), C{translate} (to English).
 TASKS = ("transcribe", TRANSLATE)
 #: The longest text a TTS job may ask for, in characters.
@@ -204,6 +207,9 @@ class Hello:
     tasks: tuple[str, ...] = ()
     #: A producer that takes streaming jobs (§5.8).
     stream: bool = False
+    #: A sealing producer that also opens uploads sealed before its job
+    #: was assigned (§5.7).
+    earlySeal: bool = False
 
     @property
     def features(self) -> frozenset[str]:
@@ -214,6 +220,7 @@ class Hello:
             frozenset(self.tasks)
             | ({SEAL} if self.seal is not None else frozenset())
             | ({STREAM} if self.stream else frozenset())
+            | ({EARLY_SEAL} if self.earlySeal else frozenset())
         )
 
     @classmethod
@@ -243,7 +250,8 @@ class Hello:
         seal = _sealOffer(obj.get("seal")) if role == "producer" else None
         tasks = tuple(t for t in _stringList(obj, "tasks", BadRequest) if t in TASKS[1:])
         stream = role == "producer" and obj.get("stream") is True
-        return cls(role, service, key, models, languages, seal, tasks, stream)
+        earlySeal = seal is not None and obj.get(EARLY_SEAL) is True
+        return cls(role, service, key, models, languages, seal, tasks, stream, earlySeal)
 
     def payload(self) -> dict[str, Any]:
         fields: dict[str, Any] = {
@@ -261,6 +269,8 @@ class Hello:
                 fields["tasks"] = list(self.tasks)
             if self.stream:
                 fields["stream"] = True
+            if self.earlySeal:
+                fields[EARLY_SEAL] = True
         return fields
 
 
@@ -292,18 +302,20 @@ def _sealOffer(value: Any) -> dict[str, str] | None:
 
 def _jobSeal(value: Any) -> dict[str, str] | None:
     """
-    A consumer's seal for its job: its ephemeral key (privox.sealing).
+    A consumer's seal for its job: its ephemeral key (privox.sealing), and
+    C{for}, the connection key of the node its early upload is sealed for.
 
     @raise BadRequest: a malformed one.
     """
     if value is None:
         return None
-    ephemeral = value.get("ephemeral") if isinstance(value, dict) else None
-    if set(value if isinstance(value, dict) else ()) != {"ephemeral"} or not (
-        isinstance(ephemeral, str) and 0 < len(ephemeral) <= 64
+    if (
+        not isinstance(value, dict)
+        or not {"ephemeral"} <= set(value) <= {"ephemeral", "for"}
+        or not all(isinstance(v, str) and 0 < len(v) <= 64 for v in value.values())
     ):
-        raise BadRequest("seal must be an object with an ephemeral key")
-    return {"ephemeral": ephemeral}
+        raise BadRequest("seal must be an object with an ephemeral key (and the key it is for)")
+    return {k: value[k] for k in ("ephemeral", "for") if k in value}
 
 
 @dataclass(frozen=True)
@@ -402,6 +414,22 @@ class JobRequest:
         return self.seal is not None
 
     @property
+    def sealedFor(self) -> str | None:
+        """
+        The connection key of the node an early upload is sealed for
+        (§5.7), if it is.
+        """
+        return self.seal.get("for") if self.seal is not None else None
+
+    def untargeted(self) -> JobRequest:
+        """
+        This job for any sealing node: its early upload, sealed for another,
+        is not the one the node gets.
+        """
+        assert self.seal is not None
+        return replace(self, early=False, seal={"ephemeral": self.seal["ephemeral"]})
+
+    @property
     def needs(self) -> frozenset[str]:
         """
         What the producer must offer beyond the plain job.
@@ -432,6 +460,8 @@ class JobRequest:
                 raise BadRequest(str(e)) from None
         size = _count(obj, "size", BadRequest)
         seal = _jobSeal(obj.get("seal"))
+        if seal is not None and "for" in seal and obj.get("early") is not True:
+            raise BadRequest("a job sealed for a node's key carries its upload early")
         stream = obj.get("stream") is True
         if stream and (size != 0 or obj.get("early") is True):
             raise BadRequest("a streaming job's upload has no size: size must be 0, not early")

@@ -46,6 +46,9 @@ OVERHEAD = _LENGTH.size + _TAG
 UPLOAD = b"up"
 RESULT = b"down"
 _INFO = b"privox seal v1\x00"
+#: Keys for an upload sealed before the farm named the job (§5.7): no job
+#: id to salt them with, so a label of their own keeps them apart.
+_EARLY_INFO = b"privox early seal v1\x00"
 #: The most JSON a packed plaintext may start with.
 MAX_FIELDS = 64 * 1024
 
@@ -127,10 +130,17 @@ class JobKeys:
     result: bytes
 
 
-def _derive(shared: bytes, jobId: str, ephemeral: bytes, node: bytes) -> JobKeys:
-    material = HKDF(
-        SHA256(), 64, salt=jobId.encode("utf-8"), info=_INFO + ephemeral + node
-    ).derive(shared)
+def _derive(shared: bytes, jobId: str | None, ephemeral: bytes, node: bytes) -> JobKeys:
+    """
+    The job's keys; C{jobId} L{None}: sealed early, before the job had an
+    id. Either way the ephemeral key is the consumer's for this one job, and
+    a node refuses one it has seen (a farm replaying a job).
+    """
+    if jobId is None:
+        salt, info = None, _EARLY_INFO
+    else:
+        salt, info = jobId.encode("utf-8"), _INFO
+    material = HKDF(SHA256(), 64, salt=salt, info=info + ephemeral + node).derive(shared)
     return JobKeys(material[:32], material[32:])
 
 
@@ -144,8 +154,11 @@ class Ephemeral:
         self._private = X25519PrivateKey.generate()
         self.public = publicBytes(self._private.public_key())
 
-    def keys(self, jobId: str, node: X25519PublicKey) -> JobKeys:
+    def keys(self, jobId: str | None, node: X25519PublicKey) -> JobKeys:
         """
+        The job's keys with C{node}'s connection key (C{jobId} L{None}: an
+        upload sealed early, for the node named in C{JOB_}).
+
         @raise SealBroken: a node key no real node has (a low-order point).
         """
         try:
@@ -155,7 +168,7 @@ class Ephemeral:
         return _derive(shared, jobId, self.public, publicBytes(node))
 
 
-def nodeKeys(connection: X25519PrivateKey, jobId: str, ephemeral: bytes) -> JobKeys:
+def nodeKeys(connection: X25519PrivateKey, jobId: str | None, ephemeral: bytes) -> JobKeys:
     """
     The node's side of L{Ephemeral.keys}: its connection key and the
     consumer's ephemeral public key from JOB_.

@@ -88,13 +88,15 @@ class FarmHarness:
 
     def producer(
         self, service: str = "stt", models: list[str] = ["*"], languages: list[str] = [], key: str = "pk",
-        seal: dict[str, str] | None = None,
+        seal: dict[str, str] | None = None, earlySeal: bool = False,
     ) -> Peer:
         peer = self.peer(service)
         hello = {"protocol": 2, "role": "producer", "service": service,
                  "key": key, "models": models, "languages": languages}
         if seal is not None:
             hello["seal"] = seal  # its shape is all a farm checks
+        if earlySeal:
+            hello["early_seal"] = True
         peer.send(b"HELO", hello)
         [(verb, _)] = peer.messages()
         assert verb == "OKAY", verb

@@ -29,6 +29,9 @@ from tests.wer import wer
 
 NODE_CONFIG = os.path.join(REPO, "etc", "privox-node.toml")
 SENTENCE = "Please remember to water the garden before the evening storm."
+#: Spoken second, on the connection that sealed the first: its text goes
+#: sealed early, with the JOB_, for the node that spoke the first.
+AGAIN = "Thursday's meeting moved upstairs, bring the quarterly figures."
 VOICE = "piper:en_US-joe-medium"
 
 
@@ -159,10 +162,15 @@ class BlindFarmTests(ProcessTestCase):
         transcript = (await response.content()).decode()
         self.assertEqual(response.code, 200, transcript)
         self.assertLessEqual(wer(SENTENCE, transcript), 0.25, transcript)
+        response = await http.post(url + "/tts", data={"key": userKey, "text": AGAIN, "voice": "voice1"})
+        again = await response.content()
+        self.assertEqual(response.code, 200, again[:200])
 
         recorded = tap.bytes()
         self.assertGreater(len(recorded), len(spoken))  # the audio went through, twice
-        secrets = spellings(SENTENCE) + spellings(transcript) + slices(pcm(spoken))
+        self.assertIn(b'"for":"', recorded)  # the second text went sealed early
+        secrets = (spellings(SENTENCE) + spellings(transcript) + slices(pcm(spoken))
+                   + spellings(AGAIN) + slices(pcm(again)))
         self.assertGreater(len(secrets), 30)
         leaked = [s for s in secrets if s in recorded]
         self.assertEqual(leaked, [])

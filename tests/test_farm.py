@@ -5,12 +5,15 @@ privacy and shutdown.
 """
 
 import json
+from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 
 from privox.farm.farm import BLOCKING_AT_ONCE
+from privox.framing import encodeFrame
 from privox.keys import AllowListPolicy
+from privox.messages import controlFrame
 from tests.farmharness import FarmHarness, ManualPolicy
 
 STT_JOB = {"model": "whisper:tiny.en", "language": "en", "format": "wav", "size": 10}
@@ -705,6 +708,166 @@ class EarlyUploadTests(SynchronousTestCase):
         [(verb, body)] = consumer.messages()
         self.assertEqual((verb, body["error"]), ("FAIL", "protocol"))
         self.assertIn("early_upload", body["message"])
+
+
+def offer(key: str) -> dict[str, str]:
+    # Its shape is all a farm checks; consumers check the rest.
+    return {"certificate": "c", "key": key, "signature": "s"}
+
+
+class EarlySealTests(SynchronousTestCase):
+    """
+    A sealed job whose small upload comes with its JOB_, sealed for the node
+    the consumer names (docs/protocol.rst §5.7): that node takes it if it is
+    idle; otherwise any node does, and the upload comes again after ASGN.
+    """
+
+    def setUp(self) -> None:
+        self.h = FarmHarness(max_frame=4096, max_job_bytes=100_000, queue_timeout=5,
+                             early_upload=1000)
+
+    def node(self, key: str, early: bool = True) -> Any:
+        return self.h.producer(key="pk-" + key, seal=offer(key), earlySeal=early)
+
+    def sealedJob(self, upload: bytes, node: str | None = "A", **job: Any) -> bytes:
+        seal = {"ephemeral": "E"} | ({"for": node} if node is not None else {})
+        fields = dict(STT_JOB, size=len(upload), early=True, seal=seal, **job)
+        return (
+            controlFrame(b"JOB_", fields)
+            + encodeFrame(b"DATA", upload[:3])
+            + encodeFrame(b"DATA", upload[3:])
+        )
+
+    def test_theNodeItIsSealedFor(self) -> None:
+        """
+        The named node is idle: it gets the job, naming its key, and the
+        upload that came with it (in one piece or a byte at a time); ASGN
+        says the node takes early seals.
+        """
+        for whole in (True, False):
+            self.setUp()
+            b, a = self.node("B"), self.node("A")  # B is idle longest
+            consumer = self.h.consumer()
+            wire = self.sealedJob(b"0123456789")
+            for piece in [wire] if whole else [bytes([x]) for x in wire]:
+                consumer.raw(piece)
+            [(verb, asgn)] = consumer.messages()
+            self.assertEqual(verb, "ASGN")
+            self.assertEqual(asgn["seal"]["key"], "A")
+            self.assertIs(asgn["early_seal"], True)
+            self.assertEqual(b.messages(), [])
+            [(verb, job), *data] = a.messages()
+            self.assertEqual((verb, job["seal"]), ("JOB_", {"ephemeral": "E", "for": "A"}))
+            self.assertEqual(b"".join(body for _, body in data), b"0123456789")
+            a.send(b"RSLT", {"id": asgn["id"], "sealed": True})
+            self.assertEqual([v for v, _ in consumer.messages()], ["RSLT"])
+
+    def test_busyNode(self) -> None:
+        """
+        The named node is busy: another takes the job, without the key it
+        was sealed for, and without that upload, which the farm drops (a
+        byte at a time too); the upload sealed again after ASGN is the one
+        it gets.
+        """
+        for whole in (True, False):
+            self.setUp()
+            a, b = self.node("A"), self.node("B")
+            first = self.h.consumer()
+            first.send(b"JOB_", dict(STT_JOB, size=1))  # A, idle longest
+            self.assertEqual([v for v, _ in a.messages()], ["JOB_"])
+            consumer = self.h.consumer()
+            wire = self.sealedJob(b"sealed-for-A")
+            for piece in [wire] if whole else [bytes([x]) for x in wire]:
+                consumer.raw(piece)
+            [(verb, asgn)] = consumer.messages()
+            self.assertEqual((verb, asgn["seal"]["key"]), ("ASGN", "B"))
+            [(verb, job)] = b.messages()
+            self.assertEqual((verb, job["seal"], job["size"]), ("JOB_", {"ephemeral": "E"}, 12))
+            again = encodeFrame(b"DATA", b"sealed-for-B")
+            for piece in [again] if whole else [bytes([x]) for x in again]:
+                consumer.raw(piece)
+            self.assertEqual(b"".join(body for _, body in b.messages()), b"sealed-for-B")
+            self.assertFalse(consumer.closed)
+            b.send(b"RSLT", {"id": asgn["id"], "sealed": True})
+            self.assertEqual([v for v, _ in consumer.messages()], ["RSLT"])
+            self.assertEqual(a.messages(), [])
+
+    def test_queuedWhileNodeBusy(self) -> None:
+        """
+        No node is free: the job waits for any, its early upload dropped as
+        it comes, and the one that takes it gets only the upload sent after
+        ASGN.
+        """
+        a = self.node("A")
+        busy = self.h.consumer()
+        busy.send(b"JOB_", dict(STT_JOB, size=1))
+        [(_, first)] = busy.messages()
+        consumer = self.h.consumer()
+        consumer.raw(self.sealedJob(b"sealed-for-A"))
+        [job] = [j for j in self.h.farm.jobs if j.consumer is consumer.protocol.session]
+        self.assertEqual(job._early, [])
+        busy.data(b"x")
+        a.messages()
+        a.send(b"RSLT", {"id": first["id"], "text": "first"})
+        [(verb, asgn)] = consumer.messages()
+        self.assertEqual(verb, "ASGN")
+        self.assertEqual(a.messages(), [("JOB_", {
+            "id": asgn["id"], "model": "whisper:tiny.en", "language": "en", "size": 12,
+            "format": "wav", "seal": {"ephemeral": "E"}, "timeout_s": 60.0,
+        })])
+        consumer.data(b"sealed-again")
+        self.assertEqual(a.messages(), [("DATA", b"sealed-again")])
+
+    def test_notEveryNode(self) -> None:
+        """
+        No early seal for a node that did not say it opens them, one that
+        is gone, or a key two connections offer (one copied the other's):
+        the job goes to the node idle longest and its upload comes again.
+        """
+        for target, nodes in [("old", [("old", False)]), ("C", [("C", True), ("B", True)]),
+                              ("A", [("A", True), ("A", True)])]:
+            self.setUp()
+            peers = [self.node(key, early) for key, early in nodes]
+            if target == "C":
+                peers.pop(0).lose()
+            consumer = self.h.consumer()
+            consumer.raw(self.sealedJob(b"0123456789", node=target))
+            [(verb, asgn)] = consumer.messages()
+            self.assertEqual(verb, "ASGN")
+            self.assertEqual(asgn["seal"]["key"], nodes[-len(peers)][0])
+            [(verb, job)] = peers[0].messages()
+            self.assertEqual((verb, job["seal"]), ("JOB_", {"ephemeral": "E"}), target)
+            consumer.data(b"9876543210")
+            self.assertEqual(peers[0].messages(), [("DATA", b"9876543210")])
+            peers[0].send(b"RSLT", {"id": asgn["id"], "sealed": True})
+            self.assertEqual([v for v, _ in consumer.messages()], ["RSLT"])
+        peers[1].lose()
+        self.assertEqual(list(self.h.farm._sealKeys), [("stt", "A")])
+        peers[0].lose()
+        self.assertEqual(self.h.farm._sealKeys, {})
+
+    def test_sealedForNeedsEarly(self) -> None:
+        self.node("A")
+        consumer = self.h.consumer()
+        consumer.send(b"JOB_", dict(STT_JOB, seal={"ephemeral": "E", "for": "A"}))
+        [(verb, body)] = consumer.messages()
+        self.assertEqual((verb, body["error"]), ("FAIL", "bad_request"))
+        self.assertIn("early", body["message"])
+
+    def test_nextJobOnlyAfterBoth(self) -> None:
+        """
+        A JOB_ before the dropped upload has all come is a protocol error,
+        as before any upload it owes.
+        """
+        self.node("A")
+        self.node("B")
+        busy = self.h.consumer()
+        busy.send(b"JOB_", dict(STT_JOB, size=1))  # A
+        consumer = self.h.consumer()
+        consumer.raw(self.sealedJob(b"0123456789")[:-3])
+        consumer.send(b"JOB_", STT_JOB)
+        self.assertEqual(consumer.messages()[-1][1]["error"], "protocol")
+        self.assertTrue(consumer.closed)
 
 
 class LivenessTests(SynchronousTestCase):

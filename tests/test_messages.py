@@ -75,6 +75,22 @@ class HelloTests(SynchronousTestCase):
         self.assertEqual(hello, Hello("producer", "stt", "k", ("whisper:tiny.en",), ("en",)))
         self.assertEqual(Hello.parse(hello.payload()), hello)
 
+    def test_earlySeal(self) -> None:
+        """
+        A sealing producer may say it opens uploads sealed early (§5.7): a
+        feature jobs can need; without a seal offer, the flag means nothing.
+        """
+        seal = {"certificate": "c", "key": "K", "signature": "s"}
+        hello = Hello.parse(obj(protocol=2, role="producer", service="stt", key="", models=["m"],
+                                seal=seal, early_seal=True))
+        self.assertTrue(hello.earlySeal)
+        self.assertEqual(hello.features, frozenset({"seal", "early_seal"}))
+        self.assertEqual(Hello.parse(hello.payload()), hello)
+        bare = Hello.parse(obj(protocol=2, role="producer", service="stt", key="k", models=["m"],
+                               early_seal=True))
+        self.assertEqual((bare.earlySeal, bare.features), (False, frozenset()))
+        self.assertNotIn("early_seal", bare.payload())
+
     def test_languagesAsCodes(self) -> None:
         """
         A producer's languages become the codes jobs carry, each once; one
@@ -169,6 +185,7 @@ class JobRequestTests(SynchronousTestCase):
             "stt", obj(model="m", size=9, words=True, seal={"ephemeral": "k"})
         )
         self.assertIs(sealed.payload("j")["words"], True)
+        self.assertIsNone(sealed.sealedFor)
         for fields in (obj(model="m", size=1), obj(model="m", size=1, words=False),
                        obj(model="m", size=1, words=None)):
             request = JobRequest.parse("stt", fields)
@@ -249,6 +266,33 @@ class JobRequestTests(SynchronousTestCase):
         for service, fields in cases:
             e = self.assertRaises(BadRequest, JobRequest.parse, service, fields)
             self.assertEqual(e.code, ErrorCode.BAD_REQUEST, (service, fields))
+
+
+class SealedForTests(SynchronousTestCase):
+    def test_sealedFor(self) -> None:
+        """
+        A job whose early upload is sealed for one node's key names it; the
+        farm forwards it so, or, untargeted, to any node and not early.
+        """
+        request = JobRequest.parse("stt", obj(model="m", size=9, early=True,
+                                              seal={"ephemeral": "E", "for": "K"}))
+        self.assertEqual((request.sealedFor, request.early), ("K", True))
+        self.assertEqual(request.payload("j")["seal"], {"ephemeral": "E", "for": "K"})
+        self.assertEqual(request.needs, frozenset({"seal"}))
+        other = request.untargeted()
+        self.assertEqual((other.sealedFor, other.early, other.seal), (None, False, {"ephemeral": "E"}))
+        self.assertEqual(request.payload()["early"], True)
+        self.assertNotIn("early", other.payload())
+        self.assertEqual(other.payload()["seal"], {"ephemeral": "E"})
+
+    def test_malformed(self) -> None:
+        for seal, early in [({"ephemeral": "E", "for": "K"}, None), ({"ephemeral": "E", "for": 5}, True),
+                            ({"ephemeral": "E", "for": ""}, True), ({"for": "K"}, True),
+                            ({"ephemeral": "E", "for": "K", "x": "y"}, True),
+                            ({"ephemeral": "E", "for": "K" * 65}, True)]:
+            with self.assertRaises(BadRequest, msg=seal) as caught:
+                JobRequest.parse("stt", obj(model="m", size=9, early=early, seal=seal))
+            self.assertIn("seal" if early else "early", caught.exception.message)
 
 
 class OkayAndResultTests(SynchronousTestCase):

@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import clientFromString, connectProtocol
 from twisted.trial.unittest import TestCase
 
 from privox.api.farmlist import FarmEntry
@@ -24,7 +25,7 @@ from privox.identity import Certificate, ConnectionOffer, publicBytes
 from privox.node.echo import DigestHandler
 from privox.node.pool import EnginePool
 from privox.sealing import OFF, PREFERRED, REQUIRED, SealPolicy
-from tests.loopbackfarm import LoopbackFarm
+from tests.loopbackfarm import LoopbackFarm, StallingUpload
 from tests.support import until
 
 STT = "whisper:tiny.en"
@@ -287,3 +288,87 @@ class SealedJobTests(OnLoopback, TestCase):
             await consumer.stt(STT, b"secret audio", language="en", seal=exchange.policy())
         self.assertEqual(caught.exception.code, "seal_broken")
         self.assertEqual(handler.jobs, [])  # no engine ever saw it
+
+
+class EarlySealTests(OnLoopback, TestCase):
+    """
+    A connection's next small sealed job goes with its upload sealed for the
+    node that answered the last one (docs/protocol.rst §5.7): no round trip
+    to learn the node, when that node is free; when it is not, the upload is
+    sealed again for the node the farm assigns.
+    """
+
+    def recordSubmits(self, farm: LoopbackFarm) -> list:
+        seen: list = []
+        submit = farm.farm.submit
+        farm.farm.submit = lambda consumer, request: (seen.append(request), submit(consumer, request))[1]
+        return seen
+
+    async def test_nextJobGoesEarly(self) -> None:
+        exchange = Exchange()
+        farm = await self.farm()
+        seen = self.recordSubmits(farm)
+        handler = RecordingHandler((STT,), ("en",))
+        node = await farm.producer("stt", handler, exchange.node())
+        consumer = await self.consumer(farm, "stt")
+        audios = [random.Random(i).randbytes(20_000) for i in range(3)]
+        for audio in audios:
+            result = await consumer.stt(STT, audio, language="en", seal=exchange.policy())
+            self.assertEqual(result.text, f"sha256:{digestOf(audio)} bytes:{len(audio)}")
+        key = node._offeredKey
+        self.assertEqual([(r.early, r.sealedFor) for r in seen],
+                         [(False, None), (True, key), (True, key)])
+        self.assertEqual([job["seal"].get("for") for job in handler.jobs], [None, key, key])
+        # Too large to go early: sealed after ASGN, as before.
+        large = random.Random(4).randbytes(100_000)
+        result = await consumer.stt(STT, large, language="en", seal=exchange.policy())
+        self.assertEqual(result.text, f"sha256:{digestOf(large)} bytes:{len(large)}")
+        self.assertEqual((seen[-1].early, seen[-1].sealedFor), (False, None))
+
+    async def test_ttsTextGoesEarly(self) -> None:
+        exchange = Exchange()
+        farm = await self.farm()
+        seen = self.recordSubmits(farm)
+        handler = RecordingHandler((TTS,), ("en",))
+        await farm.producer("tts", handler, exchange.node())
+        consumer = await self.consumer(farm, "tts")
+        for text in ("First, sealed after ASGN.", "Then sealed with the JOB_: Grüße."):
+            result = await consumer.tts(TTS, text, language="en", seal=exchange.policy())
+            self.assertEqual(result.data, toneFor(text))
+        self.assertEqual([r.early for r in seen], [False, True])
+        self.assertEqual([job["text"] for job in handler.jobs],
+                         ["First, sealed after ASGN.", "Then sealed with the JOB_: Grüße."])
+
+    async def test_busyNodeSealedAgain(self) -> None:
+        """
+        The node the upload was sealed for is busy: the farm gives the job
+        to another, which gets the upload sealed again for it; the one
+        sealed for the busy node reaches no node.
+        """
+        exchange = Exchange()
+        farm = await self.farm()
+        seen = self.recordSubmits(farm)
+        first = RecordingHandler((STT,), ("en",))
+        await farm.producer("stt", first, exchange.node())
+        consumer = await self.consumer(farm, "stt")
+        await consumer.stt(STT, b"one", language="en", seal=exchange.policy())
+        second = RecordingHandler((STT,), ("en",))
+        await farm.producer("stt", second, exchange.node())
+        # The first node, idle longest, takes a job that stalls mid-upload.
+        stalled = StallingUpload("stt")
+        await connectProtocol(clientFromString(reactor, farm.endpoint("stt")), stalled)
+        await stalled.ready
+        self.addCleanup(stalled.transport.loseConnection)
+        stalled.stt(STT, b"x" * 100_000).addErrback(lambda f: None)  # not early
+        await stalled.assigned
+        result = await consumer.stt(STT, b"two", language="en", seal=exchange.policy())
+        self.assertEqual(result.text, f"sha256:{digestOf(b'two')} bytes:3")
+        self.assertTrue(seen[-1].early)
+        self.assertEqual([job["size"] for job in second.jobs], [3])
+        self.assertNotIn("for", second.jobs[0]["seal"])
+        # The first node: the first job and the stalled one, nothing else.
+        self.assertEqual([job["size"] for job in first.jobs], [3, 100_000])
+        # The next job goes early again: for the node that answered this one.
+        result = await consumer.stt(STT, b"three", language="en", seal=exchange.policy())
+        self.assertEqual(result.text, f"sha256:{digestOf(b'three')} bytes:5")
+        self.assertEqual(second.jobs[-1]["seal"].get("for"), seen[-1].sealedFor)

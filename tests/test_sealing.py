@@ -156,6 +156,24 @@ class SealingTests(SynchronousTestCase):
         with self.assertRaises(SealBroken):
             openAll(nodeKeys(node, "job-two", first.public).upload, UPLOAD, sealed)
 
+    def test_sealedEarly(self) -> None:
+        """
+        Sealed before the job had an id (for the node named in JOB_): both
+        sides agree, and the keys are not those of any job id, the empty
+        one included, with the same two keys.
+        """
+        node = X25519PrivateKey.generate()
+        ephemeral = Ephemeral()
+        early = ephemeral.keys(None, node.public_key())
+        self.assertEqual(nodeKeys(node, None, ephemeral.public), early)
+        sealed = sealBytes(early.upload, UPLOAD, b"transcribe me")
+        self.assertEqual(openAll(early.upload, UPLOAD, sealed), b"transcribe me")
+        for jobId in ("", "0123456789abcdef"):
+            keys = nodeKeys(node, jobId, ephemeral.public)
+            self.assertNotEqual(keys, early)
+            with self.assertRaises(SealBroken):
+                openAll(keys.upload, UPLOAD, sealed)
+
     def test_directionsDiffer(self) -> None:
         keys, _ = keysFor()
         sealed = sealBytes(keys.upload, UPLOAD, b"x")

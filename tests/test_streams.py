@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import random
 
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
@@ -25,7 +26,9 @@ from privox.framing import FrameDecoder, encodeFrame
 from privox.identity import decodeKey, encodeKey
 from privox.messages import controlFrame
 from privox.node.worker import ProducerProtocol
-from privox.sealing import RESULT, Ephemeral, StreamSealer, nodeKeys, packed
+from privox.sealing import (
+    RESULT, UPLOAD, Ephemeral, Opener, StreamSealer, nodeKeys, packed, seal, unpack,
+)
 from privox.engines.digest import digestOf, toneFor
 from privox.messages import JobRequest
 from privox.node.echo import DigestHandler
@@ -643,6 +646,41 @@ class ReviewedTests(TestCase):
         for _ in range(3):
             producer.send(b"PART", {"id": jobId, "text": "x" * 5000, "final": False})
         self.assertTrue(producer.closed)
+
+    def test_sealedEarly(self) -> None:
+        """
+        A JOB_ whose upload was sealed for this node before the job had an
+        id opens with the keys of no id; one sealed for another node's key
+        is refused unopened, and so is the same job again.
+        """
+        exchange = Exchange()
+        node = ProducerProtocol("stt", "pk", DigestHandler((STT,)), exchange.node())
+        transport = StringTransport()
+        node.makeConnection(transport)
+        node.dataReceived(b"who" + controlFrame(b"OKAY", OKAY))
+        [helo] = FrameDecoder().feed(transport.value())
+        hello = json.loads(helo.payload)
+        self.assertIs(hello["early_seal"], True)
+        mine = hello["seal"]["key"]
+        ephemeral = Ephemeral()
+        keys = ephemeral.keys(None, X25519PublicKey.from_public_bytes(decodeKey(mine)))
+        upload = b"".join(seal(keys.upload, UPLOAD, packed({}), b"audio"))
+        job = {"model": STT, "language": None, "size": len(upload), "format": "auto",
+               "seal": {"ephemeral": encodeKey(ephemeral.public), "for": mine}}
+        for target, jobId in (("someone-else", "a" * 16), (mine, "b" * 16), (mine, "c" * 16)):
+            transport.clear()
+            node.dataReceived(controlFrame(b"JOB_", dict(job, id=jobId, seal=dict(job["seal"], **{"for": target})))
+                              + encodeFrame(b"DATA", upload))
+            frames = FrameDecoder().feed(transport.value())
+            if jobId == "b" * 16:
+                rslt, data = frames
+                self.assertEqual(json.loads(rslt.payload)["sealed"], True)
+                opener = Opener(keys.result, RESULT, len(data.payload))
+                fields, _ = unpack(b"".join(opener.feed(data.payload)))
+                self.assertEqual(fields["text"], f"sha256:{digestOf(b'audio')} bytes:5")
+                continue
+            [fail] = frames
+            self.assertEqual((fail.verb, json.loads(fail.payload)["error"]), (b"FAIL", "seal_broken"))
 
     def test_sealedJobReplayed(self) -> None:
         """

@@ -188,6 +188,20 @@ class Dispatcher:
             self._unidle(producer)
         return producer
 
+    def takeThis(
+        self, producer: Hashable, model: str, language: str | None, needs: frozenset[str]
+    ) -> bool:
+        """
+        Whether C{producer} is idle and takes such a job; it is then busy.
+        """
+        capability = self._capabilities.get(producer)
+        if producer not in self._idleSince or capability is None:
+            return False
+        if not capability.serves(model, language, needs):
+            return False
+        self._unidle(producer)
+        return True
+
     def enqueue(
         self,
         job: Hashable,

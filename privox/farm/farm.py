@@ -26,7 +26,7 @@ from privox.framing import HEADER_LEN
 from privox.keys import KeyPolicy
 from privox.logs import logFigures
 from privox.messages import (
-    RESERVED_MODELS, SERVICES, BadRequest, ErrorCode, JobRequest, Okay, StreamLimits,
+    EARLY_SEAL, RESERVED_MODELS, SERVICES, BadRequest, ErrorCode, JobRequest, Okay, StreamLimits,
     controlFrame,
 )
 from privox.timers import Timers
@@ -41,6 +41,9 @@ log = Logger()
 class Counters:
     jobs: int = 0
     succeeded: int = 0
+
+
+_EARLY_SEAL = frozenset({EARLY_SEAL})
 
 
 class Producer(ProducerSide, Protocol):
@@ -131,6 +134,9 @@ class Farm:
         self.splicer = splicer
         #: Keyed once: a copy of it is cheaper than keying a hash per job.
         self._idHash = blake2b(key=secrets.token_bytes(32), digest_size=8)
+        #: (service, connection key) -> the producers that offered it and
+        #: open uploads sealed early for it (one, unless an offer was copied).
+        self._sealKeys: dict[tuple[str, str], list[Producer]] = {}
         self._jobs = 0
         #: While the reads of one turn of the reactor are handled,
         #: connections' writes wait (L{privox.farm.connection.FarmConnection.write})
@@ -211,6 +217,8 @@ class Farm:
     # Producers
 
     def producerJoined(self, producer: Producer) -> None:
+        if producer.sealKey is not None:
+            self._sealKeys.setdefault((producer.service, producer.sealKey), []).append(producer)
         dispatcher = self.dispatchers[producer.service]
         self._assignOrIdle(
             producer, dispatcher.addProducer(producer, producer.capability, self.clock.seconds())
@@ -228,6 +236,27 @@ class Farm:
 
     def producerLeft(self, producer: Producer) -> None:
         self.dispatchers[producer.service].removeProducer(producer)
+        if producer.sealKey is not None:
+            key = (producer.service, producer.sealKey)
+            holders = self._sealKeys[key]
+            holders.remove(producer)
+            if not holders:
+                del self._sealKeys[key]
+
+    def _sealedFor(self, request: JobRequest) -> Producer | None:
+        """
+        The producer an early upload is sealed for, if it is idle, takes the
+        job and opens such uploads: it is then busy with it. A key that two
+        connections offer (one copied the other's offer) names neither.
+        """
+        holders = self._sealKeys.get((request.service, request.sealedFor or ""))
+        if holders is None or len(holders) != 1:
+            return None
+        producer = holders[0]
+        taken = self.dispatchers[request.service].takeThis(
+            producer, request.model, request.language, request.needs | _EARLY_SEAL
+        )
+        return producer if taken else None
 
     # Jobs
 
@@ -262,10 +291,19 @@ class Farm:
                 f"JOB_ does not fit in max_frame {s.max_frame} once forwarded",
                 ErrorCode.TOO_LARGE,
             )
+        producer = None
+        if request.sealedFor is not None:
+            producer = self._sealedFor(request)
+            if producer is None:
+                # Its upload is sealed for a node that is busy or gone: any
+                # node takes it, and the upload comes again after ASGN.
+                request = request.untargeted()
+                work = controlFrame(b"JOB_", dict(request.payload(jobId), timeout_s=timeout))
         dispatcher = self.dispatchers[request.service]
         needs = request.needs
         # An idle producer that takes it can serve it: no other check then.
-        producer = dispatcher.take(request.model, request.language, needs)
+        if producer is None:
+            producer = dispatcher.take(request.model, request.language, needs)
         if producer is None and not dispatcher.canServe(request.model, request.language, needs):
             raise _noProducer(request)
         job = newJob(self, jobId, request, consumer, timeout, work)

@@ -90,6 +90,8 @@ class ConsumerSide(_Side, Protocol):
 class ProducerSide(_Side, Protocol):
     #: Its seal offer as JSON, if it can seal (privox.messages.Hello.seal).
     sealOffer: bytes | None
+    #: Its connection key, if it opens uploads sealed for it early.
+    sealKey: str | None
 
     def startJob(self, job: Job, upload: bytes) -> None:
         "Send the job, with the part of its upload that came early."

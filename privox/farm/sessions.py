@@ -73,6 +73,9 @@ class Session:
     #: A producer's seal offer as JSON, for the ASGN of its sealed jobs
     #: (L{privox.messages.Hello.seal}); L{None}: it cannot seal.
     sealOffer: bytes | None = None
+    #: Its connection key as the offer gives it, if it also opens uploads
+    #: sealed early for that key (§5.7): what a consumer's C{JOB_} names.
+    sealKey: str | None = None
 
     def __init__(self, connection: Connection, keyId: str, accountId: str | None = None) -> None:
         self.connection = connection
@@ -132,6 +135,9 @@ class ConsumerSession(Session):
     def __init__(self, connection: Connection, keyId: str, accountId: str | None = None) -> None:
         super().__init__(connection, keyId, accountId)
         self._uploadRemaining = 0
+        #: An early upload the job does not carry (sealed for a node that
+        #: did not take it, §5.7): owed all the same, and dropped as it comes.
+        self._discarding = 0
         #: A stream's upload is owed until its empty DATA (§5.8), counted
         #: against max_job_bytes.
         self._streaming = False
@@ -148,7 +154,7 @@ class ConsumerSession(Session):
             raise ProtocolViolation(f"a consumer may not send {frame.verb.decode()}")
 
     def _jobReceived(self, fields: dict[str, Any]) -> None:
-        if self.job is not None or self._uploadRemaining or self._streaming:
+        if self.job is not None or self._uploadRemaining or self._discarding or self._streaming:
             raise ProtocolViolation("JOB_ sent before the previous job ended")
         farm = self.connection.farm
         # A small upload may follow JOB_ at once. It is owed from now on,
@@ -165,6 +171,12 @@ class ConsumerSession(Session):
         if self._streaming:
             self._streamReceived(payload)
             return
+        if self._discarding:
+            dropped = min(len(payload), self._discarding)
+            self._discarding -= dropped
+            if dropped == len(payload):
+                return
+            payload = payload[dropped:]
         if not self._uploadRemaining or len(payload) > self._uploadRemaining:
             raise ProtocolViolation("DATA beyond the size announced in JOB_")
         self._uploadRemaining -= len(payload)
@@ -196,6 +208,10 @@ class ConsumerSession(Session):
 
     def jobSubmitted(self, job: Job) -> None:
         self.job = job
+        if self._uploadRemaining and not job.request.early:
+            # Sealed for a node that was not free: the upload comes again,
+            # sealed for the node ASGN names.
+            self._discarding, self._uploadRemaining = self._uploadRemaining, 0
 
     def jobAssigned(self, job: Job) -> None:
         self.job = job
@@ -207,7 +223,12 @@ class ConsumerSession(Session):
         if job.request.sealed:
             # The producer's offer, for the consumer to check and seal to.
             assert job.producer is not None and job.producer.sealOffer is not None
-            body = b'{"id":"%s","seal":%s}' % (job.id.encode(), job.producer.sealOffer)
+            body = b'{"id":"%s","seal":%s%s}' % (
+                job.id.encode(),
+                job.producer.sealOffer,
+                # It opens uploads sealed for it early: the next job may be.
+                b',"early_seal":true' if job.producer.sealKey is not None else b"",
+            )
             self.connection.write(b"ASGN%08d" % len(body), body)
         else:
             self.connection.write(b'ASGN%08d{"id":"%s"}' % (len(job.id) + 9, job.id.encode()))
@@ -223,7 +244,7 @@ class ConsumerSession(Session):
             self.job.events.consumerLost()
 
     def relaySink(self) -> Any:
-        if self.job is None or not self._uploadRemaining:
+        if self.job is None or not self._uploadRemaining or self._discarding:
             return None
         return self.job.uploadSink
 
@@ -247,6 +268,8 @@ class ProducerSession(Session):
         self.capability = Capability.of(hello.models, hello.languages, hello.features)
         if hello.seal is not None:
             self.sealOffer = json.dumps(hello.seal, separators=(",", ":")).encode()
+            if hello.earlySeal:
+                self.sealKey = hello.seal["key"]
         self._resultRemaining = 0
         #: Why it closes once its job ends (L{retire}), if it does.
         self._retiring: tuple[str, str] | None = None

@@ -300,14 +300,18 @@ class ProducerProtocol(PeerProtocol):
         else:
             offered = sealer.offer() if sealer is not None else None
         self._connectionKey: X25519PrivateKey | None = None
+        #: The connection key as the offer gives it (what C{JOB_} names).
+        self._offeredKey: str | None = None
         seal = None
         if offered is not None:
             self._connectionKey, offer = offered
             seal = offer.fields()
+            self._offeredKey = seal["key"]
         super().__init__(
             Hello(
                 "producer", service, key, tuple(handler.models), tuple(handler.languages), seal,
                 tuple(getattr(handler, "tasks", ())), bool(getattr(handler, "streams", False)),
+                earlySeal=seal is not None,
             )
         )
         self.handler = handler
@@ -414,9 +418,16 @@ class ProducerProtocol(PeerProtocol):
         if self._connectionKey is None:
             raise Unsealed("this node offered no seal")
         seal = fields["seal"]
+        if not isinstance(seal, dict):
+            raise Unsealed("the job's seal is not an object")
+        sealedFor = seal.get("for")
+        if sealedFor is not None and sealedFor != self._offeredKey:
+            # The farm gave us an upload sealed for another node.
+            raise Unsealed("the job's upload is sealed for another node")
         try:
-            ephemeral = decodeKey(seal.get("ephemeral") if isinstance(seal, dict) else None)
-            keys = nodeKeys(self._connectionKey, jobId, ephemeral)
+            ephemeral = decodeKey(seal.get("ephemeral"))
+            # Sealed early (for us, before the job had an id): no id in them.
+            keys = nodeKeys(self._connectionKey, None if sealedFor else jobId, ephemeral)
         except (IdentityError, SealBroken) as e:
             raise Unsealed(f"the job's seal: {e}") from None
         # The same job sealed again (a farm replaying it) would be answered

@@ -151,9 +151,10 @@ async def runProducers(reactor: Any, args: argparse.Namespace, endpoint: str) ->
 
     class CountingHandler(DigestHandler):
         # Which jobs came sealed: the JOB_ of a sealed job names the
-        # consumer's ephemeral key.
+        # consumer's ephemeral key, and ours if it came sealed early.
         def start(self, job: dict[str, Any]) -> Any:
             seen["sealed" if "seal" in job else "clear"] += 1
+            seen["early"] += "for" in job.get("seal", {})
             return super().start(job)
 
     sealer = None
@@ -450,6 +451,7 @@ def measure(children: Children, args: argparse.Namespace, exchange: Exchange, po
     # Every job a producer ran: sealed ones in the sealed window, none else.
     run.cpu["sealedJobs"] = float(seen["sealed"])
     run.cpu["clearJobs"] = float(seen["clear"])
+    run.cpu["earlyJobs"] = float(seen["early"])
     return run
 
 
@@ -724,12 +726,13 @@ def report(args: argparse.Namespace, runs: dict[tuple[str, str], list[Run]],
     small = f"{args.small_bytes / KB:g} KiB"
     large = f"{args.large_bytes / MB:g} MB"
     ok = True
-    verified = mismatched = sealedJobs = 0
+    verified = mismatched = sealedJobs = earlyJobs = 0
     for (size, mode), rs in runs.items():
         for r in rs:
             verified += r.verified
             mismatched += r.mismatched
             sealedJobs += int(r.cpu["sealedJobs"])
+            earlyJobs += int(r.cpu["earlyJobs"])
             # Sealed windows: every job a producer ran came sealed; clear
             # windows: none did.
             wrong = r.cpu["clearJobs"] if mode == "sealed" else r.cpu["sealedJobs"]
@@ -869,7 +872,8 @@ def report(args: argparse.Namespace, runs: dict[tuple[str, str], list[Run]],
         lines.append(f"digests verified: {verified} results matched their input, {mismatched} "
                      f"mixed up ({small}: sha256; {large}: {args.large_check}). The sealed windows "
                      f"ran with e2e required: the producers ran {sealedJobs} jobs sealed, none in "
-                     f"the clear (and none sealed in the clear windows).")
+                     f"the clear (and none sealed in the clear windows); {earlyJobs} of them "
+                     f"came sealed early, with their JOB_ (docs/protocol.rst §5.7).")
     targets = []
 
     def verdict(held: bool) -> str:

@@ -175,6 +175,11 @@ def _withoutContent(request: JobRequest, sealing: _Sealing) -> JobRequest:
 
 #: How many models' last nodes a connection remembers to seal early for.
 MAX_EARLY_NODES = 16
+#: After an upload sealed early that the farm dropped (its node was busy),
+#: a connection's next jobs wait for ASGN: 1, then 2, 4... up to this many
+#: after misses in a row. A busy exchange then does not carry small
+#: uploads twice; one taken early starts over.
+MAX_EARLY_PAUSE = 32
 
 
 class _Pending:
@@ -261,6 +266,9 @@ class ConsumerProtocol(PeerProtocol):
         #: next such job's small upload goes sealed for it with the JOB_
         #: (§5.7), and the farm gives it that node if it is free.
         self._earlyNodes: OrderedDict[str, Any] = OrderedDict()
+        #: Misses in a row, and how many jobs are still not sealed early.
+        self._earlyMisses = 0
+        self._earlyPause = 0
 
     @property
     def busy(self) -> bool:
@@ -318,6 +326,9 @@ class ConsumerProtocol(PeerProtocol):
         """
         offer = self._earlyNodes.get(model)
         if offer is None or self.okay is None or size > self.okay.early_upload:
+            return []
+        if self._earlyPause:
+            self._earlyPause -= 1
             return []
         try:
             nodeKey = sealing.policy.nodeKey(offer, self._clock.seconds())
@@ -561,8 +572,7 @@ class ConsumerProtocol(PeerProtocol):
             if pending.request.stream:
                 self._streamAssigned(pending, fields.get("seal"))
             elif pending.sealing is not None:
-                self._sealFor(pending, pending.sealing, fields.get("seal"),
-                              fields.get("early_seal") is True)
+                self._sealFor(pending, pending.sealing, fields)
             # The whole upload goes now; the farm discards it if the job fails.
             elif pending.body and not pending.request.early:
                 self.sendData(pending.body)
@@ -586,17 +596,28 @@ class ConsumerProtocol(PeerProtocol):
         else:
             raise ProtocolViolation(f"unexpected {frame.verb.decode()}")
 
-    def _sealFor(self, pending: _Pending, sealing: _Sealing, offer: Any, early: bool) -> None:
+    def _sealFor(self, pending: _Pending, sealing: _Sealing, asgn: dict[str, Any]) -> None:
         """
-        The node is assigned: check that the exchange vouches for it, then
-        send the content sealed to it, unless it went early, sealed for this
-        node; else give the job up on this farm. A node that opens uploads
-        sealed early is remembered for the next job of this model.
+        The node is assigned (C{asgn}): check that the exchange vouches for
+        it, then send the content sealed to it, unless the farm says the
+        upload sealed early for this node went with the job; else give the
+        job up on this farm. A node that opens uploads sealed early is
+        remembered for the next job of this model.
         """
-        target = sealing.target
+        offer = asgn.get("seal")
+        # Kept only for the node it was sealed for, and only if the farm
+        # forwarded it: one dropped (that node was busy) is sealed again,
+        # even if that node takes the job after all.
+        target = sealing.target if asgn.get("early") is True else None
+        if sealing.target is not None:
+            if target is None:
+                self._earlyMisses += 1
+                self._earlyPause = min(2 ** (self._earlyMisses - 1), MAX_EARLY_PAUSE)
+            else:
+                self._earlyMisses = 0
         if not self._checkSeal(pending, sealing, offer, target):
             return
-        if early:
+        if asgn.get("early_seal") is True:
             self._earlyNodes[pending.request.model] = offer
             self._earlyNodes.move_to_end(pending.request.model)
             while len(self._earlyNodes) > MAX_EARLY_NODES:

@@ -13,7 +13,7 @@ import random
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import clientFromString, connectProtocol
 from twisted.trial.unittest import TestCase
 
@@ -338,6 +338,65 @@ class EarlySealTests(OnLoopback, TestCase):
         self.assertEqual([r.early for r in seen], [False, True])
         self.assertEqual([job["text"] for job in handler.jobs],
                          ["First, sealed after ASGN.", "Then sealed with the JOB_: Grüße."])
+
+    async def test_droppedThenTheSameNode(self) -> None:
+        """
+        The node the upload was sealed for is busy, so the job waits, and
+        that node takes it once free: the farm dropped the early upload, so
+        the consumer seals it again (ASGN does not say it went early), and
+        the job is answered instead of waiting forever.
+        """
+        exchange = Exchange()
+        farm = await self.farm()
+        handler = RecordingHandler((STT,), ("en",))
+        await farm.producer("stt", handler, exchange.node())
+        consumer = await self.consumer(farm, "stt")
+        await consumer.stt(STT, b"one", language="en", seal=exchange.policy())
+        stalled = StallingUpload("stt")
+        await connectProtocol(clientFromString(reactor, farm.endpoint("stt")), stalled)
+        await stalled.ready
+        stalled.stt(STT, b"x" * 100_000).addErrback(lambda f: None)  # not early
+        await stalled.assigned
+        job = consumer.stt(STT, b"two", language="en", seal=exchange.policy())
+        await until(lambda: farm.farm.dispatchers["stt"].queueDepth() == 1, "the job queued", 5)
+        stalled.transport.loseConnection()  # the node is free again
+        result = await job
+        self.assertEqual(result.text, f"sha256:{digestOf(b'two')} bytes:3")
+        self.assertEqual([j["size"] for j in handler.jobs], [3, 100_000, 3])
+        self.assertNotIn("for", handler.jobs[-1]["seal"])
+
+    async def test_burst(self) -> None:
+        """
+        Eight consumers, two nodes, each consumer's jobs back to back: they
+        aim their uploads at nodes that are busy, and every job is answered,
+        its upload sealed again for the node that takes it; a consumer that
+        missed waits for ASGN for a while (MAX_EARLY_PAUSE).
+        """
+        exchange = Exchange()
+        farm = await self.farm()
+        seen = self.recordSubmits(farm)
+        handlers = [RecordingHandler((STT,), ("en",)) for _ in range(2)]
+        for handler in handlers:
+            await farm.producer("stt", handler, exchange.node())
+        consumers = [await self.consumer(farm, "stt") for _ in range(8)]
+
+        async def jobs(consumer, seed: int) -> None:
+            for n in range(10):
+                audio = random.Random(seed * 100 + n).randbytes(4000)
+                result = await consumer.stt(STT, audio, language="en", seal=exchange.policy())
+                self.assertEqual(result.text, f"sha256:{digestOf(audio)} bytes:4000")
+
+        await gatherResults([Deferred.fromCoroutine(jobs(c, i)) for i, c in enumerate(consumers)])
+        ran = handlers[0].jobs + handlers[1].jobs
+        self.assertEqual((len(seen), len(ran)), (80, 80))
+        # Few if any took their upload early (while jobs wait, a node that
+        # is freed takes the oldest of them), so after each miss the
+        # consumers aimed less: not 9 jobs each, as they could have.
+        aimed = sum(1 for r in seen if r.early)
+        went = sum(1 for job in ran if "for" in job["seal"])
+        self.assertLessEqual(went, aimed)
+        self.assertLess(aimed, 8 * 9 // 2)
+        self.assertGreaterEqual(aimed, 8)
 
     async def test_busyNodeSealedAgain(self) -> None:
         """

@@ -223,11 +223,14 @@ class ConsumerSession(Session):
         if job.request.sealed:
             # The producer's offer, for the consumer to check and seal to.
             assert job.producer is not None and job.producer.sealOffer is not None
-            body = b'{"id":"%s","seal":%s%s}' % (
+            body = b'{"id":"%s","seal":%s%s%s}' % (
                 job.id.encode(),
                 job.producer.sealOffer,
                 # It opens uploads sealed for it early: the next job may be.
                 b',"early_seal":true' if job.producer.sealKey is not None else b"",
+                # The upload sealed for it early went with the job; without
+                # this, the consumer seals it again, even for the same node.
+                b',"early":true' if job.request.sealedFor is not None else b"",
             )
             self.connection.write(b"ASGN%08d" % len(body), body)
         else:

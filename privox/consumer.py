@@ -173,8 +173,16 @@ def _withoutContent(request: JobRequest, sealing: _Sealing) -> JobRequest:
     return replace(request, text=None, prompt=None, seal=seal)
 
 
-#: How many models' last nodes a connection remembers to seal early for.
+#: How many kinds of job a connection remembers a node to seal early for.
 MAX_EARLY_NODES = 16
+
+
+def _kind(request: JobRequest) -> tuple[Any, ...]:
+    """
+    What a node must serve to take C{request}: a node remembered for one
+    job may take the next of the same kind.
+    """
+    return (request.model, request.language, request.task)
 #: After an upload sealed early that the farm dropped (its node was busy),
 #: a connection's next jobs wait for ASGN: 1, then 2, 4... up to this many
 #: after misses in a row. A busy exchange then does not carry small
@@ -261,11 +269,12 @@ class ConsumerProtocol(PeerProtocol):
         self._pinged = False
         #: The kernel's unacknowledged bytes at the last check.
         self._queued: int | None = None
-        #: Model -> the seal offer of the node that last answered a sealed
-        #: job of it here, if that node opens uploads sealed early: the
-        #: next such job's small upload goes sealed for it with the JOB_
-        #: (§5.7), and the farm gives it that node if it is free.
-        self._earlyNodes: OrderedDict[str, Any] = OrderedDict()
+        #: (model, language, task) -> the seal offer of the node that was
+        #: last assigned a sealed job of that kind here, if that node opens
+        #: uploads sealed early: the next such job's small upload goes
+        #: sealed for it with the JOB_ (§5.7), and the farm gives it that
+        #: node if it is free. Forgotten when a sealed job of it fails.
+        self._earlyNodes: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
         #: Misses in a row, and how many jobs are still not sealed early.
         self._earlyMisses = 0
         self._earlyPause = 0
@@ -293,7 +302,7 @@ class ConsumerProtocol(PeerProtocol):
         upload: list[bytes] = [body] if body else []
         if sealing is not None:
             size = sealedSize(len(sealing.head) + len(body))
-            upload = self._sealEarly(request.model, sealing, size)
+            upload = self._sealEarly(_kind(request), sealing, size)
             request = replace(_withoutContent(request, sealing), size=size)
         early = bool(upload) and self.okay is not None and request.size <= self.okay.early_upload
         if early:
@@ -317,14 +326,14 @@ class ConsumerProtocol(PeerProtocol):
             self.sendData(*upload)
         return pending.done
 
-    def _sealEarly(self, model: str, sealing: _Sealing, size: int) -> list[bytes]:
+    def _sealEarly(self, kind: tuple[Any, ...], sealing: _Sealing, size: int) -> list[bytes]:
         """
         The sealed upload, if it can go with the C{JOB_}: small enough, and
-        sealed for the node that last answered this model here, while the
-        exchange still vouches for it. Otherwise nothing: it is sealed
+        sealed for the node last assigned a job of this C{kind} here, while
+        the exchange still vouches for it. Otherwise nothing: it is sealed
         once ASGN names the node.
         """
-        offer = self._earlyNodes.get(model)
+        offer = self._earlyNodes.get(kind)
         if offer is None or self.okay is None or size > self.okay.early_upload:
             return []
         if self._earlyPause:
@@ -334,7 +343,7 @@ class ConsumerProtocol(PeerProtocol):
             nodeKey = sealing.policy.nodeKey(offer, self._clock.seconds())
             sealing.keys = sealing.ephemeral.keys(None, nodeKey)
         except (IdentityError, SealBroken):
-            del self._earlyNodes[model]
+            del self._earlyNodes[kind]
             return []
         sealing.target = offer["key"]
         # The body stays until ASGN: another node may take the job.
@@ -602,27 +611,29 @@ class ConsumerProtocol(PeerProtocol):
         it, then send the content sealed to it, unless the farm says the
         upload sealed early for this node went with the job; else give the
         job up on this farm. A node that opens uploads sealed early is
-        remembered for the next job of this model.
+        remembered for the next job of this kind (L{_kind}).
         """
         offer = asgn.get("seal")
         # Kept only for the node it was sealed for, and only if the farm
         # forwarded it: one dropped (that node was busy) is sealed again,
         # even if that node takes the job after all.
-        target = sealing.target if asgn.get("early") is True else None
+        kept = sealing.target if asgn.get("early") is True else None
+        if not self._checkSeal(pending, sealing, offer, kept):
+            return
+        went = kept is not None and offer["key"] == kept
         if sealing.target is not None:
-            if target is None:
+            if went:
+                self._earlyMisses = 0
+            else:
                 self._earlyMisses += 1
                 self._earlyPause = min(2 ** (self._earlyMisses - 1), MAX_EARLY_PAUSE)
-            else:
-                self._earlyMisses = 0
-        if not self._checkSeal(pending, sealing, offer, target):
-            return
         if asgn.get("early_seal") is True:
-            self._earlyNodes[pending.request.model] = offer
-            self._earlyNodes.move_to_end(pending.request.model)
+            kind = _kind(pending.request)
+            self._earlyNodes[kind] = offer
+            self._earlyNodes.move_to_end(kind)
             while len(self._earlyNodes) > MAX_EARLY_NODES:
                 self._earlyNodes.popitem(last=False)
-        if target is not None and offer["key"] == target:
+        if went:
             sealing.body = b""  # It went with the JOB_, sealed for this node.
             return
         assert sealing.keys is not None
@@ -696,6 +707,10 @@ class ConsumerProtocol(PeerProtocol):
         self._pending = None
         self._stopWatching()
         if isinstance(outcome, Exception):
+            if pending.sealing is not None:
+                # Its node may not be what its offer says (a copy of another
+                # node's offer can open nothing): aim no upload at it again.
+                self._earlyNodes.pop(_kind(pending.request), None)
             pending.done.errback(outcome)
         else:
             pending.done.callback(outcome)

@@ -849,6 +849,8 @@ class EarlySealTests(SynchronousTestCase):
         self.assertEqual(list(self.h.farm._sealKeys), [("stt", "A")])
         peers[0].lose()
         self.assertEqual(self.h.farm._sealKeys, {})
+        self.node("A")  # offered again once its connections left: a copy
+        self.assertEqual(self.h.farm._sealKeys, {})
 
     def test_sealedForNeedsEarly(self) -> None:
         self.node("A")

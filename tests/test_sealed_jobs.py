@@ -398,6 +398,57 @@ class EarlySealTests(OnLoopback, TestCase):
         self.assertLess(aimed, 8 * 9 // 2)
         self.assertGreaterEqual(aimed, 8)
 
+    async def test_copiedOffer(self) -> None:
+        """
+        A producer that shows another node's offer once that node has gone
+        (say, an API that saw it in ASGN) can open nothing: the farm aims
+        no early upload at it, and a consumer whose sealed job failed
+        there aims no more at that offer.
+        """
+        exchange = Exchange()
+        farm = await self.farm()
+        seen = self.recordSubmits(farm)
+        offers = []
+
+        class Recording:
+            def offer(self, farm=None):
+                offers.append(node.offer())
+                return offers[-1]
+
+        class Copying:
+            def offer(self, farm=None):
+                return X25519PrivateKey.generate(), offers[0][1]
+
+        node = exchange.node()
+        real = await farm.producer("stt", DigestHandler((STT,), ("en",)), Recording())
+        consumer = await self.consumer(farm, "stt")
+        await consumer.stt(STT, b"one", language="en", seal=exchange.policy())
+        real.transport.loseConnection()
+        await until(lambda: farm.farm.dispatchers["stt"].producerCount() == 0, "the node gone", 5)
+        copy = RecordingHandler((STT,), ("en",))
+        await farm.producer("stt", copy, Copying())
+        self.assertEqual(farm.farm._sealKeys, {})
+        for n in ("two", "three"):
+            with self.assertRaises(JobFailed) as caught:
+                await consumer.stt(STT, n.encode(), language="en", seal=exchange.policy())
+            self.assertEqual(caught.exception.code, "seal_broken")
+        self.assertEqual([r.early for r in seen], [False, True, False])
+        self.assertEqual(copy.jobs, [])  # it opened nothing
+
+    async def test_kindOfJob(self) -> None:
+        """
+        A node is remembered for jobs of its model, language and task: the
+        next job of another kind waits for ASGN.
+        """
+        exchange = Exchange()
+        farm = await self.farm()
+        seen = self.recordSubmits(farm)
+        await farm.producer("stt", DigestHandler((STT,), ("en", "de")), exchange.node())
+        consumer = await self.consumer(farm, "stt")
+        for language in ("en", "de", "de", "en"):
+            await consumer.stt(STT, b"audio", language=language, seal=exchange.policy())
+        self.assertEqual([r.early for r in seen], [False, False, True, True])
+
     async def test_busyNodeSealedAgain(self) -> None:
         """
         The node the upload was sealed for is busy: the farm gives the job

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import secrets
+from collections import OrderedDict
 from hashlib import blake2b
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Protocol
@@ -44,6 +45,9 @@ class Counters:
 
 
 _EARLY_SEAL = frozenset({EARLY_SEAL})
+#: How many connection keys of nodes that left a farm remembers, so that no
+#: copy of their offers is taken for them (about 100 bytes each).
+SPENT_SEAL_KEYS = 65536
 
 
 class Producer(ProducerSide, Protocol):
@@ -137,6 +141,7 @@ class Farm:
         #: (service, connection key) -> the producers that offered it and
         #: open uploads sealed early for it (one, unless an offer was copied).
         self._sealKeys: dict[tuple[str, str], list[Producer]] = {}
+        self._spentSealKeys: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._jobs = 0
         #: While the reads of one turn of the reactor are handled,
         #: connections' writes wait (L{privox.farm.connection.FarmConnection.write})
@@ -217,8 +222,9 @@ class Farm:
     # Producers
 
     def producerJoined(self, producer: Producer) -> None:
-        if producer.sealKey is not None:
-            self._sealKeys.setdefault((producer.service, producer.sealKey), []).append(producer)
+        key = (producer.service, producer.sealKey or "")
+        if producer.sealKey is not None and key not in self._spentSealKeys:
+            self._sealKeys.setdefault(key, []).append(producer)
         dispatcher = self.dispatchers[producer.service]
         self._assignOrIdle(
             producer, dispatcher.addProducer(producer, producer.capability, self.clock.seconds())
@@ -236,12 +242,17 @@ class Farm:
 
     def producerLeft(self, producer: Producer) -> None:
         self.dispatchers[producer.service].removeProducer(producer)
-        if producer.sealKey is not None:
-            key = (producer.service, producer.sealKey)
-            holders = self._sealKeys[key]
+        key = (producer.service, producer.sealKey or "")
+        holders = self._sealKeys.get(key)
+        if holders is not None and producer in holders:
             holders.remove(producer)
             if not holders:
                 del self._sealKeys[key]
+            # A node makes a key per connection: one offered again after
+            # its connection left is a copy, which could open nothing.
+            self._spentSealKeys[key] = None
+            while len(self._spentSealKeys) > SPENT_SEAL_KEYS:
+                self._spentSealKeys.popitem(last=False)
 
     def _sealedFor(self, request: JobRequest) -> Producer | None:
         """

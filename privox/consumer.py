@@ -183,6 +183,8 @@ def _kind(request: JobRequest) -> tuple[Any, ...]:
     job may take the next of the same kind.
     """
     return (request.model, request.language, request.task)
+
+
 #: After an upload sealed early that the farm dropped (its node was busy),
 #: a connection's next jobs wait for ASGN: 1, then 2, 4... up to this many
 #: after misses in a row. A busy exchange then does not carry small

@@ -48,6 +48,22 @@ class DispatcherTests(SynchronousTestCase):
             self.d.release(producer, now=t + 0.5)
         self.assertEqual(served, names * 3)
 
+    def test_takeThis(self) -> None:
+        """
+        One producer by name (the node an upload was sealed for): taken only
+        while idle and able to serve the job; the others keep their turn.
+        """
+        self.d.addProducer("a", WHISPER, now=0)
+        self.d.addProducer("b", WHISPER, now=1)
+        none = frozenset()
+        self.assertFalse(self.d.takeThis("b", "vosk:ko", "ko", none))
+        self.assertFalse(self.d.takeThis("b", "whisper:tiny.en", "en", frozenset({"seal"})))
+        self.assertTrue(self.d.isIdle("b"))
+        self.assertTrue(self.d.takeThis("b", "whisper:tiny.en", "en", none))
+        self.assertFalse(self.d.isIdle("b"))
+        self.assertFalse(self.d.takeThis("b", "whisper:tiny.en", "en", none))
+        self.assertEqual(self.d.submit("j", "whisper:tiny.en", "en", now=2), "a")
+
     def test_capabilityMatch(self) -> None:
         self.d.addProducer("ko", VOSK_KO, now=0)
         self.d.addProducer("en", WHISPER, now=1)

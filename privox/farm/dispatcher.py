@@ -194,10 +194,9 @@ class Dispatcher:
         """
         Whether C{producer} is idle and takes such a job; it is then busy.
         """
-        capability = self._capabilities.get(producer)
-        if producer not in self._idleSince or capability is None:
+        if producer not in self._idleSince:
             return False
-        if not capability.serves(model, language, needs):
+        if not self._capabilities[producer].serves(model, language, needs):
             return False
         self._unidle(producer)
         return True

@@ -249,6 +249,25 @@ class FarmMetricsTests(SynchronousTestCase):
         seen = self.scrape()
         self.assertEqual(seen[("privox_farm_producers_connected", label)], 1)
 
+    def test_sealedEarly(self) -> None:
+        """
+        Uploads sealed early: forwarded with their job, or dropped and sent
+        again (what a busy exchange costs in upload bytes).
+        """
+        seal = {"certificate": "c", "key": "A", "signature": "s"}
+        node = self.h.producer(models=["whisper:tiny.en"], seal=seal, earlySeal=True)
+        early = dict(STT_JOB, size=1, early=True, seal={"ephemeral": "E", "for": "A"})
+        first = self.h.consumer()
+        first.send(b"JOB_", early)
+        first.data(b"x")
+        second = self.h.consumer()
+        second.send(b"JOB_", early)  # the node is busy: dropped
+        second.data(b"x")
+        node.messages()
+        seen = self.scrape()
+        self.assertEqual(seen[("privox_farm_sealed_early_jobs_total", (("upload", "forwarded"),))], 1)
+        self.assertEqual(seen[("privox_farm_sealed_early_jobs_total", (("upload", "dropped"),))], 1)
+
     def test_spliced(self) -> None:
         """
         What the farm relayed inside the kernel, when it can.

@@ -42,6 +42,11 @@ log = Logger()
 class Counters:
     jobs: int = 0
     succeeded: int = 0
+    #: Uploads sealed early (§5.7): forwarded with their job to the node
+    #: they were sealed for, or dropped (that node busy or gone) and sent
+    #: again after ASGN.
+    sealedEarly: int = 0
+    sealedEarlyDropped: int = 0
 
 
 _EARLY_SEAL = frozenset({EARLY_SEAL})
@@ -308,8 +313,11 @@ class Farm:
             if producer is None:
                 # Its upload is sealed for a node that is busy or gone: any
                 # node takes it, and the upload comes again after ASGN.
+                self.counters.sealedEarlyDropped += 1
                 request = request.untargeted()
                 work = controlFrame(b"JOB_", dict(request.payload(jobId), timeout_s=timeout))
+            else:
+                self.counters.sealedEarly += 1
         dispatcher = self.dispatchers[request.service]
         needs = request.needs
         # An idle producer that takes it can serve it: no other check then.

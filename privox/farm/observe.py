@@ -100,6 +100,16 @@ class FarmCollector(Collector):
                 families["busy"].add_metric([service, model], connected - idle)
         yield queue
         yield from families.values()
+        early = CounterMetricFamily(
+            "privox_farm_sealed_early_jobs",
+            "Sealed jobs whose upload came with their JOB_ (docs/protocol.rst §5.7), by what the"
+            " farm did with it: forwarded to the node it was sealed for, or dropped (that node busy"
+            " or gone; the upload came again after ASGN).",
+            labels=["upload"],
+        )
+        early.add_metric(["forwarded"], self.farm.counters.sealedEarly)
+        early.add_metric(["dropped"], self.farm.counters.sealedEarlyDropped)
+        yield early
         splicer = self.farm.splicer
         if splicer is not None:
             yield CounterMetricFamily(

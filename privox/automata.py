@@ -14,10 +14,12 @@ lookup itself.
 
 Each input of such a machine then runs its transition straight from that
 dict: the state changes and the outputs are called, in order, with what
-Automat would give them. Whatever Automat does beyond that, it still does
-itself: an input that comes while another is being handled (postponed
-until that one is done), a traced machine, an input the state has no
-transition for, and outputs of data states. Automat's own path cost about
+Automat would give them. An input that comes while another is
+being handled waits until that one is done, as in Automat, and then runs
+the same way. Whatever Automat does beyond that, it still does itself: a
+traced machine, an input the state has no transition for, outputs of data
+states, and the error for an input given while another is handled that
+must return a value. Automat's own path cost about
 1.5 us an input, five inputs a relayed job; this one a third of that.
 """
 
@@ -26,6 +28,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from automat import TypeMachineBuilder
+from automat._runtimeproto import _liveSignature
 from automat._typed import MethodOutput
 
 
@@ -56,19 +59,35 @@ def build(builder: TypeMachineBuilder[Any, Any]) -> Any:
     }
     implementer = machine.__automat_type__
     for name in {inputSymbol for _, inputSymbol in table}:
-        setattr(implementer, name, _directInput(name, getattr(implementer, name), direct))
+        returnsNone = (
+            _liveSignature(getattr(builder.inputProtocol, name)).return_annotation is None
+        )
+        setattr(
+            implementer,
+            name,
+            _directInput(name, getattr(implementer, name), direct, returnsNone),
+        )
     return machine
 
 
-def _directInput(name: str, automats: Callable[..., Any], direct: dict[Any, Any]) -> Any:
+def _directInput(
+    name: str, automats: Callable[..., Any], direct: dict[Any, Any], returnsNone: bool
+) -> Any:
     """
     The input C{name}, run from C{direct} when it can be, else by Automat's
-    own implementation, C{automats}.
+    own implementation, C{automats}. C{returnsNone}: whether the input's
+    declared result is None (only such inputs may wait their turn).
     """
 
     def input(self: Any, *args: Any, **kwargs: Any) -> Any:
+        postponed = self.__automat_postponed__
+        if postponed is not None and returnsNone:
+            # Given by an output: it runs once the outputs are done, as
+            # Automat would run it, but by this same path.
+            postponed.append(lambda: input(self, *args, **kwargs))
+            return None
         transitioner = self.__automat_transitioner__
-        if self.__automat_postponed__ is not None or transitioner._tracer is not None:
+        if postponed is not None or transitioner._tracer is not None:
             return automats(self, *args, **kwargs)
         found = direct.get((id(transitioner._state), name))
         if found is None:

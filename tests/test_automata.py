@@ -18,6 +18,7 @@ class Inputs(Protocol):
     def back(self) -> None: ...
     def both(self) -> None: ...
     def ask(self) -> int: ...
+    def askWithin(self) -> None: ...
 
 
 class Core:
@@ -56,6 +57,11 @@ def machineFactories() -> list[tuple[str, object]]:
         def ask(inputs: Inputs, core: Core) -> int:
             core.log.append("ask")
             return len(core.log)
+
+        @busy.upon(Inputs.askWithin).loop()
+        def askWithin(inputs: Inputs, core: Core) -> None:
+            # An input that must return a value cannot wait its turn.
+            inputs.ask()
 
         made.append((name, finish(builder)))
     return made
@@ -133,3 +139,31 @@ class BuildTests(SynchronousTestCase):
         [(_, automats), (_, ours)] = machineFactories()
         self.assertIn("implementation", type(automats(Core())).go.__qualname__)  # type: ignore[operator]
         self.assertEqual(type(ours(Core())).go.__qualname__, "go")  # type: ignore[operator]
+
+    def test_postponedRunDirectly(self) -> None:
+        """
+        An input given by an output runs after it by the same direct path,
+        not through Automat's transition lookup.
+        """
+        [(_, _), (_, factory)] = machineFactories()
+        core = Core()
+        machine = factory(core)  # type: ignore[operator]
+        transitioner = machine.__automat_transitioner__  # type: ignore[attr-defined]
+        looked: list[str] = []
+        transition = transitioner.transition
+        transitioner.transition = lambda input: looked.append(input) or transition(input)
+        machine.go(1)
+        machine.both()
+        self.assertEqual(core.log, [("first", 1), "both: start", "both: end", ("first", 7)])
+        self.assertEqual(looked, [])
+
+    def test_postponedMustReturnNothing(self) -> None:
+        """
+        An input that returns a value, given by an output, is refused as
+        Automat refuses it.
+        """
+        for name, factory in machineFactories():
+            machine = factory(Core())  # type: ignore[operator]
+            machine.go(1)
+            error = self.assertRaises(RuntimeError, machine.askWithin)
+            self.assertIn("reentrantly", str(error), name)

@@ -38,7 +38,7 @@ test: $(STAMP) $(COQUI_STAMP)
 PORT ?= 8080
 RUN_ARGS ?=
 run: $(STAMP)
-	@$(VENV)/bin/twistd --nodaemon --pidfile= --logfile=- privox-local --port $(PORT) $(RUN_ARGS)
+	@$(VENV)/bin/twistd --nodaemon --reactor=privox --pidfile= --logfile=- privox-local --port $(PORT) $(RUN_ARGS)
 
 # farm_relay.py and sealing.py check large jobs with xxhash; wyoming.py runs the
 # Wyoming servers Home Assistant users run beside Privox's (see bench/README.rst).

@@ -376,7 +376,7 @@ async def throughput(
     reactor: Any, args: argparse.Namespace, children: Children
 ) -> tuple[Throughput, Throughput]:
     apiPort, basePort = freePort(), freePort()
-    twistd = ["-n", "--pidfile=", f"--logfile={children.path('api', 'log')}", "privox-local",
+    twistd = ["-n", "--reactor=privox", "--pidfile=", f"--logfile={children.path('api', 'log')}", "privox-local",
               "--port", str(apiPort), "--stt", "digest:bench", "--tts", "tone:bench",
               "--slots", str(args.slots), "--accounts", "none"]
     if args.profile_server:

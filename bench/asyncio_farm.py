@@ -18,7 +18,7 @@ design costs on Twisted, beside what it costs on asyncio, says how much of
 privox-farm's cost is its own work and how much is the event loop's.
 
     python bench/asyncio_farm.py PORT [--max-frame N] [--early-upload N]
-        [--reactor asyncio|twisted]
+        [--reactor asyncio|twisted] [--twisted-reactor NAME]
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import os
 import socket
 from typing import Any
 
-from twisted.internet import reactor
+from twisted.application.reactors import installReactor
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from zope.interface import implementer
@@ -435,6 +435,7 @@ class TwistedPeer(Protocol):
 
 
 def serveTwisted(args: argparse.Namespace) -> None:
+    reactor: Any = installReactor(args.twisted_reactor)
     farm = Farm(args, TwistedLoop(reactor))
     factory = Factory.forProtocol(lambda: TwistedPeer(farm))
     reactor.listenTCP(args.port, factory, backlog=1024, interface="127.0.0.1")
@@ -460,6 +461,8 @@ def main() -> None:
     p.add_argument("--queue-timeout", type=float, default=5.0)
     p.add_argument("--job-timeout", type=float, default=60.0)
     p.add_argument("--reactor", choices=["asyncio", "twisted"], default="asyncio")
+    p.add_argument("--twisted-reactor", default="privox", metavar="NAME",
+                   help="which of Twisted's reactors (twistd --reactor's names) [privox]")
     args = p.parse_args()
     if args.reactor == "twisted":
         serveTwisted(args)

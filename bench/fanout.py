@@ -125,7 +125,7 @@ class Nodes:
 
         process = WatchedProcess(name)
         argv = [
-            sys.executable, "-c", TWISTD, "-n", "--pidfile=", "--logfile=-", "privox-node",
+            sys.executable, "-c", TWISTD, "-n", "--reactor=privox", "--pidfile=", "--logfile=-", "privox-node",
             "--stt-farm", f"tcp:host=127.0.0.1:port={sttPort}", "--stt", model,
             "--slots", str(slots), "--key", f"bench-{name}", "--retry-max", "0.5",
             "--shutdown-grace", "1",

@@ -85,7 +85,7 @@ def startFarm(
     log = os.path.join(children.logDir, f"{name}.log")
     children.start(name, [
         sys.executable, "-c", TWISTD_CODE,
-        "-n", "--pidfile=", "--logfile", log, "privox-farm",
+        "-n", "--reactor=privox", "--pidfile=", "--logfile", log, "privox-farm",
         "--stt-listen", f"tcp:{port}:interface=127.0.0.1",
         "--tts-listen", "none",
         "--stats-interval", "0",

@@ -847,7 +847,7 @@ def benchmark(args: argparse.Namespace) -> None:
         else:
             farmLog = "-" if args.farm_log == "none" else os.path.join(logDir, "farm.log")
             logging = ["--logfile", farmLog]
-        twistd = ["-n", "--pidfile=", *logging, "privox-farm",
+        twistd = ["-n", "--pidfile=", "--reactor", args.farm_reactor, *logging, "privox-farm",
                   "--stt-listen", serverEndpoint(farmPort, args.tls_dir),
                   "--tts-listen", "none",
                   "--stats-interval", "0",
@@ -883,7 +883,7 @@ def benchmark(args: argparse.Namespace) -> None:
             children.start("asyncio", [sys.executable, lean, str(asyncioPort), "--max-job-bytes", leanJobBytes])
             twistedPort = freePort()
             children.start("twisted", [sys.executable, lean, str(twistedPort), "--max-job-bytes", leanJobBytes,
-                                       "--reactor", "twisted"])
+                                       "--reactor", "twisted", "--twisted-reactor", args.farm_reactor])
             children.waitForPort("asyncio", asyncioPort)
             children.waitForPort("twisted", twistedPort)
         children.waitForPort("farm", farmPort)
@@ -1090,6 +1090,8 @@ def parseArgs(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--only", choices=["small", "large", "compare"],
                    help="measure only the small jobs, the large jobs or the comparison with "
                    "the asyncio farm (all three by default)")
+    p.add_argument("--farm-reactor", default="privox", metavar="NAME",
+                   help="twistd's --reactor for the farm [privox, as its systemd unit runs it]")
     p.add_argument("--farm-log", choices=["journal", "file", "none"], default="journal",
                    help="the farm logs as its systemd unit does, text on stdout through "
                    "privox.logs.textStdout, here into a file (journal); through twistd's "

@@ -364,7 +364,7 @@ class Exchange:
 
 def startFarm(children: Children, args: argparse.Namespace, name: str = "farm") -> int:
     port = freePort()
-    twistd = ["-n", "--pidfile=", "--logger", "privox.logs.textStdout", "privox-farm",
+    twistd = ["-n", "--reactor=privox", "--pidfile=", "--logger", "privox.logs.textStdout", "privox-farm",
               "--stt-listen", f"tcp:{port}:interface=127.0.0.1",
               "--tts-listen", "none",
               "--stats-interval", "0",
@@ -491,7 +491,7 @@ def startDaemons(children: Children, args: argparse.Namespace) -> Daemons:
     for mode, e2e in (("sealed", "required"), ("clear", "off")):
         port = freePort()
         name = f"api-{mode}"
-        children.start(name, [sys.executable, "-c", TWISTD_CODE, "-n", "--pidfile=",
+        children.start(name, [sys.executable, "-c", TWISTD_CODE, "-n", "--reactor=privox", "--pidfile=",
                               "privox-api", "--listen", f"tcp:{port}:interface=127.0.0.1",
                               "--accounts", "none", "--keys", keys, "--farm", farm,
                               "--exchange-key", children.path("exchange", "key"),
@@ -500,7 +500,7 @@ def startDaemons(children: Children, args: argparse.Namespace) -> Daemons:
         urls[mode] = f"http://127.0.0.1:{port}"
     with urllib.request.urlopen(urls["sealed"] + "/v1/exchange") as response:
         exchangeKey = json.load(response)["key"]
-    children.start("node", [sys.executable, "-c", TWISTD_CODE, "-n", "--pidfile=",
+    children.start("node", [sys.executable, "-c", TWISTD_CODE, "-n", "--reactor=privox", "--pidfile=",
                             "privox-node", "--stt", "digest:bench",
                             "--stt-farm", f"tcp:host=127.0.0.1:port={farmPort}",
                             "--slots", str(args.node_slots), "--key", DAEMON_NODE_KEY,

@@ -564,7 +564,7 @@ async def run(args: argparse.Namespace, children: Children, logDir: str) -> bool
     if withPrivox:
         webPort, wyPort = freePort(), freePort()
         children.start("privox", [
-            sys.executable, "-c", TWISTD_CODE, "-n", "--pidfile=",
+            sys.executable, "-c", TWISTD_CODE, "-n", "--reactor=privox", "--pidfile=",
             f"--logfile={children.path('privox', 'log')}", "privox-local",
             "--port", str(webPort),
             "--accounts", f"sqlite:{os.path.join(logDir, 'accounts.sqlite3')}",

@@ -187,7 +187,7 @@ class EndToEndTests(TestCase):
         farm = WatchedProcess("farm")
         args = [
             sys.executable, "-c", TWISTD,
-            "-n", "--pidfile=", "--logfile=-",
+            "-n", "--reactor=privox", "--pidfile=", "--logfile=-",
             "privox-farm", "--config", CONFIG,
             "--stt-listen", f"tcp:{sttPort}:interface=127.0.0.1",
             "--tts-listen", f"tcp:{ttsPort}:interface=127.0.0.1",
@@ -519,7 +519,7 @@ class EndToEndTests(TestCase):
     async def startNode(self, sttPort: int, ttsPort: int) -> WatchedProcess:
         node = WatchedProcess("node")
         args = [
-            sys.executable, "-c", TWISTD, "-n", "--pidfile=", "--logfile=-",
+            sys.executable, "-c", TWISTD, "-n", "--reactor=privox", "--pidfile=", "--logfile=-",
             "privox-node", "--config", os.path.join(REPO, "etc", "privox-node.toml"),
             "--stt-farm", f"tcp:host=127.0.0.1:port={sttPort}",
             "--tts-farm", f"tcp:host=127.0.0.1:port={ttsPort}",

@@ -129,7 +129,7 @@ class EnrolmentProcessTests(ProcessTestCase):
         garbage.setContent(b"this is not a key\n")
         out, err, code = await getProcessOutputAndValue(
             sys.executable,
-            ["-c", TWISTD, "-n", "--pidfile=", "--logfile=-", "privox-api",
+            ["-c", TWISTD, "-n", "--reactor=privox", "--pidfile=", "--logfile=-", "privox-api",
              "--farm", "f tcp:host=127.0.0.1:port=9 none", "--listen", "tcp:0:interface=127.0.0.1",
              "--accounts", "none", "--exchange-key", garbage.path],
             env=ENV, path=REPO, reactor=reactor,

@@ -85,7 +85,7 @@ class ProcessTestCase(TestCase):
 
     def spawn(self, name: str, *args: str) -> WatchedProcess:
         process = WatchedProcess(name)
-        argv = [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "--logfile=-", *args]
+        argv = [sys.executable, "-c", TWISTD, "-n", "--reactor=privox", "--pidfile=", "--logfile=-", *args]
         reactor.spawnProcess(process, sys.executable, argv, env=ENV, path=REPO)
         self.addCleanup(self.kill, process)
         return process

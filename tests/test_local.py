@@ -188,7 +188,7 @@ class StartFailureTests(TestCase):
     async def _fails(self, argv: list[str], *expected: str) -> str:
         out, err, code = await getProcessOutputAndValue(
             sys.executable,
-            ["-c", TWISTD, "-n", "--pidfile=", "--logfile=-", *argv],
+            ["-c", TWISTD, "-n", "--reactor=privox", "--pidfile=", "--logfile=-", *argv],
             # Never a download, even where the Hub can be reached.
             env=dict(ENV, HF_HUB_OFFLINE="1"), path=REPO, reactor=reactor,
         )

@@ -198,7 +198,7 @@ class OriginalPeersTests(TestCase):
         sttPort, ttsPort = ports or freePorts(2)
         farm = WatchedProcess("farm")
         args = [
-            sys.executable, "-c", TWISTD, "-n", "--pidfile=", "--logfile=-",
+            sys.executable, "-c", TWISTD, "-n", "--reactor=privox", "--pidfile=", "--logfile=-",
             "privox-farm", "--config", FARM_CONFIG,
             "--stt-listen", f"tcp:{sttPort}:interface=127.0.0.1",
             "--tts-listen", f"tcp:{ttsPort}:interface=127.0.0.1",
@@ -275,7 +275,7 @@ class OriginalPeersTests(TestCase):
         """
         node = WatchedProcess("privox node")
         args = [
-            sys.executable, "-c", TWISTD, "-n", "--pidfile=", "--logfile=-",
+            sys.executable, "-c", TWISTD, "-n", "--reactor=privox", "--pidfile=", "--logfile=-",
             "privox-node", "--config", NODE_CONFIG,
             "--stt-farm", f"tcp:host=127.0.0.1:port={sttPort}",
             "--tts-farm", f"tcp:host=127.0.0.1:port={ttsPort}",
@@ -294,7 +294,7 @@ class OriginalPeersTests(TestCase):
         [port] = freePorts(1)
         api = WatchedProcess("privox api")
         args = [
-            sys.executable, "-c", TWISTD, "-n", "--pidfile=", "--logfile=-",
+            sys.executable, "-c", TWISTD, "-n", "--reactor=privox", "--pidfile=", "--logfile=-",
             "privox-api", "--config", API_CONFIG,
             "--listen", f"tcp:{port}:interface=127.0.0.1",
             "--farm", f"local tcp:host=127.0.0.1:port={sttPort} tcp:host=127.0.0.1:port={ttsPort}",

@@ -151,8 +151,9 @@ class UnitTests(SynchronousTestCase):
 
     def test_daemons(self) -> None:
         """
-        twistd in the foreground, no pidfile, logging to the journal, each
-        with its config under /etc/privox, as the privox user.
+        twistd in the foreground on privox's reactor, no pidfile, logging to
+        the journal, each with its config under /etc/privox, as the privox
+        user.
         """
         expected = {
             "privox-farm.service": "privox-farm --config /etc/privox/farm.toml",
@@ -163,7 +164,10 @@ class UnitTests(SynchronousTestCase):
             service = self.service(name)
             self.assertEqual(
                 service["ExecStart"],
-                [f"{SHIPPED_TWISTD} --nodaemon --pidfile= --logger=privox.logs.textStdout {command}"],
+                [
+                    f"{SHIPPED_TWISTD} --nodaemon --reactor=privox --pidfile= "
+                    f"--logger=privox.logs.textStdout {command}"
+                ],
                 name,
             )
             self.assertEqual((service["User"], service["Group"]), (["privox"], ["privox"]), name)
@@ -219,7 +223,8 @@ class SocketActivationTests(SynchronousTestCase):
                 # one makes the farm the checkout's code, not an installed copy.
                 f"--setenv=PYTHONPATH={REPO}",
                 sys.executable, "-c", TWISTD,
-                "--nodaemon", "--pidfile=", "--logger=privox.logs.textStdout", "privox-farm",
+                "--nodaemon", "--reactor=privox", "--pidfile=",
+                "--logger=privox.logs.textStdout", "privox-farm",
                 "--stt-listen", "systemd:domain=INET:index=0",
                 "--tts-listen", "systemd:domain=INET:index=1",
                 "--stats-interval", "0",

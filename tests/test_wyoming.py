@@ -1229,7 +1229,7 @@ class EndToEndTests(TestCase):
         process = _Twistd()
         reactor.spawnProcess(
             process, sys.executable,
-            [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "--logfile=-", "privox-local",
+            [sys.executable, "-c", TWISTD, "-n", "--reactor=privox", "--pidfile=", "--logfile=-", "privox-local",
              "--port", str(web), "--wyoming-listen", f"tcp:{wyoming}:interface=127.0.0.1",
              "--accounts", f"sqlite:{os.path.join(work, 'accounts.sqlite3')}"],
             env=dict(ENV, HF_HUB_OFFLINE="1"), path=work,
@@ -1319,7 +1319,7 @@ class ApiProcessTests(TestCase):
         process = _Twistd()
         reactor.spawnProcess(
             process, sys.executable,
-            [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "--logfile=-", "privox-api",
+            [sys.executable, "-c", TWISTD, "-n", "--reactor=privox", "--pidfile=", "--logfile=-", "privox-api",
              "--listen", f"tcp:{freePort()}:interface=127.0.0.1",
              "--farm", "f tcp:host=127.0.0.1:port=9 tcp:host=127.0.0.1:port=9",
              "--accounts", f"sqlite:{os.path.join(work, 'accounts.sqlite3')}", *argv],
@@ -1382,7 +1382,7 @@ class LocalPortTests(TestCase):
         process = _Twistd()
         reactor.spawnProcess(
             process, sys.executable,
-            [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "--logfile=-", "privox-local",
+            [sys.executable, "-c", TWISTD, "-n", "--reactor=privox", "--pidfile=", "--logfile=-", "privox-local",
              "--port", "0", "--accounts", f"sqlite:{os.path.join(work, 'accounts.sqlite3')}",
              *argv],
             env=dict(ENV, HF_HUB_OFFLINE="1"), path=work,

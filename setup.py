@@ -45,13 +45,15 @@ setup(
     # __init__.py of ours and must be listed by hand.
     packages=find_packages(include=["privox", "privox.*"]) + ["twisted.plugins"],
     package_data={
-        "twisted.plugins": ["privox_plugins.py"],
+        "twisted.plugins": ["privox_plugins.py", "privox_reactor.py"],
         "privox.api": ["static/*"],
         "privox.accounts": ["migrations/*.sql"],
     },
     install_requires=[
         "twisted[tls]>=24.7",
-        "automat>=24.8",
+        # privox.automata reads Automat's private parts (automat._typed,
+        # automat._runtimeproto): a later year's Automat is tried here first.
+        "automat>=24.8,<26",
         "treq>=24.9",
         "klein>=24.8",
         # The API parses multipart bodies with it (treq brings it today too).

@@ -61,7 +61,8 @@ _URGENT = frozenset([LogLevel.warn, LogLevel.error, LogLevel.critical])
 def withoutPeerAddress(transport: Any) -> None:
     """
     Twisted logs what a connection's reads raise (an unhandled error, with
-    its traceback), and any line of its older log API they cause, with the
+    its traceback), and any line of its older log API they cause (on
+    L{privox.reactor}: those of a read that fails or closes), with the
     connection's log prefix as the line's system: for an accepted TCP
     connection C{Protocol,7,203.0.113.9}, the peer's address. Called as a
     connection is made, this keeps the protocol and the connection's number

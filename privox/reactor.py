@@ -11,11 +11,12 @@ sorts out hang-ups, errors and writes): about 5 us of Python per read on
 top of the read itself, what a whole turn of asyncio's loop costs. A farm
 reads two or three times per relayed job (bench/README.rst, "Against a
 compact asyncio farm"). Here a plain read calls C{doRead} and nothing
-else; everything else (hang-ups, errors, writability, a descriptor already
-closed) takes Twisted's own path, and so does an exception from C{doRead},
-logged in the descriptor's context as Twisted logs it. The Logger events
-the daemons emit never carried that context (only the legacy
-C{twisted.python.log.msg} reads it), so their logs are unchanged.
+else; everything else (hang-ups, errors, writability) takes Twisted's own
+path. What a read raises, and the closing that follows it (a peer's FIN
+is a plain read of nothing), are logged in the descriptor's context as
+Twisted logs them. The difference: lines of Twisted's legacy log API
+written during a plain read that did not fail (none of the daemons' own,
+which use C{twisted.logger}) carry no C{system} prefix.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 
 from twisted.internet import epollreactor
 from twisted.internet.main import installReactor
+from twisted.internet.posixbase import _NO_FILEDESC
 from twisted.python import failure, log
 
 
@@ -43,15 +45,18 @@ class EPollReactor(epollreactor.EPollReactor):
             selectable = selectables.get(fd)
             if selectable is None:
                 continue  # removed by an earlier event of this poll
-            if event != EPOLLIN or selectable.fileno() == -1:
+            if event != EPOLLIN:
                 log.callWithLogger(selectable, self._doReadOrWrite, selectable, fd, event)
                 continue
             try:
-                why = selectable.doRead()
+                # As Twisted checks it: a descriptor closed under us.
+                why = _NO_FILEDESC if selectable.fileno() == -1 else selectable.doRead()
             except BaseException:
                 why = self._logged(selectable, failure.Failure())
             if why:
-                self._disconnectSelectable(selectable, why, True)
+                # Rare (a close, an error): in the context, and guarded, as
+                # Twisted's own path runs it.
+                log.callWithLogger(selectable, self._disconnectSelectable, selectable, why, True)
 
     doIteration = doPoll
 

@@ -40,6 +40,30 @@ class Recorder(Protocol):
         self.lost = reason
 
 
+class FailingClose(Recorder):
+    def connectionLost(self, reason: Failure = Failure(error.ConnectionDone())) -> None:
+        super().connectionLost(reason)
+        raise ZeroDivisionError("a bug in connectionLost")
+
+
+class Batches:
+    """
+    An epoll object that keeps which descriptors each poll found ready.
+    """
+
+    def __init__(self, poller: Any) -> None:
+        self._poller = poller
+        self.seen: list[set[int]] = []
+
+    def poll(self, *args: Any) -> list[tuple[int, int]]:
+        events = self._poller.poll(*args)
+        self.seen.append({fd for fd, _ in events})
+        return events
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._poller, name)
+
+
 @implementer(IHalfCloseableProtocol)
 class HalfCloser(Recorder):
     def __init__(self) -> None:
@@ -61,6 +85,8 @@ class ReactorTests(SynchronousTestCase):
         self.addCleanup(self.closeReactor)
 
     def closeReactor(self) -> None:
+        # Ports stop listening on the next turn.
+        self.reactor.runUntilCurrent()
         for selectable in self.reactor.removeAll():
             selectable.connectionLost(Failure(error.ConnectionDone()))
         for call in self.reactor.getDelayedCalls():
@@ -170,6 +196,24 @@ class ReactorTests(SynchronousTestCase):
         server.lost.trap(ZeroDivisionError)
         self.assertIsNone(otherServer.lost)
 
+    def test_failingClose(self) -> None:
+        """
+        A peer's close (a read of nothing) whose C{connectionLost} raises is
+        logged in the connection's context, and the reactor goes on.
+        """
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        client, server = self.connected(FailingClose)
+        other, otherServer = self.connected(Recorder)
+        client.transport.loseConnection()
+        self.spin(lambda: server.lost is not None)
+        other.transport.write(b"still here")
+        self.spin(lambda: otherServer.received == b"still here")
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        [logged] = [e for e in events if e.get("failure") is not None]
+        self.assertIn("FailingClose", logged["system"])
+
     def test_closedByAnEarlierEvent(self) -> None:
         """
         A connection that an earlier event (of the same poll, when both
@@ -179,9 +223,14 @@ class ReactorTests(SynchronousTestCase):
         second, secondServer = self.connected(Recorder)
         firstServer.onData = lambda data: secondServer.transport.abortConnection()
         secondServer.onData = lambda data: firstServer.transport.abortConnection()
-        first.transport.write(b"a")
-        second.transport.write(b"b")
+        serverFds = {firstServer.transport.fileno(), secondServer.transport.fileno()}
+        batches = Batches(self.reactor._poller)
+        self.reactor._poller = batches
+        # Sent before the reactor's next turn: both servers read in that one.
+        first.transport.socket.send(b"a")
+        second.transport.socket.send(b"b")
         self.spin(lambda: first.lost is not None or second.lost is not None)
+        self.assertEqual(batches.seen[0], serverFds)
         [(reader, aborted)] = [
             (r, a) for r, a in ((firstServer, secondServer), (secondServer, firstServer))
             if a.lost is not None
@@ -189,6 +238,57 @@ class ReactorTests(SynchronousTestCase):
         self.assertEqual((len(reader.received), aborted.received), (1, b""))
         aborted.lost.trap(error.ConnectionAborted)
         self.assertIsNone(reader.lost)
+
+
+class Gone:
+    """
+    A descriptor whose socket was closed under it (C{fileno} -1).
+    """
+
+    def __init__(self) -> None:
+        self.lost: Failure | None = None
+
+    def fileno(self) -> int:
+        return -1
+
+    def doRead(self) -> None:
+        raise AssertionError("read after its socket closed")
+
+    def logPrefix(self) -> str:
+        return "Gone"
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.lost = reason
+
+
+class ClosedUnderItTests(SynchronousTestCase):
+    def test_closedUnderIt(self) -> None:
+        """
+        A descriptor whose socket is closed is not read: it is told the
+        connection went away, as Twisted tells it.
+        """
+        reactor = EPollReactor()
+        self.addCleanup(reactor._poller.close)
+        self.addCleanup(reactor.waker.connectionLost, None)
+        gone = Gone()
+        reactor._selectables[99] = gone
+        reactor._reads.add(99)
+
+        class Ready:
+            def poll(self, timeout: float, most: int) -> list[tuple[int, int]]:
+                return [(99, EPOLLIN)]
+
+            def unregister(self, fd: int) -> None:
+                pass
+
+        real, reactor._poller = reactor._poller, Ready()
+        try:
+            reactor.doPoll(0)
+        finally:
+            reactor._poller = real
+        assert gone.lost is not None
+        gone.lost.trap(error.ConnectionFdescWentAway)
+        self.assertNotIn(99, reactor._selectables)
 
 
 class PluginTests(SynchronousTestCase):

@@ -14,13 +14,13 @@ lookup itself.
 
 Each input of such a machine then runs its transition straight from that
 dict: the state changes and the outputs are called, in order, with what
-Automat would give them. An input that comes while another is
-being handled waits until that one is done, as in Automat, and then runs
-the same way. Whatever Automat does beyond that, it still does itself: a
-traced machine, an input the state has no transition for, outputs of data
-states, and the error for an input given while another is handled that
-must return a value. Automat's own path cost about
-1.5 us an input, five inputs a relayed job; this one a third of that.
+Automat would give them. An input that comes while another is being
+handled waits until that one is done, as in Automat, and then runs the
+same way. Whatever Automat does beyond that, it still does itself: a traced
+machine, an input the state has no transition for, outputs of data states,
+and the error for an input that must return a value given while another
+is handled. Automat's own path cost about 1.5 us an input, five inputs a
+relayed job; this one a third of that.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ fails).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
@@ -383,7 +383,6 @@ class JobRequest:
     voice: str | None = None
     text: str | None = None
     timeout_s: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
     #: The consumer sends the upload right after C{JOB_}, not after C{ASGN}
     #: (§5.3, OKAY's C{early_upload}). Not forwarded to the producer.
     early: bool = False

@@ -37,8 +37,11 @@ test: $(STAMP) $(COQUI_STAMP)
 # `twistd privox-local --help` for every option).
 PORT ?= 8080
 RUN_ARGS ?=
+# On Linux the daemons' own reactor (privox/reactor.py: epoll); elsewhere
+# Twisted's default.
+REACTOR ?= $(if $(filter Linux,$(shell uname -s)),--reactor=privox)
 run: $(STAMP)
-	@$(VENV)/bin/twistd --nodaemon --reactor=privox --pidfile= --logfile=- privox-local --port $(PORT) $(RUN_ARGS)
+	@$(VENV)/bin/twistd --nodaemon $(REACTOR) --pidfile= --logfile=- privox-local --port $(PORT) $(RUN_ARGS)
 
 # farm_relay.py and sealing.py check large jobs with xxhash; wyoming.py runs the
 # Wyoming servers Home Assistant users run beside Privox's (see bench/README.rst).
